@@ -1,0 +1,115 @@
+"""The `hvdlm` command line. Thin: it parses, validates and calls library functions.
+
+Job-preparation commands (everything but `train`) never import torch or horovod, so they answer instantly on a
+login node; `train` imports them inside the command.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from hvdlm import __version__
+from hvdlm.errors import InputError
+
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _is_rank0() -> bool:
+    """Under a launcher every rank hits the same bad input; only rank 0 should say so."""
+    for name in _RANK_VARIABLES:
+        if name in os.environ:
+            return os.environ[name] == "0"
+    return True
+
+
+class _Group(click.Group):
+    """Turns InputError into one clear paragraph and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as e:
+            if _is_rank0():
+                click.echo(f"Error: {e}", err=True)
+            ctx.exit(InputError.exit_code)
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="Override one config key (repeatable), e.g. --set train.lr=3e-4.",
+)  # fmt: skip
+_run_dir_option = click.option(
+    "--run-dir", type=click.Path(file_okay=False), default=None,
+    help="Where the run writes config.toml, metrics.jsonl and checkpoints/ (default: runs/JOB-TIMESTAMP).",
+)  # fmt: skip
+_job_argument = click.argument("job", type=click.Path(dir_okay=False))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hvdlm")
+def main() -> None:
+    """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
+
+
+@main.command()
+@_job_argument
+@_set_option
+@_run_dir_option
+def train(job: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
+    """Train JOB (a TOML job file) as one rank of a job; start it with `hvdlm launch`, mpirun or horovodrun."""
+    from hvdlm.config import load_config
+
+    cfg = load_config(job, overrides)
+    from hvdlm.train import train as run_training  # torch and horovod load only now
+
+    run_training(cfg, job_name=Path(job).stem, run_dir=run_dir)
+
+
+@main.command()
+@_job_argument
+@click.option("--np", "np_", type=click.IntRange(min=1), default=None, help="Number of ranks (default: launch.np).")
+@click.option("--hosts", default=None, metavar="HOST:SLOTS,...", help="Hosts and their slots (default: this machine).")
+@click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="A hostfile instead of --hosts.")
+@click.option("--launcher", type=click.Choice(["mpirun", "horovodrun"]), default=None, help="Default: launch.launcher.")
+@click.option("--dry-run", is_flag=True, help="Print the command without running it.")
+@_set_option
+@_run_dir_option
+def launch(
+    job: str, np_: int | None, hosts: str | None, hostfile: str | None, launcher: str | None, dry_run: bool,
+    overrides: tuple[str, ...], run_dir: str | None,
+) -> None:  # fmt: skip
+    """Start `hvdlm train JOB` on N ranks with mpirun or horovodrun, printing the command first."""
+    from hvdlm.config import load_config
+    from hvdlm.launch.commands import plan_launch
+    from hvdlm.launch.hosts import parse_hosts, read_hostfile
+
+    cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
+    if hosts and hostfile:
+        raise InputError("give either --hosts or --hostfile, not both.")
+    hosts = hosts or cfg.launch.hosts or None
+    host_list = read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
+    run_dir = run_dir or str(Path("runs") / f"{Path(job).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    program = [sys.executable, "-m", "hvdlm", "train", job, "--run-dir", run_dir]
+    for item in overrides:
+        program += ["--set", item]
+    plan = plan_launch(
+        launcher or cfg.launch.launcher, np_ or cfg.launch.np, host_list, hostfile, program,
+        controller=cfg.launch.controller, threads=cfg.train.threads,
+        # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
+        progress=not dry_run and sys.stdout.isatty(),
+    )  # fmt: skip
+    click.echo(plan.display())
+    if dry_run:
+        return
+    sys.stdout.flush()
+    try:
+        code = subprocess.call(plan.argv, env={**os.environ, **plan.env})
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,253 @@
+"""Job configuration: typed dataclasses loaded from a TOML job file, plus dotted `--set key=value` overrides.
+
+A job file has one table per section below; every key is optional and falls back to the default here:
+
+    [model]
+    n_layer = 4
+    [train]
+    lr = 1e-3
+
+Unknown sections or keys and ill-typed values raise `InputError` naming the key (and the closest known key), so a
+typo never silently trains with a default. This module must stay import-light: the job-preparation commands
+load configs on login nodes, where importing torch would cost seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+import tomli_w
+
+from hvdlm.errors import InputError
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; must divide d_model
+    d_model: int = 128  # width of the residual stream
+    seq_len: int = 128  # context length in tokens (the length of every training window)
+    vocab_size: int = 256  # byte-level tokens: one per byte value
+    dropout: float = 0.0  # on attention weights and residual branches; 0 keeps replicas' math deterministic
+    bias: bool = True  # biases in Linear layers and LayerNorms
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel group size; the data-parallel size is world / tp
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib": the running interpreter's standard-library sources, on every machine
+    val_fraction: float = 0.05  # share of documents held out for validation
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per replica per step; the global batch is batch_size x dp
+    max_steps: int = 200  # optimizer steps
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not biases, norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 1337  # seeds the initial weights and the sample order
+    log_interval: int = 10  # steps between log lines and metrics.jsonl rows
+    eval_interval: int = 100  # steps between validation-loss evaluations (and one at the end); 0 disables
+    eval_batches: int = 8  # batches per rank per evaluation
+    checkpoint_interval: int = 0  # steps between checkpoints; 0 writes only the final one
+    sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
+    threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
+
+
+@dataclass
+class LaunchConfig:
+    launcher: str = "mpirun"  # "mpirun" or "horovodrun"
+    np: int = 2  # number of ranks (overridden by `hvdlm launch --np`)
+    hosts: str = ""  # "host:slots,host:slots"; empty means this machine with as many slots as cores
+    controller: str = "gloo"  # horovodrun only: "gloo" or "mpi"
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+LAUNCHERS = ("mpirun", "horovodrun")
+CONTROLLERS = ("gloo", "mpi")
+CORPORA = ("stdlib",)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+# ------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> JobConfig:
+    """Read a job file (None: all defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_toml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _from_dict(raw, source=str(path) if path else "the defaults")
+    validate(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        hint = ""
+        jobs = sorted(p.name for p in Path("jobs").glob("*.toml")) if Path("jobs").is_dir() else []
+        if jobs:
+            hint = f" Job files in ./jobs: {', '.join(jobs)}."
+        raise InputError(f"job file '{path}' does not exist. Pass the path of a TOML job file.{hint}")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"job file '{path}' is not valid TOML: {e}. Fix the file and try again.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"job file '{path}' is not UTF-8 text. Pass a TOML job file.") from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise InputError(f"override '{item}' is not of the form section.key=value (for example train.lr=3e-4).")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise InputError(f"'{section}' in the job file is not a table, so '{item}' cannot override a key in it.")
+    raw[section][name] = _parse_value(text.strip())
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (1e-3, true, "x"); anything that does not parse as one is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}  # type: ignore[misc]
+
+
+def _closest(word: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _from_dict(raw: dict[str, Any], source: str) -> JobConfig:
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in _SECTIONS:
+            raise InputError(
+                f"unknown section '[{section}]' in {source}.{_closest(section, _SECTIONS)} "
+                f"Known sections: {', '.join(_SECTIONS)}."
+            )
+        if not isinstance(values, dict):
+            raise InputError(f"'{section}' in {source} must be a table ([{section}]), not a single value.")
+        cls = _SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if key not in hints:
+                raise InputError(
+                    f"unknown key '{section}.{key}' in {source}.{_closest(key, hints)} "
+                    f"Keys of [{section}]: {', '.join(hints)}."
+                )
+            values[key] = _check_type(f"{section}.{key}", value, hints[key], source)
+        sections[section] = cls(**values)
+    return JobConfig(**sections)
+
+
+def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
+    allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for kind in allowed:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # TOML writes 1 for 1.0; accept it
+        if kind is int and isinstance(value, bool):
+            continue  # bool is an int subclass in Python, but `true` is no step count
+        if isinstance(value, kind):
+            return value
+    wanted = " or ".join(k.__name__ for k in allowed)
+    raise InputError(f"'{name}' in {source} must be {wanted}, got {value!r} ({type(value).__name__}).")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation of values (types are already right)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def validate(config: JobConfig) -> None:
+    m, t, p, d, la = config.model, config.train, config.parallel, config.data, config.launch
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
+        "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
+        "train.batch_size": t.batch_size, "train.max_steps": t.max_steps, "train.lr": t.lr,
+        "train.log_interval": t.log_interval, "train.eval_batches": t.eval_batches, "launch.np": la.np,
+    }  # fmt: skip
+    for name, value in positive.items():
+        if value <= 0:
+            raise InputError(f"'{name}' must be positive, got {value}.")
+    non_negative = {
+        "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
+        "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.seed": t.seed,
+        "train.checkpoint_interval": t.checkpoint_interval, "train.sample_tokens": t.sample_tokens,
+        "train.threads": t.threads,
+    }  # fmt: skip
+    for name, value in non_negative.items():
+        if value < 0:
+            raise InputError(f"'{name}' must be zero or more, got {value}.")
+    if m.d_model % m.n_head:
+        raise InputError(
+            f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}): each head gets d_model / n_head "
+            f"dimensions. Pick an n_head among {[h for h in range(1, 65) if m.d_model % h == 0]}."
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise InputError(f"'model.dropout' must be in [0, 1), got {m.dropout}.")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise InputError(f"'data.val_fraction' must be between 0 and 1, got {d.val_fraction}.")
+    if m.vocab_size < 256:
+        raise InputError(f"'model.vocab_size' must be at least 256 for byte-level tokens, got {m.vocab_size}.")
+    for name, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise InputError(f"'{name}' must be in [0, 1), got {value}.")
+    if t.min_lr > t.lr:
+        raise InputError(f"'train.min_lr' ({t.min_lr}) must not exceed 'train.lr' ({t.lr}).")
+    if p.tp != 1:
+        raise InputError(
+            f"'parallel.tp' = {p.tp}: tensor parallelism is not available in this version; set parallel.tp = 1."
+        )
+    for name, value, options in (
+        ("launch.launcher", la.launcher, LAUNCHERS),
+        ("launch.controller", la.controller, CONTROLLERS),
+        ("data.corpus", d.corpus, CORPORA),
+    ):
+        if value not in options:
+            raise InputError(f"'{name}' must be one of {', '.join(options)}, got '{value}'.{_closest(value, options)}")

@@ -1,0 +1,87 @@
+"""Launcher command lines as argv lists (shell-quoted only for display), and the environment they need."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvdlm.errors import InputError
+from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
+
+# Variables every rank needs to see; Open MPI forwards only the ones named with -x.
+_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "OMP_NUM_THREADS", "HVDLM_PROGRESS", "HVDLM_CACHE")
+
+
+@dataclass
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # set on top of the caller's environment
+
+    def display(self) -> str:
+        """A copy-pasteable shell line: the added variables, then the command."""
+        return " ".join([f"{k}={shlex.quote(v)}" for k, v in self.env.items()] + [shlex.join(self.argv)])
+
+
+def threads_per_rank(ranks_on_busiest_host: int, cores: int | None = None) -> int:
+    """Cores per rank on a node, so that CPU ranks do not oversubscribe it."""
+    return max(1, (cores or local_cores()) // max(1, ranks_on_busiest_host))
+
+
+def find_executable(name: str) -> str:
+    """A launcher from the PATH, else from beside this Python (a venv used without activating it)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        raise InputError(
+            f"'{name}' is not on the PATH. Load your MPI (e.g. 'module load openmpi'), or run 'make setup' and use "
+            "the hvdlm of .venv/bin."
+        )
+    return found
+
+
+def plan_launch(
+    launcher: str, np: int, hosts: list[Host] | None, hostfile: str | None, program: list[str],
+    controller: str = "gloo", threads: int = 0, progress: bool = False,
+) -> LaunchPlan:  # fmt: skip
+    """The full command for `np` ranks of `program` under `launcher` ("mpirun" or "horovodrun").
+
+    `hosts` is None for this machine alone; with `hostfile`, `hosts` holds what it lists (for the slot check) and
+    the launcher is handed the file itself.
+    """
+    local = hosts is None
+    effective = hosts or [Host(LOCALHOST, local_cores())]
+    per_host = place_ranks(effective, np)
+    env = {"OMP_NUM_THREADS": str(threads or threads_per_rank(max(per_host)))}
+    if os.geteuid() == 0:
+        # Open MPI refuses to start as root without both of these.
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if progress:
+        env["HVDLM_PROGRESS"] = "1"
+
+    if launcher == "mpirun":
+        argv = [find_executable("mpirun"), "-np", str(np)]
+        argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(effective)]
+        # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
+        argv += ["-bind-to", "none", "-map-by", "slot"]
+        for name in _FORWARDED:
+            if name in env or name in os.environ:
+                argv += ["-x", name]
+        # ob1 with the TCP / shared-memory BTLs; the openib BTL is deprecated and warns or hangs on many clusters.
+        argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+        if local:
+            # Containers often forbid the cross-process memory copy (ptrace) that shared memory uses by default.
+            argv += ["-mca", "btl_vader_single_copy_mechanism", "none"]
+    elif launcher == "horovodrun":
+        argv = [find_executable("horovodrun"), "-np", str(np)]
+        argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(effective)]
+        argv += ["--gloo"] if controller == "gloo" else ["--mpi"]
+    else:
+        raise InputError(f"unknown launcher '{launcher}'. Use mpirun or horovodrun.")
+    return LaunchPlan(argv=argv + program, env=env)
+
+
+def _host_list(hosts: list[Host]) -> str:
+    return ",".join(f"{h.name}:{h.slots}" for h in hosts)
