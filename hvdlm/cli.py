@@ -100,7 +100,7 @@ def launch(
         program += ["--set", item]
     plan = plan_launch(
         launcher or cfg.launch.launcher, np_ or cfg.launch.np, host_list, hostfile, program,
-        controller=cfg.launch.controller, threads=cfg.train.threads,
+        controller=cfg.launch.controller, threads=cfg.train.threads, cycle_time_ms=cfg.launch.cycle_time_ms,
         # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
         progress=not dry_run and sys.stdout.isatty(),
     )  # fmt: skip

@@ -13,7 +13,9 @@ from hvdlm.errors import InputError
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
 
 # Variables every rank needs to see; Open MPI forwards only the ones named with -x.
-_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "OMP_NUM_THREADS", "HVDLM_PROGRESS", "HVDLM_CACHE")
+_FORWARDED = (
+    "PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME", "HVDLM_PROGRESS", "HVDLM_CACHE",
+)  # fmt: skip
 
 
 @dataclass
@@ -44,7 +46,7 @@ def find_executable(name: str) -> str:
 
 def plan_launch(
     launcher: str, np: int, hosts: list[Host] | None, hostfile: str | None, program: list[str],
-    controller: str = "gloo", threads: int = 0, progress: bool = False,
+    controller: str = "gloo", threads: int = 0, cycle_time_ms: float = 0.0, progress: bool = False,
 ) -> LaunchPlan:  # fmt: skip
     """The full command for `np` ranks of `program` under `launcher` ("mpirun" or "horovodrun").
 
@@ -55,6 +57,13 @@ def plan_launch(
     effective = hosts or [Host(LOCALHOST, local_cores())]
     per_host = place_ranks(effective, np)
     env = {"OMP_NUM_THREADS": str(threads or threads_per_rank(max(per_host)))}
+    # Each rank runs its compute threads plus Horovod's background thread, so CPU ranks share cores. Open MPI
+    # busy-polls inside blocking calls unless told to yield, and Horovod's 1 ms default cycle makes that thread
+    # negotiate (and spin) a thousand times a second; both steal the core from the math. Measured on 2 cores:
+    # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/RESULTS.md).
+    env["OMPI_MCA_mpi_yield_when_idle"] = "1"
+    if cycle_time_ms:
+        env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"
     if os.geteuid() == 0:
         # Open MPI refuses to start as root without both of these.
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")

@@ -1,0 +1,63 @@
+"""The peer for bench/dp_scaling.py: the same training step as hvdlm's, with PyTorch DistributedDataParallel (gloo).
+
+Same model, data, sampler, optimizer, clipping and timing as hvdlm.train; only the gradient averaging differs.
+Started by `python -m torch.distributed.run --nproc_per_node N bench/ddp_baseline.py JOB.toml --set ...`.
+Prints one JSON line with tokens/s on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hvdlm.config import load_config
+from hvdlm.data import WindowSampler, load_corpus
+from hvdlm.model import GPT
+from hvdlm.optim import lr_at, make_adamw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing")
+    args = parser.parse_args()
+    cfg = load_config(args.job, args.overrides)
+    t = cfg.train
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    data = load_corpus(cfg.data.corpus, cfg.data.val_fraction)
+    batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, rank, world, t.seed)
+    torch.manual_seed(t.seed)
+    model = DDP(GPT(cfg.model))  # DDP broadcasts rank 0's weights at construction
+    optimizer = make_adamw(model.module, t)
+
+    tokens_per_step = t.batch_size * cfg.model.seq_len * world
+    for step in range(t.max_steps):
+        if step == args.warmup_steps:
+            start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, t)
+        x, y = batches.batch(step)
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()  # DDP averages gradients in buckets, overlapped with the backward pass
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        optimizer.step()
+    elapsed = time.perf_counter() - start
+    timed = t.max_steps - args.warmup_steps
+    if rank == 0:
+        print(json.dumps({"tokens_per_s": tokens_per_step * timed / elapsed, "ms_per_step": 1000 * elapsed / timed}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The CLI as a user meets it: help, dry runs, and bad input (one clear error, exit 2, no traceback)."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+def test_help_works_as_command_and_module(hvdlm):
+    script = str(Path(sys.executable).parent / "hvdlm")  # the console script installed beside this Python
+    for argv in ([script, "--help"], [sys.executable, "-m", "hvdlm", "--help"]):
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        assert "train" in out and "launch" in out
+
+
+def test_launch_dry_run_prints_the_command_without_running_it(hvdlm, tiny_job, tmp_path):
+    run_dir = tmp_path / "never"
+    r = hvdlm("launch", str(tiny_job), "--np", "2", "--dry-run", "--run-dir", str(run_dir), "--set", "train.lr=1e-3")
+    assert r.code == 0, r.out
+    assert "mpirun -np 2 -H localhost:" in r.out
+    assert f"-m hvdlm train {tiny_job} --run-dir {run_dir} --set train.lr=1e-3" in r.out
+    assert "OMP_NUM_THREADS=" in r.out
+    assert not run_dir.exists()
+
+
+def test_launch_with_horovodrun_from_the_job_file(hvdlm, tiny_job, tmp_path):
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--set", "launch.launcher=horovodrun")
+    assert r.code == 0, r.out
+    assert "horovodrun -np 2 -H localhost:" in r.out and "--gloo" in r.out
+
+
+def test_job_preparation_does_not_import_torch_or_horovod():
+    code = (
+        "import sys; from hvdlm.cli import main; "
+        "sys.argv=['hvdlm','launch','jobs/demo.toml','--dry-run']\n"
+        "try: main()\nexcept SystemExit: pass\n"
+        "assert 'torch' not in sys.modules and 'horovod' not in sys.modules, 'heavy import on the launch path'"
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
+    assert time.perf_counter() - start < 5  # a generous bound: it takes a fraction of a second
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["launch", "jobs/missing.toml", "--dry-run"], "job file 'jobs/missing.toml' does not exist"),
+        (["train", "jobs/missing.toml"], "job file 'jobs/missing.toml' does not exist"),
+        (["launch", "jobs/demo.toml", "--dry-run", "--set", "train.lrr=1"], "Did you mean 'lr'"),
+        (["launch", "jobs/demo.toml", "--dry-run", "--set", "train.max_steps=many"], "must be int"),
+        (["launch", "jobs/demo.toml", "--np", "3", "--hosts", "localhost:2", "--dry-run"], "3 ranks do not fit"),
+        (["launch", "jobs/demo.toml", "--np", "512", "--dry-run"], "512 ranks do not fit"),
+        (["launch", "jobs/demo.toml", "--hosts", "a:1", "--hostfile", "x", "--dry-run"], "not both"),
+    ],
+)
+def test_bad_input_is_one_clear_error_with_exit_code_2(hvdlm, args, message):
+    r = hvdlm(*args)
+    assert r.code == 2, r.out
+    assert message in r.out
+    assert "Traceback" not in r.out
+    assert r.out.startswith("Error: ")
+
+
+def test_training_refuses_to_overwrite_a_run(hvdlm, tiny_job, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    r = hvdlm("train", str(tiny_job), "--run-dir", str(run_dir))
+    assert r.code == 2, r.out
+    assert "already holds a run" in r.out and "Traceback" not in r.out
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
