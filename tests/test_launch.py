@@ -12,13 +12,16 @@ PROGRAM = ["python", "-m", "hvdlm", "train", "job.toml"]
 
 
 def test_mpirun_command_forwards_threads_and_places_by_slot():
-    plan = plan_launch("mpirun", 4, [Host("n1", 2), Host("n2", 2)], None, PROGRAM, threads=0)
+    plan = plan_launch("mpirun", 4, [Host("n1", 2), Host("n2", 2)], None, PROGRAM, threads=0, cycle_time_ms=5)
     argv = plan.argv
     assert argv[0].endswith("mpirun")
     assert argv[argv.index("-np") + 1] == "4"
     assert argv[argv.index("-H") + 1] == "n1:2,n2:2"
     assert ["-bind-to", "none", "-map-by", "slot"] == argv[argv.index("-bind-to") : argv.index("-bind-to") + 4]
-    assert "OMP_NUM_THREADS" in [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
+    forwarded = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
+    assert "OMP_NUM_THREADS" in forwarded and "HOROVOD_CYCLE_TIME" in forwarded
+    assert plan.env["HOROVOD_CYCLE_TIME"] == "5"
+    assert plan.env["OMPI_MCA_mpi_yield_when_idle"] == "1"  # Open MPI passes OMPI_MCA_* on by itself
     assert argv[-len(PROGRAM) :] == PROGRAM
     assert plan.env["OMP_NUM_THREADS"] == str(threads_per_rank(2))
 

@@ -102,7 +102,7 @@ build_horovod_wheel() {
             die "could not download horovod==$HOROVOD_VERSION from the package index." \
                 "Put horovod-$HOROVOD_VERSION.tar.gz into $CACHE/src/ by hand, then 'make' again."
     fi
-    tar -xzf "$sdist" -C "$work"
+    tar -xzf "$sdist" -C "$work" || die "$sdist is damaged." "Delete it and run 'make' again to download it anew."
     src=$work/horovod-$HOROVOD_VERSION
     patch -s -p1 -d "$src" <"$HOROVOD_PATCH" || die "our patch $HOROVOD_PATCH no longer applies to $sdist."
 
@@ -122,7 +122,9 @@ build_horovod_wheel() {
     say "building Horovod $HOROVOD_VERSION (a few minutes; log: $log)"
     if ! (cd "$src" && env "${build_env[@]}" "$VPY" -m pip wheel -v --no-build-isolation --no-deps -w "$work/dist" .) \
         >"$log" 2>&1; then
-        tail -n 25 "$log" >&2
+        # pip buries the compiler's message under its own footer: show the first error lines, then the end.
+        { echo "[setup] first errors in the build log:"; grep -iE -m 15 'error|fatal' "$log" || true
+          echo "[setup] end of the build log:"; tail -n 8 "$log"; } >&2
         die "the Horovod build failed (full log: $log)." \
             "Usual causes: MPI headers missing (apt-get install libopenmpi-dev, or 'module load openmpi')," \
             "no C++17 compiler (g++ >= 9), or cmake < 3.13. Fix that, then 'make' again."
@@ -172,8 +174,7 @@ main() {
     ensure_system_tools
     ensure_venv
     VPY=$VENV/bin/python
-        "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    ensure_torch
+        ensure_torch
     ensure_horovod
     say "installing hvdlm and its dependencies"
     vpip install -q --no-build-isolation -e "$ROOT[test]" || die "pip could not install hvdlm from $ROOT/pyproject.toml."
