@@ -50,6 +50,16 @@ def ddp_tokens_per_s(ranks: int, overrides: list[str], warmup_steps: int) -> flo
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -88,7 +98,7 @@ def main() -> None:
         import torch
 
         command = "python bench/dp_scaling.py " + shlex.join(sys.argv[1:])
-        machine = f"{platform.node() or 'unknown'}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+        machine = f"{os.cpu_count()} cores ({_cpu_model()}), {platform.system()} {platform.machine()}"
         block = [
             f"\n## Data-parallel scaling, {date.today().isoformat()}",
             f"- command: `{command}`",
@@ -99,6 +109,7 @@ def main() -> None:
             "|---|---|",
             *lines,
             "",
+            "- every run, in order: " + "; ".join(f"{n}: {', '.join(f'{v:,.0f}' for v in vs)}" for n, vs in results.items()),
             f"- weak-scaling efficiency: **{efficiency:.3f}** (target >= 0.90)",
             f"- hvdlm / DDP: **{versus_ddp:.3f}** (target >= 1.00)",
         ]  # fmt: skip
