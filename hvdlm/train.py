@@ -117,11 +117,17 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> TrainResult:
         if t.checkpoint_interval and done % t.checkpoint_interval == 0 and not is_last and rank0:
             save_checkpoint(checkpoint_path(out, done), _state(model, optimizer, done, cfg))
 
+    log.close()
+    return _finish(model, optimizer, cfg, out, first_val, final_val, device)
+
+
+def _finish(model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device) -> TrainResult:
+    """Check the replicas agree, write the final checkpoint and summary.json, and report on rank 0."""
+    t = cfg.train
     # Horovod: gather every replica's parameter digest; data parallelism must leave them bit-identical.
     checksums = hvd.allgather_object(_param_checksum(model))
     identical = len(set(checksums)) == 1
-    log.close()
-    if rank0:
+    if hvd.rank() == 0:
         path = save_checkpoint(checkpoint_path(out, t.max_steps), _state(model, optimizer, t.max_steps, cfg))
         summary = {
             "steps": t.max_steps, "ranks": hvd.size(), "first_val_loss": first_val, "final_val_loss": final_val,
