@@ -98,18 +98,19 @@ def main() -> None:
         import torch
 
         command = "python bench/dp_scaling.py " + shlex.join(sys.argv[1:])
+        every_run = "; ".join(f"{n}: {', '.join(f'{v:,.0f}' for v in vs)}" for n, vs in results.items())
         machine = f"{os.cpu_count()} cores ({_cpu_model()}), {platform.system()} {platform.machine()}"
         block = [
             f"\n## Data-parallel scaling, {date.today().isoformat()}",
             f"- command: `{command}`",
-            f"- machine: {machine}; Python {platform.python_version()}, torch {torch.__version__}, Horovod 0.28.1 (MPI controller)",
-            f"- model: jobs/demo.toml ({args.steps} steps, {args.threads} thread(s) per rank, per-rank batch as in the job)",
+            f"- machine: {machine}; Python {platform.python_version()}, torch {torch.__version__}, Horovod 0.28.1",
+            f"- model: jobs/demo.toml, {args.steps} steps, {args.threads} thread(s) per rank, per-rank batch as in the job",
             "",
             "| configuration | tokens/s (best of %d) |" % args.repeats,
             "|---|---|",
             *lines,
             "",
-            "- every run, in order: " + "; ".join(f"{n}: {', '.join(f'{v:,.0f}' for v in vs)}" for n, vs in results.items()),
+            "- every run, in order: " + every_run,
             f"- weak-scaling efficiency: **{efficiency:.3f}** (target >= 0.90)",
             f"- hvdlm / DDP: **{versus_ddp:.3f}** (target >= 1.00)",
         ]  # fmt: skip

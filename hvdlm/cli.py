@@ -95,7 +95,9 @@ def launch(
     hosts = hosts or cfg.launch.hosts or None
     host_list = read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
     run_dir = run_dir or str(Path("runs") / f"{Path(job).stem}-{datetime.now():%Y%m%d-%H%M%S}")
-    program = [sys.executable, "-m", "hvdlm", "train", job, "--run-dir", run_dir]
+    # Absolute paths: ranks on other nodes may start in another directory (a shared file system is assumed).
+    program = [sys.executable, "-m", "hvdlm", "train", str(Path(job).resolve())]
+    program += ["--run-dir", str(Path(run_dir).resolve())]
     for item in overrides:
         program += ["--set", item]
     plan = plan_launch(

@@ -14,7 +14,8 @@ def test_every_shipped_job_file_is_valid(job):
 
 
 def test_overrides_are_parsed_as_toml_values(tiny_job):
-    cfg = load_config(tiny_job, ["train.lr=5e-4", "train.max_steps=3", "model.bias=false", "launch.launcher=horovodrun"])
+    overrides = ["train.lr=5e-4", "train.max_steps=3", "model.bias=false", "launch.launcher=horovodrun"]
+    cfg = load_config(tiny_job, overrides)
     assert cfg.train.lr == 5e-4
     assert cfg.train.max_steps == 3
     assert cfg.model.bias is False

@@ -1,6 +1,12 @@
 """Real multi-rank training: ranks started by mpirun and horovodrun through `hvdlm launch`, no mocks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+
+from hvdlm.launch.commands import plan_launch
 
 pytestmark = pytest.mark.distributed
 
@@ -58,3 +64,27 @@ def test_two_ranks_with_different_data_would_differ(hvdlm, tiny_job, tmp_path):
     two = hvdlm("launch", str(tiny_job), "--np", "2", "--run-dir", str(tmp_path / "two"), *common)
     assert one.code == 0 and two.code == 0, one.out + two.out
     assert max(abs(x - y) / abs(x) for x, y in zip(one.losses(), two.losses())) > 1e-3
+
+
+def test_bad_input_under_mpirun_is_reported_once(tmp_path, cache_dir):
+    """Every rank meets the same bad job file; only rank 0 says so, and the job exits non-zero."""
+    plan = plan_launch("mpirun", 2, None, None, [sys.executable, "-m", "hvdlm", "train", str(tmp_path / "nope.toml")])
+    proc = subprocess.run(
+        plan.argv, env={**os.environ, **plan.env, "HVDLM_CACHE": str(cache_dir)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stdout.count("does not exist") == 1, proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+def test_launch_from_a_hostfile(hvdlm, tiny_job, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# this machine\nlocalhost slots=2\n")
+    r = hvdlm(
+        "launch", str(tiny_job), "--np", "2", "--hostfile", str(hostfile), "--run-dir", str(tmp_path / "run"),
+        "--set", "train.max_steps=2",
+    )  # fmt: skip
+    assert r.code == 0, r.out
+    assert f"--hostfile {hostfile}" in r.out
+    assert r.summary()["ranks"] == 2

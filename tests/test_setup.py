@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from hvdlm.cache import cache_root
 
 SETUP = REPO / "hvdlm" / "install" / "setup.sh"
 
@@ -44,8 +45,7 @@ def test_missing_mpi_stops_with_how_to_provide_it(tmp_path):
 
 
 def _cached_horovod_sdist() -> Path | None:
-    cache = os.environ.get("HVDLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvdlm"
-    path = Path(cache) / "src" / "horovod-0.28.1.tar.gz"
+    path = cache_root() / "src" / "horovod-0.28.1.tar.gz"
     return path if path.is_file() else None
 
 

@@ -9,7 +9,6 @@ ranks or an interrupted run never leave a half-written cache) and memory-mapped 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import sysconfig
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hvdlm.cache import cache_root
 from hvdlm.errors import InputError
 
 # Files are separated by a blank line, so a window that straddles two files still reads as source text.
@@ -29,10 +29,6 @@ class TokenSplits:
     train: np.ndarray  # (N_train,) uint8 byte tokens, memory-mapped
     val: np.ndarray  # (N_val,) uint8 byte tokens, memory-mapped
     directory: Path  # where the arrays live
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HVDLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvdlm")
 
 
 def stdlib_files() -> list[Path]:

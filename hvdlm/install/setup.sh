@@ -174,7 +174,7 @@ main() {
     ensure_system_tools
     ensure_venv
     VPY=$VENV/bin/python
-        ensure_torch
+    ensure_torch
     ensure_horovod
     say "installing hvdlm and its dependencies"
     vpip install -q --no-build-isolation -e "$ROOT[test]" || die "pip could not install hvdlm from $ROOT/pyproject.toml."
