@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 
 class RunLogger:
     def __init__(self, run_dir: Path | None, max_steps: int, enabled: bool):
@@ -20,8 +22,6 @@ class RunLogger:
         self._bar = None
         # A bar only where someone watches: a terminal, or `hvdlm launch` run from one (HVDLM_PROGRESS=1).
         if enabled and (os.environ.get("HVDLM_PROGRESS") == "1" or sys.stderr.isatty()):
-            from tqdm import tqdm
-
             self._bar = tqdm(total=max_steps, desc="train", unit="step", ncols=100, mininterval=0.5, file=sys.stderr)
 
     def info(self, message: str) -> None:

@@ -111,13 +111,21 @@ build_horovod_wheel() {
 
     local -a build_env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
         HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j$(nproc))
-    if [ "$("$VPY" -c 'import torch; print(torch.cuda.is_available() and bool(torch.version.cuda))')" = True ] &&
-        command -v nvcc >/dev/null; then
-        # NCCL for GPU tensors; build kernels only for the GPUs present (all archs takes far longer).
+    if [ "$("$VPY" -c 'import torch; print(bool(torch.version.cuda))')" = True ] && command -v nvcc >/dev/null; then
+        build_env+=(HOROVOD_GPU_OPERATIONS=NCCL)
+        # Kernels only for the GPUs present, when there are any (every architecture takes far longer).
         local arch
         arch=$("$VPY" -c 'import torch; print(",".join(sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})))')
-        build_env+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=$arch)
-        say "CUDA found: building NCCL GPU operations for compute capability $arch"
+        [ -n "$arch" ] && build_env+=(HOROVOD_BUILD_CUDA_CC_LIST=$arch)
+        # torch's wheels bring NCCL as the nvidia-nccl package, whose lib has libnccl.so.2 but no libnccl.so for
+        # CMake to find: point Horovod at it through a directory with that link.
+        local nccl
+        nccl=$("$VPY" -c 'import nvidia.nccl as n; print(list(n.__path__)[0])' 2>/dev/null || true)
+        if [ -z "${HOROVOD_NCCL_HOME:-}" ] && [ -f "$nccl/include/nccl.h" ]; then
+            mkdir -p "$work/nccl-lib" && ln -s "$(ls "$nccl"/lib/libnccl.so.* | head -n 1)" "$work/nccl-lib/libnccl.so"
+            build_env+=(HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl-lib" HOROVOD_NCCL_LINK=SHARED)
+        fi
+        say "CUDA found: building with NCCL GPU operations (compute capability: ${arch:-all})"
     fi
     say "building Horovod $HOROVOD_VERSION (a few minutes; log: $log)"
     if ! (cd "$src" && env "${build_env[@]}" "$VPY" -m pip wheel -v --no-build-isolation --no-deps -w "$work/dist" .) \
@@ -154,8 +162,10 @@ ensure_horovod() {
 verify_horovod() {
     local report
     report=$("$VENV/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-build failed:" "$report"
-    local need
-    for need in PyTorch MPI Gloo; do
+    local need needs=(PyTorch MPI Gloo)
+    [ "$("$VPY" -c 'import torch; print(bool(torch.version.cuda))')" = True ] && command -v nvcc >/dev/null &&
+        needs+=(NCCL)
+    for need in "${needs[@]}"; do
         grep -Eq "\[X\] $need\b" <<<"$report" ||
             die "Horovod was built without $need:" "$report" "Delete $CACHE/wheels and $VENV, then 'make' again."
     done

@@ -34,8 +34,9 @@ def threads_per_rank(ranks_on_busiest_host: int, cores: int | None = None) -> in
 
 
 def find_executable(name: str) -> str:
-    """A launcher from the PATH, else from beside this Python (a venv used without activating it)."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """A launcher from beside this Python first (horovodrun must match the Horovod that hvdlm imports, even in a
+    venv that is not activated), else from the PATH (mpirun)."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if not found:
         raise InputError(
             f"'{name}' is not on the PATH. Load your MPI (e.g. 'module load openmpi'), or run 'make setup' and use "
