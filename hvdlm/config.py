@@ -114,9 +114,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_toml(Path(path))
-    for item in overrides:
-        _apply_override(raw, item)
-    config = _from_dict(raw, source=str(path) if path else "the defaults")
+    overridden = {_apply_override(raw, item) for item in overrides}
+    config = _from_dict(raw, source=str(path) if path else "the defaults", overridden=overridden)
     validate(config)
     return config
 
@@ -137,7 +136,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"job file '{path}' is not UTF-8 text. Pass a TOML job file.") from None
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, str]:
+    """Set one `section.key=value` in the raw tables; returns (section, key)."""
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not section or not name:
@@ -146,6 +146,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not isinstance(raw[section], dict):
         raise InputError(f"'{section}' in the job file is not a table, so '{item}' cannot override a key in it.")
     raw[section][name] = _parse_value(text.strip())
+    return section, name
 
 
 def _parse_value(text: str) -> Any:
@@ -164,12 +165,14 @@ def _closest(word: str, options: typing.Iterable[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
-def _from_dict(raw: dict[str, Any], source: str) -> JobConfig:
+def _from_dict(raw: dict[str, Any], source: str, overridden: set[tuple[str, str]]) -> JobConfig:
+    """Typed sections from raw tables; errors name where a key came from (the file, or --set)."""
     sections: dict[str, Any] = {}
     for section, values in raw.items():
         if section not in _SECTIONS:
+            where = "--set" if any(s == section for s, _ in overridden) else source
             raise InputError(
-                f"unknown section '[{section}]' in {source}.{_closest(section, _SECTIONS)} "
+                f"unknown section '[{section}]' in {where}.{_closest(section, _SECTIONS)} "
                 f"Known sections: {', '.join(_SECTIONS)}."
             )
         if not isinstance(values, dict):
@@ -177,12 +180,13 @@ def _from_dict(raw: dict[str, Any], source: str) -> JobConfig:
         cls = _SECTIONS[section]
         hints = typing.get_type_hints(cls)
         for key, value in values.items():
+            where = "--set" if (section, key) in overridden else source
             if key not in hints:
                 raise InputError(
-                    f"unknown key '{section}.{key}' in {source}.{_closest(key, hints)} "
+                    f"unknown key '{section}.{key}' in {where}.{_closest(key, hints)} "
                     f"Keys of [{section}]: {', '.join(hints)}."
                 )
-            values[key] = _check_type(f"{section}.{key}", value, hints[key], source)
+            values[key] = _check_type(f"{section}.{key}", value, hints[key], where)
         sections[section] = cls(**values)
     return JobConfig(**sections)
 
