@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,9 +39,7 @@ def test_job_preparation_does_not_import_torch_or_horovod():
         "try: main()\nexcept SystemExit: pass\n"
         "assert 'torch' not in sys.modules and 'horovod' not in sys.modules, 'heavy import on the launch path'"
     )
-    start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
-    assert time.perf_counter() - start < 5  # a generous bound: it takes a fraction of a second
 
 
 @pytest.mark.parametrize(
