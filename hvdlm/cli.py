@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import click
@@ -85,7 +84,7 @@ def launch(
     overrides: tuple[str, ...], run_dir: str | None,
 ) -> None:  # fmt: skip
     """Start `hvdlm train JOB` on N ranks with mpirun or horovodrun, printing the command first."""
-    from hvdlm.config import load_config
+    from hvdlm.config import default_run_dir, load_config
     from hvdlm.launch.commands import plan_launch
     from hvdlm.launch.hosts import parse_hosts, read_hostfile
 
@@ -94,7 +93,7 @@ def launch(
         raise InputError("give either --hosts or --hostfile, not both.")
     hosts = hosts or cfg.launch.hosts or None
     host_list = read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
-    run_dir = run_dir or str(Path("runs") / f"{Path(job).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = run_dir or str(default_run_dir(Path(job).stem))
     # Absolute paths: ranks on other nodes may start in another directory (a shared file system is assumed).
     program = [sys.executable, "-m", "hvdlm", "train", str(Path(job).resolve())]
     program += ["--run-dir", str(Path(run_dir).resolve())]

@@ -20,6 +20,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,11 @@ class JobConfig:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+
+def default_run_dir(job_name: str) -> Path:
+    """runs/JOB-TIMESTAMP, relative to the working directory."""
+    return Path("runs") / f"{job_name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 LAUNCHERS = ("mpirun", "horovodrun")

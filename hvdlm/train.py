@@ -10,15 +10,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint import checkpoint_path, save_checkpoint
-from hvdlm.config import JobConfig
+from hvdlm.config import JobConfig, default_run_dir
 from hvdlm.data import WindowSampler, load_corpus
 from hvdlm.errors import InputError
 from hvdlm.metrics import RunLogger
@@ -26,15 +24,8 @@ from hvdlm.model import GPT
 from hvdlm.optim import lr_at, make_adamw
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    first_val_loss: float | None
-    final_val_loss: float | None
-    replicas_identical: bool
-
-
-def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> TrainResult:
+def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
+    """Train to cfg.train.max_steps; returns the run directory."""
     # Horovod: one process per device; rank / size span the whole job, local_rank the node.
     hvd.init()
     device = _pick_device()
@@ -118,10 +109,11 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> TrainResult:
             save_checkpoint(checkpoint_path(out, done), _state(model, optimizer, done, cfg))
 
     log.close()
-    return _finish(model, optimizer, cfg, out, first_val, final_val, device)
+    _finish(model, optimizer, cfg, out, first_val, final_val, device)
+    return out
 
 
-def _finish(model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device) -> TrainResult:
+def _finish(model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device) -> None:
     """Check the replicas agree, write the final checkpoint and summary.json, and report on rank 0."""
     t = cfg.train
     # Horovod: gather every replica's parameter digest; data parallelism must leave them bit-identical.
@@ -142,7 +134,6 @@ def _finish(model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_v
             print("sample:\n" + _sample(model, t.sample_tokens, t.seed, device))
         print(f"checkpoint: {path}")
         print(f"run directory: {out}", flush=True)
-    return TrainResult(out, first_val, final_val, identical)
 
 
 def _pick_device() -> torch.device:
@@ -157,7 +148,7 @@ def _agree_on_run_dir(requested: str | None, job_name: str, cfg: JobConfig) -> P
     """Rank 0 picks (or checks) the run directory and writes config.toml; every rank gets its answer."""
     answer: dict = {}
     if hvd.rank() == 0:
-        path = Path(requested or Path("runs") / f"{job_name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+        path = Path(requested or default_run_dir(job_name)).resolve()
         if (path / "metrics.jsonl").exists():
             answer["error"] = (
                 f"run directory '{path}' already holds a run (metrics.jsonl). Pass a new --run-dir, or remove the "

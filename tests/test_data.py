@@ -8,17 +8,9 @@ from hvdlm.data.corpus import is_validation, stdlib_files
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import os
-
-    old = os.environ.get("HVDLM_CACHE")
-    os.environ["HVDLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # a cache of the module's own, for the whole module
+        mp.setenv("HVDLM_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield load_corpus("stdlib", 0.05)
-    finally:
-        if old is None:
-            del os.environ["HVDLM_CACHE"]
-        else:
-            os.environ["HVDLM_CACHE"] = old
 
 
 def test_stdlib_corpus_is_real_source_text(corpus):

@@ -31,9 +31,13 @@ class TokenSplits:
     directory: Path  # where the arrays live
 
 
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_path("stdlib"))
+
+
 def stdlib_files() -> list[Path]:
     """The standard library's .py files, in a fixed order (installed packages are not part of it)."""
-    root = Path(sysconfig.get_path("stdlib"))
+    root = stdlib_root()
     return sorted(
         (p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts),
         key=lambda p: p.relative_to(root).as_posix(),
@@ -50,13 +54,12 @@ def load_corpus(name: str, val_fraction: float) -> TokenSplits:
     """Token arrays of a named corpus, built on first use and cached."""
     if name != "stdlib":
         raise InputError(f"unknown corpus '{name}'. The available corpus is 'stdlib'.")
-    files = stdlib_files()
+    root, files = stdlib_root(), stdlib_files()
     if not files:
         raise InputError(
-            f"found no .py files under {sysconfig.get_path('stdlib')}: this Python ships without its standard "
-            "library sources. Use a Python installation that includes them."
+            f"found no .py files under {root}: this Python ships without its standard library sources. Use a "
+            "Python installation that includes them."
         )
-    root = Path(sysconfig.get_path("stdlib"))
     # The cache key covers the interpreter, the file list with sizes and mtimes, and the split.
     key = hashlib.sha256()
     key.update(f"{sys.version}|{val_fraction}".encode())

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hvdlm.config import LAUNCHERS
 from hvdlm.errors import InputError
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
 
@@ -71,9 +72,11 @@ def plan_launch(
     if progress:
         env["HVDLM_PROGRESS"] = "1"
 
+    if launcher not in LAUNCHERS:
+        raise InputError(f"unknown launcher '{launcher}'. Use one of {', '.join(LAUNCHERS)}.")
+    argv = [find_executable(launcher), "-np", str(np)]
+    argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(effective)]
     if launcher == "mpirun":
-        argv = [find_executable("mpirun"), "-np", str(np)]
-        argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(effective)]
         # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
         argv += ["-bind-to", "none", "-map-by", "slot"]
         for name in _FORWARDED:
@@ -84,12 +87,8 @@ def plan_launch(
         if local:
             # Containers often forbid the cross-process memory copy (ptrace) that shared memory uses by default.
             argv += ["-mca", "btl_vader_single_copy_mechanism", "none"]
-    elif launcher == "horovodrun":
-        argv = [find_executable("horovodrun"), "-np", str(np)]
-        argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(effective)]
-        argv += ["--gloo"] if controller == "gloo" else ["--mpi"]
     else:
-        raise InputError(f"unknown launcher '{launcher}'. Use mpirun or horovodrun.")
+        argv += ["--gloo"] if controller == "gloo" else ["--mpi"]
     return LaunchPlan(argv=argv + program, env=env)
 
 
