@@ -17,7 +17,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hvdlm.config import load_config
-from hvdlm.data import WindowSampler, load_corpus
+from hvdlm.data import open_dataset
+from hvdlm.data.corpus import ensure_dataset, model_vocab_size
+from hvdlm.data.sampler import WindowSampler
 from hvdlm.model import GPT
 from hvdlm.optim import lr_at, make_adamw
 
@@ -34,7 +36,11 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
-    data = load_corpus(cfg.data.corpus, cfg.data.val_fraction)
+    if rank == 0:
+        ensure_dataset(cfg.data)
+    dist.barrier()
+    data = open_dataset(ensure_dataset(cfg.data))
+    cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
     batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, rank, world, t.seed)
     torch.manual_seed(t.seed)
     model = DDP(GPT(cfg.model))  # DDP broadcasts rank 0's weights at construction
@@ -46,7 +52,7 @@ def main() -> None:
             start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        x, y = batches.batch(step)
+        x, y = batches.next_batch()
         _, loss = model(x, y)
         optimizer.zero_grad()
         loss.backward()  # DDP averages gradients in buckets, overlapped with the backward pass

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from hvdlm import __version__
+from hvdlm.data.cli import data as data_commands
 from hvdlm.errors import InputError
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -54,6 +55,9 @@ _job_argument = click.argument("job", type=click.Path(dir_okay=False))
 @click.version_option(__version__, prog_name="hvdlm")
 def main() -> None:
     """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
+
+
+main.add_command(data_commands)
 
 
 @main.command()

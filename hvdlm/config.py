@@ -40,7 +40,7 @@ class ModelConfig:
     n_head: int = 4  # attention heads per block; must divide d_model
     d_model: int = 128  # width of the residual stream
     seq_len: int = 128  # context length in tokens (the length of every training window)
-    vocab_size: int = 256  # byte-level tokens: one per byte value
+    vocab_size: int = 0  # 0: the dataset tokenizer's vocabulary; a larger value pads it (e.g. to a multiple of 64)
     dropout: float = 0.0  # on attention weights and residual branches; 0 keeps replicas' math deterministic
     bias: bool = True  # biases in Linear layers and LayerNorms
 
@@ -52,8 +52,11 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib": the running interpreter's standard-library sources, on every machine
-    val_fraction: float = 0.05  # share of documents held out for validation
+    dataset: str = ""  # a directory written by `hvdlm data prepare`; empty: the built-in corpus below
+    corpus: str = "stdlib"  # built-in corpus, prepared in the cache on first use: the interpreter's stdlib sources
+    tokenizer: str = "byte"  # built-in corpus: "byte" (256 tokens) or "bpe" (trained on the corpus)
+    vocab_size: int = 4096  # built-in corpus with tokenizer "bpe": bytes + end-of-document + merges
+    val_fraction: float = 0.05  # built-in corpus: share of documents held out for validation
 
 
 @dataclass
@@ -108,6 +111,7 @@ def default_run_dir(job_name: str) -> Path:
 LAUNCHERS = ("mpirun", "horovodrun")
 CONTROLLERS = ("gloo", "mpi")
 CORPORA = ("stdlib",)
+TOKENIZERS = ("byte", "bpe")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def validate(config: JobConfig) -> None:
     m, t, p, d, la = config.model, config.train, config.parallel, config.data, config.launch
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
-        "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
+        "model.seq_len": m.seq_len, "parallel.tp": p.tp,
         "train.batch_size": t.batch_size, "train.max_steps": t.max_steps, "train.lr": t.lr,
         "train.log_interval": t.log_interval, "train.eval_batches": t.eval_batches, "launch.np": la.np,
     }  # fmt: skip
@@ -230,7 +234,7 @@ def validate(config: JobConfig) -> None:
         "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
         "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.seed": t.seed,
         "train.checkpoint_interval": t.checkpoint_interval, "train.sample_tokens": t.sample_tokens,
-        "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms,
+        "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms, "model.vocab_size": m.vocab_size,
     }  # fmt: skip
     for name, value in non_negative.items():
         if value < 0:
@@ -244,8 +248,12 @@ def validate(config: JobConfig) -> None:
         raise InputError(f"'model.dropout' must be in [0, 1), got {m.dropout}.")
     if not 0.0 < d.val_fraction < 1.0:
         raise InputError(f"'data.val_fraction' must be between 0 and 1, got {d.val_fraction}.")
-    if m.vocab_size < 256:
-        raise InputError(f"'model.vocab_size' must be at least 256 for byte-level tokens, got {m.vocab_size}.")
+    if 0 < m.vocab_size < 256:
+        raise InputError(f"'model.vocab_size' must be 0 (the tokenizer's) or at least 256, got {m.vocab_size}.")
+    if d.tokenizer == "bpe" and d.vocab_size < 258:
+        raise InputError(
+            f"'data.vocab_size' must be at least 258 (256 bytes, end-of-document, one merge), got {d.vocab_size}."
+        )
     for name, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
         if not 0.0 <= value < 1.0:
             raise InputError(f"'{name}' must be in [0, 1), got {value}.")
@@ -259,6 +267,7 @@ def validate(config: JobConfig) -> None:
         ("launch.launcher", la.launcher, LAUNCHERS),
         ("launch.controller", la.controller, CONTROLLERS),
         ("data.corpus", d.corpus, CORPORA),
+        ("data.tokenizer", d.tokenizer, TOKENIZERS),
     ):
         if value not in options:
             raise InputError(f"'{name}' must be one of {', '.join(options)}, got '{value}'.{_closest(value, options)}")

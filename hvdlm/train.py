@@ -17,7 +17,9 @@ import torch
 
 from hvdlm.checkpoint import checkpoint_path, save_checkpoint
 from hvdlm.config import JobConfig, default_run_dir
-from hvdlm.data import WindowSampler, load_corpus
+from hvdlm.data import Dataset, open_dataset
+from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
+from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.metrics import RunLogger
 from hvdlm.model import GPT
@@ -31,11 +33,13 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     device = _pick_device()
     torch.set_num_threads(cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     rank0 = hvd.rank() == 0
+    data = _load_dataset(cfg)
+    # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
+    cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
     out = _agree_on_run_dir(run_dir, job_name, cfg)
     log = RunLogger(out, cfg.train.max_steps, enabled=rank0)
     t = cfg.train
 
-    data = load_corpus(cfg.data.corpus, cfg.data.val_fraction)
     train_batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, hvd.rank(), hvd.size(), t.seed)
     val_batches = WindowSampler(data.val, cfg.model.seq_len, t.batch_size, hvd.rank(), hvd.size(), t.seed)
 
@@ -52,7 +56,8 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     log.info(
         f"hvdlm: {hvd.size()} rank(s) x {torch.get_num_threads()} thread(s) on {device.type}, "
         f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per step, "
-        f"corpus {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val tokens"
+        f"data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens "
+        f"({train_batches.samples_per_epoch:,} windows per epoch) from {data.path}"
     )
     log.info(f"run directory: {out}")
 
@@ -68,7 +73,7 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        x, y = (b.to(device, non_blocking=True) for b in train_batches.batch(step))
+        x, y = (b.to(device, non_blocking=True) for b in train_batches.next_batch())
         model.train()
         _, loss = model(x, y)
         optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
@@ -106,21 +111,24 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
             log.record({"step": done, "val_loss": final_val})
             interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training throughput
         if t.checkpoint_interval and done % t.checkpoint_interval == 0 and not is_last and rank0:
-            save_checkpoint(checkpoint_path(out, done), _state(model, optimizer, done, cfg))
+            save_checkpoint(checkpoint_path(out, done), _state(model, optimizer, done, cfg, train_batches))
 
     log.close()
-    _finish(model, optimizer, cfg, out, first_val, final_val, device)
+    _finish(model, optimizer, cfg, out, first_val, final_val, device, train_batches, data)
     return out
 
 
-def _finish(model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device) -> None:
+def _finish(
+    model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device, batches: WindowSampler,
+    data: Dataset,
+) -> None:  # fmt: skip
     """Check the replicas agree, write the final checkpoint and summary.json, and report on rank 0."""
     t = cfg.train
     # Horovod: gather every replica's parameter digest; data parallelism must leave them bit-identical.
     checksums = hvd.allgather_object(_param_checksum(model))
     identical = len(set(checksums)) == 1
     if hvd.rank() == 0:
-        path = save_checkpoint(checkpoint_path(out, t.max_steps), _state(model, optimizer, t.max_steps, cfg))
+        path = save_checkpoint(checkpoint_path(out, t.max_steps), _state(model, optimizer, t.max_steps, cfg, batches))
         summary = {
             "steps": t.max_steps, "ranks": hvd.size(), "first_val_loss": first_val, "final_val_loss": final_val,
             "replica_checksums": checksums, "replicas_identical": identical, "checkpoint": str(path),
@@ -131,7 +139,7 @@ def _finish(model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_v
         if first_val is not None:
             print(f"validation loss: {first_val:.4f} at start -> {final_val:.4f} after {t.max_steps} steps")
         if t.sample_tokens:
-            print("sample:\n" + _sample(model, t.sample_tokens, t.seed, device))
+            print("sample:\n" + _sample(model, data.tokenizer, t.sample_tokens, t.seed, device))
         print(f"checkpoint: {path}")
         print(f"run directory: {out}", flush=True)
 
@@ -142,6 +150,22 @@ def _pick_device() -> torch.device:
         torch.cuda.set_device(hvd.local_rank())
         return torch.device("cuda", hvd.local_rank())
     return torch.device("cpu")
+
+
+def _load_dataset(cfg: JobConfig) -> Dataset:
+    """One rank per node prepares the built-in corpus on first use (atomically, so nodes sharing a file system
+    cannot collide); every rank waits for all of them, then memory-maps the dataset."""
+    error = None
+    if hvd.local_rank() == 0:
+        try:
+            ensure_dataset(cfg.data, log=print if hvd.rank() == 0 else (lambda message: None))
+        except InputError as e:
+            error = str(e)
+    # Horovod: gathering every rank's outcome is the barrier, and tells every rank about a failure on any node.
+    errors = [e for e in hvd.allgather_object(error, name="data_ready") if e]
+    if errors:
+        raise InputError(errors[0])
+    return open_dataset(dataset_dir(cfg.data))
 
 
 def _agree_on_run_dir(requested: str | None, job_name: str, cfg: JobConfig) -> Path:
@@ -176,8 +200,11 @@ def _evaluate(model: GPT, batches: WindowSampler, n_batches: int, device: torch.
     return hvd.allreduce(total / n_batches, op=hvd.Average, name="val_loss").item()
 
 
-def _state(model: GPT, optimizer, step: int, cfg: JobConfig) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": cfg.to_dict()}
+def _state(model: GPT, optimizer, step: int, cfg: JobConfig, batches: WindowSampler) -> dict:
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": cfg.to_dict(),
+        "data": batches.state_dict(),  # (epoch, position, seed): a resumed run continues with the next sample
+    }  # fmt: skip
 
 
 def _param_checksum(model: GPT) -> str:
@@ -189,8 +216,8 @@ def _param_checksum(model: GPT) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample(model: GPT, n_tokens: int, seed: int, device: torch.device) -> str:
-    prompt = torch.tensor([list(b"def ")], dtype=torch.long, device=device)
+def _sample(model: GPT, tokenizer, n_tokens: int, seed: int, device: torch.device) -> str:
+    prompt = torch.tensor([tokenizer.encode("def ")], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.eval().generate(prompt, n_tokens, generator=generator)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    return tokenizer.decode(out[0].tolist())

@@ -1,6 +1,11 @@
-"""Data: the corpus on disk as token arrays, and the sampler that hands each data-parallel rank its windows."""
+"""Data: sources -> tokenizer -> token shards on disk (`hvdlm data prepare`) -> memory-mapped splits.
 
-from hvdlm.data.corpus import TokenSplits, load_corpus
-from hvdlm.data.sampler import WindowSampler
+Import-light (numpy only), because `hvdlm data prepare` is a CLI command; the sampler, which hands torch tensors
+to the trainer, lives in hvdlm.data.sampler.
+"""
 
-__all__ = ["TokenSplits", "WindowSampler", "load_corpus"]
+from hvdlm.data.dataset import Dataset, TokenSplit, open_dataset
+from hvdlm.data.prepare import PrepareOptions, PrepareReport, prepare
+from hvdlm.data.tokenizer import load_tokenizer
+
+__all__ = ["Dataset", "PrepareOptions", "PrepareReport", "TokenSplit", "load_tokenizer", "open_dataset", "prepare"]

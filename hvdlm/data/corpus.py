@@ -1,95 +1,65 @@
-"""The embedded default corpus: the running interpreter's standard-library sources, as byte-level tokens.
+"""The dataset a job trains on: a directory from `hvdlm data prepare`, or a built-in corpus prepared on first use.
 
-Every machine with Python has this real text, so the demo and the tests need no download. Documents (files) are
-assigned to train or validation by a hash of their path, so the split is stable across machines and runs.
-The token arrays are cached on disk (written to a temporary directory, then renamed into place, so concurrent
-ranks or an interrupted run never leave a half-written cache) and memory-mapped by every rank.
+The built-in corpus (`stdlib`: the running interpreter's standard-library sources, so every machine has real text
+and the demo and tests need no download) is prepared into the cache (hvdlm/cache.py), in a directory named by
+a fingerprint of its inputs and options: a changed Python or tokenizer gets a new dataset, an unchanged one is
+reused. `prepare` publishes atomically, so concurrent preparers (one rank per node) are safe.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
-import sysconfig
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from hvdlm.cache import cache_root
+from hvdlm.config import DataConfig
+from hvdlm.data.prepare import PrepareOptions, fingerprint_of, prepare, read_meta
+from hvdlm.data.sources import resolve_sources
 from hvdlm.errors import InputError
 
-# Files are separated by a blank line, so a window that straddles two files still reads as source text.
-_DOC_SEPARATOR = b"\n\n"
+
+def builtin_dataset_dir(cfg: DataConfig) -> Path:
+    options = _options(cfg)
+    key = fingerprint_of(resolve_sources([cfg.corpus]), options)[:12]
+    vocab = f"{cfg.vocab_size}" if cfg.tokenizer == "bpe" else ""
+    py = f"py{sys.version_info[0]}.{sys.version_info[1]}"
+    return cache_root() / "datasets" / f"{cfg.corpus}-{py}-{cfg.tokenizer}{vocab}-{key}"
 
 
-@dataclass(frozen=True)
-class TokenSplits:
-    train: np.ndarray  # (N_train,) uint8 byte tokens, memory-mapped
-    val: np.ndarray  # (N_val,) uint8 byte tokens, memory-mapped
-    directory: Path  # where the arrays live
+def dataset_dir(cfg: DataConfig) -> Path:
+    """Where the job's dataset is (or will be, for a built-in corpus not yet prepared)."""
+    return Path(cfg.dataset) if cfg.dataset else builtin_dataset_dir(cfg)
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_path("stdlib"))
+def ensure_dataset(cfg: DataConfig, log=print) -> Path:
+    """The job's dataset directory, prepared first when it is the built-in corpus and not yet in the cache."""
+    if cfg.dataset:
+        path = Path(cfg.dataset)
+        if read_meta(path) is None:
+            raise InputError(
+                f"data.dataset '{path}' is not a prepared dataset (no meta.json). Create it first with "
+                f"`hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty to train on the "
+                f"built-in '{cfg.corpus}' corpus."
+            )
+        return path
+    path = builtin_dataset_dir(cfg)
+    if read_meta(path) is None:
+        log(f"preparing the built-in '{cfg.corpus}' corpus ({cfg.tokenizer} tokens) in {path} (first use) ...")
+        log(prepare([cfg.corpus], path, _options(cfg), log=log).summary())
+    return path
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's .py files, in a fixed order (installed packages are not part of it)."""
-    root = stdlib_root()
-    return sorted(
-        (p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-
-
-def is_validation(relative_path: str, val_fraction: float) -> bool:
-    """Stable document-level split: the same file lands in the same split on every machine."""
-    h = int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:8], "little")
-    return (h % 1_000_000) < val_fraction * 1_000_000
-
-
-def load_corpus(name: str, val_fraction: float) -> TokenSplits:
-    """Token arrays of a named corpus, built on first use and cached."""
-    if name != "stdlib":
-        raise InputError(f"unknown corpus '{name}'. The available corpus is 'stdlib'.")
-    root, files = stdlib_root(), stdlib_files()
-    if not files:
+def model_vocab_size(configured: int, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: the tokenizer's (configured 0), or a larger configured size (padding)."""
+    if configured == 0:
+        return tokenizer_vocab
+    if configured < tokenizer_vocab:
         raise InputError(
-            f"found no .py files under {root}: this Python ships without its standard library sources. Use a "
-            "Python installation that includes them."
+            f"model.vocab_size = {configured} is smaller than the dataset's tokenizer vocabulary "
+            f"({tokenizer_vocab}). Set model.vocab_size = 0 to take the tokenizer's, or a larger value to pad it."
         )
-    # The cache key covers the interpreter, the file list with sizes and mtimes, and the split.
-    key = hashlib.sha256()
-    key.update(f"{sys.version}|{val_fraction}".encode())
-    for p in files:
-        st = p.stat()
-        key.update(f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    directory = cache_root() / "corpus" / f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}-{key.hexdigest()[:12]}"
-    if not (directory / "val.bin").exists():
-        _build(files, root, val_fraction, directory)
-    return TokenSplits(
-        train=np.memmap(directory / "train.bin", dtype=np.uint8, mode="r"),
-        val=np.memmap(directory / "val.bin", dtype=np.uint8, mode="r"),
-        directory=directory,
-    )
+    return configured
 
 
-def _build(files: list[Path], root: Path, val_fraction: float, directory: Path) -> None:
-    parts: dict[str, list[bytes]] = {"train": [], "val": []}
-    for p in files:
-        split = "val" if is_validation(p.relative_to(root).as_posix(), val_fraction) else "train"
-        parts[split].append(p.read_bytes())
-    if not parts["val"]:  # a tiny corpus can hash every file into train; keep the split non-empty
-        parts["val"].append(parts["train"].pop())
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-    for split, docs in parts.items():
-        (staging / f"{split}.bin").write_bytes(_DOC_SEPARATOR.join(docs))
-    try:
-        staging.rename(directory)
-    except OSError:  # another rank finished first: its copy is identical
-        for f in staging.iterdir():
-            f.unlink()
-        staging.rmdir()
+def _options(cfg: DataConfig) -> PrepareOptions:
+    return PrepareOptions(tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction)

@@ -1,0 +1,301 @@
+"""`hvdlm data prepare`: sources -> documents -> tokenizer -> token shards + meta.json, published atomically.
+
+Everything is written into a temporary directory beside the output and renamed into place at the end, so an
+interrupted or failed prepare leaves no half dataset, and concurrent preparers of the same inputs (one rank per
+node on a shared file system) each publish a complete copy or find one already there. A dataset remembers a
+fingerprint of its inputs (paths, sizes, modification times) and options: preparing again with nothing changed
+does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hvdlm import __version__
+from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
+from hvdlm.data.sources import InputFile, SkipReport, fingerprint_inputs, read_documents, resolve_sources, total_size
+from hvdlm.data.tokenizer import TOKENIZERS, ByteTokenizer, check_bpe_vocab, train_bpe
+from hvdlm.errors import InputError
+
+SPLITS = ("train", "val")
+_ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    tokenizer: str = "byte"  # "byte" or "bpe"
+    vocab_size: int = 4096  # BPE only: bytes + end-of-document + merges
+    val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of their names)
+    text_field: str = "text"  # the field of a JSON Lines record that holds the document
+    strict: bool = False  # reject unusable inputs instead of skipping and counting them
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # a shard is closed once it holds this many tokens
+
+    def check(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise InputError(f"unknown tokenizer '{self.tokenizer}'. Choose one of: {', '.join(TOKENIZERS)}.")
+        if self.tokenizer == "bpe":
+            check_bpe_vocab(self.vocab_size)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InputError(f"the validation fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.shard_tokens <= 0:
+            raise InputError(f"the shard size must be positive, got {self.shard_tokens} tokens.")
+
+    def shaping(self) -> dict:
+        """The options that change the output (strict does not: it only decides whether to stop)."""
+        shape = {k: v for k, v in asdict(self).items() if k != "strict"}
+        if self.tokenizer != "bpe":
+            shape.pop("vocab_size")
+        return shape
+
+
+@dataclass
+class PrepareReport:
+    path: Path
+    up_to_date: bool  # nothing was done: the dataset was already prepared from these inputs
+    documents: dict[str, int]
+    tokens: dict[str, int]
+    bytes: int  # UTF-8 bytes of the documents
+    seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    tokenizer: str = ""
+    dtype: str = ""
+    bpe_seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return (
+                f"{self.path} is up to date (its inputs and options are unchanged): nothing to do. "
+                f"{sum(self.documents.values()):,} documents, {sum(self.tokens.values()):,} tokens."
+            )
+        docs, tokens, secs = sum(self.documents.values()), sum(self.tokens.values()), max(self.seconds, 1e-9)
+        skipped = ", ".join(f"{n:,} {reason}" for reason, n in self.skipped.items()) or "none"
+        lines = [
+            f"prepared {self.path} in {self.seconds:.1f} s",
+            f"  documents  {docs:,} (train {self.documents['train']:,}, val {self.documents['val']:,})",
+            f"  skipped    {skipped}",
+            f"  bytes      {self.bytes:,} ({self.bytes / 1e6:.1f} MB, {self.bytes / 1e6 / secs:.1f} MB/s)",
+            f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), {self.dtype} shards",
+            f"  speed      {tokens / secs:,.0f} tokens/s, {self.bytes / max(tokens, 1):.2f} bytes per token",
+            f"  tokenizer  {self.tokenizer}"
+            + (f" (trained in {self.bpe_seconds:.1f} s)" if self.bpe_seconds else ""),
+        ]
+        return "\n".join(lines)
+
+
+def is_validation(name: str, val_fraction: float) -> bool:
+    """Stable document-level split: the same document lands in the same split on every machine."""
+    return _split_hash(name) < val_fraction * 1_000_000
+
+
+def _split_hash(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") % 1_000_000
+
+
+def read_meta(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare(
+    sources: list[str], out: str | Path, options: PrepareOptions = PrepareOptions(), globs: list[str] | None = None,
+    progress: bool = False, log=print,
+) -> PrepareReport:  # fmt: skip
+    """Prepare a dataset directory from the sources (default: the standard-library corpus)."""
+    options.check()
+    out = Path(out)
+    files = resolve_sources(sources, globs)
+    fingerprint = fingerprint_of(files, options)
+    existing = read_meta(out)
+    if existing and existing.get("inputs_fingerprint") == fingerprint:
+        return _report_from_meta(out, existing)
+    _check_replaceable(out, existing)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        report = _build(files, sources, staging, options, fingerprint, progress, log)
+        _publish(staging, out, fingerprint)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report.path = out
+    return report
+
+
+def fingerprint_of(files: list[InputFile], options: PrepareOptions) -> str:
+    """Changes when an input file or an output-shaping option changes."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **options.shaping()}, sort_keys=True).encode())
+    for line in fingerprint_inputs(files):
+        h.update(line.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _check_replaceable(out: Path, existing: dict | None) -> None:
+    """Only an empty directory or an earlier dataset may be replaced: never the user's other files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' is a file. Pass a directory path for the dataset with --out.")
+    if out.is_dir() and existing is None and any(out.iterdir()):
+        raise InputError(
+            f"output directory '{out}' is not empty and holds no dataset (no meta.json). Pass a new or empty "
+            "directory with --out; prepare never deletes files it did not write."
+        )
+
+
+def _build(
+    files: list[InputFile], sources: list[str], staging: Path, options: PrepareOptions, fingerprint: str,
+    progress: bool, log,
+) -> PrepareReport:  # fmt: skip
+    start = time.perf_counter()
+    bpe_seconds = 0.0
+    if options.tokenizer == "bpe":
+        log(f"training a {options.vocab_size:,}-token BPE tokenizer on the training documents ...")
+        skipped = SkipReport()
+        texts = (
+            d.text for _, d in read_documents(files, options.text_field, options.strict, skipped)
+            if not is_validation(d.name, options.val_fraction)
+        )  # fmt: skip
+        tokenizer = train_bpe(texts, options.vocab_size)
+        bpe_seconds = time.perf_counter() - start
+    else:
+        tokenizer = ByteTokenizer()
+
+    result = _tokenize(files, tokenizer, staging, options, progress, force={})
+    docs = sum(w.documents for w in result.writers.values())
+    if docs == 0:
+        what = f" Skipped: {result.skipped.describe()}." if result.skipped.total else ""
+        raise InputError(
+            f"the sources hold no usable documents ({len(files)} input files).{what} Check the paths, the --glob "
+            "patterns and --text-field, or pass other sources."
+        )
+    if docs == 1:
+        raise InputError(
+            "the sources hold a single document, and the train / validation split is by document. Pass at least "
+            "two documents (for example, split the text into several files)."
+        )
+    if not result.writers["val"].documents or not result.writers["train"].documents:
+        # A small corpus can hash every document into one split: move the one nearest the threshold across.
+        for split in SPLITS:
+            for path in staging.glob(f"{split}-*"):
+                path.unlink()
+        force = {result.lowest: "val"} if not result.writers["val"].documents else {result.highest: "train"}
+        result = _tokenize(files, tokenizer, staging, options, progress, force=force)
+
+    shards = {split: w.close() for split, w in result.writers.items()}
+    tokenizer.save(staging)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer.describe(),
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "splits": {
+            split: {"documents": w.documents, "tokens": w.tokens, "shards": shards[split]}
+            for split, w in result.writers.items()
+        },
+        "bytes": result.bytes,
+        "skipped": dict(result.skipped.counts),
+        "sources": list(sources) or ["stdlib"],
+        "input_files": len(files),
+        "options": options.shaping(),
+        "content_hash": "sha256:" + result.content_hash,
+        "inputs_fingerprint": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hvdlm_version": __version__,
+    }
+    # mkdtemp made the directory private; a dataset is for every user and rank that may read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    # meta.json last: a directory with a meta.json is a complete dataset.
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    report = _report_from_meta(staging, meta, up_to_date=False)
+    report.seconds, report.bpe_seconds = time.perf_counter() - start, bpe_seconds
+    return report
+
+
+@dataclass
+class _Tokenized:
+    writers: dict[str, ShardWriter]
+    skipped: SkipReport
+    bytes: int
+    content_hash: str
+    lowest: str  # the document name with the lowest split hash (the first to move into validation)
+    highest: str
+
+
+def _tokenize(
+    files: list[InputFile], tokenizer, staging: Path, options: PrepareOptions, progress: bool, force: dict[str, str]
+) -> _Tokenized:
+    from tqdm import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {split: ShardWriter(staging, split, dtype, options.shard_tokens) for split in SPLITS}
+    skipped, content = SkipReport(), hashlib.sha256()
+    n_bytes, lowest, highest = 0, (1 << 64, ""), (-1, "")
+    batch: list[tuple[str, str]] = []  # (split, text)
+    batch_chars = 0
+
+    def flush() -> None:
+        nonlocal batch, batch_chars
+        for (split, _), ids in zip(batch, tokenizer.encode_many([text for _, text in batch])):
+            writers[split].add(ids, tokenizer.separator)
+        batch, batch_chars = [], 0
+
+    bar = tqdm(total=total_size(files), unit="B", unit_scale=True, desc="tokenize", disable=not progress, ncols=100)
+    current = None
+    for f, doc in read_documents(files, options.text_field, options.strict, skipped):
+        if f is not current:
+            if current is not None:
+                bar.update(os.path.getsize(current.path))
+            current = f
+        h = _split_hash(doc.name)
+        lowest, highest = min(lowest, (h, doc.name)), max(highest, (h, doc.name))
+        split = force.get(doc.name) or ("val" if h < options.val_fraction * 1_000_000 else "train")
+        data = doc.text.encode("utf-8")
+        content.update(doc.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+        n_bytes += len(data)
+        batch.append((split, doc.text))
+        batch_chars += len(doc.text)
+        if batch_chars >= _ENCODE_BATCH_CHARS:
+            flush()
+    flush()
+    bar.update(bar.total - bar.n)
+    bar.close()
+    return _Tokenized(writers, skipped, n_bytes, content.hexdigest(), lowest[1], highest[1])
+
+
+def _publish(staging: Path, out: Path, fingerprint: str) -> None:
+    """Rename the finished dataset into place; an earlier dataset there is replaced, an identical one kept."""
+    try:
+        os.rename(staging, out)  # atomic; succeeds when `out` is absent or an empty directory
+        return
+    except OSError:
+        pass
+    existing = read_meta(out)
+    if existing and existing.get("inputs_fingerprint") == fingerprint:
+        shutil.rmtree(staging)  # a concurrent preparer of the same inputs published first: keep its copy
+        return
+    _check_replaceable(out, existing)
+    # Swap: move the old dataset aside, the new one in, then delete the old one. A reader that opens `out`
+    # between the two renames finds nothing and says so; it never sees a mix of the two.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(staging, out)
+    shutil.rmtree(old)
+
+
+def _report_from_meta(path: Path, meta: dict, up_to_date: bool = True) -> PrepareReport:
+    splits = meta["splits"]
+    return PrepareReport(
+        path=path, up_to_date=up_to_date,
+        documents={s: splits[s]["documents"] for s in SPLITS}, tokens={s: splits[s]["tokens"] for s in SPLITS},
+        bytes=meta["bytes"], seconds=0.0, skipped=meta.get("skipped", {}),
+        tokenizer=f"{meta['tokenizer']['type']} (vocab {meta['tokenizer']['vocab_size']:,})", dtype=meta["dtype"],
+    )  # fmt: skip

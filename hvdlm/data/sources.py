@@ -1,0 +1,202 @@
+"""Where documents come from: the embedded standard-library corpus, text files, directories, JSON Lines, gzip.
+
+A source argument is resolved up front into a list of input files (a missing path is an error before anything is
+read or written). Reading then yields one document per text file or per JSON Lines record. Input that cannot be
+used (not UTF-8, binary, a broken gzip stream, a JSON Lines record without the text field) is skipped and counted
+in a `SkipReport`, or, in strict mode, stops the run with an `InputError` that names the file; reading itself
+never aborts half-way with a traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+import sysconfig
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvdlm.errors import InputError
+
+STDLIB = "stdlib"  # the source argument that names the embedded corpus
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    name: str  # stable document name: relative to its source argument, so the split is the same on every machine
+    jsonl: bool  # one document per line, the text in a JSON field
+    gzip: bool  # gzip-compressed (by the .gz suffix)
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+@dataclass
+class SkipReport:
+    """What was left out, by reason; the first few names of each reason, for the message."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, name: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(name)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.counts.items())
+
+
+# Why an input was skipped: the wording of the report and of --strict errors.
+NOT_UTF8 = "not UTF-8"
+BINARY = "binary (NUL bytes)"
+BAD_GZIP = "unreadable gzip"
+UNREADABLE = "unreadable file"
+BAD_JSON = "JSON Lines records that are not JSON objects"
+NO_FIELD = "JSON Lines records without the text field"
+EMPTY = "empty documents"
+_LENIENT_REASONS = (EMPTY,)  # skipped even in strict mode: an empty file holds no data to lose
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_path("stdlib"))
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, in a fixed order (installed packages are not part of it)."""
+    root = stdlib_root()
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        # Prune while walking: site-packages can hold far more files than the standard library itself.
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "__pycache__")]
+        found += [os.path.join(directory, n) for n in names if n.endswith(".py")]
+    return sorted((Path(p) for p in found), key=lambda p: p.relative_to(root).as_posix())
+
+
+def resolve_sources(specs: list[str], globs: list[str] | None = None) -> list[InputFile]:
+    """Input files of the source arguments, in a fixed order: `stdlib`, files, or directories searched by globs."""
+    globs = list(globs or ["**/*"])
+    files: list[InputFile] = []
+    for spec in specs or [STDLIB]:
+        if spec == STDLIB and not Path(spec).exists():
+            root = stdlib_root()
+            found = stdlib_files()
+            if not found:
+                raise InputError(
+                    f"found no .py files under {root}: this Python ships without its standard-library sources. "
+                    "Use a Python installation that includes them, or pass your own text files."
+                )
+            files += [_input_file(p, f"{STDLIB}/{p.relative_to(root).as_posix()}") for p in found]
+            continue
+        path = Path(spec)
+        if path.is_file():
+            files.append(_input_file(path, path.name))
+        elif path.is_dir():
+            matched = sorted({p for pattern in globs for p in path.glob(pattern) if p.is_file()})
+            files += [_input_file(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in matched]
+        else:
+            raise InputError(
+                f"source '{spec}' does not exist. Pass text files, directories (with --glob patterns), JSON Lines "
+                f"files, or '{STDLIB}' for the standard-library corpus."
+            )
+    return files
+
+
+def _input_file(path: Path, name: str) -> InputFile:
+    compressed = path.name.endswith(".gz")
+    bare = path.name[:-3] if compressed else path.name
+    return InputFile(path=path, name=name, jsonl=bare.endswith(JSONL_SUFFIXES), gzip=compressed)
+
+
+def fingerprint_inputs(files: list[InputFile]) -> list[str]:
+    """One line per input (absolute path, size, modification time): changes when an input changes."""
+    lines = []
+    for f in files:
+        st = f.path.stat()
+        lines.append(f"{f.path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    if any(f.name.startswith(STDLIB + "/") for f in files):
+        lines.append(f"python {sys.version}")
+    return lines
+
+
+def read_documents(
+    files: list[InputFile], text_field: str, strict: bool, skipped: SkipReport
+) -> Iterator[tuple[InputFile, Document]]:
+    """Every usable document of the inputs, in order; the unusable ones are counted in `skipped`."""
+
+    def skip(reason: str, name: str) -> None:
+        if strict and reason not in _LENIENT_REASONS:
+            raise InputError(
+                f"input '{name}' was rejected: {reason} (--strict). Fix it or remove it from the sources, or leave "
+                "out --strict to skip and count such inputs instead."
+            )
+        skipped.add(reason, name)
+
+    for f in files:
+        text = _read_text(f, skip)
+        if text is None:
+            continue
+        if not f.jsonl:
+            if text.strip():
+                yield f, Document(f.name, text)
+            else:
+                skip(EMPTY, f.name)
+            continue
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            name = f"{f.name}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skip(BAD_JSON, name)
+                continue
+            if not isinstance(record, dict):
+                skip(BAD_JSON, name)
+            elif not isinstance(record.get(text_field), str):
+                skip(NO_FIELD, name)
+            elif not record[text_field].strip():
+                skip(EMPTY, name)
+            else:
+                yield f, Document(name, record[text_field])
+
+
+def _read_text(f: InputFile, skip) -> str | None:
+    try:
+        raw = f.path.read_bytes()
+    except OSError:
+        skip(UNREADABLE, f.name)
+        return None
+    if f.gzip:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):  # not gzip, or cut short: BadGzipFile is an OSError
+            skip(BAD_GZIP, f.name)
+            return None
+    if b"\x00" in raw:  # valid UTF-8 can hold NUL, but text never does: this is a binary file
+        skip(BINARY, f.name)
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        skip(NOT_UTF8, f.name)
+        return None
+
+
+def total_size(files: list[InputFile]) -> int:
+    """Bytes on disk of all inputs (compressed size for gzip): the progress bar's total."""
+    return sum(os.path.getsize(f.path) for f in files)
