@@ -1,0 +1,160 @@
+"""`hvdlm data prepare` as a user meets it: mixed and corrupt inputs, clear errors, and training on its output."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from hvdlm.data import open_dataset
+
+GOOD = {
+    "a.txt": "The first document.\nIt has two lines.\n",
+    "b.md": "# Second\n\nMarkdown, ünïcode ✓.\n",
+}
+
+
+def texts_of(out) -> list[str]:
+    ds = open_dataset(out)
+    return sorted(ds.tokenizer.decode(ids) for split in (ds.train, ds.val) for ids in split.documents())
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """A directory of good text and every kind of bad input the pipeline must survive."""
+    root = tmp_path / "messy"
+    (root / "sub").mkdir(parents=True)
+    for name, text in GOOD.items():
+        (root / name).write_text(text)
+    (root / "sub" / "c.txt.gz").write_bytes(gzip.compress("Third, from gzip.\n".encode()))
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (root / "cut.txt.gz").write_bytes(gzip.compress(b"a long text " * 1000)[:60])
+    records = [
+        {"text": "Fourth, a JSON Lines record."},
+        {"title": "no text field"},
+        {"text": 42},
+        "not an object",
+        {"text": "Fifth, after the bad ones."},
+    ]
+    lines = [json.dumps(r) for r in records] + ["{broken json"]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "more.jsonl.gz").write_bytes(gzip.compress(b'{"text": "Sixth, gzip JSON Lines."}\n'))
+    return root
+
+
+def test_bad_inputs_are_skipped_and_counted_and_the_rest_is_kept(hvdlm, messy, tmp_path):
+    out = tmp_path / "ds"
+    r = hvdlm("data", "prepare", str(messy), "--out", str(out))
+    assert r.code == 0, r.out
+    assert "Traceback" not in r.out
+    for counted in ("1 binary", "1 not UTF-8", "1 unreadable gzip", "2 JSON Lines records without the text field",
+                    "2 JSON Lines records that are not JSON objects"):  # fmt: skip
+        assert counted in r.out, r.out
+    assert "documents  6 " in r.out and "bytes per token" in r.out and "tokens/s" in r.out
+    expected = sorted([*GOOD.values(), "Third, from gzip.\n", "Fourth, a JSON Lines record.",
+                       "Fifth, after the bad ones.", "Sixth, gzip JSON Lines."])  # fmt: skip
+    assert texts_of(out) == expected
+    assert json.loads((out / "meta.json").read_text())["skipped"]["not UTF-8"] == 1
+
+
+def test_strict_rejects_bad_input_before_writing_anything(hvdlm, messy, tmp_path):
+    out = tmp_path / "ds"
+    r = hvdlm("data", "prepare", str(messy), "--out", str(out), "--strict")
+    assert r.code == 2, r.out
+    assert r.out.startswith("Error: input '") and "(--strict)" in r.out and "Traceback" not in r.out
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["messy"]
+
+
+def test_globs_and_text_field_choose_what_is_read(hvdlm, messy, tmp_path):
+    (messy / "other.jsonl").write_text('{"body": "from the body field"}\n{"body": "and another"}\n')
+    out = tmp_path / "ds"
+    r = hvdlm("data", "prepare", str(messy), "--glob", "*.jsonl", "--text-field", "body", "--out", str(out))
+    assert r.code == 0, r.out
+    assert texts_of(out) == ["and another", "from the body field"]
+    assert "4 JSON Lines records without the text field" in r.out  # docs.jsonl has no "body" anywhere
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("empty_dir", "the sources hold no usable documents (0 input files)"),
+        ("binary_only", "no usable documents (1 input files). Skipped: 1 binary"),
+        ("one_doc", "a single document"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_unusable_corpora_are_one_clear_error(hvdlm, tmp_path, setup, message):
+    src = tmp_path / "src"
+    if setup != "missing":
+        src.mkdir()
+    if setup == "binary_only":
+        (src / "blob.bin").write_bytes(b"\x00\x01\x02" * 100)
+    if setup == "one_doc":
+        (src / "only.txt").write_text("just one\n")
+    r = hvdlm("data", "prepare", str(src), "--out", str(tmp_path / "ds"))
+    assert r.code == 2, r.out
+    assert r.out.startswith("Error: ") and message in r.out and "Traceback" not in r.out
+    assert not (tmp_path / "ds").exists()
+
+
+def test_bad_options_are_clear_errors(hvdlm, messy, tmp_path):
+    r = hvdlm("data", "prepare", str(messy), "--out", str(tmp_path / "ds"), "--tokenizer", "bpe", "--vocab-size", "100")
+    assert r.code == 2 and "Error: BPE vocabulary size 100 is out of range" in r.out, r.out
+    r = hvdlm("data", "prepare", str(messy), "--out", str(tmp_path / "ds"), "--val-fraction", "1.5")
+    assert r.code == 2 and "between 0 and 1" in r.out, r.out
+
+
+def test_data_prepare_does_not_import_torch_or_horovod(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n")
+    (tmp_path / "b.txt").write_text("two\n")
+    code = (
+        "import sys; from hvdlm.cli import main; "
+        f"sys.argv=['hvdlm','data','prepare',{str(tmp_path)!r},'--out',{str(tmp_path / 'ds')!r}]\n"
+        "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules and 'horovod' not in sys.modules, 'heavy import in data prepare'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
+
+
+def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, p in enumerate(sorted((REPO / "hvdlm").rglob("*.py"))):
+        (src / f"{i:03d}-{p.name}").write_text(p.read_text())
+    data = tmp_path / "bpe"
+    r = hvdlm("data", "prepare", str(src), "--tokenizer", "bpe", "--vocab-size", "400", "--out", str(data))
+    assert r.code == 0, r.out
+    assert "tokenizer  bpe (vocab 400)" in r.out
+    again = hvdlm("data", "prepare", str(src), "--tokenizer", "bpe", "--vocab-size", "400", "--out", str(data))
+    assert again.code == 0 and "up to date" in again.out
+
+    run = tmp_path / "run"
+    r = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--set", f"data.dataset={data}")
+    assert r.code == 0, r.out
+    assert "bpe tokens" in r.out and str(data) in r.out and "sample:\ndef " in r.out
+    assert "vocab_size = 400" in (run / "config.toml").read_text()  # the model took the tokenizer's vocabulary
+    state = torch.load(run / "checkpoints" / "step-0000008.pt", weights_only=True)
+    assert state["model"]["tok_emb.weight"].shape[0] == 400
+    assert state["data"]["epoch"] == 0 and state["data"]["position"] == 8 * 4  # 8 steps of batch 4, one rank
+
+    missing = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run2"), "--set", f"data.dataset={tmp_path}/no")
+    assert missing.code == 2 and "is not a prepared dataset" in missing.out and "Traceback" not in missing.out
+    small = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run3"), "--set", f"data.dataset={data}",
+                  "--set", "model.vocab_size=300")  # fmt: skip
+    assert small.code == 2 and "smaller than the dataset's tokenizer vocabulary (400)" in small.out
+
+
+def test_concurrent_preparers_of_one_dataset_both_succeed(tmp_path, cache_dir):
+    """As when one rank per node prepares onto a shared file system: one publishes, the other keeps its copy."""
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "hvdlm", "data", "prepare", "stdlib", "--out", str(out)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert len(open_dataset(out).train) > 1_000_000
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary directory left behind
