@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hvdlm.data import load_tokenizer, open_dataset
+import hvdlm.data.prepare as prepare_module
 from hvdlm.data.prepare import PrepareOptions, is_validation, prepare
 from hvdlm.data.shards import ShardWriter, token_dtype
 from hvdlm.data.sources import SkipReport, read_documents, resolve_sources, stdlib_files, stdlib_root
@@ -174,3 +175,13 @@ def test_a_damaged_dataset_is_a_clear_error(small_corpus, tmp_path):
         open_dataset(out)
     with pytest.raises(InputError, match="not a prepared dataset"):
         open_dataset(tmp_path / "nowhere")
+
+
+def test_publishing_onto_the_same_dataset_keeps_the_copy_already_there(small_corpus, tmp_path):
+    """The losing side of two concurrent preparers: its finished copy is dropped, the published one untouched."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    prepare([str(small_corpus)], first, log=lambda m: None)
+    prepare([str(small_corpus)], second, log=lambda m: None)
+    published = (first / "meta.json").read_text()
+    prepare_module._publish(second, first, json.loads(published)["inputs_fingerprint"])
+    assert not second.exists() and (first / "meta.json").read_text() == published

@@ -30,7 +30,9 @@ class WindowSampler:
     def __init__(self, split: TokenSplit, seq_len: int, batch_size: int, dp_rank: int, dp_size: int, seed: int):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
-        self.shards = split.shards
+        # Plain ndarray views of the memory maps: indexing a np.memmap object costs more than the read itself.
+        self.shards = tuple(np.asarray(s) for s in split.shards)
+        self._span = np.arange(seq_len + 1)
         self.seq_len, self.batch_size, self.dp_rank, self.dp_size, self.seed = (
             seq_len, batch_size, dp_rank, dp_size, seed,
         )  # fmt: skip
@@ -78,7 +80,10 @@ class WindowSampler:
     def windows(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         shard = np.searchsorted(self._first, ids, side="right") - 1
         starts = (ids - self._first[shard]) * self.seq_len
-        w = np.stack([self.shards[s][o : o + self.seq_len + 1] for s, o in zip(shard, starts)]).astype(np.int64)
+        w = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = shard == s
+            w[rows] = self.shards[s][starts[rows, None] + self._span]
         w = torch.from_numpy(w)  # (B, T + 1)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 

@@ -1,0 +1,112 @@
+"""Loader time as a share of training step time, for the demo model (jobs/demo.toml) on its dataset.
+
+One process, the demo's per-rank batch and threads per rank (1 by default: `hvdlm launch` gives each of 2 ranks on
+2 cores one thread). Each step times the loader (`next_batch`: the global-order lookup, the memory-mapped window
+reads, the int64 tensors) apart from the rest of the step (forward, backward, clipping, AdamW). A step of a
+multi-rank job also waits for the gradient allreduce, so the share measured here is an upper bound.
+
+    python bench/data_loader.py [--steps 60] [--threads 1] [--record]
+
+Target: loader < 1% of step time. --record appends the figures to bench/RESULTS.md with the command, date and
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from hvdlm.config import load_config  # noqa: E402
+from hvdlm.data import open_dataset  # noqa: E402
+from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
+from hvdlm.data.sampler import WindowSampler  # noqa: E402
+from hvdlm.model import GPT  # noqa: E402
+from hvdlm.optim import make_adamw  # noqa: E402
+
+JOB = REPO / "jobs" / "demo.toml"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (per rank in the demo)")
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    cfg = load_config(JOB)
+    t = cfg.train
+    torch.set_num_threads(args.threads)
+    data = open_dataset(ensure_dataset(cfg.data))
+    cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
+    # Rank 0 of the demo's 2 data-parallel ranks: its share of each global batch.
+    batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, 0, cfg.launch.np, t.seed)
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model)
+    optimizer = make_adamw(model, t)
+
+    loader_s, step_s = [], []
+    for step in range(args.steps + args.warmup):
+        start = time.perf_counter()
+        x, y = batches.next_batch()
+        loaded = time.perf_counter()
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        end = time.perf_counter()
+        if step >= args.warmup:
+            loader_s.append(loaded - start)
+            step_s.append(end - start)
+
+    loader_ms, step_ms = 1000 * statistics.fmean(loader_s), 1000 * statistics.fmean(step_s)
+    share = loader_ms / step_ms
+    worst = 1000 * max(loader_s)
+    summary = (
+        f"loader {loader_ms:.3f} ms (worst {worst:.3f} ms) of a {step_ms:.1f} ms step: {100 * share:.3f}% "
+        f"(target < 1%: {'met' if share < 0.01 else 'NOT met'})"
+    )
+    print(
+        f"demo model ({model.num_params() / 1e6:.2f}M parameters), batch {t.batch_size} x {cfg.model.seq_len} "
+        f"{data.tokenizer.kind} tokens, {args.threads} thread(s), {args.steps} timed steps\n{summary}"
+    )
+    if args.record:
+        command = "python bench/data_loader.py " + shlex.join(sys.argv[1:])
+        machine = f"{os.cpu_count()} cores ({_cpu_model()}), {platform.system()} {platform.machine()}"
+        block = [
+            f"\n## Loader share of step time, {date.today().isoformat()}",
+            f"- command: `{command}`",
+            f"- machine: {machine}; Python {platform.python_version()}, torch {torch.__version__}",
+            f"- model: jobs/demo.toml, one process, batch {t.batch_size} x {cfg.model.seq_len}, {args.threads} "
+            f"thread(s), mean of {args.steps} steps after {args.warmup}",
+            f"- {summary.replace(f'{100 * share:.3f}%', f'**{100 * share:.3f}%**')}",
+        ]
+        with open(REPO / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n".join(block) + "\n")
+
+
+if __name__ == "__main__":
+    main()
