@@ -1,5 +1,6 @@
 """Prepared datasets: round trips through both tokenizers, the shard format, the split, atomic and idempotent prepare."""
 
+import gzip
 import json
 import shutil
 
@@ -185,3 +186,26 @@ def test_publishing_onto_the_same_dataset_keeps_the_copy_already_there(small_cor
     published = (first / "meta.json").read_text()
     prepare_module._publish(second, first, json.loads(published)["inputs_fingerprint"])
     assert not second.exists() and (first / "meta.json").read_text() == published
+
+
+def test_an_output_inside_a_source_directory_is_never_read_as_input(tmp_path):
+    src = tmp_path / "notes"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(f"note {i}\n")
+    first = prepare([str(src)], src / "dataset", log=lambda m: None)
+    assert first.documents["train"] + first.documents["val"] == 3
+    assert prepare([str(src)], src / "dataset", log=lambda m: None).up_to_date
+
+
+def test_json_lines_stream_keeps_records_before_a_cut_and_line_separators_inside_strings(tmp_path):
+    records = [{"text": f"record {i}\u2028with a line separator inside"} for i in range(200)]
+    data = gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "whole.jsonl").write_text(json.dumps(records[0], ensure_ascii=False) + "\n")
+    skipped = SkipReport()
+    docs = [d for _, d in read_documents(resolve_sources([str(tmp_path)]), "text", False, skipped)]
+    assert skipped.counts == {"unreadable gzip": 1}
+    assert 1 < len(docs) < 201 and all(d.text in {r["text"] for r in records} for d in docs)
+    with pytest.raises(InputError, match="cut.jsonl.gz .after line \\d+.' was rejected: unreadable gzip"):
+        list(read_documents(resolve_sources([str(tmp_path)]), "text", True, SkipReport()))

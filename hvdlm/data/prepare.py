@@ -113,7 +113,8 @@ def prepare(
     """Prepare a dataset directory from the sources (default: the standard-library corpus)."""
     options.check()
     out = Path(out)
-    files = resolve_sources(sources, globs)
+    # A directory source may contain the output (or its temporary siblings): never read a dataset as text.
+    files = [f for f in resolve_sources(sources, globs) if not _inside(f.path, out.parent, out.name)]
     fingerprint = fingerprint_of(files, options)
     existing = read_meta(out)
     if existing and existing.get("inputs_fingerprint") == fingerprint:
@@ -129,6 +130,15 @@ def prepare(
         raise
     report.path = out
     return report
+
+
+def _inside(path: Path, parent: Path, name: str) -> bool:
+    """Whether path lies in parent/name or in one of prepare's temporary directories beside it."""
+    try:
+        first = path.resolve().relative_to(parent.resolve()).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return first == name or first.startswith((f".{name}.tmp-", f".{name}.old-"))
 
 
 def fingerprint_of(files: list[InputFile], options: PrepareOptions) -> str:

@@ -147,32 +147,47 @@ def read_documents(
         skipped.add(reason, name)
 
     for f in files:
+        if f.jsonl:
+            yield from ((f, doc) for doc in _jsonl_documents(f, text_field, skip))
+            continue
         text = _read_text(f, skip)
         if text is None:
             continue
-        if not f.jsonl:
-            if text.strip():
-                yield f, Document(f.name, text)
-            else:
-                skip(EMPTY, f.name)
-            continue
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            name = f"{f.name}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skip(BAD_JSON, name)
-                continue
-            if not isinstance(record, dict):
-                skip(BAD_JSON, name)
-            elif not isinstance(record.get(text_field), str):
-                skip(NO_FIELD, name)
-            elif not record[text_field].strip():
-                skip(EMPTY, name)
-            else:
-                yield f, Document(name, record[text_field])
+        if text.strip():
+            yield f, Document(f.name, text)
+        else:
+            skip(EMPTY, f.name)
+
+
+def _jsonl_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
+    """One document per record, streamed line by line: JSON Lines files can be far larger than memory."""
+    lineno = 0
+    try:
+        with (gzip.open if f.gzip else open)(f.path, "rb") as stream:
+            for lineno, raw in enumerate(stream, start=1):  # split on b"\n" only: JSON strings may hold U+2028
+                if not raw.strip():
+                    continue
+                name = f"{f.name}:{lineno}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    skip(NOT_UTF8, name)
+                    continue
+                except json.JSONDecodeError:
+                    skip(BAD_JSON, name)
+                    continue
+                if not isinstance(record, dict):
+                    skip(BAD_JSON, name)
+                elif not isinstance(record.get(text_field), str):
+                    skip(NO_FIELD, name)
+                elif not record[text_field].strip():
+                    skip(EMPTY, name)
+                else:
+                    yield Document(name, record[text_field])
+    except (EOFError, zlib.error, gzip.BadGzipFile):  # cut short or not gzip: the records before it are kept
+        skip(BAD_GZIP, f"{f.name} (after line {lineno})")
+    except OSError:
+        skip(UNREADABLE, f.name)
 
 
 def _read_text(f: InputFile, skip) -> str | None:
