@@ -40,7 +40,7 @@ class ModelConfig:
     n_head: int = 4  # attention heads per block; must divide d_model
     d_model: int = 128  # width of the residual stream
     seq_len: int = 128  # context length in tokens (the length of every training window)
-    vocab_size: int = 0  # 0: the dataset tokenizer's vocabulary; a larger value pads it (e.g. to a multiple of 64)
+    vocab_size: int = 256  # at least the dataset tokenizer's: the trainer raises it to that; a larger value pads
     dropout: float = 0.0  # on attention weights and residual branches; 0 keeps replicas' math deterministic
     bias: bool = True  # biases in Linear layers and LayerNorms
 
@@ -223,7 +223,7 @@ def validate(config: JobConfig) -> None:
     m, t, p, d, la = config.model, config.train, config.parallel, config.data, config.launch
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
-        "model.seq_len": m.seq_len, "parallel.tp": p.tp,
+        "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
         "train.batch_size": t.batch_size, "train.max_steps": t.max_steps, "train.lr": t.lr,
         "train.log_interval": t.log_interval, "train.eval_batches": t.eval_batches, "launch.np": la.np,
     }  # fmt: skip
@@ -234,7 +234,7 @@ def validate(config: JobConfig) -> None:
         "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
         "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.seed": t.seed,
         "train.checkpoint_interval": t.checkpoint_interval, "train.sample_tokens": t.sample_tokens,
-        "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms, "model.vocab_size": m.vocab_size,
+        "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms,
     }  # fmt: skip
     for name, value in non_negative.items():
         if value < 0:
@@ -248,8 +248,8 @@ def validate(config: JobConfig) -> None:
         raise InputError(f"'model.dropout' must be in [0, 1), got {m.dropout}.")
     if not 0.0 < d.val_fraction < 1.0:
         raise InputError(f"'data.val_fraction' must be between 0 and 1, got {d.val_fraction}.")
-    if 0 < m.vocab_size < 256:
-        raise InputError(f"'model.vocab_size' must be 0 (the tokenizer's) or at least 256, got {m.vocab_size}.")
+    if m.vocab_size < 256:
+        raise InputError(f"'model.vocab_size' must be at least 256 for byte-level tokens, got {m.vocab_size}.")
     if d.tokenizer == "bpe" and d.vocab_size < 258:
         raise InputError(
             f"'data.vocab_size' must be at least 258 (256 bytes, end-of-document, one merge), got {d.vocab_size}."

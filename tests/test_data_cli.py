@@ -143,18 +143,6 @@ def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):
 
     missing = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run2"), "--set", f"data.dataset={tmp_path}/no")
     assert missing.code == 2 and "is not a prepared dataset" in missing.out and "Traceback" not in missing.out
-    small = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run3"), "--set", f"data.dataset={data}",
-                  "--set", "model.vocab_size=300")  # fmt: skip
-    assert small.code == 2 and "smaller than the dataset's tokenizer vocabulary (400)" in small.out
-
-
-def test_concurrent_preparers_of_one_dataset_both_succeed(tmp_path, cache_dir):
-    """As when one rank per node prepares onto a shared file system: one publishes, the other keeps its copy."""
-    out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "hvdlm", "data", "prepare", "stdlib", "--out", str(out)]
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]  # fmt: skip
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert len(open_dataset(out).train) > 1_000_000
-    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary directory left behind
+    padded = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run3"), "--set", f"data.dataset={data}",
+                   "--set", "model.vocab_size=448", "--set", "train.max_steps=1")  # fmt: skip
+    assert padded.code == 0 and "vocab_size = 448" in (tmp_path / "run3" / "config.toml").read_text(), padded.out

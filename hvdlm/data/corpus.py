@@ -50,15 +50,8 @@ def ensure_dataset(cfg: DataConfig, log=print) -> Path:
 
 
 def model_vocab_size(configured: int, tokenizer_vocab: int) -> int:
-    """The model's vocabulary: the tokenizer's (configured 0), or a larger configured size (padding)."""
-    if configured == 0:
-        return tokenizer_vocab
-    if configured < tokenizer_vocab:
-        raise InputError(
-            f"model.vocab_size = {configured} is smaller than the dataset's tokenizer vocabulary "
-            f"({tokenizer_vocab}). Set model.vocab_size = 0 to take the tokenizer's, or a larger value to pad it."
-        )
-    return configured
+    """The model's vocabulary: the tokenizer's, or the configured size where that is larger (padding)."""
+    return max(configured, tokenizer_vocab)
 
 
 def _options(cfg: DataConfig) -> PrepareOptions:
