@@ -70,7 +70,8 @@ def main() -> None:
             print(f"  run {repeat + 1}: {name:<10} {r['seconds']:6.2f} s  {r['mb_per_s']:7.1f} MB/s{extra}", flush=True)
 
     best = {name: min(rs, key=lambda r: r["seconds"]) for name, rs in runs.items()}
-    header = "| tokenizer | MB/s of input | seconds | tokens/s | bytes per token | BPE training s |\n" + "|---" * 6 + "|"
+    columns = ("tokenizer", "MB/s of input", "seconds", "tokens/s", "bytes per token", "BPE training s")
+    header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
     lines = []
     for name, r in best.items():
         training = f"{r['train_s']:.1f}" if r["train_s"] else "-"
@@ -82,7 +83,8 @@ def main() -> None:
     byte_ok = best["byte"]["mb_per_s"] >= 50
     bpe_train = best[f"bpe {args.vocab_size}"]["train_s"]
     print(f"\n{corpus}, best of {args.repeats}\n{header}\n" + "\n".join(lines))
-    print(f"\nbyte-level prepare: {best['byte']['mb_per_s']:.1f} MB/s (target >= 50: {'met' if byte_ok else 'NOT met'})")
+    byte_mb_s = best["byte"]["mb_per_s"]
+    print(f"\nbyte-level prepare: {byte_mb_s:.1f} MB/s (target >= 50: {'met' if byte_ok else 'NOT met'})")
     print(f"BPE training:       {bpe_train:.1f} s (target < 60 s: {'met' if bpe_train < 60 else 'NOT met'})")
 
     if args.record:

@@ -1,4 +1,4 @@
-"""Prepared datasets: round trips through both tokenizers, the shard format, the split, atomic and idempotent prepare."""
+"""Prepared datasets: round trips through both tokenizers, the shard format, the split, atomic, idempotent prepare."""
 
 import gzip
 import json

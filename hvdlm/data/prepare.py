@@ -82,7 +82,8 @@ class PrepareReport:
             f"  documents  {docs:,} (train {self.documents['train']:,}, val {self.documents['val']:,})",
             f"  skipped    {skipped}",
             f"  bytes      {self.bytes:,} ({self.bytes / 1e6:.1f} MB, {self.bytes / 1e6 / secs:.1f} MB/s)",
-            f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), {self.dtype} shards",
+            f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), "
+            f"{self.dtype} shards",
             f"  speed      {tokens / secs:,.0f} tokens/s, {self.bytes / max(tokens, 1):.2f} bytes per token",
             f"  tokenizer  {self.tokenizer}"
             + (f" (trained in {self.bpe_seconds:.1f} s)" if self.bpe_seconds else ""),

@@ -52,7 +52,7 @@ class WindowSampler:
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            if len(self._orders) >= 2:  # a batch spans at most two epochs: keep the current and the next
+            if len(self._orders) >= 2:  # positions only move forward: keep the two newest epochs' orders
                 self._orders.pop(min(self._orders))
             self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch)
         return self._orders[epoch]
