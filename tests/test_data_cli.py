@@ -43,6 +43,8 @@ def messy(tmp_path):
     lines = [json.dumps(r) for r in records] + ["{broken json"]
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
     (root / "more.jsonl.gz").write_bytes(gzip.compress(b'{"text": "Sixth, gzip JSON Lines."}\n'))
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: not read without a --glob naming it
     return root
 
 

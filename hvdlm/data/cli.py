@@ -23,7 +23,8 @@ def data() -> None:
 @click.option("--val-fraction", type=float, default=0.05, show_default=True,
               help="Share of documents held out for validation.")  # fmt: skip
 @click.option("--glob", "globs", multiple=True, metavar="PATTERN",
-              help="Files to take from directory sources (repeatable; default: every file, '**/*').")  # fmt: skip
+              help="Files to take from directory sources, e.g. '**/*.md' (repeatable; default: every file but "
+              "hidden ones).")  # fmt: skip
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field that holds the text.")
 @click.option("--strict", is_flag=True, help="Reject unusable inputs (not UTF-8, binary, broken gzip, ...) "
               "instead of skipping and counting them.")  # fmt: skip

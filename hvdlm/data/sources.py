@@ -88,7 +88,11 @@ def stdlib_files() -> list[Path]:
 
 
 def resolve_sources(specs: list[str], globs: list[str] | None = None) -> list[InputFile]:
-    """Input files of the source arguments, in a fixed order: `stdlib`, files, or directories searched by globs."""
+    """Input files of the source arguments, in a fixed order: `stdlib`, files, or directories searched by globs.
+
+    Without globs a directory gives all its files except hidden ones (.git/ and the like are not text to learn).
+    """
+    hidden_too = bool(globs)
     globs = list(globs or ["**/*"])
     files: list[InputFile] = []
     for spec in specs or [STDLIB]:
@@ -107,6 +111,8 @@ def resolve_sources(specs: list[str], globs: list[str] | None = None) -> list[In
             files.append(_input_file(path, path.name))
         elif path.is_dir():
             matched = sorted({p for pattern in globs for p in path.glob(pattern) if p.is_file()})
+            if not hidden_too:
+                matched = [p for p in matched if not any(part.startswith(".") for part in p.relative_to(path).parts)]
             files += [_input_file(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in matched]
         else:
             raise InputError(
@@ -126,8 +132,11 @@ def fingerprint_inputs(files: list[InputFile]) -> list[str]:
     """One line per input (absolute path, size, modification time): changes when an input changes."""
     lines = []
     for f in files:
-        st = f.path.stat()
-        lines.append(f"{f.path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        try:
+            st = f.path.stat()
+            lines.append(f"{f.path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:  # gone since it was listed: reading will count it as unreadable
+            lines.append(f"{f.path}|missing")
     if any(f.name.startswith(STDLIB + "/") for f in files):
         lines.append(f"python {sys.version}")
     return lines
@@ -214,4 +223,4 @@ def _read_text(f: InputFile, skip) -> str | None:
 
 def total_size(files: list[InputFile]) -> int:
     """Bytes on disk of all inputs (compressed size for gzip): the progress bar's total."""
-    return sum(os.path.getsize(f.path) for f in files)
+    return sum(os.path.getsize(f.path) for f in files if f.path.exists())
