@@ -41,8 +41,8 @@ class WindowSampler:
         self.samples_per_epoch = int(self._first[-1])
         if self.samples_per_epoch == 0:
             raise InputError(
-                f"a split of {len(split):,} tokens holds no window of {seq_len} + 1 tokens. Use more data or a "
-                "shorter model.seq_len."
+                f"a split of {len(split):,} tokens holds no window of {seq_len} + 1 tokens. Use more data, a "
+                "shorter model.seq_len, or (for the validation split) a larger validation fraction."
             )
         self._consumed = 0  # samples of the global order taken so far, by all ranks together
         self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation of its samples
