@@ -136,6 +136,7 @@ def spec_from_config(
         tasks = cfg.launch.np // nodes
     cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
     options = LaunchOptions.from_config(cfg)
+    options.gpus_per_node = gpus  # srun's steps ask for what the job asked for
     refuse_tp_without_mpi(cfg.parallel.tp, launcher, options.controller)
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
