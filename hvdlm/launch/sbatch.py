@@ -59,8 +59,6 @@ class SbatchSpec:
         check_name("job name", self.job_name)
         check_text("job file", self.job_file)
         check_text("python", self.python)
-        for item in self.overrides:
-            check_text("--set", item)
         if self.run_dir:
             check_text("--run-dir", self.run_dir)
         if self.venv:
@@ -84,6 +82,9 @@ class SbatchSpec:
             if "\n" in line or "\r" in line:
                 raise InputError(f"slurm.setup line {line!r} holds a line break: write one command per item.")
         self.options.check()
+        self.sbatch_directives()
+        for item in self.overrides:  # last: the checks above name the key an override set wrong
+            check_text("--set", item)
 
     def sbatch_directives(self) -> list[str]:
         """#SBATCH options, sorted by name; the job file's extra ones may add but not repeat."""

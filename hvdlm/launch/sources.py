@@ -93,6 +93,12 @@ def from_lsf(spec: str | None, env: Mapping[str, str]) -> list[Host]:
     # 'h1 4 h2 4' has a count after every host; 'h1 h1 h2' has none.
     if len(words) % 2 == 0 and words and all(w.isdigit() for w in words[1::2]):
         return _lsf_pairs(spec, "LSF hosts")
+    counts = [w for w in words if w.isdigit()]
+    if counts:  # a bare number among host names is a count whose pair is broken
+        raise InputError(
+            f"LSF hosts '{spec}': '{counts[0]}' looks like a slot count, but not every host has one. Write "
+            "'host1 4 host2 4' (LSB_MCPU_HOSTS) or 'host1 host1 host2' (LSB_HOSTS)."
+        )
     return _lsf_repeated(spec, "LSF hosts")
 
 
