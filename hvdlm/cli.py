@@ -78,7 +78,7 @@ def train(job: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
 @click.option(
     "--launcher", type=click.Choice(["mpirun", "horovodrun", "srun"]), default=None, help="Default: launch.launcher."
 )
-@click.option("--mpi", type=click.Choice(["openmpi", "mpich"]), default=None, help="mpirun's MPI (default: launch.mpi).")
+@click.option("--mpi", type=click.Choice(["openmpi", "mpich"]), default=None, help="mpirun's MPI (launch.mpi).")
 @click.option("--nic", default=None, metavar="IFACE", help="Network interface for MPI, NCCL and Gloo (launch.nic).")
 @click.option("-x", "--env", "forward", multiple=True, metavar="NAME", help="Forward this variable to every rank.")
 @click.option("--dry-run", is_flag=True, help="Print the command without running it.")

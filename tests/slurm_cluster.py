@@ -99,9 +99,8 @@ class Cluster:
         return f"still {self.job_state(job_id)} after {timeout:.0f} s (cancelled)"
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted([*self.directory.glob("*.log"), *self.directory.glob("*.out")])
-        )
+        files = sorted([*self.directory.glob("*.log"), *self.directory.glob("*.out")])
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in files)
 
     def stop(self) -> None:
         """Stop the daemons this cluster started, by their pids: slurmd, slurmctld, munged."""

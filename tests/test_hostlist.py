@@ -101,7 +101,8 @@ def test_malformed_tasks_per_node(spec):
 
 def test_slurm_allocation_from_the_environment():
     env = {"SLURM_JOB_NODELIST": "gpu-[01-03],cpu7", "SLURM_TASKS_PER_NODE": "4(x3),2"}
-    assert hosts_from("slurm", None, env=env) == [Host("gpu-01", 4), Host("gpu-02", 4), Host("gpu-03", 4), Host("cpu7", 2)]
+    expected = [Host("gpu-01", 4), Host("gpu-02", 4), Host("gpu-03", 4), Host("cpu7", 2)]
+    assert hosts_from("slurm", None, env=env) == expected
     assert hosts_from("slurm", None, env=env, slots=1)[0] == Host("gpu-01", 1)
     # An explicit node list ignores the job's task counts (they describe another list).
     assert hosts_from("slurm", "n[1-2]", env=env) == [Host("n1", 1), Host("n2", 1)]

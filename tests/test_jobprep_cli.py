@@ -13,7 +13,7 @@ from conftest import REPO
 from hvdlm.config import JobConfig, ParallelConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import LaunchOptions, plan_launch, refuse_tp_without_mpi
-from hvdlm.launch.sbatch import SbatchSpec, render, spec_from_config
+from hvdlm.launch.sbatch import render, spec_from_config
 
 
 def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):

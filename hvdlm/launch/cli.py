@@ -57,15 +57,15 @@ def hostfile(source: str, spec: str | None, fmt: str, slots: int | None, tasks_p
 @click.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--nodes", type=int, default=None, help="Nodes (default: slurm.nodes).")
-@click.option("--gpus-per-node", type=int, default=None, help="GPUs per node; 0 for CPU-only nodes (slurm.gpus_per_node).")
+@click.option("--gpus-per-node", type=int, default=None, help="GPUs per node; 0: CPU-only (slurm.gpus_per_node).")
 @click.option("--time", "time_", default=None, metavar="HH:MM:SS", help="Wall-clock limit (slurm.time).")
 @click.option("--partition", default=None, help="Partition (slurm.partition).")
 @click.option("--account", default=None, help="Account to charge (slurm.account).")
 @click.option("--launcher", type=click.Choice(["srun", "mpirun", "horovodrun"]), default=None,
               help="Launch line: srun --mpi=pmix (default), mpirun or horovodrun (slurm.launcher).")  # fmt: skip
 @click.option("--ntasks-per-node", type=int, default=None, help="Ranks per node (default: GPUs, or np / nodes).")
-@click.option("--cpus-per-task", type=int, default=None, help="Cores per rank (default: 4 per GPU rank, 1 per CPU rank).")
-@click.option("--venv", default=None, help="Virtual environment to activate (default: slurm.venv, else the running one).")
+@click.option("--cpus-per-task", type=int, default=None, help="Cores per rank (default: 4 per GPU, 1 per CPU rank).")
+@click.option("--venv", default=None, help="Virtual environment to activate (default: slurm.venv, or the running one).")
 @click.option("--run-dir", default=None, help="The run's directory (default: runs/JOB-<job id>).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the script here.")

@@ -146,8 +146,12 @@ def build_command(
     hosts: list[Host] | ShellVar | None = None, hostfile: str | None = None, env: Mapping[str, str] | None = None,
     present: Collection[str] = (), local: bool = False,
 ) -> list[str]:  # fmt: skip
-    """The launcher's argv. `hosts` None and no `hostfile`: the launcher finds them (this machine, or the Slurm
-    allocation), or a ShellVar holding host:slots,... at run time; `env`: what rank_env set; `present`: the caller's variable names (which -x may forward)."""
+    """The launcher's argv.
+
+    hosts: None (and no hostfile) lets the launcher find them (this machine, or the Slurm allocation); a ShellVar
+    names a batch-script variable holding host:slots,... at run time. env: what rank_env set. present: the
+    caller's variable names (which Open MPI's -x may forward).
+    """
     opts.check()
     env = env or {}
     argv = [executable]

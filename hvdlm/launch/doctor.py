@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 # Each probe prints one JSON object on its last line of output.
@@ -20,7 +21,8 @@ info = dict(version=__import__("horovod").__version__, mpi=hvd.mpi_built(), gloo
             nccl=bool(hvd.nccl_built()), cuda=hvd.cuda_built(), ddl=hvd.ddl_built(), ccl=hvd.ccl_built(),
             lib=hvd.mpi_lib_v2.__file__ if hasattr(hvd, "mpi_lib_v2") else "")
 hvd.init()
-info.update(size=hvd.size(), mpi_enabled=hvd.mpi_enabled(), threads=hvd.mpi_threads_supported() if hvd.mpi_enabled() else None)
+mpi = hvd.mpi_enabled()
+info.update(size=hvd.size(), mpi_enabled=mpi, threads=hvd.mpi_threads_supported() if mpi else None)
 print(json.dumps(info))
 """
 _MPI4PY_PROBE = """
@@ -82,76 +84,101 @@ def _linked_mpi(shared_object: str) -> str | None:
     return os.path.realpath(m.group(1)) if m else None
 
 
+REBUILD = "Rebuild Horovod: delete ~/.cache/hvdlm/wheels and .venv, then run 'make setup'."
+MPI4PY_REBUILD = (
+    "Rebuild mpi4py against that MPI: pip install --no-binary mpi4py --force-reinstall mpi4py, with the MPI's "
+    "mpicc first on the PATH (load your MPI module first)."
+)
+
+
 def run_checks(python: str) -> list[Check]:
-    checks: list[Check] = []
-    rebuild = "Rebuild Horovod: delete ~/.cache/hvdlm/wheels and .venv, then run 'make setup'."
+    # The probes are independent child processes: run them side by side (each takes seconds to import torch).
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        probes = [pool.submit(_probe, python, code) for code in (_HOROVOD_PROBE, _MPI4PY_PROBE, _TORCH_PROBE)]
+        (hvd, hvd_error), (mpi, mpi_error), (torch, torch_error) = (p.result() for p in probes)
+    return [
+        *_horovod_checks(hvd, hvd_error),
+        *_mpi4py_checks(mpi, mpi_error),
+        *_same_mpi_checks(hvd, mpi),
+        *_gpu_checks(torch, torch_error, hvd),
+        *_launcher_checks(python),
+    ]
 
-    hvd, error = _probe(python, _HOROVOD_PROBE)
+
+def _horovod_checks(hvd: dict | None, error: str) -> list[Check]:
     if hvd is None:
-        checks.append(Check("horovod", "fail", f"cannot import or start horovod.torch: {error}", rebuild))
-    else:
-        built = [n for n in ("mpi", "gloo", "nccl", "ddl", "ccl") if hvd[n]]
-        ops = ", ".join(n.upper() for n in ("mpi", "gloo", "nccl", "ddl", "ccl") if hvd[n])
-        checks.append(Check("horovod build", "ok" if {"mpi", "gloo"} <= set(built) else "fail",
-                            f"Horovod {hvd['version']}: frameworks PyTorch; controllers "
-                            f"{', '.join(c.upper() for c in ('mpi', 'gloo') if hvd[c]) or 'none'}; "
-                            f"tensor operations {ops or 'none'}",
-                            "" if {"mpi", "gloo"} <= set(built) else rebuild + " (needs MPI headers: libopenmpi-dev)"))  # fmt: skip
-        if hvd.get("threads") is False:
-            checks.append(Check("MPI threads", "fail", "the MPI library does not support MPI_THREAD_MULTIPLE",
-                                "Use an MPI built with thread support (Open MPI >= 3 is), or the Gloo controller."))  # fmt: skip
-        elif hvd.get("threads"):
-            checks.append(Check("MPI threads", "ok", "Horovod's MPI supports MPI_THREAD_MULTIPLE"))
+        return [Check("horovod", "fail", f"cannot import or start horovod.torch: {error}", REBUILD)]
+    controllers = [c.upper() for c in ("mpi", "gloo") if hvd[c]]
+    ops = [n.upper() for n in ("mpi", "gloo", "nccl", "ddl", "ccl") if hvd[n]]
+    complete = hvd["mpi"] and hvd["gloo"]
+    detail = (
+        f"Horovod {hvd['version']}: frameworks PyTorch; controllers {', '.join(controllers) or 'none'}; "
+        f"tensor operations {', '.join(ops) or 'none'}"
+    )
+    checks = [Check("horovod build", "ok" if complete else "fail", detail,
+                    "" if complete else REBUILD + " (MPI needs its headers: libopenmpi-dev)")]  # fmt: skip
+    if hvd.get("threads") is False:
+        fix = "Use an MPI built with thread support (Open MPI >= 3 is), or horovodrun's Gloo controller."
+        checks.append(Check("MPI threads", "fail", "Horovod's MPI lacks MPI_THREAD_MULTIPLE", fix))
+    elif hvd.get("threads"):
+        checks.append(Check("MPI threads", "ok", "Horovod's MPI supports MPI_THREAD_MULTIPLE"))
+    return checks
 
-    mpi, error = _probe(python, _MPI4PY_PROBE)
+
+def _mpi4py_checks(mpi: dict | None, error: str) -> list[Check]:
     if mpi is None:
-        checks.append(Check("mpi4py", "fail", f"cannot import or start mpi4py: {error}",
-                            "pip install --no-binary mpi4py --force-reinstall mpi4py (builds against the MPI on "
-                            "the PATH: load your MPI module first)."))  # fmt: skip
-    else:
-        status = "ok" if mpi["thread"] == "multiple" else "warn"
-        checks.append(Check("mpi4py", status, f"mpi4py {mpi['version']} on {mpi['library']}; thread level "
-                            f"{mpi['thread']}", "" if status == "ok" else "Use an MPI built with thread support."))  # fmt: skip
-    if hvd and mpi:
-        a, b = _linked_mpi(hvd.get("lib", "")), _linked_mpi(mpi.get("lib", ""))
-        if a and b and a != b:
-            checks.append(Check("one MPI", "fail", f"Horovod loads {a} but mpi4py loads {b}",
-                                "Rebuild mpi4py against Horovod's MPI: pip install --no-binary mpi4py "
-                                "--force-reinstall mpi4py, with that MPI's mpicc first on the PATH."))  # fmt: skip
-        elif a and b:
-            checks.append(Check("one MPI", "ok", f"Horovod and mpi4py both load {a}"))
-        else:
-            checks.append(Check("one MPI", "warn", "could not tell which libmpi Horovod and mpi4py load (no ldd?)"))
+        return [Check("mpi4py", "fail", f"cannot import or start mpi4py: {error}", MPI4PY_REBUILD)]
+    detail = f"mpi4py {mpi['version']} on {mpi['library']}; thread level {mpi['thread']}"
+    if mpi["thread"] != "multiple":
+        return [Check("mpi4py", "warn", detail, "Use an MPI built with thread support (MPI_THREAD_MULTIPLE).")]
+    return [Check("mpi4py", "ok", detail)]
 
-    torch, error = _probe(python, _TORCH_PROBE)
+
+def _same_mpi_checks(hvd: dict | None, mpi: dict | None) -> list[Check]:
+    """Two MPI libraries in one process crash or deadlock in MPI_Init; the tensor-parallel layers need both."""
+    if not (hvd and mpi):
+        return []
+    a, b = _linked_mpi(hvd.get("lib", "")), _linked_mpi(mpi.get("lib", ""))
+    if a and b and a != b:
+        return [Check("one MPI", "fail", f"Horovod loads {a} but mpi4py loads {b}", MPI4PY_REBUILD)]
+    if a and b:
+        return [Check("one MPI", "ok", f"Horovod and mpi4py both load {a}")]
+    return [Check("one MPI", "warn", "could not tell which libmpi Horovod and mpi4py load (no ldd?)")]
+
+
+def _gpu_checks(torch: dict | None, error: str, hvd: dict | None) -> list[Check]:
     if torch is None:
-        checks.append(Check("torch", "fail", f"cannot import torch: {error}", "Run 'make setup'."))
-    elif torch["gpus"]:
-        checks.append(Check("GPUs", "ok", f"{torch['gpus']} GPU(s): {', '.join(torch['names'])}; CUDA "
-                            f"{torch['cuda']}; NCCL {torch['nccl']}"))  # fmt: skip
-        if hvd and not hvd["nccl"]:
-            checks.append(Check("NCCL", "fail", "GPUs are present but Horovod was built without NCCL: gradients "
-                                "would go through host memory", rebuild + " (with CUDA's nvcc on the PATH)"))  # fmt: skip
-        elif hvd:
-            checks.append(Check("NCCL", "ok", "Horovod uses NCCL for GPU allreduce"))
-    else:
+        return [Check("torch", "fail", f"cannot import torch: {error}", "Run 'make setup'.")]
+    if not torch["gpus"]:
         cuda = f"torch {torch['version']} is built for CUDA {torch['cuda']}" if torch["cuda"] else "torch is CPU-only"
-        checks.append(Check("GPUs", "warn", f"no GPU visible ({cuda}): ranks train on CPU cores",
-                            "Expected on a login or CPU node. On a GPU node: check CUDA_VISIBLE_DEVICES and the "
-                            "driver (nvidia-smi), and install a CUDA build of torch (TORCH_SPEC=...)."))  # fmt: skip
+        fix = (
+            "Expected on a login or CPU node. On a GPU node: check CUDA_VISIBLE_DEVICES and the driver "
+            "(nvidia-smi), and install a CUDA build of torch (TORCH_SPEC=...)."
+        )
+        return [Check("GPUs", "warn", f"no GPU visible ({cuda}): ranks train on CPU cores", fix)]
+    names = ", ".join(torch["names"])
+    checks = [Check("GPUs", "ok", f"{torch['gpus']} GPU(s): {names}; CUDA {torch['cuda']}; NCCL {torch['nccl']}")]
+    if hvd and not hvd["nccl"]:
+        detail = "GPUs are present but Horovod was built without NCCL: gradients would go through host memory"
+        checks.append(Check("NCCL", "fail", detail, REBUILD + " (with CUDA's nvcc on the PATH)"))
+    elif hvd:
+        checks.append(Check("NCCL", "ok", "Horovod uses NCCL for GPU allreduce"))
+    return checks
 
-    for name, fix in (
-        ("mpirun", "Load your MPI (module load openmpi) or apt-get install openmpi-bin."),
-        ("horovodrun", "Run 'make setup' and use .venv/bin (horovodrun comes with Horovod)."),
-        ("srun", "Only on Slurm clusters: fine to lack elsewhere."),
-        ("sbatch", "Only on Slurm clusters: fine to lack elsewhere."),
+
+def _launcher_checks(python: str) -> list[Check]:
+    checks = []
+    for name, needed, fix in (
+        ("mpirun", True, "Load your MPI (module load openmpi) or apt-get install openmpi-bin."),
+        ("horovodrun", True, "Run 'make setup' and use .venv/bin (horovodrun comes with Horovod)."),
+        ("srun", False, "Only on Slurm clusters: fine to lack elsewhere."),
+        ("sbatch", False, "Only on Slurm clusters: fine to lack elsewhere."),
     ):
-        beside = shutil.which(name, path=os.path.dirname(python))
-        path = beside or shutil.which(name)
+        path = shutil.which(name, path=os.path.dirname(python)) or shutil.which(name)
         if path:
             checks.append(Check(f"launcher {name}", "ok", path))
         else:
-            checks.append(Check(f"launcher {name}", "warn" if name in ("srun", "sbatch") else "fail", "not found", fix))
+            checks.append(Check(f"launcher {name}", "fail" if needed else "warn", "not found", fix))
     return checks
 
 

@@ -19,7 +19,7 @@ from hvdlm import __version__
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, rank_env, refuse_tp_without_mpi
-from hvdlm.launch.shell import NAME, ShellVar, check_name, check_text, join
+from hvdlm.launch.shell import ShellVar, check_name, check_text, join
 
 BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
 # Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
