@@ -17,7 +17,7 @@ from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "slurm-client", "munge")
 # Binaries each package brings; all must be there for the tests that need them.
-CLIENT_TOOLS = ("scontrol",)
+CLIENT_TOOLS = ("scontrol", "srun", "sbatch")
 CLUSTER_TOOLS = ("scontrol", "sbatch", "srun", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
 
 

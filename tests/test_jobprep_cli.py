@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+import slurm_cluster
 from conftest import REPO
 from hvdlm.config import JobConfig, ParallelConfig, load_config
 from hvdlm.errors import InputError
@@ -172,8 +172,10 @@ def test_launch_grows_nic_forwarding_and_mpich(hvdlm, tiny_job):
     assert r.code == 2 and "launch.nic 'eth0;reboot' is not a plain name" in r.out
 
 
-@pytest.mark.skipif(not shutil.which("srun"), reason="srun is not installed (tests/test_slurm.py installs it as root)")
 def test_launch_with_srun_inside_an_allocation(hvdlm, tiny_job):
+    reason = slurm_cluster.ensure_installed(slurm_cluster.CLIENT_TOOLS)  # srun comes with slurm-client
+    if reason:
+        pytest.skip(f"no srun: {reason}")
     r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--np", "4", "--set", "slurm.cpu_bind=cores")
     assert r.code == 0, r.out
     assert "srun --mpi=pmix --ntasks=4 --cpu-bind=cores" in r.out
