@@ -35,10 +35,11 @@ def ensure_installed(tools: tuple[str, ...]) -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return f"{', '.join(missing)} missing, and installing {' '.join(PACKAGES)} needs root and apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
+    # Wait for another apt (a developer's, unattended upgrades) instead of failing on its lock.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
     proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:  # a fresh machine's package lists may be missing or stale
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)  # then once more
         proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"apt-get could not install {' '.join(PACKAGES)}:\n{proc.stdout}\n{proc.stderr}")
