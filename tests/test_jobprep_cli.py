@@ -102,6 +102,8 @@ def test_job_preparation_never_imports_torch_or_horovod(tmp_path):
         (["--set", "launch.np=3", "--nodes", "2"], "do not spread evenly over 2 CPU-only node(s)"),
         (["--set", "slurm.launcher=pbsdsh"], "'slurm.launcher' must be one of"),
         (["--set", "slurm.nodes=many"], "must be int"),
+        (["--partition", "gpu\nrm -rf ~"], "is not a plain name"),
+        (["--set", "slurm.setup=echo a\necho b"], "holds a line break"),
     ],
 )
 def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
@@ -111,6 +113,12 @@ def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
     assert r.code == 2, r.out
     assert message in r.out and "Traceback" not in r.out
     assert out.read_text() == "#!/bin/bash\n# an earlier script\n"
+
+
+def test_sbatch_output_path_cannot_break_out_of_the_header(hvdlm, tmp_path):
+    out = tmp_path / "x\nreboot"
+    r = hvdlm("sbatch", "jobs/demo.toml", "-o", str(out))
+    assert r.code == 2 and "-o" in r.out and not out.exists(), r.out
 
 
 def test_sbatch_on_cpu_only_nodes_gives_each_rank_its_cores():

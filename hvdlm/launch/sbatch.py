@@ -63,6 +63,8 @@ class SbatchSpec:
             check_text("--run-dir", self.run_dir)
         if self.venv:
             check_text("slurm.venv", self.venv)
+        if self.script:
+            check_text("-o", self.script)
         for what, value in (("--partition", self.partition), ("--account", self.account)):
             if value:
                 check_name(what, value)
@@ -85,6 +87,8 @@ class SbatchSpec:
         self.sbatch_directives()
         for item in self.overrides:  # last: the checks above name the key an override set wrong
             check_text("--set", item)
+        if "\n" in self.command or "\r" in self.command:  # it goes into a comment line of the header
+            raise InputError("the command line holds a line break; pass each value on one line.")
 
     def sbatch_directives(self) -> list[str]:
         """#SBATCH options, sorted by name; the job file's extra ones may add but not repeat."""
