@@ -208,3 +208,11 @@ def test_doctor_reports_a_missing_horovod_with_its_fix(hvdlm, tmp_path):
     assert r.code == 1, r.out
     assert "[FAIL] horovod: cannot import or start horovod.torch: ModuleNotFoundError" in r.out
     assert "fix: Rebuild Horovod" in r.out and "[FAIL] mpi4py" in r.out and "Traceback" not in r.out
+
+
+def test_multi_node_horovodrun_scripts_say_they_need_ssh():
+    cfg = load_config("jobs/demo.toml", ["launch.np=4"])
+    one = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=1, launcher="horovodrun", venv=""))
+    two = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, launcher="horovodrun", venv=""))
+    assert "over ssh" in two and "over ssh" not in one
+    assert 'HOSTS=$(' in two and '-H "${HOSTS}"' in two

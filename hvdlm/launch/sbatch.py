@@ -203,14 +203,18 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
     ntasks = ShellVar("${SLURM_NTASKS}")
     lines = []
     if spec.launcher == "horovodrun":
-        # horovodrun needs the hosts spelled out: hvdlm reads them from the allocation at run time.
+        # horovodrun needs the hosts spelled out: hvdlm reads them from the allocation at run time. It starts the
+        # ranks of other nodes over ssh, so multi-node jobs need passwordless ssh between the job's nodes.
+        if spec.nodes > 1:
+            lines.append("# horovodrun starts the other nodes' ranks over ssh: they must accept this user's key.")
         lines.append(f"HOSTS=$({shlex.quote(spec.python)} -m hvdlm hostfile --from slurm --format horovod)")
         hosts = ShellVar("${HOSTS}")
         argv = build_command("horovodrun", "horovodrun", ntasks, program, spec.options, hosts=hosts, env=env)
     else:
         # mpirun finds the hosts in the Slurm allocation by itself; srun uses it directly.
         argv = build_command(spec.launcher, spec.launcher, ntasks, program, spec.options, env=env, present=["PATH"])
-    return lines + [join(argv)]
+    launcher = argv[: len(argv) - len(program)]
+    return lines + [f"{join(launcher)} \\\n    {join(program)}"]
 
 
 def submit(script: str, path: str | None) -> str:

@@ -26,4 +26,5 @@ export NCCL_SOCKET_IFNAME=ib0
 export GLOO_SOCKET_IFNAME=ib0
 export OMPI_MCA_btl_tcp_if_include=ib0
 
-srun --mpi=pmix --gpus-per-node=4 python -m hvdlm train $REPO/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}" --set launch.nic=ib0
+srun --mpi=pmix --gpus-per-node=4 \
+    python -m hvdlm train $REPO/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}" --set launch.nic=ib0

@@ -21,4 +21,5 @@ export GLOO_SOCKET_IFNAME=eth0
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi  # Open MPI refuses root without these
 
 HOSTS=$(/usr/bin/python3 -m hvdlm hostfile --from slurm --format horovod)
-horovodrun -np "${SLURM_NTASKS}" -H "${HOSTS}" --gloo --network-interface eth0 --cycle-time-ms 5 /usr/bin/python3 -m hvdlm train /shared/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}"
+horovodrun -np "${SLURM_NTASKS}" -H "${HOSTS}" --gloo --network-interface eth0 --cycle-time-ms 5 \
+    /usr/bin/python3 -m hvdlm train /shared/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}"

@@ -21,4 +21,5 @@ export OMPI_MCA_mpi_yield_when_idle=1
 export HOROVOD_CYCLE_TIME=5
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi  # Open MPI refuses root without these
 
-mpirun -np "${SLURM_NTASKS}" -bind-to none -map-by slot -x PATH -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME -mca pml ob1 -mca btl '^openib' python -m hvdlm train /shared/jobs/demo.toml --run-dir /shared/runs/demo
+mpirun -np "${SLURM_NTASKS}" -bind-to none -map-by slot -x PATH -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME -mca pml ob1 -mca btl '^openib' \
+    python -m hvdlm train /shared/jobs/demo.toml --run-dir /shared/runs/demo

@@ -32,4 +32,5 @@ export OMPI_MCA_btl_tcp_if_include=ib0
 # From slurm.setup in the job file, as written there.
 ulimit -n 65536
 
-srun --mpi=pmix --gpus-per-node=4 --gpu-bind=closest python -m hvdlm train /shared/jobs/gpt2-small.toml --run-dir "runs/gpt2-small-${SLURM_JOB_ID}" --set train.lr=3e-4
+srun --mpi=pmix --gpus-per-node=4 --gpu-bind=closest \
+    python -m hvdlm train /shared/jobs/gpt2-small.toml --run-dir "runs/gpt2-small-${SLURM_JOB_ID}" --set train.lr=3e-4
