@@ -216,3 +216,25 @@ def test_multi_node_horovodrun_scripts_say_they_need_ssh():
     two = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, launcher="horovodrun", venv=""))
     assert "over ssh" in two and "over ssh" not in one
     assert 'HOSTS=$(' in two and '-H "${HOSTS}"' in two
+
+
+def test_doctor_explains_problems_this_machine_does_not_have():
+    """The verdicts on probe results this CPU machine cannot produce (GPUs, a second MPI, no thread support)."""
+    from hvdlm.launch.doctor import _gpu_checks, _horovod_checks, _same_mpi_checks
+
+    hvd = dict(version="0.28.1", mpi=True, gloo=True, nccl=False, cuda=False, ddl=False, ccl=False, threads=False)
+    torch = dict(version="2.13.0", cuda="12.8", gpus=2, names=["H100", "H100"], nccl="2.27.3")
+    verdicts = {c.name: c for c in _gpu_checks(torch, "", hvd) + _horovod_checks(hvd, "")}
+    assert verdicts["GPUs"].status == "ok" and "2 GPU(s): H100, H100" in verdicts["GPUs"].detail
+    assert verdicts["NCCL"].status == "fail" and "nvcc" in verdicts["NCCL"].fix
+    assert verdicts["MPI threads"].status == "fail" and "Gloo" in verdicts["MPI threads"].fix
+    assert all(c.status == "ok" for c in _gpu_checks(torch, "", {**hvd, "nccl": True}))
+    # Which libmpi each loads comes from ldd of its extension module; a binary without one cannot be judged
+    # (this machine has a single MPI, so the "two libraries" verdict itself is not reachable here).
+    import mpi4py.MPI
+    import horovod.torch.mpi_lib_v2 as horovod_mpi
+
+    two = _same_mpi_checks({"lib": horovod_mpi.__file__}, {"lib": "/bin/ls"})  # ls links no libmpi
+    assert two[0].status == "warn"
+    same = _same_mpi_checks({"lib": horovod_mpi.__file__}, {"lib": mpi4py.MPI.__file__})
+    assert same[0].status == "ok" and "libmpi" in same[0].detail
