@@ -43,7 +43,7 @@ def expand_nodelist(expression: str, use_scontrol: bool | None = None) -> list[s
             "e.g. node[01-04,07],gpu-[1-2]."
         )
     if _TRAILING_TEXT.search(expression):
-        raise InputError(f"{what} has text after a closing bracket, which Slurm refuses; write e.g. n[1-2], x[1-2]y[3].")
+        raise InputError(f"{what} has text after a closing bracket, which Slurm refuses (write n[1-2] or x[1-2]y[3]).")
     names = None
     if use_scontrol is True or (use_scontrol is None and _scontrol_usable()):
         names = _scontrol_hostnames(expression, required=use_scontrol is True)
