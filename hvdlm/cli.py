@@ -79,17 +79,22 @@ def train(job: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
 @click.option("--np", "np_", type=click.IntRange(min=1), default=None, help="Number of ranks (default: launch.np).")
 @click.option("--hosts", default=None, metavar="HOST:SLOTS,...", help="Hosts and their slots (default: this machine).")
 @click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="A hostfile instead of --hosts.")
-@click.option("--launcher", type=click.Choice(["mpirun", "horovodrun"]), default=None, help="Default: launch.launcher.")
+@click.option(
+    "--launcher", type=click.Choice(["mpirun", "horovodrun", "srun"]), default=None, help="Default: launch.launcher."
+)
+@click.option("--mpi", type=click.Choice(["openmpi", "mpich"]), default=None, help="mpirun's MPI (launch.mpi).")
+@click.option("--nic", default=None, metavar="IFACE", help="Network interface for MPI, NCCL and Gloo (launch.nic).")
+@click.option("-x", "--env", "forward", multiple=True, metavar="NAME", help="Forward this variable to every rank.")
 @click.option("--dry-run", is_flag=True, help="Print the command without running it.")
 @_set_option
 @_run_dir_option
 def launch(
-    job: str, np_: int | None, hosts: str | None, hostfile: str | None, launcher: str | None, dry_run: bool,
-    overrides: tuple[str, ...], run_dir: str | None,
+    job: str, np_: int | None, hosts: str | None, hostfile: str | None, launcher: str | None, mpi: str | None,
+    nic: str | None, forward: tuple[str, ...], dry_run: bool, overrides: tuple[str, ...], run_dir: str | None,
 ) -> None:  # fmt: skip
-    """Start `hvdlm train JOB` on N ranks with mpirun or horovodrun, printing the command first."""
+    """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first."""
     from hvdlm.config import default_run_dir, load_config
-    from hvdlm.launch.commands import plan_launch
+    from hvdlm.launch.commands import LaunchOptions, plan_launch
     from hvdlm.launch.hosts import parse_hosts, read_hostfile
 
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
@@ -103,9 +108,13 @@ def launch(
     program += ["--run-dir", str(Path(run_dir).resolve())]
     for item in overrides:
         program += ["--set", item]
+    options = LaunchOptions.from_config(cfg)
+    options.mpi = mpi or options.mpi
+    options.nic = nic or options.nic
+    options.env += [name for name in forward if name not in options.env]
     plan = plan_launch(
         launcher or cfg.launch.launcher, np_ or cfg.launch.np, host_list, hostfile, program,
-        controller=cfg.launch.controller, threads=cfg.train.threads, cycle_time_ms=cfg.launch.cycle_time_ms,
+        threads=cfg.train.threads, options=options, tp=cfg.parallel.tp,
         # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
         progress=not dry_run and sys.stdout.isatty(),
     )  # fmt: skip
@@ -118,3 +127,11 @@ def launch(
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+# Job preparation beyond `launch`: hostfiles, Slurm batch scripts, the environment check (hvdlm/launch/cli.py).
+from hvdlm.launch.cli import doctor, hostfile, sbatch  # noqa: E402 - after main, which they do not need
+
+main.add_command(hostfile)
+main.add_command(sbatch)
+main.add_command(doctor)

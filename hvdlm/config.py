@@ -81,11 +81,37 @@ class TrainConfig:
 
 @dataclass
 class LaunchConfig:
-    launcher: str = "mpirun"  # "mpirun" or "horovodrun"
+    launcher: str = "mpirun"  # "mpirun", "horovodrun" or "srun" (inside a Slurm allocation)
     np: int = 2  # number of ranks (overridden by `hvdlm launch --np`)
     hosts: str = ""  # "host:slots,host:slots"; empty means this machine with as many slots as cores
     controller: str = "gloo"  # horovodrun only: "gloo" or "mpi"
     cycle_time_ms: float = 5.0  # Horovod's negotiation cycle (its default, 1 ms, costs CPU ranks ~25%); 0 keeps it
+    mpi: str = "openmpi"  # which MPI's mpirun: "openmpi" or "mpich" (Hydra); their options differ
+    nic: str = ""  # network interface for MPI, NCCL and Gloo together (e.g. "ib0"); empty lets each choose
+    env: list[str] = field(default_factory=list)  # more variables every rank must see (mpirun -x NAME)
+    fusion_threshold_mb: float = 0.0  # horovodrun: tensor fusion buffer in MB; 0 keeps Horovod's 128
+    timeline: str = ""  # horovodrun: write a Horovod timeline (chrome://tracing) to this file
+    autotune: bool = False  # horovodrun: let Horovod tune fusion and cycle time while training
+    autotune_log: str = ""  # horovodrun: where autotuning logs the settings it tried
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1  # nodes to allocate
+    gpus_per_node: int = 0  # GPUs per node; each gets one rank. 0: CPU-only nodes
+    ntasks_per_node: int = 0  # ranks per node; 0: gpus_per_node, or launch.np / nodes on CPU-only nodes
+    cpus_per_task: int = 0  # cores per rank (and its OMP_NUM_THREADS); 0: 4 per GPU rank, 1 per CPU rank
+    time: str = "01:00:00"  # wall-clock limit, [D-]HH:MM:SS
+    partition: str = ""  # empty: the cluster's default partition
+    account: str = ""  # empty: your default account
+    launcher: str = "srun"  # the batch script's launcher: "srun", "mpirun" or "horovodrun"
+    mpi: str = "pmix"  # srun --mpi plugin (pmix starts Open MPI ranks without mpirun)
+    cpu_bind: str = ""  # srun --cpu-bind (e.g. "cores", "none"); empty: Slurm's default
+    gpu_bind: str = ""  # srun --gpu-bind (e.g. "closest", "single:1"); empty: Slurm's default
+    modules: list[str] = field(default_factory=list)  # `module load` these first (e.g. ["openmpi/4.1.5"])
+    venv: str = ""  # virtual environment to activate; empty: the one running `hvdlm sbatch`, if any
+    setup: list[str] = field(default_factory=list)  # shell lines run before the launch, exactly as written
+    directives: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=a100"]
 
 
 @dataclass
@@ -95,6 +121,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -108,7 +135,8 @@ def default_run_dir(job_name: str) -> Path:
     return Path("runs") / f"{job_name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-LAUNCHERS = ("mpirun", "horovodrun")
+LAUNCHERS = ("mpirun", "horovodrun", "srun")
+MPIS = ("openmpi", "mpich")
 CONTROLLERS = ("gloo", "mpi")
 CORPORA = ("stdlib",)
 TOKENIZERS = ("byte", "bpe")
@@ -204,13 +232,19 @@ def _from_dict(raw: dict[str, Any], source: str, overridden: set[tuple[str, str]
 def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
     allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
     for kind in allowed:
+        if typing.get_origin(kind) is list:
+            if isinstance(value, str):  # --set slurm.modules=openmpi,cuda
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)  # TOML writes 1 for 1.0; accept it
         if kind is int and isinstance(value, bool):
             continue  # bool is an int subclass in Python, but `true` is no step count
         if isinstance(value, kind):
             return value
-    wanted = " or ".join(k.__name__ for k in allowed)
+    wanted = " or ".join("a list of strings" if typing.get_origin(k) is list else k.__name__ for k in allowed)
     raise InputError(f"'{name}' in {source} must be {wanted}, got {value!r} ({type(value).__name__}).")
 
 
@@ -226,6 +260,7 @@ def validate(config: JobConfig) -> None:
         "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
         "train.batch_size": t.batch_size, "train.max_steps": t.max_steps, "train.lr": t.lr,
         "train.log_interval": t.log_interval, "train.eval_batches": t.eval_batches, "launch.np": la.np,
+        "slurm.nodes": config.slurm.nodes,
     }  # fmt: skip
     for name, value in positive.items():
         if value <= 0:
@@ -235,6 +270,8 @@ def validate(config: JobConfig) -> None:
         "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.seed": t.seed,
         "train.checkpoint_interval": t.checkpoint_interval, "train.sample_tokens": t.sample_tokens,
         "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms,
+        "launch.fusion_threshold_mb": la.fusion_threshold_mb, "slurm.gpus_per_node": config.slurm.gpus_per_node,
+        "slurm.ntasks_per_node": config.slurm.ntasks_per_node, "slurm.cpus_per_task": config.slurm.cpus_per_task,
     }  # fmt: skip
     for name, value in non_negative.items():
         if value < 0:
@@ -266,6 +303,8 @@ def validate(config: JobConfig) -> None:
     for name, value, options in (
         ("launch.launcher", la.launcher, LAUNCHERS),
         ("launch.controller", la.controller, CONTROLLERS),
+        ("launch.mpi", la.mpi, MPIS),
+        ("slurm.launcher", config.slurm.launcher, LAUNCHERS),
         ("data.corpus", d.corpus, CORPORA),
         ("data.tokenizer", d.tokenizer, TOKENIZERS),
     ):

@@ -1,4 +1,9 @@
-"""Launcher command lines as argv lists (shell-quoted only for display), and the environment they need."""
+"""Launcher command lines as argv lists (shell-quoted only for display), and the environment ranks need.
+
+Four launchers: Open MPI's mpirun, MPICH's (Hydra) mpirun, horovodrun, and srun. `build_command` is pure (the
+launcher's executable, hosts and the caller's environment come in as arguments), so the same code renders the
+line of a batch script and the command `hvdlm launch` runs; `plan_launch` fills in this machine's facts.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,66 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvdlm.config import LAUNCHERS
+from hvdlm.config import LAUNCHERS, MPIS, JobConfig
 from hvdlm.errors import InputError
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
+from hvdlm.launch.shell import ENV_VAR, NAME, ShellVar, check_name, check_text, join
 
-# Variables every rank needs to see; Open MPI forwards only the ones named with -x.
+# Variables every rank needs to see; Open MPI forwards only the ones named with -x (when they are set).
 _FORWARDED = (
     "PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME", "HVDLM_PROGRESS", "HVDLM_CACHE",
 )  # fmt: skip
+_FORWARDED_PREFIXES = ("NCCL_", "HOROVOD_", "GLOO_")
+# Open MPI refuses to start as root without both of these.
+ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+@dataclass
+class LaunchOptions:
+    """What shapes a launch beyond ranks and hosts: the [launch] section (and [slurm]'s srun choices)."""
+
+    controller: str = "gloo"  # horovodrun: gloo or mpi
+    mpi: str = "openmpi"  # mpirun flavour: openmpi or mpich
+    nic: str = ""
+    env: list[str] = field(default_factory=list)  # more variables to forward
+    cycle_time_ms: float = 0.0
+    fusion_threshold_mb: float = 0.0
+    timeline: str = ""
+    autotune: bool = False
+    autotune_log: str = ""
+    srun_mpi: str = "pmix"
+    tasks_per_node: int = 0
+    gpus_per_node: int = 0
+    cpu_bind: str = ""
+    gpu_bind: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> LaunchOptions:
+        la, sl = cfg.launch, cfg.slurm
+        return cls(
+            controller=la.controller, mpi=la.mpi, nic=la.nic, env=list(la.env), cycle_time_ms=la.cycle_time_ms,
+            fusion_threshold_mb=la.fusion_threshold_mb, timeline=la.timeline, autotune=la.autotune,
+            autotune_log=la.autotune_log, srun_mpi=sl.mpi, gpus_per_node=sl.gpus_per_node, cpu_bind=sl.cpu_bind,
+            gpu_bind=sl.gpu_bind,
+        )  # fmt: skip
+
+    def check(self) -> None:
+        """Refuse values that would smuggle shell syntax into a command or a script."""
+        if self.mpi not in MPIS:
+            raise InputError(f"unknown MPI '{self.mpi}'. Use one of {', '.join(MPIS)}.")
+        for what, value in (("launch.nic", self.nic), ("slurm.mpi", self.srun_mpi), ("slurm.cpu_bind", self.cpu_bind),
+                            ("slurm.gpu_bind", self.gpu_bind)):  # fmt: skip
+            if value:
+                check_name(what, value, NAME)
+        for name in self.env:
+            check_name("launch.env variable", name, ENV_VAR)
+        for what, value in (("launch.timeline", self.timeline), ("launch.autotune_log", self.autotune_log)):
+            if value:
+                check_text(what, value)
 
 
 @dataclass
@@ -26,7 +80,7 @@ class LaunchPlan:
 
     def display(self) -> str:
         """A copy-pasteable shell line: the added variables, then the command."""
-        return " ".join([f"{k}={shlex.quote(v)}" for k, v in self.env.items()] + [shlex.join(self.argv)])
+        return " ".join([f"{k}={shlex.quote(v)}" for k, v in self.env.items()] + [join(self.argv)])
 
 
 def threads_per_rank(ranks_on_busiest_host: int, cores: int | None = None) -> int:
@@ -36,61 +90,174 @@ def threads_per_rank(ranks_on_busiest_host: int, cores: int | None = None) -> in
 
 def find_executable(name: str) -> str:
     """A launcher from beside this Python first (horovodrun must match the Horovod that hvdlm imports, even in a
-    venv that is not activated), else from the PATH (mpirun)."""
+    venv that is not activated), else from the PATH (mpirun, srun)."""
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if not found:
-        raise InputError(
-            f"'{name}' is not on the PATH. Load your MPI (e.g. 'module load openmpi'), or run 'make setup' and use "
-            "the hvdlm of .venv/bin."
+        hint = {"srun": "srun exists where Slurm does: run this on a cluster node, inside an allocation."}.get(
+            name, "Load your MPI (e.g. 'module load openmpi'), or run 'make setup' and use the hvdlm of .venv/bin."
         )
+        raise InputError(f"'{name}' is not on the PATH. {hint}")
     return found
 
 
-def plan_launch(
-    launcher: str, np: int, hosts: list[Host] | None, hostfile: str | None, program: list[str],
-    controller: str = "gloo", threads: int = 0, cycle_time_ms: float = 0.0, progress: bool = False,
-) -> LaunchPlan:  # fmt: skip
-    """The full command for `np` ranks of `program` under `launcher` ("mpirun" or "horovodrun").
+def refuse_tp_without_mpi(tp: int, launcher: str, controller: str) -> None:
+    """Tensor parallelism needs MPI between ranks (mpi4py carries the sharded layers' collectives); horovodrun's
+    Gloo controller starts ranks without any MPI, so their COMM_WORLD would hold one rank each."""
+    if tp > 1 and launcher == "horovodrun" and controller == "gloo":
+        raise InputError(
+            f"parallel.tp = {tp} needs an MPI launcher: the tensor-parallel layers talk through mpi4py, and "
+            "horovodrun with the Gloo controller starts ranks without MPI. Use --launcher mpirun, srun "
+            "(--mpi=pmix), or horovodrun with launch.controller = \"mpi\" (--set launch.controller=mpi)."
+        )
 
-    `hosts` is None for this machine alone; with `hostfile`, `hosts` holds what it lists (for the slot check) and
-    the launcher is handed the file itself.
-    """
-    local = hosts is None
-    effective = hosts or [Host(LOCALHOST, local_cores())]
-    per_host = place_ranks(effective, np)
-    env = {"OMP_NUM_THREADS": str(threads or threads_per_rank(max(per_host)))}
+
+def rank_env(opts: LaunchOptions, launcher: str, threads: int | str, progress: bool = False) -> dict[str, str]:
+    """Variables every rank gets, whatever starts it."""
+    env = {"OMP_NUM_THREADS": threads if isinstance(threads, str) else str(threads)}  # keeps a ShellVar
     # Each rank runs its compute threads plus Horovod's background thread, so CPU ranks share cores. Open MPI
     # busy-polls inside blocking calls unless told to yield, and Horovod's 1 ms default cycle makes that thread
     # negotiate (and spin) a thousand times a second; both steal the core from the math. Measured on 2 cores:
     # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/RESULTS.md).
     env["OMPI_MCA_mpi_yield_when_idle"] = "1"
-    if cycle_time_ms:
-        env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"
-    if os.geteuid() == 0:
-        # Open MPI refuses to start as root without both of these.
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if launcher != "horovodrun":  # horovodrun takes these as options and sets them itself
+        if opts.cycle_time_ms:
+            env["HOROVOD_CYCLE_TIME"] = f"{opts.cycle_time_ms:g}"
+        if opts.fusion_threshold_mb:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(int(opts.fusion_threshold_mb * 1024 * 1024))
+        if opts.timeline:
+            env["HOROVOD_TIMELINE"] = opts.timeline
+        if opts.autotune:
+            env["HOROVOD_AUTOTUNE"] = "1"
+            if opts.autotune_log:
+                env["HOROVOD_AUTOTUNE_LOG"] = opts.autotune_log
+    if opts.nic:
+        # One interface for everything: NCCL's and Gloo's sockets here, MPI's through the launcher's options.
+        env["NCCL_SOCKET_IFNAME"] = opts.nic
+        env["GLOO_SOCKET_IFNAME"] = opts.nic
+        if launcher == "srun":  # no mpirun to pass -mca to: Open MPI ranks read their MCA parameters from here
+            env["OMPI_MCA_btl_tcp_if_include"] = opts.nic
     if progress:
         env["HVDLM_PROGRESS"] = "1"
+    return env
 
+
+def build_command(
+    launcher: str, executable: str, np: int | str, program: list[str], opts: LaunchOptions,
+    hosts: list[Host] | ShellVar | None = None, hostfile: str | None = None, env: Mapping[str, str] | None = None,
+    present: Collection[str] = (), local: bool = False,
+) -> list[str]:  # fmt: skip
+    """The launcher's argv.
+
+    hosts: None (and no hostfile) lets the launcher find them (this machine, or the Slurm allocation); a ShellVar
+    names a batch-script variable holding host:slots,... at run time. env: what rank_env set. present: the
+    caller's variable names (which Open MPI's -x may forward).
+    """
+    opts.check()
+    env = env or {}
+    argv = [executable]
+    if launcher == "srun":
+        return argv + _srun_options(np, hosts, hostfile, opts) + program
+    argv += ["-np", str(np)] if not isinstance(np, ShellVar) else ["-np", np]
+    if launcher == "horovodrun":
+        argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
+        return argv + _horovodrun_options(opts) + program
+    if launcher != "mpirun":
+        raise InputError(f"unknown launcher '{launcher}'. Use one of {', '.join(LAUNCHERS)}.")
+    if opts.mpi == "mpich":
+        argv += ["-f", hostfile] if hostfile else ["-hosts", _host_list(hosts)] if hosts else []
+        # Hydra passes the whole environment on by itself; its -iface picks the network for MPI traffic.
+        return argv + (["-iface", opts.nic] if opts.nic else []) + program
+    argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
+    return argv + _openmpi_options(opts, env, present, local) + program
+
+
+def _openmpi_options(opts: LaunchOptions, env: Mapping[str, str], present: Collection[str], local: bool) -> list[str]:
+    # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
+    argv = ["-bind-to", "none", "-map-by", "slot"]
+    names = [n for n in _FORWARDED if n in env or n in present]
+    names += sorted(n for n in {*env, *present} if n.startswith(_FORWARDED_PREFIXES) and n not in names)
+    names += [n for n in opts.env if n not in names]
+    for name in names:
+        argv += ["-x", name]
+    # ob1 with the TCP / shared-memory BTLs; the openib BTL is deprecated and warns or hangs on many clusters.
+    argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+    if opts.nic:
+        # MPI's data (btl) and Open MPI's own out-of-band channel (oob) on the chosen interface.
+        argv += ["-mca", "btl_tcp_if_include", opts.nic, "-mca", "oob_tcp_if_include", opts.nic]
+    if local:
+        # Containers often forbid the cross-process memory copy (ptrace) that shared memory uses by default.
+        argv += ["-mca", "btl_vader_single_copy_mechanism", "none"]
+    return argv
+
+
+def _horovodrun_options(opts: LaunchOptions) -> list[str]:
+    argv = ["--gloo"] if opts.controller == "gloo" else ["--mpi"]
+    if opts.nic:
+        argv += ["--network-interface", opts.nic]
+    if opts.cycle_time_ms:
+        argv += ["--cycle-time-ms", f"{opts.cycle_time_ms:g}"]
+    if opts.fusion_threshold_mb:
+        argv += ["--fusion-threshold-mb", f"{opts.fusion_threshold_mb:g}"]
+    if opts.timeline:
+        argv += ["--timeline-filename", opts.timeline]
+    if opts.autotune:
+        argv += ["--autotune"] + (["--autotune-log-file", opts.autotune_log] if opts.autotune_log else [])
+    return argv
+
+
+def _srun_options(np: int | str, hosts: list[Host] | None, hostfile: str | None, opts: LaunchOptions) -> list[str]:
+    if hostfile:
+        raise InputError("srun takes its hosts from the Slurm allocation, not a hostfile: drop --hostfile.")
+    argv = [f"--mpi={opts.srun_mpi}"]
+    if not isinstance(np, ShellVar):  # in a batch script srun starts every task of the allocation by itself
+        argv.append(f"--ntasks={np}")
+    if opts.tasks_per_node:
+        argv.append(f"--ntasks-per-node={opts.tasks_per_node}")
+    if hosts:
+        argv.append("--nodelist=" + ",".join(h.name for h in hosts))
+    if opts.gpus_per_node:
+        argv.append(f"--gpus-per-node={opts.gpus_per_node}")
+    if opts.cpu_bind:
+        argv.append(f"--cpu-bind={opts.cpu_bind}")
+    if opts.gpu_bind:
+        argv.append(f"--gpu-bind={opts.gpu_bind}")
+    return argv
+
+
+def plan_launch(
+    launcher: str, np: int, hosts: list[Host] | None, hostfile: str | None, program: list[str],
+    controller: str = "gloo", threads: int = 0, cycle_time_ms: float = 0.0, progress: bool = False,
+    options: LaunchOptions | None = None, tp: int = 1,
+) -> LaunchPlan:  # fmt: skip
+    """The full command for `np` ranks of `program` under `launcher`, on this machine or the given hosts.
+
+    `hosts` is None for this machine alone (srun: the allocation); with `hostfile`, `hosts` holds what it lists
+    (for the slot check) and the launcher is handed the file itself. `options` (from the job's [launch]) wins over
+    the older `controller` / `cycle_time_ms` arguments.
+    """
+    opts = options or LaunchOptions(controller=controller, cycle_time_ms=cycle_time_ms)
     if launcher not in LAUNCHERS:
         raise InputError(f"unknown launcher '{launcher}'. Use one of {', '.join(LAUNCHERS)}.")
-    argv = [find_executable(launcher), "-np", str(np)]
-    argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(effective)]
-    if launcher == "mpirun":
-        # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
-        argv += ["-bind-to", "none", "-map-by", "slot"]
-        for name in _FORWARDED:
-            if name in env or name in os.environ:
-                argv += ["-x", name]
-        # ob1 with the TCP / shared-memory BTLs; the openib BTL is deprecated and warns or hangs on many clusters.
-        argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
-        if local:
-            # Containers often forbid the cross-process memory copy (ptrace) that shared memory uses by default.
-            argv += ["-mca", "btl_vader_single_copy_mechanism", "none"]
+    refuse_tp_without_mpi(tp, launcher, opts.controller)
+    local = hosts is None
+    if launcher == "srun":
+        per_host = [opts.tasks_per_node or np] if local else place_ranks(hosts, np)
+        cores = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
     else:
-        argv += ["--gloo"] if controller == "gloo" else ["--mpi"]
-    return LaunchPlan(argv=argv + program, env=env)
+        per_host = place_ranks(hosts or [Host(LOCALHOST, local_cores())], np)
+        cores = None
+    env = rank_env(opts, launcher, threads or threads_per_rank(max(per_host), cores), progress)
+    if os.geteuid() == 0 and launcher != "srun":
+        env.update(ROOT_VARIABLES)
+    argv = build_command(
+        launcher, find_executable(launcher), np, program, opts,
+        hosts=hosts if launcher == "srun" else hosts or [Host(LOCALHOST, local_cores())], hostfile=hostfile,
+        env=env, present=os.environ.keys(), local=local,
+    )  # fmt: skip
+    return LaunchPlan(argv=argv, env=env)
 
 
-def _host_list(hosts: list[Host]) -> str:
+def _host_list(hosts: list[Host] | ShellVar) -> str:
+    if isinstance(hosts, ShellVar):  # a batch script's variable, filled at run time
+        return hosts
     return ",".join(f"{h.name}:{h.slots}" for h in hosts)

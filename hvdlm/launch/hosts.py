@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvdlm.errors import InputError
+from hvdlm.launch.shell import HOSTNAME
 
 LOCALHOST = "localhost"
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_.\-\[\]]+$")
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ def parse_hosts(spec: str) -> list[Host]:
         if not item:
             raise InputError(f"--hosts '{spec}' has an empty entry. Write host:slots pairs separated by commas.")
         name, _, slots = item.partition(":")
-        hosts.append(_host(name, slots or "1", f"--hosts entry '{item}'"))
-    return _unique(hosts, "--hosts")
+        hosts.append(make_host(name, slots or "1", f"--hosts entry '{item}'"))
+    return refuse_duplicates(hosts, "--hosts")
 
 
 def read_hostfile(path: str | Path) -> list[Host]:
@@ -44,33 +44,46 @@ def read_hostfile(path: str | Path) -> list[Host]:
     if not path.is_file():
         raise InputError(f"hostfile '{path}' does not exist. Pass an existing file, or use --hosts host:slots,...")
     hosts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text_lines(path, "hostfile"), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         where = f"{path}:{number}"
         m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\S+)(?:\s+max[-_]slots\s*=\s*\S+)?", line)
         if m:
-            hosts.append(_host(m.group(1), m.group(2), where))
+            hosts.append(make_host(m.group(1), m.group(2), where))
         elif re.fullmatch(r"\S+", line):
             name, _, slots = line.partition(":")
-            hosts.append(_host(name, slots or "1", where))
+            hosts.append(make_host(name, slots or "1", where))
         else:
             raise InputError(f"{where}: cannot read '{line}'. Write 'host slots=N', 'host:N' or 'host'.")
     if not hosts:
         raise InputError(f"hostfile '{path}' names no hosts. Add lines such as 'node1 slots=4'.")
-    return _unique(hosts, str(path))
+    return refuse_duplicates(hosts, str(path))
 
 
-def _host(name: str, slots: str, where: str) -> Host:
-    if not _HOSTNAME.match(name):
-        raise InputError(f"{where}: '{name}' is not a valid host name.")
-    if not slots.isdigit() or int(slots) <= 0:
-        raise InputError(f"{where}: slots must be a positive whole number, got '{slots}'.")
+def read_text_lines(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{what} '{path}' is not UTF-8 text.") from None
+    except OSError as e:
+        raise InputError(f"{what} '{path}' cannot be read: {e.strerror}.") from None
+
+
+def make_host(name: str, slots: str, where: str) -> Host:
+    if not HOSTNAME.fullmatch(name):
+        raise InputError(
+            f"{where}: '{name}' is not a valid host name (letters, digits, '.', '-' and '_'; shell metacharacters "
+            "are refused)."
+        )
+    # Bounded length: int() of thousands of digits raises, and no node has a billion slots.
+    if not slots.isascii() or not slots.isdigit() or len(slots) > 6 or int(slots) <= 0:
+        raise InputError(f"{where}: slots must be a positive whole number, got '{slots}' (at most 999999).")
     return Host(name, int(slots))
 
 
-def _unique(hosts: list[Host], source: str) -> list[Host]:
+def refuse_duplicates(hosts: list[Host], source: str) -> list[Host]:
     seen = set()
     for h in hosts:
         if h.name in seen:

@@ -1,0 +1,228 @@
+"""Slurm batch scripts: a spec from the job file and the command line, a pure render() to text, submission.
+
+One rank per device: `--ntasks-per-node` is the GPUs per node, or on CPU-only nodes the CPU ranks per node
+(launch.np / nodes unless slurm.ntasks_per_node says otherwise), each with `--cpus-per-task` cores that its
+OMP_NUM_THREADS matches, so ranks never oversubscribe the cores Slurm granted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvdlm import __version__
+from hvdlm.config import JobConfig
+from hvdlm.errors import InputError
+from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, rank_env, refuse_tp_without_mpi
+from hvdlm.launch.shell import ShellVar, check_name, check_text, join
+
+BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
+# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}")
+_DIRECTIVE = re.compile(r"--([a-z][a-z0-9\-]*)(=[A-Za-z0-9_.\-/+,:=@%]+)?")
+# Cores per rank when the job file does not say: a GPU rank needs a few for its Python thread, Horovod's
+# background thread and data loading; a CPU rank gets one core per OpenMP thread and can ask for more.
+DEFAULT_CPUS_PER_GPU_RANK = 4
+DEFAULT_CPUS_PER_CPU_RANK = 1
+
+
+@dataclass
+class SbatchSpec:
+    job_name: str
+    job_file: str  # the TOML as the ranks will read it (absolute, on the shared file system)
+    nodes: int
+    gpus_per_node: int
+    ntasks_per_node: int
+    cpus_per_task: int
+    time: str
+    launcher: str = "srun"
+    options: LaunchOptions = field(default_factory=LaunchOptions)
+    run_dir: str = ""  # empty: runs/JOB-<job id>, relative to the directory sbatch was called from
+    overrides: list[str] = field(default_factory=list)
+    partition: str = ""
+    account: str = ""
+    modules: list[str] = field(default_factory=list)
+    venv: str = ""
+    python: str = "python"  # the interpreter that runs `-m hvdlm train` (after the venv is activated)
+    setup: list[str] = field(default_factory=list)
+    directives: list[str] = field(default_factory=list)
+    command: str = ""  # the hvdlm command that made the script, for its header
+    script: str = ""  # where the script is written, for its header
+
+    def check(self) -> None:
+        """Refuse anything that would put text into the script that the user did not mean as a command."""
+        check_name("job name", self.job_name)
+        check_text("job file", self.job_file)
+        check_text("python", self.python)
+        if self.run_dir:
+            check_text("--run-dir", self.run_dir)
+        if self.venv:
+            check_text("slurm.venv", self.venv)
+        if self.script:
+            check_text("-o", self.script)
+        for what, value in (("--partition", self.partition), ("--account", self.account)):
+            if value:
+                check_name(what, value)
+        for module in self.modules:
+            check_name("module", module)
+        if not _TIME.fullmatch(self.time):
+            raise InputError(f"--time '{self.time}' is not a Slurm time limit. Write HH:MM:SS, e.g. 02:00:00.")
+        if self.nodes <= 0:
+            raise InputError(f"--nodes must be positive, got {self.nodes}.")
+        if self.gpus_per_node < 0:
+            raise InputError(f"--gpus-per-node must be zero or more, got {self.gpus_per_node}.")
+        if self.ntasks_per_node <= 0 or self.cpus_per_task <= 0:
+            raise InputError("tasks per node and cpus per task must be positive.")
+        if self.launcher not in BATCH_LAUNCHERS:
+            raise InputError(f"unknown launcher '{self.launcher}'. Use one of {', '.join(BATCH_LAUNCHERS)}.")
+        for line in self.setup:
+            if "\n" in line or "\r" in line:
+                raise InputError(f"slurm.setup line {line!r} holds a line break: write one command per item.")
+        self.options.check()
+        self.sbatch_directives()
+        for item in self.overrides:  # last: the checks above name the key an override set wrong
+            check_text("--set", item)
+        if "\n" in self.command or "\r" in self.command:  # it goes into a comment line of the header
+            raise InputError("the command line holds a line break; pass each value on one line.")
+
+    def sbatch_directives(self) -> list[str]:
+        """#SBATCH options, sorted by name; the job file's extra ones may add but not repeat."""
+        options = {
+            "job-name": self.job_name, "nodes": str(self.nodes), "ntasks-per-node": str(self.ntasks_per_node),
+            "cpus-per-task": str(self.cpus_per_task), "time": self.time, "output": "%x-%j.out",
+            # Slurm signals the ranks 120 s before the time limit (time for a checkpoint) and may requeue the job.
+            "signal": "USR1@120", "requeue": "",
+        }  # fmt: skip
+        if self.gpus_per_node:
+            options["gpus-per-node"] = str(self.gpus_per_node)
+        if self.partition:
+            options["partition"] = self.partition
+        if self.account:
+            options["account"] = self.account
+        for directive in self.directives:
+            m = _DIRECTIVE.fullmatch(directive)
+            if not m:
+                raise InputError(
+                    f"slurm.directives item '{directive}' is not an sbatch option such as --constraint=a100 "
+                    "(plain names and values only)."
+                )
+            if m.group(1) in options:
+                raise InputError(f"slurm.directives sets --{m.group(1)}, which hvdlm sets already; use its own key.")
+            options[m.group(1)] = (m.group(2) or "=")[1:]
+        return [f"--{name}={value}" if value else f"--{name}" for name, value in sorted(options.items())]
+
+
+def spec_from_config(
+    cfg: JobConfig, job_file: str, overrides: list[str], nodes: int | None = None, gpus_per_node: int | None = None,
+    time: str | None = None, partition: str | None = None, account: str | None = None, launcher: str | None = None,
+    run_dir: str | None = None, ntasks_per_node: int | None = None, cpus_per_task: int | None = None,
+    venv: str | None = None, command: str = "", script: str = "",
+) -> SbatchSpec:  # fmt: skip
+    """Command-line values win over the job file's [slurm] section, which wins over the defaults."""
+    sl = cfg.slurm
+    nodes = sl.nodes if nodes is None else nodes
+    gpus = sl.gpus_per_node if gpus_per_node is None else gpus_per_node
+    launcher = launcher or sl.launcher
+    if nodes <= 0:
+        raise InputError(f"--nodes must be positive, got {nodes}.")
+    tasks = ntasks_per_node or sl.ntasks_per_node or gpus
+    if not tasks:
+        # CPU-only nodes: the job's ranks, spread evenly.
+        if cfg.launch.np % nodes:
+            raise InputError(
+                f"launch.np = {cfg.launch.np} ranks do not spread evenly over {nodes} CPU-only node(s). Give "
+                "--ntasks-per-node (ranks per node), or an np that the node count divides."
+            )
+        tasks = cfg.launch.np // nodes
+    cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
+    options = LaunchOptions.from_config(cfg)
+    options.gpus_per_node = gpus  # srun's steps ask for what the job asked for
+    refuse_tp_without_mpi(cfg.parallel.tp, launcher, options.controller)
+    if venv is None:
+        venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
+    spec = SbatchSpec(
+        job_name=Path(job_file).stem, job_file=str(Path(job_file).resolve()), nodes=nodes, gpus_per_node=gpus,
+        ntasks_per_node=tasks, cpus_per_task=cpus, time=time or sl.time, launcher=launcher, options=options,
+        run_dir=run_dir or "", overrides=list(overrides), partition=partition or sl.partition,
+        account=account or sl.account, modules=list(sl.modules), venv=venv,
+        python="python" if venv else sys.executable, setup=list(sl.setup), directives=list(sl.directives),
+        command=command, script=script,
+    )  # fmt: skip
+    spec.check()
+    return spec
+
+
+def render(spec: SbatchSpec) -> str:
+    """The batch script as text: header, sorted #SBATCH directives, environment set-up, the launch line."""
+    spec.check()
+    ranks = spec.nodes * spec.ntasks_per_node
+    device = f"GPU ({spec.gpus_per_node} per node)" if spec.gpus_per_node else "share of a node's CPU cores"
+    lines = [
+        "#!/bin/bash",
+        f"# Generated by hvdlm {__version__}" + (f": {spec.command}" if spec.command else "."),
+        f"# {ranks} rank(s): {spec.nodes} node(s) x {spec.ntasks_per_node} task(s), one per {device}, "
+        f"{spec.cpus_per_task} core(s) each.",
+        f"# Submit it with:  sbatch {shlex.quote(spec.script) if spec.script else 'FILE'}"
+        + ("" if spec.script else "   (after saving it as FILE; or add --submit to the command above)"),
+    ]
+    lines += [f"#SBATCH {d}" for d in spec.sbatch_directives()]
+    # Not -u: `module` and venv activation scripts read variables that may be unset.
+    lines += ["", "set -eo pipefail", ""]
+    lines += [f"module load {shlex.quote(m)}" for m in spec.modules]
+    if spec.venv:
+        lines.append(f"source {shlex.quote(str(Path(spec.venv) / 'bin' / 'activate'))}")
+    if spec.modules or spec.venv:
+        lines.append("")
+
+    env = rank_env(spec.options, spec.launcher, ShellVar("${SLURM_CPUS_PER_TASK}"))
+    lines.append("# Every rank's variables (Slurm passes the batch script's environment on to srun and mpirun).")
+    lines += [f"export {name}={_value(value)}" for name, value in env.items()]
+    if spec.launcher in ("mpirun", "horovodrun"):
+        root = " ".join(f"{k}={v}" for k, v in ROOT_VARIABLES.items())
+        lines.append(f'if [ "$(id -u)" = 0 ]; then export {root}; fi  # Open MPI refuses root without these')
+    if spec.setup:
+        lines += ["", "# From slurm.setup in the job file, as written there."] + spec.setup
+    lines += ["", *_launch_lines(spec, env), ""]
+    return "\n".join(lines)
+
+
+def _value(value: str) -> str:
+    return value.rendered() if isinstance(value, ShellVar) else shlex.quote(value)
+
+
+def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
+    run_dir = spec.run_dir or ShellVar(f"runs/{spec.job_name}-${{SLURM_JOB_ID}}")
+    program = [spec.python, "-m", "hvdlm", "train", spec.job_file, "--run-dir", run_dir]
+    for item in spec.overrides:
+        program += ["--set", item]
+    ntasks = ShellVar("${SLURM_NTASKS}")
+    lines = []
+    if spec.launcher == "horovodrun":
+        # horovodrun needs the hosts spelled out: hvdlm reads them from the allocation at run time. It starts the
+        # ranks of other nodes over ssh, so multi-node jobs need passwordless ssh between the job's nodes.
+        if spec.nodes > 1:
+            lines.append("# horovodrun starts the other nodes' ranks over ssh: they must accept this user's key.")
+        lines.append(f"HOSTS=$({shlex.quote(spec.python)} -m hvdlm hostfile --from slurm --format horovod)")
+        hosts = ShellVar("${HOSTS}")
+        argv = build_command("horovodrun", "horovodrun", ntasks, program, spec.options, hosts=hosts, env=env)
+    else:
+        # mpirun finds the hosts in the Slurm allocation by itself; srun uses it directly.
+        argv = build_command(spec.launcher, spec.launcher, ntasks, program, spec.options, env=env, present=["PATH"])
+    launcher = argv[: len(argv) - len(program)]
+    return lines + [f"{join(launcher)} \\\n    {join(program)}"]
+
+
+def submit(script: str, path: str | None) -> str:
+    """sbatch the script (the file at `path`, else the text on stdin); returns the job id."""
+    if not shutil.which("sbatch"):
+        raise InputError("'sbatch' is not on the PATH: submit from a Slurm login node, or drop --submit.")
+    argv = ["sbatch", "--parsable"] + ([path] if path else [])
+    proc = subprocess.run(argv, input=None if path else script, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise InputError(f"sbatch refused the script: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"

@@ -1,0 +1,240 @@
+"""`hvdlm hostfile`, `hvdlm sbatch`, `hvdlm doctor` and the grown `hvdlm launch`, as users meet them."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import slurm_cluster
+from conftest import REPO
+from hvdlm.config import JobConfig, ParallelConfig, load_config
+from hvdlm.errors import InputError
+from hvdlm.launch.commands import LaunchOptions, plan_launch, refuse_tp_without_mpi
+from hvdlm.launch.sbatch import render, spec_from_config
+
+
+def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):
+    r = hvdlm("hostfile", "--from", "slurm", "node[001-003]", "--tasks-per-node", "2(x2),1", "--format", "mpich")
+    assert r.code == 0, r.out
+    assert r.out == "node001:2\nnode002:2\nnode003:1\n"
+    out = tmp_path / "hosts"
+    r = hvdlm("hostfile", "--from", "hosts", "a:2,b:4", "-o", str(out))
+    assert r.code == 0 and r.out == ""
+    assert out.read_text() == "a slots=2\nb slots=4\n"
+    # A hostfile in, another format out.
+    r = hvdlm("hostfile", "--from", "file", str(out), "--format", "horovod")
+    assert r.out == "a:2,b:4\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--from", "slurm", "node[1-"], "node list 'node[1-' is malformed"),
+        (["--from", "slurm", "n[1-2];reboot"], "characters a Slurm node list cannot have"),
+        (["--from", "slurm", "n1,n1"], "'n1' appears twice"),
+        (["--from", "slurm", "n[1-3]", "--tasks-per-node", "2(x2)"], "2 count(s) for the 3 node(s)"),
+        (["--from", "hosts", "a:0"], "slots must be a positive whole number, got '0'"),
+        (["--from", "hosts", "a:-2"], "slots must be a positive whole number, got '-2'"),
+        (["--from", "hosts", "a:2", "--slots", "0"], "--slots must be positive"),
+        (["--from", "hosts", "a$(id):2"], "not a valid host name"),
+        (["--from", "hosts", "a:2", "--format", "yaml"], "Invalid value for '--format'"),
+        (["--from", "hosts"], "--from hosts needs its text"),
+        (["--from", "lsf", "h1 4 h2"], "'4' looks like a slot count"),
+    ],
+)
+def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
+    out = tmp_path / "hosts"
+    out.write_text("keep me\n")
+    r = hvdlm("hostfile", *args, "-o", str(out))
+    assert r.code == 2, r.out
+    assert message in r.out and "Traceback" not in r.out
+    assert out.read_text() == "keep me\n"  # nothing already written is damaged
+
+
+def test_bad_hostfile_names_its_line(hvdlm, tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_text("# nodes\nn1 slots=2\n\nn2 slots=two\n")
+    r = hvdlm("hostfile", "--from", "file", str(bad))
+    assert r.code == 2 and f"{bad}:4: slots must be a positive whole number, got 'two'" in r.out, r.out
+    bad.write_text("n1 slots=2\nn1 slots=2\n")
+    assert "appears twice" in hvdlm("hostfile", "--from", "file", str(bad)).out
+    bad.write_bytes(b"\xff\xfe n1\n")
+    r = hvdlm("hostfile", "--from", "file", str(bad))
+    assert r.code == 2 and "not UTF-8" in r.out
+
+
+def test_job_preparation_never_imports_torch_or_horovod(tmp_path):
+    """hostfile and sbatch must answer at once on a login node (< 0.5 s): no torch, no horovod, no mpi4py."""
+    script = tmp_path / "s.sbatch"
+    for argv in (
+        ["hostfile", "--from", "slurm", "node[01-04]", "--slots", "4"],
+        ["sbatch", "jobs/demo.toml", "--nodes", "2", "--gpus-per-node", "4", "--time", "01:00:00", "-o", str(script)],
+        ["launch", "jobs/demo.toml", "--dry-run", "--launcher", "horovodrun"],
+    ):
+        code = (
+            f"import sys; from hvdlm.cli import main; sys.argv = ['hvdlm'] + {argv!r}\n"
+            "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "heavy = sorted({'torch', 'horovod', 'mpi4py', 'numpy'} & set(sys.modules))\n"
+            "assert not heavy, f'{sys.argv[1]} imported {heavy}'"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO, timeout=60)
+    assert script.read_text().startswith("#!/bin/bash")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--partition", "gpu;rm -rf ~"], "--partition 'gpu;rm -rf ~' is not a plain name"),
+        (["--account", "a b"], "not a plain name"),
+        (["--time", "2 hours"], "not a Slurm time limit"),
+        (["--nodes", "0"], "--nodes must be positive"),
+        (["--gpus-per-node", "-1"], "--gpus-per-node must be zero or more"),
+        (["--venv", "/opt/$(whoami)"], "contains '$'"),
+        (["--run-dir", "runs/`id`"], "contains '`'"),
+        (["--set", "slurm.modules=openmpi;reboot"], "module 'openmpi;reboot' is not a plain name"),
+        (["--set", "launch.nic=eth0 && reboot"], "launch.nic 'eth0 && reboot'"),
+        (["--set", "launch.env=A-B"], "launch.env variable 'A-B'"),
+        (["--set", "slurm.directives=--time=1"], "sets --time, which hvdlm sets already"),
+        (["--set", "slurm.directives=--mail-user=$(x)"], "is not an sbatch option"),
+        (["--set", "launch.np=3", "--nodes", "2"], "do not spread evenly over 2 CPU-only node(s)"),
+        (["--set", "slurm.launcher=pbsdsh"], "'slurm.launcher' must be one of"),
+        (["--set", "slurm.nodes=many"], "must be int"),
+        (["--partition", "gpu\nrm -rf ~"], "is not a plain name"),
+        (["--set", "slurm.setup=echo a\necho b"], "holds a line break"),
+    ],
+)
+def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
+    out = tmp_path / "job.sbatch"
+    out.write_text("#!/bin/bash\n# an earlier script\n")
+    r = hvdlm("sbatch", "jobs/demo.toml", *args, "-o", str(out))
+    assert r.code == 2, r.out
+    assert message in r.out and "Traceback" not in r.out
+    assert out.read_text() == "#!/bin/bash\n# an earlier script\n"
+
+
+def test_sbatch_output_path_cannot_break_out_of_the_header(hvdlm, tmp_path):
+    out = tmp_path / "x\nreboot"
+    r = hvdlm("sbatch", "jobs/demo.toml", "-o", str(out))
+    assert r.code == 2 and "-o" in r.out and not out.exists(), r.out
+
+
+def test_sbatch_on_cpu_only_nodes_gives_each_rank_its_cores():
+    cfg = load_config("jobs/demo.toml", ["launch.np=8"])
+    spec = spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, gpus_per_node=0, venv="/v")
+    assert (spec.ntasks_per_node, spec.cpus_per_task) == (4, 1)
+    spec = spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, gpus_per_node=0, cpus_per_task=16, venv="/v")
+    script = render(spec)
+    assert "#SBATCH --ntasks-per-node=4" in script and "#SBATCH --cpus-per-task=16" in script
+    assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK}"' in script
+    assert "--gpus-per-node" not in script
+    gpu = spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, gpus_per_node=4, venv="/v")
+    assert (gpu.ntasks_per_node, gpu.cpus_per_task) == (4, 4)
+
+
+def test_job_file_slurm_section_feeds_sbatch_and_launch(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[launch]\nnic = "ib0"\nenv = ["WANDB_MODE"]\n'
+        '[slurm]\nnodes = 3\ngpus_per_node = 2\ntime = "04:00:00"\npartition = "big"\nlauncher = "mpirun"\n'
+        'modules = ["openmpi/5"]\n'
+    )
+    cfg = load_config(job)
+    script = render(spec_from_config(cfg, str(job), [], venv=""))
+    for line in ("#SBATCH --nodes=3", "#SBATCH --gpus-per-node=2", "#SBATCH --time=04:00:00",
+                 "#SBATCH --partition=big", "module load openmpi/5"):  # fmt: skip
+        assert line in script
+    assert "-x WANDB_MODE" in script and "-mca btl_tcp_if_include ib0" in script
+    # Command-line values win over the file.
+    assert "#SBATCH --nodes=1" in render(spec_from_config(cfg, str(job), [], nodes=1, venv=""))
+    plan = plan_launch("mpirun", 2, None, None, ["prog"], options=LaunchOptions.from_config(cfg))
+    assert plan.env["NCCL_SOCKET_IFNAME"] == "ib0" and "WANDB_MODE" in plan.argv
+
+
+def test_tensor_parallelism_needs_an_mpi_launcher():
+    refuse_tp_without_mpi(1, "horovodrun", "gloo")  # data parallelism alone is fine with Gloo
+    for launcher, controller in (("mpirun", "gloo"), ("srun", "gloo"), ("horovodrun", "mpi")):
+        refuse_tp_without_mpi(2, launcher, controller)
+    with pytest.raises(InputError, match="parallel.tp = 2 needs an MPI launcher"):
+        refuse_tp_without_mpi(2, "horovodrun", "gloo")
+    # The same check guards both commands. (Built in-process: loading tp = 2 is refused until tensor
+    # parallelism lands.)
+    cfg = dataclasses.replace(JobConfig(), parallel=ParallelConfig(tp=2))
+    with pytest.raises(InputError, match="horovodrun with the Gloo controller"):
+        plan_launch("horovodrun", 2, None, None, ["prog"], options=LaunchOptions.from_config(cfg), tp=cfg.parallel.tp)
+    with pytest.raises(InputError, match="needs an MPI launcher"):
+        spec_from_config(cfg, "jobs/demo.toml", [], launcher="horovodrun", venv="")
+    assert plan_launch("mpirun", 2, None, None, ["prog"], options=LaunchOptions.from_config(cfg), tp=2).argv
+
+
+def test_launch_grows_nic_forwarding_and_mpich(hvdlm, tiny_job):
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--nic", "lo", "-x", "MY_VAR")
+    assert r.code == 0, r.out
+    assert "NCCL_SOCKET_IFNAME=lo GLOO_SOCKET_IFNAME=lo" in r.out
+    assert "-x MY_VAR" in r.out and "-mca btl_tcp_if_include lo -mca oob_tcp_if_include lo" in r.out
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--mpi", "mpich", "--nic", "lo")
+    assert "-hosts localhost:" in r.out and "-iface lo" in r.out and "-bind-to" not in r.out
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--nic", "eth0;reboot")
+    assert r.code == 2 and "launch.nic 'eth0;reboot' is not a plain name" in r.out
+
+
+def test_launch_with_srun_inside_an_allocation(hvdlm, tiny_job):
+    reason = slurm_cluster.ensure_installed(slurm_cluster.CLIENT_TOOLS)  # srun comes with slurm-client
+    if reason:
+        pytest.skip(f"no srun: {reason}")
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--np", "4", "--set", "slurm.cpu_bind=cores")
+    assert r.code == 0, r.out
+    assert "srun --mpi=pmix --ntasks=4 --cpu-bind=cores" in r.out
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--hostfile", __file__)
+    assert r.code == 2
+
+
+def test_doctor_explains_this_environment(hvdlm):
+    r = hvdlm("doctor", timeout=300)
+    assert "Traceback" not in r.out
+    assert "[ok]   horovod build: Horovod 0.28.1: frameworks PyTorch; controllers MPI, GLOO" in r.out, r.out
+    assert "[ok]   one MPI: Horovod and mpi4py both load" in r.out
+    assert "MPI threads" in r.out and "launcher mpirun" in r.out and "GPUs" in r.out
+    assert r.code == (1 if "[FAIL]" in r.out else 0)
+
+
+def test_doctor_reports_a_missing_horovod_with_its_fix(hvdlm, tmp_path):
+    # An interpreter without horovod, mpi4py or torch: each is one failed check with a fix, not a crash.
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    r = hvdlm("doctor", "--python", str(bare / "bin" / "python"), timeout=300)
+    assert r.code == 1, r.out
+    assert "[FAIL] horovod: cannot import or start horovod.torch: ModuleNotFoundError" in r.out
+    assert "fix: Rebuild Horovod" in r.out and "[FAIL] mpi4py" in r.out and "Traceback" not in r.out
+
+
+def test_multi_node_horovodrun_scripts_say_they_need_ssh():
+    cfg = load_config("jobs/demo.toml", ["launch.np=4"])
+    one = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=1, launcher="horovodrun", venv=""))
+    two = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, launcher="horovodrun", venv=""))
+    assert "over ssh" in two and "over ssh" not in one
+    assert 'HOSTS=$(' in two and '-H "${HOSTS}"' in two
+
+
+def test_doctor_explains_problems_this_machine_does_not_have():
+    """The verdicts on probe results this CPU machine cannot produce (GPUs, a second MPI, no thread support)."""
+    from hvdlm.launch.doctor import _gpu_checks, _horovod_checks, _same_mpi_checks
+
+    hvd = dict(version="0.28.1", mpi=True, gloo=True, nccl=False, cuda=False, ddl=False, ccl=False, threads=False)
+    torch = dict(version="2.13.0", cuda="12.8", gpus=2, names=["H100", "H100"], nccl="2.27.3")
+    verdicts = {c.name: c for c in _gpu_checks(torch, "", hvd) + _horovod_checks(hvd, "")}
+    assert verdicts["GPUs"].status == "ok" and "2 GPU(s): H100, H100" in verdicts["GPUs"].detail
+    assert verdicts["NCCL"].status == "fail" and "nvcc" in verdicts["NCCL"].fix
+    assert verdicts["MPI threads"].status == "fail" and "Gloo" in verdicts["MPI threads"].fix
+    assert all(c.status == "ok" for c in _gpu_checks(torch, "", {**hvd, "nccl": True}))
+    # Which libmpi each loads comes from ldd of its extension module; a binary without one cannot be judged
+    # (this machine has a single MPI, so the "two libraries" verdict itself is not reachable here).
+    import mpi4py.MPI
+    import horovod.torch.mpi_lib_v2 as horovod_mpi
+
+    two = _same_mpi_checks({"lib": horovod_mpi.__file__}, {"lib": "/bin/ls"})  # ls links no libmpi
+    assert two[0].status == "warn"
+    same = _same_mpi_checks({"lib": horovod_mpi.__file__}, {"lib": mpi4py.MPI.__file__})
+    assert same[0].status == "ok" and "libmpi" in same[0].detail

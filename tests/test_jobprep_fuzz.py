@@ -1,0 +1,109 @@
+"""Fuzzing the job-preparation parsers: any input gives a result or an InputError, never a traceback, and what
+comes out is safe to put into a command line."""
+
+from __future__ import annotations
+
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hvdlm.errors import InputError
+from hvdlm.launch.hostfile import FORMATS, render_hostfile
+from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node
+from hvdlm.launch.hosts import Host, parse_hosts, read_hostfile
+from hvdlm.launch.sbatch import SbatchSpec, render
+from hvdlm.launch.shell import HOSTNAME
+from hvdlm.launch.sources import from_lsf, from_pbs
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Host-list syntax, digits and names, plus the characters most likely to break a parser or a shell.
+NODELIST_CHARS = "n0123456789[],-_.x" + ";$`|& ()\n\t:#*'\"\\"
+nodelists = st.text(alphabet=NODELIST_CHARS, max_size=40)
+tasks = st.text(alphabet="0123456789(x),- ", max_size=20)
+lines = st.text(alphabet=string.printable + "é\x00", max_size=200)
+name = st.from_regex(r"[a-z][a-z0-9\-]{0,8}", fullmatch=True)
+hosts = st.lists(st.builds(Host, name, st.integers(1, 64)), min_size=1, max_size=6, unique_by=lambda h: h.name)
+
+
+def _safe(names: list[str]) -> None:
+    assert names and all(HOSTNAME.fullmatch(n) for n in names)
+
+
+@FUZZ
+@given(nodelists)
+def test_nodelist_expansion_never_crashes(expression):
+    try:
+        _safe(expand_nodelist(expression, use_scontrol=False))
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(tasks)
+def test_tasks_per_node_never_crashes(spec):
+    try:
+        assert all(c > 0 for c in expand_tasks_per_node(spec))
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_hosts_option_never_crashes(spec):
+    try:
+        result = parse_hosts(spec)
+        _safe([h.name for h in result])
+        assert all(h.slots > 0 for h in result)
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(lines)
+def test_hostfile_reader_never_crashes(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "hosts"
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    try:
+        _safe([h.name for h in read_hostfile(path)])
+    except InputError:
+        pass
+    try:
+        _safe([h.name for h in from_pbs(str(path), {})])
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_lsf_hosts_never_crash(spec):
+    try:
+        _safe([h.name for h in from_lsf(spec, {})])
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(hosts, st.sampled_from(sorted(FORMATS)))
+def test_openmpi_hostfiles_read_back(tmp_path_factory, host_list, fmt):
+    path = tmp_path_factory.mktemp("roundtrip") / "hosts"
+    path.write_text(render_hostfile(host_list, fmt))
+    if fmt in ("openmpi", "mpich"):
+        assert read_hostfile(path) == host_list
+    elif fmt == "horovod":
+        assert parse_hosts(path.read_text().strip()) == host_list
+
+
+@FUZZ
+@given(st.text(max_size=30), st.text(max_size=30), st.text(max_size=30))
+def test_scripts_never_carry_unchecked_text(partition, module, time):
+    spec = SbatchSpec(job_name="demo", job_file="/jobs/demo.toml", nodes=1, gpus_per_node=0, ntasks_per_node=2,
+                      cpus_per_task=1, time=time, partition=partition, modules=[module])  # fmt: skip
+    try:
+        script = render(spec)
+    except InputError:
+        return
+    # Accepted values are plain words: nothing in them can end a line or start another command.
+    for value in (partition, module, time):
+        assert not set(value) & set(";&|$`()<>\n\"' \\")
+    assert script.count("\n") == render(spec).count("\n")
