@@ -5,10 +5,20 @@
     from hvdlm.data import load_tokenizer        # just its tokenizer: encode / decode
     from hvdlm.data.sampler import WindowSampler # the trainer's batches (imports torch)
 
-Import-light (numpy only), because `hvdlm data prepare` is a CLI command.
+The names below load on first use (PEP 562): importing `hvdlm.data.cli` for the CLI must not pull in numpy,
+because the job-preparation commands answer on login nodes without it.
 """
 
-from hvdlm.data.dataset import Dataset, TokenSplit, open_dataset
-from hvdlm.data.tokenizer import load_tokenizer
+from __future__ import annotations
 
-__all__ = ["Dataset", "TokenSplit", "load_tokenizer", "open_dataset"]
+import importlib
+
+_HOMES = {"Dataset": "dataset", "TokenSplit": "dataset", "open_dataset": "dataset", "load_tokenizer": "tokenizer"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'hvdlm.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"hvdlm.data.{_HOMES[name]}"), name)

@@ -6,8 +6,6 @@ import sys
 
 import click
 
-from hvdlm.data.shards import DEFAULT_SHARD_TOKENS
-
 
 @click.group()
 def data() -> None:
@@ -28,11 +26,11 @@ def data() -> None:
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field that holds the text.")
 @click.option("--strict", is_flag=True, help="Reject unusable inputs (not UTF-8, binary, broken gzip, ...) "
               "instead of skipping and counting them.")  # fmt: skip
-@click.option("--shard-tokens", type=click.IntRange(min=1), default=DEFAULT_SHARD_TOKENS, show_default=True,
-              help="Tokens per shard file.")  # fmt: skip
+@click.option("--shard-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens per shard file [default: 2**27].")  # fmt: skip
 def prepare(
     sources: tuple[str, ...], out: str, tokenizer: str, vocab_size: int, val_fraction: float, globs: tuple[str, ...],
-    text_field: str, strict: bool, shard_tokens: int,
+    text_field: str, strict: bool, shard_tokens: int | None,
 ) -> None:  # fmt: skip
     """Tokenize SOURCES into a dataset directory.
 
@@ -42,9 +40,11 @@ def prepare(
     """
     from hvdlm.data.prepare import PrepareOptions, prepare as run_prepare
 
+    # The shard size's default lives with the shard format (numpy), which this module must not import.
+    sizing = {"shard_tokens": shard_tokens} if shard_tokens is not None else {}
     options = PrepareOptions(
         tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, text_field=text_field, strict=strict,
-        shard_tokens=shard_tokens,
+        **sizing,
     )  # fmt: skip
     report = run_prepare(list(sources), out, options, globs=list(globs), progress=sys.stderr.isatty(), log=click.echo)
     click.echo(report.summary())
