@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from hvdlm import __version__
+from hvdlm.checkpoint_cli import checkpoint as checkpoint_commands
 from hvdlm.errors import InputError
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -114,3 +115,6 @@ def launch(
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+main.add_command(checkpoint_commands)
