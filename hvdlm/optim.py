@@ -72,29 +72,33 @@ def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: To
 
 
 def broadcast_initial_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology) -> None:
-    """Every rank takes the weights and optimizer state of its DP group's DP-rank-0 member."""
+    """Every rank takes the weights and optimizer state of its DP group's DP-rank-0 member.
+
+    Not hvd.broadcast_optimizer_state: on a fresh optimizer it runs one step with zero gradients to create the
+    state, which for AdamW applies weight decay once and advances the step count (so the bias correction of
+    every later step is off by one). A fresh AdamW has no state to send; a loaded one sends its tensors.
+    """
     import horovod.torch as hvd
 
-    if topology.tp == 1:
-        # Horovod: one replica per rank; all start from rank 0's weights and optimizer state.
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        return
     if topology.dp == 1:
         return  # one replica: nobody to agree with
-    # Horovod: broadcast_parameters / broadcast_optimizer_state take no process set, and would copy rank 0's
-    # shard over every other shard. Broadcast each tensor inside the DP group instead; the root is given as a
-    # global rank (Horovod's convention, also inside process sets).
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        if t.data_ptr() not in seen:  # the tied weight once
-            seen.add(t.data_ptr())
-            tensors[f"param.{name}"] = t
+    if topology.tp == 1:
+        # Horovod: one replica per rank; all start from rank 0's weights.
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    else:
+        # Horovod: broadcast_parameters takes no process set, and would copy rank 0's shard over every other
+        # shard. Broadcast each tensor inside the DP group instead (below).
+        seen: set[int] = set()
+        for name, t in model.state_dict().items():
+            if t.data_ptr() not in seen:  # the tied weight once
+                seen.add(t.data_ptr())
+                tensors[f"param.{name}"] = t
     for i, state in enumerate(optimizer.state.values()):
         for key, t in state.items():
             if torch.is_tensor(t):
                 tensors[f"optim.{i}.{key}"] = t
+    # Horovod: the root is given as a global rank (Horovod's convention, also inside process sets).
     handles = [
         hvd.broadcast_async_(t, root_rank=topology.dp_root, name=f"init.{name}", process_set=topology.dp_process_set)
         for name, t in tensors.items()
