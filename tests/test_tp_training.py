@@ -143,3 +143,20 @@ def test_tp_that_does_not_divide_the_ranks_is_refused_once(job, tmp_path, cache_
     assert proc.returncode != 0
     assert proc.stdout.count("parallel.tp = 4 does not divide the number of ranks (2)") == 1, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
+
+
+def test_tp_under_horovodrun_gloo_is_refused_by_the_ranks(job, tmp_path, cache_dir):
+    """Gloo-started ranks have no MPI world for the TP groups; each rank says so rather than training alone."""
+    import os
+
+    from hvdlm.launch.commands import find_executable
+
+    argv = [find_executable("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
+    argv += hvdlm_argv("train", str(job), "--run-dir", str(tmp_path / "run"), "--set", "parallel.tp=2")
+    proc = subprocess.run(
+        argv, env={**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}, timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "parallel.tp = 2 needs an MPI launcher" in proc.stdout and "horovodrun --mpi" in proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
