@@ -191,3 +191,33 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
 def _shape_summary(model_cfg: dict) -> str:
     keys = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias")
     return ", ".join(f"{k}={model_cfg[k]}" for k in keys if k in model_cfg) or "unknown"
+
+
+def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int) -> None:
+    """Load an unsharded optimizer state (see merge_states) into this rank's optimizer, cutting each moment like
+    its parameter. Parameters are matched by name, so the order of the optimizer's groups may differ."""
+    saved = full_state["optimizer"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    theirs = full_state.get("tp", {}).get("param_names") or ours  # files without names: same model, same order
+    flat_theirs = [n for g in theirs for n in g]
+    index = {name: i for i, name in enumerate(n for g in ours for n in g)}
+    params = dict(model.named_parameters())
+    if sorted(flat_theirs) != sorted(index):
+        raise InputError(
+            f"the optimizer state in the checkpoint covers {len(flat_theirs)} parameters, this model has {len(index)}; "
+            "the model shapes differ."
+        )
+    state = {}
+    for i, entry in saved["state"].items():
+        name = flat_theirs[i]
+        spec: Sharding | None = getattr(params[name], "tp_shard", None)
+        state[index[name]] = {
+            key: shard(v, spec, tp_rank, tp) if spec is not None and torch.is_tensor(v) and v.dim() > spec.dim else v
+            for key, v in entry.items()
+        }  # fmt: skip
+    groups, start = [], 0
+    for saved_group, our_names in zip(saved["param_groups"], ours):
+        groups.append({**saved_group, "params": list(range(start, start + len(our_names)))})
+        start += len(our_names)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hvdlm.checkpoint import load_model, merge_states, training_state
+from hvdlm.checkpoint import load_model, load_optimizer, merge_states, training_state
 from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.layers import Sharding, merge, shard
@@ -159,3 +159,16 @@ def test_loading_another_shape_names_the_numbers():
     other = ModelConfig(n_layer=2, n_head=4, d_model=32, seq_len=8, vocab_size=257)
     with pytest.raises(InputError, match=r"another shape.*\(257, 16\) there, \(257, 32\) here.*d_model=16.*d_model=32"):
         load_model(GPT(other), merged, "ckpt.pt", 0, 1)
+
+
+def test_optimizer_moments_reshard_to_any_tp_size():
+    merged = merge_states(_states(shards_of(CFG, 2)))
+    names = [n for g in merged["tp"]["param_names"] for n in g]
+    full_moment = merged["optimizer"]["state"][names.index("blocks.0.mlp.fc.weight")]["exp_avg"]
+    for tp in (1, 4):
+        for r, model in enumerate(shards_of(CFG, tp)):
+            opt = make_adamw(model, TrainConfig())
+            load_optimizer(opt, model, merged, r, tp)
+            moment = opt.state[model.blocks[0].mlp.fc.weight]["exp_avg"]
+            assert torch.equal(moment, shard(full_moment, model.blocks[0].mlp.fc.weight.tp_shard, r, tp))
+            assert opt.state[model.ln_f.weight]["step"] == 1  # replicated state comes through whole
