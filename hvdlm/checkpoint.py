@@ -10,8 +10,8 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
 
 `sharding` says how each tensor was cut (see hvdlm.layers.Sharding), so shards can be merged without building
 the model; `param_names` names the optimizer's parameters (per group, in order), so its state merges the same
-way. `merge_states` makes one unsharded state of any set of shards; `load_model` cuts a full state to the
-loading model's TP size, so a checkpoint written with any TP size loads into any other.
+way. `merge_states` makes one unsharded state of any set of shards; `load_model` and `load_optimizer` cut a full
+state to the loading model's TP size, so a checkpoint written with any TP size loads into any other.
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ def shard_paths(path: str | Path) -> list[Path]:
         if not sizes:
             raise InputError(f"no checkpoint at '{path}': neither that file nor its shards ({stem}.tpN-of-M.pt) exist.")
         if len(sizes) > 1:
-            raise InputError(f"'{path.parent}' holds shards of '{stem}' for several TP sizes {sorted(sizes)}; name one shard.")
+            raise InputError(
+                f"'{path.parent}' holds shards of '{stem}' for several TP sizes {sorted(sizes)}; name one shard."
+            )
         size = sizes.pop()
     paths = [path.parent / f"{stem}.tp{r}-of-{size}.pt" for r in range(size)]
     missing = [p.name for p in paths if not p.is_file()]
@@ -169,7 +171,8 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
     unexpected = [n for n in full if n not in expected]
     if missing or unexpected:
         problems.append(
-            f"{len(missing)} tensors missing (first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})"
+            f"{len(missing)} tensors missing (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
         )
     for name, t in expected.items():
         if name in full and tuple(full[name].shape) != full_shape(t):

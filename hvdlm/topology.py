@@ -170,6 +170,7 @@ def init_topology(tp: int) -> Topology:
         # Horovod: one replica per rank; the DP group is the whole job, i.e. Horovod's global process set.
         hvd.init()
         layout = Layout(hvd.rank(), hvd.size(), 1)
+        # No mpi4py communicator: without TP all traffic is Horovod's, and any launcher (Gloo too) must work.
         dp_group = Group(size=hvd.size(), rank=hvd.rank(), process_set=hvd.global_process_set)
         return Topology(layout, Group.single(), dp_group, hvd.global_process_set)
 

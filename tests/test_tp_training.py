@@ -103,7 +103,7 @@ def test_replicas_in_a_dp_group_stay_bit_identical(runs):
     c = s["replica_checksums"]  # by global rank: DP groups {0, 2} and {1, 3}
     assert c[0] == c[2] and c[1] == c[3] and s["replicas_identical"]
     assert c[0] != c[1]  # the two TP ranks hold different shards: the comparison above is not vacuous
-    assert [Path(p).name for p in s["checkpoint_shards"]] == [f"step-{STEPS:07d}.tp0-of-2.pt", f"step-{STEPS:07d}.tp1-of-2.pt"]
+    assert [Path(p).name for p in s["checkpoint_shards"]] == [f"step-{STEPS:07d}.tp{r}-of-2.pt" for r in (0, 1)]
 
 
 def test_a_sharded_checkpoint_starts_an_unsharded_run(runs, job, tmp_path, cache_dir):
@@ -129,7 +129,8 @@ def test_a_checkpoint_of_another_shape_is_refused(runs, job, tmp_path, cache_dir
 
 
 def test_an_incomplete_sharded_checkpoint_is_refused(runs, tmp_path):
-    (tmp_path / "step-0000020.tp1-of-2.pt").write_bytes((runs["tp2"] / "checkpoints" / "step-0000020.tp1-of-2.pt").read_bytes())
+    shard1 = runs["tp2"] / "checkpoints" / "step-0000020.tp1-of-2.pt"
+    (tmp_path / shard1.name).write_bytes(shard1.read_bytes())  # shard 0 left behind
     proc = subprocess.run(
         hvdlm_argv("checkpoint", "merge", str(tmp_path / "step-0000020.pt")), cwd=REPO, timeout=60,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -253,7 +253,8 @@ def main() -> int:
         ok = worst <= TOL
         failed += not ok
         if world.Get_rank() == 0:
-            print(json.dumps({"check": name, "ok": ok, "error": worst, "worst": worst_key, "detail": detail}), flush=True)
+            row = {"check": name, "ok": ok, "error": worst, "worst": worst_key, "detail": detail}
+            print(json.dumps(row), flush=True)
     return 1 if failed else 0
 
 
