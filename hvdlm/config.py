@@ -47,8 +47,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel group size (ranks sharing one model replica); must divide the ranks, n_head, d_model;
-    # data-parallel size = ranks / tp. tp > 1 needs an MPI launcher (mpirun, srun --mpi=pmix, horovodrun --mpi)
+    tp: int = 1  # ranks per model replica (tensor parallel); divides the ranks and n_head; data parallel = ranks / tp
 
 
 @dataclass
