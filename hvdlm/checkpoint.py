@@ -1,16 +1,38 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), so a crash never leaves a torn file."""
+"""Checkpoints: written atomically (temporary file, fsync, rename), so a crash never leaves a torn file.
+
+With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-2.pt`; without, one file,
+`step-0000100.pt`. A file holds:
+
+    model       the rank's state_dict (its shards, plus the replicated tensors)
+    optimizer   the rank's optimizer state_dict
+    step, config
+    tp          {"rank", "size", "sharding": {name: [dim, full, chunks] or None}, "param_names": [[...], ...]}
+
+`sharding` says how each tensor was cut (see hvdlm.layers.Sharding), so shards can be merged without building
+the model; `param_names` names the optimizer's parameters (per group, in order), so its state merges the same
+way. `merge_states` makes one unsharded state of any set of shards; `load_model` and `load_optimizer` cut a full
+state to the loading model's TP size, so a checkpoint written with any TP size loads into any other.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hvdlm.errors import InputError
+from hvdlm.layers import Sharding, full_shape, merge, shard
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:07d}.pt"
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)-of-(?P<size>\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1) -> Path:
+    """The file of TP rank `tp_rank` (of `tp`) at `step`; one unsharded file when tp = 1."""
+    stem = run_dir / "checkpoints" / f"step-{step:07d}"
+    return stem.with_name(f"{stem.name}.pt" if tp == 1 else f"{stem.name}.tp{tp_rank}-of-{tp}.pt")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
@@ -32,4 +54,173 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # weights_only: a checkpoint file is data and never runs code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise InputError(f"cannot read checkpoint '{path}': {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a rank saves
+# ------------------------------------------------------------------------------------------------------------
+
+
+def training_state(model: torch.nn.Module, optimizer, step: int, config: dict, tp_rank: int, tp: int) -> dict:
+    """One rank's checkpoint: its shard of the model and optimizer, and how to put the shards together."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": config,
+        "tp": {
+            "rank": tp_rank, "size": tp, "sharding": sharding_of(model),
+            "param_names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
+        },  # fmt: skip
+    }
+
+
+def sharding_of(model: torch.nn.Module) -> dict[str, list[int] | None]:
+    """How each state_dict entry is split, as plain lists (checkpoints load with weights_only)."""
+    out: dict[str, list[int] | None] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        spec: Sharding | None = getattr(t, "tp_shard", None)
+        out[name] = None if spec is None else [spec.dim, spec.full, spec.chunks]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Finding, merging and loading
+# ------------------------------------------------------------------------------------------------------------
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """The files of the checkpoint `path` names, in TP-rank order.
+
+    `path` may be an unsharded file, any one shard (`step-0000100.tp0-of-2.pt`), or the unsharded name of a
+    sharded checkpoint (`step-0000100.pt` when only its shards exist).
+    """
+    path = Path(path)
+    m = _SHARD_NAME.match(path.name)
+    if m:
+        stem, size = m["stem"], int(m["size"])
+    elif path.is_file():
+        return [path]
+    else:
+        stem = path.name[: -len(".pt")] if path.name.endswith(".pt") else path.name
+        sizes = {int(m["size"]) for p in path.parent.glob(f"{stem}.tp*-of-*.pt") if (m := _SHARD_NAME.match(p.name))}
+        if not sizes:
+            raise InputError(f"no checkpoint at '{path}': neither that file nor its shards ({stem}.tpN-of-M.pt) exist.")
+        if len(sizes) > 1:
+            raise InputError(
+                f"'{path.parent}' holds shards of '{stem}' for several TP sizes {sorted(sizes)}; name one shard."
+            )
+        size = sizes.pop()
+    paths = [path.parent / f"{stem}.tp{r}-of-{size}.pt" for r in range(size)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"checkpoint '{stem}' in '{path.parent}' is incomplete: {len(missing)} of its {size} shards are missing "
+            f"({', '.join(missing)})."
+        )
+    return paths
+
+
+def load_full_state(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path` (any of the forms `shard_paths` accepts) as one unsharded state."""
+    return merge_states([load_checkpoint(p) for p in shard_paths(path)])
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One unsharded checkpoint state from the states of all TP ranks (in rank order)."""
+    first = states[0]
+    tp = first.get("tp", {}).get("size", 1)
+    if tp == 1:
+        return first
+    if len(states) != tp or [s["tp"]["rank"] for s in states] != list(range(tp)):
+        raise InputError(f"expected the {tp} shards of one checkpoint in rank order, got {len(states)} states.")
+    specs = {name: Sharding(*spec) if spec else None for name, spec in first["tp"]["sharding"].items()}
+
+    def merged(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        spec = specs.get(name)
+        # Optimizer moments have their parameter's shape; scalars (Adam's step count) are replicated.
+        return merge(parts, spec) if spec is not None and parts[0].dim() > spec.dim else parts[0]
+
+    model = {name: merged(name, [s["model"][name] for s in states]) for name in first["model"]}
+    optimizer = first.get("optimizer")
+    if optimizer is not None:
+        flat_names = [n for group in first["tp"]["param_names"] for n in group]
+        state = {}
+        for idx, entry in optimizer["state"].items():
+            state[idx] = {
+                key: merged(flat_names[idx], [s["optimizer"]["state"][idx][key] for s in states])
+                if torch.is_tensor(value) else value
+                for key, value in entry.items()
+            }  # fmt: skip
+        optimizer = {**optimizer, "state": state}
+    tp_info = {**first["tp"], "rank": 0, "size": 1}
+    return {**first, "model": model, "optimizer": optimizer, "tp": tp_info}
+
+
+def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:
+    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree."""
+    full = full_state["model"]
+    expected = model.state_dict(keep_vars=True)
+    problems = []
+    missing = [n for n in expected if n not in full]
+    unexpected = [n for n in full if n not in expected]
+    if missing or unexpected:
+        problems.append(
+            f"{len(missing)} tensors missing (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
+        )
+    for name, t in expected.items():
+        if name in full and tuple(full[name].shape) != full_shape(t):
+            problems.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
+    if problems:
+        theirs = _shape_summary(full_state.get("config", {}).get("model", {}))
+        ours = _shape_summary(getattr(model, "cfg", None).__dict__ if hasattr(model, "cfg") else {})
+        raise InputError(
+            f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems[:4])}. "
+            f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
+        )
+    local = {}
+    for name, t in expected.items():
+        spec: Sharding | None = getattr(t, "tp_shard", None)
+        local[name] = shard(full[name], spec, tp_rank, tp) if spec is not None else full[name]
+    model.load_state_dict(local)
+
+
+def _shape_summary(model_cfg: dict) -> str:
+    keys = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias")
+    return ", ".join(f"{k}={model_cfg[k]}" for k in keys if k in model_cfg) or "unknown"
+
+
+def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int) -> None:
+    """Load an unsharded optimizer state (see merge_states) into this rank's optimizer, cutting each moment like
+    its parameter. Parameters are matched by name, so the order of the optimizer's groups may differ."""
+    saved = full_state["optimizer"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    theirs = full_state.get("tp", {}).get("param_names") or ours  # files without names: same model, same order
+    flat_theirs = [n for g in theirs for n in g]
+    index = {name: i for i, name in enumerate(n for g in ours for n in g)}
+    params = dict(model.named_parameters())
+    if sorted(flat_theirs) != sorted(index):
+        raise InputError(
+            f"the optimizer state in the checkpoint covers {len(flat_theirs)} parameters, this model has {len(index)}; "
+            "the model shapes differ."
+        )
+    state = {}
+    for i, entry in saved["state"].items():
+        name = flat_theirs[i]
+        spec: Sharding | None = getattr(params[name], "tp_shard", None)
+        state[index[name]] = {
+            key: shard(v, spec, tp_rank, tp) if spec is not None and torch.is_tensor(v) and v.dim() > spec.dim else v
+            for key, v in entry.items()
+        }  # fmt: skip
+    groups, start = [], 0
+    for saved_group, our_names in zip(saved["param_groups"], ours):
+        groups.append({**saved_group, "params": list(range(start, start + len(our_names)))})
+        start += len(our_names)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

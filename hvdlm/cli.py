@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from hvdlm import __version__
+from hvdlm.checkpoint_cli import checkpoint as checkpoint_commands
 from hvdlm.data.cli import data as data_commands
 from hvdlm.errors import InputError
 
@@ -58,6 +59,7 @@ def main() -> None:
 
 
 main.add_command(data_commands)
+main.add_command(checkpoint_commands)
 
 
 @main.command()

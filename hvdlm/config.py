@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel group size; the data-parallel size is world / tp
+    tp: int = 1  # ranks per model replica (tensor parallel); divides the ranks and n_head; data parallel = ranks / tp
 
 
 @dataclass
@@ -77,6 +77,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 writes only the final one
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
+    init_from: str = ""  # a checkpoint (file or any TP shard) whose weights start the run, at any tp; "" = fresh
 
 
 @dataclass
@@ -296,10 +297,7 @@ def validate(config: JobConfig) -> None:
             raise InputError(f"'{name}' must be in [0, 1), got {value}.")
     if t.min_lr > t.lr:
         raise InputError(f"'train.min_lr' ({t.min_lr}) must not exceed 'train.lr' ({t.lr}).")
-    if p.tp != 1:
-        raise InputError(
-            f"'parallel.tp' = {p.tp}: tensor parallelism is not available in this version; set parallel.tp = 1."
-        )
+    _validate_tp(m, p)
     for name, value, options in (
         ("launch.launcher", la.launcher, LAUNCHERS),
         ("launch.controller", la.controller, CONTROLLERS),
@@ -310,3 +308,20 @@ def validate(config: JobConfig) -> None:
     ):
         if value not in options:
             raise InputError(f"'{name}' must be one of {', '.join(options)}, got '{value}'.{_closest(value, options)}")
+
+
+def _validate_tp(m: ModelConfig, p: ParallelConfig) -> None:
+    """Each TP rank takes n_head / tp heads and a 1/tp slice of the hidden sizes; all must split evenly.
+    (Whether tp divides the number of ranks is checked when the ranks start: see hvdlm.topology.)"""
+    splits = (
+        ("model.n_head", m.n_head, "attention heads"),
+        ("model.d_model", m.d_model, "the attention width"),
+        ("4 x model.d_model", 4 * m.d_model, "the MLP hidden units"),
+    )
+    for name, value, what in splits:
+        if value % p.tp:
+            fits = [k for k in range(1, value + 1) if value % k == 0 and m.n_head % k == 0][:12]
+            raise InputError(
+                f"parallel.tp = {p.tp} does not divide {name} ({value}): every tensor-parallel rank takes an equal "
+                f"share of {what}. Pick a tp among {fits}, or change {name}."
+            )

@@ -1,6 +1,9 @@
 """A GPT decoder, shaped after nanoGPT: token + position embeddings, pre-LayerNorm blocks of causal
 self-attention and a GELU MLP, a final LayerNorm, and an output head tied to the token embedding.
 
+Built from the tensor-parallel layers of layers.py: given a TP group of size p, each rank holds 1/p of the
+heads, MLP units and vocabulary; without one (p = 1) every layer is the plain one and no collective runs.
+
 Classes come in reading order. Shapes: B batch, T time (tokens), C channels (d_model), H heads, V vocabulary.
 """
 
@@ -13,37 +16,49 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
+from hvdlm.layers import (
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, full_shape, shard, vocab_parallel_cross_entropy,
+)  # fmt: skip
+from hvdlm.mappings import gather_from_tp
+from hvdlm.topology import Group
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Heads are split across the TP group: rank i owns heads [i H/p, (i+1) H/p), their q, k, v columns (column
+    parallel) and the matching rows of the output projection (row parallel); attention itself is local."""
+
+    def __init__(self, cfg: ModelConfig, group: Group):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head = cfg.n_head // group.size  # heads on this rank
+        self.head_dim = cfg.d_model // cfg.n_head
         self.dropout = cfg.dropout
-        # q, k and v for all heads in one matmul
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # q, k and v for all (local) heads in one matmul; chunks=3 gives every rank its own q, k and v columns
+        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, group, bias=cfg.bias, chunks=3)
+        self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, group, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        # (B, T, C) -> (B, H, T, C / H)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        width = self.n_head * self.head_dim  # C / p
+        q, k, v = self.qkv(x).split(width, dim=2)  # 3 x (B, T, C / p)
+        # (B, T, C / p) -> (B, H / p, T, C / H)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         # Fused kernel (flash / memory-efficient where available); is_causal masks the future.
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, H, T, C / H)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        )  # (B, H / p, T, C / H)
+        y = y.transpose(1, 2).contiguous().view(B, T, width)
+        return self.resid_dropout(self.proj(y))  # (B, T, C), summed over the TP group
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Column parallel then row parallel: the 4C hidden units are split, GELU acts on each rank's own units."""
+
+    def __init__(self, cfg: ModelConfig, group: Group):
         super().__init__()
         # 4x expansion, as in GPT-2
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.fc = ColumnParallelLinear(cfg.d_model, 4 * cfg.d_model, group, bias=cfg.bias)
+        self.proj = RowParallelLinear(4 * cfg.d_model, cfg.d_model, group, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,14 +66,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x)). LayerNorms are replicated."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group: Group):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, group)
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -66,39 +81,68 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The GPT; with a TP group of size p, this rank's shard of it. No group (or size 1): the plain model.
+
+    The residual stream (B, T, C) is replicated on every rank of the group; the vocabulary, the heads and the MLP's
+    hidden units are split. Initialisation draws every full tensor from torch's global generator, in one fixed
+    order, and keeps this rank's slice: a TP=k model built after torch.manual_seed(s) holds exactly the slices
+    of the TP=1 model built after torch.manual_seed(s).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: Group | None = None):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tp_group = g = tp_group or Group.single()
+        if cfg.n_head % g.size or cfg.d_model % g.size:
+            raise ValueError(f"TP size {g.size} must divide n_head ({cfg.n_head}) and d_model ({cfg.d_model})")
+        self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, g)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, g) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding matrix.
+        # The head is column parallel over the vocabulary: each rank computes the logits of its vocabulary shard.
+        self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, g, bias=False)
+        # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding matrix. Both are split
+        # by vocabulary rows the same way, so each rank ties its own shard.
         self.head.weight = self.tok_emb.weight
+        self._init_weights()
 
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: the projections that write into the residual stream get std 0.02 / sqrt(2 L),
-        # so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """GPT-2's init, layout-independent: each full tensor is drawn, then sliced to this rank's shard.
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        Linear weights and embeddings ~ N(0, 0.02); the projections that write into the residual stream get
+        std 0.02 / sqrt(2 L) (GPT-2's scaled init, so the stream's variance does not grow with depth); biases 0;
+        LayerNorm gains 1. The draws follow the module order, the same for every TP size.
+        """
+        g, seen = self.tp_group, set()
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:  # the tied head weight is the embedding's
+                    continue
+                seen.add(id(p))
+                full = torch.empty(full_shape(p))
+                if isinstance(module, nn.LayerNorm):
+                    full.fill_(1.0 if name == "weight" else 0.0)
+                elif name == "bias":
+                    full.zero_()
+                else:
+                    std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if module_name.endswith("proj") else 0.02
+                    full.normal_(mean=0.0, std=std)
+                spec = getattr(p, "tp_shard", None)
+                p.copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position table is left out by default, as in the 6N FLOPs-per-token rule."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(math.prod(full_shape(p)) for p in self.parameters())  # of the whole model, not this shard
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy when targets (B, T) are given."""
+        """idx (B, T) token ids -> logits and, when targets (B, T) are given, the mean cross-entropy.
+
+        Without targets the logits are the full (B, T, V). With targets and TP they are this rank's vocabulary
+        shard (B, T, V / p): the loss is computed shard-wise and the full logits are never gathered.
+        """
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len {self.cfg.seq_len}")
@@ -106,11 +150,11 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))  # (B, T, V)
+        logits = self.head(self.ln_f(x))  # (B, T, V / p)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            full = gather_from_tp(logits, self.tp_group, dim=-1)  # (B, T, V padded to a multiple of p)
+            return full[..., : self.cfg.vocab_size], None
+        return logits, vocab_parallel_cross_entropy(logits, targets, self.tp_group, self.cfg.vocab_size)
 
     @torch.no_grad()
     def generate(

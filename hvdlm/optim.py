@@ -1,4 +1,6 @@
-"""Optimizer and learning-rate schedule: AdamW over decay / no-decay groups, warmup then cosine decay."""
+"""Optimizer and learning-rate schedule: AdamW over decay / no-decay groups, warmup then cosine decay; the
+Horovod DistributedOptimizer over the data-parallel process set, the initial broadcast within each DP group, and
+gradient clipping by the norm of the whole (possibly sharded) model."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import math
 
 import torch
 
+from hvdlm.collectives import allreduce
 from hvdlm.config import TrainConfig
+from hvdlm.topology import Group, Topology
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -28,3 +32,76 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group: Group) -> torch.Tensor:
+    """Clip to the global gradient norm of the whole model, whose shards live on the TP group's ranks.
+
+    A sharded parameter's squared norm is summed over the group (one 4-byte allreduce); a replicated one
+    (LayerNorms, position table, row-parallel biases) is the same on every rank and counts once. Without
+    TP this is torch's own clip_grad_norm_.
+    """
+    if tp_group.size == 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [(p.grad, hasattr(p, "tp_shard")) for p in params if p.grad is not None]
+    sq = lambda gs: torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in gs]).sum()  # noqa: E731
+    sharded = [g for g, is_shard in grads if is_shard]
+    replicated = [g for g, is_shard in grads if not is_shard]
+    total_sq = allreduce(sq(sharded).reshape(1), tp_group)[0] if sharded else torch.zeros(())
+    if replicated:
+        total_sq = total_sq + sq(replicated)
+    total = total_sq.sqrt()
+    # As torch does: scale by max_norm / (norm + eps), capped at 1 (multiplying by 1 changes nothing).
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g, _ in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: Topology):
+    """AdamW, with every replica starting from its DP group's root state, wrapped to average over the DP group."""
+    import horovod.torch as hvd
+
+    optimizer = make_adamw(model, cfg)
+    broadcast_initial_state(model, optimizer, topology)
+    # Horovod: gradients are averaged across the replicas of this shard (the DP process set) by allreduce,
+    # overlapped with the backward pass. Without TP the set is the whole job.
+    return hvd.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(), op=hvd.Average, process_set=topology.dp_process_set
+    )
+
+
+def broadcast_initial_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology) -> None:
+    """Every rank takes the weights and optimizer state of its DP group's DP-rank-0 member.
+
+    Not hvd.broadcast_optimizer_state: on a fresh optimizer it runs one step with zero gradients to create the
+    state, which for AdamW applies weight decay once and advances the step count (so the bias correction of
+    every later step is off by one). A fresh AdamW has no state to send; a loaded one sends its tensors.
+    """
+    import horovod.torch as hvd
+
+    if topology.dp == 1:
+        return  # one replica: nobody to agree with
+    tensors: dict[str, torch.Tensor] = {}
+    if topology.tp == 1:
+        # Horovod: one replica per rank; all start from rank 0's weights.
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    else:
+        # Horovod: broadcast_parameters takes no process set, and would copy rank 0's shard over every other
+        # shard. Broadcast each tensor inside the DP group instead (below).
+        seen: set[int] = set()
+        for name, t in model.state_dict().items():
+            if t.data_ptr() not in seen:  # the tied weight once
+                seen.add(t.data_ptr())
+                tensors[f"param.{name}"] = t
+    for i, state in enumerate(optimizer.state.values()):
+        for key, t in state.items():
+            if torch.is_tensor(t):
+                tensors[f"optim.{i}.{key}"] = t
+    # Horovod: the root is given as a global rank (Horovod's convention, also inside process sets).
+    handles = [
+        hvd.broadcast_async_(t, root_rank=topology.dp_root, name=f"init.{name}", process_set=topology.dp_process_set)
+        for name, t in tensors.items()
+    ]
+    for h in handles:
+        hvd.synchronize(h)

@@ -1,7 +1,10 @@
 """One rank's training program: `hvdlm train JOB.toml`, started once per device by a launcher.
 
-Data parallelism with Horovod: every rank holds a full replica, trains on its own slice of each global batch,
-and Horovod's ring allreduce averages the gradients, so all replicas take the same step and stay identical.
+The ranks form a tp x dp grid (hvdlm.topology). Each TP group of tp adjacent ranks holds one model replica in
+shards, and its collectives (mpi4py) run inside the layers. Data parallelism with Horovod: every replica trains
+on its own slice of each global batch, and Horovod's ring allreduce averages the gradients within each DP group
+(the ranks holding the same shard), so all replicas take the same step and stay identical. tp = 1 is plain data
+parallelism.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
-from hvdlm.checkpoint import checkpoint_path, save_checkpoint
+from hvdlm.checkpoint import checkpoint_path, load_full_state, load_model, save_checkpoint, training_state
 from hvdlm.config import JobConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
@@ -23,13 +26,16 @@ from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.metrics import RunLogger
 from hvdlm.model import GPT
-from hvdlm.optim import lr_at, make_adamw
+from hvdlm.optim import clip_grad_norm, distributed_optimizer, lr_at
+from hvdlm.topology import Topology, dp_group_ranks, init_topology
 
 
 def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     """Train to cfg.train.max_steps; returns the run directory."""
-    # Horovod: one process per device; rank / size span the whole job, local_rank the node.
-    hvd.init()
+    # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
+    # hvd.init, with the DP groups as process sets when tp > 1.
+    topo = init_topology(cfg.parallel.tp)
+    dp_rank, dp_size = topo.dp_rank, topo.dp  # all TP ranks of a replica see the same samples
     device = _pick_device()
     torch.set_num_threads(cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     rank0 = hvd.rank() == 0
@@ -40,21 +46,22 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     log = RunLogger(out, cfg.train.max_steps, enabled=rank0)
     t = cfg.train
 
-    train_batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, hvd.rank(), hvd.size(), t.seed)
-    val_batches = WindowSampler(data.val, cfg.model.seq_len, t.batch_size, hvd.rank(), hvd.size(), t.seed)
+    train_batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, dp_rank, dp_size, t.seed)
+    val_batches = WindowSampler(data.val, cfg.model.seq_len, t.batch_size, dp_rank, dp_size, t.seed)
 
+    # Every rank seeds alike: a TP rank builds the full tensors and keeps its slice (layout-independent init).
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(device)
-    optimizer = make_adamw(model, t)
-    # Horovod: start every replica from rank 0's weights and optimizer state.
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    # Horovod: gradients are averaged across ranks by allreduce, overlapped with the backward pass.
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average)
+    model = GPT(cfg.model, topo.tp_group)
+    if t.init_from:
+        load_model(model, load_full_state(t.init_from), t.init_from, topo.tp_rank, topo.tp)
+    model = model.to(device)
+    # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
+    optimizer = distributed_optimizer(model, t, topo)
 
-    tokens_per_step = t.batch_size * cfg.model.seq_len * hvd.size()
+    tokens_per_step = t.batch_size * cfg.model.seq_len * dp_size
     log.info(
-        f"hvdlm: {hvd.size()} rank(s) x {torch.get_num_threads()} thread(s) on {device.type}, "
+        f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
+        f"{device.type}, "
         f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per step, "
         f"data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens "
         f"({train_batches.samples_per_epoch:,} windows per epoch) from {data.path}"
@@ -81,7 +88,7 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
         # Horovod: finish the gradient allreduce before clipping, so the norm is that of the averaged gradient,
         # then step without a second synchronisation.
         optimizer.synchronize()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(list(model.parameters()), t.grad_clip or float("inf"), topo.tp_group)
         with optimizer.skip_synchronize():
             optimizer.step()
         interval_steps += 1
@@ -110,37 +117,48 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
             log.info(f"step {done:>6} | val loss {final_val:.4f}")
             log.record({"step": done, "val_loss": final_val})
             interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training throughput
-        if t.checkpoint_interval and done % t.checkpoint_interval == 0 and not is_last and rank0:
-            save_checkpoint(checkpoint_path(out, done), _state(model, optimizer, done, cfg, train_batches))
+        if t.checkpoint_interval and done % t.checkpoint_interval == 0 and not is_last and dp_rank == 0:
+            _save(model, optimizer, done, cfg, out, topo, train_batches)  # the first replica's TP ranks: a shard each
 
     log.close()
-    _finish(model, optimizer, cfg, out, first_val, final_val, device, train_batches, data)
+    _finish(model, optimizer, cfg, out, first_val, final_val, device, topo, train_batches, data)
     return out
 
 
 def _finish(
-    model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device, batches: WindowSampler,
-    data: Dataset,
+    model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device, topo: Topology,
+    batches: WindowSampler, data: Dataset,
 ) -> None:  # fmt: skip
     """Check the replicas agree, write the final checkpoint and summary.json, and report on rank 0."""
     t = cfg.train
-    # Horovod: gather every replica's parameter digest; data parallelism must leave them bit-identical.
+    # Horovod: gather every rank's parameter digest (index = global rank). Data parallelism must leave the
+    # members of each DP group (the copies of one shard) bit-identical.
     checksums = hvd.allgather_object(_param_checksum(model))
-    identical = len(set(checksums)) == 1
+    identical = all(
+        len({checksums[r] for r in dp_group_ranks(tp_rank, len(checksums), topo.tp)}) == 1 for tp_rank in range(topo.tp)
+    )
+    paths = [checkpoint_path(out, t.max_steps, r, topo.tp) for r in range(topo.tp)]
+    if topo.dp_rank == 0:
+        _save(model, optimizer, t.max_steps, cfg, out, topo, batches)
+    # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
+    sample = None
+    if t.sample_tokens and topo.dp_rank == 0:
+        sample = _sample(model, data.tokenizer, t.sample_tokens, t.seed, device)
+    hvd.allgather_object(None, name="checkpoints_written")  # Horovod: a barrier, so every shard is on disk
     if hvd.rank() == 0:
-        path = save_checkpoint(checkpoint_path(out, t.max_steps), _state(model, optimizer, t.max_steps, cfg, batches))
         summary = {
-            "steps": t.max_steps, "ranks": hvd.size(), "first_val_loss": first_val, "final_val_loss": final_val,
-            "replica_checksums": checksums, "replicas_identical": identical, "checkpoint": str(path),
+            "steps": t.max_steps, "ranks": hvd.size(), "tp": topo.tp, "dp": topo.dp, "first_val_loss": first_val,
+            "final_val_loss": final_val, "replica_checksums": checksums, "replicas_identical": identical,
+            "checkpoint": str(paths[0]), "checkpoint_shards": [str(p) for p in paths],
         }  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if not identical:
-            print(f"WARNING: the {hvd.size()} replicas diverged: parameter checksums {checksums}", flush=True)
+            print(f"WARNING: the replicas diverged: parameter checksums by rank {checksums}", flush=True)
         if first_val is not None:
             print(f"validation loss: {first_val:.4f} at start -> {final_val:.4f} after {t.max_steps} steps")
-        if t.sample_tokens:
-            print("sample:\n" + _sample(model, data.tokenizer, t.sample_tokens, t.seed, device))
-        print(f"checkpoint: {path}")
+        if sample is not None:
+            print("sample:\n" + sample)
+        print(f"checkpoint: {paths[0]}" + (f" (and {len(paths) - 1} more TP shard(s))" if len(paths) > 1 else ""))
         print(f"run directory: {out}", flush=True)
 
 
@@ -200,11 +218,11 @@ def _evaluate(model: GPT, batches: WindowSampler, n_batches: int, device: torch.
     return hvd.allreduce(total / n_batches, op=hvd.Average, name="val_loss").item()
 
 
-def _state(model: GPT, optimizer, step: int, cfg: JobConfig, batches: WindowSampler) -> dict:
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": cfg.to_dict(),
-        "data": batches.state_dict(),  # (epoch, position, seed): a resumed run continues with the next sample
-    }  # fmt: skip
+def _save(model: GPT, optimizer, step: int, cfg: JobConfig, out: Path, topo: Topology, batches: WindowSampler) -> Path:
+    """This rank's shard of the checkpoint at `step` (the whole model when tp = 1), with the data position."""
+    state = training_state(model, optimizer, step, cfg.to_dict(), topo.tp_rank, topo.tp)
+    state["data"] = batches.state_dict()  # (epoch, position, seed): a resumed run continues with the next sample
+    return save_checkpoint(checkpoint_path(out, step, topo.tp_rank, topo.tp), state)
 
 
 def _param_checksum(model: GPT) -> str:

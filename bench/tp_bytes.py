@@ -1,0 +1,137 @@
+"""Tensor-parallel benchmark: bytes the TP collectives move per step, against the analytic minimum, and the step
+throughput of TP=2 on 2 ranks against TP=1 on 1 rank (one thread per rank).
+
+    python bench/tp_bytes.py                        # d_model 1024, the figures for bench/RESULTS.md
+    python bench/tp_bytes.py --d-model 256 --steps 3  # a quick check that counted == analytic
+
+It starts itself under mpirun once per layout (the `--worker` runs). A worker trains the GPT on random tokens
+(forward, backward, TP-aware gradient clipping, AdamW step; no data parallelism, so no Horovod traffic) and
+reads `bytes_moved` of its TP group: the payload of every collective, i.e. the bytes of one rank's tensor
+(a ring allreduce sends about 2 (p-1)/p times that per rank on the wire).
+
+The analytic minimum per step, for L layers, B sequences of T tokens, width d, 4-byte floats and p > 1:
+    forward   2 L allreduces of B T d (attention and MLP output projections, row parallel)
+              1 allreduce of B T d (vocabulary-parallel embedding)
+              3 B T floats (cross-entropy: max, then sum of exponentials with the target logit)
+    backward  2 L allreduces of B T d (inputs of the qkv and MLP-in projections, column parallel)
+              1 allreduce of B T d (input of the vocabulary-parallel head)
+    clipping  1 float (the squared gradient norm of the shards)
+    total     4 x ((4 L + 2) B T d + 3 B T + 1) bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+
+def analytic_bytes(n_layer: int, batch: int, seq_len: int, d_model: int, tp: int) -> int:
+    if tp == 1:
+        return 0
+    bt = batch * seq_len
+    return 4 * ((4 * n_layer + 2) * bt * d_model + 3 * bt + 1)
+
+
+def worker(args) -> None:
+    import torch
+    from mpi4py import MPI
+
+    from hvdlm.config import ModelConfig
+    from hvdlm.model import GPT
+    from hvdlm.optim import clip_grad_norm
+    from hvdlm.topology import Layout, make_tp_group
+
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    group = make_tp_group(Layout(world.Get_rank(), world.Get_size(), world.Get_size()), world)
+    cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
+    torch.manual_seed(0)
+    model = GPT(cfg, group)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+
+    def step() -> float:
+        idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        clip_grad_norm(list(model.parameters()), 1.0, group)
+        opt.step()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    world.Barrier()
+    before, start = group.bytes_moved, time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    world.Barrier()
+    elapsed = time.perf_counter() - start
+    if world.Get_rank() == 0:
+        row = {
+            "tp": group.size, "ms_per_step": 1000 * elapsed / args.steps,
+            "tokens_per_s": args.batch * args.seq_len * args.steps / elapsed,
+            "bytes_per_step": (group.bytes_moved - before) // args.steps,
+            "analytic_bytes": analytic_bytes(args.n_layer, args.batch, args.seq_len, args.d_model, group.size),
+            "params_M": model.num_params() / 1e6,
+        }  # fmt: skip
+        print("RESULT " + json.dumps(row), flush=True)
+
+
+def launch(np: int, argv: list[str]) -> dict:
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        sys.exit("mpirun is not on the PATH (run `make setup`, or load your MPI)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [mpirun, "-np", str(np), "-bind-to", "none", "-mca", "btl_vader_single_copy_mechanism", "none"]
+    cmd += [sys.executable, os.path.abspath(__file__), "--worker", *argv]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not rows:
+        sys.exit(f"the TP={np} run failed:\n{proc.stdout[-3000:]}")
+    return json.loads(rows[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    shape = ["--d-model", str(args.d_model), "--n-layer", str(args.n_layer), "--n-head", str(args.n_head),
+             "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.steps),
+             "--warmup", str(args.warmup)]  # fmt: skip
+    one, two = launch(1, shape), launch(2, shape)
+    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} cores, "
+          f"python {' '.join(sys.argv)}")  # fmt: skip
+    print(f"# GPT {one['params_M']:.1f}M parameters: n_layer {args.n_layer}, d_model {args.d_model}, n_head "
+          f"{args.n_head}, batch {args.batch} x seq_len {args.seq_len}; {args.steps} timed steps; 1 thread per rank")
+    print(f"{'layout':<16}{'ms/step':>10}{'tokens/s':>12}{'TP bytes/step':>16}{'analytic':>14}")
+    for name, r in (("TP=1, 1 rank", one), ("TP=2, 2 ranks", two)):
+        print(f"{name:<16}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12.0f}{r['bytes_per_step']:>16,}"
+              f"{r['analytic_bytes']:>14,}")  # fmt: skip
+    speedup = two["tokens_per_s"] / one["tokens_per_s"]
+    exact = all(r["bytes_per_step"] == r["analytic_bytes"] for r in (one, two))
+    print(f"speed-up TP=2 / TP=1: {speedup:.2f}x (target >= 1.5x); counted bytes == analytic: {exact}")
+    sys.exit(0 if exact else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""`hvdlm checkpoint ...`: work on checkpoint files without starting a job. torch loads inside the commands only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hvdlm.errors import InputError
+
+
+@click.group()
+def checkpoint() -> None:
+    """Inspect and convert checkpoints."""
+
+
+@checkpoint.command()
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.option(
+    "-o", "--out", type=click.Path(dir_okay=False), default=None,
+    help="Where to write the unsharded checkpoint (default: STEM-merged.pt beside the input).",
+)  # fmt: skip
+def merge(ckpt: str, out: str | None) -> None:
+    """Merge the TP shards of CKPT into one unsharded checkpoint (model and optimizer state).
+
+    CKPT is any one shard (step-0000100.tp0-of-2.pt), or the checkpoint's unsharded name (step-0000100.pt).
+    """
+    from hvdlm.checkpoint import load_full_state, save_checkpoint, shard_paths
+
+    paths = shard_paths(ckpt)
+    stem = Path(ckpt).name.split(".")[0]
+    target = Path(out) if out else paths[0].parent / f"{stem}-merged.pt"
+    if target.exists():
+        raise InputError(f"'{target}' already exists; hvdlm does not write over a checkpoint. Pass another --out.")
+    state = load_full_state(ckpt)
+    save_checkpoint(target, state)
+    n = sum(t.numel() for name, t in state["model"].items() if name != "head.weight")
+    click.echo(f"merged {len(paths)} shard(s) of step {state.get('step')} ({n / 1e6:.2f}M parameters) into {target}")

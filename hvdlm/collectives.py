@@ -1,0 +1,146 @@
+"""Tensor collectives over one `Group` (see topology.py), for the tensor-parallel layers.
+
+    allreduce(x)              sum over the group, every rank gets the sum
+    allgather(x, dim)         the ranks' tensors concatenated along dim, in rank order
+    split(x, dim)             this rank's equal chunk along dim (local, no communication)
+    reduce_scatter(x, dim)    sum over the group, each rank keeps its chunk along dim
+    broadcast_(x, root)       overwrite x with group rank `root`'s x
+
+A group of one returns at once (allreduce and allgather return the input tensor itself, no copy).
+
+`_route` is the one place that decides how a tensor travels:
+- CPU tensors: mpi4py on the group's communicator, handed numpy views of the tensors' memory (no copies);
+- CUDA tensors: the same when `MPI.Query_cuda_support()` says the MPI library is CUDA-aware (mpi4py reads
+  `__cuda_array_interface__`), otherwise a Horovod collective over the group's process set (NCCL).
+
+Every call adds its payload (the bytes of one rank's input) to `group.bytes_moved`, so the benchmark can count
+what the layers send without tracing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from hvdlm.topology import Group
+
+CPU_MPI, CUDA_MPI, CUDA_HOROVOD = "cpu-mpi", "cuda-mpi", "cuda-horovod"
+
+
+@functools.cache
+def _mpi_is_cuda_aware() -> bool:
+    from mpi4py import MPI
+
+    try:
+        return bool(MPI.Query_cuda_support())
+    except (AttributeError, NotImplementedError):  # MPI libraries without the MPIX extension
+        return False
+
+
+def _route(x: torch.Tensor, group: Group) -> str:
+    if not x.is_cuda:
+        return CPU_MPI
+    if _mpi_is_cuda_aware():
+        return CUDA_MPI
+    if group.process_set is None:
+        raise RuntimeError("CUDA tensor on a group without a Horovod process set and MPI is not CUDA-aware")
+    return CUDA_HOROVOD
+
+
+def _buf(x: torch.Tensor):
+    """What mpi4py reads and writes: a numpy view sharing x's memory (CPU), or x itself (CUDA-aware MPI)."""
+    assert x.is_contiguous()
+    if x.is_cuda:
+        return x.detach()
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16 and MPI cannot sum it
+        raise TypeError("bfloat16 CPU tensors are not supported by the MPI collectives; use float32")
+    return x.detach().numpy()
+
+
+def allreduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) of x over the group, in a new tensor (x itself for a group of one)."""
+    if group.size == 1:
+        return x
+    x = x.contiguous()
+    group.bytes_moved += x.numel() * x.element_size()
+    route = _route(x, group)
+    if route == CUDA_HOROVOD:
+        import horovod.torch as hvd
+
+        # Horovod: a TP-group collective as a process-set allreduce (NCCL on GPUs).
+        return hvd.allreduce(x, op=hvd.Sum if op == "sum" else hvd.Max, process_set=group.process_set)
+    from mpi4py import MPI
+
+    out = torch.empty_like(x)
+    group.comm.Allreduce(_buf(x), _buf(out), op=MPI.SUM if op == "sum" else MPI.MAX)
+    return out
+
+
+def allgather(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
+    """Concatenate the ranks' x (all the same shape) along dim, in rank order."""
+    if group.size == 1:
+        return x
+    x = x.contiguous()
+    group.bytes_moved += x.numel() * x.element_size()
+    if _route(x, group) == CUDA_HOROVOD:
+        import horovod.torch as hvd
+
+        # Horovod: allgather concatenates along dim 0.
+        stacked = hvd.allgather(x.unsqueeze(0), process_set=group.process_set)  # (p, *x.shape)
+    else:
+        stacked = x.new_empty((group.size, *x.shape))
+        group.comm.Allgather(_buf(x), _buf(stacked))
+    if dim % x.dim() == 0:
+        return stacked.view(-1, *x.shape[1:])  # rank blocks are already contiguous along dim 0
+    return torch.cat(stacked.unbind(0), dim=dim)
+
+
+def split(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
+    """This rank's chunk of x along dim (x.size(dim) must divide by the group size)."""
+    if group.size == 1:
+        return x
+    if x.size(dim) % group.size:
+        raise ValueError(f"size {x.size(dim)} along dim {dim} does not divide among {group.size} ranks")
+    return x.chunk(group.size, dim=dim)[group.rank].contiguous()
+
+
+def reduce_scatter(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
+    """Sum x over the group and keep this rank's chunk along dim."""
+    if group.size == 1:
+        return x
+    if x.size(dim) % group.size:
+        raise ValueError(f"size {x.size(dim)} along dim {dim} does not divide among {group.size} ranks")
+    # MPI's Reduce_scatter_block wants each rank's block contiguous: free along dim 0, a copy otherwise.
+    blocks = x.contiguous() if dim % x.dim() == 0 else torch.stack(x.chunk(group.size, dim=dim)).contiguous()
+    group.bytes_moved += blocks.numel() * blocks.element_size()
+    if _route(blocks, group) == CUDA_HOROVOD:
+        import horovod.torch as hvd
+
+        # Horovod: reducescatter splits along dim 0, as our blocks are laid out.
+        mine = hvd.reducescatter(blocks, op=hvd.Sum, process_set=group.process_set)
+    else:
+        from mpi4py import MPI
+
+        mine = blocks.new_empty((blocks.size(0) // group.size, *blocks.shape[1:]))
+        group.comm.Reduce_scatter_block(_buf(blocks), _buf(mine), op=MPI.SUM)
+    return mine if dim % x.dim() == 0 else mine.squeeze(0)
+
+
+def broadcast_(x: torch.Tensor, group: Group, root: int = 0) -> torch.Tensor:
+    """Overwrite x in place with the x of the group's rank `root`."""
+    if group.size == 1:
+        return x
+    group.bytes_moved += x.numel() * x.element_size()
+    if _route(x, group) == CUDA_HOROVOD:
+        import horovod.torch as hvd
+
+        # Horovod: broadcast's root is a global rank, even inside a process set.
+        return hvd.broadcast_(x, root_rank=group.process_set.ranks[root], process_set=group.process_set)
+    if x.is_contiguous():
+        group.comm.Bcast(_buf(x), root=root)
+    else:
+        tmp = x.contiguous()
+        group.comm.Bcast(_buf(tmp), root=root)
+        x.copy_(tmp)
+    return x

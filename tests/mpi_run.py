@@ -1,0 +1,27 @@
+"""Start a program on N real MPI ranks of this machine, as `hvdlm launch` would, but allowing more ranks than
+cores (--oversubscribe: the 4-rank TP x DP tests run on 2-core CI machines)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from hvdlm.launch.commands import plan_launch
+
+
+def mpirun(np: int, program: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    # The launch plan of one rank on this machine gives the flags and variables hvdlm uses (root permission,
+    # yielding when idle, the BTL choices); only the rank count and --oversubscribe differ.
+    plan = plan_launch("mpirun", 1, None, None, program, threads=1, cycle_time_ms=5.0)
+    argv = list(plan.argv)
+    i = argv.index("-np")
+    argv[i : i + 2] = ["-np", str(np), "--oversubscribe"]
+    return subprocess.run(
+        argv, env={**os.environ, **plan.env, **(env or {}), "PYTHONUNBUFFERED": "1"}, timeout=timeout,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def hvdlm_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hvdlm", *args]

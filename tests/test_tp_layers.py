@@ -1,0 +1,59 @@
+"""Every tensor-parallel piece against its unsharded reference, on real MPI ranks (tests/tp_checks.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from mpi_run import mpirun
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = Path(__file__).with_name("tp_checks.py")
+CHECKS = [
+    "collectives_allreduce_allgather_split_reduce_scatter_broadcast",
+    "mappings_are_mirrored_pairs",
+    "column_parallel_linear_matches_nn_linear",
+    "row_parallel_linear_matches_nn_linear",
+    "vocab_parallel_embedding_matches_nn_embedding",
+    "vocab_parallel_cross_entropy_matches_f_cross_entropy",
+    "gpt_shard_matches_the_unsharded_gpt",
+]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    """One 2-rank run of all checks; rank 0 reports a JSON line per check."""
+    proc = mpirun(2, [sys.executable, str(SCRIPT)], timeout=240)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"check"')]
+    return {"_output": proc.stdout, **{row["check"]: row for row in rows}}
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_sharded_matches_reference_on_two_ranks(results, name):
+    assert name in results, f"check {name} did not report:\n{results['_output'][-3000:]}"
+    row = results[name]
+    assert row["ok"], f"{name}: worst difference {row['error']} at {row['worst']}\n{row['detail']}"
+
+
+GRID_SCRIPT = Path(__file__).with_name("tp_grid_checks.py")
+GRID_CHECKS = [
+    "grid_coordinates_and_process_sets",
+    "tp_allreduce_stays_in_the_replica",
+    "broadcast_within_each_dp_group_from_its_root",
+    "distributed_optimizer_averages_over_the_dp_group",
+]
+
+
+@pytest.fixture(scope="module")
+def grid_results() -> dict[str, dict]:
+    """One 4-rank run (tp 2 x dp 2, Horovod initialised with the DP process sets)."""
+    proc = mpirun(4, [sys.executable, str(GRID_SCRIPT)], timeout=240)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"check"')]
+    return {"_output": proc.stdout, **{row["check"]: row for row in rows}}
+
+
+@pytest.mark.parametrize("name", GRID_CHECKS)
+def test_tp2_x_dp2_grid_on_four_ranks(grid_results, name):
+    assert name in grid_results, f"check {name} did not report:\n{grid_results['_output'][-3000:]}"
+    assert grid_results[name]["ok"], f"{name}: {grid_results[name]['detail']}"

@@ -1,0 +1,163 @@
+"""Acceptance of tensor parallelism: the loss does not depend on the layout.
+
+With the same seed, data and global batch (8 sequences), 20 steps in the layouts 1 rank, DP=2, TP=2 and
+TP=2 x DP=2 (4 ranks, oversubscribed on small machines) give the same loss at every step and the same merged
+final parameters; real ranks under mpirun, no mocks. Also: bad layouts and checkpoints fail with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_JOB
+from mpi_run import hvdlm_argv, mpirun
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 20
+LAYOUTS = {  # name: (ranks, tp, batch_size per replica); the global batch is 8 in every layout
+    "one": (1, 1, 8),
+    "dp2": (2, 1, 4),
+    "tp2": (2, 2, 8),
+    "tp2xdp2": (4, 2, 4),
+}
+
+
+def _run(np: int, job: Path, run_dir: Path, cache: Path, *overrides: str):
+    sets = [a for o in overrides for a in ("--set", o)]
+    return mpirun(np, hvdlm_argv("train", str(job), "--run-dir", str(run_dir), *sets), env={"HVDLM_CACHE": str(cache)})
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tp-job") / "tiny.toml"
+    path.write_text(TINY_JOB)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(job, tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """The four layouts, trained once for all the tests of this module."""
+    base = tmp_path_factory.mktemp("tp-runs")
+    out = {}
+    for name, (np, tp, batch) in LAYOUTS.items():
+        proc = _run(
+            np, job, base / name, cache_dir, f"parallel.tp={tp}", f"train.batch_size={batch}",
+            f"train.max_steps={STEPS}", "train.eval_interval=0", "train.sample_tokens=0", "train.log_interval=1",
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout[-4000:]}"
+        out[name] = base / name
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def merged_params(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The final checkpoint, merged by the real `hvdlm checkpoint merge` when it is sharded."""
+    ckpt = run_dir / "checkpoints" / f"step-{STEPS:07d}.pt"
+    if not ckpt.exists():
+        out = tmp_path / f"{run_dir.name}-merged.pt"
+        proc = subprocess.run(
+            hvdlm_argv("checkpoint", "merge", str(ckpt), "--out", str(out)), cwd=REPO, timeout=120,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout
+        assert "merged 2 shard(s)" in proc.stdout
+        ckpt = out
+    return torch.load(ckpt, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2xdp2"])
+def test_loss_at_every_step_matches_one_rank(runs, layout):
+    ref, got = losses(runs["one"]), losses(runs[layout])
+    assert len(ref) == len(got) == STEPS
+    for step, (a, b) in enumerate(zip(ref, got), start=1):
+        assert abs(a - b) / abs(a) <= 1e-5, f"step {step}: 1 rank {a} vs {layout} {b}"
+    assert ref[-1] < ref[0] - 0.3  # the model learned, so a wrong gradient anywhere would have shown
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2xdp2"])
+def test_merged_final_parameters_match_one_rank(runs, layout, tmp_path):
+    ref, got = merged_params(runs["one"], tmp_path), merged_params(runs[layout], tmp_path)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert ref[name].shape == got[name].shape, name
+        assert (ref[name] - got[name]).abs().max().item() <= 1e-5, name
+
+
+def test_replicas_in_a_dp_group_stay_bit_identical(runs):
+    s = summary(runs["tp2xdp2"])
+    assert (s["tp"], s["dp"], s["ranks"]) == (2, 2, 4)
+    c = s["replica_checksums"]  # by global rank: DP groups {0, 2} and {1, 3}
+    assert c[0] == c[2] and c[1] == c[3] and s["replicas_identical"]
+    assert c[0] != c[1]  # the two TP ranks hold different shards: the comparison above is not vacuous
+    assert [Path(p).name for p in s["checkpoint_shards"]] == [f"step-{STEPS:07d}.tp{r}-of-2.pt" for r in (0, 1)]
+
+
+def test_a_sharded_checkpoint_starts_an_unsharded_run(runs, job, tmp_path, cache_dir):
+    """init_from reshards TP=2 -> TP=1; with a vanishing learning rate the weights come through unchanged."""
+    shard0 = runs["tp2"] / "checkpoints" / f"step-{STEPS:07d}.tp0-of-2.pt"
+    proc = _run(
+        1, job, tmp_path / "resumed", cache_dir, f"train.init_from={shard0}", "train.max_steps=1", "train.lr=1e-12",
+        "train.min_lr=0", "train.eval_interval=0", "train.sample_tokens=0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = torch.load(tmp_path / "resumed" / "checkpoints" / "step-0000001.pt", weights_only=True)["model"]
+    before = merged_params(runs["tp2"], tmp_path)
+    for name in before:
+        assert (after[name] - before[name]).abs().max().item() < 1e-6, name
+
+
+def test_a_checkpoint_of_another_shape_is_refused(runs, job, tmp_path, cache_dir):
+    shard0 = runs["tp2"] / "checkpoints" / f"step-{STEPS:07d}.tp0-of-2.pt"
+    proc = _run(1, job, tmp_path / "bad", cache_dir, f"train.init_from={shard0}", "model.d_model=64")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "another shape" in proc.stdout and "d_model=32" in proc.stdout and "d_model=64" in proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+def test_an_incomplete_sharded_checkpoint_is_refused(runs, tmp_path):
+    shard1 = runs["tp2"] / "checkpoints" / "step-0000020.tp1-of-2.pt"
+    (tmp_path / shard1.name).write_bytes(shard1.read_bytes())  # shard 0 left behind
+    proc = subprocess.run(
+        hvdlm_argv("checkpoint", "merge", str(tmp_path / "step-0000020.pt")), cwd=REPO, timeout=60,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "incomplete: 1 of its 2 shards are missing (step-0000020.tp0-of-2.pt)" in proc.stdout
+
+
+def test_tp_that_does_not_divide_the_ranks_is_refused_once(job, tmp_path, cache_dir):
+    proc = _run(2, job, tmp_path / "run", cache_dir, "parallel.tp=4", "model.n_head=4")
+    assert proc.returncode != 0
+    assert proc.stdout.count("parallel.tp = 4 does not divide the number of ranks (2)") == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+
+
+def test_tp_under_horovodrun_gloo_is_refused_by_the_ranks(job, tmp_path, cache_dir):
+    """Gloo-started ranks have no MPI world for the TP groups; each rank says so rather than training alone."""
+    import os
+
+    from hvdlm.launch.commands import find_executable
+
+    argv = [find_executable("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
+    argv += hvdlm_argv("train", str(job), "--run-dir", str(tmp_path / "run"), "--set", "parallel.tp=2")
+    proc = subprocess.run(
+        argv, env={**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}, timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "parallel.tp = 2 needs an MPI launcher" in proc.stdout and "horovodrun --mpi" in proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
