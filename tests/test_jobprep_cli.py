@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
@@ -10,9 +9,9 @@ import pytest
 
 import slurm_cluster
 from conftest import REPO
-from hvdlm.config import JobConfig, ParallelConfig, load_config
+from hvdlm.config import load_config
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import LaunchOptions, plan_launch, refuse_tp_without_mpi
+from hvdlm.launch.commands import LaunchOptions, check_tp_layout, plan_launch
 from hvdlm.launch.sbatch import render, spec_from_config
 
 
@@ -154,19 +153,37 @@ def test_job_file_slurm_section_feeds_sbatch_and_launch(tmp_path):
 
 
 def test_tensor_parallelism_needs_an_mpi_launcher():
-    refuse_tp_without_mpi(1, "horovodrun", "gloo")  # data parallelism alone is fine with Gloo
+    check_tp_layout(1, 3, "horovodrun", "gloo")  # data parallelism alone is fine with Gloo, on any rank count
     for launcher, controller in (("mpirun", "gloo"), ("srun", "gloo"), ("horovodrun", "mpi")):
-        refuse_tp_without_mpi(2, launcher, controller)
+        check_tp_layout(2, 4, launcher, controller)
     with pytest.raises(InputError, match="parallel.tp = 2 needs an MPI launcher"):
-        refuse_tp_without_mpi(2, "horovodrun", "gloo")
-    # The same check guards both commands. (Built in-process: loading tp = 2 is refused until tensor
-    # parallelism lands.)
-    cfg = dataclasses.replace(JobConfig(), parallel=ParallelConfig(tp=2))
-    with pytest.raises(InputError, match="horovodrun with the Gloo controller"):
-        plan_launch("horovodrun", 2, None, None, ["prog"], options=LaunchOptions.from_config(cfg), tp=cfg.parallel.tp)
-    with pytest.raises(InputError, match="needs an MPI launcher"):
-        spec_from_config(cfg, "jobs/demo.toml", [], launcher="horovodrun", venv="")
-    assert plan_launch("mpirun", 2, None, None, ["prog"], options=LaunchOptions.from_config(cfg), tp=2).argv
+        check_tp_layout(2, 2, "horovodrun", "gloo")
+    with pytest.raises(InputError, match="does not divide the 3 ranks"):
+        check_tp_layout(2, 3, "mpirun", "gloo")
+    with pytest.raises(InputError, match="does not divide the 3 ranks per node"):
+        check_tp_layout(2, 6, "srun", "gloo", ranks_per_node=3)
+
+
+def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path):
+    def hvdlm(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "hvdlm", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+
+    tp2 = str(REPO / "jobs" / "tp2.toml")
+    cases = [
+        (["launch", tp2, "--launcher", "horovodrun", "--dry-run"], "needs an MPI launcher"),
+        (["launch", tp2, "--np", "3", "--hosts", "localhost:4", "--dry-run"], "does not divide the 3 ranks"),
+        (["sbatch", tp2, "--nodes", "2", "--gpus-per-node", "3", "--time", "01:00:00"], "3 ranks per node"),
+        (["sbatch", tp2, "--nodes", "1", "--gpus-per-node", "0", "--time", "01:00:00", "--launcher", "horovodrun"],
+         "needs an MPI launcher"),
+    ]  # fmt: skip
+    for args, message in cases:
+        proc = hvdlm(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    ok = hvdlm("launch", tp2, "--np", "4", "--hosts", "localhost:4", "--dry-run")
+    assert ok.returncode == 0 and "-np 4" in ok.stdout, ok.stderr
 
 
 def test_launch_grows_nic_forwarding_and_mpich(hvdlm, tiny_job):

@@ -182,7 +182,6 @@ def vocab_parallel_embedding_matches_nn_embedding():
 def vocab_parallel_cross_entropy_matches_f_cross_entropy():
     errs = {}
     for vocab in (5 * P, 5 * P + 1):  # divisible, and padded
-        spec = Sharding(1, vocab)
         logits = rnd(4, 6, vocab, seed=40) * 3
         targets = torch.randint(0, vocab, (4, 6), generator=torch.Generator().manual_seed(41))
         targets[0, 0] = vocab - 1

@@ -100,14 +100,30 @@ def find_executable(name: str) -> str:
     return found
 
 
-def refuse_tp_without_mpi(tp: int, launcher: str, controller: str) -> None:
-    """Tensor parallelism needs MPI between ranks (mpi4py carries the sharded layers' collectives); horovodrun's
-    Gloo controller starts ranks without any MPI, so their COMM_WORLD would hold one rank each."""
-    if tp > 1 and launcher == "horovodrun" and controller == "gloo":
+def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_node: int | None = None) -> None:
+    """Refuse rank layouts that tensor parallelism cannot use, before anything starts.
+
+    TP needs MPI between ranks (mpi4py carries the sharded layers' collectives): horovodrun's Gloo controller
+    starts ranks without any MPI, so their COMM_WORLD would hold one rank each. A job is tp x dp ranks with the
+    tp ranks of a replica adjacent, so np must be a multiple of tp, and where ranks per node are known, a
+    multiple of tp too, or a replica's layers would talk across nodes in every layer."""
+    if tp <= 1:
+        return
+    if launcher == "horovodrun" and controller == "gloo":
         raise InputError(
             f"parallel.tp = {tp} needs an MPI launcher: the tensor-parallel layers talk through mpi4py, and "
             "horovodrun with the Gloo controller starts ranks without MPI. Use --launcher mpirun, srun "
             "(--mpi=pmix), or horovodrun with launch.controller = \"mpi\" (--set launch.controller=mpi)."
+        )
+    if np % tp:
+        raise InputError(
+            f"parallel.tp = {tp} does not divide the {np} ranks: a job is tp x dp ranks, tp per model replica. "
+            f"Use a rank count that is a multiple of {tp} (--np {tp * max(1, np // tp)}), or change parallel.tp."
+        )
+    if ranks_per_node is not None and ranks_per_node % tp:
+        raise InputError(
+            f"parallel.tp = {tp} does not divide the {ranks_per_node} ranks per node: a replica's {tp} shards "
+            f"would talk across nodes in every layer. Give a number of ranks per node that is a multiple of {tp}."
         )
 
 
@@ -238,7 +254,7 @@ def plan_launch(
     opts = options or LaunchOptions(controller=controller, cycle_time_ms=cycle_time_ms)
     if launcher not in LAUNCHERS:
         raise InputError(f"unknown launcher '{launcher}'. Use one of {', '.join(LAUNCHERS)}.")
-    refuse_tp_without_mpi(tp, launcher, opts.controller)
+    check_tp_layout(tp, np, launcher, opts.controller)
     local = hosts is None
     if launcher == "srun":
         per_host = [opts.tasks_per_node or np] if local else place_ranks(hosts, np)

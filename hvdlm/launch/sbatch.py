@@ -18,7 +18,7 @@ from pathlib import Path
 from hvdlm import __version__
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, rank_env, refuse_tp_without_mpi
+from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, rank_env, check_tp_layout
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
 
 BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
@@ -142,7 +142,7 @@ def spec_from_config(
     cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
     options = LaunchOptions.from_config(cfg)
     options.gpus_per_node = gpus  # srun's steps ask for what the job asked for
-    refuse_tp_without_mpi(cfg.parallel.tp, launcher, options.controller)
+    check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, options.controller, ranks_per_node=tasks)
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
     spec = SbatchSpec(
