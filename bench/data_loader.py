@@ -14,14 +14,12 @@ machine.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
+
+from recording import record  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,16 +34,6 @@ from hvdlm.model import GPT  # noqa: E402
 from hvdlm.optim import make_adamw  # noqa: E402
 
 JOB = REPO / "jobs" / "demo.toml"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -94,19 +82,11 @@ def main() -> None:
         f"{data.tokenizer.kind} tokens, {args.threads} thread(s), {args.steps} timed steps\n{summary}"
     )
     if args.record:
-        command = "python bench/data_loader.py " + shlex.join(sys.argv[1:])
-        machine = f"{os.cpu_count()} cores ({_cpu_model()}), {platform.system()} {platform.machine()}"
-        block = [
-            f"\n## Loader share of step time, {date.today().isoformat()}",
-            f"- command: `{command}`",
-            f"- machine: {machine}; Python {platform.python_version()}, torch {torch.__version__}",
+        record("Loader share of step time", [
             f"- model: jobs/demo.toml, one process, batch {t.batch_size} x {cfg.model.seq_len}, {args.threads} "
             f"thread(s), mean of {args.steps} steps after {args.warmup}",
             f"- {summary.replace(f'{100 * share:.3f}%', f'**{100 * share:.3f}%**')}",
-        ]
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(block) + "\n")
-
+        ], software=f"torch {torch.__version__}")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,13 @@ Targets: byte-level >= 50 MB/s; BPE training on the standard library < 60 s.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
+
+from recording import record  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,16 +37,6 @@ def one_run(options: PrepareOptions) -> dict:
         "seconds": seconds, "mb_per_s": report.bytes / 1e6 / seconds, "bytes": report.bytes, "tokens": tokens,
         "tokens_per_s": tokens / seconds, "bytes_per_token": report.bytes / tokens, "train_s": report.bpe_seconds,
     }  # fmt: skip
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -88,13 +77,8 @@ def main() -> None:
     print(f"BPE training:       {bpe_train:.1f} s (target < 60 s: {'met' if bpe_train < 60 else 'NOT met'})")
 
     if args.record:
-        command = "python bench/data_prepare.py " + shlex.join(sys.argv[1:])
-        machine = f"{os.cpu_count()} cores ({_cpu_model()}), {platform.system()} {platform.machine()}"
         every = "; ".join(n + ": " + ", ".join("%.2f s" % r["seconds"] for r in rs) for n, rs in runs.items())
-        block = [
-            f"\n## Data preparation throughput, {date.today().isoformat()}",
-            f"- command: `{command}`",
-            f"- machine: {machine}; Python {platform.python_version()}",
+        record("Data preparation throughput", [
             f"- corpus: {corpus}; each run prepares a fresh directory, timed end to end",
             "",
             header,
@@ -103,10 +87,7 @@ def main() -> None:
             "- every run, in order: " + every,
             f"- byte-level prepare: **{best['byte']['mb_per_s']:.1f} MB/s** (target >= 50)",
             f"- BPE training: **{bpe_train:.1f} s** (target < 60 s)",
-        ]
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(block) + "\n")
-
+        ])  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
+
+from recording import record  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "demo.toml"
@@ -48,16 +47,6 @@ def ddp_tokens_per_s(ranks: int, overrides: list[str], warmup_steps: int) -> flo
         cmd += ["--set", item]
     out = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -97,13 +86,8 @@ def main() -> None:
     if args.record:
         import torch
 
-        command = "python bench/dp_scaling.py " + shlex.join(sys.argv[1:])
         every_run = "; ".join(f"{n}: {', '.join(f'{v:,.0f}' for v in vs)}" for n, vs in results.items())
-        machine = f"{os.cpu_count()} cores ({_cpu_model()}), {platform.system()} {platform.machine()}"
-        block = [
-            f"\n## Data-parallel scaling, {date.today().isoformat()}",
-            f"- command: `{command}`",
-            f"- machine: {machine}; Python {platform.python_version()}, torch {torch.__version__}, Horovod 0.28.1",
+        record("Data-parallel scaling", [
             f"- model: jobs/demo.toml, {args.steps} steps, {args.threads} thread(s) per rank, per-rank batch as in the job",
             "",
             "| configuration | tokens/s (best of %d) |" % args.repeats,
@@ -113,10 +97,7 @@ def main() -> None:
             "- every run, in order: " + every_run,
             f"- weak-scaling efficiency: **{efficiency:.3f}** (target >= 0.90)",
             f"- hvdlm / DDP: **{versus_ddp:.3f}** (target >= 1.00)",
-        ]  # fmt: skip
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(block) + "\n")
-
+        ], software=f"torch {torch.__version__}, Horovod 0.28.1")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -80,7 +80,7 @@ def worker(args) -> None:
             "tokens_per_s": args.batch * args.seq_len * args.steps / elapsed,
             "bytes_per_step": (group.bytes_moved - before) // args.steps,
             "analytic_bytes": analytic_bytes(args.n_layer, args.batch, args.seq_len, args.d_model, group.size),
-            "params_M": model.num_params() / 1e6,
+            "params_M": model.num_params() / 1e6, "torch": torch.__version__,
         }  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
 
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -130,6 +131,21 @@ def main() -> None:
     speedup = two["tokens_per_s"] / one["tokens_per_s"]
     exact = all(r["bytes_per_step"] == r["analytic_bytes"] for r in (one, two))
     print(f"speed-up TP=2 / TP=1: {speedup:.2f}x (target >= 1.5x); counted bytes == analytic: {exact}")
+    if args.record:
+        from recording import record  # bench/ is on sys.path when this script runs
+
+        record("Tensor parallelism: bytes moved and TP=2 against TP=1", [
+            f"- model: GPT with {one['params_M']:.1f}M parameters (n_layer {args.n_layer}, d_model {args.d_model}, "
+            f"n_head {args.n_head}), batch {args.batch} x seq_len {args.seq_len}, 1 thread per rank, "
+            f"{args.steps} timed steps; analytic bytes 4 x ((4 n_layer + 2) B T d + 3 B T + 1) (see the script)",
+            "",
+            "| layout | ms/step | TP bytes/step | analytic bytes/step |",
+            "|---|---|---|---|",
+            *(f"| {name} | {r['ms_per_step']:.1f} | {r['bytes_per_step']:,} | {r['analytic_bytes']:,} |"
+              for name, r in (("TP=1, 1 rank", one), ("TP=2, 2 ranks", two))),
+            "",
+            f"- speed-up TP=2 / TP=1: **{speedup:.2f}x** (target >= 1.5x); counted bytes == analytic: {exact}",
+        ], software=f"torch {one['torch']}, Horovod 0.28.1, Open MPI")  # fmt: skip
     sys.exit(0 if exact else 1)
 
 
