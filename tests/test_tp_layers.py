@@ -21,12 +21,16 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[str, dict]:
-    """One 2-rank run of all checks; rank 0 reports a JSON line per check."""
-    proc = mpirun(2, [sys.executable, str(SCRIPT)], timeout=240)
+def run_checks(ranks: int, script: Path) -> dict[str, dict]:
+    """One run of every check in `script` on `ranks` MPI ranks; rank 0 reports a JSON line per check."""
+    proc = mpirun(ranks, [sys.executable, str(script)], timeout=240)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"check"')]
     return {"_output": proc.stdout, **{row["check"]: row for row in rows}}
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    return run_checks(2, SCRIPT)
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -47,10 +51,8 @@ GRID_CHECKS = [
 
 @pytest.fixture(scope="module")
 def grid_results() -> dict[str, dict]:
-    """One 4-rank run (tp 2 x dp 2, Horovod initialised with the DP process sets)."""
-    proc = mpirun(4, [sys.executable, str(GRID_SCRIPT)], timeout=240)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"check"')]
-    return {"_output": proc.stdout, **{row["check"]: row for row in rows}}
+    """tp 2 x dp 2 on 4 ranks, Horovod initialised with the DP process sets."""
+    return run_checks(4, GRID_SCRIPT)
 
 
 @pytest.mark.parametrize("name", GRID_CHECKS)
