@@ -52,6 +52,8 @@ def _buf(x: torch.Tensor):
     """What mpi4py reads and writes: a numpy view sharing x's memory (CPU), or x itself (CUDA-aware MPI)."""
     assert x.is_contiguous()
     if x.is_cuda:
+        # MPI reads device memory outside torch's streams: the kernels that wrote x must have finished.
+        torch.cuda.current_stream(x.device).synchronize()
         return x.detach()
     if x.dtype == torch.bfloat16:  # numpy has no bfloat16 and MPI cannot sum it
         raise TypeError("bfloat16 CPU tensors are not supported by the MPI collectives; use float32")

@@ -44,7 +44,10 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group: 
     if tp_group.size == 1:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [(p.grad, hasattr(p, "tp_shard")) for p in params if p.grad is not None]
-    sq = lambda gs: torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in gs]).sum()  # noqa: E731
+
+    def sq(gs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in gs]).sum()
+
     sharded = [g for g, is_shard in grads if is_shard]
     replicated = [g for g, is_shard in grads if not is_shard]
     total_sq = allreduce(sq(sharded).reshape(1), tp_group)[0] if sharded else torch.zeros(())
