@@ -61,8 +61,7 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     tokens_per_step = t.batch_size * cfg.model.seq_len * dp_size
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
-        f"{device.type}, "
-        f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per step, "
+        f"{device.type}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per step, "
         f"data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens "
         f"({train_batches.samples_per_epoch:,} windows per epoch) from {data.path}"
     )
