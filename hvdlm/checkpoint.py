@@ -38,11 +38,15 @@ def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1) -> 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half-written file behind
+        raise
     # Make the rename itself durable.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -55,9 +59,32 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # weights_only: a checkpoint file is data and never runs code.
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise InputError(f"cannot read checkpoint '{path}': {e}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises many kinds on damaged or foreign bytes
+        size = path.stat().st_size if path.is_file() else 0
+        raise InputError(
+            f"cannot read checkpoint '{path}' ({size:,} bytes): it is truncated, damaged or not a checkpoint "
+            f"({type(e).__name__}: {e}). Copy it again, or name another step's checkpoint."
+        ) from None
+    _check_structure(state, path)
+    return state
+
+
+def _check_structure(state: Any, path: Path) -> None:
+    """A torch file is not necessarily ours: refuse one that lacks what merging and loading read."""
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"it holds a {type(state).__name__}, not a checkpoint"
+    elif not isinstance(state.get("model"), dict) or not all(torch.is_tensor(t) for t in state["model"].values()):
+        problem = "it has no 'model' table of tensors"
+    elif not isinstance(state.get("step"), int):
+        problem = "it records no step"
+    elif "tp" in state and not (isinstance(state["tp"], dict) and {"rank", "size", "sharding"} <= state["tp"].keys()):
+        problem = "its tensor-parallel record is incomplete"
+    if problem:
+        raise InputError(
+            f"'{path}' is not an hvdlm checkpoint: {problem}. Name a file from a run's checkpoints/ directory."
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -137,6 +164,13 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     tp = first.get("tp", {}).get("size", 1)
     if tp == 1:
         return first
+    steps = sorted({s["step"] for s in states})
+    sizes = sorted({s.get("tp", {}).get("size", 1) for s in states})
+    if len(steps) > 1 or len(sizes) > 1:
+        raise InputError(
+            f"these shards belong to different checkpoints (steps {steps}, TP sizes {sizes}): a checkpoint's "
+            "shards must come from one save. Copy them again from the same run directory."
+        )
     if len(states) != tp or [s["tp"]["rank"] for s in states] != list(range(tp)):
         raise InputError(f"expected the {tp} shards of one checkpoint in rank order, got {len(states)} states.")
     specs = {name: Sharding(*spec) if spec else None for name, spec in first["tp"]["sharding"].items()}
@@ -177,9 +211,14 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
     for name, t in expected.items():
         if name in full and tuple(full[name].shape) != full_shape(t):
             problems.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
+    their_cfg = full_state.get("config", {}).get("model", {})
+    our_cfg = model.cfg.__dict__ if hasattr(model, "cfg") else {}
+    # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads.
+    for key in ("n_layer", "n_head", "d_model", "seq_len", "bias"):
+        if key in their_cfg and key in our_cfg and their_cfg[key] != our_cfg[key]:
+            problems.append(f"{key} is {their_cfg[key]} there, {our_cfg[key]} here")
     if problems:
-        theirs = _shape_summary(full_state.get("config", {}).get("model", {}))
-        ours = _shape_summary(getattr(model, "cfg", None).__dict__ if hasattr(model, "cfg") else {})
+        theirs, ours = _shape_summary(their_cfg), _shape_summary(our_cfg)
         raise InputError(
             f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems[:4])}. "
             f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."

@@ -33,6 +33,9 @@ def merge(ckpt: str, out: str | None) -> None:
     if target.exists():
         raise InputError(f"'{target}' already exists; hvdlm does not write over a checkpoint. Pass another --out.")
     state = load_full_state(ckpt)
-    save_checkpoint(target, state)
+    try:
+        save_checkpoint(target, state)
+    except OSError as e:
+        raise InputError(f"cannot write '{target}': {e.strerror or e}. Pass an --out in a writable directory.") from None
     n = sum(t.numel() for name, t in state["model"].items() if name != "head.weight")
     click.echo(f"merged {len(paths)} shard(s) of step {state.get('step')} ({n / 1e6:.2f}M parameters) into {target}")

@@ -39,24 +39,26 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     device = _pick_device()
     torch.set_num_threads(cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     rank0 = hvd.rank() == 0
+    t = cfg.train
     data = _load_dataset(cfg)
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
     cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
-    out = _agree_on_run_dir(run_dir, job_name, cfg)
-    log = RunLogger(out, cfg.train.max_steps, enabled=rank0)
-    t = cfg.train
-
     train_batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, dp_rank, dp_size, t.seed)
     val_batches = WindowSampler(data.val, cfg.model.seq_len, t.batch_size, dp_rank, dp_size, t.seed)
 
     # Every rank seeds alike: a TP rank builds the full tensors and keeps its slice (layout-independent init).
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, topo.tp_group)
-    if t.init_from:
+    if t.init_from:  # before the run directory exists: a bad checkpoint leaves nothing behind
         load_model(model, load_full_state(t.init_from), t.init_from, topo.tp_rank, topo.tp)
     model = model.to(device)
+    out = _agree_on_run_dir(run_dir, job_name, cfg)
+    log = RunLogger(out, t.max_steps, enabled=rank0)
     # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
     optimizer = distributed_optimizer(model, t, topo)
+    # Dropout draws from here on: one stream per replica, shared by its TP ranks, whose replicated activations
+    # must be dropped alike (replicas would otherwise all drop the same units of different samples).
+    torch.manual_seed(t.seed + 1 + dp_rank)
 
     tokens_per_step = t.batch_size * cfg.model.seq_len * dp_size
     log.info(

@@ -140,7 +140,7 @@ def test_an_incomplete_sharded_checkpoint_is_refused(runs, tmp_path):
 
 def test_tp_that_does_not_divide_the_ranks_is_refused_once(job, tmp_path, cache_dir):
     proc = _run(2, job, tmp_path / "run", cache_dir, "parallel.tp=4", "model.n_head=4")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stdout.count("parallel.tp = 4 does not divide the number of ranks (2)") == 1, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
 
@@ -157,6 +157,59 @@ def test_tp_under_horovodrun_gloo_is_refused_by_the_ranks(job, tmp_path, cache_d
         argv, env={**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}, timeout=120,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert proc.returncode != 0
+    assert proc.returncode != 0  # the ranks exit 2; horovodrun turns any rank's failure into its own exit 1
+    assert "Exit code: 2" in proc.stdout
     assert "parallel.tp = 2 needs an MPI launcher" in proc.stdout and "horovodrun --mpi" in proc.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_with_another_head_count_is_refused_and_leaves_no_run(runs, job, tmp_path, cache_dir):
+    """n_head shows in no tensor shape (q, k, v are (3d, d) for any head count): the recorded config catches it."""
+    ckpt = runs["one"] / "checkpoints" / f"step-{STEPS:07d}.pt"
+    run_dir = tmp_path / "run"
+    proc = _run(1, job, run_dir, cache_dir, f"train.init_from={ckpt}", "model.n_head=4", "train.max_steps=1")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "n_head is 2 there, 4 here" in proc.stdout and "Traceback" not in proc.stdout
+    assert not run_dir.exists()  # refused before the run directory was made, so the name stays free
+
+
+def test_damaged_and_foreign_files_are_refused_by_merge(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "byte.pt").write_bytes(b"x")
+    for name, message in [
+        ("tensor.pt", "holds a Tensor, not a checkpoint"),
+        ("dict.pt", "no 'model' table of tensors"),
+        ("text.pt", "truncated, damaged or not a checkpoint"),
+        ("byte.pt", "truncated, damaged or not a checkpoint"),
+    ]:
+        proc = subprocess.run(
+            hvdlm_argv("checkpoint", "merge", str(tmp_path / name)), cwd=REPO, timeout=60,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 2, (name, proc.stdout)
+        assert message in proc.stdout and "Traceback" not in proc.stdout, (name, proc.stdout)
+    assert not list(tmp_path.glob("*merged*"))  # nothing written for a refused input
+
+
+def test_a_vocabulary_that_tp_does_not_divide_trains_and_samples(job, tmp_path, cache_dir):
+    """257 tokens on 2 TP ranks: one padding row that the loss, the sampler and the merged checkpoint never see."""
+    run_dir = tmp_path / "run"
+    proc = _run(
+        2, job, run_dir, cache_dir, "parallel.tp=2", "model.vocab_size=257", "train.max_steps=2",
+        "train.eval_interval=0", "train.sample_tokens=12",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "sample:" in proc.stdout
+    shards = [torch.load(p, weights_only=True)["model"] for p in sorted((run_dir / "checkpoints").glob("*.tp*.pt"))]
+    emb = [sd["tok_emb.weight"] for sd in shards]
+    assert [e.shape[0] for e in emb] == [129, 129]  # 257 padded to 258, halved
+    assert emb[1][-1].abs().max().item() == 0.0  # the padding row never learns
+    out = tmp_path / "merged.pt"
+    merge = subprocess.run(
+        hvdlm_argv("checkpoint", "merge", str(run_dir / "checkpoints" / "step-0000002.pt"), "--out", str(out)),
+        cwd=REPO, timeout=120, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert merge.returncode == 0, merge.stdout
+    assert torch.load(out, weights_only=True)["model"]["tok_emb.weight"].shape[0] == 257
