@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import hvdlm.data.prepare as prepare_module
 from hvdlm.data.prepare import PrepareOptions, is_validation, prepare
 from hvdlm.data.shards import ShardWriter, token_dtype
 from hvdlm.data.sources import SkipReport, read_documents, resolve_sources, stdlib_files, stdlib_root
+from hvdlm.data.tokenizer import EOT, MAX_BPE_VOCAB, check_bpe_vocab
 from hvdlm.errors import InputError
 
 
@@ -167,15 +169,214 @@ def test_prepare_never_replaces_a_directory_it_did_not_write(small_corpus, tmp_p
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_a_damaged_dataset_is_a_clear_error(small_corpus, tmp_path):
+def test_a_damaged_dataset_is_a_clear_error_and_prepare_repairs_it(small_corpus, tmp_path):
     out = tmp_path / "ds"
     prepare([str(small_corpus)], out, log=lambda m: None)
     shard = out / "train-00000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(InputError, match="damaged: shard train-00000.bin"):
+    with pytest.raises(InputError, match="damaged or not an hvdlm dataset: shard train-00000.bin should hold"):
         open_dataset(out)
     with pytest.raises(InputError, match="not a prepared dataset"):
         open_dataset(tmp_path / "nowhere")
+    # Unchanged inputs, but the dataset is no longer what they give: prepare writes it again.
+    assert not prepare([str(small_corpus)], out, log=lambda m: None).up_to_date
+    assert sorted(dataset_texts(open_dataset(out))) == sorted(source_texts([str(small_corpus)]).values())
+
+
+def two_documents(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    (src / "b.txt").write_text("world\n")
+    return src
+
+
+FOREIGN_METAS = ['{"project": "mine"}', "[1]", '"x"', '{"format_version": 1}', "not json", ""]
+
+
+@pytest.mark.parametrize("meta", FOREIGN_METAS)
+def test_a_meta_json_not_written_by_prepare_is_not_a_dataset_and_nothing_is_deleted(tmp_path, meta):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "meta.json").write_text(meta)
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(InputError, match="is not empty and holds no dataset"):
+        prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"meta.json": meta, "notes.txt": "precious"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "src"]
+
+
+def test_a_dataset_holding_files_prepare_did_not_write_is_never_replaced(tmp_path):
+    src = two_documents(tmp_path)
+    out = tmp_path / "ds"
+    prepare([str(src)], out, log=lambda m: None)
+    (out / "notes.txt").write_text("precious")
+    (out / "plots").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert prepare([str(src)], out, log=lambda m: None).up_to_date  # nothing to do: nothing touched
+    (src / "a.txt").write_text("changed\n")
+    with pytest.raises(InputError, match="holds a dataset and files prepare did not write .notes.txt, plots."):
+        prepare([str(src)], out, log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and (out / "plots").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "src"]  # the finished new copy was dropped
+    # The same check at the swap itself, for files that arrive while a prepare runs.
+    staged = tmp_path / "staged"
+    prepare([str(src)], staged, log=lambda m: None)
+    with pytest.raises(InputError, match="files prepare did not write"):
+        prepare_module._publish(staged, out, "another fingerprint")
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda m: "x", "meta.json is not a readable JSON object"),
+        (lambda m: [1], "meta.json is not a readable JSON object"),
+        (lambda m: {"format_version": 1}, "meta.json lacks inputs_fingerprint, content_hash, splits, tokenizer, dtype"),
+        (lambda m: {k: v for k, v in m.items() if k != "dtype"}, "meta.json lacks dtype"),
+        (lambda m: {**m, "dtype": "float64"}, "dtype is 'float64'"),
+        (lambda m: {**m, "tokenizer": "bpe"}, "the tokenizer entry has no type"),
+        (lambda m: {**m, "splits": {"train": m["splits"]["train"]}}, "splits.val.shards is missing"),
+        (lambda m: {**m, "splits": {**m["splits"], "val": {**m["splits"]["val"], "shards": [
+            {**m["splits"]["val"]["shards"][0], "file": "../../etc/passwd"}]}}}, "a shard entry of splits.val names file '../../etc/passwd'"),
+    ],
+)
+def test_a_damaged_or_foreign_meta_json_is_one_clear_error(tmp_path, edit, problem):
+    out = tmp_path / "ds"
+    prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps(edit(meta)))
+    message = f"dataset at {out} is damaged or not an hvdlm dataset: {problem}"
+    for read in (open_dataset, load_tokenizer):
+        with pytest.raises(InputError) as e:
+            read(out)
+        assert str(e.value).startswith(message) and "prepare it again with `hvdlm data prepare" in str(e.value)
+
+
+def test_another_format_version_says_so(tmp_path):
+    out = tmp_path / "ds"
+    prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
+    with pytest.raises(InputError, match="has format version 2, this hvdlm reads version 1"):
+        open_dataset(out)
+    assert not prepare([str(tmp_path / "src")], out, log=lambda m: None).up_to_date  # replaced, not refused
+    assert open_dataset(out).meta["format_version"] == 1
+
+
+@pytest.mark.parametrize("out, message", [
+    ("afile/ds", "'{tmp}/afile' is a file, not a directory"),
+    ("afile", "output '{tmp}/afile' is a file"),
+    ("/proc/ds", "cannot create the dataset directory '/proc/ds'"),
+])  # fmt: skip
+def test_an_output_that_cannot_be_created_is_a_clear_error(tmp_path, out, message):
+    src = two_documents(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    out = out if out.startswith("/") else str(tmp_path / out)
+    with pytest.raises(InputError, match=message.format(tmp=tmp_path).replace("(", "\\(")):
+        prepare([str(src)], out, log=lambda m: None)
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"]
+
+
+@pytest.mark.parametrize("pattern, what", [
+    ("", "is empty"), ("  ", "is empty"), ("/etc/*", "is an absolute path"), ("../*", "climbs out"),
+    ("sub/../../*", "climbs out"), ("**a", "is not a valid pattern"),
+])  # fmt: skip
+def test_globs_stay_inside_their_directory(tmp_path, pattern, what):
+    src = two_documents(tmp_path)
+    (tmp_path / "outside.txt").write_text("not part of the source\n")
+    with pytest.raises(InputError, match=f"--glob '{pattern.replace('*', '[*]')}' {what}"):
+        resolve_sources([str(src)], [pattern])
+    assert [f.name for f in resolve_sources([str(src)], ["*.txt"])] == ["src/a.txt", "src/b.txt"]
+
+
+def test_the_bpe_vocabulary_is_capped_and_a_smaller_trained_one_is_reported(tmp_path):
+    check_bpe_vocab(MAX_BPE_VOCAB)
+    check_bpe_vocab(70_000)  # above 65,536: uint32 shards, still allowed
+    for too_big in (MAX_BPE_VOCAB + 1, 2**32):
+        with pytest.raises(InputError, match="at most 1,048,576"):
+            PrepareOptions(tokenizer="bpe", vocab_size=too_big).check()
+    out = tmp_path / "ds"
+    report = prepare([str(two_documents(tmp_path))], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000),
+                     log=lambda m: None)  # fmt: skip
+    trained = open_dataset(out).vocab_size
+    assert trained < 300 and report.dtype == "uint16"  # two words hold few pairs to merge
+    warning = f"the BPE vocabulary has {trained:,} tokens, fewer than the 70,000 asked for"
+    assert warning in report.summary()
+    assert warning in prepare([str(tmp_path / "src")], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000),
+                              log=lambda m: None).summary()  # fmt: skip
+
+
+def test_uint32_shards_read_back(tmp_path, monkeypatch):
+    # A vocabulary over 65,536 needs a large corpus to train: force the wide format on a small one instead.
+    monkeypatch.setattr(prepare_module, "token_dtype", lambda vocab: np.dtype("<u4"))
+    out = tmp_path / "ds"
+    prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    ds = open_dataset(out)
+    assert ds.meta["dtype"] == "uint32" and ds.train.shards[0].dtype == np.uint32
+    assert sorted(dataset_texts(ds)) == ["hello\n", "world\n"]
+
+
+def test_the_end_of_document_text_inside_a_document_is_plain_text(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = [f"document {i}: some text to merge, some text to merge.\n" for i in range(7)]
+    texts[2] = f"a literal {EOT} in the middle\n"
+    texts[5] = f"{EOT}{EOT} at the start and the end {EOT}"
+    for i, text in enumerate(texts):
+        (src / f"{i}.txt").write_text(text)
+    out = tmp_path / "ds"
+    report = prepare([str(src)], out, PrepareOptions(tokenizer="bpe", vocab_size=300), log=lambda m: None)
+    ds = open_dataset(out)
+    eot = ds.tokenizer.eot_id
+    n_eot = sum(int((shard == eot).sum()) for split in (ds.train, ds.val) for shard in split.shards)
+    assert n_eot == sum(report.documents.values()) == 7  # only the boundaries prepare appended
+    assert sorted(dataset_texts(ds)) == sorted(texts)
+    # The tokenizer the trainer and `hvdlm generate` load treats the text alike (the flag is not in tokenizer.json).
+    tok = load_tokenizer(out)
+    ids = tok.encode(texts[5])
+    assert eot not in ids and tok.decode(ids) == texts[5]
+    assert tok.decode([*tok.encode("end"), eot]) == f"end{EOT}"
+
+
+def test_strict_does_not_accept_a_dataset_that_skipped_inputs(tmp_path):
+    src = two_documents(tmp_path)
+    (src / "blob.bin").write_bytes(b"\x00\x01" * 50)
+    (src / "empty.txt").write_text("")
+    out = tmp_path / "ds"
+    prepare([str(src)], out, log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InputError, match="'src/blob.bin' was rejected: binary"):
+        prepare([str(src)], out, PrepareOptions(strict=True), log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Without the binary file, only an empty document is skipped, and strict mode skips those too: up to date.
+    (src / "blob.bin").unlink()
+    prepare([str(src)], out, log=lambda m: None)
+    assert prepare([str(src)], out, PrepareOptions(strict=True), log=lambda m: None).up_to_date
+
+
+def test_datasets_and_temporary_directories_inside_a_source_are_not_read(tmp_path):
+    src = two_documents(tmp_path)
+    prepare([str(src)], src / "inner", log=lambda m: None)
+    (src / ".other.tmp-x1y2").mkdir()  # left by a prepare that was killed
+    (src / ".other.tmp-x1y2" / "train-00000.bin").write_bytes(b"\x00\x01")
+    for globs in (None, ["**/*"]):  # a --glob makes hidden files count too
+        assert [f.name for f in resolve_sources([str(src)], globs)] == ["src/a.txt", "src/b.txt"]
+    report = prepare([str(src)], tmp_path / "outer", log=lambda m: None)
+    assert sum(report.documents.values()) == 2 and report.skipped == {}
+
+
+def test_a_fifo_source_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(InputError, match="'.*pipe' is not a regular file or a directory"):
+        resolve_sources([str(tmp_path / "pipe")])
+
+
+def test_a_byte_order_mark_on_the_first_json_lines_line_is_accepted(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    skipped = SkipReport()
+    docs = [d.text for _, d in read_documents(resolve_sources([str(tmp_path)]), "text", False, skipped)]
+    assert docs == ["first", "second"] and skipped.total == 0
 
 
 def test_publishing_onto_the_same_dataset_keeps_the_copy_already_there(small_corpus, tmp_path):

@@ -71,6 +71,16 @@ def test_strict_rejects_bad_input_before_writing_anything(hvdlm, messy, tmp_path
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["messy"]
 
 
+def test_strict_on_unchanged_inputs_rejects_what_the_dataset_skipped(hvdlm, messy, tmp_path):
+    out = tmp_path / "ds"
+    assert hvdlm("data", "prepare", str(messy), "--out", str(out)).code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = hvdlm("data", "prepare", str(messy), "--out", str(out), "--strict")
+    assert r.code == 2 and "(--strict)" in r.out and "up to date" not in r.out and "Traceback" not in r.out, r.out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "messy"]
+
+
 def test_globs_and_text_field_choose_what_is_read(hvdlm, messy, tmp_path):
     (messy / "other.jsonl").write_text('{"body": "from the body field"}\n{"body": "and another"}\n')
     out = tmp_path / "ds"
@@ -103,11 +113,37 @@ def test_unusable_corpora_are_one_clear_error(hvdlm, tmp_path, setup, message):
     assert not (tmp_path / "ds").exists()
 
 
-def test_bad_options_are_clear_errors(hvdlm, messy, tmp_path):
-    r = hvdlm("data", "prepare", str(messy), "--out", str(tmp_path / "ds"), "--tokenizer", "bpe", "--vocab-size", "100")
-    assert r.code == 2 and "Error: BPE vocabulary size 100 is out of range" in r.out, r.out
-    r = hvdlm("data", "prepare", str(messy), "--out", str(tmp_path / "ds"), "--val-fraction", "1.5")
-    assert r.code == 2 and "between 0 and 1" in r.out, r.out
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tokenizer", "bpe", "--vocab-size", "100"], "Error: BPE vocabulary size 100 is out of range"),
+        (["--tokenizer", "bpe", "--vocab-size", "4294967296"], "and at most 1,048,576"),  # once a Rust abort
+        (["--val-fraction", "1.5"], "between 0 and 1"),
+        (["--glob", ""], "--glob '' is empty"),
+        (["--glob", "/etc/*"], "--glob '/etc/*' is an absolute path"),
+        (["--glob", "../*"], "--glob '../*' climbs out of the source directory"),
+        (["--out", "{tmp}/afile/ds"], "cannot create the dataset directory '{tmp}/afile/ds': '{tmp}/afile' is a file"),
+        (["--out", "/proc/ds"], "cannot create the dataset directory '/proc/ds'"),
+    ],
+)
+def test_bad_options_and_paths_are_clear_errors(hvdlm, messy, tmp_path, args, message):
+    (tmp_path / "afile").write_text("mine")
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = hvdlm("data", "prepare", str(messy), "--out", str(tmp_path / "ds"), *args)
+    assert r.code == 2 and r.out.startswith("Error: ") and message.format(tmp=tmp_path) in r.out, r.out
+    assert "Traceback" not in r.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "messy"]  # no dataset, no temporary directory
+
+
+@pytest.mark.parametrize("meta", ['{"project": "mine"}', "[1]"])
+def test_a_directory_with_a_meta_json_of_its_own_is_left_alone(hvdlm, messy, tmp_path, meta):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "meta.json").write_text(meta)
+    (out / "notes.txt").write_text("precious")
+    r = hvdlm("data", "prepare", str(messy), "--out", str(out))
+    assert r.code == 2 and "is not empty and holds no dataset" in r.out and "Traceback" not in r.out, r.out
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"meta.json": meta, "notes.txt": "precious"}
 
 
 def test_data_prepare_does_not_import_torch_or_horovod(tmp_path):
@@ -145,6 +181,13 @@ def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):
 
     missing = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run2"), "--set", f"data.dataset={tmp_path}/no")
     assert missing.code == 2 and "is not a prepared dataset" in missing.out and "Traceback" not in missing.out
+    for meta in ('"x"', '{"format_version": 1}'):
+        (tmp_path / "foreign").mkdir(exist_ok=True)
+        (tmp_path / "foreign" / "meta.json").write_text(meta)
+        r = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run4"), "--set",
+                  f"data.dataset={tmp_path}/foreign", "--set", "train.max_steps=1")  # fmt: skip
+        assert r.code == 2 and "Traceback" not in r.out, r.out
+        assert f"dataset at {tmp_path}/foreign is damaged or not an hvdlm dataset: meta.json " in r.out, r.out
     padded = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run3"), "--set", f"data.dataset={data}",
                    "--set", "model.vocab_size=448", "--set", "train.max_steps=1")  # fmt: skip
     assert padded.code == 0 and "vocab_size = 448" in (tmp_path / "run3" / "config.toml").read_text(), padded.out

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from hvdlm.cache import cache_root
 from hvdlm.config import DataConfig
-from hvdlm.data.prepare import PrepareOptions, fingerprint_of, prepare, read_meta
+from hvdlm.data.meta import META_FILE, is_dataset_dir, load_meta
+from hvdlm.data.prepare import PrepareOptions, fingerprint_of, prepare
 from hvdlm.data.sources import resolve_sources
 from hvdlm.errors import InputError
 
@@ -35,15 +36,16 @@ def ensure_dataset(cfg: DataConfig, log=print) -> Path:
     """The job's dataset directory, prepared first when it is the built-in corpus and not yet in the cache."""
     if cfg.dataset:
         path = Path(cfg.dataset)
-        if read_meta(path) is None:
+        if not (path / META_FILE).exists():
             raise InputError(
                 f"data.dataset '{path}' is not a prepared dataset (no meta.json). Create it first with "
                 f"`hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty to train on the "
                 f"built-in '{cfg.corpus}' corpus."
             )
+        load_meta(path)  # a damaged or foreign meta.json: one clear error, from the rank that checks
         return path
     path = builtin_dataset_dir(cfg)
-    if read_meta(path) is None:
+    if not is_dataset_dir(path):
         log(f"preparing the built-in '{cfg.corpus}' corpus ({cfg.tokenizer} tokens) in {path} (first use) ...")
         log(prepare([cfg.corpus], path, _options(cfg), log=log).summary())
     return path

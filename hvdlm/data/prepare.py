@@ -20,12 +20,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hvdlm import __version__
+from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
-from hvdlm.data.sources import InputFile, SkipReport, fingerprint_inputs, read_documents, resolve_sources, total_size
+from hvdlm.data.sources import (
+    LENIENT_REASONS, InputFile, SkipReport, fingerprint_inputs, read_documents, resolve_sources, total_size,
+)
 from hvdlm.data.tokenizer import TOKENIZERS, ByteTokenizer, check_bpe_vocab, train_bpe
 from hvdlm.errors import InputError
 
-SPLITS = ("train", "val")
 _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
 
 
@@ -68,13 +70,24 @@ class PrepareReport:
     tokenizer: str = ""
     dtype: str = ""
     bpe_seconds: float = 0.0
+    vocab_size: int = 0  # the tokenizer's
+    requested_vocab: int = 0  # --vocab-size (BPE): a small corpus runs out of merges before it
+
+    def warnings(self) -> list[str]:
+        if self.vocab_size < self.requested_vocab:
+            return [
+                f"the BPE vocabulary has {self.vocab_size:,} tokens, fewer than the {self.requested_vocab:,} asked "
+                "for: the corpus has no more pairs to merge. Models trained on it use the smaller vocabulary "
+                "(or model.vocab_size where that is larger)."
+            ]
+        return []
 
     def summary(self) -> str:
         if self.up_to_date:
             return (
                 f"{self.path} is up to date (its inputs and options are unchanged): nothing to do. "
                 f"{sum(self.documents.values()):,} documents, {sum(self.tokens.values()):,} tokens."
-            )
+            ) + "".join(f"\n  warning    {w}" for w in self.warnings())
         docs, tokens, secs = sum(self.documents.values()), sum(self.tokens.values()), max(self.seconds, 1e-9)
         skipped = ", ".join(f"{n:,} {reason}" for reason, n in self.skipped.items()) or "none"
         lines = [
@@ -87,6 +100,7 @@ class PrepareReport:
             f"  speed      {tokens / secs:,.0f} tokens/s, {self.bytes / max(tokens, 1):.2f} bytes per token",
             f"  tokenizer  {self.tokenizer}"
             + (f" (trained in {self.bpe_seconds:.1f} s)" if self.bpe_seconds else ""),
+            *(f"  warning    {w}" for w in self.warnings()),
         ]
         return "\n".join(lines)
 
@@ -100,13 +114,6 @@ def _split_hash(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") % 1_000_000
 
 
-def read_meta(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def prepare(
     sources: list[str], out: str | Path, options: PrepareOptions = PrepareOptions(), globs: list[str] | None = None,
     progress: bool = False, log=print,
@@ -114,15 +121,18 @@ def prepare(
     """Prepare a dataset directory from the sources (default: the standard-library corpus)."""
     options.check()
     out = Path(out)
+    if out.name in ("", ".", ".."):  # "." or "a/..": the temporary directory goes beside the real name
+        out = out.resolve()
+    if not out.name:
+        raise InputError(f"--out '{out}' is the root directory. Pass a path for a new dataset directory.")
     # A directory source may contain the output (or its temporary siblings): never read a dataset as text.
     files = [f for f in resolve_sources(sources, globs) if not _inside(f.path, out.parent, out.name)]
     fingerprint = fingerprint_of(files, options)
     existing = read_meta(out)
-    if existing and existing.get("inputs_fingerprint") == fingerprint:
+    if _up_to_date(out, existing, fingerprint, options):
         return _report_from_meta(out, existing)
     _check_replaceable(out, existing)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = _make_staging(out)
     try:
         report = _build(files, sources, staging, options, fingerprint, progress, log)
         _publish(staging, out, fingerprint)
@@ -150,15 +160,66 @@ def fingerprint_of(files: list[InputFile], options: PrepareOptions) -> str:
     return h.hexdigest()
 
 
+def _intact_copy(out: Path, existing: dict | None, fingerprint: str) -> bool:
+    """Whether the dataset at `out` is what these inputs and options give, and undamaged since."""
+    if not is_dataset_meta(existing) or existing["inputs_fingerprint"] != fingerprint:
+        return False
+    if existing["format_version"] != FORMAT_VERSION:
+        return False
+    return not (meta_problem(existing) or damaged_shard(out, existing))
+
+
+def _up_to_date(out: Path, existing: dict | None, fingerprint: str, options: PrepareOptions) -> bool:
+    if not _intact_copy(out, existing, fingerprint):
+        return False
+    # Strict mode does not change the output, only whether unusable inputs stop the run: a dataset prepared
+    # without it that skipped such inputs is prepared again, which stops at the first of them.
+    skipped = existing.get("skipped")
+    skipped = skipped if isinstance(skipped, dict) else {}
+    rejected = {reason for reason, n in skipped.items() if n and reason not in LENIENT_REASONS}
+    return not (options.strict and rejected)
+
+
 def _check_replaceable(out: Path, existing: dict | None) -> None:
-    """Only an empty directory or an earlier dataset may be replaced: never the user's other files."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output '{out}' is a file. Pass a directory path for the dataset with --out.")
-    if out.is_dir() and existing is None and any(out.iterdir()):
+    """Only an empty directory or an earlier dataset of nothing but prepare's files may be replaced: never the
+    user's own files, which a meta.json of theirs, or their notes put into a dataset directory, must not cost."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"output '{out}' is a file. Pass a directory path for the dataset with --out.")
+        if not out.is_dir():
+            return
+        if not is_dataset_meta(existing):
+            if any(out.iterdir()):
+                raise InputError(
+                    f"output directory '{out}' is not empty and holds no dataset (no meta.json written by `hvdlm "
+                    "data prepare`). Pass a new or empty directory with --out; prepare never deletes files it did "
+                    "not write."
+                )
+            return
+        foreign = foreign_files(out)
+    except OSError as e:
+        raise InputError(f"cannot read the output directory '{out}': {e.strerror or e}. Pass another --out.") from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise InputError(
-            f"output directory '{out}' is not empty and holds no dataset (no meta.json). Pass a new or empty "
-            "directory with --out; prepare never deletes files it did not write."
+            f"output directory '{out}' holds a dataset and files prepare did not write ({shown}). Preparing again "
+            "replaces the whole directory and never deletes files it did not write: move them out of it, or pass "
+            "another --out."
         )
+
+
+def _make_staging(out: Path) -> Path:
+    """The temporary directory beside the output that the dataset is written into."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        # Name the culprit: a file where a parent directory should be reads as "File exists" otherwise.
+        blocker = next((p for p in out.parents if p.exists()), None)
+        why = f"'{blocker}' is a file, not a directory" if blocker and not blocker.is_dir() else (e.strerror or str(e))
+        raise InputError(
+            f"cannot create the dataset directory '{out}': {why}. Pass --out a path in a directory you can write to."
+        ) from None
 
 
 def _build(
@@ -290,10 +351,10 @@ def _publish(staging: Path, out: Path, fingerprint: str) -> None:
     except OSError:
         pass
     existing = read_meta(out)
-    if existing and existing.get("inputs_fingerprint") == fingerprint:
+    if _intact_copy(out, existing, fingerprint):
         shutil.rmtree(staging)  # a concurrent preparer of the same inputs published first: keep its copy
         return
-    _check_replaceable(out, existing)
+    _check_replaceable(out, existing)  # again: what is there now may not be what was there at the start
     # Swap: move the old dataset aside, the new one in, then delete the old one. A reader that opens `out`
     # between the two renames finds nothing and says so; it never sees a mix of the two.
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -303,10 +364,13 @@ def _publish(staging: Path, out: Path, fingerprint: str) -> None:
 
 
 def _report_from_meta(path: Path, meta: dict, up_to_date: bool = True) -> PrepareReport:
-    splits = meta["splits"]
+    splits, tokenizer = meta["splits"], meta["tokenizer"]
+    shaping = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    requested = shaping.get("vocab_size", 0) if tokenizer["type"] == "bpe" else 0
     return PrepareReport(
         path=path, up_to_date=up_to_date,
         documents={s: splits[s]["documents"] for s in SPLITS}, tokens={s: splits[s]["tokens"] for s in SPLITS},
         bytes=meta["bytes"], seconds=0.0, skipped=meta.get("skipped", {}),
-        tokenizer=f"{meta['tokenizer']['type']} (vocab {meta['tokenizer']['vocab_size']:,})", dtype=meta["dtype"],
+        tokenizer=f"{tokenizer['type']} (vocab {tokenizer['vocab_size']:,})", dtype=meta["dtype"],
+        vocab_size=tokenizer["vocab_size"], requested_vocab=requested if isinstance(requested, int) else 0,
     )  # fmt: skip

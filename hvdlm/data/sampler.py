@@ -40,9 +40,13 @@ class WindowSampler:
         self._first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first window
         self.samples_per_epoch = int(self._first[-1])
         if self.samples_per_epoch == 0:
+            what = "validation" if split.name == "val" else split.name
+            longest = max((len(x) for x in self.shards), default=0)
             raise InputError(
-                f"a split of {len(split):,} tokens holds no window of {seq_len} + 1 tokens. Use more data, a "
-                "shorter model.seq_len, or (for the validation split) a larger validation fraction."
+                f"the {what} split ({len(split):,} tokens in {len(self.shards)} shards, the longest {longest:,}) "
+                f"holds no window of {seq_len} + 1 tokens, and windows never cross shard boundaries. Use more "
+                "data, a shorter model.seq_len, a larger --shard-tokens (if the shards are small), or for the "
+                "validation split a larger --val-fraction."
             )
         self._consumed = 0  # samples of the global order taken so far, by all ranks together
         self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation of its samples

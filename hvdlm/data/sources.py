@@ -12,18 +12,21 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import sys
 import sysconfig
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
+from hvdlm.data.meta import is_dataset_dir
 from hvdlm.errors import InputError
 
 STDLIB = "stdlib"  # the source argument that names the embedded corpus
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_PREPARE_TEMP = re.compile(r"\..+\.(tmp|old)-.+")  # prepare's temporary directories (see prepare.py)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ UNREADABLE = "unreadable file"
 BAD_JSON = "JSON Lines records that are not JSON objects"
 NO_FIELD = "JSON Lines records without the text field"
 EMPTY = "empty documents"
-_LENIENT_REASONS = (EMPTY,)  # skipped even in strict mode: an empty file holds no data to lose
+LENIENT_REASONS = (EMPTY,)  # skipped even in strict mode: an empty file holds no data to lose
 
 
 def stdlib_root() -> Path:
@@ -91,9 +94,12 @@ def resolve_sources(specs: list[str], globs: list[str] | None = None) -> list[In
     """Input files of the source arguments, in a fixed order: `stdlib`, files, or directories searched by globs.
 
     Without globs a directory gives all its files except hidden ones (.git/ and the like are not text to learn).
+    Datasets inside a directory (and prepare's temporary directories) are never read as text.
     """
     hidden_too = bool(globs)
     globs = list(globs or ["**/*"])
+    for pattern in globs:
+        _check_glob(pattern)
     files: list[InputFile] = []
     for spec in specs or [STDLIB]:
         if spec == STDLIB and not Path(spec).exists():
@@ -110,16 +116,59 @@ def resolve_sources(specs: list[str], globs: list[str] | None = None) -> list[In
         if path.is_file():
             files.append(_input_file(path, path.name))
         elif path.is_dir():
-            matched = sorted({p for pattern in globs for p in path.glob(pattern) if p.is_file()})
+            matched = _glob(path, globs)
             if not hidden_too:
                 matched = [p for p in matched if not any(part.startswith(".") for part in p.relative_to(path).parts)]
             files += [_input_file(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in matched]
+        elif os.path.lexists(path):
+            raise InputError(
+                f"source '{spec}' is not a regular file or a directory (a FIFO, device or socket, or a broken link). "
+                f"Pass text files, directories (with --glob patterns), JSON Lines files, or '{STDLIB}'."
+            )
         else:
             raise InputError(
                 f"source '{spec}' does not exist. Pass text files, directories (with --glob patterns), JSON Lines "
                 f"files, or '{STDLIB}' for the standard-library corpus."
             )
     return files
+
+
+def _check_glob(pattern: str) -> None:
+    """Patterns are relative to each directory source, and stay inside it."""
+    what = None
+    if not pattern.strip():
+        what = "is empty"
+    elif PurePath(pattern).is_absolute():
+        what = "is an absolute path"
+    elif ".." in pattern.split("/"):
+        what = "climbs out of the source directory with '..'"
+    if what:
+        raise InputError(
+            f"--glob '{pattern}' {what}: patterns match files inside each directory source. Pass a relative pattern "
+            "such as '*.txt' or '**/*.md', and the directory itself as a source."
+        )
+
+
+def _glob(root: Path, patterns: list[str]) -> list[Path]:
+    """The regular files under root that the patterns match, leaving out datasets and prepare's temporaries."""
+    matched = set()
+    for pattern in patterns:
+        try:
+            matched.update(p for p in root.glob(pattern) if p.is_file())
+        except (ValueError, NotImplementedError) as e:  # pathlib's word for a malformed pattern
+            raise InputError(f"--glob '{pattern}' is not a valid pattern ({e}). Pass one such as '**/*.md'.") from None
+    skip: dict[Path, bool] = {}  # directory -> whether it is a dataset or a temporary (so never text)
+
+    def in_dataset(p: Path) -> bool:
+        for parent in p.relative_to(root).parents:
+            d = root / parent
+            if parent != PurePath(".") and d not in skip:
+                skip[d] = bool(_PREPARE_TEMP.fullmatch(d.name)) or is_dataset_dir(d)
+            if skip.get(d):
+                return True
+        return False
+
+    return sorted(p for p in matched if not in_dataset(p))
 
 
 def _input_file(path: Path, name: str) -> InputFile:
@@ -148,7 +197,7 @@ def read_documents(
     """Every usable document of the inputs, in order; the unusable ones are counted in `skipped`."""
 
     def skip(reason: str, name: str) -> None:
-        if strict and reason not in _LENIENT_REASONS:
+        if strict and reason not in LENIENT_REASONS:
             raise InputError(
                 f"input '{name}' was rejected: {reason} (--strict). Fix it or remove it from the sources, or leave "
                 "out --strict to skip and count such inputs instead."
@@ -178,7 +227,8 @@ def _jsonl_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
                     continue
                 name = f"{f.name}:{lineno}"
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    # utf-8-sig on the first line: editors on Windows start a file with a byte order mark.
+                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 except UnicodeDecodeError:
                     skip(NOT_UTF8, name)
                     continue

@@ -13,18 +13,22 @@ The API is the same for both:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from hvdlm.data.meta import load_meta
 from hvdlm.errors import InputError
 
 TOKENIZERS = ("byte", "bpe")
 EOT = "<|endoftext|>"  # GPT-2's end-of-document token, appended after every document by the BPE tokenizer
 BPE_FILE = "tokenizer.json"
 MIN_BPE_VOCAB = 257 + 1  # 256 byte tokens, the end-of-document token, and at least one merge
+# The trainer's Rust side allocates for the requested size up front (2**32 aborts the process), and a vocabulary
+# of a million tokens is already far past what a corpus one prepares here yields. Above 65,536 the shards hold
+# uint32 ids.
+MAX_BPE_VOCAB = 2**20
 
 
 class ByteTokenizer:
@@ -62,6 +66,10 @@ class BpeTokenizer:
     kind = "bpe"
 
     def __init__(self, hf_tokenizer):
+        # The text "<|endoftext|>" inside a document is plain text: only prepare appends the end-of-document id,
+        # so the EOT ids in a shard are exactly its document boundaries. tokenizer.json does not keep this flag,
+        # so it is set here, for a trained tokenizer and a loaded one alike.
+        hf_tokenizer.encode_special_tokens = True
         self._tok = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size()
         self.eot_id = hf_tokenizer.token_to_id(EOT)
@@ -90,10 +98,11 @@ Tokenizer = ByteTokenizer | BpeTokenizer
 
 
 def check_bpe_vocab(vocab_size: int) -> None:
-    if not MIN_BPE_VOCAB <= vocab_size <= 2**32:
+    if not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
         raise InputError(
-            f"BPE vocabulary size {vocab_size} is out of range: it needs at least {MIN_BPE_VOCAB} (256 bytes, the "
-            "end-of-document token, and one merge). Pass --vocab-size 4096, say, or use --tokenizer byte."
+            f"BPE vocabulary size {vocab_size:,} is out of range: it needs at least {MIN_BPE_VOCAB} (256 bytes, the "
+            f"end-of-document token, and one merge) and at most {MAX_BPE_VOCAB:,}. Pass --vocab-size 4096, say, or "
+            "use --tokenizer byte."
         )
 
 
@@ -138,10 +147,4 @@ def make_tokenizer(description: dict, directory: Path) -> Tokenizer:
 def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
     """The tokenizer a dataset was prepared with (the one to train on it and to generate text with)."""
     directory = Path(dataset_dir)
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError):
-        raise InputError(
-            f"'{directory}' is not a dataset (no readable meta.json). Prepare one with `hvdlm data prepare`."
-        ) from None
-    return make_tokenizer(meta["tokenizer"], directory)
+    return make_tokenizer(load_meta(directory)["tokenizer"], directory)

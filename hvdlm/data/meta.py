@@ -1,0 +1,129 @@
+"""meta.json: what makes a directory an hvdlm dataset, and which of its files prepare wrote.
+
+A directory is a dataset only when its meta.json is a JSON object with this project's markers: any program may
+write a file called meta.json, and prepare must never take a user's directory for an earlier dataset and replace
+it. Readers (the trainer, `load_tokenizer`) check the keys they use, so a damaged or foreign meta.json is one
+clear error, not a KeyError deep in the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from hvdlm.errors import InputError
+
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+# Keys only hvdlm's prepare writes together: their presence tells an hvdlm dataset from someone else's meta.json.
+MARKERS = ("format_version", "inputs_fingerprint", "content_hash", "splits", "tokenizer")
+DTYPES = ("uint16", "uint32")
+# Every file prepare ever writes into a dataset directory (see shards.py and tokenizer.py for the formats).
+_WRITTEN = re.compile(r"(meta\.json|tokenizer\.json|(train|val)-\d{5}\.(bin|docs\.npy))")
+
+
+def read_meta(directory: Path) -> dict | None:
+    """The parsed meta.json when it is a JSON object; None when it is missing, unreadable or anything else."""
+    try:
+        meta = json.loads((Path(directory) / META_FILE).read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_dataset_meta(meta: dict | None) -> bool:
+    """Whether meta.json was written by `hvdlm data prepare` (of any format version)."""
+    return isinstance(meta, dict) and all(key in meta for key in MARKERS)
+
+
+def is_dataset_dir(directory: Path) -> bool:
+    return is_dataset_meta(read_meta(directory))
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Names in a dataset directory that prepare did not write (a user's notes, a subdirectory, ...)."""
+    names = []
+    for p in Path(directory).iterdir():
+        # A subdirectory or a symbolic link is never ours, even under a shard's name.
+        if not (_WRITTEN.fullmatch(p.name) and p.is_file() and not p.is_symlink()):
+            names.append(p.name)
+    return sorted(names)
+
+
+def load_meta(directory: Path) -> dict:
+    """A dataset's meta.json, checked for every key the readers use; an InputError names what is wrong."""
+    from hvdlm.data.shards import FORMAT_VERSION  # here, not at the top: the shard format module imports numpy
+
+    directory = Path(directory)
+    if not (directory / META_FILE).exists():
+        raise InputError(
+            f"'{directory}' is not a prepared dataset (no meta.json). Create it with "
+            f"`hvdlm data prepare SOURCES... --out {directory}`."
+        )
+    meta = read_meta(directory)
+    if is_dataset_meta(meta) and meta["format_version"] != FORMAT_VERSION:
+        raise InputError(
+            f"dataset '{directory}' has format version {meta['format_version']}, this hvdlm reads version "
+            f"{FORMAT_VERSION}. Prepare it again with `hvdlm data prepare`."
+        )
+    problem = meta_problem(meta) or damaged_shard(directory, meta)
+    if problem:
+        raise InputError(
+            f"dataset at {directory} is damaged or not an hvdlm dataset: {problem}; prepare it again with "
+            f"`hvdlm data prepare SOURCES... --out {directory}`."
+        )
+    return meta
+
+
+def meta_problem(meta) -> str | None:
+    """What is wrong with a parsed meta.json, or None when the readers can use it."""
+    if not isinstance(meta, dict):
+        return "meta.json is not a readable JSON object"
+    missing = [key for key in MARKERS + ("dtype", "bytes") if key not in meta]
+    if missing:
+        return f"meta.json lacks {', '.join(missing)}"
+    if not isinstance(meta["format_version"], int):
+        return f"format_version is {meta['format_version']!r}, not a number"
+    if meta["dtype"] not in DTYPES:
+        return f"dtype is {meta['dtype']!r}, not one of {', '.join(DTYPES)}"
+    tokenizer = meta["tokenizer"]
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("type"), str):
+        return "the tokenizer entry has no type"
+    if not isinstance(tokenizer.get("vocab_size"), int):
+        return "the tokenizer entry has no vocab_size"
+    if not _WRITTEN.fullmatch(str(tokenizer.get("file", "tokenizer.json"))):
+        return f"the tokenizer entry names file {tokenizer['file']!r}, not tokenizer.json"
+    splits = meta["splits"]
+    for split in SPLITS:
+        entry = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            return f"splits.{split}.shards is missing"
+        if not all(isinstance(entry.get(k), int) for k in ("documents", "tokens")):
+            return f"splits.{split} lacks its document or token count"
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict) or not isinstance(shard.get("tokens"), int) or shard["tokens"] <= 0:
+                return f"a shard entry of splits.{split} has no positive token count"
+            for key in ("file", "docs"):
+                # Plain names only: a shard is a file of this directory, never a path elsewhere.
+                name = shard.get(key)
+                if not isinstance(name, str) or not _WRITTEN.fullmatch(name):
+                    return f"a shard entry of splits.{split} names {key} {name!r}, not a shard file"
+    return None
+
+
+def damaged_shard(directory: Path, meta: dict) -> str | None:
+    """The first shard file that is missing or has another size than meta.json says (meta checked already)."""
+    itemsize = 2 if meta["dtype"] == "uint16" else 4
+    for split in SPLITS:
+        for entry in meta["splits"][split]["shards"]:
+            file = Path(directory) / entry["file"]
+            size = file.stat().st_size if file.is_file() else -1
+            if size != entry["tokens"] * itemsize:
+                return (
+                    f"shard {entry['file']} should hold {entry['tokens']} tokens ({entry['tokens'] * itemsize} bytes) "
+                    f"but has {max(size, 0)} bytes"
+                )
+            if not (Path(directory) / entry["docs"]).is_file():
+                return f"the document index {entry['docs']} is missing"
+    return None
