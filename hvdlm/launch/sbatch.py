@@ -130,6 +130,11 @@ def spec_from_config(
     launcher = launcher or sl.launcher
     if nodes <= 0:
         raise InputError(f"--nodes must be positive, got {nodes}.")
+    # 0 in the job file means "derive it"; on the command line a value must be meant, so 0 is refused, not
+    # silently replaced by the default.
+    for what, value in (("--ntasks-per-node", ntasks_per_node), ("--cpus-per-task", cpus_per_task)):
+        if value is not None and value <= 0:
+            raise InputError(f"{what} must be positive, got {value}. Leave it out for the default.")
     tasks = ntasks_per_node or sl.ntasks_per_node or gpus
     if not tasks:
         # CPU-only nodes: the job's ranks, spread evenly.
@@ -142,6 +147,7 @@ def spec_from_config(
     cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
     options = LaunchOptions.from_config(cfg)
     options.gpus_per_node = gpus  # srun's steps ask for what the job asked for
+    options.tasks_per_node = 0  # and its tasks per node (#SBATCH, where --ntasks-per-node may have won)
     check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, options.controller, ranks_per_node=tasks)
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
