@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ import slurm_cluster
 from conftest import REPO
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import LaunchOptions, check_tp_layout, plan_launch
+from hvdlm.launch.commands import LaunchOptions, build_command, check_tp_layout, plan_launch
 from hvdlm.launch.sbatch import render, spec_from_config
 
 
@@ -103,6 +104,17 @@ def test_job_preparation_never_imports_torch_or_horovod(tmp_path):
         (["--set", "slurm.nodes=many"], "must be int"),
         (["--partition", "gpu\nrm -rf ~"], "is not a plain name"),
         (["--set", "slurm.setup=echo a\necho b"], "holds a line break"),
+        (["--ntasks-per-node", "0"], "--ntasks-per-node must be positive, got 0"),
+        (["--cpus-per-task", "0"], "--cpus-per-task must be positive, got 0"),
+        (["--ntasks-per-node", "-2"], "--ntasks-per-node must be positive, got -2"),
+        (["--set", "launch.fusion_threshold_mb=inf"], "'launch.fusion_threshold_mb' must be a finite number, got inf"),
+        (["--set", "launch.fusion_threshold_mb=nan"], "'launch.fusion_threshold_mb' must be a finite number, got nan"),
+        (["--set", "launch.cycle_time_ms=nan"], "'launch.cycle_time_ms' must be a finite number, got nan"),
+        (["--set", "launch.cycle_time_ms=-inf"], "'launch.cycle_time_ms' must be a finite number, got -inf"),
+        (["--set", "launch.fusion_threshold_mb=1e308"], "'launch.fusion_threshold_mb' must be at most 1048576"),
+        (["--set", "train.lr=nan"], "'train.lr' must be a finite number"),
+        (["--set", "model.dropout=nan"], "'model.dropout' must be a finite number"),
+        (["--set", "data.val_fraction=inf"], "'data.val_fraction' must be a finite number"),
     ],
 )
 def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
@@ -112,6 +124,90 @@ def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
     assert r.code == 2, r.out
     assert message in r.out and "Traceback" not in r.out
     assert out.read_text() == "#!/bin/bash\n# an earlier script\n"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-nan", "+inf"])
+def test_launch_refuses_non_finite_launch_settings(hvdlm, tiny_job, value):
+    for key in ("launch.fusion_threshold_mb", "launch.cycle_time_ms"):
+        r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "horovodrun", "--set", f"{key}={value}")
+        assert r.code == 2 and f"'{key}' must be a finite number" in r.out and "Traceback" not in r.out, r.out
+
+
+@pytest.mark.parametrize("command", ["hostfile", "sbatch"])
+@pytest.mark.parametrize("target", ["/proc/hvdlm-test", "missing-dir/out", "/proc/self/status"])
+def test_an_unwritable_output_is_one_clear_error(hvdlm, tmp_path, command, target):
+    target = target if target.startswith("/") else str(tmp_path / target)
+    args = ["--from", "hosts", "a:2"] if command == "hostfile" else ["jobs/demo.toml"]
+    r = hvdlm(command, *args, "-o", target)
+    assert r.code == 2 and "Traceback" not in r.out, r.out
+    assert "cannot write" in r.out or "does not exist" in r.out, r.out
+    assert Path(target).name in r.out or Path(target).parent.name in r.out  # the message names the path
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from hvdlm.launch import hostfile as module
+
+    out = tmp_path / "hosts"
+    out.write_text("old\n")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.os, "replace", full_disk)
+    with pytest.raises(InputError, match=f"cannot write '{out}': No space left on device"):
+        module.write_atomically(out, "new\n")
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["hosts"]  # no temporary file left behind
+
+
+def test_sbatch_refuses_to_write_over_its_job_file(hvdlm, tmp_path):
+    job = tmp_path / "j.toml"
+    job.write_text((REPO / "jobs" / "demo.toml").read_text())
+    before = job.read_text()
+    link = tmp_path / "link.sbatch"
+    link.symlink_to(job)
+    for target in (job, link):
+        r = hvdlm("sbatch", str(job), "-o", str(target))
+        assert r.code == 2 and "is the job file itself" in r.out, r.out
+        assert job.read_text() == before
+
+
+def test_output_through_a_symlink_replaces_the_target_and_keeps_the_link(hvdlm, tmp_path):
+    target = tmp_path / "shared" / "hosts"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "hosts"
+    link.symlink_to(target)
+    r = hvdlm("hostfile", "--from", "hosts", "a:2", "-o", str(link))
+    assert r.code == 0, r.out
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text() == "a slots=2\n"
+
+
+def test_slurm_tasks_per_node_reaches_srun(hvdlm, tiny_job):
+    cfg = load_config(tiny_job, ["slurm.ntasks_per_node=2"])
+    opts = LaunchOptions.from_config(cfg)
+    assert opts.tasks_per_node == 2
+    argv = build_command("srun", "srun", 4, ["prog"], opts)
+    assert "--ntasks-per-node=2" in argv
+    # In a batch script srun inherits the allocation's tasks per node, which the command line may have changed.
+    script = render(spec_from_config(cfg, str(tiny_job), [], ntasks_per_node=4, venv=""))
+    assert "#SBATCH --ntasks-per-node=4" in script and "srun --mpi=pmix --ntasks-per-node" not in script
+    reason = slurm_cluster.ensure_installed(slurm_cluster.CLIENT_TOOLS)
+    if reason:
+        pytest.skip(f"no srun: {reason}")
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--np", "4",
+              "--set", "slurm.ntasks_per_node=2")  # fmt: skip
+    assert r.code == 0 and "srun --mpi=pmix --ntasks=4 --ntasks-per-node=2 " in r.out, r.out
+
+
+def test_duplicate_hosts_in_a_hostfile_name_both_lines(tmp_path):
+    from hvdlm.launch.hosts import read_hostfile
+
+    f = tmp_path / "hosts"
+    f.write_text("# nodes\nn1 slots=2\nn2:2\n\nn1\n")
+    with pytest.raises(InputError, match=f"host 'n1' appears twice in {f} \\({f}:2 and {f}:5\\)"):
+        read_hostfile(f)
 
 
 def test_sbatch_output_path_cannot_break_out_of_the_header(hvdlm, tmp_path):
@@ -174,6 +270,9 @@ def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path
     cases = [
         (["launch", tp2, "--launcher", "horovodrun", "--dry-run"], "needs an MPI launcher"),
         (["launch", tp2, "--np", "3", "--hosts", "localhost:4", "--dry-run"], "does not divide the 3 ranks"),
+        # 6 ranks divide by tp = 2, but slots fill in order: 3 on a, 3 on b, each splitting a replica.
+        (["launch", tp2, "--np", "6", "--hosts", "a:3,b:3", "--dry-run"], "does not divide the 3 ranks per node"),
+        (["launch", tp2, "--np", "4", "--hosts", "a:3,b:3", "--dry-run"], "does not divide the 3 ranks per node"),
         (["sbatch", tp2, "--nodes", "2", "--gpus-per-node", "3", "--time", "01:00:00"], "3 ranks per node"),
         (["sbatch", tp2, "--nodes", "1", "--gpus-per-node", "0", "--time", "01:00:00", "--launcher", "horovodrun"],
          "needs an MPI launcher"),
@@ -184,6 +283,8 @@ def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path
         assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     ok = hvdlm("launch", tp2, "--np", "4", "--hosts", "localhost:4", "--dry-run")
     assert ok.returncode == 0 and "-np 4" in ok.stdout, ok.stderr
+    ok = hvdlm("launch", tp2, "--np", "6", "--hosts", "a:4,b:4", "--dry-run")  # 4 on a, 2 on b
+    assert ok.returncode == 0 and "-H a:4,b:4" in ok.stdout, ok.stderr
 
 
 def test_launch_grows_nic_forwarding_and_mpich(hvdlm, tiny_job):
