@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,64 @@ def test_duplicate_hosts_in_a_hostfile_name_both_lines(tmp_path):
     f.write_text("# nodes\nn1 slots=2\nn2:2\n\nn1\n")
     with pytest.raises(InputError, match=f"host 'n1' appears twice in {f} \\({f}:2 and {f}:5\\)"):
         read_hostfile(f)
+
+
+def test_setup_lines_with_a_syntax_error_are_refused_before_writing(hvdlm, tmp_path):
+    job = tmp_path / "job.toml"
+    out = tmp_path / "job.sbatch"
+    out.write_text("#!/bin/bash\n# an earlier script\n")
+    job.write_text('[slurm]\nsetup = ["ulimit -n 4096", "echo \\"unclosed"]\n')
+    r = hvdlm("sbatch", str(job), "-o", str(out))
+    assert r.code == 2 and "slurm.setup has a shell syntax error in item 2, 'echo \"unclosed'" in r.out, r.out
+    assert out.read_text() == "#!/bin/bash\n# an earlier script\n"
+    job.write_text('[slurm]\nsetup = ["fi"]\n')
+    r = hvdlm("sbatch", str(job))
+    assert r.code == 2 and "in item 1, 'fi' (syntax error near unexpected token `fi')" in r.out, r.out
+    # A construct over several items is one command in the script: fine.
+    job.write_text('[slurm]\nsetup = ["if [ -n \\"$HOME\\" ]; then", "  echo home", "fi"]\n')
+    r = hvdlm("sbatch", str(job), "-o", str(out))
+    assert r.code == 0 and "  echo home\nfi\n" in out.read_text(), r.out
+
+
+def _fake_sbatch(directory, body):
+    directory.mkdir()
+    fake = directory / "sbatch"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [("exit 0", "printed no job id"), ("echo 'sbatch: error: Batch job submission failed' >&2; exit 1",
+                                       "sbatch refused the script: sbatch: error: Batch job submission failed")],
+)  # fmt: skip
+def test_submit_answers_without_a_job_id_are_errors(hvdlm, tmp_path, monkeypatch, body, message):
+    _fake_sbatch(tmp_path / "bin", body)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    r = hvdlm("sbatch", "jobs/demo.toml", "--submit")
+    assert r.code == 2 and message in r.out and "submitted batch job" not in r.out, r.out
+
+
+def test_submit_that_hangs_or_cannot_start_is_an_input_error(tmp_path, monkeypatch):
+    from hvdlm.launch import sbatch as batch
+
+    _fake_sbatch(tmp_path / "bin", "echo 42")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert batch.submit("#!/bin/bash\n", None) == "42"
+
+    def hang(*args, **kwargs):
+        raise subprocess.TimeoutExpired("sbatch", 120)
+
+    monkeypatch.setattr(batch.subprocess, "run", hang)
+    with pytest.raises(InputError, match="did not answer within 120 s"):
+        batch.submit("#!/bin/bash\n", None)
+
+    def gone(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(batch.subprocess, "run", gone)
+    with pytest.raises(InputError, match="could not be started: Permission denied"):
+        batch.submit("#!/bin/bash\n", None)
 
 
 def test_sbatch_output_path_cannot_break_out_of_the_header(hvdlm, tmp_path):

@@ -91,6 +91,7 @@ def sbatch(job: str, nodes: int | None, gpus_per_node: int | None, time_: str | 
         cpus_per_task=cpus_per_task, venv=venv, command=shlex.join(["hvdlm", "sbatch", *sys.argv[2:]]),
         script=output or "",
     )  # fmt: skip
+    batch.check_setup(spec.setup)  # before anything is written or submitted
     script = batch.render(spec)
     if output:
         write_atomically(output, script)

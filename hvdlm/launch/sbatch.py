@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,12 +224,53 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
     return lines + [f"{join(launcher)} \\\n    {join(program)}"]
 
 
+def check_setup(setup: list[str]) -> None:
+    """`bash -n` on the slurm.setup lines, which go into the script exactly as written (the rest of the script is
+    hvdlm's own). A syntax error in them should stop here, on the login node, and not when the job starts after
+    hours in the queue. Checked as one block, so that a construct may span items ("if ...; then", ..., "fi"), and
+    on its own, so that an unclosed quote cannot pair with a quote of the launch line below it."""
+    bash = shutil.which("bash")
+    if not setup or not bash:
+        return  # nothing to check, or nothing to check with (Slurm's nodes will say it)
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
+        f.write("\n".join(setup) + "\n")
+        f.flush()
+        try:
+            proc = subprocess.run([bash, "-n", f.name], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return
+    if proc.returncode == 0:
+        return
+    m = re.search(r"line ([0-9]+): (.*)", proc.stderr)
+    number = int(m.group(1)) if m else 0
+    where = f" in item {number}, {setup[number - 1]!r}" if 0 < number <= len(setup) else ""
+    reason = m.group(2) if m else proc.stderr.strip()
+    raise InputError(
+        f"slurm.setup has a shell syntax error{where} ({reason}). Fix the job file: each item is a line of the batch "
+        "script, and together they must be complete commands."
+    )
+
+
 def submit(script: str, path: str | None) -> str:
     """sbatch the script (the file at `path`, else the text on stdin); returns the job id."""
     if not shutil.which("sbatch"):
         raise InputError("'sbatch' is not on the PATH: submit from a Slurm login node, or drop --submit.")
     argv = ["sbatch", "--parsable"] + ([path] if path else [])
-    proc = subprocess.run(argv, input=None if path else script, capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(argv, input=None if path else script, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise InputError(
+            "sbatch did not answer within 120 s: the Slurm controller may be down or overloaded. Check with "
+            "'squeue --me' whether the job was queued before submitting again."
+        ) from None
+    except OSError as e:
+        raise InputError(f"sbatch could not be started: {e.strerror or e}.") from None
     if proc.returncode != 0:
         raise InputError(f"sbatch refused the script: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"
+    job_id = proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"
+    if not job_id:
+        raise InputError(
+            "sbatch exited without error but printed no job id, so hvdlm cannot tell whether the job was queued. "
+            f"Check with 'squeue --me'{'; sbatch said: ' + proc.stderr.strip() if proc.stderr.strip() else ''}."
+        )
+    return job_id
