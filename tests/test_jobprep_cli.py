@@ -44,6 +44,14 @@ def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):
         (["--from", "hosts", "a:2", "--format", "yaml"], "Invalid value for '--format'"),
         (["--from", "hosts"], "--from hosts needs its text"),
         (["--from", "lsf", "h1 4 h2"], "'4' looks like a slot count"),
+        (["--from", "slurm", "n1", "--tasks-per-node", "9" * 5000], "tasks on a node is more than the 999999 allowed"),
+        (["--from", "slurm", f"n[1-{'9' * 5000}]"], "at most 18 digits"),
+        (["--from", "slurm", "n[1-99999999]"], "more than 65536 hosts"),
+        (["--from", "slurm", "a,-b"], "starts with '-'"),
+        (["--from", "slurm", "n[1-2]", "--tasks-per-node", "\u0662(x2)"], "is malformed at"),
+        (["--from", "hosts", "a:\u0662"], "slots must be a positive whole number"),
+        (["--from", "hosts", "a", "--slots", "1000000"], "more than the 999999 slots"),
+        (["--from", "lsf", "h1 \u0664 h2 4"], "looks like a slot count"),
     ],
 )
 def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
@@ -53,6 +61,24 @@ def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
     assert r.code == 2, r.out
     assert message in r.out and "Traceback" not in r.out
     assert out.read_text() == "keep me\n"  # nothing already written is damaged
+
+
+def test_a_huge_task_count_from_the_job_environment_is_one_clear_error(tmp_path):
+    env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "9" * 5000}
+    proc = subprocess.run([sys.executable, "-m", "hvdlm", "hostfile", "--from", "slurm"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "more than the 999999 allowed" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 500
+
+
+def test_name_errors_say_what_that_kind_of_name_may_hold(hvdlm, tiny_job):
+    r = hvdlm("sbatch", str(tiny_job), "--partition", "gpu queue")
+    assert r.code == 2 and "--partition 'gpu queue' is not a plain name (allowed: letters, digits and . _ - / +" in r.out
+    assert "only for hosts" not in r.out
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "-x", "1VAR")
+    assert r.code == 2 and "'1VAR' is not a plain name (allowed: letters, digits and '_', not starting with a" in r.out
+    r = hvdlm("sbatch", str(tiny_job), "--time", "\u0660\u0661:00:00")
+    assert r.code == 2 and "is not a Slurm time limit" in r.out
 
 
 def test_bad_hostfile_names_its_line(hvdlm, tmp_path):

@@ -23,8 +23,9 @@ from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, 
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
 
 BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
-# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}")
+# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. ASCII digits ([0-9], not \d, which
+# takes any script's digits) and bounded runs: Slurm reads them as 32-bit numbers.
+_TIME = re.compile(r"[0-9]{1,9}(:[0-9]{1,2}){0,2}|[0-9]{1,9}-[0-9]{1,9}(:[0-9]{1,2}){0,2}")
 _DIRECTIVE = re.compile(r"--([a-z][a-z0-9\-]*)(=[A-Za-z0-9_.\-/+,:=@%]+)?")
 # Cores per rank when the job file does not say: a GPU rank needs a few for its Python thread, Horovod's
 # background thread and data loading; a CPU rank gets one core per OpenMP thread and can ask for more.
@@ -105,6 +106,7 @@ class SbatchSpec:
             options["partition"] = self.partition
         if self.account:
             options["account"] = self.account
+        extra: set[str] = set()
         for directive in self.directives:
             m = _DIRECTIVE.fullmatch(directive)
             if not m:
@@ -112,8 +114,11 @@ class SbatchSpec:
                     f"slurm.directives item '{directive}' is not an sbatch option such as --constraint=a100 "
                     "(plain names and values only)."
                 )
+            if m.group(1) in extra:
+                raise InputError(f"slurm.directives sets --{m.group(1)} twice; keep one.")
             if m.group(1) in options:
                 raise InputError(f"slurm.directives sets --{m.group(1)}, which hvdlm sets already; use its own key.")
+            extra.add(m.group(1))
             options[m.group(1)] = (m.group(2) or "=")[1:]
         return [f"--{name}={value}" if value else f"--{name}" for name, value in sorted(options.items())]
 
