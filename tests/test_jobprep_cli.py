@@ -73,7 +73,8 @@ def test_a_huge_task_count_from_the_job_environment_is_one_clear_error(tmp_path)
 
 def test_name_errors_say_what_that_kind_of_name_may_hold(hvdlm, tiny_job):
     r = hvdlm("sbatch", str(tiny_job), "--partition", "gpu queue")
-    assert r.code == 2 and "--partition 'gpu queue' is not a plain name (allowed: letters, digits and . _ - / +" in r.out
+    assert r.code == 2, r.out
+    assert "--partition 'gpu queue' is not a plain name (allowed: letters, digits and . _ - / +" in r.out
     assert "only for hosts" not in r.out
     r = hvdlm("launch", str(tiny_job), "--dry-run", "-x", "1VAR")
     assert r.code == 2 and "'1VAR' is not a plain name (allowed: letters, digits and '_', not starting with a" in r.out

@@ -125,7 +125,8 @@ directive = st.one_of(free_text, st.from_regex(r"--[a-z][a-z0-9\-]{0,6}(=[A-Za-z
 
 
 @FUZZ
-@given(free_text, free_text, st.lists(free_text, max_size=3), st.lists(directive, max_size=3), st.lists(lines, max_size=3))
+@given(free_text, free_text, st.lists(free_text, max_size=3), st.lists(directive, max_size=3),
+       st.lists(lines, max_size=3))  # fmt: skip
 def test_free_text_in_scripts_stays_one_value(venv, run_dir, overrides, directives, setup):
     """venv, run directory, --set items, extra #SBATCH options and setup lines: refused, or each exactly once,
     where it belongs (paths and overrides as single shell words of the launch line)."""

@@ -250,8 +250,8 @@ def plan_launch(
     `hosts` is None for this machine alone (srun: the allocation); with `hostfile` (a file already in the
     launcher's own format), `hosts` holds what it lists (for the slot check) and the launcher is handed the file.
     `hvdlm launch --hostfile` does not pass its file on: it reads any of the formats read_hostfile accepts, which
-    no launcher reads in full, and hands the launcher the parsed hosts instead (-H / -hosts). `options` (from the job's [launch]) wins over
-    the older `controller` / `cycle_time_ms` arguments.
+    no launcher reads in full, and hands the launcher the parsed hosts instead (-H / -hosts). `options` (from
+    the job's [launch]) wins over the older `controller` / `cycle_time_ms` arguments.
     """
     opts = options or LaunchOptions(controller=controller, cycle_time_ms=cycle_time_ms)
     if launcher not in LAUNCHERS:

@@ -97,16 +97,22 @@ def _check_grammar(expression: str, what: str) -> list[list[tuple[str, str]]]:
             )
         parts = [("group", m.group(1)) if m.group(2) is None else ("lit", m.group(2)) for m in _PART.finditer(item)]
         if "[" in item and parts[-1][0] == "lit":
-            raise InputError(f"{what} has text after a closing bracket, which Slurm refuses (write n[1-2] or x[1-2]y[3]).")
+            raise InputError(
+                f"{what} has text after a closing bracket, which Slurm refuses (write n[1-2] or x[1-2]y[3])."
+            )
         count = 1
         for kind, text in parts:
             if kind == "group":
                 count *= _group_size(text, what)
         total += count
         if total > MAX_HOSTS:
-            raise InputError(f"{what} names more than {MAX_HOSTS} hosts, far more than any allocation. Check the ranges.")
+            raise _too_many(what)
         parsed.append(parts)
     return parsed
+
+
+def _too_many(what: str) -> InputError:
+    return InputError(f"{what} names more than {MAX_HOSTS} hosts, far more than any allocation. Check the ranges.")
 
 
 def _group_size(text: str, what: str) -> int:
@@ -126,7 +132,7 @@ def _group_size(text: str, what: str) -> int:
             raise InputError(f"{what} is malformed: range '{piece}' runs backwards. Write the lower number first.")
         size += int(hi) - int(lo) + 1
         if size > MAX_HOSTS:
-            raise InputError(f"{what} names more than {MAX_HOSTS} hosts, far more than any allocation. Check the ranges.")
+            raise _too_many(what)
     return size
 
 

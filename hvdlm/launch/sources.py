@@ -14,7 +14,9 @@ from pathlib import Path
 
 from hvdlm.errors import InputError
 from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node, shown
-from hvdlm.launch.hosts import MAX_SLOTS, Host, make_host, parse_hosts, read_hostfile, read_text_lines, refuse_duplicates
+from hvdlm.launch.hosts import (
+    MAX_SLOTS, Host, make_host, parse_hosts, read_hostfile, read_text_lines, refuse_duplicates,
+)  # fmt: skip
 
 SOURCES = ("slurm", "pbs", "lsf", "hosts", "file")
 
