@@ -103,6 +103,11 @@ def launch(
     if hosts and hostfile:
         raise InputError("give either --hosts or --hostfile, not both.")
     hosts = hosts or cfg.launch.hosts or None
+    if hostfile and (launcher or cfg.launch.launcher) == "srun":
+        raise InputError("srun takes its hosts from the Slurm allocation, not a hostfile: drop --hostfile.")
+    # A hostfile may mix Open MPI, MPICH and bare lines with comments, which no launcher reads in full (horovodrun
+    # crashes on a comment, Open MPI refuses host:N, Hydra host slots=N): the launcher gets the parsed hosts as
+    # -H / -hosts, the same checked list --hosts gives, and the printed command needs no file of ours.
     host_list = read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
     run_dir = run_dir or str(default_run_dir(Path(job).stem))
     # Absolute paths: ranks on other nodes may start in another directory (a shared file system is assumed).
@@ -115,7 +120,7 @@ def launch(
     options.nic = nic or options.nic
     options.env += [name for name in forward if name not in options.env]
     plan = plan_launch(
-        launcher or cfg.launch.launcher, np_ or cfg.launch.np, host_list, hostfile, program,
+        launcher or cfg.launch.launcher, np_ or cfg.launch.np, host_list, None, program,
         threads=cfg.train.threads, options=options, tp=cfg.parallel.tp,
         # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
         progress=not dry_run and sys.stdout.isatty(),

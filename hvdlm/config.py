@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -256,6 +257,14 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
 
 def validate(config: JobConfig) -> None:
     m, t, p, d, la = config.model, config.train, config.parallel, config.data, config.launch
+    # First, and for every float key: TOML and --set accept nan and inf, and every range check below would let
+    # nan through (nan < 0 is False), to crash later (int(nan)) or reach a launcher as HOROVOD_CYCLE_TIME=nan.
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"'{section.name}.{f.name}' must be a finite number, got {value}.")
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
         "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
@@ -277,6 +286,12 @@ def validate(config: JobConfig) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise InputError(f"'{name}' must be zero or more, got {value}.")
+    # Upper bounds far above any real setting: fusion MB are turned into a byte count with int(), which a finite
+    # 1e308 would overflow.
+    for name, value, limit in (("launch.fusion_threshold_mb", la.fusion_threshold_mb, 1024.0 * 1024),
+                               ("launch.cycle_time_ms", la.cycle_time_ms, 3_600_000.0)):  # fmt: skip
+        if value > limit:
+            raise InputError(f"'{name}' must be at most {limit:.0f}, got {value:g}.")
     if m.d_model % m.n_head:
         raise InputError(
             f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}): each head gets d_model / n_head "

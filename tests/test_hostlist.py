@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -57,11 +58,83 @@ def test_expansion_equals_scontrol(scontrol, expression):
     assert expand_nodelist(expression, use_scontrol=True) == expected
 
 
-def test_three_bracket_groups_give_slurms_hosts(scontrol):
-    # Slurm orders a product of three groups its own way; python-hostlist gives the same hosts, nested in order.
+# Three or more bracket groups, where Slurm's order is not left-to-right nesting: lists inside brackets, padding,
+# repeats, groups side by side, hyphens between groups, several items. Compared as ordered lists: tasks per node
+# apply in list order.
+MANY_GROUPS = [
+    "x[1-2]y[3-4]z[5-6]", "x[1-3]y[3-4]z[5-6]", "x[1-2]y[3-5]z[5-7]", "a[1-2]b[1-2]c[1-2]d[1-2]",
+    "n[5,1-2]y[3,1]z[2-3]", "n[01-2]x[1-2]y[009-11]", "x[1-2]y[3-4]z[5-6]w[1-2],q,r[1-2]", "a[1-2]-b[3]-c[1-3]",
+    "[1-2]x[1-2][3-4]", "n[1-2][3-4][5-6]", "r[1-2]c[1-3]n[01-02]s[7]", "x1y[1-2]z[3-4]w[5-6]", "a[1-2]b[1-2]c[1-2],a3",
+    "g[1,1]h[2-3]i[4]", "p[1-3]q[1-2]r[1-2]s[1-2]t[1-2]", "rack[1-2]-node[01-03]-gpu[0-1]",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("expression", MANY_GROUPS)
+def test_three_or_more_bracket_groups_come_in_slurms_order(scontrol, expression):
+    expected, err = scontrol(expression)
+    assert expected and not err, f"scontrol refused a test expression: {err}"
+    assert expand_nodelist(expression, use_scontrol=False) == expected
+    assert expand_nodelist(expression, use_scontrol=True) == expected
+
+
+def test_slurms_order_is_not_left_to_right_nesting(scontrol):
+    # The comparison above has teeth: plain nesting (python-hostlist's order) differs from Slurm's here.
+    import hostlist
+
     expected, _ = scontrol("x[1-2]y[3-4]z[5-6]")
-    assert expand_nodelist("x[1-2]y[3-4]z[5-6]", use_scontrol=True) == expected
-    assert sorted(expand_nodelist("x[1-2]y[3-4]z[5-6]", use_scontrol=False)) == sorted(expected)
+    assert expected[:3] == ["x1y3z5", "x1y3z6", "x2y3z5"]
+    assert hostlist.expand_hostlist("x[1-2]y[3-4]z[5-6]") != expected
+
+
+@pytest.mark.parametrize("expression", ["--version", "-a", "a,-b", "-n[1-2]"])
+def test_a_leading_hyphen_never_reaches_scontrol_as_an_option(scontrol, expression):
+    for use_scontrol in (False, True):
+        with pytest.raises(InputError, match="starts with '-', which scontrol would read as an option"):
+            expand_nodelist(expression, use_scontrol=use_scontrol)
+
+
+def test_hostfile_from_slurm_refuses_an_option_as_node_list(scontrol, hvdlm):
+    r = hvdlm("hostfile", "--from", "slurm", "--", "--version")
+    assert r.code == 2 and "starts with '-'" in r.out and "slurm-wlm" not in r.out, r.out
+
+
+def test_a_failing_scontrol_is_an_input_error(monkeypatch, tmp_path):
+    bad = tmp_path / "slurm.conf"
+    bad.write_text("")  # scontrol: "ClusterName needs to be specified", exit 1
+    monkeypatch.setenv("SLURM_CONF", str(bad))
+    if not shutil.which("scontrol"):
+        pytest.skip("no scontrol")
+    with pytest.raises(InputError, match="scontrol could not expand node list 'n1'"):
+        expand_nodelist("n1", use_scontrol=True)
+    assert expand_nodelist("n[1-2]") == ["n1", "n2"]  # asked for by choice: the library answers instead
+
+
+NINES = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    "expression, message",
+    [
+        (f"n[1-{NINES}]", "at most 18 digits"),
+        (f"n[{NINES}]", "at most 18 digits"),
+        ("n[1-99999999]", "more than 65536 hosts"),
+        ("n[1-65537]", "more than 65536 hosts"),  # scontrol's own range limit, too
+        ("n[1-60000],m[1-60000]", "more than 65536 hosts"),  # scontrol would expand it: we cap totals on both paths
+        ("n[1-300]y[1-300]", "more than 65536 hosts"),
+        ("n[١-٢]", "characters a Slurm node list cannot have"),  # Arabic-Indic digits are not numbers here
+    ],
+)
+def test_huge_numbers_and_lists_are_refused_the_same_on_both_paths(scontrol, expression, message):
+    for use_scontrol in (False, True):
+        with pytest.raises(InputError, match=message) as e:
+            expand_nodelist(expression, use_scontrol=use_scontrol)
+        assert len(str(e.value)) < 400  # the message shows the start of a pasted run of digits, not all of it
+
+
+def test_the_host_cap_itself_is_reachable_on_both_paths(scontrol):
+    expected, _ = scontrol("n[1-65536]")
+    assert expand_nodelist("n[1-65536]", use_scontrol=False) == expected == [f"n{i}" for i in range(1, 65537)]
+    assert expand_nodelist("n[1-65536]", use_scontrol=True) == expected
 
 
 @pytest.mark.parametrize("expression", MALFORMED)
@@ -93,10 +166,20 @@ def test_tasks_per_node(spec, counts):
     assert expand_tasks_per_node(spec) == counts
 
 
-@pytest.mark.parametrize("spec", ["", "x", "0", "2(x0)", "2(x3", "2x3", "-1", "2(x3),", "1,,2", "2 (x3)"])
+@pytest.mark.parametrize(
+    "spec",
+    ["", "x", "0", "2(x0)", "2(x3", "2x3", "-1", "2(x3),", "1,,2", "2 (x3)", "\u0663", "2(x\u0663)", "9" * 5000,
+     f"2(x{'9' * 5000})", "1000000", "1(x65537)", "4(x65536),1"],
+)  # fmt: skip
 def test_malformed_tasks_per_node(spec):
-    with pytest.raises(InputError, match="tasks per node"):
+    with pytest.raises(InputError, match="tasks per node") as e:
         expand_tasks_per_node(spec)
+    assert len(str(e.value)) < 400
+
+
+def test_tasks_per_node_caps_match_the_slot_and_host_caps():
+    assert expand_tasks_per_node("999999") == [999999]  # make_host's slot cap
+    assert len(expand_tasks_per_node("1(x65536)")) == 65536  # the node list's host cap
 
 
 def test_slurm_allocation_from_the_environment():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +13,7 @@ import slurm_cluster
 from conftest import REPO
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import LaunchOptions, check_tp_layout, plan_launch
+from hvdlm.launch.commands import LaunchOptions, build_command, check_tp_layout, plan_launch
 from hvdlm.launch.sbatch import render, spec_from_config
 
 
@@ -42,6 +44,14 @@ def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):
         (["--from", "hosts", "a:2", "--format", "yaml"], "Invalid value for '--format'"),
         (["--from", "hosts"], "--from hosts needs its text"),
         (["--from", "lsf", "h1 4 h2"], "'4' looks like a slot count"),
+        (["--from", "slurm", "n1", "--tasks-per-node", "9" * 5000], "tasks on a node is more than the 999999 allowed"),
+        (["--from", "slurm", f"n[1-{'9' * 5000}]"], "at most 18 digits"),
+        (["--from", "slurm", "n[1-99999999]"], "more than 65536 hosts"),
+        (["--from", "slurm", "a,-b"], "starts with '-'"),
+        (["--from", "slurm", "n[1-2]", "--tasks-per-node", "\u0662(x2)"], "is malformed at"),
+        (["--from", "hosts", "a:\u0662"], "slots must be a positive whole number"),
+        (["--from", "hosts", "a", "--slots", "1000000"], "more than the 999999 slots"),
+        (["--from", "lsf", "h1 \u0664 h2 4"], "looks like a slot count"),
     ],
 )
 def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
@@ -51,6 +61,25 @@ def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
     assert r.code == 2, r.out
     assert message in r.out and "Traceback" not in r.out
     assert out.read_text() == "keep me\n"  # nothing already written is damaged
+
+
+def test_a_huge_task_count_from_the_job_environment_is_one_clear_error(tmp_path):
+    env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "9" * 5000}
+    proc = subprocess.run([sys.executable, "-m", "hvdlm", "hostfile", "--from", "slurm"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "more than the 999999 allowed" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 500
+
+
+def test_name_errors_say_what_that_kind_of_name_may_hold(hvdlm, tiny_job):
+    r = hvdlm("sbatch", str(tiny_job), "--partition", "gpu queue")
+    assert r.code == 2, r.out
+    assert "--partition 'gpu queue' is not a plain name (allowed: letters, digits and . _ - / +" in r.out
+    assert "only for hosts" not in r.out
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "-x", "1VAR")
+    assert r.code == 2 and "'1VAR' is not a plain name (allowed: letters, digits and '_', not starting with a" in r.out
+    r = hvdlm("sbatch", str(tiny_job), "--time", "\u0660\u0661:00:00")
+    assert r.code == 2 and "is not a Slurm time limit" in r.out
 
 
 def test_bad_hostfile_names_its_line(hvdlm, tmp_path):
@@ -103,6 +132,17 @@ def test_job_preparation_never_imports_torch_or_horovod(tmp_path):
         (["--set", "slurm.nodes=many"], "must be int"),
         (["--partition", "gpu\nrm -rf ~"], "is not a plain name"),
         (["--set", "slurm.setup=echo a\necho b"], "holds a line break"),
+        (["--ntasks-per-node", "0"], "--ntasks-per-node must be positive, got 0"),
+        (["--cpus-per-task", "0"], "--cpus-per-task must be positive, got 0"),
+        (["--ntasks-per-node", "-2"], "--ntasks-per-node must be positive, got -2"),
+        (["--set", "launch.fusion_threshold_mb=inf"], "'launch.fusion_threshold_mb' must be a finite number, got inf"),
+        (["--set", "launch.fusion_threshold_mb=nan"], "'launch.fusion_threshold_mb' must be a finite number, got nan"),
+        (["--set", "launch.cycle_time_ms=nan"], "'launch.cycle_time_ms' must be a finite number, got nan"),
+        (["--set", "launch.cycle_time_ms=-inf"], "'launch.cycle_time_ms' must be a finite number, got -inf"),
+        (["--set", "launch.fusion_threshold_mb=1e308"], "'launch.fusion_threshold_mb' must be at most 1048576"),
+        (["--set", "train.lr=nan"], "'train.lr' must be a finite number"),
+        (["--set", "model.dropout=nan"], "'model.dropout' must be a finite number"),
+        (["--set", "data.val_fraction=inf"], "'data.val_fraction' must be a finite number"),
     ],
 )
 def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
@@ -112,6 +152,148 @@ def test_sbatch_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
     assert r.code == 2, r.out
     assert message in r.out and "Traceback" not in r.out
     assert out.read_text() == "#!/bin/bash\n# an earlier script\n"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-nan", "+inf"])
+def test_launch_refuses_non_finite_launch_settings(hvdlm, tiny_job, value):
+    for key in ("launch.fusion_threshold_mb", "launch.cycle_time_ms"):
+        r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "horovodrun", "--set", f"{key}={value}")
+        assert r.code == 2 and f"'{key}' must be a finite number" in r.out and "Traceback" not in r.out, r.out
+
+
+@pytest.mark.parametrize("command", ["hostfile", "sbatch"])
+@pytest.mark.parametrize("target", ["/proc/hvdlm-test", "missing-dir/out", "/proc/self/status"])
+def test_an_unwritable_output_is_one_clear_error(hvdlm, tmp_path, command, target):
+    target = target if target.startswith("/") else str(tmp_path / target)
+    args = ["--from", "hosts", "a:2"] if command == "hostfile" else ["jobs/demo.toml"]
+    r = hvdlm(command, *args, "-o", target)
+    assert r.code == 2 and "Traceback" not in r.out, r.out
+    assert "cannot write" in r.out or "does not exist" in r.out, r.out
+    assert Path(target).name in r.out or Path(target).parent.name in r.out  # the message names the path
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from hvdlm.launch import hostfile as module
+
+    out = tmp_path / "hosts"
+    out.write_text("old\n")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.os, "replace", full_disk)
+    with pytest.raises(InputError, match=f"cannot write '{out}': No space left on device"):
+        module.write_atomically(out, "new\n")
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["hosts"]  # no temporary file left behind
+
+
+def test_sbatch_refuses_to_write_over_its_job_file(hvdlm, tmp_path):
+    job = tmp_path / "j.toml"
+    job.write_text((REPO / "jobs" / "demo.toml").read_text())
+    before = job.read_text()
+    link = tmp_path / "link.sbatch"
+    link.symlink_to(job)
+    for target in (job, link):
+        r = hvdlm("sbatch", str(job), "-o", str(target))
+        assert r.code == 2 and "is the job file itself" in r.out, r.out
+        assert job.read_text() == before
+
+
+def test_output_through_a_symlink_replaces_the_target_and_keeps_the_link(hvdlm, tmp_path):
+    target = tmp_path / "shared" / "hosts"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "hosts"
+    link.symlink_to(target)
+    r = hvdlm("hostfile", "--from", "hosts", "a:2", "-o", str(link))
+    assert r.code == 0, r.out
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text() == "a slots=2\n"
+
+
+def test_slurm_tasks_per_node_reaches_srun(hvdlm, tiny_job):
+    cfg = load_config(tiny_job, ["slurm.ntasks_per_node=2"])
+    opts = LaunchOptions.from_config(cfg)
+    assert opts.tasks_per_node == 2
+    argv = build_command("srun", "srun", 4, ["prog"], opts)
+    assert "--ntasks-per-node=2" in argv
+    # In a batch script srun inherits the allocation's tasks per node, which the command line may have changed.
+    script = render(spec_from_config(cfg, str(tiny_job), [], ntasks_per_node=4, venv=""))
+    assert "#SBATCH --ntasks-per-node=4" in script and "srun --mpi=pmix --ntasks-per-node" not in script
+    reason = slurm_cluster.ensure_installed(slurm_cluster.CLIENT_TOOLS)
+    if reason:
+        pytest.skip(f"no srun: {reason}")
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--np", "4",
+              "--set", "slurm.ntasks_per_node=2")  # fmt: skip
+    assert r.code == 0 and "srun --mpi=pmix --ntasks=4 --ntasks-per-node=2 " in r.out, r.out
+
+
+def test_duplicate_hosts_in_a_hostfile_name_both_lines(tmp_path):
+    from hvdlm.launch.hosts import read_hostfile
+
+    f = tmp_path / "hosts"
+    f.write_text("# nodes\nn1 slots=2\nn2:2\n\nn1\n")
+    with pytest.raises(InputError, match=f"host 'n1' appears twice in {f} \\({f}:2 and {f}:5\\)"):
+        read_hostfile(f)
+
+
+def test_setup_lines_with_a_syntax_error_are_refused_before_writing(hvdlm, tmp_path):
+    job = tmp_path / "job.toml"
+    out = tmp_path / "job.sbatch"
+    out.write_text("#!/bin/bash\n# an earlier script\n")
+    job.write_text('[slurm]\nsetup = ["ulimit -n 4096", "echo \\"unclosed"]\n')
+    r = hvdlm("sbatch", str(job), "-o", str(out))
+    assert r.code == 2 and "slurm.setup has a shell syntax error in item 2, 'echo \"unclosed'" in r.out, r.out
+    assert out.read_text() == "#!/bin/bash\n# an earlier script\n"
+    job.write_text('[slurm]\nsetup = ["fi"]\n')
+    r = hvdlm("sbatch", str(job))
+    assert r.code == 2 and "in item 1, 'fi' (syntax error near unexpected token `fi')" in r.out, r.out
+    # A construct over several items is one command in the script: fine.
+    job.write_text('[slurm]\nsetup = ["if [ -n \\"$HOME\\" ]; then", "  echo home", "fi"]\n')
+    r = hvdlm("sbatch", str(job), "-o", str(out))
+    assert r.code == 0 and "  echo home\nfi\n" in out.read_text(), r.out
+
+
+def _fake_sbatch(directory, body):
+    directory.mkdir()
+    fake = directory / "sbatch"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [("exit 0", "printed no job id"), ("echo 'sbatch: error: Batch job submission failed' >&2; exit 1",
+                                       "sbatch refused the script: sbatch: error: Batch job submission failed")],
+)  # fmt: skip
+def test_submit_answers_without_a_job_id_are_errors(hvdlm, tmp_path, monkeypatch, body, message):
+    _fake_sbatch(tmp_path / "bin", body)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    r = hvdlm("sbatch", "jobs/demo.toml", "--submit")
+    assert r.code == 2 and message in r.out and "submitted batch job" not in r.out, r.out
+
+
+def test_submit_that_hangs_or_cannot_start_is_an_input_error(tmp_path, monkeypatch):
+    from hvdlm.launch import sbatch as batch
+
+    _fake_sbatch(tmp_path / "bin", "echo 42")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert batch.submit("#!/bin/bash\n", None) == "42"
+
+    def hang(*args, **kwargs):
+        raise subprocess.TimeoutExpired("sbatch", 120)
+
+    monkeypatch.setattr(batch.subprocess, "run", hang)
+    with pytest.raises(InputError, match="did not answer within 120 s"):
+        batch.submit("#!/bin/bash\n", None)
+
+    def gone(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(batch.subprocess, "run", gone)
+    with pytest.raises(InputError, match="could not be started: Permission denied"):
+        batch.submit("#!/bin/bash\n", None)
 
 
 def test_sbatch_output_path_cannot_break_out_of_the_header(hvdlm, tmp_path):
@@ -174,6 +356,9 @@ def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path
     cases = [
         (["launch", tp2, "--launcher", "horovodrun", "--dry-run"], "needs an MPI launcher"),
         (["launch", tp2, "--np", "3", "--hosts", "localhost:4", "--dry-run"], "does not divide the 3 ranks"),
+        # 6 ranks divide by tp = 2, but slots fill in order: 3 on a, 3 on b, each splitting a replica.
+        (["launch", tp2, "--np", "6", "--hosts", "a:3,b:3", "--dry-run"], "does not divide the 3 ranks per node"),
+        (["launch", tp2, "--np", "4", "--hosts", "a:3,b:3", "--dry-run"], "does not divide the 3 ranks per node"),
         (["sbatch", tp2, "--nodes", "2", "--gpus-per-node", "3", "--time", "01:00:00"], "3 ranks per node"),
         (["sbatch", tp2, "--nodes", "1", "--gpus-per-node", "0", "--time", "01:00:00", "--launcher", "horovodrun"],
          "needs an MPI launcher"),
@@ -184,6 +369,8 @@ def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path
         assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     ok = hvdlm("launch", tp2, "--np", "4", "--hosts", "localhost:4", "--dry-run")
     assert ok.returncode == 0 and "-np 4" in ok.stdout, ok.stderr
+    ok = hvdlm("launch", tp2, "--np", "6", "--hosts", "a:4,b:4", "--dry-run")  # 4 on a, 2 on b
+    assert ok.returncode == 0 and "-H a:4,b:4" in ok.stdout, ok.stderr
 
 
 def test_launch_grows_nic_forwarding_and_mpich(hvdlm, tiny_job):

@@ -3,7 +3,9 @@ comes out is safe to put into a command line."""
 
 from __future__ import annotations
 
+import shlex
 import string
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -94,11 +96,16 @@ def test_openmpi_hostfiles_read_back(tmp_path_factory, host_list, fmt):
         assert parse_hosts(path.read_text().strip()) == host_list
 
 
+def _spec(**changes) -> SbatchSpec:
+    values = dict(job_name="demo", job_file="/jobs/demo.toml", nodes=1, gpus_per_node=0, ntasks_per_node=2,
+                  cpus_per_task=1, time="01:00:00", partition="p", modules=["m"])  # fmt: skip
+    return SbatchSpec(**{**values, **changes})
+
+
 @FUZZ
 @given(st.text(max_size=30), st.text(max_size=30), st.text(max_size=30))
 def test_scripts_never_carry_unchecked_text(partition, module, time):
-    spec = SbatchSpec(job_name="demo", job_file="/jobs/demo.toml", nodes=1, gpus_per_node=0, ntasks_per_node=2,
-                      cpus_per_task=1, time=time, partition=partition, modules=[module])  # fmt: skip
+    spec = _spec(time=time, partition=partition, modules=[module])
     try:
         script = render(spec)
     except InputError:
@@ -106,4 +113,35 @@ def test_scripts_never_carry_unchecked_text(partition, module, time):
     # Accepted values are plain words: nothing in them can end a line or start another command.
     for value in (partition, module, time):
         assert not set(value) & set(";&|$`()<>\n\"' \\")
-    assert script.count("\n") == render(spec).count("\n")
+    lines = script.split("\n")
+    # Each value landed on its own line, in its place, and added no line of its own (a plain script has as many).
+    assert len(lines) == len(render(_spec(partition="p" if partition else "")).split("\n"))
+    assert f"#SBATCH --time={time}" in lines and f"module load {shlex.quote(module)}" in lines
+    assert (f"#SBATCH --partition={partition}" in lines) == bool(partition)
+
+
+free_text = st.text(alphabet=string.printable + "é", min_size=1, max_size=30)
+directive = st.one_of(free_text, st.from_regex(r"--[a-z][a-z0-9\-]{0,6}(=[A-Za-z0-9_.:]{1,5})?", fullmatch=True))
+
+
+@FUZZ
+@given(free_text, free_text, st.lists(free_text, max_size=3), st.lists(directive, max_size=3),
+       st.lists(lines, max_size=3))  # fmt: skip
+def test_free_text_in_scripts_stays_one_value(venv, run_dir, overrides, directives, setup):
+    """venv, run directory, --set items, extra #SBATCH options and setup lines: refused, or each exactly once,
+    where it belongs (paths and overrides as single shell words of the launch line)."""
+    spec = _spec(venv=venv, run_dir=run_dir, overrides=overrides, directives=directives, setup=setup)
+    try:
+        script = render(spec)
+    except InputError:
+        return
+    lines = script.split("\n")  # bash's line breaks (str.splitlines also splits at \f, \v, \x1c, ...)
+    plain = _spec(venv="/v", run_dir="r", overrides=["a.b=1"] * len(overrides), directives=[], setup=[])
+    assert len(lines) == len(render(plain).split("\n")) + len(directives) + len(setup) + (2 if setup else 0)
+    assert f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}" in lines
+    for directive in directives:
+        assert f"#SBATCH {directive}" in lines
+    assert all(item in lines for item in setup)  # as written, one item per line (by design: the user's shell)
+    program = shlex.split(script.rstrip("\n").split("\n")[-1])
+    assert program[program.index("--run-dir") + 1] == run_dir
+    assert [program[i + 1] for i, word in enumerate(program) if word == "--set"] == overrides

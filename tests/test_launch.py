@@ -1,6 +1,7 @@
 """Launcher command lines and host handling (pure functions; the real launches are in test_distributed.py)."""
 
 import os
+import socket
 
 import pytest
 
@@ -78,3 +79,37 @@ def test_hostfile_formats_comments_and_line_numbers(tmp_path):
         read_hostfile(bad)
     with pytest.raises(InputError, match="does not exist"):
         read_hostfile(tmp_path / "missing")
+
+
+# A hostfile as people write them: comments, blank lines, Open MPI's and MPICH's forms and a bare name mixed.
+# horovodrun's own parser crashes on it and Open MPI refuses host:N, so hvdlm hands launchers the parsed hosts.
+MIXED = "# our two nodes\n\nlocalhost:1   # MPICH style\n\n{host} slots=1 # Open MPI style\n"
+
+
+@pytest.mark.parametrize("launcher, mpi, flag", [("mpirun", "openmpi", "-H"), ("horovodrun", "openmpi", "-H"),
+                                                 ("mpirun", "mpich", "-hosts")])  # fmt: skip
+def test_a_mixed_hostfile_reaches_the_launcher_as_parsed_hosts(hvdlm, tiny_job, tmp_path, launcher, mpi, flag):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(MIXED.format(host="n2") + "n3\n")
+    r = hvdlm("launch", str(tiny_job), "--np", "3", "--hostfile", str(hostfile), "--launcher", launcher,
+              "--mpi", mpi, "--dry-run")  # fmt: skip
+    assert r.code == 0, r.out
+    assert f" {flag} localhost:1,n2:1,n3:1 " in r.out and str(hostfile) not in r.out, r.out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_ranks_start_from_a_commented_mixed_format_hostfile(hvdlm, tiny_job, tmp_path, launcher):
+    """Two real ranks on this machine, named twice (localhost and its host name) in a hostfile of both formats."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(MIXED.format(host=socket.gethostname()))
+    run_dir = tmp_path / "run"
+    r = hvdlm(
+        "launch", str(tiny_job), "--np", "2", "--hostfile", str(hostfile), "--launcher", launcher,
+        "--run-dir", str(run_dir), "--set", "train.max_steps=2", "--set", "train.eval_interval=0",
+        "--set", "train.sample_tokens=0",
+    )  # fmt: skip
+    assert r.code == 0, r.out
+    assert "Traceback" not in r.out and "illegal character" not in r.out
+    summary = r.summary()
+    assert summary["ranks"] == 2 and len(summary["replica_checksums"]) == 2

@@ -6,8 +6,10 @@ hostfile and sbatch answer in well under half a second on a login node: nothing 
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -79,6 +81,9 @@ def sbatch(job: str, nodes: int | None, gpus_per_node: int | None, time_: str | 
     from hvdlm.launch import sbatch as batch
     from hvdlm.launch.hostfile import write_atomically
 
+    if output and Path(output).exists() and Path(job).exists() and os.path.samefile(output, job):
+        raise InputError(f"-o '{output}' is the job file itself; writing the script there would destroy it. Choose "
+                         "another file name, e.g. -o job.sbatch.")  # fmt: skip
     cfg = load_config(job, overrides)
     spec = batch.spec_from_config(
         cfg, job, list(overrides), nodes=nodes, gpus_per_node=gpus_per_node, time=time_, partition=partition,
@@ -86,6 +91,7 @@ def sbatch(job: str, nodes: int | None, gpus_per_node: int | None, time_: str | 
         cpus_per_task=cpus_per_task, venv=venv, command=shlex.join(["hvdlm", "sbatch", *sys.argv[2:]]),
         script=output or "",
     )  # fmt: skip
+    batch.check_setup(spec.setup)  # before anything is written or submitted
     script = batch.render(spec)
     if output:
         write_atomically(output, script)

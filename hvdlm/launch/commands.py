@@ -54,8 +54,8 @@ class LaunchOptions:
         return cls(
             controller=la.controller, mpi=la.mpi, nic=la.nic, env=list(la.env), cycle_time_ms=la.cycle_time_ms,
             fusion_threshold_mb=la.fusion_threshold_mb, timeline=la.timeline, autotune=la.autotune,
-            autotune_log=la.autotune_log, srun_mpi=sl.mpi, gpus_per_node=sl.gpus_per_node, cpu_bind=sl.cpu_bind,
-            gpu_bind=sl.gpu_bind,
+            autotune_log=la.autotune_log, srun_mpi=sl.mpi, tasks_per_node=sl.ntasks_per_node,
+            gpus_per_node=sl.gpus_per_node, cpu_bind=sl.cpu_bind, gpu_bind=sl.gpu_bind,
         )  # fmt: skip
 
     def check(self) -> None:
@@ -247,9 +247,11 @@ def plan_launch(
 ) -> LaunchPlan:  # fmt: skip
     """The full command for `np` ranks of `program` under `launcher`, on this machine or the given hosts.
 
-    `hosts` is None for this machine alone (srun: the allocation); with `hostfile`, `hosts` holds what it lists
-    (for the slot check) and the launcher is handed the file itself. `options` (from the job's [launch]) wins over
-    the older `controller` / `cycle_time_ms` arguments.
+    `hosts` is None for this machine alone (srun: the allocation); with `hostfile` (a file already in the
+    launcher's own format), `hosts` holds what it lists (for the slot check) and the launcher is handed the file.
+    `hvdlm launch --hostfile` does not pass its file on: it reads any of the formats read_hostfile accepts, which
+    no launcher reads in full, and hands the launcher the parsed hosts instead (-H / -hosts). `options` (from
+    the job's [launch]) wins over the older `controller` / `cycle_time_ms` arguments.
     """
     opts = options or LaunchOptions(controller=controller, cycle_time_ms=cycle_time_ms)
     if launcher not in LAUNCHERS:
@@ -262,6 +264,10 @@ def plan_launch(
     else:
         per_host = place_ranks(hosts or [Host(LOCALHOST, local_cores())], np)
         cores = None
+    if not local:  # slots fill in host order: each host's share of the ranks must hold whole TP groups
+        for count in per_host:
+            if count:
+                check_tp_layout(tp, np, launcher, opts.controller, ranks_per_node=count)
     env = rank_env(opts, launcher, threads or threads_per_rank(max(per_host), cores), progress)
     if os.geteuid() == 0 and launcher != "srun":
         env.update(ROOT_VARIABLES)
@@ -273,7 +279,17 @@ def plan_launch(
     return LaunchPlan(argv=argv, env=env)
 
 
+# Linux refuses a single argument longer than 128 KiB (MAX_ARG_STRLEN) when it starts a program.
+_MAX_ARGUMENT = 128 * 1024 - 1
+
+
 def _host_list(hosts: list[Host] | ShellVar) -> str:
     if isinstance(hosts, ShellVar):  # a batch script's variable, filled at run time
         return hosts
-    return ",".join(f"{h.name}:{h.slots}" for h in hosts)
+    text = ",".join(f"{h.name}:{h.slots}" for h in hosts)
+    if len(text) > _MAX_ARGUMENT:
+        raise InputError(
+            f"the {len(hosts)} hosts make a host list of {len(text)} characters, more than Linux passes in one "
+            "argument (128 KiB). Start the launcher yourself with a hostfile in its format (hvdlm hostfile -o)."
+        )
+    return text

@@ -31,19 +31,29 @@ def render_hostfile(hosts: list[Host], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: str | Path, text: str) -> None:
-    """Write a temporary file beside `path`, then rename it over: readers see the old file or the new one."""
-    path = Path(path)
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write a temporary file beside `path`, then rename it over: readers see the old file or the new one.
+
+    A symbolic link is followed: its target is replaced and the link stays (as `echo > link` would do), so a
+    link into a shared directory keeps pointing there. Returns the file actually written.
+    """
+    path = Path(os.path.realpath(path))
     if path.is_dir():
         raise InputError(f"'{path}' is a directory; -o needs a file name.")
     if not path.parent.is_dir():
         raise InputError(f"directory '{path.parent}' does not exist; create it first or choose another -o.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        # Permission denied, a read-only or full file system, /proc: the old file is untouched (only the
+        # temporary file was written), so say where and why.
+        raise InputError(f"cannot write '{path}': {e.strerror or e}. Choose another -o.") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            Path(tmp).unlink(missing_ok=True)
+    return path

@@ -11,6 +11,8 @@ from hvdlm.errors import InputError
 from hvdlm.launch.shell import HOSTNAME
 
 LOCALHOST = "localhost"
+# No node has a million slots; a bound also keeps int() away from pasted runs of thousands of digits.
+MAX_SLOTS = 999_999
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def read_hostfile(path: str | Path) -> list[Host]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"hostfile '{path}' does not exist. Pass an existing file, or use --hosts host:slots,...")
-    hosts = []
+    hosts, lines = [], []
     for number, line in enumerate(read_text_lines(path, "hostfile"), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -57,9 +59,10 @@ def read_hostfile(path: str | Path) -> list[Host]:
             hosts.append(make_host(name, slots or "1", where))
         else:
             raise InputError(f"{where}: cannot read '{line}'. Write 'host slots=N', 'host:N' or 'host'.")
+        lines.append(number)
     if not hosts:
         raise InputError(f"hostfile '{path}' names no hosts. Add lines such as 'node1 slots=4'.")
-    return refuse_duplicates(hosts, str(path))
+    return refuse_duplicates(hosts, str(path), [f"{path}:{n}" for n in lines])
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
@@ -77,18 +80,23 @@ def make_host(name: str, slots: str, where: str) -> Host:
             f"{where}: '{name}' is not a valid host name (letters, digits, '.', '-' and '_'; shell metacharacters "
             "are refused)."
         )
-    # Bounded length: int() of thousands of digits raises, and no node has a billion slots.
-    if not slots.isascii() or not slots.isdigit() or len(slots) > 6 or int(slots) <= 0:
-        raise InputError(f"{where}: slots must be a positive whole number, got '{slots}' (at most 999999).")
+    # ASCII digits only (str.isdigit also takes other scripts' digits), bounded length before int().
+    if not re.fullmatch(r"[0-9]+", slots) or len(slots) > len(str(MAX_SLOTS)) or int(slots) <= 0:
+        shown = slots if len(slots) <= 40 else f"{slots[:20]}...({len(slots)} characters)"
+        raise InputError(f"{where}: slots must be a positive whole number, got '{shown}' (at most {MAX_SLOTS}).")
     return Host(name, int(slots))
 
 
-def refuse_duplicates(hosts: list[Host], source: str) -> list[Host]:
-    seen = set()
-    for h in hosts:
+def refuse_duplicates(hosts: list[Host], source: str, places: list[str] | None = None) -> list[Host]:
+    """places: where each host was read (file:line), so that both copies can be named."""
+    seen: dict[str, int] = {}
+    for i, h in enumerate(hosts):
         if h.name in seen:
-            raise InputError(f"host '{h.name}' appears twice in {source}. List each host once with its total slots.")
-        seen.add(h.name)
+            where = f" ({places[seen[h.name]]} and {places[i]})" if places else ""
+            raise InputError(
+                f"host '{h.name}' appears twice in {source}{where}. List each host once with its total slots."
+            )
+        seen[h.name] = i
     return hosts
 
 

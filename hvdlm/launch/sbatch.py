@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, 
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
 
 BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
-# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}")
+# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. ASCII digits ([0-9], not \d, which
+# takes any script's digits) and bounded runs: Slurm reads them as 32-bit numbers.
+_TIME = re.compile(r"[0-9]{1,9}(:[0-9]{1,2}){0,2}|[0-9]{1,9}-[0-9]{1,9}(:[0-9]{1,2}){0,2}")
 _DIRECTIVE = re.compile(r"--([a-z][a-z0-9\-]*)(=[A-Za-z0-9_.\-/+,:=@%]+)?")
 # Cores per rank when the job file does not say: a GPU rank needs a few for its Python thread, Horovod's
 # background thread and data loading; a CPU rank gets one core per OpenMP thread and can ask for more.
@@ -104,6 +106,7 @@ class SbatchSpec:
             options["partition"] = self.partition
         if self.account:
             options["account"] = self.account
+        extra: set[str] = set()
         for directive in self.directives:
             m = _DIRECTIVE.fullmatch(directive)
             if not m:
@@ -111,8 +114,11 @@ class SbatchSpec:
                     f"slurm.directives item '{directive}' is not an sbatch option such as --constraint=a100 "
                     "(plain names and values only)."
                 )
+            if m.group(1) in extra:
+                raise InputError(f"slurm.directives sets --{m.group(1)} twice; keep one.")
             if m.group(1) in options:
                 raise InputError(f"slurm.directives sets --{m.group(1)}, which hvdlm sets already; use its own key.")
+            extra.add(m.group(1))
             options[m.group(1)] = (m.group(2) or "=")[1:]
         return [f"--{name}={value}" if value else f"--{name}" for name, value in sorted(options.items())]
 
@@ -130,6 +136,11 @@ def spec_from_config(
     launcher = launcher or sl.launcher
     if nodes <= 0:
         raise InputError(f"--nodes must be positive, got {nodes}.")
+    # 0 in the job file means "derive it"; on the command line a value must be meant, so 0 is refused, not
+    # silently replaced by the default.
+    for what, value in (("--ntasks-per-node", ntasks_per_node), ("--cpus-per-task", cpus_per_task)):
+        if value is not None and value <= 0:
+            raise InputError(f"{what} must be positive, got {value}. Leave it out for the default.")
     tasks = ntasks_per_node or sl.ntasks_per_node or gpus
     if not tasks:
         # CPU-only nodes: the job's ranks, spread evenly.
@@ -142,6 +153,7 @@ def spec_from_config(
     cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
     options = LaunchOptions.from_config(cfg)
     options.gpus_per_node = gpus  # srun's steps ask for what the job asked for
+    options.tasks_per_node = 0  # and its tasks per node (#SBATCH, where --ntasks-per-node may have won)
     check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, options.controller, ranks_per_node=tasks)
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
@@ -217,12 +229,53 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
     return lines + [f"{join(launcher)} \\\n    {join(program)}"]
 
 
+def check_setup(setup: list[str]) -> None:
+    """`bash -n` on the slurm.setup lines, which go into the script exactly as written (the rest of the script is
+    hvdlm's own). A syntax error in them should stop here, on the login node, and not when the job starts after
+    hours in the queue. Checked as one block, so that a construct may span items ("if ...; then", ..., "fi"), and
+    on its own, so that an unclosed quote cannot pair with a quote of the launch line below it."""
+    bash = shutil.which("bash")
+    if not setup or not bash:
+        return  # nothing to check, or nothing to check with (Slurm's nodes will say it)
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
+        f.write("\n".join(setup) + "\n")
+        f.flush()
+        try:
+            proc = subprocess.run([bash, "-n", f.name], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return
+    if proc.returncode == 0:
+        return
+    m = re.search(r"line ([0-9]+): (.*)", proc.stderr)
+    number = int(m.group(1)) if m else 0
+    where = f" in item {number}, {setup[number - 1]!r}" if 0 < number <= len(setup) else ""
+    reason = m.group(2) if m else proc.stderr.strip()
+    raise InputError(
+        f"slurm.setup has a shell syntax error{where} ({reason}). Fix the job file: each item is a line of the batch "
+        "script, and together they must be complete commands."
+    )
+
+
 def submit(script: str, path: str | None) -> str:
     """sbatch the script (the file at `path`, else the text on stdin); returns the job id."""
     if not shutil.which("sbatch"):
         raise InputError("'sbatch' is not on the PATH: submit from a Slurm login node, or drop --submit.")
     argv = ["sbatch", "--parsable"] + ([path] if path else [])
-    proc = subprocess.run(argv, input=None if path else script, capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(argv, input=None if path else script, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise InputError(
+            "sbatch did not answer within 120 s: the Slurm controller may be down or overloaded. Check with "
+            "'squeue --me' whether the job was queued before submitting again."
+        ) from None
+    except OSError as e:
+        raise InputError(f"sbatch could not be started: {e.strerror or e}.") from None
     if proc.returncode != 0:
         raise InputError(f"sbatch refused the script: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"
+    job_id = proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"
+    if not job_id:
+        raise InputError(
+            "sbatch exited without error but printed no job id, so hvdlm cannot tell whether the job was queued. "
+            f"Check with 'squeue --me'{'; sbatch said: ' + proc.stderr.strip() if proc.stderr.strip() else ''}."
+        )
+    return job_id

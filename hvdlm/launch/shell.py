@@ -23,11 +23,19 @@ ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _META = re.compile(r"[`$;&|<>(){}\\\"'!*?~\n\r\t\x00#]")
 
 
+# What each pattern allows, in words, for the error message.
+_ALLOWED = {
+    HOSTNAME: "letters, digits, '.', '-' and '_', not starting with '-' or '.'",
+    NAME: "letters, digits and . _ - / + , : = @ %, starting with a letter, a digit or '_'",
+    ENV_VAR: "letters, digits and '_', not starting with a digit",
+}
+
+
 def check_name(what: str, value: str, pattern: re.Pattern[str] = NAME) -> str:
     if not pattern.fullmatch(value):
         raise InputError(
-            f"{what} '{value}' is not a plain name (letters, digits and . _ - only for hosts). Shell "
-            "metacharacters and spaces are refused so that generated commands never run text you did not mean."
+            f"{what} '{value}' is not a plain name (allowed: {_ALLOWED[pattern]}). Shell metacharacters and spaces "
+            "are refused so that generated commands never run text you did not mean."
         )
     return value
 

@@ -7,13 +7,16 @@ the scheduler's order with one slot per task it granted (unless `slots` override
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 from hvdlm.errors import InputError
-from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node
-from hvdlm.launch.hosts import Host, make_host, parse_hosts, read_hostfile, read_text_lines, refuse_duplicates
+from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node, shown
+from hvdlm.launch.hosts import (
+    MAX_SLOTS, Host, make_host, parse_hosts, read_hostfile, read_text_lines, refuse_duplicates,
+)  # fmt: skip
 
 SOURCES = ("slurm", "pbs", "lsf", "hosts", "file")
 
@@ -24,6 +27,8 @@ def hosts_from(source: str, spec: str | None, slots: int | None = None, env: Map
     env = os.environ if env is None else env
     if slots is not None and slots <= 0:
         raise InputError(f"--slots must be positive, got {slots}.")
+    if slots is not None and slots > MAX_SLOTS:  # the cap of a hostfile's slots and of Slurm's task counts
+        raise InputError(f"--slots {slots} is more than the {MAX_SLOTS} slots a host may have.")
     if source == "slurm":
         hosts = from_slurm(spec, tasks_per_node, env)
     elif source == "pbs":
@@ -91,9 +96,10 @@ def from_lsf(spec: str | None, env: Mapping[str, str]) -> list[Host]:
         )
     words = spec.split()
     # 'h1 4 h2 4' has a count after every host; 'h1 h1 h2' has none.
-    if len(words) % 2 == 0 and words and all(w.isdigit() for w in words[1::2]):
+    # ASCII digits: str.isdigit also takes other scripts' digits (make_host refuses those with a clear message).
+    if len(words) % 2 == 0 and words and all(re.fullmatch("[0-9]+", w) for w in words[1::2]):
         return _lsf_pairs(spec, "LSF hosts")
-    counts = [w for w in words if w.isdigit()]
+    counts = [w for w in words if re.fullmatch("[0-9]+", w)]
     if counts:  # a bare number among host names is a count whose pair is broken
         raise InputError(
             f"LSF hosts '{spec}': '{counts[0]}' looks like a slot count, but not every host has one. Write "
@@ -106,7 +112,8 @@ def _lsf_pairs(text: str, what: str) -> list[Host]:
     words = text.split()
     if not words or len(words) % 2:
         raise InputError(f"{what} '{text}' must be pairs of host and slot count, e.g. 'host1 4 host2 4'.")
-    hosts = [make_host(name, count, f"{what} entry '{name} {count}'") for name, count in zip(words[::2], words[1::2])]
+    hosts = [make_host(name, count, f"{what} entry '{shown(name, 40)} {shown(count, 40)}'")
+             for name, count in zip(words[::2], words[1::2])]  # fmt: skip
     return refuse_duplicates(hosts, what)
 
 
