@@ -86,5 +86,5 @@ def test_launch_from_a_hostfile(hvdlm, tiny_job, tmp_path):
         "--set", "train.max_steps=2",
     )  # fmt: skip
     assert r.code == 0, r.out
-    assert f"--hostfile {hostfile}" in r.out
+    assert " -H localhost:2 " in r.out  # the launcher gets the hosts as parsed, not a file it may misread
     assert r.summary()["ranks"] == 2
