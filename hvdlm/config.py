@@ -142,6 +142,10 @@ MPIS = ("openmpi", "mpich")
 CONTROLLERS = ("gloo", "mpi")
 CORPORA = ("stdlib",)
 TOKENIZERS = ("byte", "bpe")
+MIN_BPE_VOCAB = 257 + 1  # 256 byte tokens, the end-of-document token, and at least one merge
+# The BPE trainer's Rust side allocates for the requested size up front (2**32 aborts the process), and a million
+# tokens is already far past what a corpus prepared here yields. Above 65,536 the shards hold uint32 ids.
+MAX_BPE_VOCAB = 2**20
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -303,9 +307,10 @@ def validate(config: JobConfig) -> None:
         raise InputError(f"'data.val_fraction' must be between 0 and 1, got {d.val_fraction}.")
     if m.vocab_size < 256:
         raise InputError(f"'model.vocab_size' must be at least 256 for byte-level tokens, got {m.vocab_size}.")
-    if d.tokenizer == "bpe" and d.vocab_size < 258:
+    if d.tokenizer == "bpe" and not MIN_BPE_VOCAB <= d.vocab_size <= MAX_BPE_VOCAB:
         raise InputError(
-            f"'data.vocab_size' must be at least 258 (256 bytes, end-of-document, one merge), got {d.vocab_size}."
+            f"'data.vocab_size' must be between {MIN_BPE_VOCAB} (256 bytes, end-of-document, one merge) and "
+            f"{MAX_BPE_VOCAB:,} for the BPE tokenizer, got {d.vocab_size:,}."
         )
     for name, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
         if not 0.0 <= value < 1.0:

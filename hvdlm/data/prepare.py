@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hvdlm import __version__
+from hvdlm.config import TOKENIZERS
 from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
 from hvdlm.data.sources import (
     LENIENT_REASONS, InputFile, SkipReport, fingerprint_inputs, read_documents, resolve_sources, total_size,
 )
-from hvdlm.data.tokenizer import TOKENIZERS, ByteTokenizer, check_bpe_vocab, train_bpe
+from hvdlm.data.tokenizer import ByteTokenizer, check_bpe_vocab, train_bpe
 from hvdlm.errors import InputError
 
 _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)

@@ -18,17 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+# The BPE vocabulary range lives in the (import-light) config, which checks job files with it too.
+from hvdlm.config import MAX_BPE_VOCAB, MIN_BPE_VOCAB
 from hvdlm.data.meta import load_meta
 from hvdlm.errors import InputError
 
-TOKENIZERS = ("byte", "bpe")
 EOT = "<|endoftext|>"  # GPT-2's end-of-document token, appended after every document by the BPE tokenizer
 BPE_FILE = "tokenizer.json"
-MIN_BPE_VOCAB = 257 + 1  # 256 byte tokens, the end-of-document token, and at least one merge
-# The trainer's Rust side allocates for the requested size up front (2**32 aborts the process), and a vocabulary
-# of a million tokens is already far past what a corpus one prepares here yields. Above 65,536 the shards hold
-# uint32 ids.
-MAX_BPE_VOCAB = 2**20
 
 
 class ByteTokenizer:
