@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hvdlm.errors import InputError
 from hvdlm.layers import Sharding, full_shape, merge, shard
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)-of-(?P<size>\d+)\.pt$")
+_STEP_STEM = re.compile(r"^step-(?P<step>\d+)$")
 
 
 def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1) -> Path:
@@ -119,6 +121,63 @@ def sharding_of(model: torch.nn.Module) -> dict[str, list[int] | None]:
 # ------------------------------------------------------------------------------------------------------------
 # Finding, merging and loading
 # ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One save in a run directory: its step and its files (one per TP rank, in rank order)."""
+
+    step: int
+    paths: tuple[Path, ...]
+
+
+def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
+    """The complete checkpoints in RUN_DIR/checkpoints, newest first.
+
+    Complete means every shard file is there (a save killed between shards leaves an incomplete set, which is
+    skipped); whether the files read is for `load_checkpoint` to say.
+    """
+    found: dict[tuple[int, int], set[int]] = {}
+    for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"):
+        if m := _SHARD_NAME.match(p.name):
+            stem, rank, size = m["stem"], int(m["rank"]), int(m["size"])
+        else:
+            stem, rank, size = p.name[: -len(".pt")], 0, 1
+        if (s := _STEP_STEM.match(stem)) and rank < size:
+            found.setdefault((int(s["step"]), size), set()).add(rank)
+    complete = [
+        SavedCheckpoint(step, tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size)))
+        for (step, size), ranks in found.items()
+        if len(ranks) == size
+    ]
+    return sorted(complete, key=lambda c: c.step, reverse=True)
+
+
+def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
+    """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is none.
+
+    A damaged or unreadable newer one is reported through `warn` and passed over for the one before it.
+    """
+    for saved in find_checkpoints(run_dir):
+        try:
+            return saved, [load_checkpoint(p) for p in saved.paths]
+        except InputError as e:
+            warn(f"WARNING: skipping checkpoint step {saved.step}: {e}")
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
+    path = Path(path)
+    if path.is_dir():
+        saved = find_checkpoints(path)
+        if not saved:
+            raise InputError(
+                f"'{path}' holds no complete checkpoint (looked in {path / 'checkpoints'}). Name a run directory "
+                "that has written one, or a checkpoint file."
+            )
+        return saved[0].paths[0]
+    return path
 
 
 def shard_paths(path: str | Path) -> list[Path]:

@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # sequences per replica per step; the global batch is batch_size x dp
+    batch_size: int = 16  # sequences per replica per micro-step; global batch: batch_size x dp x accumulation_steps
     max_steps: int = 200  # optimizer steps
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-4  # floor of the cosine decay
@@ -78,7 +78,20 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 writes only the final one
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
-    init_from: str = ""  # a checkpoint (file or any TP shard) whose weights start the run, at any tp; "" = fresh
+    init_from: str = ""  # a run directory (its newest checkpoint) or a checkpoint file whose weights start the run
+    optimizer: str = "adamw"  # "adamw" or "sgd" (with momentum)
+    momentum: float = 0.9  # SGD momentum
+    scale_lr: bool = False  # multiply lr and min_lr by the number of replicas (dp), for a batch that grows with it
+    accumulation_steps: int = 1  # micro-batches per optimizer step; gradients are allreduced on the last one only
+    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU and GPU) or "fp16" (autocast and a gradient scaler, GPU)
+    grad_compression: str = "none"  # "none" or "fp16": Horovod sends gradients as fp16 (GPU tensors only)
+    ema_decay: float = 0.0  # exponential moving average of the weights, used for evaluation; 0 disables
+    local_sgd_interval: int = 0  # >0: local SGD, replicas step alone and average weights every this many steps
+    max_skipped_steps: int = 5  # a non-finite loss or gradient norm skips the step; this many in a row stop the run
+    keep_checkpoints: int = 3  # newest complete checkpoints kept in the run directory; 0 keeps all
+    deterministic: bool = False  # torch's deterministic algorithms (GPU kernels; CPU fp32 is deterministic anyway)
+    tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard (rank 0)
+    peak_tflops: float = 0.0  # the device's peak for MFU, in TFLOP/s; 0: known GPUs by name, none on CPU
 
 
 @dataclass
@@ -141,6 +154,9 @@ LAUNCHERS = ("mpirun", "horovodrun", "srun")
 MPIS = ("openmpi", "mpich")
 CONTROLLERS = ("gloo", "mpi")
 CORPORA = ("stdlib",)
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPRESSIONS = ("none", "fp16")
 TOKENIZERS = ("byte", "bpe")
 MIN_BPE_VOCAB = 257 + 1  # 256 byte tokens, the end-of-document token, and at least one merge
 # The BPE trainer's Rust side allocates for the requested size up front (2**32 aborts the process), and a million
@@ -274,6 +290,7 @@ def validate(config: JobConfig) -> None:
         "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
         "train.batch_size": t.batch_size, "train.max_steps": t.max_steps, "train.lr": t.lr,
         "train.log_interval": t.log_interval, "train.eval_batches": t.eval_batches, "launch.np": la.np,
+        "train.accumulation_steps": t.accumulation_steps,
         "slurm.nodes": config.slurm.nodes,
     }  # fmt: skip
     for name, value in positive.items():
@@ -284,6 +301,9 @@ def validate(config: JobConfig) -> None:
         "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.seed": t.seed,
         "train.checkpoint_interval": t.checkpoint_interval, "train.sample_tokens": t.sample_tokens,
         "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms,
+        "train.ema_decay": t.ema_decay, "train.local_sgd_interval": t.local_sgd_interval,
+        "train.max_skipped_steps": t.max_skipped_steps, "train.keep_checkpoints": t.keep_checkpoints,
+        "train.peak_tflops": t.peak_tflops, "train.momentum": t.momentum,
         "launch.fusion_threshold_mb": la.fusion_threshold_mb, "slurm.gpus_per_node": config.slurm.gpus_per_node,
         "slurm.ntasks_per_node": config.slurm.ntasks_per_node, "slurm.cpus_per_task": config.slurm.cpus_per_task,
     }  # fmt: skip
@@ -312,12 +332,23 @@ def validate(config: JobConfig) -> None:
             f"'data.vocab_size' must be between {MIN_BPE_VOCAB} (256 bytes, end-of-document, one merge) and "
             f"{MAX_BPE_VOCAB:,} for the BPE tokenizer, got {d.vocab_size:,}."
         )
-    for name, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+    for name, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.ema_decay", t.ema_decay),
+                        ("train.momentum", t.momentum)):  # fmt: skip
         if not 0.0 <= value < 1.0:
             raise InputError(f"'{name}' must be in [0, 1), got {value}.")
     if t.min_lr > t.lr:
         raise InputError(f"'train.min_lr' ({t.min_lr}) must not exceed 'train.lr' ({t.lr}).")
     _validate_tp(m, p)
+    if t.local_sgd_interval and t.checkpoint_interval % t.local_sgd_interval:
+        raise InputError(
+            f"'train.checkpoint_interval' ({t.checkpoint_interval}) must be a multiple of 'train.local_sgd_interval' "
+            f"({t.local_sgd_interval}): replicas agree only where they average, and a checkpoint holds one replica."
+        )
+    if t.local_sgd_interval and t.grad_compression != "none":
+        raise InputError(
+            "'train.grad_compression' compresses the gradient allreduce, which local SGD does not do: set it to "
+            "\"none\" or 'train.local_sgd_interval' to 0."
+        )
     for name, value, options in (
         ("launch.launcher", la.launcher, LAUNCHERS),
         ("launch.controller", la.controller, CONTROLLERS),
@@ -325,6 +356,9 @@ def validate(config: JobConfig) -> None:
         ("slurm.launcher", config.slurm.launcher, LAUNCHERS),
         ("data.corpus", d.corpus, CORPORA),
         ("data.tokenizer", d.tokenizer, TOKENIZERS),
+        ("train.optimizer", t.optimizer, OPTIMIZERS),
+        ("train.precision", t.precision, PRECISIONS),
+        ("train.grad_compression", t.grad_compression, COMPRESSIONS),
     ):
         if value not in options:
             raise InputError(f"'{name}' must be one of {', '.join(options)}, got '{value}'.{_closest(value, options)}")
