@@ -65,6 +65,15 @@ _init_from_option = click.option(
 )  # fmt: skip
 
 
+def _check_resume(resume: str | None, run_dir: str | None) -> None:
+    if resume is None:
+        return
+    if not run_dir:
+        raise InputError("--resume continues the run in --run-dir: name the run directory too.")
+    if resume != "auto" and not Path(resume).exists():
+        raise InputError(f"--resume '{resume}': no such checkpoint. Pass 'auto' or the path of a checkpoint file.")
+
+
 def _with_init_from(overrides: tuple[str, ...], init_from: str | None) -> tuple[str, ...]:
     return overrides + ((f"train.init_from={json.dumps(init_from)}",) if init_from else ())
 
@@ -92,8 +101,7 @@ def train(
     from hvdlm.config import load_config
 
     cfg = load_config(job, _with_init_from(overrides, init_from))
-    if resume is not None and resume != "auto" and not Path(resume).exists():
-        raise InputError(f"--resume '{resume}': no such checkpoint or run directory. Pass 'auto' or an existing path.")
+    _check_resume(resume, run_dir)
     from hvdlm.train import train as run_training  # torch and horovod load only now
 
     run_training(cfg, job_name=Path(job).stem, run_dir=run_dir, resume=resume)
@@ -127,10 +135,7 @@ def launch(
 
     overrides = _with_init_from(overrides, init_from)
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
-    if resume is not None and resume != "auto" and not Path(resume).exists():
-        raise InputError(f"--resume '{resume}': no such checkpoint or run directory. Pass 'auto' or an existing path.")
-    if resume and not run_dir:
-        raise InputError("--resume continues the run in --run-dir: name the run directory.")
+    _check_resume(resume, run_dir)
     if hosts and hostfile:
         raise InputError("give either --hosts or --hostfile, not both.")
     hosts = hosts or cfg.launch.hosts or None
