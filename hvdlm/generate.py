@@ -8,6 +8,7 @@ token ids mean what they meant in training. The same seed gives the same text (o
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,12 @@ def generate(
 
     import torch  # only now: option errors above answer at once
 
-    from hvdlm.checkpoint import load_full_state, load_model, resolve_checkpoint
+    from hvdlm.checkpoint import load_model
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
     from hvdlm.topology import Group
 
-    path = resolve_checkpoint(checkpoint if checkpoint is not None else run_dir)
-    state = load_full_state(path)
+    path, state = _load(run_dir, checkpoint)
     config = state.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise InputError(
@@ -103,6 +103,25 @@ def generate(
         text=tokenizer.decode(out[0].tolist()), checkpoint=path, step=int(state["step"]), prompt_tokens=len(ids),
         context=cfg.seq_len, weights=weights,
     )  # fmt: skip
+
+
+def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
+    passed over, as `--resume auto` does), as one unsharded state."""
+    from hvdlm.checkpoint import load_full_state, merge_states, newest_loadable, resolve_checkpoint
+
+    if checkpoint is not None:
+        path = resolve_checkpoint(checkpoint)
+        return path, load_full_state(path)
+    found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
+    if found is None:
+        resolve_checkpoint(run_dir)  # no complete checkpoint at all: its error says so
+        raise InputError(
+            f"none of the checkpoints in '{run_dir / 'checkpoints'}' reads (see the warnings above). Copy them again, "
+            "or pass --checkpoint with a good file."
+        )
+    saved, states = found
+    return saved.paths[0], merge_states(states)
 
 
 def _tokenizer_of(config: dict[str, Any], path: Path):

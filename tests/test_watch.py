@@ -303,6 +303,18 @@ def test_generate_from_an_older_checkpoint_and_a_long_prompt(cli, run):
     assert "longer than the model's context of 32" in err and "step 4" in err
 
 
+def test_generate_passes_over_a_damaged_newest_checkpoint(cli, run, tmp_path):
+    copy = _copy_run(run, tmp_path / "damaged")
+    newest = copy / "checkpoints" / "step-0000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    code, out, err = cli("generate", copy, "--prompt", "x", "--max-tokens", "3")
+    assert code == 0, out + err
+    assert "WARNING: skipping checkpoint step 8" in err and "step-0000004.pt" in err
+    (copy / "checkpoints" / "step-0000004.pt").write_bytes(b"junk")
+    code, out, err = cli("generate", copy, "--prompt", "x")
+    assert code == 2 and "none of the checkpoints" in err
+
+
 def _copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "plots", ignore_errors=True)
