@@ -82,7 +82,7 @@ def generate(
     model = GPT(cfg, Group.single())
     weights = "model"
     if ema:
-        if not isinstance(state.get("ema"), dict) or not state["ema"]:
+        if state["ema"] is None:
             raise InputError(
                 f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay = 0). Drop --ema to "
                 "sample with the trained weights."
@@ -108,20 +108,40 @@ def generate(
 def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
     """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
     passed over, as `--resume auto` does), as one unsharded state."""
-    from hvdlm.checkpoint import load_full_state, merge_states, newest_loadable, resolve_checkpoint
+    from hvdlm.checkpoint import load_checkpoint, merge_states, newest_loadable, resolve_checkpoint, shard_paths
 
     if checkpoint is not None:
-        path = resolve_checkpoint(checkpoint)
-        return path, load_full_state(path)
-    found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
-    if found is None:
-        resolve_checkpoint(run_dir)  # no complete checkpoint at all: its error says so
-        raise InputError(
-            f"none of the checkpoints in '{run_dir / 'checkpoints'}' reads (see the warnings above). Copy them again, "
-            "or pass --checkpoint with a good file."
-        )
-    saved, states = found
-    return saved.paths[0], merge_states(states)
+        paths = shard_paths(resolve_checkpoint(checkpoint))
+        states = [load_checkpoint(p) for p in paths]
+    else:
+        found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
+        if found is None:
+            resolve_checkpoint(run_dir)  # no complete checkpoint at all: its error says so
+            raise InputError(
+                f"none of the checkpoints in '{run_dir / 'checkpoints'}' reads (see the warnings above). Copy them "
+                "again, or pass --checkpoint with a good file."
+            )
+        paths, states = list(found[0].paths), found[1]
+    return paths[0], {**merge_states(states), "ema": _merged_ema(states)}
+
+
+def _merged_ema(states: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The EMA weights of all TP shards as one unsharded state dict; None when the checkpoint has none.
+
+    The EMA is sharded exactly like the model (hvdlm.ema), so its tensors merge with the model's sharding specs.
+    Merged here from the shards themselves, whatever merge_states does with the "ema" entry.
+    """
+    from hvdlm.layers import Sharding, merge
+
+    if not all(isinstance(s.get("ema"), dict) and s["ema"] for s in states):
+        return None
+    if len(states) == 1:
+        return states[0]["ema"]
+    specs = {name: Sharding(*spec) if spec else None for name, spec in states[0]["tp"]["sharding"].items()}
+    return {
+        name: merge([s["ema"][name] for s in states], specs[name]) if specs.get(name) else t
+        for name, t in states[0]["ema"].items()
+    }
 
 
 def _tokenizer_of(config: dict[str, Any], path: Path):

@@ -334,7 +334,7 @@ def test_generate_from_a_tp_sharded_checkpoint_matches_the_unsharded_one(cli, ru
         model = GPT(ModelConfig(**full["config"]["model"]), Group(size=2, rank=rank))
         load_model(model, full, "test", rank, 2)
         state = {
-            "model": model.state_dict(), "step": 8, "config": full["config"],
+            "model": model.state_dict(), "ema": model.state_dict(), "step": 8, "config": full["config"],
             "tp": {"rank": rank, "size": 2, "sharding": sharding_of(model), "param_names": []},
         }  # fmt: skip
         save_checkpoint(checkpoint_path(sharded, 8, rank, 2), state)
@@ -343,6 +343,7 @@ def test_generate_from_a_tp_sharded_checkpoint_matches_the_unsharded_one(cli, ru
     assert code == 0, out + err
     assert "step-0000008.tp0-of-2.pt" in err
     assert out == cli("generate", run, *args)[1]
+    assert cli("generate", sharded, *args, "--ema")[1] == out  # the EMA shards merge like the model's
 
 
 def test_generate_with_ema_weights(cli, run, tmp_path):
