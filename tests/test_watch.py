@@ -192,16 +192,49 @@ def env(cache_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, env) -> Path:
-    """A real 8-step run (one process, no launcher) with checkpoints at steps 4 and 8."""
+    """A real 8-step run (one process, no launcher) with checkpoints at steps 4 and 8, EMA and TensorBoard."""
     root = tmp_path_factory.mktemp("watch")
     job = root / "tiny.toml"
     job.write_text(TINY_JOB)
     run_dir = root / "tiny-run"
     argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)]
-    argv += ["--set", "train.checkpoint_interval=4", "--set", "train.sample_tokens=0"]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv + RUN_SETTINGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir
+
+
+RUN_SETTINGS = [
+    "--set", "train.checkpoint_interval=4", "--set", "train.sample_tokens=0", "--set", "train.ema_decay=0.9",
+    "--set", "train.tensorboard=true",
+]  # fmt: skip
+
+
+def test_a_real_run_logs_tokens_mfu_memory_and_tensorboard(run):
+    rows = _rows(run / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["tokens"] for r in train] == [4 * 32 * step for step in range(1, 9)]  # batch 4 x seq_len 32
+    assert all(r["mfu"] is None and r["memory_mb"] > 0 for r in train)  # CPU: no known peak
+    tb = _scalars(run)
+    assert tb["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in train})
+    assert sorted(tb["val/loss"]) == [0, 4, 8]
+
+
+def test_a_resumed_run_rewrites_the_rows_after_its_checkpoint(run, env, tmp_path):
+    """Resume from step 4 of a finished run: rows 5..8 are dropped and trained again, none twice."""
+    copy = _copy_run(run, tmp_path / "resumed")
+    (copy / "checkpoints" / "step-0000008.pt").unlink()
+    before = _rows(copy / "metrics.jsonl")
+    job = tmp_path / "tiny.toml"
+    job.write_text(TINY_JOB)
+    argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(copy), "--resume", "auto"]
+    proc = subprocess.run(argv + RUN_SETTINGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = _rows(copy / "metrics.jsonl")
+    assert [(r["step"], "loss" in r) for r in after] == [(r["step"], "loss" in r) for r in before]
+    assert [r.get("loss") for r in after] == pytest.approx([r.get("loss") for r in before])
+    tb = _scalars(copy)
+    assert tb["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in after if "loss" in r})
 
 
 @pytest.fixture
@@ -347,18 +380,21 @@ def test_generate_from_a_tp_sharded_checkpoint_matches_the_unsharded_one(cli, ru
 
 
 def test_generate_with_ema_weights(cli, run, tmp_path):
+    args = ("--prompt", "for ", "--max-tokens", "40")
+    code, out, err = cli("generate", run, *args, "--ema")
+    assert code == 0, out + err
+    assert out.startswith("for ") and "ema weights of step 8" in err
+    assert out != cli("generate", run, *args)[1]  # the average of the weights is another model
+
     from hvdlm.checkpoint import load_checkpoint, save_checkpoint
 
-    copy = _copy_run(run, tmp_path / "ema-run")
+    copy = _copy_run(run, tmp_path / "no-ema")
     path = copy / "checkpoints" / "step-0000008.pt"
     state = load_checkpoint(path)
-    state["ema"] = {name: t.clone() for name, t in state["model"].items()}
+    del state["ema"]
     save_checkpoint(path, state)
-    args = ("--prompt", "for ", "--max-tokens", "20")
-    plain = cli("generate", copy, *args)[1]
     code, out, err = cli("generate", copy, *args, "--ema")
-    assert code == 0, out + err
-    assert out == plain and "ema weights" in err  # EMA equal to the weights: the same text
+    assert code == 2 and "holds no EMA weights" in err and out == ""
 
 
 @pytest.mark.parametrize(
@@ -368,7 +404,6 @@ def test_generate_with_ema_weights(cli, run, tmp_path):
         (["--prompt", "x", "--max-tokens", "0"], "--max-tokens 0"),
         (["--prompt", "x", "--temperature", "0"], "--temperature 0.0: it must be > 0"),
         (["--prompt", "x", "--top-k", "0"], "--top-k 0"),
-        (["--prompt", "x", "--ema"], "holds no EMA weights"),
         (["--prompt", "x", "--checkpoint", "nowhere/step-0000001.pt"], "no checkpoint at"),
     ],
 )
