@@ -180,3 +180,7 @@ from hvdlm.launch.cli import doctor, hostfile, sbatch  # noqa: E402 - after main
 main.add_command(hostfile)
 main.add_command(sbatch)
 main.add_command(doctor)
+from hvdlm.watch_cli import generate, plot  # noqa: E402 - watching a run: charts and samples (hvdlm/watch_cli.py)
+
+main.add_command(plot)
+main.add_command(generate)
