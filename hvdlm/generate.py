@@ -82,7 +82,7 @@ def generate(
     model = GPT(cfg, Group.single())
     weights = "model"
     if ema:
-        if state["ema"] is None:
+        if not state.get("ema"):
             raise InputError(
                 f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay = 0). Drop --ema to "
                 "sample with the trained weights."
@@ -122,26 +122,7 @@ def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str,
                 "again, or pass --checkpoint with a good file."
             )
         paths, states = list(found[0].paths), found[1]
-    return paths[0], {**merge_states(states), "ema": _merged_ema(states)}
-
-
-def _merged_ema(states: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The EMA weights of all TP shards as one unsharded state dict; None when the checkpoint has none.
-
-    The EMA is sharded exactly like the model (hvdlm.ema), so its tensors merge with the model's sharding specs.
-    Merged here from the shards themselves, whatever merge_states does with the "ema" entry.
-    """
-    from hvdlm.layers import Sharding, merge
-
-    if not all(isinstance(s.get("ema"), dict) and s["ema"] for s in states):
-        return None
-    if len(states) == 1:
-        return states[0]["ema"]
-    specs = {name: Sharding(*spec) if spec else None for name, spec in states[0]["tp"]["sharding"].items()}
-    return {
-        name: merge([s["ema"][name] for s in states], specs[name]) if specs.get(name) else t
-        for name, t in states[0]["ema"].items()
-    }
+    return paths[0], merge_states(states)  # the EMA weights, when the run kept them, merged like the model's
 
 
 def _tokenizer_of(config: dict[str, Any], path: Path):
