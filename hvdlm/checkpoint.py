@@ -149,6 +149,11 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
     Complete means every shard file is there (a save killed between shards leaves an incomplete set, which is
     skipped); whether the files read is for `load_checkpoint` to say.
     """
+    return [saved for saved, missing in _scan(run_dir) if not missing]
+
+
+def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
+    """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard files."""
     found: dict[tuple[int, int], set[int]] = {}
     for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"):
         if m := _SHARD_NAME.match(p.name):
@@ -157,20 +162,22 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
             stem, rank, size = p.name[: -len(".pt")], 0, 1
         if (s := _STEP_STEM.match(stem)) and rank < size:
             found.setdefault((int(s["step"]), size), set()).add(rank)
-    complete = [
-        SavedCheckpoint(step, tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size)))
-        for (step, size), ranks in found.items()
-        if len(ranks) == size
-    ]
-    return sorted(complete, key=lambda c: c.step, reverse=True)
+    saves = []
+    for (step, size), ranks in sorted(found.items(), reverse=True):
+        paths = tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size))
+        saves.append((SavedCheckpoint(step, paths), [paths[r].name for r in range(size) if r not in ranks]))
+    return saves
 
 
 def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
     """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is none.
 
-    A damaged or unreadable newer one is reported through `warn` and passed over for the one before it.
+    A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before.
     """
-    for saved in find_checkpoints(run_dir):
+    for saved, missing in _scan(run_dir):
+        if missing:
+            warn(f"WARNING: skipping checkpoint step {saved.step}: incomplete, {', '.join(missing)} missing.")
+            continue
         try:
             return saved, [load_checkpoint(p) for p in saved.paths]
         except InputError as e:

@@ -87,11 +87,11 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     tokens_per_step = t.batch_size * k * cfg.model.seq_len * dp_size
     peak = peak_tflops(device, t.precision, t.peak_tflops)
     model_flops = flops_per_token(model.num_params(), cfg.model.n_layer, cfg.model.seq_len, cfg.model.d_model)
+    mode = f"local SGD every {t.local_sgd_interval} steps," if t.local_sgd_interval else "synchronous"
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
         f"{device.type} in {t.precision}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per "
-        f"step ({k} micro-batch(es)), {'local SGD every ' + str(t.local_sgd_interval) if t.local_sgd_interval else 'synchronous'}"
-        f" {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val "
+        f"step ({k} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val "
         f"{data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} windows per epoch) from {data.path}"
     )
     log.info(f"run directory: {out}")
@@ -101,8 +101,9 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     def evaluate(step: int) -> float:
         with ema.applied() if ema else contextlib.nullcontext():
             val = _evaluate(model, val_batches, t.eval_batches, device, precision)
-        log.info(f"step {step:>6} | val loss {val:.4f}" + (" (EMA weights)" if ema else ""))
-        log.record({"step": step, "tokens": step * tokens_per_step, "val_loss": val, "val_ppl": math.exp(min(val, 700))})
+        ppl = math.exp(min(val, 700))  # exp overflows a float past ~709
+        log.info(f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}" + (" (EMA weights)" if ema else ""))
+        log.record({"step": step, "tokens": step * tokens_per_step, "val_loss": val, "val_ppl": ppl})
         return val
 
     final_val = progress.get("final_val_loss")
@@ -188,8 +189,9 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
             if reason == Stop.NON_FINITE:
                 raise InputError(
                     f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm (the last at step "
-                    f"{done}; train.max_skipped_steps = {t.max_skipped_steps}): the run stops rather than train on.  Lower train.lr, set train.grad_clip (e.g. "
-                    "1.0), use precision = \"bf16\" instead of fp16, or resume from an earlier checkpoint."
+                    f"{done}; train.max_skipped_steps = {t.max_skipped_steps}), so the run stops. Lower train.lr, "
+                    "set train.grad_clip (e.g. 1.0), use precision = \"bf16\" instead of fp16, or resume from an "
+                    "earlier checkpoint."
                 )
             stop_requested = stop_requested or reason == Stop.PREEMPTED
             # Local SGD replicas agree only where they average, so a preempted one runs on to that point.

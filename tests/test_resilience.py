@@ -52,6 +52,10 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_used(tmp_path)
     assert saved.step == 2 and states[0]["step"] == 2
     assert len(warnings) == 1 and "step 4" in warnings[0] and "truncated" in warnings[0]
     assert newest.stat().st_size == 100  # reported, not removed
+    checkpoint_path(tmp_path, 6, 1, 2).write_bytes(b"shard 1 of a save killed before shard 0")
+    warnings.clear()
+    assert newest_loadable(tmp_path, warn=warnings.append)[0].step == 2
+    assert "step 6: incomplete, step-0000006.tp0-of-2.pt missing" in warnings[0] and "step 4" in warnings[1]
 
 
 def test_no_checkpoint_at_all(tmp_path):
