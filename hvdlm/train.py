@@ -92,7 +92,8 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
         f"{device.type} in {t.precision}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per "
         f"step ({k} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / "
-        f"{len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} windows per epoch) from {data.path}"
+        f"{len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} windows "
+        f"per epoch) from {data.path}"
     )
     log.info(f"run directory: {out}")
     if start.state is not None:
