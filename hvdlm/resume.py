@@ -73,7 +73,12 @@ def raise_if_any(error: str | None, name: str) -> None:
 
 
 def check_compatible(state: dict[str, Any], cfg_train, source: str) -> None:
-    """What a checkpoint's optimizer state cannot be carried into."""
+    """What a checkpoint cannot be continued into: another optimizer, or a run that ends before it."""
+    if state["step"] > cfg_train.max_steps:
+        raise InputError(
+            f"checkpoint '{source}' is at step {state['step']}, past train.max_steps = {cfg_train.max_steps}: there "
+            f"is nothing left to train. Raise max_steps (e.g. --set train.max_steps={2 * state['step']}) to go on."
+        )
     theirs = state.get("config", {}).get("train", {}).get("optimizer", "adamw")
     if theirs != cfg_train.optimizer:
         raise InputError(

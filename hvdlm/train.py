@@ -159,7 +159,7 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                     vote.local = Stop.NON_FINITE
             else:
                 skipped_in_a_row = 0
-            if done % t.log_interval == 0 or done == t.max_steps:
+            if problem is None and (done % t.log_interval == 0 or done == t.max_steps):
                 # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch.
                 mean_loss = hvd.allreduce(loss, op=hvd.Average, name="train_loss").item()
                 elapsed = time.perf_counter() - interval_start
@@ -187,7 +187,9 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
             progress.update(final_val_loss=final_val, skipped_in_a_row=skipped_in_a_row)
 
             reason = vote.result()  # the same on every rank, so every rank takes the same branch below
-            if reason == Stop.NON_FINITE:
+            # Synchronous replicas see one averaged gradient, so they count skips alike and stop at once; local
+            # SGD replicas judge their own steps and stop one step after the first of them asks.
+            if reason == Stop.NON_FINITE or (vote.local == Stop.NON_FINITE and not t.local_sgd_interval):
                 raise InputError(
                     f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm (the last at step "
                     f"{done}; train.max_skipped_steps = {t.max_skipped_steps}), so the run stops. Lower train.lr, "
@@ -208,7 +210,8 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                 _save(model, optimizer, done, cfg, out, topo, train_batches, ema, precision, progress, device)
     finally:
         log.close()
-    _finish(model, optimizer, cfg, out, progress, device, topo, train_batches, data, ema, precision)
+    _finish(model, optimizer, cfg, out, progress, device, topo, train_batches, data, ema, precision,
+            save=first_step < t.max_steps)  # fmt: skip
     return out
 
 
@@ -253,9 +256,10 @@ def _restore(
 
 def _finish(
     model: GPT, optimizer, cfg: JobConfig, out: Path, progress: dict, device, topo: Topology,
-    batches: WindowSampler, data: Dataset, ema: WeightEMA | None, precision: Precision,
+    batches: WindowSampler, data: Dataset, ema: WeightEMA | None, precision: Precision, save: bool,
 ) -> None:  # fmt: skip
-    """Check the replicas agree, write the final checkpoint and summary.json, and report on rank 0."""
+    """Check the replicas agree, write the final checkpoint (unless resumed from it) and summary.json, and report
+    on rank 0."""
     t = cfg.train
     first_val, final_val = progress.get("first_val_loss"), progress.get("final_val_loss")
     # Horovod: gather every rank's parameter digest (index = global rank). Data parallelism must leave the
@@ -265,7 +269,8 @@ def _finish(
         len({checksums[r] for r in dp_group_ranks(tp_rank, len(checksums), topo.tp)}) == 1 for tp_rank in range(topo.tp)
     )
     paths = [checkpoint_path(out, t.max_steps, r, topo.tp) for r in range(topo.tp)]
-    _save(model, optimizer, t.max_steps, cfg, out, topo, batches, ema, precision, progress, device)
+    if save:
+        _save(model, optimizer, t.max_steps, cfg, out, topo, batches, ema, precision, progress, device)
     # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
     sample = None
     if t.sample_tokens and topo.dp_rank == 0:
