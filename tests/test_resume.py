@@ -13,11 +13,13 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_JOB
+from conftest import REPO, TINY_JOB
 from survive import (
     Job, ckpt_steps, comparable, last_step, rows, run, sets, snapshot, summary, train_argv, wait_for_step,
 )  # fmt: skip
@@ -50,8 +52,8 @@ def jobs():
             j.kill()
 
 
-def reference_run(np: int, job: Path, run_dir: Path, cache: Path, *extra: str) -> Path:
-    proc = run(np, train_argv(job, run_dir, *sets(*COMMON, *extra)), cache)
+def reference_run(np: int, job: Path, run_dir: Path, cache: Path, *extra: str, flags: tuple[str, ...] = ()) -> Path:
+    proc = run(np, train_argv(job, run_dir, *flags, *sets(*COMMON, *extra)), cache)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return run_dir
 
@@ -124,9 +126,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, job, t
 
 def test_one_rank_killed_before_its_first_checkpoint_starts_fresh_and_matches(job, tmp_path, cache_dir, jobs):
     """1 rank; the kill comes at step 1, before any checkpoint: --resume auto starts over, and the file of rows
-    still equals the uninterrupted run's (no duplicate step-0 evaluation, no stale rows)."""
+    still equals the uninterrupted run's (no duplicate step-0 evaluation, no stale rows). The uninterrupted run
+    itself starts with --resume auto in a new directory, as the first start of a requeueable Slurm job does."""
     extra = ("train.checkpoint_interval=10",)
-    ref = reference_run(1, job, tmp_path / "ref", cache_dir, *extra)
+    ref = reference_run(1, job, tmp_path / "ref", cache_dir, *extra, flags=("--resume", "auto"))
+    assert [r["step"] for r in rows(ref) if "loss" in r] == list(range(1, STEPS + 1))
     seen, at_kill = kill_and_resume(1, job, tmp_path / "run", cache_dir, 1, jobs, *extra)
     assert at_kill == [], f"killed after step {seen}, past the first checkpoint: not the case this test is for"
     assert_same_run(tmp_path / "run", ref, f"(killed after step {seen}) ")
@@ -257,3 +261,13 @@ def test_init_from_a_run_directory_starts_at_step_0_from_its_weights(reference, 
     first_fresh = next(row["loss"] for row in rows(reference) if "loss" in row)
     assert got[0]["loss"] < first_fresh - 0.5  # trained weights, not a fresh initialisation
     assert snapshot(reference / "checkpoints") == before
+
+
+def test_launch_passes_resume_and_init_from_to_every_rank(tmp_path, job):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvdlm", "launch", str(job), "--np", "2", "--dry-run", "--run-dir", str(tmp_path / "r"),
+         "--resume", "auto", "--init-from", str(tmp_path / "other")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    assert "--resume auto" in proc.stdout and f"--init-from {tmp_path / 'other'}" in proc.stdout, proc.stdout
