@@ -16,8 +16,18 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path | None, max_steps: int, enabled: bool):
+    def __init__(
+        self, run_dir: Path | None, max_steps: int, enabled: bool, tensorboard: bool = False,
+        resume_step: int | None = None,
+    ):  # fmt: skip
         self.enabled = enabled
+        if enabled and run_dir and resume_step is not None and (run_dir / "metrics.jsonl").exists():
+            path = run_dir / "metrics.jsonl"
+            keep = [line for line in path.read_text().splitlines(keepends=True)
+                    if resume_step and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled and run_dir else None
         self._bar = None
         # A bar only where someone watches: a terminal, or `hvdlm launch` run from one (HVDLM_PROGRESS=1).
