@@ -172,7 +172,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_2(job, tmp_pa
     assert "grad_clip" in r.stdout, r.stdout[-4000:]  # the message names a fix
     all_rows = [x for x in rows(run_dir) if "loss" in x or "skipped" in x]
     skipped = [x for x in all_rows if "skipped" in x]
-    assert len(skipped) == 3, all_rows
+    assert len(skipped) == 3, "\n".join(map(str, rows(run_dir))) + r.stdout[-3000:]
     assert all_rows[-3:] == skipped  # three in a row, then the stop
     assert {x["skipped"] for x in skipped} <= {"non-finite loss", "non-finite gradient norm"}
     steps = [x["step"] for x in skipped]
