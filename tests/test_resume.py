@@ -239,6 +239,18 @@ def test_resume_with_a_checkpoint_of_another_shape_is_refused(reference, job, tm
     assert (run_dir / "config.toml").read_bytes() == config
 
 
+def test_resume_past_max_steps_damages_no_checkpoint(reference, job, tmp_path, cache_dir):
+    """The newest checkpoint is at step 40 and max_steps is lowered to 38: there is nothing to train, and the
+    step-38 checkpoint must not be overwritten by the weights of step 40 (a clear error, exit 2, is best)."""
+    run_dir = copy_run(reference, tmp_path / "run")
+    before, metrics = snapshot(run_dir / "checkpoints"), (run_dir / "metrics.jsonl").read_bytes()
+    r = resume(2, job, run_dir, cache_dir, f"train.max_steps={STEPS - 2}")
+    assert "Traceback" not in r.stdout
+    assert snapshot(run_dir / "checkpoints") == before, f"exit {r.returncode}, checkpoints rewritten:\n{r.stdout[-3000:]}"
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+    assert r.returncode == 2, r.stdout[-3000:]
+
+
 @pytest.fixture(scope="module")
 def foreign_files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("foreign")
@@ -254,6 +266,7 @@ def foreign_files(tmp_path_factory) -> Path:
         ("--init-from", "tensor.pt", "holds a Tensor, not a checkpoint"),
         ("--init-from", "text.pt", "truncated, damaged or not a checkpoint"),
         ("--resume", "text.pt", "truncated, damaged or not a checkpoint"),
+        ("--resume", "missing.pt", "missing.pt"),
     ],
 )
 def test_a_missing_or_foreign_checkpoint_is_refused(job, tmp_path, cache_dir, foreign_files, option, name, message):
