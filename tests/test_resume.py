@@ -224,6 +224,25 @@ def test_a_preemption_signal_checkpoints_exits_75_and_resumes_exactly(
     assert_same_run(run_dir, reference, f"(preempted at step {stop}) ")
 
 
+def test_local_sgd_preempted_runs_on_to_its_averaging_step_and_resumes_exactly(job, tmp_path, cache_dir, jobs):
+    """Local SGD (H = 4): replicas agree only where they average, so the stop and its checkpoint land there."""
+    extra = ("train.optimizer=sgd", "train.lr=0.3", "train.local_sgd_interval=4", "train.checkpoint_interval=4")
+    ref = reference_run(2, job, tmp_path / "ref", cache_dir, *extra)
+    run_dir = tmp_path / "run"
+    j = Job(2, train_argv(job, run_dir, *sets(*COMMON, *extra)), cache_dir, tmp_path / "run.log")
+    jobs.append(j)
+    pids = j.rank_pids()
+    wait_for_step(j, run_dir, 5)
+    os.kill(pids[1], signal.SIGUSR1)
+    code = j.wait(120)
+    assert code == 75, f"mpirun exit {code}:\n{j.out[-4000:]}"
+    stop = int(re.search(r"preempted at step (\d+)", j.out).group(1))
+    assert stop % 4 == 0 and stop < STEPS and stop in ckpt_steps(run_dir), (stop, ckpt_steps(run_dir))
+    r = resume(2, job, run_dir, cache_dir, *extra)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert_same_run(run_dir, ref, f"(local SGD preempted at step {stop}) ")
+
+
 # --- bad checkpoints and names: exit 2, no traceback, nothing changed --------------------------------------
 
 
