@@ -1,0 +1,188 @@
+"""Helpers for the tests of runs that survive (test_resume.py, test_numerics.py).
+
+Ranks are real: `hvdlm train` under mpirun, as tests/mpi_run.py starts them, but also in the background, so a
+test can watch metrics.jsonl and then kill the whole job (SIGKILL to mpirun's process group) or signal one rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO
+from hvdlm.launch.commands import plan_launch
+
+# Compared per metrics.jsonl row between a resumed and an uninterrupted run: everything but the clock.
+TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb"}
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def train_argv(job: Path, run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir), *args]
+
+
+def mpirun_command(np: int, program: list[str], cache: Path) -> tuple[list[str], dict[str, str]]:
+    """mpirun's argv and environment for `program` on `np` ranks of this machine (see tests/mpi_run.py)."""
+    plan = plan_launch("mpirun", 1, None, None, program, threads=1, cycle_time_ms=5.0)
+    argv = list(plan.argv)
+    i = argv.index("-np")
+    argv[i : i + 2] = ["-np", str(np), "--oversubscribe"]
+    env = {**os.environ, **plan.env, "HVDLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return argv, env
+
+
+def run(np: int, program: list[str], cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run to the end: under mpirun for np >= 1; np = 0 runs `program` as one plain process (no launcher)."""
+    if np == 0:
+        argv, env = program, {**os.environ, "HVDLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    else:
+        argv, env = mpirun_command(np, program, cache)
+    return subprocess.run(
+        argv, cwd=REPO, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+class Job:
+    """An mpirun job in the background, in a session (process group) of its own, its output in a file."""
+
+    def __init__(self, np: int, program: list[str], cache: Path, log: Path):
+        argv, env = mpirun_command(np, program, cache)
+        self.np = np
+        self.log = log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def out(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._out.close()
+
+    def rank_pids(self, timeout: float = 60) -> dict[int, int]:
+        """{rank: pid} of the ranks mpirun started (its children that carry OMPI_COMM_WORLD_RANK)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = {}
+            for pid in _children(self.proc.pid):
+                rank = _environ(pid).get("OMPI_COMM_WORLD_RANK")
+                if rank is not None:
+                    found[int(rank)] = pid
+            if len(found) == self.np:
+                return found
+            assert self.proc.poll() is None, f"mpirun ended ({self.proc.returncode}) before all ranks showed:\n{self.out}"
+            time.sleep(0.05)
+        raise AssertionError(f"not all {self.np} ranks of mpirun {self.proc.pid} found in {timeout} s")
+
+    def kill(self) -> list[int]:
+        """SIGKILL to mpirun and its ranks at once (the whole process group); returns the rank pids killed."""
+        pids = list(self.rank_pids().values()) if self.proc.poll() is None else []
+        # Open MPI puts every rank in a process group of its own, so mpirun's group (its pid: start_new_session)
+        # holds mpirun alone: the ranks get their SIGKILL by pid, at the same moment.
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.wait(60)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in pids), f"ranks {pids} outlived SIGKILL"
+        return pids
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after the last ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # A row being written when we look may be torn: only complete lines count.
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line]
+
+
+def last_step(run_dir: Path) -> int:
+    return max((r["step"] for r in rows(run_dir) if "loss" in r), default=0)
+
+
+def wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 180) -> int:
+    """Poll metrics.jsonl until a training row with at least `step` shows; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = last_step(run_dir)
+        if seen >= step:
+            return seen
+        assert job.proc.poll() is None, f"the job ended ({job.proc.returncode}) before step {step}:\n{job.out}"
+        time.sleep(0.005)
+    raise AssertionError(f"no step {step} in {timeout} s:\n{job.out}")
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows(run_dir) if "loss" in r}
+
+
+def comparable(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the clock-dependent fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows(run_dir)]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    """{file name: (sha256 of its bytes, mtime_ns)} of every file in `directory`."""
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
+
+
+def ckpt_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name[5:12]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
