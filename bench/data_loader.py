@@ -31,7 +31,7 @@ from hvdlm.data import open_dataset  # noqa: E402
 from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
 from hvdlm.data.sampler import WindowSampler  # noqa: E402
 from hvdlm.model import GPT  # noqa: E402
-from hvdlm.optim import make_adamw  # noqa: E402
+from hvdlm.optim import make_optimizer  # noqa: E402
 
 JOB = REPO / "jobs" / "demo.toml"
 
@@ -53,7 +53,7 @@ def main() -> None:
     batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, 0, cfg.launch.np, t.seed)
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
-    optimizer = make_adamw(model, t)
+    optimizer = make_optimizer(model, t)
 
     loader_s, step_s = [], []
     for step in range(args.steps + args.warmup):

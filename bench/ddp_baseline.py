@@ -21,7 +21,7 @@ from hvdlm.data import open_dataset
 from hvdlm.data.corpus import ensure_dataset, model_vocab_size
 from hvdlm.data.sampler import WindowSampler
 from hvdlm.model import GPT
-from hvdlm.optim import lr_at, make_adamw
+from hvdlm.optim import lr_at, make_optimizer
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, rank, world, t.seed)
     torch.manual_seed(t.seed)
     model = DDP(GPT(cfg.model))  # DDP broadcasts rank 0's weights at construction
-    optimizer = make_adamw(model.module, t)
+    optimizer = make_optimizer(model.module, t)
 
     tokens_per_step = t.batch_size * cfg.model.seq_len * world
     for step in range(t.max_steps):

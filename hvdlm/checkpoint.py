@@ -7,6 +7,14 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
     optimizer   the rank's optimizer state_dict
     step, config
     tp          {"rank", "size", "sharding": {name: [dim, full, chunks] or None}, "param_names": [[...], ...]}
+    ema         the moving average of the weights, sharded like model (when enabled)
+    scaler      the fp16 gradient scaler's state (when enabled)
+    data        the sampler's position (the same on every rank)
+    rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
+    progress    what the run's summary needs from before a restart (first validation loss, tokens so far)
+
+Every value is a tensor, a number, a string or a container of them, so `torch.load(weights_only=True)` reads it:
+a checkpoint file is data and never runs code.
 
 `sharding` says how each tensor was cut (see hvdlm.layers.Sharding), so shards can be merged without building
 the model; `param_names` names the optimizer's parameters (per group, in order), so its state merges the same
@@ -94,10 +102,14 @@ def _check_structure(state: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def training_state(model: torch.nn.Module, optimizer, step: int, config: dict, tp_rank: int, tp: int) -> dict:
-    """One rank's checkpoint: its shard of the model and optimizer, and how to put the shards together."""
+def training_state(
+    model: torch.nn.Module, optimizer, step: int, config: dict, tp_rank: int, tp: int, **extra: Any
+) -> dict:  # fmt: skip
+    """One rank's checkpoint: its shard of the model and optimizer, how to put the shards together, and `extra`
+    (ema, scaler, data, rng, progress: see the module docstring)."""
     names = {id(p): name for name, p in model.named_parameters()}
     return {
+        **{key: value for key, value in extra.items() if value is not None},
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
@@ -137,6 +149,11 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
     Complete means every shard file is there (a save killed between shards leaves an incomplete set, which is
     skipped); whether the files read is for `load_checkpoint` to say.
     """
+    return [saved for saved, missing in _scan(run_dir) if not missing]
+
+
+def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
+    """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard files."""
     found: dict[tuple[int, int], set[int]] = {}
     for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"):
         if m := _SHARD_NAME.match(p.name):
@@ -145,20 +162,22 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
             stem, rank, size = p.name[: -len(".pt")], 0, 1
         if (s := _STEP_STEM.match(stem)) and rank < size:
             found.setdefault((int(s["step"]), size), set()).add(rank)
-    complete = [
-        SavedCheckpoint(step, tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size)))
-        for (step, size), ranks in found.items()
-        if len(ranks) == size
-    ]
-    return sorted(complete, key=lambda c: c.step, reverse=True)
+    saves = []
+    for (step, size), ranks in sorted(found.items(), reverse=True):
+        paths = tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size))
+        saves.append((SavedCheckpoint(step, paths), [paths[r].name for r in range(size) if r not in ranks]))
+    return saves
 
 
 def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
     """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is none.
 
-    A damaged or unreadable newer one is reported through `warn` and passed over for the one before it.
+    A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before.
     """
-    for saved in find_checkpoints(run_dir):
+    for saved, missing in _scan(run_dir):
+        if missing:
+            warn(f"WARNING: skipping checkpoint step {saved.step}: incomplete, {', '.join(missing)} missing.")
+            continue
         try:
             return saved, [load_checkpoint(p) for p in saved.paths]
         except InputError as e:
@@ -240,6 +259,9 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         return merge(parts, spec) if spec is not None and parts[0].dim() > spec.dim else parts[0]
 
     model = {name: merged(name, [s["model"][name] for s in states]) for name in first["model"]}
+    ema = first.get("ema")
+    if ema is not None:
+        ema = {name: merged(name, [s["ema"][name] for s in states]) for name in ema}
     optimizer = first.get("optimizer")
     if optimizer is not None:
         flat_names = [n for group in first["tp"]["param_names"] for n in group]
@@ -252,12 +274,17 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
             }  # fmt: skip
         optimizer = {**optimizer, "state": state}
     tp_info = {**first["tp"], "rank": 0, "size": 1}
-    return {**first, "model": model, "optimizer": optimizer, "tp": tp_info}
+    return {**first, "model": model, "optimizer": optimizer, "tp": tp_info, **({"ema": ema} if ema else {})}
 
 
-def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:
-    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree."""
-    full = full_state["model"]
+def load_model(
+    model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int, key: str = "model"
+) -> None:  # fmt: skip
+    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree.
+
+    `key` picks the weights: "model", or "ema" for the moving average.
+    """
+    full = full_state[key]
     expected = model.state_dict(keep_vars=True)
     problems = []
     missing = [n for n in expected if n not in full]
@@ -282,11 +309,16 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
             f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems[:4])}. "
             f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
         )
+    model.load_state_dict(shard_state(model, full, tp_rank, tp))
+
+
+def shard_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> dict:
+    """This rank's slices of an unsharded state dict shaped like `model`'s (weights or their moving average)."""
     local = {}
-    for name, t in expected.items():
+    for name, t in model.state_dict(keep_vars=True).items():
         spec: Sharding | None = getattr(t, "tp_shard", None)
         local[name] = shard(full[name], spec, tp_rank, tp) if spec is not None else full[name]
-    model.load_state_dict(local)
+    return local
 
 
 def _shape_summary(model_cfg: dict) -> str:
@@ -322,3 +354,29 @@ def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any]
         groups.append({**saved_group, "params": list(range(start, start + len(our_names)))})
         start += len(our_names)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Housekeeping in a run directory
+# ------------------------------------------------------------------------------------------------------------
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[int]:
+    """Delete all but the `keep` newest complete checkpoints (keep = 0 keeps all); returns the deleted steps.
+
+    Called after a save is complete on every rank, so the newest is whole before an older one goes. Incomplete
+    sets (a save killed between shards) are left for a person to look at.
+    """
+    if keep <= 0:
+        return []
+    removed = find_checkpoints(run_dir)[keep:]
+    for saved in removed:
+        for p in saved.paths:
+            p.unlink(missing_ok=True)
+    return [saved.step for saved in removed]
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Temporary files of saves killed mid-write (`.step-*.pt.tmp-PID`): never a checkpoint, only wasted space."""
+    for p in (Path(run_dir) / "checkpoints").glob(".step-*.pt.tmp-*"):
+        p.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ login node; `train` imports them inside the command.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from hvdlm import __version__
 from hvdlm.checkpoint_cli import checkpoint as checkpoint_commands
 from hvdlm.data.cli import data as data_commands
 from hvdlm.errors import InputError
+from hvdlm.preemption import Preempted
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 
@@ -39,6 +41,8 @@ class _Group(click.Group):
             if _is_rank0():
                 click.echo(f"Error: {e}", err=True)
             ctx.exit(InputError.exit_code)
+        except Preempted as e:  # the checkpoint is written; the batch script requeues on this code
+            ctx.exit(e.exit_code)
 
 
 _set_option = click.option(
@@ -50,6 +54,28 @@ _run_dir_option = click.option(
     help="Where the run writes config.toml, metrics.jsonl and checkpoints/ (default: runs/JOB-TIMESTAMP).",
 )  # fmt: skip
 _job_argument = click.argument("job", type=click.Path(dir_okay=False))
+_resume_option = click.option(
+    "--resume", default=None, metavar="auto|CHECKPOINT",
+    help="Continue the run in --run-dir: 'auto' takes its newest complete checkpoint (none yet: start fresh), "
+    "or name a checkpoint.",
+)  # fmt: skip
+_init_from_option = click.option(
+    "--init-from", default=None, metavar="RUN_DIR|CHECKPOINT",
+    help="Start from another run's weights (its newest checkpoint), with a new optimizer and data order.",
+)  # fmt: skip
+
+
+def _check_resume(resume: str | None, run_dir: str | None) -> None:
+    if resume is None:
+        return
+    if not run_dir:
+        raise InputError("--resume continues the run in --run-dir: name the run directory too.")
+    if resume != "auto" and not Path(resume).exists():
+        raise InputError(f"--resume '{resume}': no such checkpoint. Pass 'auto' or the path of a checkpoint file.")
+
+
+def _with_init_from(overrides: tuple[str, ...], init_from: str | None) -> tuple[str, ...]:
+    return overrides + ((f"train.init_from={json.dumps(init_from)}",) if init_from else ())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,14 +92,19 @@ main.add_command(checkpoint_commands)
 @_job_argument
 @_set_option
 @_run_dir_option
-def train(job: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
+@_resume_option
+@_init_from_option
+def train(
+    job: str, overrides: tuple[str, ...], run_dir: str | None, resume: str | None, init_from: str | None
+) -> None:  # fmt: skip
     """Train JOB (a TOML job file) as one rank of a job; start it with `hvdlm launch`, mpirun or horovodrun."""
     from hvdlm.config import load_config
 
-    cfg = load_config(job, overrides)
+    cfg = load_config(job, _with_init_from(overrides, init_from))
+    _check_resume(resume, run_dir)
     from hvdlm.train import train as run_training  # torch and horovod load only now
 
-    run_training(cfg, job_name=Path(job).stem, run_dir=run_dir)
+    run_training(cfg, job_name=Path(job).stem, run_dir=run_dir, resume=resume)
 
 
 @main.command()
@@ -90,16 +121,21 @@ def train(job: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the command without running it.")
 @_set_option
 @_run_dir_option
+@_resume_option
+@_init_from_option
 def launch(
     job: str, np_: int | None, hosts: str | None, hostfile: str | None, launcher: str | None, mpi: str | None,
     nic: str | None, forward: tuple[str, ...], dry_run: bool, overrides: tuple[str, ...], run_dir: str | None,
+    resume: str | None, init_from: str | None,
 ) -> None:  # fmt: skip
     """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first."""
     from hvdlm.config import default_run_dir, load_config
     from hvdlm.launch.commands import LaunchOptions, plan_launch
     from hvdlm.launch.hosts import parse_hosts, read_hostfile
 
+    overrides = _with_init_from(overrides, init_from)
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
+    _check_resume(resume, run_dir)
     if hosts and hostfile:
         raise InputError("give either --hosts or --hostfile, not both.")
     hosts = hosts or cfg.launch.hosts or None
@@ -115,6 +151,8 @@ def launch(
     program += ["--run-dir", str(Path(run_dir).resolve())]
     for item in overrides:
         program += ["--set", item]
+    if resume:
+        program += ["--resume", resume if resume == "auto" else str(Path(resume).resolve())]
     options = LaunchOptions.from_config(cfg)
     options.mpi = mpi or options.mpi
     options.nic = nic or options.nic
@@ -142,3 +180,7 @@ from hvdlm.launch.cli import doctor, hostfile, sbatch  # noqa: E402 - after main
 main.add_command(hostfile)
 main.add_command(sbatch)
 main.add_command(doctor)
+from hvdlm.watch_cli import generate, plot  # noqa: E402 - watching a run: charts and samples (hvdlm/watch_cli.py)
+
+main.add_command(plot)
+main.add_command(generate)

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule: AdamW over decay / no-decay groups, warmup then cosine decay; the
+"""Optimizer and learning-rate schedule: AdamW or SGD over decay / no-decay groups, warmup then cosine decay; the
 Horovod DistributedOptimizer over the data-parallel process set, the initial broadcast within each DP group, and
 gradient clipping by the norm of the whole (possibly sharded) model."""
 
@@ -22,16 +22,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps."""
+def lr_at(step: int, cfg: TrainConfig, replicas: int = 1) -> float:
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps.
+
+    With scale_lr both ends are multiplied by the number of replicas (the linear scaling rule of Goyal et al.,
+    2017: the global batch grows with them, so the step may too); warmup is what makes the larger rate safe.
+    """
+    scale = replicas if cfg.scale_lr else 1
+    peak, floor = cfg.lr * scale, cfg.min_lr * scale
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (peak - floor)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group: Group) -> torch.Tensor:
@@ -62,16 +71,26 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group: 
 
 
 def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: Topology):
-    """AdamW, with every replica starting from its DP group's root state, wrapped to average over the DP group."""
+    """The optimizer, with every replica starting from its DP group's root state.
+
+    Synchronous training wraps it to average gradients over the DP group; local SGD keeps it plain (replicas
+    average their weights every local_sgd_interval steps instead, see hvdlm.local_sgd).
+    """
     import horovod.torch as hvd
 
-    optimizer = make_adamw(model, cfg)
+    from hvdlm.precision import compression
+
+    optimizer = make_optimizer(model, cfg)
     broadcast_initial_state(model, optimizer, topology)
+    if cfg.local_sgd_interval:
+        return optimizer
     # Horovod: gradients are averaged across the replicas of this shard (the DP process set) by allreduce,
-    # overlapped with the backward pass. Without TP the set is the whole job.
+    # overlapped with the backward pass. Without TP the set is the whole job. With accumulation, the gradients
+    # of backward_passes_per_step micro-batches add up locally and only the last backward pass allreduces.
     return hvd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(), op=hvd.Average, process_set=topology.dp_process_set
-    )
+        optimizer, named_parameters=model.named_parameters(), op=hvd.Average, process_set=topology.dp_process_set,
+        backward_passes_per_step=cfg.accumulation_steps, compression=compression(cfg),
+    )  # fmt: skip
 
 
 def broadcast_initial_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology) -> None:

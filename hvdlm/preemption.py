@@ -9,6 +9,70 @@ after the first step at which any rank had one.
 
 from __future__ import annotations
 
+import signal
+from enum import IntEnum
+
 # EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". The requeued job resumes
 # with `--resume auto`.
-REQUEUE_EXIT_CODE = 75
+REQUEUE_EXIT_CODE = 75  # job preparation (hvdlm sbatch) imports this module: it must not import torch at the top
+
+
+class Stop(IntEnum):
+    """Why the ranks stop early; the vote keeps the largest, so the more serious reason wins."""
+
+    NO = 0
+    PREEMPTED = 1  # SIGUSR1 / SIGTERM: checkpoint, exit REQUEUE_EXIT_CODE
+    NON_FINITE = 2  # too many non-finite steps in a row: exit 2 with advice
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of the agreed stop step is on disk; the CLI exits REQUEUE_EXIT_CODE."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+
+class StopVote:
+    """Each step every rank contributes its reason to stop (0: none); all learn the largest one.
+
+    The vote is a Horovod allreduce (max) of one number, started before the step's forward pass and read after
+    the optimizer step, so it travels with the step's gradient traffic and adds no wait of its own. Every rank
+    reads the same result at the same step, so all of them stop after the same step.
+    """
+
+    def __init__(self, world_size: int):
+        import torch
+
+        self.world_size = world_size
+        self.local = Stop.NO
+        self._signal: int | None = None
+        self._buffer = torch.zeros(1, dtype=torch.int32)
+        self._handle = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: the loop checkpoints at the next agreed step boundary, never inside a signal handler.
+        self._signal = signum
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self._signal).name if self._signal else None
+
+    def start(self) -> None:
+        """Send this rank's reason for the coming step."""
+        reason = max(self.local, Stop.PREEMPTED if self._signal else Stop.NO)
+        self._buffer.fill_(int(reason))
+        if self.world_size > 1:
+            import horovod.torch as hvd
+
+            # Horovod: in flight while the step computes; the max over all ranks (of every TP and DP group).
+            self._handle = hvd.allreduce_async_(self._buffer, op=hvd.Max, name="hvdlm.stop_vote")
+
+    def result(self) -> Stop:
+        """The largest reason any rank sent with this step."""
+        if self._handle is not None:
+            import horovod.torch as hvd
+
+            hvd.synchronize(self._handle)
+            self._handle = None
+        return Stop(int(self._buffer.item()))

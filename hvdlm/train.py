@@ -9,8 +9,10 @@ parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,28 +20,38 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
-from hvdlm.checkpoint import checkpoint_path, load_full_state, load_model, save_checkpoint, training_state
-from hvdlm.config import JobConfig, default_run_dir
+from hvdlm.checkpoint import (
+    checkpoint_path, load_full_state, load_model, load_optimizer, prune_checkpoints, remove_stale_temporaries,
+    resolve_checkpoint, save_checkpoint, shard_state, training_state,
+)  # fmt: skip
+from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
 from hvdlm.data.sampler import WindowSampler
+from hvdlm.ema import WeightEMA
 from hvdlm.errors import InputError
+from hvdlm.flops import flops_per_token, memory_mb, mfu, peak_tflops
+from hvdlm.local_sgd import average_replicas
 from hvdlm.metrics import RunLogger
 from hvdlm.model import GPT
 from hvdlm.optim import clip_grad_norm, distributed_optimizer, lr_at
+from hvdlm.precision import Precision
+from hvdlm.preemption import Preempted, Stop, StopVote
+from hvdlm.resume import Start, agree_on_start, check_compatible, raise_if_any, rng_state, set_rng_state
 from hvdlm.topology import Topology, dp_group_ranks, init_topology
 
 
-def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
-    """Train to cfg.train.max_steps; returns the run directory."""
+def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
+    """Train to cfg.train.max_steps; returns the run directory. `resume`: "auto" or a checkpoint to continue."""
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
     topo = init_topology(cfg.parallel.tp)
     dp_rank, dp_size = topo.dp_rank, topo.dp  # all TP ranks of a replica see the same samples
-    device = _pick_device()
-    torch.set_num_threads(cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
-    rank0 = hvd.rank() == 0
     t = cfg.train
+    device = _pick_device(t.deterministic)
+    precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
+    torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    rank0 = hvd.rank() == 0
     data = _load_dataset(cfg)
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
     cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
@@ -49,89 +61,203 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None) -> Path:
     # Every rank seeds alike: a TP rank builds the full tensors and keeps its slice (layout-independent init).
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, topo.tp_group)
-    if t.init_from:  # before the run directory exists: a bad checkpoint leaves nothing behind
-        load_model(model, load_full_state(t.init_from), t.init_from, topo.tp_rank, topo.tp)
+    # Checkpoints are read and checked before the run directory is touched: bad input leaves nothing behind.
+    start = agree_on_start(run_dir, default_run_dir(job_name), resume)
+    error = None
+    try:
+        if start.state is not None:
+            check_compatible(start.state, t, start.source)
+            load_model(model, start.state, start.source, topo.tp_rank, topo.tp)
+        elif t.init_from:
+            source = str(resolve_checkpoint(t.init_from))
+            load_model(model, load_full_state(source), source, topo.tp_rank, topo.tp)
+    except InputError as e:
+        error = str(e)
+    raise_if_any(error, "model_loaded")
     model = model.to(device)
-    out = _agree_on_run_dir(run_dir, job_name, cfg)
-    log = RunLogger(out, t.max_steps, enabled=rank0)
+    out = _prepare_run_dir(start, cfg, resuming=resume is not None)
     # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
     optimizer = distributed_optimizer(model, t, topo)
-    # Dropout draws from here on: one stream per replica, shared by its TP ranks, whose replicated activations
-    # must be dropped alike (replicas would otherwise all drop the same units of different samples).
-    torch.manual_seed(t.seed + 1 + dp_rank)
+    ema = WeightEMA(model, t.ema_decay) if t.ema_decay else None
+    first_step, progress = _restore(start, model, optimizer, ema, precision, train_batches, topo, device, t)
+    log = RunLogger(out, t.max_steps, enabled=rank0, tensorboard=t.tensorboard,
+                    resume_step=first_step if resume else None)  # fmt: skip
 
-    tokens_per_step = t.batch_size * cfg.model.seq_len * dp_size
+    k = t.accumulation_steps
+    tokens_per_step = t.batch_size * k * cfg.model.seq_len * dp_size
+    peak = peak_tflops(device, t.precision, t.peak_tflops)
+    model_flops = flops_per_token(model.num_params(), cfg.model.n_layer, cfg.model.seq_len, cfg.model.d_model)
+    mode = f"local SGD every {t.local_sgd_interval} steps," if t.local_sgd_interval else "synchronous"
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
-        f"{device.type}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per step, "
-        f"data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens "
-        f"({train_batches.samples_per_epoch:,} windows per epoch) from {data.path}"
+        f"{device.type} in {t.precision}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per "
+        f"step ({k} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / "
+        f"{len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} windows "
+        f"per epoch) from {data.path}"
     )
     log.info(f"run directory: {out}")
+    if start.state is not None:
+        log.info(f"resumed from {start.source} at step {first_step}")
 
-    first_val = final_val = None
-    if t.eval_interval:
-        first_val = final_val = _evaluate(model, val_batches, t.eval_batches, device)
-        log.info(f"step {0:>6} | val loss {first_val:.4f}")
-        log.record({"step": 0, "val_loss": first_val})
+    def evaluate(step: int) -> float:
+        with ema.applied() if ema else contextlib.nullcontext():
+            val = _evaluate(model, val_batches, t.eval_batches, device, precision)
+        ppl = math.exp(min(val, 700))  # exp overflows a float past ~709
+        log.info(f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}" + (" (EMA weights)" if ema else ""))
+        log.record({"step": step, "tokens": step * tokens_per_step, "val_loss": val, "val_ppl": ppl})
+        return val
 
+    final_val = progress.get("final_val_loss")
+    if t.eval_interval and first_step == 0:
+        progress["first_val_loss"] = final_val = evaluate(0)
+
+    vote = StopVote(hvd.size())  # from here on SIGUSR1 / SIGTERM ask for a checkpoint instead of killing
+    params = list(model.parameters())
+    skipped_in_a_row, stop_requested = 0, False
     interval_start, interval_steps = time.perf_counter(), 0
-    for step in range(t.max_steps):
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    try:
+        for step in range(first_step, t.max_steps):
+            vote.start()
+            lr = lr_at(step, t, dp_size)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        x, y = (b.to(device, non_blocking=True) for b in train_batches.next_batch())
-        model.train()
-        _, loss = model(x, y)
-        optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
-        loss.backward()
-        # Horovod: finish the gradient allreduce before clipping, so the norm is that of the averaged gradient,
-        # then step without a second synchronisation.
-        optimizer.synchronize()
-        grad_norm = clip_grad_norm(list(model.parameters()), t.grad_clip or float("inf"), topo.tp_group)
-        with optimizer.skip_synchronize():
-            optimizer.step()
-        interval_steps += 1
-        done = step + 1
+            optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
+            model.train()
+            loss = torch.zeros((), device=device)
+            for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
+                x, y = (b.to(device, non_blocking=True) for b in train_batches.next_batch())
+                with precision.autocast():
+                    micro_loss = model(x, y)[1]
+                precision.scaler.scale(micro_loss / k).backward()
+                loss += micro_loss.detach() / k
+            if not t.local_sgd_interval:
+                # Horovod: finish the gradient allreduce before unscaling and clipping, so the norm is that of
+                # the averaged gradient, then step without a second synchronisation.
+                optimizer.synchronize()
+            precision.scaler.unscale_(optimizer)
+            grad_norm = clip_grad_norm(params, t.grad_clip or float("inf"), topo.tp_group)
+            # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one
+            # replica share loss and norm). With fp16 the scaler itself skips overflowing steps.
+            problem = _non_finite(loss, grad_norm, precision.scaler.is_enabled())
+            if problem is None:
+                with optimizer.skip_synchronize() if not t.local_sgd_interval else contextlib.nullcontext():
+                    precision.scaler.step(optimizer)
+                precision.scaler.update()
+                if ema:
+                    ema.update()
+            done = step + 1
+            if t.local_sgd_interval and (done % t.local_sgd_interval == 0 or done == t.max_steps):
+                average_replicas(model, optimizer, topo, ema)
+            interval_steps += 1
 
-        if done % t.log_interval == 0 or done == t.max_steps:
-            # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch.
-            mean_loss = hvd.allreduce(loss.detach(), op=hvd.Average, name="train_loss").item()
-            elapsed = time.perf_counter() - interval_start
-            row = {
-                "step": done, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_step * interval_steps / elapsed,
-                "ms_per_step": 1000 * elapsed / interval_steps,
-            }  # fmt: skip
-            log.record(row)
-            log.info(
-                f"step {done:>6} | loss {mean_loss:.4f} | lr {lr:.2e} | {row['tokens_per_s']:>9,.0f} tok/s"
-                f" | {row['ms_per_step']:7.1f} ms/step"
-            )
-            interval_start, interval_steps = time.perf_counter(), 0
-        log.advance(1, loss.item() if log.enabled else None)
+            if problem is not None:
+                skipped_in_a_row += 1
+                log.info(f"step {done:>6} | skipped: {problem} ({skipped_in_a_row} in a row)")
+                log.record({"step": done, "skipped": problem})
+                if skipped_in_a_row >= t.max_skipped_steps:
+                    vote.local = Stop.NON_FINITE
+            else:
+                skipped_in_a_row = 0
+            if done % t.log_interval == 0 or done == t.max_steps:
+                # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch.
+                mean_loss = hvd.allreduce(loss, op=hvd.Average, name="train_loss").item()
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_s = tokens_per_step * interval_steps / elapsed
+                row = {
+                    "step": done, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_s,
+                    "ms_per_step": 1000 * elapsed / interval_steps,
+                    "mfu": mfu(tokens_per_s, model_flops, peak, hvd.size()), "memory_mb": memory_mb(device),
+                }  # fmt: skip
+                log.record(row)
+                log.info(
+                    f"step {done:>6} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {row['grad_norm']:.3f} | "
+                    f"{tokens_per_s:>9,.0f} tok/s | {row['ms_per_step']:7.1f} ms/step"
+                    + (f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else "")
+                    + f" | {row['memory_mb']:,.0f} MB"
+                )
+                interval_start, interval_steps = time.perf_counter(), 0
+            log.advance(1, loss.item() if log.enabled else None)
 
-        is_last = done == t.max_steps
-        if t.eval_interval and (done % t.eval_interval == 0 or is_last):
-            final_val = _evaluate(model, val_batches, t.eval_batches, device)
-            log.info(f"step {done:>6} | val loss {final_val:.4f}")
-            log.record({"step": done, "val_loss": final_val})
-            interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training throughput
-        if t.checkpoint_interval and done % t.checkpoint_interval == 0 and not is_last and dp_rank == 0:
-            _save(model, optimizer, done, cfg, out, topo, train_batches)  # the first replica's TP ranks: a shard each
+            is_last = done == t.max_steps
+            if t.eval_interval and (done % t.eval_interval == 0 or is_last):
+                final_val = evaluate(done)
+                interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training throughput
+            progress.update(final_val_loss=final_val, skipped_in_a_row=skipped_in_a_row)
 
-    log.close()
-    _finish(model, optimizer, cfg, out, first_val, final_val, device, topo, train_batches, data)
+            reason = vote.result()  # the same on every rank, so every rank takes the same branch below
+            if reason == Stop.NON_FINITE:
+                raise InputError(
+                    f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm (the last at step "
+                    f"{done}; train.max_skipped_steps = {t.max_skipped_steps}), so the run stops. Lower train.lr, "
+                    "set train.grad_clip (e.g. 1.0), use precision = \"bf16\" instead of fp16, or resume from an "
+                    "earlier checkpoint."
+                )
+            stop_requested = stop_requested or reason == Stop.PREEMPTED
+            # Local SGD replicas agree only where they average, so a preempted one runs on to that point.
+            at_sync_point = not t.local_sgd_interval or done % t.local_sgd_interval == 0
+            if stop_requested and at_sync_point and not is_last:
+                _save(model, optimizer, done, cfg, out, topo, train_batches, ema, precision, progress, device)
+                log.info(
+                    f"preempted at step {done} ({vote.signal_name or 'signal on another rank'}): checkpoint written; "
+                    "resume with --resume auto"
+                )
+                raise Preempted()
+            if t.checkpoint_interval and done % t.checkpoint_interval == 0 and not is_last:
+                _save(model, optimizer, done, cfg, out, topo, train_batches, ema, precision, progress, device)
+    finally:
+        log.close()
+    _finish(model, optimizer, cfg, out, progress, device, topo, train_batches, data, ema, precision)
     return out
 
 
+def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> str | None:
+    if not torch.isfinite(loss):
+        return "non-finite loss"
+    if not scaled and not torch.isfinite(grad_norm):  # fp16: the scaler handles overflow by itself
+        return "non-finite gradient norm"
+    return None
+
+
+def _restore(
+    start: Start, model: GPT, optimizer, ema: WeightEMA | None, precision: Precision, batches: WindowSampler,
+    topo: Topology, device: torch.device, t: TrainConfig,
+) -> tuple[int, dict]:  # fmt: skip
+    """Put the checkpoint's optimizer, EMA, scaler, data position and RNG back; returns (first step, progress).
+
+    A fresh run seeds its dropout stream instead: one per replica, shared by its TP ranks, whose replicated
+    activations must be dropped alike (replicas would otherwise all drop the same units of different samples).
+    """
+    state = start.state
+    if state is None:
+        torch.manual_seed(t.seed + 1 + topo.dp_rank)
+        return 0, {}
+    load_optimizer(optimizer, model, state, topo.tp_rank, topo.tp)
+    if ema is not None:
+        if "ema" in state:
+            ema.load_state_dict(shard_state(model, state["ema"], topo.tp_rank, topo.tp))
+        # else: the checkpoint had no EMA; it starts from the weights, which is what WeightEMA() did
+    precision.load_state_dict(state.get("scaler"))
+    batches.load_state_dict(state["data"])
+    rngs = state.get("rng") or []
+    if len(rngs) == topo.dp:
+        set_rng_state(rngs[topo.dp_rank], device)
+    else:  # another number of replicas: new dropout streams, so not bit-identical to an uninterrupted run
+        torch.manual_seed(t.seed + 1 + topo.dp_rank + 7919 * state["step"])
+        if hvd.rank() == 0:
+            print(f"note: the checkpoint was written by {len(rngs)} replica(s), this run has {topo.dp}; dropout "
+                  "draws new masks from here", flush=True)  # fmt: skip
+    return state["step"], dict(state.get("progress") or {})
+
+
 def _finish(
-    model: GPT, optimizer, cfg: JobConfig, out: Path, first_val, final_val, device, topo: Topology,
-    batches: WindowSampler, data: Dataset,
+    model: GPT, optimizer, cfg: JobConfig, out: Path, progress: dict, device, topo: Topology,
+    batches: WindowSampler, data: Dataset, ema: WeightEMA | None, precision: Precision,
 ) -> None:  # fmt: skip
     """Check the replicas agree, write the final checkpoint and summary.json, and report on rank 0."""
     t = cfg.train
+    first_val, final_val = progress.get("first_val_loss"), progress.get("final_val_loss")
     # Horovod: gather every rank's parameter digest (index = global rank). Data parallelism must leave the
     # members of each DP group (the copies of one shard) bit-identical.
     checksums = hvd.allgather_object(_param_checksum(model))
@@ -139,13 +265,11 @@ def _finish(
         len({checksums[r] for r in dp_group_ranks(tp_rank, len(checksums), topo.tp)}) == 1 for tp_rank in range(topo.tp)
     )
     paths = [checkpoint_path(out, t.max_steps, r, topo.tp) for r in range(topo.tp)]
-    if topo.dp_rank == 0:
-        _save(model, optimizer, t.max_steps, cfg, out, topo, batches)
+    _save(model, optimizer, t.max_steps, cfg, out, topo, batches, ema, precision, progress, device)
     # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
     sample = None
     if t.sample_tokens and topo.dp_rank == 0:
         sample = _sample(model, data.tokenizer, t.sample_tokens, t.seed, device)
-    hvd.allgather_object(None, name="checkpoints_written")  # Horovod: a barrier, so every shard is on disk
     if hvd.rank() == 0:
         summary = {
             "steps": t.max_steps, "ranks": hvd.size(), "tp": topo.tp, "dp": topo.dp, "first_val_loss": first_val,
@@ -155,7 +279,7 @@ def _finish(
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if not identical:
             print(f"WARNING: the replicas diverged: parameter checksums by rank {checksums}", flush=True)
-        if first_val is not None:
+        if first_val is not None and final_val is not None:
             print(f"validation loss: {first_val:.4f} at start -> {final_val:.4f} after {t.max_steps} steps")
         if sample is not None:
             print("sample:\n" + sample)
@@ -163,7 +287,11 @@ def _finish(
         print(f"run directory: {out}", flush=True)
 
 
-def _pick_device() -> torch.device:
+def _pick_device(deterministic: bool) -> torch.device:
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this when CUDA starts, so set it first.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if torch.cuda.is_available():
         # Horovod: one GPU per rank, chosen by the rank's index on its node.
         torch.cuda.set_device(hvd.local_rank())
@@ -187,43 +315,65 @@ def _load_dataset(cfg: JobConfig) -> Dataset:
     return open_dataset(dataset_dir(cfg.data))
 
 
-def _agree_on_run_dir(requested: str | None, job_name: str, cfg: JobConfig) -> Path:
-    """Rank 0 picks (or checks) the run directory and writes config.toml; every rank gets its answer."""
+def _prepare_run_dir(start: Start, cfg: JobConfig, resuming: bool) -> Path:
+    """Rank 0 creates the run directory and writes config.toml; every rank gets its answer.
+
+    A new run never writes over an old one (metrics.jsonl marks a run). A resumed run rewrites config.toml with
+    the resolved config of this attempt (max_steps may have grown) and clears temporaries of killed saves.
+    """
     answer: dict = {}
     if hvd.rank() == 0:
-        path = Path(requested or default_run_dir(job_name)).resolve()
-        if (path / "metrics.jsonl").exists():
+        path = start.run_dir
+        if (path / "metrics.jsonl").exists() and not resuming:
             answer["error"] = (
-                f"run directory '{path}' already holds a run (metrics.jsonl). Pass a new --run-dir, or remove the "
-                "old run if you no longer need it; hvdlm never writes over a run."
+                f"run directory '{path}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
+                "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
             )
         else:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.toml").write_text(cfg.to_toml())
-        answer["path"] = str(path)
+            remove_stale_temporaries(path)
     # Horovod: a broadcast doubles as the barrier that keeps other ranks from racing ahead of the check.
     answer = hvd.broadcast_object(answer, root_rank=0, name="run_dir")
     if "error" in answer:
         raise InputError(answer["error"])
-    return Path(answer["path"])
+    return start.run_dir
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, batches: WindowSampler, n_batches: int, device: torch.device) -> float:
+def _evaluate(model: GPT, batches: WindowSampler, n_batches: int, device: torch.device, precision: Precision) -> float:
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(n_batches):
         x, y = (b.to(device) for b in batches.eval_batch(i))
-        total += model(x, y)[1]
+        with precision.autocast():
+            total += model(x, y)[1].float()
     # Horovod: every rank evaluated its own slice of the same validation batches; average them.
     return hvd.allreduce(total / n_batches, op=hvd.Average, name="val_loss").item()
 
 
-def _save(model: GPT, optimizer, step: int, cfg: JobConfig, out: Path, topo: Topology, batches: WindowSampler) -> Path:
-    """This rank's shard of the checkpoint at `step` (the whole model when tp = 1), with the data position."""
-    state = training_state(model, optimizer, step, cfg.to_dict(), topo.tp_rank, topo.tp)
-    state["data"] = batches.state_dict()  # (epoch, position, seed): a resumed run continues with the next sample
-    return save_checkpoint(checkpoint_path(out, step, topo.tp_rank, topo.tp), state)
+def _save(
+    model: GPT, optimizer, step: int, cfg: JobConfig, out: Path, topo: Topology, batches: WindowSampler,
+    ema: WeightEMA | None, precision: Precision, progress: dict, device: torch.device,
+) -> None:  # fmt: skip
+    """The checkpoint at `step`: the first replica's TP ranks write a shard each (the whole model when tp = 1).
+
+    Called by every rank: all RNG states are gathered (each replica draws its own dropout masks), and the save
+    counts only once every shard is on disk; then rank 0 deletes checkpoints beyond train.keep_checkpoints.
+    """
+    # Horovod: every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
+    rngs = hvd.allgather_object(rng_state(device), name=f"rng.{step}")
+    if topo.dp_rank == 0:
+        state = training_state(
+            model, optimizer, step, cfg.to_dict(), topo.tp_rank, topo.tp,
+            data=batches.state_dict(),  # (epoch, position, seed): a resumed run continues with the next sample
+            ema=ema.state_dict() if ema else None, scaler=precision.state_dict(),
+            rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)], progress=dict(progress),
+        )  # fmt: skip
+        save_checkpoint(checkpoint_path(out, step, topo.tp_rank, topo.tp), state)
+    hvd.allgather_object(None, name=f"saved.{step}")  # Horovod: a barrier, so every shard is on disk
+    if hvd.rank() == 0:
+        prune_checkpoints(out, cfg.train.keep_checkpoints)
 
 
 def _param_checksum(model: GPT) -> str:

@@ -11,7 +11,7 @@ from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.layers import Sharding, merge, shard
 from hvdlm.model import GPT
-from hvdlm.optim import make_adamw
+from hvdlm.optim import make_optimizer
 from hvdlm.topology import (
     Group, Layout, all_dp_groups, check_layout, dp_group_ranks, dp_rank_of, tp_group_ranks, tp_rank_of,
 )  # fmt: skip
@@ -119,7 +119,7 @@ def test_tp1_with_a_group_of_one_is_the_plain_model():
 def _states(models, step_once=True):
     states = []
     for r, m in enumerate(models):
-        opt = make_adamw(m, TrainConfig())
+        opt = make_optimizer(m, TrainConfig())
         if step_once:  # give AdamW moments to merge
             for p in m.parameters():
                 p.grad = torch.full_like(p, 0.01 * (r + 1))
@@ -167,7 +167,7 @@ def test_optimizer_moments_reshard_to_any_tp_size():
     full_moment = merged["optimizer"]["state"][names.index("blocks.0.mlp.fc.weight")]["exp_avg"]
     for tp in (1, 4):
         for r, model in enumerate(shards_of(CFG, tp)):
-            opt = make_adamw(model, TrainConfig())
+            opt = make_optimizer(model, TrainConfig())
             load_optimizer(opt, model, merged, r, tp)
             moment = opt.state[model.blocks[0].mlp.fc.weight]["exp_avg"]
             assert torch.equal(moment, shard(full_moment, model.blocks[0].mlp.fc.weight.tp_shard, r, tp))

@@ -16,7 +16,7 @@ from mpi4py import MPI
 from hvdlm import collectives
 from hvdlm.config import ModelConfig, TrainConfig
 from hvdlm.model import GPT
-from hvdlm.optim import broadcast_initial_state, distributed_optimizer, make_adamw
+from hvdlm.optim import broadcast_initial_state, distributed_optimizer, make_optimizer
 from hvdlm.topology import init_topology
 
 world = MPI.COMM_WORLD
@@ -60,7 +60,7 @@ def main() -> int:
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=8, seq_len=4)
     torch.manual_seed(100 + rank)
     model = GPT(cfg, topo.tp_group)
-    opt = make_adamw(model, TrainConfig())
+    opt = make_optimizer(model, TrainConfig())
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.1 * (rank + 1))
     opt.step()

@@ -1,0 +1,42 @@
+"""An exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights after every step.
+
+The average generalises better than the last iterate late in training; evaluation uses it when enabled. Each
+rank averages its own shard, so the EMA is sharded (and saved, merged and resharded) exactly like the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class WeightEMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.shadow = {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, t in self.model.state_dict().items():
+            if t.is_floating_point():
+                self.shadow[name].lerp_(t, 1.0 - self.decay)  # ema + (1 - decay) * (t - ema)
+            else:
+                self.shadow[name].copy_(t)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its own again after."""
+        backup = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        self.model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(backup)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in state.items():
+            self.shadow[name].copy_(t)

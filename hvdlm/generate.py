@@ -1,0 +1,152 @@
+"""`hvdlm generate`: sample text from a run's checkpoint, in one plain process (no launcher, no MPI, no Horovod).
+
+A checkpoint of any TP size is merged into one unsharded state (hvdlm.checkpoint.load_full_state) and loaded into
+the plain model (TP size 1, whose layers never communicate). The model is rebuilt from the configuration the
+checkpoint records, and the text is encoded with the tokenizer of the dataset that configuration names, so the
+token ids mean what they meant in training. The same seed gives the same text (on the same device).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvdlm.errors import InputError
+
+
+@dataclass
+class Generation:
+    text: str  # the prompt followed by the continuation
+    checkpoint: Path  # the file read (the first shard of a sharded checkpoint)
+    step: int
+    prompt_tokens: int
+    context: int  # the model's seq_len: only the last `context` tokens condition each new token
+    weights: str  # "model" or "ema"
+
+
+def check_options(prompt: str, max_tokens: int, temperature: float, top_k: int) -> None:
+    """Refuse sampling options that cannot work, before any checkpoint is read."""
+    if not prompt:
+        raise InputError("the prompt is empty: pass the text to continue, e.g. --prompt 'def main('.")
+    if max_tokens < 1:
+        raise InputError(f"--max-tokens {max_tokens}: generate at least 1 token, e.g. --max-tokens 200.")
+    if not temperature > 0:  # also refuses NaN
+        raise InputError(
+            f"--temperature {temperature}: it must be > 0 (it divides the logits). Use e.g. 0.8; values near 0 "
+            "pick the most likely token almost always."
+        )
+    if top_k < 1:
+        raise InputError(f"--top-k {top_k}: sample from at least 1 token, e.g. --top-k 40 (--top-k 1 is greedy).")
+
+
+def generate(
+    run_dir: str | Path, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
+    seed: int = 0, checkpoint: str | Path | None = None, ema: bool = False,
+) -> Generation:  # fmt: skip
+    """Continue PROMPT with max_tokens tokens sampled from RUN_DIR's newest complete checkpoint (or CHECKPOINT)."""
+    check_options(prompt, max_tokens, temperature, top_k)
+    run_dir = Path(run_dir)
+    if checkpoint is None and not run_dir.is_dir():
+        raise InputError(f"run directory '{run_dir}' does not exist. Name a directory given to `hvdlm train --run-dir`.")
+
+    import torch  # only now: option errors above answer at once
+
+    from hvdlm.checkpoint import load_model
+    from hvdlm.config import ModelConfig
+    from hvdlm.model import GPT
+    from hvdlm.topology import Group
+
+    path, state = _load(run_dir, checkpoint)
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(
+            f"checkpoint '{path}' records no model configuration ('config' -> 'model'), so its model cannot be "
+            "rebuilt. Use a checkpoint written by `hvdlm train`."
+        )
+    try:
+        cfg = ModelConfig(**config["model"])
+    except TypeError as e:
+        raise InputError(f"checkpoint '{path}' has a model configuration this hvdlm does not know ({e}).") from None
+    cfg.dropout = 0.0  # sampling: no dropout, whatever training used
+    tokenizer = _tokenizer_of(config, path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise InputError(
+            f"the dataset's tokenizer has {tokenizer.vocab_size} tokens but the model of '{path}' only "
+            f"{cfg.vocab_size}: the configuration names another dataset than the one the run trained on. "
+            "Prepare the run's dataset again, or pass --checkpoint of a run trained on this dataset."
+        )
+
+    # The plain model: a group of one never communicates, so no MPI or Horovod is initialised.
+    model = GPT(cfg, Group.single())
+    weights = "model"
+    if ema:
+        if not state.get("ema"):
+            raise InputError(
+                f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay = 0). Drop --ema to "
+                "sample with the trained weights."
+            )
+        state, weights = {**state, "model": state["ema"]}, "ema"
+    load_model(model, state, str(path), 0, 1)
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = model.to(device).eval()
+    ids = tokenizer.encode(prompt)
+    if not ids:  # cannot happen for byte-level tokenizers and a non-empty prompt, but the model needs a token
+        raise InputError("the prompt encodes to no tokens; pass a longer --prompt.")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # model.generate feeds back at most seq_len tokens: a longer prompt is cropped to its last seq_len tokens.
+    out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return Generation(
+        text=tokenizer.decode(out[0].tolist()), checkpoint=path, step=int(state["step"]), prompt_tokens=len(ids),
+        context=cfg.seq_len, weights=weights,
+    )  # fmt: skip
+
+
+def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
+    passed over, as `--resume auto` does), as one unsharded state."""
+    from hvdlm.checkpoint import load_checkpoint, merge_states, newest_loadable, resolve_checkpoint, shard_paths
+
+    if checkpoint is not None:
+        paths = shard_paths(resolve_checkpoint(checkpoint))
+        states = [load_checkpoint(p) for p in paths]
+    else:
+        found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
+        if found is None:
+            resolve_checkpoint(run_dir)  # no complete checkpoint at all: its error says so
+            raise InputError(
+                f"none of the checkpoints in '{run_dir / 'checkpoints'}' reads (see the warnings above). Copy them "
+                "again, or pass --checkpoint with a good file."
+            )
+        paths, states = list(found[0].paths), found[1]
+    return paths[0], merge_states(states)  # the EMA weights, when the run kept them, merged like the model's
+
+
+def _tokenizer_of(config: dict[str, Any], path: Path):
+    """The tokenizer of the dataset the checkpoint's configuration names."""
+    from hvdlm.config import DataConfig
+    from hvdlm.data.corpus import dataset_dir
+    from hvdlm.data.meta import META_FILE
+    from hvdlm.data.tokenizer import ByteTokenizer, load_tokenizer
+
+    try:
+        data = DataConfig(**config.get("data", {}))
+    except TypeError as e:
+        raise InputError(f"checkpoint '{path}' has a data configuration this hvdlm does not know ({e}).") from None
+    directory = dataset_dir(data)
+    if not (directory / META_FILE).exists():
+        if not data.dataset and data.tokenizer == "byte":
+            return ByteTokenizer()  # the built-in corpus in bytes: nothing to load, the cache may be elsewhere
+        how = (
+            f"Prepare it again with `hvdlm data prepare ... --out {directory}`" if data.dataset else
+            "Run with the HVDLM_CACHE the training used (the built-in corpus is prepared in that cache), or "
+            "train once on this machine to prepare it"
+        )  # fmt: skip
+        raise InputError(
+            f"the run's dataset '{directory}' is not there, and its tokenizer with it, so the prompt cannot be "
+            f"encoded as the run's tokens. {how}."
+        )
+    return load_tokenizer(directory)

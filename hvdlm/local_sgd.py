@@ -1,0 +1,38 @@
+"""Local SGD: every replica steps on its own gradients, and every H steps the replicas average their weights.
+
+Communication drops H-fold (one allreduce of the weights per H steps instead of one of the gradients per step).
+The optimizer's moments are averaged with the weights, so at every averaging point all replicas hold the same
+state: a checkpoint there is the whole job's state. For plain SGD (with momentum, without clipping) H = 1 is
+synchronous training, since the average of the replicas' updates is the update of the averaged gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hvdlm.ema import WeightEMA
+from hvdlm.topology import Topology
+
+
+@torch.no_grad()
+def average_replicas(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, ema: WeightEMA | None = None
+) -> None:  # fmt: skip
+    """Average weights, optimizer moments and the weights' moving average over the DP group (the replicas of
+    this rank's shard)."""
+    import horovod.torch as hvd
+
+    if topology.dp == 1:
+        return
+    tensors = [p.data for p in model.parameters()]
+    for state in optimizer.state.values():
+        tensors += [t for key, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and key != "step"]
+    if ema is not None:
+        tensors += [t for t in ema.shadow.values() if t.is_floating_point()]
+    # Horovod: in-place, asynchronous, over the DP process set; Horovod fuses the small tensors into few messages.
+    handles = [
+        hvd.allreduce_async_(t, op=hvd.Average, name=f"local_sgd.{i}", process_set=topology.dp_process_set)
+        for i, t in enumerate(tensors)
+    ]
+    for h in handles:
+        hvd.synchronize(h)
