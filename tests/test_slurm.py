@@ -1,4 +1,5 @@
-"""A real Slurm on this machine: `hvdlm sbatch --submit` scripts train 2 ranks with srun, mpirun and horovodrun.
+"""A real Slurm on this machine: `hvdlm sbatch --submit` scripts train 2 ranks with srun, mpirun and horovodrun,
+and, preempted with USR1, requeue themselves and resume.
 
 munged, slurmctld and slurmd run from a temporary directory for this module (tests/slurm_cluster.py); Debian's
 packages are installed first when they are missing and we are root.
@@ -218,7 +219,7 @@ def _logged_steps(metrics: Path) -> list[int]:
     return [row["step"] for row in rows if "loss" in row]
 
 
-@pytest.mark.parametrize("launcher", ("srun", "mpirun"))
+@pytest.mark.parametrize("launcher", PREEMPT_LAUNCHERS)
 def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, launcher):
     """The real trainer: USR1 mid-run, a checkpoint, exit 75, requeue, `--resume auto`, steps 1..max_steps once."""
     if not _has_resume():
@@ -241,10 +242,11 @@ def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, 
     log = output.read_text()
     assert state == "COMPLETED", f"{state}\n{log}\n{cluster.logs()}"
     assert _job_field(cluster, job_id, "Restarts") == "1", log
-    m = re.search(r"preempted at step (\d+): checkpoint written", log)
+    m = re.search(r"preempted at step (\d+) .*: checkpoint written", log)  # "(SIGUSR1)" between
     assert m and 3 <= int(m.group(1)) < MAX_STEPS, log
     first, _, second = log.partition(f"requeueing job {job_id},")
-    assert second and "(exit status 75)" in first, log
+    # horovodrun (Gloo) reports the ranks' 75 as 1; the script counts that as preempted after the signal it forwarded.
+    assert second and f"(exit status {1 if launcher == 'horovodrun' else 75})" in first, log
     assert re.search(r"resum", second, re.IGNORECASE), log  # the requeued start says it resumes
     assert _logged_steps(metrics) == list(range(1, MAX_STEPS + 1)), log
     assert json.loads((run_dir / "summary.json").read_text())["ranks"] == 2
