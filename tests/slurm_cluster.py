@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "slurm-client", "munge")
+# A requeued job may start again only after the step credentials of its last start expired: cred_expire, 120 s by
+# default (slurm.conf(5), AuthInfo). The tests' requeued jobs should not wait that long; Slurm refuses values < 5.
+REQUEUE_DELAY_S = 10
+# And once eligible, a pending job waits for the scheduler's next full pass over the queue (sched_interval, 60 s by
+# default) unless an event (a submission, a job's end) starts one sooner.
+SCHED_INTERVAL_S = 2
 # Binaries each package brings; all must be there for the tests that need them.
 CLIENT_TOOLS = ("scontrol", "srun", "sbatch")
 CLUSTER_TOOLS = ("scontrol", "sbatch", "srun", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
@@ -131,7 +137,7 @@ SlurmctldHost={node}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={REQUEUE_DELAY_S}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={directory}/state
@@ -145,6 +151,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
+SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none

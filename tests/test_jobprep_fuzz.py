@@ -142,6 +142,9 @@ def test_free_text_in_scripts_stays_one_value(venv, run_dir, overrides, directiv
     for directive in directives:
         assert f"#SBATCH {directive}" in lines
     assert all(item in lines for item in setup)  # as written, one item per line (by design: the user's shell)
-    program = shlex.split(script.rstrip("\n").split("\n")[-1])
+    # The program line: the launcher's continuation line, started in the background (the trap needs the shell).
+    launch = [line for line in lines if line.startswith("    ") and line.endswith(" &")]
+    assert len(launch) == 1, script
+    program = shlex.split(launch[0].removesuffix(" &"))
     assert program[program.index("--run-dir") + 1] == run_dir
     assert [program[i + 1] for i, word in enumerate(program) if word == "--set"] == overrides

@@ -1,4 +1,5 @@
-"""A real Slurm on this machine: `hvdlm sbatch --submit` scripts train 2 ranks with srun, mpirun and horovodrun.
+"""A real Slurm on this machine: `hvdlm sbatch --submit` scripts train 2 ranks with srun, mpirun and horovodrun,
+and, preempted with USR1, requeue themselves and resume.
 
 munged, slurmctld and slurmd run from a temporary directory for this module (tests/slurm_cluster.py); Debian's
 packages are installed first when they are missing and we are root.
@@ -11,11 +12,14 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import slurm_cluster
 from conftest import REPO, TINY_JOB
+from hvdlm.launch.sbatch import SbatchSpec, render
 
 pytestmark = pytest.mark.distributed
 LAUNCHERS = ("srun", "mpirun", "horovodrun")
@@ -98,3 +102,145 @@ def test_submit_reports_sbatchs_refusal(cluster, tmp_path):
     assert "sbatch refused the script" in proc.stderr and "partition" in proc.stderr.lower()
     assert "Traceback" not in proc.stderr
     assert "#SBATCH --partition=nosuch" in script.read_text()
+
+
+# Preemption and requeue: the batch script hands Slurm's USR1 on to the ranks and requeues the job when they exit
+# with hvdlm.preemption.REQUEUE_EXIT_CODE. `scancel --batch` signals the batch shell only, as --signal=B:USR1@120
+# does before the time limit.
+PREEMPT_LAUNCHERS = ("srun", "mpirun", "horovodrun")
+STAND_IN = '''"""Stand-in for `python -m hvdlm train JOB --run-dir D --resume auto` (found first on PYTHONPATH): waits for USR1,
+writes a "checkpoint" and exits 75; a start that finds the checkpoint exits 0. Anything but `train` runs hvdlm."""
+import os, pathlib, runpy, signal, sys, time
+here = pathlib.Path(__file__).resolve().parent.parent
+sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]  # any other command: the real hvdlm
+if sys.argv[1:2] != ["train"]:
+    sys.modules.pop("hvdlm", None)
+    runpy.run_module("hvdlm", run_name="__main__", alter_sys=True)
+    sys.exit(0)
+args = sys.argv[2:]
+assert args[args.index("--resume") + 1] == "auto", args
+run = pathlib.Path(args[args.index("--run-dir") + 1])
+rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID") or "?"  # mpirun keeps the batch's
+run.mkdir(parents=True, exist_ok=True)
+with open(run / "starts.txt", "a") as f:
+    f.write(f"rank {rank} restart {os.environ.get('SLURM_RESTART_COUNT', '-')}\\n")
+if (run / f"checkpoint.{rank}").exists():
+    print(f"rank {rank}: resumed", flush=True)
+    sys.exit(0)
+stop = []
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+(run / f"ready.{rank}").touch()
+deadline = time.monotonic() + 120
+while not stop and time.monotonic() < deadline:
+    time.sleep(0.05)
+(run / f"checkpoint.{rank}").touch()
+print(f"rank {rank}: preempted", flush=True)
+# Like the trainer, leave only together: mpirun kills the other ranks once one exits non-zero.
+while len(list(run.glob("checkpoint.*"))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+sys.exit(75 if stop else 1)
+'''
+
+
+def _wait_until(ready, timeout: float, what: str, cluster, job_id: str, output: Path, every: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline or cluster.job_state(job_id) not in ("PENDING", "RUNNING", "CONFIGURING"):
+            cluster.run("scancel", job_id)
+            log = output.read_text() if output.exists() else "(no job output)"
+            pytest.fail(f"no {what}; job {job_id} {cluster.job_state(job_id)}\n{log}\n{cluster.logs()}")
+        time.sleep(every)
+
+
+def _job_field(cluster, job_id: str, name: str) -> str:
+    for word in cluster.run("scontrol", "show", "job", job_id).stdout.split():
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return ""
+
+
+# scancel's target: the batch shell (--batch, as --signal=B:USR1@120 does), or by default the job steps, which
+# reaches srun's ranks directly (mpirun's and horovodrun's ranks are no job steps).
+@pytest.mark.parametrize("launcher,to", [*((launcher, "--batch") for launcher in PREEMPT_LAUNCHERS), ("srun", "")])
+def test_preempted_script_requeues_the_job(cluster, tmp_path, launcher, to):
+    """A stand-in program behind the generated script, on the real Slurm: USR1 reaches both ranks, they exit 75,
+    the script requeues the job, and the requeued start (SLURM_RESTART_COUNT=1, same job id and so the same run
+    directory) finishes; the output file keeps both starts."""
+    stand_in = tmp_path / "stand-in" / "hvdlm"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__main__.py").write_text(STAND_IN)
+    (stand_in / "__init__.py").write_text("")
+    run_dir, script = tmp_path / "run", tmp_path / "job.sbatch"
+    spec = SbatchSpec(
+        job_name="standin", job_file=str(tmp_path / "job.toml"), nodes=1, gpus_per_node=0, ntasks_per_node=2,
+        cpus_per_task=1, time="00:05:00", launcher=launcher, venv=sys.prefix, run_dir=str(run_dir),
+    )  # fmt: skip
+    script.write_text(render(spec))
+    env = {**cluster.env, "PYTHONPATH": str(stand_in.parent)}
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(script)], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    output = tmp_path / f"standin-{job_id}.out"
+    _wait_until(lambda: len(list(run_dir.glob("ready.*"))) == 2, 90, "2 ready ranks", cluster, job_id, output)
+    started = time.monotonic()
+    assert cluster.run("scancel", *([to] if to else []), "--signal=USR1", job_id).returncode == 0
+    _wait_until(lambda: _job_field(cluster, job_id, "Restarts") == "1", 30, "requeue", cluster, job_id, output)
+    requeued = time.monotonic()
+    after_requeue = {k: _job_field(cluster, job_id, k) for k in ("JobState", "Reason", "EligibleTime", "SubmitTime")}
+    state = cluster.wait(job_id, timeout=120)
+    output = output.read_text()
+    assert state == "COMPLETED", f"{state}\n{output}\n{cluster.logs()}"
+    print(f"{launcher}: requeued {requeued - started:.1f} s after USR1, completed {time.monotonic() - requeued:.1f} "
+          f"s later (cred_expire={slurm_cluster.REQUEUE_DELAY_S}); after the requeue {after_requeue}, "
+          f"started again {_job_field(cluster, job_id, 'StartTime')}; "
+          f"{next(line for line in output.splitlines() if 'requeueing' in line)}")  # fmt: skip
+    starts = sorted((run_dir / "starts.txt").read_text().splitlines())
+    assert starts == ["rank 0 restart -", "rank 0 restart 1", "rank 1 restart -", "rank 1 restart 1"], output
+    assert "rank 0: preempted" in output and "rank 1: preempted" in output, output
+    assert f"requeueing job {job_id}," in output, output
+    assert "rank 0: resumed" in output and "rank 1: resumed" in output, output  # --open-mode=append kept both
+
+
+# About 30 steps a second here: long enough a run that the signal lands mid-run.
+MAX_STEPS = 300
+PREEMPT_JOB = TINY_JOB.replace("max_steps = 8", f"max_steps = {MAX_STEPS}").replace("eval_interval = 4",
+                                                                                  "eval_interval = 100")
+
+
+def _logged_steps(metrics: Path) -> list[int]:
+    """Steps of the training rows, complete lines only (rank 0 may be writing the last one)."""
+    text = metrics.read_text() if metrics.exists() else ""
+    rows = [json.loads(line) for line in text.split("\n")[:-1]]
+    return [row["step"] for row in rows if "loss" in row]
+
+
+@pytest.mark.parametrize("launcher", PREEMPT_LAUNCHERS)
+def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, launcher):
+    """The real trainer: USR1 mid-run, a checkpoint, exit 75, requeue, `--resume auto`, steps 1..max_steps once."""
+    job, run_dir, script = tmp_path / "tiny.toml", tmp_path / "run", tmp_path / "tiny.sbatch"
+    job.write_text(PREEMPT_JOB)
+    env = {**cluster.env, "HVDLM_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvdlm", "sbatch", str(job), "--nodes", "1", "--gpus-per-node", "0",
+         "--time", "00:05:00", "--launcher", launcher, "--run-dir", str(run_dir), "-o", str(script),
+         "--set", "train.checkpoint_interval=20", "--submit"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = re.fullmatch(r"submitted batch job (\d+)\n", proc.stdout).group(1)
+    metrics, output = run_dir / "metrics.jsonl", tmp_path / f"tiny-{job_id}.out"
+    _wait_until(lambda: len(_logged_steps(metrics)) >= 3, 120, "3 logged steps", cluster, job_id, output, every=0.1)
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
+    state = cluster.wait(job_id, timeout=180)
+    log = output.read_text()
+    assert state == "COMPLETED", f"{state}\n{log}\n{cluster.logs()}"
+    assert _job_field(cluster, job_id, "Restarts") == "1", log
+    m = re.search(r"preempted at step (\d+) .*: checkpoint written", log)  # "(SIGUSR1)" between
+    assert m and 3 <= int(m.group(1)) < MAX_STEPS, log
+    first, _, second = log.partition(f"requeueing job {job_id},")
+    # horovodrun (Gloo) reports the ranks' 75 as 1; the script counts that as preempted after the signal it forwarded.
+    assert second and f"(exit status {1 if launcher == 'horovodrun' else 75})" in first, log
+    assert re.search(r"resum", second, re.IGNORECASE), log  # the requeued start says it resumes
+    assert _logged_steps(metrics) == list(range(1, MAX_STEPS + 1)), log
+    assert json.loads((run_dir / "summary.json").read_text())["ranks"] == 2

@@ -21,6 +21,7 @@ from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, rank_env, check_tp_layout
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
+from hvdlm.preemption import REQUEUE_EXIT_CODE
 
 BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
 # Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. ASCII digits ([0-9], not \d, which
@@ -31,6 +32,9 @@ _DIRECTIVE = re.compile(r"--([a-z][a-z0-9\-]*)(=[A-Za-z0-9_.\-/+,:=@%]+)?")
 # background thread and data loading; a CPU rank gets one core per OpenMP thread and can ask for more.
 DEFAULT_CPUS_PER_GPU_RANK = 4
 DEFAULT_CPUS_PER_CPU_RANK = 1
+# Seconds between Slurm's warning signal and the time limit: a checkpoint of a large model on a busy parallel file
+# system takes tens of seconds, and Slurm may send the signal up to 60 s early or late (its event resolution).
+WARNING_SECONDS = 120
 
 
 @dataclass
@@ -97,8 +101,10 @@ class SbatchSpec:
         options = {
             "job-name": self.job_name, "nodes": str(self.nodes), "ntasks-per-node": str(self.ntasks_per_node),
             "cpus-per-task": str(self.cpus_per_task), "time": self.time, "output": "%x-%j.out",
-            # Slurm signals the ranks 120 s before the time limit (time for a checkpoint) and may requeue the job.
-            "signal": "USR1@120", "requeue": "",
+            # USR1 to the batch shell ("B:") 120 s before the time limit: time for a checkpoint. The shell hands it
+            # on to the ranks (see _launch_lines for why not to the job steps directly). --requeue lets the script
+            # requeue the job, and the log of every start goes into one file (Slurm would truncate it on a restart).
+            "signal": f"B:USR1@{WARNING_SECONDS}", "requeue": "", "open-mode": "append",
         }  # fmt: skip
         if self.gpus_per_node:
             options["gpus-per-node"] = str(self.gpus_per_node)
@@ -209,7 +215,9 @@ def _value(value: str) -> str:
 
 def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
     run_dir = spec.run_dir or ShellVar(f"runs/{spec.job_name}-${{SLURM_JOB_ID}}")
-    program = [spec.python, "-m", "hvdlm", "train", spec.job_file, "--run-dir", run_dir]
+    # --resume auto: the first start finds no checkpoint and starts fresh; a requeued start keeps its job id, so
+    # its run directory, and continues from the newest checkpoint there.
+    program = [spec.python, "-m", "hvdlm", "train", spec.job_file, "--run-dir", run_dir, "--resume", "auto"]
     for item in spec.overrides:
         program += ["--set", item]
     ntasks = ShellVar("${SLURM_NTASKS}")
@@ -226,7 +234,93 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
         # mpirun finds the hosts in the Slurm allocation by itself; srun uses it directly.
         argv = build_command(spec.launcher, spec.launcher, ntasks, program, spec.options, env=env, present=["PATH"])
     launcher = argv[: len(argv) - len(program)]
-    return lines + [f"{join(launcher)} \\\n    {join(program)}"]
+    return lines + [
+        *_preemption_lines(spec.launcher),
+        f"{join(launcher)} \\\n    {join(program)} &",
+        *_requeue_lines(spec.launcher),
+    ]
+
+
+# Why the trap signals what it signals, per launcher (comment lines of the script).
+_WHOM = {
+    "srun": [
+        "# srun forwards USR1 to every task of its step, on every node.",
+        "# To preempt by hand: scancel --batch --signal=USR1 JOBID (plain --signal=USR1 reaches srun's ranks too).",
+    ],
+    "mpirun": [
+        "# The trap signals this node's ranks, the processes below mpirun that run `hvdlm train`: they are children",
+        "# of this shell, not job steps, which Slurm's plain --signal would miss; and not mpirun itself, which turns",
+        "# TERM into killing the job. The ranks of other nodes stop at the same step: the ranks agree on it.",
+        "# To preempt by hand: scancel --batch --signal=USR1 JOBID",
+    ],
+    "horovodrun": [
+        "# The trap signals this node's ranks, the processes below horovodrun that run `hvdlm train`: they are",
+        "# children of this shell, not job steps, which Slurm's plain --signal would miss; and not horovodrun itself,",
+        "# which dies on USR1 and with Gloo turns TERM into SIGKILL after 5 s. The ranks of other nodes stop at the",
+        "# same step: the ranks agree on it. To preempt by hand: scancel --batch --signal=USR1 JOBID",
+    ],
+}
+# The ranks on this node: descendants of the launcher whose argv is PYTHON -m hvdlm train ... (fields 3 to 6 after
+# pid and ppid), so not the `sh -c "... -m hvdlm train ..."` that horovodrun starts them with (a shell dies on USR1).
+_SIGNAL_RANKS = [
+    "    ps -e -o pid= -o ppid= -o args= | awk -v root=\"$launcher\" '",
+    "        { parent[$1] = $2; rank[$1] = $4 == \"-m\" && $5 == \"hvdlm\" && $6 == \"train\" }",
+    "        END { for (p in parent) if (rank[p]) { q = p; while (q in parent && q != root) q = parent[q]; "
+    "if (q == root) print p } }' |",
+    "        xargs -r kill -USR1 2>/dev/null || true",
+]
+
+
+def _preemption_lines(launcher: str) -> list[str]:
+    """The trap that hands Slurm's signals on to the ranks, with the reasons."""
+    forward = ['    kill -USR1 "$launcher" 2>/dev/null || true'] if launcher == "srun" else _SIGNAL_RANKS
+    return [
+        f"# Preemption. Slurm sends USR1 to this shell {WARNING_SECONDS} s before the time limit (--signal=B:...), "
+        "and TERM to",
+        "# every process of the job at the limit or on preemption (then KILL after KillWait). The trap hands either "
+        "on as",
+        f"# USR1: the ranks agree on a step, write its checkpoint and exit {REQUEUE_EXIT_CODE}; the job is requeued "
+        "below. The",
+        "# launcher runs in the background because bash runs traps only between commands; a `wait` ends early for "
+        "one.",
+        *_WHOM[launcher],
+        "signalled=",
+        "forward() {",
+        "    signalled=1",
+        *forward,
+        "}",
+        "trap forward USR1 TERM",
+    ]
+
+
+def _requeue_lines(launcher: str) -> list[str]:
+    """Wait for the launcher through trapped signals; requeue the job when the ranks stopped for preemption."""
+    code = REQUEUE_EXIT_CODE
+    lines = [
+        "launcher=$!",
+        'while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done',
+        "status=0",
+        'wait "$launcher" || status=$?  # the launcher\'s exit status, which bash kept (|| keeps set -e quiet)',
+    ]
+    condition = f'[ "$status" = {code} ]'
+    if launcher == "horovodrun":
+        lines += [
+            f"# horovodrun with Gloo exits 1 when a rank exits non-zero, {code} included: after a preemption signal, "
+            "a failed",
+            "# run counts as preempted (a requeued one resumes from its newest checkpoint either way).",
+        ]
+        condition = f'[ "$status" = {code} ] || {{ [ -n "$signalled" ] && [ "$status" != 0 ]; }}'
+    lines += [
+        f"if {condition}; then",
+        '    echo "hvdlm: the run stopped for preemption (exit status $status) after a checkpoint: requeueing job '
+        '${SLURM_JOB_ID}, which resumes it"',
+        '    scontrol requeue "${SLURM_JOB_ID}" && exit 0',
+        '    echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2',
+        f"    exit {code}",
+        "fi",
+        'exit "$status"',
+    ]
+    return lines
 
 
 def check_setup(setup: list[str]) -> None:

@@ -6,9 +6,10 @@
 #SBATCH --job-name=demo
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 #SBATCH --requeue
-#SBATCH --signal=USR1@120
+#SBATCH --signal=B:USR1@120
 #SBATCH --time=00:10:00
 
 set -eo pipefail
@@ -21,5 +22,35 @@ export GLOO_SOCKET_IFNAME=eth0
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi  # Open MPI refuses root without these
 
 HOSTS=$(/usr/bin/python3 -m hvdlm hostfile --from slurm --format horovod)
+# Preemption. Slurm sends USR1 to this shell 120 s before the time limit (--signal=B:...), and TERM to
+# every process of the job at the limit or on preemption (then KILL after KillWait). The trap hands either on as
+# USR1: the ranks agree on a step, write its checkpoint and exit 75; the job is requeued below. The
+# launcher runs in the background because bash runs traps only between commands; a `wait` ends early for one.
+# The trap signals this node's ranks, the processes below horovodrun that run `hvdlm train`: they are
+# children of this shell, not job steps, which Slurm's plain --signal would miss; and not horovodrun itself,
+# which dies on USR1 and with Gloo turns TERM into SIGKILL after 5 s. The ranks of other nodes stop at the
+# same step: the ranks agree on it. To preempt by hand: scancel --batch --signal=USR1 JOBID
+signalled=
+forward() {
+    signalled=1
+    ps -e -o pid= -o ppid= -o args= | awk -v root="$launcher" '
+        { parent[$1] = $2; rank[$1] = $4 == "-m" && $5 == "hvdlm" && $6 == "train" }
+        END { for (p in parent) if (rank[p]) { q = p; while (q in parent && q != root) q = parent[q]; if (q == root) print p } }' |
+        xargs -r kill -USR1 2>/dev/null || true
+}
+trap forward USR1 TERM
 horovodrun -np "${SLURM_NTASKS}" -H "${HOSTS}" --gloo --network-interface eth0 --cycle-time-ms 5 \
-    /usr/bin/python3 -m hvdlm train /shared/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}"
+    /usr/bin/python3 -m hvdlm train /shared/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}" --resume auto &
+launcher=$!
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
+status=0
+wait "$launcher" || status=$?  # the launcher's exit status, which bash kept (|| keeps set -e quiet)
+# horovodrun with Gloo exits 1 when a rank exits non-zero, 75 included: after a preemption signal, a failed
+# run counts as preempted (a requeued one resumes from its newest checkpoint either way).
+if [ "$status" = 75 ] || { [ -n "$signalled" ] && [ "$status" != 0 ]; }; then
+    echo "hvdlm: the run stopped for preemption (exit status $status) after a checkpoint: requeueing job ${SLURM_JOB_ID}, which resumes it"
+    scontrol requeue "${SLURM_JOB_ID}" && exit 0
+    echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2
+    exit 75
+fi
+exit "$status"

@@ -6,9 +6,10 @@
 #SBATCH --job-name=demo
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=2
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 #SBATCH --requeue
-#SBATCH --signal=USR1@120
+#SBATCH --signal=B:USR1@120
 #SBATCH --time=01:00:00
 
 set -eo pipefail
@@ -21,5 +22,33 @@ export OMPI_MCA_mpi_yield_when_idle=1
 export HOROVOD_CYCLE_TIME=5
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi  # Open MPI refuses root without these
 
+# Preemption. Slurm sends USR1 to this shell 120 s before the time limit (--signal=B:...), and TERM to
+# every process of the job at the limit or on preemption (then KILL after KillWait). The trap hands either on as
+# USR1: the ranks agree on a step, write its checkpoint and exit 75; the job is requeued below. The
+# launcher runs in the background because bash runs traps only between commands; a `wait` ends early for one.
+# The trap signals this node's ranks, the processes below mpirun that run `hvdlm train`: they are children
+# of this shell, not job steps, which Slurm's plain --signal would miss; and not mpirun itself, which turns
+# TERM into killing the job. The ranks of other nodes stop at the same step: the ranks agree on it.
+# To preempt by hand: scancel --batch --signal=USR1 JOBID
+signalled=
+forward() {
+    signalled=1
+    ps -e -o pid= -o ppid= -o args= | awk -v root="$launcher" '
+        { parent[$1] = $2; rank[$1] = $4 == "-m" && $5 == "hvdlm" && $6 == "train" }
+        END { for (p in parent) if (rank[p]) { q = p; while (q in parent && q != root) q = parent[q]; if (q == root) print p } }' |
+        xargs -r kill -USR1 2>/dev/null || true
+}
+trap forward USR1 TERM
 mpirun -np "${SLURM_NTASKS}" -bind-to none -map-by slot -x PATH -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME -mca pml ob1 -mca btl '^openib' \
-    python -m hvdlm train /shared/jobs/demo.toml --run-dir /shared/runs/demo
+    python -m hvdlm train /shared/jobs/demo.toml --run-dir /shared/runs/demo --resume auto &
+launcher=$!
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
+status=0
+wait "$launcher" || status=$?  # the launcher's exit status, which bash kept (|| keeps set -e quiet)
+if [ "$status" = 75 ]; then
+    echo "hvdlm: the run stopped for preemption (exit status $status) after a checkpoint: requeueing job ${SLURM_JOB_ID}, which resumes it"
+    scontrol requeue "${SLURM_JOB_ID}" && exit 0
+    echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2
+    exit 75
+fi
+exit "$status"

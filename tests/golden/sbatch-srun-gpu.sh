@@ -10,10 +10,11 @@
 #SBATCH --job-name=gpt2-small
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 #SBATCH --partition=gpu
 #SBATCH --requeue
-#SBATCH --signal=USR1@120
+#SBATCH --signal=B:USR1@120
 #SBATCH --time=12:00:00
 
 set -eo pipefail
@@ -32,5 +33,28 @@ export OMPI_MCA_btl_tcp_if_include=ib0
 # From slurm.setup in the job file, as written there.
 ulimit -n 65536
 
+# Preemption. Slurm sends USR1 to this shell 120 s before the time limit (--signal=B:...), and TERM to
+# every process of the job at the limit or on preemption (then KILL after KillWait). The trap hands either on as
+# USR1: the ranks agree on a step, write its checkpoint and exit 75; the job is requeued below. The
+# launcher runs in the background because bash runs traps only between commands; a `wait` ends early for one.
+# srun forwards USR1 to every task of its step, on every node.
+# To preempt by hand: scancel --batch --signal=USR1 JOBID (plain --signal=USR1 reaches srun's ranks too).
+signalled=
+forward() {
+    signalled=1
+    kill -USR1 "$launcher" 2>/dev/null || true
+}
+trap forward USR1 TERM
 srun --mpi=pmix --gpus-per-node=4 --gpu-bind=closest \
-    python -m hvdlm train /shared/jobs/gpt2-small.toml --run-dir "runs/gpt2-small-${SLURM_JOB_ID}" --set train.lr=3e-4
+    python -m hvdlm train /shared/jobs/gpt2-small.toml --run-dir "runs/gpt2-small-${SLURM_JOB_ID}" --resume auto --set train.lr=3e-4 &
+launcher=$!
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
+status=0
+wait "$launcher" || status=$?  # the launcher's exit status, which bash kept (|| keeps set -e quiet)
+if [ "$status" = 75 ]; then
+    echo "hvdlm: the run stopped for preemption (exit status $status) after a checkpoint: requeueing job ${SLURM_JOB_ID}, which resumes it"
+    scontrol requeue "${SLURM_JOB_ID}" && exit 0
+    echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2
+    exit 75
+fi
+exit "$status"
