@@ -61,7 +61,9 @@ class RunLogger:
     def record(self, row: dict[str, Any]) -> None:
         """One row of metrics.jsonl (with the wall-clock "time" added), and its numbers as TensorBoard scalars."""
         if self._file:
-            self._file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+            # JSON has no NaN or Infinity (Python would write them, strict readers refuse them): null instead.
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            self._file.write(json.dumps({**clean, "time": round(time.time(), 3)}, allow_nan=False) + "\n")
         if self._writer is not None and isinstance(row.get("step"), int):
             for tag, value in scalars_of(row).items():
                 self._writer.add_scalar(tag, value, global_step=row["step"])
