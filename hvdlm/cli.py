@@ -99,6 +99,9 @@ def train(
 ) -> None:  # fmt: skip
     """Train JOB (a TOML job file) as one rank of a job; start it with `hvdlm launch`, mpirun or horovodrun."""
     from hvdlm.config import load_config
+    from hvdlm.preemption import catch_stop_signals
+
+    catch_stop_signals()  # a preemption signal during start-up still ends in a checkpoint and a requeue
 
     cfg = load_config(job, _with_init_from(overrides, init_from))
     _check_resume(resume, run_dir)

@@ -1,11 +1,10 @@
 """Preemption: SIGUSR1 or SIGTERM asks the run to stop; the ranks agree on a step, checkpoint it and exit with
 REQUEUE_EXIT_CODE, which the batch script that `hvdlm sbatch` writes turns into `scontrol requeue`.
 
-Slurm sends SIGUSR1 before the time limit when the script asks for it (`#SBATCH --signal=USR1@120`), and SIGTERM
-at the limit or on `scancel`. A signal may reach some ranks and not others, or reach them at different steps:
-each rank sends its flag with every step (an allreduce of one number, in flight during the step), and all stop
-after the first step at which any rank had one.
-"""
+Slurm sends SIGUSR1 before the time limit when the script asks for it (`#SBATCH --signal=B:USR1@120`; the
+script hands it on to the ranks), and SIGTERM at the limit or on `scancel`. A signal may reach some ranks and
+not others, or reach them at different steps: each rank sends its flag with every step (an allreduce of one
+number, in flight during the step), and all stop after the first step at which any rank had one."""
 
 from __future__ import annotations
 
@@ -15,6 +14,25 @@ from enum import IntEnum
 # EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". The requeued job resumes
 # with `--resume auto`.
 REQUEUE_EXIT_CODE = 75  # job preparation (hvdlm sbatch) imports this module: it must not import torch at the top
+
+
+_received: int | None = None  # the stop signal this process got, if any
+
+
+def catch_stop_signals() -> None:
+    """From now on SIGUSR1 and SIGTERM ask for a checkpoint and a stop instead of killing the process.
+
+    Called first thing in a rank's program: a signal that came while the data or the model were still loading
+    would otherwise kill the rank (Python's default for both) and with it the chance to requeue.
+    """
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum, frame) -> None:
+    # Only a flag: the training loop stops at the next step every rank agrees on, never inside a signal handler.
+    global _received
+    _received = signum
 
 
 class Stop(IntEnum):
@@ -42,25 +60,19 @@ class StopVote:
     def __init__(self, world_size: int):
         import torch
 
+        catch_stop_signals()  # normally done already, as the rank's program started
         self.world_size = world_size
         self.local = Stop.NO
-        self._signal: int | None = None
         self._buffer = torch.zeros(1, dtype=torch.int32)
         self._handle = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        # Only a flag: the loop checkpoints at the next agreed step boundary, never inside a signal handler.
-        self._signal = signum
 
     @property
     def signal_name(self) -> str | None:
-        return signal.Signals(self._signal).name if self._signal else None
+        return signal.Signals(_received).name if _received else None
 
     def start(self) -> None:
         """Send this rank's reason for the coming step."""
-        reason = max(self.local, Stop.PREEMPTED if self._signal else Stop.NO)
+        reason = max(self.local, Stop.PREEMPTED if _received else Stop.NO)
         self._buffer.fill_(int(reason))
         if self.world_size > 1:
             import horovod.torch as hvd

@@ -120,6 +120,7 @@ def test_bf16_autocasts_matmuls_on_cpu():
 
 
 def test_a_signal_turns_into_a_preemption_vote():
+    from hvdlm import preemption
     from hvdlm.preemption import Stop, StopVote
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
@@ -134,6 +135,7 @@ def test_a_signal_turns_into_a_preemption_vote():
         vote.start()
         assert vote.result() == Stop.NON_FINITE  # the more serious reason wins
     finally:
+        preemption._received = None
         for sig, handler in before.items():
             signal.signal(sig, handler)
 
