@@ -49,30 +49,42 @@ def ddp_tokens_per_s(ranks: int, overrides: list[str], warmup_steps: int) -> flo
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_bench_arguments(doc: str) -> tuple[argparse.Namespace, list[str]]:
+    """The options of the benchmarks that time demo-model training, and the overrides every run of them gets
+    (no evaluation or sampling, so only training steps are timed; the same threads everywhere)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-interval", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best one counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same everywhere")
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
-
     overrides = [
         f"train.max_steps={args.steps}", f"train.log_interval={args.log_interval}", "train.eval_interval=0",
         "train.sample_tokens=0", f"train.threads={args.threads}", f"train.warmup_steps={args.steps // 4}",
     ]  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    return args, overrides
+
+
+def best_of_interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Every configuration's tokens/s, run by run; interleaved, so a slow spell of the machine hits them all."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+            print(f"  run {repeat + 1}: {name:<28} {results[name][-1]:>10,.0f} tokens/s", flush=True)
+    return results
+
+
+def main() -> None:
+    args, overrides = training_bench_arguments(__doc__)
     runs = {
         "hvdlm, 1 rank": lambda: hvdlm_tokens_per_s(1, overrides, warmup_rows=1),
         "hvdlm, 2 ranks": lambda: hvdlm_tokens_per_s(2, overrides, warmup_rows=1),
         "DDP (gloo), 2 ranks": lambda: ddp_tokens_per_s(2, overrides, warmup_steps=args.log_interval),
     }
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every configuration
-        for name, run in runs.items():
-            results[name].append(run())
-            print(f"  run {repeat + 1}: {name:<20} {results[name][-1]:>10,.0f} tokens/s", flush=True)
+    results = best_of_interleaved(runs, args.repeats)
     best = {name: max(values) for name, values in results.items()}
     efficiency = best["hvdlm, 2 ranks"] / (2 * best["hvdlm, 1 rank"])
     versus_ddp = best["hvdlm, 2 ranks"] / best["DDP (gloo), 2 ranks"]

@@ -55,6 +55,14 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("hvdlm-cache")
 
 
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """TINY_JOB as a file shared by the tests of one module (which train once and look at the runs many times)."""
+    path = tmp_path_factory.mktemp("job") / "tiny.toml"
+    path.write_text(TINY_JOB)
+    return path
+
+
 @pytest.fixture
 def tiny_job(tmp_path) -> Path:
     path = tmp_path / "tiny.toml"

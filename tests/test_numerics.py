@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_JOB
 from survive import rows, run, sets, summary, train_argv
 
 pytestmark = pytest.mark.distributed
@@ -30,13 +29,6 @@ RUNS = {  # name: overrides, each trained by 2 ranks on demand, once per module
     "bf16": ("train.batch_size=8", "train.precision=bf16"),
     "ema": ("train.batch_size=8", "train.ema_decay=0.9"),
 }
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("numerics-job") / "tiny.toml"
-    path.write_text(TINY_JOB)
-    return path
 
 
 @pytest.fixture(scope="module")

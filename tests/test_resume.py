@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_JOB
+from conftest import REPO
 from survive import (
     Job, ckpt_steps, comparable, last_step, rows, run, sets, snapshot, summary, train_argv, wait_for_step,
 )  # fmt: skip
@@ -33,13 +33,6 @@ COMMON = (
 )  # fmt: skip
 # The step to kill at is random, from a seed printed with every failure; HVDLM_TEST_SEED=N replays one.
 SEED = int(os.environ.get("HVDLM_TEST_SEED") or random.SystemRandom().randrange(1 << 30))
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("resume-job") / "tiny.toml"
-    path.write_text(TINY_JOB)
-    return path
 
 
 @pytest.fixture

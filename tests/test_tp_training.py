@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_JOB
+from conftest import REPO
 from mpi_run import hvdlm_argv, mpirun
 
 pytestmark = pytest.mark.distributed
@@ -30,13 +30,6 @@ LAYOUTS = {  # name: (ranks, tp, batch_size per replica); the global batch is 8 
 def _run(np: int, job: Path, run_dir: Path, cache: Path, *overrides: str):
     sets = [a for o in overrides for a in ("--set", o)]
     return mpirun(np, hvdlm_argv("train", str(job), "--run-dir", str(run_dir), *sets), env={"HVDLM_CACHE": str(cache)})
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tp-job") / "tiny.toml"
-    path.write_text(TINY_JOB)
-    return path
 
 
 @pytest.fixture(scope="module")
