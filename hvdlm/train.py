@@ -83,15 +83,14 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     log = RunLogger(out, t.max_steps, enabled=rank0, tensorboard=t.tensorboard,
                     resume_step=first_step if resume else None)  # fmt: skip
 
-    k = t.accumulation_steps
-    tokens_per_step = t.batch_size * k * cfg.model.seq_len * dp_size
+    tokens_per_step = t.batch_size * t.accumulation_steps * cfg.model.seq_len * dp_size
     peak = peak_tflops(device, t.precision, t.peak_tflops)
     model_flops = flops_per_token(model.num_params(), cfg.model.n_layer, cfg.model.seq_len, cfg.model.d_model)
     mode = f"local SGD every {t.local_sgd_interval} steps," if t.local_sgd_interval else "synchronous"
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
         f"{device.type} in {t.precision}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per "
-        f"step ({k} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / "
+        f"step ({t.accumulation_steps} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / "
         f"{len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} windows "
         f"per epoch) from {data.path}"
     )
@@ -111,9 +110,8 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     if t.eval_interval and first_step == 0:
         progress["first_val_loss"] = final_val = evaluate(0)
 
-    vote = StopVote(hvd.size())  # from here on SIGUSR1 / SIGTERM ask for a checkpoint instead of killing
-    params = list(model.parameters())
-    skipped_in_a_row, stop_requested = 0, False
+    vote = StopVote(hvd.size())  # each step carries every rank's reason to stop (a signal, too many skips)
+    skipped_in_a_row, stop_requested = progress.get("skipped_in_a_row", 0), False
     interval_start, interval_steps = time.perf_counter(), 0
     try:
         for step in range(first_step, t.max_steps):
@@ -122,30 +120,7 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
-            model.train()
-            loss = torch.zeros((), device=device)
-            for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
-                x, y = (b.to(device, non_blocking=True) for b in train_batches.next_batch())
-                with precision.autocast():
-                    micro_loss = model(x, y)[1]
-                precision.scaler.scale(micro_loss / k).backward()
-                loss += micro_loss.detach() / k
-            if not t.local_sgd_interval:
-                # Horovod: finish the gradient allreduce before unscaling and clipping, so the norm is that of
-                # the averaged gradient, then step without a second synchronisation.
-                optimizer.synchronize()
-            precision.scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(params, t.grad_clip or float("inf"), topo.tp_group)
-            # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one
-            # replica share loss and norm). With fp16 the scaler itself skips overflowing steps.
-            problem = _non_finite(loss, grad_norm, precision.scaler.is_enabled())
-            if problem is None:
-                with optimizer.skip_synchronize() if not t.local_sgd_interval else contextlib.nullcontext():
-                    precision.scaler.step(optimizer)
-                precision.scaler.update()
-                if ema:
-                    ema.update()
+            loss, grad_norm, problem = _train_step(model, optimizer, train_batches, precision, ema, topo, t, device)
             done = step + 1
             if t.local_sgd_interval and (done % t.local_sgd_interval == 0 or done == t.max_steps):
                 average_replicas(model, optimizer, topo, ema)
@@ -213,6 +188,44 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     _finish(model, optimizer, cfg, out, progress, device, topo, train_batches, data, ema, precision,
             save=first_step < t.max_steps)  # fmt: skip
     return out
+
+
+def _train_step(
+    model: GPT, optimizer, batches: WindowSampler, precision: Precision, ema: WeightEMA | None, topo: Topology,
+    t: TrainConfig, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, str | None]:  # fmt: skip
+    """One optimizer step over accumulation_steps micro-batches; returns (loss, gradient norm, why it was skipped).
+
+    The loss is this rank's mean over its micro-batches. A step whose loss or gradient norm is not finite is
+    skipped: no update, no EMA update.
+    """
+    k = t.accumulation_steps
+    optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
+    model.train()
+    loss = torch.zeros((), device=device)
+    for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
+        x, y = (b.to(device, non_blocking=True) for b in batches.next_batch())
+        with precision.autocast():
+            micro_loss = model(x, y)[1]
+        precision.scaler.scale(micro_loss / k).backward()
+        loss += micro_loss.detach() / k
+    synchronous = not t.local_sgd_interval
+    if synchronous:
+        # Horovod: finish the gradient allreduce before unscaling and clipping, so the norm is that of the
+        # averaged gradient, then step without a second synchronisation.
+        optimizer.synchronize()
+    precision.scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(list(model.parameters()), t.grad_clip or float("inf"), topo.tp_group)
+    # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one replica
+    # share loss and norm). With fp16 the scaler itself skips overflowing steps.
+    problem = _non_finite(loss, grad_norm, precision.scaler.is_enabled())
+    if problem is None:
+        with optimizer.skip_synchronize() if synchronous else contextlib.nullcontext():
+            precision.scaler.step(optimizer)
+        precision.scaler.update()
+        if ema:
+            ema.update()
+    return loss, grad_norm, problem
 
 
 def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> str | None:
