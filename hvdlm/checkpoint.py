@@ -11,7 +11,7 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
     scaler      the fp16 gradient scaler's state (when enabled)
     data        the sampler's position (the same on every rank)
     rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
-    progress    what the run's summary needs from before a restart (first validation loss, tokens so far)
+    progress    what the loop needs from before a restart (first and last validation loss, skipped steps in a row)
 
 Every value is a tensor, a number, a string or a container of them, so `torch.load(weights_only=True)` reads it:
 a checkpoint file is data and never runs code.
@@ -72,9 +72,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises many kinds on damaged or foreign bytes
         size = path.stat().st_size if path.is_file() else 0
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in reason:  # torch's advice to load with weights_only=False, which hvdlm never does
+            reason = "it is not a torch file of tensors and plain values only"
         raise InputError(
             f"cannot read checkpoint '{path}' ({size:,} bytes): it is truncated, damaged or not a checkpoint "
-            f"({type(e).__name__}: {e}). Copy it again, or name another step's checkpoint."
+            f"({type(e).__name__}: {reason}). Copy it again, or name another step's checkpoint."
         ) from None
     _check_structure(state, path)
     return state
@@ -188,6 +191,8 @@ def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, l
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
     path = Path(path)
+    if path.is_dir() and path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        path = path.parent  # RUN_DIR/checkpoints named instead of RUN_DIR
     if path.is_dir():
         saved = find_checkpoints(path)
         if not saved:
@@ -277,14 +282,9 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     return {**first, "model": model, "optimizer": optimizer, "tp": tp_info, **({"ema": ema} if ema else {})}
 
 
-def load_model(
-    model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int, key: str = "model"
-) -> None:  # fmt: skip
-    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree.
-
-    `key` picks the weights: "model", or "ema" for the moving average.
-    """
-    full = full_state[key]
+def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:
+    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree."""
+    full = full_state["model"]
     expected = model.state_dict(keep_vars=True)
     problems = []
     missing = [n for n in expected if n not in full]
@@ -361,19 +361,38 @@ def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any]
 # ------------------------------------------------------------------------------------------------------------
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> list[int]:
-    """Delete all but the `keep` newest complete checkpoints (keep = 0 keeps all); returns the deleted steps.
+def prune_checkpoints(run_dir: str | Path, keep: int, newest: int) -> list[int]:
+    """Delete all but the `keep` newest complete checkpoints up to step `newest`, the one just written (keep = 0
+    keeps all); returns the deleted steps.
 
     Called after a save is complete on every rank, so the newest is whole before an older one goes. Incomplete
-    sets (a save killed between shards) are left for a person to look at.
+    sets (a save killed between shards) and anything newer than `newest` are left alone.
     """
     if keep <= 0:
         return []
-    removed = find_checkpoints(run_dir)[keep:]
+    removed = [saved for saved in find_checkpoints(run_dir) if saved.step <= newest][keep:]
     for saved in removed:
         for p in saved.paths:
             p.unlink(missing_ok=True)
     return [saved.step for saved in removed]
+
+
+def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
+    """Move the checkpoint files of steps after `step` into checkpoints/set-aside-after-NNNNNNN/.
+
+    A run resumed from step S writes its own later checkpoints; older ones of an abandoned attempt (a resume from
+    an earlier step by choice, or a damaged newest file that was passed over) would otherwise outrank them in the
+    next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.paths if p.exists()]
+    if not newer:
+        return None
+    aside = folder / f"set-aside-after-{step:07d}"
+    aside.mkdir(exist_ok=True)
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:

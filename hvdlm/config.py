@@ -344,6 +344,12 @@ def validate(config: JobConfig) -> None:
             f"'train.checkpoint_interval' ({t.checkpoint_interval}) must be a multiple of 'train.local_sgd_interval' "
             f"({t.local_sgd_interval}): replicas agree only where they average, and a checkpoint holds one replica."
         )
+    if t.precision == "fp16" and p.tp > 1:
+        raise InputError(
+            "train.precision = \"fp16\" with parallel.tp > 1 is not supported: each TP rank's gradient scaler would "
+            "find overflows in its own shard only and skip steps the other shards take. Use precision = \"bf16\" "
+            "(no scaler needed), or tp = 1."
+        )
     if t.local_sgd_interval and t.grad_compression != "none":
         raise InputError(
             "'train.grad_compression' compresses the gradient allreduce, which local SGD does not do: set it to "

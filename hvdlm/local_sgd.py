@@ -24,9 +24,19 @@ def average_replicas(
 
     if topology.dp == 1:
         return
-    tensors = [p.data for p in model.parameters()]
-    for state in optimizer.state.values():
-        tensors += [t for key, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and key != "step"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = [
+        [t for key, t in optimizer.state[p].items() if torch.is_tensor(t) and t.is_floating_point() and key != "step"]
+        for p in params
+    ]
+    # The optimizer creates its moments at a parameter's first update: a replica whose first steps were skipped
+    # (non-finite) has none yet. Every replica must send the same tensors, so the moments go only when all have
+    # them (Horovod: a 1-number allreduce, min over the DP group).
+    complete = torch.tensor([int(all(moments))], dtype=torch.int32)
+    all_complete = hvd.allreduce(complete, op=hvd.Min, name="local_sgd.moments", process_set=topology.dp_process_set)
+    tensors = [p.data for p in params]
+    if all_complete.item():
+        tensors += [t for ts in moments for t in ts]
     if ema is not None:
         tensors += [t for t in ema.shadow.values() if t.is_floating_point()]
     # Horovod: in-place, asynchronous, over the DP process set; Horovod fuses the small tensors into few messages.

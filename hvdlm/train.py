@@ -22,7 +22,7 @@ import torch
 
 from hvdlm.checkpoint import (
     checkpoint_path, load_full_state, load_model, load_optimizer, prune_checkpoints, remove_stale_temporaries,
-    resolve_checkpoint, save_checkpoint, shard_state, training_state,
+    resolve_checkpoint, save_checkpoint, set_aside_newer, shard_state, training_state,
 )  # fmt: skip
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
@@ -75,11 +75,16 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         error = str(e)
     raise_if_any(error, "model_loaded")
     model = model.to(device)
-    out = _prepare_run_dir(start, cfg, resuming=resume is not None)
     # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
     optimizer = distributed_optimizer(model, t, topo)
     ema = WeightEMA(model, t.ema_decay) if t.ema_decay else None
-    first_step, progress = _restore(start, model, optimizer, ema, precision, train_batches, topo, device, t)
+    first_step, progress, error = 0, {}, None
+    try:  # the rest of the checkpoint: a data position for other data, say, is refused before anything is written
+        first_step, progress = _restore(start, model, optimizer, ema, precision, train_batches, topo, device, t)
+    except InputError as e:
+        error = str(e)
+    raise_if_any(error, "state_loaded")
+    out = _prepare_run_dir(start, cfg, resume_step=first_step if resume is not None else None)
     log = RunLogger(out, t.max_steps, enabled=rank0, tensorboard=t.tensorboard,
                     resume_step=first_step if resume else None)  # fmt: skip
 
@@ -134,9 +139,11 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                     vote.local = Stop.NON_FINITE
             else:
                 skipped_in_a_row = 0
-            if problem is None and (done % t.log_interval == 0 or done == t.max_steps):
-                # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch.
+            if done % t.log_interval == 0 or done == t.max_steps:
+                # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch. Every rank
+                # joins, whatever its own step did (local SGD and fp16 replicas may differ on skipping).
                 mean_loss = hvd.allreduce(loss, op=hvd.Average, name="train_loss").item()
+            if problem is None and (done % t.log_interval == 0 or done == t.max_steps):
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = tokens_per_step * interval_steps / elapsed
                 row = {
@@ -162,9 +169,11 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
             progress.update(final_val_loss=final_val, skipped_in_a_row=skipped_in_a_row)
 
             reason = vote.result()  # the same on every rank, so every rank takes the same branch below
-            # Synchronous replicas see one averaged gradient, so they count skips alike and stop at once; local
-            # SGD replicas judge their own steps and stop one step after the first of them asks.
-            if reason == Stop.NON_FINITE or (vote.local == Stop.NON_FINITE and not t.local_sgd_interval):
+            # Synchronous fp32/bf16 replicas judge by one averaged gradient, so they count skips alike and stop at
+            # once. Local SGD replicas judge their own steps, and with fp16 the scaler's overflows are not counted
+            # but a rank's own non-finite loss is: those stop one step after the first rank asks.
+            counted_alike = not t.local_sgd_interval and not precision.scaler.is_enabled()
+            if reason == Stop.NON_FINITE or (vote.local == Stop.NON_FINITE and counted_alike):
                 raise InputError(
                     f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm (the last at step "
                     f"{done}; train.max_skipped_steps = {t.max_skipped_steps}), so the run stops. Lower train.lr, "
@@ -207,6 +216,10 @@ def _train_step(
         x, y = (b.to(device, non_blocking=True) for b in batches.next_batch())
         with precision.autocast():
             micro_loss = model(x, y)[1]
+        # A non-finite loss can leave finite gradients (an infinite loss has no finite slope to speak of, yet a
+        # kernel may return one). Make them NaN, so that the averaged gradient, which every replica sees, tells
+        # all of them to skip the step. No host sync: a finite loss is multiplied by exactly 1.
+        micro_loss = micro_loss * torch.where(torch.isfinite(micro_loss), 1.0, float("nan"))
         precision.scaler.scale(micro_loss / k).backward()
         loss += micro_loss.detach() / k
     synchronous = not t.local_sgd_interval
@@ -220,10 +233,12 @@ def _train_step(
     # share loss and norm). With fp16 the scaler itself skips overflowing steps.
     problem = _non_finite(loss, grad_norm, precision.scaler.is_enabled())
     if problem is None:
+        scale = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
         with optimizer.skip_synchronize() if synchronous else contextlib.nullcontext():
             precision.scaler.step(optimizer)
         precision.scaler.update()
-        if ema:
+        overflowed = scale is not None and precision.scaler.get_scale() < scale  # the scaler skipped the step
+        if ema and not overflowed:
             ema.update()
     return loss, grad_norm, problem
 
@@ -333,16 +348,17 @@ def _load_dataset(cfg: JobConfig) -> Dataset:
     return open_dataset(dataset_dir(cfg.data))
 
 
-def _prepare_run_dir(start: Start, cfg: JobConfig, resuming: bool) -> Path:
+def _prepare_run_dir(start: Start, cfg: JobConfig, resume_step: int | None) -> Path:
     """Rank 0 creates the run directory and writes config.toml; every rank gets its answer.
 
-    A new run never writes over an old one (metrics.jsonl marks a run). A resumed run rewrites config.toml with
-    the resolved config of this attempt (max_steps may have grown) and clears temporaries of killed saves.
+    A new run never writes over an old one (metrics.jsonl marks a run). A run resumed from step S (0: nothing to
+    resume yet) rewrites config.toml with the resolved config of this attempt (max_steps may have grown), sets
+    aside checkpoints after S, which belong to an abandoned attempt, and clears temporaries of killed saves.
     """
     answer: dict = {}
     if hvd.rank() == 0:
         path = start.run_dir
-        if (path / "metrics.jsonl").exists() and not resuming:
+        if (path / "metrics.jsonl").exists() and resume_step is None:
             answer["error"] = (
                 f"run directory '{path}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
                 "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
@@ -350,7 +366,11 @@ def _prepare_run_dir(start: Start, cfg: JobConfig, resuming: bool) -> Path:
         else:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.toml").write_text(cfg.to_toml())
-            remove_stale_temporaries(path)
+            if resume_step is not None:
+                remove_stale_temporaries(path)
+                aside = set_aside_newer(path, resume_step)
+                if aside:
+                    print(f"note: checkpoints after step {resume_step} moved to {aside}", flush=True)
     # Horovod: a broadcast doubles as the barrier that keeps other ranks from racing ahead of the check.
     answer = hvd.broadcast_object(answer, root_rank=0, name="run_dir")
     if "error" in answer:
@@ -391,7 +411,7 @@ def _save(
         save_checkpoint(checkpoint_path(out, step, topo.tp_rank, topo.tp), state)
     hvd.allgather_object(None, name=f"saved.{step}")  # Horovod: a barrier, so every shard is on disk
     if hvd.rank() == 0:
-        prune_checkpoints(out, cfg.train.keep_checkpoints)
+        prune_checkpoints(out, cfg.train.keep_checkpoints, newest=step)
 
 
 def _param_checksum(model: GPT) -> str:

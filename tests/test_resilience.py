@@ -14,8 +14,8 @@ import torch
 
 from conftest import REPO
 from hvdlm.checkpoint import (
-    checkpoint_path, find_checkpoints, newest_loadable, prune_checkpoints, remove_stale_temporaries,
-    resolve_checkpoint, save_checkpoint,
+    checkpoint_path, find_checkpoints, load_checkpoint, newest_loadable, prune_checkpoints,
+    remove_stale_temporaries, resolve_checkpoint, save_checkpoint, set_aside_newer,
 )  # fmt: skip
 from hvdlm.config import TrainConfig
 from hvdlm.ema import WeightEMA
@@ -68,10 +68,43 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (2, 4, 6, 8):
         _save(tmp_path, step)
     checkpoint_path(tmp_path, 10, 0, 2).write_bytes(b"incomplete set")
-    assert prune_checkpoints(tmp_path, keep=2) == [4, 2]
+    assert prune_checkpoints(tmp_path, keep=2, newest=8) == [4, 2]
     assert [c.step for c in find_checkpoints(tmp_path)] == [8, 6]
     assert checkpoint_path(tmp_path, 10, 0, 2).exists()  # an incomplete set is left for a person to look at
-    assert prune_checkpoints(tmp_path, keep=0) == []
+    assert prune_checkpoints(tmp_path, keep=0, newest=8) == []
+    # A checkpoint newer than the one just written never pushes that one out.
+    assert prune_checkpoints(tmp_path, keep=1, newest=6) == []
+    assert [c.step for c in find_checkpoints(tmp_path)] == [8, 6]
+
+
+def test_checkpoints_after_the_resume_step_are_set_aside_not_deleted(tmp_path):
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    checkpoint_path(tmp_path, 8, 1, 2).write_bytes(b"half a later save")
+    aside = set_aside_newer(tmp_path, 2)
+    assert [c.step for c in find_checkpoints(tmp_path)] == [2]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-0000004.pt", "step-0000006.pt", "step-0000008.tp1-of-2.pt"]
+    assert set_aside_newer(tmp_path, 2) is None  # nothing newer left
+
+
+def test_a_foreign_file_is_refused_in_one_short_paragraph(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("[model]\nn_layer = 2\n")
+    with pytest.raises(InputError) as e:
+        load_checkpoint(path)
+    assert "weights_only" not in str(e.value) and len(str(e.value)) < 500 and "\n" not in str(e.value)
+
+
+def test_the_checkpoints_folder_names_its_run(tmp_path):
+    _save(tmp_path, 2)
+    assert resolve_checkpoint(tmp_path / "checkpoints") == checkpoint_path(tmp_path, 2)
+
+
+def test_fp16_with_tensor_parallelism_is_refused():
+    from hvdlm.config import load_config
+
+    with pytest.raises(InputError, match="tp > 1"):
+        load_config(None, ['train.precision="fp16"', "parallel.tp=2"])
 
 
 def test_stale_temporaries_go(tmp_path):
@@ -157,3 +190,28 @@ def test_resume_needs_a_run_directory_and_an_existing_checkpoint(tmp_path, args,
         proc = _cli(command, "jobs/demo.toml", *args, *(("--dry-run",) if command == "launch" else ()))
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_from_an_older_checkpoint_keeps_its_own_and_sets_the_newer_aside(hvdlm, tiny_job, tmp_path):
+    run = tmp_path / "run"
+    first = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--set", "train.checkpoint_interval=4")
+    assert first.code == 0, first.out
+    assert [c.step for c in find_checkpoints(run)] == [8, 4]
+    again = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--resume", str(checkpoint_path(run, 4)),
+                  "--set", "train.max_steps=6", "--set", "train.keep_checkpoints=1")  # fmt: skip
+    assert again.code == 0, again.out
+    assert "checkpoints after step 4 moved to" in again.out
+    assert [c.step for c in find_checkpoints(run)] == [6]  # the run's own newest, not the abandoned step 8
+    assert (run / "checkpoints" / "set-aside-after-0000004" / "step-0000008.pt").is_file()
+    assert max(row["step"] for row in again.metrics()) == 6
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(hvdlm, tiny_job, tmp_path):
+    run = tmp_path / "run"
+    assert hvdlm("train", str(tiny_job), "--run-dir", str(run), "--set", "train.max_steps=4").code == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # Another validation share changes the training split, so the saved data position no longer fits.
+    refused = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--resume", "auto",
+                    "--set", "train.max_steps=8", "--set", "data.val_fraction=0.1")  # fmt: skip
+    assert refused.code == 2 and "data position" in refused.out and "Traceback" not in refused.out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

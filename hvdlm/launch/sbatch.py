@@ -298,6 +298,8 @@ def _requeue_lines(launcher: str) -> list[str]:
     code = REQUEUE_EXIT_CODE
     lines = [
         "launcher=$!",
+        "# A signal that came before the launcher started reached nobody: hand it on once the ranks catch it.",
+        'if [ -n "$signalled" ]; then sleep 10; forward; fi',
         'while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done',
         "status=0",
         'wait "$launcher" || status=$?  # the launcher\'s exit status, which bash kept (|| keeps set -e quiet)',

@@ -42,6 +42,8 @@ trap forward USR1 TERM
 srun --mpi=pmix --gpus-per-node=4 \
     python -m hvdlm train $REPO/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}" --resume auto --set launch.nic=ib0 &
 launcher=$!
+# A signal that came before the launcher started reached nobody: hand it on once the ranks catch it.
+if [ -n "$signalled" ]; then sleep 10; forward; fi
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
 status=0
 wait "$launcher" || status=$?  # the launcher's exit status, which bash kept (|| keeps set -e quiet)

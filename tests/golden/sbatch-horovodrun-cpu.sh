@@ -42,6 +42,8 @@ trap forward USR1 TERM
 horovodrun -np "${SLURM_NTASKS}" -H "${HOSTS}" --gloo --network-interface eth0 --cycle-time-ms 5 \
     /usr/bin/python3 -m hvdlm train /shared/jobs/demo.toml --run-dir "runs/demo-${SLURM_JOB_ID}" --resume auto &
 launcher=$!
+# A signal that came before the launcher started reached nobody: hand it on once the ranks catch it.
+if [ -n "$signalled" ]; then sleep 10; forward; fi
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
 status=0
 wait "$launcher" || status=$?  # the launcher's exit status, which bash kept (|| keeps set -e quiet)

@@ -42,6 +42,8 @@ trap forward USR1 TERM
 mpirun -np "${SLURM_NTASKS}" -bind-to none -map-by slot -x PATH -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME -mca pml ob1 -mca btl '^openib' \
     python -m hvdlm train /shared/jobs/demo.toml --run-dir /shared/runs/demo --resume auto &
 launcher=$!
+# A signal that came before the launcher started reached nobody: hand it on once the ranks catch it.
+if [ -n "$signalled" ]; then sleep 10; forward; fi
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
 status=0
 wait "$launcher" || status=$?  # the launcher's exit status, which bash kept (|| keeps set -e quiet)
