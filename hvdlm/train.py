@@ -84,9 +84,9 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     except InputError as e:
         error = str(e)
     raise_if_any(error, "state_loaded")
-    out = _prepare_run_dir(start, cfg, resume_step=first_step if resume is not None else None)
-    log = RunLogger(out, t.max_steps, enabled=rank0, tensorboard=t.tensorboard,
-                    resume_step=first_step if resume else None)  # fmt: skip
+    resume_step = first_step if resume is not None else None  # 0: resumed, but there was nothing to resume yet
+    out = _prepare_run_dir(start, cfg, resume_step)
+    log = RunLogger(out, t.max_steps, enabled=rank0, tensorboard=t.tensorboard, resume_step=resume_step)
 
     tokens_per_step = t.batch_size * t.accumulation_steps * cfg.model.seq_len * dp_size
     peak = peak_tflops(device, t.precision, t.peak_tflops)
@@ -95,9 +95,9 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
         f"{device.type} in {t.precision}, {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens per "
-        f"step ({t.accumulation_steps} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M train / "
-        f"{len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} windows "
-        f"per epoch) from {data.path}"
+        f"step ({t.accumulation_steps} micro-batch(es)), {mode} {t.optimizer}, data {len(data.train) / 1e6:.1f}M "
+        f"train / {len(data.val) / 1e6:.1f}M val {data.tokenizer.kind} tokens ({train_batches.samples_per_epoch:,} "
+        f"windows per epoch) from {data.path}"
     )
     log.info(f"run directory: {out}")
     if start.state is not None:
@@ -143,23 +143,23 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                 # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch. Every rank
                 # joins, whatever its own step did (local SGD and fp16 replicas may differ on skipping).
                 mean_loss = hvd.allreduce(loss, op=hvd.Average, name="train_loss").item()
-            if problem is None and (done % t.log_interval == 0 or done == t.max_steps):
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_s = tokens_per_step * interval_steps / elapsed
-                row = {
-                    "step": done, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_s,
-                    "ms_per_step": 1000 * elapsed / interval_steps,
-                    "mfu": mfu(tokens_per_s, model_flops, peak, hvd.size()), "memory_mb": memory_mb(device),
-                }  # fmt: skip
-                log.record(row)
-                log.info(
-                    f"step {done:>6} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {row['grad_norm']:.3f} | "
-                    f"{tokens_per_s:>9,.0f} tok/s | {row['ms_per_step']:7.1f} ms/step"
-                    + (f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else "")
-                    + f" | {row['memory_mb']:,.0f} MB"
-                )
-                interval_start, interval_steps = time.perf_counter(), 0
+                if problem is None:  # a skipped step has its own row
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = tokens_per_step * interval_steps / elapsed
+                    row = {
+                        "step": done, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                        "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_s,
+                        "ms_per_step": 1000 * elapsed / interval_steps,
+                        "mfu": mfu(tokens_per_s, model_flops, peak, hvd.size()), "memory_mb": memory_mb(device),
+                    }  # fmt: skip
+                    log.record(row)
+                    log.info(
+                        f"step {done:>6} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {row['grad_norm']:.3f} | "
+                        f"{tokens_per_s:>9,.0f} tok/s | {row['ms_per_step']:7.1f} ms/step"
+                        + (f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else "")
+                        + f" | {row['memory_mb']:,.0f} MB"
+                    )
+                    interval_start, interval_steps = time.perf_counter(), 0
             log.advance(1, loss.item() if log.enabled else None)
 
             is_last = done == t.max_steps
