@@ -173,10 +173,13 @@ def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
 
 
 def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
-    """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is none.
+    """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is no
+    complete checkpoint at all.
 
-    A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before.
+    A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before;
+    complete checkpoints none of which reads are an InputError (nothing is changed).
     """
+    damaged = 0
     for saved, missing in _scan(run_dir):
         if missing:
             warn(f"WARNING: skipping checkpoint step {saved.step}: incomplete, {', '.join(missing)} missing.")
@@ -184,7 +187,14 @@ def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, l
         try:
             return saved, [load_checkpoint(p) for p in saved.paths]
         except InputError as e:
+            damaged += 1
             warn(f"WARNING: skipping checkpoint step {saved.step}: {e}")
+    if damaged:
+        raise InputError(
+            f"none of the checkpoints in '{Path(run_dir) / 'checkpoints'}' reads ({damaged} tried, see the warnings "
+            "above). "
+            "Restore them from a copy, or name a good checkpoint file; hvdlm leaves them as they are."
+        )
     return None
 
 
@@ -380,9 +390,9 @@ def prune_checkpoints(run_dir: str | Path, keep: int, newest: int) -> list[int]:
 def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     """Move the checkpoint files of steps after `step` into checkpoints/set-aside-after-NNNNNNN/.
 
-    A run resumed from step S writes its own later checkpoints; older ones of an abandoned attempt (a resume from
-    an earlier step by choice, or a damaged newest file that was passed over) would otherwise outrank them in the
-    next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
+    A run resumed from step S writes its own checkpoints after S; those an abandoned attempt left there (after a
+    resume from an earlier step by choice, or a damaged newest file that was passed over) would otherwise outrank
+    them in the next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
     """
     folder = Path(run_dir) / "checkpoints"
     newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.paths if p.exists()]

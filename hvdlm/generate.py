@@ -108,21 +108,16 @@ def generate(
 def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
     """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
     passed over, as `--resume auto` does), as one unsharded state."""
-    from hvdlm.checkpoint import load_checkpoint, merge_states, newest_loadable, resolve_checkpoint, shard_paths
+    from hvdlm.checkpoint import load_full_state, merge_states, newest_loadable, resolve_checkpoint, shard_paths
 
+    # The EMA weights, when the run kept them, are merged like the model's.
     if checkpoint is not None:
-        paths = shard_paths(resolve_checkpoint(checkpoint))
-        states = [load_checkpoint(p) for p in paths]
-    else:
-        found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
-        if found is None:
-            resolve_checkpoint(run_dir)  # no complete checkpoint at all: its error says so
-            raise InputError(
-                f"none of the checkpoints in '{run_dir / 'checkpoints'}' reads (see the warnings above). Copy them "
-                "again, or pass --checkpoint with a good file."
-            )
-        paths, states = list(found[0].paths), found[1]
-    return paths[0], merge_states(states)  # the EMA weights, when the run kept them, merged like the model's
+        path = resolve_checkpoint(checkpoint)
+        return shard_paths(path)[0], load_full_state(path)
+    found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
+    if found is None:
+        resolve_checkpoint(run_dir)  # raises: there is no complete checkpoint, and its error says where it looked
+    return found[0].paths[0], merge_states(found[1])
 
 
 def _tokenizer_of(config: dict[str, Any], path: Path):

@@ -15,8 +15,9 @@ import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint import (
-    find_checkpoints, load_full_state, merge_states, newest_loadable, resolve_checkpoint, shard_paths,
+    load_full_state, merge_states, newest_loadable, resolve_checkpoint, shard_paths,
 )  # fmt: skip
+from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
 
 
@@ -36,13 +37,8 @@ def agree_on_start(requested: str | None, default: Path, resume: str | None) -> 
         answer["path"] = str(path)
         try:
             if resume == "auto":
+                # None: no checkpoint yet, a fresh start (the first start of a job that may be requeued).
                 found = newest_loadable(path, warn=lambda message: print(message, flush=True))
-                if found is None and find_checkpoints(path):
-                    raise InputError(
-                        f"none of the checkpoints in '{path / 'checkpoints'}' reads (see the warnings above). "
-                        "Restore them from a copy, or start a new run with another --run-dir; hvdlm leaves them as "
-                        "they are."
-                    )
                 if found:
                     answer["paths"] = [str(p) for p in found[0].paths]
                     loaded = merge_states(found[1])
@@ -72,7 +68,7 @@ def raise_if_any(error: str | None, name: str) -> None:
         raise InputError(errors[0])
 
 
-def check_compatible(state: dict[str, Any], cfg_train, source: str) -> None:
+def check_compatible(state: dict[str, Any], cfg_train: TrainConfig, source: str) -> None:
     """What a checkpoint cannot be continued into: another optimizer, or a run that ends before it."""
     if state["step"] > cfg_train.max_steps:
         raise InputError(

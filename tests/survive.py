@@ -1,7 +1,8 @@
 """Helpers for the tests of runs that survive (test_resume.py, test_numerics.py).
 
 Ranks are real: `hvdlm train` under mpirun, as tests/mpi_run.py starts them, but also in the background, so a
-test can watch metrics.jsonl and then kill the whole job (SIGKILL to mpirun's process group) or signal one rank.
+test can watch metrics.jsonl and then kill the whole job (SIGKILL to mpirun and to every rank: Open MPI puts
+each rank in a process group of its own) or signal one rank.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from conftest import REPO
-from hvdlm.launch.commands import plan_launch
+from mpi_run import mpirun_argv
 
 # Compared per metrics.jsonl row between a resumed and an uninterrupted run: everything but the clock.
 TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb"}
@@ -31,13 +32,9 @@ def train_argv(job: Path, run_dir: Path, *args: str) -> list[str]:
 
 
 def mpirun_command(np: int, program: list[str], cache: Path) -> tuple[list[str], dict[str, str]]:
-    """mpirun's argv and environment for `program` on `np` ranks of this machine (see tests/mpi_run.py)."""
-    plan = plan_launch("mpirun", 1, None, None, program, threads=1, cycle_time_ms=5.0)
-    argv = list(plan.argv)
-    i = argv.index("-np")
-    argv[i : i + 2] = ["-np", str(np), "--oversubscribe"]
-    env = {**os.environ, **plan.env, "HVDLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    return argv, env
+    """mpirun's argv and environment for `program` on `np` ranks of this machine, with the test's corpus cache."""
+    argv, env = mpirun_argv(np, program)
+    return argv, {**env, "HVDLM_CACHE": str(cache)}
 
 
 def run(np: int, program: list[str], cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -89,7 +86,7 @@ class Job:
         raise AssertionError(f"not all {self.np} ranks of mpirun {self.proc.pid} found in {timeout} s")
 
     def kill(self) -> list[int]:
-        """SIGKILL to mpirun and its ranks at once (the whole process group); returns the rank pids killed."""
+        """SIGKILL to mpirun and to each of its ranks; returns the rank pids killed."""
         pids = list(self.rank_pids().values()) if self.proc.poll() is None else []
         # Open MPI puts every rank in a process group of its own, so mpirun's group (its pid: start_new_session)
         # holds mpirun alone: the ranks get their SIGKILL by pid, at the same moment.
