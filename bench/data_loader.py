@@ -31,7 +31,7 @@ from hvdlm.data import open_dataset  # noqa: E402
 from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
 from hvdlm.data.sampler import WindowSampler  # noqa: E402
 from hvdlm.model import GPT  # noqa: E402
-from hvdlm.optim import make_optimizer  # noqa: E402
+from hvdlm.training.optim import make_optimizer  # noqa: E402
 
 JOB = REPO / "jobs" / "demo.toml"
 
@@ -82,11 +82,16 @@ def main() -> None:
         f"{data.tokenizer.kind} tokens, {args.threads} thread(s), {args.steps} timed steps\n{summary}"
     )
     if args.record:
-        record("Loader share of step time", [
-            f"- model: jobs/demo.toml, one process, batch {t.batch_size} x {cfg.model.seq_len}, {args.threads} "
-            f"thread(s), mean of {args.steps} steps after {args.warmup}",
-            f"- {summary.replace(f'{100 * share:.3f}%', f'**{100 * share:.3f}%**')}",
-        ], software=f"torch {torch.__version__}")  # fmt: skip
+        record(
+            "Loader share of step time",
+            [
+                f"- model: jobs/demo.toml, one process, batch {t.batch_size} x {cfg.model.seq_len}, {args.threads} "
+                f"thread(s), mean of {args.steps} steps after {args.warmup}",
+                f"- {summary.replace(f'{100 * share:.3f}%', f'**{100 * share:.3f}%**')}",
+            ],
+            software=f"torch {torch.__version__}",
+        )
+
 
 if __name__ == "__main__":
     main()

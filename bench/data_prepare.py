@@ -34,9 +34,14 @@ def one_run(options: PrepareOptions) -> dict:
         seconds = time.perf_counter() - start
     tokens = sum(report.tokens.values())
     return {
-        "seconds": seconds, "mb_per_s": report.bytes / 1e6 / seconds, "bytes": report.bytes, "tokens": tokens,
-        "tokens_per_s": tokens / seconds, "bytes_per_token": report.bytes / tokens, "train_s": report.bpe_seconds,
-    }  # fmt: skip
+        "seconds": seconds,
+        "mb_per_s": report.bytes / 1e6 / seconds,
+        "bytes": report.bytes,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "bytes_per_token": report.bytes / tokens,
+        "train_s": report.bpe_seconds,
+    }
 
 
 def main() -> None:
@@ -78,16 +83,20 @@ def main() -> None:
 
     if args.record:
         every = "; ".join(n + ": " + ", ".join("%.2f s" % r["seconds"] for r in rs) for n, rs in runs.items())
-        record("Data preparation throughput", [
-            f"- corpus: {corpus}; each run prepares a fresh directory, timed end to end",
-            "",
-            header,
-            *lines,
-            "",
-            "- every run, in order: " + every,
-            f"- byte-level prepare: **{best['byte']['mb_per_s']:.1f} MB/s** (target >= 50)",
-            f"- BPE training: **{bpe_train:.1f} s** (target < 60 s)",
-        ])  # fmt: skip
+        record(
+            "Data preparation throughput",
+            [
+                f"- corpus: {corpus}; each run prepares a fresh directory, timed end to end",
+                "",
+                header,
+                *lines,
+                "",
+                "- every run, in order: " + every,
+                f"- byte-level prepare: **{best['byte']['mb_per_s']:.1f} MB/s** (target >= 50)",
+                f"- BPE training: **{bpe_train:.1f} s** (target < 60 s)",
+            ],
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """The peer for bench/dp_scaling.py: the same training step as hvdlm's, with PyTorch DistributedDataParallel (gloo).
 
-Same model, data, sampler, optimizer, clipping and timing as hvdlm.train; only the gradient averaging differs.
+Same model, data, sampler, optimizer, clipping and timing as hvdlm.training.trainer; only the gradient averaging
+differs.
 Started by `python -m torch.distributed.run --nproc_per_node N bench/ddp_baseline.py JOB.toml --set ...`.
 Prints one JSON line with tokens/s on rank 0.
 """
@@ -21,7 +22,7 @@ from hvdlm.data import open_dataset
 from hvdlm.data.corpus import ensure_dataset, model_vocab_size
 from hvdlm.data.sampler import WindowSampler
 from hvdlm.model import GPT
-from hvdlm.optim import lr_at, make_optimizer
+from hvdlm.training.optim import lr_at, make_optimizer
 
 
 def main() -> None:

@@ -41,8 +41,16 @@ def hvdlm_tokens_per_s(ranks: int, overrides: list[str], warmup_rows: int) -> fl
 
 
 def ddp_tokens_per_s(ranks: int, overrides: list[str], warmup_steps: int) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(REPO / "bench" / "ddp_baseline.py"), str(JOB), f"--warmup-steps={warmup_steps}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        str(REPO / "bench" / "ddp_baseline.py"),
+        str(JOB),
+        f"--warmup-steps={warmup_steps}",
+    ]
     for item in overrides:
         cmd += ["--set", item]
     out = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True).stdout
@@ -60,9 +68,13 @@ def training_bench_arguments(doc: str) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
     overrides = [
-        f"train.max_steps={args.steps}", f"train.log_interval={args.log_interval}", "train.eval_interval=0",
-        "train.sample_tokens=0", f"train.threads={args.threads}", f"train.warmup_steps={args.steps // 4}",
-    ]  # fmt: skip
+        f"train.max_steps={args.steps}",
+        f"train.log_interval={args.log_interval}",
+        "train.eval_interval=0",
+        "train.sample_tokens=0",
+        f"train.threads={args.threads}",
+        f"train.warmup_steps={args.steps // 4}",
+    ]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     return args, overrides
 
@@ -99,17 +111,23 @@ def main() -> None:
         import torch
 
         every_run = "; ".join(f"{n}: {', '.join(f'{v:,.0f}' for v in vs)}" for n, vs in results.items())
-        record("Data-parallel scaling", [
-            f"- model: jobs/demo.toml, {args.steps} steps, {args.threads} thread(s) per rank, per-rank batch as in the job",
-            "",
-            "| configuration | tokens/s (best of %d) |" % args.repeats,
-            "|---|---|",
-            *lines,
-            "",
-            "- every run, in order: " + every_run,
-            f"- weak-scaling efficiency: **{efficiency:.3f}** (target >= 0.90)",
-            f"- hvdlm / DDP: **{versus_ddp:.3f}** (target >= 1.00)",
-        ], software=f"torch {torch.__version__}, Horovod 0.28.1")  # fmt: skip
+        record(
+            "Data-parallel scaling",
+            [
+                f"- model: jobs/demo.toml, {args.steps} steps, {args.threads} thread(s) per rank, "
+                "per-rank batch as in the job",
+                "",
+                "| configuration | tokens/s (best of %d) |" % args.repeats,
+                "|---|---|",
+                *lines,
+                "",
+                "- every run, in order: " + every_run,
+                f"- weak-scaling efficiency: **{efficiency:.3f}** (target >= 0.90)",
+                f"- hvdlm / DDP: **{versus_ddp:.3f}** (target >= 1.00)",
+            ],
+            software=f"torch {torch.__version__}, Horovod 0.28.1",
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,8 @@ def cpu_model() -> str:
 
 def machine(software: str = "") -> str:
     """This machine in one line: cores, CPU, OS, Python and any `software` versions the figures depend on."""
-    line = f"{os.cpu_count()} cores ({cpu_model()}), {platform.system()} {platform.machine()}; Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.machine()}; Python {platform.python_version()}"
+    line = f"{os.cpu_count()} cores ({cpu_model()}), {system}"
     return f"{line}, {software}" if software else line
 
 

@@ -34,10 +34,11 @@ def save_times(repeats: int) -> tuple[float, float, int]:
 
     import torch
 
-    from hvdlm.checkpoint import checkpoint_path, save_checkpoint, training_state
+    from hvdlm.checkpoint.format import save_checkpoint, training_state
+    from hvdlm.checkpoint.store import checkpoint_path
     from hvdlm.config import load_config
     from hvdlm.model import GPT
-    from hvdlm.optim import make_optimizer
+    from hvdlm.training.optim import make_optimizer
 
     cfg = load_config(REPO / "jobs" / "demo.toml")
     model = GPT(cfg.model)
@@ -83,14 +84,18 @@ def main() -> None:
         import torch
 
         every_run = "; ".join(f"{n}: {', '.join(f'{v:,.0f}' for v in vs)}" for n, vs in results.items())
-        record("Cost of the resilient-run features", [
-            f"- model: jobs/demo.toml, {args.steps} steps, {args.threads} thread(s) per rank, 2 ranks (mpirun)",
-            "",
-            *table,
-            "",
-            "- every run, in order: " + every_run,
-            saving,
-        ], software=f"torch {torch.__version__}, Horovod 0.28.1")  # fmt: skip
+        record(
+            "Cost of the resilient-run features",
+            [
+                f"- model: jobs/demo.toml, {args.steps} steps, {args.threads} thread(s) per rank, 2 ranks (mpirun)",
+                "",
+                *table,
+                "",
+                "- every run, in order: " + every_run,
+                saving,
+            ],
+            software=f"torch {torch.__version__}, Horovod 0.28.1",
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ def worker(args) -> None:
 
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
-    from hvdlm.optim import clip_grad_norm
-    from hvdlm.topology import Layout, make_tp_group
+    from hvdlm.parallel.topology import Layout, make_tp_group
+    from hvdlm.training.optim import clip_grad_norm
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
@@ -76,12 +76,14 @@ def worker(args) -> None:
     elapsed = time.perf_counter() - start
     if world.Get_rank() == 0:
         row = {
-            "tp": group.size, "ms_per_step": 1000 * elapsed / args.steps,
+            "tp": group.size,
+            "ms_per_step": 1000 * elapsed / args.steps,
             "tokens_per_s": args.batch * args.seq_len * args.steps / elapsed,
             "bytes_per_step": (group.bytes_moved - before) // args.steps,
             "analytic_bytes": analytic_bytes(args.n_layer, args.batch, args.seq_len, args.d_model, group.size),
-            "params_M": model.num_params() / 1e6, "torch": torch.__version__,
-        }  # fmt: skip
+            "params_M": model.num_params() / 1e6,
+            "torch": torch.__version__,
+        }
         print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -116,36 +118,61 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    shape = ["--d-model", str(args.d_model), "--n-layer", str(args.n_layer), "--n-head", str(args.n_head),
-             "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.steps),
-             "--warmup", str(args.warmup)]  # fmt: skip
+    shape = [
+        "--d-model",
+        str(args.d_model),
+        "--n-layer",
+        str(args.n_layer),
+        "--n-head",
+        str(args.n_head),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     one, two = launch(1, shape), launch(2, shape)
-    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} cores, "
-          f"python {' '.join(sys.argv)}")  # fmt: skip
-    print(f"# GPT {one['params_M']:.1f}M parameters: n_layer {args.n_layer}, d_model {args.d_model}, n_head "
-          f"{args.n_head}, batch {args.batch} x seq_len {args.seq_len}; {args.steps} timed steps; 1 thread per rank")
+    print(
+        f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} cores, "
+        f"python {' '.join(sys.argv)}"
+    )
+    print(
+        f"# GPT {one['params_M']:.1f}M parameters: n_layer {args.n_layer}, d_model {args.d_model}, n_head "
+        f"{args.n_head}, batch {args.batch} x seq_len {args.seq_len}; {args.steps} timed steps; 1 thread per rank"
+    )
     print(f"{'layout':<16}{'ms/step':>10}{'tokens/s':>12}{'TP bytes/step':>16}{'analytic':>14}")
     for name, r in (("TP=1, 1 rank", one), ("TP=2, 2 ranks", two)):
-        print(f"{name:<16}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12.0f}{r['bytes_per_step']:>16,}"
-              f"{r['analytic_bytes']:>14,}")  # fmt: skip
+        print(
+            f"{name:<16}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12.0f}{r['bytes_per_step']:>16,}"
+            f"{r['analytic_bytes']:>14,}"
+        )
     speedup = two["tokens_per_s"] / one["tokens_per_s"]
     exact = all(r["bytes_per_step"] == r["analytic_bytes"] for r in (one, two))
     print(f"speed-up TP=2 / TP=1: {speedup:.2f}x (target >= 1.5x); counted bytes == analytic: {exact}")
     if args.record:
         from recording import record  # bench/ is on sys.path when this script runs
 
-        record("Tensor parallelism: bytes moved and TP=2 against TP=1", [
-            f"- model: GPT with {one['params_M']:.1f}M parameters (n_layer {args.n_layer}, d_model {args.d_model}, "
-            f"n_head {args.n_head}), batch {args.batch} x seq_len {args.seq_len}, 1 thread per rank, "
-            f"{args.steps} timed steps; analytic bytes 4 x ((4 n_layer + 2) B T d + 3 B T + 1) (see the script)",
-            "",
-            "| layout | ms/step | TP bytes/step | analytic bytes/step |",
-            "|---|---|---|---|",
-            *(f"| {name} | {r['ms_per_step']:.1f} | {r['bytes_per_step']:,} | {r['analytic_bytes']:,} |"
-              for name, r in (("TP=1, 1 rank", one), ("TP=2, 2 ranks", two))),
-            "",
-            f"- speed-up TP=2 / TP=1: **{speedup:.2f}x** (target >= 1.5x); counted bytes == analytic: {exact}",
-        ], software=f"torch {one['torch']}, Horovod 0.28.1, Open MPI")  # fmt: skip
+        record(
+            "Tensor parallelism: bytes moved and TP=2 against TP=1",
+            [
+                f"- model: GPT with {one['params_M']:.1f}M parameters (n_layer {args.n_layer}, d_model {args.d_model}, "
+                f"n_head {args.n_head}), batch {args.batch} x seq_len {args.seq_len}, 1 thread per rank, "
+                f"{args.steps} timed steps; analytic bytes 4 x ((4 n_layer + 2) B T d + 3 B T + 1) (see the script)",
+                "",
+                "| layout | ms/step | TP bytes/step | analytic bytes/step |",
+                "|---|---|---|---|",
+                *(
+                    f"| {name} | {r['ms_per_step']:.1f} | {r['bytes_per_step']:,} | {r['analytic_bytes']:,} |"
+                    for name, r in (("TP=1, 1 rank", one), ("TP=2, 2 ranks", two))
+                ),
+                "",
+                f"- speed-up TP=2 / TP=1: **{speedup:.2f}x** (target >= 1.5x); counted bytes == analytic: {exact}",
+            ],
+            software=f"torch {one['torch']}, Horovod 0.28.1, Open MPI",
+        )
     sys.exit(0 if exact else 1)
 
 

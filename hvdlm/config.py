@@ -286,34 +286,55 @@ def validate(config: JobConfig) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise InputError(f"'{section.name}.{f.name}' must be a finite number, got {value}.")
     positive = {
-        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
-        "model.seq_len": m.seq_len, "model.vocab_size": m.vocab_size, "parallel.tp": p.tp,
-        "train.batch_size": t.batch_size, "train.max_steps": t.max_steps, "train.lr": t.lr,
-        "train.log_interval": t.log_interval, "train.eval_batches": t.eval_batches, "launch.np": la.np,
+        "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head,
+        "model.d_model": m.d_model,
+        "model.seq_len": m.seq_len,
+        "model.vocab_size": m.vocab_size,
+        "parallel.tp": p.tp,
+        "train.batch_size": t.batch_size,
+        "train.max_steps": t.max_steps,
+        "train.lr": t.lr,
+        "train.log_interval": t.log_interval,
+        "train.eval_batches": t.eval_batches,
+        "launch.np": la.np,
         "train.accumulation_steps": t.accumulation_steps,
         "slurm.nodes": config.slurm.nodes,
-    }  # fmt: skip
+    }
     for name, value in positive.items():
         if value <= 0:
             raise InputError(f"'{name}' must be positive, got {value}.")
     non_negative = {
-        "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
-        "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.seed": t.seed,
-        "train.checkpoint_interval": t.checkpoint_interval, "train.sample_tokens": t.sample_tokens,
-        "train.threads": t.threads, "launch.cycle_time_ms": la.cycle_time_ms,
-        "train.ema_decay": t.ema_decay, "train.local_sgd_interval": t.local_sgd_interval,
-        "train.max_skipped_steps": t.max_skipped_steps, "train.keep_checkpoints": t.keep_checkpoints,
-        "train.peak_tflops": t.peak_tflops, "train.momentum": t.momentum,
-        "launch.fusion_threshold_mb": la.fusion_threshold_mb, "slurm.gpus_per_node": config.slurm.gpus_per_node,
-        "slurm.ntasks_per_node": config.slurm.ntasks_per_node, "slurm.cpus_per_task": config.slurm.cpus_per_task,
-    }  # fmt: skip
+        "train.min_lr": t.min_lr,
+        "train.warmup_steps": t.warmup_steps,
+        "train.weight_decay": t.weight_decay,
+        "train.grad_clip": t.grad_clip,
+        "train.eval_interval": t.eval_interval,
+        "train.seed": t.seed,
+        "train.checkpoint_interval": t.checkpoint_interval,
+        "train.sample_tokens": t.sample_tokens,
+        "train.threads": t.threads,
+        "launch.cycle_time_ms": la.cycle_time_ms,
+        "train.ema_decay": t.ema_decay,
+        "train.local_sgd_interval": t.local_sgd_interval,
+        "train.max_skipped_steps": t.max_skipped_steps,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.peak_tflops": t.peak_tflops,
+        "train.momentum": t.momentum,
+        "launch.fusion_threshold_mb": la.fusion_threshold_mb,
+        "slurm.gpus_per_node": config.slurm.gpus_per_node,
+        "slurm.ntasks_per_node": config.slurm.ntasks_per_node,
+        "slurm.cpus_per_task": config.slurm.cpus_per_task,
+    }
     for name, value in non_negative.items():
         if value < 0:
             raise InputError(f"'{name}' must be zero or more, got {value}.")
     # Upper bounds far above any real setting: fusion MB are turned into a byte count with int(), which a finite
     # 1e308 would overflow.
-    for name, value, limit in (("launch.fusion_threshold_mb", la.fusion_threshold_mb, 1024.0 * 1024),
-                               ("launch.cycle_time_ms", la.cycle_time_ms, 3_600_000.0)):  # fmt: skip
+    for name, value, limit in (
+        ("launch.fusion_threshold_mb", la.fusion_threshold_mb, 1024.0 * 1024),
+        ("launch.cycle_time_ms", la.cycle_time_ms, 3_600_000.0),
+    ):
         if value > limit:
             raise InputError(f"'{name}' must be at most {limit:.0f}, got {value:g}.")
     if m.d_model % m.n_head:
@@ -332,8 +353,12 @@ def validate(config: JobConfig) -> None:
             f"'data.vocab_size' must be between {MIN_BPE_VOCAB} (256 bytes, end-of-document, one merge) and "
             f"{MAX_BPE_VOCAB:,} for the BPE tokenizer, got {d.vocab_size:,}."
         )
-    for name, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.ema_decay", t.ema_decay),
-                        ("train.momentum", t.momentum)):  # fmt: skip
+    for name, value in (
+        ("train.beta1", t.beta1),
+        ("train.beta2", t.beta2),
+        ("train.ema_decay", t.ema_decay),
+        ("train.momentum", t.momentum),
+    ):
         if not 0.0 <= value < 1.0:
             raise InputError(f"'{name}' must be in [0, 1), got {value}.")
     if t.min_lr > t.lr:
@@ -346,8 +371,8 @@ def validate(config: JobConfig) -> None:
         )
     if t.precision == "fp16" and p.tp > 1:
         raise InputError(
-            "train.precision = \"fp16\" with parallel.tp > 1 is not supported: each TP rank's gradient scaler would "
-            "find overflows in its own shard only and skip steps the other shards take. Use precision = \"bf16\" "
+            'train.precision = "fp16" with parallel.tp > 1 is not supported: each TP rank\'s gradient scaler would '
+            'find overflows in its own shard only and skip steps the other shards take. Use precision = "bf16" '
             "(no scaler needed), or tp = 1."
         )
     if t.local_sgd_interval and t.grad_compression != "none":
@@ -372,7 +397,7 @@ def validate(config: JobConfig) -> None:
 
 def _validate_tp(m: ModelConfig, p: ParallelConfig) -> None:
     """Each TP rank takes n_head / tp heads and a 1/tp slice of the hidden sizes; all must split evenly.
-    (Whether tp divides the number of ranks is checked when the ranks start: see hvdlm.topology.)"""
+    (Whether tp divides the number of ranks is checked when the ranks start: see hvdlm.parallel.topology.)"""
     splits = (
         ("model.n_head", m.n_head, "attention heads"),
         ("model.d_model", m.d_model, "the attention width"),

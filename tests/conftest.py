@@ -77,9 +77,14 @@ def hvdlm(cache_dir, tmp_path):
     def run(*args: str, timeout: float = 300) -> Result:
         env = {**os.environ, "HVDLM_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(
-            [sys.executable, "-m", "hvdlm", *args], cwd=REPO, env=env, timeout=timeout,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "hvdlm", *args],
+            cwd=REPO,
+            env=env,
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         run_dir = Path(args[args.index("--run-dir") + 1]) if "--run-dir" in args else None
         return Result(proc.returncode, proc.stdout, run_dir)
 

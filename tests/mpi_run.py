@@ -24,9 +24,13 @@ def mpirun_argv(np: int, program: list[str]) -> tuple[list[str], dict[str, str]]
 def mpirun(np: int, program: list[str], env: dict[str, str] | None = None, timeout: float = 300):
     argv, launch_env = mpirun_argv(np, program)
     return subprocess.run(
-        argv, env={**launch_env, **(env or {})}, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv,
+        env={**launch_env, **(env or {})},
+        timeout=timeout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
 
 
 def hvdlm_argv(*args: str) -> list[str]:

@@ -162,12 +162,24 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     )
     cluster = Cluster(directory, conf, node, cpus)
     daemons = [
-        [sbin("munged"), "--foreground", "--force", "--key-file", str(key), "--socket", str(munge_socket),
-         "--pid-file", str(directory / "munge" / "munged.pid"), "--log-file", str(directory / "munged.log"),
-         "--seed-file", str(directory / "munge" / "seed")],
+        [
+            sbin("munged"),
+            "--foreground",
+            "--force",
+            "--key-file",
+            str(key),
+            "--socket",
+            str(munge_socket),
+            "--pid-file",
+            str(directory / "munge" / "munged.pid"),
+            "--log-file",
+            str(directory / "munged.log"),
+            "--seed-file",
+            str(directory / "munge" / "seed"),
+        ],
         [sbin("slurmctld"), "-D", "-i", "-f", str(conf)],
         [sbin("slurmd"), "-D", "-f", str(conf)],
-    ]  # fmt: skip
+    ]
     try:
         for argv in daemons:
             out = open(directory / f"{Path(argv[0]).name}.out", "w")

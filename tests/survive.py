@@ -81,7 +81,9 @@ class Job:
                     found[int(rank)] = pid
             if len(found) == self.np:
                 return found
-            assert self.proc.poll() is None, f"mpirun ended ({self.proc.returncode}) before all ranks showed:\n{self.out}"
+            assert self.proc.poll() is None, (
+                f"mpirun ended ({self.proc.returncode}) before all ranks showed:\n{self.out}"
+            )
             time.sleep(0.05)
         raise AssertionError(f"not all {self.np} ranks of mpirun {self.proc.pid} found in {timeout} s")
 

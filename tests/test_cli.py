@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 
@@ -92,7 +91,10 @@ def test_make_test_treats_an_empty_selection_as_success():
     # pytest exits 5 when nothing is selected; the README's test command must not call that a failure.
     proc = subprocess.run(
         ["make", "-s", "test", "PYTEST_ARGS=-k no_test_has_this_name -p no:cacheprovider"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no tests selected" in proc.stdout

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from hvdlm.data import load_tokenizer, open_dataset
 import hvdlm.data.prepare as prepare_module
+from hvdlm.data import load_tokenizer, open_dataset
 from hvdlm.data.prepare import PrepareOptions, is_validation, prepare
 from hvdlm.data.shards import ShardWriter, token_dtype
 from hvdlm.data.sources import SkipReport, read_documents, resolve_sources, stdlib_files, stdlib_root
@@ -237,8 +237,19 @@ def test_a_dataset_holding_files_prepare_did_not_write_is_never_replaced(tmp_pat
         (lambda m: {**m, "dtype": "float64"}, "dtype is 'float64'"),
         (lambda m: {**m, "tokenizer": "bpe"}, "the tokenizer entry has no type"),
         (lambda m: {**m, "splits": {"train": m["splits"]["train"]}}, "splits.val.shards is missing"),
-        (lambda m: {**m, "splits": {**m["splits"], "val": {**m["splits"]["val"], "shards": [
-            {**m["splits"]["val"]["shards"][0], "file": "../../etc/passwd"}]}}}, "a shard entry of splits.val names file '../../etc/passwd'"),
+        (
+            lambda m: {
+                **m,
+                "splits": {
+                    **m["splits"],
+                    "val": {
+                        **m["splits"]["val"],
+                        "shards": [{**m["splits"]["val"]["shards"][0], "file": "../../etc/passwd"}],
+                    },
+                },
+            },
+            "a shard entry of splits.val names file '../../etc/passwd'",
+        ),
     ],
 )
 def test_a_damaged_or_foreign_meta_json_is_one_clear_error(tmp_path, edit, problem):
@@ -264,11 +275,14 @@ def test_another_format_version_says_so(tmp_path):
     assert open_dataset(out).meta["format_version"] == 1
 
 
-@pytest.mark.parametrize("out, message", [
-    ("afile/ds", "'{tmp}/afile' is a file, not a directory"),
-    ("afile", "output '{tmp}/afile' is a file"),
-    ("/proc/ds", "cannot create the dataset directory '/proc/ds'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("afile/ds", "'{tmp}/afile' is a file, not a directory"),
+        ("afile", "output '{tmp}/afile' is a file"),
+        ("/proc/ds", "cannot create the dataset directory '/proc/ds'"),
+    ],
+)
 def test_an_output_that_cannot_be_created_is_a_clear_error(tmp_path, out, message):
     src = two_documents(tmp_path)
     (tmp_path / "afile").write_text("mine")
@@ -278,10 +292,17 @@ def test_an_output_that_cannot_be_created_is_a_clear_error(tmp_path, out, messag
     assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"]
 
 
-@pytest.mark.parametrize("pattern, what", [
-    ("", "is empty"), ("  ", "is empty"), ("/etc/*", "is an absolute path"), ("../*", "climbs out"),
-    ("sub/../../*", "climbs out"), ("**a", "is not a valid pattern"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "pattern, what",
+    [
+        ("", "is empty"),
+        ("  ", "is empty"),
+        ("/etc/*", "is an absolute path"),
+        ("../*", "climbs out"),
+        ("sub/../../*", "climbs out"),
+        ("**a", "is not a valid pattern"),
+    ],
+)
 def test_globs_stay_inside_their_directory(tmp_path, pattern, what):
     src = two_documents(tmp_path)
     (tmp_path / "outside.txt").write_text("not part of the source\n")
@@ -297,14 +318,19 @@ def test_the_bpe_vocabulary_is_capped_and_a_smaller_trained_one_is_reported(tmp_
         with pytest.raises(InputError, match="at most 1,048,576"):
             PrepareOptions(tokenizer="bpe", vocab_size=too_big).check()
     out = tmp_path / "ds"
-    report = prepare([str(two_documents(tmp_path))], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000),
-                     log=lambda m: None)  # fmt: skip
+    report = prepare(
+        [str(two_documents(tmp_path))], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000), log=lambda m: None
+    )
     trained = open_dataset(out).vocab_size
     assert trained < 300 and report.dtype == "uint16"  # two words hold few pairs to merge
     warning = f"the BPE vocabulary has {trained:,} tokens, fewer than the 70,000 asked for"
     assert warning in report.summary()
-    assert warning in prepare([str(tmp_path / "src")], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000),
-                              log=lambda m: None).summary()  # fmt: skip
+    assert (
+        warning
+        in prepare(
+            [str(tmp_path / "src")], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000), log=lambda m: None
+        ).summary()
+    )
 
 
 def test_uint32_shards_read_back(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from hvdlm.data import open_dataset
 
 GOOD = {
@@ -53,12 +53,24 @@ def test_bad_inputs_are_skipped_and_counted_and_the_rest_is_kept(hvdlm, messy, t
     r = hvdlm("data", "prepare", str(messy), "--out", str(out))
     assert r.code == 0, r.out
     assert "Traceback" not in r.out
-    for counted in ("1 binary", "1 not UTF-8", "1 unreadable gzip", "2 JSON Lines records without the text field",
-                    "2 JSON Lines records that are not JSON objects"):  # fmt: skip
+    for counted in (
+        "1 binary",
+        "1 not UTF-8",
+        "1 unreadable gzip",
+        "2 JSON Lines records without the text field",
+        "2 JSON Lines records that are not JSON objects",
+    ):
         assert counted in r.out, r.out
     assert "documents  6 " in r.out and "bytes per token" in r.out and "tokens/s" in r.out
-    expected = sorted([*GOOD.values(), "Third, from gzip.\n", "Fourth, a JSON Lines record.",
-                       "Fifth, after the bad ones.", "Sixth, gzip JSON Lines."])  # fmt: skip
+    expected = sorted(
+        [
+            *GOOD.values(),
+            "Third, from gzip.\n",
+            "Fourth, a JSON Lines record.",
+            "Fifth, after the bad ones.",
+            "Sixth, gzip JSON Lines.",
+        ]
+    )
     assert texts_of(out) == expected
     assert json.loads((out / "meta.json").read_text())["skipped"]["not UTF-8"] == 1
 
@@ -184,10 +196,28 @@ def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):
     for meta in ('"x"', '{"format_version": 1}'):
         (tmp_path / "foreign").mkdir(exist_ok=True)
         (tmp_path / "foreign" / "meta.json").write_text(meta)
-        r = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run4"), "--set",
-                  f"data.dataset={tmp_path}/foreign", "--set", "train.max_steps=1")  # fmt: skip
+        r = hvdlm(
+            "train",
+            str(tiny_job),
+            "--run-dir",
+            str(tmp_path / "run4"),
+            "--set",
+            f"data.dataset={tmp_path}/foreign",
+            "--set",
+            "train.max_steps=1",
+        )
         assert r.code == 2 and "Traceback" not in r.out, r.out
         assert f"dataset at {tmp_path}/foreign is damaged or not an hvdlm dataset: meta.json " in r.out, r.out
-    padded = hvdlm("train", str(tiny_job), "--run-dir", str(tmp_path / "run3"), "--set", f"data.dataset={data}",
-                   "--set", "model.vocab_size=448", "--set", "train.max_steps=1")  # fmt: skip
+    padded = hvdlm(
+        "train",
+        str(tiny_job),
+        "--run-dir",
+        str(tmp_path / "run3"),
+        "--set",
+        f"data.dataset={data}",
+        "--set",
+        "model.vocab_size=448",
+        "--set",
+        "train.max_steps=1",
+    )
     assert padded.code == 0 and "vocab_size = 448" in (tmp_path / "run3" / "config.toml").read_text(), padded.out

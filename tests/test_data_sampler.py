@@ -115,8 +115,11 @@ def test_evaluation_batches_are_fixed_split_over_ranks_and_apart_from_training()
 
 
 def test_too_little_data_for_one_window_is_a_clear_error():
-    with pytest.raises(InputError, match="the train split .13 tokens in 2 shards, the longest 8. holds no window of 8 "
-                       "\\+ 1 tokens, and windows never cross shard boundaries.*--shard-tokens"):  # fmt: skip
+    with pytest.raises(
+        InputError,
+        match="the train split .13 tokens in 2 shards, the longest 8. holds no window of 8 "
+        "\\+ 1 tokens, and windows never cross shard boundaries.*--shard-tokens",
+    ):
         WindowSampler(token_split((8, 5)), SEQ, 2, 0, 1, 0)
     # 12 tokens would hold a window, but not in two shards of 6.
     val = TokenSplit(token_split((6, 6)).shards, (), "val")

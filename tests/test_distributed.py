@@ -32,9 +32,19 @@ def test_two_ranks_train_and_stay_bit_identical(hvdlm, tiny_job, tmp_path, launc
 
 def test_horovodrun_with_the_mpi_controller(hvdlm, tiny_job, tmp_path):
     r = hvdlm(
-        "launch", str(tiny_job), "--np", "2", "--launcher", "horovodrun", "--run-dir", str(tmp_path / "run"),
-        "--set", "launch.controller=mpi", "--set", "train.max_steps=3",
-    )  # fmt: skip
+        "launch",
+        str(tiny_job),
+        "--np",
+        "2",
+        "--launcher",
+        "horovodrun",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "launch.controller=mpi",
+        "--set",
+        "train.max_steps=3",
+    )
     assert r.code == 0, r.out
     checksums = r.summary()["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
@@ -43,10 +53,12 @@ def test_horovodrun_with_the_mpi_controller(hvdlm, tiny_job, tmp_path):
 def test_two_ranks_with_batch_b_follow_one_rank_with_batch_2b(hvdlm, tiny_job, tmp_path):
     """Horovod's averaged gradient equals the gradient of the global batch: same samples, same trajectory."""
     common = ["--set", "train.max_steps=5", "--set", "train.eval_interval=0", "--set", "train.grad_clip=0"]
-    one = hvdlm("launch", str(tiny_job), "--np", "1", "--run-dir", str(tmp_path / "one"), *common,
-                "--set", "train.batch_size=8")  # fmt: skip
-    two = hvdlm("launch", str(tiny_job), "--np", "2", "--run-dir", str(tmp_path / "two"), *common,
-                "--set", "train.batch_size=4")  # fmt: skip
+    one = hvdlm(
+        "launch", str(tiny_job), "--np", "1", "--run-dir", str(tmp_path / "one"), *common, "--set", "train.batch_size=8"
+    )
+    two = hvdlm(
+        "launch", str(tiny_job), "--np", "2", "--run-dir", str(tmp_path / "two"), *common, "--set", "train.batch_size=4"
+    )
     assert one.code == 0, one.out
     assert two.code == 0, two.out
     a, b = one.losses(), two.losses()
@@ -70,9 +82,13 @@ def test_bad_input_under_mpirun_is_reported_once(tmp_path, cache_dir):
     """Every rank meets the same bad job file; only rank 0 says so, and the job exits non-zero."""
     plan = plan_launch("mpirun", 2, None, None, [sys.executable, "-m", "hvdlm", "train", str(tmp_path / "nope.toml")])
     proc = subprocess.run(
-        plan.argv, env={**os.environ, **plan.env, "HVDLM_CACHE": str(cache_dir)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
-    )  # fmt: skip
+        plan.argv,
+        env={**os.environ, **plan.env, "HVDLM_CACHE": str(cache_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert proc.stdout.count("does not exist") == 1, proc.stdout
     assert "Traceback" not in proc.stdout
@@ -82,9 +98,17 @@ def test_launch_from_a_hostfile(hvdlm, tiny_job, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# this machine\nlocalhost slots=2\n")
     r = hvdlm(
-        "launch", str(tiny_job), "--np", "2", "--hostfile", str(hostfile), "--run-dir", str(tmp_path / "run"),
-        "--set", "train.max_steps=2",
-    )  # fmt: skip
+        "launch",
+        str(tiny_job),
+        "--np",
+        "2",
+        "--hostfile",
+        str(hostfile),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "train.max_steps=2",
+    )
     assert r.code == 0, r.out
     assert " -H localhost:2 " in r.out  # the launcher gets the hosts as parsed, not a file it may misread
     assert r.summary()["ranks"] == 2

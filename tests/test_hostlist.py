@@ -7,8 +7,8 @@ import shutil
 import subprocess
 
 import pytest
-
 import slurm_cluster
+
 from hvdlm.errors import InputError
 from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node
 from hvdlm.launch.hosts import Host
@@ -17,12 +17,38 @@ from hvdlm.launch.sources import hosts_from
 # Every form Slurm documents, and the corners around them: zero padding, padding that grows, several ranges in
 # one bracket, several bracket groups, hyphens and dots in names, mixed lists.
 EXPRESSIONS = [
-    "node[001-003]", "node[01-04,07]", "x[1-2]y[3-4]", "b04-[09-10]", "a,b[001,003],c", "node7", "a,b,c",
-    "node[7]", "n[0-0]", "n[1-1]", "n[00-10]", "n[9-11]", "n[98-101]", "n[098-101]", "n[009-11]", "n[01-1]",
-    "n1-[1-2]", "gpu-a100-[001-002,010]", "rack[1-2]-node[01-02]", "rack[1-2]node[01-02]", "n[1-2],m[3-4]",
-    "node_[1-2]", "n[1-2]x[3-4],y", "n[1-3,5-6,9]", "n[1-2]-[3-4]", "a.example.org,b[1-2]", "[1-2]", ",a", "a,",
-    "n[1-256]", "cn-[0001-0003,0100]",
-]  # fmt: skip
+    "node[001-003]",
+    "node[01-04,07]",
+    "x[1-2]y[3-4]",
+    "b04-[09-10]",
+    "a,b[001,003],c",
+    "node7",
+    "a,b,c",
+    "node[7]",
+    "n[0-0]",
+    "n[1-1]",
+    "n[00-10]",
+    "n[9-11]",
+    "n[98-101]",
+    "n[098-101]",
+    "n[009-11]",
+    "n[01-1]",
+    "n1-[1-2]",
+    "gpu-a100-[001-002,010]",
+    "rack[1-2]-node[01-02]",
+    "rack[1-2]node[01-02]",
+    "n[1-2],m[3-4]",
+    "node_[1-2]",
+    "n[1-2]x[3-4],y",
+    "n[1-3,5-6,9]",
+    "n[1-2]-[3-4]",
+    "a.example.org,b[1-2]",
+    "[1-2]",
+    ",a",
+    "a,",
+    "n[1-256]",
+    "cn-[0001-0003,0100]",
+]
 # Refused by us and by Slurm (scontrol prints "Invalid hostlist" or, for node[1-, the nonsense host "node]").
 MALFORMED = ["node[1-", "n[3-1]", "n[1-2]]", "n[a-b]", "n[1,,2]", "n[1-2]x", "n[1-2].cluster.org", "n[]", "n[-1]"]
 # Names Slurm would pass through but a generated command must never contain.
@@ -62,11 +88,23 @@ def test_expansion_equals_scontrol(scontrol, expression):
 # repeats, groups side by side, hyphens between groups, several items. Compared as ordered lists: tasks per node
 # apply in list order.
 MANY_GROUPS = [
-    "x[1-2]y[3-4]z[5-6]", "x[1-3]y[3-4]z[5-6]", "x[1-2]y[3-5]z[5-7]", "a[1-2]b[1-2]c[1-2]d[1-2]",
-    "n[5,1-2]y[3,1]z[2-3]", "n[01-2]x[1-2]y[009-11]", "x[1-2]y[3-4]z[5-6]w[1-2],q,r[1-2]", "a[1-2]-b[3]-c[1-3]",
-    "[1-2]x[1-2][3-4]", "n[1-2][3-4][5-6]", "r[1-2]c[1-3]n[01-02]s[7]", "x1y[1-2]z[3-4]w[5-6]", "a[1-2]b[1-2]c[1-2],a3",
-    "g[1,1]h[2-3]i[4]", "p[1-3]q[1-2]r[1-2]s[1-2]t[1-2]", "rack[1-2]-node[01-03]-gpu[0-1]",
-]  # fmt: skip
+    "x[1-2]y[3-4]z[5-6]",
+    "x[1-3]y[3-4]z[5-6]",
+    "x[1-2]y[3-5]z[5-7]",
+    "a[1-2]b[1-2]c[1-2]d[1-2]",
+    "n[5,1-2]y[3,1]z[2-3]",
+    "n[01-2]x[1-2]y[009-11]",
+    "x[1-2]y[3-4]z[5-6]w[1-2],q,r[1-2]",
+    "a[1-2]-b[3]-c[1-3]",
+    "[1-2]x[1-2][3-4]",
+    "n[1-2][3-4][5-6]",
+    "r[1-2]c[1-3]n[01-02]s[7]",
+    "x1y[1-2]z[3-4]w[5-6]",
+    "a[1-2]b[1-2]c[1-2],a3",
+    "g[1,1]h[2-3]i[4]",
+    "p[1-3]q[1-2]r[1-2]s[1-2]t[1-2]",
+    "rack[1-2]-node[01-03]-gpu[0-1]",
+]
 
 
 @pytest.mark.parametrize("expression", MANY_GROUPS)
@@ -168,9 +206,26 @@ def test_tasks_per_node(spec, counts):
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "x", "0", "2(x0)", "2(x3", "2x3", "-1", "2(x3),", "1,,2", "2 (x3)", "\u0663", "2(x\u0663)", "9" * 5000,
-     f"2(x{'9' * 5000})", "1000000", "1(x65537)", "4(x65536),1"],
-)  # fmt: skip
+    [
+        "",
+        "x",
+        "0",
+        "2(x0)",
+        "2(x3",
+        "2x3",
+        "-1",
+        "2(x3),",
+        "1,,2",
+        "2 (x3)",
+        "\u0663",
+        "2(x\u0663)",
+        "9" * 5000,
+        f"2(x{'9' * 5000})",
+        "1000000",
+        "1(x65537)",
+        "4(x65536),1",
+    ],
+)
 def test_malformed_tasks_per_node(spec):
     with pytest.raises(InputError, match="tasks per node") as e:
         expand_tasks_per_node(spec)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import slurm_cluster
 from conftest import REPO
+
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import LaunchOptions, build_command, check_tp_layout, plan_launch
@@ -65,8 +65,14 @@ def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
 
 def test_a_huge_task_count_from_the_job_environment_is_one_clear_error(tmp_path):
     env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "9" * 5000}
-    proc = subprocess.run([sys.executable, "-m", "hvdlm", "hostfile", "--from", "slurm"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvdlm", "hostfile", "--from", "slurm"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "more than the 999999 allowed" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr) < 500
 
@@ -224,8 +230,9 @@ def test_slurm_tasks_per_node_reaches_srun(hvdlm, tiny_job):
     reason = slurm_cluster.ensure_installed(slurm_cluster.CLIENT_TOOLS)
     if reason:
         pytest.skip(f"no srun: {reason}")
-    r = hvdlm("launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--np", "4",
-              "--set", "slurm.ntasks_per_node=2")  # fmt: skip
+    r = hvdlm(
+        "launch", str(tiny_job), "--dry-run", "--launcher", "srun", "--np", "4", "--set", "slurm.ntasks_per_node=2"
+    )
     assert r.code == 0 and "srun --mpi=pmix --ntasks=4 --ntasks-per-node=2 " in r.out, r.out
 
 
@@ -264,9 +271,14 @@ def _fake_sbatch(directory, body):
 
 @pytest.mark.parametrize(
     "body, message",
-    [("exit 0", "printed no job id"), ("echo 'sbatch: error: Batch job submission failed' >&2; exit 1",
-                                       "sbatch refused the script: sbatch: error: Batch job submission failed")],
-)  # fmt: skip
+    [
+        ("exit 0", "printed no job id"),
+        (
+            "echo 'sbatch: error: Batch job submission failed' >&2; exit 1",
+            "sbatch refused the script: sbatch: error: Batch job submission failed",
+        ),
+    ],
+)
 def test_submit_answers_without_a_job_id_are_errors(hvdlm, tmp_path, monkeypatch, body, message):
     _fake_sbatch(tmp_path / "bin", body)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
@@ -324,8 +336,13 @@ def test_job_file_slurm_section_feeds_sbatch_and_launch(tmp_path):
     )
     cfg = load_config(job)
     script = render(spec_from_config(cfg, str(job), [], venv=""))
-    for line in ("#SBATCH --nodes=3", "#SBATCH --gpus-per-node=2", "#SBATCH --time=04:00:00",
-                 "#SBATCH --partition=big", "module load openmpi/5"):  # fmt: skip
+    for line in (
+        "#SBATCH --nodes=3",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --partition=big",
+        "module load openmpi/5",
+    ):
         assert line in script
     assert "-x WANDB_MODE" in script and "-mca btl_tcp_if_include ib0" in script
     # Command-line values win over the file.
@@ -360,9 +377,11 @@ def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path
         (["launch", tp2, "--np", "6", "--hosts", "a:3,b:3", "--dry-run"], "does not divide the 3 ranks per node"),
         (["launch", tp2, "--np", "4", "--hosts", "a:3,b:3", "--dry-run"], "does not divide the 3 ranks per node"),
         (["sbatch", tp2, "--nodes", "2", "--gpus-per-node", "3", "--time", "01:00:00"], "3 ranks per node"),
-        (["sbatch", tp2, "--nodes", "1", "--gpus-per-node", "0", "--time", "01:00:00", "--launcher", "horovodrun"],
-         "needs an MPI launcher"),
-    ]  # fmt: skip
+        (
+            ["sbatch", tp2, "--nodes", "1", "--gpus-per-node", "0", "--time", "01:00:00", "--launcher", "horovodrun"],
+            "needs an MPI launcher",
+        ),
+    ]
     for args, message in cases:
         proc = hvdlm(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
@@ -419,7 +438,7 @@ def test_multi_node_horovodrun_scripts_say_they_need_ssh():
     one = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=1, launcher="horovodrun", venv=""))
     two = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, launcher="horovodrun", venv=""))
     assert "over ssh" in two and "over ssh" not in one
-    assert 'HOSTS=$(' in two and '-H "${HOSTS}"' in two
+    assert "HOSTS=$(" in two and '-H "${HOSTS}"' in two
 
 
 def test_doctor_explains_problems_this_machine_does_not_have():
@@ -435,8 +454,8 @@ def test_doctor_explains_problems_this_machine_does_not_have():
     assert all(c.status == "ok" for c in _gpu_checks(torch, "", {**hvd, "nccl": True}))
     # Which libmpi each loads comes from ldd of its extension module; a binary without one cannot be judged
     # (this machine has a single MPI, so the "two libraries" verdict itself is not reachable here).
-    import mpi4py.MPI
     import horovod.torch.mpi_lib_v2 as horovod_mpi
+    import mpi4py.MPI
 
     two = _same_mpi_checks({"lib": horovod_mpi.__file__}, {"lib": "/bin/ls"})  # ls links no libmpi
     assert two[0].status == "warn"

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 COMMANDS = [line for line in (REPO / "hostfiles" / "README.md").read_text().splitlines() if line.startswith("hvdlm ")]

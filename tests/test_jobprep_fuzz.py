@@ -97,8 +97,17 @@ def test_openmpi_hostfiles_read_back(tmp_path_factory, host_list, fmt):
 
 
 def _spec(**changes) -> SbatchSpec:
-    values = dict(job_name="demo", job_file="/jobs/demo.toml", nodes=1, gpus_per_node=0, ntasks_per_node=2,
-                  cpus_per_task=1, time="01:00:00", partition="p", modules=["m"])  # fmt: skip
+    values = dict(
+        job_name="demo",
+        job_file="/jobs/demo.toml",
+        nodes=1,
+        gpus_per_node=0,
+        ntasks_per_node=2,
+        cpus_per_task=1,
+        time="01:00:00",
+        partition="p",
+        modules=["m"],
+    )
     return SbatchSpec(**{**values, **changes})
 
 
@@ -125,8 +134,9 @@ directive = st.one_of(free_text, st.from_regex(r"--[a-z][a-z0-9\-]{0,6}(=[A-Za-z
 
 
 @FUZZ
-@given(free_text, free_text, st.lists(free_text, max_size=3), st.lists(directive, max_size=3),
-       st.lists(lines, max_size=3))  # fmt: skip
+@given(
+    free_text, free_text, st.lists(free_text, max_size=3), st.lists(directive, max_size=3), st.lists(lines, max_size=3)
+)
 def test_free_text_in_scripts_stays_one_value(venv, run_dir, overrides, directives, setup):
     """venv, run directory, --set items, extra #SBATCH options and setup lines: refused, or each exactly once,
     where it belongs (paths and overrides as single shell words of the launch line)."""

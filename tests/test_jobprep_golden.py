@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 from golden_files import assert_golden
+
 from hvdlm.launch.commands import LaunchOptions, LaunchPlan, build_command, rank_env
 from hvdlm.launch.hostfile import FORMATS, render_hostfile
 from hvdlm.launch.hosts import Host
@@ -30,17 +30,36 @@ def test_hostfile_formats(fmt):
 
 
 COMMANDS = {
-    "mpirun-openmpi-hosts": dict(launcher="mpirun", hosts=HOSTS, opts=LaunchOptions(nic="ib0", env=["WANDB_MODE"]),
-                                 present=["PATH", "LD_LIBRARY_PATH", "NCCL_DEBUG", "HOME"]),
+    "mpirun-openmpi-hosts": dict(
+        launcher="mpirun",
+        hosts=HOSTS,
+        opts=LaunchOptions(nic="ib0", env=["WANDB_MODE"]),
+        present=["PATH", "LD_LIBRARY_PATH", "NCCL_DEBUG", "HOME"],
+    ),
     "mpirun-openmpi-hostfile": dict(launcher="mpirun", hostfile="hosts.openmpi", opts=LaunchOptions(cycle_time_ms=5)),
     "mpirun-mpich": dict(launcher="mpirun", hosts=HOSTS, opts=LaunchOptions(mpi="mpich", nic="ib0")),
-    "horovodrun-mpi-everything": dict(launcher="horovodrun", hosts=HOSTS, opts=LaunchOptions(
-        controller="mpi", nic="ib0", cycle_time_ms=5, fusion_threshold_mb=64, timeline="/shared/timeline.json",
-        autotune=True, autotune_log="/shared/autotune.csv")),
+    "horovodrun-mpi-everything": dict(
+        launcher="horovodrun",
+        hosts=HOSTS,
+        opts=LaunchOptions(
+            controller="mpi",
+            nic="ib0",
+            cycle_time_ms=5,
+            fusion_threshold_mb=64,
+            timeline="/shared/timeline.json",
+            autotune=True,
+            autotune_log="/shared/autotune.csv",
+        ),
+    ),
     "horovodrun-gloo-hostfile": dict(launcher="horovodrun", hostfile="hosts.openmpi", opts=LaunchOptions()),
-    "srun-gpus": dict(launcher="srun", hosts=HOSTS, opts=LaunchOptions(
-        nic="hsn0", tasks_per_node=4, gpus_per_node=4, cpu_bind="cores", gpu_bind="closest", fusion_threshold_mb=32)),
-}  # fmt: skip
+    "srun-gpus": dict(
+        launcher="srun",
+        hosts=HOSTS,
+        opts=LaunchOptions(
+            nic="hsn0", tasks_per_node=4, gpus_per_node=4, cpu_bind="cores", gpu_bind="closest", fusion_threshold_mb=32
+        ),
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -54,24 +73,50 @@ def test_launcher_commands(name):
 
 SCRIPTS = {
     "srun-gpu": SbatchSpec(
-        job_name="gpt2-small", job_file="/shared/jobs/gpt2-small.toml", nodes=2, gpus_per_node=4, ntasks_per_node=4,
-        cpus_per_task=8, time="12:00:00", partition="gpu", account="proj42", modules=["openmpi/4.1.5", "cuda/12.2"],
-        venv="/shared/venv", setup=["ulimit -n 65536"], directives=["--constraint=a100", "--exclusive"],
-        options=LaunchOptions(nic="ib0", gpus_per_node=4, gpu_bind="closest"), overrides=["train.lr=3e-4"],
+        job_name="gpt2-small",
+        job_file="/shared/jobs/gpt2-small.toml",
+        nodes=2,
+        gpus_per_node=4,
+        ntasks_per_node=4,
+        cpus_per_task=8,
+        time="12:00:00",
+        partition="gpu",
+        account="proj42",
+        modules=["openmpi/4.1.5", "cuda/12.2"],
+        venv="/shared/venv",
+        setup=["ulimit -n 65536"],
+        directives=["--constraint=a100", "--exclusive"],
+        options=LaunchOptions(nic="ib0", gpus_per_node=4, gpu_bind="closest"),
+        overrides=["train.lr=3e-4"],
         command="hvdlm sbatch jobs/gpt2-small.toml --nodes 2 --gpus-per-node 4 --time 12:00:00",
         script="gpt2-small.sbatch",
     ),
     "mpirun-cpu": SbatchSpec(
-        job_name="demo", job_file="/shared/jobs/demo.toml", nodes=2, gpus_per_node=0, ntasks_per_node=2,
-        cpus_per_task=16, time="01:00:00", launcher="mpirun", venv="/shared/venv",
-        options=LaunchOptions(cycle_time_ms=5), run_dir="/shared/runs/demo",
+        job_name="demo",
+        job_file="/shared/jobs/demo.toml",
+        nodes=2,
+        gpus_per_node=0,
+        ntasks_per_node=2,
+        cpus_per_task=16,
+        time="01:00:00",
+        launcher="mpirun",
+        venv="/shared/venv",
+        options=LaunchOptions(cycle_time_ms=5),
+        run_dir="/shared/runs/demo",
     ),
     "horovodrun-cpu": SbatchSpec(
-        job_name="demo", job_file="/shared/jobs/demo.toml", nodes=1, gpus_per_node=0, ntasks_per_node=2,
-        cpus_per_task=1, time="00:10:00", launcher="horovodrun", python="/usr/bin/python3",
+        job_name="demo",
+        job_file="/shared/jobs/demo.toml",
+        nodes=1,
+        gpus_per_node=0,
+        ntasks_per_node=2,
+        cpus_per_task=1,
+        time="00:10:00",
+        launcher="horovodrun",
+        python="/usr/bin/python3",
         options=LaunchOptions(cycle_time_ms=5, nic="eth0"),
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -86,9 +131,31 @@ def test_sbatch_scripts(name):
 def test_sbatch_from_the_command_line():
     """The whole path: job file + [slurm] defaults + options -> script (this checkout's path replaced)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "hvdlm", "sbatch", "jobs/demo.toml", "--nodes", "2", "--gpus-per-node", "4",
-         "--time", "02:00:00", "--partition", "gpu", "--account", "proj42", "--venv", "/shared/venv",
-         "--set", "launch.nic=ib0"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hvdlm",
+            "sbatch",
+            "jobs/demo.toml",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--time",
+            "02:00:00",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj42",
+            "--venv",
+            "/shared/venv",
+            "--set",
+            "launch.nic=ib0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert_golden("sbatch-cli-demo.sh", proc.stdout.replace(str(REPO), "$REPO"))

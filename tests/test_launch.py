@@ -86,13 +86,25 @@ def test_hostfile_formats_comments_and_line_numbers(tmp_path):
 MIXED = "# our two nodes\n\nlocalhost:1   # MPICH style\n\n{host} slots=1 # Open MPI style\n"
 
 
-@pytest.mark.parametrize("launcher, mpi, flag", [("mpirun", "openmpi", "-H"), ("horovodrun", "openmpi", "-H"),
-                                                 ("mpirun", "mpich", "-hosts")])  # fmt: skip
+@pytest.mark.parametrize(
+    "launcher, mpi, flag", [("mpirun", "openmpi", "-H"), ("horovodrun", "openmpi", "-H"), ("mpirun", "mpich", "-hosts")]
+)
 def test_a_mixed_hostfile_reaches_the_launcher_as_parsed_hosts(hvdlm, tiny_job, tmp_path, launcher, mpi, flag):
     hostfile = tmp_path / "hosts"
     hostfile.write_text(MIXED.format(host="n2") + "n3\n")
-    r = hvdlm("launch", str(tiny_job), "--np", "3", "--hostfile", str(hostfile), "--launcher", launcher,
-              "--mpi", mpi, "--dry-run")  # fmt: skip
+    r = hvdlm(
+        "launch",
+        str(tiny_job),
+        "--np",
+        "3",
+        "--hostfile",
+        str(hostfile),
+        "--launcher",
+        launcher,
+        "--mpi",
+        mpi,
+        "--dry-run",
+    )
     assert r.code == 0, r.out
     assert f" {flag} localhost:1,n2:1,n3:1 " in r.out and str(hostfile) not in r.out, r.out
 
@@ -105,10 +117,23 @@ def test_ranks_start_from_a_commented_mixed_format_hostfile(hvdlm, tiny_job, tmp
     hostfile.write_text(MIXED.format(host=socket.gethostname()))
     run_dir = tmp_path / "run"
     r = hvdlm(
-        "launch", str(tiny_job), "--np", "2", "--hostfile", str(hostfile), "--launcher", launcher,
-        "--run-dir", str(run_dir), "--set", "train.max_steps=2", "--set", "train.eval_interval=0",
-        "--set", "train.sample_tokens=0",
-    )  # fmt: skip
+        "launch",
+        str(tiny_job),
+        "--np",
+        "2",
+        "--hostfile",
+        str(hostfile),
+        "--launcher",
+        launcher,
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.eval_interval=0",
+        "--set",
+        "train.sample_tokens=0",
+    )
     assert r.code == 0, r.out
     assert "Traceback" not in r.out and "illegal character" not in r.out
     summary = r.summary()

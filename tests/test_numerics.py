@@ -141,9 +141,7 @@ def test_fp16_on_a_cpu_machine_is_refused(job, tmp_path, cache_dir, override):
 # --- bad names and non-finite steps ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "override, name", [("train.precision=fp8", "'fp8'"), ("train.optimizer=lamb", "'lamb'")]
-)  # fmt: skip
+@pytest.mark.parametrize("override, name", [("train.precision=fp8", "'fp8'"), ("train.optimizer=lamb", "'lamb'")])
 def test_an_unknown_precision_or_optimizer_is_refused(job, tmp_path, cache_dir, override, name):
     r = run(0, train_argv(job, tmp_path / "run", *sets(override)), cache_dir)
     assert r.returncode == 2, r.stdout
@@ -156,10 +154,22 @@ def test_an_unknown_precision_or_optimizer_is_refused(job, tmp_path, cache_dir, 
 def exploded(job, tmp_path_factory, cache_dir):
     """lr = 1e30 without clipping: the first update sends the weights to ~1e30, every later loss is nan/inf."""
     run_dir = tmp_path_factory.mktemp("exploded") / "run"
-    r = run(2, train_argv(job, run_dir, *sets(
-        *BASE, "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.max_skipped_steps=3",
-        "train.max_steps=30",
-    )), cache_dir)  # fmt: skip
+    r = run(
+        2,
+        train_argv(
+            job,
+            run_dir,
+            *sets(
+                *BASE,
+                "train.lr=1e30",
+                "train.warmup_steps=0",
+                "train.grad_clip=0",
+                "train.max_skipped_steps=3",
+                "train.max_steps=30",
+            ),
+        ),
+        cache_dir,
+    )
     return r, run_dir
 
 

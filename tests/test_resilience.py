@@ -11,17 +11,23 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
-from hvdlm.checkpoint import (
-    checkpoint_path, find_checkpoints, load_checkpoint, newest_loadable, prune_checkpoints,
-    remove_stale_temporaries, resolve_checkpoint, save_checkpoint, set_aside_newer,
-)  # fmt: skip
+
+from hvdlm.checkpoint.format import load_checkpoint, save_checkpoint
+from hvdlm.checkpoint.store import (
+    checkpoint_path,
+    find_checkpoints,
+    newest_loadable,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    set_aside_newer,
+)
 from hvdlm.config import TrainConfig
-from hvdlm.ema import WeightEMA
 from hvdlm.errors import InputError
-from hvdlm.optim import lr_at
-from hvdlm.precision import Precision
+from hvdlm.training.ema import WeightEMA
+from hvdlm.training.optim import lr_at
+from hvdlm.training.precision import Precision
 
 
 def _save(run_dir, step, tp=1):
@@ -153,8 +159,8 @@ def test_bf16_autocasts_matmuls_on_cpu():
 
 
 def test_a_signal_turns_into_a_preemption_vote():
-    from hvdlm import preemption
-    from hvdlm.preemption import Stop, StopVote
+    from hvdlm.training import preemption
+    from hvdlm.training.preemption import Stop, StopVote
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -197,8 +203,18 @@ def test_a_resume_from_an_older_checkpoint_keeps_its_own_and_sets_the_newer_asid
     first = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--set", "train.checkpoint_interval=4")
     assert first.code == 0, first.out
     assert [c.step for c in find_checkpoints(run)] == [8, 4]
-    again = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--resume", str(checkpoint_path(run, 4)),
-                  "--set", "train.max_steps=6", "--set", "train.keep_checkpoints=1")  # fmt: skip
+    again = hvdlm(
+        "train",
+        str(tiny_job),
+        "--run-dir",
+        str(run),
+        "--resume",
+        str(checkpoint_path(run, 4)),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.keep_checkpoints=1",
+    )
     assert again.code == 0, again.out
     assert "checkpoints after step 4 moved to" in again.out
     assert [c.step for c in find_checkpoints(run)] == [6]  # the run's own newest, not the abandoned step 8
@@ -211,7 +227,17 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(hvdlm, tiny_job, tm
     assert hvdlm("train", str(tiny_job), "--run-dir", str(run), "--set", "train.max_steps=4").code == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     # Another validation share changes the training split, so the saved data position no longer fits.
-    refused = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--resume", "auto",
-                    "--set", "train.max_steps=8", "--set", "data.val_fraction=0.1")  # fmt: skip
+    refused = hvdlm(
+        "train",
+        str(tiny_job),
+        "--run-dir",
+        str(run),
+        "--resume",
+        "auto",
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "data.val_fraction=0.1",
+    )
     assert refused.code == 2 and "data position" in refused.out and "Traceback" not in refused.out
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -21,16 +21,32 @@ import pytest
 import torch
 from conftest import REPO
 from survive import (
-    Job, ckpt_steps, comparable, last_step, rows, run, sets, snapshot, summary, train_argv, wait_for_step,
-)  # fmt: skip
+    Job,
+    ckpt_steps,
+    comparable,
+    last_step,
+    rows,
+    run,
+    sets,
+    snapshot,
+    summary,
+    train_argv,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 40
 COMMON = (
-    f"train.max_steps={STEPS}", "model.dropout=0.1", "train.checkpoint_interval=2", "train.keep_checkpoints=2",
-    "train.eval_interval=8", "train.sample_tokens=0", "train.log_interval=1", "train.tensorboard=false",
-)  # fmt: skip
+    f"train.max_steps={STEPS}",
+    "model.dropout=0.1",
+    "train.checkpoint_interval=2",
+    "train.keep_checkpoints=2",
+    "train.eval_interval=8",
+    "train.sample_tokens=0",
+    "train.log_interval=1",
+    "train.tensorboard=false",
+)
 # The step to kill at is random, from a seed printed with every failure; HVDLM_TEST_SEED=N replays one.
 SEED = int(os.environ.get("HVDLM_TEST_SEED") or random.SystemRandom().randrange(1 << 30))
 
@@ -162,8 +178,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, job
 
 def test_resume_from_a_named_older_checkpoint_recomputes_the_steps_after_it(reference, job, tmp_path, cache_dir):
     run_dir = copy_run(reference, tmp_path / "run")
-    r = run(2, train_argv(job, run_dir, "--resume", str(run_dir / "checkpoints" / f"step-{STEPS - 2:07d}.pt"),
-                          *sets(*COMMON)), cache_dir)  # fmt: skip
+    r = run(
+        2,
+        train_argv(job, run_dir, "--resume", str(run_dir / "checkpoints" / f"step-{STEPS - 2:07d}.pt"), *sets(*COMMON)),
+        cache_dir,
+    )
     assert r.returncode == 0, r.stdout[-4000:]
     assert_same_run(run_dir, reference)  # the rows of steps 39 and 40 were dropped and written again
 
@@ -189,7 +208,7 @@ def test_no_readable_checkpoint_is_an_error_and_changes_nothing(reference, job, 
 )
 def test_a_preemption_signal_checkpoints_exits_75_and_resumes_exactly(
     reference, job, tmp_path, cache_dir, jobs, target, sig
-):  # fmt: skip
+):
     """The signal reaches one rank (not the one that reports) or mpirun, which forwards SIGUSR1 to the ranks.
     (SIGTERM to mpirun is no case here: Open MPI answers it by SIGTERM to the ranks and SIGKILL soon after.)"""
     run_dir = tmp_path / "run"
@@ -258,7 +277,9 @@ def test_resume_past_max_steps_damages_no_checkpoint(reference, job, tmp_path, c
     before, metrics = snapshot(run_dir / "checkpoints"), (run_dir / "metrics.jsonl").read_bytes()
     r = resume(2, job, run_dir, cache_dir, f"train.max_steps={STEPS - 2}")
     assert "Traceback" not in r.stdout
-    assert snapshot(run_dir / "checkpoints") == before, f"exit {r.returncode}, checkpoints rewritten:\n{r.stdout[-3000:]}"
+    assert snapshot(run_dir / "checkpoints") == before, (
+        f"exit {r.returncode}, checkpoints rewritten:\n{r.stdout[-3000:]}"
+    )
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
     assert r.returncode == 2, r.stdout[-3000:]
 
@@ -305,10 +326,28 @@ def test_init_from_a_run_directory_starts_at_step_0_from_its_weights(reference, 
 
 def test_launch_passes_resume_and_init_from_to_every_rank(tmp_path, job):
     proc = subprocess.run(
-        [sys.executable, "-m", "hvdlm", "launch", str(job), "--np", "2", "--dry-run", "--run-dir", str(tmp_path / "r"),
-         "--resume", "auto", "--init-from", str(tmp_path / "other")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hvdlm",
+            "launch",
+            str(job),
+            "--np",
+            "2",
+            "--dry-run",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--resume",
+            "auto",
+            "--init-from",
+            str(tmp_path / "other"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout
     assert "--resume auto" in proc.stdout, proc.stdout
     # --init-from X is --set train.init_from=X: either spelling reaches the ranks.

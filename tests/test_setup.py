@@ -14,8 +14,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from hvdlm.cache import cache_root
 
 SETUP = REPO / "hvdlm" / "install" / "setup.sh"
@@ -34,9 +34,11 @@ def _bin_without_mpi(tmp_path: Path) -> Path:
 
 def test_missing_mpi_stops_with_how_to_provide_it(tmp_path):
     env = {
-        "PATH": str(_bin_without_mpi(tmp_path)), "HOME": str(tmp_path), "HVDLM_VENV": str(tmp_path / "venv"),
+        "PATH": str(_bin_without_mpi(tmp_path)),
+        "HOME": str(tmp_path),
+        "HVDLM_VENV": str(tmp_path / "venv"),
         "HVDLM_CACHE": str(tmp_path / "cache"),
-    }  # fmt: skip
+    }
     proc = subprocess.run(["bash", str(SETUP)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "FAILED: these are missing: openmpi-bin libopenmpi-dev" in proc.stderr

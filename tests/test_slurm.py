@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 import slurm_cluster
 from conftest import REPO, TINY_JOB
+
 from hvdlm.launch.sbatch import SbatchSpec, render
 
 pytestmark = pytest.mark.distributed
@@ -48,10 +48,32 @@ def jobs(cluster, cache_dir, tmp_path_factory):
     for launcher in LAUNCHERS:
         script, run_dir = work / f"{launcher}.sbatch", work / f"run-{launcher}"
         proc = subprocess.run(
-            [sys.executable, "-m", "hvdlm", "sbatch", str(job), "--nodes", "1", "--gpus-per-node", "0",
-             "--time", "00:05:00", "--launcher", launcher, "--run-dir", str(run_dir), "-o", str(script), "--submit"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hvdlm",
+                "sbatch",
+                str(job),
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "0",
+                "--time",
+                "00:05:00",
+                "--launcher",
+                launcher,
+                "--run-dir",
+                str(run_dir),
+                "-o",
+                str(script),
+                "--submit",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         m = re.fullmatch(r"submitted batch job (\d+)\n", proc.stdout)
         assert m, proc.stdout
@@ -80,10 +102,14 @@ def test_sbatch_script_trains_two_ranks(cluster, jobs, launcher):
 
 def test_hostfile_inside_a_job_reads_the_allocation(cluster, tmp_path):
     proc = cluster.run(
-        "sbatch", "--parsable", "--ntasks=2", f"--chdir={tmp_path}", "--output=hosts.out",
+        "sbatch",
+        "--parsable",
+        "--ntasks=2",
+        f"--chdir={tmp_path}",
+        "--output=hosts.out",
         f"--wrap={sys.executable} -m hvdlm hostfile --from slurm && {sys.executable} -m hvdlm hostfile --from slurm "
         "--format horovod",
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     assert cluster.wait(job_id, timeout=120) == "COMPLETED", (tmp_path / "hosts.out").read_text()
@@ -94,10 +120,24 @@ def test_submit_reports_sbatchs_refusal(cluster, tmp_path):
     """--submit to a partition that does not exist: sbatch's own reason, exit 2, and the written script kept."""
     script = tmp_path / "s.sbatch"
     proc = subprocess.run(
-        [sys.executable, "-m", "hvdlm", "sbatch", "jobs/demo.toml", "--partition", "nosuch", "-o", str(script),
-         "--submit"],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hvdlm",
+            "sbatch",
+            "jobs/demo.toml",
+            "--partition",
+            "nosuch",
+            "-o",
+            str(script),
+            "--submit",
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "sbatch refused the script" in proc.stderr and "partition" in proc.stderr.lower()
     assert "Traceback" not in proc.stderr
@@ -105,11 +145,12 @@ def test_submit_reports_sbatchs_refusal(cluster, tmp_path):
 
 
 # Preemption and requeue: the batch script hands Slurm's USR1 on to the ranks and requeues the job when they exit
-# with hvdlm.preemption.REQUEUE_EXIT_CODE. `scancel --batch` signals the batch shell only, as --signal=B:USR1@120
-# does before the time limit.
+# with hvdlm.training.preemption.REQUEUE_EXIT_CODE. `scancel --batch` signals the batch shell only, as
+# --signal=B:USR1@120 does before the time limit.
 PREEMPT_LAUNCHERS = ("srun", "mpirun", "horovodrun")
-STAND_IN = '''"""Stand-in for `python -m hvdlm train JOB --run-dir D --resume auto` (found first on PYTHONPATH): waits for USR1,
-writes a "checkpoint" and exits 75; a start that finds the checkpoint exits 0. Anything but `train` runs hvdlm."""
+STAND_IN = '''"""Stand-in for `python -m hvdlm train JOB --run-dir D --resume auto` (found first on PYTHONPATH):
+waits for USR1, writes a "checkpoint" and exits 75; a start that finds the checkpoint exits 0. Anything but `train`
+runs hvdlm."""
 import os, pathlib, runpy, signal, sys, time
 here = pathlib.Path(__file__).resolve().parent.parent
 sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]  # any other command: the real hvdlm
@@ -120,7 +161,9 @@ if sys.argv[1:2] != ["train"]:
 args = sys.argv[2:]
 assert args[args.index("--resume") + 1] == "auto", args
 run = pathlib.Path(args[args.index("--run-dir") + 1])
-rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID") or "?"  # mpirun keeps the batch's
+# mpirun keeps the batch's SLURM_PROCID, so the launchers' own variables come first
+env = os.environ
+rank = env.get("HOROVOD_RANK") or env.get("OMPI_COMM_WORLD_RANK") or env.get("SLURM_PROCID") or "?"
 run.mkdir(parents=True, exist_ok=True)
 with open(run / "starts.txt", "a") as f:
     f.write(f"rank {rank} restart {os.environ.get('SLURM_RESTART_COUNT', '-')}\\n")
@@ -172,13 +215,26 @@ def test_preempted_script_requeues_the_job(cluster, tmp_path, launcher, to):
     (stand_in / "__init__.py").write_text("")
     run_dir, script = tmp_path / "run", tmp_path / "job.sbatch"
     spec = SbatchSpec(
-        job_name="standin", job_file=str(tmp_path / "job.toml"), nodes=1, gpus_per_node=0, ntasks_per_node=2,
-        cpus_per_task=1, time="00:05:00", launcher=launcher, venv=sys.prefix, run_dir=str(run_dir),
-    )  # fmt: skip
+        job_name="standin",
+        job_file=str(tmp_path / "job.toml"),
+        nodes=1,
+        gpus_per_node=0,
+        ntasks_per_node=2,
+        cpus_per_task=1,
+        time="00:05:00",
+        launcher=launcher,
+        venv=sys.prefix,
+        run_dir=str(run_dir),
+    )
     script.write_text(render(spec))
     env = {**cluster.env, "PYTHONPATH": str(stand_in.parent)}
-    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(script)], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     output = tmp_path / f"standin-{job_id}.out"
@@ -191,10 +247,12 @@ def test_preempted_script_requeues_the_job(cluster, tmp_path, launcher, to):
     state = cluster.wait(job_id, timeout=120)
     output = output.read_text()
     assert state == "COMPLETED", f"{state}\n{output}\n{cluster.logs()}"
-    print(f"{launcher}: requeued {requeued - started:.1f} s after USR1, completed {time.monotonic() - requeued:.1f} "
-          f"s later (cred_expire={slurm_cluster.REQUEUE_DELAY_S}); after the requeue {after_requeue}, "
-          f"started again {_job_field(cluster, job_id, 'StartTime')}; "
-          f"{next(line for line in output.splitlines() if 'requeueing' in line)}")  # fmt: skip
+    print(
+        f"{launcher}: requeued {requeued - started:.1f} s after USR1, completed {time.monotonic() - requeued:.1f} "
+        f"s later (cred_expire={slurm_cluster.REQUEUE_DELAY_S}); after the requeue {after_requeue}, "
+        f"started again {_job_field(cluster, job_id, 'StartTime')}; "
+        f"{next(line for line in output.splitlines() if 'requeueing' in line)}"
+    )
     starts = sorted((run_dir / "starts.txt").read_text().splitlines())
     assert starts == ["rank 0 restart -", "rank 0 restart 1", "rank 1 restart -", "rank 1 restart 1"], output
     assert "rank 0: preempted" in output and "rank 1: preempted" in output, output
@@ -204,8 +262,9 @@ def test_preempted_script_requeues_the_job(cluster, tmp_path, launcher, to):
 
 # About 30 steps a second here: long enough a run that the signal lands mid-run.
 MAX_STEPS = 300
-PREEMPT_JOB = TINY_JOB.replace("max_steps = 8", f"max_steps = {MAX_STEPS}").replace("eval_interval = 4",
-                                                                                  "eval_interval = 100")
+PREEMPT_JOB = TINY_JOB.replace("max_steps = 8", f"max_steps = {MAX_STEPS}").replace(
+    "eval_interval = 4", "eval_interval = 100"
+)
 
 
 def _logged_steps(metrics: Path) -> list[int]:
@@ -222,11 +281,34 @@ def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, 
     job.write_text(PREEMPT_JOB)
     env = {**cluster.env, "HVDLM_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "hvdlm", "sbatch", str(job), "--nodes", "1", "--gpus-per-node", "0",
-         "--time", "00:05:00", "--launcher", launcher, "--run-dir", str(run_dir), "-o", str(script),
-         "--set", "train.checkpoint_interval=20", "--submit"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hvdlm",
+            "sbatch",
+            str(job),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--time",
+            "00:05:00",
+            "--launcher",
+            launcher,
+            "--run-dir",
+            str(run_dir),
+            "-o",
+            str(script),
+            "--set",
+            "train.checkpoint_interval=20",
+            "--submit",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.fullmatch(r"submitted batch job (\d+)\n", proc.stdout).group(1)
     metrics, output = run_dir / "metrics.jsonl", tmp_path / f"tiny-{job_id}.out"

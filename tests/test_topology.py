@@ -6,15 +6,23 @@ import math
 import pytest
 import torch
 
-from hvdlm.checkpoint import load_model, load_optimizer, merge_states, training_state
+from hvdlm.checkpoint.format import training_state
+from hvdlm.checkpoint.reshard import load_model, load_optimizer, merge_states
 from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
-from hvdlm.layers import Sharding, merge, shard
 from hvdlm.model import GPT
-from hvdlm.optim import make_optimizer
-from hvdlm.topology import (
-    Group, Layout, all_dp_groups, check_layout, dp_group_ranks, dp_rank_of, tp_group_ranks, tp_rank_of,
-)  # fmt: skip
+from hvdlm.parallel.layers import Sharding, merge, shard
+from hvdlm.parallel.topology import (
+    Group,
+    Layout,
+    all_dp_groups,
+    check_layout,
+    dp_group_ranks,
+    dp_rank_of,
+    tp_group_ranks,
+    tp_rank_of,
+)
+from hvdlm.training.optim import make_optimizer
 
 
 @pytest.mark.parametrize("world,tp", [(1, 1), (2, 1), (2, 2), (4, 2), (8, 2), (8, 4), (12, 3)])

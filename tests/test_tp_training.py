@@ -39,9 +39,17 @@ def runs(job, tmp_path_factory, cache_dir) -> dict[str, Path]:
     out = {}
     for name, (np, tp, batch) in LAYOUTS.items():
         proc = _run(
-            np, job, base / name, cache_dir, f"parallel.tp={tp}", f"train.batch_size={batch}",
-            f"train.max_steps={STEPS}", "train.eval_interval=0", "train.sample_tokens=0", "train.log_interval=1",
-        )  # fmt: skip
+            np,
+            job,
+            base / name,
+            cache_dir,
+            f"parallel.tp={tp}",
+            f"train.batch_size={batch}",
+            f"train.max_steps={STEPS}",
+            "train.eval_interval=0",
+            "train.sample_tokens=0",
+            "train.log_interval=1",
+        )
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-4000:]}"
         out[name] = base / name
     return out
@@ -62,9 +70,13 @@ def merged_params(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     if not ckpt.exists():
         out = tmp_path / f"{run_dir.name}-merged.pt"
         proc = subprocess.run(
-            hvdlm_argv("checkpoint", "merge", str(ckpt), "--out", str(out)), cwd=REPO, timeout=120,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            hvdlm_argv("checkpoint", "merge", str(ckpt), "--out", str(out)),
+            cwd=REPO,
+            timeout=120,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stdout
         assert "merged 2 shard(s)" in proc.stdout
         ckpt = out
@@ -102,9 +114,17 @@ def test_a_sharded_checkpoint_starts_an_unsharded_run(runs, job, tmp_path, cache
     """init_from reshards TP=2 -> TP=1; with a vanishing learning rate the weights come through unchanged."""
     shard0 = runs["tp2"] / "checkpoints" / f"step-{STEPS:07d}.tp0-of-2.pt"
     proc = _run(
-        1, job, tmp_path / "resumed", cache_dir, f"train.init_from={shard0}", "train.max_steps=1", "train.lr=1e-12",
-        "train.min_lr=0", "train.eval_interval=0", "train.sample_tokens=0",
-    )  # fmt: skip
+        1,
+        job,
+        tmp_path / "resumed",
+        cache_dir,
+        f"train.init_from={shard0}",
+        "train.max_steps=1",
+        "train.lr=1e-12",
+        "train.min_lr=0",
+        "train.eval_interval=0",
+        "train.sample_tokens=0",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     after = torch.load(tmp_path / "resumed" / "checkpoints" / "step-0000001.pt", weights_only=True)["model"]
     before = merged_params(runs["tp2"], tmp_path)
@@ -124,9 +144,13 @@ def test_an_incomplete_sharded_checkpoint_is_refused(runs, tmp_path):
     shard1 = runs["tp2"] / "checkpoints" / "step-0000020.tp1-of-2.pt"
     (tmp_path / shard1.name).write_bytes(shard1.read_bytes())  # shard 0 left behind
     proc = subprocess.run(
-        hvdlm_argv("checkpoint", "merge", str(tmp_path / "step-0000020.pt")), cwd=REPO, timeout=60,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        hvdlm_argv("checkpoint", "merge", str(tmp_path / "step-0000020.pt")),
+        cwd=REPO,
+        timeout=60,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "incomplete: 1 of its 2 shards are missing (step-0000020.tp0-of-2.pt)" in proc.stdout
 
@@ -147,9 +171,13 @@ def test_tp_under_horovodrun_gloo_is_refused_by_the_ranks(job, tmp_path, cache_d
     argv = [find_executable("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
     argv += hvdlm_argv("train", str(job), "--run-dir", str(tmp_path / "run"), "--set", "parallel.tp=2")
     proc = subprocess.run(
-        argv, env={**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}, timeout=120,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        argv,
+        env={**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"},
+        timeout=120,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.returncode != 0  # the ranks exit 2; horovodrun turns any rank's failure into its own exit 1
     assert "Exit code: 2" in proc.stdout
     assert "parallel.tp = 2 needs an MPI launcher" in proc.stdout and "horovodrun --mpi" in proc.stdout
@@ -178,9 +206,13 @@ def test_damaged_and_foreign_files_are_refused_by_merge(tmp_path):
         ("byte.pt", "truncated, damaged or not a checkpoint"),
     ]:
         proc = subprocess.run(
-            hvdlm_argv("checkpoint", "merge", str(tmp_path / name)), cwd=REPO, timeout=60,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            hvdlm_argv("checkpoint", "merge", str(tmp_path / name)),
+            cwd=REPO,
+            timeout=60,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert proc.returncode == 2, (name, proc.stdout)
         assert message in proc.stdout and "Traceback" not in proc.stdout, (name, proc.stdout)
     assert not list(tmp_path.glob("*merged*"))  # nothing written for a refused input
@@ -190,9 +222,16 @@ def test_a_vocabulary_that_tp_does_not_divide_trains_and_samples(job, tmp_path, 
     """257 tokens on 2 TP ranks: one padding row that the loss, the sampler and the merged checkpoint never see."""
     run_dir = tmp_path / "run"
     proc = _run(
-        2, job, run_dir, cache_dir, "parallel.tp=2", "model.vocab_size=257", "train.max_steps=2",
-        "train.eval_interval=0", "train.sample_tokens=12",
-    )  # fmt: skip
+        2,
+        job,
+        run_dir,
+        cache_dir,
+        "parallel.tp=2",
+        "model.vocab_size=257",
+        "train.max_steps=2",
+        "train.eval_interval=0",
+        "train.sample_tokens=12",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "sample:" in proc.stdout
     shards = [torch.load(p, weights_only=True)["model"] for p in sorted((run_dir / "checkpoints").glob("*.tp*.pt"))]
@@ -202,7 +241,11 @@ def test_a_vocabulary_that_tp_does_not_divide_trains_and_samples(job, tmp_path, 
     out = tmp_path / "merged.pt"
     merge = subprocess.run(
         hvdlm_argv("checkpoint", "merge", str(run_dir / "checkpoints" / "step-0000002.pt"), "--out", str(out)),
-        cwd=REPO, timeout=120, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        timeout=120,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert merge.returncode == 0, merge.stdout
     assert torch.load(out, weights_only=True)["model"]["tok_emb.weight"].shape[0] == 257

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import REPO, TINY_JOB
+
 from hvdlm.cli import main
-from hvdlm.flops import flops_per_token, gpu_peak_tflops, memory_mb, mfu, peak_tflops
-from hvdlm.metrics import RunLogger, scalars_of, truncate_metrics
+from hvdlm.training.flops import flops_per_token, gpu_peak_tflops, memory_mb, mfu, peak_tflops
+from hvdlm.training.metrics import RunLogger, scalars_of, truncate_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -142,8 +142,13 @@ def test_resume_cuts_metrics_and_tensorboard_back_to_the_resume_step(tmp_path):
         log.record(_train_row(step, 20.0 + step))
     log.close()
     assert [(r["step"], r["loss"]) for r in _rows(tmp_path / "metrics.jsonl")] == [
-        (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0),
-    ]  # fmt: skip
+        (1, 11.0),
+        (2, 12.0),
+        (3, 13.0),
+        (4, 24.0),
+        (5, 25.0),
+        (6, 26.0),
+    ]
     assert _scalars(tmp_path)["train/loss"] == {1: 11.0, 2: 12.0, 3: 13.0, 4: 24.0, 5: 25.0, 6: 26.0}
 
 
@@ -173,7 +178,7 @@ def test_resume_keeps_lines_it_cannot_read_and_creates_a_missing_file(tmp_path):
 def test_cheap_imports():
     """Job preparation must stay instant: the CLI and metrics load neither torch, tensorboard nor matplotlib."""
     code = (
-        "import sys, hvdlm.cli, hvdlm.metrics, hvdlm.plot, hvdlm.generate, hvdlm.flops\n"
+        "import sys, hvdlm.cli, hvdlm.training.metrics, hvdlm.plot, hvdlm.generate, hvdlm.training.flops\n"
         "heavy = [m for m in ('torch', 'tensorboard', 'matplotlib', 'horovod') if m in sys.modules]\n"
         "assert not heavy, heavy"
     )
@@ -204,9 +209,15 @@ def run(tmp_path_factory, env) -> Path:
 
 
 RUN_SETTINGS = [
-    "--set", "train.checkpoint_interval=4", "--set", "train.sample_tokens=0", "--set", "train.ema_decay=0.9",
-    "--set", "train.tensorboard=true",
-]  # fmt: skip
+    "--set",
+    "train.checkpoint_interval=4",
+    "--set",
+    "train.sample_tokens=0",
+    "--set",
+    "train.ema_decay=0.9",
+    "--set",
+    "train.tensorboard=true",
+]
 
 
 def test_a_real_run_logs_tokens_mfu_memory_and_tensorboard(run):
@@ -329,8 +340,16 @@ def test_generate_same_seed_same_text(cli, run):
 
 
 def test_generate_from_an_older_checkpoint_and_a_long_prompt(cli, run):
-    code, out, err = cli("generate", run, "--prompt", "x" * 100, "--max-tokens", "5",
-                         "--checkpoint", run / "checkpoints" / "step-0000004.pt")  # fmt: skip
+    code, out, err = cli(
+        "generate",
+        run,
+        "--prompt",
+        "x" * 100,
+        "--max-tokens",
+        "5",
+        "--checkpoint",
+        run / "checkpoints" / "step-0000004.pt",
+    )
     assert code == 0, out + err
     assert out.startswith("x" * 100)
     assert "longer than the model's context of 32" in err and "step 4" in err
@@ -356,10 +375,12 @@ def _copy_run(run: Path, dest: Path) -> Path:
 
 def test_generate_from_a_tp_sharded_checkpoint_matches_the_unsharded_one(cli, run, tmp_path):
     """Shard the run's checkpoint as a TP=2 job saves it; generation merges it back and samples the same text."""
-    from hvdlm.checkpoint import checkpoint_path, load_full_state, load_model, save_checkpoint, sharding_of
+    from hvdlm.checkpoint.format import save_checkpoint, sharding_of
+    from hvdlm.checkpoint.reshard import load_full_state, load_model
+    from hvdlm.checkpoint.store import checkpoint_path
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
-    from hvdlm.topology import Group
+    from hvdlm.parallel.topology import Group
 
     full = load_full_state(run / "checkpoints" / "step-0000008.pt")
     sharded = tmp_path / "tp2"
@@ -367,9 +388,12 @@ def test_generate_from_a_tp_sharded_checkpoint_matches_the_unsharded_one(cli, ru
         model = GPT(ModelConfig(**full["config"]["model"]), Group(size=2, rank=rank))
         load_model(model, full, "test", rank, 2)
         state = {
-            "model": model.state_dict(), "ema": model.state_dict(), "step": 8, "config": full["config"],
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "step": 8,
+            "config": full["config"],
             "tp": {"rank": rank, "size": 2, "sharding": sharding_of(model), "param_names": []},
-        }  # fmt: skip
+        }
         save_checkpoint(checkpoint_path(sharded, 8, rank, 2), state)
     args = ("--prompt", "class ", "--max-tokens", "30", "--seed", "5")
     code, out, err = cli("generate", sharded, *args)
@@ -386,7 +410,7 @@ def test_generate_with_ema_weights(cli, run, tmp_path):
     assert out.startswith("for ") and "ema weights of step 8" in err
     assert out != cli("generate", run, *args)[1]  # the average of the weights is another model
 
-    from hvdlm.checkpoint import load_checkpoint, save_checkpoint
+    from hvdlm.checkpoint.format import load_checkpoint, save_checkpoint
 
     copy = _copy_run(run, tmp_path / "no-ema")
     path = copy / "checkpoints" / "step-0000008.pt"
@@ -421,7 +445,7 @@ def test_generate_refuses_a_run_without_checkpoints_and_a_missing_dataset(cli, r
     code, _, err = cli("generate", tmp_path / "missing", "--prompt", "x")
     assert code == 2 and "does not exist" in err
 
-    from hvdlm.checkpoint import load_checkpoint, save_checkpoint
+    from hvdlm.checkpoint.format import load_checkpoint, save_checkpoint
 
     copy = _copy_run(run, tmp_path / "moved-data")
     path = copy / "checkpoints" / "step-0000008.pt"

@@ -18,15 +18,20 @@ from mpi4py import MPI
 from torch import nn
 from torch.nn import functional as F
 
-from hvdlm import collectives
 from hvdlm.config import ModelConfig
-from hvdlm.layers import (
-    ColumnParallelLinear, RowParallelLinear, Sharding, VocabParallelEmbedding, shard, vocab_parallel_cross_entropy,
-)  # fmt: skip
-from hvdlm.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from hvdlm.model import GPT
-from hvdlm.optim import clip_grad_norm
-from hvdlm.topology import Group, Layout, make_tp_group
+from hvdlm.parallel import collectives
+from hvdlm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    Sharding,
+    VocabParallelEmbedding,
+    shard,
+    vocab_parallel_cross_entropy,
+)
+from hvdlm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from hvdlm.parallel.topology import Group, Layout, make_tp_group
+from hvdlm.training.optim import clip_grad_norm
 
 TOL = 1e-5
 world = MPI.COMM_WORLD
@@ -174,8 +179,11 @@ def vocab_parallel_embedding_matches_nn_embedding():
     y_ref.backward(gy)
     y = par(idx)
     y.backward(gy)
-    return {"out": diff(y, y_ref), "dW": diff(par.weight.grad, shard(ref.weight.grad, Sharding(0, vocab), R, P)),
-            "padding_off_by": abs(par.weight.size(0) * P - vocab - (-vocab) % P)}  # fmt: skip
+    return {
+        "out": diff(y, y_ref),
+        "dW": diff(par.weight.grad, shard(ref.weight.grad, Sharding(0, vocab), R, P)),
+        "padding_off_by": abs(par.weight.size(0) * P - vocab - (-vocab) % P),
+    }
 
 
 @check

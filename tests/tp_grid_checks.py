@@ -13,11 +13,11 @@ import horovod.torch as hvd
 import torch
 from mpi4py import MPI
 
-from hvdlm import collectives
 from hvdlm.config import ModelConfig, TrainConfig
 from hvdlm.model import GPT
-from hvdlm.optim import broadcast_initial_state, distributed_optimizer, make_optimizer
-from hvdlm.topology import init_topology
+from hvdlm.parallel import collectives
+from hvdlm.parallel.topology import init_topology
+from hvdlm.training.optim import broadcast_initial_state, distributed_optimizer, make_optimizer
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
@@ -46,10 +46,13 @@ def main() -> int:
     ps = topo.dp_process_set
     report(
         "grid_coordinates_and_process_sets",
-        (topo.tp_rank, topo.dp_rank) == want and ps.ranks == [want[0], want[0] + 2] and ps.size() == 2
-        and topo.tp_group.comm.Get_size() == 2 and topo.dp_group.comm.Get_size() == 2,
+        (topo.tp_rank, topo.dp_rank) == want
+        and ps.ranks == [want[0], want[0] + 2]
+        and ps.size() == 2
+        and topo.tp_group.comm.Get_size() == 2
+        and topo.dp_group.comm.Get_size() == 2,
         {"tp_rank": topo.tp_rank, "dp_rank": topo.dp_rank, "dp_set": ps.ranks},
-    )  # fmt: skip
+    )
 
     # The TP communicator sums inside a replica only: {0, 1} and {2, 3}.
     s = collectives.allreduce(torch.tensor([float(rank)]), topo.tp_group).item()

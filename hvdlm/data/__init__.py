@@ -5,7 +5,7 @@
     from hvdlm.data import load_tokenizer        # just its tokenizer: encode / decode
     from hvdlm.data.sampler import WindowSampler # the trainer's batches (imports torch)
 
-The names below load on first use (PEP 562): importing `hvdlm.data.cli` for the CLI must not pull in numpy,
+The names below load on first use (PEP 562): importing `hvdlm.data` (as the CLI does) must not pull in numpy,
 because the job-preparation commands answer on login nodes without it.
 """
 

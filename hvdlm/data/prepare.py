@@ -24,7 +24,13 @@ from hvdlm.config import TOKENIZERS
 from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
 from hvdlm.data.sources import (
-    LENIENT_REASONS, InputFile, SkipReport, fingerprint_inputs, read_documents, resolve_sources, total_size,
+    LENIENT_REASONS,
+    InputFile,
+    SkipReport,
+    fingerprint_inputs,
+    read_documents,
+    resolve_sources,
+    total_size,
 )
 from hvdlm.data.tokenizer import ByteTokenizer, check_bpe_vocab, train_bpe
 from hvdlm.errors import InputError
@@ -99,8 +105,7 @@ class PrepareReport:
             f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), "
             f"{self.dtype} shards",
             f"  speed      {tokens / secs:,.0f} tokens/s, {self.bytes / max(tokens, 1):.2f} bytes per token",
-            f"  tokenizer  {self.tokenizer}"
-            + (f" (trained in {self.bpe_seconds:.1f} s)" if self.bpe_seconds else ""),
+            f"  tokenizer  {self.tokenizer}" + (f" (trained in {self.bpe_seconds:.1f} s)" if self.bpe_seconds else ""),
             *(f"  warning    {w}" for w in self.warnings()),
         ]
         return "\n".join(lines)
@@ -116,9 +121,13 @@ def _split_hash(name: str) -> int:
 
 
 def prepare(
-    sources: list[str], out: str | Path, options: PrepareOptions = PrepareOptions(), globs: list[str] | None = None,
-    progress: bool = False, log=print,
-) -> PrepareReport:  # fmt: skip
+    sources: list[str],
+    out: str | Path,
+    options: PrepareOptions = PrepareOptions(),
+    globs: list[str] | None = None,
+    progress: bool = False,
+    log=print,
+) -> PrepareReport:
     """Prepare a dataset directory from the sources (default: the standard-library corpus)."""
     options.check()
     out = Path(out)
@@ -224,18 +233,24 @@ def _make_staging(out: Path) -> Path:
 
 
 def _build(
-    files: list[InputFile], sources: list[str], staging: Path, options: PrepareOptions, fingerprint: str,
-    progress: bool, log,
-) -> PrepareReport:  # fmt: skip
+    files: list[InputFile],
+    sources: list[str],
+    staging: Path,
+    options: PrepareOptions,
+    fingerprint: str,
+    progress: bool,
+    log,
+) -> PrepareReport:
     start = time.perf_counter()
     bpe_seconds = 0.0
     if options.tokenizer == "bpe":
         log(f"training a {options.vocab_size:,}-token BPE tokenizer on the training documents ...")
         skipped = SkipReport()
         texts = (
-            d.text for _, d in read_documents(files, options.text_field, options.strict, skipped)
+            d.text
+            for _, d in read_documents(files, options.text_field, options.strict, skipped)
             if not is_validation(d.name, options.val_fraction)
-        )  # fmt: skip
+        )
         tokenizer = train_bpe(texts, options.vocab_size)
         bpe_seconds = time.perf_counter() - start
     else:
@@ -369,9 +384,15 @@ def _report_from_meta(path: Path, meta: dict, up_to_date: bool = True) -> Prepar
     shaping = meta.get("options") if isinstance(meta.get("options"), dict) else {}
     requested = shaping.get("vocab_size", 0) if tokenizer["type"] == "bpe" else 0
     return PrepareReport(
-        path=path, up_to_date=up_to_date,
-        documents={s: splits[s]["documents"] for s in SPLITS}, tokens={s: splits[s]["tokens"] for s in SPLITS},
-        bytes=meta["bytes"], seconds=0.0, skipped=meta.get("skipped", {}),
-        tokenizer=f"{tokenizer['type']} (vocab {tokenizer['vocab_size']:,})", dtype=meta["dtype"],
-        vocab_size=tokenizer["vocab_size"], requested_vocab=requested if isinstance(requested, int) else 0,
-    )  # fmt: skip
+        path=path,
+        up_to_date=up_to_date,
+        documents={s: splits[s]["documents"] for s in SPLITS},
+        tokens={s: splits[s]["tokens"] for s in SPLITS},
+        bytes=meta["bytes"],
+        seconds=0.0,
+        skipped=meta.get("skipped", {}),
+        tokenizer=f"{tokenizer['type']} (vocab {tokenizer['vocab_size']:,})",
+        dtype=meta["dtype"],
+        vocab_size=tokenizer["vocab_size"],
+        requested_vocab=requested if isinstance(requested, int) else 0,
+    )

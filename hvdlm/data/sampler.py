@@ -34,8 +34,12 @@ class WindowSampler:
         self.shards = tuple(np.asarray(s) for s in split.shards)
         self._span = np.arange(seq_len + 1)
         self.seq_len, self.batch_size, self.dp_rank, self.dp_size, self.seed = (
-            seq_len, batch_size, dp_rank, dp_size, seed,
-        )  # fmt: skip
+            seq_len,
+            batch_size,
+            dp_rank,
+            dp_size,
+            seed,
+        )
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self._first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first window
         self.samples_per_epoch = int(self._first[-1])

@@ -74,7 +74,11 @@ class ShardWriter:
         self._file.close()
         np.save(self.directory / docs_name(self.split, index), np.asarray(self._docs, dtype=np.int64).reshape(-1, 2))
         self.shards.append(
-            {"file": shard_name(self.split, index), "docs": docs_name(self.split, index),
-             "tokens": self._tokens, "documents": len(self._docs)}
-        )  # fmt: skip
+            {
+                "file": shard_name(self.split, index),
+                "docs": docs_name(self.split, index),
+                "tokens": self._tokens,
+                "documents": len(self._docs),
+            }
+        )
         self._file, self._tokens, self._docs = None, 0, []

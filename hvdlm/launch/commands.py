@@ -22,8 +22,14 @@ from hvdlm.launch.shell import ENV_VAR, NAME, ShellVar, check_name, check_text, 
 
 # Variables every rank needs to see; Open MPI forwards only the ones named with -x (when they are set).
 _FORWARDED = (
-    "PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME", "HVDLM_PROGRESS", "HVDLM_CACHE",
-)  # fmt: skip
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "OMP_NUM_THREADS",
+    "HOROVOD_CYCLE_TIME",
+    "HVDLM_PROGRESS",
+    "HVDLM_CACHE",
+)
 _FORWARDED_PREFIXES = ("NCCL_", "HOROVOD_", "GLOO_")
 # Open MPI refuses to start as root without both of these.
 ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -52,18 +58,32 @@ class LaunchOptions:
     def from_config(cls, cfg: JobConfig) -> LaunchOptions:
         la, sl = cfg.launch, cfg.slurm
         return cls(
-            controller=la.controller, mpi=la.mpi, nic=la.nic, env=list(la.env), cycle_time_ms=la.cycle_time_ms,
-            fusion_threshold_mb=la.fusion_threshold_mb, timeline=la.timeline, autotune=la.autotune,
-            autotune_log=la.autotune_log, srun_mpi=sl.mpi, tasks_per_node=sl.ntasks_per_node,
-            gpus_per_node=sl.gpus_per_node, cpu_bind=sl.cpu_bind, gpu_bind=sl.gpu_bind,
-        )  # fmt: skip
+            controller=la.controller,
+            mpi=la.mpi,
+            nic=la.nic,
+            env=list(la.env),
+            cycle_time_ms=la.cycle_time_ms,
+            fusion_threshold_mb=la.fusion_threshold_mb,
+            timeline=la.timeline,
+            autotune=la.autotune,
+            autotune_log=la.autotune_log,
+            srun_mpi=sl.mpi,
+            tasks_per_node=sl.ntasks_per_node,
+            gpus_per_node=sl.gpus_per_node,
+            cpu_bind=sl.cpu_bind,
+            gpu_bind=sl.gpu_bind,
+        )
 
     def check(self) -> None:
         """Refuse values that would smuggle shell syntax into a command or a script."""
         if self.mpi not in MPIS:
             raise InputError(f"unknown MPI '{self.mpi}'. Use one of {', '.join(MPIS)}.")
-        for what, value in (("launch.nic", self.nic), ("slurm.mpi", self.srun_mpi), ("slurm.cpu_bind", self.cpu_bind),
-                            ("slurm.gpu_bind", self.gpu_bind)):  # fmt: skip
+        for what, value in (
+            ("launch.nic", self.nic),
+            ("slurm.mpi", self.srun_mpi),
+            ("slurm.cpu_bind", self.cpu_bind),
+            ("slurm.gpu_bind", self.gpu_bind),
+        ):
             if value:
                 check_name(what, value, NAME)
         for name in self.env:
@@ -113,7 +133,7 @@ def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_
         raise InputError(
             f"parallel.tp = {tp} needs an MPI launcher: the tensor-parallel layers talk through mpi4py, and "
             "horovodrun with the Gloo controller starts ranks without MPI. Use --launcher mpirun, srun "
-            "(--mpi=pmix), or horovodrun with launch.controller = \"mpi\" (--set launch.controller=mpi)."
+            '(--mpi=pmix), or horovodrun with launch.controller = "mpi" (--set launch.controller=mpi).'
         )
     if np % tp:
         raise InputError(
@@ -158,10 +178,17 @@ def rank_env(opts: LaunchOptions, launcher: str, threads: int | str, progress: b
 
 
 def build_command(
-    launcher: str, executable: str, np: int | str, program: list[str], opts: LaunchOptions,
-    hosts: list[Host] | ShellVar | None = None, hostfile: str | None = None, env: Mapping[str, str] | None = None,
-    present: Collection[str] = (), local: bool = False,
-) -> list[str]:  # fmt: skip
+    launcher: str,
+    executable: str,
+    np: int | str,
+    program: list[str],
+    opts: LaunchOptions,
+    hosts: list[Host] | ShellVar | None = None,
+    hostfile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    present: Collection[str] = (),
+    local: bool = False,
+) -> list[str]:
     """The launcher's argv.
 
     hosts: None (and no hostfile) lets the launcher find them (this machine, or the Slurm allocation); a ShellVar
@@ -241,10 +268,18 @@ def _srun_options(np: int | str, hosts: list[Host] | None, hostfile: str | None,
 
 
 def plan_launch(
-    launcher: str, np: int, hosts: list[Host] | None, hostfile: str | None, program: list[str],
-    controller: str = "gloo", threads: int = 0, cycle_time_ms: float = 0.0, progress: bool = False,
-    options: LaunchOptions | None = None, tp: int = 1,
-) -> LaunchPlan:  # fmt: skip
+    launcher: str,
+    np: int,
+    hosts: list[Host] | None,
+    hostfile: str | None,
+    program: list[str],
+    controller: str = "gloo",
+    threads: int = 0,
+    cycle_time_ms: float = 0.0,
+    progress: bool = False,
+    options: LaunchOptions | None = None,
+    tp: int = 1,
+) -> LaunchPlan:
     """The full command for `np` ranks of `program` under `launcher`, on this machine or the given hosts.
 
     `hosts` is None for this machine alone (srun: the allocation); with `hostfile` (a file already in the
@@ -272,10 +307,17 @@ def plan_launch(
     if os.geteuid() == 0 and launcher != "srun":
         env.update(ROOT_VARIABLES)
     argv = build_command(
-        launcher, find_executable(launcher), np, program, opts,
-        hosts=hosts if launcher == "srun" else hosts or [Host(LOCALHOST, local_cores())], hostfile=hostfile,
-        env=env, present=os.environ.keys(), local=local,
-    )  # fmt: skip
+        launcher,
+        find_executable(launcher),
+        np,
+        program,
+        opts,
+        hosts=hosts if launcher == "srun" else hosts or [Host(LOCALHOST, local_cores())],
+        hostfile=hostfile,
+        env=env,
+        present=os.environ.keys(),
+        local=local,
+    )
     return LaunchPlan(argv=argv, env=env)
 
 

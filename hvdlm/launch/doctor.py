@@ -115,8 +115,14 @@ def _horovod_checks(hvd: dict | None, error: str) -> list[Check]:
         f"Horovod {hvd['version']}: frameworks PyTorch; controllers {', '.join(controllers) or 'none'}; "
         f"tensor operations {', '.join(ops) or 'none'}"
     )
-    checks = [Check("horovod build", "ok" if complete else "fail", detail,
-                    "" if complete else REBUILD + " (MPI needs its headers: libopenmpi-dev)")]  # fmt: skip
+    checks = [
+        Check(
+            "horovod build",
+            "ok" if complete else "fail",
+            detail,
+            "" if complete else REBUILD + " (MPI needs its headers: libopenmpi-dev)",
+        )
+    ]
     if hvd.get("threads") is False:
         fix = "Use an MPI built with thread support (Open MPI >= 3 is), or horovodrun's Gloo controller."
         checks.append(Check("MPI threads", "fail", "Horovod's MPI lacks MPI_THREAD_MULTIPLE", fix))

@@ -43,7 +43,7 @@ _TASKS_ITEM = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
 
 def shown(text: str, limit: int = 80) -> str:
     """Text for an error message: a 5000-digit typo should not fill the terminal."""
-    return text if len(text) <= limit else f"{text[:limit - 20]}...({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
 def expand_nodelist(expression: str, use_scontrol: bool | None = None) -> list[str]:
@@ -176,7 +176,7 @@ def _scontrol_hostnames(expression: str, what: str, required: bool) -> list[str]
         # `--` ends scontrol's options; the grammar check has refused a leading '-' already, this is the second lock.
         proc = subprocess.run(
             ["scontrol", "show", "hostnames", "--", expression], capture_output=True, text=True, timeout=10
-        )  # fmt: skip
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         if required:
             raise InputError(f"scontrol could not expand {what}: {e}. Check that Slurm's tools work here.") from None

@@ -19,9 +19,9 @@ from pathlib import Path
 from hvdlm import __version__
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, rank_env, check_tp_layout
+from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, check_tp_layout, rank_env
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
-from hvdlm.preemption import REQUEUE_EXIT_CODE
+from hvdlm.training.preemption import REQUEUE_EXIT_CODE
 
 BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
 # Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. ASCII digits ([0-9], not \d, which
@@ -99,13 +99,19 @@ class SbatchSpec:
     def sbatch_directives(self) -> list[str]:
         """#SBATCH options, sorted by name; the job file's extra ones may add but not repeat."""
         options = {
-            "job-name": self.job_name, "nodes": str(self.nodes), "ntasks-per-node": str(self.ntasks_per_node),
-            "cpus-per-task": str(self.cpus_per_task), "time": self.time, "output": "%x-%j.out",
+            "job-name": self.job_name,
+            "nodes": str(self.nodes),
+            "ntasks-per-node": str(self.ntasks_per_node),
+            "cpus-per-task": str(self.cpus_per_task),
+            "time": self.time,
+            "output": "%x-%j.out",
             # USR1 to the batch shell ("B:") 120 s before the time limit: time for a checkpoint. The shell hands it
             # on to the ranks (see _launch_lines for why not to the job steps directly). --requeue lets the script
             # requeue the job, and the log of every start goes into one file (Slurm would truncate it on a restart).
-            "signal": f"B:USR1@{WARNING_SECONDS}", "requeue": "", "open-mode": "append",
-        }  # fmt: skip
+            "signal": f"B:USR1@{WARNING_SECONDS}",
+            "requeue": "",
+            "open-mode": "append",
+        }
         if self.gpus_per_node:
             options["gpus-per-node"] = str(self.gpus_per_node)
         if self.partition:
@@ -130,11 +136,22 @@ class SbatchSpec:
 
 
 def spec_from_config(
-    cfg: JobConfig, job_file: str, overrides: list[str], nodes: int | None = None, gpus_per_node: int | None = None,
-    time: str | None = None, partition: str | None = None, account: str | None = None, launcher: str | None = None,
-    run_dir: str | None = None, ntasks_per_node: int | None = None, cpus_per_task: int | None = None,
-    venv: str | None = None, command: str = "", script: str = "",
-) -> SbatchSpec:  # fmt: skip
+    cfg: JobConfig,
+    job_file: str,
+    overrides: list[str],
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    time: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    launcher: str | None = None,
+    run_dir: str | None = None,
+    ntasks_per_node: int | None = None,
+    cpus_per_task: int | None = None,
+    venv: str | None = None,
+    command: str = "",
+    script: str = "",
+) -> SbatchSpec:
     """Command-line values win over the job file's [slurm] section, which wins over the defaults."""
     sl = cfg.slurm
     nodes = sl.nodes if nodes is None else nodes
@@ -164,13 +181,27 @@ def spec_from_config(
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
     spec = SbatchSpec(
-        job_name=Path(job_file).stem, job_file=str(Path(job_file).resolve()), nodes=nodes, gpus_per_node=gpus,
-        ntasks_per_node=tasks, cpus_per_task=cpus, time=time or sl.time, launcher=launcher, options=options,
-        run_dir=run_dir or "", overrides=list(overrides), partition=partition or sl.partition,
-        account=account or sl.account, modules=list(sl.modules), venv=venv,
-        python="python" if venv else sys.executable, setup=list(sl.setup), directives=list(sl.directives),
-        command=command, script=script,
-    )  # fmt: skip
+        job_name=Path(job_file).stem,
+        job_file=str(Path(job_file).resolve()),
+        nodes=nodes,
+        gpus_per_node=gpus,
+        ntasks_per_node=tasks,
+        cpus_per_task=cpus,
+        time=time or sl.time,
+        launcher=launcher,
+        options=options,
+        run_dir=run_dir or "",
+        overrides=list(overrides),
+        partition=partition or sl.partition,
+        account=account or sl.account,
+        modules=list(sl.modules),
+        venv=venv,
+        python="python" if venv else sys.executable,
+        setup=list(sl.setup),
+        directives=list(sl.directives),
+        command=command,
+        script=script,
+    )
     spec.check()
     return spec
 
@@ -263,8 +294,8 @@ _WHOM = {
 # The ranks on this node: descendants of the launcher whose argv is PYTHON -m hvdlm train ... (fields 3 to 6 after
 # pid and ppid), so not the `sh -c "... -m hvdlm train ..."` that horovodrun starts them with (a shell dies on USR1).
 _SIGNAL_RANKS = [
-    "    ps -e -o pid= -o ppid= -o args= | awk -v root=\"$launcher\" '",
-    "        { parent[$1] = $2; rank[$1] = $4 == \"-m\" && $5 == \"hvdlm\" && $6 == \"train\" }",
+    '    ps -e -o pid= -o ppid= -o args= | awk -v root="$launcher" \'',
+    '        { parent[$1] = $2; rank[$1] = $4 == "-m" && $5 == "hvdlm" && $6 == "train" }',
     "        END { for (p in parent) if (rank[p]) { q = p; while (q in parent && q != root) q = parent[q]; "
     "if (q == root) print p } }' |",
     "        xargs -r kill -USR1 2>/dev/null || true",
@@ -281,8 +312,7 @@ def _preemption_lines(launcher: str) -> list[str]:
         "on as",
         f"# USR1: the ranks agree on a step, write its checkpoint and exit {REQUEUE_EXIT_CODE}; the job is requeued "
         "below. The",
-        "# launcher runs in the background because bash runs traps only between commands; a `wait` ends early for "
-        "one.",
+        "# launcher runs in the background because bash runs traps only between commands; a `wait` ends early for one.",
         *_WHOM[launcher],
         "signalled=",
         "forward() {",

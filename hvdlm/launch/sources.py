@@ -15,14 +15,25 @@ from pathlib import Path
 from hvdlm.errors import InputError
 from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node, shown
 from hvdlm.launch.hosts import (
-    MAX_SLOTS, Host, make_host, parse_hosts, read_hostfile, read_text_lines, refuse_duplicates,
-)  # fmt: skip
+    MAX_SLOTS,
+    Host,
+    make_host,
+    parse_hosts,
+    read_hostfile,
+    read_text_lines,
+    refuse_duplicates,
+)
 
 SOURCES = ("slurm", "pbs", "lsf", "hosts", "file")
 
 
-def hosts_from(source: str, spec: str | None, slots: int | None = None, env: Mapping[str, str] | None = None,
-               tasks_per_node: str | None = None) -> list[Host]:  # fmt: skip
+def hosts_from(
+    source: str,
+    spec: str | None,
+    slots: int | None = None,
+    env: Mapping[str, str] | None = None,
+    tasks_per_node: str | None = None,
+) -> list[Host]:
     """Hosts from `source` (one of SOURCES); `spec` is its text (a node list, a file, ...) or None for the env."""
     env = os.environ if env is None else env
     if slots is not None and slots <= 0:
@@ -112,8 +123,10 @@ def _lsf_pairs(text: str, what: str) -> list[Host]:
     words = text.split()
     if not words or len(words) % 2:
         raise InputError(f"{what} '{text}' must be pairs of host and slot count, e.g. 'host1 4 host2 4'.")
-    hosts = [make_host(name, count, f"{what} entry '{shown(name, 40)} {shown(count, 40)}'")
-             for name, count in zip(words[::2], words[1::2])]  # fmt: skip
+    hosts = [
+        make_host(name, count, f"{what} entry '{shown(name, 40)} {shown(count, 40)}'")
+        for name, count in zip(words[::2], words[1::2])
+    ]
     return refuse_duplicates(hosts, what)
 
 

@@ -8,9 +8,9 @@ import math
 
 import torch
 
-from hvdlm.collectives import allreduce
 from hvdlm.config import TrainConfig
-from hvdlm.topology import Group, Topology
+from hvdlm.parallel.collectives import allreduce
+from hvdlm.parallel.topology import Group, Topology
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -74,11 +74,11 @@ def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: To
     """The optimizer, with every replica starting from its DP group's root state.
 
     Synchronous training wraps it to average gradients over the DP group; local SGD keeps it plain (replicas
-    average their weights every local_sgd_interval steps instead, see hvdlm.local_sgd).
+    average their weights every local_sgd_interval steps instead, see hvdlm.training.local_sgd).
     """
     import horovod.torch as hvd
 
-    from hvdlm.precision import compression
+    from hvdlm.training.precision import compression
 
     optimizer = make_optimizer(model, cfg)
     broadcast_initial_state(model, optimizer, topology)
@@ -88,9 +88,13 @@ def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: To
     # overlapped with the backward pass. Without TP the set is the whole job. With accumulation, the gradients
     # of backward_passes_per_step micro-batches add up locally and only the last backward pass allreduces.
     return hvd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(), op=hvd.Average, process_set=topology.dp_process_set,
-        backward_passes_per_step=cfg.accumulation_steps, compression=compression(cfg),
-    )  # fmt: skip
+        optimizer,
+        named_parameters=model.named_parameters(),
+        op=hvd.Average,
+        process_set=topology.dp_process_set,
+        backward_passes_per_step=cfg.accumulation_steps,
+        compression=compression(cfg),
+    )
 
 
 def broadcast_initial_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from hvdlm.ema import WeightEMA
-from hvdlm.topology import Topology
+from hvdlm.parallel.topology import Topology
+from hvdlm.training.ema import WeightEMA
 
 
 @torch.no_grad()
 def average_replicas(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, ema: WeightEMA | None = None
-) -> None:  # fmt: skip
+) -> None:
     """Average weights, optimizer moments and the weights' moving average over the DP group (the replicas of
     this rank's shard)."""
     import horovod.torch as hvd

@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from hvdlm.collectives import allreduce
-from hvdlm.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
-from hvdlm.topology import Group
+from hvdlm.parallel.collectives import allreduce
+from hvdlm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from hvdlm.parallel.topology import Group
 
 # ------------------------------------------------------------------------------------------------------------
 # How a full tensor is cut into shards
@@ -111,9 +111,14 @@ class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns; see the module docstring. Weight shard: (out / p, in)."""
 
     def __init__(
-        self, in_features: int, out_features: int, group: Group, bias: bool = True, chunks: int = 1,
+        self,
+        in_features: int,
+        out_features: int,
+        group: Group,
+        bias: bool = True,
+        chunks: int = 1,
         gather_output: bool = False,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.group, self.gather_output = group, gather_output
         self.in_features, self.out_features = in_features, out_features
@@ -132,7 +137,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, group: Group, bias: bool = True, input_is_parallel: bool = True
-    ):  # fmt: skip
+    ):
         super().__init__()
         if in_features % group.size:
             raise ValueError(f"in_features {in_features} does not divide among {group.size} TP ranks")
@@ -222,7 +227,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, group: Group, vocab_size: int
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Mean cross-entropy of logits (..., V / p), this rank's vocabulary shard, against targets (...).
 
     `vocab_size` is the real vocabulary: columns beyond it are padding and take no part.

@@ -101,7 +101,9 @@ def _tf32_allowed() -> bool:
         return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops_per_device: float | None, devices: int) -> float | None:
+def mfu(
+    tokens_per_s: float, flops_per_token: float, peak_tflops_per_device: float | None, devices: int
+) -> float | None:
     """The fraction of the devices' peak the training achieves; None without a known peak.
 
     tokens_per_s is the whole job's throughput (all data-parallel replicas); devices the job's ranks (tp x dp).

@@ -15,36 +15,62 @@ def data() -> None:
 @data.command()
 @click.argument("sources", nargs=-1)
 @click.option("--out", "-o", required=True, type=click.Path(), help="Dataset directory to write (created atomically).")
-@click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True,
-              help="byte: 256 byte tokens; bpe: byte-level BPE trained on the training documents.")  # fmt: skip
+@click.option(
+    "--tokenizer",
+    type=click.Choice(["byte", "bpe"]),
+    default="byte",
+    show_default=True,
+    help="byte: 256 byte tokens; bpe: byte-level BPE trained on the training documents.",
+)
 @click.option("--vocab-size", type=int, default=4096, show_default=True, help="BPE vocabulary size.")
-@click.option("--val-fraction", type=float, default=0.05, show_default=True,
-              help="Share of documents held out for validation.")  # fmt: skip
-@click.option("--glob", "globs", multiple=True, metavar="PATTERN",
-              help="Files to take from directory sources, e.g. '**/*.md' (repeatable; default: every file but "
-              "hidden ones).")  # fmt: skip
+@click.option(
+    "--val-fraction", type=float, default=0.05, show_default=True, help="Share of documents held out for validation."
+)
+@click.option(
+    "--glob",
+    "globs",
+    multiple=True,
+    metavar="PATTERN",
+    help="Files to take from directory sources, e.g. '**/*.md' (repeatable; default: every file but hidden ones).",
+)
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field that holds the text.")
-@click.option("--strict", is_flag=True, help="Reject unusable inputs (not UTF-8, binary, broken gzip, ...) "
-              "instead of skipping and counting them.")  # fmt: skip
-@click.option("--shard-tokens", type=click.IntRange(min=1), default=None,
-              help="Tokens per shard file [default: 2**27].")  # fmt: skip
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Reject unusable inputs (not UTF-8, binary, broken gzip, ...) instead of skipping and counting them.",
+)
+@click.option(
+    "--shard-tokens", type=click.IntRange(min=1), default=None, help="Tokens per shard file [default: 2**27]."
+)
 def prepare(
-    sources: tuple[str, ...], out: str, tokenizer: str, vocab_size: int, val_fraction: float, globs: tuple[str, ...],
-    text_field: str, strict: bool, shard_tokens: int | None,
-) -> None:  # fmt: skip
+    sources: tuple[str, ...],
+    out: str,
+    tokenizer: str,
+    vocab_size: int,
+    val_fraction: float,
+    globs: tuple[str, ...],
+    text_field: str,
+    strict: bool,
+    shard_tokens: int | None,
+) -> None:
     """Tokenize SOURCES into a dataset directory.
 
     SOURCES are text files, directories (searched with --glob), JSON Lines files (.jsonl / .ndjson, one document
     per record), any of them gzip-compressed (.gz), or 'stdlib' for the running Python's standard-library
     sources (the default). Running it again on unchanged inputs does nothing.
     """
-    from hvdlm.data.prepare import PrepareOptions, prepare as run_prepare
+    from hvdlm.data.prepare import PrepareOptions
+    from hvdlm.data.prepare import prepare as run_prepare
 
     # The shard size's default lives with the shard format (numpy), which this module must not import.
     sizing = {"shard_tokens": shard_tokens} if shard_tokens is not None else {}
     options = PrepareOptions(
-        tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, text_field=text_field, strict=strict,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        text_field=text_field,
+        strict=strict,
         **sizing,
-    )  # fmt: skip
+    )
     report = run_prepare(list(sources), out, options, globs=list(globs), progress=sys.stderr.isatty(), log=click.echo)
     click.echo(report.summary())

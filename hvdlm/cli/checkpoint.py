@@ -17,15 +17,20 @@ def checkpoint() -> None:
 @checkpoint.command()
 @click.argument("ckpt", type=click.Path(dir_okay=False))
 @click.option(
-    "-o", "--out", type=click.Path(dir_okay=False), default=None,
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
     help="Where to write the unsharded checkpoint (default: STEM-merged.pt beside the input).",
-)  # fmt: skip
+)
 def merge(ckpt: str, out: str | None) -> None:
     """Merge the TP shards of CKPT into one unsharded checkpoint (model and optimizer state).
 
     CKPT is any one shard (step-0000100.tp0-of-2.pt), or the checkpoint's unsharded name (step-0000100.pt).
     """
-    from hvdlm.checkpoint import load_full_state, save_checkpoint, shard_paths
+    from hvdlm.checkpoint.format import save_checkpoint
+    from hvdlm.checkpoint.reshard import load_full_state
+    from hvdlm.checkpoint.store import shard_paths
 
     paths = shard_paths(ckpt)
     stem = Path(ckpt).name.split(".")[0]
@@ -36,6 +41,8 @@ def merge(ckpt: str, out: str | None) -> None:
     try:
         save_checkpoint(target, state)
     except OSError as e:
-        raise InputError(f"cannot write '{target}': {e.strerror or e}. Pass an --out in a writable directory.") from None
+        raise InputError(
+            f"cannot write '{target}': {e.strerror or e}. Pass an --out in a writable directory."
+        ) from None
     n = sum(t.numel() for name, t in state["model"].items() if name != "head.weight")
     click.echo(f"merged {len(paths)} shard(s) of step {state.get('step')} ({n / 1e6:.2f}M parameters) into {target}")

@@ -204,5 +204,5 @@ def _refuse_non_mpi_launch(tp: int) -> None:
         raise InputError(
             f"parallel.tp = {tp} needs an MPI launcher, but these {horovod_size} ranks were started by horovodrun "
             "with the Gloo controller, which gives mpi4py no communicator for the tensor-parallel groups. "
-            "Use mpirun, srun --mpi=pmix, or horovodrun --mpi (launch.controller = \"mpi\")."
+            'Use mpirun, srun --mpi=pmix, or horovodrun --mpi (launch.controller = "mpi").'
         )

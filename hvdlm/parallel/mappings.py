@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from hvdlm import collectives
-from hvdlm.topology import Group
+from hvdlm.parallel import collectives
+from hvdlm.parallel.topology import Group
 
 
 class _CopyToTP(torch.autograd.Function):

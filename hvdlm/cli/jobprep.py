@@ -1,4 +1,4 @@
-"""`hvdlm hostfile`, `hvdlm sbatch` and `hvdlm doctor`; registered on the main group in hvdlm/cli.py.
+"""`hvdlm hostfile`, `hvdlm sbatch` and `hvdlm doctor`; registered on the main group in hvdlm/cli/__init__.py.
 
 hostfile and sbatch answer in well under half a second on a login node: nothing here imports torch or horovod
 (doctor imports them in a child process, so one broken piece is reported instead of crashing the check).
@@ -18,20 +18,28 @@ from hvdlm.errors import InputError
 
 @click.command()
 @click.option(
-    "--from", "source", type=click.Choice(["slurm", "pbs", "lsf", "hosts", "file"]), required=True,
+    "--from",
+    "source",
+    type=click.Choice(["slurm", "pbs", "lsf", "hosts", "file"]),
+    required=True,
     help="Where the hosts come from: a Slurm job (SLURM_JOB_NODELIST, SLURM_TASKS_PER_NODE), a PBS job "
     "(PBS_NODEFILE), an LSF job (LSB_MCPU_HOSTS / LSB_HOSTS), a host:slots string, or a hostfile.",
-)  # fmt: skip
+)
 @click.argument("spec", required=False)
 @click.option(
-    "--format", "fmt", type=click.Choice(["openmpi", "mpich", "horovod", "list"]), default="openmpi",
-    show_default=True, help="openmpi: 'host slots=N'; mpich: 'host:N'; horovod: the -H string; list: host per line.",
-)  # fmt: skip
+    "--format",
+    "fmt",
+    type=click.Choice(["openmpi", "mpich", "horovod", "list"]),
+    default="openmpi",
+    show_default=True,
+    help="openmpi: 'host slots=N'; mpich: 'host:N'; horovod: the -H string; list: host per line.",
+)
 @click.option("--slots", type=int, default=None, help="Slots per host, instead of what the source says.")
 @click.option("--tasks-per-node", default=None, metavar="COUNTS", help="Slurm counts such as 2(x3),1 for SPEC.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
-def hostfile(source: str, spec: str | None, fmt: str, slots: int | None, tasks_per_node: str | None,
-             output: str | None) -> None:  # fmt: skip
+def hostfile(
+    source: str, spec: str | None, fmt: str, slots: int | None, tasks_per_node: str | None, output: str | None
+) -> None:
     """Write a hostfile from a scheduler's allocation, a host:slots list or another hostfile.
 
     SPEC is the source's text: a Slurm node list such as 'node[01-04]', a PBS node file, LSF hosts such as
@@ -63,8 +71,12 @@ def hostfile(source: str, spec: str | None, fmt: str, slots: int | None, tasks_p
 @click.option("--time", "time_", default=None, metavar="HH:MM:SS", help="Wall-clock limit (slurm.time).")
 @click.option("--partition", default=None, help="Partition (slurm.partition).")
 @click.option("--account", default=None, help="Account to charge (slurm.account).")
-@click.option("--launcher", type=click.Choice(["srun", "mpirun", "horovodrun"]), default=None,
-              help="Launch line: srun --mpi=pmix (default), mpirun or horovodrun (slurm.launcher).")  # fmt: skip
+@click.option(
+    "--launcher",
+    type=click.Choice(["srun", "mpirun", "horovodrun"]),
+    default=None,
+    help="Launch line: srun --mpi=pmix (default), mpirun or horovodrun (slurm.launcher).",
+)
 @click.option("--ntasks-per-node", type=int, default=None, help="Ranks per node (default: GPUs, or np / nodes).")
 @click.option("--cpus-per-task", type=int, default=None, help="Cores per rank (default: 4 per GPU, 1 per CPU rank).")
 @click.option("--venv", default=None, help="Virtual environment to activate (default: slurm.venv, or the running one).")
@@ -72,25 +84,50 @@ def hostfile(source: str, spec: str | None, fmt: str, slots: int | None, tasks_p
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the script here.")
 @click.option("--submit", is_flag=True, help="Submit it with sbatch and print the job id.")
-def sbatch(job: str, nodes: int | None, gpus_per_node: int | None, time_: str | None, partition: str | None,
-           account: str | None, launcher: str | None, ntasks_per_node: int | None, cpus_per_task: int | None,
-           venv: str | None, run_dir: str | None, overrides: tuple[str, ...], output: str | None,
-           submit: bool) -> None:  # fmt: skip
+def sbatch(
+    job: str,
+    nodes: int | None,
+    gpus_per_node: int | None,
+    time_: str | None,
+    partition: str | None,
+    account: str | None,
+    launcher: str | None,
+    ntasks_per_node: int | None,
+    cpus_per_task: int | None,
+    venv: str | None,
+    run_dir: str | None,
+    overrides: tuple[str, ...],
+    output: str | None,
+    submit: bool,
+) -> None:
     """Render a Slurm batch script that trains JOB; print it, write it (-o) or submit it (--submit)."""
     from hvdlm.config import load_config
     from hvdlm.launch import sbatch as batch
     from hvdlm.launch.hostfile import write_atomically
 
     if output and Path(output).exists() and Path(job).exists() and os.path.samefile(output, job):
-        raise InputError(f"-o '{output}' is the job file itself; writing the script there would destroy it. Choose "
-                         "another file name, e.g. -o job.sbatch.")  # fmt: skip
+        raise InputError(
+            f"-o '{output}' is the job file itself; writing the script there would destroy it. Choose "
+            "another file name, e.g. -o job.sbatch."
+        )
     cfg = load_config(job, overrides)
     spec = batch.spec_from_config(
-        cfg, job, list(overrides), nodes=nodes, gpus_per_node=gpus_per_node, time=time_, partition=partition,
-        account=account, launcher=launcher, run_dir=run_dir, ntasks_per_node=ntasks_per_node,
-        cpus_per_task=cpus_per_task, venv=venv, command=shlex.join(["hvdlm", "sbatch", *sys.argv[2:]]),
+        cfg,
+        job,
+        list(overrides),
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        time=time_,
+        partition=partition,
+        account=account,
+        launcher=launcher,
+        run_dir=run_dir,
+        ntasks_per_node=ntasks_per_node,
+        cpus_per_task=cpus_per_task,
+        venv=venv,
+        command=shlex.join(["hvdlm", "sbatch", *sys.argv[2:]]),
         script=output or "",
-    )  # fmt: skip
+    )
     batch.check_setup(spec.setup)  # before anything is written or submitted
     script = batch.render(spec)
     if output:

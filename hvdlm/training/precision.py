@@ -45,14 +45,14 @@ def check_precision(cfg: TrainConfig, device: torch.device) -> None:
     """Refuse what this device cannot do, before anything is written."""
     if device.type != "cuda" and cfg.precision == "fp16":
         raise InputError(
-            "train.precision = \"fp16\" needs a GPU: fp16 training relies on a CUDA gradient scaler, and CPUs have "
-            "no fast fp16 arithmetic. Use precision = \"bf16\" (autocast to bfloat16 works on CPUs) or \"fp32\"."
+            'train.precision = "fp16" needs a GPU: fp16 training relies on a CUDA gradient scaler, and CPUs have '
+            'no fast fp16 arithmetic. Use precision = "bf16" (autocast to bfloat16 works on CPUs) or "fp32".'
         )
     if device.type != "cuda" and cfg.grad_compression == "fp16":
         raise InputError(
-            "train.grad_compression = \"fp16\" is for GPU tensors: on CPU, the MPI and Gloo reductions of fp16 "
+            'train.grad_compression = "fp16" is for GPU tensors: on CPU, the MPI and Gloo reductions of fp16 '
             "buffers are slower than fp32 ones (no native half arithmetic), so it would cost time, not save it. "
-            "Set grad_compression = \"none\" on CPU ranks."
+            'Set grad_compression = "none" on CPU ranks.'
         )
 
 

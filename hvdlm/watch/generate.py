@@ -42,21 +42,29 @@ def check_options(prompt: str, max_tokens: int, temperature: float, top_k: int) 
 
 
 def generate(
-    run_dir: str | Path, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
-    seed: int = 0, checkpoint: str | Path | None = None, ema: bool = False,
-) -> Generation:  # fmt: skip
+    run_dir: str | Path,
+    prompt: str,
+    max_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    ema: bool = False,
+) -> Generation:
     """Continue PROMPT with max_tokens tokens sampled from RUN_DIR's newest complete checkpoint (or CHECKPOINT)."""
     check_options(prompt, max_tokens, temperature, top_k)
     run_dir = Path(run_dir)
     if checkpoint is None and not run_dir.is_dir():
-        raise InputError(f"run directory '{run_dir}' does not exist. Name a directory given to `hvdlm train --run-dir`.")
+        raise InputError(
+            f"run directory '{run_dir}' does not exist. Name a directory given to `hvdlm train --run-dir`."
+        )
 
     import torch  # only now: option errors above answer at once
 
-    from hvdlm.checkpoint import load_model
+    from hvdlm.checkpoint.reshard import load_model
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
-    from hvdlm.topology import Group
+    from hvdlm.parallel.topology import Group
 
     path, state = _load(run_dir, checkpoint)
     config = state.get("config")
@@ -100,15 +108,20 @@ def generate(
     # model.generate feeds back at most seq_len tokens: a longer prompt is cropped to its last seq_len tokens.
     out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
     return Generation(
-        text=tokenizer.decode(out[0].tolist()), checkpoint=path, step=int(state["step"]), prompt_tokens=len(ids),
-        context=cfg.seq_len, weights=weights,
-    )  # fmt: skip
+        text=tokenizer.decode(out[0].tolist()),
+        checkpoint=path,
+        step=int(state["step"]),
+        prompt_tokens=len(ids),
+        context=cfg.seq_len,
+        weights=weights,
+    )
 
 
 def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
     """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
     passed over, as `--resume auto` does), as one unsharded state."""
-    from hvdlm.checkpoint import load_full_state, merge_states, newest_loadable, resolve_checkpoint, shard_paths
+    from hvdlm.checkpoint.reshard import load_full_state, merge_states
+    from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, shard_paths
 
     # The EMA weights, when the run kept them, are merged like the model's.
     if checkpoint is not None:
@@ -136,10 +149,11 @@ def _tokenizer_of(config: dict[str, Any], path: Path):
         if not data.dataset and data.tokenizer == "byte":
             return ByteTokenizer()  # the built-in corpus in bytes: nothing to load, the cache may be elsewhere
         how = (
-            f"Prepare it again with `hvdlm data prepare ... --out {directory}`" if data.dataset else
-            "Run with the HVDLM_CACHE the training used (the built-in corpus is prepared in that cache), or "
+            f"Prepare it again with `hvdlm data prepare ... --out {directory}`"
+            if data.dataset
+            else "Run with the HVDLM_CACHE the training used (the built-in corpus is prepared in that cache), or "
             "train once on this machine to prepare it"
-        )  # fmt: skip
+        )
         raise InputError(
             f"the run's dataset '{directory}' is not there, and its tokenizer with it, so the prompt cannot be "
             f"encoded as the run's tokens. {how}."

@@ -16,11 +16,16 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
-from hvdlm.layers import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, full_shape, shard, vocab_parallel_cross_entropy,
-)  # fmt: skip
-from hvdlm.mappings import gather_from_tp
-from hvdlm.topology import Group
+from hvdlm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    full_shape,
+    shard,
+    vocab_parallel_cross_entropy,
+)
+from hvdlm.parallel.mappings import gather_from_tp
+from hvdlm.parallel.topology import Group
 
 
 class CausalSelfAttention(nn.Module):
@@ -158,9 +163,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 40,
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens sampled tokens, feeding back at most seq_len of context."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.cfg.seq_len :]

@@ -13,12 +13,16 @@ import click
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR ...]")
 @click.option(
-    "-o", "--out", "out_dir", type=click.Path(), default=None,
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(),
+    default=None,
     help="Directory for the charts (default: plots/ in the first RUN_DIR).",
-)  # fmt: skip
+)
 def plot(run_dirs: tuple[str, ...], out_dir: str | None) -> None:
     """Chart the loss (by step and by tokens) and the throughput of one or more runs, compared in one figure each."""
-    from hvdlm.plot import plot_runs
+    from hvdlm.watch.plot import plot_runs
 
     for path in plot_runs(list(run_dirs), out_dir):
         click.echo(str(path))
@@ -32,16 +36,24 @@ def plot(run_dirs: tuple[str, ...], out_dir: str | None) -> None:
 @click.option("--top-k", type=int, default=40, show_default=True, help="Sample from the k most likely tokens.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same text.")
 @click.option(
-    "--checkpoint", type=click.Path(), default=None,
+    "--checkpoint",
+    type=click.Path(),
+    default=None,
     help="A checkpoint file (any shard) instead of RUN_DIR's newest complete one.",
-)  # fmt: skip
+)
 @click.option("--ema", is_flag=True, help="Use the checkpoint's EMA weights (runs with train.ema_decay > 0).")
 def generate(
-    run_dir: str, prompt: str, max_tokens: int, temperature: float, top_k: int, seed: int, checkpoint: str | None,
+    run_dir: str,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    checkpoint: str | None,
     ema: bool,
-) -> None:  # fmt: skip
+) -> None:
     """Print PROMPT continued by a model trained in RUN_DIR (its newest complete checkpoint, any TP size)."""
-    from hvdlm.generate import generate as run_generation
+    from hvdlm.watch.generate import generate as run_generation
 
     result = run_generation(run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint, ema)
     if result.prompt_tokens > result.context:

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from hvdlm.topology import Group
+from hvdlm.parallel.topology import Group
 
 CPU_MPI, CUDA_MPI, CUDA_HOROVOD = "cpu-mpi", "cuda-mpi", "cuda-horovod"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdlm.errors import InputError
-from hvdlm.metrics import METRICS_FILE
+from hvdlm.training.metrics import METRICS_FILE
 
 CHARTS = ("loss.png", "loss_tokens.png", "throughput.png")
 
@@ -141,8 +141,15 @@ def _loss_by_tokens(ax, runs: list[RunMetrics]) -> None:
     ax.set_title("loss against tokens")
     missing = [r.name for r in runs if not _series(r.train, "tokens", "loss")[0]]
     if missing:  # runs written before metrics rows carried "tokens"
-        ax.text(0.5, 0.02, f"no 'tokens' in the rows of: {', '.join(missing)}", transform=ax.transAxes,
-                ha="center", fontsize="small", color="gray")  # fmt: skip
+        ax.text(
+            0.5,
+            0.02,
+            f"no 'tokens' in the rows of: {', '.join(missing)}",
+            transform=ax.transAxes,
+            ha="center",
+            fontsize="small",
+            color="gray",
+        )
 
 
 def _throughput(ax, runs: list[RunMetrics]) -> None:

@@ -1,6 +1,6 @@
 """One rank's training program: `hvdlm train JOB.toml`, started once per device by a launcher.
 
-The ranks form a tp x dp grid (hvdlm.topology). Each TP group of tp adjacent ranks holds one model replica in
+The ranks form a tp x dp grid (hvdlm.parallel.topology). Each TP group of tp adjacent ranks holds one model replica in
 shards, and its collectives (mpi4py) run inside the layers. Data parallelism with Horovod: every replica trains
 on its own slice of each global batch, and Horovod's ring allreduce averages the gradients within each DP group
 (the ranks holding the same shard), so all replicas take the same step and stay identical. tp = 1 is plain data
@@ -20,25 +20,30 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
-from hvdlm.checkpoint import (
-    checkpoint_path, load_full_state, load_model, load_optimizer, prune_checkpoints, remove_stale_temporaries,
-    resolve_checkpoint, save_checkpoint, set_aside_newer, shard_state, training_state,
-)  # fmt: skip
+from hvdlm.checkpoint.format import save_checkpoint, training_state
+from hvdlm.checkpoint.reshard import load_full_state, load_model, load_optimizer, shard_state
+from hvdlm.checkpoint.store import (
+    checkpoint_path,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    set_aside_newer,
+)
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
 from hvdlm.data.sampler import WindowSampler
-from hvdlm.ema import WeightEMA
 from hvdlm.errors import InputError
-from hvdlm.flops import flops_per_token, memory_mb, mfu, peak_tflops
-from hvdlm.local_sgd import average_replicas
-from hvdlm.metrics import RunLogger
 from hvdlm.model import GPT
-from hvdlm.optim import clip_grad_norm, distributed_optimizer, lr_at
-from hvdlm.precision import Precision
-from hvdlm.preemption import Preempted, Stop, StopVote
-from hvdlm.resume import Start, agree_on_start, check_compatible, raise_if_any, rng_state, set_rng_state
-from hvdlm.topology import Topology, dp_group_ranks, init_topology
+from hvdlm.parallel.topology import Topology, dp_group_ranks, init_topology
+from hvdlm.training.ema import WeightEMA
+from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
+from hvdlm.training.local_sgd import average_replicas
+from hvdlm.training.metrics import RunLogger
+from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
+from hvdlm.training.precision import Precision
+from hvdlm.training.preemption import Preempted, Stop, StopVote
+from hvdlm.training.resume import Start, agree_on_start, check_compatible, raise_if_any, rng_state, set_rng_state
 
 
 def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
@@ -147,11 +152,16 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = tokens_per_step * interval_steps / elapsed
                     row = {
-                        "step": done, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                        "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_s,
+                        "step": done,
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens": done * tokens_per_step,
+                        "tokens_per_s": tokens_per_s,
                         "ms_per_step": 1000 * elapsed / interval_steps,
-                        "mfu": mfu(tokens_per_s, model_flops, peak, hvd.size()), "memory_mb": memory_mb(device),
-                    }  # fmt: skip
+                        "mfu": mfu(tokens_per_s, model_flops, peak, hvd.size()),
+                        "memory_mb": memory_mb(device),
+                    }
                     log.record(row)
                     log.info(
                         f"step {done:>6} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {row['grad_norm']:.3f} | "
@@ -177,7 +187,7 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                 raise InputError(
                     f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm (the last at step "
                     f"{done}; train.max_skipped_steps = {t.max_skipped_steps}), so the run stops. Lower train.lr, "
-                    "set train.grad_clip (e.g. 1.0), use precision = \"bf16\" instead of fp16, or resume from an "
+                    'set train.grad_clip (e.g. 1.0), use precision = "bf16" instead of fp16, or resume from an '
                     "earlier checkpoint."
                 )
             stop_requested = stop_requested or reason == Stop.PREEMPTED
@@ -194,15 +204,33 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
                 _save(model, optimizer, done, cfg, out, topo, train_batches, ema, precision, progress, device)
     finally:
         log.close()
-    _finish(model, optimizer, cfg, out, progress, device, topo, train_batches, data, ema, precision,
-            save=first_step < t.max_steps)  # fmt: skip
+    _finish(
+        model,
+        optimizer,
+        cfg,
+        out,
+        progress,
+        device,
+        topo,
+        train_batches,
+        data,
+        ema,
+        precision,
+        save=first_step < t.max_steps,
+    )
     return out
 
 
 def _train_step(
-    model: GPT, optimizer, batches: WindowSampler, precision: Precision, ema: WeightEMA | None, topo: Topology,
-    t: TrainConfig, device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, str | None]:  # fmt: skip
+    model: GPT,
+    optimizer,
+    batches: WindowSampler,
+    precision: Precision,
+    ema: WeightEMA | None,
+    topo: Topology,
+    t: TrainConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """One optimizer step over accumulation_steps micro-batches; returns (loss, gradient norm, why it was skipped).
 
     The loss is this rank's mean over its micro-batches. A step whose loss or gradient norm is not finite is
@@ -252,9 +280,16 @@ def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> st
 
 
 def _restore(
-    start: Start, model: GPT, optimizer, ema: WeightEMA | None, precision: Precision, batches: WindowSampler,
-    topo: Topology, device: torch.device, t: TrainConfig,
-) -> tuple[int, dict]:  # fmt: skip
+    start: Start,
+    model: GPT,
+    optimizer,
+    ema: WeightEMA | None,
+    precision: Precision,
+    batches: WindowSampler,
+    topo: Topology,
+    device: torch.device,
+    t: TrainConfig,
+) -> tuple[int, dict]:
     """Put the checkpoint's optimizer, EMA, scaler, data position and RNG back; returns (first step, progress).
 
     A fresh run seeds its dropout stream instead: one per replica, shared by its TP ranks, whose replicated
@@ -277,15 +312,28 @@ def _restore(
     else:  # another number of replicas: new dropout streams, so not bit-identical to an uninterrupted run
         torch.manual_seed(t.seed + 1 + topo.dp_rank + 7919 * state["step"])
         if hvd.rank() == 0:
-            print(f"note: the checkpoint was written by {len(rngs)} replica(s), this run has {topo.dp}; dropout "
-                  "draws new masks from here", flush=True)  # fmt: skip
+            print(
+                f"note: the checkpoint was written by {len(rngs)} replica(s), this run has {topo.dp}; dropout "
+                "draws new masks from here",
+                flush=True,
+            )
     return state["step"], dict(state.get("progress") or {})
 
 
 def _finish(
-    model: GPT, optimizer, cfg: JobConfig, out: Path, progress: dict, device, topo: Topology,
-    batches: WindowSampler, data: Dataset, ema: WeightEMA | None, precision: Precision, save: bool,
-) -> None:  # fmt: skip
+    model: GPT,
+    optimizer,
+    cfg: JobConfig,
+    out: Path,
+    progress: dict,
+    device,
+    topo: Topology,
+    batches: WindowSampler,
+    data: Dataset,
+    ema: WeightEMA | None,
+    precision: Precision,
+    save: bool,
+) -> None:
     """Check the replicas agree, write the final checkpoint (unless resumed from it) and summary.json, and report
     on rank 0."""
     t = cfg.train
@@ -305,10 +353,17 @@ def _finish(
         sample = _sample(model, data.tokenizer, t.sample_tokens, t.seed, device)
     if hvd.rank() == 0:
         summary = {
-            "steps": t.max_steps, "ranks": hvd.size(), "tp": topo.tp, "dp": topo.dp, "first_val_loss": first_val,
-            "final_val_loss": final_val, "replica_checksums": checksums, "replicas_identical": identical,
-            "checkpoint": str(paths[0]), "checkpoint_shards": [str(p) for p in paths],
-        }  # fmt: skip
+            "steps": t.max_steps,
+            "ranks": hvd.size(),
+            "tp": topo.tp,
+            "dp": topo.dp,
+            "first_val_loss": first_val,
+            "final_val_loss": final_val,
+            "replica_checksums": checksums,
+            "replicas_identical": identical,
+            "checkpoint": str(paths[0]),
+            "checkpoint_shards": [str(p) for p in paths],
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if not identical:
             print(f"WARNING: the replicas diverged: parameter checksums by rank {checksums}", flush=True)
@@ -391,9 +446,18 @@ def _evaluate(model: GPT, batches: WindowSampler, n_batches: int, device: torch.
 
 
 def _save(
-    model: GPT, optimizer, step: int, cfg: JobConfig, out: Path, topo: Topology, batches: WindowSampler,
-    ema: WeightEMA | None, precision: Precision, progress: dict, device: torch.device,
-) -> None:  # fmt: skip
+    model: GPT,
+    optimizer,
+    step: int,
+    cfg: JobConfig,
+    out: Path,
+    topo: Topology,
+    batches: WindowSampler,
+    ema: WeightEMA | None,
+    precision: Precision,
+    progress: dict,
+    device: torch.device,
+) -> None:
     """The checkpoint at `step`: the first replica's TP ranks write a shard each (the whole model when tp = 1).
 
     Called by every rank: all RNG states are gathered (each replica draws its own dropout masks), and the save
@@ -403,11 +467,18 @@ def _save(
     rngs = hvd.allgather_object(rng_state(device), name=f"rng.{step}")
     if topo.dp_rank == 0:
         state = training_state(
-            model, optimizer, step, cfg.to_dict(), topo.tp_rank, topo.tp,
+            model,
+            optimizer,
+            step,
+            cfg.to_dict(),
+            topo.tp_rank,
+            topo.tp,
             data=batches.state_dict(),  # (epoch, position, seed): a resumed run continues with the next sample
-            ema=ema.state_dict() if ema else None, scaler=precision.state_dict(),
-            rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)], progress=dict(progress),
-        )  # fmt: skip
+            ema=ema.state_dict() if ema else None,
+            scaler=precision.state_dict(),
+            rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)],
+            progress=dict(progress),
+        )
         save_checkpoint(checkpoint_path(out, step, topo.tp_rank, topo.tp), state)
     hvd.allgather_object(None, name=f"saved.{step}")  # Horovod: a barrier, so every shard is on disk
     if hvd.rank() == 0:

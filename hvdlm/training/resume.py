@@ -14,9 +14,8 @@ from typing import Any
 import horovod.torch as hvd
 import torch
 
-from hvdlm.checkpoint import (
-    load_full_state, merge_states, newest_loadable, resolve_checkpoint, shard_paths,
-)  # fmt: skip
+from hvdlm.checkpoint.reshard import load_full_state, merge_states
+from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, shard_paths
 from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
 
@@ -79,8 +78,8 @@ def check_compatible(state: dict[str, Any], cfg_train: TrainConfig, source: str)
     if theirs != cfg_train.optimizer:
         raise InputError(
             f"checkpoint '{source}' was written with train.optimizer = \"{theirs}\", this job uses "
-            f"\"{cfg_train.optimizer}\": its optimizer state does not carry over. Resume with optimizer = "
-            f"\"{theirs}\", or start a new run from its weights with --init-from."
+            f'"{cfg_train.optimizer}": its optimizer state does not carry over. Resume with optimizer = '
+            f'"{theirs}", or start a new run from its weights with --init-from.'
         )
 
 

@@ -27,9 +27,13 @@ class RunLogger:
     """Rank 0's reporter. `resume_step` S (not None): this run continues an earlier attempt after its step S."""
 
     def __init__(
-        self, run_dir: Path | None, max_steps: int, enabled: bool, tensorboard: bool = False,
+        self,
+        run_dir: Path | None,
+        max_steps: int,
+        enabled: bool,
+        tensorboard: bool = False,
         resume_step: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.enabled = enabled
         self._file = None
         self._writer = None
@@ -46,9 +50,14 @@ class RunLogger:
         # A bar only where someone watches: a terminal, or `hvdlm launch` run from one (HVDLM_PROGRESS=1).
         if os.environ.get("HVDLM_PROGRESS") == "1" or sys.stderr.isatty():
             self._bar = tqdm(
-                total=max_steps, initial=resume_step or 0, desc="train", unit="step", ncols=100, mininterval=0.5,
+                total=max_steps,
+                initial=resume_step or 0,
+                desc="train",
+                unit="step",
+                ncols=100,
+                mininterval=0.5,
                 file=sys.stderr,
-            )  # fmt: skip
+            )
 
     def info(self, message: str) -> None:
         if not self.enabled:
@@ -105,7 +114,7 @@ def scalars_of(row: dict[str, Any]) -> dict[str, float]:
         if validation:
             if not key.startswith("val_"):
                 continue  # the tokens of an evaluation row are the training row's, already plotted
-            out[f"val/{key[len('val_'):]}"] = float(value)
+            out[f"val/{key[len('val_') :]}"] = float(value)
         else:
             out[f"train/{key}"] = float(value)
     return out

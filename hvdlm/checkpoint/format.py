@@ -1,0 +1,116 @@
+"""The checkpoint file: what one rank's file holds, written atomically and read as data only.
+
+With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-2.pt`; without, one file,
+`step-0000100.pt`. A file holds:
+
+    model       the rank's state_dict (its shards, plus the replicated tensors)
+    optimizer   the rank's optimizer state_dict
+    step, config
+    tp          {"rank", "size", "sharding": {name: [dim, full, chunks] or None}, "param_names": [[...], ...]}
+    ema         the moving average of the weights, sharded like model (when enabled)
+    scaler      the fp16 gradient scaler's state (when enabled)
+    data        the sampler's position (the same on every rank)
+    rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
+    progress    what the loop needs from before a restart (first and last validation loss, skipped steps in a row)
+
+Every value is a tensor, a number, a string or a container of them, so `torch.load(weights_only=True)` reads it:
+a checkpoint file is data and never runs code. `sharding` says how each tensor was cut (see
+hvdlm.parallel.layers.Sharding), so shards can be merged without building the model; `param_names` names the
+optimizer's parameters (per group, in order), so its state merges the same way (hvdlm.checkpoint.reshard).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hvdlm.errors import InputError
+from hvdlm.parallel.layers import Sharding
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half-written file behind
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint file is data and never runs code.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises many kinds on damaged or foreign bytes
+        size = path.stat().st_size if path.is_file() else 0
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in reason:  # torch's advice to load with weights_only=False, which hvdlm never does
+            reason = "it is not a torch file of tensors and plain values only"
+        raise InputError(
+            f"cannot read checkpoint '{path}' ({size:,} bytes): it is truncated, damaged or not a checkpoint "
+            f"({type(e).__name__}: {reason}). Copy it again, or name another step's checkpoint."
+        ) from None
+    _check_structure(state, path)
+    return state
+
+
+def _check_structure(state: Any, path: Path) -> None:
+    """A torch file is not necessarily ours: refuse one that lacks what merging and loading read."""
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"it holds a {type(state).__name__}, not a checkpoint"
+    elif not isinstance(state.get("model"), dict) or not all(torch.is_tensor(t) for t in state["model"].values()):
+        problem = "it has no 'model' table of tensors"
+    elif not isinstance(state.get("step"), int):
+        problem = "it records no step"
+    elif "tp" in state and not (isinstance(state["tp"], dict) and {"rank", "size", "sharding"} <= state["tp"].keys()):
+        problem = "its tensor-parallel record is incomplete"
+    if problem:
+        raise InputError(
+            f"'{path}' is not an hvdlm checkpoint: {problem}. Name a file from a run's checkpoints/ directory."
+        )
+
+
+def training_state(
+    model: torch.nn.Module, optimizer, step: int, config: dict, tp_rank: int, tp: int, **extra: Any
+) -> dict:
+    """One rank's checkpoint: its shard of the model and optimizer, how to put the shards together, and `extra`
+    (ema, scaler, data, rng, progress: see the module docstring)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {
+        **{key: value for key, value in extra.items() if value is not None},
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": config,
+        "tp": {
+            "rank": tp_rank,
+            "size": tp,
+            "sharding": sharding_of(model),
+            "param_names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
+        },
+    }
+
+
+def sharding_of(model: torch.nn.Module) -> dict[str, list[int] | None]:
+    """How each state_dict entry is split, as plain lists (checkpoints load with weights_only)."""
+    out: dict[str, list[int] | None] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        spec: Sharding | None = getattr(t, "tp_shard", None)
+        out[name] = None if spec is None else [spec.dim, spec.full, spec.chunks]
+    return out

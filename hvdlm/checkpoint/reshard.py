@@ -1,0 +1,138 @@
+"""Merging TP shards into one unsharded state, and cutting an unsharded state to any TP size.
+
+`merge_states` makes one unsharded state of a checkpoint's shards; `load_model` and `load_optimizer` cut a full
+state to the loading model's TP size, so a checkpoint written with any TP size loads into any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hvdlm.checkpoint.format import load_checkpoint
+from hvdlm.checkpoint.store import shard_paths
+from hvdlm.errors import InputError
+from hvdlm.parallel.layers import Sharding, full_shape, merge, shard
+
+
+def load_full_state(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path` (any of the forms `shard_paths` accepts) as one unsharded state."""
+    return merge_states([load_checkpoint(p) for p in shard_paths(path)])
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One unsharded checkpoint state from the states of all TP ranks (in rank order)."""
+    first = states[0]
+    tp = first.get("tp", {}).get("size", 1)
+    if tp == 1:
+        return first
+    steps = sorted({s["step"] for s in states})
+    sizes = sorted({s.get("tp", {}).get("size", 1) for s in states})
+    if len(steps) > 1 or len(sizes) > 1:
+        raise InputError(
+            f"these shards belong to different checkpoints (steps {steps}, TP sizes {sizes}): a checkpoint's "
+            "shards must come from one save. Copy them again from the same run directory."
+        )
+    if len(states) != tp or [s["tp"]["rank"] for s in states] != list(range(tp)):
+        raise InputError(f"expected the {tp} shards of one checkpoint in rank order, got {len(states)} states.")
+    specs = {name: Sharding(*spec) if spec else None for name, spec in first["tp"]["sharding"].items()}
+
+    def merged(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        spec = specs.get(name)
+        # Optimizer moments have their parameter's shape; scalars (Adam's step count) are replicated.
+        return merge(parts, spec) if spec is not None and parts[0].dim() > spec.dim else parts[0]
+
+    model = {name: merged(name, [s["model"][name] for s in states]) for name in first["model"]}
+    ema = first.get("ema")
+    if ema is not None:
+        ema = {name: merged(name, [s["ema"][name] for s in states]) for name in ema}
+    optimizer = first.get("optimizer")
+    if optimizer is not None:
+        flat_names = [n for group in first["tp"]["param_names"] for n in group]
+        state = {}
+        for idx, entry in optimizer["state"].items():
+            state[idx] = {
+                key: merged(flat_names[idx], [s["optimizer"]["state"][idx][key] for s in states])
+                if torch.is_tensor(value)
+                else value
+                for key, value in entry.items()
+            }
+        optimizer = {**optimizer, "state": state}
+    tp_info = {**first["tp"], "rank": 0, "size": 1}
+    return {**first, "model": model, "optimizer": optimizer, "tp": tp_info, **({"ema": ema} if ema else {})}
+
+
+def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:
+    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree."""
+    full = full_state["model"]
+    expected = model.state_dict(keep_vars=True)
+    problems = []
+    missing = [n for n in expected if n not in full]
+    unexpected = [n for n in full if n not in expected]
+    if missing or unexpected:
+        problems.append(
+            f"{len(missing)} tensors missing (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
+        )
+    for name, t in expected.items():
+        if name in full and tuple(full[name].shape) != full_shape(t):
+            problems.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
+    their_cfg = full_state.get("config", {}).get("model", {})
+    our_cfg = model.cfg.__dict__ if hasattr(model, "cfg") else {}
+    # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads.
+    for key in ("n_layer", "n_head", "d_model", "seq_len", "bias"):
+        if key in their_cfg and key in our_cfg and their_cfg[key] != our_cfg[key]:
+            problems.append(f"{key} is {their_cfg[key]} there, {our_cfg[key]} here")
+    if problems:
+        theirs, ours = _shape_summary(their_cfg), _shape_summary(our_cfg)
+        raise InputError(
+            f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems[:4])}. "
+            f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
+        )
+    model.load_state_dict(shard_state(model, full, tp_rank, tp))
+
+
+def shard_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> dict:
+    """This rank's slices of an unsharded state dict shaped like `model`'s (weights or their moving average)."""
+    local = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        spec: Sharding | None = getattr(t, "tp_shard", None)
+        local[name] = shard(full[name], spec, tp_rank, tp) if spec is not None else full[name]
+    return local
+
+
+def _shape_summary(model_cfg: dict) -> str:
+    keys = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias")
+    return ", ".join(f"{k}={model_cfg[k]}" for k in keys if k in model_cfg) or "unknown"
+
+
+def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int) -> None:
+    """Load an unsharded optimizer state (see merge_states) into this rank's optimizer, cutting each moment like
+    its parameter. Parameters are matched by name, so the order of the optimizer's groups may differ."""
+    saved = full_state["optimizer"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    theirs = full_state.get("tp", {}).get("param_names") or ours  # files without names: same model, same order
+    flat_theirs = [n for g in theirs for n in g]
+    index = {name: i for i, name in enumerate(n for g in ours for n in g)}
+    params = dict(model.named_parameters())
+    if sorted(flat_theirs) != sorted(index):
+        raise InputError(
+            f"the optimizer state in the checkpoint covers {len(flat_theirs)} parameters, this model has {len(index)}; "
+            "the model shapes differ."
+        )
+    state = {}
+    for i, entry in saved["state"].items():
+        name = flat_theirs[i]
+        spec: Sharding | None = getattr(params[name], "tp_shard", None)
+        state[index[name]] = {
+            key: shard(v, spec, tp_rank, tp) if spec is not None and torch.is_tensor(v) and v.dim() > spec.dim else v
+            for key, v in entry.items()
+        }
+    groups, start = [], 0
+    for saved_group, our_names in zip(saved["param_groups"], ours):
+        groups.append({**saved_group, "params": list(range(start, start + len(our_names)))})
+        start += len(our_names)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,175 @@
+"""Checkpoints in a run directory: their names, finding the newest complete one, pruning, setting aside.
+
+A save is complete when every TP rank's file is there; a save killed between shards leaves an incomplete set,
+which is passed over and never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvdlm.checkpoint.format import load_checkpoint
+from hvdlm.errors import InputError
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)-of-(?P<size>\d+)\.pt$")
+
+
+_STEP_STEM = re.compile(r"^step-(?P<step>\d+)$")
+
+
+def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1) -> Path:
+    """The file of TP rank `tp_rank` (of `tp`) at `step`; one unsharded file when tp = 1."""
+    stem = run_dir / "checkpoints" / f"step-{step:07d}"
+    return stem.with_name(f"{stem.name}.pt" if tp == 1 else f"{stem.name}.tp{tp_rank}-of-{tp}.pt")
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One save in a run directory: its step and its files (one per TP rank, in rank order)."""
+
+    step: int
+    paths: tuple[Path, ...]
+
+
+def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
+    """The complete checkpoints in RUN_DIR/checkpoints, newest first.
+
+    Complete means every shard file is there (a save killed between shards leaves an incomplete set, which is
+    skipped); whether the files read is for `load_checkpoint` to say.
+    """
+    return [saved for saved, missing in _scan(run_dir) if not missing]
+
+
+def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
+    """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard files."""
+    found: dict[tuple[int, int], set[int]] = {}
+    for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"):
+        if m := _SHARD_NAME.match(p.name):
+            stem, rank, size = m["stem"], int(m["rank"]), int(m["size"])
+        else:
+            stem, rank, size = p.name[: -len(".pt")], 0, 1
+        if (s := _STEP_STEM.match(stem)) and rank < size:
+            found.setdefault((int(s["step"]), size), set()).add(rank)
+    saves = []
+    for (step, size), ranks in sorted(found.items(), reverse=True):
+        paths = tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size))
+        saves.append((SavedCheckpoint(step, paths), [paths[r].name for r in range(size) if r not in ranks]))
+    return saves
+
+
+def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
+    """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is no
+    complete checkpoint at all.
+
+    A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before;
+    complete checkpoints none of which reads are an InputError (nothing is changed).
+    """
+    damaged = 0
+    for saved, missing in _scan(run_dir):
+        if missing:
+            warn(f"WARNING: skipping checkpoint step {saved.step}: incomplete, {', '.join(missing)} missing.")
+            continue
+        try:
+            return saved, [load_checkpoint(p) for p in saved.paths]
+        except InputError as e:
+            damaged += 1
+            warn(f"WARNING: skipping checkpoint step {saved.step}: {e}")
+    if damaged:
+        raise InputError(
+            f"none of the checkpoints in '{Path(run_dir) / 'checkpoints'}' reads ({damaged} tried, see the warnings "
+            "above). "
+            "Restore them from a copy, or name a good checkpoint file; hvdlm leaves them as they are."
+        )
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
+    path = Path(path)
+    if path.is_dir() and path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        path = path.parent  # RUN_DIR/checkpoints named instead of RUN_DIR
+    if path.is_dir():
+        saved = find_checkpoints(path)
+        if not saved:
+            raise InputError(
+                f"'{path}' holds no complete checkpoint (looked in {path / 'checkpoints'}). Name a run directory "
+                "that has written one, or a checkpoint file."
+            )
+        return saved[0].paths[0]
+    return path
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """The files of the checkpoint `path` names, in TP-rank order.
+
+    `path` may be an unsharded file, any one shard (`step-0000100.tp0-of-2.pt`), or the unsharded name of a
+    sharded checkpoint (`step-0000100.pt` when only its shards exist).
+    """
+    path = Path(path)
+    m = _SHARD_NAME.match(path.name)
+    if m:
+        stem, size = m["stem"], int(m["size"])
+    elif path.is_file():
+        return [path]
+    else:
+        stem = path.name[: -len(".pt")] if path.name.endswith(".pt") else path.name
+        sizes = {int(m["size"]) for p in path.parent.glob(f"{stem}.tp*-of-*.pt") if (m := _SHARD_NAME.match(p.name))}
+        if not sizes:
+            raise InputError(f"no checkpoint at '{path}': neither that file nor its shards ({stem}.tpN-of-M.pt) exist.")
+        if len(sizes) > 1:
+            raise InputError(
+                f"'{path.parent}' holds shards of '{stem}' for several TP sizes {sorted(sizes)}; name one shard."
+            )
+        size = sizes.pop()
+    paths = [path.parent / f"{stem}.tp{r}-of-{size}.pt" for r in range(size)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"checkpoint '{stem}' in '{path.parent}' is incomplete: {len(missing)} of its {size} shards are missing "
+            f"({', '.join(missing)})."
+        )
+    return paths
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, newest: int) -> list[int]:
+    """Delete all but the `keep` newest complete checkpoints up to step `newest`, the one just written (keep = 0
+    keeps all); returns the deleted steps.
+
+    Called after a save is complete on every rank, so the newest is whole before an older one goes. Incomplete
+    sets (a save killed between shards) and anything newer than `newest` are left alone.
+    """
+    if keep <= 0:
+        return []
+    removed = [saved for saved in find_checkpoints(run_dir) if saved.step <= newest][keep:]
+    for saved in removed:
+        for p in saved.paths:
+            p.unlink(missing_ok=True)
+    return [saved.step for saved in removed]
+
+
+def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
+    """Move the checkpoint files of steps after `step` into checkpoints/set-aside-after-NNNNNNN/.
+
+    A run resumed from step S writes its own checkpoints after S; those an abandoned attempt left there (after a
+    resume from an earlier step by choice, or a damaged newest file that was passed over) would otherwise outrank
+    them in the next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.paths if p.exists()]
+    if not newer:
+        return None
+    aside = folder / f"set-aside-after-{step:07d}"
+    aside.mkdir(exist_ok=True)
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Temporary files of saves killed mid-write (`.step-*.pt.tmp-PID`): never a checkpoint, only wasted space."""
+    for p in (Path(run_dir) / "checkpoints").glob(".step-*.pt.tmp-*"):
+        p.unlink(missing_ok=True)

@@ -1,0 +1,54 @@
+"""The `hvdlm` command line. Thin: it parses, validates and calls library functions.
+
+Job-preparation commands (everything but `train`) never import torch or horovod, so they answer instantly on a
+login node; `train` imports them inside the command.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from hvdlm import __version__
+from hvdlm.cli.checkpoint import checkpoint
+from hvdlm.cli.data import data
+from hvdlm.cli.jobprep import doctor, hostfile, sbatch
+from hvdlm.cli.run import launch, train
+from hvdlm.cli.watch import generate, plot
+from hvdlm.errors import InputError
+from hvdlm.training.preemption import Preempted
+
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _is_rank0() -> bool:
+    """Under a launcher every rank hits the same bad input; only rank 0 should say so."""
+    for name in _RANK_VARIABLES:
+        if name in os.environ:
+            return os.environ[name] == "0"
+    return True
+
+
+class _Group(click.Group):
+    """Turns InputError into one clear paragraph and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as e:
+            if _is_rank0():
+                click.echo(f"Error: {e}", err=True)
+            ctx.exit(InputError.exit_code)
+        except Preempted as e:  # the checkpoint is written; the batch script requeues on this code
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hvdlm")
+def main() -> None:
+    """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
+
+
+for command in (train, launch, hostfile, sbatch, doctor, data, checkpoint, plot, generate):
+    main.add_command(command)

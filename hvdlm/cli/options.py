@@ -1,0 +1,51 @@
+"""Options and checks that several commands share (train, launch, sbatch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hvdlm.errors import InputError
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config key (repeatable), e.g. --set train.lr=3e-4.",
+)
+run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the run writes config.toml, metrics.jsonl and checkpoints/ (default: runs/JOB-TIMESTAMP).",
+)
+job_argument = click.argument("job", type=click.Path(dir_okay=False))
+resume_option = click.option(
+    "--resume",
+    default=None,
+    metavar="auto|CHECKPOINT",
+    help="Continue the run in --run-dir: 'auto' takes its newest complete checkpoint (none yet: start fresh), "
+    "or name a checkpoint.",
+)
+init_from_option = click.option(
+    "--init-from",
+    default=None,
+    metavar="RUN_DIR|CHECKPOINT",
+    help="Start from another run's weights (its newest checkpoint), with a new optimizer and data order.",
+)
+
+
+def check_resume(resume: str | None, run_dir: str | None) -> None:
+    if resume is None:
+        return
+    if not run_dir:
+        raise InputError("--resume continues the run in --run-dir: name the run directory too.")
+    if resume != "auto" and not Path(resume).exists():
+        raise InputError(f"--resume '{resume}': no such checkpoint. Pass 'auto' or the path of a checkpoint file.")
+
+
+def with_init_from(overrides: tuple[str, ...], init_from: str | None) -> tuple[str, ...]:
+    return overrides + ((f"train.init_from={json.dumps(init_from)}",) if init_from else ())

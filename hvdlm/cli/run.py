@@ -1,0 +1,127 @@
+"""`hvdlm train` (one rank's program) and `hvdlm launch` (the launcher's command line, printed, then run).
+
+torch and horovod are imported inside `train` only: `launch` answers at once on a login node.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from hvdlm.cli.options import (
+    check_resume,
+    init_from_option,
+    job_argument,
+    resume_option,
+    run_dir_option,
+    set_option,
+    with_init_from,
+)
+from hvdlm.errors import InputError
+
+
+@click.command()
+@job_argument
+@set_option
+@run_dir_option
+@resume_option
+@init_from_option
+def train(job: str, overrides: tuple[str, ...], run_dir: str | None, resume: str | None, init_from: str | None) -> None:
+    """Train JOB (a TOML job file) as one rank of a job; start it with `hvdlm launch`, mpirun or horovodrun."""
+    from hvdlm.config import load_config
+    from hvdlm.training.preemption import catch_stop_signals
+
+    catch_stop_signals()  # a preemption signal during start-up still ends in a checkpoint and a requeue
+
+    cfg = load_config(job, with_init_from(overrides, init_from))
+    check_resume(resume, run_dir)
+    from hvdlm.training.trainer import train as run_training  # torch and horovod load only now
+
+    run_training(cfg, job_name=Path(job).stem, run_dir=run_dir, resume=resume)
+
+
+@click.command()
+@job_argument
+@click.option("--np", "np_", type=click.IntRange(min=1), default=None, help="Number of ranks (default: launch.np).")
+@click.option("--hosts", default=None, metavar="HOST:SLOTS,...", help="Hosts and their slots (default: this machine).")
+@click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="A hostfile instead of --hosts.")
+@click.option(
+    "--launcher", type=click.Choice(["mpirun", "horovodrun", "srun"]), default=None, help="Default: launch.launcher."
+)
+@click.option("--mpi", type=click.Choice(["openmpi", "mpich"]), default=None, help="mpirun's MPI (launch.mpi).")
+@click.option("--nic", default=None, metavar="IFACE", help="Network interface for MPI, NCCL and Gloo (launch.nic).")
+@click.option("-x", "--env", "forward", multiple=True, metavar="NAME", help="Forward this variable to every rank.")
+@click.option("--dry-run", is_flag=True, help="Print the command without running it.")
+@set_option
+@run_dir_option
+@resume_option
+@init_from_option
+def launch(
+    job: str,
+    np_: int | None,
+    hosts: str | None,
+    hostfile: str | None,
+    launcher: str | None,
+    mpi: str | None,
+    nic: str | None,
+    forward: tuple[str, ...],
+    dry_run: bool,
+    overrides: tuple[str, ...],
+    run_dir: str | None,
+    resume: str | None,
+    init_from: str | None,
+) -> None:
+    """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first."""
+    from hvdlm.config import default_run_dir, load_config
+    from hvdlm.launch.commands import LaunchOptions, plan_launch
+    from hvdlm.launch.hosts import parse_hosts, read_hostfile
+
+    overrides = with_init_from(overrides, init_from)
+    cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
+    check_resume(resume, run_dir)
+    if hosts and hostfile:
+        raise InputError("give either --hosts or --hostfile, not both.")
+    hosts = hosts or cfg.launch.hosts or None
+    if hostfile and (launcher or cfg.launch.launcher) == "srun":
+        raise InputError("srun takes its hosts from the Slurm allocation, not a hostfile: drop --hostfile.")
+    # A hostfile may mix Open MPI, MPICH and bare lines with comments, which no launcher reads in full (horovodrun
+    # crashes on a comment, Open MPI refuses host:N, Hydra host slots=N): the launcher gets the parsed hosts as
+    # -H / -hosts, the same checked list --hosts gives, and the printed command needs no file of ours.
+    host_list = read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
+    run_dir = run_dir or str(default_run_dir(Path(job).stem))
+    # Absolute paths: ranks on other nodes may start in another directory (a shared file system is assumed).
+    program = [sys.executable, "-m", "hvdlm", "train", str(Path(job).resolve())]
+    program += ["--run-dir", str(Path(run_dir).resolve())]
+    for item in overrides:
+        program += ["--set", item]
+    if resume:
+        program += ["--resume", resume if resume == "auto" else str(Path(resume).resolve())]
+    options = LaunchOptions.from_config(cfg)
+    options.mpi = mpi or options.mpi
+    options.nic = nic or options.nic
+    options.env += [name for name in forward if name not in options.env]
+    plan = plan_launch(
+        launcher or cfg.launch.launcher,
+        np_ or cfg.launch.np,
+        host_list,
+        None,
+        program,
+        threads=cfg.train.threads,
+        options=options,
+        tp=cfg.parallel.tp,
+        # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
+        progress=not dry_run and sys.stdout.isatty(),
+    )
+    click.echo(plan.display())
+    if dry_run:
+        return
+    sys.stdout.flush()
+    try:
+        code = subprocess.call(plan.argv, env={**os.environ, **plan.env})
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
