@@ -19,6 +19,7 @@ from hvdlm.cli.watch import generate, plot
 from hvdlm.errors import InputError
 from hvdlm.training.preemption import Preempted
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 
@@ -31,7 +32,8 @@ def _is_rank0() -> bool:
 
 
 class _Group(click.Group):
-    """Turns InputError into one clear paragraph and exit code 2, without a traceback."""
+    """Turns InputError into one clear paragraph and exit code 2, and Ctrl-C into exit code 130 (as a shell
+    reports an interrupted command; click's own "Aborted!" exits 1), without a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -40,8 +42,12 @@ class _Group(click.Group):
             if _is_rank0():
                 click.echo(f"Error: {e}", err=True)
             ctx.exit(InputError.exit_code)
-        except Preempted as e:  # the checkpoint is written; the batch script requeues on this code
+        except Preempted as e:  # the checkpoint is written; the batch script requeues on exit code 75
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if _is_rank0():
+                click.echo("\ninterrupted", err=True)
+            ctx.exit(INTERRUPTED_EXIT_CODE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

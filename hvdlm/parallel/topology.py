@@ -127,21 +127,11 @@ class Topology:
     dp_group: Group
     dp_process_set: Any  # Horovod: the process set the DistributedOptimizer averages over
 
-    @property
-    def tp(self) -> int:
-        return self.layout.tp
-
-    @property
-    def dp(self) -> int:
-        return self.layout.dp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.layout.dp_rank
-
-    @property
-    def tp_rank(self) -> int:
-        return self.layout.tp_rank
+    # The layout's coordinates, read through the topology by everything that holds one.
+    tp = property(lambda self: self.layout.tp)
+    dp = property(lambda self: self.layout.dp)
+    tp_rank = property(lambda self: self.layout.tp_rank)
+    dp_rank = property(lambda self: self.layout.dp_rank)
 
     @property
     def dp_root(self) -> int:

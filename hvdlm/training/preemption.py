@@ -1,5 +1,7 @@
 """Preemption: SIGUSR1 or SIGTERM asks the run to stop; the ranks agree on a step, checkpoint it and exit with
-REQUEUE_EXIT_CODE, which the batch script that `hvdlm sbatch` writes turns into `scontrol requeue`.
+REQUEUE_EXIT_CODE, which the batch script that `hvdlm sbatch` writes turns into `scontrol requeue`. SIGINT
+(Ctrl-C) and SIGHUP (a closed terminal) stop a rank the same way but exit 128 + the signal's number (130 for
+Ctrl-C), as a shell expects of an interrupted command; a second SIGINT ends the rank at once.
 
 Slurm sends SIGUSR1 before the time limit when the script asks for it (`#SBATCH --signal=B:USR1@120`; the
 script hands it on to the ranks), and SIGTERM at the limit or on `scancel`. A signal may reach some ranks and
@@ -16,23 +18,38 @@ from enum import IntEnum
 REQUEUE_EXIT_CODE = 75  # job preparation (hvdlm sbatch) imports this module: it must not import torch at the top
 
 
+# Signals that ask for a checkpoint and a requeue; the others that stop a rank end it as interrupted.
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (*REQUEUE_SIGNALS, signal.SIGINT, signal.SIGHUP)
+
 _received: int | None = None  # the stop signal this process got, if any
 
 
 def catch_stop_signals() -> None:
-    """From now on SIGUSR1 and SIGTERM ask for a checkpoint and a stop instead of killing the process.
+    """From now on the stop signals ask for a checkpoint and a stop instead of killing the process.
 
     Called first thing in a rank's program: a signal that came while the data or the model were still loading
-    would otherwise kill the rank (Python's default for both) and with it the chance to requeue.
+    would otherwise kill the rank (Python's default for TERM, USR1 and HUP) and with it the chance to requeue.
     """
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
 
 
 def _on_signal(signum, frame) -> None:
     # Only a flag: the training loop stops at the next step every rank agrees on, never inside a signal handler.
     global _received
-    _received = signum
+    if signum == signal.SIGINT and _received == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: the person does not want to wait for the checkpoint
+    if _received is None or _received in REQUEUE_SIGNALS:  # Ctrl-C after a preemption signal: still interrupted
+        _received = signum
+
+
+def stop_exit_code() -> int:
+    """The exit code of a rank that stopped with a checkpoint: REQUEUE_EXIT_CODE when this rank got a requeue
+    signal or none (another rank did), 128 + the signal for an interrupt (130 for Ctrl-C)."""
+    if _received is None or _received in REQUEUE_SIGNALS:
+        return REQUEUE_EXIT_CODE
+    return 128 + int(_received)
 
 
 class Stop(IntEnum):
@@ -44,9 +61,11 @@ class Stop(IntEnum):
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint of the agreed stop step is on disk; the CLI exits REQUEUE_EXIT_CODE."""
+    """Raised after the checkpoint of the agreed stop step is on disk; the CLI exits with `exit_code`."""
 
-    exit_code = REQUEUE_EXIT_CODE
+    def __init__(self) -> None:
+        super().__init__()
+        self.exit_code = stop_exit_code()
 
 
 class StopVote:

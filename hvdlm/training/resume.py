@@ -11,13 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint.reshard import load_full_state, merge_states
-from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, shard_paths
+from hvdlm.checkpoint.store import (
+    newest_loadable,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    set_aside_newer,
+    shard_paths,
+)
 from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
+from hvdlm.parallel.agreement import rank0_decides, together
+from hvdlm.training.metrics import METRICS_FILE
 
 
 @dataclass
@@ -29,42 +36,54 @@ class Start:
 
 def agree_on_start(requested: str | None, default: Path, resume: str | None) -> Start:
     """Rank 0 picks the run directory and, with `resume`, the checkpoint; every rank loads that checkpoint."""
-    answer: dict[str, Any] = {}
-    loaded = None
-    if hvd.rank() == 0:
+    loaded: list[dict[str, Any]] = []  # rank 0 keeps the states it read while looking, instead of reading twice
+
+    def look() -> dict[str, Any]:
         path = Path(requested or default).resolve()
-        answer["path"] = str(path)
-        try:
-            if resume == "auto":
-                # None: no checkpoint yet, a fresh start (the first start of a job that may be requeued).
-                found = newest_loadable(path, warn=lambda message: print(message, flush=True))
-                if found:
-                    answer["paths"] = [str(p) for p in found[0].paths]
-                    loaded = merge_states(found[1])
-            elif resume:
-                answer["paths"] = [str(p) for p in shard_paths(resolve_checkpoint(resume))]
-        except InputError as e:
-            answer["error"] = str(e)
-    # Horovod: a broadcast doubles as the barrier that keeps other ranks from racing ahead of rank 0's look.
-    answer = hvd.broadcast_object(answer, root_rank=0, name="start")
-    if "error" in answer:
-        raise InputError(answer["error"])
+        if resume == "auto":
+            # None: no checkpoint yet, a fresh start (the first start of a job that may be requeued).
+            found = newest_loadable(path, warn=lambda message: print(message, flush=True))
+            if not found:
+                return {"path": str(path)}
+            loaded.append(merge_states(found[1]))
+            return {"path": str(path), "paths": [str(p) for p in found[0].paths]}
+        if resume:
+            return {"path": str(path), "paths": [str(p) for p in shard_paths(resolve_checkpoint(resume))]}
+        return {"path": str(path)}
+
+    answer = rank0_decides(look, "start")
     if "paths" not in answer:
         return Start(Path(answer["path"]), None)
-    error = None
-    try:
-        state = loaded if loaded is not None else load_full_state(answer["paths"][0])
-    except InputError as e:  # e.g. a file system that this node sees differently
-        error, state = str(e), None
-    raise_if_any(error, "resume_loaded")
+    with together("resume_loaded"):  # e.g. a file system that this node sees differently
+        state = loaded[0] if loaded else load_full_state(answer["paths"][0])
     return Start(Path(answer["path"]), state, source=answer["paths"][0])
 
 
-def raise_if_any(error: str | None, name: str) -> None:
-    """Every rank raises the first rank's error, or none does: ranks must not part ways at a collective."""
-    errors = [e for e in hvd.allgather_object(error, name=name) if e]
-    if errors:
-        raise InputError(errors[0])
+def prepare_run_dir(start: Start, config_toml: str, resume_step: int | None) -> Path:
+    """Rank 0 creates the run directory and writes config.toml; every rank gets its answer.
+
+    A new run never writes over an old one (metrics.jsonl marks a run). A run resumed from step S (0: nothing to
+    resume yet) rewrites config.toml with the resolved config of this attempt (max_steps may have grown), sets
+    aside checkpoints after S, which belong to an abandoned attempt, and clears temporaries of killed saves.
+    """
+
+    def prepare() -> None:
+        path = start.run_dir
+        if (path / METRICS_FILE).exists() and resume_step is None:
+            raise InputError(
+                f"run directory '{path}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
+                "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.toml").write_text(config_toml)
+        if resume_step is not None:
+            remove_stale_temporaries(path)
+            aside = set_aside_newer(path, resume_step)
+            if aside:
+                print(f"note: checkpoints after step {resume_step} moved to {aside}", flush=True)
+
+    rank0_decides(prepare, "run_dir")
+    return start.run_dir
 
 
 def check_compatible(state: dict[str, Any], cfg_train: TrainConfig, source: str) -> None:

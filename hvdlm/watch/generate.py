@@ -61,45 +61,17 @@ def generate(
 
     import torch  # only now: option errors above answer at once
 
-    from hvdlm.checkpoint.reshard import load_model
-    from hvdlm.config import ModelConfig
-    from hvdlm.model import GPT
-    from hvdlm.parallel.topology import Group
-
     path, state = _load(run_dir, checkpoint)
-    config = state.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise InputError(
-            f"checkpoint '{path}' records no model configuration ('config' -> 'model'), so its model cannot be "
-            "rebuilt. Use a checkpoint written by `hvdlm train`."
-        )
-    try:
-        cfg = ModelConfig(**config["model"])
-    except TypeError as e:
-        raise InputError(f"checkpoint '{path}' has a model configuration this hvdlm does not know ({e}).") from None
-    cfg.dropout = 0.0  # sampling: no dropout, whatever training used
-    tokenizer = _tokenizer_of(config, path)
+    cfg = _model_config(state, path)
+    tokenizer = _tokenizer_of(state["config"], path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise InputError(
             f"the dataset's tokenizer has {tokenizer.vocab_size} tokens but the model of '{path}' only "
             f"{cfg.vocab_size}: the configuration names another dataset than the one the run trained on. "
             "Prepare the run's dataset again, or pass --checkpoint of a run trained on this dataset."
         )
-
-    # The plain model: a group of one never communicates, so no MPI or Horovod is initialised.
-    model = GPT(cfg, Group.single())
-    weights = "model"
-    if ema:
-        if not state.get("ema"):
-            raise InputError(
-                f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay = 0). Drop --ema to "
-                "sample with the trained weights."
-            )
-        state, weights = {**state, "model": state["ema"]}, "ema"
-    load_model(model, state, str(path), 0, 1)
-
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device).eval()
+    model = _plain_model(cfg, state, path, ema).to(device).eval()
     ids = tokenizer.encode(prompt)
     if not ids:  # cannot happen for byte-level tokenizers and a non-empty prompt, but the model needs a token
         raise InputError("the prompt encodes to no tokens; pass a longer --prompt.")
@@ -113,8 +85,45 @@ def generate(
         step=int(state["step"]),
         prompt_tokens=len(ids),
         context=cfg.seq_len,
-        weights=weights,
+        weights="ema" if ema else "model",
     )
+
+
+def _model_config(state: dict[str, Any], path: Path):
+    """The ModelConfig the checkpoint records, for sampling (no dropout)."""
+    from hvdlm.config import ModelConfig
+
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(
+            f"checkpoint '{path}' records no model configuration ('config' -> 'model'), so its model cannot be "
+            "rebuilt. Use a checkpoint written by `hvdlm train`."
+        )
+    try:
+        cfg = ModelConfig(**config["model"])
+    except TypeError as e:
+        raise InputError(f"checkpoint '{path}' has a model configuration this hvdlm does not know ({e}).") from None
+    cfg.dropout = 0.0  # sampling: no dropout, whatever training used
+    return cfg
+
+
+def _plain_model(cfg, state: dict[str, Any], path: Path, ema: bool):
+    """The plain model (TP size 1) with the checkpoint's weights, or its EMA weights."""
+    from hvdlm.checkpoint.reshard import load_model
+    from hvdlm.model import GPT
+    from hvdlm.parallel.topology import Group
+
+    # A group of one never communicates, so no MPI or Horovod is initialised.
+    model = GPT(cfg, Group.single())
+    if ema:
+        if not state.get("ema"):
+            raise InputError(
+                f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay = 0). Drop --ema to "
+                "sample with the trained weights."
+            )
+        state = {**state, "model": state["ema"]}
+    load_model(model, state, str(path), 0, 1)
+    return model
 
 
 def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:

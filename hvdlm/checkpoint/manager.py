@@ -1,0 +1,95 @@
+"""The checkpoint policy of a training run: when it saves, what every save holds, which saves it keeps, and how
+a save is put back.
+
+Every rank calls `save` at the same step (it gathers every rank's RNG state and ends in a barrier); the first
+replica's TP ranks write one shard each (the whole model when tp = 1), and only once every shard is on disk does
+rank 0 prune beyond `train.keep_checkpoints`, so the newest save is whole before an older one goes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import horovod.torch as hvd
+import torch
+
+from hvdlm.checkpoint.format import save_checkpoint, training_state
+from hvdlm.checkpoint.reshard import load_optimizer, shard_state
+from hvdlm.checkpoint.store import checkpoint_path, prune_checkpoints
+from hvdlm.config import JobConfig
+from hvdlm.parallel.topology import Topology, dp_group_ranks
+from hvdlm.training.resume import rng_state, set_rng_state
+
+
+class RunState(Protocol):
+    """What a save holds beyond the config: the Trainer has these."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    ema: Any  # WeightEMA or None
+    precision: Any  # Precision: the fp16 gradient scaler
+    train_batches: Any  # WindowSampler: the data position
+    progress: dict
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, cfg: JobConfig, topo: Topology, device: torch.device):
+        self.run_dir, self.cfg, self.topo, self.device = run_dir, cfg, topo, device
+
+    def due(self, step: int) -> bool:
+        """A periodic save falls on this step (the final one is the trainer's to ask for)."""
+        interval = self.cfg.train.checkpoint_interval
+        return bool(interval) and step % interval == 0 and step != self.cfg.train.max_steps
+
+    def paths(self, step: int) -> list[Path]:
+        """The files of the save at `step`, one per TP rank."""
+        return [checkpoint_path(self.run_dir, step, r, self.topo.tp) for r in range(self.topo.tp)]
+
+    def save(self, step: int, run: RunState) -> None:
+        """The checkpoint at `step`, written by the first replica's TP ranks; called by every rank."""
+        topo = self.topo
+        # Horovod: every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
+        rngs = hvd.allgather_object(rng_state(self.device), name=f"rng.{step}")
+        if topo.dp_rank == 0:
+            state = training_state(
+                run.model,
+                run.optimizer,
+                step,
+                self.cfg.to_dict(),
+                topo.tp_rank,
+                topo.tp,
+                data=run.train_batches.state_dict(),  # (epoch, position, seed): a resume takes the next sample
+                ema=run.ema.state_dict() if run.ema else None,
+                scaler=run.precision.state_dict(),
+                rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)],
+                progress=dict(run.progress),
+            )
+            save_checkpoint(self.paths(step)[topo.tp_rank], state)
+        hvd.allgather_object(None, name=f"saved.{step}")  # Horovod: a barrier, so every shard is on disk
+        if hvd.rank() == 0:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
+
+    def restore(self, state: dict[str, Any], run: RunState) -> int:
+        """Put a save's optimizer, EMA, scaler, data position and RNG back into `run` (whose model is loaded);
+        returns its step."""
+        topo = self.topo
+        load_optimizer(run.optimizer, run.model, state, topo.tp_rank, topo.tp)
+        if run.ema is not None and "ema" in state:
+            run.ema.load_state_dict(shard_state(run.model, state["ema"], topo.tp_rank, topo.tp))
+        # (a save without an EMA: it starts from the weights, which is what WeightEMA() did)
+        run.precision.load_state_dict(state.get("scaler"))
+        run.train_batches.load_state_dict(state["data"])
+        rngs = state.get("rng") or []
+        if len(rngs) == topo.dp:
+            set_rng_state(rngs[topo.dp_rank], self.device)
+        else:  # another number of replicas: new dropout streams, so not bit-identical to an uninterrupted run
+            torch.manual_seed(self.cfg.train.seed + 1 + topo.dp_rank + 7919 * state["step"])
+            if hvd.rank() == 0:
+                print(
+                    f"note: the checkpoint was written by {len(rngs)} replica(s), this run has {topo.dp}; dropout "
+                    "draws new masks from here",
+                    flush=True,
+                )
+        run.progress.update(state.get("progress") or {})
+        return state["step"]

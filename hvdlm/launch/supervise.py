@@ -1,0 +1,106 @@
+"""Running the launcher under `hvdlm launch`: Ctrl-C, `kill`, a closed terminal end in a checkpoint, and no rank
+outlives its launcher.
+
+The launcher (mpirun, horovodrun, srun) runs in a session of its own, so a Ctrl-C at the terminal reaches
+`hvdlm launch` alone and not every process at once (mpirun would kill the ranks before they could save). The
+first SIGINT, SIGTERM or SIGHUP is handed on as SIGUSR1, what Slurm's preemption sends: the ranks agree on a step,
+write its checkpoint and exit. A second one ends the launcher's whole process group at once (SIGKILL). If `hvdlm
+launch` itself is killed outright, the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG), on which mpirun,
+horovodrun and srun end their ranks.
+
+Whom SIGUSR1 goes to, as in the batch scripts of `hvdlm sbatch`: srun forwards it to every task on every node;
+mpirun would turn a TERM into killing the job, and horovodrun dies on USR1, so for those two it goes straight to
+this machine's ranks (the ranks of other nodes stop at the same step: the ranks agree on it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HANDED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> tuple[int, int | None]:
+    """Run the launcher to its end; returns (its exit code, the first stop signal `hvdlm launch` got, or None)."""
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            print(
+                f"\nhvdlm launch: {signal.Signals(signum).name}: asking the ranks to write a checkpoint and stop "
+                "(press Ctrl-C again to end them at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            ask_ranks_to_stop(proc.pid, launcher)
+        else:
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in HANDED_ON}
+    try:
+        code = proc.wait()  # PEP 475: the wait resumes after each handler
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        _signal_group(proc.pid, signal.SIGKILL)  # nothing of the job may outlive the launcher
+    return code, received[0] if received else None
+
+
+def ask_ranks_to_stop(launcher_pid: int, launcher: str) -> None:
+    """SIGUSR1 to srun, which forwards it, or to this machine's ranks below mpirun or horovodrun."""
+    targets = [launcher_pid] if launcher == "srun" else rank_pids(launcher_pid)
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:  # already gone
+            pass
+
+
+def rank_pids(root: int) -> list[int]:
+    """The descendants of `root` whose argv is `PYTHON -m hvdlm train ...` (not the `sh -c` that horovodrun
+    wraps them in: a shell dies on USR1)."""
+    parents, ranks = {}, set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the command name is the ppid
+        if argv[1:4] == [b"-m", b"hvdlm", b"train"]:
+            ranks.add(pid)
+    found = []
+    for pid in ranks:
+        ancestor = pid
+        while ancestor in parents and ancestor != root:
+            ancestor = parents[ancestor]
+        if ancestor == root:
+            found.append(pid)
+    return sorted(found)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the group has ended
+        pass
+
+
+def _end_with_parent() -> None:
+    """In the launcher's process, before it runs: SIGTERM when `hvdlm launch` dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: no such guard
+        pass
