@@ -53,7 +53,8 @@ ensure_system_tools() {
     fi
     command -v cmake >/dev/null || missing+=(cmake)
     command -v g++ >/dev/null || missing+=(g++)
-    command -v patch >/dev/null || missing+=(patch)
+    # Our patches go in with patch, or with git apply where a minimal image has git but no patch.
+    command -v patch >/dev/null || command -v git >/dev/null || missing+=(patch)
     [ ${#missing[@]} -eq 0 ] && return 0
 
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -216,7 +217,11 @@ build_horovod_wheel() {
     src=$work/horovod-$HOROVOD_VERSION
     local p
     for p in $(horovod_patches); do
-        patch -s -p1 -d "$src" <"$p" || die "our patch $p no longer applies to $sdist."
+        if command -v patch >/dev/null; then
+            patch -s -p1 -d "$src" <"$p"
+        else
+            git -C "$src" apply -p1 "$p"
+        fi || die "our patch $p no longer applies to $sdist."
     done
 
     # Horovod's own build needs these importable (we build without isolation so it sees our torch).
