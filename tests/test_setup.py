@@ -78,3 +78,24 @@ def test_failed_horovod_build_shows_the_error_and_what_to_do(tmp_path):
     assert "simulated compiler failure" in proc.stderr  # the tail of the build log is shown
     assert "then 'make' again" in proc.stderr
     assert not list((tmp_path / "cache" / "wheels").glob("*/*.whl"))  # nothing broken was cached
+
+
+def test_offline_without_a_horovod_source_says_where_to_put_it(tmp_path):
+    # Offline (HVDLM_OFFLINE=1, a machine without a network), nothing may be fetched: a missing source
+    # distribution stops the set-up with the knob that supplies it, before any build.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {
+        **os.environ,
+        "HVDLM_VENV": str(venv),
+        "HVDLM_CACHE": str(tmp_path / "cache"),
+        "HVDLM_OFFLINE": "1",
+        "HVDLM_WHEELHOUSE": str(tmp_path / "carried"),
+    }
+    proc = subprocess.run(["bash", str(SETUP)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "FAILED: offline (HVDLM_OFFLINE=1) and no Horovod source distribution" in proc.stderr
+    assert "HVDLM_HOROVOD_SDIST" in proc.stderr and "bench/gpu_carry.sh" in proc.stderr
+    assert "downloading" not in proc.stdout

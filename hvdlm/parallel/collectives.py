@@ -13,6 +13,14 @@ A group of one returns at once (allreduce and allgather return the input tensor 
 - CUDA tensors: the same when `MPI.Query_cuda_support()` says the MPI library is CUDA-aware (mpi4py reads
   `__cuda_array_interface__`), otherwise a Horovod collective over the group's process set (NCCL).
 
+16-bit floats: numpy has no bfloat16, mpi4py hands a bf16 buffer to MPI as MPI.BYTE (which MPI cannot sum), Open
+MPI has no sum for fp16 either, and Horovod 0.28.1's torch ops have no bfloat16 (horovod issue #4047). So
+- summing collectives (allreduce, reduce_scatter) reduce such tensors in fp32 and round the result back once:
+  for two ranks that is the correctly rounded sum, as close as bf16 can hold it (fp16 on GPUs over Horovod is
+  summed as fp16, which NCCL supports);
+- collectives that only move data (allgather, broadcast) carry the 16-bit words unchanged, viewed as int16:
+  bit for bit, and half the bytes of a round trip through fp32.
+
 Every call adds its payload (the bytes of one rank's input) to `group.bytes_moved`, so the benchmark can count
 what the layers send without tracing.
 """
@@ -48,6 +56,20 @@ def _route(x: torch.Tensor, group: Group) -> str:
     return CUDA_HOROVOD
 
 
+def _reduce_dtype(x: torch.Tensor, route: str) -> torch.dtype | None:
+    """The dtype to sum x in when its own cannot be summed on this route (None: its own)."""
+    if x.dtype == torch.bfloat16:
+        return torch.float32  # MPI cannot sum it; Horovod 0.28.1 has no bfloat16 for torch
+    if x.dtype == torch.float16 and route != CUDA_HOROVOD:
+        return torch.float32  # MPI has no fp16 sum (NCCL, through Horovod, has one)
+    return None
+
+
+def _as_words(x: torch.Tensor) -> torch.Tensor:
+    """A 16-bit float tensor seen as int16 (same memory), which numpy, MPI and Horovod all carry; others as is."""
+    return x.view(torch.int16) if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def _buf(x: torch.Tensor):
     """What mpi4py reads and writes: a numpy view sharing x's memory (CPU), or x itself (CUDA-aware MPI)."""
     assert x.is_contiguous()
@@ -55,8 +77,6 @@ def _buf(x: torch.Tensor):
         # MPI reads device memory outside torch's streams: the kernels that wrote x must have finished.
         torch.cuda.current_stream(x.device).synchronize()
         return x.detach()
-    if x.dtype == torch.bfloat16:  # numpy has no bfloat16 and MPI cannot sum it
-        raise TypeError("bfloat16 CPU tensors are not supported by the MPI collectives; use float32")
     return x.detach().numpy()
 
 
@@ -67,6 +87,14 @@ def allreduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
     x = x.contiguous()
     group.bytes_moved += x.numel() * x.element_size()
     route = _route(x, group)
+    wide = _reduce_dtype(x, route)
+    if wide is not None:
+        # Summed in fp32, rounded back once (see the module docstring); max is exact either way.
+        return _allreduce(x.to(wide), group, op, route).to(x.dtype)
+    return _allreduce(x, group, op, route)
+
+
+def _allreduce(x: torch.Tensor, group: Group, op: str, route: str) -> torch.Tensor:
     if route == CUDA_HOROVOD:
         import horovod.torch as hvd
 
@@ -85,14 +113,16 @@ def allgather(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
         return x
     x = x.contiguous()
     group.bytes_moved += x.numel() * x.element_size()
+    words = _as_words(x)  # 16-bit floats travel as their bits: nothing is summed
     if _route(x, group) == CUDA_HOROVOD:
         import horovod.torch as hvd
 
         # Horovod: allgather concatenates along dim 0.
-        stacked = hvd.allgather(x.unsqueeze(0), process_set=group.process_set)  # (p, *x.shape)
+        stacked = hvd.allgather(words.unsqueeze(0), process_set=group.process_set)  # (p, *x.shape)
     else:
-        stacked = x.new_empty((group.size, *x.shape))
-        group.comm.Allgather(_buf(x), _buf(stacked))
+        stacked = words.new_empty((group.size, *x.shape))
+        group.comm.Allgather(_buf(words), _buf(stacked))
+    stacked = stacked.view(x.dtype)
     if dim % x.dim() == 0:
         return stacked.view(-1, *x.shape[1:])  # rank blocks are already contiguous along dim 0
     return torch.cat(stacked.unbind(0), dim=dim)
@@ -116,17 +146,27 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor
     # MPI's Reduce_scatter_block wants each rank's block contiguous: free along dim 0, a copy otherwise.
     blocks = x.contiguous() if dim % x.dim() == 0 else torch.stack(x.chunk(group.size, dim=dim)).contiguous()
     group.bytes_moved += blocks.numel() * blocks.element_size()
-    if _route(blocks, group) == CUDA_HOROVOD:
+    route = _route(blocks, group)
+    wide = _reduce_dtype(blocks, route)
+    if wide is not None:  # summed in fp32, rounded back once (see the module docstring)
+        mine = _reduce_scatter_blocks(blocks.to(wide), group, route).to(x.dtype)
+    else:
+        mine = _reduce_scatter_blocks(blocks, group, route)
+    return mine if dim % x.dim() == 0 else mine.squeeze(0)
+
+
+def _reduce_scatter_blocks(blocks: torch.Tensor, group: Group, route: str) -> torch.Tensor:
+    """Sum blocks (group.size equal rows along dim 0) over the group; this rank's row block."""
+    if route == CUDA_HOROVOD:
         import horovod.torch as hvd
 
         # Horovod: reducescatter splits along dim 0, as our blocks are laid out.
-        mine = hvd.reducescatter(blocks, op=hvd.Sum, process_set=group.process_set)
-    else:
-        from mpi4py import MPI
+        return hvd.reducescatter(blocks, op=hvd.Sum, process_set=group.process_set)
+    from mpi4py import MPI
 
-        mine = blocks.new_empty((blocks.size(0) // group.size, *blocks.shape[1:]))
-        group.comm.Reduce_scatter_block(_buf(blocks), _buf(mine), op=MPI.SUM)
-    return mine if dim % x.dim() == 0 else mine.squeeze(0)
+    mine = blocks.new_empty((blocks.size(0) // group.size, *blocks.shape[1:]))
+    group.comm.Reduce_scatter_block(_buf(blocks), _buf(mine), op=MPI.SUM)
+    return mine
 
 
 def broadcast_(x: torch.Tensor, group: Group, root: int = 0) -> torch.Tensor:
@@ -134,15 +174,15 @@ def broadcast_(x: torch.Tensor, group: Group, root: int = 0) -> torch.Tensor:
     if group.size == 1:
         return x
     group.bytes_moved += x.numel() * x.element_size()
+    buf = x if x.is_contiguous() else x.contiguous()  # x's own memory when it can be
+    words = _as_words(buf)  # 16-bit floats travel as their bits: nothing is summed
     if _route(x, group) == CUDA_HOROVOD:
         import horovod.torch as hvd
 
         # Horovod: broadcast's root is a global rank, even inside a process set.
-        return hvd.broadcast_(x, root_rank=group.process_set.ranks[root], process_set=group.process_set)
-    if x.is_contiguous():
-        group.comm.Bcast(_buf(x), root=root)
+        hvd.broadcast_(words, root_rank=group.process_set.ranks[root], process_set=group.process_set)
     else:
-        tmp = x.contiguous()
-        group.comm.Bcast(_buf(tmp), root=root)
-        x.copy_(tmp)
+        group.comm.Bcast(_buf(words), root=root)
+    if buf is not x:
+        x.copy_(buf)
     return x

@@ -1,0 +1,199 @@
+"""The plain reference for hvdlm's GPU step: GPT-2 (124M) trained by one single-file PyTorch loop, nanoGPT-style.
+
+What the best single-GPU GPT-2 trainers do (nanoGPT train.py / model.py, llm.c train_gpt2.py): torch.compile,
+fused AdamW, bf16 autocast, TF32 for what stays fp32, flash attention (scaled_dot_product_attention), the
+vocabulary padded to a multiple of 64 (50257 -> 50304), weight tying, no host synchronisation inside a step
+(the loss is read only at the end of the timing). Nothing here imports hvdlm: it is the yardstick.
+
+    python bench/plain_gpt2.py --steps 50                     # GPT-2 small on the GPU, random tokens
+    python bench/plain_gpt2.py --device cpu --n-layer 2 --d-model 64 --n-head 2 --seq-len 64 --batch 4 \\
+        --vocab 512 --steps 4 --dtype fp32 --no-compile      # the logic, on a CPU, in seconds
+
+Prints one JSON line: tokens_per_s, ms_per_step, mfu (when --peak-tflops or a known GPU gives a peak), loss.
+The tokens are random (uniform over the real vocabulary) unless --tokens names a flat binary file of token ids
+(uint16 or uint32, --tokens-dtype): a speed check needs the shapes, not the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPUs
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, n_head)
+        self.ln_2 = nn.LayerNorm(d)
+        # GPT-2's GELU is the exact erf one (as hvdlm's): the same FLOPs and numerics as the model compared.
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, seq_len: int, n_layer: int, n_head: int, d: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(Block(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as GPT-2
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_params(self) -> int:
+        """Parameters in matmuls: all but the position table (nanoGPT's non-embedding count; wte is the head)."""
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+
+# Peak dense bf16 TFLOP/s (datasheets, no sparsity), for MFU; --peak-tflops overrides.
+PEAKS = {"H100 NVL": 835.0, "H100 PCIe": 756.5, "H100": 989.4, "H200 NVL": 835.0, "H200": 989.4, "A100": 312.0}
+
+
+def peak_of(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAKS.items():  # longest names first in the table's order
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--steps", type=int, default=50, help="optimizer steps, timed after --warmup")
+    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing (compilation)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per micro-step")
+    ap.add_argument("--accumulation", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=50304, help="model vocabulary: GPT-2's 50257 padded to 64")
+    ap.add_argument("--real-vocab", type=int, default=50257, help="token ids are drawn below this")
+    ap.add_argument("--n-layer", type=int, default=12)
+    ap.add_argument("--n-head", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--tokens", default="", help="flat binary file of token ids to sample windows from")
+    ap.add_argument("--tokens-dtype", default="uint16")
+    ap.add_argument("--seed", type=int, default=1337)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    # TF32 for what stays in fp32 (nanoGPT, llm.c): no effect on the bf16 matmuls.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model = GPT(args.vocab, args.seq_len, args.n_layer, args.n_head, args.d_model).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"  # one kernel for the whole update (CPU: the default foreach path)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    step_model = torch.compile(model) if args.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    B, T, real_vocab = args.batch, args.seq_len, min(args.real_vocab, args.vocab)
+    data = np.memmap(args.tokens, dtype=args.tokens_dtype, mode="r") if args.tokens else None
+    gen = torch.Generator().manual_seed(args.seed)
+    pin = device.type == "cuda"
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if data is None:
+            xy = torch.randint(0, real_vocab, (B, T + 1), generator=gen)
+        else:
+            starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen).tolist()
+            xy = torch.from_numpy(np.stack([data[s : s + T + 1].astype(np.int64) for s in starts]))
+        if pin:
+            xy = xy.pin_memory()
+        xy = xy.to(device, non_blocking=True)  # the copy overlaps the GPU's work on the previous step
+        return xy[:, :-1], xy[:, 1:]
+
+    total = args.warmup + args.steps
+    x, y = batch()
+    losses = []
+    for step in range(total):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        for _ in range(args.accumulation):
+            with autocast:
+                loss = step_model(x, y) / args.accumulation
+            x, y = batch()  # the next batch is prepared while the GPU runs this one's backward
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step in (0, total - 1):
+            losses.append(loss.detach() * args.accumulation)  # read after the timing: no sync in the loop
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens_per_s = B * T * args.accumulation * args.steps / elapsed
+    flops_per_token = 6 * model.num_params() + 12 * args.n_layer * T * args.d_model  # as hvdlm (PaLM appendix B)
+    peak = args.peak_tflops or peak_of(device)
+    row = {
+        "impl": "plain",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "params_M": round(model.num_params() / 1e6, 2),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "ms_per_step": round(1000 * elapsed / args.steps, 2),
+        "mfu": round(tokens_per_s * flops_per_token / (peak * 1e12), 4) if peak else None,
+        "loss_first": round(losses[0].item(), 4),
+        "loss_last": round(losses[-1].item(), 4),
+        "compile": args.compile,
+        "dtype": args.dtype,
+    }
+    if device.type == "cuda":
+        row["max_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
