@@ -38,6 +38,7 @@ from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.topology import Topology, dp_group_ranks, init_topology
+from hvdlm.training.device import pick_device
 from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
 from hvdlm.training.local_sgd import average_replicas
@@ -334,7 +335,8 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
     topo = init_topology(cfg.parallel.tp)
-    device = _pick_device(t.deterministic)
+    with together("device"):  # e.g. two ranks that would share a GPU: refused on every rank
+        device = pick_device(hvd.local_rank(), hvd.local_size(), t.deterministic, comm=_node_exchange_comm())
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
     torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     data = _load_dataset(cfg)
@@ -429,16 +431,14 @@ def _banner(trainer: Trainer, start: Start) -> None:
         log.info(f"resumed from {start.source} at step {trainer.first_step}")
 
 
-def _pick_device(deterministic: bool) -> torch.device:
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; it reads this when CUDA starts, so set it first.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    if torch.cuda.is_available():
-        # Horovod: one GPU per rank, chosen by the rank's index on its node.
-        torch.cuda.set_device(hvd.local_rank())
-        return torch.device("cuda", hvd.local_rank())
-    return torch.device("cpu")
+def _node_exchange_comm():
+    """mpi4py's world where the ranks can tell each other which GPUs they see; None without GPUs (nothing to
+    share) or without MPI (horovodrun with Gloo: the device is then chosen from counts alone)."""
+    if not torch.cuda.is_available() or not hvd.mpi_enabled():
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
 
 
 def _load_dataset(cfg: JobConfig) -> Dataset:

@@ -1,0 +1,119 @@
+"""Ctrl-C, kill and a closed terminal, with real signals: a checkpoint and a clear exit, and nothing left running.
+
+Each test starts the real command, waits until it trains, signals it as a person or a scheduler would, and looks
+at the exit code, the output, the checkpoints and the processes left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hvdlm.checkpoint.store import find_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+# Long enough never to finish by itself; steps logged one by one so the test sees training start.
+ENDLESS = ["--set", "train.max_steps=100000", "--set", "train.log_interval=1", "--set", "train.eval_interval=0"]
+STEP_LINE = re.compile(r"^step +(\d+) \| loss", re.M)
+
+
+class Running:
+    """A command in its own session (so the test's signals reach it alone), its output collected as it runs."""
+
+    def __init__(self, argv: list[str], cache: Path):
+        env = {**os.environ, "HVDLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        self.out = ""
+
+    def wait_for_steps(self, n: int, timeout: float = 180) -> None:
+        """Read output until step n was logged."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.out += line
+            if (m := STEP_LINE.match(line)) and int(m[1]) >= n:
+                return
+        self.proc.kill()
+        raise AssertionError(f"no step {n} within {timeout} s:\n{self.out[-3000:]}")
+
+    def finish(self, timeout: float = 120) -> int:
+        rest, _ = self.proc.communicate(timeout=timeout)
+        self.out += rest
+        return self.proc.returncode
+
+
+def ranks_still_running(run_dir: Path) -> list[str]:
+    """Processes whose command line names the run directory (the ranks of its job)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if entry.name.isdigit() and str(run_dir) in cmdline and int(entry.name) != os.getpid():
+            found.append(cmdline)
+    return found
+
+
+def test_ctrl_c_on_a_lone_rank_checkpoints_and_exits_130(tiny_job, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    run = Running(
+        [sys.executable, "-m", "hvdlm", "train", str(tiny_job), "--run-dir", str(run_dir), *ENDLESS], cache_dir
+    )
+    run.wait_for_steps(3)
+    run.proc.send_signal(signal.SIGINT)
+    code = run.finish()
+    assert code == 130, run.out[-3000:]
+    m = re.search(r"interrupted at step (\d+) \(SIGINT\): checkpoint written; resume with --resume auto", run.out)
+    assert m, run.out[-3000:]
+    assert [saved.step for saved in find_checkpoints(run_dir)] == [int(m[1])]
+    assert "Traceback" not in run.out and "Aborted!" not in run.out
+
+
+def test_a_second_ctrl_c_ends_at_once(tiny_job, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    run = Running(
+        [sys.executable, "-m", "hvdlm", "train", str(tiny_job), "--run-dir", str(run_dir), *ENDLESS], cache_dir
+    )
+    run.wait_for_steps(2)
+    run.proc.send_signal(signal.SIGINT)
+    run.proc.send_signal(signal.SIGINT)
+    code = run.finish(timeout=60)
+    assert code == 130, run.out[-3000:]
+    assert "Traceback" not in run.out and "Aborted!" not in run.out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_launch_ends_every_rank_after_a_checkpoint(tiny_job, tmp_path, cache_dir, sig):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "hvdlm", "launch", str(tiny_job), "--np", "2", "--run-dir", str(run_dir), *ENDLESS]
+    run = Running(argv, cache_dir)
+    run.wait_for_steps(3)
+    run.proc.send_signal(sig)
+    code = run.finish()
+    assert code == 128 + sig, run.out[-3000:]
+    m = re.search(r"at step (\d+) \(SIGUSR1\): checkpoint written; resume with --resume auto", run.out)
+    assert m, run.out[-3000:]
+    assert [saved.step for saved in find_checkpoints(run_dir)] == [int(m[1])]
+    assert f"hvdlm launch: {signal.Signals(sig).name}" in run.out
+    assert ranks_still_running(run_dir) == []
+    assert "Traceback" not in run.out
