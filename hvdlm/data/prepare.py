@@ -34,6 +34,7 @@ from hvdlm.data.sources import (
 )
 from hvdlm.data.tokenizer import ByteTokenizer, check_bpe_vocab, train_bpe
 from hvdlm.errors import InputError
+from hvdlm.fsutil import fsync_directory
 
 _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
 
@@ -361,11 +362,14 @@ def _tokenize(
 
 def _publish(staging: Path, out: Path, fingerprint: str) -> None:
     """Rename the finished dataset into place; an earlier dataset there is replaced, an identical one kept."""
+    fsync_directory(staging, files=True)  # on the disk in full before it gets its name
     try:
         os.rename(staging, out)  # atomic; succeeds when `out` is absent or an empty directory
-        return
     except OSError:
         pass
+    else:
+        fsync_directory(out.parent)  # the rename survives a crash
+        return
     existing = read_meta(out)
     if _intact_copy(out, existing, fingerprint):
         shutil.rmtree(staging)  # a concurrent preparer of the same inputs published first: keep its copy
@@ -376,6 +380,7 @@ def _publish(staging: Path, out: Path, fingerprint: str) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.rename(out, old / out.name)
     os.rename(staging, out)
+    fsync_directory(out.parent)
     shutil.rmtree(old)
 
 
