@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hvdlm import __version__
-from hvdlm.config import TOKENIZERS
+from hvdlm.config import Tokenizer, check_choice, choices
 from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
 from hvdlm.data.sources import (
@@ -41,7 +41,7 @@ _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this 
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    tokenizer: str = "byte"  # "byte" or "bpe"
+    tokenizer: Tokenizer = "byte"
     vocab_size: int = 4096  # BPE only: bytes + end-of-document + merges
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of their names)
     text_field: str = "text"  # the field of a JSON Lines record that holds the document
@@ -49,8 +49,7 @@ class PrepareOptions:
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # a shard is closed once it holds this many tokens
 
     def check(self) -> None:
-        if self.tokenizer not in TOKENIZERS:
-            raise InputError(f"unknown tokenizer '{self.tokenizer}'. Choose one of: {', '.join(TOKENIZERS)}.")
+        check_choice("tokenizer", self.tokenizer, choices(PrepareOptions, "tokenizer"))
         if self.tokenizer == "bpe":
             check_bpe_vocab(self.vocab_size)
         if not 0.0 < self.val_fraction < 1.0:
