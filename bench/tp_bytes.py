@@ -88,12 +88,13 @@ def worker(args) -> None:
 
 
 def launch(np: int, argv: list[str]) -> dict:
+    from hvdlm.launch.commands import root_env
+
     mpirun = shutil.which("mpirun")
     if not mpirun:
         sys.exit("mpirun is not on the PATH (run `make setup`, or load your MPI)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.update(root_env())
     cmd = [mpirun, "-np", str(np), "-bind-to", "none", "-mca", "btl_vader_single_copy_mechanism", "none"]
     cmd += [sys.executable, os.path.abspath(__file__), "--worker", *argv]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

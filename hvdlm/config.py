@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +33,17 @@ else:  # pragma: no cover - Python 3.10
 import tomli_w
 
 from hvdlm.errors import InputError
+
+# The settings that take one of a few words. Each set is spelled here only: validation, the click options of the
+# command line and the launch code read them with choices(); the field comments below say what each word means.
+Tokenizer = Literal["byte", "bpe"]
+Corpus = Literal["stdlib"]
+Optimizer = Literal["adamw", "sgd"]
+Precision = Literal["fp32", "bf16", "fp16"]
+GradCompression = Literal["none", "fp16"]
+Launcher = Literal["mpirun", "horovodrun", "srun"]
+Controller = Literal["gloo", "mpi"]
+Mpi = Literal["openmpi", "mpich"]
 
 
 @dataclass
@@ -54,8 +65,8 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     dataset: str = ""  # a directory written by `hvdlm data prepare`; empty: the built-in corpus below
-    corpus: str = "stdlib"  # built-in corpus, prepared in the cache on first use: the interpreter's stdlib sources
-    tokenizer: str = "byte"  # built-in corpus: "byte" (256 tokens) or "bpe" (trained on the corpus)
+    corpus: Corpus = "stdlib"  # built-in corpus, prepared in the cache on first use: the interpreter's stdlib sources
+    tokenizer: Tokenizer = "byte"  # built-in corpus: byte (256 tokens) or bpe (trained on the corpus)
     vocab_size: int = 4096  # built-in corpus with tokenizer "bpe": bytes + end-of-document + merges
     val_fraction: float = 0.05  # built-in corpus: share of documents held out for validation
 
@@ -79,12 +90,12 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
     init_from: str = ""  # a run directory (its newest checkpoint) or a checkpoint file whose weights start the run
-    optimizer: str = "adamw"  # "adamw" or "sgd" (with momentum)
+    optimizer: Optimizer = "adamw"  # sgd is with momentum
     momentum: float = 0.9  # SGD momentum
     scale_lr: bool = False  # multiply lr and min_lr by the number of replicas (dp), for a batch that grows with it
     accumulation_steps: int = 1  # micro-batches per optimizer step; gradients are allreduced on the last one only
-    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU and GPU) or "fp16" (autocast and a gradient scaler, GPU)
-    grad_compression: str = "none"  # "none" or "fp16": Horovod sends gradients as fp16 (GPU tensors only)
+    precision: Precision = "fp32"  # bf16: autocast, CPU and GPU; fp16: autocast and a gradient scaler, GPU
+    grad_compression: GradCompression = "none"  # fp16: Horovod sends gradients as fp16 (GPU tensors only)
     ema_decay: float = 0.0  # exponential moving average of the weights, used for evaluation; 0 disables
     local_sgd_interval: int = 0  # >0: local SGD, replicas step alone and average weights every this many steps
     max_skipped_steps: int = 5  # a non-finite loss or gradient norm skips the step; this many in a row stop the run
@@ -96,12 +107,12 @@ class TrainConfig:
 
 @dataclass
 class LaunchConfig:
-    launcher: str = "mpirun"  # "mpirun", "horovodrun" or "srun" (inside a Slurm allocation)
+    launcher: Launcher = "mpirun"  # srun: inside a Slurm allocation
     np: int = 2  # number of ranks (overridden by `hvdlm launch --np`)
     hosts: str = ""  # "host:slots,host:slots"; empty means this machine with as many slots as cores
-    controller: str = "gloo"  # horovodrun only: "gloo" or "mpi"
+    controller: Controller = "gloo"  # horovodrun only: its --gloo or --mpi
     cycle_time_ms: float = 5.0  # Horovod's negotiation cycle (its default, 1 ms, costs CPU ranks ~25%); 0 keeps it
-    mpi: str = "openmpi"  # which MPI's mpirun: "openmpi" or "mpich" (Hydra); their options differ
+    mpi: Mpi = "openmpi"  # which MPI's mpirun: Open MPI or MPICH (Hydra); their options differ
     nic: str = ""  # network interface for MPI, NCCL and Gloo together (e.g. "ib0"); empty lets each choose
     env: list[str] = field(default_factory=list)  # more variables every rank must see (mpirun -x NAME)
     fusion_threshold_mb: float = 0.0  # horovodrun: tensor fusion buffer in MB; 0 keeps Horovod's 128
@@ -119,7 +130,7 @@ class SlurmConfig:
     time: str = "01:00:00"  # wall-clock limit, [D-]HH:MM:SS
     partition: str = ""  # empty: the cluster's default partition
     account: str = ""  # empty: your default account
-    launcher: str = "srun"  # the batch script's launcher: "srun", "mpirun" or "horovodrun"
+    launcher: Launcher = "srun"  # the batch script's launcher
     mpi: str = "pmix"  # srun --mpi plugin (pmix starts Open MPI ranks without mpirun)
     cpu_bind: str = ""  # srun --cpu-bind (e.g. "cores", "none"); empty: Slurm's default
     gpu_bind: str = ""  # srun --gpu-bind (e.g. "closest", "single:1"); empty: Slurm's default
@@ -150,14 +161,17 @@ def default_run_dir(job_name: str) -> Path:
     return Path("runs") / f"{job_name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-LAUNCHERS = ("mpirun", "horovodrun", "srun")
-MPIS = ("openmpi", "mpich")
-CONTROLLERS = ("gloo", "mpi")
-CORPORA = ("stdlib",)
-OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("fp32", "bf16", "fp16")
-COMPRESSIONS = ("none", "fp16")
-TOKENIZERS = ("byte", "bpe")
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The words a Literal-typed field of a dataclass allows (e.g. choices(LaunchConfig, "launcher")), in order."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def check_choice(what: str, value: str, options: tuple[str, ...]) -> None:
+    """Refuse a word outside `options` where no config key names it (an argument of a library function)."""
+    if value not in options:
+        raise InputError(f"unknown {what} '{value}'. Use one of {', '.join(options)}.")
+
+
 MIN_BPE_VOCAB = 257 + 1  # 256 byte tokens, the end-of-document token, and at least one merge
 # The BPE trainer's Rust side allocates for the requested size up front (2**32 aborts the process), and a million
 # tokens is already far past what a corpus prepared here yields. Above 65,536 the shards hold uint32 ids.
@@ -253,6 +267,8 @@ def _from_dict(raw: dict[str, Any], source: str, overridden: set[tuple[str, str]
 
 def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
     allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    # A Literal's words are checked by validate(), which names them; here it is only their type (str).
+    allowed = tuple(type(typing.get_args(k)[0]) if typing.get_origin(k) is Literal else k for k in allowed)
     for kind in allowed:
         if typing.get_origin(kind) is list:
             if isinstance(value, str):  # --set slurm.modules=openmpi,cuda
@@ -380,19 +396,22 @@ def validate(config: JobConfig) -> None:
             "'train.grad_compression' compresses the gradient allreduce, which local SGD does not do: set it to "
             "\"none\" or 'train.local_sgd_interval' to 0."
         )
-    for name, value, options in (
-        ("launch.launcher", la.launcher, LAUNCHERS),
-        ("launch.controller", la.controller, CONTROLLERS),
-        ("launch.mpi", la.mpi, MPIS),
-        ("slurm.launcher", config.slurm.launcher, LAUNCHERS),
-        ("data.corpus", d.corpus, CORPORA),
-        ("data.tokenizer", d.tokenizer, TOKENIZERS),
-        ("train.optimizer", t.optimizer, OPTIMIZERS),
-        ("train.precision", t.precision, PRECISIONS),
-        ("train.grad_compression", t.grad_compression, COMPRESSIONS),
-    ):
-        if value not in options:
-            raise InputError(f"'{name}' must be one of {', '.join(options)}, got '{value}'.{_closest(value, options)}")
+    _validate_choices(config)
+
+
+def _validate_choices(config: JobConfig) -> None:
+    """Every Literal-typed key holds one of its words (TOML and --set give any string)."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for name, hint in typing.get_type_hints(type(values)).items():
+            if typing.get_origin(hint) is not Literal:
+                continue
+            value, options = getattr(values, name), typing.get_args(hint)
+            if value not in options:
+                raise InputError(
+                    f"'{section.name}.{name}' must be one of {', '.join(options)}, got '{value}'."
+                    f"{_closest(value, options)}"
+                )
 
 
 def _validate_tp(m: ModelConfig, p: ParallelConfig) -> None:

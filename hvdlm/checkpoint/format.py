@@ -21,34 +21,21 @@ optimizer's parameters (per group, in order), so its state merges the same way (
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hvdlm.errors import InputError
+from hvdlm.fsutil import atomic_writer
 from hvdlm.parallel.layers import Sharding
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write one rank's checkpoint file atomically (hvdlm.fsutil): a crash mid-save leaves the old one or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half-written file behind
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_writer(path) as f:
+        torch.save(state, f)
     return path
 
 

@@ -170,6 +170,9 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Temporary files of saves killed mid-write (`.step-*.pt.tmp-PID`): never a checkpoint, only wasted space."""
+    """Temporary files of saves killed mid-write: never a checkpoint, only wasted space.
+
+    hvdlm.fsutil.atomic_writer names them `.NAME.tmp-PID` (temporary_path), here `.step-*.pt.tmp-PID`.
+    """
     for p in (Path(run_dir) / "checkpoints").glob(".step-*.pt.tmp-*"):
         p.unlink(missing_ok=True)

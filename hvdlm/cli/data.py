@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from hvdlm.config import DataConfig, choices
+
 
 @click.group()
 def data() -> None:
@@ -17,7 +19,7 @@ def data() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(), help="Dataset directory to write (created atomically).")
 @click.option(
     "--tokenizer",
-    type=click.Choice(["byte", "bpe"]),
+    type=click.Choice(choices(DataConfig, "tokenizer")),
     default="byte",
     show_default=True,
     help="byte: 256 byte tokens; bpe: byte-level BPE trained on the training documents.",

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import click
 
+from hvdlm.config import SlurmConfig, choices, load_config
 from hvdlm.errors import InputError
+from hvdlm.launch.hostfile import FORMATS, render_hostfile, write_atomically
+from hvdlm.launch.sources import SOURCES, hosts_from
 
 
 @click.command()
 @click.option(
     "--from",
     "source",
-    type=click.Choice(["slurm", "pbs", "lsf", "hosts", "file"]),
+    type=click.Choice(SOURCES),
     required=True,
     help="Where the hosts come from: a Slurm job (SLURM_JOB_NODELIST, SLURM_TASKS_PER_NODE), a PBS job "
     "(PBS_NODEFILE), an LSF job (LSB_MCPU_HOSTS / LSB_HOSTS), a host:slots string, or a hostfile.",
@@ -29,7 +32,7 @@ from hvdlm.errors import InputError
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["openmpi", "mpich", "horovod", "list"]),
+    type=click.Choice(list(FORMATS)),
     default="openmpi",
     show_default=True,
     help="openmpi: 'host slots=N'; mpich: 'host:N'; horovod: the -H string; list: host per line.",
@@ -52,9 +55,6 @@ def hostfile(
       hvdlm hostfile --from slurm 'node[01-04]' --slots 4 --format mpich -o hosts.txt
       hvdlm hostfile --from hosts node1:4,node2:4 --format horovod
     """
-    from hvdlm.launch.hostfile import render_hostfile, write_atomically
-    from hvdlm.launch.sources import hosts_from
-
     if tasks_per_node and source != "slurm":
         raise InputError("--tasks-per-node belongs to --from slurm.")
     text = render_hostfile(hosts_from(source, spec, slots=slots, tasks_per_node=tasks_per_node), fmt)
@@ -73,7 +73,7 @@ def hostfile(
 @click.option("--account", default=None, help="Account to charge (slurm.account).")
 @click.option(
     "--launcher",
-    type=click.Choice(["srun", "mpirun", "horovodrun"]),
+    type=click.Choice(choices(SlurmConfig, "launcher")),
     default=None,
     help="Launch line: srun --mpi=pmix (default), mpirun or horovodrun (slurm.launcher).",
 )
@@ -101,9 +101,7 @@ def sbatch(
     submit: bool,
 ) -> None:
     """Render a Slurm batch script that trains JOB; print it, write it (-o) or submit it (--submit)."""
-    from hvdlm.config import load_config
     from hvdlm.launch import sbatch as batch
-    from hvdlm.launch.hostfile import write_atomically
 
     if output and Path(output).exists() and Path(job).exists() and os.path.samefile(output, job):
         raise InputError(

@@ -21,6 +21,7 @@ from hvdlm.cli.options import (
     set_option,
     with_init_from,
 )
+from hvdlm.config import LaunchConfig, choices, default_run_dir, load_config
 from hvdlm.errors import InputError
 
 
@@ -32,7 +33,6 @@ from hvdlm.errors import InputError
 @init_from_option
 def train(job: str, overrides: tuple[str, ...], run_dir: str | None, resume: str | None, init_from: str | None) -> None:
     """Train JOB (a TOML job file) as one rank of a job; start it with `hvdlm launch`, mpirun or horovodrun."""
-    from hvdlm.config import load_config
     from hvdlm.training.preemption import catch_stop_signals
 
     catch_stop_signals()  # a preemption signal during start-up still ends in a checkpoint and a requeue
@@ -50,9 +50,9 @@ def train(job: str, overrides: tuple[str, ...], run_dir: str | None, resume: str
 @click.option("--hosts", default=None, metavar="HOST:SLOTS,...", help="Hosts and their slots (default: this machine).")
 @click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="A hostfile instead of --hosts.")
 @click.option(
-    "--launcher", type=click.Choice(["mpirun", "horovodrun", "srun"]), default=None, help="Default: launch.launcher."
+    "--launcher", type=click.Choice(choices(LaunchConfig, "launcher")), default=None, help="Default: launch.launcher."
 )
-@click.option("--mpi", type=click.Choice(["openmpi", "mpich"]), default=None, help="mpirun's MPI (launch.mpi).")
+@click.option("--mpi", type=click.Choice(choices(LaunchConfig, "mpi")), default=None, help="mpirun's MPI (launch.mpi).")
 @click.option("--nic", default=None, metavar="IFACE", help="Network interface for MPI, NCCL and Gloo (launch.nic).")
 @click.option("-x", "--env", "forward", multiple=True, metavar="NAME", help="Forward this variable to every rank.")
 @click.option("--dry-run", is_flag=True, help="Print the command without running it.")
@@ -76,7 +76,6 @@ def launch(
     init_from: str | None,
 ) -> None:
     """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first."""
-    from hvdlm.config import default_run_dir, load_config
     from hvdlm.launch.commands import LaunchOptions, plan_launch
     from hvdlm.launch.hosts import parse_hosts, read_hostfile
 
@@ -100,10 +99,10 @@ def launch(
         program += ["--set", item]
     if resume:
         program += ["--resume", resume if resume == "auto" else str(Path(resume).resolve())]
-    options = LaunchOptions.from_config(cfg)
-    options.mpi = mpi or options.mpi
-    options.nic = nic or options.nic
-    options.env += [name for name in forward if name not in options.env]
+    la = cfg.launch
+    options = LaunchOptions.from_config(
+        cfg, mpi=mpi or la.mpi, nic=nic or la.nic, env=la.env + [name for name in forward if name not in la.env]
+    )
     plan = plan_launch(
         launcher or cfg.launch.launcher,
         np_ or cfg.launch.np,

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hvdlm import __version__
-from hvdlm.config import TOKENIZERS
+from hvdlm.config import Tokenizer, check_choice, choices
 from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
 from hvdlm.data.sources import (
@@ -34,13 +34,14 @@ from hvdlm.data.sources import (
 )
 from hvdlm.data.tokenizer import ByteTokenizer, check_bpe_vocab, train_bpe
 from hvdlm.errors import InputError
+from hvdlm.fsutil import fsync_directory
 
 _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
 
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    tokenizer: str = "byte"  # "byte" or "bpe"
+    tokenizer: Tokenizer = "byte"
     vocab_size: int = 4096  # BPE only: bytes + end-of-document + merges
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of their names)
     text_field: str = "text"  # the field of a JSON Lines record that holds the document
@@ -48,8 +49,7 @@ class PrepareOptions:
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # a shard is closed once it holds this many tokens
 
     def check(self) -> None:
-        if self.tokenizer not in TOKENIZERS:
-            raise InputError(f"unknown tokenizer '{self.tokenizer}'. Choose one of: {', '.join(TOKENIZERS)}.")
+        check_choice("tokenizer", self.tokenizer, choices(PrepareOptions, "tokenizer"))
         if self.tokenizer == "bpe":
             check_bpe_vocab(self.vocab_size)
         if not 0.0 < self.val_fraction < 1.0:
@@ -361,11 +361,14 @@ def _tokenize(
 
 def _publish(staging: Path, out: Path, fingerprint: str) -> None:
     """Rename the finished dataset into place; an earlier dataset there is replaced, an identical one kept."""
+    fsync_directory(staging, files=True)  # on the disk in full before it gets its name
     try:
         os.rename(staging, out)  # atomic; succeeds when `out` is absent or an empty directory
-        return
     except OSError:
         pass
+    else:
+        fsync_directory(out.parent)  # the rename survives a crash
+        return
     existing = read_meta(out)
     if _intact_copy(out, existing, fingerprint):
         shutil.rmtree(staging)  # a concurrent preparer of the same inputs published first: keep its copy
@@ -376,6 +379,7 @@ def _publish(staging: Path, out: Path, fingerprint: str) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.rename(out, old / out.name)
     os.rename(staging, out)
+    fsync_directory(out.parent)
     shutil.rmtree(old)
 
 

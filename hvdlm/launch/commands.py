@@ -7,6 +7,7 @@ line of a batch script and the command `hvdlm launch` runs; `plan_launch` fills 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -14,8 +15,9 @@ import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hvdlm.config import LAUNCHERS, MPIS, JobConfig
+from hvdlm.config import JobConfig, LaunchConfig, SlurmConfig, check_choice, choices
 from hvdlm.errors import InputError
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
 from hvdlm.launch.shell import ENV_VAR, NAME, ShellVar, check_name, check_text, join
@@ -35,60 +37,58 @@ _FORWARDED_PREFIXES = ("NCCL_", "HOROVOD_", "GLOO_")
 ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
-@dataclass
-class LaunchOptions:
-    """What shapes a launch beyond ranks and hosts: the [launch] section (and [slurm]'s srun choices)."""
+def root_env() -> dict[str, str]:
+    """The variables this process's Open MPI programs (mpirun, an MPI child) need to start: ROOT_VARIABLES as root."""
+    return dict(ROOT_VARIABLES) if os.geteuid() == 0 else {}
 
-    controller: str = "gloo"  # horovodrun: gloo or mpi
-    mpi: str = "openmpi"  # mpirun flavour: openmpi or mpich
-    nic: str = ""
-    env: list[str] = field(default_factory=list)  # more variables to forward
-    cycle_time_ms: float = 0.0
-    fusion_threshold_mb: float = 0.0
-    timeline: str = ""
-    autotune: bool = False
-    autotune_log: str = ""
-    srun_mpi: str = "pmix"
-    tasks_per_node: int = 0
-    gpus_per_node: int = 0
-    cpu_bind: str = ""
-    gpu_bind: str = ""
+
+_LAUNCH_KEYS = {f.name for f in dataclasses.fields(LaunchConfig)}
+
+
+@dataclass(init=False)
+class LaunchOptions:
+    """What shapes a launch beyond ranks and hosts: the job's [launch] section, and [slurm]'s choices for srun.
+
+    It holds the two config sections themselves, so each setting is defined once, with its default and meaning,
+    in hvdlm.config. Keywords set single keys: [launch]'s by name (mpi is launch.mpi), the others of [slurm] by
+    theirs (slurm.ntasks_per_node also as tasks_per_node, the launch API's name for it). Without a job's
+    [launch], nothing is added to Horovod's own settings (no cycle time).
+    """
+
+    launch: LaunchConfig
+    slurm: SlurmConfig
+
+    def __init__(self, launch: LaunchConfig | None = None, slurm: SlurmConfig | None = None, **keys: Any) -> None:
+        if "tasks_per_node" in keys:
+            keys["ntasks_per_node"] = keys.pop("tasks_per_node")
+        srun = {k: keys.pop(k) for k in [*keys] if k not in _LAUNCH_KEYS}
+        # Copies: a launch's choices (--mpi, --nic, -x) must not change the job's config.
+        self.launch = dataclasses.replace(launch or LaunchConfig(cycle_time_ms=0.0), **keys)
+        self.slurm = dataclasses.replace(slurm or SlurmConfig(), **srun)
 
     @classmethod
-    def from_config(cls, cfg: JobConfig) -> LaunchOptions:
-        la, sl = cfg.launch, cfg.slurm
-        return cls(
-            controller=la.controller,
-            mpi=la.mpi,
-            nic=la.nic,
-            env=list(la.env),
-            cycle_time_ms=la.cycle_time_ms,
-            fusion_threshold_mb=la.fusion_threshold_mb,
-            timeline=la.timeline,
-            autotune=la.autotune,
-            autotune_log=la.autotune_log,
-            srun_mpi=sl.mpi,
-            tasks_per_node=sl.ntasks_per_node,
-            gpus_per_node=sl.gpus_per_node,
-            cpu_bind=sl.cpu_bind,
-            gpu_bind=sl.gpu_bind,
-        )
+    def from_config(cls, cfg: JobConfig, **keys: Any) -> LaunchOptions:
+        return cls(cfg.launch, cfg.slurm, **keys)
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.slurm.ntasks_per_node
 
     def check(self) -> None:
         """Refuse values that would smuggle shell syntax into a command or a script."""
-        if self.mpi not in MPIS:
-            raise InputError(f"unknown MPI '{self.mpi}'. Use one of {', '.join(MPIS)}.")
+        la, sl = self.launch, self.slurm
+        check_choice("MPI", la.mpi, choices(LaunchConfig, "mpi"))
         for what, value in (
-            ("launch.nic", self.nic),
-            ("slurm.mpi", self.srun_mpi),
-            ("slurm.cpu_bind", self.cpu_bind),
-            ("slurm.gpu_bind", self.gpu_bind),
+            ("launch.nic", la.nic),
+            ("slurm.mpi", sl.mpi),
+            ("slurm.cpu_bind", sl.cpu_bind),
+            ("slurm.gpu_bind", sl.gpu_bind),
         ):
             if value:
                 check_name(what, value, NAME)
-        for name in self.env:
+        for name in la.env:
             check_name("launch.env variable", name, ENV_VAR)
-        for what, value in (("launch.timeline", self.timeline), ("launch.autotune_log", self.autotune_log)):
+        for what, value in (("launch.timeline", la.timeline), ("launch.autotune_log", la.autotune_log)):
             if value:
                 check_text(what, value)
 
@@ -149,6 +149,7 @@ def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_
 
 def rank_env(opts: LaunchOptions, launcher: str, threads: int | str, progress: bool = False) -> dict[str, str]:
     """Variables every rank gets, whatever starts it."""
+    la = opts.launch
     env = {"OMP_NUM_THREADS": threads if isinstance(threads, str) else str(threads)}  # keeps a ShellVar
     # Each rank runs its compute threads plus Horovod's background thread, so CPU ranks share cores. Open MPI
     # busy-polls inside blocking calls unless told to yield, and Horovod's 1 ms default cycle makes that thread
@@ -156,22 +157,22 @@ def rank_env(opts: LaunchOptions, launcher: str, threads: int | str, progress: b
     # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/RESULTS.md).
     env["OMPI_MCA_mpi_yield_when_idle"] = "1"
     if launcher != "horovodrun":  # horovodrun takes these as options and sets them itself
-        if opts.cycle_time_ms:
-            env["HOROVOD_CYCLE_TIME"] = f"{opts.cycle_time_ms:g}"
-        if opts.fusion_threshold_mb:
-            env["HOROVOD_FUSION_THRESHOLD"] = str(int(opts.fusion_threshold_mb * 1024 * 1024))
-        if opts.timeline:
-            env["HOROVOD_TIMELINE"] = opts.timeline
-        if opts.autotune:
+        if la.cycle_time_ms:
+            env["HOROVOD_CYCLE_TIME"] = f"{la.cycle_time_ms:g}"
+        if la.fusion_threshold_mb:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(int(la.fusion_threshold_mb * 1024 * 1024))
+        if la.timeline:
+            env["HOROVOD_TIMELINE"] = la.timeline
+        if la.autotune:
             env["HOROVOD_AUTOTUNE"] = "1"
-            if opts.autotune_log:
-                env["HOROVOD_AUTOTUNE_LOG"] = opts.autotune_log
-    if opts.nic:
+            if la.autotune_log:
+                env["HOROVOD_AUTOTUNE_LOG"] = la.autotune_log
+    if la.nic:
         # One interface for everything: NCCL's and Gloo's sockets here, MPI's through the launcher's options.
-        env["NCCL_SOCKET_IFNAME"] = opts.nic
-        env["GLOO_SOCKET_IFNAME"] = opts.nic
+        env["NCCL_SOCKET_IFNAME"] = la.nic
+        env["GLOO_SOCKET_IFNAME"] = la.nic
         if launcher == "srun":  # no mpirun to pass -mca to: Open MPI ranks read their MCA parameters from here
-            env["OMPI_MCA_btl_tcp_if_include"] = opts.nic
+            env["OMPI_MCA_btl_tcp_if_include"] = la.nic
     if progress:
         env["HVDLM_PROGRESS"] = "1"
     return env
@@ -196,6 +197,7 @@ def build_command(
     caller's variable names (which Open MPI's -x may forward).
     """
     opts.check()
+    check_choice("launcher", launcher, choices(LaunchConfig, "launcher"))
     env = env or {}
     argv = [executable]
     if launcher == "srun":
@@ -204,29 +206,28 @@ def build_command(
     if launcher == "horovodrun":
         argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
         return argv + _horovodrun_options(opts) + program
-    if launcher != "mpirun":
-        raise InputError(f"unknown launcher '{launcher}'. Use one of {', '.join(LAUNCHERS)}.")
-    if opts.mpi == "mpich":
+    if opts.launch.mpi == "mpich":
         argv += ["-f", hostfile] if hostfile else ["-hosts", _host_list(hosts)] if hosts else []
         # Hydra passes the whole environment on by itself; its -iface picks the network for MPI traffic.
-        return argv + (["-iface", opts.nic] if opts.nic else []) + program
+        return argv + (["-iface", opts.launch.nic] if opts.launch.nic else []) + program
     argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
     return argv + _openmpi_options(opts, env, present, local) + program
 
 
 def _openmpi_options(opts: LaunchOptions, env: Mapping[str, str], present: Collection[str], local: bool) -> list[str]:
+    la = opts.launch
     # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
     argv = ["-bind-to", "none", "-map-by", "slot"]
     names = [n for n in _FORWARDED if n in env or n in present]
     names += sorted(n for n in {*env, *present} if n.startswith(_FORWARDED_PREFIXES) and n not in names)
-    names += [n for n in opts.env if n not in names]
+    names += [n for n in la.env if n not in names]
     for name in names:
         argv += ["-x", name]
     # ob1 with the TCP / shared-memory BTLs; the openib BTL is deprecated and warns or hangs on many clusters.
     argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
-    if opts.nic:
+    if la.nic:
         # MPI's data (btl) and Open MPI's own out-of-band channel (oob) on the chosen interface.
-        argv += ["-mca", "btl_tcp_if_include", opts.nic, "-mca", "oob_tcp_if_include", opts.nic]
+        argv += ["-mca", "btl_tcp_if_include", la.nic, "-mca", "oob_tcp_if_include", la.nic]
     if local:
         # Containers often forbid the cross-process memory copy (ptrace) that shared memory uses by default.
         argv += ["-mca", "btl_vader_single_copy_mechanism", "none"]
@@ -234,36 +235,38 @@ def _openmpi_options(opts: LaunchOptions, env: Mapping[str, str], present: Colle
 
 
 def _horovodrun_options(opts: LaunchOptions) -> list[str]:
-    argv = ["--gloo"] if opts.controller == "gloo" else ["--mpi"]
-    if opts.nic:
-        argv += ["--network-interface", opts.nic]
-    if opts.cycle_time_ms:
-        argv += ["--cycle-time-ms", f"{opts.cycle_time_ms:g}"]
-    if opts.fusion_threshold_mb:
-        argv += ["--fusion-threshold-mb", f"{opts.fusion_threshold_mb:g}"]
-    if opts.timeline:
-        argv += ["--timeline-filename", opts.timeline]
-    if opts.autotune:
-        argv += ["--autotune"] + (["--autotune-log-file", opts.autotune_log] if opts.autotune_log else [])
+    la = opts.launch
+    argv = ["--gloo"] if la.controller == "gloo" else ["--mpi"]
+    if la.nic:
+        argv += ["--network-interface", la.nic]
+    if la.cycle_time_ms:
+        argv += ["--cycle-time-ms", f"{la.cycle_time_ms:g}"]
+    if la.fusion_threshold_mb:
+        argv += ["--fusion-threshold-mb", f"{la.fusion_threshold_mb:g}"]
+    if la.timeline:
+        argv += ["--timeline-filename", la.timeline]
+    if la.autotune:
+        argv += ["--autotune"] + (["--autotune-log-file", la.autotune_log] if la.autotune_log else [])
     return argv
 
 
 def _srun_options(np: int | str, hosts: list[Host] | None, hostfile: str | None, opts: LaunchOptions) -> list[str]:
     if hostfile:
         raise InputError("srun takes its hosts from the Slurm allocation, not a hostfile: drop --hostfile.")
-    argv = [f"--mpi={opts.srun_mpi}"]
+    sl = opts.slurm
+    argv = [f"--mpi={sl.mpi}"]
     if not isinstance(np, ShellVar):  # in a batch script srun starts every task of the allocation by itself
         argv.append(f"--ntasks={np}")
-    if opts.tasks_per_node:
-        argv.append(f"--ntasks-per-node={opts.tasks_per_node}")
+    if sl.ntasks_per_node:
+        argv.append(f"--ntasks-per-node={sl.ntasks_per_node}")
     if hosts:
         argv.append("--nodelist=" + ",".join(h.name for h in hosts))
-    if opts.gpus_per_node:
-        argv.append(f"--gpus-per-node={opts.gpus_per_node}")
-    if opts.cpu_bind:
-        argv.append(f"--cpu-bind={opts.cpu_bind}")
-    if opts.gpu_bind:
-        argv.append(f"--gpu-bind={opts.gpu_bind}")
+    if sl.gpus_per_node:
+        argv.append(f"--gpus-per-node={sl.gpus_per_node}")
+    if sl.cpu_bind:
+        argv.append(f"--cpu-bind={sl.cpu_bind}")
+    if sl.gpu_bind:
+        argv.append(f"--gpu-bind={sl.gpu_bind}")
     return argv
 
 
@@ -289,12 +292,11 @@ def plan_launch(
     the job's [launch]) wins over the older `controller` / `cycle_time_ms` arguments.
     """
     opts = options or LaunchOptions(controller=controller, cycle_time_ms=cycle_time_ms)
-    if launcher not in LAUNCHERS:
-        raise InputError(f"unknown launcher '{launcher}'. Use one of {', '.join(LAUNCHERS)}.")
-    check_tp_layout(tp, np, launcher, opts.controller)
+    check_choice("launcher", launcher, choices(LaunchConfig, "launcher"))
+    check_tp_layout(tp, np, launcher, opts.launch.controller)
     local = hosts is None
     if launcher == "srun":
-        per_host = [opts.tasks_per_node or np] if local else place_ranks(hosts, np)
+        per_host = [opts.slurm.ntasks_per_node or np] if local else place_ranks(hosts, np)
         cores = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
     else:
         per_host = place_ranks(hosts or [Host(LOCALHOST, local_cores())], np)
@@ -302,10 +304,10 @@ def plan_launch(
     if not local:  # slots fill in host order: each host's share of the ranks must hold whole TP groups
         for count in per_host:
             if count:
-                check_tp_layout(tp, np, launcher, opts.controller, ranks_per_node=count)
+                check_tp_layout(tp, np, launcher, opts.launch.controller, ranks_per_node=count)
     env = rank_env(opts, launcher, threads or threads_per_rank(max(per_host), cores), progress)
-    if os.geteuid() == 0 and launcher != "srun":
-        env.update(ROOT_VARIABLES)
+    if launcher != "srun":  # srun starts the ranks without Open MPI's launcher
+        env.update(root_env())
     argv = build_command(
         launcher,
         find_executable(launcher),

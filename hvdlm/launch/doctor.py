@@ -14,6 +14,8 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from hvdlm.launch.commands import root_env
+
 # Each probe prints one JSON object on its last line of output.
 _HOROVOD_PROBE = """
 import json, horovod.torch as hvd
@@ -58,8 +60,7 @@ def _probe(python: str, code: str) -> tuple[dict | None, str]:
     """Run `code` in a child `python` as one rank; returns (its JSON, or None, and its last error line)."""
     env = {**os.environ}
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")  # containers forbid ptrace
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.update(root_env())  # mpi4py and Horovod start Open MPI in the child
     try:
         proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:

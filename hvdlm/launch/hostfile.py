@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from hvdlm.errors import InputError
+from hvdlm.fsutil import atomic_write
 from hvdlm.launch.hosts import Host
 
 FORMATS = {
@@ -32,28 +32,18 @@ def render_hostfile(hosts: list[Host], fmt: str) -> str:
 
 
 def write_atomically(path: str | Path, text: str) -> Path:
-    """Write a temporary file beside `path`, then rename it over: readers see the old file or the new one.
-
-    A symbolic link is followed: its target is replaced and the link stays (as `echo > link` would do), so a
-    link into a shared directory keeps pointing there. Returns the file actually written.
+    """Write an -o output with hvdlm.fsutil.atomic_write (readers see the old file or the new one; a symbolic link
+    is followed: its target is replaced and the link stays), with errors that name the path. Returns the file
+    actually written.
     """
     path = Path(os.path.realpath(path))
     if path.is_dir():
         raise InputError(f"'{path}' is a directory; -o needs a file name.")
     if not path.parent.is_dir():
         raise InputError(f"directory '{path.parent}' does not exist; create it first or choose another -o.")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        return atomic_write(path, text)
     except OSError as e:
         # Permission denied, a read-only or full file system, /proc: the old file is untouched (only the
         # temporary file was written), so say where and why.
         raise InputError(f"cannot write '{path}': {e.strerror or e}. Choose another -o.") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            Path(tmp).unlink(missing_ok=True)
-    return path

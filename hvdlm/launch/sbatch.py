@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvdlm import __version__
-from hvdlm.config import JobConfig
+from hvdlm.config import JobConfig, SlurmConfig, check_choice, choices
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, check_tp_layout, rank_env
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
 from hvdlm.training.preemption import REQUEUE_EXIT_CODE
 
-BATCH_LAUNCHERS = ("srun", "mpirun", "horovodrun")
 # Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. ASCII digits ([0-9], not \d, which
 # takes any script's digits) and bounded runs: Slurm reads them as 32-bit numbers.
 _TIME = re.compile(r"[0-9]{1,9}(:[0-9]{1,2}){0,2}|[0-9]{1,9}-[0-9]{1,9}(:[0-9]{1,2}){0,2}")
@@ -84,8 +83,7 @@ class SbatchSpec:
             raise InputError(f"--gpus-per-node must be zero or more, got {self.gpus_per_node}.")
         if self.ntasks_per_node <= 0 or self.cpus_per_task <= 0:
             raise InputError("tasks per node and cpus per task must be positive.")
-        if self.launcher not in BATCH_LAUNCHERS:
-            raise InputError(f"unknown launcher '{self.launcher}'. Use one of {', '.join(BATCH_LAUNCHERS)}.")
+        check_choice("launcher", self.launcher, choices(SlurmConfig, "launcher"))
         for line in self.setup:
             if "\n" in line or "\r" in line:
                 raise InputError(f"slurm.setup line {line!r} holds a line break: write one command per item.")
@@ -174,10 +172,10 @@ def spec_from_config(
             )
         tasks = cfg.launch.np // nodes
     cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
-    options = LaunchOptions.from_config(cfg)
-    options.gpus_per_node = gpus  # srun's steps ask for what the job asked for
-    options.tasks_per_node = 0  # and its tasks per node (#SBATCH, where --ntasks-per-node may have won)
-    check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, options.controller, ranks_per_node=tasks)
+    # srun's steps ask for the GPUs the job asked for, and inherit its tasks per node (#SBATCH, where
+    # --ntasks-per-node may have won).
+    options = LaunchOptions.from_config(cfg, gpus_per_node=gpus, ntasks_per_node=0)
+    check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks)
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
     spec = SbatchSpec(

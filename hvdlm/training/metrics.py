@@ -19,6 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from hvdlm.fsutil import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -121,7 +123,7 @@ def scalars_of(row: dict[str, Any]) -> dict[str, float]:
 
 
 def truncate_metrics(path: Path, resume_step: int) -> None:
-    """Cut metrics.jsonl back to the rows of steps <= resume_step, atomically (temporary file, then os.replace).
+    """Cut metrics.jsonl back to the rows of steps <= resume_step, atomically (hvdlm.fsutil).
 
     The steps after the checkpoint are trained again, so their rows would otherwise appear twice. resume_step 0
     means the run starts over (no checkpoint was there): every row goes, the step-0 evaluation is redone.
@@ -147,16 +149,7 @@ def truncate_metrics(path: Path, resume_step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
         elif resume_step > 0 and step <= resume_step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the original stays as it was
-        raise
+    atomic_write(path, "".join(kept))  # a failed rewrite leaves the original as it was
 
 
 def _summary_writer(log_dir: Path, resume_step: int | None):
