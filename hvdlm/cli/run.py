@@ -6,7 +6,8 @@ torch and horovod are imported inside `train` only: `launch` answers at once on 
 from __future__ import annotations
 
 import os
-import subprocess
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hvdlm.cli.options import (
 )
 from hvdlm.config import LaunchConfig, choices, default_run_dir, load_config
 from hvdlm.errors import InputError
+from hvdlm.training.preemption import REQUEUE_EXIT_CODE
 
 
 @click.command()
@@ -75,40 +77,27 @@ def launch(
     resume: str | None,
     init_from: str | None,
 ) -> None:
-    """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first."""
+    """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first.
+
+    Ctrl-C, SIGTERM or SIGHUP asks the ranks for a checkpoint and a stop (again: they end at once)."""
     from hvdlm.launch.commands import LaunchOptions, plan_launch
-    from hvdlm.launch.hosts import parse_hosts, read_hostfile
 
     overrides = with_init_from(overrides, init_from)
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
     check_resume(resume, run_dir)
-    if hosts and hostfile:
-        raise InputError("give either --hosts or --hostfile, not both.")
-    hosts = hosts or cfg.launch.hosts or None
-    if hostfile and (launcher or cfg.launch.launcher) == "srun":
-        raise InputError("srun takes its hosts from the Slurm allocation, not a hostfile: drop --hostfile.")
-    # A hostfile may mix Open MPI, MPICH and bare lines with comments, which no launcher reads in full (horovodrun
-    # crashes on a comment, Open MPI refuses host:N, Hydra host slots=N): the launcher gets the parsed hosts as
-    # -H / -hosts, the same checked list --hosts gives, and the printed command needs no file of ours.
-    host_list = read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
+    launcher = launcher or cfg.launch.launcher
+    host_list = _host_list(hosts or cfg.launch.hosts or None, hostfile, launcher)
     run_dir = run_dir or str(default_run_dir(Path(job).stem))
-    # Absolute paths: ranks on other nodes may start in another directory (a shared file system is assumed).
-    program = [sys.executable, "-m", "hvdlm", "train", str(Path(job).resolve())]
-    program += ["--run-dir", str(Path(run_dir).resolve())]
-    for item in overrides:
-        program += ["--set", item]
-    if resume:
-        program += ["--resume", resume if resume == "auto" else str(Path(resume).resolve())]
     la = cfg.launch
     options = LaunchOptions.from_config(
         cfg, mpi=mpi or la.mpi, nic=nic or la.nic, env=la.env + [name for name in forward if name not in la.env]
     )
     plan = plan_launch(
-        launcher or cfg.launch.launcher,
+        launcher,
         np_ or cfg.launch.np,
         host_list,
         None,
-        program,
+        _rank_program(job, run_dir, overrides, resume),
         threads=cfg.train.threads,
         options=options,
         tp=cfg.parallel.tp,
@@ -119,8 +108,49 @@ def launch(
     if dry_run:
         return
     sys.stdout.flush()
-    try:
-        code = subprocess.call(plan.argv, env={**os.environ, **plan.env})
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    sys.exit(_run(plan, launcher, job, run_dir))
+
+
+def _host_list(hosts: str | None, hostfile: str | None, launcher: str):
+    """The checked hosts of --hosts or --hostfile (None: this machine, or srun's allocation)."""
+    from hvdlm.launch.hosts import parse_hosts, read_hostfile
+
+    if hosts and hostfile:
+        raise InputError("give either --hosts or --hostfile, not both.")
+    if hostfile and launcher == "srun":
+        raise InputError("srun takes its hosts from the Slurm allocation, not a hostfile: drop --hostfile.")
+    # A hostfile may mix Open MPI, MPICH and bare lines with comments, which no launcher reads in full (horovodrun
+    # crashes on a comment, Open MPI refuses host:N, Hydra host slots=N): the launcher gets the parsed hosts as
+    # -H / -hosts, the same checked list --hosts gives, and the printed command needs no file of ours.
+    return read_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else None
+
+
+def _rank_program(job: str, run_dir: str, overrides: tuple[str, ...], resume: str | None) -> list[str]:
+    """Each rank's `hvdlm train` command line, with absolute paths: ranks on other nodes may start in another
+    directory (a shared file system is assumed)."""
+    program = [sys.executable, "-m", "hvdlm", "train", str(Path(job).resolve())]
+    program += ["--run-dir", str(Path(run_dir).resolve())]
+    for item in overrides:
+        program += ["--set", item]
+    if resume:
+        program += ["--resume", resume if resume == "auto" else str(Path(resume).resolve())]
+    return program
+
+
+def _run(plan, launcher: str, job: str, run_dir: str) -> int:
+    """Run the launcher under supervision; after a stop signal, say how to continue and exit 128 + signal."""
+    from hvdlm.launch.supervise import run_supervised
+
+    code, signum = run_supervised(plan.argv, {**os.environ, **plan.env}, launcher)
+    if signum is None:
+        return code
+    name = signal.Signals(signum).name
+    if code in (0, REQUEUE_EXIT_CODE) or (launcher == "horovodrun" and code == 1):  # Gloo reports 75 as 1
+        click.echo(
+            f"hvdlm launch: stopped by {name}; continue with: hvdlm launch {shlex.quote(job)} --run-dir "
+            f"{shlex.quote(run_dir)} --resume auto",
+            err=True,
+        )
+    else:
+        click.echo(f"hvdlm launch: stopped by {name}; the launcher exited {code}", err=True)
+    return 128 + signum
