@@ -44,6 +44,8 @@ GradCompression = Literal["none", "fp16"]
 Launcher = Literal["mpirun", "horovodrun", "srun"]
 Controller = Literal["gloo", "mpi"]
 Mpi = Literal["openmpi", "mpich"]
+Switch = Literal["auto", "on", "off"]
+Device = Literal["auto", "cuda", "cpu"]
 
 
 @dataclass
@@ -103,6 +105,9 @@ class TrainConfig:
     deterministic: bool = False  # torch's deterministic algorithms (GPU kernels; CPU fp32 is deterministic anyway)
     tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard (rank 0)
     peak_tflops: float = 0.0  # the device's peak for MFU, in TFLOP/s; 0: known GPUs by name, none on CPU
+    device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
+    compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
+    sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
 
 
 @dataclass

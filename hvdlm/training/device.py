@@ -142,19 +142,27 @@ def device_uuids() -> tuple[str, ...]:
     return tuple(ids)
 
 
-def pick_device(local_rank: int, local_size: int, deterministic: bool = False, comm=None, gpus_required: bool = False):
+def pick_device(
+    local_rank: int,
+    local_size: int,
+    deterministic: bool = False,
+    comm=None,
+    gpus_required: bool = False,
+    use_gpus: bool = True,
+):
     """Choose this rank's device (see `choose_device`), make it current, and return it as a torch.device.
 
     `comm`: an mpi4py communicator spanning the job (e.g. MPI.COMM_WORLD). Collective over it when given: the
     ranks of each node exchange the identities of the GPUs they see, which tells ranks narrowed to their own GPU
-    from ranks that would share one. Without it, fewer GPUs than ranks on a node is refused.
+    from ranks that would share one. Without it, fewer GPUs than ranks on a node is refused. `use_gpus` False:
+    the CPU, whatever is visible (train.device = "cpu").
     """
     import torch
 
     if deterministic:
         for name, value in CUBLAS_DETERMINISTIC.items():
             os.environ.setdefault(name, value)  # before CUDA starts (device_uuids below starts it)
-    uuids = device_uuids()
+    uuids = device_uuids() if use_gpus else ()
     views = None
     if comm is not None:
         from mpi4py import MPI

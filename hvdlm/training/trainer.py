@@ -336,7 +336,14 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     # hvd.init, with the DP groups as process sets when tp > 1.
     topo = init_topology(cfg.parallel.tp)
     with together("device"):  # e.g. two ranks that would share a GPU: refused on every rank
-        device = pick_device(hvd.local_rank(), hvd.local_size(), t.deterministic, comm=_node_exchange_comm())
+        device = pick_device(
+            hvd.local_rank(),
+            hvd.local_size(),
+            t.deterministic,
+            comm=_node_exchange_comm() if t.device != "cpu" else None,
+            gpus_required=t.device == "cuda",
+            use_gpus=t.device != "cpu",
+        )
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
     torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     data = _load_dataset(cfg)
