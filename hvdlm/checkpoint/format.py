@@ -21,6 +21,8 @@ optimizer's parameters (per group, in order), so its state merges the same way (
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,23 @@ from hvdlm.parallel.layers import Sharding
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write one rank's checkpoint file atomically (hvdlm.fsutil): a crash mid-save leaves the old one or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_writer(path) as f:
+            torch.save(state, f)
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write (a full disk, a quota) as a RuntimeError without the cause: ask
+        # the file system, so that callers see the OSError a plain write would have raised.
+        raise _write_error(path) from e
     return path
+
+
+def _write_error(path: Path) -> OSError:
+    stats = os.statvfs(path.parent)
+    if stats.f_bavail * stats.f_frsize < 1 << 20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if not os.access(path.parent, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return OSError(errno.EIO, "the write failed", str(path))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -16,8 +16,10 @@ import torch
 
 from hvdlm.checkpoint.format import save_checkpoint, training_state
 from hvdlm.checkpoint.reshard import load_optimizer, shard_state
-from hvdlm.checkpoint.store import checkpoint_path, prune_checkpoints
+from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints
 from hvdlm.config import JobConfig
+from hvdlm.errors import InputError
+from hvdlm.parallel.agreement import together
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.resume import rng_state, set_rng_state
 
@@ -51,24 +53,37 @@ class CheckpointManager:
         topo = self.topo
         # Horovod: every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
         rngs = hvd.allgather_object(rng_state(self.device), name=f"rng.{step}")
-        if topo.dp_rank == 0:
-            state = training_state(
-                run.model,
-                run.optimizer,
-                step,
-                self.cfg.to_dict(),
-                topo.tp_rank,
-                topo.tp,
-                data=run.train_batches.state_dict(),  # (epoch, position, seed): a resume takes the next sample
-                ema=run.ema.state_dict() if run.ema else None,
-                scaler=run.precision.state_dict(),
-                rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)],
-                progress=dict(run.progress),
-            )
-            save_checkpoint(self.paths(step)[topo.tp_rank], state)
-        hvd.allgather_object(None, name=f"saved.{step}")  # Horovod: a barrier, so every shard is on disk
+        # Every rank hears whether every shard is on disk: a full disk on one writer stops all ranks together.
+        with together(f"saved.{step}"):
+            if topo.dp_rank == 0:
+                state = training_state(
+                    run.model,
+                    run.optimizer,
+                    step,
+                    self.cfg.to_dict(),
+                    topo.tp_rank,
+                    topo.tp,
+                    data=run.train_batches.state_dict(),  # (epoch, position, seed): a resume takes the next sample
+                    ema=run.ema.state_dict() if run.ema else None,
+                    scaler=run.precision.state_dict(),
+                    rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)],
+                    progress=dict(run.progress),
+                )
+                self._write(self.paths(step)[topo.tp_rank], state)
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
+
+    def _write(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            save_checkpoint(path, state)
+        except OSError as e:
+            older = [saved.step for saved in find_checkpoints(self.run_dir) if saved.step < state["step"]]
+            kept = f"the checkpoint of step {older[0]} is intact" if older else "no earlier checkpoint exists"
+            raise InputError(
+                f"cannot write checkpoint '{path}': {e.strerror or e}. Nothing half-written is left and {kept}. "
+                "Free space there (or fix its permissions), or resume in a run directory on another disk, "
+                "then continue with --resume auto."
+            ) from None
 
     def restore(self, state: dict[str, Any], run: RunState) -> int:
         """Put a save's optimizer, EMA, scaler, data position and RNG back into `run` (whose model is loaded);

@@ -37,6 +37,7 @@ class RunLogger:
         resume_step: int | None = None,
     ) -> None:
         self.enabled = enabled
+        self.failure: str | None = None  # why metrics.jsonl could not be written
         self._file = None
         self._writer = None
         self._bar = None
@@ -70,11 +71,18 @@ class RunLogger:
             print(message, flush=True)
 
     def record(self, row: dict[str, Any]) -> None:
-        """One row of metrics.jsonl (with the wall-clock "time" added), and its numbers as TensorBoard scalars."""
+        """One row of metrics.jsonl (with the wall-clock "time" added), and its numbers as TensorBoard scalars.
+
+        A failed write (a full disk) does not raise here, on rank 0 alone: it is kept in `failure`, which the
+        trainer's stop vote hands to every rank, so that all of them stop together."""
         if self._file:
             # JSON has no NaN or Infinity (Python would write them, strict readers refuse them): null instead.
             clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            self._file.write(json.dumps({**clean, "time": round(time.time(), 3)}, allow_nan=False) + "\n")
+            try:
+                self._file.write(json.dumps({**clean, "time": round(time.time(), 3)}, allow_nan=False) + "\n")
+            except OSError as e:
+                self.failure = f"cannot write '{self._file.name}': {e.strerror or e}"
+                self._close_file()
         if self._writer is not None and isinstance(row.get("step"), int):
             for tag, value in scalars_of(row).items():
                 self._writer.add_scalar(tag, value, global_step=row["step"])
@@ -89,12 +97,18 @@ class RunLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._file:
-            self._file.close()
-            self._file = None
+        self._close_file()
         if self._writer is not None:
             self._writer.close()  # flushes the pending events
             self._writer = None
+
+    def _close_file(self) -> None:
+        if self._file:
+            try:
+                self._file.close()
+            except OSError:  # the buffered rest of a line that a full disk refused: failure says so already
+                pass
+            self._file = None
 
 
 def scalars_of(row: dict[str, Any]) -> dict[str, float]:

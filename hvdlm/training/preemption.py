@@ -58,6 +58,7 @@ class Stop(IntEnum):
     NO = 0
     PREEMPTED = 1  # SIGUSR1 / SIGTERM: checkpoint, exit REQUEUE_EXIT_CODE
     NON_FINITE = 2  # too many non-finite steps in a row: exit 2 with advice
+    WRITE_FAILED = 3  # rank 0 could not write the run's metrics (a full disk): exit 2, naming the file
 
 
 class Preempted(Exception):

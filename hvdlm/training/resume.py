@@ -23,6 +23,7 @@ from hvdlm.checkpoint.store import (
 )
 from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
+from hvdlm.fsutil import atomic_write
 from hvdlm.parallel.agreement import rank0_decides, together
 from hvdlm.training.metrics import METRICS_FILE
 
@@ -74,8 +75,14 @@ def prepare_run_dir(start: Start, config_toml: str, resume_step: int | None) -> 
                 f"run directory '{path}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
                 "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
             )
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.toml").write_text(config_toml)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write(path / "config.toml", config_toml)
+        except OSError as e:
+            raise InputError(
+                f"cannot write the run directory '{path}': {e.strerror or e}. Pass a --run-dir where you can write "
+                "and that has room."
+            ) from None
         if resume_step is not None:
             remove_stale_temporaries(path)
             aside = set_aside_newer(path, resume_step)

@@ -60,6 +60,9 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
             trainer.stop_or_checkpoint(outcome.done)
     finally:
         trainer.logger.close()
+    with together("log_written"):  # the last steps' rows: written, or every rank stops with rank 0's reason
+        if trainer.logger.failure:
+            trainer.raise_write_failure()
     trainer.finish()
     return trainer.run_dir
 
@@ -127,6 +130,8 @@ class Trainer:
     def train_step(self, step: int) -> StepOutcome:
         """One optimizer step (the stop vote in flight with it), local SGD's averaging, and the count of skips."""
         t = self.t
+        if self.logger.failure:
+            self.vote.local = Stop.WRITE_FAILED
         self.vote.start()
         lr = lr_at(step, t, self.topo.dp)
         for group in self.optimizer.param_groups:
@@ -251,6 +256,8 @@ class Trainer:
         error (too many skipped steps), stop with a checkpoint (preemption), or save on the interval."""
         t = self.t
         reason = self.vote.result()
+        if reason == Stop.WRITE_FAILED:
+            self.raise_write_failure()
         # Synchronous fp32/bf16 replicas judge by one averaged gradient, so they count skips alike and stop at
         # once. Local SGD replicas judge their own steps, and with fp16 the scaler's overflows are not counted
         # but a rank's own non-finite loss is: those stop one step after the first rank asks.
@@ -276,6 +283,14 @@ class Trainer:
             raise Preempted()
         if self.checkpoints.due(done):
             self.checkpoints.save(done, self)
+
+    def raise_write_failure(self) -> None:
+        """Every rank stops: rank 0, which could not write its log, says why (only rank 0 prints errors)."""
+        raise InputError(
+            f"{self.logger.failure or 'rank 0 could not write the metrics of the run'}. The run stops; its "
+            "checkpoints are intact. Free space on that file system (or fix its permissions), then continue with "
+            "--resume auto."
+        )
 
     # -- finish ------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""Training onto a file system that fills up: every rank stops together with one line naming the file and the
+cause, and what was written before (the earlier checkpoint) is intact. Real tmpfs mounts, real ranks."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from hvdlm.checkpoint.reshard import load_full_state
+from hvdlm.checkpoint.store import find_checkpoints
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a tmpfs of a given size under tmp_path; unmounted afterwards."""
+    mounts = []
+
+    def mount(size: str):
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if proc.returncode:
+            pytest.skip(
+                f"cannot mount a tmpfs here (root in a VM or container that allows mounts is needed): {proc.stderr!r}"
+            )
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)])
+
+
+def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_keeps_the_earlier_one(hvdlm, tiny_job, small_disk):
+    # The tiny job's checkpoint takes about 450 KB: the one of step 4 fits, the one of step 8 does not.
+    run_dir = small_disk("700k") / "run"
+    r = hvdlm(
+        "launch",
+        str(tiny_job),
+        "--np",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.checkpoint_interval=4",
+        "--set",
+        "train.tensorboard=false",
+    )
+    assert r.code == 2, r.out[-3000:]
+    assert f"cannot write checkpoint '{run_dir}/checkpoints/step-0000008.pt': No space left on device" in r.out
+    assert "the checkpoint of step 4 is intact" in r.out
+    assert r.out.count("Error: ") == 1, r.out[-3000:]  # one rank speaks for all
+    assert "Traceback" not in r.out and "HorovodInternalError" not in r.out
+    assert [saved.step for saved in find_checkpoints(run_dir)] == [4]
+    assert load_full_state(run_dir / "checkpoints" / "step-0000004.pt")["step"] == 4
+    assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a half-written temporary file was left"
+
+
+def test_a_full_disk_under_the_metrics_stops_every_rank_naming_the_file(hvdlm, tiny_job, small_disk):
+    # Two pages: config.toml takes one, metrics.jsonl fills the other within a few dozen rows.
+    run_dir = small_disk("8k") / "run"
+    r = hvdlm(
+        "launch",
+        str(tiny_job),
+        "--np",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.tensorboard=false",
+        "--set",
+        "train.eval_interval=0",
+    )
+    assert r.code == 2, r.out[-3000:]
+    assert f"cannot write '{run_dir}/metrics.jsonl': No space left on device" in r.out
+    assert r.out.count("Error: ") == 1, r.out[-3000:]
+    assert "Traceback" not in r.out and "HorovodInternalError" not in r.out
