@@ -81,6 +81,7 @@ def launch(
 
     Ctrl-C, SIGTERM or SIGHUP asks the ranks for a checkpoint and a stop (again: they end at once)."""
     from hvdlm.launch.commands import LaunchOptions, plan_launch
+    from hvdlm.launch.preflight import check_before_launch
 
     overrides = with_init_from(overrides, init_from)
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
@@ -88,6 +89,7 @@ def launch(
     launcher = launcher or cfg.launch.launcher
     host_list = _host_list(hosts or cfg.launch.hosts or None, hostfile, launcher)
     run_dir = run_dir or str(default_run_dir(Path(job).stem))
+    check_before_launch(cfg, Path(run_dir), resume, local_only=host_list is None and launcher != "srun")
     la = cfg.launch
     options = LaunchOptions.from_config(
         cfg, mpi=mpi or la.mpi, nic=nic or la.nic, env=la.env + [name for name in forward if name not in la.env]

@@ -42,6 +42,7 @@ from hvdlm.training.device import pick_device
 from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
 from hvdlm.training.local_sgd import average_replicas
+from hvdlm.training.memory import check_model_fits
 from hvdlm.training.metrics import RunLogger
 from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
 from hvdlm.training.precision import Precision
@@ -360,6 +361,10 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
             use_gpus=t.device != "cpu",
         )
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
+    # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
+    # dataset's larger one only adds to what is refused here).
+    with together("model_fits"):
+        check_model_fits(cfg, device, hvd.local_size())
     torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     data = _load_dataset(cfg)
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.

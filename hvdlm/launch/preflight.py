@@ -1,0 +1,117 @@
+"""What `hvdlm launch` checks before it starts anything: the problems every rank would otherwise find seconds
+later, under the launcher's boilerplate (and that `--dry-run` would not see at all).
+
+Import-light like all job preparation (no torch, horovod, mpi4py or numpy): the run directory, the dataset's
+meta.json and the run's own config.toml are read as plain files. The ranks check all of it again (and more:
+checkpoint contents, the device) when they start.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from hvdlm.config import JobConfig
+from hvdlm.data.meta import META_FILE, SPLITS, damaged_shard, meta_problem, read_meta
+from hvdlm.errors import InputError
+from hvdlm.training.metrics import METRICS_FILE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# The keys that shape a model's tensors (or cut them differently, n_head): a checkpoint loads only where they agree.
+SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "bias")
+
+
+def check_before_launch(cfg: JobConfig, run_dir: Path, resume: str | None, local_only: bool) -> None:
+    """Raise the first problem found. `local_only`: every rank runs on this machine (no --hosts, no hostfile,
+    not srun), so this machine's devices are the ranks' devices."""
+    _check_run_dir(run_dir, resume, cfg)
+    _check_dataset(cfg)
+    _check_precision(cfg, local_only)
+
+
+def _check_run_dir(run_dir: Path, resume: str | None, cfg: JobConfig) -> None:
+    if resume is None and (run_dir / METRICS_FILE).exists():
+        raise InputError(
+            f"run directory '{run_dir}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
+            "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
+        )
+    if resume is not None:
+        _check_same_shape(run_dir, cfg)
+
+
+def _check_same_shape(run_dir: Path, cfg: JobConfig) -> None:
+    """A resumed run must have the model its checkpoints hold: the run's config.toml says which (it is rewritten
+    by every attempt, so it is that of the attempt that wrote the newest checkpoints)."""
+    try:
+        theirs = tomllib.loads((run_dir / "config.toml").read_text()).get("model", {})
+    except (OSError, ValueError):  # no run yet (a first start with --resume auto), or not ours: the ranks decide
+        return
+    ours = cfg.model.__dict__
+    differ = [f"{k} is {theirs[k]} there, {ours[k]} here" for k in SHAPE_KEYS if k in theirs and theirs[k] != ours[k]]
+    if differ:
+        raise InputError(
+            f"the run in '{run_dir}' trains another model than this job: {'; '.join(differ)} (its config.toml). "
+            "Set the [model] keys to the run's to resume it, or start a new run from its weights with --init-from."
+        )
+
+
+def _check_dataset(cfg: JobConfig) -> None:
+    """A named dataset must be prepared, whole, and hold a window of seq_len + 1 tokens in each split (the
+    built-in corpus is prepared by the ranks on first use)."""
+    if not cfg.data.dataset:
+        return
+    path = Path(cfg.data.dataset)
+    if not (path / META_FILE).is_file():
+        what = "does not exist"
+        if path.exists():
+            what = "has no meta.json" if path.is_dir() else "is a file, not a directory"
+        raise InputError(
+            f"data.dataset '{path}' {what}: it must be a directory written by `hvdlm data prepare`. Prepare it "
+            f"with `hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty for the built-in "
+            "corpus."
+        )
+    meta = read_meta(path)
+    problem = meta_problem(meta) or damaged_shard(path, meta)
+    if problem:
+        raise InputError(
+            f"dataset at {path} is damaged or not an hvdlm dataset: {problem}; prepare it again with "
+            f"`hvdlm data prepare SOURCES... --out {path}`."
+        )
+    window = cfg.model.seq_len + 1
+    for split in SPLITS:
+        longest = max((shard["tokens"] for shard in meta["splits"][split]["shards"]), default=0)
+        if longest < window:
+            raise InputError(
+                f"the {split} split of '{path}' has no shard of {window} tokens (model.seq_len + 1; the longest has "
+                f"{longest:,}), so it holds no training window. Use a shorter model.seq_len, or more data."
+            )
+
+
+def _check_precision(cfg: JobConfig, local_only: bool) -> None:
+    """fp16 needs GPUs: refuse it where the ranks will certainly run on CPUs."""
+    t = cfg.train
+    wants = [f'train.{key} = "fp16"' for key in ("precision", "grad_compression") if getattr(t, key) == "fp16"]
+    if not wants:
+        return
+    on_cpu = t.device == "cpu" or (t.device == "auto" and local_only and not this_machine_has_gpus())
+    if on_cpu:
+        where = 'train.device = "cpu"' if t.device == "cpu" else f"{socket.gethostname()} has no NVIDIA GPU"
+        raise InputError(
+            f"{' and '.join(wants)} needs GPUs, but the ranks run on CPUs ({where}). Use "
+            'precision = "bf16" on CPUs (and grad_compression = "none"), or launch on GPU nodes.'
+        )
+
+
+def this_machine_has_gpus() -> bool:
+    """NVIDIA GPUs this machine's driver knows of, without starting CUDA (no torch): the driver's proc entries,
+    narrowed by CUDA_VISIBLE_DEVICES when it hides them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())

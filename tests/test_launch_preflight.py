@@ -1,0 +1,62 @@
+"""`hvdlm launch` refuses, before it starts anything (and so with --dry-run too), what every rank would refuse
+seconds later: exit 2, one paragraph, no launcher started."""
+
+from __future__ import annotations
+
+import pytest
+
+from hvdlm.launch.preflight import this_machine_has_gpus
+
+
+def _refused(r, expected: str) -> None:
+    assert r.code == 2, r.out[-3000:]
+    assert expected in r.out, r.out[-3000:]
+    assert "Traceback" not in r.out and "mpirun" not in r.out  # the command was never built, let alone run
+
+
+def test_a_run_directory_that_holds_a_run(hvdlm, tiny_job, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--run-dir", str(tmp_path / "run"))
+    _refused(r, "already holds a run (metrics.jsonl). Continue it with --resume auto")
+
+
+@pytest.mark.skipif(this_machine_has_gpus(), reason="this machine has GPUs, where fp16 is allowed")
+@pytest.mark.parametrize("key", ["precision", "grad_compression"])
+def test_fp16_on_a_machine_without_gpus(hvdlm, tiny_job, tmp_path, key):
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--run-dir", str(tmp_path / "r"), "--set", f"train.{key}=fp16")
+    _refused(r, f'train.{key} = "fp16" needs GPUs, but the ranks run on CPUs')
+
+
+def test_fp16_with_the_cpu_named_as_the_device(hvdlm, tiny_job, tmp_path):
+    sets = ["--set", "train.precision=fp16", "--set", "train.device=cpu"]
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--hosts", "node1:2", "--run-dir", str(tmp_path / "r"), *sets)
+    _refused(r, '(train.device = "cpu")')
+
+
+def test_a_dataset_that_is_missing_or_a_file(hvdlm, tiny_job, tmp_path):
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--set", f"data.dataset={tmp_path / 'nowhere'}")
+    _refused(r, f"data.dataset '{tmp_path / 'nowhere'}' does not exist")
+    (tmp_path / "file").write_text("text")
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--set", f"data.dataset={tmp_path / 'file'}")
+    _refused(r, "is a file, not a directory")
+
+
+def test_a_seq_len_longer_than_the_data(hvdlm, tiny_job, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(40):
+        (texts / f"doc{i}.txt").write_text(f"document {i} " * 20)
+    prepared = hvdlm("data", "prepare", str(texts), "--out", str(tmp_path / "data"))
+    assert prepared.code == 0, prepared.out
+    sets = ["--set", f"data.dataset={tmp_path / 'data'}", "--set", "model.seq_len=4096"]
+    r = hvdlm("launch", str(tiny_job), "--dry-run", *sets)
+    _refused(r, "has no shard of 4097 tokens (model.seq_len + 1")
+
+
+def test_resuming_a_run_of_another_model_shape(hvdlm, tiny_job, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("[model]\nn_layer = 3\nd_model = 32\n")
+    r = hvdlm("launch", str(tiny_job), "--dry-run", "--run-dir", str(run_dir), "--resume", "auto")
+    _refused(r, "trains another model than this job: n_layer is 3 there, 2 here")
