@@ -53,6 +53,14 @@ from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepa
 def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
     """Train to cfg.train.max_steps; returns the run directory. `resume`: "auto" or a checkpoint to continue."""
     trainer = setup(cfg, job_name, run_dir, resume)
+    if resume is not None and trainer.first_step == cfg.train.max_steps:
+        trainer.logger.info(
+            f"the run in {trainer.run_dir} is complete: its checkpoint is at step {trainer.first_step} of "
+            f"train.max_steps = {cfg.train.max_steps}, so there is nothing to train. To train on, raise max_steps "
+            f"(e.g. --set train.max_steps={2 * cfg.train.max_steps})."
+        )
+        trainer.logger.close()
+        return trainer.run_dir
     try:
         for step in range(trainer.first_step, cfg.train.max_steps):
             outcome = trainer.train_step(step)
@@ -311,7 +319,7 @@ class Trainer:
         # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
         sample = None
         if t.sample_tokens and topo.dp_rank == 0:
-            sample = _sample(self.model, self.data.tokenizer, t.sample_tokens, t.seed, self.device)
+            sample = _sample(self.model, self.data.tokenizer, t, self.device)
         if hvd.rank() == 0:
             self._report(checksums, identical, sample)
 
@@ -374,7 +382,8 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     val_batches = WindowSampler(data.val, cfg.model.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed)
     # Checkpoints are read and checked before the run directory is touched: bad input leaves nothing behind.
     start = agree_on_start(run_dir, default_run_dir(job_name), resume)
-    model = _build_model(cfg, topo, start).to(device)
+    model, init_note = _build_model(cfg, topo, start)
+    model = model.to(device)
     # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
     optimizer = distributed_optimizer(model, t, topo)
     trainer = Trainer(
@@ -409,25 +418,31 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         start.run_dir, t.max_steps, enabled=hvd.rank() == 0, tensorboard=t.tensorboard, resume_step=resume_step
     )
     _banner(trainer, start)
+    if init_note:
+        trainer.logger.info(init_note)
     if t.eval_interval and trainer.first_step == 0:
         trainer.progress["first_val_loss"] = trainer.evaluate(0)
     trainer.throughput.restart()
     return trainer
 
 
-def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> GPT:
-    """The model (this rank's shard), with the weights of the checkpoint to continue or to start from."""
+def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str | None]:
+    """The model (this rank's shard), with the weights of the checkpoint to continue or to start from; and with
+    --init-from, where its weights came from (for the log)."""
     # Every rank seeds alike: a TP rank builds the full tensors and keeps its slice (layout-independent init).
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model, topo.tp_group)
+    note = None
     with together("model_loaded"):
         if start.state is not None:
             check_compatible(start.state, cfg.train, start.source)
             load_model(model, start.state, start.source, topo.tp_rank, topo.tp)
         elif cfg.train.init_from:
             source = str(resolve_checkpoint(cfg.train.init_from))
-            load_model(model, load_full_state(source), source, topo.tp_rank, topo.tp)
-    return model
+            state = load_full_state(source)
+            load_model(model, state, source, topo.tp_rank, topo.tp)
+            note = f"initialised from {source} (its weights at step {state['step']}); new optimizer and data order"
+    return model, note
 
 
 def _restore(trainer: Trainer, start: Start) -> int:
@@ -512,8 +527,12 @@ def _param_checksum(model: GPT) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample(model: GPT, tokenizer, n_tokens: int, seed: int, device: torch.device) -> str:
-    prompt = torch.tensor([tokenizer.encode("def ")], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.eval().generate(prompt, n_tokens, generator=generator)
-    return tokenizer.decode(out[0].tolist())
+def _sample(model: GPT, tokenizer, t: TrainConfig, device: torch.device) -> str:
+    """train.sample_tokens tokens continuing train.sample_prompt, or a new document: the tokenizer's separator
+    (the end-of-document token, or the blank line between byte-level documents) suits any data."""
+    ids = tokenizer.encode(t.sample_prompt) if t.sample_prompt else tokenizer.separator.tolist()
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(t.seed)
+    out = model.eval().generate(prompt, t.sample_tokens, generator=generator)[0].tolist()
+    # A new document is shown without the separator it started from; a prompt is shown with its continuation.
+    return tokenizer.decode(out if t.sample_prompt else out[len(ids) :])
