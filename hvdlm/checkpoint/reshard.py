@@ -26,7 +26,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """One unsharded checkpoint state from the states of all TP ranks (in rank order)."""
     first = states[0]
     tp = first.get("tp", {}).get("size", 1)
-    if tp == 1:
+    if tp == 1 and not _padded(first):
         return first
     steps = sorted({s["step"] for s in states})
     sizes = sorted({s.get("tp", {}).get("size", 1) for s in states})
@@ -62,6 +62,13 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         optimizer = {**optimizer, "state": state}
     tp_info = {**first["tp"], "rank": 0, "size": 1}
     return {**first, "model": model, "optimizer": optimizer, "tp": tp_info, **({"ema": ema} if ema else {})}
+
+
+def _padded(state: dict[str, Any]) -> bool:
+    """Whether a tensor of the state holds padding beyond its full size (the vocabulary's rows, at any tp)."""
+    specs = state.get("tp", {}).get("sharding", {})
+    model = state["model"]
+    return any(spec and name in model and model[name].shape[spec[0]] != spec[1] for name, spec in specs.items())
 
 
 def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:

@@ -37,6 +37,9 @@ from hvdlm.parallel.collectives import allreduce
 from hvdlm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from hvdlm.parallel.topology import Group
 
+# Rows of the vocabulary each rank's share is padded to a multiple of (tensor-core friendly shapes).
+VOCAB_MULTIPLE = 64
+
 # ------------------------------------------------------------------------------------------------------------
 # How a full tensor is cut into shards
 # ------------------------------------------------------------------------------------------------------------
@@ -53,10 +56,11 @@ class Sharding:
     dim: int
     full: int
     chunks: int = 1
+    multiple: int = 1  # each rank's rows padded to a multiple of this (the vocabulary: 64, see VocabParallelEmbedding)
 
     def local_size(self, tp: int) -> int:
         per_chunk = self.full // self.chunks
-        return math.ceil(per_chunk / tp) * self.chunks
+        return math.ceil(per_chunk / (tp * self.multiple)) * self.multiple * self.chunks
 
     def padded(self, tp: int) -> int:
         return self.local_size(tp) * tp
@@ -155,13 +159,18 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; rank i holds rows [i V/p, (i+1) V/p) of the padded table."""
+    """Embedding table split by vocabulary rows; rank i holds rows [i V'/p, (i+1) V'/p) of the padded table.
+
+    The table is padded with zero rows so that each rank's share is a multiple of VOCAB_MULTIPLE: GPU matmul
+    kernels run much faster on such shapes (GPT-2's 50257 -> 50304, as in nanoGPT). The padded rows are never
+    looked up, and the cross-entropy leaves their logits out, so the loss is that of the real vocabulary.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group: Group):
         super().__init__()
         self.group = group
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        spec = Sharding(dim=0, full=num_embeddings)
+        spec = Sharding(dim=0, full=num_embeddings, multiple=VOCAB_MULTIPLE)
         self.rows = spec.local_size(group.size)
         self.vocab_start = group.rank * self.rows
         self.weight = _sharded_parameter((self.rows, embedding_dim), spec)
@@ -233,6 +242,6 @@ def vocab_parallel_cross_entropy(
     `vocab_size` is the real vocabulary: columns beyond it are padding and take no part.
     """
     flat, flat_t = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-    if group.size == 1 and logits.size(-1) == vocab_size:
-        return F.cross_entropy(flat, flat_t)
+    if group.size == 1:  # the padding columns left out
+        return F.cross_entropy(flat[:, :vocab_size], flat_t)
     return _VocabParallelCrossEntropy.apply(flat.float(), flat_t, group, vocab_size).mean()

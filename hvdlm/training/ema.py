@@ -15,14 +15,18 @@ class WeightEMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model, self.decay = model, decay
         self.shadow = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        live = model.state_dict()
+        # One multi-tensor kernel per update instead of one small kernel per tensor (torch._foreach).
+        self._floats = [(self.shadow[n], t) for n, t in live.items() if t.is_floating_point()]
+        self._others = [(self.shadow[n], t) for n, t in live.items() if not t.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, t in self.model.state_dict().items():
-            if t.is_floating_point():
-                self.shadow[name].lerp_(t, 1.0 - self.decay)  # ema + (1 - decay) * (t - ema)
-            else:
-                self.shadow[name].copy_(t)
+        if self._floats:
+            shadows, weights = zip(*self._floats)
+            torch._foreach_lerp_(list(shadows), list(weights), 1.0 - self.decay)  # ema + (1 - decay) * (t - ema)
+        for shadow, t in self._others:
+            shadow.copy_(t)
 
     @contextlib.contextmanager
     def applied(self):

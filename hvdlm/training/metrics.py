@@ -89,7 +89,8 @@ class RunLogger:
 
     def advance(self, steps: int = 1, loss: float | None = None) -> None:
         if self._bar is not None:
-            self._bar.update(steps)
+            if steps:
+                self._bar.update(steps)
             if loss is not None:
                 self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 

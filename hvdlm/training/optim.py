@@ -23,10 +23,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; fused (one kernel updating every parameter, as nanoGPT and llm.c use on GPUs) where torch
+    has the fused kernel for the parameters' device."""
     groups = param_groups(model, cfg.weight_decay)
+    fused = _fused_kernels_for(model)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def _fused_kernels_for(model: torch.nn.Module) -> bool | None:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = {p.device.type for p in model.parameters()}
+    return True if devices <= set(_get_fused_kernels_supported_devices()) else None  # None: torch's default
 
 
 def lr_at(step: int, cfg: TrainConfig, replicas: int = 1) -> float:

@@ -171,7 +171,7 @@ class Trainer:
         self.model.train()
         loss = torch.zeros((), device=self.device)
         for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
-            x, y = (b.to(self.device, non_blocking=True) for b in self.train_batches.next_batch())
+            x, y = (_to_device(b, self.device) for b in self.train_batches.next_batch())
             with self.precision.autocast():
                 micro_loss = self.model(x, y)[1]
             # A non-finite loss can leave finite gradients (an infinite loss has no finite slope to speak of, yet a
@@ -211,7 +211,9 @@ class Trainer:
             mean_loss = hvd.allreduce(outcome.loss, op=hvd.Average, name="train_loss").item()
             if outcome.problem is None:  # a skipped step has its own row
                 self._log_row(outcome, mean_loss)
-        self.logger.advance(1, outcome.loss.item() if self.logger.enabled else None)
+            self.logger.advance(0, mean_loss)
+        # The bar shows the loss of the last log row: reading this step's would wait for the device every step.
+        self.logger.advance(1)
 
     def _log_row(self, outcome: StepOutcome, mean_loss: float) -> None:
         meter = self.throughput
@@ -384,6 +386,7 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     start = agree_on_start(run_dir, default_run_dir(job_name), resume)
     model, init_note = _build_model(cfg, topo, start)
     model = model.to(device)
+    _speed_up(model, t, topo, device)
     # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
     optimizer = distributed_optimizer(model, t, topo)
     trainer = Trainer(
@@ -462,7 +465,8 @@ def _banner(trainer: Trainer, start: Start) -> None:
     mode = f"local SGD every {t.local_sgd_interval} steps," if t.local_sgd_interval else "synchronous"
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
-        f"{trainer.device.type} in {t.precision}, {trainer.model.num_params() / 1e6:.2f}M parameters, "
+        f"{trainer.device.type} in {t.precision}{_compiled(trainer.model)}, "
+        f"{trainer.model.num_params() / 1e6:.2f}M parameters, "
         f"{trainer.throughput.tokens_per_step} tokens per step ({t.accumulation_steps} micro-batch(es)), {mode} "
         f"{t.optimizer}, data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val "
         f"{data.tokenizer.kind} tokens ({trainer.train_batches.samples_per_epoch:,} windows per epoch) from "
@@ -471,6 +475,32 @@ def _banner(trainer: Trainer, start: Start) -> None:
     log.info(f"run directory: {trainer.run_dir}")
     if start.state is not None:
         log.info(f"resumed from {start.source} at step {trainer.first_step}")
+
+
+def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) -> None:
+    """What the fastest single-GPU GPT trainers do (nanoGPT, llm.c): TF32 tensor cores for fp32 matmuls, and
+    torch.compile (train.compile)."""
+    if device.type == "cuda":
+        # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation), as nanoGPT and llm.c do;
+        # bf16 and fp16 autocast are unaffected. flops.peak_tflops reads this flag for MFU.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if t.compile == "on" and topo.tp > 1:
+        raise InputError(
+            'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
+            'would break the compiled graph at every layer. Use train.compile = "auto" (eager with TP) or tp = 1.'
+        )
+    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1):
+        # Each block compiled in place (parameter names, and so checkpoints, unchanged). Per block, not the whole
+        # model: Horovod's gradient hooks fire as each block's backward ends, so the allreduce of the later blocks'
+        # gradients still overlaps the backward of the earlier ones (a whole-model graph would deliver every
+        # gradient at once, at the end).
+        for block in model.blocks:
+            block.compile()
+
+
+def _compiled(model: GPT) -> str:
+    return " (compiled)" if any(getattr(b, "_compiled_call_impl", None) for b in model.blocks) else ""
 
 
 def _node_exchange_comm():
@@ -497,11 +527,23 @@ def _load_dataset(cfg: JobConfig) -> Dataset:
 
 
 def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> str | None:
-    if not torch.isfinite(loss):
+    """Why the step must be skipped, or None. The step's one wait for the device: the decision must be taken
+    before the update, the same on every replica, and counted exactly (train.max_skipped_steps)."""
+    # fp16: the scaler handles an overflowing gradient by itself, so only the loss counts.
+    flags = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm) | scaled]).tolist()  # one sync, not two
+    if not flags[0]:
         return "non-finite loss"
-    if not scaled and not torch.isfinite(grad_norm):  # fp16: the scaler handles overflow by itself
+    if not flags[1]:
         return "non-finite gradient norm"
     return None
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on the device: through pinned memory on GPUs, so the copy is asynchronous and the host goes on
+    preparing the next micro-batch while the device computes."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch
 
 
 @torch.no_grad()

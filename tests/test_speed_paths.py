@@ -1,0 +1,122 @@
+"""The speed work of the GPU path, shown equal to the plain path on CPU: the padded vocabulary, fused AdamW,
+the foreach EMA, and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hvdlm.checkpoint.format import training_state
+from hvdlm.checkpoint.reshard import load_model, merge_states
+from hvdlm.config import ModelConfig, TrainConfig
+from hvdlm.model import GPT
+from hvdlm.training.ema import WeightEMA
+from hvdlm.training.optim import make_optimizer, param_groups
+
+ODD = ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, vocab_size=300)  # 300 -> 320 rows
+
+
+def _batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (4, 16), generator=g), torch.randint(0, vocab, (4, 16), generator=g)
+
+
+def test_the_vocabulary_is_padded_to_a_multiple_of_64_and_the_loss_is_the_real_vocabularys():
+    torch.manual_seed(0)
+    model = GPT(ODD)
+    assert model.tok_emb.weight.shape[0] == 320
+    assert torch.count_nonzero(model.tok_emb.weight[300:]) == 0  # padding rows start (and stay) zero
+    x, y = _batch(300)
+    logits, _ = model(x)  # the real vocabulary's logits only
+    assert logits.shape[-1] == 300
+    _, loss = model(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 300), y.reshape(-1)), rtol=0, atol=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(model.tok_emb.weight.grad[300:]) == 0  # the padding never learns
+
+
+def test_a_padded_checkpoint_holds_the_real_vocabulary_and_loads_back():
+    torch.manual_seed(0)
+    model = GPT(ODD)
+    optimizer = make_optimizer(model, TrainConfig())
+    state = merge_states([training_state(model, optimizer, 1, {"model": ODD.__dict__}, 0, 1)])
+    assert state["model"]["tok_emb.weight"].shape == (300, 32)
+    torch.manual_seed(1)
+    other = GPT(ODD)
+    load_model(other, state, "test", 0, 1)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[name], t, rtol=0, atol=0)
+
+
+def test_fused_adamw_follows_the_plain_one():
+    torch.manual_seed(0)
+    fused_model = GPT(ODD)
+    plain_model = GPT(ODD)
+    plain_model.load_state_dict(fused_model.state_dict())
+    cfg = TrainConfig()
+    fused = make_optimizer(fused_model, cfg)
+    assert all(group["fused"] for group in fused.param_groups)
+    plain = torch.optim.AdamW(param_groups(plain_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    for step in range(10):
+        x, y = _batch(300, step)
+        losses = []
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            loss = model(x, y)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5), step
+
+
+def test_the_foreach_ema_is_the_per_tensor_lerp():
+    torch.manual_seed(0)
+    model = GPT(ODD)
+    ema = WeightEMA(model, 0.9)
+    expected = {n: t.clone() for n, t in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(ema.shadow[name], expected[name].lerp(t, 0.1), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def eager_and_compiled(tmp_path_factory, job, cache_dir):
+    """The tiny job for 10 steps, eager and with every block compiled (torch.compile on the CPU)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runs = {}
+    for mode in ("off", "on"):
+        run_dir = tmp_path_factory.mktemp(f"compile-{mode}") / "run"
+        sets = ["--set", f"train.compile={mode}", "--set", "train.max_steps=10", "--set", "train.sample_tokens=0"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir), *sets],
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "HVDLM_CACHE": str(cache_dir)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[mode] = (proc.stdout, [row["loss"] for row in _rows(run_dir) if "loss" in row])
+    return runs
+
+
+def _rows(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compiled_blocks_train_as_the_eager_model(eager_and_compiled):
+    (eager_out, eager), (compiled_out, compiled) = eager_and_compiled["off"], eager_and_compiled["on"]
+    assert "(compiled)" in compiled_out and "(compiled)" not in eager_out
+    assert len(eager) == len(compiled) == 10
+    # Inductor fuses and reorders float operations, so the losses agree to rounding, not bit for bit.
+    assert compiled == pytest.approx(eager, rel=1e-4)
