@@ -171,7 +171,7 @@ def test_resume_keeps_lines_it_cannot_read_and_creates_a_missing_file(tmp_path):
 def test_cheap_imports():
     """Job preparation must stay instant: the CLI and metrics load neither torch, tensorboard nor matplotlib."""
     assert_imports_nothing_heavy(
-        "import hvdlm.cli, hvdlm.training.metrics, hvdlm.plot, hvdlm.generate, hvdlm.training.flops",
+        "import hvdlm.cli, hvdlm.training.metrics, hvdlm.watch.plot, hvdlm.watch.generate, hvdlm.training.flops",
         modules=("torch", "tensorboard", "matplotlib", "horovod"),
     )
 
