@@ -1,6 +1,6 @@
 """Helpers for the tests of runs that survive (test_resume.py, test_numerics.py).
 
-Ranks are real: `hvdlm train` under mpirun, as tests/mpi_run.py starts them, but also in the background, so a
+Ranks are real: `hvdlm train` under mpirun, as helpers.mpirun starts them, but also in the background, so a
 test can watch metrics.jsonl and then kill the whole job (SIGKILL to mpirun and to every rank: Open MPI puts
 each rank in a process group of its own) or signal one rank.
 """
@@ -12,52 +12,32 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import REPO
-from mpi_run import mpirun_argv
+from helpers import REPO, Result, cli_env, mpirun, mpirun_argv, run_process
 
 # Compared per metrics.jsonl row between a resumed and an uninterrupted run: everything but the clock.
 TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb"}
 
 
-def sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def train_argv(job: Path, run_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir), *args]
-
-
-def mpirun_command(np: int, program: list[str], cache: Path) -> tuple[list[str], dict[str, str]]:
-    """mpirun's argv and environment for `program` on `np` ranks of this machine, with the test's corpus cache."""
-    argv, env = mpirun_argv(np, program)
-    return argv, {**env, "HVDLM_CACHE": str(cache)}
-
-
-def run(np: int, program: list[str], cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(np: int, program: list[str], cache: Path, timeout: float = 300) -> Result:
     """Run to the end: under mpirun for np >= 1; np = 0 runs `program` as one plain process (no launcher)."""
     if np == 0:
-        argv, env = program, {**os.environ, "HVDLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    else:
-        argv, env = mpirun_command(np, program, cache)
-    return subprocess.run(
-        argv, cwd=REPO, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        return run_process(program, cli_env(cache), timeout=timeout)
+    return mpirun(np, program, cache, timeout=timeout)
 
 
 class Job:
     """An mpirun job in the background, in a session (process group) of its own, its output in a file."""
 
     def __init__(self, np: int, program: list[str], cache: Path, log: Path):
-        argv, env = mpirun_command(np, program, cache)
+        argv, env = mpirun_argv(np, program)
         self.np = np
         self.log = log
         self._out = open(log, "w")
         self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=REPO, env=cli_env(cache, env), stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     @property
@@ -168,10 +148,6 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 def comparable(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the clock-dependent fields."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows(run_dir)]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def snapshot(directory: Path) -> dict[str, tuple[str, int]]:

@@ -1,18 +1,18 @@
 """The CLI as a user meets it: help, dry runs, and bad input (one clear error, exit 2, no traceback)."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import assert_imports_nothing_heavy, hvdlm_argv, run_process
 
 
 def test_help_works_as_command_and_module(hvdlm):
     script = str(Path(sys.executable).parent / "hvdlm")  # the console script installed beside this Python
-    for argv in ([script, "--help"], [sys.executable, "-m", "hvdlm", "--help"]):
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-        assert "train" in out and "launch" in out
+    for argv in ([script, "--help"], hvdlm_argv("--help")):
+        r = run_process(argv, split=True)
+        assert r.code == 0, r.err
+        assert "train" in r.out and "launch" in r.out
 
 
 def test_launch_dry_run_prints_the_command_without_running_it(hvdlm, tiny_job, tmp_path):
@@ -32,13 +32,7 @@ def test_launch_with_horovodrun_from_the_job_file(hvdlm, tiny_job, tmp_path):
 
 
 def test_job_preparation_does_not_import_torch_or_horovod():
-    code = (
-        "import sys; from hvdlm.cli import main; "
-        "sys.argv=['hvdlm','launch','jobs/demo.toml','--dry-run']\n"
-        "try: main()\nexcept SystemExit: pass\n"
-        "assert 'torch' not in sys.modules and 'horovod' not in sys.modules, 'heavy import on the launch path'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
+    assert_imports_nothing_heavy(["launch", "jobs/demo.toml", "--dry-run"], modules=("torch", "horovod"))
 
 
 @pytest.mark.parametrize(
@@ -89,12 +83,8 @@ def test_no_progress_bar_in_logs(hvdlm, tiny_job, tmp_path, monkeypatch):
 
 def test_make_test_treats_an_empty_selection_as_success():
     # pytest exits 5 when nothing is selected; the README's test command must not call that a failure.
-    proc = subprocess.run(
-        ["make", "-s", "test", "PYTEST_ARGS=-k no_test_has_this_name -p no:cacheprovider"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = run_process(
+        ["make", "-s", "test", "PYTEST_ARGS=-k no_test_has_this_name -p no:cacheprovider"], timeout=600, split=True
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "no tests selected" in proc.stdout
+    assert r.code == 0, r.out + r.err
+    assert "no tests selected" in r.out

@@ -2,12 +2,10 @@
 
 import gzip
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO, assert_imports_nothing_heavy
 
 from hvdlm.data import open_dataset
 
@@ -161,13 +159,7 @@ def test_a_directory_with_a_meta_json_of_its_own_is_left_alone(hvdlm, messy, tmp
 def test_data_prepare_does_not_import_torch_or_horovod(tmp_path):
     (tmp_path / "a.txt").write_text("one\n")
     (tmp_path / "b.txt").write_text("two\n")
-    code = (
-        "import sys; from hvdlm.cli import main; "
-        f"sys.argv=['hvdlm','data','prepare',{str(tmp_path)!r},'--out',{str(tmp_path / 'ds')!r}]\n"
-        "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
-        "assert 'torch' not in sys.modules and 'horovod' not in sys.modules, 'heavy import in data prepare'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
+    assert_imports_nothing_heavy(["data", "prepare", tmp_path, "--out", tmp_path / "ds"], modules=("torch", "horovod"))
 
 
 def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):

@@ -1,12 +1,7 @@
 """Real multi-rank training: ranks started by mpirun and horovodrun through `hvdlm launch`, no mocks."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-from hvdlm.launch.commands import plan_launch
+from helpers import hvdlm_argv, mpirun, sets
 
 pytestmark = pytest.mark.distributed
 
@@ -31,20 +26,8 @@ def test_two_ranks_train_and_stay_bit_identical(hvdlm, tiny_job, tmp_path, launc
 
 
 def test_horovodrun_with_the_mpi_controller(hvdlm, tiny_job, tmp_path):
-    r = hvdlm(
-        "launch",
-        str(tiny_job),
-        "--np",
-        "2",
-        "--launcher",
-        "horovodrun",
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--set",
-        "launch.controller=mpi",
-        "--set",
-        "train.max_steps=3",
-    )
+    args = ("--np", "2", "--launcher", "horovodrun", "--run-dir", tmp_path / "run")
+    r = hvdlm("launch", tiny_job, *args, *sets("launch.controller=mpi", "train.max_steps=3"))
     assert r.code == 0, r.out
     checksums = r.summary()["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
@@ -80,34 +63,18 @@ def test_two_ranks_with_different_data_would_differ(hvdlm, tiny_job, tmp_path):
 
 def test_bad_input_under_mpirun_is_reported_once(tmp_path, cache_dir):
     """Every rank meets the same bad job file; only rank 0 says so, and the job exits non-zero."""
-    plan = plan_launch("mpirun", 2, None, None, [sys.executable, "-m", "hvdlm", "train", str(tmp_path / "nope.toml")])
-    proc = subprocess.run(
-        plan.argv,
-        env={**os.environ, **plan.env, "HVDLM_CACHE": str(cache_dir)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    assert proc.stdout.count("does not exist") == 1, proc.stdout
-    assert "Traceback" not in proc.stdout
+    r = mpirun(2, hvdlm_argv("train", tmp_path / "nope.toml"), cache_dir, timeout=120)
+    assert r.code != 0
+    assert r.out.count("does not exist") == 1, r.out
+    assert "Traceback" not in r.out
 
 
 def test_launch_from_a_hostfile(hvdlm, tiny_job, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# this machine\nlocalhost slots=2\n")
+    run_dir = tmp_path / "run"
     r = hvdlm(
-        "launch",
-        str(tiny_job),
-        "--np",
-        "2",
-        "--hostfile",
-        str(hostfile),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--set",
-        "train.max_steps=2",
+        "launch", tiny_job, "--np", "2", "--hostfile", hostfile, "--run-dir", run_dir, "--set", "train.max_steps=2"
     )
     assert r.code == 0, r.out
     assert " -H localhost:2 " in r.out  # the launcher gets the hosts as parsed, not a file it may misread

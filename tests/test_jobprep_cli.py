@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import REPO
+from helpers import REPO, assert_imports_nothing_heavy, run_cli
 
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
@@ -65,16 +65,9 @@ def test_hostfile_bad_input_is_one_clear_error(hvdlm, tmp_path, args, message):
 
 def test_a_huge_task_count_from_the_job_environment_is_one_clear_error(tmp_path):
     env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "9" * 5000}
-    proc = subprocess.run(
-        [sys.executable, "-m", "hvdlm", "hostfile", "--from", "slurm"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "more than the 999999 allowed" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr) < 500
+    r = run_cli("hostfile", "--from", "slurm", env=env, timeout=60, split=True)
+    assert r.code == 2 and "more than the 999999 allowed" in r.err, r.err
+    assert "Traceback" not in r.err and len(r.err) < 500
 
 
 def test_name_errors_say_what_that_kind_of_name_may_hold(hvdlm, tiny_job):
@@ -108,13 +101,7 @@ def test_job_preparation_never_imports_torch_or_horovod(tmp_path):
         ["sbatch", "jobs/demo.toml", "--nodes", "2", "--gpus-per-node", "4", "--time", "01:00:00", "-o", str(script)],
         ["launch", "jobs/demo.toml", "--dry-run", "--launcher", "horovodrun"],
     ):
-        code = (
-            f"import sys; from hvdlm.cli import main; sys.argv = ['hvdlm'] + {argv!r}\n"
-            "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
-            "heavy = sorted({'torch', 'horovod', 'mpi4py', 'numpy'} & set(sys.modules))\n"
-            "assert not heavy, f'{sys.argv[1]} imported {heavy}'"
-        )
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO, timeout=60)
+        assert_imports_nothing_heavy(argv, modules=("torch", "horovod", "mpi4py", "numpy"))
     assert script.read_text().startswith("#!/bin/bash")
 
 
@@ -365,9 +352,7 @@ def test_tensor_parallelism_needs_an_mpi_launcher():
 
 def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path):
     def hvdlm(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "hvdlm", *args], cwd=REPO, capture_output=True, text=True, timeout=60
-        )
+        return run_cli(*args, timeout=60, split=True)
 
     tp2 = str(REPO / "jobs" / "tp2.toml")
     cases = [
@@ -383,13 +368,13 @@ def test_launch_and_sbatch_refuse_layouts_tensor_parallelism_cannot_use(tmp_path
         ),
     ]
     for args, message in cases:
-        proc = hvdlm(*args)
-        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
-        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        r = hvdlm(*args)
+        assert r.code == 2, (args, r.out, r.err)
+        assert message in r.err and "Traceback" not in r.err, (args, r.err)
     ok = hvdlm("launch", tp2, "--np", "4", "--hosts", "localhost:4", "--dry-run")
-    assert ok.returncode == 0 and "-np 4" in ok.stdout, ok.stderr
+    assert ok.code == 0 and "-np 4" in ok.out, ok.err
     ok = hvdlm("launch", tp2, "--np", "6", "--hosts", "a:4,b:4", "--dry-run")  # 4 on a, 2 on b
-    assert ok.returncode == 0 and "-H a:4,b:4" in ok.stdout, ok.stderr
+    assert ok.code == 0 and "-H a:4,b:4" in ok.out, ok.err
 
 
 def test_launch_grows_nic_forwarding_and_mpich(hvdlm, tiny_job):

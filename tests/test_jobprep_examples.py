@@ -4,11 +4,9 @@ exactly the file that is there (so the examples can never drift from what the CL
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO, run_cli
 
 COMMANDS = [line for line in (REPO / "hostfiles" / "README.md").read_text().splitlines() if line.startswith("hvdlm ")]
 
@@ -25,5 +23,7 @@ def test_example_hostfile_is_what_the_cli_writes(command, tmp_path):
     assert argv[-2] == "-o"
     example = REPO / argv[-1]
     argv[-1] = str(tmp_path / example.name)
-    subprocess.run([sys.executable, "-m", *argv], cwd=REPO, check=True, capture_output=True, timeout=60)
+    assert argv[0] == "hvdlm"
+    r = run_cli(*argv[1:], timeout=60)
+    assert r.code == 0, r.out
     assert (tmp_path / example.name).read_text() == example.read_text()

@@ -7,11 +7,10 @@ tests/golden/ are the reviewed specification (HVDLM_UPDATE_GOLDEN=1 rewrites the
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO
 from golden_files import assert_golden
+from helpers import REPO, run_cli
 
 from hvdlm.launch.commands import LaunchOptions, LaunchPlan, build_command, rank_env
 from hvdlm.launch.hostfile import FORMATS, render_hostfile
@@ -130,32 +129,7 @@ def test_sbatch_scripts(name):
 
 def test_sbatch_from_the_command_line():
     """The whole path: job file + [slurm] defaults + options -> script (this checkout's path replaced)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvdlm",
-            "sbatch",
-            "jobs/demo.toml",
-            "--nodes",
-            "2",
-            "--gpus-per-node",
-            "4",
-            "--time",
-            "02:00:00",
-            "--partition",
-            "gpu",
-            "--account",
-            "proj42",
-            "--venv",
-            "/shared/venv",
-            "--set",
-            "launch.nic=ib0",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert_golden("sbatch-cli-demo.sh", proc.stdout.replace(str(REPO), "$REPO"))
+    args = "sbatch jobs/demo.toml --nodes 2 --gpus-per-node 4 --time 02:00:00 --partition gpu --account proj42"
+    r = run_cli(*args.split(), "--venv", "/shared/venv", "--set", "launch.nic=ib0", timeout=60, split=True)
+    assert r.code == 0, r.err
+    assert_golden("sbatch-cli-demo.sh", r.out.replace(str(REPO), "$REPO"))

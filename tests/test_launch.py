@@ -4,6 +4,7 @@ import os
 import socket
 
 import pytest
+from helpers import sets
 
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import plan_launch, threads_per_rank
@@ -93,17 +94,7 @@ def test_a_mixed_hostfile_reaches_the_launcher_as_parsed_hosts(hvdlm, tiny_job, 
     hostfile = tmp_path / "hosts"
     hostfile.write_text(MIXED.format(host="n2") + "n3\n")
     r = hvdlm(
-        "launch",
-        str(tiny_job),
-        "--np",
-        "3",
-        "--hostfile",
-        str(hostfile),
-        "--launcher",
-        launcher,
-        "--mpi",
-        mpi,
-        "--dry-run",
+        "launch", tiny_job, "--np", "3", "--hostfile", hostfile, "--launcher", launcher, "--mpi", mpi, "--dry-run"
     )
     assert r.code == 0, r.out
     assert f" {flag} localhost:1,n2:1,n3:1 " in r.out and str(hostfile) not in r.out, r.out
@@ -116,24 +107,9 @@ def test_ranks_start_from_a_commented_mixed_format_hostfile(hvdlm, tiny_job, tmp
     hostfile = tmp_path / "hosts"
     hostfile.write_text(MIXED.format(host=socket.gethostname()))
     run_dir = tmp_path / "run"
-    r = hvdlm(
-        "launch",
-        str(tiny_job),
-        "--np",
-        "2",
-        "--hostfile",
-        str(hostfile),
-        "--launcher",
-        launcher,
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        "train.eval_interval=0",
-        "--set",
-        "train.sample_tokens=0",
-    )
+    overrides = sets("train.max_steps=2", "train.eval_interval=0", "train.sample_tokens=0")
+    ranks = ("--np", "2", "--hostfile", hostfile, "--launcher", launcher)
+    r = hvdlm("launch", tiny_job, *ranks, "--run-dir", run_dir, *overrides)
     assert r.code == 0, r.out
     assert "Traceback" not in r.out and "illegal character" not in r.out
     summary = r.summary()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from survive import rows, run, sets, summary, train_argv
+from helpers import sets, summary, train_argv
+from survive import rows, run
 
 pytestmark = pytest.mark.distributed
 
@@ -39,7 +40,7 @@ def trained(job, tmp_path_factory, cache_dir):
     def get(name: str) -> Path:
         if name not in done:
             proc = run(2, train_argv(job, base / name, *sets(*BASE, *RUNS[name])), cache_dir)
-            assert proc.returncode == 0, f"{name}:\n{proc.stdout[-4000:]}"
+            assert proc.code == 0, f"{name}:\n{proc.out[-4000:]}"
             done[name] = base / name
         return done[name]
 
@@ -133,8 +134,8 @@ def test_bf16_trains_on_cpu_close_to_fp32(trained):
 @pytest.mark.parametrize("override", ["train.precision=fp16", "train.grad_compression=fp16"])
 def test_fp16_on_a_cpu_machine_is_refused(job, tmp_path, cache_dir, override):
     r = run(0, train_argv(job, tmp_path / "run", *sets(*BASE, override)), cache_dir)
-    assert r.returncode == 2, r.stdout[-4000:]
-    assert "fp16" in r.stdout and "GPU" in r.stdout and "Traceback" not in r.stdout, r.stdout[-4000:]
+    assert r.code == 2, r.out[-4000:]
+    assert "fp16" in r.out and "GPU" in r.out and "Traceback" not in r.out, r.out[-4000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -144,9 +145,9 @@ def test_fp16_on_a_cpu_machine_is_refused(job, tmp_path, cache_dir, override):
 @pytest.mark.parametrize("override, name", [("train.precision=fp8", "'fp8'"), ("train.optimizer=lamb", "'lamb'")])
 def test_an_unknown_precision_or_optimizer_is_refused(job, tmp_path, cache_dir, override, name):
     r = run(0, train_argv(job, tmp_path / "run", *sets(override)), cache_dir)
-    assert r.returncode == 2, r.stdout
+    assert r.code == 2, r.out
     key = override.split("=")[0]
-    assert f"'{key}' must be one of" in r.stdout and name in r.stdout and "Traceback" not in r.stdout, r.stdout
+    assert f"'{key}' must be one of" in r.out and name in r.out and "Traceback" not in r.out, r.out
     assert not (tmp_path / "run").exists()
 
 
@@ -175,15 +176,15 @@ def exploded(job, tmp_path_factory, cache_dir):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_2(exploded):
     r, run_dir = exploded
-    assert r.returncode == 2, r.stdout[-4000:]
-    assert "Traceback" not in r.stdout
-    assert "grad_clip" in r.stdout and "train.lr" in r.stdout, r.stdout[-4000:]  # the message names fixes
+    assert r.code == 2, r.out[-4000:]
+    assert "Traceback" not in r.out
+    assert "grad_clip" in r.out and "train.lr" in r.out, r.out[-4000:]  # the message names fixes
     skipped = [x for x in rows(run_dir) if "skipped" in x]
     assert {x["skipped"] for x in skipped} <= {"non-finite loss", "non-finite gradient norm"}
     steps = [x["step"] for x in skipped]
     assert steps == sorted(steps) and 2 <= steps[0] and steps[-1] < 30
     # max_skipped_steps = 3: "this many in a row stop the run" (hvdlm/config.py), so the third is the last.
-    assert len(skipped) == 3, "\n".join(map(str, rows(run_dir))) + r.stdout[-3000:]
+    assert len(skipped) == 3, "\n".join(map(str, rows(run_dir))) + r.out[-3000:]
 
 
 def test_a_skipped_step_logs_no_nan_as_its_loss(exploded):

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import run_cli
 
 from hvdlm.checkpoint.format import load_checkpoint, save_checkpoint
 from hvdlm.checkpoint.store import (
@@ -179,10 +177,6 @@ def test_a_signal_turns_into_a_preemption_vote():
             signal.signal(sig, handler)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "hvdlm", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -193,8 +187,9 @@ def _cli(*args):
 def test_resume_needs_a_run_directory_and_an_existing_checkpoint(tmp_path, args, message):
     args = tuple(str(tmp_path / "run") if a == "RUN" else a for a in args)
     for command in ("launch", "train"):
-        proc = _cli(command, "jobs/demo.toml", *args, *(("--dry-run",) if command == "launch" else ()))
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        dry_run = ("--dry-run",) if command == "launch" else ()
+        r = run_cli(command, "jobs/demo.toml", *args, *dry_run, timeout=60, split=True)
+        assert r.code == 2 and message in r.err and "Traceback" not in r.err
     assert not (tmp_path / "run").exists()
 
 

@@ -13,13 +13,11 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import run_cli, sets, summary, train_argv
 from survive import (
     Job,
     ckpt_steps,
@@ -27,10 +25,7 @@ from survive import (
     last_step,
     rows,
     run,
-    sets,
     snapshot,
-    summary,
-    train_argv,
     wait_for_step,
 )
 
@@ -63,7 +58,7 @@ def jobs():
 
 def reference_run(np: int, job: Path, run_dir: Path, cache: Path, *extra: str, flags: tuple[str, ...] = ()) -> Path:
     proc = run(np, train_argv(job, run_dir, *flags, *sets(*COMMON, *extra)), cache)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert proc.code == 0, proc.out[-4000:]
     return run_dir
 
 
@@ -119,7 +114,7 @@ def kill_and_resume(np: int, job: Path, run_dir: Path, cache: Path, kill_at: int
     assert last_step(run_dir) < STEPS, "the run finished before the kill: nothing was tested"
     at_kill = ckpt_steps(run_dir) if (run_dir / "checkpoints").is_dir() else []
     r = resume(np, job, run_dir, cache, *extra)
-    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.code == 0, r.out[-4000:]
     return seen, at_kill
 
 
@@ -167,9 +162,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, job
     newest = run_dir / "checkpoints" / f"step-{STEPS:07d}.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn: half of it
     r = resume(2, job, run_dir, cache_dir)
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert r.stdout.count(f"skipping checkpoint step {STEPS}") == 1, r.stdout[-4000:]
-    assert "Traceback" not in r.stdout
+    assert r.code == 0, r.out[-4000:]
+    assert r.out.count(f"skipping checkpoint step {STEPS}") == 1, r.out[-4000:]
+    assert "Traceback" not in r.out
     # Resumed from step 38: steps 39 and 40 retrained, exactly as the first time.
     assert_same_run(run_dir, reference)
     assert torch.load(newest, weights_only=True)["step"] == STEPS  # rewritten whole
@@ -183,7 +178,7 @@ def test_resume_from_a_named_older_checkpoint_recomputes_the_steps_after_it(refe
         train_argv(job, run_dir, "--resume", str(run_dir / "checkpoints" / f"step-{STEPS - 2:07d}.pt"), *sets(*COMMON)),
         cache_dir,
     )
-    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.code == 0, r.out[-4000:]
     assert_same_run(run_dir, reference)  # the rows of steps 39 and 40 were dropped and written again
 
 
@@ -193,9 +188,9 @@ def test_no_readable_checkpoint_is_an_error_and_changes_nothing(reference, job, 
         p.write_bytes(b"garbage, not a checkpoint\n")
     before, metrics = snapshot(run_dir / "checkpoints"), (run_dir / "metrics.jsonl").read_bytes()
     r = resume(2, job, run_dir, cache_dir)
-    assert r.returncode == 2, r.stdout[-4000:]
-    assert "Traceback" not in r.stdout
-    assert f"skipping checkpoint step {STEPS}" in r.stdout and f"skipping checkpoint step {STEPS - 2}" in r.stdout
+    assert r.code == 2, r.out[-4000:]
+    assert "Traceback" not in r.out
+    assert f"skipping checkpoint step {STEPS}" in r.out and f"skipping checkpoint step {STEPS - 2}" in r.out
     assert snapshot(run_dir / "checkpoints") == before
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
@@ -232,7 +227,7 @@ def test_a_preemption_signal_checkpoints_exits_75_and_resumes_exactly(
     if target != "rank 1":
         return  # the resume is the same whichever signal stopped the run: one case pays for it
     r = resume(2, job, run_dir, cache_dir)
-    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.code == 0, r.out[-4000:]
     assert_same_run(run_dir, reference, f"(preempted at step {stop}) ")
 
 
@@ -251,7 +246,7 @@ def test_local_sgd_preempted_runs_on_to_its_averaging_step_and_resumes_exactly(j
     stop = int(re.search(r"preempted at step (\d+)", j.out).group(1))
     assert stop % 4 == 0 and stop < STEPS and stop in ckpt_steps(run_dir), (stop, ckpt_steps(run_dir))
     r = resume(2, job, run_dir, cache_dir, *extra)
-    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.code == 0, r.out[-4000:]
     assert_same_run(run_dir, ref, f"(local SGD preempted at step {stop}) ")
 
 
@@ -263,8 +258,8 @@ def test_resume_with_a_checkpoint_of_another_shape_is_refused(reference, job, tm
     before, metrics = snapshot(run_dir / "checkpoints"), (run_dir / "metrics.jsonl").read_bytes()
     config = (run_dir / "config.toml").read_bytes()
     r = resume(2, job, run_dir, cache_dir, "model.d_model=64")
-    assert r.returncode == 2, r.stdout[-4000:]
-    assert "d_model" in r.stdout and "Traceback" not in r.stdout, r.stdout[-4000:]
+    assert r.code == 2, r.out[-4000:]
+    assert "d_model" in r.out and "Traceback" not in r.out, r.out[-4000:]
     assert snapshot(run_dir / "checkpoints") == before
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
     assert (run_dir / "config.toml").read_bytes() == config
@@ -276,12 +271,10 @@ def test_resume_past_max_steps_damages_no_checkpoint(reference, job, tmp_path, c
     run_dir = copy_run(reference, tmp_path / "run")
     before, metrics = snapshot(run_dir / "checkpoints"), (run_dir / "metrics.jsonl").read_bytes()
     r = resume(2, job, run_dir, cache_dir, f"train.max_steps={STEPS - 2}")
-    assert "Traceback" not in r.stdout
-    assert snapshot(run_dir / "checkpoints") == before, (
-        f"exit {r.returncode}, checkpoints rewritten:\n{r.stdout[-3000:]}"
-    )
+    assert "Traceback" not in r.out
+    assert snapshot(run_dir / "checkpoints") == before, f"exit {r.code}, checkpoints rewritten:\n{r.out[-3000:]}"
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
-    assert r.returncode == 2, r.stdout[-3000:]
+    assert r.code == 2, r.out[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +299,8 @@ def test_a_missing_or_foreign_checkpoint_is_refused(job, tmp_path, cache_dir, fo
     before = snapshot(foreign_files)
     run_dir = tmp_path / "run"
     r = run(0, train_argv(job, run_dir, option, str(foreign_files / name), *sets(*COMMON)), cache_dir)
-    assert r.returncode == 2, r.stdout[-4000:]
-    assert message in r.stdout and "Traceback" not in r.stdout, r.stdout[-4000:]
+    assert r.code == 2, r.out[-4000:]
+    assert message in r.out and "Traceback" not in r.out, r.out[-4000:]
     assert snapshot(foreign_files) == before
     assert not (run_dir / "metrics.jsonl").exists()
 
@@ -316,7 +309,7 @@ def test_init_from_a_run_directory_starts_at_step_0_from_its_weights(reference, 
     run_dir = tmp_path / "run"
     before = snapshot(reference / "checkpoints")
     r = run(2, train_argv(job, run_dir, "--init-from", str(reference), *sets(*COMMON, "train.max_steps=4")), cache_dir)
-    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.code == 0, r.out[-4000:]
     got = [row for row in rows(run_dir) if "loss" in row]
     assert [row["step"] for row in got] == [1, 2, 3, 4]  # a new run: step 0, its own schedule
     first_fresh = next(row["loss"] for row in rows(reference) if "loss" in row)
@@ -325,31 +318,13 @@ def test_init_from_a_run_directory_starts_at_step_0_from_its_weights(reference, 
 
 
 def test_launch_passes_resume_and_init_from_to_every_rank(tmp_path, job):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvdlm",
-            "launch",
-            str(job),
-            "--np",
-            "2",
-            "--dry-run",
-            "--run-dir",
-            str(tmp_path / "r"),
-            "--resume",
-            "auto",
-            "--init-from",
-            str(tmp_path / "other"),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    r = run_cli(
+        *("launch", job, "--np", "2", "--dry-run", "--run-dir", tmp_path / "r"),
+        *("--resume", "auto", "--init-from", tmp_path / "other"),
         timeout=60,
     )
-    assert proc.returncode == 0, proc.stdout
-    assert "--resume auto" in proc.stdout, proc.stdout
+    assert r.code == 0, r.out
+    assert "--resume auto" in r.out, r.out
     # --init-from X is --set train.init_from=X: either spelling reaches the ranks.
     other = re.escape(str(tmp_path / "other"))
-    assert re.search(rf"--init-from {other}|train\.init_from=\"?{other}", proc.stdout), proc.stdout
+    assert re.search(rf"--init-from {other}|train\.init_from=\"?{other}", r.out), r.out

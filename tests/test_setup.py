@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from hvdlm.cache import cache_root
 

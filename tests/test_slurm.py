@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import REPO, TINY_JOB
+from helpers import TINY_JOB, Result, metrics, run_cli, summary
 
 from hvdlm.launch.sbatch import SbatchSpec, render
 
@@ -43,42 +43,29 @@ def jobs(cluster, cache_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm-jobs")
     job = work / "tiny.toml"
     job.write_text(TINY_JOB)
-    env = {**cluster.env, "HVDLM_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     submitted = {}
     for launcher in LAUNCHERS:
         script, run_dir = work / f"{launcher}.sbatch", work / f"run-{launcher}"
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hvdlm",
-                "sbatch",
-                str(job),
-                "--nodes",
-                "1",
-                "--gpus-per-node",
-                "0",
-                "--time",
-                "00:05:00",
-                "--launcher",
-                launcher,
-                "--run-dir",
-                str(run_dir),
-                "-o",
-                str(script),
-                "--submit",
-            ],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        m = re.fullmatch(r"submitted batch job (\d+)\n", proc.stdout)
-        assert m, proc.stdout
+        proc = _submit(job, launcher, run_dir, script, cluster.env, cache_dir)
+        assert proc.code == 0, proc.out + proc.err
+        m = re.fullmatch(r"submitted batch job (\d+)\n", proc.out)
+        assert m, proc.out
         submitted[launcher] = (m.group(1), run_dir, script)
     return work, submitted
+
+
+def _submit(job: Path, launcher: str, run_dir: Path, script: Path, env: dict, cache: Path, *extra: str) -> Result:
+    """`hvdlm sbatch JOB ... --submit`: 2 ranks on the one node, submitted from the job file's directory (where the
+    job's output file goes)."""
+    return run_cli(
+        *("sbatch", job, "--nodes", "1", "--gpus-per-node", "0", "--time", "00:05:00", "--launcher", launcher),
+        *("--run-dir", run_dir, "-o", script, *extra, "--submit"),
+        cache=cache,
+        env=env,
+        cwd=job.parent,
+        timeout=60,
+        split=True,
+    )
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -89,12 +76,11 @@ def test_sbatch_script_trains_two_ranks(cluster, jobs, launcher):
     output = work / f"tiny-{job_id}.out"  # the script's --output=%x-%j.out, in the submission directory
     log = output.read_text() if output.exists() else "(no job output)"
     assert state == "COMPLETED", f"{launcher} job {job_id}: {state}\n{log}\n{cluster.logs()}"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["ranks"] == 2, log
-    assert summary["replica_checksums"][0] == summary["replica_checksums"][1]
-    assert summary["final_val_loss"] < summary["first_val_loss"]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))
+    s = summary(run_dir)
+    assert s["ranks"] == 2, log
+    assert s["replica_checksums"][0] == s["replica_checksums"][1]
+    assert s["final_val_loss"] < s["first_val_loss"]
+    assert [row["step"] for row in metrics(run_dir) if "loss" in row] == list(range(1, 9))
     assert "validation loss:" in log
     # The script that ran is the one hvdlm wrote: its launch line names the launcher.
     assert any(line.startswith(launcher) for line in script.read_text().splitlines())
@@ -119,28 +105,11 @@ def test_hostfile_inside_a_job_reads_the_allocation(cluster, tmp_path):
 def test_submit_reports_sbatchs_refusal(cluster, tmp_path):
     """--submit to a partition that does not exist: sbatch's own reason, exit 2, and the written script kept."""
     script = tmp_path / "s.sbatch"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvdlm",
-            "sbatch",
-            "jobs/demo.toml",
-            "--partition",
-            "nosuch",
-            "-o",
-            str(script),
-            "--submit",
-        ],
-        cwd=REPO,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "sbatch refused the script" in proc.stderr and "partition" in proc.stderr.lower()
-    assert "Traceback" not in proc.stderr
+    args = "sbatch jobs/demo.toml --partition nosuch -o".split()
+    proc = run_cli(*args, script, "--submit", env=cluster.env, timeout=60, split=True)
+    assert proc.code == 2, proc.out + proc.err
+    assert "sbatch refused the script" in proc.err and "partition" in proc.err.lower()
+    assert "Traceback" not in proc.err
     assert "#SBATCH --partition=nosuch" in script.read_text()
 
 
@@ -279,38 +248,9 @@ def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, 
     """The real trainer: USR1 mid-run, a checkpoint, exit 75, requeue, `--resume auto`, steps 1..max_steps once."""
     job, run_dir, script = tmp_path / "tiny.toml", tmp_path / "run", tmp_path / "tiny.sbatch"
     job.write_text(PREEMPT_JOB)
-    env = {**cluster.env, "HVDLM_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hvdlm",
-            "sbatch",
-            str(job),
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "0",
-            "--time",
-            "00:05:00",
-            "--launcher",
-            launcher,
-            "--run-dir",
-            str(run_dir),
-            "-o",
-            str(script),
-            "--set",
-            "train.checkpoint_interval=20",
-            "--submit",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job_id = re.fullmatch(r"submitted batch job (\d+)\n", proc.stdout).group(1)
+    proc = _submit(job, launcher, run_dir, script, cluster.env, cache_dir, "--set", "train.checkpoint_interval=20")
+    assert proc.code == 0, proc.out + proc.err
+    job_id = re.fullmatch(r"submitted batch job (\d+)\n", proc.out).group(1)
     metrics, output = run_dir / "metrics.jsonl", tmp_path / f"tiny-{job_id}.out"
     _wait_until(lambda: len(_logged_steps(metrics)) >= 3, 120, "3 logged steps", cluster, job_id, output, every=0.1)
     assert cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
@@ -325,4 +265,4 @@ def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, 
     assert second and f"(exit status {1 if launcher == 'horovodrun' else 75})" in first, log
     assert re.search(r"resum", second, re.IGNORECASE), log  # the requeued start says it resumes
     assert _logged_steps(metrics) == list(range(1, MAX_STEPS + 1)), log
-    assert json.loads((run_dir / "summary.json").read_text())["ranks"] == 2
+    assert summary(run_dir)["ranks"] == 2

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mpi_run import mpirun
+from helpers import mpirun
 
 pytestmark = pytest.mark.distributed
 
@@ -24,8 +24,14 @@ CHECKS = [
 def run_checks(ranks: int, script: Path) -> dict[str, dict]:
     """One run of every check in `script` on `ranks` MPI ranks; rank 0 reports a JSON line per check."""
     proc = mpirun(ranks, [sys.executable, str(script)], timeout=240)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"check"')]
-    return {"_output": proc.stdout, **{row["check"]: row for row in rows}}
+    rows = [json.loads(line) for line in proc.out.splitlines() if line.startswith('{"check"')]
+    return {"_output": proc.out, **{row["check"]: row for row in rows}}
+
+
+def reported(results: dict[str, dict], name: str) -> dict:
+    """The row of check `name`, which must have reported."""
+    assert name in results, f"check {name} did not report:\n{results['_output'][-3000:]}"
+    return results[name]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,7 @@ def results() -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", CHECKS)
 def test_sharded_matches_reference_on_two_ranks(results, name):
-    assert name in results, f"check {name} did not report:\n{results['_output'][-3000:]}"
-    row = results[name]
+    row = reported(results, name)
     assert row["ok"], f"{name}: worst difference {row['error']} at {row['worst']}\n{row['detail']}"
 
 
@@ -57,5 +62,5 @@ def grid_results() -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", GRID_CHECKS)
 def test_tp2_x_dp2_grid_on_four_ranks(grid_results, name):
-    assert name in grid_results, f"check {name} did not report:\n{grid_results['_output'][-3000:]}"
-    assert grid_results[name]["ok"], f"{name}: {grid_results[name]['detail']}"
+    row = reported(grid_results, name)
+    assert row["ok"], f"{name}: {row['detail']}"

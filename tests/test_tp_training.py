@@ -7,14 +7,11 @@ final parameters; real ranks under mpirun, no mocks. Also: bad layouts and check
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from mpi_run import hvdlm_argv, mpirun
+from helpers import hvdlm_argv, losses, mpirun, run_cli, run_process, sets, summary, train_argv
 
 pytestmark = pytest.mark.distributed
 
@@ -28,8 +25,7 @@ LAYOUTS = {  # name: (ranks, tp, batch_size per replica); the global batch is 8 
 
 
 def _run(np: int, job: Path, run_dir: Path, cache: Path, *overrides: str):
-    sets = [a for o in overrides for a in ("--set", o)]
-    return mpirun(np, hvdlm_argv("train", str(job), "--run-dir", str(run_dir), *sets), env={"HVDLM_CACHE": str(cache)})
+    return mpirun(np, train_argv(job, run_dir, *sets(*overrides)), cache)
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +46,9 @@ def runs(job, tmp_path_factory, cache_dir) -> dict[str, Path]:
             "train.sample_tokens=0",
             "train.log_interval=1",
         )
-        assert proc.returncode == 0, f"{name}:\n{proc.stdout[-4000:]}"
+        assert proc.code == 0, f"{name}:\n{proc.out[-4000:]}"
         out[name] = base / name
     return out
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def merged_params(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -69,16 +56,9 @@ def merged_params(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     ckpt = run_dir / "checkpoints" / f"step-{STEPS:07d}.pt"
     if not ckpt.exists():
         out = tmp_path / f"{run_dir.name}-merged.pt"
-        proc = subprocess.run(
-            hvdlm_argv("checkpoint", "merge", str(ckpt), "--out", str(out)),
-            cwd=REPO,
-            timeout=120,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert proc.returncode == 0, proc.stdout
-        assert "merged 2 shard(s)" in proc.stdout
+        proc = run_cli("checkpoint", "merge", ckpt, "--out", out, timeout=120)
+        assert proc.code == 0, proc.out
+        assert "merged 2 shard(s)" in proc.out
         ckpt = out
     return torch.load(ckpt, weights_only=True)["model"]
 
@@ -125,7 +105,7 @@ def test_a_sharded_checkpoint_starts_an_unsharded_run(runs, job, tmp_path, cache
         "train.eval_interval=0",
         "train.sample_tokens=0",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.code == 0, proc.out[-3000:]
     after = torch.load(tmp_path / "resumed" / "checkpoints" / "step-0000001.pt", weights_only=True)["model"]
     before = merged_params(runs["tp2"], tmp_path)
     for name in before:
@@ -135,31 +115,24 @@ def test_a_sharded_checkpoint_starts_an_unsharded_run(runs, job, tmp_path, cache
 def test_a_checkpoint_of_another_shape_is_refused(runs, job, tmp_path, cache_dir):
     shard0 = runs["tp2"] / "checkpoints" / f"step-{STEPS:07d}.tp0-of-2.pt"
     proc = _run(1, job, tmp_path / "bad", cache_dir, f"train.init_from={shard0}", "model.d_model=64")
-    assert proc.returncode == 2, proc.stdout[-3000:]
-    assert "another shape" in proc.stdout and "d_model=32" in proc.stdout and "d_model=64" in proc.stdout
-    assert "Traceback" not in proc.stdout
+    assert proc.code == 2, proc.out[-3000:]
+    assert "another shape" in proc.out and "d_model=32" in proc.out and "d_model=64" in proc.out
+    assert "Traceback" not in proc.out
 
 
 def test_an_incomplete_sharded_checkpoint_is_refused(runs, tmp_path):
     shard1 = runs["tp2"] / "checkpoints" / "step-0000020.tp1-of-2.pt"
     (tmp_path / shard1.name).write_bytes(shard1.read_bytes())  # shard 0 left behind
-    proc = subprocess.run(
-        hvdlm_argv("checkpoint", "merge", str(tmp_path / "step-0000020.pt")),
-        cwd=REPO,
-        timeout=60,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert "incomplete: 1 of its 2 shards are missing (step-0000020.tp0-of-2.pt)" in proc.stdout
+    proc = run_cli("checkpoint", "merge", tmp_path / "step-0000020.pt", timeout=60)
+    assert proc.code == 2
+    assert "incomplete: 1 of its 2 shards are missing (step-0000020.tp0-of-2.pt)" in proc.out
 
 
 def test_tp_that_does_not_divide_the_ranks_is_refused_once(job, tmp_path, cache_dir):
     proc = _run(2, job, tmp_path / "run", cache_dir, "parallel.tp=4", "model.n_head=4")
-    assert proc.returncode == 2
-    assert proc.stdout.count("parallel.tp = 4 does not divide the number of ranks (2)") == 1, proc.stdout[-3000:]
-    assert "Traceback" not in proc.stdout
+    assert proc.code == 2
+    assert proc.out.count("parallel.tp = 4 does not divide the number of ranks (2)") == 1, proc.out[-3000:]
+    assert "Traceback" not in proc.out
 
 
 def test_tp_under_horovodrun_gloo_is_refused_by_the_ranks(job, tmp_path, cache_dir):
@@ -170,17 +143,10 @@ def test_tp_under_horovodrun_gloo_is_refused_by_the_ranks(job, tmp_path, cache_d
 
     argv = [find_executable("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
     argv += hvdlm_argv("train", str(job), "--run-dir", str(tmp_path / "run"), "--set", "parallel.tp=2")
-    proc = subprocess.run(
-        argv,
-        env={**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"},
-        timeout=120,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.returncode != 0  # the ranks exit 2; horovodrun turns any rank's failure into its own exit 1
-    assert "Exit code: 2" in proc.stdout
-    assert "parallel.tp = 2 needs an MPI launcher" in proc.stdout and "horovodrun --mpi" in proc.stdout
+    proc = run_process(argv, {**os.environ, "HVDLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.code != 0  # the ranks exit 2; horovodrun turns any rank's failure into its own exit 1
+    assert "Exit code: 2" in proc.out
+    assert "parallel.tp = 2 needs an MPI launcher" in proc.out and "horovodrun --mpi" in proc.out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -189,8 +155,8 @@ def test_a_checkpoint_with_another_head_count_is_refused_and_leaves_no_run(runs,
     ckpt = runs["one"] / "checkpoints" / f"step-{STEPS:07d}.pt"
     run_dir = tmp_path / "run"
     proc = _run(1, job, run_dir, cache_dir, f"train.init_from={ckpt}", "model.n_head=4", "train.max_steps=1")
-    assert proc.returncode == 2, proc.stdout[-3000:]
-    assert "n_head is 2 there, 4 here" in proc.stdout and "Traceback" not in proc.stdout
+    assert proc.code == 2, proc.out[-3000:]
+    assert "n_head is 2 there, 4 here" in proc.out and "Traceback" not in proc.out
     assert not run_dir.exists()  # refused before the run directory was made, so the name stays free
 
 
@@ -205,16 +171,9 @@ def test_damaged_and_foreign_files_are_refused_by_merge(tmp_path):
         ("text.pt", "truncated, damaged or not a checkpoint"),
         ("byte.pt", "truncated, damaged or not a checkpoint"),
     ]:
-        proc = subprocess.run(
-            hvdlm_argv("checkpoint", "merge", str(tmp_path / name)),
-            cwd=REPO,
-            timeout=60,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert proc.returncode == 2, (name, proc.stdout)
-        assert message in proc.stdout and "Traceback" not in proc.stdout, (name, proc.stdout)
+        proc = run_cli("checkpoint", "merge", tmp_path / name, timeout=60)
+        assert proc.code == 2, (name, proc.out)
+        assert message in proc.out and "Traceback" not in proc.out, (name, proc.out)
     assert not list(tmp_path.glob("*merged*"))  # nothing written for a refused input
 
 
@@ -232,20 +191,13 @@ def test_a_vocabulary_that_tp_does_not_divide_trains_and_samples(job, tmp_path, 
         "train.eval_interval=0",
         "train.sample_tokens=12",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "sample:" in proc.stdout
+    assert proc.code == 0, proc.out[-3000:]
+    assert "sample:" in proc.out
     shards = [torch.load(p, weights_only=True)["model"] for p in sorted((run_dir / "checkpoints").glob("*.tp*.pt"))]
     emb = [sd["tok_emb.weight"] for sd in shards]
     assert [e.shape[0] for e in emb] == [129, 129]  # 257 padded to 258, halved
     assert emb[1][-1].abs().max().item() == 0.0  # the padding row never learns
     out = tmp_path / "merged.pt"
-    merge = subprocess.run(
-        hvdlm_argv("checkpoint", "merge", str(run_dir / "checkpoints" / "step-0000002.pt"), "--out", str(out)),
-        cwd=REPO,
-        timeout=120,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert merge.returncode == 0, merge.stdout
+    merge = run_cli("checkpoint", "merge", run_dir / "checkpoints" / "step-0000002.pt", "--out", out, timeout=120)
+    assert merge.code == 0, merge.out
     assert torch.load(out, weights_only=True)["model"]["tok_emb.weight"].shape[0] == 257

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, TINY_JOB
+from helpers import assert_imports_nothing_heavy, metrics, run_cli
 
 from hvdlm.cli import main
 from hvdlm.training.flops import flops_per_token, gpu_peak_tflops, memory_mb, mfu, peak_tflops
@@ -78,10 +75,6 @@ def test_memory_mb_on_cpu_is_the_peak_resident_set():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -102,7 +95,7 @@ def test_logger_writes_jsonl_rows_and_tensorboard_scalars(tmp_path):
         log.record(_train_row(step, 3.0 - step))
     log.record({"step": 3, "skipped": "non-finite loss"})
     log.close()
-    rows = _rows(tmp_path / "metrics.jsonl")
+    rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and all("time" in r for r in rows)
     assert rows[1]["mfu"] is None
     tb = _scalars(tmp_path)
@@ -137,11 +130,11 @@ def test_resume_cuts_metrics_and_tensorboard_back_to_the_resume_step(tmp_path):
         f.write('{"step": 6, "lo')  # the torn last write of a killed process
 
     log = RunLogger(tmp_path, 6, enabled=True, tensorboard=True, resume_step=3)
-    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
     for step in range(4, 7):
         log.record(_train_row(step, 20.0 + step))
     log.close()
-    assert [(r["step"], r["loss"]) for r in _rows(tmp_path / "metrics.jsonl")] == [
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [
         (1, 11.0),
         (2, 12.0),
         (3, 13.0),
@@ -177,12 +170,10 @@ def test_resume_keeps_lines_it_cannot_read_and_creates_a_missing_file(tmp_path):
 
 def test_cheap_imports():
     """Job preparation must stay instant: the CLI and metrics load neither torch, tensorboard nor matplotlib."""
-    code = (
-        "import sys, hvdlm.cli, hvdlm.training.metrics, hvdlm.plot, hvdlm.generate, hvdlm.training.flops\n"
-        "heavy = [m for m in ('torch', 'tensorboard', 'matplotlib', 'horovod') if m in sys.modules]\n"
-        "assert not heavy, heavy"
+    assert_imports_nothing_heavy(
+        "import hvdlm.cli, hvdlm.training.metrics, hvdlm.watch.plot, hvdlm.watch.generate, hvdlm.training.flops",
+        modules=("torch", "tensorboard", "matplotlib", "horovod"),
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -191,20 +182,11 @@ def test_cheap_imports():
 
 
 @pytest.fixture(scope="module")
-def env(cache_dir) -> dict[str, str]:
-    return {**os.environ, "HVDLM_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, env) -> Path:
+def run(tmp_path_factory, job, cache_dir) -> Path:
     """A real 8-step run (one process, no launcher) with checkpoints at steps 4 and 8, EMA and TensorBoard."""
-    root = tmp_path_factory.mktemp("watch")
-    job = root / "tiny.toml"
-    job.write_text(TINY_JOB)
-    run_dir = root / "tiny-run"
-    argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)]
-    proc = subprocess.run(argv + RUN_SETTINGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path_factory.mktemp("watch") / "tiny-run"
+    r = run_cli("train", job, "--run-dir", run_dir, *RUN_SETTINGS, cache=cache_dir, split=True)
+    assert r.code == 0, r.out + r.err
     return run_dir
 
 
@@ -221,7 +203,7 @@ RUN_SETTINGS = [
 
 
 def test_a_real_run_logs_tokens_mfu_memory_and_tensorboard(run):
-    rows = _rows(run / "metrics.jsonl")
+    rows = metrics(run)
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 9))
     assert [r["tokens"] for r in train] == [4 * 32 * step for step in range(1, 9)]  # batch 4 x seq_len 32
@@ -231,17 +213,14 @@ def test_a_real_run_logs_tokens_mfu_memory_and_tensorboard(run):
     assert sorted(tb["val/loss"]) == [0, 4, 8]
 
 
-def test_a_resumed_run_rewrites_the_rows_after_its_checkpoint(run, env, tmp_path):
+def test_a_resumed_run_rewrites_the_rows_after_its_checkpoint(run, tiny_job, cache_dir, tmp_path):
     """Resume from step 4 of a finished run: rows 5..8 are dropped and trained again, none twice."""
     copy = _copy_run(run, tmp_path / "resumed")
     (copy / "checkpoints" / "step-0000008.pt").unlink()
-    before = _rows(copy / "metrics.jsonl")
-    job = tmp_path / "tiny.toml"
-    job.write_text(TINY_JOB)
-    argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(copy), "--resume", "auto"]
-    proc = subprocess.run(argv + RUN_SETTINGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    after = _rows(copy / "metrics.jsonl")
+    before = metrics(copy)
+    r = run_cli("train", tiny_job, "--run-dir", copy, "--resume", "auto", *RUN_SETTINGS, cache=cache_dir, split=True)
+    assert r.code == 0, r.out + r.err
+    after = metrics(copy)
     assert [(r["step"], "loss" in r) for r in after] == [(r["step"], "loss" in r) for r in before]
     assert [r.get("loss") for r in after] == pytest.approx([r.get("loss") for r in before])
     tb = _scalars(copy)
@@ -249,9 +228,9 @@ def test_a_resumed_run_rewrites_the_rows_after_its_checkpoint(run, env, tmp_path
 
 
 @pytest.fixture
-def cli(env, monkeypatch):
+def cli(cache_dir, monkeypatch):
     """`hvdlm ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("HVDLM_CACHE", env["HVDLM_CACHE"])
+    monkeypatch.setenv("HVDLM_CACHE", str(cache_dir))
 
     def invoke(*args: str):
         result = CliRunner().invoke(main, [str(a) for a in args])
@@ -319,17 +298,13 @@ def test_plot_refuses_bad_input_and_writes_nothing(cli, tmp_path, problem):
     assert not (tmp_path / "charts").exists() and not (good / "plots").exists()
 
 
-def _generate(env, *args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "hvdlm", "generate", *map(str, args)]
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_generate_in_a_plain_process(env, run):
+def test_generate_in_a_plain_process(cache_dir, run):
     """No launcher, no MPI: the real command, its stdout the text alone, starting with the prompt."""
-    proc = _generate(env, run, "--prompt", "def main(", "--max-tokens", "40", "--seed", "3")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("def main(") and len(proc.stdout) > len("def main(") + 10
-    assert "step-0000008.pt" in proc.stderr  # the newest checkpoint
+    prompt = ("--prompt", "def main(", "--max-tokens", "40", "--seed", "3")
+    r = run_cli("generate", run, *prompt, cache=cache_dir, timeout=120, split=True)
+    assert r.code == 0, r.out + r.err
+    assert r.out.startswith("def main(") and len(r.out) > len("def main(") + 10
+    assert "step-0000008.pt" in r.err  # the newest checkpoint
 
 
 def test_generate_same_seed_same_text(cli, run):

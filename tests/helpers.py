@@ -1,0 +1,179 @@
+"""What the tests share, in one place: the repository, a tiny job, running the real `hvdlm` CLI in a subprocess,
+starting programs on real MPI ranks, reading a run directory, and the check that a command imports nothing heavy.
+
+Fixtures built on these are in conftest.py; tests import from here, never from conftest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that a multi-rank run takes seconds on 2 cores, big enough to learn something.
+TINY_JOB = """
+[model]
+n_layer = 2
+n_head = 2
+d_model = 32
+seq_len = 32
+
+[train]
+batch_size = 4
+max_steps = 8
+lr = 3e-3
+warmup_steps = 2
+log_interval = 1
+eval_interval = 4
+eval_batches = 2
+sample_tokens = 16
+"""
+
+# What job preparation (hostfile, sbatch, launch, data prepare) must never import: it answers at once on a login
+# node, where loading these takes seconds.
+HEAVY = ("torch", "horovod", "mpi4py", "numpy")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A run directory
+# ------------------------------------------------------------------------------------------------------------
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a finished run, every row."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run_dir) if "loss" in row]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def sets(*overrides: str) -> list[str]:
+    """`--set` before each override."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running programs
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    code: int
+    out: str  # stdout, with stderr in it unless run with split=True
+    run_dir: Path | None = None  # the --run-dir of the command, if it named one
+    err: str = ""  # stderr, when run with split=True
+
+    def metrics(self) -> list[dict]:
+        return metrics(self.run_dir)
+
+    def losses(self) -> list[float]:
+        return losses(self.run_dir)
+
+    def summary(self) -> dict:
+        return summary(self.run_dir)
+
+
+def run_process(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    cwd: Path = REPO,
+    timeout: float = 300,
+    split: bool = False,
+) -> Result:
+    """Run `argv` to its end; its output as text, stderr apart (`err`) only when `split`."""
+    proc = subprocess.run(
+        list(argv),
+        cwd=cwd,
+        env=dict(os.environ if env is None else env),
+        timeout=timeout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if split else subprocess.STDOUT,
+        text=True,
+    )
+    run_dir = Path(argv[argv.index("--run-dir") + 1]) if "--run-dir" in argv else None
+    return Result(proc.returncode, proc.stdout, run_dir, proc.stderr or "")
+
+
+def hvdlm_argv(*args: str) -> list[str]:
+    """`python -m hvdlm ARGS` with this interpreter."""
+    return [sys.executable, "-m", "hvdlm", *map(str, args)]
+
+
+def train_argv(job: Path, run_dir: Path, *args: str) -> list[str]:
+    """`python -m hvdlm train JOB --run-dir RUN_DIR ARGS`."""
+    return hvdlm_argv("train", job, "--run-dir", run_dir, *args)
+
+
+def cli_env(cache: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test's hvdlm: `base` (this process's by default), unbuffered, with the test's corpus
+    cache when one is given (apart from the user's own)."""
+    env = {**(os.environ if base is None else base), "PYTHONUNBUFFERED": "1"}
+    if cache is not None:
+        env["HVDLM_CACHE"] = str(cache)
+    return env
+
+
+def run_cli(
+    *args: str,
+    cache: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = REPO,
+    timeout: float = 300,
+    split: bool = False,
+) -> Result:
+    """The real `python -m hvdlm ARGS` in a subprocess (from the repository root unless `cwd`); `env` is the
+    environment to start from (this process's by default), `cache` the corpus cache."""
+    return run_process(hvdlm_argv(*args), cli_env(cache, env), cwd=cwd, timeout=timeout, split=split)
+
+
+def mpirun_argv(np: int, program: list[str]) -> tuple[list[str], dict[str, str]]:
+    """mpirun's argv for `program` on np ranks of this machine, as `hvdlm launch` would build it but allowing more
+    ranks than cores (--oversubscribe: the 4-rank TP x DP tests run on 2-core CI machines), and the environment it
+    needs (this process's and the launch plan's)."""
+    from hvdlm.launch.commands import plan_launch  # here, so that conftest (which imports this file) imports no hvdlm
+
+    # The launch plan of one rank on this machine gives the flags and variables hvdlm uses (root permission,
+    # yielding when idle, the BTL choices); only the rank count and --oversubscribe differ.
+    plan = plan_launch("mpirun", 1, None, None, program, threads=1, cycle_time_ms=5.0)
+    argv = list(plan.argv)
+    i = argv.index("-np")
+    argv[i : i + 2] = ["-np", str(np), "--oversubscribe"]
+    return argv, {**os.environ, **plan.env, "PYTHONUNBUFFERED": "1"}
+
+
+def mpirun(np: int, program: list[str], cache: Path | None = None, timeout: float = 300) -> Result:
+    """Run `program` on np real MPI ranks to the end (with the test's corpus cache, when given)."""
+    argv, env = mpirun_argv(np, program)
+    return run_process(argv, cli_env(cache, env), timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Import cost
+# ------------------------------------------------------------------------------------------------------------
+
+
+def assert_imports_nothing_heavy(what: str | Sequence[str], modules: Sequence[str] = HEAVY) -> None:
+    """In a fresh interpreter: `what`, Python code (a str) or the argv of an hvdlm command (a list, which must
+    succeed), loads none of `modules`."""
+    if isinstance(what, str):
+        code = what
+    else:
+        code = (
+            f"from hvdlm.cli import main; sys.argv = ['hvdlm'] + {list(map(str, what))!r}\n"
+            "try: main()\nexcept SystemExit as e: assert not e.code, f'exit {e.code}'\n"
+        )
+    code = f"import sys\n{code}\nheavy = sorted(set({list(modules)!r}) & set(sys.modules))\nassert not heavy, heavy"
+    r = run_process([sys.executable, "-c", code], timeout=60)
+    assert r.code == 0, f"{what!r} imported something heavy, or failed:\n{r.out}"
