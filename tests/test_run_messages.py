@@ -4,28 +4,16 @@
 from __future__ import annotations
 
 import pytest
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, job, cache_dir):
     """A finished 8-step run, trained once for the module (with the default prompt: a new document)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    env = {**os.environ, "HVDLM_CACHE": str(cache_dir)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc.stdout
+    r = run_cli("train", str(job), "--run-dir", str(run_dir), cache=cache_dir)
+    assert r.code == 0, r.out[-3000:]
+    return run_dir, r.out
 
 
 def test_the_default_sample_starts_a_new_document(finished):

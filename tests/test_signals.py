@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, cli_env
 
 from hvdlm.checkpoint.store import find_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
 # Long enough never to finish by itself; steps logged one by one so the test sees training start.
 ENDLESS = ["--set", "train.max_steps=100000", "--set", "train.log_interval=1", "--set", "train.eval_interval=0"]
 STEP_LINE = re.compile(r"^step +(\d+) \| loss", re.M)
@@ -28,7 +28,7 @@ class Running:
     """A command in its own session (so the test's signals reach it alone), its output collected as it runs."""
 
     def __init__(self, argv: list[str], cache: Path):
-        env = {**os.environ, "HVDLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+        env = cli_env(cache)
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import losses, run_cli
 from torch.nn import functional as F
 
 from hvdlm.checkpoint.format import training_state
@@ -86,32 +87,15 @@ def test_the_foreach_ema_is_the_per_tensor_lerp():
 @pytest.fixture(scope="module")
 def eager_and_compiled(tmp_path_factory, job, cache_dir):
     """The tiny job for 10 steps, eager and with every block compiled (torch.compile on the CPU)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     runs = {}
     for mode in ("off", "on"):
         run_dir = tmp_path_factory.mktemp(f"compile-{mode}") / "run"
         sets = ["--set", f"train.compile={mode}", "--set", "train.max_steps=10", "--set", "train.sample_tokens=0"]
-        proc = subprocess.run(
-            [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir), *sets],
-            cwd=Path(__file__).resolve().parents[1],
-            env={**os.environ, "HVDLM_CACHE": str(cache_dir)},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[mode] = (proc.stdout, [row["loss"] for row in _rows(run_dir) if "loss" in row])
+        r = run_cli("train", str(job), "--run-dir", str(run_dir), *sets, cache=cache_dir, timeout=600)
+        assert r.code == 0, r.out[-3000:]
+        runs[mode] = (r.out, losses(run_dir))
     return runs
-
-
-def _rows(run_dir):
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_compiled_blocks_train_as_the_eager_model(eager_and_compiled):
