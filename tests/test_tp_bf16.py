@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mpi_run import hvdlm_argv, mpirun
+from helpers import hvdlm_argv, mpirun
+from helpers import sets as set_args
 
 pytestmark = pytest.mark.distributed
 
@@ -25,8 +26,8 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
     proc = mpirun(2, [sys.executable, str(SCRIPT)], timeout=240)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"check"')]
-    return {"_output": proc.stdout, **{row["check"]: row for row in rows}}
+    rows = [json.loads(line) for line in proc.out.splitlines() if line.startswith('{"check"')]
+    return {"_output": proc.out, **{row["check"]: row for row in rows}}
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -46,9 +47,9 @@ def _losses(np: int, tp: int, job: Path, run_dir: Path, cache: Path) -> list[flo
         "train.log_interval=1",
         "train.tensorboard=false",
     ]
-    argv = hvdlm_argv("train", str(job), "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)])
-    proc = mpirun(np, argv, env={"HVDLM_CACHE": str(cache)}, timeout=300)
-    assert proc.returncode == 0, f"tp={tp} bf16:\n{proc.stdout[-4000:]}"
+    argv = hvdlm_argv("train", str(job), "--run-dir", str(run_dir), *set_args(*sets))
+    proc = mpirun(np, argv, cache=cache, timeout=300)
+    assert proc.code == 0, f"tp={tp} bf16:\n{proc.out[-4000:]}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [row["loss"] for row in rows if "loss" in row]
 
