@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,12 @@ def _write_error(path: Path) -> OSError:
     return OSError(errno.EIO, "the write failed", str(path))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """One rank's file, checked; `mmap` maps the tensors instead of reading them (inspecting a large file)."""
     # weights_only: a checkpoint file is data and never runs code.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Only torch's zip format maps; a file in another (an older torch's, or not torch's) is read as before.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises many kinds on damaged or foreign bytes
         size = path.stat().st_size if path.is_file() else 0
         reason = (str(e).strip().splitlines() or [""])[0][:200]

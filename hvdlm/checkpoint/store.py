@@ -1,7 +1,8 @@
 """Checkpoints in a run directory: their names, finding the newest complete one, pruning, setting aside.
 
 A save is complete when every TP rank's file is there; a save killed between shards leaves an incomplete set,
-which is passed over and never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable`.
+which is passed over and never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable`,
+and only it imports torch (inside it): `hvdlm runs` lists checkpoints on a login node with the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvdlm.checkpoint.format import load_checkpoint
 from hvdlm.errors import InputError
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)-of-(?P<size>\d+)\.pt$")
@@ -68,6 +68,8 @@ def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, l
     A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before;
     complete checkpoints none of which reads are an InputError (nothing is changed).
     """
+    from hvdlm.checkpoint.format import load_checkpoint  # torch: only for the one function that reads tensors
+
     damaged = 0
     for saved, missing in _scan(run_dir):
         if missing:

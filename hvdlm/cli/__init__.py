@@ -15,7 +15,7 @@ from hvdlm.cli.checkpoint import checkpoint
 from hvdlm.cli.data import data
 from hvdlm.cli.jobprep import doctor, hostfile, sbatch
 from hvdlm.cli.run import launch, train
-from hvdlm.cli.watch import generate, plot
+from hvdlm.cli.watch import generate, plot, runs
 from hvdlm.errors import InputError
 from hvdlm.training.preemption import Preempted
 
@@ -56,5 +56,5 @@ def main() -> None:
     """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
 
 
-for command in (train, launch, hostfile, sbatch, doctor, data, checkpoint, plot, generate):
+for command in (train, launch, hostfile, sbatch, doctor, data, checkpoint, plot, generate, runs):
     main.add_command(command)

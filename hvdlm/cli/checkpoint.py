@@ -46,3 +46,22 @@ def merge(ckpt: str, out: str | None) -> None:
         ) from None
     n = sum(t.numel() for name, t in state["model"].items() if name != "head.weight")
     click.echo(f"merged {len(paths)} shard(s) of step {state.get('step')} ({n / 1e6:.2f}M parameters) into {target}")
+
+
+@checkpoint.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="The description as one JSON object, for scripts.")
+def inspect(ckpt: str, as_json: bool) -> None:
+    """Describe a checkpoint: step, model shape, layout (TP shards), sizes, and what it holds (optimizer, EMA,
+    scaler, data position, RNG states, progress). Reads the files only; changes nothing.
+
+    CKPT is a checkpoint file, any one of its shards, or a run directory (its newest complete checkpoint).
+    """
+    import json
+
+    from hvdlm.checkpoint.describe import describe_checkpoint, render
+
+    if not Path(ckpt).exists() and not Path(ckpt).name.endswith(".pt"):
+        raise InputError(f"'{ckpt}' does not exist. Name a checkpoint file (.pt) or a run directory.")
+    info = describe_checkpoint(ckpt)
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from hvdlm.config import DataConfig, choices
+from hvdlm.errors import InputError
 
 
 @click.group()
@@ -61,6 +63,7 @@ def prepare(
     per record), any of them gzip-compressed (.gz), or 'stdlib' for the running Python's standard-library
     sources (the default). Running it again on unchanged inputs does nothing.
     """
+    _refuse_ignored_vocab_size(tokenizer, vocab_size)
     from hvdlm.data.prepare import PrepareOptions
     from hvdlm.data.prepare import prepare as run_prepare
 
@@ -76,3 +79,16 @@ def prepare(
     )
     report = run_prepare(list(sources), out, options, globs=list(globs), progress=sys.stderr.isatty(), log=click.echo)
     click.echo(report.summary())
+
+
+def _refuse_ignored_vocab_size(tokenizer: str, vocab_size: int) -> None:
+    """--vocab-size shapes only a BPE vocabulary: given with the byte tokenizer it would be silently dropped.
+
+    Only a value the user typed (or set in the environment) is refused; the default is never in the way.
+    """
+    source = click.get_current_context().get_parameter_source("vocab_size")
+    if tokenizer == "byte" and source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+        raise InputError(
+            f"--vocab-size {vocab_size} applies to the BPE tokenizer only; the byte tokenizer always has 256 tokens. "
+            "Drop --vocab-size, or pass --tokenizer bpe to train a vocabulary of that size."
+        )

@@ -66,3 +66,30 @@ def generate(
     # Where the text came from, on stderr: stdout holds the text alone, for pipes.
     sys.stdout.flush()
     click.echo(f"[{result.weights} weights of step {result.step}: {result.checkpoint}]", err=True)
+
+
+@click.command()
+@click.argument("root", default="runs", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list), for scripts.")
+@click.option(
+    "--active-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10,
+    show_default=True,
+    help="A run that wrote a file within this many minutes counts as running.",
+)
+def runs(root: str, as_json: bool, active_minutes: float) -> None:
+    """List the runs under ROOT (default: runs/) with their state, progress, losses and newest checkpoint.
+
+    States: finished (summary.json covers train.max_steps), running (wrote within --active-minutes), preempted
+    (stopped at its newest checkpoint: `--resume auto` continues it), failed (anything else).
+    """
+    from hvdlm.watch.runs import list_runs, render_json, render_table
+
+    found = list_runs(root, active_seconds=active_minutes * 60)
+    if as_json:
+        click.echo(render_json(found))
+    elif not found:
+        click.echo(f"no runs under '{root}' (a run directory holds config.toml or metrics.jsonl).")
+    else:
+        click.echo(render_table(found))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hvdlm.cache import cache_root
 from hvdlm.config import DataConfig
-from hvdlm.data.meta import META_FILE, is_dataset_dir, load_meta
+from hvdlm.data.meta import META_FILE, is_dataset_dir, load_meta, prepare_advice
 from hvdlm.data.prepare import PrepareOptions, fingerprint_of, prepare
 from hvdlm.data.sources import resolve_sources
 from hvdlm.errors import InputError
@@ -38,9 +38,8 @@ def ensure_dataset(cfg: DataConfig, log=print) -> Path:
         path = Path(cfg.dataset)
         if not (path / META_FILE).exists():
             raise InputError(
-                f"data.dataset '{path}' is not a prepared dataset (no meta.json). Create it first with "
-                f"`hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty to train on the "
-                f"built-in '{cfg.corpus}' corpus."
+                f"data.dataset '{path}' is not a prepared dataset (no meta.json). {prepare_advice(path)}; or "
+                f"leave data.dataset empty to train on the built-in '{cfg.corpus}' corpus."
             )
         load_meta(path)  # a damaged or foreign meta.json: one clear error, from the rank that checks
         return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 from hvdlm.errors import InputError
@@ -51,16 +52,39 @@ def foreign_files(directory: Path) -> list[str]:
     return sorted(names)
 
 
+def prepare_advice(directory: str | Path) -> str:
+    """How to make a dataset for `directory`, as a sentence whose command `hvdlm data prepare` accepts.
+
+    A folder of the user's own files (or a single text file) is the source, never the output: prepare refuses to
+    write into a directory of files it did not write, so the advice names a new directory beside it.
+    """
+    path = Path(directory)
+    if path.is_file() or (path.is_dir() and _holds_user_files(path)):
+        target = path.with_name(f"{path.stem if path.is_file() else path.name}-dataset")
+        return (
+            f"To train on its text, prepare a dataset from it into a new directory: `hvdlm data prepare "
+            f'{shlex.quote(str(path))} --out {shlex.quote(str(target))}`, then set data.dataset = "{target}"'
+        )
+    return f"Create it with `hvdlm data prepare SOURCES... --out {shlex.quote(str(path))}`"
+
+
+def _holds_user_files(directory: Path) -> bool:
+    """Whether the directory holds anything prepare would refuse to replace (see prepare._check_replaceable)."""
+    try:
+        if is_dataset_dir(directory):
+            return bool(foreign_files(directory))
+        return any(directory.iterdir())
+    except OSError:
+        return False
+
+
 def load_meta(directory: Path) -> dict:
     """A dataset's meta.json, checked for every key the readers use; an InputError names what is wrong."""
     from hvdlm.data.shards import FORMAT_VERSION  # here, not at the top: the shard format module imports numpy
 
     directory = Path(directory)
     if not (directory / META_FILE).exists():
-        raise InputError(
-            f"'{directory}' is not a prepared dataset (no meta.json). Create it with "
-            f"`hvdlm data prepare SOURCES... --out {directory}`."
-        )
+        raise InputError(f"'{directory}' is not a prepared dataset (no meta.json). {prepare_advice(directory)}.")
     meta = read_meta(directory)
     if is_dataset_meta(meta) and meta["format_version"] != FORMAT_VERSION:
         raise InputError(
@@ -69,10 +93,17 @@ def load_meta(directory: Path) -> dict:
         )
     problem = meta_problem(meta) or damaged_shard(directory, meta)
     if problem:
-        raise InputError(
-            f"dataset at {directory} is damaged or not an hvdlm dataset: {problem}; prepare it again with "
-            f"`hvdlm data prepare SOURCES... --out {directory}`."
-        )
+        again = f"prepare it again with `hvdlm data prepare SOURCES... --out {shlex.quote(str(directory))}`"
+        if not is_dataset_meta(meta):
+            # prepare replaces only a directory its own meta.json vouches for: this one must go first, or the
+            # dataset goes elsewhere.
+            again = (
+                f"its files are prepare's, but its meta.json is not, so prepare will not replace it: remove the "
+                f"directory, then {again}"
+                if not foreign_files(directory)
+                else prepare_advice(directory)
+            )
+        raise InputError(f"dataset at {directory} is damaged or not an hvdlm dataset: {problem}. {again}.")
     return meta
 
 
@@ -127,3 +158,23 @@ def damaged_shard(directory: Path, meta: dict) -> str | None:
             if not (Path(directory) / entry["docs"]).is_file():
                 return f"the document index {entry['docs']} is missing"
     return None
+
+
+def tokenizer_setting_note(data_cfg, meta: dict) -> str | None:
+    """A note for the run's log when data.tokenizer differs from the tokenizer of the dataset data.dataset names.
+
+    The run always uses the dataset's own tokenizer (its shards are in those tokens); data.tokenizer and
+    data.vocab_size shape only the built-in corpus. The config cannot tell a default "byte" from one the user
+    wrote, so this is a note to print, not an error. `data_cfg` is a hvdlm.config.DataConfig, `meta` the
+    dataset's checked meta.json (load_meta).
+    """
+    if not data_cfg.dataset:
+        return None
+    theirs = meta["tokenizer"]
+    if theirs["type"] == data_cfg.tokenizer:
+        return None
+    return (
+        f"note: dataset '{data_cfg.dataset}' is in {theirs['type']} tokens (vocabulary {theirs['vocab_size']:,}), "
+        f'and the run uses that tokenizer; data.tokenizer = "{data_cfg.tokenizer}" applies only to the built-in '
+        "corpus (data.dataset empty). To train on other tokens, prepare the dataset again with that --tokenizer."
+    )

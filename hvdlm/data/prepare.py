@@ -9,6 +9,7 @@ does nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from hvdlm.data.sources import (
 from hvdlm.data.tokenizer import ByteTokenizer, check_bpe_vocab, train_bpe
 from hvdlm.errors import InputError
 from hvdlm.fsutil import fsync_directory
+from hvdlm.units import format_count
 
 _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
 
@@ -101,7 +103,7 @@ class PrepareReport:
             f"prepared {self.path} in {self.seconds:.1f} s",
             f"  documents  {docs:,} (train {self.documents['train']:,}, val {self.documents['val']:,})",
             f"  skipped    {skipped}",
-            f"  bytes      {self.bytes:,} ({self.bytes / 1e6:.1f} MB, {self.bytes / 1e6 / secs:.1f} MB/s)",
+            f"  bytes      {self.bytes:,} ({format_count(self.bytes)}B, {format_count(self.bytes / secs)}B/s)",
             f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), "
             f"{self.dtype} shards",
             f"  speed      {tokens / secs:,.0f} tokens/s, {self.bytes / max(tokens, 1):.2f} bytes per token",
@@ -146,6 +148,9 @@ def prepare(
     try:
         report = _build(files, sources, staging, options, fingerprint, progress, log)
         _publish(staging, out, fingerprint)
+    except OSError as e:  # reading the sources reports its own errors: this is writing (a full or read-only disk)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(_write_error(out, e, existing)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -216,6 +221,16 @@ def _check_replaceable(out: Path, existing: dict | None) -> None:
             "replaces the whole directory and never deletes files it did not write: move them out of it, or pass "
             "another --out."
         )
+
+
+def _write_error(out: Path, e: OSError, existing: dict | None) -> str:
+    """One line for a failed write: the path, the cause, that nothing changed, and the fix."""
+    kept = "the dataset there is unchanged" if is_dataset_meta(existing) else "nothing was left behind"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free space on that disk, or pass --out a directory on another one"
+    else:
+        fix = "Pass --out a directory you can write to"
+    return f"cannot write the dataset '{out}': {e.strerror or e}; {kept}. {fix}."
 
 
 def _make_staging(out: Path) -> Path:
@@ -378,9 +393,14 @@ def _publish(staging: Path, out: Path, fingerprint: str) -> None:
     # between the two renames finds nothing and says so; it never sees a mix of the two.
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.rename(out, old / out.name)
-    os.rename(staging, out)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old / out.name, out)  # the old dataset goes back where it was
+        os.rmdir(old)
+        raise
     fsync_directory(out.parent)
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)  # the new dataset is in place; a leftover is only wasted space
 
 
 def _report_from_meta(path: Path, meta: dict, up_to_date: bool = True) -> PrepareReport:

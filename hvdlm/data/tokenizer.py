@@ -87,7 +87,8 @@ class BpeTokenizer:
         return {"type": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "eot": EOT, "file": BPE_FILE}
 
     def save(self, directory: Path) -> None:
-        self._tok.save(str(directory / BPE_FILE))
+        # Through Python's open, not the library's save: a full disk is then an OSError that prepare can report.
+        (directory / BPE_FILE).write_text(self._tok.to_str(pretty=True))
 
 
 Tokenizer = ByteTokenizer | BpeTokenizer

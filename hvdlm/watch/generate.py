@@ -146,7 +146,7 @@ def _tokenizer_of(config: dict[str, Any], path: Path):
     """The tokenizer of the dataset the checkpoint's configuration names."""
     from hvdlm.config import DataConfig
     from hvdlm.data.corpus import dataset_dir
-    from hvdlm.data.meta import META_FILE
+    from hvdlm.data.meta import META_FILE, prepare_advice
     from hvdlm.data.tokenizer import ByteTokenizer, load_tokenizer
 
     try:
@@ -158,7 +158,7 @@ def _tokenizer_of(config: dict[str, Any], path: Path):
         if not data.dataset and data.tokenizer == "byte":
             return ByteTokenizer()  # the built-in corpus in bytes: nothing to load, the cache may be elsewhere
         how = (
-            f"Prepare it again with `hvdlm data prepare ... --out {directory}`"
+            prepare_advice(directory)
             if data.dataset
             else "Run with the HVDLM_CACHE the training used (the built-in corpus is prepared in that cache), or "
             "train once on this machine to prepare it"

@@ -10,12 +10,17 @@ matplotlib is imported only when drawing (with the Agg backend: no display neede
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hvdlm.errors import InputError
+from hvdlm.fsutil import atomic_write
 from hvdlm.training.metrics import METRICS_FILE
 
 CHARTS = ("loss.png", "loss_tokens.png", "throughput.png")
@@ -37,6 +42,15 @@ def read_run(run_dir: str | Path) -> RunMetrics:
     """
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
+    if not run_dir.exists():
+        raise InputError(
+            f"run directory '{run_dir}' does not exist. Check the path: name the directory given to "
+            "`hvdlm train --run-dir` (or printed as 'run directory:' by a run)."
+        )
+    if not run_dir.is_dir():
+        raise InputError(
+            f"'{run_dir}' is a file, not a run directory. Name the directory that holds its {METRICS_FILE}."
+        )
     if not path.is_file():
         raise InputError(
             f"'{run_dir}' has no {METRICS_FILE}: it is not a run directory, or its run has not logged a step yet. "
@@ -87,16 +101,25 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> 
     if out.exists() and not out.is_dir():
         raise InputError(f"the output '{out}' is a file, not a directory. Pass another -o OUT_DIR.")
 
+    created = not out.exists()
+    _make_out_dir(out)
+    try:
+        return _draw_and_write(runs, out)
+    except BaseException:
+        if created:  # a directory this call made and could not fill goes too
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _draw_and_write(runs: list[RunMetrics], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: cluster nodes have no display
     import matplotlib.pyplot as plt
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create '{out}': {e.strerror or e}. Pass an -o OUT_DIR you can write to.") from None
-    written = []
+    # Every chart is drawn before any is written, and each is written atomically: a full disk or a failing
+    # chart leaves the old file or the new one, never a 0-byte or half PNG.
+    images = []
     for chart, draw in zip(CHARTS, (_loss_by_step, _loss_by_tokens, _throughput)):
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
         try:
@@ -105,12 +128,43 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> 
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
             fig.tight_layout()
-            path = out / chart
-            fig.savefig(path)
-            written.append(path)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            images.append((out / chart, buffer.getvalue()))
         finally:
             plt.close(fig)
-    return written
+    return [_write_chart(path, data) for path, data in images]
+
+
+def _make_out_dir(out: Path) -> None:
+    """Create OUT_DIR and make sure files can be created in it, before anything is drawn."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create '{out}': {e.strerror or e}. Pass an -o OUT_DIR you can write to.") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # access() also says no on a read-only file system, even to root
+        raise InputError(f"cannot write into '{out}': {_why_not_writable(out)}. Pass an -o OUT_DIR you can write to.")
+
+
+def _why_not_writable(directory: Path) -> str:
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    except OSError:
+        pass
+    return os.strerror(errno.EACCES)
+
+
+def _write_chart(path: Path, data: bytes) -> Path:
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        fix = "Free space on that disk, or pass" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "Pass"
+        raise InputError(
+            f"cannot write '{path}': {e.strerror or e} (nothing was written there). {fix} an -o OUT_DIR you can "
+            "write to."
+        ) from None
+    return path
 
 
 def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:

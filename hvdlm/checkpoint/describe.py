@@ -1,0 +1,164 @@
+"""`hvdlm checkpoint inspect`: what a checkpoint holds, read from its files without building a model.
+
+Read-only: the shards are memory-mapped (format.load_checkpoint with mmap), so a large checkpoint is described
+without reading its tensors. The description is plain data (JSON for `--json`); `render` makes it text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hvdlm.checkpoint.format import load_checkpoint
+from hvdlm.checkpoint.store import resolve_checkpoint, shard_paths
+from hvdlm.units import format_count
+
+_SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias", "dropout")
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint PATH names (a file, any shard, or a run directory: its newest) as a JSON-ready dict."""
+    paths = shard_paths(resolve_checkpoint(path))
+    states = [load_checkpoint(p, mmap=True) for p in paths]
+    first = states[0]
+    config = first.get("config") if isinstance(first.get("config"), dict) else {}
+    train = config.get("train", {})
+    return {
+        "checkpoint": str(paths[0]),
+        "step": first["step"],
+        "max_steps": train.get("max_steps"),
+        "model": {k: v for k, v in config.get("model", {}).items() if k in _SHAPE_KEYS},
+        "layout": {"tp": len(paths), "files": [{"path": str(p), "bytes": p.stat().st_size} for p in paths]},
+        "parameters": _parameter_count(states),
+        "bytes": {"files": sum(p.stat().st_size for p in paths), **_tensor_bytes(states)},
+        "holds": _holdings(states, train),
+    }
+
+
+def _parameter_count(states: list[dict]) -> int:
+    """Trained parameters of the whole model: sharded tensors summed over the shards, replicated ones once."""
+    first = states[0]
+    tp = first.get("tp", {})
+    sharding = tp.get("sharding", {})
+    # The optimizer's parameter names leave out a tied weight (the head shares the token embedding).
+    names = [n for group in tp.get("param_names") or [] for n in group] or [
+        n for n in first["model"] if n != "head.weight"
+    ]
+    total = 0
+    for name in names:
+        parts = [s["model"][name] for s in states] if sharding.get(name) else [first["model"][name]]
+        total += sum(t.numel() for t in parts)
+    return total
+
+
+def _tensor_bytes(states: list[dict]) -> dict[str, int]:
+    """Bytes of tensors per section (model, optimizer, ema) over all shards."""
+    out = {}
+    for section in ("model", "optimizer", "ema"):
+        out[section] = sum(_nbytes(s.get(section)) for s in states)
+    return {k: v for k, v in out.items() if v}
+
+
+def _nbytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _holdings(states: list[dict], train: dict) -> dict[str, Any]:
+    """What the checkpoint can restore beyond the weights; None for what it lacks."""
+    first = states[0]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in first["model"].values()})
+    optimizer = first.get("optimizer")
+    rng = first.get("rng")
+    return {
+        "model": {"tensors": len(first["model"]), "dtypes": dtypes},
+        "optimizer": _optimizer(optimizer, train) if isinstance(optimizer, dict) else None,
+        "ema": {"decay": train.get("ema_decay")} if isinstance(first.get("ema"), dict) else None,
+        "scaler": _plain(first.get("scaler")),
+        "data": _plain(first.get("data")),
+        # One RNG state per data-parallel rank holding this shard (so each rank's dropout stream resumes exactly).
+        "rng": {"replicas": len(rng), "devices": sorted(rng[0])} if isinstance(rng, list) and rng else None,
+        "progress": _plain(first.get("progress")),
+    }
+
+
+def _optimizer(optimizer: dict, train: dict) -> dict[str, Any]:
+    state = optimizer.get("state", {})
+    keys = sorted({k for entry in state.values() for k in entry})
+    groups = optimizer.get("param_groups", [])
+    return {"name": train.get("optimizer"), "parameters_with_state": len(state), "state": keys, "groups": len(groups)}
+
+
+def _plain(value: Any) -> Any:
+    """A small record as JSON-ready values: tensors become their shape (scaler states hold a few)."""
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else f"tensor{list(value.shape)}"
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def render(info: dict[str, Any]) -> str:
+    """The description as aligned `key  value` lines."""
+    shape = ", ".join(f"{k} {v}" for k, v in info["model"].items()) or "not recorded"
+    of = f" (train.max_steps {info['max_steps']})" if info.get("max_steps") is not None else ""
+    files = info["layout"]["files"]
+    sizes = info["bytes"]
+    lines = [
+        ("checkpoint", info["checkpoint"]),
+        ("step", f"{info['step']}{of}"),
+        ("model", shape),
+        ("parameters", f"{format_count(info['parameters'])} ({info['parameters']:,})"),
+        ("layout", f"tp {info['layout']['tp']}: {len(files)} file(s)"),
+        *((("file", f"{Path(f['path']).name}  {f['bytes']:,} bytes")) for f in files),
+        ("bytes", ", ".join(f"{k} {format_count(v)}" for k, v in sizes.items())),
+        *_holding_lines(info["holds"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+def _holding_lines(holds: dict[str, Any]) -> list[tuple[str, str]]:
+    model, opt, rng = holds["model"], holds["optimizer"], holds["rng"]
+    lines = [("weights", f"{model['tensors']} tensors ({', '.join(model['dtypes'])})")]
+    lines.append(
+        (
+            "optimizer",
+            f"{opt['name'] or '?'}: state ({', '.join(opt['state']) or 'none'}) for "
+            f"{opt['parameters_with_state']} parameters in {opt['groups']} group(s)",
+        )
+        if opt
+        else ("optimizer", "none (weights only: training restarts its optimizer)")
+    )
+    lines.append(("ema", f"yes (decay {holds['ema']['decay']})" if holds["ema"] else "none"))
+    lines.append(("scaler", _record(holds["scaler"])))
+    lines.append(("data", _record(holds["data"])))
+    rng_text = f"{rng['replicas']} data-parallel rank(s) ({', '.join(rng['devices'])})" if rng else "none"
+    lines.append(("rng", rng_text))
+    lines.append(("progress", _record(holds["progress"])))
+    return lines
+
+
+def _record(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_short(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"  # a count; a seed or an epoch reads better plain
+    return str(value)

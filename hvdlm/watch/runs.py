@@ -1,0 +1,253 @@
+"""`hvdlm runs [DIR]`: the run directories under DIR with their state, read from their files alone.
+
+Standard library only, so it answers at once on a login node: config.toml through tomllib, metrics.jsonl read
+from its end, checkpoints found by their names (hvdlm.checkpoint.store, which imports torch only to read one).
+
+A run's state, from its files (the first rule that applies):
+
+    finished   summary.json is there and covers train.max_steps (a run resumed with more steps is not finished)
+    running    a file of the run (metrics.jsonl, config.toml, a checkpoint) changed in the last --active-minutes
+    preempted  stopped at a checkpoint: the newest complete one is at or after the last logged step (a preemption,
+               Ctrl-C or a time limit); `hvdlm train ... --resume auto` continues it losing nothing
+    failed     anything else: no checkpoint, or steps logged after the newest one (it died between saves)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from hvdlm.checkpoint.store import find_checkpoints
+from hvdlm.errors import InputError
+from hvdlm.units import format_count
+
+METRICS_FILE = "metrics.jsonl"  # hvdlm.training.metrics.METRICS_FILE, which this light module must not import
+_RUN_FILES = ("config.toml", METRICS_FILE)  # either makes a directory a run directory
+_TAIL_BLOCK = 64 << 10  # metrics.jsonl is read backwards in blocks of this size, until both last rows are found
+
+
+@dataclass
+class RunInfo:
+    """One run directory as `hvdlm runs` shows it; None where the files do not say."""
+
+    name: str
+    path: str
+    state: str  # finished, running, preempted or failed (see the module)
+    step: int | None  # the last logged step
+    max_steps: int | None  # train.max_steps of config.toml
+    loss: float | None  # of the last training row
+    val_loss: float | None  # of the last evaluation row
+    tokens_per_s: float | None  # of the last training row
+    checkpoint: str | None  # the newest complete checkpoint (its first file, for sharded ones)
+    checkpoint_step: int | None
+    updated: float | None  # when a file of the run last changed (seconds since the epoch)
+    note: str | None = None  # something unreadable, e.g. a damaged config.toml
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """The run directories under ROOT (its direct subdirectories holding config.toml or metrics.jsonl), by name;
+    ROOT alone when it is a run directory itself."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"'{root}' does not exist. Name the directory that holds your run directories (runs/).")
+    if not root.is_dir():
+        raise InputError(f"'{root}' is a file, not a directory. Name the directory that holds your run directories.")
+    if _is_run(root):
+        return [root]
+    try:
+        return sorted((p for p in root.iterdir() if p.is_dir() and _is_run(p)), key=lambda p: p.name)
+    except OSError as e:
+        raise InputError(f"cannot list '{root}': {e.strerror or e}. Name a directory you can read.") from None
+
+
+def _is_run(path: Path) -> bool:
+    return any((path / name).is_file() for name in _RUN_FILES)
+
+
+def list_runs(root: str | Path, active_seconds: float = 600, now: float | None = None) -> list[RunInfo]:
+    """Every run under ROOT with its state; a run is running when a file of it changed within `active_seconds`."""
+    now = time.time() if now is None else now
+    return [run_info(path, active_seconds, now) for path in find_runs(root)]
+
+
+def run_info(path: Path, active_seconds: float, now: float) -> RunInfo:
+    max_steps, note = _max_steps(path)
+    last, train, val = _last_rows(path / METRICS_FILE)
+    saved = _newest_checkpoint(path)
+    updated = _last_change(path)
+    info = RunInfo(
+        name=path.resolve().name,
+        path=str(path),
+        state="",
+        step=_number(last, "step"),
+        max_steps=max_steps,
+        loss=_number(train, "loss"),
+        val_loss=_number(val, "val_loss"),
+        tokens_per_s=_number(train, "tokens_per_s"),
+        checkpoint=str(saved.paths[0]) if saved else None,
+        checkpoint_step=saved.step if saved else None,
+        updated=updated,
+        note=note,
+    )
+    info.state = _state(info, _summary_steps(path), active_seconds, now)
+    return info
+
+
+def _state(info: RunInfo, summary_steps: int | None, active_seconds: float, now: float) -> str:
+    """The rules of the module docstring, in order."""
+    if summary_steps is not None and (info.max_steps is None or summary_steps >= info.max_steps):
+        return "finished"
+    if info.updated is not None and now - info.updated <= active_seconds:
+        return "running"
+    if info.checkpoint_step is not None and info.checkpoint_step >= (info.step or 0):
+        return "preempted"
+    return "failed"
+
+
+def _max_steps(path: Path) -> tuple[int | None, str | None]:
+    config = path / "config.toml"
+    if not config.is_file():
+        return None, "no config.toml"
+    try:
+        steps = tomllib.loads(config.read_text()).get("train", {}).get("max_steps")
+    except (OSError, ValueError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"config.toml unreadable ({e})"
+    return (steps, None) if isinstance(steps, int) else (None, "config.toml has no train.max_steps")
+
+
+def _summary_steps(path: Path) -> int | None:
+    try:
+        steps = json.loads((path / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):  # missing, torn, or not an object
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def _last_rows(path: Path) -> tuple[dict | None, dict | None, dict | None]:
+    """The last row, the last training row (with "loss") and the last evaluation row (with "val_loss")."""
+    last = train = val = None
+    for row in _rows_from_end(path):
+        last = last or row
+        if train is None and "loss" in row:
+            train = row
+        if val is None and "val_loss" in row:
+            val = row
+        if train is not None and val is not None:
+            break
+    return last, train, val
+
+
+def _rows_from_end(path: Path):
+    """The JSON-object rows of a metrics.jsonl, last first; lines that do not parse (a torn last line) skipped.
+
+    Read backwards in blocks: a long run's file has many thousand rows, and only the last few are wanted.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        rest = b""  # the start of the line that begins before the block read last
+        while end > 0:
+            start = max(0, end - _TAIL_BLOCK)
+            f.seek(start)
+            lines = (f.read(end - start) + rest).split(b"\n")
+            rest = lines.pop(0) if start > 0 else b""
+            for line in reversed(lines):
+                if (row := _parse(line)) is not None:
+                    yield row
+            end = start
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _number(row: dict | None, key: str) -> Any:
+    value = (row or {}).get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _newest_checkpoint(path: Path):
+    try:
+        saves = find_checkpoints(path)
+    except OSError:
+        return None
+    return saves[0] if saves else None
+
+
+def _last_change(path: Path) -> float | None:
+    """When the run last wrote: its metrics, its config, or a checkpoint (also a save in progress)."""
+    candidates = [path / name for name in (*_RUN_FILES, "summary.json")]
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir():
+        candidates += list(checkpoints.glob("*step-*"))
+    times = []
+    for p in candidates:
+        try:
+            times.append(p.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=None)
+
+
+# -- rendering ---------------------------------------------------------------------------------------------------
+
+_COLUMNS = ("RUN", "STATE", "STEP", "LOSS", "VAL LOSS", "TOK/S", "CHECKPOINT", "UPDATED")
+
+
+def render_json(runs: list[RunInfo]) -> str:
+    return json.dumps([asdict(r) for r in runs], indent=2)
+
+
+def render_table(runs: list[RunInfo], now: float | None = None) -> str:
+    """A fixed-width table, one run per line, notes below it."""
+    now = time.time() if now is None else now
+    rows = [_COLUMNS] + [_cells(r, now) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"{r.name}: {r.note}" for r in runs if r.note]
+    return "\n".join(lines)
+
+
+def _cells(r: RunInfo, now: float) -> tuple[str, ...]:
+    step = "-" if r.step is None else str(r.step)
+    if r.max_steps is not None:
+        step += f"/{r.max_steps}"
+    return (
+        r.name,
+        r.state,
+        step,
+        _float(r.loss),
+        _float(r.val_loss),
+        "-" if r.tokens_per_s is None else format_count(r.tokens_per_s),
+        "-" if r.checkpoint is None else Path(r.checkpoint).name,
+        "-" if r.updated is None else f"{_age(now - r.updated)} ago",
+    )
+
+
+def _float(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"

@@ -1,0 +1,134 @@
+"""`hvdlm checkpoint inspect CKPT`: step, shapes, layout, sizes and contents of a real run's checkpoints, unsharded
+and cut into TP shards as a tp = 2 job saves them. One tiny run is trained once per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_JOB
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir) -> Path:
+    """An 8-step run with EMA and checkpoints at steps 4 and 8."""
+    root = tmp_path_factory.mktemp("inspect")
+    job = root / "tiny.toml"
+    job.write_text(TINY_JOB)
+    run_dir = root / "run"
+    settings = ["train.checkpoint_interval=4", "train.sample_tokens=0", "train.tensorboard=false"]
+    settings.append("train.ema_decay=0.9")
+    argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)]
+    argv += [arg for s in settings for arg in ("--set", s)]
+    env = {**os.environ, "HVDLM_CACHE": str(cache_dir)}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tp2(trained, tmp_path_factory) -> Path:
+    """Step 8 of the run cut into two TP shards, model and EMA, as a tp = 2 job writes them."""
+    from hvdlm.checkpoint.format import save_checkpoint, sharding_of
+    from hvdlm.checkpoint.reshard import load_full_state, load_model
+    from hvdlm.checkpoint.store import checkpoint_path
+    from hvdlm.config import ModelConfig
+    from hvdlm.model import GPT
+    from hvdlm.parallel.topology import Group
+
+    full = load_full_state(trained / "checkpoints" / "step-0000008.pt")
+    run_dir = tmp_path_factory.mktemp("tp2") / "run"
+    for rank in range(2):
+        model = GPT(ModelConfig(**full["config"]["model"]), Group(size=2, rank=rank))
+        load_model(model, full, "test", rank, 2)
+        names = {id(p): n for n, p in model.named_parameters()}
+        state = {
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "step": 8,
+            "config": full["config"],
+            "tp": {
+                "rank": rank,
+                "size": 2,
+                "sharding": sharding_of(model),
+                "param_names": [[names[id(p)] for p in model.parameters()]],
+            },
+        }
+        save_checkpoint(checkpoint_path(run_dir, 8, rank, 2), state)
+    return run_dir
+
+
+def _inspect(hvdlm, *args) -> dict:
+    r = hvdlm("checkpoint", "inspect", *map(str, args), "--json")
+    assert r.code == 0, r.out
+    return json.loads(r.out)
+
+
+def test_a_run_directory_names_its_newest_checkpoint(hvdlm, trained):
+    info = _inspect(hvdlm, trained)
+    ckpt = trained / "checkpoints" / "step-0000008.pt"
+    assert info["checkpoint"] == str(ckpt) and (info["step"], info["max_steps"]) == (8, 8)
+    assert info["model"] == {
+        "n_layer": 2,
+        "n_head": 2,
+        "d_model": 32,
+        "seq_len": 32,
+        "vocab_size": 256,
+        "dropout": 0.0,
+        "bias": True,
+    }
+    assert info["layout"] == {"tp": 1, "files": [{"path": str(ckpt), "bytes": ckpt.stat().st_size}]}
+    # GPT-2 shape with a tied head: embeddings + 2 x (12 d^2 + 13 d) + final LayerNorm.
+    d = 32
+    assert info["parameters"] == 256 * d + 32 * d + 2 * (12 * d * d + 13 * d) + 2 * d
+    assert info["bytes"]["model"] == info["bytes"]["ema"] > 4 * info["parameters"]  # + the head, tied
+    holds = info["holds"]
+    assert holds["optimizer"]["name"] == "adamw" and holds["optimizer"]["state"] == ["exp_avg", "exp_avg_sq", "step"]
+    assert holds["ema"] == {"decay": 0.9} and holds["scaler"] is None
+    assert holds["data"]["epoch"] == 0 and holds["data"]["position"] == 8 * 4  # 8 steps of 4 sequences
+    assert holds["rng"] == {"replicas": 1, "devices": ["cpu"]}
+    assert set(holds["progress"]) >= {"first_val_loss", "final_val_loss"}
+
+
+def test_the_text_report(hvdlm, trained):
+    r = hvdlm("checkpoint", "inspect", str(trained / "checkpoints" / "step-0000004.pt"))
+    assert r.code == 0, r.out
+    lines = {line.split()[0]: line for line in r.out.splitlines()}
+    assert lines["step"].split()[1:] == ["4", "(train.max_steps", "8)"]
+    assert "n_layer 2" in lines["model"] and "d_model 32" in lines["model"]
+    assert "tp 1: 1 file(s)" in lines["layout"] and "step-0000004.pt" in lines["file"]
+    assert "adamw" in lines["optimizer"] and "yes (decay 0.9)" in lines["ema"]
+    assert "1 data-parallel rank(s)" in lines["rng"]
+
+
+def test_tp_shards_are_described_as_one_checkpoint(hvdlm, trained, tp2):
+    whole = _inspect(hvdlm, trained)
+    for name in (tp2, tp2 / "checkpoints" / "step-0000008.tp1-of-2.pt", tp2 / "checkpoints" / "step-0000008.pt"):
+        info = _inspect(hvdlm, name)
+        assert info["layout"]["tp"] == 2
+        assert [Path(f["path"]).name for f in info["layout"]["files"]] == [
+            "step-0000008.tp0-of-2.pt",
+            "step-0000008.tp1-of-2.pt",
+        ]
+        assert info["parameters"] == whole["parameters"]  # sharded tensors summed, replicated ones counted once
+        assert info["holds"]["optimizer"] is None and info["holds"]["data"] is None
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("missing", "does not exist"),
+        ("missing.pt", "no checkpoint at"),
+        ("notes.txt", "not a checkpoint (UnpicklingError"),
+        ("empty-run", "holds no complete checkpoint"),
+    ],
+)
+def test_bad_input_is_one_clear_error(hvdlm, tmp_path, target, message):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
+    r = hvdlm("checkpoint", "inspect", str(tmp_path / target))
+    assert r.code == 2 and message in r.out and "Traceback" not in r.out, r.out
