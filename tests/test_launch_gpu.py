@@ -207,7 +207,8 @@ def test_launch_refuses_a_gpu_job_on_this_gpu_less_machine(hvdlm, tiny_job, monk
 
 
 def test_launch_says_on_stderr_which_x_horovodrun_ignores(hvdlm, tiny_job):
-    r = hvdlm("launch", str(tiny_job), "--dry-run", "--np", "1", "--launcher", "horovodrun", "-x", "CUDA_VISIBLE_DEVICES")
+    args = ["--dry-run", "--np", "1", "--launcher", "horovodrun", "-x", "CUDA_VISIBLE_DEVICES"]
+    r = hvdlm("launch", str(tiny_job), *args)
     assert r.code == 0, r.out
     assert "-x CUDA_VISIBLE_DEVICES is ignored for other hosts' ranks" in r.out
 
