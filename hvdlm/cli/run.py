@@ -103,9 +103,12 @@ def launch(
         threads=cfg.train.threads,
         options=options,
         tp=cfg.parallel.tp,
+        train_device=cfg.train.device,  # CPU or GPU tuning, and a GPU job refused where no GPU can take it
         # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
         progress=not dry_run and sys.stdout.isatty(),
     )
+    for note in plan.notes:  # settings this launcher cannot honour, and why
+        click.echo(note, err=True)
     click.echo(plan.display())
     if dry_run:
         return

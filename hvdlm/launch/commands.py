@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +35,8 @@ _FORWARDED = (
     "HVDLM_PROGRESS",
     "HVDLM_CACHE",
 )
-_FORWARDED_PREFIXES = ("NCCL_", "HOROVOD_", "GLOO_")
+# UCX_: the transport under Open MPI's UCX PML, which GPU ranks use for CUDA-aware MPI (see _openmpi_options).
+_FORWARDED_PREFIXES = ("NCCL_", "HOROVOD_", "GLOO_", "UCX_")
 # Open MPI refuses to start as root without both of these.
 ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
@@ -97,6 +101,7 @@ class LaunchOptions:
 class LaunchPlan:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # set on top of the caller's environment
+    notes: list[str] = field(default_factory=list)  # what the user asked for and this launcher cannot do (stderr)
 
     def display(self) -> str:
         """A copy-pasteable shell line: the added variables, then the command."""
@@ -118,6 +123,104 @@ def find_executable(name: str) -> str:
         )
         raise InputError(f"'{name}' is not on the PATH. {hint}")
     return found
+
+
+# The device kind of the ranks, which picks the launcher's tuning: CPU ranks share a node's cores, GPU ranks each
+# drive a GPU and have cores to spare. Decided on the launching machine, which may be a login node without GPUs.
+CPU, GPU = "cpu", "gpu"
+# Horovod's cycle time that launch.cycle_time_ms defaults to: tuned for CPU ranks (see rank_env).
+CPU_CYCLE_TIME_MS = LaunchConfig().cycle_time_ms
+_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver drives (a PCI address)
+
+
+def visible_gpus(physical: int, cuda_visible_devices: str | None) -> int:
+    """The GPUs a process started here sees: the machine's `physical` GPUs as CUDA_VISIBLE_DEVICES narrows them.
+
+    CUDA reads the list up to its first invalid entry; empty, "-1" (or any negative) hides every GPU."""
+    if cuda_visible_devices is None:
+        return physical
+    listed = 0
+    for item in cuda_visible_devices.split(","):
+        if not item.strip() or item.strip().startswith("-"):
+            break
+        listed += 1
+    return min(physical, listed)
+
+
+def count_nvidia_smi(text: str) -> int:
+    """GPUs in `nvidia-smi -L` output ("GPU 0: NVIDIA H100 ... (UUID: GPU-...)"; MIG devices are indented)."""
+    return sum(1 for line in text.splitlines() if line.startswith("GPU "))
+
+
+def local_gpus() -> int:
+    """NVIDIA GPUs this machine shows its processes, without importing torch (a launcher answers at once): the
+    driver's /proc entries, else `nvidia-smi -L`, narrowed by CUDA_VISIBLE_DEVICES."""
+    try:
+        physical = sum(1 for _ in _NVIDIA_GPUS.iterdir())
+    except OSError:  # no NVIDIA driver loaded, or a container without its /proc entries
+        physical = 0
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            try:
+                out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                out = ""
+            physical = count_nvidia_smi(out)
+    return visible_gpus(physical, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def rank_device(train_device: str, launcher: str, gpus_here: int, gpus_per_node: int = 0) -> str:
+    """CPU or GPU ranks, from the job's train.device ("auto" | "cuda" | "cpu") and what the launcher can see.
+
+    "auto" is what the ranks will find: srun with slurm.gpus_per_node > 0 gives them GPUs; otherwise this
+    machine's GPUs stand for the hosts' (a login node without GPUs that launches onto GPU nodes cannot know:
+    train.device = "cuda" says so)."""
+    if train_device in (CPU, "cuda"):
+        return CPU if train_device == CPU else GPU
+    if launcher == "srun" and gpus_per_node > 0:
+        return GPU
+    return GPU if gpus_here > 0 else CPU
+
+
+def is_this_machine(name: str) -> bool:
+    """Whether a host name in --hosts / a hostfile means the machine `hvdlm launch` runs on."""
+    me = socket.gethostname()
+    return name in (LOCALHOST, "127.0.0.1", "::1", me, me.split(".")[0])
+
+
+def check_local_gpus(train_device: str, ranks_here: int, gpus_here: int, only_here: bool) -> None:
+    """A GPU job (train.device = "cuda") needs a GPU for each rank this machine runs; refuse it before it starts.
+
+    `only_here`: every host is this machine, so no GPU here means none anywhere."""
+    if train_device != "cuda" or ranks_here <= gpus_here:
+        return
+    if gpus_here == 0:
+        where = "the job runs only here" if only_here else f"{ranks_here} of its ranks would run here"
+        raise InputError(
+            f'train.device = "cuda" asks for GPUs, but this machine ({socket.gethostname()}) shows none (no NVIDIA '
+            f"driver GPUs, or CUDA_VISIBLE_DEVICES hides them) and {where}. Run it on a GPU machine, give GPU "
+            'hosts with --hosts / --hostfile, or train on CPUs with --set train.device=cpu (or "auto").'
+        )
+    raise InputError(
+        f'train.device = "cuda" runs one rank per GPU, but {ranks_here} ranks would run on this machine, which '
+        f"shows {gpus_here} GPU(s). Use --np {gpus_here} (or fewer slots here), or train on CPUs with --set "
+        "train.device=cpu."
+    )
+
+
+def check_gpus_per_node(train_device: str, tasks_per_node: int, gpus_per_node: int) -> None:
+    """Batch jobs: GPU nodes hold one rank per GPU (NCCL refuses two ranks on one GPU); a GPU job needs GPUs."""
+    if train_device == "cuda" and gpus_per_node == 0:
+        raise InputError(
+            'train.device = "cuda" asks for GPUs, but the job asks Slurm for none (slurm.gpus_per_node = 0). '
+            'Give --gpus-per-node N, or train on CPUs with --set train.device=cpu (or "auto").'
+        )
+    if train_device != CPU and 0 < gpus_per_node < tasks_per_node:
+        raise InputError(
+            f"--ntasks-per-node {tasks_per_node} is more than the {gpus_per_node} GPU(s) per node: hvdlm runs one "
+            f"rank per GPU, and two ranks cannot share one (NCCL refuses it). Use --ntasks-per-node {gpus_per_node} "
+            "or less, more --gpus-per-node, or CPU ranks with --set train.device=cpu."
+        )
 
 
 def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_node: int | None = None) -> None:
@@ -147,18 +250,35 @@ def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_
         )
 
 
-def rank_env(opts: LaunchOptions, launcher: str, threads: int | str, progress: bool = False) -> dict[str, str]:
-    """Variables every rank gets, whatever starts it."""
+def cycle_time_ms(la: LaunchConfig, device: str) -> float:
+    """Horovod's cycle time for these ranks; 0 keeps Horovod's default (1 ms).
+
+    The default launch.cycle_time_ms (5 ms) is tuned for CPU ranks (see rank_env). GPU ranks keep Horovod's 1 ms:
+    a GPU step is short and each cycle's wait delays the start of its allreduce, the overlap that NCCL exists
+    for, while the polling costs only a core that a GPU rank has to spare. A value set apart from the default
+    is the user's own and applies to either."""
+    if device == GPU and la.cycle_time_ms == CPU_CYCLE_TIME_MS:
+        return 0.0
+    return la.cycle_time_ms
+
+
+def rank_env(
+    opts: LaunchOptions, launcher: str, threads: int | str, progress: bool = False, device: str = CPU
+) -> dict[str, str]:
+    """Variables every rank gets, whatever starts it; `device`: CPU or GPU ranks (rank_device)."""
     la = opts.launch
     env = {"OMP_NUM_THREADS": threads if isinstance(threads, str) else str(threads)}  # keeps a ShellVar
     # Each rank runs its compute threads plus Horovod's background thread, so CPU ranks share cores. Open MPI
     # busy-polls inside blocking calls unless told to yield, and Horovod's 1 ms default cycle makes that thread
     # negotiate (and spin) a thousand times a second; both steal the core from the math. Measured on 2 cores:
-    # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/RESULTS.md).
-    env["OMPI_MCA_mpi_yield_when_idle"] = "1"
+    # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/RESULTS.md). GPU ranks do their math on
+    # the GPU and get cores of their own (4 per rank in batch jobs): there, busy-polling answers MPI messages
+    # (Horovod's negotiation, mpi4py's tensor-parallel collectives) sooner, and yielding would only add latency.
+    if device == CPU:
+        env["OMPI_MCA_mpi_yield_when_idle"] = "1"
     if launcher != "horovodrun":  # horovodrun takes these as options and sets them itself
-        if la.cycle_time_ms:
-            env["HOROVOD_CYCLE_TIME"] = f"{la.cycle_time_ms:g}"
+        if cycle_time_ms(la, device):
+            env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms(la, device):g}"
         if la.fusion_threshold_mb:
             env["HOROVOD_FUSION_THRESHOLD"] = str(int(la.fusion_threshold_mb * 1024 * 1024))
         if la.timeline:
@@ -189,32 +309,77 @@ def build_command(
     env: Mapping[str, str] | None = None,
     present: Collection[str] = (),
     local: bool = False,
+    device: str = CPU,
+    slurm_export: str | None = None,
 ) -> list[str]:
     """The launcher's argv.
 
     hosts: None (and no hostfile) lets the launcher find them (this machine, or the Slurm allocation); a ShellVar
     names a batch-script variable holding host:slots,... at run time. env: what rank_env set. present: the
-    caller's variable names (which Open MPI's -x may forward).
+    caller's variable names (which Open MPI's -x may forward). device: CPU or GPU ranks (rank_device).
+    slurm_export: the caller's SLURM_EXPORT_ENV (srun's --export when not given), None when unset.
+
+    launch.env (-x NAME) reaches the ranks with every launcher, each in its own way (see env_notes for the
+    names one cannot pass).
     """
     opts.check()
     check_choice("launcher", launcher, choices(LaunchConfig, "launcher"))
     env = env or {}
     argv = [executable]
     if launcher == "srun":
-        return argv + _srun_options(np, hosts, hostfile, opts) + program
+        return argv + _srun_options(np, hosts, hostfile, opts) + _srun_export(slurm_export, opts, env) + program
     argv += ["-np", str(np)] if not isinstance(np, ShellVar) else ["-np", np]
     if launcher == "horovodrun":
         argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
-        return argv + _horovodrun_options(opts) + program
+        return argv + _horovodrun_options(opts, device) + program
     if opts.launch.mpi == "mpich":
         argv += ["-f", hostfile] if hostfile else ["-hosts", _host_list(hosts)] if hosts else []
-        # Hydra passes the whole environment on by itself; its -iface picks the network for MPI traffic.
-        return argv + (["-iface", opts.launch.nic] if opts.launch.nic else []) + program
+        return argv + _mpich_options(opts) + program
     argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
-    return argv + _openmpi_options(opts, env, present, local) + program
+    return argv + _openmpi_options(opts, env, present, local, device) + program
 
 
-def _openmpi_options(opts: LaunchOptions, env: Mapping[str, str], present: Collection[str], local: bool) -> list[str]:
+def _mpich_options(opts: LaunchOptions) -> list[str]:
+    la = opts.launch
+    # Hydra passes the launcher's whole environment on by itself (-genvall is its default), so launch.env's
+    # names reach the ranks when set. Named, that default is spelled out, so that a site's HYDRA_ENV cannot
+    # narrow it; not -genvlist, which would pass only the listed names and drop PATH and the rest.
+    argv = ["-genvall"] if la.env else []
+    # Its -iface picks the network for MPI traffic.
+    return argv + (["-iface", la.nic] if la.nic else [])
+
+
+def _srun_export(slurm_export: str | None, opts: LaunchOptions, env: Mapping[str, str]) -> list[str]:
+    """srun passes its whole environment to the tasks (--export=ALL, its default), launch.env's names and the rank
+    variables included. A SLURM_EXPORT_ENV without ALL (e.g. set by `sbatch --export=NONE`) narrows that: the
+    names the ranks need are then added to it."""
+    if slurm_export is None or "ALL" in slurm_export.upper().split(","):
+        return []
+    kept = [n for n in slurm_export.split(",") if n and n.upper() not in ("NONE", "NIL")]
+    wanted = [*kept, *env, *opts.launch.env]
+    return ["--export=" + ",".join(dict.fromkeys(wanted))]
+
+
+# Horovod: horovodrun hands its environment to every rank (Gloo: as VAR=value on each rank's command line, also
+# over ssh; --mpi: an mpirun -x for each variable), except the names its runner's env.IGNORE_REGEXES drop.
+_HOROVODRUN_DROPS = re.compile(r"BASH_FUNC_.*|OLDPWD|.*CUDA_VISIBLE_DEVICES|HOROVOD_SECRET_KEY")
+
+
+def env_notes(launcher: str, opts: LaunchOptions) -> list[str]:
+    """Why names in launch.env (-x) cannot reach the ranks under this launcher, one line each (for stderr)."""
+    if launcher != "horovodrun":
+        return []
+    return [
+        f"hvdlm launch: -x {name} is ignored for other hosts' ranks: horovodrun hands them every variable but this "
+        "one, which it drops on purpose (ranks on this machine inherit it). Use mpirun or srun to pass it."
+        for name in opts.launch.env
+        if _HOROVODRUN_DROPS.fullmatch(name)
+    ]
+
+
+def _openmpi_options(
+    opts: LaunchOptions, env: Mapping[str, str], present: Collection[str], local: bool, device: str = CPU
+) -> list[str]:
     la = opts.launch
     # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
     argv = ["-bind-to", "none", "-map-by", "slot"]
@@ -223,8 +388,15 @@ def _openmpi_options(opts: LaunchOptions, env: Mapping[str, str], present: Colle
     names += [n for n in la.env if n not in names]
     for name in names:
         argv += ["-x", name]
-    # ob1 with the TCP / shared-memory BTLs; the openib BTL is deprecated and warns or hangs on many clusters.
-    argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+    if device == CPU:
+        # ob1 with the TCP / shared-memory BTLs; the openib BTL is deprecated and warns or hangs on many clusters.
+        argv += ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+    else:
+        # GPU ranks: no forced PML, so that Open MPI picks UCX where it is built with it, and with UCX comes
+        # CUDA-aware MPI (mpi4py's tensor-parallel collectives on GPU buffers, without a copy through the host;
+        # ob1's TCP BTL cannot read GPU memory). Without UCX Open MPI falls back to ob1 by itself. Horovod's own
+        # allreduce goes through NCCL either way. openib stays off for the reason above.
+        argv += ["-mca", "btl", "^openib"]
     if la.nic:
         # MPI's data (btl) and Open MPI's own out-of-band channel (oob) on the chosen interface.
         argv += ["-mca", "btl_tcp_if_include", la.nic, "-mca", "oob_tcp_if_include", la.nic]
@@ -234,13 +406,15 @@ def _openmpi_options(opts: LaunchOptions, env: Mapping[str, str], present: Colle
     return argv
 
 
-def _horovodrun_options(opts: LaunchOptions) -> list[str]:
+def _horovodrun_options(opts: LaunchOptions, device: str = CPU) -> list[str]:
     la = opts.launch
+    # Horovod: with --mpi, horovodrun's mpirun forces `-mca pml ob1` itself (its runner's _OMPI_FLAGS), which GPU
+    # ranks cannot change from here: for CUDA-aware MPI (tensor parallelism on GPUs) launch with mpirun or srun.
     argv = ["--gloo"] if la.controller == "gloo" else ["--mpi"]
     if la.nic:
         argv += ["--network-interface", la.nic]
-    if la.cycle_time_ms:
-        argv += ["--cycle-time-ms", f"{la.cycle_time_ms:g}"]
+    if cycle_time_ms(la, device):
+        argv += ["--cycle-time-ms", f"{cycle_time_ms(la, device):g}"]
     if la.fusion_threshold_mb:
         argv += ["--fusion-threshold-mb", f"{la.fusion_threshold_mb:g}"]
     if la.timeline:
@@ -282,8 +456,14 @@ def plan_launch(
     progress: bool = False,
     options: LaunchOptions | None = None,
     tp: int = 1,
+    train_device: str = CPU,
+    gpus: int | None = None,
 ) -> LaunchPlan:
     """The full command for `np` ranks of `program` under `launcher`, on this machine or the given hosts.
+
+    `train_device` is the job's train.device ("auto" | "cuda" | "cpu"; CPU ranks when left out), `gpus` this
+    machine's visible GPUs (None: look, when `train_device` needs it); together they choose CPU or GPU tuning
+    (rank_device), and a "cuda" job that this machine's GPUs cannot hold is refused before anything starts.
 
     `hosts` is None for this machine alone (srun: the allocation); with `hostfile` (a file already in the
     launcher's own format), `hosts` holds what it lists (for the slot check) and the launcher is handed the file.
@@ -305,7 +485,13 @@ def plan_launch(
         for count in per_host:
             if count:
                 check_tp_layout(tp, np, launcher, opts.launch.controller, ranks_per_node=count)
-    env = rank_env(opts, launcher, threads or threads_per_rank(max(per_host), cores), progress)
+    gpus_here = (local_gpus() if gpus is None else gpus) if train_device != CPU else 0
+    kind = rank_device(train_device, launcher, gpus_here, opts.slurm.gpus_per_node)
+    if launcher != "srun":  # srun's ranks run on the allocation's nodes, whose GPUs Slurm hands out
+        placed = list(zip(hosts or [Host(LOCALHOST, 0)], per_host))
+        here = sum(count for host, count in placed if is_this_machine(host.name))
+        check_local_gpus(train_device, here, gpus_here, only_here=all(is_this_machine(h.name) for h, _ in placed))
+    env = rank_env(opts, launcher, threads or threads_per_rank(max(per_host), cores), progress, kind)
     if launcher != "srun":  # srun starts the ranks without Open MPI's launcher
         env.update(root_env())
     argv = build_command(
@@ -319,8 +505,10 @@ def plan_launch(
         env=env,
         present=os.environ.keys(),
         local=local,
+        device=kind,
+        slurm_export=os.environ.get("SLURM_EXPORT_ENV"),
     )
-    return LaunchPlan(argv=argv, env=env)
+    return LaunchPlan(argv=argv, env=env, notes=env_notes(launcher, opts))
 
 
 # Linux refuses a single argument longer than 128 KiB (MAX_ARG_STRLEN) when it starts a program.

@@ -11,10 +11,14 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from hvdlm.config import LaunchConfig
+from hvdlm.errors import InputError
 from hvdlm.launch.commands import root_env
+from hvdlm.training.device import choose_device
 
 # Each probe prints one JSON object on its last line of output.
 _HOROVOD_PROBE = """
@@ -46,12 +50,24 @@ info = dict(version=torch.__version__, cuda=torch.version.cuda, gpus=torch.cuda.
             nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None)
 print(json.dumps(info))
 """
+# The NVIDIA driver's library, which CUDA (and Horovod's GPU ops, which dlopen it) load at run time; the CUDA
+# toolkit alone (a build node) has only a stub. Loaded in the child, like the other probes: nothing here starts
+# CUDA, but a broken driver install must not take the doctor down.
+_LIBCUDA_PROBE = """
+import ctypes, json
+try:
+    ctypes.CDLL("libcuda.so.1")
+    error = ""
+except OSError as e:
+    error = str(e)
+print(json.dumps(dict(error=error)))
+"""
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "ok", "warn" or "fail"
+    status: str  # "ok", "warn", "fail", or "skip" (not applicable here, with the reason)
     detail: str
     fix: str = ""
 
@@ -102,6 +118,7 @@ def run_checks(python: str) -> list[Check]:
         *_mpi4py_checks(mpi, mpi_error),
         *_same_mpi_checks(hvd, mpi),
         *_gpu_checks(torch, torch_error, hvd),
+        *_cuda_checks(python, torch, hvd),
         *_launcher_checks(python),
     ]
 
@@ -173,6 +190,179 @@ def _gpu_checks(torch: dict | None, error: str, hvd: dict | None) -> list[Check]
     return checks
 
 
+# The checks a GPU machine gets beyond torch's view of its GPUs (_cuda_checks), in report order.
+CUDA_CHECKS = ("CUDA toolkit", "horovodrun --check-build", "libcuda", "NCCL library", "ranks per node")
+
+
+def _cuda_checks(python: str, torch: dict | None, hvd: dict | None) -> list[Check]:
+    """What a GPU rank needs beyond torch seeing GPUs: the toolkit Horovod builds with, Horovod's NCCL as its
+    runner reports it, the driver library, the NCCL library Horovod links, and a GPU for each rank of a node."""
+    reason = gpu_skip_reason(torch)
+    if reason:
+        return [Check(name, "skip", f"no GPU: skipped ({reason})") for name in CUDA_CHECKS]
+    nvcc = _find_nvcc()
+    home = os.environ.get("CUDA_HOME", "")
+    libcuda, libcuda_error = _probe(python, _LIBCUDA_PROBE)
+    ranks, source = ranks_per_node(os.environ)
+    return [
+        cuda_toolkit_check(nvcc, home, os.path.isfile(os.path.join(home, "bin", "nvcc")) if home else False),
+        check_build_check(_check_build_text(python)),
+        libcuda_check(libcuda["error"] if libcuda else libcuda_error),
+        nccl_library_check(_ldd(hvd.get("lib", "")) if hvd else None, bool(hvd and hvd["nccl"])),
+        ranks_per_gpu_check(ranks, torch["gpus"], source),
+    ]
+
+
+def gpu_skip_reason(torch: dict | None) -> str:
+    """Why the GPU checks do not apply to this machine ("" when they do)."""
+    if torch is None:
+        return "torch does not import"
+    if not torch["cuda"]:
+        return "torch is CPU-only"
+    if not torch["gpus"]:
+        return f"torch is built for CUDA {torch['cuda']} but sees no GPU"
+    return ""
+
+
+def _find_nvcc() -> str | None:
+    """nvcc as Horovod's build looks for it: CUDA_HOME's, the PATH's, then the usual install place."""
+    home = os.environ.get("CUDA_HOME", "")
+    for candidate in [os.path.join(home, "bin", "nvcc") if home else "", shutil.which("nvcc") or ""]:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return "/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None
+
+
+def cuda_toolkit_check(nvcc: str | None, cuda_home: str, home_has_nvcc: bool) -> Check:
+    """nvcc and CUDA_HOME: what building Horovod with NCCL needs (a built Horovod runs without them)."""
+    if not nvcc:
+        return Check(
+            "CUDA toolkit",
+            "warn",
+            "no nvcc (CUDA_HOME, PATH, /usr/local/cuda): Horovod cannot be rebuilt with NCCL here",
+            "Load the CUDA toolkit (module load cuda) or install it, and set CUDA_HOME to its directory.",
+        )
+    if cuda_home and not home_has_nvcc:
+        return Check(
+            "CUDA toolkit",
+            "warn",
+            f"CUDA_HOME={cuda_home} holds no bin/nvcc (nvcc found at {nvcc})",
+            f"Set CUDA_HOME to the toolkit that holds {nvcc} (its bin/ directory's parent).",
+        )
+    if not cuda_home:
+        # A wrapper nvcc (conda, Spack, modules) leaves torch guessing the toolkit's home (/usr/local/cuda).
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        return Check(
+            "CUDA toolkit",
+            "ok",
+            f"nvcc at {nvcc}; CUDA_HOME unset (make setup sets it and HOROVOD_CUDA_HOME to {home})",
+        )
+    return Check("CUDA toolkit", "ok", f"nvcc at {nvcc}; CUDA_HOME={cuda_home}")
+
+
+def _check_build_text(python: str) -> str | None:
+    """`horovodrun --check-build` of the Horovod beside `python` (None when it cannot be run)."""
+    horovodrun = shutil.which("horovodrun", path=os.path.dirname(python)) or shutil.which("horovodrun")
+    if not horovodrun:
+        return None
+    try:
+        proc = subprocess.run([horovodrun, "--check-build"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def tensor_operations(check_build: str) -> dict[str, bool]:
+    """The "Available Tensor Operations" of `horovodrun --check-build` output, as {"NCCL": True, ...}.
+
+    Only that section: MPI and Gloo appear among the controllers too."""
+    ops: dict[str, bool] = {}
+    section = False
+    for line in check_build.splitlines():
+        if line.strip().endswith(":"):
+            section = line.strip() == "Available Tensor Operations:"
+            continue
+        m = re.fullmatch(r"\s*\[([ X])\]\s+(\S+)\s*", line)
+        if section and m:
+            ops[m.group(2)] = m.group(1) == "X"
+    return ops
+
+
+def check_build_check(check_build: str | None) -> Check:
+    """Horovod's runner must show `[X] NCCL`: without it a GPU job's gradients go through host memory."""
+    name = "horovodrun --check-build"
+    if check_build is None:
+        return Check(name, "fail", "horovodrun --check-build could not be run", REBUILD)
+    if tensor_operations(check_build).get("NCCL"):
+        return Check(name, "ok", "shows [X] NCCL")
+    detail = "shows [ ] NCCL: this Horovod was built without NCCL although CUDA is present"
+    return Check(name, "fail", detail, REBUILD + " (with CUDA's nvcc found: set CUDA_HOME)")
+
+
+def libcuda_check(error: str) -> Check:
+    if not error:
+        return Check("libcuda", "ok", "the driver's libcuda.so.1 loads")
+    return Check(
+        "libcuda",
+        "fail",
+        f"libcuda.so.1 does not load ({error}): GPU ranks cannot start CUDA",
+        "Install the NVIDIA driver (its libcuda.so.1), or add its directory to LD_LIBRARY_PATH; a CUDA toolkit's "
+        "stubs/libcuda.so does not run anything.",
+    )
+
+
+def _ldd(shared_object: str) -> str | None:
+    if not shared_object or not shutil.which("ldd"):
+        return None
+    try:
+        return subprocess.run(["ldd", shared_object], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def nccl_library_check(ldd_output: str | None, nccl_built: bool) -> Check:
+    """Horovod's torch extension (horovod/torch/mpi_lib_v2*.so) must find libnccl.so.2 by itself, not only when
+    torch happened to load NCCL first."""
+    name = "NCCL library"
+    if ldd_output is None:
+        return Check(name, "warn", "could not run ldd on Horovod's torch extension")
+    m = re.search(r"^\s*(libnccl\.so[.\d]*)\s+=>\s+(.+?)(?:\s+\(0x[0-9a-f]+\))?\s*$", ldd_output, re.MULTILINE)
+    if m and m.group(2) == "not found":
+        return Check(
+            name,
+            "fail",
+            f"Horovod's torch extension needs {m.group(1)}, which the loader does not find",
+            REBUILD + " (setup.sh links pip's NCCL with an rpath); or add the NCCL lib directory (e.g. "
+            "site-packages/nvidia/nccl/lib) to LD_LIBRARY_PATH.",
+        )
+    if m:
+        return Check(name, "ok", f"Horovod's torch extension loads {m.group(1)} from {m.group(2)}")
+    if nccl_built:
+        return Check(name, "ok", "Horovod's torch extension holds NCCL (statically linked)")
+    return Check(name, "fail", "Horovod's torch extension links no NCCL", REBUILD + " (with CUDA's nvcc found)")
+
+
+def ranks_per_node(env: Mapping[str, str]) -> tuple[int, str]:
+    """The ranks a node will run: Slurm's tasks per node inside a job, else launch.np's default (the demo's)."""
+    m = re.match(r"[0-9]+", env.get("SLURM_NTASKS_PER_NODE", "") or env.get("SLURM_TASKS_PER_NODE", ""))
+    if m and int(m.group()) > 0:
+        return int(m.group()), "Slurm's tasks per node"
+    return LaunchConfig().np, "launch.np's default, as `make demo` runs"
+
+
+def ranks_per_gpu_check(ranks: int, visible: int, source: str) -> Check:
+    """One GPU per rank, as the ranks will choose them (training/device.choose_device, without the node's
+    exchange of GPU identities: ranks narrowed to their own GPU each see one, which this process cannot see)."""
+    name = "ranks per node"
+    try:
+        devices = [choose_device(r, ranks, visible, gpus_required=True).name for r in range(ranks)]
+    except InputError as e:
+        # Slurm's count is the job's; launch.np's default only a guess at what will be run here.
+        status = "fail" if source.startswith("Slurm") else "warn"
+        return Check(name, status, f"{ranks} rank(s) per node ({source}) on {visible} visible GPU(s)", str(e))
+    return Check(name, "ok", f"{ranks} rank(s) per node ({source}): {', '.join(devices)}")
+
+
 def _launcher_checks(python: str) -> list[Check]:
     checks = []
     for name, needed, fix in (
@@ -190,11 +380,11 @@ def _launcher_checks(python: str) -> list[Check]:
 
 
 def report(checks: list[Check]) -> str:
-    mark = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]"}
+    mark = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
     lines = []
     for c in checks:
         lines.append(f"{mark[c.status]} {c.name}: {c.detail}")
-        if c.fix and c.status != "ok":
+        if c.fix and c.status in ("warn", "fail"):
             lines.append(f"       fix: {c.fix}")
     failed = sum(c.status == "fail" for c in checks)
     lines.append(f"{failed} problem(s) found." if failed else "All checks passed.")

@@ -19,7 +19,16 @@ from pathlib import Path
 from hvdlm import __version__
 from hvdlm.config import JobConfig, SlurmConfig, check_choice, choices
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import ROOT_VARIABLES, LaunchOptions, build_command, check_tp_layout, rank_env
+from hvdlm.launch.commands import (
+    CPU,
+    GPU,
+    ROOT_VARIABLES,
+    LaunchOptions,
+    build_command,
+    check_gpus_per_node,
+    check_tp_layout,
+    rank_env,
+)
 from hvdlm.launch.shell import ShellVar, check_name, check_text, join
 from hvdlm.training.preemption import REQUEUE_EXIT_CODE
 
@@ -176,6 +185,7 @@ def spec_from_config(
     # --ntasks-per-node may have won).
     options = LaunchOptions.from_config(cfg, gpus_per_node=gpus, ntasks_per_node=0)
     check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks)
+    check_gpus_per_node(cfg.train.device, tasks, gpus)
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
     spec = SbatchSpec(
@@ -226,7 +236,7 @@ def render(spec: SbatchSpec) -> str:
     if spec.modules or spec.venv:
         lines.append("")
 
-    env = rank_env(spec.options, spec.launcher, ShellVar("${SLURM_CPUS_PER_TASK}"))
+    env = rank_env(spec.options, spec.launcher, ShellVar("${SLURM_CPUS_PER_TASK}"), device=_device(spec))
     lines.append("# Every rank's variables (Slurm passes the batch script's environment on to srun and mpirun).")
     lines += [f"export {name}={_value(value)}" for name, value in env.items()]
     if spec.launcher in ("mpirun", "horovodrun"):
@@ -236,6 +246,11 @@ def render(spec: SbatchSpec) -> str:
         lines += ["", "# From slurm.setup in the job file, as written there."] + spec.setup
     lines += ["", *_launch_lines(spec, env), ""]
     return "\n".join(lines)
+
+
+def _device(spec: SbatchSpec) -> str:
+    """GPU nodes (slurm.gpus_per_node > 0) run GPU ranks: the launch line's tuning follows (commands.rank_env)."""
+    return GPU if spec.gpus_per_node > 0 else CPU
 
 
 def _value(value: str) -> str:
@@ -258,10 +273,14 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
             lines.append("# horovodrun starts the other nodes' ranks over ssh: they must accept this user's key.")
         lines.append(f"HOSTS=$({shlex.quote(spec.python)} -m hvdlm hostfile --from slurm --format horovod)")
         hosts = ShellVar("${HOSTS}")
-        argv = build_command("horovodrun", "horovodrun", ntasks, program, spec.options, hosts=hosts, env=env)
+        argv = build_command(
+            "horovodrun", "horovodrun", ntasks, program, spec.options, hosts=hosts, env=env, device=_device(spec)
+        )
     else:
         # mpirun finds the hosts in the Slurm allocation by itself; srun uses it directly.
-        argv = build_command(spec.launcher, spec.launcher, ntasks, program, spec.options, env=env, present=["PATH"])
+        argv = build_command(
+            spec.launcher, spec.launcher, ntasks, program, spec.options, env=env, present=["PATH"], device=_device(spec)
+        )
     launcher = argv[: len(argv) - len(program)]
     return lines + [
         *_preemption_lines(spec.launcher),

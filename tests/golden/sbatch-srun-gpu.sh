@@ -25,7 +25,6 @@ source /shared/venv/bin/activate
 
 # Every rank's variables (Slurm passes the batch script's environment on to srun and mpirun).
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK}"
-export OMPI_MCA_mpi_yield_when_idle=1
 export NCCL_SOCKET_IFNAME=ib0
 export GLOO_SOCKET_IFNAME=ib0
 export OMPI_MCA_btl_tcp_if_include=ib0
