@@ -32,7 +32,7 @@ else:  # pragma: no cover - Python 3.10
 
 import tomli_w
 
-from hvdlm.errors import InputError
+from hvdlm.errors import InputError, not_a_file
 
 # The settings that take one of a few words. Each set is spelled here only: validation, the click options of the
 # command line and the launch code read them with choices(); the field comments below say what each word means.
@@ -205,7 +205,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         jobs = sorted(p.name for p in Path("jobs").glob("*.toml")) if Path("jobs").is_dir() else []
         if jobs:
             hint = f" Job files in ./jobs: {', '.join(jobs)}."
-        raise InputError(f"job file '{path}' does not exist. Pass the path of a TOML job file.{hint}")
+        raise InputError(f"job file '{path}' {not_a_file(path)}. Pass the path of a TOML job file.{hint}")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -215,16 +215,24 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"job file '{path}' is not UTF-8 text. Pass a TOML job file.") from None
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, str]:
-    """Set one `section.key=value` in the raw tables; returns (section, key)."""
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value): the one --set parser of every command (train, launch, sbatch,
+    config), so a value one command takes, every command takes. The value is TOML (3e-4, true, "x", ["a", "b"]);
+    text that does not parse as TOML is taken as a bare string (--set launch.nic=ib0)."""
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not section or not name:
         raise InputError(f"override '{item}' is not of the form section.key=value (for example train.lr=3e-4).")
+    return section, name, _parse_value(text.strip())
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, str]:
+    """Set one `section.key=value` in the raw tables; returns (section, key)."""
+    section, name, value = parse_override(item)
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise InputError(f"'{section}' in the job file is not a table, so '{item}' cannot override a key in it.")
-    raw[section][name] = _parse_value(text.strip())
+    raw[section][name] = value
     return section, name
 
 
@@ -248,6 +256,8 @@ def _from_dict(raw: dict[str, Any], source: str, overridden: set[tuple[str, str]
     """Typed sections from raw tables; errors name where a key came from (the file, or --set)."""
     sections: dict[str, Any] = {}
     for section, values in raw.items():
+        if section not in _SECTIONS and not isinstance(values, dict):
+            raise InputError(_outside_any_section(section, source))
         if section not in _SECTIONS:
             where = "--set" if any(s == section for s, _ in overridden) else source
             raise InputError(
@@ -268,6 +278,21 @@ def _from_dict(raw: dict[str, Any], source: str, overridden: set[tuple[str, str]
             values[key] = _check_type(f"{section}.{key}", value, hints[key], where)
         sections[section] = cls(**values)
     return JobConfig(**sections)
+
+
+def _outside_any_section(key: str, source: str) -> str:
+    """A `key = value` above every [section] header: TOML puts it in no section. Say which one it belongs in."""
+    owners = [name for name, cls in _SECTIONS.items() if key in typing.get_type_hints(cls)]
+    if owners:
+        fix = " or ".join(f"under [{o}] (as {o}.{key})" for o in owners)
+        return f"key '{key}' in {source} is outside any section: every key belongs to one. Move it {fix}."
+    known = {f"{name}.{k}": k for name, cls in _SECTIONS.items() for k in typing.get_type_hints(cls)}
+    match = difflib.get_close_matches(key, list(known.values()), n=1, cutoff=0.6)
+    hint = next((f" Did you mean {full}?" for full, k in known.items() if match and k == match[0]), "")
+    return (
+        f"key '{key}' in {source} is outside any section, and no section has a key of that name.{hint} "
+        f"Put each key under its section: {', '.join(f'[{s}]' for s in _SECTIONS)}."
+    )
 
 
 def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
@@ -350,6 +375,7 @@ def validate(config: JobConfig) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise InputError(f"'{name}' must be zero or more, got {value}.")
+    _check_maxima(config)
     # Upper bounds far above any real setting: fusion MB are turned into a byte count with int(), which a finite
     # 1e308 would overflow.
     for name, value, limit in (
@@ -402,6 +428,52 @@ def validate(config: JobConfig) -> None:
             "\"none\" or 'train.local_sgd_interval' to 0."
         )
     _validate_choices(config)
+
+
+# Upper bounds on counts and sizes. TOML integers are unbounded in Python, and a number such as
+# n_layer = 10**23 passed validation only to fail deep inside torch, the allocator or a C long. Each bound is far
+# above any published model or cluster (the largest dense models: ~130 layers, d_model ~25,000, 128 heads,
+# vocabularies of ~260,000; the largest jobs: ~100,000 GPUs), so it only ever catches a typo or an overflow; whether
+# a model within them fits the device's memory is the trainer's check.
+_STEPS = 10**9  # a billion optimizer steps: about 30 years at one step per second
+_MAXIMA: dict[str, int] = {
+    "model.n_layer": 1024,
+    "model.n_head": 1024,
+    "model.d_model": 65536,
+    "model.seq_len": 2**20,  # a million-token context
+    "model.vocab_size": 2**22,  # 16 x the largest real vocabularies; the BPE trainer itself stops at 2**20
+    "parallel.tp": 1024,
+    "train.batch_size": 2**20,
+    "train.accumulation_steps": 2**20,
+    "train.max_steps": _STEPS,
+    "train.warmup_steps": _STEPS,
+    "train.log_interval": _STEPS,
+    "train.eval_interval": _STEPS,
+    "train.checkpoint_interval": _STEPS,
+    "train.local_sgd_interval": _STEPS,
+    "train.max_skipped_steps": _STEPS,
+    "train.eval_batches": 2**20,
+    "train.sample_tokens": 2**20,
+    "train.keep_checkpoints": 2**20,
+    "train.threads": 4096,
+    "train.seed": 2**63 - 1,  # torch.manual_seed takes a 64-bit integer
+    "launch.np": 2**20,
+    "slurm.nodes": 2**20,
+    "slurm.gpus_per_node": 1024,
+    "slurm.ntasks_per_node": 2**16,
+    "slurm.cpus_per_task": 2**16,
+}
+
+
+def _check_maxima(config: JobConfig) -> None:
+    for name, limit in _MAXIMA.items():
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if value > limit:
+            raise InputError(
+                f"'{name}' must be at most {limit:,}, got {value:,}. The bound is far above any real setting: "
+                "check the value for a typo."
+            )
 
 
 def _validate_choices(config: JobConfig) -> None:

@@ -12,6 +12,7 @@ import click
 
 from hvdlm import __version__
 from hvdlm.cli.checkpoint import checkpoint
+from hvdlm.cli.config import config
 from hvdlm.cli.data import data
 from hvdlm.cli.jobprep import doctor, hostfile, sbatch
 from hvdlm.cli.run import launch, train
@@ -56,5 +57,5 @@ def main() -> None:
     """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
 
 
-for command in (train, launch, hostfile, sbatch, doctor, data, checkpoint, plot, generate, runs):
+for command in (train, launch, hostfile, sbatch, config, doctor, data, checkpoint, plot, generate, runs):
     main.add_command(command)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
 import click
 
+from hvdlm.cli.options import output_option, set_option
 from hvdlm.config import SlurmConfig, choices, load_config
 from hvdlm.errors import InputError
-from hvdlm.launch.hostfile import FORMATS, render_hostfile, write_atomically
+from hvdlm.launch.hostfile import FORMATS, output_is_file, render_hostfile, write_output
 from hvdlm.launch.sources import SOURCES, hosts_from
 
 
@@ -39,7 +41,7 @@ from hvdlm.launch.sources import SOURCES, hosts_from
 )
 @click.option("--slots", type=int, default=None, help="Slots per host, instead of what the source says.")
 @click.option("--tasks-per-node", default=None, metavar="COUNTS", help="Slurm counts such as 2(x3),1 for SPEC.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
+@output_option("Write here (default: stdout).")
 def hostfile(
     source: str, spec: str | None, fmt: str, slots: int | None, tasks_per_node: str | None, output: str | None
 ) -> None:
@@ -59,7 +61,7 @@ def hostfile(
         raise InputError("--tasks-per-node belongs to --from slurm.")
     text = render_hostfile(hosts_from(source, spec, slots=slots, tasks_per_node=tasks_per_node), fmt)
     if output:
-        write_atomically(output, text)  # everything is checked before the file is touched
+        write_output(output, text)  # everything is checked before the file is touched
     else:
         click.echo(text, nl=False)
 
@@ -68,7 +70,13 @@ def hostfile(
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--nodes", type=int, default=None, help="Nodes (default: slurm.nodes).")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node; 0: CPU-only (slurm.gpus_per_node).")
-@click.option("--time", "time_", default=None, metavar="HH:MM:SS", help="Wall-clock limit (slurm.time).")
+@click.option(
+    "--time",
+    "time_",
+    default=None,
+    metavar="TIME",
+    help="Wall-clock limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (slurm.time).",
+)
 @click.option("--partition", default=None, help="Partition (slurm.partition).")
 @click.option("--account", default=None, help="Account to charge (slurm.account).")
 @click.option(
@@ -79,10 +87,19 @@ def hostfile(
 )
 @click.option("--ntasks-per-node", type=int, default=None, help="Ranks per node (default: GPUs, or np / nodes).")
 @click.option("--cpus-per-task", type=int, default=None, help="Cores per rank (default: 4 per GPU, 1 per CPU rank).")
-@click.option("--venv", default=None, help="Virtual environment to activate (default: slurm.venv, or the running one).")
+@click.option(
+    "--venv",
+    default=None,
+    help="Virtual environment to activate (default: slurm.venv, or the running one); '' activates none.",
+)
+@click.option(
+    "--job-name",
+    default=None,
+    help="Slurm job name, and the run directory's prefix (default: the job file's name, with '_' for spaces).",
+)
 @click.option("--run-dir", default=None, help="The run's directory (default: runs/JOB-<job id>).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the script here.")
+@set_option
+@output_option("Write the script here (- for stdout).")
 @click.option("--submit", is_flag=True, help="Submit it with sbatch and print the job id.")
 def sbatch(
     job: str,
@@ -95,6 +112,7 @@ def sbatch(
     ntasks_per_node: int | None,
     cpus_per_task: int | None,
     venv: str | None,
+    job_name: str | None,
     run_dir: str | None,
     overrides: tuple[str, ...],
     output: str | None,
@@ -103,7 +121,9 @@ def sbatch(
     """Render a Slurm batch script that trains JOB; print it, write it (-o) or submit it (--submit)."""
     from hvdlm.launch import sbatch as batch
 
-    if output and Path(output).exists() and Path(job).exists() and os.path.samefile(output, job):
+    # A file written by rename can be named in the header and submitted by path; a stream (-, a FIFO) cannot.
+    script_file = output if output and output_is_file(output) else None
+    if script_file and Path(output).exists() and Path(job).exists() and os.path.samefile(output, job):
         raise InputError(
             f"-o '{output}' is the job file itself; writing the script there would destroy it. Choose "
             "another file name, e.g. -o job.sbatch."
@@ -124,14 +144,19 @@ def sbatch(
         cpus_per_task=cpus_per_task,
         venv=venv,
         command=shlex.join(["hvdlm", "sbatch", *sys.argv[2:]]),
-        script=output or "",
+        script=script_file or "",
+        job_name=job_name,
     )
     batch.check_setup(spec.setup)  # before anything is written or submitted
+    explicit_venv = spec.venv and (venv is not None or cfg.slurm.venv)  # the running one needs no check
+    notes = [batch.check_venv(spec.venv) if explicit_venv else "", batch.rank_note(cfg, spec)]
     script = batch.render(spec)
     if output:
-        write_atomically(output, script)
+        write_output(output, script)
+    for note in filter(None, notes):
+        click.echo(note, err=True)
     if submit:
-        click.echo(f"submitted batch job {batch.submit(script, output)}")
+        click.echo(f"submitted batch job {batch.submit(script, script_file)}")
     elif not output:
         click.echo(script, nl=False)
 
@@ -142,6 +167,24 @@ def doctor(python: str | None) -> None:
     """Check Horovod's build, MPI, mpi4py, GPUs and NCCL, and the launchers, with a fix for each problem."""
     from hvdlm.launch.doctor import report, run_checks
 
-    checks = run_checks(python or sys.executable)
+    checks = run_checks(_interpreter(python) if python else sys.executable)
     click.echo(report(checks))
     sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
+
+
+def _interpreter(python: str) -> str:
+    """--python as an executable path; a missing one is named as such, not diagnosed as a broken Horovod."""
+    found = shutil.which(python)
+    if found:
+        return found
+    path = Path(python)
+    if path.is_dir():
+        why = "is a directory, not an interpreter"
+    elif path.exists():
+        why = "is not executable"
+    else:
+        why = "does not exist" if os.sep in python else "is not on the PATH"
+    raise InputError(
+        f"--python '{python}' {why}. Pass the path of a Python interpreter, e.g. --python .venv/bin/python "
+        "(a virtual environment's bin/python)."
+    )

@@ -9,13 +9,25 @@ import click
 
 from hvdlm.errors import InputError
 
+# One --set for every command; hvdlm.config.parse_override reads the values (TOML, so lists too).
 set_option = click.option(
     "--set",
     "overrides",
     multiple=True,
     metavar="SECTION.KEY=VALUE",
-    help="Override one config key (repeatable), e.g. --set train.lr=3e-4.",
+    help="Override one config key (repeatable); the value is TOML: --set train.lr=3e-4, "
+    "--set 'slurm.directives=[\"--mem=4G\"]'.",
 )
+
+
+def output_option(help_text: str):
+    """-o/--output FILE, written with hvdlm.launch.hostfile.write_output: '-' is stdout, a FIFO or a device is a
+    stream (never replaced), a regular file is replaced atomically."""
+    return click.option(
+        "-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default=None, help=help_text
+    )
+
+
 run_dir_option = click.option(
     "--run-dir",
     type=click.Path(file_okay=False),

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdlm.errors import InputError
+from hvdlm.errors import InputError, not_a_file
 from hvdlm.launch.shell import HOSTNAME
 
 LOCALHOST = "localhost"
@@ -44,7 +44,7 @@ def read_hostfile(path: str | Path) -> list[Host]:
     """Open MPI ('host slots=N'), MPICH ('host:N') or bare 'host' lines; blank lines and # comments allowed."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"hostfile '{path}' does not exist. Pass an existing file, or use --hosts host:slots,...")
+        raise InputError(f"hostfile '{path}' {not_a_file(path)}. Pass an existing file, or use --hosts host:slots,...")
     hosts, lines = [], []
     for number, line in enumerate(read_text_lines(path, "hostfile"), start=1):
         line = line.split("#", 1)[0].strip()

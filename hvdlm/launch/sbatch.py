@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvdlm import __version__
-from hvdlm.config import JobConfig, SlurmConfig, check_choice, choices
+from hvdlm.config import JobConfig, SlurmConfig, check_choice, choices, parse_override
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import (
     CPU,
@@ -29,12 +29,17 @@ from hvdlm.launch.commands import (
     check_tp_layout,
     rank_env,
 )
-from hvdlm.launch.shell import ShellVar, check_name, check_text, join
+from hvdlm.launch.shell import HOSTNAME, ShellVar, check_name, check_text, join
 from hvdlm.training.preemption import REQUEUE_EXIT_CODE
 
-# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. ASCII digits ([0-9], not \d, which
-# takes any script's digits) and bounded runs: Slurm reads them as 32-bit numbers.
-_TIME = re.compile(r"[0-9]{1,9}(:[0-9]{1,2}){0,2}|[0-9]{1,9}-[0-9]{1,9}(:[0-9]{1,2}){0,2}")
+# Slurm's --time forms (sbatch(1)): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds; ASCII digits ([0-9], not \d, which takes any script's digits).
+_TIME = re.compile(r"(?:(?P<days>[0-9]{1,9})-)?(?P<fields>[0-9]{1,9}(?::[0-9]{1,2}){0,2})")
+_TIME_FORMS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 02:00:00 or 1-12:00:00"
+# Slurm adds the fields up in seconds in a C int (parse_time.c, time_str2secs) without checking their ranges, so
+# 99:99:99 is silently 100 hours and a large day count wraps around. hvdlm asks for a field below its unit.
+_TIME_MAX_SECONDS = 2**31 - 1
+_NO_TIME_LIMIT = ("infinite", "unlimited")  # Slurm's words for the partition's maximum
 _DIRECTIVE = re.compile(r"--([a-z][a-z0-9\-]*)(=[A-Za-z0-9_.\-/+,:=@%]+)?")
 # Cores per rank when the job file does not say: a GPU rank needs a few for its Python thread, Horovod's
 # background thread and data loading; a CPU rank gets one core per OpenMP thread and can ask for more.
@@ -70,7 +75,7 @@ class SbatchSpec:
 
     def check(self) -> None:
         """Refuse anything that would put text into the script that the user did not mean as a command."""
-        check_name("job name", self.job_name)
+        check_name("--job-name", self.job_name, HOSTNAME)  # also a directory name: runs/NAME-<job id>
         check_text("job file", self.job_file)
         check_text("python", self.python)
         if self.run_dir:
@@ -84,8 +89,7 @@ class SbatchSpec:
                 check_name(what, value)
         for module in self.modules:
             check_name("module", module)
-        if not _TIME.fullmatch(self.time):
-            raise InputError(f"--time '{self.time}' is not a Slurm time limit. Write HH:MM:SS, e.g. 02:00:00.")
+        check_time(self.time)
         if self.nodes <= 0:
             raise InputError(f"--nodes must be positive, got {self.nodes}.")
         if self.gpus_per_node < 0:
@@ -99,7 +103,7 @@ class SbatchSpec:
         self.options.check()
         self.sbatch_directives()
         for item in self.overrides:  # last: the checks above name the key an override set wrong
-            check_text("--set", item)
+            check_override(item)
         if "\n" in self.command or "\r" in self.command:  # it goes into a comment line of the header
             raise InputError("the command line holds a line break; pass each value on one line.")
 
@@ -142,6 +146,91 @@ class SbatchSpec:
         return [f"--{name}={value}" if value else f"--{name}" for name, value in sorted(options.items())]
 
 
+def check_time(text: str) -> None:
+    """Refuse a --time that Slurm would refuse, or read as something else than meant (see _TIME)."""
+    if text.lower() in _NO_TIME_LIMIT:
+        return
+    m = _TIME.fullmatch(text)
+    if not m:
+        raise InputError(f"--time '{text}' is not a Slurm time limit. Write {_TIME_FORMS}.")
+    fields = [int(f) for f in m.group("fields").split(":")]
+    days = m.group("days")
+    # Each field's name, seconds and bound (None: free, as the first field without days: 90 minutes, 48 hours).
+    if days is not None:
+        layout = [("hours", 3600, 24), ("minutes", 60, 60), ("seconds", 1, 60)][: len(fields)]
+    else:
+        layout = {
+            1: [("minutes", 60, None)],
+            2: [("minutes", 60, None), ("seconds", 1, 60)],
+            3: [("hours", 3600, None), ("minutes", 60, 60), ("seconds", 1, 60)],
+        }[len(fields)]
+    for (name, _, limit), value in zip(layout, fields):
+        if limit is not None and value >= limit:
+            raise InputError(
+                f"--time '{text}' is not a Slurm time limit: {name} must be below {limit}, got {value}. "
+                f"Write {_TIME_FORMS}."
+            )
+    seconds = int(days or 0) * 86400 + sum(unit * value for (_, unit, _), value in zip(layout, fields))
+    if seconds > _TIME_MAX_SECONDS:
+        raise InputError(
+            f"--time '{text}' is longer than Slurm can count ({_TIME_MAX_SECONDS // 86400:,} days). Ask for what the "
+            "partition allows (sinfo -o '%P %l'), or UNLIMITED for its maximum."
+        )
+
+
+def check_override(item: str) -> None:
+    """An override goes into the script as a `--set` argument, shell-quoted. Parsed by the same parser as the
+    job's (a TOML list is fine), its key must be a plain name and its strings free of shell syntax; the TOML
+    around them may hold its quotes, which the shell quoting covers."""
+    section, key, value = parse_override(item)
+    check_name("--set key", f"{section}.{key}", HOSTNAME)
+    check_text("--set", item, allowed='"')  # no comment (#), escape or other syntax beside the strings
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and text:
+            check_text(f"--set {section}.{key}", text)
+
+
+def default_job_name(job_file: str) -> str:
+    """The job file's stem as a Slurm job name and directory name: characters other than letters, digits, '.',
+    '-' and '_' become '_' ("my job.toml" -> "my_job"), and it starts with a letter, digit or '_'."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(job_file).stem)
+    return re.sub(r"^[.\-]+", "", name) or "hvdlm"
+
+
+def check_venv(venv: str) -> str:
+    """A virtual environment named on the command line or in slurm.venv must be one, where this machine sees its
+    file system; one it cannot see (its directory is missing here) may exist on the compute nodes only: that
+    returns a note to print. Returns "" when it is fine."""
+    path = Path(venv).expanduser()
+    if (path / "bin" / "activate").is_file():
+        return ""
+    if path.exists() or path.parent.is_dir():
+        why = "does not exist" if not path.exists() else "is not a virtual environment (it has no bin/activate)"
+        raise InputError(
+            f"--venv '{venv}' {why}. Name the directory of a virtual environment (python -m venv DIR creates one), "
+            "or pass --venv '' to activate none."
+        )
+    return (
+        f"note: --venv '{venv}' is not on this machine ('{path.parent}' does not exist here); the script activates "
+        "it on the compute nodes, where it must exist."
+    )
+
+
+def rank_note(cfg: JobConfig, spec: SbatchSpec) -> str:
+    """When the script starts another number of ranks than launch.np, say how many and why ("" when the same)."""
+    ranks = spec.nodes * spec.ntasks_per_node
+    if ranks == cfg.launch.np:
+        return ""
+    if spec.gpus_per_node and spec.ntasks_per_node == spec.gpus_per_node:
+        why = f"{spec.nodes} node(s) x {spec.gpus_per_node} GPU(s) per node, one rank per GPU"
+    else:
+        why = f"{spec.nodes} node(s) x {spec.ntasks_per_node} task(s) per node"
+    return (
+        f"note: the script starts {ranks} rank(s) ({why}), not launch.np = {cfg.launch.np}: in a batch job the "
+        "allocation sets the ranks. For fewer, pass --nodes, --gpus-per-node or --ntasks-per-node."
+    )
+
+
 def spec_from_config(
     cfg: JobConfig,
     job_file: str,
@@ -158,6 +247,7 @@ def spec_from_config(
     venv: str | None = None,
     command: str = "",
     script: str = "",
+    job_name: str | None = None,
 ) -> SbatchSpec:
     """Command-line values win over the job file's [slurm] section, which wins over the defaults."""
     sl = cfg.slurm
@@ -189,7 +279,7 @@ def spec_from_config(
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
     spec = SbatchSpec(
-        job_name=Path(job_file).stem,
+        job_name=job_name or default_job_name(job_file),
         job_file=str(Path(job_file).resolve()),
         nodes=nodes,
         gpus_per_node=gpus,

@@ -40,9 +40,10 @@ def check_name(what: str, value: str, pattern: re.Pattern[str] = NAME) -> str:
     return value
 
 
-def check_text(what: str, value: str) -> str:
-    """Free-form values (paths, overrides): quoted when rendered, but shell syntax in them is refused."""
-    bad = _META.search(value)
+def check_text(what: str, value: str, allowed: str = "") -> str:
+    """Free-form values (paths, overrides): quoted when rendered, but shell syntax in them is refused, except for
+    the `allowed` characters (the quotes of a TOML string in an override)."""
+    bad = next((m for m in _META.finditer(value) if m.group() not in allowed), None)
     if bad or not value:
         shown = repr(bad.group()) if bad else "an empty value"
         raise InputError(

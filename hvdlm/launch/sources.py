@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from hvdlm.errors import InputError
+from hvdlm.errors import InputError, not_a_file
 from hvdlm.launch.hostlist import expand_nodelist, expand_tasks_per_node, shown
 from hvdlm.launch.hosts import (
     MAX_SLOTS,
@@ -83,7 +83,7 @@ def from_pbs(nodefile: str | None, env: Mapping[str, str]) -> list[Host]:
     if not path:
         raise InputError("PBS_NODEFILE is not set: this is not a PBS job. Run inside one, or pass the node file.")
     if not Path(path).is_file():
-        raise InputError(f"PBS node file '{path}' does not exist.")
+        raise InputError(f"PBS node file '{path}' {not_a_file(path)}. Pass the node file of a PBS job.")
     counts: Counter[str] = Counter()
     for number, line in enumerate(read_text_lines(Path(path), "PBS node file"), start=1):
         name = line.split("#", 1)[0].strip()
