@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hvdlm.launch.preflight import this_machine_has_gpus
+from hvdlm.launch.commands import local_gpus
 
 
 def _refused(r, expected: str) -> None:
@@ -21,7 +21,7 @@ def test_a_run_directory_that_holds_a_run(hvdlm, tiny_job, tmp_path):
     _refused(r, "already holds a run (metrics.jsonl). Continue it with --resume auto")
 
 
-@pytest.mark.skipif(this_machine_has_gpus(), reason="this machine has GPUs, where fp16 is allowed")
+@pytest.mark.skipif(local_gpus() > 0, reason="this machine has GPUs, where fp16 is allowed")
 @pytest.mark.parametrize("key", ["precision", "grad_compression"])
 def test_fp16_on_a_machine_without_gpus(hvdlm, tiny_job, tmp_path, key):
     r = hvdlm("launch", str(tiny_job), "--dry-run", "--run-dir", str(tmp_path / "r"), "--set", f"train.{key}=fp16")

@@ -8,7 +8,6 @@ checkpoint contents, the device) when they start.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from hvdlm.config import JobConfig
 from hvdlm.data.meta import META_FILE, SPLITS, damaged_shard, meta_problem, read_meta
 from hvdlm.errors import InputError
+from hvdlm.launch.commands import local_gpus
 from hvdlm.training.metrics import METRICS_FILE
 
 if sys.version_info >= (3, 11):
@@ -99,19 +99,10 @@ def _check_precision(cfg: JobConfig, local_only: bool) -> None:
     wants = [f'train.{key} = "fp16"' for key in ("precision", "grad_compression") if getattr(t, key) == "fp16"]
     if not wants:
         return
-    on_cpu = t.device == "cpu" or (t.device == "auto" and local_only and not this_machine_has_gpus())
+    on_cpu = t.device == "cpu" or (t.device == "auto" and local_only and not local_gpus())
     if on_cpu:
         where = 'train.device = "cpu"' if t.device == "cpu" else f"{socket.gethostname()} has no NVIDIA GPU"
         raise InputError(
             f"{' and '.join(wants)} needs GPUs, but the ranks run on CPUs ({where}). Use "
             'precision = "bf16" on CPUs (and grad_compression = "none"), or launch on GPU nodes.'
         )
-
-
-def this_machine_has_gpus() -> bool:
-    """NVIDIA GPUs this machine's driver knows of, without starting CUDA (no torch): the driver's proc entries,
-    narrowed by CUDA_VISIBLE_DEVICES when it hides them all."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())

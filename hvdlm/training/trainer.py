@@ -33,6 +33,7 @@ from hvdlm.checkpoint.store import resolve_checkpoint
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
+from hvdlm.data.meta import tokenizer_setting_note
 from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
@@ -48,6 +49,7 @@ from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
+from hvdlm.units import format_count
 
 
 def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
@@ -466,13 +468,15 @@ def _banner(trainer: Trainer, start: Start) -> None:
     log.info(
         f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
         f"{trainer.device.type} in {t.precision}{_compiled(trainer.model)}, "
-        f"{trainer.model.num_params() / 1e6:.2f}M parameters, "
+        f"{format_count(trainer.model.num_params())} parameters, "
         f"{trainer.throughput.tokens_per_step} tokens per step ({t.accumulation_steps} micro-batch(es)), {mode} "
-        f"{t.optimizer}, data {len(data.train) / 1e6:.1f}M train / {len(data.val) / 1e6:.1f}M val "
+        f"{t.optimizer}, data {format_count(len(data.train))} train / {format_count(len(data.val))} val "
         f"{data.tokenizer.kind} tokens ({trainer.train_batches.samples_per_epoch:,} windows per epoch) from "
         f"{data.path}"
     )
     log.info(f"run directory: {trainer.run_dir}")
+    if note := tokenizer_setting_note(trainer.cfg.data, data.meta):
+        log.info(note)
     if start.state is not None:
         log.info(f"resumed from {start.source} at step {trainer.first_step}")
 
