@@ -13,6 +13,7 @@ import click
 from hvdlm import __version__
 from hvdlm.cli.checkpoint import checkpoint
 from hvdlm.cli.data import data
+from hvdlm.cli.export import export
 from hvdlm.cli.jobprep import doctor, hostfile, sbatch
 from hvdlm.cli.run import launch, train
 from hvdlm.cli.watch import generate, plot
@@ -56,5 +57,5 @@ def main() -> None:
     """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
 
 
-for command in (train, launch, hostfile, sbatch, doctor, data, checkpoint, plot, generate):
+for command in (train, launch, hostfile, sbatch, doctor, data, checkpoint, export, plot, generate):
     main.add_command(command)
