@@ -4,8 +4,8 @@ A randomly initialised GPT2LMHeadModel (activation_function="gelu", every tensor
 zero and no LayerNorm gain one: a misplaced tensor shows) and a BPE tokenizer are saved by transformers; the data
 is prepared with `hvdlm data prepare --tokenizer DIR`. hvdlm's step-0 validation loss equals the one transformers
 computes on the same windows, at TP 1 and TP 2, and the fine-tuned run exports back into transformers. Models hvdlm
-does not compute (Llama, gelu_new), a missing weights file, data of another tokenizer and a job of another shape
-are refused with exit code 2 before anything is written.
+does not compute (Llama, gelu_new), a missing weights file, a tokenizer larger than the model's vocabulary, data
+of another tokenizer and a job of another shape are refused with exit code 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -141,6 +141,14 @@ def _set_config(**changes):
     return edit
 
 
+def _save_model(**changes):
+    def edit(directory: Path) -> None:
+        config = GPT2Config(**{**json.loads((directory / "config.json").read_text()), **changes})
+        GPT2LMHeadModel(config).save_pretrained(directory)
+
+    return edit
+
+
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
 
 
@@ -152,6 +160,7 @@ LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_a
         ("no-weights", lambda d: (d / "model.safetensors").unlink(), "but no weights (model.safetensors"),
         ("no-tokenizer", lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),
         ("byte-data", lambda d: None, "tokenized with another tokenizer (byte, 256 tokens)"),
+        ("small-model", _save_model(vocab_size=300), "has 320 tokens, but its model's vocabulary only 300"),
     ],
 )
 def test_what_hvdlm_cannot_start_from_is_refused(

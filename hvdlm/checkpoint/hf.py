@@ -351,7 +351,7 @@ def load_init_state(path: str | Path, dataset: str | Path | None = None) -> dict
         "origin": f"the transformers GPT-2 model in {directory}",
     }
     if dataset is not None:
-        check_tokenizer(directory, Path(dataset))
+        check_tokenizer(directory, Path(dataset), model["vocab_size"])
     return state
 
 
@@ -432,8 +432,9 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 _PROBE = "The naïve café's 3 déjà-vu — 日本語, Ελληνικά, emoji 🎉!\n\n\tdef f(x):\n        return x  # ok\r\n"
 
 
-def check_tokenizer(directory: Path, dataset: Path) -> None:
-    """Refuse a run whose data was tokenized otherwise than with the tokenizer in `directory`."""
+def check_tokenizer(directory: Path, dataset: Path, vocab_size: int) -> None:
+    """Refuse a tokenizer in `directory` with ids beyond its model's vocabulary, and a run whose data was tokenized
+    otherwise than with it."""
     from tokenizers import Tokenizer
 
     from hvdlm.data.tokenizer import load_tokenizer
@@ -452,6 +453,12 @@ def check_tokenizer(directory: Path, dataset: Path) -> None:
         theirs = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for a malformed file
         raise InputError(f"cannot read the tokenizer '{path}': {e}. Save the tokenizer again.") from None
+    if theirs.get_vocab_size() > vocab_size:
+        raise InputError(
+            f"the tokenizer in '{directory}' has {theirs.get_vocab_size():,} tokens, but its model's vocabulary only "
+            f"{vocab_size:,} (config.json vocab_size): the ids beyond it have no embedding. Save the model's own "
+            "tokenizer into the directory."
+        )
     theirs.encode_special_tokens = True  # as hvdlm encodes: special tokens' text is plain text
     ours = load_tokenizer(dataset)
     if (
