@@ -19,7 +19,7 @@ PIP=${PIP:-python3 -m pip}
 HOROVOD_VERSION=0.28.1
 # Horovod's build (setup.sh builds without isolation) and hvdlm's imports on the paths the check runs.
 BUILD_REQS=(setuptools wheel packaging psutil pyyaml cloudpickle)
-RUN_REQS=(click tqdm tokenizers tomli-w "tomli>=2.0")
+RUN_REQS=(click tqdm tokenizers safetensors tomli-w "tomli>=2.0")
 # Published as source only (pure Python): pip builds it offline with the carried setuptools.
 SDIST_REQS=(python-hostlist)
 

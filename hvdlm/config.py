@@ -91,7 +91,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 writes only the final one
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
-    init_from: str = ""  # a run directory (its newest checkpoint) or a checkpoint file whose weights start the run
+    init_from: str = ""  # a run directory (its newest checkpoint), a checkpoint file, or a transformers GPT-2 directory
     optimizer: Optimizer = "adamw"  # sgd is with momentum
     momentum: float = 0.9  # SGD momentum
     scale_lr: bool = False  # multiply lr and min_lr by the number of replicas (dp), for a batch that grows with it

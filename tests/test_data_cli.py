@@ -177,7 +177,8 @@ def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):
     run = tmp_path / "run"
     r = hvdlm("train", str(tiny_job), "--run-dir", str(run), "--set", f"data.dataset={data}")
     assert r.code == 0, r.out
-    assert "bpe tokens" in r.out and str(data) in r.out and "sample:\ndef " in r.out
+    # The sample's text depends on the corpus (this repository's sources), so only that there is one is checked.
+    assert "bpe tokens" in r.out and str(data) in r.out and r.out.split("sample:\n", 1)[1].strip()
     assert "vocab_size = 400" in (run / "config.toml").read_text()  # the model took the tokenizer's vocabulary
     state = torch.load(run / "checkpoints" / "step-0000008.pt", weights_only=True)
     assert state["model"]["tok_emb.weight"].shape[0] == 400

@@ -14,6 +14,7 @@ from hvdlm import __version__
 from hvdlm.cli.checkpoint import checkpoint
 from hvdlm.cli.config import config
 from hvdlm.cli.data import data
+from hvdlm.cli.export import export
 from hvdlm.cli.jobprep import doctor, hostfile, sbatch
 from hvdlm.cli.run import launch, train
 from hvdlm.cli.watch import generate, plot, runs
@@ -57,5 +58,5 @@ def main() -> None:
     """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
 
 
-for command in (train, launch, hostfile, sbatch, config, doctor, data, checkpoint, plot, generate, runs):
+for command in (train, launch, hostfile, sbatch, config, doctor, data, checkpoint, export, plot, generate, runs):
     main.add_command(command)

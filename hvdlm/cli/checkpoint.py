@@ -21,10 +21,19 @@ def checkpoint() -> None:
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where to write the unsharded checkpoint (default: STEM-merged.pt beside the input).",
+    help="Where to write the unsharded checkpoint (default: STEM-merged.pt, or .safetensors, beside the input).",
 )
-def merge(ckpt: str, out: str | None) -> None:
-    """Merge the TP shards of CKPT into one unsharded checkpoint (model and optimizer state).
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pt", "safetensors"]),
+    default="pt",
+    show_default=True,
+    help="pt: an hvdlm checkpoint (model and optimizer); safetensors: the weights only (the model's, and the EMA's "
+    "as ema.NAME when the run kept one).",
+)
+def merge(ckpt: str, out: str | None, fmt: str) -> None:
+    """Merge the TP shards of CKPT into one unsharded checkpoint (model and optimizer state), or its weights.
 
     CKPT is any one shard (step-0000100.tp0-of-2.pt), or the checkpoint's unsharded name (step-0000100.pt).
     """
@@ -34,12 +43,17 @@ def merge(ckpt: str, out: str | None) -> None:
 
     paths = shard_paths(ckpt)
     stem = Path(ckpt).name.split(".")[0]
-    target = Path(out) if out else paths[0].parent / f"{stem}-merged.pt"
+    target = Path(out) if out else paths[0].parent / f"{stem}-merged.{fmt}"
     if target.exists():
         raise InputError(f"'{target}' already exists; hvdlm does not write over a checkpoint. Pass another --out.")
     state = load_full_state(ckpt)
     try:
-        save_checkpoint(target, state)
+        if fmt == "safetensors":
+            from hvdlm.checkpoint.hf import write_safetensors
+
+            write_safetensors(state, target)
+        else:
+            save_checkpoint(target, state)
     except OSError as e:
         raise InputError(
             f"cannot write '{target}': {e.strerror or e}. Pass an --out in a writable directory."

@@ -7,7 +7,6 @@ import sys
 import click
 from click.core import ParameterSource
 
-from hvdlm.config import DataConfig, choices
 from hvdlm.errors import InputError
 
 
@@ -21,10 +20,11 @@ def data() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(), help="Dataset directory to write (created atomically).")
 @click.option(
     "--tokenizer",
-    type=click.Choice(choices(DataConfig, "tokenizer")),
     default="byte",
     show_default=True,
-    help="byte: 256 byte tokens; bpe: byte-level BPE trained on the training documents.",
+    metavar="byte|bpe|DIR",
+    help="byte: 256 byte tokens; bpe: byte-level BPE trained on the training documents; DIR: the tokenizer.json of "
+    "a transformers model directory (to fine-tune that model with --init-from DIR).",
 )
 @click.option("--vocab-size", type=int, default=4096, show_default=True, help="BPE vocabulary size.")
 @click.option(

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hvdlm import __version__
-from hvdlm.config import Tokenizer, check_choice, choices
+from hvdlm.config import DataConfig, choices
 from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
 from hvdlm.data.sources import (
@@ -33,7 +33,14 @@ from hvdlm.data.sources import (
     resolve_sources,
     total_size,
 )
-from hvdlm.data.tokenizer import ByteTokenizer, check_bpe_vocab, train_bpe
+from hvdlm.data.tokenizer import (
+    BPE_FILE,
+    HF_TOKENIZER_CONFIG,
+    ByteTokenizer,
+    check_bpe_vocab,
+    load_pretrained_tokenizer,
+    train_bpe,
+)
 from hvdlm.errors import InputError
 from hvdlm.fsutil import fsync_directory
 from hvdlm.units import format_count
@@ -43,7 +50,8 @@ _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this 
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    tokenizer: Tokenizer = "byte"
+    # byte, bpe (trained here), or a directory holding a tokenizer.json (a transformers model's, used as it is)
+    tokenizer: str = "byte"
     vocab_size: int = 4096  # BPE only: bytes + end-of-document + merges
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of their names)
     text_field: str = "text"  # the field of a JSON Lines record that holds the document
@@ -51,7 +59,12 @@ class PrepareOptions:
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # a shard is closed once it holds this many tokens
 
     def check(self) -> None:
-        check_choice("tokenizer", self.tokenizer, choices(PrepareOptions, "tokenizer"))
+        words = choices(DataConfig, "tokenizer")
+        if self.tokenizer not in words and not (Path(self.tokenizer) / BPE_FILE).is_file():
+            raise InputError(
+                f"--tokenizer '{self.tokenizer}' is neither {' nor '.join(words)} nor a directory holding a "
+                f"{BPE_FILE} (as transformers' save_pretrained writes it). Name one of those."
+            )
         if self.tokenizer == "bpe":
             check_bpe_vocab(self.vocab_size)
         if not 0.0 < self.val_fraction < 1.0:
@@ -64,7 +77,18 @@ class PrepareOptions:
         shape = {k: v for k, v in asdict(self).items() if k != "strict"}
         if self.tokenizer != "bpe":
             shape.pop("vocab_size")
+        if self.tokenizer not in choices(DataConfig, "tokenizer"):
+            # A pretrained tokenizer is its files: a changed one prepares the data again, a moved one does not.
+            shape["tokenizer"] = _pretrained_files_hash(Path(self.tokenizer))
         return shape
+
+
+def _pretrained_files_hash(directory: Path) -> str:
+    h = hashlib.sha256()
+    for name in (BPE_FILE, HF_TOKENIZER_CONFIG):
+        if (directory / name).is_file():
+            h.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    return "pretrained:sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -268,8 +292,10 @@ def _build(
         )
         tokenizer = train_bpe(texts, options.vocab_size)
         bpe_seconds = time.perf_counter() - start
-    else:
+    elif options.tokenizer == "byte":
         tokenizer = ByteTokenizer()
+    else:
+        tokenizer = load_pretrained_tokenizer(options.tokenizer)
 
     result = _tokenize(files, tokenizer, staging, options, progress, force={})
     docs = sum(w.documents for w in result.writers.values())

@@ -1,6 +1,9 @@
-"""Tokenizers: byte-level (vocab 256, nothing to train) and byte-level BPE trained with Hugging Face `tokenizers`.
+"""Tokenizers: byte-level (vocab 256, nothing to train), byte-level BPE trained with Hugging Face `tokenizers`, and
+a pretrained one: the `tokenizer.json` of a directory written by `transformers` (`hvdlm data prepare --tokenizer DIR`,
+for fine-tuning the model saved beside it), used as it is.
 
-The tokenizer is saved with the dataset it encoded (`tokenizer.json` for BPE, a line of meta.json for bytes), and
+The tokenizer is saved with the dataset it encoded (`tokenizer.json` for BPE and pretrained ones, a line of
+meta.json for bytes), and
 `load_tokenizer(dataset_dir)` gives back the very same one, so the trainer and `hvdlm generate` read and write the
 token ids the shards hold. Both are byte-level, so every UTF-8 text round-trips: decode(encode(text)) == text.
 
@@ -13,6 +16,7 @@ The API is the same for both:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from hvdlm.errors import InputError
 
 EOT = "<|endoftext|>"  # GPT-2's end-of-document token, appended after every document by the BPE tokenizer
 BPE_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' settings beside tokenizer.json: the eos_token
 
 
 class ByteTokenizer:
@@ -61,23 +66,26 @@ class BpeTokenizer:
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, eot: str = EOT):
         # The text "<|endoftext|>" inside a document is plain text: only prepare appends the end-of-document id,
         # so the EOT ids in a shard are exactly its document boundaries. tokenizer.json does not keep this flag,
         # so it is set here, for a trained tokenizer and a loaded one alike.
         hf_tokenizer.encode_special_tokens = True
         self._tok = hf_tokenizer
+        self.eot = eot
         self.vocab_size = hf_tokenizer.get_vocab_size()
-        self.eot_id = hf_tokenizer.token_to_id(EOT)
+        self.eot_id = hf_tokenizer.token_to_id(eot)
         self.separator = np.array([self.eot_id], dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        # add_special_tokens=False: a pretrained tokenizer's post-processor (a BOS, say) would add ids that are
+        # no text; the documents' boundaries are the separator's to mark. (hvdlm's own BPE has no post-processor.)
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         # Rust threads encode the batch on all cores; the "fast" variant skips offsets we do not need.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts)]
+        return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
@@ -90,8 +98,26 @@ class BpeTokenizer:
         # Through Python's open, not the library's save: a full disk is then an OSError that prepare can report.
         (directory / BPE_FILE).write_text(self._tok.to_str(pretty=True))
 
+    def to_json(self) -> str:
+        """tokenizer.json's text (what `hvdlm export` writes for transformers)."""
+        return self._tok.to_str()
 
-Tokenizer = ByteTokenizer | BpeTokenizer
+
+class PretrainedTokenizer(BpeTokenizer):
+    """The tokenizer.json of a transformers directory (any model `tokenizers` reads), with its eos_token as the
+    end-of-document token; encoded and decoded as hvdlm's BPE is, so "<|endoftext|>" in a text is plain text."""
+
+    kind = "pretrained"
+
+    def __init__(self, hf_tokenizer, eot: str, source: str):
+        super().__init__(hf_tokenizer, eot)
+        self.source = source  # the directory it came from, for the record in meta.json
+
+    def describe(self) -> dict:
+        return {**super().describe(), "type": "pretrained", "eot": self.eot, "source": self.source}
+
+
+Tokenizer = ByteTokenizer | BpeTokenizer | PretrainedTokenizer
 
 
 def check_bpe_vocab(vocab_size: int) -> None:
@@ -128,17 +154,46 @@ def make_tokenizer(description: dict, directory: Path) -> Tokenizer:
     kind = description.get("type")
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HfTokenizer
-
-        path = directory / description.get("file", BPE_FILE)
-        try:
-            return BpeTokenizer(HfTokenizer.from_file(str(path)))
-        except Exception as e:  # the library raises a bare Exception for a missing or malformed file
-            raise InputError(
-                f"cannot load the BPE tokenizer {path}: {e}. Prepare the dataset again with `hvdlm data prepare`."
-            ) from None
+    if kind in ("bpe", "pretrained"):
+        hf = _read_tokenizer_json(directory / description.get("file", BPE_FILE), "Prepare the dataset again.")
+        if kind == "bpe":
+            return BpeTokenizer(hf)
+        return PretrainedTokenizer(hf, description.get("eot", EOT), description.get("source", ""))
     raise InputError(f"dataset {directory} names an unknown tokenizer type {kind!r}; prepare it again.")
+
+
+def _read_tokenizer_json(path: Path, fix: str):
+    from tokenizers import Tokenizer as HfTokenizer
+
+    try:
+        return HfTokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for a missing or malformed file
+        raise InputError(f"cannot load the tokenizer {path}: {e}. {fix}") from None
+
+
+def load_pretrained_tokenizer(directory: str | Path) -> PretrainedTokenizer:
+    """The tokenizer of a transformers directory (`save_pretrained`): tokenizer.json, with tokenizer_config.json's
+    eos_token (else "<|endoftext|>") as the end-of-document token."""
+    directory = Path(directory)
+    fix = f"Name a directory holding a {BPE_FILE} (as transformers' save_pretrained writes it)."
+    if not (directory / BPE_FILE).is_file():
+        raise InputError(f"'{directory}' holds no {BPE_FILE}, so hvdlm cannot read its tokenizer. {fix}")
+    hf = _read_tokenizer_json(directory / BPE_FILE, fix)
+    eot = _eos_token(directory) or EOT
+    if hf.token_to_id(eot) is None:
+        raise InputError(
+            f"the tokenizer in '{directory}' has no end-of-document token: neither an eos_token in "
+            f"{HF_TOKENIZER_CONFIG} nor {EOT} in its vocabulary. hvdlm separates documents with it; set eos_token."
+        )
+    return PretrainedTokenizer(hf, eot, str(directory.resolve()))
+
+
+def _eos_token(directory: Path) -> str | None:
+    try:
+        eos = json.loads((directory / HF_TOKENIZER_CONFIG).read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None  # no (readable) settings: the GPT-2 default
+    return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None
 
 
 def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:

@@ -27,9 +27,9 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
+from hvdlm.checkpoint.hf import load_init_state
 from hvdlm.checkpoint.manager import CheckpointManager
-from hvdlm.checkpoint.reshard import load_full_state, load_model
-from hvdlm.checkpoint.store import resolve_checkpoint
+from hvdlm.checkpoint.reshard import load_model
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
@@ -443,10 +443,10 @@ def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str
             check_compatible(start.state, cfg.train, start.source)
             load_model(model, start.state, start.source, topo.tp_rank, topo.tp)
         elif cfg.train.init_from:
-            source = str(resolve_checkpoint(cfg.train.init_from))
-            state = load_full_state(source)
-            load_model(model, state, source, topo.tp_rank, topo.tp)
-            note = f"initialised from {source} (its weights at step {state['step']}); new optimizer and data order"
+            # An hvdlm run or checkpoint, or a transformers GPT-2 directory (whose tokenizer the data must share).
+            state = load_init_state(cfg.train.init_from, dataset_dir(cfg.data))
+            load_model(model, state, state["source"], topo.tp_rank, topo.tp)
+            note = f"initialised from {state['origin']}; new optimizer and data order"
     return model, note
 
 

@@ -61,9 +61,9 @@ def generate(
 
     import torch  # only now: option errors above answer at once
 
-    path, state = _load(run_dir, checkpoint)
-    cfg = _model_config(state, path)
-    tokenizer = _tokenizer_of(state["config"], path)
+    path, state = load_run_checkpoint(run_dir, checkpoint)
+    cfg = model_config(state, path)
+    tokenizer = run_tokenizer(state["config"], path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise InputError(
             f"the dataset's tokenizer has {tokenizer.vocab_size} tokens but the model of '{path}' only "
@@ -89,7 +89,7 @@ def generate(
     )
 
 
-def _model_config(state: dict[str, Any], path: Path):
+def model_config(state: dict[str, Any], path: Path):
     """The ModelConfig the checkpoint records, for sampling (no dropout)."""
     from hvdlm.config import ModelConfig
 
@@ -126,7 +126,7 @@ def _plain_model(cfg, state: dict[str, Any], path: Path, ema: bool):
     return model
 
 
-def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
+def load_run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
     """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
     passed over, as `--resume auto` does), as one unsharded state."""
     from hvdlm.checkpoint.reshard import load_full_state, merge_states
@@ -142,7 +142,7 @@ def _load(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str,
     return found[0].paths[0], merge_states(found[1])
 
 
-def _tokenizer_of(config: dict[str, Any], path: Path):
+def run_tokenizer(config: dict[str, Any], path: Path):
     """The tokenizer of the dataset the checkpoint's configuration names."""
     from hvdlm.config import DataConfig
     from hvdlm.data.corpus import dataset_dir
