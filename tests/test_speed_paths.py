@@ -56,7 +56,7 @@ def test_fused_adamw_follows_the_plain_one():
     plain_model = GPT(ODD)
     plain_model.load_state_dict(fused_model.state_dict())
     cfg = TrainConfig()
-    fused = make_optimizer(fused_model, cfg)
+    fused = make_optimizer(fused_model, cfg, fused=True)  # the GPU default, here on the CPU
     assert all(group["fused"] for group in fused.param_groups)
     plain = torch.optim.AdamW(param_groups(plain_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     for step in range(10):

@@ -121,7 +121,7 @@ def test_tp1_with_a_group_of_one_is_the_plain_model():
     idx = torch.randint(0, 257, (2, 8))
     assert torch.equal(a(idx, idx)[1], b(idx, idx)[1])
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
-    assert a.tok_emb.weight.shape == (257, 16)  # no padding without TP
+    assert a.tok_emb.weight.shape == (320, 16)  # 257 rows padded to a multiple of 64 (fast kernels), TP or not
 
 
 def _states(models, step_once=True):
@@ -142,7 +142,8 @@ def test_merged_shards_load_into_any_tp_size():
     torch.manual_seed(3)
     ref = GPT(CFG)
     for name, t in ref.state_dict().items():
-        assert torch.equal(merged["model"][name], t), name  # merged 2 shards == the TP=1 model
+        full = t.narrow(0, 0, CFG.vocab_size) if name in ("tok_emb.weight", "head.weight") else t  # padding off
+        assert torch.equal(merged["model"][name], full), name  # merged 2 shards == the TP=1 model
     for tp in (1, 4):
         for r, model in enumerate(shards_of(CFG, tp, seed=99)):  # other weights, then overwritten by the load
             load_model(model, merged, "ckpt", r, tp)

@@ -22,6 +22,7 @@ from hvdlm.config import ModelConfig
 from hvdlm.model import GPT
 from hvdlm.parallel import collectives
 from hvdlm.parallel.layers import (
+    VOCAB_MULTIPLE,
     ColumnParallelLinear,
     RowParallelLinear,
     Sharding,
@@ -171,7 +172,7 @@ def vocab_parallel_embedding_matches_nn_embedding():
     ref = nn.Embedding(vocab, 6)
     par = VocabParallelEmbedding(vocab, 6, G)
     with torch.no_grad():
-        par.weight.copy_(shard(ref.weight, Sharding(0, vocab), R, P))
+        par.weight.copy_(shard(ref.weight, par.weight.tp_shard, R, P))  # the layer's own padding
     idx = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(31))
     idx[0, :] = vocab - 1  # the last real token, next to the padding
     gy = rnd(3, 9, 6, seed=32)
@@ -181,8 +182,9 @@ def vocab_parallel_embedding_matches_nn_embedding():
     y.backward(gy)
     return {
         "out": diff(y, y_ref),
-        "dW": diff(par.weight.grad, shard(ref.weight.grad, Sharding(0, vocab), R, P)),
-        "padding_off_by": abs(par.weight.size(0) * P - vocab - (-vocab) % P),
+        "dW": diff(par.weight.grad, shard(ref.weight.grad, par.weight.tp_shard, R, P)),
+        # Each rank's rows: the fewest multiples of VOCAB_MULTIPLE that hold the vocabulary together.
+        "padding_off_by": abs(par.weight.size(0) - math.ceil(vocab / (P * VOCAB_MULTIPLE)) * VOCAB_MULTIPLE),
     }
 
 

@@ -15,7 +15,7 @@ import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint.format import save_checkpoint, training_state
-from hvdlm.checkpoint.reshard import load_optimizer, shard_state
+from hvdlm.checkpoint.reshard import load_optimizer, merge_states, shard_state
 from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
@@ -69,6 +69,8 @@ class CheckpointManager:
                     rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)],
                     progress=dict(run.progress),
                 )
+                if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
+                    state = merge_states([state])
                 self._write(self.paths(step)[topo.tp_rank], state)
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
