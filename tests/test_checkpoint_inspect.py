@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_JOB
+from helpers import REPO, TINY_JOB
 
 
 @pytest.fixture(scope="module")

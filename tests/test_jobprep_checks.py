@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import tomllib
-from conftest import REPO, TINY_JOB
+from helpers import REPO, TINY_JOB
 
 from hvdlm.config import load_config
 from hvdlm.errors import InputError

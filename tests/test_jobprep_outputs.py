@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 # Each command with -o, and the first line of what it writes.
 COMMANDS = {

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_JOB
+from helpers import REPO, TINY_JOB
 
 from hvdlm.watch.runs import list_runs, render_table
 
