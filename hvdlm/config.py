@@ -321,8 +321,70 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
 # ------------------------------------------------------------------------------------------------------------
 
 
+# Ranges, by key. Positive: a count or size of zero makes no run. Zero or more: 0 switches the setting off.
+POSITIVE = (
+    "model.n_layer",
+    "model.n_head",
+    "model.d_model",
+    "model.seq_len",
+    "model.vocab_size",
+    "parallel.tp",
+    "train.batch_size",
+    "train.max_steps",
+    "train.lr",
+    "train.log_interval",
+    "train.eval_batches",
+    "launch.np",
+    "train.accumulation_steps",
+    "slurm.nodes",
+)
+NON_NEGATIVE = (
+    "train.min_lr",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.eval_interval",
+    "train.seed",
+    "train.checkpoint_interval",
+    "train.sample_tokens",
+    "train.threads",
+    "launch.cycle_time_ms",
+    "train.ema_decay",
+    "train.local_sgd_interval",
+    "train.max_skipped_steps",
+    "train.keep_checkpoints",
+    "train.peak_tflops",
+    "train.momentum",
+    "launch.fusion_threshold_mb",
+    "slurm.gpus_per_node",
+    "slurm.ntasks_per_node",
+    "slurm.cpus_per_task",
+)
+# Decay rates and probabilities: in [0, 1).
+UNIT_INTERVAL = ("model.dropout", "train.beta1", "train.beta2", "train.ema_decay", "train.momentum")
+# Upper bounds far above any real setting: fusion MB are turned into a byte count with int(), which a finite
+# 1e308 would overflow.
+FLOAT_MAXIMA = {"launch.fusion_threshold_mb": 1024.0 * 1024, "launch.cycle_time_ms": 3_600_000.0}
+
+
+def value_of(config: JobConfig, key: str):
+    """The value of a dotted key such as "train.lr"."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
 def validate(config: JobConfig) -> None:
-    m, t, p, d, la = config.model, config.train, config.parallel, config.data, config.launch
+    """Every check a job must pass before anything runs; the first problem is an InputError naming the key."""
+    _check_finite(config)
+    _check_ranges(config)
+    _check_maxima(config)
+    _check_model_and_data(config)
+    _validate_tp(config.model, config.parallel)
+    _check_combinations(config.train, config.parallel)
+    _validate_choices(config)
+
+
+def _check_finite(config: JobConfig) -> None:
     # First, and for every float key: TOML and --set accept nan and inf, and every range check below would let
     # nan through (nan < 0 is False), to crash later (int(nan)) or reach a launcher as HOROVOD_CYCLE_TIME=nan.
     for section in dataclasses.fields(config):
@@ -331,68 +393,34 @@ def validate(config: JobConfig) -> None:
             value = getattr(values, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise InputError(f"'{section.name}.{f.name}' must be a finite number, got {value}.")
-    positive = {
-        "model.n_layer": m.n_layer,
-        "model.n_head": m.n_head,
-        "model.d_model": m.d_model,
-        "model.seq_len": m.seq_len,
-        "model.vocab_size": m.vocab_size,
-        "parallel.tp": p.tp,
-        "train.batch_size": t.batch_size,
-        "train.max_steps": t.max_steps,
-        "train.lr": t.lr,
-        "train.log_interval": t.log_interval,
-        "train.eval_batches": t.eval_batches,
-        "launch.np": la.np,
-        "train.accumulation_steps": t.accumulation_steps,
-        "slurm.nodes": config.slurm.nodes,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise InputError(f"'{name}' must be positive, got {value}.")
-    non_negative = {
-        "train.min_lr": t.min_lr,
-        "train.warmup_steps": t.warmup_steps,
-        "train.weight_decay": t.weight_decay,
-        "train.grad_clip": t.grad_clip,
-        "train.eval_interval": t.eval_interval,
-        "train.seed": t.seed,
-        "train.checkpoint_interval": t.checkpoint_interval,
-        "train.sample_tokens": t.sample_tokens,
-        "train.threads": t.threads,
-        "launch.cycle_time_ms": la.cycle_time_ms,
-        "train.ema_decay": t.ema_decay,
-        "train.local_sgd_interval": t.local_sgd_interval,
-        "train.max_skipped_steps": t.max_skipped_steps,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.peak_tflops": t.peak_tflops,
-        "train.momentum": t.momentum,
-        "launch.fusion_threshold_mb": la.fusion_threshold_mb,
-        "slurm.gpus_per_node": config.slurm.gpus_per_node,
-        "slurm.ntasks_per_node": config.slurm.ntasks_per_node,
-        "slurm.cpus_per_task": config.slurm.cpus_per_task,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise InputError(f"'{name}' must be zero or more, got {value}.")
-    _check_maxima(config)
-    # Upper bounds far above any real setting: fusion MB are turned into a byte count with int(), which a finite
-    # 1e308 would overflow.
-    for name, value, limit in (
-        ("launch.fusion_threshold_mb", la.fusion_threshold_mb, 1024.0 * 1024),
-        ("launch.cycle_time_ms", la.cycle_time_ms, 3_600_000.0),
-    ):
-        if value > limit:
-            raise InputError(f"'{name}' must be at most {limit:.0f}, got {value:g}.")
+
+
+def _check_ranges(config: JobConfig) -> None:
+    for key in POSITIVE:
+        if (value := value_of(config, key)) <= 0:
+            raise InputError(f"'{key}' must be positive, got {value}.")
+    for key in NON_NEGATIVE:
+        if (value := value_of(config, key)) < 0:
+            raise InputError(f"'{key}' must be zero or more, got {value}.")
+    for key, limit in FLOAT_MAXIMA.items():
+        if (value := value_of(config, key)) > limit:
+            raise InputError(f"'{key}' must be at most {limit:.0f}, got {value:g}.")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= (value := value_of(config, key)) < 1.0:
+            raise InputError(f"'{key}' must be in [0, 1), got {value}.")
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise InputError(f"'data.val_fraction' must be between 0 and 1, got {config.data.val_fraction}.")
+    if config.train.min_lr > config.train.lr:
+        raise InputError(f"'train.min_lr' ({config.train.min_lr}) must not exceed 'train.lr' ({config.train.lr}).")
+
+
+def _check_model_and_data(config: JobConfig) -> None:
+    m, d = config.model, config.data
     if m.d_model % m.n_head:
         raise InputError(
             f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}): each head gets d_model / n_head "
             f"dimensions. Pick an n_head among {[h for h in range(1, 65) if m.d_model % h == 0]}."
         )
-    if not 0.0 <= m.dropout < 1.0:
-        raise InputError(f"'model.dropout' must be in [0, 1), got {m.dropout}.")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise InputError(f"'data.val_fraction' must be between 0 and 1, got {d.val_fraction}.")
     if m.vocab_size < 256:
         raise InputError(f"'model.vocab_size' must be at least 256 for byte-level tokens, got {m.vocab_size}.")
     if d.tokenizer == "bpe" and not MIN_BPE_VOCAB <= d.vocab_size <= MAX_BPE_VOCAB:
@@ -400,17 +428,10 @@ def validate(config: JobConfig) -> None:
             f"'data.vocab_size' must be between {MIN_BPE_VOCAB} (256 bytes, end-of-document, one merge) and "
             f"{MAX_BPE_VOCAB:,} for the BPE tokenizer, got {d.vocab_size:,}."
         )
-    for name, value in (
-        ("train.beta1", t.beta1),
-        ("train.beta2", t.beta2),
-        ("train.ema_decay", t.ema_decay),
-        ("train.momentum", t.momentum),
-    ):
-        if not 0.0 <= value < 1.0:
-            raise InputError(f"'{name}' must be in [0, 1), got {value}.")
-    if t.min_lr > t.lr:
-        raise InputError(f"'train.min_lr' ({t.min_lr}) must not exceed 'train.lr' ({t.lr}).")
-    _validate_tp(m, p)
+
+
+def _check_combinations(t: TrainConfig, p: ParallelConfig) -> None:
+    """Settings that each make sense but not together."""
     if t.local_sgd_interval and t.checkpoint_interval % t.local_sgd_interval:
         raise InputError(
             f"'train.checkpoint_interval' ({t.checkpoint_interval}) must be a multiple of 'train.local_sgd_interval' "
@@ -427,7 +448,11 @@ def validate(config: JobConfig) -> None:
             "'train.grad_compression' compresses the gradient allreduce, which local SGD does not do: set it to "
             "\"none\" or 'train.local_sgd_interval' to 0."
         )
-    _validate_choices(config)
+    if t.compile == "on" and p.tp > 1:
+        raise InputError(
+            'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
+            'would break the compiled graph at every layer. Use train.compile = "auto" (eager with TP) or tp = 1.'
+        )
 
 
 # Upper bounds on counts and sizes. TOML integers are unbounded in Python, and a number such as

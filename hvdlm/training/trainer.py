@@ -363,15 +363,7 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
     topo = init_topology(cfg.parallel.tp)
-    with together("device"):  # e.g. two ranks that would share a GPU: refused on every rank
-        device = pick_device(
-            hvd.local_rank(),
-            hvd.local_size(),
-            t.deterministic,
-            comm=_node_exchange_comm() if t.device != "cpu" else None,
-            gpus_required=t.device == "cuda",
-            use_gpus=t.device != "cpu",
-        )
+    device = _device(t)
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
     # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
     # dataset's larger one only adds to what is refused here).
@@ -381,39 +373,9 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     data = _load_dataset(cfg)
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
     cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
-    # All TP ranks of a replica see the same samples.
-    train_batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed)
-    val_batches = WindowSampler(data.val, cfg.model.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed)
     # Checkpoints are read and checked before the run directory is touched: bad input leaves nothing behind.
     start = agree_on_start(run_dir, default_run_dir(job_name), resume)
-    model, init_note = _build_model(cfg, topo, start)
-    model = model.to(device)
-    _speed_up(model, t, topo, device)
-    # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
-    optimizer = distributed_optimizer(model, t, topo)
-    trainer = Trainer(
-        cfg=cfg,
-        topo=topo,
-        device=device,
-        precision=precision,
-        data=data,
-        train_batches=train_batches,
-        val_batches=val_batches,
-        model=model,
-        optimizer=optimizer,
-        ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
-        run_dir=start.run_dir,
-        checkpoints=CheckpointManager(start.run_dir, cfg, topo, device),
-        first_step=0,
-        progress={},
-        throughput=Throughput(
-            tokens_per_step=t.batch_size * t.accumulation_steps * cfg.model.seq_len * topo.dp,
-            flops_per_token=flops_per_token(
-                model.num_params(), cfg.model.n_layer, cfg.model.seq_len, cfg.model.d_model
-            ),
-            peak_tflops=peak_tflops(device, t.precision, t.peak_tflops),
-        ),
-    )
+    trainer, init_note = _assemble(cfg, topo, precision, data, start)
     # The rest of the checkpoint: a data position for other data, say, is refused before anything is written.
     with together("state_loaded"):
         trainer.first_step = _restore(trainer, start)
@@ -429,6 +391,55 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         trainer.progress["first_val_loss"] = trainer.evaluate(0)
     trainer.throughput.restart()
     return trainer
+
+
+def _device(t: TrainConfig) -> torch.device:
+    """This rank's device, as train.device asks; two ranks that would share a GPU are refused on every rank."""
+    with together("device"):
+        return pick_device(
+            hvd.local_rank(),
+            hvd.local_size(),
+            t.deterministic,
+            comm=_node_exchange_comm() if t.device != "cpu" else None,
+            gpus_required=t.device == "cuda",
+            use_gpus=t.device != "cpu",
+        )
+
+
+def _assemble(
+    cfg: JobConfig, topo: Topology, precision: Precision, data: Dataset, start: Start
+) -> tuple[Trainer, str | None]:
+    """The model (loaded), its optimizer and EMA, the samplers and the checkpoint policy, held by one Trainer;
+    and where --init-from weights came from (for the log)."""
+    t, device = cfg.train, precision.device
+    model, init_note = _build_model(cfg, topo, start)
+    model = model.to(device)
+    _speed_up(model, t, topo, device)
+    shape = cfg.model
+    trainer = Trainer(
+        cfg=cfg,
+        topo=topo,
+        device=device,
+        precision=precision,
+        data=data,
+        # All TP ranks of a replica see the same samples.
+        train_batches=WindowSampler(data.train, shape.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
+        val_batches=WindowSampler(data.val, shape.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
+        model=model,
+        # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
+        optimizer=distributed_optimizer(model, t, topo),
+        ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
+        run_dir=start.run_dir,
+        checkpoints=CheckpointManager(start.run_dir, cfg, topo, device),
+        first_step=0,
+        progress={},
+        throughput=Throughput(
+            tokens_per_step=t.batch_size * t.accumulation_steps * shape.seq_len * topo.dp,
+            flops_per_token=flops_per_token(model.num_params(), shape.n_layer, shape.seq_len, shape.d_model),
+            peak_tflops=peak_tflops(device, t.precision, t.peak_tflops),
+        ),
+    )
+    return trainer, init_note
 
 
 def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str | None]:
@@ -483,17 +494,12 @@ def _banner(trainer: Trainer, start: Start) -> None:
 
 def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) -> None:
     """What the fastest single-GPU GPT trainers do (nanoGPT, llm.c): TF32 tensor cores for fp32 matmuls, and
-    torch.compile (train.compile)."""
+    torch.compile (train.compile; hvdlm.config refuses "on" with tp > 1)."""
     if device.type == "cuda":
         # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation), as nanoGPT and llm.c do;
         # bf16 and fp16 autocast are unaffected. flops.peak_tflops reads this flag for MFU.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.compile == "on" and topo.tp > 1:
-        raise InputError(
-            'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
-            'would break the compiled graph at every layer. Use train.compile = "auto" (eager with TP) or tp = 1.'
-        )
     if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1):
         # Each block compiled in place (parameter names, and so checkpoints, unchanged). Per block, not the whole
         # model: Horovod's gradient hooks fire as each block's backward ends, so the allreduce of the later blocks'
