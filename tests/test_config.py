@@ -54,6 +54,21 @@ def test_bad_values_name_the_key(tiny_job, override, expected):
         load_config(tiny_job, [override])
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.compile=on", "parallel.tp=2"], 'train.compile = "on" with parallel.tp > 1 is not supported'),
+        (["train.compile=sometimes"], "'train.compile' must be one of auto, on, off"),
+        (["train.device=gpu"], "'train.device' must be one of auto, cuda, cpu"),
+        (["train.beta2=1.0"], r"'train.beta2' must be in \[0, 1\)"),
+        (["model.dropout=-0.1"], r"'model.dropout' must be in \[0, 1\)"),
+    ],
+)
+def test_settings_of_the_gpu_path_and_ranges_are_checked(tiny_job, overrides, expected):
+    with pytest.raises(InputError, match=expected):
+        load_config(tiny_job, overrides)
+
+
 def test_missing_job_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
