@@ -419,6 +419,9 @@ def test_generate_refuses_a_run_without_checkpoints_and_a_missing_dataset(cli, r
     assert code == 2 and "holds no complete checkpoint" in err
     code, _, err = cli("generate", tmp_path / "missing", "--prompt", "x")
     assert code == 2 and "does not exist" in err
+    (tmp_path / "a-file").write_text("not a run")
+    code, _, err = cli("generate", tmp_path / "a-file", "--prompt", "x")
+    assert code == 2 and "is a file, not a directory" in err and "--checkpoint" in err
 
     from hvdlm.checkpoint.format import load_checkpoint, save_checkpoint
 

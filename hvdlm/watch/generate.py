@@ -55,8 +55,10 @@ def generate(
     check_options(prompt, max_tokens, temperature, top_k)
     run_dir = Path(run_dir)
     if checkpoint is None and not run_dir.is_dir():
+        what = "is a file, not a directory" if run_dir.exists() else "does not exist"
         raise InputError(
-            f"run directory '{run_dir}' does not exist. Name a directory given to `hvdlm train --run-dir`."
+            f"run directory '{run_dir}' {what}. Name a directory given to `hvdlm train --run-dir`"
+            + (", or pass the file with --checkpoint." if run_dir.exists() else ".")
         )
 
     import torch  # only now: option errors above answer at once
