@@ -12,34 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-from recording import record  # bench/ is on sys.path when a script here runs
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from hvdlm.config import load_config  # noqa: E402
-from hvdlm.data import open_dataset  # noqa: E402
-from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
-from hvdlm.data.sampler import WindowSampler  # noqa: E402
-from hvdlm.model import GPT  # noqa: E402
-from hvdlm.training.optim import make_optimizer  # noqa: E402
-
-JOB = REPO / "jobs" / "demo.toml"
-
-
-def build(cfg, compiled: bool):
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    if compiled:
-        for block in model.blocks:
-            block.compile()
-    return model, make_optimizer(model, cfg.train)
+import torch
+from demo_model import build, demo, rank0_batches  # bench/ is on sys.path when a script here runs
+from recording import record
 
 
 def step(model, optimizer, batches) -> float:
@@ -60,16 +37,13 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
 
-    cfg = load_config(JOB)
+    cfg, data = demo(args.threads)
     t = cfg.train
-    torch.set_num_threads(args.threads)
-    data = open_dataset(ensure_dataset(cfg.data))
-    cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
     tokens = t.batch_size * cfg.model.seq_len
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         model, optimizer = build(cfg, compiled)
-        batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, 0, cfg.launch.np, t.seed)
+        batches = rank0_batches(cfg, data)
         start = time.perf_counter()
         for _ in range(3):  # the first steps compile (and warm the allocator in both)
             step(model, optimizer, batches)

@@ -15,25 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-from recording import record  # bench/ is on sys.path when a script here runs
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from hvdlm.config import load_config  # noqa: E402
-from hvdlm.data import open_dataset  # noqa: E402
-from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
-from hvdlm.data.sampler import WindowSampler  # noqa: E402
-from hvdlm.model import GPT  # noqa: E402
-from hvdlm.training.optim import make_optimizer  # noqa: E402
-
-JOB = REPO / "jobs" / "demo.toml"
+import torch
+from demo_model import build, demo, rank0_batches  # bench/ is on sys.path when a script here runs
+from recording import record
 
 
 def main() -> None:
@@ -44,16 +30,10 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
 
-    cfg = load_config(JOB)
+    cfg, data = demo(args.threads)
     t = cfg.train
-    torch.set_num_threads(args.threads)
-    data = open_dataset(ensure_dataset(cfg.data))
-    cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
-    # Rank 0 of the demo's 2 data-parallel ranks: its share of each global batch.
-    batches = WindowSampler(data.train, cfg.model.seq_len, t.batch_size, 0, cfg.launch.np, t.seed)
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model)
-    optimizer = make_optimizer(model, t)
+    batches = rank0_batches(cfg, data)
+    model, optimizer = build(cfg)
 
     loader_s, step_s = [], []
     for step in range(args.steps + args.warmup):

@@ -10,9 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +64,25 @@ def summary(run_dir: Path) -> dict:
 def sets(*overrides: str) -> list[str]:
     """`--set` before each override."""
     return [a for o in overrides for a in ("--set", o)]
+
+
+@contextmanager
+def old_file_kept(path: Path) -> Iterator[Path]:
+    """`path`, holding "old\n": a write of it in the block must fail and leave it so, with no temporary file left
+    beside it (the test's full_disk_rename fixture makes it fail)."""
+    path.write_text("old\n")
+    yield path
+    assert path.read_text() == "old\n"
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "a temporary file was left behind"
+
+
+def demo_sbatch_spec(**changes):
+    """The batch script of a small CPU job (jobs/demo.toml on the shared file system; 1 node, 2 ranks of 1 CPU, an
+    hour) as an SbatchSpec, with `changes` to its fields."""
+    from hvdlm.launch.sbatch import SbatchSpec  # here, so that conftest (which imports this file) imports no hvdlm
+
+    fields = dict(job_name="demo", job_file="/shared/jobs/demo.toml", nodes=1, gpus_per_node=0, ntasks_per_node=2)
+    return SbatchSpec(**{**fields, "cpus_per_task": 1, "time": "01:00:00", **changes})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,6 +160,14 @@ def run_cli(
     return run_process(hvdlm_argv(*args), cli_env(cache, env), cwd=cwd, timeout=timeout, split=split)
 
 
+def train_once(job: Path, run_dir: Path, *overrides: str, cache: Path | None = None) -> Result:
+    """`hvdlm train JOB --run-dir RUN_DIR` with a `--set` for each override, which must succeed: the run a module
+    trains once and looks at many times."""
+    r = run_cli("train", job, "--run-dir", run_dir, *sets(*overrides), cache=cache)
+    assert r.code == 0, r.out[-3000:]
+    return r
+
+
 def mpirun_argv(np: int, program: list[str]) -> tuple[list[str], dict[str, str]]:
     """mpirun's argv for `program` on np ranks of this machine, as `hvdlm launch` would build it but allowing more
     ranks than cores (--oversubscribe: the 4-rank TP x DP tests run on 2-core CI machines), and the environment it
@@ -157,6 +187,34 @@ def mpirun(np: int, program: list[str], cache: Path | None = None, timeout: floa
     """Run `program` on np real MPI ranks to the end (with the test's corpus cache, when given)."""
     argv, env = mpirun_argv(np, program)
     return run_process(argv, cli_env(cache, env), timeout=timeout)
+
+
+def rank_check_rows(np: int, script: Path, timeout: float = 240) -> dict[str, dict]:
+    """One run of every check in `script` (a tests/*_checks.py) on np MPI ranks: rank 0's JSON line of each check
+    by its name, and the whole output as "_output"."""
+    proc = mpirun(np, [sys.executable, str(script)], timeout=timeout)
+    rows = [json.loads(line) for line in proc.out.splitlines() if line.startswith('{"check"')]
+    return {"_output": proc.out, **{row["check"]: row for row in rows}}
+
+
+def reported(results: dict[str, dict], name: str) -> dict:
+    """The row of check `name` in `rank_check_rows`, which must have reported."""
+    assert name in results, f"check {name} did not report:\n{results['_output'][-3000:]}"
+    return results[name]
+
+
+def checks_on_ranks(np: int, script: str, names: Sequence[str]):
+    """A test, one for each check in `names`, of tests/SCRIPT run on np MPI ranks (once for the module, through the
+    check_row fixture): the check reported, and is ok. A module assigns it to the test's name."""
+    path = Path(__file__).with_name(script)
+
+    @pytest.mark.parametrize("name", names)
+    def test(check_row, name):
+        row = check_row(np, path, name)
+        worst = f"worst error {row['error']} at {row['worst']}" if "worst" in row else "failed"
+        assert row["ok"], f"{name}: {worst}\n{row['detail']}"
+
+    return test
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,30 +4,18 @@ and cut into TP shards as a tp = 2 job saves them. One tiny run is trained once 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_JOB
+from helpers import train_once
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir) -> Path:
+def trained(tmp_path_factory, job, cache_dir) -> Path:
     """An 8-step run with EMA and checkpoints at steps 4 and 8."""
-    root = tmp_path_factory.mktemp("inspect")
-    job = root / "tiny.toml"
-    job.write_text(TINY_JOB)
-    run_dir = root / "run"
+    run_dir = tmp_path_factory.mktemp("inspect") / "run"
     settings = ["train.checkpoint_interval=4", "train.sample_tokens=0", "train.tensorboard=false"]
-    settings.append("train.ema_decay=0.9")
-    argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)]
-    argv += [arg for s in settings for arg in ("--set", s)]
-    env = {**os.environ, "HVDLM_CACHE": str(cache_dir)}
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return run_dir
+    return train_once(job, run_dir, *settings, "train.ema_decay=0.9", cache=cache_dir).run_dir
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +106,14 @@ def test_tp_shards_are_described_as_one_checkpoint(hvdlm, trained, tp2):
         assert info["holds"]["optimizer"] is None and info["holds"]["data"] is None
 
 
+@pytest.fixture
+def not_checkpoints(tmp_path) -> Path:
+    """A folder of what `inspect` must refuse: a text file (notes.txt) and a run with no checkpoint (empty-run)."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
+    return tmp_path
+
+
 @pytest.mark.parametrize(
     "target, message",
     [
@@ -127,8 +123,6 @@ def test_tp_shards_are_described_as_one_checkpoint(hvdlm, trained, tp2):
         ("empty-run", "holds no complete checkpoint"),
     ],
 )
-def test_bad_input_is_one_clear_error(hvdlm, tmp_path, target, message):
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
-    r = hvdlm("checkpoint", "inspect", str(tmp_path / target))
+def test_bad_input_is_one_clear_error(hvdlm, not_checkpoints, target, message):
+    r = hvdlm("checkpoint", "inspect", str(not_checkpoints / target))
     assert r.code == 2 and message in r.out and "Traceback" not in r.out, r.out

@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,7 +184,9 @@ def test_a_damaged_dataset_is_a_clear_error_and_prepare_repairs_it(small_corpus,
     assert sorted(dataset_texts(open_dataset(out))) == sorted(source_texts([str(small_corpus)]).values())
 
 
-def two_documents(tmp_path):
+@pytest.fixture
+def src(tmp_path) -> Path:
+    """A source folder, tmp_path/src, of two documents: a.txt ("hello") and b.txt ("world")."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("hello\n")
@@ -195,19 +198,18 @@ FOREIGN_METAS = ['{"project": "mine"}', "[1]", '"x"', '{"format_version": 1}', "
 
 
 @pytest.mark.parametrize("meta", FOREIGN_METAS)
-def test_a_meta_json_not_written_by_prepare_is_not_a_dataset_and_nothing_is_deleted(tmp_path, meta):
+def test_a_meta_json_not_written_by_prepare_is_not_a_dataset_and_nothing_is_deleted(src, tmp_path, meta):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "meta.json").write_text(meta)
     (out / "notes.txt").write_text("precious")
     with pytest.raises(InputError, match="is not empty and holds no dataset"):
-        prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+        prepare([str(src)], out, log=lambda m: None)
     assert {p.name: p.read_text() for p in out.iterdir()} == {"meta.json": meta, "notes.txt": "precious"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "src"]
 
 
-def test_a_dataset_holding_files_prepare_did_not_write_is_never_replaced(tmp_path):
-    src = two_documents(tmp_path)
+def test_a_dataset_holding_files_prepare_did_not_write_is_never_replaced(src, tmp_path):
     out = tmp_path / "ds"
     prepare([str(src)], out, log=lambda m: None)
     (out / "notes.txt").write_text("precious")
@@ -252,9 +254,9 @@ def test_a_dataset_holding_files_prepare_did_not_write_is_never_replaced(tmp_pat
         ),
     ],
 )
-def test_a_damaged_or_foreign_meta_json_is_one_clear_error(tmp_path, edit, problem):
+def test_a_damaged_or_foreign_meta_json_is_one_clear_error(src, tmp_path, edit, problem):
     out = tmp_path / "ds"
-    prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    prepare([str(src)], out, log=lambda m: None)
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps(edit(meta)))
     message = f"dataset at {out} is damaged or not an hvdlm dataset: {problem}"
@@ -264,14 +266,14 @@ def test_a_damaged_or_foreign_meta_json_is_one_clear_error(tmp_path, edit, probl
         assert str(e.value).startswith(message) and "prepare it again with `hvdlm data prepare" in str(e.value)
 
 
-def test_another_format_version_says_so(tmp_path):
+def test_another_format_version_says_so(src, tmp_path):
     out = tmp_path / "ds"
-    prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    prepare([str(src)], out, log=lambda m: None)
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
     with pytest.raises(InputError, match="has format version 2, this hvdlm reads version 1"):
         open_dataset(out)
-    assert not prepare([str(tmp_path / "src")], out, log=lambda m: None).up_to_date  # replaced, not refused
+    assert not prepare([str(src)], out, log=lambda m: None).up_to_date  # replaced, not refused
     assert open_dataset(out).meta["format_version"] == 1
 
 
@@ -283,8 +285,7 @@ def test_another_format_version_says_so(tmp_path):
         ("/proc/ds", "cannot create the dataset directory '/proc/ds'"),
     ],
 )
-def test_an_output_that_cannot_be_created_is_a_clear_error(tmp_path, out, message):
-    src = two_documents(tmp_path)
+def test_an_output_that_cannot_be_created_is_a_clear_error(src, tmp_path, out, message):
     (tmp_path / "afile").write_text("mine")
     out = out if out.startswith("/") else str(tmp_path / out)
     with pytest.raises(InputError, match=message.format(tmp=tmp_path).replace("(", "\\(")):
@@ -303,24 +304,21 @@ def test_an_output_that_cannot_be_created_is_a_clear_error(tmp_path, out, messag
         ("**a", "is not a valid pattern"),
     ],
 )
-def test_globs_stay_inside_their_directory(tmp_path, pattern, what):
-    src = two_documents(tmp_path)
+def test_globs_stay_inside_their_directory(src, tmp_path, pattern, what):
     (tmp_path / "outside.txt").write_text("not part of the source\n")
     with pytest.raises(InputError, match=f"--glob '{pattern.replace('*', '[*]')}' {what}"):
         resolve_sources([str(src)], [pattern])
     assert [f.name for f in resolve_sources([str(src)], ["*.txt"])] == ["src/a.txt", "src/b.txt"]
 
 
-def test_the_bpe_vocabulary_is_capped_and_a_smaller_trained_one_is_reported(tmp_path):
+def test_the_bpe_vocabulary_is_capped_and_a_smaller_trained_one_is_reported(src, tmp_path):
     check_bpe_vocab(MAX_BPE_VOCAB)
     check_bpe_vocab(70_000)  # above 65,536: uint32 shards, still allowed
     for too_big in (MAX_BPE_VOCAB + 1, 2**32):
         with pytest.raises(InputError, match="at most 1,048,576"):
             PrepareOptions(tokenizer="bpe", vocab_size=too_big).check()
     out = tmp_path / "ds"
-    report = prepare(
-        [str(two_documents(tmp_path))], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000), log=lambda m: None
-    )
+    report = prepare([str(src)], out, PrepareOptions(tokenizer="bpe", vocab_size=70_000), log=lambda m: None)
     trained = open_dataset(out).vocab_size
     assert trained < 300 and report.dtype == "uint16"  # two words hold few pairs to merge
     warning = f"the BPE vocabulary has {trained:,} tokens, fewer than the 70,000 asked for"
@@ -333,11 +331,11 @@ def test_the_bpe_vocabulary_is_capped_and_a_smaller_trained_one_is_reported(tmp_
     )
 
 
-def test_uint32_shards_read_back(tmp_path, monkeypatch):
+def test_uint32_shards_read_back(src, tmp_path, monkeypatch):
     # A vocabulary over 65,536 needs a large corpus to train: force the wide format on a small one instead.
     monkeypatch.setattr(prepare_module, "token_dtype", lambda vocab: np.dtype("<u4"))
     out = tmp_path / "ds"
-    prepare([str(two_documents(tmp_path))], out, log=lambda m: None)
+    prepare([str(src)], out, log=lambda m: None)
     ds = open_dataset(out)
     assert ds.meta["dtype"] == "uint32" and ds.train.shards[0].dtype == np.uint32
     assert sorted(dataset_texts(ds)) == ["hello\n", "world\n"]
@@ -365,8 +363,7 @@ def test_the_end_of_document_text_inside_a_document_is_plain_text(tmp_path):
     assert tok.decode([*tok.encode("end"), eot]) == f"end{EOT}"
 
 
-def test_strict_does_not_accept_a_dataset_that_skipped_inputs(tmp_path):
-    src = two_documents(tmp_path)
+def test_strict_does_not_accept_a_dataset_that_skipped_inputs(src, tmp_path):
     (src / "blob.bin").write_bytes(b"\x00\x01" * 50)
     (src / "empty.txt").write_text("")
     out = tmp_path / "ds"
@@ -381,8 +378,7 @@ def test_strict_does_not_accept_a_dataset_that_skipped_inputs(tmp_path):
     assert prepare([str(src)], out, PrepareOptions(strict=True), log=lambda m: None).up_to_date
 
 
-def test_datasets_and_temporary_directories_inside_a_source_are_not_read(tmp_path):
-    src = two_documents(tmp_path)
+def test_datasets_and_temporary_directories_inside_a_source_are_not_read(src, tmp_path):
     prepare([str(src)], src / "inner", log=lambda m: None)
     (src / ".other.tmp-x1y2").mkdir()  # left by a prepare that was killed
     (src / ".other.tmp-x1y2" / "train-00000.bin").write_bytes(b"\x00\x01")

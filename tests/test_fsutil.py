@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+from helpers import old_file_kept
 
 from hvdlm import fsutil
 from hvdlm.fsutil import atomic_write, atomic_writer, fsync_directory
@@ -53,18 +54,9 @@ def test_a_symlink_is_followed_and_stays(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["hosts"]
 
 
-def test_a_failed_rename_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    out = tmp_path / "f"
-    out.write_text("old\n")
-
-    def full_disk(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(fsutil.os, "replace", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+def test_a_failed_rename_keeps_the_old_file_and_no_temporary(tmp_path, full_disk_rename):
+    with old_file_kept(tmp_path / "f") as out, pytest.raises(OSError, match="No space left"):
         atomic_write(out, "new\n")
-    assert out.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_an_error_of_the_writer_keeps_the_old_file_and_no_temporary(tmp_path):

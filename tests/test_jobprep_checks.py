@@ -14,6 +14,13 @@ from hvdlm.config import load_config
 from hvdlm.errors import InputError
 
 
+def sbatch_refuses(hvdlm, *args: str) -> str:
+    """`hvdlm sbatch ARGS`, which must end as bad input does (exit 2, no traceback): its output, for the message."""
+    r = hvdlm("sbatch", *args)
+    assert r.code == 2 and "Traceback" not in r.out, r.out
+    return r.out
+
+
 def test_sbatch_takes_a_toml_list_through_set(hvdlm):
     r = hvdlm("sbatch", "jobs/demo.toml", "--set", 'slurm.directives=["--mem=4G", "--constraint=a100"]')
     assert r.code == 0, r.out
@@ -30,8 +37,8 @@ def test_sbatch_takes_a_toml_list_through_set(hvdlm):
     ],
 )
 def test_sbatch_still_refuses_shell_syntax_around_or_inside_toml_values(hvdlm, item, message):
-    r = hvdlm("sbatch", "jobs/demo.toml", "--set", item)
-    assert r.code == 2 and message in r.out and "Traceback" not in r.out, r.out
+    out = sbatch_refuses(hvdlm, "jobs/demo.toml", "--set", item)
+    assert message in out, out
 
 
 def test_a_job_file_with_a_space_in_its_name_gets_a_safe_job_name(hvdlm, tmp_path):
@@ -42,29 +49,31 @@ def test_a_job_file_with_a_space_in_its_name_gets_a_safe_job_name(hvdlm, tmp_pat
     assert "#SBATCH --job-name=my_job" in r.out and '"runs/my_job-${SLURM_JOB_ID}"' in r.out
     r = hvdlm("sbatch", str(job), "--job-name", "gpt-small")
     assert r.code == 0 and "#SBATCH --job-name=gpt-small" in r.out, r.out
-    r = hvdlm("sbatch", str(job), "--job-name", "a;b")
-    assert r.code == 2 and "--job-name 'a;b' is not a plain name" in r.out, r.out
+    out = sbatch_refuses(hvdlm, str(job), "--job-name", "a;b")
+    assert "--job-name 'a;b' is not a plain name" in out, out
 
 
-@pytest.mark.parametrize(
-    "time, message",
-    [
-        ("99:99:99", "minutes must be below 60, got 99"),
-        ("1:60", "seconds must be below 60, got 60"),
-        ("1-24", "hours must be below 24, got 24"),
-        ("1-23:60", "minutes must be below 60, got 60"),
-        ("2-00:00:61", "seconds must be below 60, got 61"),
-        ("99999999", "longer than Slurm can count"),
-        ("1:2:3:4", "not a Slurm time limit"),
-        ("-5", "not a Slurm time limit"),
-    ],
-)
+# Slurm time limits: those sbatch refuses (ones Slurm would misread), each with its reason, and every form it takes.
+REFUSED_TIMES = {
+    "99:99:99": "minutes must be below 60, got 99",
+    "1:60": "seconds must be below 60, got 60",
+    "1-24": "hours must be below 24, got 24",
+    "1-23:60": "minutes must be below 60, got 60",
+    "2-00:00:61": "seconds must be below 60, got 61",
+    "99999999": "longer than Slurm can count",
+    "1:2:3:4": "not a Slurm time limit",
+    "-5": "not a Slurm time limit",
+}
+TIMES = ["90", "90:30", "48:00:00", "1-12", "1-12:30", "7-00:00:00", "0", "UNLIMITED"]
+
+
+@pytest.mark.parametrize("time, message", REFUSED_TIMES.items())
 def test_sbatch_refuses_times_slurm_would_misread(hvdlm, time, message):
-    r = hvdlm("sbatch", "jobs/demo.toml", "--time", time)
-    assert r.code == 2 and message in r.out and "Traceback" not in r.out, r.out
+    out = sbatch_refuses(hvdlm, "jobs/demo.toml", "--time", time)
+    assert message in out, out
 
 
-@pytest.mark.parametrize("time", ["90", "90:30", "48:00:00", "1-12", "1-12:30", "7-00:00:00", "0", "UNLIMITED"])
+@pytest.mark.parametrize("time", TIMES)
 def test_sbatch_takes_every_slurm_time_form(time):
     from hvdlm.launch.sbatch import check_time
 
@@ -72,10 +81,10 @@ def test_sbatch_takes_every_slurm_time_form(time):
 
 
 def test_sbatch_refuses_a_venv_that_is_not_one(hvdlm, tmp_path):
-    r = hvdlm("sbatch", "jobs/demo.toml", "--venv", str(tmp_path / "nonexistent"))
-    assert r.code == 2 and "does not exist" in r.out and "python -m venv" in r.out, r.out
-    r = hvdlm("sbatch", "jobs/demo.toml", "--venv", str(tmp_path))
-    assert r.code == 2 and "is not a virtual environment (it has no bin/activate)" in r.out, r.out
+    out = sbatch_refuses(hvdlm, "jobs/demo.toml", "--venv", str(tmp_path / "nonexistent"))
+    assert "does not exist" in out and "python -m venv" in out, out
+    out = sbatch_refuses(hvdlm, "jobs/demo.toml", "--venv", str(tmp_path))
+    assert "is not a virtual environment (it has no bin/activate)" in out, out
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "activate").write_text("")
     r = hvdlm("sbatch", "jobs/demo.toml", "--venv", str(tmp_path))

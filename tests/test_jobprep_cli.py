@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from helpers import REPO, assert_imports_nothing_heavy, run_cli
+from helpers import REPO, assert_imports_nothing_heavy, old_file_kept, run_cli
 
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
@@ -165,20 +165,12 @@ def test_an_unwritable_output_is_one_clear_error(hvdlm, tmp_path, command, targe
     assert Path(target).name in r.out or Path(target).parent.name in r.out  # the message names the path
 
 
-def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    from hvdlm.launch import hostfile as module
+def test_a_failed_write_keeps_the_old_file(tmp_path, full_disk_rename):
+    from hvdlm.launch.hostfile import write_atomically
 
     out = tmp_path / "hosts"
-    out.write_text("old\n")
-
-    def full_disk(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(module.os, "replace", full_disk)
-    with pytest.raises(InputError, match=f"cannot write '{out}': No space left on device"):
-        module.write_atomically(out, "new\n")
-    assert out.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["hosts"]  # no temporary file left behind
+    with old_file_kept(out), pytest.raises(InputError, match=f"cannot write '{out}': No space left on device"):
+        write_atomically(out, "new\n")
 
 
 def test_sbatch_refuses_to_write_over_its_job_file(hvdlm, tmp_path):

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from golden_files import assert_golden
-from helpers import REPO, run_cli
+from helpers import REPO, demo_sbatch_spec, run_cli
 
 from hvdlm.launch.commands import LaunchOptions, LaunchPlan, build_command, rank_env
 from hvdlm.launch.hostfile import FORMATS, render_hostfile
@@ -90,26 +90,15 @@ SCRIPTS = {
         command="hvdlm sbatch jobs/gpt2-small.toml --nodes 2 --gpus-per-node 4 --time 12:00:00",
         script="gpt2-small.sbatch",
     ),
-    "mpirun-cpu": SbatchSpec(
-        job_name="demo",
-        job_file="/shared/jobs/demo.toml",
+    "mpirun-cpu": demo_sbatch_spec(
         nodes=2,
-        gpus_per_node=0,
-        ntasks_per_node=2,
         cpus_per_task=16,
-        time="01:00:00",
         launcher="mpirun",
         venv="/shared/venv",
-        options=LaunchOptions(cycle_time_ms=5),
         run_dir="/shared/runs/demo",
+        options=LaunchOptions(cycle_time_ms=5),
     ),
-    "horovodrun-cpu": SbatchSpec(
-        job_name="demo",
-        job_file="/shared/jobs/demo.toml",
-        nodes=1,
-        gpus_per_node=0,
-        ntasks_per_node=2,
-        cpus_per_task=1,
+    "horovodrun-cpu": demo_sbatch_spec(
         time="00:10:00",
         launcher="horovodrun",
         python="/usr/bin/python3",

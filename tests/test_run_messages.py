@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import pytest
-from helpers import run_cli
+from helpers import sets, train_once
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, job, cache_dir):
     """A finished 8-step run, trained once for the module (with the default prompt: a new document)."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    r = run_cli("train", str(job), "--run-dir", str(run_dir), cache=cache_dir)
-    assert r.code == 0, r.out[-3000:]
-    return run_dir, r.out
+    r = train_once(job, tmp_path_factory.mktemp("finished") / "run", cache=cache_dir)
+    return r.run_dir, r.out
 
 
 def test_the_default_sample_starts_a_new_document(finished):
@@ -34,18 +32,8 @@ def test_resume_auto_of_a_complete_run_says_so_and_changes_nothing(hvdlm, job, f
 
 def test_init_from_says_where_the_weights_came_from_and_a_prompt_is_continued(hvdlm, job, finished, tmp_path):
     run_dir, _ = finished
-    r = hvdlm(
-        "train",
-        str(job),
-        "--run-dir",
-        str(tmp_path / "ft"),
-        "--init-from",
-        str(run_dir),
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        'train.sample_prompt="import "',
-    )
+    prompt = sets("train.max_steps=2", 'train.sample_prompt="import "')
+    r = hvdlm("train", str(job), "--run-dir", str(tmp_path / "ft"), "--init-from", str(run_dir), *prompt)
     assert r.code == 0, r.out[-3000:]
     assert f"initialised from {run_dir}/checkpoints/step-0000008.pt (its weights at step 8)" in r.out
     assert "sample:\nimport " in r.out

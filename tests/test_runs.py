@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_JOB
+from helpers import REPO, train_once
 
 from hvdlm.watch.runs import list_runs, render_table
 
@@ -23,19 +23,11 @@ HOUR_AGO = time.time() - 3600
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir) -> Path:
+def trained(tmp_path_factory, job, cache_dir) -> Path:
     """A finished 8-step run with checkpoints at steps 4 and 8."""
-    root = tmp_path_factory.mktemp("runs-src")
-    job = root / "tiny.toml"
-    job.write_text(TINY_JOB)
-    run_dir = root / "done"
+    run_dir = tmp_path_factory.mktemp("runs-src") / "done"
     settings = ["train.checkpoint_interval=4", "train.sample_tokens=0", "train.tensorboard=false"]
-    argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)]
-    argv += [arg for s in settings for arg in ("--set", s)]
-    env = {**os.environ, "HVDLM_CACHE": str(cache_dir)}
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return run_dir
+    return train_once(job, run_dir, *settings, cache=cache_dir).run_dir
 
 
 def _rows(run: Path) -> list[dict]:

@@ -10,12 +10,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, hvdlm_argv
 
 from hvdlm.checkpoint.store import find_checkpoints
 
@@ -60,6 +59,22 @@ class Running:
         return self.proc.returncode
 
 
+def training(command: str, job: Path, run_dir: Path, cache: Path, *args: str, steps: int) -> Running:
+    """`hvdlm COMMAND JOB ARGS --run-dir RUN_DIR`, training without end, once it has logged step `steps`."""
+    run = Running(hvdlm_argv(command, job, *args, "--run-dir", run_dir, *ENDLESS), cache)
+    run.wait_for_steps(steps)
+    return run
+
+
+def assert_checkpointed_where_it_stopped(run: Running, run_dir: Path, stop: str) -> None:
+    """The output says `stop` ("interrupted at step {step} (SIGINT)", say) and that step's checkpoint was written,
+    the run's only one."""
+    said = re.escape(f"{stop}: checkpoint written; resume with --resume auto")
+    m = re.search(said.replace(re.escape("{step}"), r"(\d+)"), run.out)
+    assert m, run.out[-3000:]
+    assert [saved.step for saved in find_checkpoints(run_dir)] == [int(m[1])]
+
+
 def ranks_still_running(run_dir: Path) -> list[str]:
     """Processes whose command line names the run directory (the ranks of its job)."""
     found = []
@@ -75,29 +90,18 @@ def ranks_still_running(run_dir: Path) -> list[str]:
 
 def test_ctrl_c_on_a_lone_rank_checkpoints_and_exits_130(tiny_job, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    run = Running(
-        [sys.executable, "-m", "hvdlm", "train", str(tiny_job), "--run-dir", str(run_dir), *ENDLESS], cache_dir
-    )
-    run.wait_for_steps(3)
+    run = training("train", tiny_job, run_dir, cache_dir, steps=3)
     run.proc.send_signal(signal.SIGINT)
-    code = run.finish()
-    assert code == 130, run.out[-3000:]
-    m = re.search(r"interrupted at step (\d+) \(SIGINT\): checkpoint written; resume with --resume auto", run.out)
-    assert m, run.out[-3000:]
-    assert [saved.step for saved in find_checkpoints(run_dir)] == [int(m[1])]
+    assert run.finish() == 130, run.out[-3000:]
+    assert_checkpointed_where_it_stopped(run, run_dir, "interrupted at step {step} (SIGINT)")
     assert "Traceback" not in run.out and "Aborted!" not in run.out
 
 
 def test_a_second_ctrl_c_ends_at_once(tiny_job, tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    run = Running(
-        [sys.executable, "-m", "hvdlm", "train", str(tiny_job), "--run-dir", str(run_dir), *ENDLESS], cache_dir
-    )
-    run.wait_for_steps(2)
+    run = training("train", tiny_job, tmp_path / "run", cache_dir, steps=2)
     run.proc.send_signal(signal.SIGINT)
     run.proc.send_signal(signal.SIGINT)
-    code = run.finish(timeout=60)
-    assert code == 130, run.out[-3000:]
+    assert run.finish(timeout=60) == 130, run.out[-3000:]
     assert "Traceback" not in run.out and "Aborted!" not in run.out
 
 
@@ -105,15 +109,10 @@ def test_a_second_ctrl_c_ends_at_once(tiny_job, tmp_path, cache_dir):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_launch_ends_every_rank_after_a_checkpoint(tiny_job, tmp_path, cache_dir, sig):
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "hvdlm", "launch", str(tiny_job), "--np", "2", "--run-dir", str(run_dir), *ENDLESS]
-    run = Running(argv, cache_dir)
-    run.wait_for_steps(3)
+    run = training("launch", tiny_job, run_dir, cache_dir, "--np", "2", steps=3)
     run.proc.send_signal(sig)
-    code = run.finish()
-    assert code == 128 + sig, run.out[-3000:]
-    m = re.search(r"at step (\d+) \(SIGUSR1\): checkpoint written; resume with --resume auto", run.out)
-    assert m, run.out[-3000:]
-    assert [saved.step for saved in find_checkpoints(run_dir)] == [int(m[1])]
+    assert run.finish() == 128 + sig, run.out[-3000:]
+    assert_checkpointed_where_it_stopped(run, run_dir, "at step {step} (SIGUSR1)")
     assert f"hvdlm launch: {signal.Signals(sig).name}" in run.out
     assert ranks_still_running(run_dir) == []
     assert "Traceback" not in run.out

@@ -9,32 +9,20 @@ would run it (it ended in a traceback before).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import hvdlm_argv, mpirun
+from helpers import checks_on_ranks, hvdlm_argv, mpirun
 from helpers import sets as set_args
 
 pytestmark = pytest.mark.distributed
 
-SCRIPT = Path(__file__).with_name("tp_bf16_checks.py")
-CHECKS = ["collectives_in_16_bit_floats_are_exact", "gpt_tp_in_bf16_tracks_tp1_in_bf16"]
 STEPS = 10
 
-
-@pytest.fixture(scope="module")
-def results() -> dict[str, dict]:
-    proc = mpirun(2, [sys.executable, str(SCRIPT)], timeout=240)
-    rows = [json.loads(line) for line in proc.out.splitlines() if line.startswith('{"check"')]
-    return {"_output": proc.out, **{row["check"]: row for row in rows}}
-
-
-@pytest.mark.parametrize("name", CHECKS)
-def test_bf16_tensor_parallel_pieces_on_two_ranks(results, name):
-    assert name in results, f"check {name} did not report:\n{results['_output'][-3000:]}"
-    row = results[name]
-    assert row["ok"], f"{name}: {row['worst']} over by {row['error']}\n{row['detail']}"
+# Errors are what is over the bound: ok at 0.
+test_bf16_tensor_parallel_pieces_on_two_ranks = checks_on_ranks(
+    2, "tp_bf16_checks.py", ["collectives_in_16_bit_floats_are_exact", "gpt_tp_in_bf16_tracks_tp1_in_bf16"]
+)
 
 
 def _losses(np: int, tp: int, job: Path, run_dir: Path, cache: Path) -> list[float]:

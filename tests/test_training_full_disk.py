@@ -4,8 +4,10 @@ cause, and what was written before (the earlier checkpoint) is intact. Real tmpf
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
+from helpers import Result, sets
 
 from hvdlm.checkpoint.reshard import load_full_state
 from hvdlm.checkpoint.store import find_checkpoints
@@ -34,26 +36,22 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)])
 
 
+def launch_onto_a_full_disk(hvdlm, job: Path, run_dir: Path, *overrides: str) -> Result:
+    """`hvdlm launch JOB --np 2` with its run directory on a disk too small for it: exit 2, one error line for all
+    the ranks (one rank speaks for all), and no traceback."""
+    r = hvdlm("launch", str(job), "--np", "2", "--run-dir", str(run_dir), *sets(*overrides, "train.tensorboard=false"))
+    assert r.code == 2, r.out[-3000:]
+    assert r.out.count("Error: ") == 1, r.out[-3000:]
+    assert "Traceback" not in r.out and "HorovodInternalError" not in r.out
+    return r
+
+
 def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_keeps_the_earlier_one(hvdlm, tiny_job, small_disk):
     # The tiny job's checkpoint takes about 450 KB: the one of step 4 fits, the one of step 8 does not.
     run_dir = small_disk("700k") / "run"
-    r = hvdlm(
-        "launch",
-        str(tiny_job),
-        "--np",
-        "2",
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        "train.checkpoint_interval=4",
-        "--set",
-        "train.tensorboard=false",
-    )
-    assert r.code == 2, r.out[-3000:]
+    r = launch_onto_a_full_disk(hvdlm, tiny_job, run_dir, "train.checkpoint_interval=4")
     assert f"cannot write checkpoint '{run_dir}/checkpoints/step-0000008.pt': No space left on device" in r.out
     assert "the checkpoint of step 4 is intact" in r.out
-    assert r.out.count("Error: ") == 1, r.out[-3000:]  # one rank speaks for all
-    assert "Traceback" not in r.out and "HorovodInternalError" not in r.out
     assert [saved.step for saved in find_checkpoints(run_dir)] == [4]
     assert load_full_state(run_dir / "checkpoints" / "step-0000004.pt")["step"] == 4
     assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a half-written temporary file was left"
@@ -62,21 +60,5 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_keeps_the_earlier_one(
 def test_a_full_disk_under_the_metrics_stops_every_rank_naming_the_file(hvdlm, tiny_job, small_disk):
     # Two pages: config.toml takes one, metrics.jsonl fills the other within a few dozen rows.
     run_dir = small_disk("8k") / "run"
-    r = hvdlm(
-        "launch",
-        str(tiny_job),
-        "--np",
-        "2",
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        "train.max_steps=200",
-        "--set",
-        "train.tensorboard=false",
-        "--set",
-        "train.eval_interval=0",
-    )
-    assert r.code == 2, r.out[-3000:]
+    r = launch_onto_a_full_disk(hvdlm, tiny_job, run_dir, "train.max_steps=200", "train.eval_interval=0")
     assert f"cannot write '{run_dir}/metrics.jsonl': No space left on device" in r.out
-    assert r.out.count("Error: ") == 1, r.out[-3000:]
-    assert "Traceback" not in r.out and "HorovodInternalError" not in r.out

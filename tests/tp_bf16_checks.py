@@ -5,38 +5,21 @@ what only moves data (allgather, broadcast) travels as 16-bit words. Checks:
 - the collectives: exactly the fp32 sum rounded to the dtype, and the data moved bit for bit;
 - the GPT under bf16 autocast, TP=P against TP=1 in bf16: the difference is bf16 rounding noise, measured
   against the distance of TP=1 bf16 from TP=1 fp32 (the noise bf16 itself brings).
-Rank 0 prints one JSON line per check: {"check", "ok", "error", "detail"}; tests/test_tp_bf16.py reads them.
+Each check is ok at an error of 0 (tests/rank_checks.py runs them; rank 0 prints a JSON line per check);
+tests/test_tp_bf16.py reads them.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import traceback
 
 import torch
-from mpi4py import MPI
+from rank_checks import G, P, R, check, gpt_and_its_shard, rnd, run_checks
 
 from hvdlm.config import ModelConfig
 from hvdlm.model import GPT
 from hvdlm.parallel import collectives
 from hvdlm.parallel.layers import shard
-from hvdlm.parallel.topology import Group, Layout, make_tp_group
-
-world = MPI.COMM_WORLD
-G: Group = make_tp_group(Layout(world.Get_rank(), world.Get_size(), world.Get_size()), world)
-P, R = G.size, G.rank
-CHECKS = {}
-
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
-
-
-def rnd(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def bits_differ(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,7 +54,7 @@ def collectives_in_16_bit_floats_are_exact():
         before = G.bytes_moved
         collectives.allreduce(torch.ones(10, dtype=dtype), G)
         errs[f"{tag}_bytes_counted_off_by"] = abs(G.bytes_moved - before - 20)
-    return errs, 0.0, ""
+    return errs
 
 
 def _loss_and_grads(model: GPT, idx, tgt, dtype) -> tuple[float, dict[str, torch.Tensor]]:
@@ -89,12 +72,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @check
 def gpt_tp_in_bf16_tracks_tp1_in_bf16():
     cfg = ModelConfig(n_layer=2, n_head=2 * P, d_model=16 * P, seq_len=16, vocab_size=256 + 1)
-    torch.manual_seed(60)
-    ref = GPT(cfg)
-    torch.manual_seed(60)
-    par = GPT(cfg, G)
-    idx = torch.randint(0, cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(61))
-    tgt = torch.randint(0, cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(62))
+    ref, par, idx, tgt = gpt_and_its_shard(cfg, seed=60, batch=4)
     loss32, g32 = _loss_and_grads(ref, idx, tgt, torch.float32)
     loss16, g16 = _loss_and_grads(ref, idx, tgt, torch.bfloat16)
     loss_tp, g_tp = _loss_and_grads(par, idx, tgt, torch.bfloat16)
@@ -113,26 +91,8 @@ def gpt_tp_in_bf16_tracks_tp1_in_bf16():
     # Within bf16 noise: no worse than 2x bf16's own distance from fp32, plus a floor of a few bf16 ulps.
     excess = {k: errs[k] - (2 * worst_noise[k] + 8 * 2**-9) for k in errs}
     worst = max(errs, key=lambda k: excess[k])
-    return excess, 0.0, f"{worst}: tp-vs-tp1 {errs[worst]:.2e}, bf16 noise {worst_noise[worst]:.2e}"
-
-
-def main() -> int:
-    failed = 0
-    for name, fn in CHECKS.items():
-        try:
-            errs, tol, detail = fn()
-            worst = max(errs.values())
-            worst_key = max(errs, key=errs.get)
-        except Exception:  # report it as a failed check; the other checks still run
-            worst, worst_key, tol, detail = math.inf, "exception", 0.0, traceback.format_exc()
-        worst = world.allreduce(worst, op=MPI.MAX)
-        ok = worst <= tol
-        failed += not ok
-        if world.Get_rank() == 0:
-            row = {"check": name, "ok": ok, "error": worst, "worst": worst_key, "detail": detail}
-            print(json.dumps(row), flush=True)
-    return 1 if failed else 0
+    return excess, f"{worst}: tp-vs-tp1 {errs[worst]:.2e}, bf16 noise {worst_noise[worst]:.2e}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_checks(0.0))

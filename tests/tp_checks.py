@@ -2,24 +2,21 @@
 
 Each check builds the reference on every rank from the same seed, the sharded version from slices of it, and
 compares forward outputs, input gradients and weight gradients (the weight-gradient shard against the slice of
-the reference gradient). Rank 0 prints one JSON line per check: {"check", "ok", "error", "detail"}, where
+the reference gradient). tests/rank_checks.py runs them: rank 0 prints one JSON line per check, where
 error is the worst absolute difference over all ranks. tests/test_tp_layers.py starts this and reads the lines.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import traceback
 
 import torch
-from mpi4py import MPI
+from rank_checks import G, P, R, check, gpt_and_its_shard, rnd, run_checks
 from torch import nn
 from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
-from hvdlm.model import GPT
 from hvdlm.parallel import collectives
 from hvdlm.parallel.layers import (
     VOCAB_MULTIPLE,
@@ -31,28 +28,14 @@ from hvdlm.parallel.layers import (
     vocab_parallel_cross_entropy,
 )
 from hvdlm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
-from hvdlm.parallel.topology import Group, Layout, make_tp_group
 from hvdlm.training.optim import clip_grad_norm
 
 TOL = 1e-5
-world = MPI.COMM_WORLD
-G: Group = make_tp_group(Layout(world.Get_rank(), world.Get_size(), world.Get_size()), world)
-P, R = G.size, G.rank
-CHECKS = {}
-
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
     return (a - b).abs().max().item()
-
-
-def rnd(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 # --- collectives --------------------------------------------------------------------------------------------
@@ -221,12 +204,7 @@ def vocab_parallel_cross_entropy_matches_f_cross_entropy():
 @check
 def gpt_shard_matches_the_unsharded_gpt():
     cfg = ModelConfig(n_layer=2, n_head=2 * P, d_model=8 * P, seq_len=12, vocab_size=256 + 1)  # padded vocab
-    torch.manual_seed(50)
-    ref = GPT(cfg)
-    torch.manual_seed(50)
-    par = GPT(cfg, G)
-    idx = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(51))
-    tgt = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(52))
+    ref, par, idx, tgt = gpt_and_its_shard(cfg, seed=50, batch=3)
     _, loss_ref = ref(idx, tgt)
     loss_ref.backward()
     _, loss = par(idx, tgt)
@@ -249,23 +227,5 @@ def gpt_shard_matches_the_unsharded_gpt():
     return errs
 
 
-def main() -> int:
-    failed = 0
-    for name, fn in CHECKS.items():
-        try:
-            errs, detail = fn(), ""
-            worst = max(errs.values())
-            worst_key = max(errs, key=errs.get)
-        except Exception:  # report it as a failed check; the other checks still run
-            worst, worst_key, detail = math.inf, "exception", traceback.format_exc()
-        worst = world.allreduce(worst, op=MPI.MAX)
-        ok = worst <= TOL
-        failed += not ok
-        if world.Get_rank() == 0:
-            row = {"check": name, "ok": ok, "error": worst, "worst": worst_key, "detail": detail}
-            print(json.dumps(row), flush=True)
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_checks(TOL))

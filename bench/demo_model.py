@@ -1,0 +1,52 @@
+"""The demo model (jobs/demo.toml) as the one-process benchmarks here set it up: its configuration with the
+vocabulary of its dataset, the batches of rank 0 of its data-parallel ranks, and the model and optimizer as the
+trainer builds them.
+
+bench/ is on sys.path when a script here runs; importing this puts the repository there too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from hvdlm.config import JobConfig, load_config  # noqa: E402
+from hvdlm.data import open_dataset  # noqa: E402
+from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
+from hvdlm.data.sampler import WindowSampler  # noqa: E402
+from hvdlm.model import GPT  # noqa: E402
+from hvdlm.training.optim import make_optimizer  # noqa: E402
+
+JOB = REPO / "jobs" / "demo.toml"
+
+
+def demo(threads: int):
+    """The demo's configuration and dataset (prepared if it is not yet), with `threads` torch threads; the model's
+    vocabulary is the dataset's, as training sets it."""
+    cfg = load_config(JOB)
+    torch.set_num_threads(threads)
+    data = open_dataset(ensure_dataset(cfg.data))
+    cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
+    return cfg, data
+
+
+def rank0_batches(cfg: JobConfig, data) -> WindowSampler:
+    """Rank 0 of the demo's data-parallel ranks: its share of each global batch."""
+    t = cfg.train
+    return WindowSampler(data.train, cfg.model.seq_len, t.batch_size, 0, cfg.launch.np, t.seed)
+
+
+def build(cfg: JobConfig, compiled: bool = False):
+    """The model from the run's seed and its optimizer; `compiled`: each block compiled in place, as
+    `train.compile = "on"` does."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    if compiled:
+        for block in model.blocks:
+            block.compile()
+    return model, make_optimizer(model, cfg.train)
