@@ -419,16 +419,16 @@ def _assemble(
     trainer = Trainer(
         cfg=cfg,
         topo=topo,
+        model=model,
+        # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
+        optimizer=distributed_optimizer(model, t, topo),
+        ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
         device=device,
         precision=precision,
         data=data,
         # All TP ranks of a replica see the same samples.
         train_batches=WindowSampler(data.train, shape.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
         val_batches=WindowSampler(data.val, shape.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
-        model=model,
-        # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
-        optimizer=distributed_optimizer(model, t, topo),
-        ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
         run_dir=start.run_dir,
         checkpoints=CheckpointManager(start.run_dir, cfg, topo, device),
         first_step=0,
