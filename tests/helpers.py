@@ -172,11 +172,12 @@ def mpirun_argv(np: int, program: list[str]) -> tuple[list[str], dict[str, str]]
     """mpirun's argv for `program` on np ranks of this machine, as `hvdlm launch` would build it but allowing more
     ranks than cores (--oversubscribe: the 4-rank TP x DP tests run on 2-core CI machines), and the environment it
     needs (this process's and the launch plan's)."""
-    from hvdlm.launch.commands import plan_launch  # here, so that conftest (which imports this file) imports no hvdlm
+    # Imported here, so that conftest (which imports this file) imports no hvdlm.
+    from hvdlm.launch.commands import LaunchOptions, LaunchRequest, plan_launch
 
     # The launch plan of one rank on this machine gives the flags and variables hvdlm uses (root permission,
     # yielding when idle, the BTL choices); only the rank count and --oversubscribe differ.
-    plan = plan_launch("mpirun", 1, None, None, program, threads=1, cycle_time_ms=5.0)
+    plan = plan_launch(LaunchRequest("mpirun", 1, program, threads=1), LaunchOptions(cycle_time_ms=5.0))
     argv = list(plan.argv)
     i = argv.index("-np")
     argv[i : i + 2] = ["-np", str(np), "--oversubscribe"]

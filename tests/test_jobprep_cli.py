@@ -13,8 +13,8 @@ from helpers import REPO, assert_imports_nothing_heavy, old_file_kept, run_cli
 
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import LaunchOptions, build_command, check_tp_layout, plan_launch
-from hvdlm.launch.sbatch import render, spec_from_config
+from hvdlm.launch.commands import CommandSpec, LaunchOptions, LaunchRequest, build_command, check_tp_layout, plan_launch
+from hvdlm.launch.sbatch import SlurmOverrides, render, spec_from_config
 
 
 def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):
@@ -201,10 +201,10 @@ def test_slurm_tasks_per_node_reaches_srun(hvdlm, tiny_job):
     cfg = load_config(tiny_job, ["slurm.ntasks_per_node=2"])
     opts = LaunchOptions.from_config(cfg)
     assert opts.tasks_per_node == 2
-    argv = build_command("srun", "srun", 4, ["prog"], opts)
+    argv = build_command(CommandSpec("srun", "srun", 4, ["prog"]), opts)
     assert "--ntasks-per-node=2" in argv
     # In a batch script srun inherits the allocation's tasks per node, which the command line may have changed.
-    script = render(spec_from_config(cfg, str(tiny_job), [], ntasks_per_node=4, venv=""))
+    script = render(spec_from_config(cfg, str(tiny_job), SlurmOverrides(ntasks_per_node=4, venv="")))
     assert "#SBATCH --ntasks-per-node=4" in script and "srun --mpi=pmix --ntasks-per-node" not in script
     reason = slurm_cluster.ensure_installed(slurm_cluster.CLIENT_TOOLS)
     if reason:
@@ -295,14 +295,16 @@ def test_sbatch_output_path_cannot_break_out_of_the_header(hvdlm, tmp_path):
 
 def test_sbatch_on_cpu_only_nodes_gives_each_rank_its_cores():
     cfg = load_config("jobs/demo.toml", ["launch.np=8"])
-    spec = spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, gpus_per_node=0, venv="/v")
+    spec = spec_from_config(cfg, "jobs/demo.toml", SlurmOverrides(nodes=2, gpus_per_node=0, venv="/v"))
     assert (spec.ntasks_per_node, spec.cpus_per_task) == (4, 1)
-    spec = spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, gpus_per_node=0, cpus_per_task=16, venv="/v")
+    spec = spec_from_config(
+        cfg, "jobs/demo.toml", SlurmOverrides(nodes=2, gpus_per_node=0, cpus_per_task=16, venv="/v")
+    )
     script = render(spec)
     assert "#SBATCH --ntasks-per-node=4" in script and "#SBATCH --cpus-per-task=16" in script
     assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK}"' in script
     assert "--gpus-per-node" not in script
-    gpu = spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, gpus_per_node=4, venv="/v")
+    gpu = spec_from_config(cfg, "jobs/demo.toml", SlurmOverrides(nodes=2, gpus_per_node=4, venv="/v"))
     assert (gpu.ntasks_per_node, gpu.cpus_per_task) == (4, 4)
 
 
@@ -314,7 +316,7 @@ def test_job_file_slurm_section_feeds_sbatch_and_launch(tmp_path):
         'modules = ["openmpi/5"]\n'
     )
     cfg = load_config(job)
-    script = render(spec_from_config(cfg, str(job), [], venv=""))
+    script = render(spec_from_config(cfg, str(job), SlurmOverrides(venv="")))
     for line in (
         "#SBATCH --nodes=3",
         "#SBATCH --gpus-per-node=2",
@@ -325,8 +327,8 @@ def test_job_file_slurm_section_feeds_sbatch_and_launch(tmp_path):
         assert line in script
     assert "-x WANDB_MODE" in script and "-mca btl_tcp_if_include ib0" in script
     # Command-line values win over the file.
-    assert "#SBATCH --nodes=1" in render(spec_from_config(cfg, str(job), [], nodes=1, venv=""))
-    plan = plan_launch("mpirun", 2, None, None, ["prog"], options=LaunchOptions.from_config(cfg))
+    assert "#SBATCH --nodes=1" in render(spec_from_config(cfg, str(job), SlurmOverrides(nodes=1, venv="")))
+    plan = plan_launch(LaunchRequest("mpirun", 2, ["prog"]), LaunchOptions.from_config(cfg))
     assert plan.env["NCCL_SOCKET_IFNAME"] == "ib0" and "WANDB_MODE" in plan.argv
 
 
@@ -412,8 +414,8 @@ def test_doctor_reports_a_missing_horovod_with_its_fix(hvdlm, tmp_path):
 
 def test_multi_node_horovodrun_scripts_say_they_need_ssh():
     cfg = load_config("jobs/demo.toml", ["launch.np=4"])
-    one = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=1, launcher="horovodrun", venv=""))
-    two = render(spec_from_config(cfg, "jobs/demo.toml", [], nodes=2, launcher="horovodrun", venv=""))
+    one = render(spec_from_config(cfg, "jobs/demo.toml", SlurmOverrides(nodes=1, launcher="horovodrun", venv="")))
+    two = render(spec_from_config(cfg, "jobs/demo.toml", SlurmOverrides(nodes=2, launcher="horovodrun", venv="")))
     assert "over ssh" in two and "over ssh" not in one
     assert "HOSTS=$(" in two and '-H "${HOSTS}"' in two
 

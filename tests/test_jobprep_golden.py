@@ -12,7 +12,7 @@ import pytest
 from golden_files import assert_golden
 from helpers import REPO, demo_sbatch_spec, run_cli
 
-from hvdlm.launch.commands import LaunchOptions, LaunchPlan, build_command, rank_env
+from hvdlm.launch.commands import CommandSpec, LaunchOptions, LaunchPlan, build_command, rank_env
 from hvdlm.launch.hostfile import FORMATS, render_hostfile
 from hvdlm.launch.hosts import Host
 from hvdlm.launch.sbatch import SbatchSpec, render
@@ -66,7 +66,7 @@ def test_launcher_commands(name):
     case = dict(COMMANDS[name])
     launcher, opts = case.pop("launcher"), case.pop("opts")
     env = rank_env(opts, launcher, threads=8)
-    argv = build_command(launcher, launcher, 8, PROGRAM, opts, env=env, **case)
+    argv = build_command(CommandSpec(launcher, launcher, 8, PROGRAM, env=env, **case), opts)
     assert_golden(f"command-{name}.txt", LaunchPlan(argv, env).display() + "\n")
 
 

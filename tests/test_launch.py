@@ -7,14 +7,16 @@ import pytest
 from helpers import sets
 
 from hvdlm.errors import InputError
-from hvdlm.launch.commands import plan_launch, threads_per_rank
+from hvdlm.launch.commands import LaunchOptions, LaunchRequest, plan_launch, threads_per_rank
 from hvdlm.launch.hosts import Host, parse_hosts, place_ranks, read_hostfile
 
 PROGRAM = ["python", "-m", "hvdlm", "train", "job.toml"]
 
 
 def test_mpirun_command_forwards_threads_and_places_by_slot():
-    plan = plan_launch("mpirun", 4, [Host("n1", 2), Host("n2", 2)], None, PROGRAM, threads=0, cycle_time_ms=5)
+    plan = plan_launch(
+        LaunchRequest("mpirun", 4, PROGRAM, [Host("n1", 2), Host("n2", 2)], threads=0), LaunchOptions(cycle_time_ms=5)
+    )
     argv = plan.argv
     assert argv[0].endswith("mpirun")
     assert argv[argv.index("-np") + 1] == "4"
@@ -29,8 +31,12 @@ def test_mpirun_command_forwards_threads_and_places_by_slot():
 
 
 def test_horovodrun_command_uses_the_chosen_controller():
-    gloo = plan_launch("horovodrun", 2, [Host("localhost", 2)], None, PROGRAM, controller="gloo").argv
-    mpi = plan_launch("horovodrun", 2, [Host("localhost", 2)], None, PROGRAM, controller="mpi").argv
+    gloo = plan_launch(
+        LaunchRequest("horovodrun", 2, PROGRAM, [Host("localhost", 2)]), LaunchOptions(controller="gloo")
+    ).argv
+    mpi = plan_launch(
+        LaunchRequest("horovodrun", 2, PROGRAM, [Host("localhost", 2)]), LaunchOptions(controller="mpi")
+    ).argv
     assert gloo[0].endswith("horovodrun") and "--gloo" in gloo and "--mpi" not in gloo
     assert "--mpi" in mpi and "--gloo" not in mpi
     assert gloo[gloo.index("-H") + 1] == "localhost:2"
@@ -39,7 +45,7 @@ def test_horovodrun_command_uses_the_chosen_controller():
 def test_hostfile_is_handed_to_the_launcher(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("n1 slots=2\nn2 slots=2\n")
-    argv = plan_launch("mpirun", 3, read_hostfile(hostfile), str(hostfile), PROGRAM).argv
+    argv = plan_launch(LaunchRequest("mpirun", 3, PROGRAM, read_hostfile(hostfile), str(hostfile))).argv
     assert argv[argv.index("--hostfile") + 1] == str(hostfile) and "-H" not in argv
 
 
@@ -49,7 +55,7 @@ def test_threads_per_rank_splits_the_cores(ranks, cores, expected):
 
 
 def test_root_needs_open_mpis_permission_variables():
-    env = plan_launch("mpirun", 1, None, None, PROGRAM).env
+    env = plan_launch(LaunchRequest("mpirun", 1, PROGRAM)).env
     assert ("OMPI_ALLOW_RUN_AS_ROOT" in env) == (os.geteuid() == 0)
 
 

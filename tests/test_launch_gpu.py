@@ -15,8 +15,10 @@ from hvdlm.errors import InputError
 from hvdlm.launch.commands import (
     CPU,
     GPU,
+    CommandSpec,
     LaunchOptions,
     LaunchPlan,
+    LaunchRequest,
     build_command,
     check_gpus_per_node,
     count_nvidia_smi,
@@ -27,7 +29,7 @@ from hvdlm.launch.commands import (
     visible_gpus,
 )
 from hvdlm.launch.hosts import Host
-from hvdlm.launch.sbatch import render, spec_from_config
+from hvdlm.launch.sbatch import SlurmOverrides, render, spec_from_config
 
 PROGRAM = ["python", "-m", "hvdlm", "train", "/shared/jobs/demo.toml", "--run-dir", "/shared/runs/demo"]
 HOSTS = [Host("node01", 4), Host("node02", 4)]
@@ -88,14 +90,14 @@ def test_gpu_ranks_neither_yield_nor_take_the_cpu_cycle_time():
     # A cycle time of the user's own applies to GPU ranks too, as horovodrun's option as well.
     own = LaunchOptions(cycle_time_ms=2.5)
     assert rank_env(own, "mpirun", 4, device=GPU)["HOROVOD_CYCLE_TIME"] == "2.5"
-    assert "--cycle-time-ms" in build_command("horovodrun", "horovodrun", 2, PROGRAM, own, device=GPU)
-    assert "--cycle-time-ms" not in build_command("horovodrun", "horovodrun", 2, PROGRAM, opts, device=GPU)
+    assert "--cycle-time-ms" in build_command(CommandSpec("horovodrun", "horovodrun", 2, PROGRAM, device=GPU), own)
+    assert "--cycle-time-ms" not in build_command(CommandSpec("horovodrun", "horovodrun", 2, PROGRAM, device=GPU), opts)
 
 
 def test_gpu_ranks_let_open_mpi_choose_ucx():
     opts = LaunchOptions()
-    cpu = build_command("mpirun", "mpirun", 2, PROGRAM, opts, hosts=HOSTS)
-    gpu = build_command("mpirun", "mpirun", 2, PROGRAM, opts, hosts=HOSTS, device=GPU)
+    cpu = build_command(CommandSpec("mpirun", "mpirun", 2, PROGRAM, hosts=HOSTS), opts)
+    gpu = build_command(CommandSpec("mpirun", "mpirun", 2, PROGRAM, hosts=HOSTS, device=GPU), opts)
     assert "ob1" in cpu and "ob1" not in gpu and "pml" not in gpu
     assert gpu[gpu.index("btl") + 1] == "^openib"  # the deprecated openib BTL stays off
 
@@ -121,7 +123,7 @@ def test_gpu_launcher_commands(name):
     case = dict(GPU_COMMANDS[name])
     launcher, opts = case.pop("launcher"), case.pop("opts")
     env = rank_env(opts, launcher, threads=8, device=GPU)
-    argv = build_command(launcher, launcher, 8, PROGRAM, opts, env=env, device=GPU, **case)
+    argv = build_command(CommandSpec(launcher, launcher, 8, PROGRAM, env=env, device=GPU, **case), opts)
     assert_golden(f"command-gpu-{name}.txt", LaunchPlan(argv, env).display() + "\n")
 
 
@@ -129,20 +131,22 @@ def test_gpu_launcher_commands(name):
 
 
 def test_env_reaches_open_mpi_ranks_through_x():
-    argv = build_command("mpirun", "mpirun", 2, PROGRAM, LaunchOptions(env=["WANDB_MODE"]), hosts=HOSTS)
+    argv = build_command(CommandSpec("mpirun", "mpirun", 2, PROGRAM, hosts=HOSTS), LaunchOptions(env=["WANDB_MODE"]))
     assert argv[argv.index("WANDB_MODE") - 1] == "-x"
 
 
 def test_env_reaches_mpich_ranks_with_the_whole_environment():
-    named = build_command("mpirun", "mpirun", 2, PROGRAM, LaunchOptions(mpi="mpich", env=["WANDB_MODE"]), hosts=HOSTS)
-    plain = build_command("mpirun", "mpirun", 2, PROGRAM, LaunchOptions(mpi="mpich"), hosts=HOSTS)
+    named = build_command(
+        CommandSpec("mpirun", "mpirun", 2, PROGRAM, hosts=HOSTS), LaunchOptions(mpi="mpich", env=["WANDB_MODE"])
+    )
+    plain = build_command(CommandSpec("mpirun", "mpirun", 2, PROGRAM, hosts=HOSTS), LaunchOptions(mpi="mpich"))
     assert "-genvall" in named and "-genvall" not in plain
     assert "-genvlist" not in named  # it would pass only the listed names: PATH and the rest would be lost
 
 
 def test_env_reaches_horovodrun_ranks_except_what_horovodrun_drops():
     opts = LaunchOptions(env=["WANDB_MODE", "CUDA_VISIBLE_DEVICES"])
-    argv = build_command("horovodrun", "horovodrun", 2, PROGRAM, opts, hosts=HOSTS)
+    argv = build_command(CommandSpec("horovodrun", "horovodrun", 2, PROGRAM, hosts=HOSTS), opts)
     assert "WANDB_MODE" not in argv  # horovodrun passes its whole environment by itself
     (note,) = env_notes("horovodrun", opts)
     assert "-x CUDA_VISIBLE_DEVICES is ignored" in note and "mpirun or srun" in note
@@ -152,7 +156,9 @@ def test_env_reaches_horovodrun_ranks_except_what_horovodrun_drops():
 @pytest.mark.parametrize("export", [None, "ALL", "ALL,FOO", "all"])
 def test_srun_passes_everything_by_default(export):
     opts = LaunchOptions(env=["WANDB_MODE"])
-    argv = build_command("srun", "srun", 2, PROGRAM, opts, env={"OMP_NUM_THREADS": "4"}, slurm_export=export)
+    argv = build_command(
+        CommandSpec("srun", "srun", 2, PROGRAM, env={"OMP_NUM_THREADS": "4"}, slurm_export=export), opts
+    )
     assert not any(a.startswith("--export") for a in argv)
 
 
@@ -165,7 +171,9 @@ def test_srun_passes_everything_by_default(export):
 )
 def test_srun_adds_the_names_to_a_narrowed_export(export, expected):
     opts = LaunchOptions(env=["WANDB_MODE"])
-    argv = build_command("srun", "srun", 2, PROGRAM, opts, env={"OMP_NUM_THREADS": "4"}, slurm_export=export)
+    argv = build_command(
+        CommandSpec("srun", "srun", 2, PROGRAM, env={"OMP_NUM_THREADS": "4"}, slurm_export=export), opts
+    )
     assert expected in argv and argv.index(expected) < argv.index("python")
 
 
@@ -174,28 +182,30 @@ def test_srun_adds_the_names_to_a_narrowed_export(export, expected):
 
 def test_a_gpu_job_here_without_gpus_is_refused_with_the_fix():
     with pytest.raises(InputError, match=r"shows none .* the job runs only here.*train.device=cpu"):
-        plan_launch("mpirun", 1, None, None, PROGRAM, train_device="cuda", gpus=0)
+        plan_launch(LaunchRequest("mpirun", 1, PROGRAM, train_device="cuda"), gpus=0)
     with pytest.raises(InputError, match="shows none"):
-        plan_launch("mpirun", 1, [Host("localhost", 1)], None, PROGRAM, train_device="cuda", gpus=0)
+        plan_launch(LaunchRequest("mpirun", 1, PROGRAM, [Host("localhost", 1)], train_device="cuda"), gpus=0)
 
 
 def test_a_gpu_job_with_more_ranks_here_than_gpus_is_refused():
     with pytest.raises(InputError, match=r"2 ranks would run on this machine, which shows 1 GPU\(s\). Use --np 1"):
-        plan_launch("mpirun", 2, None, None, PROGRAM, train_device="cuda", gpus=1)
+        plan_launch(LaunchRequest("mpirun", 2, PROGRAM, train_device="cuda"), gpus=1)
     with pytest.raises(InputError, match="2 of its ranks would run here"):
-        plan_launch("mpirun", 4, [Host("localhost", 2), Host("node02", 2)], None, PROGRAM, train_device="cuda", gpus=0)
+        plan_launch(
+            LaunchRequest("mpirun", 4, PROGRAM, [Host("localhost", 2), Host("node02", 2)], train_device="cuda"), gpus=0
+        )
 
 
 def test_gpu_jobs_that_fit_are_planned_with_gpu_tuning():
-    plan = plan_launch("mpirun", 2, None, None, PROGRAM, train_device="cuda", gpus=2)
+    plan = plan_launch(LaunchRequest("mpirun", 2, PROGRAM, train_device="cuda"), gpus=2)
     assert "ob1" not in plan.argv and "OMPI_MCA_mpi_yield_when_idle" not in plan.env
     # Only other machines' ranks: their GPUs cannot be seen from here, the job goes ahead.
-    remote = plan_launch("mpirun", 8, HOSTS, None, PROGRAM, train_device="cuda", gpus=0)
+    remote = plan_launch(LaunchRequest("mpirun", 8, PROGRAM, HOSTS, train_device="cuda"), gpus=0)
     assert "ob1" not in remote.argv
     # "auto" follows this machine's GPUs; "cpu" ignores them; srun's ranks are the allocation's business.
-    assert "ob1" not in plan_launch("mpirun", 1, None, None, PROGRAM, train_device="auto", gpus=1).argv
-    assert "ob1" in plan_launch("mpirun", 1, None, None, PROGRAM, train_device="auto", gpus=0).argv
-    assert "ob1" in plan_launch("mpirun", 2, None, None, PROGRAM, train_device="cpu", gpus=1).argv
+    assert "ob1" not in plan_launch(LaunchRequest("mpirun", 1, PROGRAM, train_device="auto"), gpus=1).argv
+    assert "ob1" in plan_launch(LaunchRequest("mpirun", 1, PROGRAM, train_device="auto"), gpus=0).argv
+    assert "ob1" in plan_launch(LaunchRequest("mpirun", 2, PROGRAM, train_device="cpu"), gpus=1).argv
 
 
 def test_launch_refuses_a_gpu_job_on_this_gpu_less_machine(hvdlm, tiny_job, monkeypatch):
@@ -235,7 +245,7 @@ def test_sbatch_refuses_more_ranks_than_gpus_per_node(hvdlm):
 
 def test_sbatch_gpu_scripts_get_gpu_tuning_and_cpu_scripts_keep_theirs():
     cfg = load_config("jobs/demo.toml")
-    gpu = render(spec_from_config(cfg, "jobs/demo.toml", [], gpus_per_node=4, launcher="mpirun", venv=""))
-    cpu = render(spec_from_config(cfg, "jobs/demo.toml", [], gpus_per_node=0, launcher="mpirun", venv=""))
+    gpu = render(spec_from_config(cfg, "jobs/demo.toml", SlurmOverrides(gpus_per_node=4, launcher="mpirun", venv="")))
+    cpu = render(spec_from_config(cfg, "jobs/demo.toml", SlurmOverrides(gpus_per_node=0, launcher="mpirun", venv="")))
     assert "yield_when_idle" not in gpu and "HOROVOD_CYCLE_TIME" not in gpu and "ob1" not in gpu
     assert "yield_when_idle=1" in cpu and "HOROVOD_CYCLE_TIME=5" in cpu and "-mca pml ob1" in cpu

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -72,7 +73,6 @@ def hostfile(
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node; 0: CPU-only (slurm.gpus_per_node).")
 @click.option(
     "--time",
-    "time_",
     default=None,
     metavar="TIME",
     help="Wall-clock limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (slurm.time).",
@@ -101,23 +101,7 @@ def hostfile(
 @set_option
 @output_option("Write the script here (- for stdout).")
 @click.option("--submit", is_flag=True, help="Submit it with sbatch and print the job id.")
-def sbatch(
-    job: str,
-    nodes: int | None,
-    gpus_per_node: int | None,
-    time_: str | None,
-    partition: str | None,
-    account: str | None,
-    launcher: str | None,
-    ntasks_per_node: int | None,
-    cpus_per_task: int | None,
-    venv: str | None,
-    job_name: str | None,
-    run_dir: str | None,
-    overrides: tuple[str, ...],
-    output: str | None,
-    submit: bool,
-) -> None:
+def sbatch(job: str, overrides: tuple[str, ...], output: str | None, submit: bool, **values: Any) -> None:
     """Render a Slurm batch script that trains JOB; print it, write it (-o) or submit it (--submit)."""
     from hvdlm.launch import sbatch as batch
 
@@ -129,26 +113,12 @@ def sbatch(
             "another file name, e.g. -o job.sbatch."
         )
     cfg = load_config(job, overrides)
-    spec = batch.spec_from_config(
-        cfg,
-        job,
-        list(overrides),
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        time=time_,
-        partition=partition,
-        account=account,
-        launcher=launcher,
-        run_dir=run_dir,
-        ntasks_per_node=ntasks_per_node,
-        cpus_per_task=cpus_per_task,
-        venv=venv,
-        command=shlex.join(["hvdlm", "sbatch", *sys.argv[2:]]),
-        script=script_file or "",
-        job_name=job_name,
-    )
+    # values: the [slurm] options above, by name (None where not given).
+    command = shlex.join(["hvdlm", "sbatch", *sys.argv[2:]])
+    cli = batch.SlurmOverrides(**values, sets=list(overrides), command=command, script=script_file or "")
+    spec = batch.spec_from_config(cfg, job, cli)
     batch.check_setup(spec.setup)  # before anything is written or submitted
-    explicit_venv = spec.venv and (venv is not None or cfg.slurm.venv)  # the running one needs no check
+    explicit_venv = spec.venv and (cli.venv is not None or cfg.slurm.venv)  # the running one needs no check
     notes = [batch.check_venv(spec.venv) if explicit_venv else "", batch.rank_note(cfg, spec)]
     script = batch.render(spec)
     if output:

@@ -80,33 +80,22 @@ def launch(
     """Start `hvdlm train JOB` on N ranks with mpirun, horovodrun or srun, printing the command first.
 
     Ctrl-C, SIGTERM or SIGHUP asks the ranks for a checkpoint and a stop (again: they end at once)."""
-    from hvdlm.launch.commands import LaunchOptions, plan_launch
+    from hvdlm.launch.commands import LaunchRequest, plan_launch
     from hvdlm.launch.preflight import check_before_launch
 
     overrides = with_init_from(overrides, init_from)
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
     check_resume(resume, run_dir)
-    launcher = launcher or cfg.launch.launcher
-    host_list = _host_list(hosts or cfg.launch.hosts or None, hostfile, launcher)
+    la = cfg.launch
+    launcher = launcher or la.launcher
+    host_list = _host_list(hosts or la.hosts or None, hostfile, launcher)
     run_dir = run_dir or str(default_run_dir(Path(job).stem))
     check_before_launch(cfg, Path(run_dir), resume, local_only=host_list is None and launcher != "srun")
-    la = cfg.launch
-    options = LaunchOptions.from_config(
-        cfg, mpi=mpi or la.mpi, nic=nic or la.nic, env=la.env + [name for name in forward if name not in la.env]
-    )
-    plan = plan_launch(
-        launcher,
-        np_ or cfg.launch.np,
-        host_list,
-        None,
-        _rank_program(job, run_dir, overrides, resume),
-        threads=cfg.train.threads,
-        options=options,
-        tp=cfg.parallel.tp,
-        train_device=cfg.train.device,  # CPU or GPU tuning, and a GPU job refused where no GPU can take it
-        # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
-        progress=not dry_run and sys.stdout.isatty(),
-    )
+    program = _rank_program(job, run_dir, overrides, resume)
+    # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
+    progress = not dry_run and sys.stdout.isatty()
+    request = LaunchRequest.from_config(cfg, launcher, np_ or la.np, program, hosts=host_list, progress=progress)
+    plan = plan_launch(request, _launch_options(cfg, mpi, nic, forward))
     for note in plan.notes:  # settings this launcher cannot honour, and why
         click.echo(note, err=True)
     click.echo(plan.display())
@@ -114,6 +103,16 @@ def launch(
         return
     sys.stdout.flush()
     sys.exit(_run(plan, launcher, job, run_dir))
+
+
+def _launch_options(cfg, mpi: str | None, nic: str | None, forward: tuple[str, ...]):
+    """The job's [launch] and [slurm] with the command line's --mpi, --nic and -x on top (a copy: cfg is kept)."""
+    from hvdlm.launch.commands import LaunchOptions
+
+    la = cfg.launch
+    return LaunchOptions.from_config(
+        cfg, mpi=mpi or la.mpi, nic=nic or la.nic, env=la.env + [name for name in forward if name not in la.env]
+    )
 
 
 def _host_list(hosts: str | None, hostfile: str | None, launcher: str):

@@ -170,7 +170,7 @@ def prepare(
     _check_replaceable(out, existing)
     staging = _make_staging(out)
     try:
-        report = _build(files, sources, staging, options, fingerprint, progress, log)
+        report = _build(_Inputs(files, sources, fingerprint), staging, options, progress, log)
         _publish(staging, out, fingerprint)
     except OSError as e:  # reading the sources reports its own errors: this is writing (a full or read-only disk)
         shutil.rmtree(staging, ignore_errors=True)
@@ -271,38 +271,55 @@ def _make_staging(out: Path) -> Path:
         ) from None
 
 
-def _build(
-    files: list[InputFile],
-    sources: list[str],
-    staging: Path,
-    options: PrepareOptions,
-    fingerprint: str,
-    progress: bool,
-    log,
-) -> PrepareReport:
-    start = time.perf_counter()
-    bpe_seconds = 0.0
-    if options.tokenizer == "bpe":
-        log(f"training a {options.vocab_size:,}-token BPE tokenizer on the training documents ...")
-        skipped = SkipReport()
-        texts = (
-            d.text
-            for _, d in read_documents(files, options.text_field, options.strict, skipped)
-            if not is_validation(d.name, options.val_fraction)
-        )
-        tokenizer = train_bpe(texts, options.vocab_size)
-        bpe_seconds = time.perf_counter() - start
-    elif options.tokenizer == "byte":
-        tokenizer = ByteTokenizer()
-    else:
-        tokenizer = load_pretrained_tokenizer(options.tokenizer)
+@dataclass
+class _Inputs:
+    files: list[InputFile]  # the documents' files, resolved
+    sources: list[str]  # as the user named them, for meta.json
+    fingerprint: str  # of the files and the options (fingerprint_of): an unchanged one needs no new prepare
 
-    result = _tokenize(files, tokenizer, staging, options, progress, force={})
+
+def _build(inputs: _Inputs, staging: Path, options: PrepareOptions, progress: bool, log) -> PrepareReport:
+    """The dataset in `staging`: the tokenizer, the token shards of both splits, meta.json (last)."""
+    start = time.perf_counter()
+    tokenizer = _make_tokenizer(inputs.files, options, log)
+    bpe_seconds = time.perf_counter() - start if options.tokenizer == "bpe" else 0.0
+    result = _tokenize(inputs.files, tokenizer, staging, options, progress, force={})
+    force = _check_split(result, len(inputs.files))
+    if force:
+        for split in SPLITS:
+            for path in staging.glob(f"{split}-*"):
+                path.unlink()
+        result = _tokenize(inputs.files, tokenizer, staging, options, progress, force=force)
+    meta = _write_meta(staging, tokenizer, result, inputs, options)
+    report = _report_from_meta(staging, meta, up_to_date=False)
+    report.seconds, report.bpe_seconds = time.perf_counter() - start, bpe_seconds
+    return report
+
+
+def _make_tokenizer(files: list[InputFile], options: PrepareOptions, log):
+    """The byte tokenizer, a pretrained one, or a BPE tokenizer trained here on the training split's documents."""
+    if options.tokenizer == "byte":
+        return ByteTokenizer()
+    if options.tokenizer != "bpe":
+        return load_pretrained_tokenizer(options.tokenizer)
+    log(f"training a {options.vocab_size:,}-token BPE tokenizer on the training documents ...")
+    skipped = SkipReport()
+    texts = (
+        d.text
+        for _, d in read_documents(files, options.text_field, options.strict, skipped)
+        if not is_validation(d.name, options.val_fraction)
+    )
+    return train_bpe(texts, options.vocab_size)
+
+
+def _check_split(result: _Tokenized, input_files: int) -> dict[str, str]:
+    """Refuse sources with fewer than two documents. Returns the documents to tokenize again into the other
+    split ({}: none) when one split came out empty."""
     docs = sum(w.documents for w in result.writers.values())
     if docs == 0:
         what = f" Skipped: {result.skipped.describe()}." if result.skipped.total else ""
         raise InputError(
-            f"the sources hold no usable documents ({len(files)} input files).{what} Check the paths, the --glob "
+            f"the sources hold no usable documents ({input_files} input files).{what} Check the paths, the --glob "
             "patterns and --text-field, or pass other sources."
         )
     if docs == 1:
@@ -310,14 +327,14 @@ def _build(
             "the sources hold a single document, and the train / validation split is by document. Pass at least "
             "two documents (for example, split the text into several files)."
         )
-    if not result.writers["val"].documents or not result.writers["train"].documents:
-        # A small corpus can hash every document into one split: move the one nearest the threshold across.
-        for split in SPLITS:
-            for path in staging.glob(f"{split}-*"):
-                path.unlink()
-        force = {result.lowest: "val"} if not result.writers["val"].documents else {result.highest: "train"}
-        result = _tokenize(files, tokenizer, staging, options, progress, force=force)
+    if result.writers["val"].documents and result.writers["train"].documents:
+        return {}
+    # A small corpus can hash every document into one split: move the one nearest the threshold across.
+    return {result.lowest: "val"} if not result.writers["val"].documents else {result.highest: "train"}
 
+
+def _write_meta(staging: Path, tokenizer, result: _Tokenized, inputs: _Inputs, options: PrepareOptions) -> dict:
+    """Close the shards, save the tokenizer and write meta.json, which makes `staging` a complete dataset."""
     shards = {split: w.close() for split, w in result.writers.items()}
     tokenizer.save(staging)
     meta = {
@@ -330,11 +347,11 @@ def _build(
         },
         "bytes": result.bytes,
         "skipped": dict(result.skipped.counts),
-        "sources": list(sources) or ["stdlib"],
-        "input_files": len(files),
+        "sources": list(inputs.sources) or ["stdlib"],
+        "input_files": len(inputs.files),
         "options": options.shaping(),
         "content_hash": "sha256:" + result.content_hash,
-        "inputs_fingerprint": fingerprint,
+        "inputs_fingerprint": inputs.fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hvdlm_version": __version__,
     }
@@ -344,9 +361,7 @@ def _build(
     os.chmod(staging, 0o777 & ~umask)
     # meta.json last: a directory with a meta.json is a complete dataset.
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    report = _report_from_meta(staging, meta, up_to_date=False)
-    report.seconds, report.bpe_seconds = time.perf_counter() - start, bpe_seconds
-    return report
+    return meta
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Launcher command lines as argv lists (shell-quoted only for display), and the environment ranks need.
 
 Four launchers: Open MPI's mpirun, MPICH's (Hydra) mpirun, horovodrun, and srun. `build_command` is pure (the
-launcher's executable, hosts and the caller's environment come in as arguments), so the same code renders the
+launcher's executable, hosts and the caller's environment come in a CommandSpec), so the same code renders the
 line of a batch script and the command `hvdlm launch` runs; `plan_launch` fills in this machine's facts.
 """
 
@@ -298,45 +298,49 @@ def rank_env(
     return env
 
 
-def build_command(
-    launcher: str,
-    executable: str,
-    np: int | str,
-    program: list[str],
-    opts: LaunchOptions,
-    hosts: list[Host] | ShellVar | None = None,
-    hostfile: str | None = None,
-    env: Mapping[str, str] | None = None,
-    present: Collection[str] = (),
-    local: bool = False,
-    device: str = CPU,
-    slurm_export: str | None = None,
-) -> list[str]:
-    """The launcher's argv.
+@dataclass
+class CommandSpec:
+    """Everything `build_command` turns into a launcher's argv besides the LaunchOptions, given as values so
+    that it stays pure: the same spec renders a batch script's launch line and the command `hvdlm launch` runs.
 
-    hosts: None (and no hostfile) lets the launcher find them (this machine, or the Slurm allocation); a ShellVar
-    names a batch-script variable holding host:slots,... at run time. env: what rank_env set. present: the
-    caller's variable names (which Open MPI's -x may forward). device: CPU or GPU ranks (rank_device).
-    slurm_export: the caller's SLURM_EXPORT_ENV (srun's --export when not given), None when unset.
+    np and hosts may be ShellVars, a batch script's variables filled at run time (hosts: host:slots,...).
+    """
+
+    launcher: str
+    executable: str  # the launcher's path (find_executable), or its bare name in a batch script
+    np: int | str
+    program: list[str]
+    # None (and no hostfile) lets the launcher find them (this machine, or the Slurm allocation).
+    hosts: list[Host] | ShellVar | None = None
+    hostfile: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)  # what rank_env set
+    present: Collection[str] = ()  # the caller's variable names (which Open MPI's -x may forward)
+    local: bool = False  # every rank on this machine (Open MPI's shared-memory copy mechanism is set)
+    device: str = CPU  # CPU or GPU ranks (rank_device)
+    slurm_export: str | None = None  # the caller's SLURM_EXPORT_ENV (srun's --export when not given); None: unset
+
+
+def build_command(spec: CommandSpec, opts: LaunchOptions) -> list[str]:
+    """The launcher's argv.
 
     launch.env (-x NAME) reaches the ranks with every launcher, each in its own way (see env_notes for the
     names one cannot pass).
     """
     opts.check()
-    check_choice("launcher", launcher, choices(LaunchConfig, "launcher"))
-    env = env or {}
-    argv = [executable]
-    if launcher == "srun":
-        return argv + _srun_options(np, hosts, hostfile, opts) + _srun_export(slurm_export, opts, env) + program
-    argv += ["-np", str(np)] if not isinstance(np, ShellVar) else ["-np", np]
-    if launcher == "horovodrun":
+    check_choice("launcher", spec.launcher, choices(LaunchConfig, "launcher"))
+    argv, hosts, hostfile = [spec.executable], spec.hosts, spec.hostfile
+    if spec.launcher == "srun":
+        srun = _srun_options(spec.np, hosts, hostfile, opts) + _srun_export(spec.slurm_export, opts, spec.env)
+        return argv + srun + spec.program
+    argv += ["-np", str(spec.np)] if not isinstance(spec.np, ShellVar) else ["-np", spec.np]
+    if spec.launcher == "horovodrun":
         argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
-        return argv + _horovodrun_options(opts, device) + program
+        return argv + _horovodrun_options(opts, spec.device) + spec.program
     if opts.launch.mpi == "mpich":
         argv += ["-f", hostfile] if hostfile else ["-hosts", _host_list(hosts)] if hosts else []
-        return argv + _mpich_options(opts) + program
+        return argv + _mpich_options(opts) + spec.program
     argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
-    return argv + _openmpi_options(opts, env, present, local, device) + program
+    return argv + _openmpi_options(opts, spec.env, spec.present, spec.local, spec.device) + spec.program
 
 
 def _mpich_options(opts: LaunchOptions) -> list[str]:
@@ -444,71 +448,91 @@ def _srun_options(np: int | str, hosts: list[Host] | None, hostfile: str | None,
     return argv
 
 
-def plan_launch(
-    launcher: str,
-    np: int,
-    hosts: list[Host] | None,
-    hostfile: str | None,
-    program: list[str],
-    controller: str = "gloo",
-    threads: int = 0,
-    cycle_time_ms: float = 0.0,
-    progress: bool = False,
-    options: LaunchOptions | None = None,
-    tp: int = 1,
-    train_device: str = CPU,
-    gpus: int | None = None,
-) -> LaunchPlan:
-    """The full command for `np` ranks of `program` under `launcher`, on this machine or the given hosts.
-
-    `train_device` is the job's train.device ("auto" | "cuda" | "cpu"; CPU ranks when left out), `gpus` this
-    machine's visible GPUs (None: look, when `train_device` needs it); together they choose CPU or GPU tuning
-    (rank_device), and a "cuda" job that this machine's GPUs cannot hold is refused before anything starts.
+@dataclass
+class LaunchRequest:
+    """What `plan_launch` is asked to start: `np` ranks of `program` under `launcher`, here or on the given hosts.
 
     `hosts` is None for this machine alone (srun: the allocation); with `hostfile` (a file already in the
     launcher's own format), `hosts` holds what it lists (for the slot check) and the launcher is handed the file.
     `hvdlm launch --hostfile` does not pass its file on: it reads any of the formats read_hostfile accepts, which
-    no launcher reads in full, and hands the launcher the parsed hosts instead (-H / -hosts). `options` (from
-    the job's [launch]) wins over the older `controller` / `cycle_time_ms` arguments.
+    no launcher reads in full, and hands the launcher the parsed hosts instead (-H / -hosts).
     """
-    opts = options or LaunchOptions(controller=controller, cycle_time_ms=cycle_time_ms)
+
+    launcher: str
+    np: int
+    program: list[str]
+    hosts: list[Host] | None = None
+    hostfile: str | None = None
+    threads: int = 0  # OMP_NUM_THREADS per rank; 0: this machine's cores shared by its ranks
+    progress: bool = False  # rank 0 draws a progress bar (a person watches the launcher's output)
+    tp: int = 1  # parallel.tp: the rank layout must hold whole tensor-parallel groups
+    train_device: str = CPU  # the job's train.device ("auto" | "cuda" | "cpu"); CPU ranks when left out
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, launcher: str, np: int, program: list[str], **keys: Any) -> LaunchRequest:
+        """The job's ranks: its train.threads, parallel.tp and train.device; `keys` set the other fields."""
+        return cls(
+            launcher, np, program, threads=cfg.train.threads, tp=cfg.parallel.tp, train_device=cfg.train.device, **keys
+        )
+
+
+def plan_launch(request: LaunchRequest, options: LaunchOptions | None = None, gpus: int | None = None) -> LaunchPlan:
+    """The full command for the request, with this machine's facts filled in: the launcher's path, the cores
+    per rank, the GPUs, the caller's environment.
+
+    `options` is the job's [launch] and [slurm] (None: Horovod's own settings). `gpus` is this machine's visible
+    GPUs (None: look, when the job's train.device needs it); with train.device it chooses CPU or GPU tuning
+    (rank_device), and a "cuda" job that this machine's GPUs cannot hold is refused before anything starts.
+    """
+    opts = options or LaunchOptions()
+    launcher, np, hosts, local = request.launcher, request.np, request.hosts, request.hosts is None
     check_choice("launcher", launcher, choices(LaunchConfig, "launcher"))
-    check_tp_layout(tp, np, launcher, opts.launch.controller)
-    local = hosts is None
-    if launcher == "srun":
-        per_host = [opts.slurm.ntasks_per_node or np] if local else place_ranks(hosts, np)
-        cores = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
-    else:
-        per_host = place_ranks(hosts or [Host(LOCALHOST, local_cores())], np)
-        cores = None
+    check_tp_layout(request.tp, np, launcher, opts.launch.controller)
+    per_host, cores = _ranks_per_host(request, opts)
     if not local:  # slots fill in host order: each host's share of the ranks must hold whole TP groups
         for count in per_host:
             if count:
-                check_tp_layout(tp, np, launcher, opts.launch.controller, ranks_per_node=count)
-    gpus_here = (local_gpus() if gpus is None else gpus) if train_device != CPU else 0
-    kind = rank_device(train_device, launcher, gpus_here, opts.slurm.gpus_per_node)
-    if launcher != "srun":  # srun's ranks run on the allocation's nodes, whose GPUs Slurm hands out
-        placed = list(zip(hosts or [Host(LOCALHOST, 0)], per_host))
-        here = sum(count for host, count in placed if is_this_machine(host.name))
-        check_local_gpus(train_device, here, gpus_here, only_here=all(is_this_machine(h.name) for h, _ in placed))
-    env = rank_env(opts, launcher, threads or threads_per_rank(max(per_host), cores), progress, kind)
+                check_tp_layout(request.tp, np, launcher, opts.launch.controller, ranks_per_node=count)
+    kind = _check_devices(request, opts, per_host, gpus)
+    threads = request.threads or threads_per_rank(max(per_host), cores)
+    env = rank_env(opts, launcher, threads, request.progress, kind)
     if launcher != "srun":  # srun starts the ranks without Open MPI's launcher
         env.update(root_env())
-    argv = build_command(
+    spec = CommandSpec(
         launcher,
         find_executable(launcher),
         np,
-        program,
-        opts,
+        request.program,
         hosts=hosts if launcher == "srun" else hosts or [Host(LOCALHOST, local_cores())],
-        hostfile=hostfile,
+        hostfile=request.hostfile,
         env=env,
         present=os.environ.keys(),
         local=local,
         device=kind,
         slurm_export=os.environ.get("SLURM_EXPORT_ENV"),
     )
-    return LaunchPlan(argv=argv, env=env, notes=env_notes(launcher, opts))
+    return LaunchPlan(argv=build_command(spec, opts), env=env, notes=env_notes(launcher, opts))
+
+
+def _ranks_per_host(request: LaunchRequest, opts: LaunchOptions) -> tuple[list[int], int | None]:
+    """How many of the ranks each host runs, and the cores of a node when Slurm says (None: this machine's)."""
+    if request.launcher == "srun":
+        local = request.hosts is None
+        per_host = [opts.slurm.ntasks_per_node or request.np] if local else place_ranks(request.hosts, request.np)
+        return per_host, int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
+    return place_ranks(request.hosts or [Host(LOCALHOST, local_cores())], request.np), None
+
+
+def _check_devices(request: LaunchRequest, opts: LaunchOptions, per_host: list[int], gpus: int | None) -> str:
+    """CPU or GPU ranks (rank_device); refuses a GPU job whose ranks here this machine's GPUs cannot hold."""
+    device, launcher = request.train_device, request.launcher
+    gpus_here = (local_gpus() if gpus is None else gpus) if device != CPU else 0
+    kind = rank_device(device, launcher, gpus_here, opts.slurm.gpus_per_node)
+    if launcher != "srun":  # srun's ranks run on the allocation's nodes, whose GPUs Slurm hands out
+        placed = list(zip(request.hosts or [Host(LOCALHOST, 0)], per_host))
+        here = sum(count for host, count in placed if is_this_machine(host.name))
+        check_local_gpus(device, here, gpus_here, only_here=all(is_this_machine(h.name) for h, _ in placed))
+    return kind
 
 
 # Linux refuses a single argument longer than 128 KiB (MAX_ARG_STRLEN) when it starts a program.

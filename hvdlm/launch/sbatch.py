@@ -23,6 +23,7 @@ from hvdlm.launch.commands import (
     CPU,
     GPU,
     ROOT_VARIABLES,
+    CommandSpec,
     LaunchOptions,
     build_command,
     check_gpus_per_node,
@@ -48,6 +49,27 @@ DEFAULT_CPUS_PER_CPU_RANK = 1
 # Seconds between Slurm's warning signal and the time limit: a checkpoint of a large model on a busy parallel file
 # system takes tens of seconds, and Slurm may send the signal up to 60 s early or late (its event resolution).
 WARNING_SECONDS = 120
+
+
+@dataclass
+class SlurmOverrides:
+    """What `hvdlm sbatch`'s command line says. A value left None keeps the job file's [slurm] value (or, where
+    that is 0 or empty, the derived default); see spec_from_config."""
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None  # 0: CPU-only nodes
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    launcher: str | None = None
+    ntasks_per_node: int | None = None  # must be positive when given
+    cpus_per_task: int | None = None  # must be positive when given
+    venv: str | None = None  # "": activate none
+    job_name: str | None = None
+    run_dir: str | None = None
+    sets: list[str] = field(default_factory=list)  # the --set items, handed on to every rank
+    command: str = ""  # the hvdlm command that makes the script, for its header
+    script: str = ""  # where the script is written, for its header
 
 
 @dataclass
@@ -231,37 +253,58 @@ def rank_note(cfg: JobConfig, spec: SbatchSpec) -> str:
     )
 
 
-def spec_from_config(
-    cfg: JobConfig,
-    job_file: str,
-    overrides: list[str],
-    nodes: int | None = None,
-    gpus_per_node: int | None = None,
-    time: str | None = None,
-    partition: str | None = None,
-    account: str | None = None,
-    launcher: str | None = None,
-    run_dir: str | None = None,
-    ntasks_per_node: int | None = None,
-    cpus_per_task: int | None = None,
-    venv: str | None = None,
-    command: str = "",
-    script: str = "",
-    job_name: str | None = None,
-) -> SbatchSpec:
+def spec_from_config(cfg: JobConfig, job_file: str, overrides: SlurmOverrides) -> SbatchSpec:
     """Command-line values win over the job file's [slurm] section, which wins over the defaults."""
-    sl = cfg.slurm
-    nodes = sl.nodes if nodes is None else nodes
-    gpus = sl.gpus_per_node if gpus_per_node is None else gpus_per_node
-    launcher = launcher or sl.launcher
+    sl, cli = cfg.slurm, overrides
+    nodes = sl.nodes if cli.nodes is None else cli.nodes
+    gpus = sl.gpus_per_node if cli.gpus_per_node is None else cli.gpus_per_node
+    launcher = cli.launcher or sl.launcher
     if nodes <= 0:
         raise InputError(f"--nodes must be positive, got {nodes}.")
+    tasks, cpus = _rank_layout(cfg, cli, nodes, gpus)
+    # srun's steps ask for the GPUs the job asked for, and inherit its tasks per node (#SBATCH, where
+    # --ntasks-per-node may have won).
+    options = LaunchOptions.from_config(cfg, gpus_per_node=gpus, ntasks_per_node=0)
+    check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks)
+    check_gpus_per_node(cfg.train.device, tasks, gpus)
+    venv = cli.venv
+    if venv is None:
+        venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
+    spec = SbatchSpec(
+        job_name=cli.job_name or default_job_name(job_file),
+        job_file=str(Path(job_file).resolve()),
+        nodes=nodes,
+        gpus_per_node=gpus,
+        ntasks_per_node=tasks,
+        cpus_per_task=cpus,
+        time=cli.time or sl.time,
+        launcher=launcher,
+        options=options,
+        run_dir=cli.run_dir or "",
+        overrides=list(cli.sets),
+        partition=cli.partition or sl.partition,
+        account=cli.account or sl.account,
+        modules=list(sl.modules),
+        venv=venv,
+        python="python" if venv else sys.executable,
+        setup=list(sl.setup),
+        directives=list(sl.directives),
+        command=cli.command,
+        script=cli.script,
+    )
+    spec.check()
+    return spec
+
+
+def _rank_layout(cfg: JobConfig, cli: SlurmOverrides, nodes: int, gpus: int) -> tuple[int, int]:
+    """Tasks per node and cores per task: the command line's, else the job file's, else derived."""
+    sl = cfg.slurm
     # 0 in the job file means "derive it"; on the command line a value must be meant, so 0 is refused, not
     # silently replaced by the default.
-    for what, value in (("--ntasks-per-node", ntasks_per_node), ("--cpus-per-task", cpus_per_task)):
+    for what, value in (("--ntasks-per-node", cli.ntasks_per_node), ("--cpus-per-task", cli.cpus_per_task)):
         if value is not None and value <= 0:
             raise InputError(f"{what} must be positive, got {value}. Leave it out for the default.")
-    tasks = ntasks_per_node or sl.ntasks_per_node or gpus
+    tasks = cli.ntasks_per_node or sl.ntasks_per_node or gpus
     if not tasks:
         # CPU-only nodes: the job's ranks, spread evenly.
         if cfg.launch.np % nodes:
@@ -270,38 +313,8 @@ def spec_from_config(
                 "--ntasks-per-node (ranks per node), or an np that the node count divides."
             )
         tasks = cfg.launch.np // nodes
-    cpus = cpus_per_task or sl.cpus_per_task or (DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK)
-    # srun's steps ask for the GPUs the job asked for, and inherit its tasks per node (#SBATCH, where
-    # --ntasks-per-node may have won).
-    options = LaunchOptions.from_config(cfg, gpus_per_node=gpus, ntasks_per_node=0)
-    check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks)
-    check_gpus_per_node(cfg.train.device, tasks, gpus)
-    if venv is None:
-        venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
-    spec = SbatchSpec(
-        job_name=job_name or default_job_name(job_file),
-        job_file=str(Path(job_file).resolve()),
-        nodes=nodes,
-        gpus_per_node=gpus,
-        ntasks_per_node=tasks,
-        cpus_per_task=cpus,
-        time=time or sl.time,
-        launcher=launcher,
-        options=options,
-        run_dir=run_dir or "",
-        overrides=list(overrides),
-        partition=partition or sl.partition,
-        account=account or sl.account,
-        modules=list(sl.modules),
-        venv=venv,
-        python="python" if venv else sys.executable,
-        setup=list(sl.setup),
-        directives=list(sl.directives),
-        command=command,
-        script=script,
-    )
-    spec.check()
-    return spec
+    default_cpus = DEFAULT_CPUS_PER_GPU_RANK if gpus else DEFAULT_CPUS_PER_CPU_RANK
+    return tasks, cli.cpus_per_task or sl.cpus_per_task or default_cpus
 
 
 def render(spec: SbatchSpec) -> str:
@@ -363,14 +376,13 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
             lines.append("# horovodrun starts the other nodes' ranks over ssh: they must accept this user's key.")
         lines.append(f"HOSTS=$({shlex.quote(spec.python)} -m hvdlm hostfile --from slurm --format horovod)")
         hosts = ShellVar("${HOSTS}")
-        argv = build_command(
-            "horovodrun", "horovodrun", ntasks, program, spec.options, hosts=hosts, env=env, device=_device(spec)
-        )
+        command = CommandSpec("horovodrun", "horovodrun", ntasks, program, hosts=hosts, env=env, device=_device(spec))
     else:
         # mpirun finds the hosts in the Slurm allocation by itself; srun uses it directly.
-        argv = build_command(
-            spec.launcher, spec.launcher, ntasks, program, spec.options, env=env, present=["PATH"], device=_device(spec)
+        command = CommandSpec(
+            spec.launcher, spec.launcher, ntasks, program, env=env, present=["PATH"], device=_device(spec)
         )
+    argv = build_command(command, spec.options)
     launcher = argv[: len(argv) - len(program)]
     return lines + [
         *_preemption_lines(spec.launcher),
