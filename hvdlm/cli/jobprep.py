@@ -71,12 +71,7 @@ def hostfile(
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--nodes", type=int, default=None, help="Nodes (default: slurm.nodes).")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node; 0: CPU-only (slurm.gpus_per_node).")
-@click.option(
-    "--time",
-    default=None,
-    metavar="TIME",
-    help="Wall-clock limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (slurm.time).",
-)
+@click.option("--time", metavar="TIME", help="Wall-clock limit, e.g. 02:00:00 or 1-12:00:00 (slurm.time).")
 @click.option("--partition", default=None, help="Partition (slurm.partition).")
 @click.option("--account", default=None, help="Account to charge (slurm.account).")
 @click.option(
