@@ -59,6 +59,11 @@ class ModelConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms
 
 
+# The keys that shape a model's tensors (or cut them differently: n_head): weights load only where they agree.
+# vocab_size is not among them: a larger vocabulary is padding, and checkpoints are checked tensor by tensor.
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "bias")
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1  # ranks per model replica (tensor parallel); divides the ranks and n_head; data parallel = ranks / tp

@@ -13,6 +13,7 @@ import torch
 
 from hvdlm.checkpoint.format import load_checkpoint
 from hvdlm.checkpoint.store import shard_paths
+from hvdlm.config import MODEL_SHAPE_KEYS
 from hvdlm.errors import InputError
 from hvdlm.parallel.layers import Sharding, full_shape, merge, shard
 
@@ -89,7 +90,7 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
     their_cfg = full_state.get("config", {}).get("model", {})
     our_cfg = model.cfg.__dict__ if hasattr(model, "cfg") else {}
     # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads.
-    for key in ("n_layer", "n_head", "d_model", "seq_len", "bias"):
+    for key in MODEL_SHAPE_KEYS:
         if key in their_cfg and key in our_cfg and their_cfg[key] != our_cfg[key]:
             problems.append(f"{key} is {their_cfg[key]} there, {our_cfg[key]} here")
     if problems:

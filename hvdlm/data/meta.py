@@ -16,6 +16,9 @@ from pathlib import Path
 from hvdlm.errors import InputError
 
 META_FILE = "meta.json"
+# The dataset directory's format (shards, document index, meta.json); here, not beside the numpy shard code, so
+# that login-node commands (hvdlm launch checks a dataset before it starts) read it without numpy.
+FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 # Keys only hvdlm's prepare writes together: their presence tells an hvdlm dataset from someone else's meta.json.
 MARKERS = ("format_version", "inputs_fingerprint", "content_hash", "splits", "tokenizer")
@@ -80,8 +83,6 @@ def _holds_user_files(directory: Path) -> bool:
 
 def load_meta(directory: Path) -> dict:
     """A dataset's meta.json, checked for every key the readers use; an InputError names what is wrong."""
-    from hvdlm.data.shards import FORMAT_VERSION  # here, not at the top: the shard format module imports numpy
-
     directory = Path(directory)
     if not (directory / META_FILE).exists():
         raise InputError(f"'{directory}' is not a prepared dataset (no meta.json). {prepare_advice(directory)}.")

@@ -22,8 +22,16 @@ from pathlib import Path
 
 from hvdlm import __version__
 from hvdlm.config import DataConfig, choices
-from hvdlm.data.meta import SPLITS, damaged_shard, foreign_files, is_dataset_meta, meta_problem, read_meta
-from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, ShardWriter, token_dtype
+from hvdlm.data.meta import (
+    FORMAT_VERSION,
+    SPLITS,
+    damaged_shard,
+    foreign_files,
+    is_dataset_meta,
+    meta_problem,
+    read_meta,
+)
+from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, token_dtype
 from hvdlm.data.sources import (
     LENIENT_REASONS,
     InputFile,

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MB of uint16 per shard
 
 

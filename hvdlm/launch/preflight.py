@@ -12,19 +12,16 @@ import socket
 import sys
 from pathlib import Path
 
-from hvdlm.config import JobConfig
-from hvdlm.data.meta import META_FILE, SPLITS, damaged_shard, meta_problem, read_meta
+from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig
+from hvdlm.data.meta import META_FILE, SPLITS, load_meta
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import local_gpus
-from hvdlm.training.metrics import METRICS_FILE
+from hvdlm.training.metrics import refuse_to_overwrite
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-# The keys that shape a model's tensors (or cut them differently, n_head): a checkpoint loads only where they agree.
-SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "bias")
 
 
 def check_before_launch(cfg: JobConfig, run_dir: Path, resume: str | None, local_only: bool) -> None:
@@ -36,12 +33,9 @@ def check_before_launch(cfg: JobConfig, run_dir: Path, resume: str | None, local
 
 
 def _check_run_dir(run_dir: Path, resume: str | None, cfg: JobConfig) -> None:
-    if resume is None and (run_dir / METRICS_FILE).exists():
-        raise InputError(
-            f"run directory '{run_dir}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
-            "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
-        )
-    if resume is not None:
+    if resume is None:
+        refuse_to_overwrite(run_dir)
+    else:
         _check_same_shape(run_dir, cfg)
 
 
@@ -53,7 +47,9 @@ def _check_same_shape(run_dir: Path, cfg: JobConfig) -> None:
     except (OSError, ValueError):  # no run yet (a first start with --resume auto), or not ours: the ranks decide
         return
     ours = cfg.model.__dict__
-    differ = [f"{k} is {theirs[k]} there, {ours[k]} here" for k in SHAPE_KEYS if k in theirs and theirs[k] != ours[k]]
+    differ = [
+        f"{k} is {theirs[k]} there, {ours[k]} here" for k in MODEL_SHAPE_KEYS if k in theirs and theirs[k] != ours[k]
+    ]
     if differ:
         raise InputError(
             f"the run in '{run_dir}' trains another model than this job: {'; '.join(differ)} (its config.toml). "
@@ -76,13 +72,7 @@ def _check_dataset(cfg: JobConfig) -> None:
             f"with `hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty for the built-in "
             "corpus."
         )
-    meta = read_meta(path)
-    problem = meta_problem(meta) or damaged_shard(path, meta)
-    if problem:
-        raise InputError(
-            f"dataset at {path} is damaged or not an hvdlm dataset: {problem}; prepare it again with "
-            f"`hvdlm data prepare SOURCES... --out {path}`."
-        )
+    meta = load_meta(path)  # damaged, foreign or of another format version: its own advice
     window = cfg.model.seq_len + 1
     for split in SPLITS:
         longest = max((shard["tokens"] for shard in meta["splits"][split]["shards"]), default=0)

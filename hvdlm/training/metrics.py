@@ -17,12 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A new run never writes over an old one: metrics.jsonl marks a run directory that holds a run."""
+    if (Path(run_dir) / METRICS_FILE).exists():
+        raise InputError(
+            f"run directory '{run_dir}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
+            "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
+        )
 
 
 class RunLogger:
@@ -52,6 +60,8 @@ class RunLogger:
                 self._writer = _summary_writer(run_dir / TENSORBOARD_DIR, resume_step)
         # A bar only where someone watches: a terminal, or `hvdlm launch` run from one (HVDLM_PROGRESS=1).
         if os.environ.get("HVDLM_PROGRESS") == "1" or sys.stderr.isatty():
+            from tqdm import tqdm  # only where a bar is drawn: job-prep commands import this module
+
             self._bar = tqdm(
                 total=max_steps,
                 initial=resume_step or 0,

@@ -25,7 +25,7 @@ from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write
 from hvdlm.parallel.agreement import rank0_decides, together
-from hvdlm.training.metrics import METRICS_FILE
+from hvdlm.training.metrics import refuse_to_overwrite
 
 
 @dataclass
@@ -70,11 +70,8 @@ def prepare_run_dir(start: Start, config_toml: str, resume_step: int | None) -> 
 
     def prepare() -> None:
         path = start.run_dir
-        if (path / METRICS_FILE).exists() and resume_step is None:
-            raise InputError(
-                f"run directory '{path}' already holds a run (metrics.jsonl). Continue it with --resume auto, pass "
-                "a new --run-dir, or remove the old run if you no longer need it; hvdlm never writes over a run."
-            )
+        if resume_step is None:
+            refuse_to_overwrite(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
             atomic_write(path / "config.toml", config_toml)

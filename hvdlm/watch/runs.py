@@ -29,9 +29,9 @@ else:  # pragma: no cover - Python 3.10
 
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.errors import InputError
+from hvdlm.training.metrics import METRICS_FILE
 from hvdlm.units import format_count
 
-METRICS_FILE = "metrics.jsonl"  # hvdlm.training.metrics.METRICS_FILE, which this light module must not import
 _RUN_FILES = ("config.toml", METRICS_FILE)  # either makes a directory a run directory
 _TAIL_BLOCK = 64 << 10  # metrics.jsonl is read backwards in blocks of this size, until both last rows are found
 
