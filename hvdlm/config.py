@@ -46,6 +46,7 @@ Controller = Literal["gloo", "mpi"]
 Mpi = Literal["openmpi", "mpich"]
 Switch = Literal["auto", "on", "off"]
 Device = Literal["auto", "cuda", "cpu"]
+Schedule = Literal["1f1b", "gpipe"]
 
 
 @dataclass
@@ -67,6 +68,10 @@ MODEL_SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "bias")
 @dataclass
 class ParallelConfig:
     tp: int = 1  # ranks per model replica (tensor parallel); divides the ranks and n_head; data parallel = ranks / tp
+    pp: int = 1  # pipeline stages, each a run of consecutive layers on its own tp ranks; dp = ranks / (pp x tp)
+    pp_layers: str | list[int] = ""  # layers per stage, e.g. "3,5" or [3, 5]; empty: as even as possible
+    microbatches: int = 1  # pp > 1: micro-batches of batch_size per step (the accumulation); >= pp keeps stages busy
+    schedule: Schedule = "1f1b"  # pp > 1: 1f1b (one forward one backward, fewer saved activations) or gpipe
 
 
 @dataclass
@@ -308,7 +313,8 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
         if typing.get_origin(kind) is list:
             if isinstance(value, str):  # --set slurm.modules=openmpi,cuda
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            item = typing.get_args(kind)[0]  # str, or int (parallel.pp_layers)
+            if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
                 return value
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -317,7 +323,9 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
             continue  # bool is an int subclass in Python, but `true` is no step count
         if isinstance(value, kind):
             return value
-    wanted = " or ".join("a list of strings" if typing.get_origin(k) is list else k.__name__ for k in allowed)
+    wanted = " or ".join(
+        f"a list of {typing.get_args(k)[0].__name__}s" if typing.get_origin(k) is list else k.__name__ for k in allowed
+    )
     raise InputError(f"'{name}' in {source} must be {wanted}, got {value!r} ({type(value).__name__}).")
 
 
@@ -334,6 +342,8 @@ POSITIVE = (
     "model.seq_len",
     "model.vocab_size",
     "parallel.tp",
+    "parallel.pp",
+    "parallel.microbatches",
     "train.batch_size",
     "train.max_steps",
     "train.lr",
@@ -386,6 +396,7 @@ def validate(config: JobConfig) -> None:
     _check_model_and_data(config)
     _validate_tp(config.model, config.parallel)
     _check_combinations(config.train, config.parallel)
+    _check_pipeline(config)
     _validate_choices(config)
 
 
@@ -460,6 +471,38 @@ def _check_combinations(t: TrainConfig, p: ParallelConfig) -> None:
         )
 
 
+def _check_pipeline(config: JobConfig) -> None:
+    """Pipeline stages: a split that works, and the settings a pipeline does not combine with (yet)."""
+    from hvdlm.parallel.split import stage_layers  # pure arithmetic, import-light
+
+    p, t = config.parallel, config.train
+    stage_layers(config.model.n_layer, p.pp, p.pp_layers)
+    if p.pp == 1:
+        if p.microbatches != 1:
+            raise InputError(
+                f"parallel.microbatches = {p.microbatches} splits the step of a pipeline (parallel.pp > 1); without "
+                "stages, use train.accumulation_steps for micro-batches, and leave microbatches at 1."
+            )
+        return
+    refused = {
+        "train.accumulation_steps": (
+            t.accumulation_steps != 1,
+            "with pipeline stages the micro-batches of a step are parallel.microbatches: set accumulation_steps "
+            "to 1 and microbatches to the number of micro-batches (the global batch is batch_size x microbatches "
+            "x dp)",
+        ),
+        "train.local_sgd_interval": (t.local_sgd_interval != 0, "local SGD needs whole replicas on each rank"),
+        'train.precision = "fp16"': (
+            t.precision == "fp16",
+            'each stage\'s gradient scaler would skip on its own; use precision = "bf16"',
+        ),
+        'train.compile = "on"': (t.compile == "on", "the stages' sends and receives would break the compiled graph"),
+    }
+    for key, (bad, why) in refused.items():
+        if bad:
+            raise InputError(f"{key} with parallel.pp = {p.pp} is not supported: {why}. Or use parallel.pp = 1.")
+
+
 # Upper bounds on counts and sizes. TOML integers are unbounded in Python, and a number such as
 # n_layer = 10**23 passed validation only to fail deep inside torch, the allocator or a C long. Each bound is far
 # above any published model or cluster (the largest dense models: ~130 layers, d_model ~25,000, 128 heads,
@@ -473,6 +516,8 @@ _MAXIMA: dict[str, int] = {
     "model.seq_len": 2**20,  # a million-token context
     "model.vocab_size": 2**22,  # 16 x the largest real vocabularies; the BPE trainer itself stops at 2**20
     "parallel.tp": 1024,
+    "parallel.pp": 1024,
+    "parallel.microbatches": 2**20,
     "train.batch_size": 2**20,
     "train.accumulation_steps": 2**20,
     "train.max_steps": _STEPS,

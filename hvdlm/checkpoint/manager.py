@@ -2,8 +2,9 @@
 a save is put back.
 
 Every rank calls `save` at the same step (it gathers every rank's RNG state and ends in a barrier); the first
-replica's TP ranks write one shard each (the whole model when tp = 1), and only once every shard is on disk does
-rank 0 prune beyond `train.keep_checkpoints`, so the newest save is whole before an older one goes.
+replica's ranks write one shard each, one per (pipeline stage, TP rank) (the whole model when tp = pp = 1), and
+only once every shard is on disk does rank 0 prune beyond `train.keep_checkpoints`, so the newest save is whole
+before an older one goes.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint.format import save_checkpoint, training_state
-from hvdlm.checkpoint.reshard import load_optimizer, merge_states, shard_state
+from hvdlm.checkpoint.reshard import load_optimizer, merge_tp, shard_state
 from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
 from hvdlm.parallel.agreement import together
+from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.resume import rng_state, set_rng_state
 
@@ -45,8 +47,9 @@ class CheckpointManager:
         return bool(interval) and step % interval == 0 and step != self.cfg.train.max_steps
 
     def paths(self, step: int) -> list[Path]:
-        """The files of the save at `step`, one per TP rank."""
-        return [checkpoint_path(self.run_dir, step, r, self.topo.tp) for r in range(self.topo.tp)]
+        """The files of the save at `step`, one per (stage, TP rank), stage-major."""
+        tp, pp = self.topo.tp, self.topo.pp
+        return [checkpoint_path(self.run_dir, step, r % tp, tp, r // tp, pp) for r in range(pp * tp)]
 
     def save(self, step: int, run: RunState) -> None:
         """The checkpoint at `step`, written by the first replica's TP ranks; called by every rank."""
@@ -66,14 +69,21 @@ class CheckpointManager:
                     data=run.train_batches.state_dict(),  # (epoch, position, seed): a resume takes the next sample
                     ema=run.ema.state_dict() if run.ema else None,
                     scaler=run.precision.state_dict(),
-                    rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp)],
+                    rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)],
                     progress=dict(run.progress),
+                    pp=self._stage_record() if topo.pp > 1 else None,
                 )
                 if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
-                    state = merge_states([state])
-                self._write(self.paths(step)[topo.tp_rank], state)
+                    state = merge_tp([state])
+                self._write(self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank], state)
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
+
+    def _stage_record(self) -> dict[str, Any]:
+        """Which stage a file holds: its index, the number of stages, and the layers per stage."""
+        p = self.cfg.parallel
+        counts = stage_layers(self.cfg.model.n_layer, p.pp, p.pp_layers)
+        return {"rank": self.topo.pp_rank, "size": self.topo.pp, "layers": counts}
 
     def _write(self, path: Path, state: dict[str, Any]) -> None:
         try:

@@ -1,7 +1,8 @@
-"""Merging TP shards into one unsharded state, and cutting an unsharded state to any TP size.
+"""Merging TP shards (and pipeline stages) into one unsharded state, and cutting an unsharded state to any TP size.
 
 `merge_states` makes one unsharded state of a checkpoint's shards; `load_model` and `load_optimizer` cut a full
-state to the loading model's TP size, so a checkpoint written with any TP size loads into any other.
+state to the loading model's TP size, so a checkpoint written with any TP size loads into any other. Pipeline
+stages are joined and cut by hvdlm.checkpoint.stages, on TP-merged states.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from hvdlm.checkpoint.format import load_checkpoint
+from hvdlm.checkpoint.stages import join_stages, stage_of
 from hvdlm.checkpoint.store import shard_paths
 from hvdlm.config import MODEL_SHAPE_KEYS
 from hvdlm.errors import InputError
@@ -24,7 +26,18 @@ def load_full_state(path: str | Path) -> dict[str, Any]:
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One unsharded checkpoint state from the states of all TP ranks (in rank order)."""
+    """One unsharded checkpoint state from the states of all its files (in (stage, TP rank) order)."""
+    stages = stage_of(states[0])[1]
+    if stages == 1:
+        return merge_tp(states)
+    if len(states) % stages:
+        raise InputError(f"expected the files of {stages} pipeline stages, got {len(states)}.")
+    per_stage = len(states) // stages
+    return join_stages([merge_tp(states[s * per_stage : (s + 1) * per_stage]) for s in range(stages)])
+
+
+def merge_tp(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One unsharded state from the states of all TP ranks (in rank order) of one stage."""
     first = states[0]
     tp = first.get("tp", {}).get("size", 1)
     if tp == 1 and not _padded(first):

@@ -1,6 +1,9 @@
 """Checkpoints in a run directory: their names, finding the newest complete one, pruning, setting aside.
 
-A save is complete when every TP rank's file is there; a save killed between shards leaves an incomplete set,
+With pipeline stages a save has one file per (stage, TP rank): `step-0000100.pp1-of-2.tp0-of-2.pt` (the `.ppS-of-P`
+part only when pp > 1, the `.tpR-of-T` part only when tp > 1), in stage-major order.
+
+A save is complete when every shard file is there; a save killed between shards leaves an incomplete set,
 which is passed over and never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable`,
 and only it imports torch (inside it): `hvdlm runs` lists checkpoints on a login node with the rest.
 """
@@ -15,16 +18,42 @@ from typing import Any
 
 from hvdlm.errors import InputError
 
-_SHARD_NAME = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)-of-(?P<size>\d+)\.pt$")
+_SHARD_NAME = re.compile(
+    r"^(?P<stem>.+?)(?:\.pp(?P<pp_rank>\d+)-of-(?P<pp>\d+))?(?:\.tp(?P<rank>\d+)-of-(?P<size>\d+))?\.pt$"
+)
 
 
 _STEP_STEM = re.compile(r"^step-(?P<step>\d+)$")
 
 
-def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1) -> Path:
-    """The file of TP rank `tp_rank` (of `tp`) at `step`; one unsharded file when tp = 1."""
-    stem = run_dir / "checkpoints" / f"step-{step:07d}"
-    return stem.with_name(f"{stem.name}.pt" if tp == 1 else f"{stem.name}.tp{tp_rank}-of-{tp}.pt")
+def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1, pp_rank: int = 0, pp: int = 1) -> Path:
+    """The file of TP rank `tp_rank` (of `tp`) of stage `pp_rank` (of `pp`) at `step`; one unsharded file when
+    tp = pp = 1."""
+    return Path(run_dir) / "checkpoints" / shard_name(f"step-{step:07d}", tp_rank, tp, pp_rank, pp)
+
+
+def shard_name(stem: str, tp_rank: int, tp: int, pp_rank: int, pp: int) -> str:
+    stage = f".pp{pp_rank}-of-{pp}" if pp > 1 else ""
+    shard = f".tp{tp_rank}-of-{tp}" if tp > 1 else ""
+    return f"{stem}{stage}{shard}.pt"
+
+
+def _shard_of(name: str) -> tuple[str, int, tuple[int, int]] | None:
+    """(stem, index, (pp, tp)) of a checkpoint file name: its shard's index among all (stage-major) and the
+    layout it belongs to; None for other names."""
+    m = _SHARD_NAME.match(name)
+    if not m:
+        return None
+    pp_rank, pp = int(m["pp_rank"] or 0), int(m["pp"] or 1)
+    tp_rank, tp = int(m["rank"] or 0), int(m["size"] or 1)
+    if pp_rank >= pp or tp_rank >= tp:
+        return None
+    return m["stem"], pp_rank * tp + tp_rank, (pp, tp)
+
+
+def _layout_paths(folder: Path, stem: str, layout: tuple[int, int]) -> list[Path]:
+    pp, tp = layout
+    return [folder / shard_name(stem, r % tp, tp, r // tp, pp) for r in range(pp * tp)]
 
 
 @dataclass(frozen=True)
@@ -46,18 +75,14 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
 
 def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
     """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard files."""
-    found: dict[tuple[int, int], set[int]] = {}
+    found: dict[tuple[int, tuple[int, int]], set[int]] = {}
     for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"):
-        if m := _SHARD_NAME.match(p.name):
-            stem, rank, size = m["stem"], int(m["rank"]), int(m["size"])
-        else:
-            stem, rank, size = p.name[: -len(".pt")], 0, 1
-        if (s := _STEP_STEM.match(stem)) and rank < size:
-            found.setdefault((int(s["step"]), size), set()).add(rank)
+        if (shard := _shard_of(p.name)) and (s := _STEP_STEM.match(shard[0])):
+            found.setdefault((int(s["step"]), shard[2]), set()).add(shard[1])
     saves = []
-    for (step, size), ranks in sorted(found.items(), reverse=True):
-        paths = tuple(checkpoint_path(Path(run_dir), step, r, size) for r in range(size))
-        saves.append((SavedCheckpoint(step, paths), [paths[r].name for r in range(size) if r not in ranks]))
+    for (step, layout), ranks in sorted(found.items(), reverse=True):
+        paths = tuple(_layout_paths(Path(run_dir) / "checkpoints", f"step-{step:07d}", layout))
+        saves.append((SavedCheckpoint(step, paths), [p.name for r, p in enumerate(paths) if r not in ranks]))
     return saves
 
 
@@ -106,35 +131,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def shard_paths(path: str | Path) -> list[Path]:
-    """The files of the checkpoint `path` names, in TP-rank order.
+    """The files of the checkpoint `path` names, in (stage, TP rank) order.
 
-    `path` may be an unsharded file, any one shard (`step-0000100.tp0-of-2.pt`), or the unsharded name of a
-    sharded checkpoint (`step-0000100.pt` when only its shards exist).
+    `path` may be an unsharded file, any one shard (`step-0000100.tp0-of-2.pt`, `step-0000100.pp1-of-2.pt`), or
+    the unsharded name of a sharded checkpoint (`step-0000100.pt` when only its shards exist).
     """
     path = Path(path)
-    m = _SHARD_NAME.match(path.name)
-    if m:
-        stem, size = m["stem"], int(m["size"])
+    shard = _shard_of(path.name)
+    if shard and shard[2] != (1, 1):
+        stem, layout = shard[0], shard[2]
     elif path.is_file():
         return [path]
     else:
         stem = path.name[: -len(".pt")] if path.name.endswith(".pt") else path.name
-        sizes = {int(m["size"]) for p in path.parent.glob(f"{stem}.tp*-of-*.pt") if (m := _SHARD_NAME.match(p.name))}
-        if not sizes:
+        layouts = {s[2] for p in path.parent.glob(f"{stem}.*-of-*.pt") if (s := _shard_of(p.name)) and s[0] == stem}
+        if not layouts:
             raise InputError(f"no checkpoint at '{path}': neither that file nor its shards ({stem}.tpN-of-M.pt) exist.")
-        if len(sizes) > 1:
-            raise InputError(
-                f"'{path.parent}' holds shards of '{stem}' for several TP sizes {sorted(sizes)}; name one shard."
-            )
-        size = sizes.pop()
-    paths = [path.parent / f"{stem}.tp{r}-of-{size}.pt" for r in range(size)]
+        if len(layouts) > 1:
+            sizes = sorted(_describe_layout(k) for k in layouts)
+            raise InputError(f"'{path.parent}' holds shards of '{stem}' for several layouts {sizes}; name one shard.")
+        layout = layouts.pop()
+    paths = _layout_paths(path.parent, stem, layout)
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise InputError(
-            f"checkpoint '{stem}' in '{path.parent}' is incomplete: {len(missing)} of its {size} shards are missing "
-            f"({', '.join(missing)})."
+            f"checkpoint '{stem}' in '{path.parent}' is incomplete: {len(missing)} of its {len(paths)} shards are "
+            f"missing ({', '.join(missing)})."
         )
     return paths
+
+
+def _describe_layout(layout: tuple[int, int]) -> str:
+    pp, tp = layout
+    return f"tp {tp}" if pp == 1 else f"pp {pp} x tp {tp}"
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, newest: int) -> list[int]:

@@ -223,13 +223,18 @@ def check_gpus_per_node(train_device: str, tasks_per_node: int, gpus_per_node: i
         )
 
 
-def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_node: int | None = None) -> None:
-    """Refuse rank layouts that tensor parallelism cannot use, before anything starts.
+def check_tp_layout(
+    tp: int, np: int, launcher: str, controller: str, ranks_per_node: int | None = None, pp: int = 1
+) -> None:
+    """Refuse rank layouts that tensor and pipeline parallelism cannot use, before anything starts.
 
-    TP needs MPI between ranks (mpi4py carries the sharded layers' collectives): horovodrun's Gloo controller
-    starts ranks without any MPI, so their COMM_WORLD would hold one rank each. A job is tp x dp ranks with the
-    tp ranks of a replica adjacent, so np must be a multiple of tp, and where ranks per node are known, a
-    multiple of tp too, or a replica's layers would talk across nodes in every layer."""
+    TP and pipeline stages need MPI between ranks (mpi4py carries the sharded layers' collectives and the stages'
+    sends): horovodrun's Gloo controller starts ranks without any MPI, so their COMM_WORLD would hold one rank
+    each. A job is pp x dp x tp ranks with the tp ranks of a replica's stage adjacent, so np must be a multiple of
+    pp x tp, and where ranks per node are known, a multiple of tp, or a stage's layers would talk across nodes in
+    every layer (stage boundaries may cross nodes: one message per micro-batch)."""
+    if pp > 1:
+        _check_pipeline_layout(pp, tp, np, launcher, controller)
     if tp <= 1:
         return
     if launcher == "horovodrun" and controller == "gloo":
@@ -247,6 +252,21 @@ def check_tp_layout(tp: int, np: int, launcher: str, controller: str, ranks_per_
         raise InputError(
             f"parallel.tp = {tp} does not divide the {ranks_per_node} ranks per node: a replica's {tp} shards "
             f"would talk across nodes in every layer. Give a number of ranks per node that is a multiple of {tp}."
+        )
+
+
+def _check_pipeline_layout(pp: int, tp: int, np: int, launcher: str, controller: str) -> None:
+    if launcher == "horovodrun" and controller == "gloo":
+        raise InputError(
+            f"parallel.pp = {pp} needs an MPI launcher: pipeline stages send activations through mpi4py, and "
+            "horovodrun with the Gloo controller starts ranks without MPI. Use --launcher mpirun, srun "
+            '(--mpi=pmix), or horovodrun with launch.controller = "mpi" (--set launch.controller=mpi).'
+        )
+    if np % (pp * tp):
+        raise InputError(
+            f"parallel.pp x parallel.tp = {pp} x {tp} = {pp * tp} does not divide the {np} ranks: a job is pp x dp x "
+            f"tp ranks, every stage of every replica on tp ranks. Use a rank count that is a multiple of {pp * tp} "
+            f"(--np {pp * tp * max(1, np // (pp * tp))}), or change parallel.pp."
         )
 
 
@@ -466,13 +486,21 @@ class LaunchRequest:
     threads: int = 0  # OMP_NUM_THREADS per rank; 0: this machine's cores shared by its ranks
     progress: bool = False  # rank 0 draws a progress bar (a person watches the launcher's output)
     tp: int = 1  # parallel.tp: the rank layout must hold whole tensor-parallel groups
+    pp: int = 1  # parallel.pp: ... and whole pipelines
     train_device: str = CPU  # the job's train.device ("auto" | "cuda" | "cpu"); CPU ranks when left out
 
     @classmethod
     def from_config(cls, cfg: JobConfig, launcher: str, np: int, program: list[str], **keys: Any) -> LaunchRequest:
         """The job's ranks: its train.threads, parallel.tp and train.device; `keys` set the other fields."""
         return cls(
-            launcher, np, program, threads=cfg.train.threads, tp=cfg.parallel.tp, train_device=cfg.train.device, **keys
+            launcher,
+            np,
+            program,
+            threads=cfg.train.threads,
+            tp=cfg.parallel.tp,
+            pp=cfg.parallel.pp,
+            train_device=cfg.train.device,
+            **keys,
         )
 
 
@@ -487,7 +515,7 @@ def plan_launch(request: LaunchRequest, options: LaunchOptions | None = None, gp
     opts = options or LaunchOptions()
     launcher, np, hosts, local = request.launcher, request.np, request.hosts, request.hosts is None
     check_choice("launcher", launcher, choices(LaunchConfig, "launcher"))
-    check_tp_layout(request.tp, np, launcher, opts.launch.controller)
+    check_tp_layout(request.tp, np, launcher, opts.launch.controller, pp=request.pp)
     per_host, cores = _ranks_per_host(request, opts)
     if not local:  # slots fill in host order: each host's share of the ranks must hold whole TP groups
         for count in per_host:

@@ -265,7 +265,9 @@ def spec_from_config(cfg: JobConfig, job_file: str, overrides: SlurmOverrides) -
     # srun's steps ask for the GPUs the job asked for, and inherit its tasks per node (#SBATCH, where
     # --ntasks-per-node may have won).
     options = LaunchOptions.from_config(cfg, gpus_per_node=gpus, ntasks_per_node=0)
-    check_tp_layout(cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks)
+    check_tp_layout(
+        cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks, pp=cfg.parallel.pp
+    )
     check_gpus_per_node(cfg.train.device, tasks, gpus)
     venv = cli.venv
     if venv is None:

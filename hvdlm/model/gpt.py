@@ -28,6 +28,18 @@ from hvdlm.parallel.mappings import gather_from_tp
 from hvdlm.parallel.topology import Group
 
 
+def initial_value(module: nn.Module, module_name: str, name: str, shape: tuple[int, ...], n_layer: int) -> torch.Tensor:
+    """The full initial tensor of parameter `name` of `module` (GPT-2's init; see GPT._init_weights), drawn from
+    torch's global generator. Pipeline stages (hvdlm.model.stage) draw through the same order with it."""
+    full = torch.empty(shape)
+    if isinstance(module, nn.LayerNorm):
+        return full.fill_(1.0 if name == "weight" else 0.0)
+    if name == "bias":
+        return full.zero_()
+    std = 0.02 / math.sqrt(2 * n_layer) if module_name.endswith("proj") else 0.02
+    return full.normal_(mean=0.0, std=std)
+
+
 class CausalSelfAttention(nn.Module):
     """Heads are split across the TP group: rank i owns heads [i H/p, (i+1) H/p), their q, k, v columns (column
     parallel) and the matching rows of the output projection (row parallel); attention itself is local."""
@@ -126,14 +138,7 @@ class GPT(nn.Module):
                 if id(p) in seen:  # the tied head weight is the embedding's
                     continue
                 seen.add(id(p))
-                full = torch.empty(full_shape(p))
-                if isinstance(module, nn.LayerNorm):
-                    full.fill_(1.0 if name == "weight" else 0.0)
-                elif name == "bias":
-                    full.zero_()
-                else:
-                    std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if module_name.endswith("proj") else 0.02
-                    full.normal_(mean=0.0, std=std)
+                full = initial_value(module, module_name, name, full_shape(p), self.cfg.n_layer)
                 spec = getattr(p, "tp_shard", None)
                 p.copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
 

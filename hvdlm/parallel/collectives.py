@@ -11,7 +11,8 @@ A group of one returns at once (allreduce and allgather return the input tensor 
 `_route` is the one place that decides how a tensor travels:
 - CPU tensors: mpi4py on the group's communicator, handed numpy views of the tensors' memory (no copies);
 - CUDA tensors: the same when `MPI.Query_cuda_support()` says the MPI library is CUDA-aware (mpi4py reads
-  `__cuda_array_interface__`), otherwise a Horovod collective over the group's process set (NCCL).
+  `__cuda_array_interface__`), otherwise a Horovod collective over the group's process set (NCCL), or, on a
+  group without one (the pipeline's groups carry a few numbers per step), mpi4py on a host copy.
 
 16-bit floats: numpy has no bfloat16, mpi4py hands a bf16 buffer to MPI as MPI.BYTE (which MPI cannot sum), Open
 MPI has no sum for fp16 either, and Horovod 0.28.1's torch ops have no bfloat16 (horovod issue #4047). So
@@ -33,7 +34,7 @@ import torch
 
 from hvdlm.parallel.topology import Group
 
-CPU_MPI, CUDA_MPI, CUDA_HOROVOD = "cpu-mpi", "cuda-mpi", "cuda-horovod"
+CPU_MPI, CUDA_MPI, CUDA_HOROVOD, CUDA_HOST = "cpu-mpi", "cuda-mpi", "cuda-horovod", "cuda-host"
 
 
 @functools.cache
@@ -52,7 +53,7 @@ def _route(x: torch.Tensor, group: Group) -> str:
     if _mpi_is_cuda_aware():
         return CUDA_MPI
     if group.process_set is None:
-        raise RuntimeError("CUDA tensor on a group without a Horovod process set and MPI is not CUDA-aware")
+        return CUDA_HOST
     return CUDA_HOROVOD
 
 
@@ -85,8 +86,10 @@ def allreduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
     if group.size == 1:
         return x
     x = x.contiguous()
-    group.bytes_moved += x.numel() * x.element_size()
     route = _route(x, group)
+    if route == CUDA_HOST:
+        return allreduce(x.cpu(), group, op).to(x.device)
+    group.bytes_moved += x.numel() * x.element_size()
     wide = _reduce_dtype(x, route)
     if wide is not None:
         # Summed in fp32, rounded back once (see the module docstring); max is exact either way.
@@ -173,6 +176,8 @@ def broadcast_(x: torch.Tensor, group: Group, root: int = 0) -> torch.Tensor:
     """Overwrite x in place with the x of the group's rank `root`."""
     if group.size == 1:
         return x
+    if _route(x, group) == CUDA_HOST:
+        return x.copy_(broadcast_(x.cpu(), group, root))
     group.bytes_moved += x.numel() * x.element_size()
     buf = x if x.is_contiguous() else x.contiguous()  # x's own memory when it can be
     words = _as_words(buf)  # 16-bit floats travel as their bits: nothing is summed

@@ -19,13 +19,14 @@ def check_model_fits(cfg: JobConfig, device: torch.device, ranks_on_node: int) -
     free memory, or on a CPU this machine's available memory shared by its ranks. Activations come on top."""
     t = cfg.train
     params = parameter_count(cfg.model)
-    need = params * state_bytes_per_parameter(t.optimizer, t.ema_decay > 0) / cfg.parallel.tp
+    need = params * state_bytes_per_parameter(t.optimizer, t.ema_decay > 0) / (cfg.parallel.tp * cfg.parallel.pp)
     have, what = _available_bytes(device, ranks_on_node)
     if have is not None and need > have:
         raise InputError(
             f"the model does not fit: {params / 1e6:,.1f}M parameters need about {need / GB:,.1f} GB per rank for "
-            f"weights, gradients and {t.optimizer} state in fp32 (split over parallel.tp = {cfg.parallel.tp}), "
-            f"before activations, but {socket.gethostname()} has {have / GB:,.1f} GB {what}. Use a smaller model "
+            f"weights, gradients and {t.optimizer} state in fp32 (split over parallel.tp = {cfg.parallel.tp} and "
+            f"pp = {cfg.parallel.pp}), before activations, but {socket.gethostname()} has {have / GB:,.1f} GB {what}. "
+            "Use a smaller model "
             "([model] n_layer, d_model), more tensor parallelism (parallel.tp), or a device with more memory."
         )
 

@@ -48,35 +48,48 @@ def lr_at(step: int, cfg: TrainConfig, replicas: int = 1) -> float:
     return floor + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (peak - floor)
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group: Group) -> torch.Tensor:
-    """Clip to the global gradient norm of the whole model, whose shards live on the TP group's ranks.
+def clip_grad_norm(
+    params: list[torch.nn.Parameter], max_norm: float, tp_group: Group, pp_group: Group | None = None
+) -> torch.Tensor:
+    """Clip to the global gradient norm of the whole model, whose shards live on the TP group's ranks and whose
+    stages on the pipeline group's.
 
-    A sharded parameter's squared norm is summed over the group (one 4-byte allreduce); a replicated one
-    (LayerNorms, position table, row-parallel biases) is the same on every rank and counts once. Without
-    TP this is torch's own clip_grad_norm_.
+    A sharded parameter's squared norm is summed over the TP group (one 4-byte allreduce); a replicated one
+    (LayerNorms, position table, row-parallel biases) is the same on every rank and counts once. The stages' sums
+    add up over the pipeline group, where the last stage's copy of the tied embedding/head weight is left out
+    (the first stage counts it). Without TP and stages this is torch's own clip_grad_norm_.
     """
-    if tp_group.size == 1:
+    pp_group = pp_group or Group.single()
+    if tp_group.size == 1 and pp_group.size == 1:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [(p.grad, hasattr(p, "tp_shard")) for p in params if p.grad is not None]
+    grads = [
+        (p.grad, hasattr(p, "tp_shard"), getattr(p, "pipeline_tied_copy", False)) for p in params if p.grad is not None
+    ]
 
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in gs]).sum()
 
-    sharded = [g for g, is_shard in grads if is_shard]
-    replicated = [g for g, is_shard in grads if not is_shard]
-    total_sq = allreduce(sq(sharded).reshape(1), tp_group)[0] if sharded else torch.zeros(())
+    sharded = [g for g, is_shard, copy in grads if is_shard and not copy]
+    replicated = [g for g, is_shard, copy in grads if not is_shard and not copy]
+    device = grads[0][0].device if grads else None
+    total_sq = allreduce(sq(sharded).reshape(1), tp_group)[0] if sharded else torch.zeros((), device=device)
     if replicated:
         total_sq = total_sq + sq(replicated)
-    total = total_sq.sqrt()
+    total = allreduce(total_sq.reshape(1), pp_group)[0].sqrt()
     # As torch does: scale by max_norm / (norm + eps), capped at 1 (multiplying by 1 changes nothing).
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g, _ in grads:
+    for g, *_ in grads:
         g.mul_(coef.to(g.dtype))
     return total
 
 
-def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: Topology):
+def distributed_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, topology: Topology, backward_passes: int | None = None
+):
     """The optimizer, with every replica starting from its DP group's root state.
+
+    `backward_passes`: backward passes per step (the micro-batches: accumulation_steps, or a pipeline stage's
+    parallel.microbatches); Horovod allreduces after the last of them.
 
     Synchronous training wraps it to average gradients over the DP group; local SGD keeps it plain (replicas
     average their weights every local_sgd_interval steps instead, see hvdlm.training.local_sgd).
@@ -97,7 +110,7 @@ def distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, topology: To
         named_parameters=model.named_parameters(),
         op=hvd.Average,
         process_set=topology.dp_process_set,
-        backward_passes_per_step=cfg.accumulation_steps,
+        backward_passes_per_step=backward_passes or cfg.accumulation_steps,
         compression=compression(cfg),
     )
 
@@ -114,12 +127,12 @@ def broadcast_initial_state(model: torch.nn.Module, optimizer: torch.optim.Optim
     if topology.dp == 1:
         return  # one replica: nobody to agree with
     tensors: dict[str, torch.Tensor] = {}
-    if topology.tp == 1:
+    if topology.tp == 1 and topology.pp == 1:
         # Horovod: one replica per rank; all start from rank 0's weights.
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     else:
-        # Horovod: broadcast_parameters takes no process set, and would copy rank 0's shard over every other
-        # shard. Broadcast each tensor inside the DP group instead (below).
+        # Horovod: broadcast_parameters takes no process set, and would copy rank 0's shard (or stage) over every
+        # other. Broadcast each tensor inside the DP group instead (below).
         seen: set[int] = set()
         for name, t in model.state_dict().items():
             if t.data_ptr() not in seen:  # the tied weight once

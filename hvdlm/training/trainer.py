@@ -1,7 +1,8 @@
 """One rank's training program: `hvdlm train JOB.toml`, started once per device by a launcher.
 
-The ranks form a tp x dp grid (hvdlm.parallel.topology). Each TP group of tp adjacent ranks holds one model
-replica in shards, and its collectives (mpi4py) run inside the layers. Data parallelism with Horovod: every replica
+The ranks form a pp x dp x tp grid (hvdlm.parallel.topology). Each TP group of tp adjacent ranks holds one model
+replica (or, with pipeline stages, one stage of it) in shards, and its collectives (mpi4py) run inside the layers;
+pipeline stages pass activations on (hvdlm.training.pipeline). Data parallelism with Horovod: every replica
 trains on its own slice of each global batch, and Horovod's ring allreduce averages the gradients within each DP
 group (the ranks holding the same shard), so all replicas take the same step and stay identical. tp = 1 is plain
 data parallelism.
@@ -30,6 +31,7 @@ import torch
 from hvdlm.checkpoint.hf import load_init_state
 from hvdlm.checkpoint.manager import CheckpointManager
 from hvdlm.checkpoint.reshard import load_model
+from hvdlm.checkpoint.stages import stage_state
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
@@ -37,8 +39,10 @@ from hvdlm.data.meta import tokenizer_setting_note
 from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
+from hvdlm.model.stage import GPTStage
 from hvdlm.parallel.agreement import together
-from hvdlm.parallel.topology import Topology, dp_group_ranks, init_topology
+from hvdlm.parallel.split import stage_layers
+from hvdlm.parallel.topology import Topology, all_dp_groups, init_topology
 from hvdlm.training.device import pick_device
 from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
@@ -46,6 +50,7 @@ from hvdlm.training.local_sgd import average_replicas
 from hvdlm.training.memory import check_model_fits
 from hvdlm.training.metrics import RunLogger
 from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
+from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
@@ -126,6 +131,7 @@ class Trainer:
     progress: dict  # carried in checkpoints: first / final validation loss, skipped steps in a row
     throughput: Throughput
     logger: RunLogger | None = None  # rank 0 writes; made once the run directory is known to be ours
+    pipeline: PipelineRunner | None = None  # parallel.pp > 1: this stage's part of each step
     vote: StopVote = field(init=False)  # each step carries every rank's reason to stop (a signal, too many skips)
     stop_requested: bool = False
 
@@ -171,24 +177,21 @@ class Trainer:
         k = t.accumulation_steps
         self.optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
         self.model.train()
-        loss = torch.zeros((), device=self.device)
-        for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
-            x, y = (_to_device(b, self.device) for b in self.train_batches.next_batch())
-            with self.precision.autocast():
-                micro_loss = self.model(x, y)[1]
-            # A non-finite loss can leave finite gradients (an infinite loss has no finite slope to speak of, yet a
-            # kernel may return one). Make them NaN, so that the averaged gradient, which every replica sees, tells
-            # all of them to skip the step. No host sync: a finite loss is multiplied by exactly 1.
-            micro_loss = micro_loss * torch.where(torch.isfinite(micro_loss), 1.0, float("nan"))
-            scaler.scale(micro_loss / k).backward()
-            loss += micro_loss.detach() / k
+        if self.pipeline:  # the step's parallel.microbatches through this stage (1F1B or GPipe)
+            loss = self.pipeline.forward_backward(self.train_batches)
+        else:
+            loss = self._accumulate(k)
         synchronous = not t.local_sgd_interval
         if synchronous:
             # Horovod: finish the gradient allreduce before unscaling and clipping, so the norm is that of the
             # averaged gradient, then step without a second synchronisation.
             self.optimizer.synchronize()
+        if self.pipeline:
+            self.pipeline.sum_tied_gradients()  # the tied weight's two copies: one gradient
         scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), t.grad_clip or float("inf"), self.topo.tp_group)
+        grad_norm = clip_grad_norm(
+            list(self.model.parameters()), t.grad_clip or float("inf"), self.topo.tp_group, self.topo.pp_group
+        )
         # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one replica
         # share loss and norm). With fp16 the scaler itself skips overflowing steps.
         problem = _non_finite(loss, grad_norm, scaler.is_enabled())
@@ -201,6 +204,21 @@ class Trainer:
             if self.ema and not overflowed:
                 self.ema.update()
         return loss, grad_norm, problem
+
+    def _accumulate(self, k: int) -> torch.Tensor:
+        """Forward and backward of k micro-batches, gradients summed in .grad; their mean loss."""
+        loss = torch.zeros((), device=self.device)
+        for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
+            x, y = (_to_device(b, self.device) for b in self.train_batches.next_batch())
+            with self.precision.autocast():
+                micro_loss = self.model(x, y)[1]
+            # A non-finite loss can leave finite gradients (an infinite loss has no finite slope to speak of, yet a
+            # kernel may return one). Make them NaN, so that the averaged gradient, which every replica sees, tells
+            # all of them to skip the step. No host sync: a finite loss is multiplied by exactly 1.
+            micro_loss = micro_loss * torch.where(torch.isfinite(micro_loss), 1.0, float("nan"))
+            self.precision.scaler.scale(micro_loss / k).backward()
+            loss += micro_loss.detach() / k
+        return loss
 
     # -- log ---------------------------------------------------------------------------------------------------
 
@@ -252,7 +270,12 @@ class Trainer:
     def evaluate(self, step: int) -> float:
         """The validation loss (with the EMA weights when there is an EMA), logged and kept in progress."""
         with self.ema.applied() if self.ema else contextlib.nullcontext():
-            val = _validation_loss(self.model, self.val_batches, self.t.eval_batches, self.device, self.precision)
+            if self.pipeline:
+                # Horovod: the replicas' losses averaged, as _validation_loss does.
+                val_replica = self.pipeline.validation_loss(self.val_batches, self.t.eval_batches)
+                val = hvd.allreduce(val_replica, op=hvd.Average, name="val_loss").item()
+            else:
+                val = _validation_loss(self.model, self.val_batches, self.t.eval_batches, self.device, self.precision)
         ppl = math.exp(min(val, 700))  # exp overflows a float past ~709
         self.logger.info(
             f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}" + (" (EMA weights)" if self.ema else "")
@@ -315,14 +338,14 @@ class Trainer:
         # members of each DP group (the copies of one shard) bit-identical.
         checksums = hvd.allgather_object(_param_checksum(self.model))
         world = len(checksums)
-        identical = all(
-            len({checksums[r] for r in dp_group_ranks(tp_rank, world, topo.tp)}) == 1 for tp_rank in range(topo.tp)
-        )
+        identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
         if self.first_step < t.max_steps:
             self.checkpoints.save(t.max_steps, self)
         # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
         sample = None
-        if t.sample_tokens and topo.dp_rank == 0:
+        if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
+            print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
+        if t.sample_tokens and topo.dp_rank == 0 and topo.pp == 1:
             sample = _sample(self.model, self.data.tokenizer, t, self.device)
         if hvd.rank() == 0:
             self._report(checksums, identical, sample)
@@ -336,6 +359,7 @@ class Trainer:
             "ranks": hvd.size(),
             "tp": topo.tp,
             "dp": topo.dp,
+            "pp": topo.pp,
             "first_val_loss": first_val,
             "final_val_loss": final_val,
             "replica_checksums": checksums,
@@ -350,7 +374,7 @@ class Trainer:
             print(f"validation loss: {first_val:.4f} at start -> {final_val:.4f} after {t.max_steps} steps")
         if sample is not None:
             print("sample:\n" + sample)
-        print(f"checkpoint: {paths[0]}" + (f" (and {len(paths) - 1} more TP shard(s))" if len(paths) > 1 else ""))
+        print(f"checkpoint: {paths[0]}" + (f" (and {len(paths) - 1} more shard(s))" if len(paths) > 1 else ""))
         print(f"run directory: {self.run_dir}", flush=True)
 
 
@@ -362,7 +386,7 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     t = cfg.train
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
-    topo = init_topology(cfg.parallel.tp)
+    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
     device = _device(t)
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
     # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
@@ -415,13 +439,13 @@ def _assemble(
     model, init_note = _build_model(cfg, topo, start)
     model = model.to(device)
     _speed_up(model, t, topo, device)
-    shape = cfg.model
+    shape, p = cfg.model, cfg.parallel
     trainer = Trainer(
         cfg=cfg,
         topo=topo,
         model=model,
         # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
-        optimizer=distributed_optimizer(model, t, topo),
+        optimizer=distributed_optimizer(model, t, topo, backward_passes=t.accumulation_steps * p.microbatches),
         ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
         device=device,
         precision=precision,
@@ -434,11 +458,13 @@ def _assemble(
         first_step=0,
         progress={},
         throughput=Throughput(
-            tokens_per_step=t.batch_size * t.accumulation_steps * shape.seq_len * topo.dp,
+            tokens_per_step=t.batch_size * t.accumulation_steps * p.microbatches * shape.seq_len * topo.dp,
             flops_per_token=flops_per_token(model.num_params(), shape.n_layer, shape.seq_len, shape.d_model),
             peak_tflops=peak_tflops(device, t.precision, t.peak_tflops),
         ),
     )
+    if topo.pp > 1:
+        trainer.pipeline = PipelineRunner(model, topo, precision, t.batch_size, p.microbatches, p.schedule)
     return trainer, init_note
 
 
@@ -447,15 +473,23 @@ def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str
     --init-from, where its weights came from (for the log)."""
     # Every rank seeds alike: a TP rank builds the full tensors and keeps its slice (layout-independent init).
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model, topo.tp_group)
+    if topo.pp == 1:
+        model = GPT(cfg.model, topo.tp_group)
+    else:  # this rank's stage: its layers of the split, layout-independent init as the GPT's
+        counts = stage_layers(cfg.model.n_layer, topo.pp, cfg.parallel.pp_layers)
+        model = GPTStage(cfg.model, counts, topo.pp_rank, topo.tp_group)
     note = None
     with together("model_loaded"):
+        if start.state is not None and topo.pp > 1:
+            start.state = stage_state(start.state, model, topo.pp_rank, topo.pp)  # this stage's part, for restore
         if start.state is not None:
             check_compatible(start.state, cfg.train, start.source)
             load_model(model, start.state, start.source, topo.tp_rank, topo.tp)
         elif cfg.train.init_from:
             # An hvdlm run or checkpoint, or a transformers GPT-2 directory (whose tokenizer the data must share).
             state = load_init_state(cfg.train.init_from, dataset_dir(cfg.data))
+            if topo.pp > 1:
+                state = stage_state(state, model, topo.pp_rank, topo.pp)
             load_model(model, state, state["source"], topo.tp_rank, topo.tp)
             note = f"initialised from {state['origin']}; new optimizer and data order"
     return model, note
@@ -474,10 +508,10 @@ def _restore(trainer: Trainer, start: Start) -> int:
 
 
 def _banner(trainer: Trainer, start: Start) -> None:
-    t, topo, data, log = trainer.t, trainer.topo, trainer.data, trainer.logger
+    t, data, log = trainer.t, trainer.data, trainer.logger
     mode = f"local SGD every {t.local_sgd_interval} steps," if t.local_sgd_interval else "synchronous"
     log.info(
-        f"hvdlm: {hvd.size()} rank(s) (tp {topo.tp} x dp {topo.dp}) x {torch.get_num_threads()} thread(s) on "
+        f"hvdlm: {hvd.size()} rank(s) ({_layout(trainer)}) x {torch.get_num_threads()} thread(s) on "
         f"{trainer.device.type} in {t.precision}{_compiled(trainer.model)}, "
         f"{format_count(trainer.model.num_params())} parameters, "
         f"{trainer.throughput.tokens_per_step} tokens per step ({t.accumulation_steps} micro-batch(es)), {mode} "
@@ -492,6 +526,18 @@ def _banner(trainer: Trainer, start: Start) -> None:
         log.info(f"resumed from {start.source} at step {trainer.first_step}")
 
 
+def _layout(trainer: Trainer) -> str:
+    topo, p = trainer.topo, trainer.cfg.parallel
+    if topo.pp == 1:
+        return f"tp {topo.tp} x dp {topo.dp}"
+    counts = stage_layers(trainer.cfg.model.n_layer, topo.pp, p.pp_layers)
+    bubble = (topo.pp - 1) / (p.microbatches + topo.pp - 1)
+    return (
+        f"pp {topo.pp} x dp {topo.dp} x tp {topo.tp}; layers per stage {counts}, {p.microbatches} micro-batches, "
+        f"{p.schedule}, bubble {bubble:.0%}"
+    )
+
+
 def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) -> None:
     """What the fastest single-GPU GPT trainers do (nanoGPT, llm.c): TF32 tensor cores for fp32 matmuls, and
     torch.compile (train.compile; hvdlm.config refuses "on" with tp > 1)."""
@@ -500,7 +546,7 @@ def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) 
         # bf16 and fp16 autocast are unaffected. flops.peak_tflops reads this flag for MFU.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1):
+    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1):
         # Each block compiled in place (parameter names, and so checkpoints, unchanged). Per block, not the whole
         # model: Horovod's gradient hooks fire as each block's backward ends, so the allreduce of the later blocks'
         # gradients still overlaps the backward of the earlier ones (a whole-model graph would deliver every
@@ -510,7 +556,8 @@ def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) 
 
 
 def _compiled(model: GPT) -> str:
-    return " (compiled)" if any(getattr(b, "_compiled_call_impl", None) for b in model.blocks) else ""
+    blocks = model.blocks.values() if isinstance(model.blocks, torch.nn.ModuleDict) else model.blocks
+    return " (compiled)" if any(getattr(b, "_compiled_call_impl", None) for b in blocks) else ""
 
 
 def _node_exchange_comm():

@@ -1,0 +1,113 @@
+"""One pipeline stage of the GPT: a run of consecutive blocks, with the embeddings on the first stage and the
+final LayerNorm, output head and loss on the last (Megatron's pre_process / post_process).
+
+    first stage    idx (B, T)  -> tok_emb + pos_emb -> blocks[a:b] -> x (B, T, C)
+    middle stage   x (B, T, C) -> blocks[b:c]                      -> x (B, T, C)
+    last stage     x (B, T, C) -> blocks[c:L] -> ln_f -> head      -> loss
+
+Parameter names are those of the whole GPT (`blocks.5.attn.qkv.weight` on whichever stage holds block 5), so the
+stages' state dicts put together are the GPT's, and checkpoints merge by union (hvdlm.checkpoint.reshard).
+
+The output head is tied to the token embedding, which lives on the first stage. The last stage holds its own
+copy (`head.weight`, marked `pipeline_tied_copy`), initialised to the same values; the trainer sums the two
+copies' gradients over the embedding group every step, so both take the same update and stay bit-identical.
+
+Initialisation is layout-independent: the stage draws every full tensor of the whole GPT in the GPT's order from
+torch's global generator (one tensor at a time) and keeps the ones it holds, so a stage built after
+torch.manual_seed(s) holds exactly the tensors of the GPT built after torch.manual_seed(s).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hvdlm.config import ModelConfig
+from hvdlm.model.gpt import GPT, Block, initial_value
+from hvdlm.parallel.layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    full_shape,
+    shard,
+    vocab_parallel_cross_entropy,
+)
+from hvdlm.parallel.split import layer_range
+from hvdlm.parallel.topology import Group
+
+
+class GPTStage(nn.Module):
+    """Stage `stage` of a GPT split into len(counts) stages, counts[s] blocks on stage s (hvdlm.parallel.split)."""
+
+    def __init__(self, cfg: ModelConfig, counts: list[int], stage: int, tp_group: Group | None = None):
+        super().__init__()
+        rng = torch.get_rng_state()  # where the whole GPT's construction would start drawing
+        self.cfg, self.stage, self.counts = cfg, stage, counts
+        self.is_first, self.is_last = stage == 0, stage == len(counts) - 1
+        self.tp_group = g = tp_group or Group.single()
+        if self.is_first:
+            self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, g)
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+            self.drop = nn.Dropout(cfg.dropout)
+        # A ModuleDict keyed by the global block index: the names match the whole GPT's.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, g) for i in layer_range(counts, stage)})
+        if self.is_last:
+            self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+            self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, g, bias=False)
+            if self.is_first:
+                self.head.weight = self.tok_emb.weight  # one stage: tied as in the GPT
+            else:
+                # The tied weight's copy: the embedding's shape (vocabulary rows padded alike) and sharding.
+                self.head.weight = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, g).weight
+                self.head.weight.pipeline_tied_copy = True  # counted once in the gradient norm (the first stage's)
+        torch.set_rng_state(rng)
+        self._whole = self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> tuple[int, int]:
+        """Draw the whole GPT's tensors in its order, keep this stage's; returns the whole GPT's parameter counts
+        (all, and without the position table)."""
+        with torch.device("meta"):  # the whole GPT's parameter order and shapes, without memory or random draws
+            whole = GPT(self.cfg, self.tp_group)
+        # The GPT's constructor draws once before its _init_weights: nn.Embedding's own init of the position
+        # table (overwritten by _init_weights). Draw as much, so that the draws below are the GPT's.
+        torch.empty(self.cfg.seq_len, self.cfg.d_model).normal_()
+        own, g, seen = dict(self.named_parameters(remove_duplicate=False)), self.tp_group, set()
+        for module_name, module in whole.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                full = initial_value(module, module_name, name, full_shape(p), self.cfg.n_layer)
+                key = f"{module_name}.{name}"
+                for target in (key, "head.weight") if key == "tok_emb.weight" else (key,):
+                    if target in own:
+                        spec = getattr(own[target], "tp_shard", None)
+                        own[target].copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
+        return whole.num_params(non_embedding=False), whole.num_params()
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """The whole GPT's parameter count (as GPT.num_params), for FLOPs and the banner."""
+        return self._whole[1] if non_embedding else self._whole[0]
+
+    def forward(self, inp: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: token ids (B, T); others: the residual stream (B, T, C). Returns the residual stream
+        (B, T, C), or on the last stage the mean cross-entropy against targets (B, T)."""
+        if self.is_first:
+            T = inp.size(1)
+            pos = torch.arange(T, device=inp.device)
+            x = self.drop(self.tok_emb(inp) + self.pos_emb(pos))  # (B, T, C)
+        else:
+            x = inp
+        for block in self.blocks.values():
+            x = block(x)
+        if not self.is_last:
+            return x
+        logits = self.head(self.ln_f(x))  # (B, T, V / p)
+        return vocab_parallel_cross_entropy(logits, targets, self.tp_group, self.cfg.vocab_size)
+
+
+def tied_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The stage's copy of the tied embedding/head weight: the embedding on the first stage, the head on the last
+    (both on a one-stage model, where they are one tensor); none on middle stages."""
+    found = {id(p): p for name, p in model.named_parameters() if name in ("tok_emb.weight", "head.weight")}
+    return list(found.values())

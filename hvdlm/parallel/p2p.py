@@ -1,0 +1,93 @@
+"""Point-to-point between neighbouring pipeline stages, on the pipeline group's own mpi4py communicator.
+
+Every exchange posts its receives first, then its sends (all non-blocking), then waits for the receives only:
+
+- no deadlock at any message size. A blocking send above the MPI library's eager limit waits for the matching
+  receive; two neighbours that both send first (stage s its activation forward, stage s + 1 its gradient back, as
+  1F1B's steady state does) would each wait for the other. Here a rank waits only for data it receives, whose
+  send its neighbour has posted before waiting itself.
+- no shape handshake: every message is one stage boundary's (B, T, C) tensor in the wire dtype, so receive
+  buffers are allocated at the known shape before the message arrives.
+- a send's tensor stays referenced (`pending`) until the send completes (`wait_sends`, at the end of a
+  schedule): MPI reads its memory after Isend returns, and torch must not free or reuse it meanwhile.
+- 16-bit floats travel as their raw 16-bit words (int16 views; numpy has no bfloat16): bit for bit, half the
+  bytes of fp32.
+
+Activations and gradients use different tags, so a gradient can never be taken for an activation; within a tag
+MPI keeps the order of messages between two ranks, which is the micro-batch order. `bytes_sent` counts the
+payload this rank sent (as the TP collectives count theirs) and `wait_seconds` the time spent waiting for
+receives (the pipeline's idle time, read by the bubble benchmark).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hvdlm.parallel.collectives import _as_words, _buf, _mpi_is_cuda_aware
+from hvdlm.parallel.topology import Group
+
+ACTIVATION, GRADIENT = 0, 1  # message tags
+
+
+class StageLink:
+    """This stage's sends to and receives from its neighbours (none beyond the first and last stage)."""
+
+    def __init__(self, group: Group, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.group, self.shape, self.dtype, self.device = group, tuple(shape), dtype, device
+        self.prev = group.rank - 1 if group.rank > 0 else None
+        self.next = group.rank + 1 if group.rank < group.size - 1 else None
+        # MPI reads device memory only if it is CUDA-aware; otherwise messages go through host copies.
+        self.host = device.type == "cuda" and not _mpi_is_cuda_aware()
+        self.pending: list[tuple[object, torch.Tensor]] = []  # (send request, the tensor it reads)
+        self.bytes_sent = 0
+        self.wait_seconds = 0.0
+
+    def exchange(
+        self,
+        send_next: torch.Tensor | None = None,
+        send_prev: torch.Tensor | None = None,
+        recv_prev: bool = False,
+        recv_next: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Send an activation forward and/or a gradient back, receive an activation from the previous stage and/or a
+        gradient from the next; returns (from_prev, from_next). Sends to a missing neighbour are not asked for."""
+        from mpi4py import MPI
+
+        comm = self.group.comm
+        received, recv_requests = [], []
+        for wanted, peer, tag in ((recv_prev, self.prev, ACTIVATION), (recv_next, self.next, GRADIENT)):
+            if not wanted:
+                received.append(None)
+                continue
+            buf = torch.empty(self.shape, dtype=self.dtype, device="cpu" if self.host else self.device)
+            recv_requests.append(comm.Irecv(_buf(_as_words(buf)), source=peer, tag=tag))
+            received.append(buf)
+        for t, peer, tag in ((send_next, self.next, ACTIVATION), (send_prev, self.prev, GRADIENT)):
+            if t is None:
+                continue
+            assert tuple(t.shape) == self.shape and t.dtype == self.dtype, (t.shape, t.dtype, self.shape, self.dtype)
+            t = t.detach().contiguous()
+            if self.host:
+                t = t.cpu()
+            words = _as_words(t)
+            self.pending.append((comm.Isend(_buf(words), dest=peer, tag=tag), words))
+            self.bytes_sent += t.numel() * t.element_size()
+            self.group.bytes_moved += t.numel() * t.element_size()
+        start = time.perf_counter()
+        MPI.Request.Waitall(recv_requests)
+        self.wait_seconds += time.perf_counter() - start
+        if self.host:
+            received = [None if b is None else b.to(self.device) for b in received]
+        return received[0], received[1]
+
+    def wait_sends(self) -> None:
+        """Complete every send posted so far (their tensors may then be freed)."""
+        from mpi4py import MPI
+
+        if self.pending:
+            start = time.perf_counter()
+            MPI.Request.Waitall([request for request, _ in self.pending])
+            self.wait_seconds += time.perf_counter() - start
+            self.pending.clear()

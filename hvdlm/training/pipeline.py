@@ -1,0 +1,97 @@
+"""The training step's work on a pipeline stage (parallel.pp > 1): the step's micro-batches through the schedule,
+the loss on every rank, the tied embedding/head gradient, and the validation loss.
+
+The trainer calls `forward_backward` where a one-stage run accumulates gradients over its micro-batches; what
+follows is the same for both (Horovod's DistributedOptimizer averages each stage's gradients over its DP
+process set, then clipping, the non-finite check, the update). Between the average and the clipping the trainer
+calls `sum_tied_gradients`: the first stage's embedding and the last stage's head copy of the tied weight get
+the sum of both gradients (Megatron's embedding group), so both copies take the same update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hvdlm.data.sampler import WindowSampler
+from hvdlm.model.stage import GPTStage, tied_parameters
+from hvdlm.parallel.collectives import allreduce, broadcast_
+from hvdlm.parallel.p2p import StageLink
+from hvdlm.parallel.schedules import StageWork, forward_only, run_schedule
+from hvdlm.parallel.topology import Topology
+from hvdlm.training.precision import Precision
+
+
+class PipelineRunner:
+    def __init__(
+        self, model: GPTStage, topo: Topology, precision: Precision, batch_size: int, microbatches: int, schedule: str
+    ):
+        cfg = model.cfg
+        self.model, self.topo, self.precision = model, topo, precision
+        self.microbatches, self.schedule = microbatches, schedule
+        self.device = precision.device
+        # What crosses a stage boundary: the residual stream (B, T, C), in bf16 when training in bf16 (half the
+        # bytes; Megatron sends in the parameters' dtype too), else fp32.
+        self.wire_dtype = torch.bfloat16 if precision.name == "bf16" else torch.float32
+        shape = (batch_size, cfg.seq_len, cfg.d_model)
+        self.link = StageLink(topo.pp_group, shape, self.wire_dtype, self.device)
+        self.count_saved = False  # the benchmark's saved-activation count
+
+    def forward_backward(self, batches: WindowSampler) -> torch.Tensor:
+        """One step's micro-batches through the schedule, gradients accumulated in .grad; returns the replica's
+        mean loss over them, on every stage."""
+        m = self.microbatches
+        data = [_to_device(b, self.device) for b in (batches.next_batch() for _ in range(m))]  # every stage reads
+        loss = torch.zeros((), device=self.device)
+
+        def forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
+            nonlocal loss
+            x, y = data[i]
+            with self.precision.autocast():
+                out = self.model(x if self.model.is_first else inp, y)
+            if not self.model.is_last:
+                return out.to(self.wire_dtype)
+            # As the one-stage step does: a non-finite loss makes the gradients NaN, so every replica skips.
+            out = out * torch.where(torch.isfinite(out), 1.0, float("nan"))
+            loss = loss + out.detach() / m
+            return out / m
+
+        work = StageWork(forward, self.model.is_first, self.model.is_last, count_saved=self.count_saved)
+        run_schedule(self.schedule, work, self.link, m)
+        self.last_work = work
+        return self._from_last_stage(loss)
+
+    @torch.no_grad()
+    def sum_tied_gradients(self) -> None:
+        """First and last stage: both copies of the tied weight get the sum of their gradients."""
+        if self.topo.embedding_group.size == 1:
+            return
+        for p in tied_parameters(self.model):
+            p.grad.copy_(allreduce(p.grad, self.topo.embedding_group))
+
+    @torch.no_grad()
+    def validation_loss(self, batches: WindowSampler, n_batches: int) -> torch.Tensor:
+        """The mean loss over n_batches evaluation batches of this replica, on every stage."""
+        self.model.eval()
+        data = [_to_device(b, self.device) for b in (batches.eval_batch(i) for i in range(n_batches))]
+        total = torch.zeros((), device=self.device)
+
+        def forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
+            nonlocal total
+            x, y = data[i]
+            with self.precision.autocast():
+                out = self.model(x if self.model.is_first else inp, y)
+            if self.model.is_last:
+                total = total + out.float()
+                return out
+            return out.to(self.wire_dtype)
+
+        forward_only(StageWork(forward, self.model.is_first, self.model.is_last), self.link, n_batches)
+        return self._from_last_stage(total / n_batches)
+
+    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        """The last stage's value on every stage of the pipeline."""
+        return broadcast_(value.float().reshape(1).contiguous(), self.topo.pp_group, root=self.topo.pp - 1)[0]
+
+
+def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
+    return tuple(b.to(device, non_blocking=True) for b in batch)
