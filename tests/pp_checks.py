@@ -1,5 +1,6 @@
-"""Run under `mpirun -np 4`: the pipeline's point-to-point and schedules, with all 4 ranks as one pipeline of 4
-stages (no Horovod: the stages talk through mpi4py alone). tests/test_pipeline.py starts this.
+"""Run under `mpirun -np P`: the pipeline's point-to-point and schedules, with all P ranks as one pipeline of P
+stages (no Horovod: the stages talk through mpi4py alone). tests/test_pipeline.py starts this on 2 ranks (the
+training runs there cover middle stages).
 
 Rank 0 prints one JSON line per check (see rank_checks.py). A deadlock would hang the run: the faulthandler ends
 it after a while with every rank's traceback instead.
@@ -18,6 +19,7 @@ from hvdlm.model import GPT
 from hvdlm.model.stage import GPTStage
 from hvdlm.parallel.p2p import StageLink
 from hvdlm.parallel.schedules import StageWork, run_schedule
+from hvdlm.parallel.split import even_split
 from hvdlm.parallel.topology import Group
 
 faulthandler.dump_traceback_later(150, exit=True)
@@ -68,7 +70,7 @@ def bf16_travels_as_its_16_bit_words():
 
 
 CFG = ModelConfig(n_layer=4, n_head=2, d_model=32, seq_len=16)
-M, B = 6, 2  # micro-batches (more than the 4 stages), sequences per micro-batch
+M, B = 6, 2  # micro-batches (more than the stages), sequences per micro-batch
 
 
 def run_stage(schedule: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -76,7 +78,7 @@ def run_stage(schedule: str) -> tuple[dict[str, torch.Tensor], int]:
     and its peak of saved-activation bytes."""
     data = batches()
     torch.manual_seed(5)
-    stage = GPTStage(CFG, [1] * P, R)
+    stage = GPTStage(CFG, even_split(CFG.n_layer, P), R)
 
     def forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
         out = stage(data[i][0] if FIRST else inp, data[i][1])
@@ -107,7 +109,7 @@ def one_f_one_b_equals_gpipe_and_gradient_accumulation():
     for n, g in g1.items():
         if n not in ("tok_emb.weight", "head.weight"):  # the tied weight's gradient is summed by the trainer
             errs[f"vs one process {n}"] = (g - ref_grads[n].grad).abs().max().item()
-    if FIRST:  # 1F1B: at most 4 micro-batches in flight on stage 0 of 4; GPipe: all 6
+    if FIRST:  # 1F1B: at most P micro-batches in flight on stage 0 of P; GPipe: all 6
         errs["1f1b peak below gpipe's"] = float(not 0 < peak_1f1b < peak_gpipe)
     detail = {"stage": R, "peak_saved_bytes": {"1f1b": peak_1f1b, "gpipe": peak_gpipe}}
     return errs, detail

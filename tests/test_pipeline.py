@@ -5,7 +5,7 @@ PP=2, PP=2 x DP=2, PP=2 x TP=2 (an explicit 1,3 split) and PP=4 (GPipe) give the
 the same merged final parameters; real ranks under mpirun, no mocks. Also: DP replicas and the tied
 embedding/head copies bit-identical, a SIGKILLed PP=2 run resumed bit-identical, a PP=2 checkpoint continued at
 TP=2, `hvdlm generate` on a PP x TP checkpoint, and layouts `hvdlm launch` refuses before anything starts. The
-point-to-point layer and the schedules are checked on 4 ranks by tests/pp_checks.py; the rank arithmetic, the
+point-to-point layer and the schedules are checked on 2 ranks by tests/pp_checks.py; the rank arithmetic, the
 splits and the checkpoint joins in-process.
 """
 
@@ -248,9 +248,9 @@ def test_splits_are_even_or_explicit():
             load_config(None, overrides)
 
 
-test_pipeline_checks_on_4_ranks = pytest.mark.distributed(
+test_pipeline_checks_on_2_ranks = pytest.mark.distributed(
     checks_on_ranks(
-        4,
+        2,
         "pp_checks.py",
         [
             "messages_above_the_eager_limit_both_ways_at_once",

@@ -30,15 +30,32 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "step": first["step"],
         "max_steps": train.get("max_steps"),
         "model": {k: v for k, v in config.get("model", {}).items() if k in _SHAPE_KEYS},
-        "layout": {"tp": len(paths), "files": [{"path": str(p), "bytes": p.stat().st_size} for p in paths]},
+        "layout": {
+            "tp": len(paths) // _stages(first),
+            "pp": _stages(first),
+            "files": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+        },
         "parameters": _parameter_count(states),
         "bytes": {"files": sum(p.stat().st_size for p in paths), **_tensor_bytes(states)},
         "holds": _holdings(states, train),
     }
 
 
+def _stages(state: dict) -> int:
+    return (state.get("pp") or {}).get("size", 1)
+
+
 def _parameter_count(states: list[dict]) -> int:
-    """Trained parameters of the whole model: sharded tensors summed over the shards, replicated ones once."""
+    """Trained parameters of the whole model: sharded tensors summed over the shards, replicated ones once; with
+    pipeline stages, summed over the stages (the last stage's copy of the tied head left out)."""
+    stages = _stages(states[0])
+    per_stage = len(states) // stages
+    return sum(
+        _stage_parameter_count(states[k * per_stage : (k + 1) * per_stage], skip_head=k > 0) for k in range(stages)
+    )
+
+
+def _stage_parameter_count(states: list[dict], skip_head: bool) -> int:
     first = states[0]
     tp = first.get("tp", {})
     sharding = tp.get("sharding", {})
@@ -47,7 +64,7 @@ def _parameter_count(states: list[dict]) -> int:
         n for n in first["model"] if n != "head.weight"
     ]
     total = 0
-    for name in names:
+    for name in (n for n in names if not (skip_head and n == "head.weight")):
         parts = [s["model"][name] for s in states] if sharding.get(name) else [first["model"][name]]
         total += sum(t.numel() for t in parts)
     return total
@@ -118,13 +135,17 @@ def render(info: dict[str, Any]) -> str:
         ("step", f"{info['step']}{of}"),
         ("model", shape),
         ("parameters", f"{format_count(info['parameters'])} ({info['parameters']:,})"),
-        ("layout", f"tp {info['layout']['tp']}: {len(files)} file(s)"),
+        ("layout", f"{_layout(info['layout'])}: {len(files)} file(s)"),
         *((("file", f"{Path(f['path']).name}  {f['bytes']:,} bytes")) for f in files),
         ("bytes", ", ".join(f"{k} {format_count(v)}" for k, v in sizes.items())),
         *_holding_lines(info["holds"]),
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+def _layout(layout: dict[str, Any]) -> str:
+    return f"tp {layout['tp']}" if layout.get("pp", 1) == 1 else f"pp {layout['pp']} x tp {layout['tp']}"
 
 
 def _holding_lines(holds: dict[str, Any]) -> list[tuple[str, str]]:
