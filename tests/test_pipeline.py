@@ -18,6 +18,7 @@ import torch
 from helpers import checks_on_ranks, losses, mpirun, run_cli, sets, summary, train_argv
 from survive import Job, comparable, last_step, wait_for_step
 
+from hvdlm.checkpoint.describe import describe_checkpoint
 from hvdlm.checkpoint.reshard import load_full_state
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
@@ -112,6 +113,9 @@ def test_checkpoint_merge_joins_stages_and_tp_shards(runs, tmp_path):
     assert merged["tp"]["param_names"] == one["tp"]["param_names"]  # the optimizer state of the whole model
     for i, entry in one["optimizer"]["state"].items():
         assert (entry["exp_avg"] - merged["optimizer"]["state"][i]["exp_avg"]).abs().max().item() <= 1e-6
+    # `hvdlm checkpoint inspect` counts the whole model once (the head copy and TP-replicated tensors not twice).
+    info, ref = describe_checkpoint(ckpt(runs["pp2xtp2"], STEPS)), describe_checkpoint(ckpt(runs["one"], STEPS))
+    assert (info["layout"]["pp"], info["layout"]["tp"], info["parameters"]) == (2, 2, ref["parameters"])
 
 
 @pytest.mark.distributed

@@ -32,7 +32,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "model": {k: v for k, v in config.get("model", {}).items() if k in _SHAPE_KEYS},
         "layout": {
             "tp": len(paths) // _stages(first),
-            "pp": _stages(first),
+            **({"pp": _stages(first)} if _stages(first) > 1 else {}),
             "files": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
         },
         "parameters": _parameter_count(states),

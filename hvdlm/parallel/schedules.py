@@ -47,7 +47,6 @@ class StageWork:
 def run_schedule(name: str, work: StageWork, link: StageLink, microbatches: int) -> None:
     """Forward and backward of `microbatches` micro-batches on this stage in schedule `name` ("1f1b" | "gpipe")."""
     (one_f_one_b if name == "1f1b" else gpipe)(work, link, microbatches)
-    link.wait_sends()
 
 
 def gpipe(work: StageWork, link: StageLink, m: int) -> None:
@@ -103,7 +102,6 @@ def forward_only(work: StageWork, link: StageLink, m: int) -> None:
             inp, _ = link.exchange(recv_prev=not work.is_first)
             out = work.forward(i, inp)
             link.exchange(send_next=None if work.is_last else out)
-    link.wait_sends()
 
 
 def _forward(work: StageWork, i: int, inp: torch.Tensor | None) -> torch.Tensor:
