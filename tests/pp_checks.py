@@ -71,19 +71,20 @@ CFG = ModelConfig(n_layer=4, n_head=2, d_model=32, seq_len=16)
 M, B = 6, 2  # micro-batches (more than the stages), sequences per micro-batch
 
 
-def run_stage(schedule: str) -> tuple[dict[str, torch.Tensor], int]:
-    """This rank's stage of the 4-stage GPT after one step's forwards and backwards in `schedule`: its gradients,
-    and its peak of saved-activation bytes."""
+def run_stage(schedule: str, wire: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's stage of the GPT after one step's forwards and backwards in `schedule`: its gradients, and its
+    peak of saved-activation bytes. A bf16 `wire` runs under bf16 autocast and sends bf16, as training does."""
     data = batches()
     torch.manual_seed(5)
     stage = GPTStage(CFG, even_split(CFG.n_layer, P), R)
 
     def forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
-        out = stage(data[i][0] if FIRST else inp, data[i][1])
-        return out / M if LAST else out
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=wire == torch.bfloat16):
+            out = stage(data[i][0] if FIRST else inp, data[i][1])
+        return out / M if LAST else out.to(wire)
 
     work = StageWork(forward, FIRST, LAST, count_saved=True)
-    run_schedule(schedule, work, StageLink(PIPE, (B, CFG.seq_len, CFG.d_model), torch.float32, CPU), M)
+    run_schedule(schedule, work, StageLink(PIPE, (B, CFG.seq_len, CFG.d_model), wire, CPU), M)
     return {n: p.grad.clone() for n, p in stage.named_parameters()}, work.peak_saved
 
 
@@ -111,6 +112,16 @@ def one_f_one_b_equals_gpipe_and_gradient_accumulation():
         errs["1f1b peak below gpipe's"] = float(not 0 < peak_1f1b < peak_gpipe)
     detail = {"stage": R, "peak_saved_bytes": {"1f1b": peak_1f1b, "gpipe": peak_gpipe}}
     return errs, detail
+
+
+@check
+def bf16_pipeline_gradients_within_bf16_rounding_of_fp32():
+    """bf16 autocast with bf16 activations and gradients on the wire: each gradient within 5% (relative to its
+    largest entry) of the fp32 pipeline's; the check fails beyond that."""
+    exact, _ = run_stage("1f1b")
+    low, _ = run_stage("1f1b", torch.bfloat16)
+    rel = {n: ((low[n] - g).abs().max() / g.abs().max()).item() for n, g in exact.items()}
+    return {f"beyond 5%: {n}": float(not r <= 0.05) for n, r in rel.items()}, {"stage": R, "worst": max(rel.values())}
 
 
 if __name__ == "__main__":
