@@ -509,12 +509,13 @@ def _restore(trainer: Trainer, start: Start) -> int:
 
 def _banner(trainer: Trainer, start: Start) -> None:
     t, data, log = trainer.t, trainer.data, trainer.logger
+    micro = t.accumulation_steps * trainer.cfg.parallel.microbatches
     mode = f"local SGD every {t.local_sgd_interval} steps," if t.local_sgd_interval else "synchronous"
     log.info(
         f"hvdlm: {hvd.size()} rank(s) ({_layout(trainer)}) x {torch.get_num_threads()} thread(s) on "
         f"{trainer.device.type} in {t.precision}{_compiled(trainer.model)}, "
         f"{format_count(trainer.model.num_params())} parameters, "
-        f"{trainer.throughput.tokens_per_step} tokens per step ({t.accumulation_steps} micro-batch(es)), {mode} "
+        f"{trainer.throughput.tokens_per_step} tokens per step ({micro} micro-batch(es)), {mode} "
         f"{t.optimizer}, data {format_count(len(data.train))} train / {format_count(len(data.val))} val "
         f"{data.tokenizer.kind} tokens ({trainer.train_batches.samples_per_epoch:,} windows per epoch) from "
         f"{data.path}"
