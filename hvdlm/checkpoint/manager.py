@@ -114,8 +114,8 @@ class CheckpointManager:
             torch.manual_seed(self.cfg.train.seed + 1 + topo.dp_rank + 7919 * state["step"])
             if hvd.rank() == 0:
                 print(
-                    f"note: the checkpoint was written by {len(rngs)} replica(s), this run has {topo.dp}; dropout "
-                    "draws new masks from here",
+                    f"note: the checkpoint was written by another layout ({len(rngs)} replica(s) or other pipeline "
+                    f"stages; this run has {topo.dp} replica(s)); dropout draws new masks from here",
                     flush=True,
                 )
         run.progress.update(state.get("progress") or {})
