@@ -44,11 +44,14 @@ from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
 from hvdlm.training.local_sgd import average_replicas
 from hvdlm.training.memory import check_model_fits
+from hvdlm.training.memory_account import ActivationMeter, memory_account
+from hvdlm.training.memory_account import describe as describe_memory
 from hvdlm.training.metrics import RunLogger
-from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
+from hvdlm.training.optim import clip_gradients, distributed_optimizer, lr_at
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
+from hvdlm.training.zero import zero_note
 from hvdlm.units import format_count
 
 
@@ -128,6 +131,7 @@ class Trainer:
     logger: RunLogger | None = None  # rank 0 writes; made once the run directory is known to be ours
     vote: StopVote = field(init=False)  # each step carries every rank's reason to stop (a signal, too many skips)
     stop_requested: bool = False
+    memory: dict | None = None  # the memory account (hvdlm.training.memory_account), measured at the first step
 
     def __post_init__(self) -> None:
         self.vote = StopVote(hvd.size())
@@ -147,7 +151,11 @@ class Trainer:
         lr = lr_at(step, t, self.topo.dp)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm, problem = self._optimizer_step()
+        meter = ActivationMeter(self.model) if self.memory is None else None
+        loss, grad_norm, problem = self._optimizer_step(meter)
+        if meter is not None:
+            self.memory = memory_account(self.model, self.optimizer, meter.peak_bytes, self.device)
+            self.logger.info(describe_memory(self.memory))
         done = step + 1
         if t.local_sgd_interval and (done % t.local_sgd_interval == 0 or done == t.max_steps):
             average_replicas(self.model, self.optimizer, self.topo, self.ema)
@@ -162,8 +170,9 @@ class Trainer:
                 self.vote.local = Stop.NON_FINITE
         return StepOutcome(done, lr, loss, grad_norm, problem)
 
-    def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    def _optimizer_step(self, meter: ActivationMeter | None = None) -> tuple[torch.Tensor, torch.Tensor, str | None]:
         """accumulation_steps micro-batches, then the update; returns (loss, gradient norm, why it was skipped).
+        `meter` counts what the first micro-batch's forward saves for backward.
 
         A step whose loss or gradient norm is not finite is skipped: no update, no EMA update.
         """
@@ -172,9 +181,10 @@ class Trainer:
         self.optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
         self.model.train()
         loss = torch.zeros((), device=self.device)
-        for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
+        for i in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
             x, y = (_to_device(b, self.device) for b in self.train_batches.next_batch())
-            with self.precision.autocast():
+            counted = meter if meter is not None and i == 0 else contextlib.nullcontext()
+            with self.precision.autocast(), counted:
                 micro_loss = self.model(x, y)[1]
             # A non-finite loss can leave finite gradients (an infinite loss has no finite slope to speak of, yet a
             # kernel may return one). Make them NaN, so that the averaged gradient, which every replica sees, tells
@@ -188,7 +198,7 @@ class Trainer:
             # averaged gradient, then step without a second synchronisation.
             self.optimizer.synchronize()
         scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), t.grad_clip or float("inf"), self.topo.tp_group)
+        grad_norm = clip_gradients(self.optimizer, self.model, t.grad_clip or float("inf"), self.topo.tp_group)
         # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one replica
         # share loss and norm). With fp16 the scaler itself skips overflowing steps.
         problem = _non_finite(loss, grad_norm, scaler.is_enabled())
@@ -231,6 +241,7 @@ class Trainer:
             "ms_per_step": 1000 * elapsed / meter.steps,
             "mfu": mfu(tokens_per_s, meter.flops_per_token, meter.peak_tflops, hvd.size()),
             "memory_mb": memory_mb(self.device),
+            **(self.memory or {}),
         }
         self.logger.record(row)
         self.logger.info(
@@ -490,6 +501,8 @@ def _banner(trainer: Trainer, start: Start) -> None:
         log.info(note)
     if start.state is not None:
         log.info(f"resumed from {start.source} at step {trainer.first_step}")
+    if note := zero_note(t):
+        log.info(note)
 
 
 def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) -> None:
