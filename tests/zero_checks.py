@@ -108,7 +108,9 @@ def main() -> int:
     again = ZeroOptimizer(models["zero"], dataclasses.replace(tcfg, zero=1), topo)
     again.load_full_state_dict(full)
     back = again.full_state_dict()
-    round_trip = all(torch.equal(full["state"][i][k], back["state"][i][k]) for i in full["state"] for k in full["state"][i])
+    round_trip = all(
+        torch.equal(full["state"][i][k], back["state"][i][k]) for i in full["state"] for k in full["state"][i]
+    )
     report("checkpoint_state_is_the_plain_one", same_layout and moments <= TOL and round_trip, moments)
 
     # A non-finite gradient on one rank makes the global norm non-finite on every rank: all replicas skip.
