@@ -162,7 +162,7 @@ class ZeroOptimizer:
             for i, p in enumerate(self.params):
                 k = p.numel()
                 entry = {key: flat[key][offset : offset + k].view_as(p).clone() for key in keys}
-                state[i] = {**{k2: v for k2, v in first.items() if k2 not in keys}, **entry}
+                state[i] = {**_own_copies(first, keys), **entry}
                 offset += k
         groups, start = [], 0
         for group, params in zip(self.inner.param_groups, self._groups_of_params):
@@ -195,9 +195,8 @@ class ZeroOptimizer:
                     flat[key][offset : offset + p.numel()] = entries[i][key].reshape(-1)
             offset += p.numel()
         local_state = {}
-        scalars = {k: v for k, v in some.items() if k not in keys}  # AdamW's step count: the same everywhere
         for j, (a, b) in enumerate(self.piece_ranges):
-            local_state[j] = {**scalars, **{key: flat[key][a:b].clone() for key in keys}}
+            local_state[j] = {**_own_copies(some, keys), **{key: flat[key][a:b].clone() for key in keys}}
         groups, j = [], 0
         for saved, ours in zip(full["param_groups"], self.inner.param_groups):
             n = len(ours["params"])
@@ -221,6 +220,12 @@ class _FullView:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._zero.load_full_state_dict(state)
+
+
+def _own_copies(entry: dict, skip: list[str]) -> dict:
+    """An entry's values but `skip`, tensors copied: AdamW's step count is the same for every parameter, but
+    each must have its own tensor (the optimizer adds 1 to it in place, once per tensor it updates)."""
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items() if k not in skip}
 
 
 def _settings(group: dict) -> dict:
