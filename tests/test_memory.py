@@ -11,10 +11,11 @@ import pytest
 import torch
 from helpers import run_cli
 
-from hvdlm.config import ModelConfig, load_config
+from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.training.memory_account import MB, ActivationMeter, memory_account, state_mb
+from hvdlm.training.zero import zero_note
 
 CFG = dict(n_layer=4, n_head=2, d_model=32, seq_len=32, vocab_size=256, dropout=0.1)
 
@@ -87,6 +88,12 @@ def test_bad_settings_are_refused(overrides, message):
     with pytest.raises(InputError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_zero_with_sgd_without_momentum_is_allowed_and_noted():
+    assert load_config(None, ["train.zero=1", "train.optimizer=sgd", "train.momentum=0"]).train.zero == 1
+    assert "nothing to shard" in zero_note(TrainConfig(zero=1, optimizer="sgd", momentum=0.0))
+    assert zero_note(TrainConfig(zero=1)) is None
 
 
 def test_a_bad_setting_on_the_command_line_exits_2_without_a_traceback(tiny_job):

@@ -143,6 +143,7 @@ test_tp2_x_dp2_zero_matches_replicated = checks_on_ranks(
     "zero_checks.py",
     [
         "loss_and_norm_at_every_step",
+        "bf16_autocast_loss_at_every_step",
         "final_parameters",
         "replicas_bit_identical",
         "optimizer_state_per_rank_halved",

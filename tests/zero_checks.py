@@ -42,8 +42,9 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def train(model, optimizer, topo, cfg: ModelConfig, tag: str) -> list[tuple[float, float]]:
+def train(model, optimizer, topo, cfg: ModelConfig, tag: str, bf16: bool = False) -> list[tuple[float, float]]:
     """STEPS steps as the trainer takes them; (the global batch's loss, the gradient norm) of each."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     out = []
     for step in range(STEPS):
         optimizer.zero_grad()
@@ -51,7 +52,8 @@ def train(model, optimizer, topo, cfg: ModelConfig, tag: str) -> list[tuple[floa
         for micro in range(MICRO):
             g = torch.Generator().manual_seed(1000 * step + 10 * micro + topo.dp_rank)  # the replica's own batch
             x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=g)
-            micro_loss = model(x, torch.roll(x, -1, 1))[1]
+            with autocast:
+                micro_loss = model(x, torch.roll(x, -1, 1))[1]
             (micro_loss / MICRO).backward()
             loss += micro_loss.detach() / MICRO
         optimizer.synchronize()
@@ -69,16 +71,20 @@ def main() -> int:
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, bias=False)
     tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, accumulation_steps=MICRO, grad_clip=0.5)
     models, results, optimizers = {}, {}, {}
-    for name, zero in (("replicated", 0), ("zero", 1)):
+    for name, zero, bf16 in (("replicated", 0, False), ("zero", 1, False), ("bf16", 0, True), ("zero_bf16", 1, True)):
         torch.manual_seed(100 + world.Get_rank())  # different weights per rank: the initial broadcast must fix that
         models[name] = GPT(cfg, topo.tp_group)
         optimizers[name] = distributed_optimizer(models[name], dataclasses.replace(tcfg, zero=zero), topo)
-        results[name] = train(models[name], optimizers[name], topo, cfg, name)
+        results[name] = train(models[name], optimizers[name], topo, cfg, name, bf16)
     (ref, zero), (m_ref, m_zero) = (results["replicated"], results["zero"]), (models["replicated"], models["zero"])
 
     errors = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(ref, zero)]
     norm_errors = [abs(a[1] - b[1]) / abs(a[1]) for a, b in zip(ref, zero)]
     report("loss_and_norm_at_every_step", max(errors + norm_errors) <= TOL, {"loss": errors, "norm": norm_errors})
+
+    # bf16 autocast: the same bf16 forward on both, fp32 gradients reduced in fp32.
+    bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(results["bf16"], results["zero_bf16"])]
+    report("bf16_autocast_loss_at_every_step", max(bf16_errors) <= TOL, bf16_errors)
 
     p_ref, p_zero = m_ref.state_dict(), m_zero.state_dict()
     worst = max((p_ref[n] - p_zero[n]).abs().max().item() for n in p_ref)
@@ -89,7 +95,8 @@ def main() -> int:
     identical = len({digests[r] for r in dp_peers}) == 1 and digests[0] != digests[1]
     report("replicas_bit_identical", identical, digests)
 
-    mem = {name: memory_account(models[name], optimizers[name], 0, torch.device("cpu")) for name in models}
+    cpu = torch.device("cpu")
+    mem = {name: memory_account(models[name], optimizers[name], 0, cpu) for name in ("replicated", "zero")}
     ratio = mem["zero"]["optimizer_mb"] / mem["replicated"]["optimizer_mb"]
     report("optimizer_state_per_rank_halved", ratio <= 0.55, {"ratio": ratio, **{n: m for n, m in mem.items()}})
 
