@@ -102,11 +102,15 @@ def largest_models(budget_gb: float, dp: int, micro_batch: int, seq_len: int = 1
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--skip-training", action="store_true", help="part 2 only")
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--micro-batch", type=int, default=4)
     args = parser.parse_args()
-    print(json.dumps({"trained": trained(args.steps)}))
-    print(json.dumps({"largest": largest_models(args.budget_gb, dp=2, micro_batch=args.micro_batch)}))
+    if not args.skip_training:
+        print(json.dumps({"trained": trained(args.steps)}))
+    for dp in (2, 8):
+        largest = largest_models(args.budget_gb, dp=dp, micro_batch=args.micro_batch)
+        print(json.dumps({"largest": largest, "dp": dp, "budget_gb": args.budget_gb, "micro_batch": args.micro_batch}))
 
 
 if __name__ == "__main__":

@@ -82,9 +82,11 @@ def main() -> int:
     norm_errors = [abs(a[1] - b[1]) / abs(a[1]) for a, b in zip(ref, zero)]
     report("loss_and_norm_at_every_step", max(errors + norm_errors) <= TOL, {"loss": errors, "norm": norm_errors})
 
-    # bf16 autocast: the same bf16 forward on both, fp32 gradients reduced in fp32.
+    # bf16 autocast: fp32 gradients reduced in fp32. The fp32 runs differ in the last bits of the weights (the
+    # clipping norm is summed in another order), which can flip the rounding of a weight to bf16 (8 bits of
+    # mantissa): bf16's own tolerance then, far below its 4e-3 resolution.
     bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(results["bf16"], results["zero_bf16"])]
-    report("bf16_autocast_loss_at_every_step", max(bf16_errors) <= TOL, bf16_errors)
+    report("bf16_autocast_loss_at_every_step", max(bf16_errors) <= 1e-4, bf16_errors)
 
     p_ref, p_zero = m_ref.state_dict(), m_zero.state_dict()
     worst = max((p_ref[n] - p_zero[n]).abs().max().item() for n in p_ref)
