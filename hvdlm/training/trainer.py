@@ -379,7 +379,7 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
     # dataset's larger one only adds to what is refused here).
     with together("model_fits"):
-        check_model_fits(cfg, device, hvd.local_size())
+        check_model_fits(cfg, device, hvd.local_size(), topo.dp)
     torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     data = _load_dataset(cfg)
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
