@@ -7,6 +7,7 @@ fits a per-rank memory budget, replicated against ZeRO-1 + full recomputation.
 
 Part 1 trains with the real `hvdlm train` under mpirun (2 ranks, one thread each) and reads the memory account and
 tokens/s from metrics.jsonl (tokens/s: the median of the rows after the first two steps).
+`--settings replicated zero1 --repeats 3` interleaves an A/B comparison.
 
 Part 2 is computed, not trained: weights, gradients and optimizer state from hvdlm.training.memory_account's
 state_mb (fp32, AdamW), plus activations measured with its ActivationMeter on this CPU for 1 and 2 layers of the
@@ -37,7 +38,7 @@ MODEL = ["model.n_layer=4", "model.n_head=4", "model.d_model=256", "model.seq_le
 KEYS = ("params_mb", "grads_mb", "optimizer_mb", "activations_mb")
 
 
-def trained(steps: int) -> dict[str, dict]:
+def trained(steps: int, names: list[str]) -> dict[str, dict]:
     from helpers import TINY_JOB, mpirun, sets, train_argv
 
     out = {}
@@ -46,15 +47,17 @@ def trained(steps: int) -> dict[str, dict]:
         job.write_text(TINY_JOB)
         common = [*MODEL, f"train.max_steps={steps}", "train.eval_interval=0", "train.sample_tokens=0"]
         common += ["train.log_interval=1", "train.tensorboard=false", "train.threads=1"]
-        for name, extra in SETTINGS.items():
-            run_dir = Path(tmp) / name.replace(" ", "_")
+        for i, name in enumerate(names):
+            extra = SETTINGS[name]
+            run_dir = Path(tmp) / f"{i}-{name.replace(' ', '_')}"
             proc = mpirun(2, train_argv(job, run_dir, *sets(*common, *extra)), timeout=1800)
             assert proc.code == 0, proc.out[-3000:]
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             rows = [r for r in rows if "loss" in r]
-            out[name] = {k: rows[0][k] for k in KEYS}
-            out[name]["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rows[2:])
-            print(name, json.dumps(out[name]), flush=True)
+            figures = {k: rows[0][k] for k in KEYS}
+            figures["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rows[2:])
+            out.setdefault(name, []).append(figures)
+            print(name, json.dumps(figures), flush=True)
     return out
 
 
@@ -103,11 +106,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip-training", action="store_true", help="part 2 only")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"of {list(SETTINGS)}, in this order")
+    parser.add_argument("--repeats", type=int, default=1, help="the settings this many times, interleaved")
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--micro-batch", type=int, default=4)
     args = parser.parse_args()
     if not args.skip_training:
-        print(json.dumps({"trained": trained(args.steps)}))
+        print(json.dumps({"trained": trained(args.steps, args.settings * args.repeats)}))
     for dp in (2, 8):
         largest = largest_models(args.budget_gb, dp=dp, micro_batch=args.micro_batch)
         print(json.dumps({"largest": largest, "dp": dp, "budget_gb": args.budget_gb, "micro_batch": args.micro_batch}))
