@@ -77,16 +77,17 @@ class ZeroOptimizer:
         self.inner = optimizer_over(
             [{**g, "params": ts} for g, ts in zip(groups, pieces)], cfg, fused=None if device.type == "cpu" else True
         )
-        # For the global norm: which elements of the slice belong to TP-sharded parameters (summed over the TP
-        # group) and which to replicated ones (counted once). Rows: sharded, replicated.
-        sharded = torch.zeros(self.shard_numel * d, device=device)
+        # For the global norm: the ranges of this slice that hold TP-sharded parameters (their squares are summed
+        # over the TP group; the replicated ones count once), as ranges rather than a mask of S numbers.
+        self._sharded_ranges: list[tuple[int, int]] = []
         offset = 0
         for p in self.params:
-            if hasattr(p, "tp_shard"):
-                sharded[offset : offset + p.numel()] = 1.0
+            a, b = max(offset, lo) - lo, min(offset + p.numel(), lo + self.shard_numel) - lo
+            if hasattr(p, "tp_shard") and a < b:
+                if self._sharded_ranges and self._sharded_ranges[-1][1] == a:  # contiguous: one range
+                    a = self._sharded_ranges.pop()[0]
+                self._sharded_ranges.append((a, b))
             offset += p.numel()
-        mine = sharded[self.slice]
-        self._norm_weights = torch.stack([mine, 1.0 - mine])  # (2, S)
         self._groups_of_params = [g["params"] for g in groups]
 
     # -- the DistributedOptimizer interface the trainer uses ---------------------------------------------------
@@ -125,7 +126,9 @@ class ZeroOptimizer:
         """Clip to the global norm of the averaged gradient: squares summed over this rank's slice, then over the
         DP group (the slices partition the buffer), and for TP-sharded elements over the TP group too; replicated
         tensors (LayerNorms, the position table) count once."""
-        squares = self._norm_weights @ self.grad_slice.square()  # (sharded, replicated) sums of this slice
+        square = self.grad_slice.square()
+        total, sharded = square.sum(), sum((square[a:b].sum() for a, b in self._sharded_ranges), square.new_zeros(()))
+        squares = torch.stack([sharded, total - sharded])  # (sharded, replicated) sums of this slice
         if self.topo.dp > 1:
             # Horovod: 8 bytes over the DP process set.
             squares = hvd.allreduce(squares, op=hvd.Sum, name="zero.norm", process_set=self._dp_set)
