@@ -92,6 +92,7 @@ def pipeline(args, world) -> dict:
     from hvdlm.parallel.schedules import StageWork, run_schedule
     from hvdlm.parallel.split import even_split
     from hvdlm.parallel.topology import Group
+    from hvdlm.training.memory_account import ActivationMeter
 
     rank, p = world.Get_rank(), world.Get_size()
     pipe = Group(size=p, rank=rank, comm=world.Dup())
@@ -112,12 +113,13 @@ def pipeline(args, world) -> dict:
 
         def step() -> None:
             opt.zero_grad()
-            work = StageWork(forward, stage.is_first, stage.is_last, count_saved=True)
+            meter = ActivationMeter(stage)
+            work = StageWork(forward, stage.is_first, stage.is_last, meter=meter)
             wait, sent, start = link.wait_seconds, link.bytes_sent, time.perf_counter()
             run_schedule(schedule, work, link, m)
             seen["schedule_s"] += time.perf_counter() - start
             seen["wait_s"] += link.wait_seconds - wait
-            seen["bytes"], seen["peak_saved"] = link.bytes_sent - sent, work.peak_saved
+            seen["bytes"], seen["peak_saved"] = link.bytes_sent - sent, meter.peak_bytes
             for w in tied_parameters(stage):
                 w.grad.copy_(allreduce(w.grad, pipe))  # the tied weight: both stages' gradients summed
             opt.step()

@@ -47,6 +47,7 @@ Mpi = Literal["openmpi", "mpich"]
 Switch = Literal["auto", "on", "off"]
 Device = Literal["auto", "cuda", "cpu"]
 Schedule = Literal["1f1b", "gpipe"]
+Recompute = Literal["none", "selective", "full"]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ModelConfig:
     vocab_size: int = 256  # at least the dataset tokenizer's: the trainer raises it to that; a larger value pads
     dropout: float = 0.0  # on attention weights and residual branches; 0 keeps replicas' math deterministic
     bias: bool = True  # biases in Linear layers and LayerNorms
+    recompute: Recompute = "none"  # activations recomputed in backward: selective (attention core) or full (blocks)
 
 
 # The keys that shape a model's tensors (or cut them differently: n_head): weights load only where they agree.
@@ -118,6 +120,7 @@ class TrainConfig:
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
+    zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1, hvdlm.training.zero); 0: replicated
 
 
 @dataclass
@@ -464,6 +467,7 @@ def _check_combinations(t: TrainConfig, p: ParallelConfig) -> None:
             "'train.grad_compression' compresses the gradient allreduce, which local SGD does not do: set it to "
             "\"none\" or 'train.local_sgd_interval' to 0."
         )
+    _check_zero(t)
     if t.compile == "on" and p.tp > 1:
         raise InputError(
             'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
@@ -501,6 +505,28 @@ def _check_pipeline(config: JobConfig) -> None:
     for key, (bad, why) in refused.items():
         if bad:
             raise InputError(f"{key} with parallel.pp = {p.pp} is not supported: {why}. Or use parallel.pp = 1.")
+
+
+def _check_zero(t: TrainConfig) -> None:
+    """train.zero: the stages built, and what sharding the optimizer state cannot go with."""
+    if t.zero not in (0, 1):
+        why = (
+            "ZeRO-2 (sharded gradients) is not built: see README, 'Memory'"
+            if t.zero == 2
+            else "the stages are 0 (replicated) and 1 (optimizer state sharded over the data-parallel group)"
+        )
+        raise InputError(f"'train.zero' must be 0 or 1, got {t.zero}: {why}. Set train.zero = 1 or 0.")
+    if t.zero and t.local_sgd_interval:
+        raise InputError(
+            "train.zero = 1 with local SGD (train.local_sgd_interval > 0) is not possible: each local-SGD replica "
+            "steps alone and so needs its whole optimizer state. Set train.zero = 0, or local_sgd_interval = 0."
+        )
+    if t.zero and t.precision == "fp16":
+        raise InputError(
+            'train.zero = 1 with precision = "fp16" is not supported: each rank\'s gradient scaler would look for '
+            "overflows in its own slice of the gradients only, and the replicas would skip different steps. Use "
+            'precision = "bf16" (no scaler needed) or train.zero = 0.'
+        )
 
 
 # Upper bounds on counts and sizes. TOML integers are unbounded in Python, and a number such as

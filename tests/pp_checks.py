@@ -21,6 +21,7 @@ from hvdlm.parallel.p2p import StageLink
 from hvdlm.parallel.schedules import StageWork, run_schedule
 from hvdlm.parallel.split import even_split
 from hvdlm.parallel.topology import Group
+from hvdlm.training.memory_account import ActivationMeter
 
 faulthandler.dump_traceback_later(150, exit=True)
 PIPE = Group(size=P, rank=R, comm=world.Dup())  # stage R of P
@@ -83,9 +84,10 @@ def run_stage(schedule: str, wire: torch.dtype = torch.float32) -> tuple[dict[st
             out = stage(data[i][0] if FIRST else inp, data[i][1])
         return out / M if LAST else out.to(wire)
 
-    work = StageWork(forward, FIRST, LAST, count_saved=True)
+    meter = ActivationMeter(stage)
+    work = StageWork(forward, FIRST, LAST, meter=meter)
     run_schedule(schedule, work, StageLink(PIPE, (B, CFG.seq_len, CFG.d_model), wire, CPU), M)
-    return {n: p.grad.clone() for n, p in stage.named_parameters()}, work.peak_saved
+    return {n: p.grad.clone() for n, p in stage.named_parameters()}, meter.peak_bytes
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from helpers import REPO, Result, cli_env, mpirun, mpirun_argv, run_process
 
 # Compared per metrics.jsonl row between a resumed and an uninterrupted run: everything but the clock.
-TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb"}
+TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb", "max_allocated_mb"}
 
 
 def run(np: int, program: list[str], cache: Path, timeout: float = 300) -> Result:

@@ -24,6 +24,7 @@ from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.resume import rng_state, set_rng_state
+from hvdlm.training.zero import checkpoint_view
 
 
 class RunState(Protocol):
@@ -56,12 +57,14 @@ class CheckpointManager:
         topo = self.topo
         # Horovod: every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
         rngs = hvd.allgather_object(rng_state(self.device), name=f"rng.{step}")
+        # ZeRO: the optimizer's slices gathered to the whole state (every DP rank takes part; the writer keeps it).
+        optimizer = checkpoint_view(run.optimizer, gather=True)
         # Every rank hears whether every shard is on disk: a full disk on one writer stops all ranks together.
         with together(f"saved.{step}"):
             if topo.dp_rank == 0:
                 state = training_state(
                     run.model,
-                    run.optimizer,
+                    optimizer,
                     step,
                     self.cfg.to_dict(),
                     topo.tp_rank,
@@ -101,7 +104,7 @@ class CheckpointManager:
         """Put a save's optimizer, EMA, scaler, data position and RNG back into `run` (whose model is loaded);
         returns its step."""
         topo = self.topo
-        load_optimizer(run.optimizer, run.model, state, topo.tp_rank, topo.tp)
+        load_optimizer(checkpoint_view(run.optimizer), run.model, state, topo.tp_rank, topo.tp)
         if run.ema is not None and "ema" in state:
             run.ema.load_state_dict(shard_state(run.model, state["ema"], topo.tp_rank, topo.tp))
         # (a save without an EMA: it starts from the weights, which is what WeightEMA() did)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
+from hvdlm.model.recompute import recomputed
 from hvdlm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -49,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head // group.size  # heads on this rank
         self.head_dim = cfg.d_model // cfg.n_head
         self.dropout = cfg.dropout
+        self.recompute_core = cfg.recompute == "selective"
         # q, k and v for all (local) heads in one matmul; chunks=3 gives every rank its own q, k and v columns
         self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, group, bias=cfg.bias, chunks=3)
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, group, bias=cfg.bias)
@@ -60,12 +62,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(width, dim=2)  # 3 x (B, T, C / p)
         # (B, T, C / p) -> (B, H / p, T, C / H)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        # Fused kernel (flash / memory-efficient where available); is_causal masks the future.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, H / p, T, C / H)
+        # model.recompute = "selective": the core keeps only q, k, v for backward (hvdlm.model.recompute).
+        y = recomputed(self._core, q, k, v) if self.recompute_core else self._core(q, k, v)  # (B, H / p, T, C / H)
         y = y.transpose(1, 2).contiguous().view(B, T, width)
         return self.resid_dropout(self.proj(y))  # (B, T, C), summed over the TP group
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Fused kernel (flash / memory-efficient where available); is_causal masks the future.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
 
 
 class MLP(nn.Module):
@@ -159,7 +163,8 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            # model.recompute = "full": only each block's input is kept for backward (hvdlm.model.recompute).
+            x = recomputed(block, x) if self.cfg.recompute == "full" else block(x)
         logits = self.head(self.ln_f(x))  # (B, T, V / p)
         if targets is None:
             full = gather_from_tp(logits, self.tp_group, dim=-1)  # (B, T, V padded to a multiple of p)

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from hvdlm.config import ModelConfig
 from hvdlm.model.gpt import GPT, Block, initial_value
+from hvdlm.model.recompute import recomputed
 from hvdlm.parallel.layers import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -99,7 +100,7 @@ class GPTStage(nn.Module):
         else:
             x = inp
         for block in self.blocks.values():
-            x = block(x)
+            x = recomputed(block, x) if self.cfg.recompute == "full" else block(x)  # as in GPT.forward
         if not self.is_last:
             return x
         logits = self.head(self.ln_f(x))  # (B, T, V / p)

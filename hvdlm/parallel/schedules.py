@@ -20,8 +20,10 @@ The stage computes; this module only orders the work. `StageWork` is what a stag
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,11 +39,9 @@ class StageWork:
     forward: Callable[[int, torch.Tensor | None], torch.Tensor]
     is_first: bool
     is_last: bool
-    # Saved-activation bytes (counted when `count_saved`): live now and at their peak over the step.
-    count_saved: bool = False
-    live_saved: int = 0
-    peak_saved: int = 0
-    _saved_of: dict = field(default_factory=dict)
+    # Counts the bytes each micro-batch's forward saves for backward, and their peak over the step: an
+    # hvdlm.training.memory_account.ActivationMeter (counting(i) around forward i, release(i) after backward i).
+    meter: Any = None
 
 
 def run_schedule(name: str, work: StageWork, link: StageLink, microbatches: int) -> None:
@@ -107,20 +107,8 @@ def forward_only(work: StageWork, link: StageLink, m: int) -> None:
 def _forward(work: StageWork, i: int, inp: torch.Tensor | None) -> torch.Tensor:
     if inp is not None:
         inp.requires_grad_()  # its gradient is what the previous stage waits for
-    if not work.count_saved:
+    with work.meter.counting(i) if work.meter is not None else contextlib.nullcontext():
         return work.forward(i, inp)
-    sizes = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        sizes.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = work.forward(i, inp)
-    work._saved_of[i] = sum(sizes)
-    work.live_saved += work._saved_of[i]
-    work.peak_saved = max(work.peak_saved, work.live_saved)
-    return out
 
 
 def _backward(
@@ -128,5 +116,6 @@ def _backward(
 ) -> torch.Tensor | None:
     """Backpropagate micro-batch i through this stage; the gradient to send back (None on the first stage)."""
     torch.autograd.backward(out, grad_tensors=grad)  # the last stage's out is its loss: grad None means 1
-    work.live_saved -= work._saved_of.pop(i, 0)
+    if work.meter is not None:
+        work.meter.release(i)
     return None if work.is_first else inp.grad

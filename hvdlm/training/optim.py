@@ -26,9 +26,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None 
     """AdamW or SGD. `fused` (one kernel updating every parameter, as nanoGPT and llm.c do) defaults to on for
     GPU parameters. On CPUs the fused kernel rounds differently from the per-tensor one, enough to move a
     data-parallel run past 1e-5 of the single-rank reference (tests/test_tp_training.py), for no measured gain."""
-    groups = param_groups(model, cfg.weight_decay)
+    return optimizer_over(param_groups(model, cfg.weight_decay), cfg, fused)
+
+
+def optimizer_over(groups: list[dict], cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """make_optimizer's AdamW or SGD over given parameter groups (ZeRO's are slices of flat buffers)."""
     if fused is None:
-        fused = True if {p.device.type for p in model.parameters()} == {"cuda"} else None  # None: torch's default
+        devices = {p.device.type for g in groups for p in g["params"]}
+        fused = True if devices == {"cuda"} else None  # None: torch's default
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
@@ -83,6 +88,16 @@ def clip_grad_norm(
     return total
 
 
+def clip_gradients(
+    optimizer, model: torch.nn.Module, max_norm: float, tp_group: Group, pp_group: Group | None = None
+) -> torch.Tensor:
+    """clip_grad_norm over the model's gradients, or over the DP shards of them where the optimizer holds a slice
+    (ZeRO: hvdlm.training.zero); returns the global norm either way."""
+    if hasattr(optimizer, "clip_grad_norm"):
+        return optimizer.clip_grad_norm(max_norm)
+    return clip_grad_norm(list(model.parameters()), max_norm, tp_group, pp_group)
+
+
 def distributed_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, topology: Topology, backward_passes: int | None = None
 ):
@@ -100,6 +115,10 @@ def distributed_optimizer(
 
     optimizer = make_optimizer(model, cfg)
     broadcast_initial_state(model, optimizer, topology)
+    if cfg.zero:
+        from hvdlm.training.zero import ZeroOptimizer
+
+        return ZeroOptimizer(model, cfg, topology)  # its own slice of the state; reduce-scatter, then all-gather
     if cfg.local_sgd_interval:
         return optimizer
     # Horovod: gradients are averaged across the replicas of this shard (the DP process set) by allreduce,

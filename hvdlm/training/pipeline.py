@@ -18,6 +18,7 @@ from hvdlm.parallel.collectives import allreduce, broadcast_
 from hvdlm.parallel.p2p import StageLink
 from hvdlm.parallel.schedules import StageWork, forward_only, run_schedule
 from hvdlm.parallel.topology import Topology
+from hvdlm.training.memory_account import ActivationMeter
 from hvdlm.training.precision import Precision
 
 
@@ -34,11 +35,10 @@ class PipelineRunner:
         self.wire_dtype = torch.bfloat16 if precision.name == "bf16" else torch.float32
         shape = (batch_size, cfg.seq_len, cfg.d_model)
         self.link = StageLink(topo.pp_group, shape, self.wire_dtype, self.device)
-        self.count_saved = False  # the benchmark's saved-activation count
 
-    def forward_backward(self, batches: WindowSampler) -> torch.Tensor:
+    def forward_backward(self, batches: WindowSampler, meter: ActivationMeter | None = None) -> torch.Tensor:
         """One step's micro-batches through the schedule, gradients accumulated in .grad; returns the replica's
-        mean loss over them, on every stage."""
+        mean loss over them, on every stage. `meter` counts the saved activations of the micro-batches in flight."""
         m = self.microbatches
         data = [_to_device(b, self.device) for b in (batches.next_batch() for _ in range(m))]  # every stage reads
         loss = torch.zeros((), device=self.device)
@@ -55,9 +55,8 @@ class PipelineRunner:
             loss = loss + out.detach() / m
             return out / m
 
-        work = StageWork(forward, self.model.is_first, self.model.is_last, count_saved=self.count_saved)
+        work = StageWork(forward, self.model.is_first, self.model.is_last, meter=meter)
         run_schedule(self.schedule, work, self.link, m)
-        self.last_work = work
         return self._from_last_stage(loss)
 
     @torch.no_grad()

@@ -48,12 +48,15 @@ from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
 from hvdlm.training.local_sgd import average_replicas
 from hvdlm.training.memory import check_model_fits
+from hvdlm.training.memory_account import ActivationMeter, memory_account
+from hvdlm.training.memory_account import describe as describe_memory
 from hvdlm.training.metrics import RunLogger
-from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
+from hvdlm.training.optim import clip_gradients, distributed_optimizer, lr_at
 from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
+from hvdlm.training.zero import ZeroOptimizer, zero_note
 from hvdlm.units import format_count
 
 
@@ -134,6 +137,7 @@ class Trainer:
     pipeline: PipelineRunner | None = None  # parallel.pp > 1: this stage's part of each step
     vote: StopVote = field(init=False)  # each step carries every rank's reason to stop (a signal, too many skips)
     stop_requested: bool = False
+    memory: dict | None = None  # the memory account (hvdlm.training.memory_account), measured at the first step
 
     def __post_init__(self) -> None:
         self.vote = StopVote(hvd.size())
@@ -153,7 +157,11 @@ class Trainer:
         lr = lr_at(step, t, self.topo.dp)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm, problem = self._optimizer_step()
+        meter = ActivationMeter(self.model) if self.memory is None else None
+        loss, grad_norm, problem = self._optimizer_step(meter)
+        if meter is not None:
+            self.memory = memory_account(self.model, self.optimizer, meter.peak_bytes, self.device)
+            self.logger.info(describe_memory(self.memory))
         done = step + 1
         if t.local_sgd_interval and (done % t.local_sgd_interval == 0 or done == t.max_steps):
             average_replicas(self.model, self.optimizer, self.topo, self.ema)
@@ -168,8 +176,9 @@ class Trainer:
                 self.vote.local = Stop.NON_FINITE
         return StepOutcome(done, lr, loss, grad_norm, problem)
 
-    def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    def _optimizer_step(self, meter: ActivationMeter | None = None) -> tuple[torch.Tensor, torch.Tensor, str | None]:
         """accumulation_steps micro-batches, then the update; returns (loss, gradient norm, why it was skipped).
+        `meter` counts what the first micro-batch's forward saves for backward.
 
         A step whose loss or gradient norm is not finite is skipped: no update, no EMA update.
         """
@@ -178,19 +187,26 @@ class Trainer:
         self.optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
         self.model.train()
         if self.pipeline:  # the step's parallel.microbatches through this stage (1F1B or GPipe)
-            loss = self.pipeline.forward_backward(self.train_batches)
+            loss = self.pipeline.forward_backward(self.train_batches, meter)
         else:
-            loss = self._accumulate(k)
+            loss = self._accumulate(k, meter)
         synchronous = not t.local_sgd_interval
+        # The tied weight's two copies (first and last stage) get one gradient, their sum. Horovod's allreduce ran
+        # during backward and synchronize writes its average over .grad, so the sum comes after it; ZeRO averages
+        # in synchronize (a reduce-scatter of the flat buffer), so there the local gradients are summed before it
+        # (sum and average commute).
+        tied_first = self.pipeline is not None and isinstance(self.optimizer, ZeroOptimizer)
+        if tied_first:
+            self.pipeline.sum_tied_gradients()
         if synchronous:
             # Horovod: finish the gradient allreduce before unscaling and clipping, so the norm is that of the
             # averaged gradient, then step without a second synchronisation.
             self.optimizer.synchronize()
-        if self.pipeline:
-            self.pipeline.sum_tied_gradients()  # the tied weight's two copies: one gradient
+        if self.pipeline is not None and not tied_first:
+            self.pipeline.sum_tied_gradients()
         scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(
-            list(self.model.parameters()), t.grad_clip or float("inf"), self.topo.tp_group, self.topo.pp_group
+        grad_norm = clip_gradients(
+            self.optimizer, self.model, t.grad_clip or float("inf"), self.topo.tp_group, self.topo.pp_group
         )
         # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one replica
         # share loss and norm). With fp16 the scaler itself skips overflowing steps.
@@ -205,12 +221,14 @@ class Trainer:
                 self.ema.update()
         return loss, grad_norm, problem
 
-    def _accumulate(self, k: int) -> torch.Tensor:
-        """Forward and backward of k micro-batches, gradients summed in .grad; their mean loss."""
+    def _accumulate(self, k: int, meter: ActivationMeter | None) -> torch.Tensor:
+        """Forward and backward of k micro-batches, gradients summed in .grad; their mean loss. `meter` counts what
+        the first micro-batch's forward saves for backward."""
         loss = torch.zeros((), device=self.device)
-        for _ in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
+        for i in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
             x, y = (_to_device(b, self.device) for b in self.train_batches.next_batch())
-            with self.precision.autocast():
+            counted = meter if meter is not None and i == 0 else contextlib.nullcontext()
+            with self.precision.autocast(), counted:
                 micro_loss = self.model(x, y)[1]
             # A non-finite loss can leave finite gradients (an infinite loss has no finite slope to speak of, yet a
             # kernel may return one). Make them NaN, so that the averaged gradient, which every replica sees, tells
@@ -249,6 +267,7 @@ class Trainer:
             "ms_per_step": 1000 * elapsed / meter.steps,
             "mfu": mfu(tokens_per_s, meter.flops_per_token, meter.peak_tflops, hvd.size()),
             "memory_mb": memory_mb(self.device),
+            **(self.memory or {}),
         }
         self.logger.record(row)
         self.logger.info(
@@ -392,7 +411,7 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
     # dataset's larger one only adds to what is refused here).
     with together("model_fits"):
-        check_model_fits(cfg, device, hvd.local_size())
+        check_model_fits(cfg, device, hvd.local_size(), topo.dp)
     torch.set_num_threads(t.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     data = _load_dataset(cfg)
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
@@ -525,6 +544,8 @@ def _banner(trainer: Trainer, start: Start) -> None:
         log.info(note)
     if start.state is not None:
         log.info(f"resumed from {start.source} at step {trainer.first_step}")
+    if note := zero_note(t):
+        log.info(note)
 
 
 def _layout(trainer: Trainer) -> str:

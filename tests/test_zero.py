@@ -1,0 +1,153 @@
+"""ZeRO-1 (train.zero = 1) against replicated data parallelism, with real ranks under mpirun.
+
+One replicated DP=2 run and one ZeRO-1 DP=2 run of the same job (fp32, an odd parameter count so the flat buffer is
+padded, 2 micro-batches, clipping that bites, an EMA) must agree at every step; a ZeRO run killed with SIGKILL
+resumes bit-identically; checkpoints move between ZeRO and replicated runs and between DP sizes. TP=2 x DP=2 is
+checked step by step inside one 4-rank program (tests/zero_checks.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import checks_on_ranks, sets, summary, train_argv
+from survive import Job, ckpt_steps, comparable, losses_by_step, rows, run, wait_for_step
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 12
+COMMON = (
+    # d_model 33 without biases: 35,805 parameters, odd, so the two slices need a padding element.
+    "model.n_layer=2",
+    "model.n_head=3",
+    "model.d_model=33",
+    "model.bias=false",
+    "train.batch_size=4",
+    f"train.max_steps={STEPS}",
+    "train.accumulation_steps=2",
+    "train.grad_clip=0.5",
+    "train.ema_decay=0.9",
+    "train.checkpoint_interval=4",
+    "train.keep_checkpoints=0",
+    "train.eval_interval=0",
+    "train.sample_tokens=0",
+    "train.log_interval=1",
+    "train.tensorboard=false",
+)
+TOL = 1e-6
+
+
+def train(np: int, job: Path, run_dir: Path, cache: Path, *extra: str, flags: tuple[str, ...] = ()) -> Path:
+    proc = run(np, train_argv(job, run_dir, *flags, *sets(*COMMON, *extra)), cache)
+    assert proc.code == 0, proc.out[-4000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(job, tmp_path_factory, cache_dir) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("zero")
+    return {
+        "replicated": train(2, job, base / "replicated", cache_dir),
+        "zero": train(2, job, base / "zero", cache_dir, "train.zero=1"),
+    }
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step-{STEPS:07d}.pt", weights_only=True)
+
+
+def assert_losses_close(got: Path, ref: Path, steps: range) -> None:
+    a, b = losses_by_step(got), losses_by_step(ref)
+    assert [s for s in steps if s in a] == list(steps), sorted(a)
+    for s in steps:
+        assert abs(a[s] - b[s]) <= TOL * abs(b[s]), f"step {s}: {a[s]} vs {b[s]}"
+
+
+def test_zero_losses_match_replicated_at_every_step(runs):
+    assert_losses_close(runs["zero"], runs["replicated"], range(1, STEPS + 1))
+    first, last = (losses_by_step(runs["zero"])[s] for s in (1, STEPS))
+    assert last < first - 0.3  # it learned, so a wrong update would have shown
+
+
+def test_zero_final_weights_ema_and_optimizer_state_match_replicated(runs):
+    ref, got = final_state(runs["replicated"]), final_state(runs["zero"])
+    for section in ("model", "ema"):
+        for name, t in ref[section].items():
+            assert (got[section][name] - t).abs().max().item() <= TOL, (section, name)
+    # The checkpoint holds the whole optimizer state, gathered, in the replicated optimizer's own layout.
+    assert got["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
+    assert got["tp"]["param_names"] == ref["tp"]["param_names"]
+    for i, entry in ref["optimizer"]["state"].items():
+        for key, t in entry.items():
+            assert (got["optimizer"]["state"][i][key] - t).abs().max().item() <= TOL, (i, key)
+
+
+def test_zero_replicas_stay_bit_identical(runs):
+    s = summary(runs["zero"])
+    assert s["replicas_identical"] and s["dp"] == 2 and len(set(s["replica_checksums"])) == 1
+
+
+def test_zero_halves_the_optimizer_state_per_rank(runs):
+    ref, got = (next(r for r in rows(runs[name]) if "loss" in r) for name in ("replicated", "zero"))
+    for key in ("params_mb", "grads_mb", "optimizer_mb", "activations_mb"):
+        assert ref[key] > 0 and got[key] > 0, key
+    assert got["optimizer_mb"] <= 0.55 * ref["optimizer_mb"], (got["optimizer_mb"], ref["optimizer_mb"])
+    assert got["params_mb"] == ref["params_mb"] and got["activations_mb"] == ref["activations_mb"]
+
+
+def test_zero_killed_with_sigkill_resumes_bit_identical(runs, job, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    j = Job(2, train_argv(job, run_dir, *sets(*COMMON, "train.zero=1")), cache_dir, tmp_path / "run.log")
+    try:
+        seen = wait_for_step(j, run_dir, 6)
+    finally:
+        j.kill()
+    assert seen < STEPS and 4 in ckpt_steps(run_dir), (seen, ckpt_steps(run_dir))
+    train(2, job, run_dir, cache_dir, "train.zero=1", flags=("--resume", "auto"))
+    assert comparable(run_dir) == comparable(runs["zero"])
+    assert summary(run_dir)["replica_checksums"] == summary(runs["zero"])["replica_checksums"]
+
+
+def resume_from(run_dir: Path, step: int, dest: Path) -> Path:
+    """A new run directory holding `run_dir`'s checkpoint of `step` (and its metrics up to there)."""
+    (dest / "checkpoints").mkdir(parents=True)
+    name = f"step-{step:07d}.pt"
+    shutil.copy(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+    shutil.copy(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
+    return dest
+
+
+def test_a_replicated_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_dir):
+    """ZeRO switched on and DP 2 -> 1 (the global batch kept: 8 sequences on one replica), full recomputation on
+    too: the optimizer state is cut into other slices exactly, so the run goes on as the replicated one did."""
+    run_dir = resume_from(runs["replicated"], 4, tmp_path / "run")
+    extra = ("train.zero=1", "train.batch_size=8", "model.recompute=full")
+    train(1, job, run_dir, cache_dir, *extra, flags=("--resume", "auto"))
+    assert_losses_close(run_dir, runs["replicated"], range(5, STEPS + 1))
+
+
+def test_a_zero_checkpoint_resumes_with_zero_off(runs, job, tmp_path, cache_dir):
+    run_dir = resume_from(runs["zero"], 4, tmp_path / "run")
+    train(2, job, run_dir, cache_dir, "train.zero=0", flags=("--resume", "auto"))
+    assert_losses_close(run_dir, runs["zero"], range(5, STEPS + 1))
+    ref, got = final_state(runs["zero"]), final_state(run_dir)
+    for name, t in ref["model"].items():
+        assert (got["model"][name] - t).abs().max().item() <= TOL, name
+
+
+test_tp2_x_dp2_zero_matches_replicated = checks_on_ranks(
+    4,
+    "zero_checks.py",
+    [
+        "loss_and_norm_at_every_step",
+        "bf16_autocast_loss_at_every_step",
+        "final_parameters",
+        "replicas_bit_identical",
+        "optimizer_state_per_rank_halved",
+        "checkpoint_state_is_the_plain_one",
+        "a_non_finite_gradient_on_one_rank_is_seen_by_all",
+    ],
+)
