@@ -51,6 +51,12 @@ LAYOUTS = {  # name: (ranks, overrides); the global batch is 16 sequences in eve
     "pp2xdp2": (4, ("parallel.pp=2", "parallel.microbatches=4", "train.batch_size=2")),
     "pp2xtp2": (4, (*PP2, "parallel.tp=2", "parallel.pp_layers=1,3")),
     "pp4_gpipe": (4, ("parallel.pp=4", "parallel.microbatches=4", "train.batch_size=4", "parallel.schedule=gpipe")),
+    # The memory levers on stages: ZeRO-1 over each stage's DP pair (the tied gradient summed before the
+    # reduce-scatter, the norm over stages), every block recomputed.
+    "pp2xdp2_zero": (
+        4,
+        ("parallel.pp=2", "parallel.microbatches=4", "train.batch_size=2", "train.zero=1", "model.recompute=full"),
+    ),
 }
 
 
@@ -76,7 +82,7 @@ def ckpt(run_dir: Path, step: int, name: str = "") -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero"])
 def test_loss_at_every_step_matches_one_rank(runs, layout):
     ref, got = losses(runs["one"]), losses(runs[layout])
     assert len(ref) == len(got) == STEPS
@@ -91,7 +97,7 @@ def test_1f1b_and_gpipe_give_the_same_losses(runs):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero"])
 def test_merged_final_parameters_match_one_rank(runs, layout):
     ref = torch.load(ckpt(runs["one"], STEPS), weights_only=True)["model"]
     got = load_full_state(ckpt(runs[layout], STEPS))["model"]  # what `hvdlm checkpoint merge` writes
@@ -119,8 +125,9 @@ def test_checkpoint_merge_joins_stages_and_tp_shards(runs, tmp_path):
 
 
 @pytest.mark.distributed
-def test_dp_replicas_of_a_stage_stay_bit_identical(runs):
-    s = summary(runs["pp2xdp2"])
+@pytest.mark.parametrize("layout", ["pp2xdp2", "pp2xdp2_zero"])
+def test_dp_replicas_of_a_stage_stay_bit_identical(runs, layout):
+    s = summary(runs[layout])
     assert (s["pp"], s["dp"], s["tp"], s["ranks"]) == (2, 2, 1, 4)
     c = s["replica_checksums"]  # by global rank: stage 0 on ranks 0, 1 (two replicas), stage 1 on ranks 2, 3
     assert c[0] == c[1] and c[2] == c[3] and s["replicas_identical"]
@@ -128,7 +135,9 @@ def test_dp_replicas_of_a_stage_stay_bit_identical(runs):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout,stages,tp", [("pp2", 2, 1), ("pp2xtp2", 2, 2), ("pp4_gpipe", 4, 1)])
+@pytest.mark.parametrize(
+    "layout,stages,tp", [("pp2", 2, 1), ("pp2xtp2", 2, 2), ("pp4_gpipe", 4, 1), ("pp2xdp2_zero", 2, 1)]
+)
 def test_the_tied_embedding_and_head_copies_stay_bit_identical(runs, layout, stages, tp):
     for t in range(tp):
         shard = f".tp{t}-of-{tp}" if tp > 1 else ""
