@@ -113,6 +113,8 @@ class TrainConfig:
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
+    watchdog_s: float = -1.0  # a rank with no progress this long ends the job (exit 124); 0: off; -1: 300 GPU, 900 CPU
+    watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
 
 
 @dataclass
@@ -360,6 +362,7 @@ NON_NEGATIVE = (
     "train.keep_checkpoints",
     "train.peak_tflops",
     "train.momentum",
+    "train.watchdog_first_s",
     "launch.fusion_threshold_mb",
     "slurm.gpus_per_node",
     "slurm.ntasks_per_node",
@@ -415,6 +418,10 @@ def _check_ranges(config: JobConfig) -> None:
             raise InputError(f"'{key}' must be in [0, 1), got {value}.")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise InputError(f"'data.val_fraction' must be between 0 and 1, got {config.data.val_fraction}.")
+    if config.train.watchdog_s < 0 and config.train.watchdog_s != -1:
+        raise InputError(
+            f"'train.watchdog_s' must be seconds (0: off) or -1 (the device's default), got {config.train.watchdog_s}."
+        )
     if config.train.min_lr > config.train.lr:
         raise InputError(f"'train.min_lr' ({config.train.min_lr}) must not exceed 'train.lr' ({config.train.lr}).")
 

@@ -49,12 +49,22 @@ from hvdlm.training.optim import clip_grad_norm, distributed_optimizer, lr_at
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
+from hvdlm.training.watchdog import Watchdog, start_watchdog
 from hvdlm.units import format_count
 
 
 def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
     """Train to cfg.train.max_steps; returns the run directory. `resume`: "auto" or a checkpoint to continue."""
+    watchdog = start_watchdog(cfg.train)  # before setup: hvd.init reads the stall inspector's settings
+    try:
+        return _train(cfg, job_name, run_dir, resume, watchdog)
+    finally:
+        watchdog.stop()
+
+
+def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None, watchdog: Watchdog) -> Path:
     trainer = setup(cfg, job_name, run_dir, resume)
+    watchdog.attach(trainer.run_dir, hvd.rank(), hvd.size(), trainer.first_step)
     if resume is not None and trainer.first_step == cfg.train.max_steps:
         trainer.logger.info(
             f"the run in {trainer.run_dir} is complete: its checkpoint is at step {trainer.first_step} of "
@@ -65,12 +75,17 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         return trainer.run_dir
     try:
         for step in range(trainer.first_step, cfg.train.max_steps):
+            watchdog.beat("train_step", step + 1)
             outcome = trainer.train_step(step)
+            watchdog.beat("log", step + 1)
             trainer.log(outcome)
+            watchdog.beat("evaluate", step + 1)
             trainer.evaluate_if_due(outcome.done)
+            watchdog.beat("stop_or_checkpoint", step + 1)
             trainer.stop_or_checkpoint(outcome.done)
     finally:
         trainer.logger.close()
+    watchdog.beat("finish", cfg.train.max_steps)
     with together("log_written"):  # the last steps' rows: written, or every rank stops with rank 0's reason
         if trainer.logger.failure:
             trainer.raise_write_failure()
