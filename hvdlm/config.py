@@ -150,6 +150,7 @@ class SlurmConfig:
     venv: str = ""  # virtual environment to activate; empty: the one running `hvdlm sbatch`, if any
     setup: list[str] = field(default_factory=list)  # shell lines run before the launch, exactly as written
     directives: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=a100"]
+    max_restarts: int = 0  # requeue a failed job (not bad input, exit 2) this often; counted with SLURM_RESTART_COUNT
 
 
 @dataclass
@@ -367,6 +368,7 @@ NON_NEGATIVE = (
     "slurm.gpus_per_node",
     "slurm.ntasks_per_node",
     "slurm.cpus_per_task",
+    "slurm.max_restarts",
 )
 # Decay rates and probabilities: in [0, 1).
 UNIT_INTERVAL = ("model.dropout", "train.beta1", "train.beta2", "train.ema_decay", "train.momentum")
@@ -499,6 +501,7 @@ _MAXIMA: dict[str, int] = {
     "slurm.gpus_per_node": 1024,
     "slurm.ntasks_per_node": 2**16,
     "slurm.cpus_per_task": 2**16,
+    "slurm.max_restarts": 2**20,
 }
 
 
