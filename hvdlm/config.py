@@ -115,6 +115,7 @@ class TrainConfig:
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
     watchdog_s: float = -1.0  # a rank with no progress this long ends the job (exit 124); 0: off; -1: 300 GPU, 900 CPU
     watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
+    commit_interval: int = 10  # launch --elastic: steps between in-memory commits (a lost worker costs those since)
 
 
 @dataclass
@@ -342,6 +343,7 @@ POSITIVE = (
     "train.lr",
     "train.log_interval",
     "train.eval_batches",
+    "train.commit_interval",
     "launch.np",
     "train.accumulation_steps",
     "slurm.nodes",
@@ -490,6 +492,7 @@ _MAXIMA: dict[str, int] = {
     "train.eval_interval": _STEPS,
     "train.checkpoint_interval": _STEPS,
     "train.local_sgd_interval": _STEPS,
+    "train.commit_interval": _STEPS,
     "train.max_skipped_steps": _STEPS,
     "train.eval_batches": 2**20,
     "train.sample_tokens": 2**20,

@@ -12,14 +12,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import REPO, TINY_JOB, cli_env, hvdlm_argv, metrics, run_cli, summary
+import torch
+from helpers import REPO, TINY_JOB, cli_env, hvdlm_argv, metrics, run_cli, sets, summary
 
+from hvdlm.data.dataset import TokenSplit
+from hvdlm.data.sampler import WindowSampler
 from hvdlm.launch.restarts import RESTARTS_FILE
 from hvdlm.training.watchdog import WATCHDOG_EXIT_CODE
 
@@ -210,3 +215,52 @@ def test_fewer_slots_at_a_restart_continue_with_fewer_replicas_and_the_same_batc
     for ours, theirs in ((shrunk, reference), (shrunk, two)):
         worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs, strict=True))
         assert worst <= 1e-5, (worst, ours, theirs)
+
+
+def test_elastic_drops_a_killed_worker_and_finishes_on_the_others(job, cache_dir, tmp_path):
+    """3 workers (localhost:2, 127.0.0.1:1) under `hvdlm launch --elastic`; the one on 127.0.0.1 is killed at a
+    random step: the other 2 restore the last commit and finish, every step logged once, replicas identical, and
+    the data position at the end counts every sample of the global order once (3 x batch per step up to the
+    commit, 2 x batch after it)."""
+    steps, commit = 60, 5
+    args = ("--elastic", "--np", "3", "--min-np", "2", "--hosts", "localhost:2,127.0.0.1:1")
+    run = Launched(
+        job, tmp_path / "run", cache_dir, *args, *sets(f"train.max_steps={steps}", f"train.commit_interval={commit}")
+    )
+    step = random.randint(commit + 1, steps // 2)
+    run.wait_for_step(step)
+    victim = next(pid for pid in (run.rank_pid(r) for r in range(3)) if worker_host(pid) == "127.0.0.1")
+    os.kill(victim, signal.SIGKILL)
+    assert run.finish() == 0, run.out[-4000:]
+    m = re.search(r"elastic: 2 worker\(s\) now; going on from the commit of step (\d+)", run.out)
+    assert m and int(m[1]) % commit == 0 and int(m[1]) >= step - commit, run.out[-4000:]
+    assert logged_steps(run.run_dir) == list(range(1, steps + 1))
+    s = summary(run.run_dir)
+    assert s["ranks"] == 2 and s["replicas_identical"], s
+    data = torch.load(run.run_dir / "checkpoints" / f"step-{steps:07d}.pt", weights_only=True)["data"]
+    consumed = data["epoch"] * data["samples_per_epoch"] + data["position"]
+    assert consumed == 4 * (3 * int(m[1]) + 2 * (steps - int(m[1]))), data  # batch_size 4
+
+
+def test_the_sampler_takes_every_sample_once_across_a_resize():
+    """What the elastic workers do with their samplers: 3 ranks to a commit, steps lost after it, then 2 ranks
+    from the commit's state: the samples of the kept steps are one epoch, each sample once."""
+    batch, committed, lost, after = 2, 4, 3, 6
+    split = TokenSplit((np.arange(batch * (3 * committed + 2 * after) * 8 + 1) % 256,), ())
+    samplers = [WindowSampler(split, 8, batch, r, 3, seed=5) for r in range(3)]
+    kept = [s.take() for _ in range(committed) for s in samplers]
+    state = samplers[0].state_dict()
+    for _ in range(lost):  # taken, trained on, and undone by the restore
+        [s.take() for s in samplers]
+    samplers = [WindowSampler(split, 8, batch, r, 2, seed=5) for r in range(2)]
+    for s in samplers:
+        s.load_state_dict(state)
+    kept += [s.take() for _ in range(after) for s in samplers]
+    ids = np.concatenate(kept)
+    assert sorted(ids.tolist()) == list(range(samplers[0].samples_per_epoch))
+
+
+def worker_host(pid: int) -> str:
+    """The host horovodrun started a worker for (its HOROVOD_HOSTNAME)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"HOROVOD_HOSTNAME="))

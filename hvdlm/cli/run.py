@@ -68,8 +68,10 @@ def train(job: str, overrides: tuple[str, ...], run_dir: str | None, resume: str
     "--min-np",
     type=click.IntRange(min=1),
     default=None,
-    help="At a restart with fewer slots left (hostfile), go on with this many ranks or more (fewer replicas).",
+    help="At a restart with fewer slots left (hostfile), or under --elastic, go on with this many ranks or more.",
 )
+@click.option("--elastic", is_flag=True, help="Horovod elastic (horovodrun, Gloo, tp = 1): lost workers are dropped.")
+@click.option("--max-np", type=click.IntRange(min=1), default=None, help="--elastic: the most workers (default: --np).")
 @set_option
 @run_dir_option
 @resume_option
@@ -86,6 +88,8 @@ def launch(
     dry_run: bool,
     max_restarts: int,
     min_np: int | None,
+    elastic: bool,
+    max_np: int | None,
     overrides: tuple[str, ...],
     run_dir: str | None,
     resume: str | None,
@@ -101,8 +105,15 @@ def launch(
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
     check_resume(resume, run_dir)
     la = cfg.launch
-    _check_restarts(max_restarts, min_np, np_ or la.np)
-    launcher = launcher or la.launcher
+    launcher = launcher or ("horovodrun" if elastic else la.launcher)
+    if elastic:
+        from hvdlm.launch.elastic import check_elastic
+        from hvdlm.training.elastic import refuse_unsupported
+
+        refuse_unsupported(cfg.parallel.tp, cfg.train.ema_decay, cfg.train.local_sgd_interval)
+        min_np = check_elastic(launcher, la.controller, min_np, max_np or np_ or la.np, np_ or la.np)
+    else:
+        _check_restarts(max_restarts, min_np, np_ or la.np)
     host_list = _host_list(hosts or la.hosts or None, hostfile, launcher)
     run_dir = run_dir or str(default_run_dir(Path(job).stem))
     check_before_launch(cfg, Path(run_dir), resume, local_only=host_list is None and launcher != "srun")
@@ -117,11 +128,17 @@ def launch(
         return plan_launch(request, _launch_options(cfg, mpi, nic, forward))
 
     plan = plan_for(np_ or la.np, resume)
+    if elastic:
+        plan, script = _elastic_plan(plan, run_dir, host_list, hostfile, min_np, max_np or np_ or la.np)
     for note in plan.notes:  # settings this launcher cannot honour, and why
         click.echo(note, err=True)
     click.echo(plan.display())
     if dry_run:
         return
+    if elastic:
+        from hvdlm.launch.elastic import write_discovery_script
+
+        write_discovery_script(Path(run_dir), script)
     sys.stdout.flush()
     if max_restarts:
         from hvdlm.launch.restarts import Layout, RestartPolicy
@@ -130,6 +147,15 @@ def launch(
         first = Layout(np_ or la.np, cfg.train.accumulation_steps)
         sys.exit(_run_restarting(plan, plan_for, first, policy, launcher, (job, run_dir, hostfile)))
     sys.exit(_run(plan, launcher, job, run_dir))
+
+
+def _elastic_plan(plan, run_dir: str, hosts, hostfile: str | None, min_np: int, max_np: int):
+    """horovodrun's elastic command line and the text of its host discovery script."""
+    from hvdlm.launch.elastic import DISCOVERY_SCRIPT, discovery_script, elastic_argv
+
+    script = Path(run_dir).resolve() / DISCOVERY_SCRIPT
+    plan.argv = elastic_argv(plan.argv, script, min_np, max_np)
+    return plan, discovery_script(hosts, hostfile)
 
 
 def _check_restarts(max_restarts: int, min_np: int | None, np: int) -> None:

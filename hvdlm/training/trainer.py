@@ -39,6 +39,7 @@ from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.topology import Topology, dp_group_ranks, init_topology
+from hvdlm.training import elastic
 from hvdlm.training.device import pick_device
 from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
@@ -74,15 +75,11 @@ def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | Non
         trainer.logger.close()
         return trainer.run_dir
     try:
-        for step in range(trainer.first_step, cfg.train.max_steps):
-            watchdog.beat("train_step", step + 1)
-            outcome = trainer.train_step(step)
-            watchdog.beat("log", step + 1)
-            trainer.log(outcome)
-            watchdog.beat("evaluate", step + 1)
-            trainer.evaluate_if_due(outcome.done)
-            watchdog.beat("stop_or_checkpoint", step + 1)
-            trainer.stop_or_checkpoint(outcome.done)
+        if elastic.enabled():  # under horovodrun --min-np/--max-np: the steps under hvd.elastic.run
+            elastic.run_steps(trainer, watchdog, run_step)
+        else:
+            for step in range(trainer.first_step, cfg.train.max_steps):
+                run_step(trainer, watchdog, step)
     finally:
         trainer.logger.close()
     watchdog.beat("finish", cfg.train.max_steps)
@@ -91,6 +88,18 @@ def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | Non
             trainer.raise_write_failure()
     trainer.finish()
     return trainer.run_dir
+
+
+def run_step(trainer: Trainer, watchdog: Watchdog, step: int) -> None:
+    """One step's phases, each announced to the watchdog."""
+    watchdog.beat("train_step", step + 1)
+    outcome = trainer.train_step(step)
+    watchdog.beat("log", step + 1)
+    trainer.log(outcome)
+    watchdog.beat("evaluate", step + 1)
+    trainer.evaluate_if_due(outcome.done)
+    watchdog.beat("stop_or_checkpoint", step + 1)
+    trainer.stop_or_checkpoint(outcome.done)
 
 
 @dataclass
