@@ -21,11 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_JOB, cli_env, hvdlm_argv, metrics, run_cli, sets, summary
+from helpers import REPO, TINY_JOB, assert_imports_nothing_heavy, cli_env, hvdlm_argv, metrics, run_cli, sets, summary
 
 from hvdlm.data.dataset import TokenSplit
 from hvdlm.data.sampler import WindowSampler
-from hvdlm.launch.restarts import RESTARTS_FILE
+from hvdlm.errors import InputError
+from hvdlm.launch.elastic import discovery_script
+from hvdlm.launch.hosts import Host
+from hvdlm.launch.restarts import RESTARTS_FILE, Layout, failure_cause, shrunk
 from hvdlm.training.watchdog import WATCHDOG_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
@@ -264,3 +267,60 @@ def worker_host(pid: int) -> str:
     """The host horovodrun started a worker for (its HOROVOD_HOSTNAME)."""
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"HOROVOD_HOSTNAME="))
+
+
+def test_the_layout_of_a_restart_on_fewer_slots():
+    note = "1 replica(s) instead of 2: the global batch is kept, with train.accumulation_steps 1 -> 2"
+    assert shrunk(Layout(2, 1), 1, min_np=1, tp=1) == Layout(1, 2, note)
+    assert shrunk(Layout(2, 1), 2, min_np=1, tp=1) == Layout(2, 1) and shrunk(Layout(2, 1), None, 1, 1) == Layout(2, 1)
+    assert shrunk(Layout(8, 1), 5, min_np=2, tp=2) == Layout(
+        4, 2, shrunk(Layout(8, 1), 5, 2, 2).note
+    )  # whole TP groups
+    odd = shrunk(Layout(4, 1), 3, min_np=1, tp=1)
+    assert (odd.np, odd.accumulation) == (3, 1) and "the global batch changes from 4 to 3" in odd.note
+    with pytest.raises(InputError, match="fewer than --min-np 2"):
+        shrunk(Layout(4, 1), 1, min_np=2, tp=1)
+    assert [failure_cause(code) for code in (0, 2, 75)] == [None, None, None]
+    assert "watchdog" in failure_cause(WATCHDOG_EXIT_CODE) and "SIGKILL" in failure_cause(137)
+    assert failure_cause(1) == "a rank failed (the launcher exited 1)"
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--min-np", "1"], "--min-np is the fewest ranks a restart may continue with"),
+        (["--max-restarts", "1", "--min-np", "3", "--np", "2"], "--min-np 3 is more than the 2 ranks"),
+        (["--elastic", "--max-restarts", "1"], "Choose one."),
+        (["--elastic", "--set", "parallel.tp=2"], "#3501"),
+        (["--elastic", "--launcher", "mpirun"], "--elastic runs horovodrun"),
+        (["--elastic", "--np", "3", "--min-np", "4", "--max-np", "4"], "--min-np <= --np <= --max-np"),
+    ],
+)
+def test_restart_and_elastic_options_refuse_what_cannot_work(args, says):
+    r = run_cli("launch", "jobs/demo.toml", *args, "--dry-run", timeout=60, split=True)
+    assert r.code == 2 and says in r.err and "Traceback" not in r.err, r.err
+
+
+def test_elastic_dry_run_is_instant_and_names_the_discovery_script(tmp_path):
+    r = run_cli(
+        "launch",
+        "jobs/demo.toml",
+        "--elastic",
+        "--np",
+        "3",
+        "--min-np",
+        "2",
+        "--run-dir",
+        tmp_path / "r",
+        "--hosts",
+        "localhost:2,127.0.0.1:1",
+        "--dry-run",
+        timeout=60,
+        split=True,
+    )
+    assert r.code == 0, r.err
+    assert f"-np 3 --min-np 2 --max-np 3 --host-discovery-script {tmp_path / 'r' / 'discover_hosts.sh'} --gloo" in r.out
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    assert_imports_nothing_heavy(["launch", "jobs/demo.toml", "--elastic", "--dry-run"])
+    script = discovery_script([Host("localhost", 2), Host("127.0.0.1", 1)], None)
+    assert subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout == "localhost:2\n127.0.0.1:1\n"

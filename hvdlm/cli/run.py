@@ -106,6 +106,11 @@ def launch(
     check_resume(resume, run_dir)
     la = cfg.launch
     launcher = launcher or ("horovodrun" if elastic else la.launcher)
+    if elastic and max_restarts:
+        raise InputError(
+            "--elastic and --max-restarts are two answers to a failure: elastic drops the lost workers and goes on, "
+            "restarts start the job again from a checkpoint. Choose one."
+        )
     if elastic:
         from hvdlm.launch.elastic import check_elastic
         from hvdlm.training.elastic import refuse_unsupported
