@@ -245,6 +245,7 @@ def test_elastic_drops_a_killed_worker_and_finishes_on_the_others(job, cache_dir
     data = torch.load(run.run_dir / "checkpoints" / f"step-{steps:07d}.pt", weights_only=True)["data"]
     consumed = data["epoch"] * data["samples_per_epoch"] + data["position"]
     assert consumed == 4 * (3 * int(m[1]) + 2 * (steps - int(m[1]))), data  # batch_size 4
+    assert metrics(run.run_dir)[-1]["tokens"] == consumed * 32  # seq_len 32
 
 
 def test_the_sampler_takes_every_sample_once_across_a_resize():

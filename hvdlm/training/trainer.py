@@ -226,6 +226,12 @@ class Trainer:
                 self.ema.update()
         return loss, grad_norm, problem
 
+    def tokens_trained(self) -> int:
+        """Tokens of the training data used so far: the data position, exact also after a restart or an elastic
+        resize on another number of replicas."""
+        data = self.train_batches.state_dict()
+        return (data["epoch"] * data["samples_per_epoch"] + data["position"]) * self.cfg.model.seq_len
+
     # -- log ---------------------------------------------------------------------------------------------------
 
     def log(self, outcome: StepOutcome) -> None:
@@ -250,7 +256,7 @@ class Trainer:
             "loss": mean_loss,
             "lr": outcome.lr,
             "grad_norm": float(outcome.grad_norm),
-            "tokens": outcome.done * meter.tokens_per_step,
+            "tokens": self.tokens_trained(),
             "tokens_per_s": tokens_per_s,
             "ms_per_step": 1000 * elapsed / meter.steps,
             "mfu": mfu(tokens_per_s, meter.flops_per_token, meter.peak_tflops, hvd.size()),
@@ -281,7 +287,7 @@ class Trainer:
         self.logger.info(
             f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}" + (" (EMA weights)" if self.ema else "")
         )
-        tokens = step * self.throughput.tokens_per_step
+        tokens = self.tokens_trained()
         self.logger.record({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
         self.progress["final_val_loss"] = val
         return val
