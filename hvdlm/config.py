@@ -121,6 +121,9 @@ class TrainConfig:
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
     zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1, hvdlm.training.zero); 0: replicated
+    watchdog_s: float = -1.0  # a rank with no progress this long ends the job (exit 124); 0: off; -1: 300 GPU, 900 CPU
+    watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
+    commit_interval: int = 10  # launch --elastic: steps between in-memory commits (a lost worker costs those since)
 
 
 @dataclass
@@ -156,6 +159,7 @@ class SlurmConfig:
     venv: str = ""  # virtual environment to activate; empty: the one running `hvdlm sbatch`, if any
     setup: list[str] = field(default_factory=list)  # shell lines run before the launch, exactly as written
     directives: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=a100"]
+    max_restarts: int = 0  # requeue a failed job (not bad input, exit 2) this often; counted with SLURM_RESTART_COUNT
 
 
 @dataclass
@@ -352,6 +356,7 @@ POSITIVE = (
     "train.lr",
     "train.log_interval",
     "train.eval_batches",
+    "train.commit_interval",
     "launch.np",
     "train.accumulation_steps",
     "slurm.nodes",
@@ -373,10 +378,12 @@ NON_NEGATIVE = (
     "train.keep_checkpoints",
     "train.peak_tflops",
     "train.momentum",
+    "train.watchdog_first_s",
     "launch.fusion_threshold_mb",
     "slurm.gpus_per_node",
     "slurm.ntasks_per_node",
     "slurm.cpus_per_task",
+    "slurm.max_restarts",
 )
 # Decay rates and probabilities: in [0, 1).
 UNIT_INTERVAL = ("model.dropout", "train.beta1", "train.beta2", "train.ema_decay", "train.momentum")
@@ -429,6 +436,10 @@ def _check_ranges(config: JobConfig) -> None:
             raise InputError(f"'{key}' must be in [0, 1), got {value}.")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise InputError(f"'data.val_fraction' must be between 0 and 1, got {config.data.val_fraction}.")
+    if config.train.watchdog_s < 0 and config.train.watchdog_s != -1:
+        raise InputError(
+            f"'train.watchdog_s' must be seconds (0: off) or -1 (the device's default), got {config.train.watchdog_s}."
+        )
     if config.train.min_lr > config.train.lr:
         raise InputError(f"'train.min_lr' ({config.train.min_lr}) must not exceed 'train.lr' ({config.train.lr}).")
 
@@ -552,6 +563,7 @@ _MAXIMA: dict[str, int] = {
     "train.eval_interval": _STEPS,
     "train.checkpoint_interval": _STEPS,
     "train.local_sgd_interval": _STEPS,
+    "train.commit_interval": _STEPS,
     "train.max_skipped_steps": _STEPS,
     "train.eval_batches": 2**20,
     "train.sample_tokens": 2**20,
@@ -563,6 +575,7 @@ _MAXIMA: dict[str, int] = {
     "slurm.gpus_per_node": 1024,
     "slurm.ntasks_per_node": 2**16,
     "slurm.cpus_per_task": 2**16,
+    "slurm.max_restarts": 2**20,
 }
 
 

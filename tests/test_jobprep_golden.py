@@ -97,6 +97,7 @@ SCRIPTS = {
         venv="/shared/venv",
         run_dir="/shared/runs/demo",
         options=LaunchOptions(cycle_time_ms=5),
+        max_restarts=2,  # slurm.max_restarts: failed runs are requeued
     ),
     "horovodrun-cpu": demo_sbatch_spec(
         time="00:10:00",

@@ -266,3 +266,26 @@ def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, 
     assert re.search(r"resum", second, re.IGNORECASE), log  # the requeued start says it resumes
     assert _logged_steps(metrics) == list(range(1, MAX_STEPS + 1)), log
     assert summary(run_dir)["ranks"] == 2
+
+
+def test_a_killed_rank_is_requeued_by_max_restarts_and_completes(cluster, cache_dir, tmp_path):
+    """slurm.max_restarts = 1: a rank killed (SIGKILL) inside the batch job fails the run, the script requeues the
+    job once, and the requeued start resumes from the newest checkpoint to the end, every step logged once."""
+    job, run_dir, script = tmp_path / "tiny.toml", tmp_path / "run", tmp_path / "tiny.sbatch"
+    steps = 100
+    job.write_text(PREEMPT_JOB.replace(f"max_steps = {MAX_STEPS}", f"max_steps = {steps}"))
+    sets = ("--set", "train.checkpoint_interval=20", "--set", "slurm.max_restarts=1")
+    proc = _submit(job, "mpirun", run_dir, script, cluster.env, cache_dir, *sets)
+    assert proc.code == 0, proc.out + proc.err
+    job_id = re.fullmatch(r"submitted batch job (\d+)\n", proc.out).group(1)
+    metrics, output = run_dir / "metrics.jsonl", tmp_path / f"tiny-{job_id}.out"
+    heartbeat = run_dir / "heartbeats" / "rank-1.json"  # the watchdog's, with the rank's pid
+    _wait_until(lambda: heartbeat.exists() and _logged_steps(metrics), 120, "rank 1", cluster, job_id, output, 0.1)
+    os.kill(json.loads(heartbeat.read_text())["pid"], 9)
+    state = cluster.wait(job_id, timeout=180)
+    log = output.read_text()
+    assert state == "COMPLETED", f"{state}\n{log}\n{cluster.logs()}"
+    assert _job_field(cluster, job_id, "Restarts") == "1", log
+    assert f"the run failed (exit status 137): requeueing job {job_id} (restart 1 of 1)" in log, log
+    assert [json.loads(line)["restart"] for line in (run_dir / "restarts.jsonl").read_text().splitlines()] == [1]
+    assert _logged_steps(metrics) == list(range(1, steps + 1)), log

@@ -58,6 +58,20 @@ def train(job: str, overrides: tuple[str, ...], run_dir: str | None, resume: str
 @click.option("--nic", default=None, metavar="IFACE", help="Network interface for MPI, NCCL and Gloo (launch.nic).")
 @click.option("-x", "--env", "forward", multiple=True, metavar="NAME", help="Forward this variable to every rank.")
 @click.option("--dry-run", is_flag=True, help="Print the command without running it.")
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=0,
+    help="After a failure (a rank died, the watchdog), start again from the newest checkpoint, at most N times.",
+)
+@click.option(
+    "--min-np",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At a restart with fewer slots left (hostfile), or under --elastic, go on with this many ranks or more.",
+)
+@click.option("--elastic", is_flag=True, help="Horovod elastic (horovodrun, Gloo, tp = 1): lost workers are dropped.")
+@click.option("--max-np", type=click.IntRange(min=1), default=None, help="--elastic: the most workers (default: --np).")
 @set_option
 @run_dir_option
 @resume_option
@@ -72,6 +86,10 @@ def launch(
     nic: str | None,
     forward: tuple[str, ...],
     dry_run: bool,
+    max_restarts: int,
+    min_np: int | None,
+    elastic: bool,
+    max_np: int | None,
     overrides: tuple[str, ...],
     run_dir: str | None,
     resume: str | None,
@@ -87,22 +105,95 @@ def launch(
     cfg = load_config(job, overrides)  # fail here, once, rather than on every rank
     check_resume(resume, run_dir)
     la = cfg.launch
-    launcher = launcher or la.launcher
+    launcher = launcher or ("horovodrun" if elastic else la.launcher)
+    if elastic and max_restarts:
+        raise InputError(
+            "--elastic and --max-restarts are two answers to a failure: elastic drops the lost workers and goes on, "
+            "restarts start the job again from a checkpoint. Choose one."
+        )
+    if elastic:
+        from hvdlm.launch.elastic import check_elastic
+        from hvdlm.training.elastic import refuse_unsupported
+
+        refuse_unsupported(cfg.parallel.tp, cfg.train.ema_decay, cfg.train.local_sgd_interval)
+        min_np = check_elastic(launcher, la.controller, min_np, max_np or np_ or la.np, np_ or la.np)
+    else:
+        _check_restarts(max_restarts, min_np, np_ or la.np)
     host_list = _host_list(hosts or la.hosts or None, hostfile, launcher)
     run_dir = run_dir or str(default_run_dir(Path(job).stem))
     check_before_launch(cfg, Path(run_dir), resume, local_only=host_list is None and launcher != "srun")
-    program = _rank_program(job, run_dir, overrides, resume)
     # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
     progress = not dry_run and sys.stdout.isatty()
-    request = LaunchRequest.from_config(cfg, launcher, np_ or la.np, program, hosts=host_list, progress=progress)
-    plan = plan_launch(request, _launch_options(cfg, mpi, nic, forward))
+
+    def plan_for(np: int, resume: str | None, more: tuple[str, ...] = ()):
+        """The launch of np ranks; a hostfile is read again each time (a restart's hosts are those it lists)."""
+        hosts_now = _host_list(None, hostfile, launcher) if hostfile else host_list
+        program = _rank_program(job, run_dir, overrides + more, resume)
+        request = LaunchRequest.from_config(cfg, launcher, np, program, hosts=hosts_now, progress=progress)
+        return plan_launch(request, _launch_options(cfg, mpi, nic, forward))
+
+    plan = plan_for(np_ or la.np, resume)
+    if elastic:
+        plan, script = _elastic_plan(plan, run_dir, host_list, hostfile, min_np, max_np or np_ or la.np)
     for note in plan.notes:  # settings this launcher cannot honour, and why
         click.echo(note, err=True)
     click.echo(plan.display())
     if dry_run:
         return
+    if elastic:
+        from hvdlm.launch.elastic import write_discovery_script
+
+        write_discovery_script(Path(run_dir), script)
     sys.stdout.flush()
+    if max_restarts:
+        from hvdlm.launch.restarts import Layout, RestartPolicy
+
+        policy = RestartPolicy(max_restarts, min_np or np_ or la.np, cfg.parallel.tp)
+        first = Layout(np_ or la.np, cfg.train.accumulation_steps)
+        sys.exit(_run_restarting(plan, plan_for, first, policy, launcher, (job, run_dir, hostfile)))
     sys.exit(_run(plan, launcher, job, run_dir))
+
+
+def _elastic_plan(plan, run_dir: str, hosts, hostfile: str | None, min_np: int, max_np: int):
+    """horovodrun's elastic command line and the text of its host discovery script."""
+    from hvdlm.launch.elastic import DISCOVERY_SCRIPT, discovery_script, elastic_argv
+
+    script = Path(run_dir).resolve() / DISCOVERY_SCRIPT
+    plan.argv = elastic_argv(plan.argv, script, min_np, max_np)
+    return plan, discovery_script(hosts, hostfile)
+
+
+def _check_restarts(max_restarts: int, min_np: int | None, np: int) -> None:
+    if min_np is not None and not max_restarts:
+        raise InputError("--min-np is the fewest ranks a restart may continue with: give --max-restarts N too.")
+    if min_np is not None and min_np > np:
+        raise InputError(
+            f"--min-np {min_np} is more than the {np} ranks the job starts with: use --min-np {np} or less."
+        )
+
+
+def _run_restarting(plan, plan_for, first, policy, launcher: str, where: tuple[str, str, str | None]) -> int:
+    """--max-restarts: attempts until one does not fail (hvdlm.launch.restarts). A restart resumes from the newest
+    checkpoint, on the hosts a hostfile lists by then, with the global batch kept."""
+    from hvdlm.launch.restarts import Layout, run_with_restarts
+    from hvdlm.launch.supervise import run_supervised
+
+    job, run_dir, hostfile = where
+
+    def attempt(layout: Layout, again: bool) -> tuple[int, int | None]:
+        now = plan
+        if again:
+            now = plan_for(layout.np, "auto", (f"train.accumulation_steps={layout.accumulation}",))
+            click.echo(now.display())
+            sys.stdout.flush()
+        return run_supervised(now.argv, {**os.environ, **now.env}, launcher)
+
+    def slots() -> int | None:  # a hostfile is read again at each restart: a host gone means fewer ranks
+        return sum(h.slots for h in _host_list(None, hostfile, launcher)) if hostfile else None
+
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    code, signum = run_with_restarts(attempt, first, Path(run_dir), policy, slots, say)
+    return _explain_stop(code, signum, launcher, job, run_dir)
 
 
 def _launch_options(cfg, mpi: str | None, nic: str | None, forward: tuple[str, ...]):
@@ -146,6 +237,10 @@ def _run(plan, launcher: str, job: str, run_dir: str) -> int:
     from hvdlm.launch.supervise import run_supervised
 
     code, signum = run_supervised(plan.argv, {**os.environ, **plan.env}, launcher)
+    return _explain_stop(code, signum, launcher, job, run_dir)
+
+
+def _explain_stop(code: int, signum: int | None, launcher: str, job: str, run_dir: str) -> int:
     if signum is None:
         return code
     name = signal.Signals(signum).name

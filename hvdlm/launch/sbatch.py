@@ -94,6 +94,7 @@ class SbatchSpec:
     directives: list[str] = field(default_factory=list)
     command: str = ""  # the hvdlm command that made the script, for its header
     script: str = ""  # where the script is written, for its header
+    max_restarts: int = 0  # slurm.max_restarts: requeues after a failure
 
     def check(self) -> None:
         """Refuse anything that would put text into the script that the user did not mean as a command."""
@@ -293,6 +294,7 @@ def spec_from_config(cfg: JobConfig, job_file: str, overrides: SlurmOverrides) -
         directives=list(sl.directives),
         command=cli.command,
         script=cli.script,
+        max_restarts=sl.max_restarts,
     )
     spec.check()
     return spec
@@ -389,7 +391,7 @@ def _launch_lines(spec: SbatchSpec, env: dict[str, str]) -> list[str]:
     return lines + [
         *_preemption_lines(spec.launcher),
         f"{join(launcher)} \\\n    {join(program)} &",
-        *_requeue_lines(spec.launcher),
+        *_requeue_lines(spec.launcher, spec.max_restarts, run_dir),
     ]
 
 
@@ -444,8 +446,9 @@ def _preemption_lines(launcher: str) -> list[str]:
     ]
 
 
-def _requeue_lines(launcher: str) -> list[str]:
-    """Wait for the launcher through trapped signals; requeue the job when the ranks stopped for preemption."""
+def _requeue_lines(launcher: str, max_restarts: int = 0, run_dir: str = "") -> list[str]:
+    """Wait for the launcher through trapped signals; requeue the job when the ranks stopped for preemption, or
+    (slurm.max_restarts) when they failed."""
     code = REQUEUE_EXIT_CODE
     lines = [
         "launcher=$!",
@@ -471,9 +474,37 @@ def _requeue_lines(launcher: str) -> list[str]:
         '    echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2',
         f"    exit {code}",
         "fi",
+        *_failure_lines(max_restarts, run_dir),
         'exit "$status"',
     ]
     return lines
+
+
+# A line of RUN_DIR/restarts.jsonl, as `hvdlm launch --max-restarts` writes them (printf's format).
+_RESTART_RECORD = '{"restart": %d, "time": "%s", "cause": "exit status %s", "exit_code": %s, "slurm_job": "%s"}\\n'
+
+
+def _failure_lines(max_restarts: int, run_dir: str) -> list[str]:
+    """slurm.max_restarts: requeue a failed run (a rank died, the watchdog ended it), which resumes from its
+    newest checkpoint; not after success or bad input (exit 2). SLURM_RESTART_COUNT counts every requeue of the
+    job, preemptions too."""
+    if not max_restarts:
+        return []
+    run_dir_word = run_dir.rendered() if isinstance(run_dir, ShellVar) else shlex.quote(run_dir)
+    count = "${SLURM_RESTART_COUNT:-0}"
+    return [
+        f"# slurm.max_restarts = {max_restarts}: a failed run (not bad input, exit 2) is requeued and resumes from "
+        "its newest",
+        "# checkpoint, while the job's requeues (SLURM_RESTART_COUNT, preemptions included) are fewer.",
+        f'if [ "$status" != 0 ] && [ "$status" != 2 ] && [ "{count}" -lt {max_restarts} ]; then',
+        f'    echo "hvdlm: the run failed (exit status $status): requeueing job ${{SLURM_JOB_ID}} (restart $(({count} '
+        f'+ 1)) of {max_restarts}), which resumes from its newest checkpoint"',
+        f'    printf {shlex.quote(_RESTART_RECORD)} "$(({count} + 1))" "$(date +%Y-%m-%dT%H:%M:%S%z)" '
+        f'"$status" "$status" "${{SLURM_JOB_ID}}" >> {run_dir_word}/restarts.jsonl || true',
+        '    scontrol requeue "${SLURM_JOB_ID}" && exit 0',
+        '    echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2',
+        "fi",
+    ]
 
 
 def check_setup(setup: list[str]) -> None:

@@ -43,6 +43,7 @@ from hvdlm.model.stage import GPTStage
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, all_dp_groups, init_topology
+from hvdlm.training import elastic
 from hvdlm.training.device import pick_device
 from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
@@ -56,13 +57,23 @@ from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
+from hvdlm.training.watchdog import Watchdog, start_watchdog
 from hvdlm.training.zero import ZeroOptimizer, zero_note
 from hvdlm.units import format_count
 
 
 def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
     """Train to cfg.train.max_steps; returns the run directory. `resume`: "auto" or a checkpoint to continue."""
+    watchdog = start_watchdog(cfg.train)  # before setup: hvd.init reads the stall inspector's settings
+    try:
+        return _train(cfg, job_name, run_dir, resume, watchdog)
+    finally:
+        watchdog.stop()
+
+
+def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None, watchdog: Watchdog) -> Path:
     trainer = setup(cfg, job_name, run_dir, resume)
+    watchdog.attach(trainer.run_dir, hvd.rank(), hvd.size(), trainer.first_step)
     if resume is not None and trainer.first_step == cfg.train.max_steps:
         trainer.logger.info(
             f"the run in {trainer.run_dir} is complete: its checkpoint is at step {trainer.first_step} of "
@@ -72,18 +83,31 @@ def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         trainer.logger.close()
         return trainer.run_dir
     try:
-        for step in range(trainer.first_step, cfg.train.max_steps):
-            outcome = trainer.train_step(step)
-            trainer.log(outcome)
-            trainer.evaluate_if_due(outcome.done)
-            trainer.stop_or_checkpoint(outcome.done)
+        if elastic.enabled():  # under horovodrun --min-np/--max-np: the steps under hvd.elastic.run
+            elastic.run_steps(trainer, watchdog, run_step)
+        else:
+            for step in range(trainer.first_step, cfg.train.max_steps):
+                run_step(trainer, watchdog, step)
     finally:
         trainer.logger.close()
+    watchdog.beat("finish", cfg.train.max_steps)
     with together("log_written"):  # the last steps' rows: written, or every rank stops with rank 0's reason
         if trainer.logger.failure:
             trainer.raise_write_failure()
     trainer.finish()
     return trainer.run_dir
+
+
+def run_step(trainer: Trainer, watchdog: Watchdog, step: int) -> None:
+    """One step's phases, each announced to the watchdog."""
+    watchdog.beat("train_step", step + 1)
+    outcome = trainer.train_step(step)
+    watchdog.beat("log", step + 1)
+    trainer.log(outcome)
+    watchdog.beat("evaluate", step + 1)
+    trainer.evaluate_if_due(outcome.done)
+    watchdog.beat("stop_or_checkpoint", step + 1)
+    trainer.stop_or_checkpoint(outcome.done)
 
 
 @dataclass
@@ -238,6 +262,12 @@ class Trainer:
             loss += micro_loss.detach() / k
         return loss
 
+    def tokens_trained(self) -> int:
+        """Tokens of the training data used so far: the data position, exact also after a restart or an elastic
+        resize on another number of replicas."""
+        data = self.train_batches.state_dict()
+        return (data["epoch"] * data["samples_per_epoch"] + data["position"]) * self.cfg.model.seq_len
+
     # -- log ---------------------------------------------------------------------------------------------------
 
     def log(self, outcome: StepOutcome) -> None:
@@ -262,7 +292,7 @@ class Trainer:
             "loss": mean_loss,
             "lr": outcome.lr,
             "grad_norm": float(outcome.grad_norm),
-            "tokens": outcome.done * meter.tokens_per_step,
+            "tokens": self.tokens_trained(),
             "tokens_per_s": tokens_per_s,
             "ms_per_step": 1000 * elapsed / meter.steps,
             "mfu": mfu(tokens_per_s, meter.flops_per_token, meter.peak_tflops, hvd.size()),
@@ -299,7 +329,7 @@ class Trainer:
         self.logger.info(
             f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}" + (" (EMA weights)" if self.ema else "")
         )
-        tokens = step * self.throughput.tokens_per_step
+        tokens = self.tokens_trained()
         self.logger.record({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
         self.progress["final_val_loss"] = val
         return val

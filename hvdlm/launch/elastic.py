@@ -1,0 +1,79 @@
+"""`hvdlm launch --elastic --min-np A --max-np B`: horovodrun's elastic mode with the Gloo controller, and the host
+discovery script it polls (RUN_DIR/discover_hosts.sh), generated from the job's hosts: a hostfile is read again at
+every poll (a host taken out of it is dropped), --hosts and this machine are fixed lists. The ranks' side is
+hvdlm.training.elastic, whose docstring states the limits. Job preparation: no torch here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from hvdlm.errors import InputError
+from hvdlm.launch.hosts import LOCALHOST, Host, local_cores
+
+DISCOVERY_SCRIPT = "discover_hosts.sh"
+# horovodrun's options that name fixed hosts: the discovery script replaces them.
+_HOST_OPTIONS = ("-H", "--hosts", "--hostfile")
+
+
+def check_elastic(launcher: str, controller: str, min_np: int | None, max_np: int, np: int) -> int:
+    """The checked --min-np (default: np, no worker may be lost)."""
+    if launcher != "horovodrun":
+        raise InputError(
+            f"--elastic runs horovodrun (Horovod's elastic driver), not {launcher}: use --launcher horovodrun."
+        )
+    if controller != "gloo":
+        raise InputError(
+            'Horovod elastic needs the Gloo controller, and launch.controller is "mpi": set launch.controller = '
+            '"gloo" (--set launch.controller=gloo).'
+        )
+    low = np if min_np is None else min_np
+    if not low <= np <= max_np:
+        raise InputError(
+            f"--elastic needs --min-np <= --np <= --max-np, got {low} <= {np} <= {max_np}: the job starts with --np "
+            "workers and runs with any number in [min-np, max-np]."
+        )
+    return low
+
+
+def discovery_script(hosts: list[Host] | None, hostfile: str | None) -> str:
+    """The script's text: one host:slots line per host, as horovodrun's --host-discovery-script expects."""
+    if hostfile:
+        read = (
+            "import sys; from hvdlm.launch.hosts import read_hostfile; "
+            "print('\\n'.join(f'{h.name}:{h.slots}' for h in read_hostfile(sys.argv[1])))"
+        )
+        line = f"exec {shlex.quote(sys.executable)} -c {shlex.quote(read)} {shlex.quote(str(Path(hostfile).resolve()))}"
+    else:
+        listed = hosts or [Host(LOCALHOST, local_cores())]
+        line = "printf " + shlex.quote("".join(f"{h.name}:{h.slots}\\n" for h in listed))
+    return f"#!/bin/sh\n# Written by hvdlm launch --elastic: the hosts horovodrun may use, host:slots.\n{line}\n"
+
+
+def write_discovery_script(run_dir: Path, text: str) -> Path:
+    path = Path(run_dir).resolve() / DISCOVERY_SCRIPT
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    except OSError as e:
+        raise InputError(f"cannot write the host discovery script '{path}': {e.strerror or e}.") from None
+    return path
+
+
+def elastic_argv(argv: list[str], script: Path, min_np: int, max_np: int) -> list[str]:
+    """horovodrun's argv with the fixed hosts replaced by the discovery script and the worker bounds."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _HOST_OPTIONS:
+            i += 2
+            continue
+        out.append(argv[i])
+        if argv[i] == "-np":
+            out += [argv[i + 1], "--min-np", str(min_np), "--max-np", str(max_np)]
+            out += ["--host-discovery-script", str(script)]
+            i += 1
+        i += 1
+    return out
