@@ -115,7 +115,7 @@ def launch(
         from hvdlm.launch.elastic import check_elastic
         from hvdlm.training.elastic import refuse_unsupported
 
-        refuse_unsupported(cfg.parallel.tp, cfg.train.ema_decay, cfg.train.local_sgd_interval)
+        refuse_unsupported(cfg)
         min_np = check_elastic(launcher, la.controller, min_np, max_np or np_ or la.np, np_ or la.np)
     else:
         _check_restarts(max_restarts, min_np, np_ or la.np)
@@ -146,10 +146,15 @@ def launch(
         write_discovery_script(Path(run_dir), script)
     sys.stdout.flush()
     if max_restarts:
-        from hvdlm.launch.restarts import Layout, RestartPolicy
+        from hvdlm.launch.restarts import ACCUMULATION, Layout, RestartPolicy
 
-        policy = RestartPolicy(max_restarts, min_np or np_ or la.np, cfg.parallel.tp)
-        first = Layout(np_ or la.np, cfg.train.accumulation_steps)
+        p = cfg.parallel
+        # With pipeline stages a step's micro-batches are parallel.microbatches (accumulation_steps stays 1).
+        key, steps = (
+            ("parallel.microbatches", p.microbatches) if p.pp > 1 else (ACCUMULATION, cfg.train.accumulation_steps)
+        )
+        policy = RestartPolicy(max_restarts, min_np or np_ or la.np, p.tp * p.pp, key)
+        first = Layout(np_ or la.np, steps)
         sys.exit(_run_restarting(plan, plan_for, first, policy, launcher, (job, run_dir, hostfile)))
     sys.exit(_run(plan, launcher, job, run_dir))
 
@@ -183,7 +188,7 @@ def _run_restarting(plan, plan_for, first, policy, launcher: str, where: tuple[s
     def attempt(layout: Layout, again: bool) -> tuple[int, int | None]:
         now = plan
         if again:
-            now = plan_for(layout.np, "auto", (f"train.accumulation_steps={layout.accumulation}",))
+            now = plan_for(layout.np, "auto", (f"{policy.key}={layout.accumulation}",))
             click.echo(now.display())
             sys.stdout.flush()
         return run_supervised(now.argv, {**os.environ, **now.env}, launcher)

@@ -7,10 +7,11 @@ The watchdog's exit (hvdlm.training.watchdog.WATCHDOG_EXIT_CODE) and a rank kill
 Every restart is a line of RUN_DIR/restarts.jsonl: when, why (the cause and exit code), from which checkpoint
 step, on how many ranks.
 
-Shrinking keeps the model's layout (tp ranks per replica) and drops whole replicas; the data sampler's position
-is global (hvdlm.data.sampler), so the next sample is the same at any DP size. The global batch (batch_size x dp x
-accumulation_steps) is kept by raising accumulation_steps where the new DP size divides it; otherwise it changes,
-and the launcher says how. Job preparation: no torch here.
+Shrinking keeps the model's layout (tp x pp ranks per replica) and drops whole replicas; the data sampler's
+position is global (hvdlm.data.sampler), so the next sample is the same at any DP size. The global batch
+(batch_size x dp x micro-batches) is kept by raising the micro-batches per step (train.accumulation_steps, or with
+pipeline stages parallel.microbatches) where the new DP size divides it; otherwise it changes, and the launcher
+says how. Job preparation: no torch here.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from hvdlm.training.preemption import REQUEUE_EXIT_CODE
 from hvdlm.training.watchdog import WATCHDOG_EXIT_CODE
 
 RESTARTS_FILE = "restarts.jsonl"
+ACCUMULATION = "train.accumulation_steps"  # a step's micro-batches; with pipeline stages, parallel.microbatches
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One attempt's ranks and accumulation steps; `note` says what a shrink changed ("" for none)."""
+    """One attempt's ranks and micro-batches per step; `note` says what a shrink changed ("" for none)."""
 
     np: int
     accumulation: int
@@ -52,29 +54,31 @@ def failure_cause(code: int) -> str | None:
     return f"a rank failed (the launcher exited {code})"
 
 
-def shrunk(launched: Layout, slots: int | None, min_np: int, tp: int) -> Layout:
-    """The layout of the next attempt when `slots` ranks can run (None: as many as before)."""
+def shrunk(launched: Layout, slots: int | None, min_np: int, replica: int, key: str = ACCUMULATION) -> Layout:
+    """The layout of the next attempt when `slots` ranks can run (None: as many as before). `replica`: the ranks of
+    one model replica (parallel.tp x parallel.pp); `key`: the setting that counts a step's micro-batches."""
     if slots is None or slots >= launched.np:
         return Layout(launched.np, launched.accumulation)
-    np = slots // tp * tp  # whole replicas only: the tensor-parallel layout is kept
-    if np < max(min_np, tp):
+    np = slots // replica * replica  # whole replicas only: the tensor- and pipeline-parallel layout is kept
+    if np < max(min_np, replica):
         raise InputError(
-            f"only {slots} slot(s) are left, fewer than --min-np {min_np} (and whole replicas of parallel.tp = {tp} "
-            f"ranks), so the job cannot continue. Add hosts to the hostfile and resume with --resume auto."
+            f"only {slots} slot(s) are left, fewer than --min-np {min_np} (and whole replicas of {replica} rank(s), "
+            f"parallel.tp x parallel.pp), so the job cannot continue. Add hosts to the hostfile and resume with "
+            "--resume auto."
         )
-    dp_before, dp = launched.np // tp, np // tp
+    dp_before, dp = launched.np // replica, np // replica
     replicas_x_steps = dp_before * launched.accumulation
     if replicas_x_steps % dp == 0:
         accumulation = replicas_x_steps // dp
         note = (
-            f"{dp} replica(s) instead of {dp_before}: the global batch is kept, with train.accumulation_steps "
+            f"{dp} replica(s) instead of {dp_before}: the global batch is kept, with {key} "
             f"{launched.accumulation} -> {accumulation}"
         )
     else:
         accumulation = launched.accumulation
         note = (
             f"{dp} replica(s) instead of {dp_before}: {dp} does not divide {replicas_x_steps} (replicas x "
-            f"accumulation steps), so the global batch changes from {replicas_x_steps} to "
+            f"micro-batches), so the global batch changes from {replicas_x_steps} to "
             f"{dp * accumulation} x train.batch_size sequences (the learning rate schedule is unchanged)"
         )
     return Layout(np, accumulation, note)
@@ -90,7 +94,8 @@ def newest_step(run_dir: Path) -> int:
 class RestartPolicy:
     max_restarts: int
     min_np: int  # the fewest ranks worth continuing with
-    tp: int  # parallel.tp: ranks go and come in whole replicas
+    replica: int  # parallel.tp x parallel.pp: ranks go and come in whole replicas
+    key: str = ACCUMULATION  # the setting a shrink raises to keep the global batch
 
 
 def run_with_restarts(
@@ -119,7 +124,7 @@ def run_with_restarts(
             )
             return code, None
         restarts += 1
-        layout = shrunk(first, slots(), policy.min_np, policy.tp)
+        layout = shrunk(first, slots(), policy.min_np, policy.replica, policy.key)
         step = newest_step(run_dir)
         record = {
             "restart": restarts,
@@ -128,7 +133,7 @@ def run_with_restarts(
             "exit_code": code,
             "from_step": step,
             "np": layout.np,
-            "accumulation_steps": layout.accumulation,
+            policy.key.split(".")[1]: layout.accumulation,
         }
         _append(run_dir / RESTARTS_FILE, record)
         say(

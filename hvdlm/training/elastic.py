@@ -30,19 +30,26 @@ def enabled() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
-def refuse_unsupported(tp: int, ema_decay: float, local_sgd_interval: int) -> None:
-    if tp > 1:
+def refuse_unsupported(cfg) -> None:
+    """What elastic cannot carry: layouts that need process sets, and state that is not in its commits."""
+    p, t = cfg.parallel, cfg.train
+    if p.tp > 1 or p.pp > 1:
         raise InputError(
-            f"--elastic runs data-parallel jobs only, and this one has parallel.tp = {tp}: Horovod's process sets, "
-            "which tensor parallelism needs, do not work under elastic (horovod issues #3501, #4021). Use "
-            "--max-restarts N (restarts from checkpoints, on fewer replicas) instead."
+            f"--elastic runs data-parallel jobs only, and this one has parallel.tp = {p.tp}, parallel.pp = {p.pp}: "
+            "Horovod's process sets, which tensor and pipeline parallelism need, do not work under elastic (horovod "
+            "issues #3501, #4021). Use --max-restarts N (restarts from checkpoints, on fewer replicas) instead."
         )
-    if ema_decay or local_sgd_interval:
-        what = "train.ema_decay" if ema_decay else "train.local_sgd_interval"
-        raise InputError(
-            f"--elastic does not carry {what}'s state in its commits. Set it to 0, or use --max-restarts N, which "
-            "restarts from checkpoints that hold it."
-        )
+    unsupported = [
+        ("train.ema_decay", t.ema_decay, "its state is not in elastic's commits"),
+        ("train.local_sgd_interval", t.local_sgd_interval, "its state is not in elastic's commits"),
+        ("train.zero", t.zero, "its optimizer slices are cut for one number of replicas"),
+    ]
+    for key, value, why in unsupported:
+        if value:
+            raise InputError(
+                f"--elastic does not support {key} ({why}). Set it to 0, or use --max-restarts N, which restarts "
+                "from checkpoints that hold the whole state."
+            )
 
 
 def run_steps(trainer, watchdog, run_step: Callable) -> None:
@@ -55,7 +62,7 @@ def run_steps(trainer, watchdog, run_step: Callable) -> None:
     from hvdlm.training.preemption import StopVote
 
     t = trainer.t
-    refuse_unsupported(trainer.cfg.parallel.tp, t.ema_decay, t.local_sgd_interval)
+    refuse_unsupported(trainer.cfg)
     # Horovod: what a commit saves and a reset restores and broadcasts from rank 0.
     state = hvd.elastic.TorchState(
         model=trainer.model,
