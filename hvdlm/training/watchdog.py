@@ -11,10 +11,11 @@ until the time limit, with no first error to read. How it works:
   with WATCHDOG_EXIT_CODE; the launcher (mpirun, horovodrun, srun) then ends the other ranks within seconds.
 - Naming the rank behind: a rank stopped (SIGSTOP), swapped out or dead cannot speak, so the others must say who
   it is. Each rank's thread writes a heartbeat, a small JSON file RUN_DIR/heartbeats/rank-N.json holding its step,
-  phase and the wall time, at every tick. A rank whose own watchdog fires reads them all: a heartbeat older than a
-  few ticks is a rank that no longer runs at all (its thread stopped with it); a fresh one at an earlier step is
-  a rank that runs but is stuck elsewhere. The run directory is on a file system all nodes share (as checkpoints
-  assume), and a file per rank needs no communication that could itself hang.
+  phase and the wall time, every watchdog_s / 20 seconds (at least each second). A rank whose own watchdog fires
+  reads them all: a heartbeat older than a few beats is a rank that no longer runs at all (its thread stopped with
+  it); a fresh one at an earlier step is a rank that runs but is stuck elsewhere. The run directory is on a file
+  system all nodes share (as checkpoints assume), and a file per rank needs no communication that could itself
+  hang.
 - A backstop for a main thread that holds the GIL inside C code (the watchdog thread could then not run):
   faulthandler.dump_traceback_later, re-armed by the thread at every tick, dumps every stack and exits (code 1,
   faulthandler's) WATCHDOG_BACKSTOP_S after the allowance.
@@ -82,6 +83,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.tick = min(1.0, max(0.1, limit_s / 6))
+        # Heartbeats every tick for short limits (tests), every limit / 20 for long ones: a thousand ranks writing
+        # a file each second would load a parallel file system's metadata server for nothing.
+        self.heartbeat_every = max(self.tick, limit_s / 20)
         if limit_s > 0:
             self._thread = threading.Thread(target=self._watch, name="hvdlm-watchdog", daemon=True)
             self._thread.start()
@@ -113,13 +117,15 @@ class Watchdog:
         return self.first_limit_s if step is None or step <= self.first_step + 1 else self.limit_s
 
     def _watch(self) -> None:
-        last = time.monotonic()
+        last = written = time.monotonic()
         while not self._stop.wait(self.tick):
             phase, step, since = self._beat
             now = time.monotonic()
             idle, allowance, frozen = now - since, self.allowance(step), now - last
             last = now
-            self._write_heartbeat(phase, step)
+            if now - written >= self.heartbeat_every:
+                self._write_heartbeat(phase, step)
+                written = now
             if idle > allowance:
                 self._fire(phase, step, idle, frozen if frozen > 3 * self.tick + 1 else 0.0)
             # The backstop, should this thread stop running while the process hangs (see the module docstring).
@@ -165,7 +171,7 @@ class Watchdog:
         """One line per other rank that is not running (stale heartbeat) or at an earlier step than this one."""
         if self.heartbeats is None:
             return ["hvdlm watchdog: no heartbeats yet (the run directory was not set up), so no rank is named."]
-        stale_after = max(3 * self.tick, self.limit_s / 2)
+        stale_after = max(3 * self.heartbeat_every, self.limit_s / 2)
         now, lines, behind = time.time(), [], []
         for path in sorted(self.heartbeats.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
             try:
