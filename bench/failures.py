@@ -27,20 +27,14 @@ from pathlib import Path
 from recording import record
 
 REPO = Path(__file__).resolve().parents[1]
-JOB = """
-[model]
-n_layer = 2
-n_head = 2
-d_model = 32
-seq_len = 32
-[train]
-batch_size = 4
-max_steps = {steps}
-log_interval = {log}
-eval_interval = 0
-sample_tokens = 0
-checkpoint_interval = 20
-"""
+sys.path.insert(0, str(REPO / "tests"))
+from helpers import TINY_JOB  # noqa: E402  (the tests' tiny GPT: 2 layers, d_model 32, seq 32, batch 4)
+
+
+def job_sets(steps: int, log: int) -> list[str]:
+    """The tiny job's settings for a benchmark run of `steps` steps."""
+    keys = [f"train.max_steps={steps}", f"train.log_interval={log}", "train.eval_interval=0", "train.sample_tokens=0"]
+    return [arg for key in [*keys, "train.checkpoint_interval=20"] for arg in ("--set", key)]
 
 
 _PREFIX = r"(?:\[\d+\]<stdout>:)?"  # horovodrun's prefix of a rank's output lines
@@ -69,7 +63,7 @@ def beat_and_heartbeat_ns() -> tuple[float, float]:
 def ms_per_step(job: Path, watchdog_s: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir)]
+        argv = [sys.executable, "-m", "hvdlm", "train", str(job), "--run-dir", str(run_dir), *job_sets(steps, steps)]
         argv += ["--set", f"train.watchdog_s={watchdog_s}", "--set", "train.threads=1"]
         subprocess.run(argv, env=env(), check=True, capture_output=True)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -80,7 +74,18 @@ def kill_to_first_step(job: Path, launcher: str) -> tuple[float, str]:
     """Seconds from a SIGKILL of rank 1 (after step 25) to the restarted run's first logged step, and the cause."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, log = Path(tmp) / "run", Path(tmp) / "out.txt"
-        argv = [sys.executable, "-m", "hvdlm", "launch", str(job), "--np", "2", "--launcher", launcher]
+        argv = [
+            sys.executable,
+            "-m",
+            "hvdlm",
+            "launch",
+            str(job),
+            "--np",
+            "2",
+            "--launcher",
+            launcher,
+            *job_sets(60, 1),
+        ]
         argv += ["--max-restarts", "1", "--run-dir", str(run_dir)]
         with open(log, "w") as out:
             proc = subprocess.Popen(argv, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -116,14 +121,12 @@ def main() -> None:
     beat, write = beat_and_heartbeat_ns()
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "tiny.toml"
-        job.write_text(JOB.format(steps=args.steps, log=args.steps))
+        job.write_text(TINY_JOB)
         on, off = [], []
         for _ in range(args.rounds):  # interleaved: the machine's drift hits both alike
             off.append(ms_per_step(job, 0, args.steps))
             on.append(ms_per_step(job, 60, args.steps))
-        restart_job = Path(tmp) / "restart.toml"
-        restart_job.write_text(JOB.format(steps=60, log=1))
-        recovery = {launcher: kill_to_first_step(restart_job, launcher) for launcher in ("mpirun", "horovodrun")}
+        recovery = {launcher: kill_to_first_step(job, launcher) for launcher in ("mpirun", "horovodrun")}
     lines = [
         f"- model: the tests' tiny GPT (2 layers, d_model 32, seq 32, batch 4), 1 rank, {args.steps} steps, "
         f"{args.rounds} interleaved rounds; recovery: 2 ranks, 60 steps, checkpoint every 20, rank 1 killed after "

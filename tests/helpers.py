@@ -57,6 +57,16 @@ def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in metrics(run_dir) if "loss" in row]
 
 
+def assert_losses_match(reference: Path, run: Path, steps: int, name: str, rel: float = 1e-5) -> None:
+    """`run` logged a loss at each of `steps` steps equal to `reference`'s within `rel`, and the reference learned
+    (so a wrong gradient anywhere would have shown)."""
+    ref, got = losses(reference), losses(run)
+    assert len(ref) == len(got) == steps
+    for step, (a, b) in enumerate(zip(ref, got), start=1):
+        assert abs(a - b) / abs(a) <= rel, f"step {step}: reference {a} vs {name} {b}"
+    assert ref[-1] < ref[0] - 0.3
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
