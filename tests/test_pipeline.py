@@ -11,6 +11,7 @@ splits and the checkpoint joins in-process.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,21 @@ def test_a_pp2_checkpoint_continues_at_pp1_x_tp2(runs, job, tmp_path, cache_dir)
     assert len(got) == STEPS - 4
     for step, (a, b) in enumerate(zip(ref, got), start=5):
         assert abs(a - b) / abs(a) <= 1e-5, f"step {step}: 1 rank {a} vs resumed at tp 2 {b}"
+
+
+@pytest.mark.distributed
+def test_init_from_ema_and_bf16_on_stages(runs, job, tmp_path, cache_dir):
+    """--init-from a 1-rank run into 2 stages (a 3,1 split), with an EMA of the weights and bf16 autocast."""
+    run_dir = tmp_path / "ft"
+    extra = ("train.max_steps=2", "train.ema_decay=0.9", "train.precision=bf16", "parallel.pp_layers=3,1")
+    proc = _train(2, job, run_dir, cache_dir, *PP2, *extra, flags=("--init-from", str(runs["one"])))
+    assert proc.code == 0, proc.out[-4000:]
+    assert "initialised from" in proc.out, proc.out[-3000:]
+    merged = load_full_state(ckpt(run_dir, 2))
+    assert merged["ema"].keys() == merged["model"].keys() == load_full_state(ckpt(runs["one"], STEPS))["model"].keys()
+    # The first step's loss is the trained weights' (the 1-rank run's last), not a fresh model's (its first).
+    trained, fresh, got = losses(runs["one"])[-1], losses(runs["one"])[0], losses(run_dir)
+    assert abs(got[0] - trained) < abs(got[0] - fresh) and all(math.isfinite(x) for x in got), (got, trained, fresh)
 
 
 @pytest.mark.distributed

@@ -105,11 +105,16 @@ def test_a_second_ctrl_c_ends_at_once(tiny_job, tmp_path, cache_dir):
     assert "Traceback" not in run.out and "Aborted!" not in run.out
 
 
+PIPELINE = ("--set", "parallel.pp=2", "--set", "parallel.microbatches=2")  # two stages: the vote spans them
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_launch_ends_every_rank_after_a_checkpoint(tiny_job, tmp_path, cache_dir, sig):
+@pytest.mark.parametrize(
+    "sig,layout", [(signal.SIGTERM, ()), (signal.SIGINT, ()), (signal.SIGTERM, PIPELINE)], ids=["term", "int", "pp2"]
+)
+def test_a_signal_to_launch_ends_every_rank_after_a_checkpoint(tiny_job, tmp_path, cache_dir, sig, layout):
     run_dir = tmp_path / "run"
-    run = training("launch", tiny_job, run_dir, cache_dir, "--np", "2", steps=3)
+    run = training("launch", tiny_job, run_dir, cache_dir, "--np", "2", *layout, steps=3)
     run.proc.send_signal(sig)
     assert run.finish() == 128 + sig, run.out[-3000:]
     assert_checkpointed_where_it_stopped(run, run_dir, "at step {step} (SIGUSR1)")
