@@ -151,9 +151,10 @@ def test_an_unknown_precision_or_optimizer_is_refused(job, tmp_path, cache_dir, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def exploded(job, tmp_path_factory, cache_dir):
-    """lr = 1e30 without clipping: the first update sends the weights to ~1e30, every later loss is nan/inf."""
+@pytest.fixture(scope="module", params=[(), ("parallel.pp=2", "parallel.microbatches=2")], ids=["dp2", "pp2"])
+def exploded(request, job, tmp_path_factory, cache_dir):
+    """lr = 1e30 without clipping: the first update sends the weights to ~1e30, every later loss is nan/inf. On 2
+    replicas, and on 2 pipeline stages (the loss on the last stage, the skip on both)."""
     run_dir = tmp_path_factory.mktemp("exploded") / "run"
     r = run(
         2,
@@ -167,6 +168,7 @@ def exploded(job, tmp_path_factory, cache_dir):
                 "train.grad_clip=0",
                 "train.max_skipped_steps=3",
                 "train.max_steps=30",
+                *request.param,
             ),
         ),
         cache_dir,
