@@ -117,23 +117,23 @@ class Watchdog:
         return self.first_limit_s if step is None or step <= self.first_step + 1 else self.limit_s
 
     def _watch(self) -> None:
-        last = written = time.monotonic()
+        last, written = time.monotonic(), float("-inf")  # the first heartbeat as soon as the run directory is known
         while not self._stop.wait(self.tick):
             phase, step, since = self._beat
             now = time.monotonic()
             idle, allowance, frozen = now - since, self.allowance(step), now - last
             last = now
-            if now - written >= self.heartbeat_every:
-                self._write_heartbeat(phase, step)
+            if now - written >= self.heartbeat_every and self._write_heartbeat(phase, step):
                 written = now
             if idle > allowance:
                 self._fire(phase, step, idle, frozen if frozen > 3 * self.tick + 1 else 0.0)
             # The backstop, should this thread stop running while the process hangs (see the module docstring).
             faulthandler.dump_traceback_later(allowance - idle + WATCHDOG_BACKSTOP_S, exit=True)
 
-    def _write_heartbeat(self, phase: str, step: int | None) -> None:
+    def _write_heartbeat(self, phase: str, step: int | None) -> bool:
+        """Write this rank's heartbeat; False when there is nowhere to write it yet."""
         if self.heartbeats is None:
-            return
+            return False
         beat = {"rank": self.rank, "step": step, "phase": phase, "time": time.time(), "pid": os.getpid()}
         beat["host"] = socket.gethostname()
         path = self.heartbeats / f"rank-{self.rank}.json"
@@ -143,6 +143,7 @@ class Watchdog:
             os.replace(tmp, path)
         except OSError:  # a full or stalled file system must not end the watch itself
             pass
+        return True
 
     def _fire(self, phase: str, step: int | None, idle: float, frozen: float) -> None:
         """Report and end the process; `frozen`: seconds this whole process did not run (SIGSTOP), or 0."""
