@@ -16,6 +16,9 @@ import torch
 from helpers import checks_on_ranks, sets, summary, train_argv
 from survive import Job, ckpt_steps, comparable, losses_by_step, rows, run, wait_for_step
 
+from hvdlm.checkpoint.describe import describe_checkpoint
+from hvdlm.checkpoint.reshard import load_full_state
+
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
@@ -56,7 +59,8 @@ def runs(job, tmp_path_factory, cache_dir) -> dict[str, Path]:
 
 
 def final_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step-{STEPS:07d}.pt", weights_only=True)
+    """The final checkpoint as every reader sees it (a ZeRO save's slices assembled to the whole optimizer state)."""
+    return load_full_state(run_dir / "checkpoints" / f"step-{STEPS:07d}.pt")
 
 
 def assert_losses_close(got: Path, ref: Path, steps: range) -> None:
@@ -77,12 +81,38 @@ def test_zero_final_weights_ema_and_optimizer_state_match_replicated(runs):
     for section in ("model", "ema"):
         for name, t in ref[section].items():
             assert (got[section][name] - t).abs().max().item() <= TOL, (section, name)
-    # The checkpoint holds the whole optimizer state, gathered, in the replicated optimizer's own layout.
+    # The slices assemble to the whole optimizer state, in the replicated optimizer's own layout.
     assert got["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
     assert got["tp"]["param_names"] == ref["tp"]["param_names"]
     for i, entry in ref["optimizer"]["state"].items():
         for key, t in entry.items():
             assert (got["optimizer"]["state"][i][key] - t).abs().max().item() <= TOL, (i, key)
+
+
+def test_zero_checkpoints_hold_one_slice_per_dp_rank(runs):
+    """No rank holds the whole optimizer state at a save: the shard file has none, and each DP rank's own file its
+    half of the padded flat buffer, with the layout that puts the halves back together."""
+    folder = runs["zero"] / "checkpoints"
+    names = sorted(p.name for p in folder.glob(f"step-{STEPS:07d}*"))
+    slices = [f"step-{STEPS:07d}.zero{d}-of-2.pt" for d in (0, 1)]
+    assert names == [f"step-{STEPS:07d}.pt", *slices]
+    main = torch.load(folder / names[0], weights_only=True)
+    assert main.get("optimizer") is None and main["zero_slices"] == {"size": 2, "files": slices}
+    plain = final_state(runs["replicated"])["optimizer"]["state"]
+    numels = [plain[i]["exp_avg"].numel() for i in sorted(plain)]
+    for d, name in enumerate(slices):
+        part = torch.load(folder / name, weights_only=True)
+        layout = part["layout"]
+        assert (layout["dp_rank"], layout["dp_size"], layout["numels"]) == (d, 2, numels)
+        assert layout["shard_numel"] == (sum(numels) + 1) // 2 and layout["padding"] == 1  # the odd count is padded
+        assert sorted(part["state"]) == ["exp_avg", "exp_avg_sq"]
+        assert all(t.shape == (layout["shard_numel"],) for t in part["state"].values())
+    # `hvdlm checkpoint inspect` lists the slice files and reads the assembled state.
+    info = describe_checkpoint(folder / names[0])
+    assert info["layout"]["zero_slices"] == 2 and [Path(f["path"]).name for f in info["layout"]["files"]] == names
+    assert info["holds"]["optimizer"]["parameters_with_state"] == len(plain)
+    # Every save has its slices (keep_checkpoints = 0 keeps them all).
+    assert len(list(folder.glob("step-*.zero*-of-2.pt"))) == 2 * len(list(folder.glob("step-???????.pt")))
 
 
 def test_zero_replicas_stay_bit_identical(runs):
@@ -114,8 +144,8 @@ def test_zero_killed_with_sigkill_resumes_bit_identical(runs, job, tmp_path, cac
 def resume_from(run_dir: Path, step: int, dest: Path) -> Path:
     """A new run directory holding `run_dir`'s checkpoint of `step` (and its metrics up to there)."""
     (dest / "checkpoints").mkdir(parents=True)
-    name = f"step-{step:07d}.pt"
-    shutil.copy(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+    for path in (run_dir / "checkpoints").glob(f"step-{step:07d}*.pt"):  # with ZeRO, the slice files too
+        shutil.copy(path, dest / "checkpoints" / path.name)
     shutil.copy(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
     return dest
 
@@ -131,6 +161,7 @@ def test_a_replicated_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_pa
 
 def test_a_zero_checkpoint_resumes_with_zero_off(runs, job, tmp_path, cache_dir):
     run_dir = resume_from(runs["zero"], 4, tmp_path / "run")
+    assert len(list((run_dir / "checkpoints").glob("*.zero*-of-2.pt"))) == 2
     train(2, job, run_dir, cache_dir, "train.zero=0", flags=("--resume", "auto"))
     assert_losses_close(run_dir, runs["zero"], range(5, STEPS + 1))
     ref, got = final_state(runs["zero"]), final_state(run_dir)

@@ -102,11 +102,9 @@ def main() -> int:
     ratio = mem["zero"]["optimizer_mb"] / mem["replicated"]["optimizer_mb"]
     report("optimizer_state_per_rank_halved", ratio <= 0.55, {"ratio": ratio, **{n: m for n, m in mem.items()}})
 
-    # The gathered state is the replicated optimizer's state_dict (same layout and parameter order), and loading
-    # it into a new ZeRO optimizer (as a resume does) gives back the same slices.
-    from hvdlm.training.zero import checkpoint_view
-
-    full = checkpoint_view(optimizers["zero"], gather=True).state_dict()
+    # The slices assemble (as a checkpoint's slice files do) to the replicated optimizer's state_dict (same layout
+    # and parameter order), and loading that into a new ZeRO optimizer (as a resume does) gives back the same slices.
+    full = optimizers["zero"].full_state_dict()
     plain = optimizers["replicated"].state_dict()
     same_layout = full["state"].keys() == plain["state"].keys()
     moments = max(

@@ -21,7 +21,9 @@ _SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias", 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint PATH names (a file, any shard, or a run directory: its newest) as a JSON-ready dict."""
     paths = shard_paths(resolve_checkpoint(path))
-    states = [load_checkpoint(p, mmap=True) for p in paths]
+    states = [load_checkpoint(p, mmap=True) for p in paths]  # a ZeRO save's slices assembled (and mapped)
+    slices = [q for p in paths for q in sorted(p.parent.glob(f"{p.name.removesuffix('.pt')}.zero*-of-*.pt"))]
+    files = paths + slices
     first = states[0]
     config = first.get("config") if isinstance(first.get("config"), dict) else {}
     train = config.get("train", {})
@@ -33,10 +35,11 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "layout": {
             "tp": len(paths) // _stages(first),
             **({"pp": _stages(first)} if _stages(first) > 1 else {}),
-            "files": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+            **({"zero_slices": len(slices) // len(paths)} if slices else {}),
+            "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
         },
         "parameters": _parameter_count(states),
-        "bytes": {"files": sum(p.stat().st_size for p in paths), **_tensor_bytes(states)},
+        "bytes": {"files": sum(p.stat().st_size for p in files), **_tensor_bytes(states)},
         "holds": _holdings(states, train),
     }
 
@@ -145,7 +148,11 @@ def render(info: dict[str, Any]) -> str:
 
 
 def _layout(layout: dict[str, Any]) -> str:
-    return f"tp {layout['tp']}" if layout.get("pp", 1) == 1 else f"pp {layout['pp']} x tp {layout['tp']}"
+    text = f"tp {layout['tp']}" if layout.get("pp", 1) == 1 else f"pp {layout['pp']} x tp {layout['tp']}"
+    # ZeRO-1: each shard's optimizer state in one file per data-parallel rank (hvdlm.checkpoint.slices).
+    return text + (
+        f", optimizer state in {layout['zero_slices']} ZeRO slices per shard" if "zero_slices" in layout else ""
+    )
 
 
 def _holding_lines(holds: dict[str, Any]) -> list[tuple[str, str]]:

@@ -12,6 +12,8 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
     data        the sampler's position (the same on every rank)
     rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
     progress    what the loop needs from before a restart (first and last validation loss, skipped steps in a row)
+    zero_slices with ZeRO-1, in place of optimizer: {"size": Z, "files": [the DP ranks' slice files]}
+                (hvdlm.checkpoint.slices; load_checkpoint assembles them into optimizer)
 
 Every value is a tensor, a number, a string or a container of them, so `torch.load(weights_only=True)` reads it:
 a checkpoint file is data and never runs code. `sharding` says how each tensor was cut (see
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from hvdlm.checkpoint.slices import assemble
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_writer
 from hvdlm.parallel.layers import Sharding
@@ -57,11 +60,30 @@ def _write_error(path: Path) -> OSError:
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """One rank's file, checked; `mmap` maps the tensors instead of reading them (inspecting a large file)."""
+    """One rank's file, checked; `mmap` maps the tensors instead of reading them (inspecting a large file).
+
+    A ZeRO shard's optimizer state comes back whole, assembled from its DP ranks' slice files (named in the file),
+    so that every reader sees the layout of a plain optimizer's state."""
+    state = _read(path, mmap)
+    _check_structure(state, path)
+    sliced = state.pop("zero_slices", None)
+    if sliced is not None:
+        files = [path.parent / name for name in sliced["files"]]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise InputError(
+                f"checkpoint '{path}' is incomplete: {len(missing)} of the {len(files)} files holding its optimizer "
+                f"state are missing ({', '.join(missing)}). Copy them from the same run directory."
+            )
+        state["optimizer"] = assemble([_read(p, mmap) for p in files], str(path))
+    return state
+
+
+def _read(path: Path, mmap: bool) -> Any:
     # weights_only: a checkpoint file is data and never runs code.
     try:
         # Only torch's zip format maps; a file in another (an older torch's, or not torch's) is read as before.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises many kinds on damaged or foreign bytes
         size = path.stat().st_size if path.is_file() else 0
         reason = (str(e).strip().splitlines() or [""])[0][:200]
@@ -71,8 +93,6 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
             f"cannot read checkpoint '{path}' ({size:,} bytes): it is truncated, damaged or not a checkpoint "
             f"({type(e).__name__}: {reason}). Copy it again, or name another step's checkpoint."
         ) from None
-    _check_structure(state, path)
-    return state
 
 
 def _check_structure(state: Any, path: Path) -> None:

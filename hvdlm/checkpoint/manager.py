@@ -2,8 +2,9 @@
 a save is put back.
 
 Every rank calls `save` at the same step (it gathers every rank's RNG state and ends in a barrier); the first
-replica's ranks write one shard each, one per (pipeline stage, TP rank) (the whole model when tp = pp = 1), and
-only once every shard is on disk does rank 0 prune beyond `train.keep_checkpoints`, so the newest save is whole
+replica's ranks write one shard each, one per (pipeline stage, TP rank) (the whole model when tp = pp = 1), with
+ZeRO-1 every rank its slice of the optimizer state beside its shard (hvdlm.checkpoint.slices), and only once every
+file is on disk does rank 0 prune beyond `train.keep_checkpoints`, so the newest save is whole
 before an older one goes.
 """
 
@@ -17,14 +18,14 @@ import torch
 
 from hvdlm.checkpoint.format import save_checkpoint, training_state
 from hvdlm.checkpoint.reshard import load_optimizer, merge_tp, shard_state
-from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints
+from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints, slice_name
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.resume import rng_state, set_rng_state
-from hvdlm.training.zero import checkpoint_view
+from hvdlm.training.zero import ZeroOptimizer, checkpoint_view
 
 
 class RunState(Protocol):
@@ -57,14 +58,20 @@ class CheckpointManager:
         topo = self.topo
         # Horovod: every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
         rngs = hvd.allgather_object(rng_state(self.device), name=f"rng.{step}")
-        # ZeRO: the optimizer's slices gathered to the whole state (every DP rank takes part; the writer keeps it).
-        optimizer = checkpoint_view(run.optimizer, gather=True)
-        # Every rank hears whether every shard is on disk: a full disk on one writer stops all ranks together.
+        path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
+        sliced = isinstance(run.optimizer, ZeroOptimizer)
+        # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks
+        # together.
         with together(f"saved.{step}"):
+            if sliced:
+                # ZeRO: each DP rank writes its own slice of the optimizer state; no rank holds the whole. The shard's
+                # writer writes its slice first, so a shard file on disk always has a slice file naming their count.
+                state = {"step": step, **run.optimizer.slice_state_dict()}
+                self._write(path.with_name(slice_name(path.name, topo.dp_rank, topo.dp)), state)
             if topo.dp_rank == 0:
                 state = training_state(
                     run.model,
-                    optimizer,
+                    checkpoint_view(run.optimizer),
                     step,
                     self.cfg.to_dict(),
                     topo.tp_rank,
@@ -75,10 +82,13 @@ class CheckpointManager:
                     rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)],
                     progress=dict(run.progress),
                     pp=self._stage_record() if topo.pp > 1 else None,
+                    zero_slices={"size": topo.dp, "files": [slice_name(path.name, d, topo.dp) for d in range(topo.dp)]}
+                    if sliced
+                    else None,
                 )
                 if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
                     state = merge_tp([state])
-                self._write(self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank], state)
+                self._write(path, state)
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
 

@@ -1,9 +1,12 @@
 """Checkpoints in a run directory: their names, finding the newest complete one, pruning, setting aside.
 
 With pipeline stages a save has one file per (stage, TP rank): `step-0000100.pp1-of-2.tp0-of-2.pt` (the `.ppS-of-P`
-part only when pp > 1, the `.tpR-of-T` part only when tp > 1), in stage-major order.
+part only when pp > 1, the `.tpR-of-T` part only when tp > 1), in stage-major order. A ZeRO-1 save adds, beside
+each shard file, one file per DP rank d of Z holding its slice of the optimizer state (hvdlm.checkpoint.slices):
+`step-0000100.pp1-of-2.tp0-of-2.zero1-of-2.pt`.
 
-A save is complete when every shard file is there; a save killed between shards leaves an incomplete set,
+A save is complete when every shard file is there, and every slice file of every shard (Z of them, as the slice
+files' names say) when any is; a save killed between shards leaves an incomplete set,
 which is passed over and never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable`,
 and only it imports torch (inside it): `hvdlm runs` lists checkpoints on a login node with the rest.
 """
@@ -25,6 +28,9 @@ _SHARD_NAME = re.compile(
 
 _STEP_STEM = re.compile(r"^step-(?P<step>\d+)$")
 
+# A ZeRO slice file: its shard's name with `.zeroD-of-Z` before `.pt` (the shard pattern reads it as another stem).
+_SLICE_NAME = re.compile(r"^(?P<shard>.+)\.zero(?P<rank>\d+)-of-(?P<size>\d+)\.pt$")
+
 
 def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1, pp_rank: int = 0, pp: int = 1) -> Path:
     """The file of TP rank `tp_rank` (of `tp`) of stage `pp_rank` (of `pp`) at `step`; one unsharded file when
@@ -36,6 +42,11 @@ def shard_name(stem: str, tp_rank: int, tp: int, pp_rank: int, pp: int) -> str:
     stage = f".pp{pp_rank}-of-{pp}" if pp > 1 else ""
     shard = f".tp{tp_rank}-of-{tp}" if tp > 1 else ""
     return f"{stem}{stage}{shard}.pt"
+
+
+def slice_name(shard: str, dp_rank: int, dp: int) -> str:
+    """The file of DP rank `dp_rank` (of `dp`)'s ZeRO slice of the optimizer state beside shard file `shard`."""
+    return f"{shard.removesuffix('.pt')}.zero{dp_rank}-of-{dp}.pt"
 
 
 def _shard_of(name: str) -> tuple[str, int, tuple[int, int]] | None:
@@ -58,10 +69,17 @@ def _layout_paths(folder: Path, stem: str, layout: tuple[int, int]) -> list[Path
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    """One save in a run directory: its step and its files (one per TP rank, in rank order)."""
+    """One save in a run directory: its step, its shard files (one per (stage, TP rank), stage-major) and its ZeRO
+    slice files (none for a save without ZeRO)."""
 
     step: int
     paths: tuple[Path, ...]
+    slices: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file of the save: what pruning deletes and setting aside moves."""
+        return self.paths + self.slices
 
 
 def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
@@ -74,15 +92,26 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
 
 
 def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
-    """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard files."""
+    """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard and slice files."""
+    folder = Path(run_dir) / "checkpoints"
     found: dict[tuple[int, tuple[int, int]], set[int]] = {}
-    for p in (Path(run_dir) / "checkpoints").glob("step-*.pt"):
-        if (shard := _shard_of(p.name)) and (s := _STEP_STEM.match(shard[0])):
+    sliced: dict[tuple[int, tuple[int, int]], set[int]] = {}  # the save's slice counts Z (one, unless damaged)
+    for p in folder.glob("step-*.pt"):
+        m = _SLICE_NAME.match(p.name)
+        if m and (shard := _shard_of(m["shard"] + ".pt")) and (s := _STEP_STEM.match(shard[0])):
+            sliced.setdefault((int(s["step"]), shard[2]), set()).add(int(m["size"]))
+        elif (shard := _shard_of(p.name)) and (s := _STEP_STEM.match(shard[0])):
             found.setdefault((int(s["step"]), shard[2]), set()).add(shard[1])
     saves = []
-    for (step, layout), ranks in sorted(found.items(), reverse=True):
-        paths = tuple(_layout_paths(Path(run_dir) / "checkpoints", f"step-{step:07d}", layout))
-        saves.append((SavedCheckpoint(step, paths), [p.name for r, p in enumerate(paths) if r not in ranks]))
+    for key in sorted(found.keys() | sliced.keys(), reverse=True):
+        step, layout = key
+        paths = tuple(_layout_paths(folder, f"step-{step:07d}", layout))
+        ranks = found.get(key, set())
+        slices = tuple(
+            folder / slice_name(p.name, d, z) for z in sorted(sliced.get(key, ())) for p in paths for d in range(z)
+        )
+        missing = [p.name for r, p in enumerate(paths) if r not in ranks] + [p.name for p in slices if not p.is_file()]
+        saves.append((SavedCheckpoint(step, paths, slices), missing))
     return saves
 
 
@@ -177,7 +206,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int, newest: int) -> list[int]:
         return []
     removed = [saved for saved in find_checkpoints(run_dir) if saved.step <= newest][keep:]
     for saved in removed:
-        for p in saved.paths:
+        for p in saved.files:
             p.unlink(missing_ok=True)
     return [saved.step for saved in removed]
 
@@ -190,7 +219,7 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     them in the next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
     """
     folder = Path(run_dir) / "checkpoints"
-    newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.paths if p.exists()]
+    newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.files if p.exists()]
     if not newer:
         return None
     aside = folder / f"set-aside-after-{step:07d}"

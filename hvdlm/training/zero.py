@@ -15,8 +15,9 @@ bit-identical. The moments per rank fall from 8 to 8 / d bytes per parameter (SG
 
 The trainer drives it like Horovod's DistributedOptimizer: zero_grad, backward (k micro-batches accumulate),
 synchronize (the reduce-scatter), clip_grad_norm (the norm summed over DP slices and TP shards), step (update and
-all-gather). Checkpoints see the unsharded state through `checkpoint_view` (gathered to the writer, in the layout
-of a plain optimizer's state_dict), so a checkpoint resumes at any DP size and with ZeRO on or off.
+all-gather). A checkpoint holds each DP rank's slice in a file of its own (`slice_state_dict`; the whole state is
+never on one rank), which readers assemble to a plain optimizer's state_dict (hvdlm.checkpoint.slices), so a
+checkpoint resumes at any DP size and with ZeRO on or off.
 
 ZeRO-2 (gradients sharded too) is not built; see README, "Memory".
 """
@@ -29,9 +30,10 @@ from typing import Any
 import horovod.torch as hvd
 import torch
 
+from hvdlm.checkpoint.slices import assemble, own_copies
 from hvdlm.config import TrainConfig
 from hvdlm.parallel.collectives import allreduce
-from hvdlm.parallel.topology import Topology
+from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.optim import optimizer_over, param_groups
 
 
@@ -163,37 +165,43 @@ class ZeroOptimizer:
     def _dp_set(self):
         return self.topo.dp_process_set
 
-    # -- checkpoints: the unsharded state, as a plain optimizer's state_dict ------------------------------------
+    # -- checkpoints: each rank saves its slice (hvdlm.checkpoint.slices); loading takes the whole state -------
 
-    def full_state_dict(self) -> dict[str, Any]:
-        """The whole optimizer state (every rank's slice, gathered) in the form and parameter order of the plain
-        optimizer's state_dict. Collective: every rank of the DP group calls it."""
+    def slice_state_dict(self) -> dict[str, Any]:
+        """This rank's slice of every state tensor over the flat buffer, and what puts the slices back together
+        (hvdlm.checkpoint.slices.assemble). Not collective: each DP rank writes its own."""
         first = self.inner.state.get(self.pieces[0]) if self.pieces else None
         keys = sorted(k for k, v in (first or {}).items() if torch.is_tensor(v) and v.dim() == 1)
-        state: dict[int, dict] = {}
-        if keys:
-            flat = {key: self._gathered(key) for key in keys}
-            offset = 0
-            for i, p in enumerate(self.params):
-                k = p.numel()
-                entry = {key: flat[key][offset : offset + k].view_as(p).clone() for key in keys}
-                state[i] = {**_own_copies(first, keys), **entry}
-                offset += k
+        lo = self.slice.start
+        state = {}
+        for key in keys:
+            mine = torch.zeros(self.shard_numel)  # the padding, and any group boundary, stays zero
+            for t, (a, b) in zip(self.pieces, self.piece_ranges):
+                mine[a - lo : b - lo] = self.inner.state[t][key].detach().cpu()
+            state[key] = mine
         groups, start = [], 0
         for group, params in zip(self.inner.param_groups, self._groups_of_params):
             groups.append({**_settings(group), "params": list(range(start, start + len(params)))})
             start += len(params)
-        return {"state": state, "param_groups": groups}
+        numels = [p.numel() for p in self.params]
+        layout = {
+            "numels": numels,
+            "shapes": [list(p.shape) for p in self.params],
+            "shard_numel": self.shard_numel,
+            "padding": self.shard_numel * self.topo.dp - sum(numels),
+            "dp_rank": self.topo.dp_rank,
+            "dp_size": self.topo.dp,
+        }
+        scalars = own_copies(first, keys) if first else {}
+        return {"state": state, "scalars": scalars, "param_groups": groups, "layout": layout}
 
-    def _gathered(self, key: str) -> torch.Tensor:
-        """One state tensor over the whole flat layout (padding included)."""
-        mine = torch.zeros(self.shard_numel, device=self.flat_params.device)
-        lo = self.slice.start
-        for t, (a, b) in zip(self.pieces, self.piece_ranges):
-            mine[a - lo : b - lo] = self.inner.state[t][key]
-        if self.topo.dp == 1:
-            return mine
-        return hvd.allgather(mine, name=f"zero.state.{key}", process_set=self._dp_set)
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole optimizer state in the form and parameter order of the plain optimizer's state_dict, as a
+        checkpoint's slices assemble to (the tests' check of that layout). Collective over all ranks."""
+        # Horovod: every rank's slice (allgather_object takes no process set), then this DP group's, in DP-rank order.
+        every = hvd.allgather_object(self.slice_state_dict(), name="zero.state")
+        topo = self.topo
+        return assemble([every[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)])
 
     def load_full_state_dict(self, full: dict[str, Any]) -> None:
         """Take this rank's slice of an unsharded state (full_state_dict's form; any DP size, ZeRO or not)."""
@@ -211,7 +219,7 @@ class ZeroOptimizer:
             offset += p.numel()
         local_state = {}
         for j, (a, b) in enumerate(self.piece_ranges):
-            local_state[j] = {**_own_copies(some, keys), **{key: flat[key][a:b].clone() for key in keys}}
+            local_state[j] = {**own_copies(some, keys), **{key: flat[key][a:b].clone() for key in keys}}
         groups, j = [], 0
         for saved, ours in zip(full["param_groups"], self.inner.param_groups):
             n = len(ours["params"])
@@ -221,17 +229,17 @@ class ZeroOptimizer:
 
 
 class _FullView:
-    """A ZeroOptimizer as checkpoints see a plain optimizer: the model's parameters in groups, the whole state."""
+    """A ZeroOptimizer as checkpoints see a plain optimizer: the model's parameters in groups; the state is in the
+    DP ranks' slice files (CheckpointManager writes them), and loading takes this rank's slice of a whole one."""
 
-    def __init__(self, zero: ZeroOptimizer, gathered: dict[str, Any] | None):
-        self._zero, self._gathered = zero, gathered
+    def __init__(self, zero: ZeroOptimizer):
+        self._zero = zero
         self.param_groups = [
             {**_settings(g), "params": ps} for g, ps in zip(zero.inner.param_groups, zero._groups_of_params)
         ]
 
-    def state_dict(self) -> dict[str, Any]:
-        assert self._gathered is not None, "checkpoint_view(..., gather=True) gathers the state to save"
-        return self._gathered
+    def state_dict(self) -> None:
+        return None  # the shard file holds no optimizer state: each DP rank saves its slice_state_dict
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._zero.load_full_state_dict(state)
@@ -242,23 +250,17 @@ def _tied_copy(p: torch.nn.Parameter) -> bool:
     return getattr(p, "pipeline_tied_copy", False)
 
 
-def _own_copies(entry: dict, skip: list[str]) -> dict:
-    """An entry's values but `skip`, tensors copied: AdamW's step count is the same for every parameter, but
-    each must have its own tensor (the optimizer adds 1 to it in place, once per tensor it updates)."""
-    return {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items() if k not in skip}
-
-
 def _settings(group: dict) -> dict:
     """A parameter group's settings (lr, betas, weight_decay, ...) without its parameters."""
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def checkpoint_view(optimizer, gather: bool = False):
-    """The optimizer as a checkpoint saves and restores it: itself, or for ZeRO a view holding the whole state
-    (`gather`: collect the slices now, which every rank of the DP group must do together) that loads by slicing."""
+def checkpoint_view(optimizer):
+    """The optimizer as a checkpoint saves and restores it: itself, or for ZeRO a view that saves no state (the
+    slice files hold it) and loads a whole state by slicing."""
     if not isinstance(optimizer, ZeroOptimizer):
         return optimizer
-    return _FullView(optimizer, optimizer.full_state_dict() if gather else None)
+    return _FullView(optimizer)
 
 
 def zero_note(cfg: TrainConfig) -> str | None:

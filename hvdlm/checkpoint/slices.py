@@ -1,0 +1,59 @@
+"""ZeRO-1 checkpoints: each DP rank's slice of the optimizer state in a file of its own, and the whole state put
+back together from the slices.
+
+A ZeRO run (hvdlm.training.zero) never holds the whole optimizer state on one rank, so neither does its save: beside
+each (stage, TP rank) shard file, every DP rank d of Z writes `step-0000100[.ppS-of-P][.tpR-of-T].zeroD-of-Z.pt`
+(hvdlm.checkpoint.store.slice_name) holding
+
+    state         {key: its S elements of the flat buffer} for each moment (exp_avg, exp_avg_sq, momentum_buffer)
+    scalars       the per-parameter entries that are not sliced (AdamW's step count: the same for every parameter)
+    param_groups  the groups' settings (lr, betas, ...) and their parameter indices
+    layout        {"numels", "shapes" (the shard's parameters in flat order: optimizer index order),
+                   "shard_numel" (S), "padding", "dp_rank", "dp_size"}
+    step          the save's step
+
+and the shard file records `zero_slices` {"size": Z, "files": [names]} in place of its `optimizer`.
+`assemble` concatenates the slices in DP-rank order and cuts the flat buffer back into one entry per parameter:
+exactly the state a plain optimizer's state_dict holds, so everything that reads a checkpoint (merging, resuming at
+any DP size or without ZeRO) sees the layout it always did. Torch only (no Horovod): read on login nodes too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hvdlm.errors import InputError
+
+
+def own_copies(entry: dict, skip: list[str] | tuple[()] = ()) -> dict:
+    """An entry's values but `skip`, tensors copied: AdamW's step count is the same for every parameter, but
+    each must have its own tensor (the optimizer adds 1 to it in place, once per tensor it updates)."""
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items() if k not in skip}
+
+
+def assemble(slices: list[dict[str, Any]], source: str = "") -> dict[str, Any]:
+    """The whole optimizer state (a plain optimizer's state_dict) from every DP rank's slice, in DP-rank order."""
+    layout = slices[0]["layout"]
+    size = layout["dp_size"]
+    if [s["layout"]["dp_rank"] for s in slices] != list(range(size)) or any(
+        s["layout"]["dp_size"] != size or s["layout"]["shard_numel"] != layout["shard_numel"] for s in slices
+    ):
+        raise InputError(
+            f"the optimizer slices of '{source}' are not the {size} DP ranks of one save: copy the checkpoint's "
+            "files again from the same run directory."
+        )
+    # A rank whose slice is all padding holds no moments: the others say which there are.
+    keys = sorted({k for s in slices for k in s["state"]})
+    scalars = next((s["scalars"] for s in slices if s["state"]), {})
+    state: dict[int, dict] = {}
+    if keys:
+        zeros = torch.zeros(layout["shard_numel"])
+        flat = {key: torch.cat([s["state"].get(key, zeros) for s in slices]) for key in keys}
+        offset = 0
+        for i, (k, shape) in enumerate(zip(layout["numels"], layout["shapes"])):
+            entry = {key: flat[key][offset : offset + k].view(shape).clone() for key in keys}
+            state[i] = {**own_copies(scalars), **entry}
+            offset += k
+    return {"state": state, "param_groups": slices[0]["param_groups"]}
