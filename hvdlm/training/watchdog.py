@@ -104,6 +104,7 @@ class Watchdog:
         if self._thread is not None:
             self.heartbeats = Path(run_dir) / HEARTBEAT_DIR
             self.heartbeats.mkdir(parents=True, exist_ok=True)
+            self._write_heartbeat(*self._beat[:2])  # at once: a short run may end before the thread's first tick
 
     def stop(self) -> None:
         if self._thread is not None:
