@@ -57,6 +57,23 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_keeps_the_earlier_one(
     assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a half-written temporary file was left"
 
 
+def test_a_full_disk_at_a_zero_checkpoint_keeps_the_earlier_one_whole(hvdlm, tiny_job, small_disk):
+    """ZeRO-1: a save is the shard file and one optimizer-state slice per DP rank, written by different ranks; the
+    disk fills somewhere among them. The earlier save stays complete and loads; nothing of the broken one is left."""
+    run_dir = small_disk("700k") / "run"
+    r = launch_onto_a_full_disk(hvdlm, tiny_job, run_dir, "train.checkpoint_interval=4", "train.zero=1")
+    assert f"cannot write checkpoint '{run_dir}/checkpoints/step-0000008" in r.out, r.out[-3000:]
+    assert "No space left on device" in r.out and "the checkpoint of step 4 is intact" in r.out
+    assert [saved.step for saved in find_checkpoints(run_dir)] == [4]
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step-0000004*"))
+    assert names == ["step-0000004.pt", "step-0000004.zero0-of-2.pt", "step-0000004.zero1-of-2.pt"]
+    state = load_full_state(run_dir / "checkpoints" / "step-0000004.pt")
+    assert state["step"] == 4 and state["optimizer"]["state"], "the slices did not assemble to the whole state"
+    # The ranks whose files of step 8 were written whole took them back: nothing of the failed save is left.
+    assert not list((run_dir / "checkpoints").glob("step-0000008*")), "a file of the failed save was left"
+    assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a half-written temporary file was left"
+
+
 def test_a_full_disk_under_the_metrics_stops_every_rank_naming_the_file(hvdlm, tiny_job, small_disk):
     # Two pages: config.toml takes one, metrics.jsonl fills the other within a few dozen rows.
     run_dir = small_disk("8k") / "run"

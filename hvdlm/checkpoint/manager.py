@@ -61,36 +61,49 @@ class CheckpointManager:
         path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
         sliced = isinstance(run.optimizer, ZeroOptimizer)
         # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks
-        # together.
-        with together(f"saved.{step}"):
-            if sliced:
-                # ZeRO: each DP rank writes its own slice of the optimizer state; no rank holds the whole. The shard's
-                # writer writes its slice first, so a shard file on disk always has a slice file naming their count.
-                state = {"step": step, **run.optimizer.slice_state_dict()}
-                self._write(path.with_name(slice_name(path.name, topo.dp_rank, topo.dp)), state)
-            if topo.dp_rank == 0:
-                state = training_state(
-                    run.model,
-                    checkpoint_view(run.optimizer),
-                    step,
-                    self.cfg.to_dict(),
-                    topo.tp_rank,
-                    topo.tp,
-                    data=run.train_batches.state_dict(),  # (epoch, position, seed): a resume takes the next sample
-                    ema=run.ema.state_dict() if run.ema else None,
-                    scaler=run.precision.state_dict(),
-                    rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)],
-                    progress=dict(run.progress),
-                    pp=self._stage_record() if topo.pp > 1 else None,
-                    zero_slices={"size": topo.dp, "files": [slice_name(path.name, d, topo.dp) for d in range(topo.dp)]}
-                    if sliced
-                    else None,
-                )
-                if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
-                    state = merge_tp([state])
-                self._write(path, state)
+        # together, and each takes back the files of this save it did write (whole, yet useless without the rest).
+        written: list[Path] = []
+        try:
+            with together(f"saved.{step}"):
+                self._write_own_files(step, run, path, sliced, rngs, written)
+        except InputError:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
+
+    def _write_own_files(
+        self, step: int, run: RunState, path: Path, sliced: bool, rngs: list, written: list[Path]
+    ) -> None:
+        """This rank's part of the save at `step`: its ZeRO slice, and its shard if it is its DP group's first."""
+        topo = self.topo
+        if sliced:
+            # ZeRO: each DP rank writes its own slice of the optimizer state; no rank holds the whole. The shard's
+            # writer writes its slice first, so a shard file on disk always has a slice file naming their count.
+            state = {"step": step, **run.optimizer.slice_state_dict()}
+            self._write(path.with_name(slice_name(path.name, topo.dp_rank, topo.dp)), state, written)
+        if topo.dp_rank == 0:
+            state = training_state(
+                run.model,
+                checkpoint_view(run.optimizer),
+                step,
+                self.cfg.to_dict(),
+                topo.tp_rank,
+                topo.tp,
+                data=run.train_batches.state_dict(),  # (epoch, position, seed): a resume takes the next sample
+                ema=run.ema.state_dict() if run.ema else None,
+                scaler=run.precision.state_dict(),
+                rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)],
+                progress=dict(run.progress),
+                pp=self._stage_record() if topo.pp > 1 else None,
+                zero_slices={"size": topo.dp, "files": [slice_name(path.name, d, topo.dp) for d in range(topo.dp)]}
+                if sliced
+                else None,
+            )
+            if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
+                state = merge_tp([state])
+            self._write(path, state, written)
 
     def _stage_record(self) -> dict[str, Any]:
         """Which stage a file holds: its index, the number of stages, and the layers per stage."""
@@ -98,9 +111,10 @@ class CheckpointManager:
         counts = stage_layers(self.cfg.model.n_layer, p.pp, p.pp_layers)
         return {"rank": self.topo.pp_rank, "size": self.topo.pp, "layers": counts}
 
-    def _write(self, path: Path, state: dict[str, Any]) -> None:
+    def _write(self, path: Path, state: dict[str, Any], written: list[Path]) -> None:
         try:
             save_checkpoint(path, state)
+            written.append(path)
         except OSError as e:
             older = [saved.step for saved in find_checkpoints(self.run_dir) if saved.step < state["step"]]
             kept = f"the checkpoint of step {older[0]} is intact" if older else "no earlier checkpoint exists"
