@@ -20,6 +20,7 @@ from mpi4py import MPI
 from hvdlm.config import ModelConfig, TrainConfig
 from hvdlm.model import GPT
 from hvdlm.parallel.topology import init_topology
+from hvdlm.training import zero as zero_module
 from hvdlm.training.memory_account import memory_account
 from hvdlm.training.optim import clip_gradients, distributed_optimizer
 from hvdlm.training.zero import ZeroOptimizer
@@ -68,6 +69,9 @@ def train(model, optimizer, topo, cfg: ModelConfig, tag: str, bf16: bool = False
 def main() -> int:
     topo = init_topology(2)
     assert world.Get_size() == 4, "run with 4 ranks"
+    # Slices of over 8,000 elements in collectives of 4,000: three chunks, the last one short. The checks below
+    # then hold for the chunked reduce-scatter and all-gather that large models take.
+    zero_module.CHUNK = 4000
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, bias=False)
     tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, accumulation_steps=MICRO, grad_clip=0.5)
     models, results, optimizers = {}, {}, {}

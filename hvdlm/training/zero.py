@@ -36,6 +36,13 @@ from hvdlm.parallel.collectives import allreduce
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.optim import optimizer_over, param_groups
 
+# Elements of each rank's slice per collective. Horovod's reduce-scatter and all-gather return new tensors, so one
+# call over the whole buffer would hold a second copy of all the gradients (and of all the weights) for a moment:
+# with d = 2 that transient (measured, bench/memory_budget.py) outweighed the optimizer state ZeRO-1 saves. In chunks
+# the transient is d x CHUNK elements (16 MiB per rank's part), and each call is still large enough to run at the
+# link's bandwidth.
+CHUNK = 1 << 22
+
 
 class ZeroOptimizer:
     """This rank's slice of the optimizer over the flat buffers of the parameters it holds (see the module)."""
@@ -122,9 +129,14 @@ class ZeroOptimizer:
         leaves fp32 gradients, and Horovod 0.28.1 has no bf16 anyway)."""
         if self.topo.dp == 1:
             return
-        # Horovod: reduce-scatter over the DP process set; equal slices, since the buffer is padded to d x S.
-        mine = hvd.reducescatter(self.flat_grads, op=hvd.Average, name="zero.grads", process_set=self._dp_set)
-        self.grad_slice.copy_(mine)
+        # Horovod: reduce-scatter over the DP process set, chunk by chunk (see CHUNK). Horovod splits dim 0 into d
+        # equal rows: row r of a chunk is columns [lo, hi) of rank r's slice, so rank r gets its own columns back.
+        grads = self.flat_grads.view(self.topo.dp, self.shard_numel)
+        for i, (lo, hi) in enumerate(self._chunks()):
+            mine = hvd.reducescatter(
+                grads[:, lo:hi].contiguous(), op=hvd.Average, name=f"zero.grads.{i}", process_set=self._dp_set
+            )
+            self.grad_slice[lo:hi].copy_(mine[0])
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -156,10 +168,15 @@ class ZeroOptimizer:
         """Update this rank's slice of the weights, then gather every slice to every replica."""
         self.inner.step()
         if self.topo.dp > 1:
-            # Horovod: all-gather over the DP process set, concatenated along dim 0 in DP-rank order.
-            self.flat_params.copy_(
-                hvd.allgather(self.flat_params[self.slice], name="zero.params", process_set=self._dp_set)
-            )
+            # Horovod: all-gather over the DP process set, chunk by chunk (see CHUNK); rows in DP-rank order.
+            params = self.flat_params.view(self.topo.dp, self.shard_numel)
+            for i, (lo, hi) in enumerate(self._chunks()):
+                mine = params[self.topo.dp_rank, lo:hi].unsqueeze(0)
+                params[:, lo:hi].copy_(hvd.allgather(mine, name=f"zero.params.{i}", process_set=self._dp_set))
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Column ranges [lo, hi) of the slices, CHUNK wide."""
+        return [(lo, min(lo + CHUNK, self.shard_numel)) for lo in range(0, self.shard_numel, CHUNK)]
 
     @property
     def _dp_set(self):

@@ -1,0 +1,118 @@
+"""The largest model that really trains in a per-rank memory budget: replicated against ZeRO-1 + full recomputation.
+
+    python bench/memory_budget.py                     # 3 GiB per rank, d_model 1024, the figures for RESULTS.md
+    python bench/memory_budget.py --budget-gb 2       # another budget
+
+For each setting, two real runs (`hvdlm train` under mpirun, DP=2, one thread per rank, a few steps) at small
+n_layer give each rank's peak resident memory (the kernel's high-water mark of the rank's process: weights,
+gradients, optimizer state, saved activations and everything else a real run holds: the interpreter, torch,
+Horovod's fusion buffer, MPI) as a + b x n_layer; from the n_layer that line predicts, more real runs step until
+n_layer trains under the budget and n_layer + 1 goes over it. The memory account of the first step
+(metrics.jsonl) is printed beside the peak, so the difference (what the account does not count) is in view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+SETTINGS = {  # name: --set overrides
+    "replicated": [],
+    "zero1 + full recompute": ["train.zero=1", "model.recompute=full"],
+}
+ACCOUNT = ("params_mb", "grads_mb", "optimizer_mb", "activations_mb")
+
+# Each rank runs hvdlm in a child process and prints the child's peak resident memory (ru_maxrss, KiB on Linux)
+# when it ends: the high-water mark of everything the rank held, not only the tensors the account counts.
+PEAK_OF_CHILD = (
+    "import os, resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:])\n"
+    "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+    "print(f'peak_rss_mb rank {os.environ.get(\"OMPI_COMM_WORLD_RANK\", 0)} {rss:.1f}', flush=True)\n"
+    "sys.exit(code)\n"
+)
+
+
+def trained(job: Path, run_dir: Path, n_layer: int, extra: list[str], args) -> dict:
+    """One real DP=2 run of `steps` steps; each rank's peak resident MB and the first step's account."""
+    from helpers import mpirun, sets, train_argv
+
+    model = [f"model.n_layer={n_layer}", "model.n_head=16", "model.d_model=1024", f"model.seq_len={args.seq_len}"]
+    common = [f"train.batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.eval_interval=0"]
+    common += ["train.sample_tokens=0", "train.log_interval=1", "train.tensorboard=false", "train.threads=1"]
+    program = [sys.executable, "-c", PEAK_OF_CHILD, *train_argv(job, run_dir, *sets(*model, *common, *extra))]
+    proc = mpirun(2, program, timeout=3600)
+    assert proc.code == 0, proc.out[-3000:]
+    peaks = [float(line.split()[-1]) for line in proc.out.splitlines() if line.startswith("peak_rss_mb")]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "loss" in r)
+    return {"n_layer": n_layer, "peak_rss_mb": max(peaks), "account_mb": {k: first[k] for k in ACCOUNT}}
+
+
+def largest(name: str, args, tmp: Path, job: Path) -> dict:
+    """Two probes give the line; from its prediction, real runs step up (or down) until n_layer trains under the
+    budget and n_layer + 1 does not."""
+    extra = SETTINGS[name]
+    budget_mb = args.budget_gb * 1024
+    runs: dict[int, dict] = {}
+
+    def run(n: int) -> dict:
+        if n not in runs:
+            runs[n] = trained(job, tmp / f"{name[:4]}-{n}", n, extra, args)
+            print(name, json.dumps(runs[n]), flush=True)
+        return runs[n]
+
+    (n0, r0), (n1, r1) = ((n, run(n)["peak_rss_mb"]) for n in args.probe_layers)
+    per_layer = (r1 - r0) / (n1 - n0)
+    fixed = r0 - per_layer * n0
+    n = predicted = int((budget_mb - fixed) // per_layer)
+    for _ in range(8):  # the line is close: a step or two settles it
+        if run(n)["peak_rss_mb"] > budget_mb:
+            n -= 1
+        elif run(n + 1)["peak_rss_mb"] <= budget_mb:
+            n += 1
+        else:
+            break
+    fits, next_one = runs.get(n), runs.get(n + 1)
+    confirmed = bool(fits and next_one) and fits["peak_rss_mb"] <= budget_mb < next_one["peak_rss_mb"]
+    return {
+        "fixed_mb": round(fixed, 1),
+        "per_layer_mb": round(per_layer, 1),
+        "predicted_n_layer": predicted,
+        "largest_n_layer": n,
+        "confirmed": confirmed,
+        "runs": [runs[k] for k in sorted(runs)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-gb", type=float, default=3.0, help="per rank")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank and step")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--probe-layers", type=int, nargs=2, default=[2, 6])
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    args = parser.parse_args()
+    from helpers import TINY_JOB
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.toml"
+        job.write_text(TINY_JOB)
+        for name in args.settings:
+            results[name] = largest(name, args, Path(tmp), job)
+    print(json.dumps({"budget_gb": args.budget_gb, "seq_len": args.seq_len, "largest": results}))
+    if not all(r["confirmed"] for r in results.values()):
+        sys.exit("the predicted largest model did not train under the budget, or the next one did too")
+
+
+if __name__ == "__main__":
+    main()
