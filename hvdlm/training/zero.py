@@ -25,6 +25,7 @@ ZeRO-2 (gradients sharded too) is not built; see README, "Memory".
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from typing import Any
 
 import horovod.torch as hvd
@@ -76,10 +77,13 @@ class ZeroOptimizer:
         start = 0
         for size in sizes:
             a, b = max(lo, start), min(lo + self.shard_numel, start + size)
-            piece = [] if a >= b else [self.flat_params[a:b]]
-            for t in piece:
-                t.grad = self.grad_slice[a - lo : b - lo]
-                self.piece_ranges.append((a, b))
+            # At most CHUNK elements a piece: torch's AdamW on CPU updates tensor by tensor with temporaries of each
+            # tensor's size, which for a whole slice were two extra copies of it at the peak (measured).
+            cuts = [(c, min(c + CHUNK, b)) for c in range(a, b, CHUNK)]
+            piece = [self.flat_params[c:e] for c, e in cuts]
+            for t, (c, e) in zip(piece, cuts):
+                t.grad = self.grad_slice[c - lo : e - lo]
+                self.piece_ranges.append((c, e))
             pieces.append(piece)
             start += size
         self.pieces = [t for ts in pieces for t in ts]
@@ -92,6 +96,7 @@ class ZeroOptimizer:
         self._sharded_ranges = self._ranges_of(lambda p: hasattr(p, "tp_shard") and not _tied_copy(p))
         self._copy_ranges = self._ranges_of(_tied_copy)
         self._groups_of_params = [g["params"] for g in groups]
+        self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat slices, made at the first step
 
     def _ranges_of(self, chosen) -> list[tuple[int, int]]:
         """The ranges of this rank's slice (slice coordinates) holding the parameters `chosen` picks, contiguous
@@ -147,13 +152,15 @@ class ZeroOptimizer:
         """Clip to the global norm of the averaged gradient: squares summed over this rank's slice, then over the
         DP group (the slices partition the buffer), for TP-sharded elements over the TP group too, and over the
         pipeline stages; replicated tensors (LayerNorms, the position table) and the tied weight count once."""
-        square = self.grad_slice.square()
+        g = self.grad_slice
 
         def over(ranges: list[tuple[int, int]]) -> torch.Tensor:
-            return sum((square[a:b].sum() for a, b in ranges), square.new_zeros(()))
+            # Dot products: a sum of squares without a temporary the size of the slice (the step's peak if made).
+            return sum((torch.dot(g[a:b], g[a:b]) for a, b in ranges), g.new_zeros(()))
 
         sharded, copy = over(self._sharded_ranges), over(self._copy_ranges)
-        squares = torch.stack([sharded, square.sum() - sharded - copy])  # (sharded, replicated) sums of this slice
+        everything = over([(0, g.numel())])
+        squares = torch.stack([sharded, everything - sharded - copy])  # (sharded, replicated) sums of this slice
         if self.topo.dp > 1:
             # Horovod: 8 bytes over the DP process set.
             squares = hvd.allreduce(squares, op=hvd.Sum, name="zero.norm", process_set=self._dp_set)
@@ -167,6 +174,11 @@ class ZeroOptimizer:
     def step(self) -> None:
         """Update this rank's slice of the weights, then gather every slice to every replica."""
         self.inner.step()
+        if not self._flat:
+            # The first step made the state: make it flat now, while the step's own temporaries are gone, rather
+            # than at a save, when everything else is held too.
+            for key in self._state_keys():
+                self._flat_state(key)
         if self.topo.dp > 1:
             # Horovod: all-gather over the DP process set, chunk by chunk (see CHUNK); rows in DP-rank order.
             params = self.flat_params.view(self.topo.dp, self.shard_numel)
@@ -188,14 +200,7 @@ class ZeroOptimizer:
         """This rank's slice of every state tensor over the flat buffer, and what puts the slices back together
         (hvdlm.checkpoint.slices.assemble). Not collective: each DP rank writes its own."""
         first = self.inner.state.get(self.pieces[0]) if self.pieces else None
-        keys = sorted(k for k, v in (first or {}).items() if torch.is_tensor(v) and v.dim() == 1)
-        lo = self.slice.start
-        state = {}
-        for key in keys:
-            mine = torch.zeros(self.shard_numel)  # the padding, and any group boundary, stays zero
-            for t, (a, b) in zip(self.pieces, self.piece_ranges):
-                mine[a - lo : b - lo] = self.inner.state[t][key].detach().cpu()
-            state[key] = mine
+        state = {key: self._flat_state(key).detach().cpu() for key in self._state_keys()}
         groups, start = [], 0
         for group, params in zip(self.inner.param_groups, self._groups_of_params):
             groups.append({**_settings(group), "params": list(range(start, start + len(params)))})
@@ -209,8 +214,30 @@ class ZeroOptimizer:
             "dp_rank": self.topo.dp_rank,
             "dp_size": self.topo.dp,
         }
-        scalars = own_copies(first, keys) if first else {}
+        scalars = own_copies(first, list(state)) if first else {}
         return {"state": state, "scalars": scalars, "param_groups": groups, "layout": layout}
+
+    def _state_keys(self) -> list[str]:
+        """The names of the optimizer's per-element state tensors (exp_avg, exp_avg_sq; momentum_buffer)."""
+        first = self.inner.state.get(self.pieces[0]) if self.pieces else None
+        return sorted(k for k, v in (first or {}).items() if torch.is_tensor(v) and v.dim() == 1)
+
+    def _flat_state(self, key: str) -> torch.Tensor:
+        """This rank's slice of one state tensor (exp_avg, ...) as one tensor of S elements, the padding and any
+        group boundary zero. The pieces' state tensors become views of it the first time (and again after a
+        load), so that saves write it without a copy: a save that concatenated the pieces held two more
+        copies of the slice (AdamW's two moments), the peak of a whole run's memory (bench/memory_budget.py)."""
+        lo = self.slice.start
+        flat = self._flat.get(key)
+        states = [self.inner.state[t] for t in self.pieces]
+        ranges = [(a - lo, b - lo) for a, b in self.piece_ranges]
+        if flat is None or any(st[key].data_ptr() != flat[a:b].data_ptr() for st, (a, b) in zip(states, ranges)):
+            flat = self._flat[key] = torch.zeros(self.shard_numel, device=self.flat_params.device)
+            for st, (a, b) in zip(states, ranges):
+                flat[a:b] = st[key]
+                st[key] = flat[a:b]  # the piece's own tensor is freed here
+            _return_freed_memory()  # so the copy costs one slice for a moment, not one per key for good
+        return flat
 
     def full_state_dict(self) -> dict[str, Any]:
         """The whole optimizer state in the form and parameter order of the plain optimizer's state_dict, as a
@@ -260,6 +287,17 @@ class _FullView:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._zero.load_full_state_dict(state)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory freed by the parameters' old storage back to the system. glibc keeps freed blocks of the
+    heap resident for reuse, and blocks of parameter size are rarely reused: measured, a rank's peak resident memory
+    kept a whole extra copy of the weights (bench/memory_budget.py). malloc_trim releases free pages anywhere in
+    the heap. Other C libraries (musl, macOS) have no such call and are left as they are."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def _tied_copy(p: torch.nn.Parameter) -> bool:
