@@ -31,12 +31,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-
-def analytic_bytes(n_layer: int, batch: int, seq_len: int, d_model: int, tp: int) -> int:
-    if tp == 1:
-        return 0
-    bt = batch * seq_len
-    return 4 * ((4 * n_layer + 2) * bt * d_model + 3 * bt + 1)
+from hvdlm.plan.counts import tp_analytic_bytes as analytic_bytes  # the formula above, as the planner counts it
 
 
 def worker(args) -> None:
