@@ -201,9 +201,10 @@ def tp_bytes_per_step(
     and the loss's 3 N fp32 (max, then the sums of exponentials with the target logits; last stage); backward,
     the column-parallel inputs' gradients, 2 L_s N d, and the head's N d (last stage), in the LayerNorm outputs'
     dtype: fp32, except on a later stage that receives a bf16 stream (see activation_bytes; torch's CPU
-    LayerNorm keeps its input's dtype under autocast). Full recompute runs the blocks' forward again in
-    backward: 2 L_s N d more. Per step: one fp32 for the clipping norm. For fp32 and L blocks on one stage,
-    4 ((4 L + 2) N d + 3 N + 1): bench/tp_bytes.py.
+    LayerNorm keeps its input's dtype under autocast). Full recompute runs each block's forward again in
+    backward, as far as its last saved tensor (torch's checkpoint stops early there): the attention output's
+    reduction again, not the MLP's, L_s N d more. Per step: one fp32 for the clipping norm. For fp32 and L
+    blocks on one stage, 4 ((4 L + 2) N d + 3 N + 1): bench/tp_bytes.py.
     """
     _check_tp(model, tp)
     if tp == 1:
@@ -212,8 +213,8 @@ def tp_bytes_per_step(
     layers = model.n_layer if stage_layer_count is None else stage_layer_count
     n, d, e = micro_batch * model.seq_len, model.d_model, COMPUTE_BYTES[precision]
     _, stream_in, stream = _stream_bytes(model, first, precision)
-    forwards = 2 if recompute == "full" else 1
-    per_micro = forwards * 2 * layers * n * d * e  # the row-parallel outputs
+    reductions = (3 if recompute == "full" else 2) * layers  # row-parallel outputs (the recomputed attention's too)
+    per_micro = reductions * n * d * e
     if layers:  # the LayerNorm outputs' gradients (their dtype is their input's: the stream's)
         per_micro += n * d * (stream_in + (2 * layers - 1) * stream)
     if first:

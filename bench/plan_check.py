@@ -1,0 +1,238 @@
+"""The planner's counts against hvdlm's own measurements: small real jobs on this machine, predicted against
+measured, per layout.
+
+    python bench/plan_check.py             # the figures for bench/RESULTS.md (--record appends them)
+    python bench/plan_check.py --quick     # a smaller model and fewer steps, to see that it runs
+
+Each layout is a real `hvdlm train` under mpirun (one thread per rank, the built-in corpus, no evaluation, a row a
+step). Rank 0's metrics rows give the measurements: the memory account of the first step (params_mb: 4 bytes a
+parameter; activations_mb: what the micro-batches in flight saved for backward, hvdlm's ActivationMeter), the
+payload bytes of the step's TP and pipeline collectives (tp_bytes_per_step, pp_bytes_per_step) and ms_per_step
+(the median over the steps after the first two). The predictions are hvdlm.plan.counts, from the job's settings:
+
+- parameters: params_per_rank, exact;
+- activation bytes: activation_bytes x in_flight (the 1F1B warm-up), within 10 % (exact so far);
+- TP and pipeline bytes: tp_bytes_per_step, pp_bytes_per_step (group), exact;
+- step time, within 25 %: the CPU's achieved FLOP/s is calibrated from the first layout (one rank, fp32), then
+  each fp32 layout's time is its rank's FLOPs per step over that rate, the pipeline's (m + p - 1) slots of the
+  slowest stage (the bubble), plus its bytes over an assumed link (LINK_GBPS, LATENCY_US a message): the TP
+  collectives, the pipeline messages and Horovod's ring allreduce of the gradients, 2 (d - 1) / d x 4 bytes a
+  parameter. FLOPs per token: 6 x the rank's matmul parameters + 12 L_s T d / p (attention, as
+  hvdlm.training.flops counts it), with recomputation one forward more (2 x parameters + 4 L_s T d / p for full
+  recompute, the attention core's 4 L_s T d / p for selective). bf16 layouts check the counts only: the fp32
+  calibration says nothing about this CPU's bf16 speed.
+
+It exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from hvdlm.config import ModelConfig, load_config  # noqa: E402
+from hvdlm.parallel.split import stage_layers  # noqa: E402
+from hvdlm.plan import counts  # noqa: E402
+
+MB = 1024**2
+LINK_GBPS = 2.0  # assumed: shared-memory MPI between two ranks of this machine, GB/s of payload
+LATENCY_US = 50.0  # assumed: one collective or message, with Open MPI yielding when idle on a loaded machine
+ACTIVATION_TOLERANCE, TIME_TOLERANCE = 0.10, 0.25
+
+MODEL = dict(n_layer=4, n_head=4, d_model=128, seq_len=128)
+QUICK_MODEL = dict(n_layer=2, n_head=2, d_model=32, seq_len=32)
+
+
+@dataclass
+class Layout:
+    name: str
+    ranks: int
+    sets: list[str] = field(default_factory=list)
+    timed: bool = True  # fp32: its step time is predicted from the calibration
+
+    def setting(self, key: str, default: str) -> str:
+        found = [s.split("=", 1)[1] for s in self.sets if s.split("=", 1)[0] == key]
+        return found[-1] if found else default
+
+
+LAYOUTS = [
+    Layout("1 rank (calibration)", 1),
+    Layout("DP=2", 2),
+    Layout("DP=2, ZeRO-1", 2, ["train.zero=1"]),
+    Layout("TP=2", 2, ["parallel.tp=2"]),
+    Layout("PP=2, m=4, 1F1B", 2, ["parallel.pp=2", "parallel.microbatches=4"]),
+    Layout("TP=2, bf16, full recompute", 2, ["parallel.tp=2", "train.precision=bf16", "model.recompute=full"], False),
+    Layout(
+        "PP=2, m=4, bf16, selective, dropout 0.1, no bias",
+        2,
+        ["parallel.pp=2", "parallel.microbatches=4", "train.precision=bf16", "model.recompute=selective"]
+        + ["model.dropout=0.1", "model.bias=false"],
+        False,
+    ),
+]
+
+
+def run(layout: Layout, shape: dict, batch: int, steps: int, tmp: Path) -> tuple[ModelConfig, dict]:
+    """Train the layout; the resolved model config and rank 0's measurements."""
+    from helpers import TINY_JOB, mpirun, sets, train_argv
+
+    job = tmp / "job.toml"
+    job.write_text(TINY_JOB)
+    common = [f"model.{k}={v}" for k, v in shape.items()]
+    common += [f"train.batch_size={batch}", f"train.max_steps={steps}", "train.warmup_steps=1"]
+    common += ["train.eval_interval=0", "train.sample_tokens=0", "train.log_interval=1", "train.tensorboard=false"]
+    common += ["train.threads=1", "train.checkpoint_interval=0"]
+    run_dir = tmp / layout.name.replace(" ", "_").replace(",", "").replace("=", "")
+    proc = mpirun(layout.ranks, train_argv(job, run_dir, *sets(*common, *layout.sets)), timeout=900)
+    if proc.code:
+        sys.exit(f"{layout.name}: the run failed\n{proc.out[-3000:]}")
+    cfg = load_config(run_dir / "config.toml").model  # the vocabulary resolved from the dataset
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    last = rows[-1]
+    measured = {
+        "params": round(last["params_mb"] * MB / 4),
+        "activation_bytes": round(last["activations_mb"] * MB),
+        "tp_bytes": last.get("tp_bytes_per_step"),
+        "pp_bytes": last.get("pp_bytes_per_step"),
+        "ms_per_step": statistics.median(r["ms_per_step"] for r in rows[2:]),
+    }
+    return cfg, measured
+
+
+def flops_per_token(cfg: ModelConfig, tp: int, layers: int, last: bool, recompute: str) -> float:
+    """Training FLOPs per token on a rank (see the module docstring)."""
+    d, t = cfg.d_model, cfg.seq_len
+    matmul = layers * counts.block_params_per_rank(cfg, tp)
+    if last:
+        matmul += counts.vocab_rows_per_rank(cfg.vocab_size, tp) * d  # the head
+    attention = 4 * layers * t * d / tp  # forward: QK^T and the product with V
+    flops = 6 * matmul + 3 * attention
+    if recompute == "full":
+        flops += 2 * matmul + attention
+    elif recompute == "selective":
+        flops += attention
+    return flops
+
+
+def predict(layout: Layout, cfg: ModelConfig, batch: int) -> dict:
+    """What hvdlm.plan.counts says rank 0 holds and sends, its FLOPs per step and its communication time."""
+    tp, pp = int(layout.setting("parallel.tp", "1")), int(layout.setting("parallel.pp", "1"))
+    m = int(layout.setting("parallel.microbatches", "1"))
+    dp = layout.ranks // (tp * pp)
+    precision, schedule = layout.setting("train.precision", "fp32"), layout.setting("parallel.schedule", "1f1b")
+    split = stage_layers(cfg.n_layer, pp)
+    first, last = True, pp == 1
+    params = counts.params_per_rank(cfg, tp, pp, 0)
+    activations = counts.activation_bytes(cfg, batch, tp, split[0], first, last, precision=precision)
+    tp_bytes = counts.tp_bytes_per_step(cfg, batch, tp, m, split[0], first, last, precision=precision)
+    p2p, pp_bytes = counts.pp_bytes_per_step(cfg, batch, pp, 0, m, precision)
+    tokens = batch * cfg.seq_len
+    # The slowest stage sets the pipeline's pace: (m + p - 1) slots of one micro-batch's forward and backward.
+    per_micro = max(flops_per_token(cfg, tp, split[s], s == pp - 1, cfg.recompute) * tokens for s in range(pp))
+    slots = m + pp - 1
+    messages = 0
+    if tp > 1:  # per micro-batch: 2 L_s forward (3 L_s with full recompute) and 2 L_s backward, the embedding's
+        # (first stage), the head's and the loss's 2 (last stage); the norm's once a step
+        blocks = (5 if cfg.recompute == "full" else 4) * split[0]
+        messages += m * (blocks + 1 + (3 if last else 0)) + 1
+    messages += 2 * m if pp > 1 else 0
+    wire = 2 * (tp - 1) / tp * tp_bytes + p2p
+    if dp > 1:
+        wire += 2 * (dp - 1) / dp * 4 * params
+        messages += 1
+    comm_s = wire / (LINK_GBPS * 1e9) + messages * LATENCY_US * 1e-6
+    return {
+        "params": params,
+        "activation_bytes": activations * counts.in_flight(pp, 0, m, schedule),
+        "tp_bytes": tp_bytes,
+        "pp_bytes": pp_bytes,
+        "flops": per_micro * slots,
+        "comm_s": comm_s,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the tests' tiny model, 4 steps")
+    p.add_argument("--steps", type=int, default=0, help="steps per layout (default 8, --quick 4)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = p.parse_args()
+    shape = QUICK_MODEL if args.quick else MODEL
+    steps = args.steps or (4 if args.quick else 8)
+    started = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in LAYOUTS:
+            cfg, measured = run(layout, shape, args.batch, steps, Path(tmp))
+            results.append((layout, cfg, measured, predict(layout, cfg, args.batch)))
+            print(f"{layout.name}: measured {json.dumps(measured)}", flush=True)
+    _, _, calib_measured, calib_predicted = results[0]
+    flop_rate = calib_predicted["flops"] / (calib_measured["ms_per_step"] / 1000 - calib_predicted["comm_s"])
+
+    lines, failures = [], []
+    lines.append(
+        "| layout | parameters (pred / meas) | activation bytes (pred / meas) | TP bytes/step (pred / meas) "
+        "| PP bytes/step (pred / meas) | ms/step (pred / meas) |"
+    )
+    lines.append("|---|---|---|---|---|---|")
+    for i, (layout, cfg, meas, pred) in enumerate(results):
+        act_error = abs(pred["activation_bytes"] - meas["activation_bytes"]) / meas["activation_bytes"]
+        checks = {
+            "parameters": pred["params"] == meas["params"],
+            "activation bytes": act_error <= ACTIVATION_TOLERANCE,
+            "TP bytes": pred["tp_bytes"] == meas["tp_bytes"],
+            "PP bytes": pred["pp_bytes"] == meas["pp_bytes"],
+        }
+        if i == 0:
+            time_cell = f"(calibration) / {meas['ms_per_step']:.1f}"
+        elif layout.timed:
+            ms = 1000 * (pred["flops"] / flop_rate + pred["comm_s"])
+            time_error = ms / meas["ms_per_step"] - 1
+            checks["step time"] = abs(time_error) <= TIME_TOLERANCE
+            time_cell = f"{ms:.1f} / {meas['ms_per_step']:.1f} ({time_error:+.0%})"
+        else:
+            time_cell = f"(bf16: not predicted) / {meas['ms_per_step']:.1f}"
+        failures += [f"{layout.name}: {name}" for name, ok in checks.items() if not ok]
+        lines.append(
+            f"| {layout.name} | {pred['params']:,} / {meas['params']:,} "
+            f"| {pred['activation_bytes']:,} / {meas['activation_bytes']:,} ({act_error:.1%}) "
+            f"| {pred['tp_bytes']:,} / {meas['tp_bytes']:,} | {pred['pp_bytes']:,} / {meas['pp_bytes']:,} "
+            f"| {time_cell} |"
+        )
+    cfg = results[0][1]
+    about = [
+        f"- model: n_layer {cfg.n_layer}, n_head {cfg.n_head}, d_model {cfg.d_model}, seq_len {cfg.seq_len}, "
+        f"vocabulary {cfg.vocab_size}; batch {args.batch} a rank; {steps} steps a layout, 1 thread a rank, under "
+        "mpirun; measurements from rank 0 (stage 0 with PP)",
+        f"- calibrated from the 1-rank run: {flop_rate / 1e9:.2f} GFLOP/s achieved; assumed link "
+        f"{LINK_GBPS:g} GB/s and {LATENCY_US:g} us a message",
+        "",
+        *lines,
+        "",
+        f"- checks: parameters, TP and PP bytes exact; activations within {ACTIVATION_TOLERANCE:.0%}; fp32 step "
+        f"times within {TIME_TOLERANCE:.0%}: " + ("all passed" if not failures else "FAILED " + "; ".join(failures)),
+        f"- wall time of the check: {time.perf_counter() - started:.0f} s",
+    ]
+    print("\n".join(about))
+    if args.record:
+        import torch
+        from recording import record  # bench/ is on sys.path when this script runs
+
+        record("Planner calibration: counted against measured", about, software=f"torch {torch.__version__}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
