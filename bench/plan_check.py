@@ -14,13 +14,17 @@ payload bytes of the step's TP and pipeline collectives (tp_bytes_per_step, pp_b
 - activation bytes: activation_bytes x in_flight (the 1F1B warm-up), within 10 % (exact so far);
 - TP and pipeline bytes: tp_bytes_per_step, pp_bytes_per_step (group), exact;
 - step time, within 25 %: the CPU's achieved FLOP/s is calibrated from the first layout (one rank, fp32), then
-  each fp32 layout's time is its rank's FLOPs per step over that rate, the pipeline's (m + p - 1) slots of the
-  slowest stage (the bubble), plus its bytes over an assumed link (LINK_GBPS, LATENCY_US a message): the TP
-  collectives, the pipeline messages and Horovod's ring allreduce of the gradients, 2 (d - 1) / d x 4 bytes a
-  parameter. FLOPs per token: 6 x the rank's matmul parameters + 12 L_s T d / p (attention, as
-  hvdlm.training.flops counts it), with recomputation one forward more (2 x parameters + 4 L_s T d / p for full
-  recompute, the attention core's 4 L_s T d / p for selective). bf16 layouts check the counts only: the fp32
-  calibration says nothing about this CPU's bf16 speed.
+  each fp32 layout's time is its rank's FLOPs per step (the pipeline: m + p - 1 slots of the
+  slowest stage, the bubble) at that rate, scaled by how fast the layout's ranks compute at the time against the
+  calibration run's rank, plus its messages: each a synchronisation between computing ranks, their payload at a
+  4 MB allreduce's rate (the TP collectives, the pipeline messages, Horovod's allreduce of the gradients, 4 bytes
+  a parameter, and half its cycle time of waiting). Speed, synchronisation and rate are probed just before each
+  layout runs, on this machine as it is loaded then (a 256 x 256 matmul loop on the layout's ranks, with and
+  without a 4-byte allreduce after each matmul; a 4 MB allreduce).
+  FLOPs per token: 6 x the rank's matmul parameters + 12 L_s T d / p (attention, as hvdlm.training.flops counts
+  it); recomputation adds a forward (2 x parameters + 4 L_s T d / p for full recompute, the attention core's
+  4 L_s T d / p for selective). bf16 layouts check the counts only: the fp32 calibration says nothing about
+  this CPU's bf16 speed.
 
 It exits 1 when a check fails.
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,9 +51,69 @@ from hvdlm.parallel.split import stage_layers  # noqa: E402
 from hvdlm.plan import counts  # noqa: E402
 
 MB = 1024**2
-LINK_GBPS = 2.0  # assumed: shared-memory MPI between two ranks of this machine, GB/s of payload
-LATENCY_US = 50.0  # assumed: one collective or message, with Open MPI yielding when idle on a loaded machine
 ACTIVATION_TOLERANCE, TIME_TOLERANCE = 0.10, 0.25
+
+
+@dataclass
+class Machine:
+    """This machine as a layout's ranks see it, probed by `probe_worker` just before the layout runs (it is shared:
+    other jobs take CPU time, and a rank that waits for another waits for the scheduler too)."""
+
+    compute_s: float  # one 256 x 256 matmul on each of the layout's ranks computing at once
+    latency_s: float  # one synchronisation between 2 ranks that compute in between, as training does
+    bytes_per_s: float  # payload of a 4 MB allreduce between 2 ranks
+    horovod_cycle_s: float  # Horovod's background cycle (HOROVOD_CYCLE_TIME): a gradient waits for the next one
+
+    def seconds(self, payload: float, messages: int) -> float:
+        return payload / self.bytes_per_s + messages * self.latency_s
+
+
+def probe_worker() -> None:
+    """On 1 or 2 MPI ranks: seconds per iteration of a matmul loop (256 x 256, one thread) alone, and with a
+    4-byte allreduce after each matmul (2 ranks: the excess is what one synchronisation costs between computing
+    ranks); the time of a 4 MB allreduce. Medians of 5 rounds; rank 0 prints them."""
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    a = np.random.default_rng(0).standard_normal((256, 256), dtype=np.float32)
+    one, out = np.ones(1, dtype=np.float32), np.empty(1, dtype=np.float32)
+    big, big_out = np.ones(1 << 20, dtype=np.float32), np.empty(1 << 20, dtype=np.float32)
+
+    def loop(sync: bool, iterations: int = 100) -> float:
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            a @ a
+            if sync and comm.Get_size() > 1:
+                comm.Allreduce(one, out)
+        return (time.perf_counter() - start) / iterations
+
+    def allreduce_big() -> float:
+        comm.Barrier()
+        start = time.perf_counter()
+        comm.Allreduce(big, big_out)
+        return time.perf_counter() - start
+
+    loop(True, 20)  # warm-up
+    rounds = [(loop(False), loop(True), allreduce_big()) for _ in range(5)]
+    compute, synced, large = (statistics.median(r[i] for r in rounds) for i in range(3))
+    if comm.Get_rank() == 0:
+        print("PROBE " + json.dumps({"compute_s": compute, "sync_s": max(synced - compute, 0.0), "large_s": large}))
+
+
+def probe_machine(ranks: int) -> Machine:
+    from helpers import mpirun, mpirun_argv
+
+    proc = mpirun(ranks, [sys.executable, str(Path(__file__).resolve()), "--probe-worker"], timeout=300)
+    rows = [json.loads(line[6:]) for line in proc.out.splitlines() if line.startswith("PROBE ")]
+    if proc.code or not rows:
+        sys.exit(f"the machine probe failed\n{proc.out[-3000:]}")
+    found = rows[0]
+    cycle_ms = float(mpirun_argv(2, ["true"])[1].get("HOROVOD_CYCLE_TIME", "5"))
+    rate = 4 * (1 << 20) / found["large_s"] if ranks > 1 else float("inf")
+    return Machine(found["compute_s"], found["sync_s"], rate, cycle_ms / 1000)
+
 
 MODEL = dict(n_layer=4, n_head=4, d_model=128, seq_len=128)
 QUICK_MODEL = dict(n_layer=2, n_head=2, d_model=32, seq_len=32)
@@ -93,9 +159,14 @@ def run(layout: Layout, shape: dict, batch: int, steps: int, tmp: Path) -> tuple
     common += ["train.eval_interval=0", "train.sample_tokens=0", "train.log_interval=1", "train.tensorboard=false"]
     common += ["train.threads=1", "train.checkpoint_interval=0"]
     run_dir = tmp / layout.name.replace(" ", "_").replace(",", "").replace("=", "")
-    proc = mpirun(layout.ranks, train_argv(job, run_dir, *sets(*common, *layout.sets)), timeout=900)
-    if proc.code:
-        sys.exit(f"{layout.name}: the run failed\n{proc.out[-3000:]}")
+    for attempt in (1, 2):  # once more if the run failed (on a shared machine, another job's cleanup may hit it)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = mpirun(layout.ranks, train_argv(job, run_dir, *sets(*common, *layout.sets)), timeout=900)
+        if not proc.code:
+            break
+        print(f"{layout.name}: the run failed (attempt {attempt}):\n{proc.out[-1500:]}", flush=True)
+    else:
+        sys.exit(f"{layout.name}: the run failed twice")
     cfg = load_config(run_dir / "config.toml").model  # the vocabulary resolved from the dataset
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
@@ -125,7 +196,7 @@ def flops_per_token(cfg: ModelConfig, tp: int, layers: int, last: bool, recomput
     return flops
 
 
-def predict(layout: Layout, cfg: ModelConfig, batch: int) -> dict:
+def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> dict:
     """What hvdlm.plan.counts says rank 0 holds and sends, its FLOPs per step and its communication time."""
     tp, pp = int(layout.setting("parallel.tp", "1")), int(layout.setting("parallel.pp", "1"))
     m = int(layout.setting("parallel.microbatches", "1"))
@@ -146,12 +217,11 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int) -> dict:
         # (first stage), the head's and the loss's 2 (last stage); the norm's once a step
         blocks = (5 if cfg.recompute == "full" else 4) * split[0]
         messages += m * (blocks + 1 + (3 if last else 0)) + 1
-    messages += 2 * m if pp > 1 else 0
-    wire = 2 * (tp - 1) / tp * tp_bytes + p2p
-    if dp > 1:
-        wire += 2 * (dp - 1) / dp * 4 * params
-        messages += 1
-    comm_s = wire / (LINK_GBPS * 1e9) + messages * LATENCY_US * 1e-6
+    messages += 2 * m if pp > 1 else 0  # a stage's exchanges: one a micro-batch each way (rank 0: forward only)
+    # A ring allreduce sends 2 (p - 1) / p of the payload a rank, as the measured 4 MB allreduce did (p = 2).
+    comm_s = machine.seconds(tp_bytes + p2p, messages)
+    if dp > 1:  # Horovod: the fused gradients in one allreduce, picked up by its next background cycle
+        comm_s += machine.seconds(4 * params, 1) + machine.horovod_cycle_s / 2
     return {
         "params": params,
         "activation_bytes": activations * counts.in_flight(pp, 0, m, schedule),
@@ -165,20 +235,24 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the tests' tiny model, 4 steps")
-    p.add_argument("--steps", type=int, default=0, help="steps per layout (default 8, --quick 4)")
+    p.add_argument("--steps", type=int, default=0, help="steps per fp32 layout (default 12, --quick 4; bf16 layouts 3)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    p.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.probe_worker:
+        return probe_worker()
     shape = QUICK_MODEL if args.quick else MODEL
-    steps = args.steps or (4 if args.quick else 8)
+    steps = args.steps or (4 if args.quick else 12)
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for layout in LAYOUTS:
-            cfg, measured = run(layout, shape, args.batch, steps, Path(tmp))
-            results.append((layout, cfg, measured, predict(layout, cfg, args.batch)))
+            machine = probe_machine(layout.ranks)
+            cfg, measured = run(layout, shape, args.batch, steps if layout.timed else 3, Path(tmp))
+            results.append((layout, cfg, measured, predict(layout, cfg, args.batch, machine), machine))
             print(f"{layout.name}: measured {json.dumps(measured)}", flush=True)
-    _, _, calib_measured, calib_predicted = results[0]
+    _, _, calib_measured, calib_predicted, calib_machine = results[0]
     flop_rate = calib_predicted["flops"] / (calib_measured["ms_per_step"] / 1000 - calib_predicted["comm_s"])
 
     lines, failures = [], []
@@ -187,7 +261,7 @@ def main() -> None:
         "| PP bytes/step (pred / meas) | ms/step (pred / meas) |"
     )
     lines.append("|---|---|---|---|---|---|")
-    for i, (layout, cfg, meas, pred) in enumerate(results):
+    for i, (layout, cfg, meas, pred, machine) in enumerate(results):
         act_error = abs(pred["activation_bytes"] - meas["activation_bytes"]) / meas["activation_bytes"]
         checks = {
             "parameters": pred["params"] == meas["params"],
@@ -198,7 +272,8 @@ def main() -> None:
         if i == 0:
             time_cell = f"(calibration) / {meas['ms_per_step']:.1f}"
         elif layout.timed:
-            ms = 1000 * (pred["flops"] / flop_rate + pred["comm_s"])
+            speed = calib_machine.compute_s / machine.compute_s  # this layout's ranks now, against the calibration's
+            ms = 1000 * (pred["flops"] / (flop_rate * speed) + pred["comm_s"])
             time_error = ms / meas["ms_per_step"] - 1
             checks["step time"] = abs(time_error) <= TIME_TOLERANCE
             time_cell = f"{ms:.1f} / {meas['ms_per_step']:.1f} ({time_error:+.0%})"
@@ -216,8 +291,15 @@ def main() -> None:
         f"- model: n_layer {cfg.n_layer}, n_head {cfg.n_head}, d_model {cfg.d_model}, seq_len {cfg.seq_len}, "
         f"vocabulary {cfg.vocab_size}; batch {args.batch} a rank; {steps} steps a layout, 1 thread a rank, under "
         "mpirun; measurements from rank 0 (stage 0 with PP)",
-        f"- calibrated from the 1-rank run: {flop_rate / 1e9:.2f} GFLOP/s achieved; assumed link "
-        f"{LINK_GBPS:g} GB/s and {LATENCY_US:g} us a message",
+        f"- calibrated from the 1-rank run: {flop_rate / 1e9:.2f} GFLOP/s achieved; probed before each layout "
+        "(a rank's 256 x 256 matmul; a synchronisation between computing ranks; a 4 MB allreduce): "
+        + "; ".join(
+            f"{layout.name}: {1e3 * machine.compute_s:.2f} ms"
+            + (f", {1e6 * machine.latency_s:.0f} us, {machine.bytes_per_s / 1e9:.2f} GB/s" if layout.ranks > 1 else "")
+            for layout, _, _, _, machine in results
+        ),
+        f"- Horovod cycle {calib_machine.horovod_cycle_s * 1e3:g} ms; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores at the end",
         "",
         *lines,
         "",

@@ -9,6 +9,11 @@ with real runs:
 - `tp_bytes_per_step`, `pp_bytes_per_step`: the payload bytes a rank's tensor-parallel and pipeline group
   collectives count in `Group.bytes_moved` during one optimizer step.
 
+The activation and TP byte counts follow torch's CPU kernels, against which they are checked exactly (tests,
+bench/plan_check.py): the fused attention without dropout and the math one with it, dropout masks in the
+input's dtype, LayerNorm in its input's dtype under autocast. On GPUs some differ (masks of 1 byte, LayerNorm
+in fp32 under autocast, attention dropout inside the fused kernel); the planner reads them as estimates there.
+
 Notation: B sequences of a micro-batch, T = seq_len, N = B T tokens, d = d_model, H heads, p the TP size,
 L_s the blocks on the rank's stage, V the vocabulary and V_p a rank's rows of the padded token table.
 """
