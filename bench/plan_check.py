@@ -115,6 +115,61 @@ def probe_machine(ranks: int) -> Machine:
     return Machine(found["compute_s"], found["sync_s"], rate, cycle_ms / 1000)
 
 
+def tp_grid_worker() -> None:
+    """On 2 MPI ranks, a TP=2 GPT's forward and backward in one step's worth: the bytes saved for backward
+    (ActivationMeter) and the TP bytes (the group's bytes_moved, plus the clipping norm's 4 bytes the trainer adds)
+    against activation_bytes and tp_bytes_per_step, over recompute x precision x dropout x bias x a vocabulary
+    that does and one that does not divide into 64-row shards. Rank 0 prints the mismatches and a count."""
+    import contextlib
+    import itertools
+
+    import torch
+    from mpi4py import MPI
+
+    from hvdlm.model import GPT
+    from hvdlm.parallel.topology import Layout, make_tp_group
+    from hvdlm.training.memory_account import ActivationMeter
+
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    group = make_tp_group(Layout(world.Get_rank(), 2, 2), world)
+    settings = list(itertools.product(["none", "selective", "full"], ["fp32", "bf16"], [0.0, 0.1], [True, False]))
+    wrong = []
+    for (recompute, precision, dropout, bias), vocab in itertools.product(settings, [256, 300]):
+        shape = dict(n_layer=2, n_head=4, d_model=32, seq_len=16, vocab_size=vocab)
+        cfg = ModelConfig(**shape, dropout=dropout, bias=bias, recompute=recompute)
+        torch.manual_seed(0)
+        model = GPT(cfg, group).train()
+        idx = torch.randint(0, vocab, (3, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
+        meter = ActivationMeter(model)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        before = group.bytes_moved
+        with meter:
+            with autocast:
+                _, loss = model(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+        loss.backward()
+        moved = group.bytes_moved - before + 4
+        predicted = (
+            counts.activation_bytes(cfg, 3, 2, precision=precision),
+            counts.tp_bytes_per_step(cfg, 3, 2, precision=precision),
+        )
+        if predicted != (meter.peak_bytes, moved):
+            setting = f"{recompute} {precision} dropout {dropout} bias {bias} vocab {vocab}"
+            wrong.append(f"{setting}: predicted {predicted}, measured {(meter.peak_bytes, moved)}")
+    if world.Get_rank() == 0:
+        print("GRID " + json.dumps({"settings": 2 * len(settings), "wrong": wrong}), flush=True)
+
+
+def tp_grid() -> dict:
+    from helpers import mpirun
+
+    proc = mpirun(2, [sys.executable, str(Path(__file__).resolve()), "--tp-grid-worker"], timeout=600)
+    rows = [json.loads(line[5:]) for line in proc.out.splitlines() if line.startswith("GRID ")]
+    if proc.code or not rows:
+        sys.exit(f"the TP=2 grid failed\n{proc.out[-3000:]}")
+    return rows[0]
+
+
 MODEL = dict(n_layer=4, n_head=4, d_model=128, seq_len=128)
 QUICK_MODEL = dict(n_layer=2, n_head=2, d_model=32, seq_len=32)
 
@@ -213,9 +268,10 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> d
     per_micro = max(flops_per_token(cfg, tp, split[s], s == pp - 1, cfg.recompute) * tokens for s in range(pp))
     slots = m + pp - 1
     messages = 0
-    if tp > 1:  # per micro-batch: 2 L_s forward (3 L_s with full recompute) and 2 L_s backward, the embedding's
-        # (first stage), the head's and the loss's 2 (last stage); the norm's once a step
-        blocks = (5 if cfg.recompute == "full" else 4) * split[0]
+    if tp > 1:
+        # Per micro-batch: 2 L_s forward (and what full recompute reduces again) and 2 L_s backward, the embedding's
+        # (first stage), the head's and the loss's 2 (last stage); the norm's once a step.
+        blocks = (4 + (0 if cfg.recompute != "full" else 2 if cfg.dropout > 0 else 1)) * split[0]
         messages += m * (blocks + 1 + (3 if last else 0)) + 1
     messages += 2 * m if pp > 1 else 0  # a stage's exchanges: one a micro-batch each way (rank 0: forward only)
     # A ring allreduce sends 2 (p - 1) / p of the payload a rank, as the measured 4 MB allreduce did (p = 2).
@@ -239,13 +295,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tp-grid-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe_worker:
         return probe_worker()
+    if args.tp_grid_worker:
+        return tp_grid_worker()
     shape = QUICK_MODEL if args.quick else MODEL
     steps = args.steps or (4 if args.quick else 12)
     started = time.perf_counter()
     results = []
+    grid = tp_grid()
+    print(f"TP=2 grid: {len(grid['wrong'])} of {grid['settings']} settings wrong", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for layout in LAYOUTS:
             machine = probe_machine(layout.ranks)
@@ -255,7 +316,7 @@ def main() -> None:
     _, _, calib_measured, calib_predicted, calib_machine = results[0]
     flop_rate = calib_predicted["flops"] / (calib_measured["ms_per_step"] / 1000 - calib_predicted["comm_s"])
 
-    lines, failures = [], []
+    lines, failures = [], [f"TP=2 grid: {w}" for w in grid["wrong"]]
     lines.append(
         "| layout | parameters (pred / meas) | activation bytes (pred / meas) | TP bytes/step (pred / meas) "
         "| PP bytes/step (pred / meas) | ms/step (pred / meas) |"
@@ -303,6 +364,10 @@ def main() -> None:
         "",
         *lines,
         "",
+        f"- TP=2 on 2 ranks, one forward and backward of a small GPT (n_layer 2, n_head 4, d_model 32, seq_len 16, "
+        f"batch 3) over recompute x precision x dropout x bias x vocabulary 256 / 300: activation bytes and TP "
+        f"bytes exact in {grid['settings'] - len(grid['wrong'])} of {grid['settings']} settings"
+        + "".join(f"\n  - wrong: {w}" for w in grid["wrong"]),
         f"- checks: parameters, TP and PP bytes exact; activations within {ACTIVATION_TOLERANCE:.0%}; fp32 step "
         f"times within {TIME_TOLERANCE:.0%}: " + ("all passed" if not failures else "FAILED " + "; ".join(failures)),
         f"- wall time of the check: {time.perf_counter() - started:.0f} s",

@@ -119,8 +119,11 @@ def test_tp_bytes_follow_the_benchmark_formula():
     # Two stages: the blocks' collectives split between them, the embedding's on the first, the loss's on the last.
     halves = [counts.tp_bytes_per_step(cfg, 2, 2, 1, 2, first=s == 0, last=s == 1) for s in (0, 1)]
     assert sum(halves) == one + 4
-    # Full recompute: the attention output's reduction again (the recomputation stops before the MLP's).
+    # Full recompute: the attention output's reduction again (the recomputation stops before the MLP's, unless a
+    # dropout mask is saved after it).
     assert counts.tp_bytes_per_step(cfg, 2, 2, recompute="full") - one == 4 * (2 * 32) * 64 * 4
+    dropout = ModelConfig(n_layer=4, n_head=4, d_model=64, seq_len=32, dropout=0.1)  # its mask comes after the MLP's
+    assert counts.tp_bytes_per_step(dropout, 2, 2, recompute="full") - one == 2 * 4 * (2 * 32) * 64 * 4
 
 
 def test_pp_bytes():

@@ -208,8 +208,9 @@ def tp_bytes_per_step(
     dtype: fp32, except on a later stage that receives a bf16 stream (see activation_bytes; torch's CPU
     LayerNorm keeps its input's dtype under autocast). Full recompute runs each block's forward again in
     backward, as far as its last saved tensor (torch's checkpoint stops early there): the attention output's
-    reduction again, not the MLP's, L_s N d more. Per step: one fp32 for the clipping norm. For fp32 and L
-    blocks on one stage, 4 ((4 L + 2) N d + 3 N + 1): bench/tp_bytes.py.
+    reduction again, L_s N d more, and the MLP's too only with dropout (whose mask is saved after it). Per step:
+    one fp32 for the clipping norm. For fp32 and L blocks on one stage, 4 ((4 L + 2) N d + 3 N + 1):
+    bench/tp_bytes.py.
     """
     _check_tp(model, tp)
     if tp == 1:
@@ -218,7 +219,9 @@ def tp_bytes_per_step(
     layers = model.n_layer if stage_layer_count is None else stage_layer_count
     n, d, e = micro_batch * model.seq_len, model.d_model, COMPUTE_BYTES[precision]
     _, stream_in, stream = _stream_bytes(model, first, precision)
-    reductions = (3 if recompute == "full" else 2) * layers  # row-parallel outputs (the recomputed attention's too)
+    reductions = 2 * layers  # the row-parallel outputs
+    if recompute == "full":  # recomputed: the attention's, and the MLP's when its dropout mask is saved after it
+        reductions += layers * (2 if model.dropout > 0 else 1)
     per_micro = reductions * n * d * e
     if layers:  # the LayerNorm outputs' gradients (their dtype is their input's: the stream's)
         per_micro += n * d * (stream_in + (2 * layers - 1) * stream)
