@@ -71,7 +71,8 @@ class Machine:
 def probe_worker() -> None:
     """On 1 or 2 MPI ranks: seconds per iteration of a matmul loop (256 x 256, one thread) alone, and with a
     4-byte allreduce after each matmul (2 ranks: the excess is what one synchronisation costs between computing
-    ranks); the time of a 4 MB allreduce. Medians of 5 rounds; rank 0 prints them."""
+    ranks); the time of a 4 MB allreduce. Medians of 9 rounds, about 3 s in all (the load on a shared machine
+    changes from second to second); rank 0 prints them."""
     import numpy as np
     from mpi4py import MPI
 
@@ -80,7 +81,7 @@ def probe_worker() -> None:
     one, out = np.ones(1, dtype=np.float32), np.empty(1, dtype=np.float32)
     big, big_out = np.ones(1 << 20, dtype=np.float32), np.empty(1 << 20, dtype=np.float32)
 
-    def loop(sync: bool, iterations: int = 100) -> float:
+    def loop(sync: bool, iterations: int = 150) -> float:
         comm.Barrier()
         start = time.perf_counter()
         for _ in range(iterations):
@@ -96,7 +97,7 @@ def probe_worker() -> None:
         return time.perf_counter() - start
 
     loop(True, 20)  # warm-up
-    rounds = [(loop(False), loop(True), allreduce_big()) for _ in range(5)]
+    rounds = [(loop(False), loop(True), allreduce_big()) for _ in range(9)]
     compute, synced, large = (statistics.median(r[i] for r in rounds) for i in range(3))
     if comm.Get_rank() == 0:
         print("PROBE " + json.dumps({"compute_s": compute, "sync_s": max(synced - compute, 0.0), "large_s": large}))
