@@ -85,7 +85,7 @@ def _stream_bytes(model: ModelConfig, first: bool, precision: str) -> tuple[int,
     mixed = precision != "fp32"
     branch = FP32 if (not mixed or model.bias) else COMPUTE_BYTES[precision]
     stream_in = FP32 if first else WIRE_BYTES[precision]
-    stream = FP32 if (first or branch == FP32) else min(stream_in, branch)
+    stream = max(stream_in, branch)  # the sum of two float tensors takes the wider dtype
     return branch, stream_in, stream
 
 
