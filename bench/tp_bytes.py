@@ -30,8 +30,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-from hvdlm.plan.counts import tp_analytic_bytes as analytic_bytes  # the formula above, as the planner counts it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hvdlm, as bench/memory.py does
+
+from hvdlm.plan.counts import tp_analytic_bytes as analytic_bytes  # noqa: E402  (the formula above, the planner's)
 
 
 def worker(args) -> None:
