@@ -17,10 +17,11 @@ payload bytes of the step's TP and pipeline collectives (tp_bytes_per_step, pp_b
   each fp32 layout's time is its rank's FLOPs per step (the pipeline: m + p - 1 slots of the
   slowest stage, the bubble) at that rate, scaled by how fast the layout's ranks compute at the time against the
   calibration run's rank, plus its messages: each a synchronisation between computing ranks, their payload at a
-  4 MB allreduce's rate (the TP collectives, the pipeline messages, Horovod's allreduce of the gradients, 4 bytes
-  a parameter, and half its cycle time of waiting). Speed, synchronisation and rate are probed just before each
-  layout runs, on this machine as it is loaded then (a 256 x 256 matmul loop on the layout's ranks, with and
-  without a 4-byte allreduce after each matmul; a 4 MB allreduce).
+  4 MB allreduce's rate (the TP collectives, the pipeline messages), and on 2 ranks its Horovod allreduces (the
+  logged loss every step; with DP the gradients, 4 bytes a parameter), each as long as one measured between
+  computing ranks (Horovod's background cycles). These are probed just before each layout runs, on this machine
+  as it is loaded then (a 256 x 256 matmul loop on the layout's ranks, alone, with an MPI allreduce of 4 bytes
+  after each matmul, with a Horovod one; a 4 MB allreduce).
   FLOPs per token: 6 x the rank's matmul parameters + 12 L_s T d / p (attention, as hvdlm.training.flops counts
   it); recomputation adds a forward (2 x parameters + 4 L_s T d / p for full recompute, the attention core's
   4 L_s T d / p for selective). bf16 layouts check the counts only: the fp32 calibration says nothing about
@@ -60,9 +61,9 @@ class Machine:
     other jobs take CPU time, and a rank that waits for another waits for the scheduler too)."""
 
     compute_s: float  # one 256 x 256 matmul on each of the layout's ranks computing at once
-    latency_s: float  # one synchronisation between 2 ranks that compute in between, as training does
+    latency_s: float  # one synchronisation (MPI allreduce) between 2 ranks that compute in between, as training does
+    horovod_s: float  # one Horovod allreduce between 2 such ranks (its background cycles, HOROVOD_CYCLE_TIME)
     bytes_per_s: float  # payload of a 4 MB allreduce between 2 ranks
-    horovod_cycle_s: float  # Horovod's background cycle (HOROVOD_CYCLE_TIME): a gradient waits for the next one
 
     def seconds(self, payload: float, messages: int) -> float:
         return payload / self.bytes_per_s + messages * self.latency_s
@@ -96,24 +97,39 @@ def probe_worker() -> None:
         comm.Allreduce(big, big_out)
         return time.perf_counter() - start
 
+    def horovod_loop(iterations: int = 20) -> float:
+        import horovod.torch as hvd
+        import torch
+
+        hvd.init(comm=comm)
+        x = torch.ones(1)
+        hvd.allreduce(x, name="probe.warmup")
+        comm.Barrier()
+        start = time.perf_counter()
+        for i in range(iterations):
+            a @ a
+            hvd.allreduce(x, name=f"probe.{i}")
+        return (time.perf_counter() - start) / iterations
+
     loop(True, 20)  # warm-up
     rounds = [(loop(False), loop(True), allreduce_big()) for _ in range(9)]
     compute, synced, large = (statistics.median(r[i] for r in rounds) for i in range(3))
+    horovod = horovod_loop() - compute if comm.Get_size() > 1 else 0.0
     if comm.Get_rank() == 0:
-        print("PROBE " + json.dumps({"compute_s": compute, "sync_s": max(synced - compute, 0.0), "large_s": large}))
+        found = {"compute_s": compute, "sync_s": max(synced - compute, 0.0), "horovod_s": max(horovod, 0.0)}
+        print("PROBE " + json.dumps({**found, "large_s": large}))
 
 
 def probe_machine(ranks: int) -> Machine:
-    from helpers import mpirun, mpirun_argv
+    from helpers import mpirun
 
     proc = mpirun(ranks, [sys.executable, str(Path(__file__).resolve()), "--probe-worker"], timeout=300)
     rows = [json.loads(line[6:]) for line in proc.out.splitlines() if line.startswith("PROBE ")]
     if proc.code or not rows:
         sys.exit(f"the machine probe failed\n{proc.out[-3000:]}")
     found = rows[0]
-    cycle_ms = float(mpirun_argv(2, ["true"])[1].get("HOROVOD_CYCLE_TIME", "5"))
     rate = 4 * (1 << 20) / found["large_s"] if ranks > 1 else float("inf")
-    return Machine(found["compute_s"], found["sync_s"], rate, cycle_ms / 1000)
+    return Machine(found["compute_s"], found["sync_s"], found["horovod_s"], rate)
 
 
 def tp_grid_worker() -> None:
@@ -277,8 +293,10 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> d
     messages += 2 * m if pp > 1 else 0  # a stage's exchanges: one a micro-batch each way (rank 0: forward only)
     # A ring allreduce sends 2 (p - 1) / p of the payload a rank, as the measured 4 MB allreduce did (p = 2).
     comm_s = machine.seconds(tp_bytes + p2p, messages)
-    if dp > 1:  # Horovod: the fused gradients in one allreduce, picked up by its next background cycle
-        comm_s += machine.seconds(4 * params, 1) + machine.horovod_cycle_s / 2
+    # Horovod, over all ranks: the logged loss every step (the stop vote rides along, asynchronous); with DP the
+    # fused gradients too (their payload at the 4 MB rate). One rank pays neither: the calibration holds its cost.
+    if layout.ranks > 1:
+        comm_s += machine.horovod_s * (2 if dp > 1 else 1) + (4 * params / machine.bytes_per_s if dp > 1 else 0)
     return {
         "params": params,
         "activation_bytes": activations * counts.in_flight(pp, 0, m, schedule),
@@ -354,14 +372,19 @@ def main() -> None:
         f"vocabulary {cfg.vocab_size}; batch {args.batch} a rank; {steps} steps a layout, 1 thread a rank, under "
         "mpirun; measurements from rank 0 (stage 0 with PP)",
         f"- calibrated from the 1-rank run: {flop_rate / 1e9:.2f} GFLOP/s achieved; probed before each layout "
-        "(a rank's 256 x 256 matmul; a synchronisation between computing ranks; a 4 MB allreduce): "
+        "(a rank's 256 x 256 matmul; an MPI and a Horovod synchronisation between computing ranks; a 4 MB "
+        "allreduce): "
         + "; ".join(
             f"{layout.name}: {1e3 * machine.compute_s:.2f} ms"
-            + (f", {1e6 * machine.latency_s:.0f} us, {machine.bytes_per_s / 1e9:.2f} GB/s" if layout.ranks > 1 else "")
+            + (
+                f", {1e6 * machine.latency_s:.0f} us, {1e3 * machine.horovod_s:.1f} ms, "
+                f"{machine.bytes_per_s / 1e9:.2f} GB/s"
+                if layout.ranks > 1
+                else ""
+            )
             for layout, _, _, _, machine in results
         ),
-        f"- Horovod cycle {calib_machine.horovod_cycle_s * 1e3:g} ms; load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores at the end",
+        f"- load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end",
         "",
         *lines,
         "",
