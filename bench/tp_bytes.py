@@ -30,13 +30,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hvdlm, as bench/memory.py does
 
-def analytic_bytes(n_layer: int, batch: int, seq_len: int, d_model: int, tp: int) -> int:
-    if tp == 1:
-        return 0
-    bt = batch * seq_len
-    return 4 * ((4 * n_layer + 2) * bt * d_model + 3 * bt + 1)
+from hvdlm.plan.counts import tp_analytic_bytes as analytic_bytes  # noqa: E402  (the formula above, the planner's)
 
 
 def worker(args) -> None:

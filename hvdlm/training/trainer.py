@@ -162,6 +162,7 @@ class Trainer:
     vote: StopVote = field(init=False)  # each step carries every rank's reason to stop (a signal, too many skips)
     stop_requested: bool = False
     memory: dict | None = None  # the memory account (hvdlm.training.memory_account), measured at the first step
+    step_bytes: dict = field(default_factory=dict)  # payload bytes of the last step's TP and pipeline collectives
 
     def __post_init__(self) -> None:
         self.vote = StopVote(hvd.size())
@@ -182,7 +183,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         meter = ActivationMeter(self.model) if self.memory is None else None
+        groups = {"tp_bytes_per_step": self.topo.tp_group, "pp_bytes_per_step": self.topo.pp_group}
+        before = {key: g.bytes_moved for key, g in groups.items()}
         loss, grad_norm, problem = self._optimizer_step(meter)
+        self.step_bytes = {key: g.bytes_moved - before[key] for key, g in groups.items()}  # checked by the planner
         if meter is not None:
             self.memory = memory_account(self.model, self.optimizer, meter.peak_bytes, self.device)
             self.logger.info(describe_memory(self.memory))
@@ -298,6 +302,7 @@ class Trainer:
             "mfu": mfu(tokens_per_s, meter.flops_per_token, meter.peak_tflops, hvd.size()),
             "memory_mb": memory_mb(self.device),
             **(self.memory or {}),
+            **self.step_bytes,
         }
         self.logger.record(row)
         self.logger.info(

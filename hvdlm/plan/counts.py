@@ -1,0 +1,254 @@
+"""What one hvdlm rank holds and sends, counted exactly from the configuration: arithmetic, no torch (job prep).
+
+These are the planner's ground truth on the numbers hvdlm measures itself, and bench/plan_check.py compares them
+with real runs:
+
+- `params_per_rank`: the parameters a rank holds (memory_account's params_mb is 4 bytes each of them);
+- `activation_bytes`: what one micro-batch's forward saves for backward on a rank, as
+  hvdlm.training.memory_account.ActivationMeter counts it (each storage once, parameters left out);
+- `tp_bytes_per_step`, `pp_bytes_per_step`: the payload bytes a rank's tensor-parallel and pipeline group
+  collectives count in `Group.bytes_moved` during one optimizer step.
+
+The activation and TP byte counts follow torch's CPU kernels, against which they are checked exactly (tests,
+bench/plan_check.py): the fused attention without dropout and the math one with it, dropout masks in the
+input's dtype, LayerNorm in its input's dtype under autocast. On GPUs some differ (masks of 1 byte, LayerNorm
+in fp32 under autocast, attention dropout inside the fused kernel); the planner reads them as estimates there.
+
+Notation: B sequences of a micro-batch, T = seq_len, N = B T tokens, d = d_model, H heads, p the TP size,
+L_s the blocks on the rank's stage, V the vocabulary and V_p a rank's rows of the padded token table.
+"""
+
+from __future__ import annotations
+
+from hvdlm.config import ModelConfig
+from hvdlm.parallel.split import stage_layers
+
+VOCAB_MULTIPLE = 64  # hvdlm.parallel.layers.VOCAB_MULTIPLE: a rank's vocabulary rows are padded to a multiple of it
+FP32 = 4
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # element size of the autocast matmuls' inputs and outputs
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 4}  # the pipeline's wire dtype (hvdlm.training.pipeline): bf16 or fp32
+
+
+def vocab_rows_per_rank(vocab_size: int, tp: int) -> int:
+    """Rows of the token table on one TP rank: the vocabulary split p ways, each share padded up to a multiple of
+    64 (hvdlm.parallel.layers.Sharding with multiple = 64; GPT-2's 50257 -> 50304 on one rank)."""
+    return -(-vocab_size // (tp * VOCAB_MULTIPLE)) * VOCAB_MULTIPLE
+
+
+def _check_tp(model: ModelConfig, tp: int) -> None:
+    if tp < 1 or model.n_head % tp or model.d_model % tp:
+        raise ValueError(f"TP size {tp} must divide n_head ({model.n_head}) and d_model ({model.d_model})")
+
+
+def block_params_per_rank(model: ModelConfig, tp: int) -> int:
+    """One transformer block's parameters on one TP rank.
+
+    The four matrices are split p ways: q, k, v (3 d x d), the attention output (d x d), the MLP's (4d x d and
+    d x 4d): 12 d^2 / p. The column-parallel biases are split too (3d / p and 4d / p); the row-parallel biases
+    (d, d) and both LayerNorms (gain d, shift d) are replicated, whole on every rank.
+    """
+    _check_tp(model, tp)
+    d = model.d_model
+    biases = 7 * d // tp + 4 * d if model.bias else 0
+    return 12 * d * d // tp + 2 * d + biases
+
+
+def params_per_rank(
+    model: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, vocab_rows: int | None = None, pp_layers: str = ""
+) -> int:
+    """Parameters held by a rank on pipeline stage `stage` of `pp` with TP size `tp`: exact.
+
+    Its stage's blocks (`block_params_per_rank` each, hvdlm.parallel.split.stage_layers for how many); on the first
+    stage the token table (V_p x d, its vocabulary shard with padding) and the position table (T x d, replicated);
+    on the last the final LayerNorm (d, + d with biases) and the output head, tied to the token table: the same
+    tensor when one stage holds both, its own copy (V_p x d) on the last stage otherwise (hvdlm.model.stage).
+    `vocab_rows`: the vocabulary used in place of model.vocab_size (the dataset's, as size.parameter_count).
+    With tp = pp = 1 this is size.parameter_count(model, padded vocabulary).
+    """
+    counts = stage_layers(model.n_layer, pp, pp_layers)
+    d = model.d_model
+    table = vocab_rows_per_rank(vocab_rows or model.vocab_size, tp) * d
+    n = counts[stage] * block_params_per_rank(model, tp)
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        n += table + model.seq_len * d
+    if last:
+        n += (2 * d if model.bias else d) + (0 if first else table)
+    return n
+
+
+def _stream_bytes(model: ModelConfig, first: bool, precision: str) -> tuple[int, int, int]:
+    """Element sizes of a residual branch's output, of the stage's input stream and of the stream after a residual
+    add. The stream is fp32 from the embeddings; a later stage receives it in the wire dtype, and adding a branch
+    keeps bf16 only if the branch is bf16 too, i.e. without the row-parallel bias (fp32, added after the reduction).
+    """
+    mixed = precision != "fp32"
+    branch = FP32 if (not mixed or model.bias) else COMPUTE_BYTES[precision]
+    stream_in = FP32 if first else WIRE_BYTES[precision]
+    stream = max(stream_in, branch)  # the sum of two float tensors takes the wider dtype
+    return branch, stream_in, stream
+
+
+def _attention_bytes(model: ModelConfig, batch: int, tp: int, recompute: str, e: int) -> int:
+    """The attention core's saved tensors in one block (see activation_bytes)."""
+    n, s, a, t = batch * model.seq_len, model.d_model // tp, model.n_head // tp, model.seq_len
+    if recompute == "selective":  # checkpoint keeps q, k, v (views of the qkv output) and the output projection its y
+        return 4 * n * s * e
+    if model.dropout == 0:  # fused (flash) kernel: q, k, v, its output (also the projection's input), logsumexp
+        return 4 * n * s * e + FP32 * batch * a * t
+    # With attention dropout torch's CPU kernel is the math one, in fp32 under autocast too: q, k, v copies,
+    # softmax, dropout mask and dropped weights (B, H/p, T, T), and the output copied back to (B, T, d/p).
+    return 3 * FP32 * n * s + 3 * FP32 * batch * a * t * t + n * s * e
+
+
+def activation_bytes(
+    model: ModelConfig,
+    micro_batch: int,
+    tp: int = 1,
+    stage_layer_count: int | None = None,
+    first: bool = True,
+    last: bool = True,
+    recompute: str | None = None,
+    precision: str = "fp32",
+    vocab_rows: int | None = None,
+) -> int:
+    """Bytes one micro-batch's forward saves for backward on one rank, as ActivationMeter counts them (each
+    storage once, parameters excluded); torch's CPU kernels (the fused attention without dropout, the math one
+    with it). `recompute` defaults to model.recompute; `stage_layer_count` to model.n_layer; first / last: the
+    rank's stage holds the embeddings / the head and loss (both with pp = 1); precision "fp32" or "bf16".
+
+    With N = B T, s = d / p, e the compute element size (4 fp32, 2 bf16) and r the residual branch's (4, or 2
+    with bf16 and no biases: a row-parallel bias is added in fp32 after the reduction), per block:
+      none       LayerNorm inputs 2 x 4 N d (the stream's dtype, see below) and their mean and rstd (4 x 4 N);
+                 LayerNorm outputs 2 e N d (the bf16 casts with autocast); MLP fc output and GELU output 8 e N s;
+                 attention: flash 4 e N s + 4 B (H/p) T (q, k, v, output, logsumexp), or with dropout
+                 12 N s + 12 B (H/p) T^2 + e N s (the math kernel, fp32); dropout > 0: two residual masks 2 r N d
+                 (torch's CPU dropout keeps its scaled mask in the input's dtype).
+                 bf16: the weights' bf16 casts, 2 x 12 d^2 / p (autocast makes them per forward, so they count).
+      selective  as none, but the attention core keeps only q, k, v and its output: 4 e N s.
+      full       the block input only: 4 N d.
+    The stream is fp32 from the embeddings; a later stage receives it in the wire dtype (bf16 when training in
+    bf16), and it stays bf16 after the residual adds unless a bias (fp32, added after the row-parallel reduction)
+    promotes it: its LayerNorm inputs and full recompute's block inputs are then 2 N d.
+    First stage: the token ids 8 N (tp > 1: the masked ids 8 N and the outside-shard mask N), the positions 8 T,
+    the embedding dropout's mask 4 N d. Last stage: final LayerNorm input 4 N d and statistics 8 N, its output
+    e N d, the head weight's bf16 cast 2 V_p d; the loss keeps fp32 log-probabilities 4 N V, the targets 8 N and
+    4 bytes (tp = 1; tp > 1: the softmax shard 4 N V_p, local targets 8 N, ownership mask N); under a pipeline
+    (a last stage that is not also first) 8 bytes more: the loss times its finiteness factor keeps both.
+    """
+    _check_tp(model, tp)
+    if precision not in COMPUTE_BYTES:
+        raise ValueError(f"precision {precision!r}: expected one of {sorted(COMPUTE_BYTES)}")
+    recompute = recompute or model.recompute
+    layers = model.n_layer if stage_layer_count is None else stage_layer_count
+    mixed = precision != "fp32"
+    e = COMPUTE_BYTES[precision]
+    b, t, d = micro_batch, model.seq_len, model.d_model
+    n, s = b * t, d // tp
+    branch, stream_in, stream = _stream_bytes(model, first, precision)
+    total = 0
+    # The block inputs (and so the LayerNorm inputs): the stage's input, then the stream after each residual add.
+    block_inputs = n * d * (stream_in + (layers - 1) * stream) if layers else 0
+    if recompute == "full":
+        total += block_inputs
+    elif layers:
+        total += block_inputs + layers * n * d * stream  # ln_1's and ln_2's inputs
+        per_block = 4 * FP32 * n  # the LayerNorms' mean and rstd
+        per_block += 2 * e * n * d + 8 * e * n * s  # LayerNorm outputs (as the matmuls take them), fc and GELU out
+        per_block += _attention_bytes(model, b, tp, recompute, e)
+        if model.dropout > 0:
+            per_block += 2 * branch * n * d  # the residual dropouts' masks
+        if mixed:
+            per_block += 2 * 12 * d * d // tp  # the bf16 casts of the four weight matrices
+        total += layers * per_block
+    rows = vocab_rows_per_rank(vocab_rows or model.vocab_size, tp)
+    if first:
+        total += 8 * n + 8 * t + (n if tp > 1 else 0)  # token ids (tp > 1: shifted and masked, and the mask), positions
+        if model.dropout > 0:
+            total += FP32 * n * d  # the embedding dropout's mask
+    if last:
+        final_in = stream if layers else stream_in
+        total += final_in * n * d + 2 * FP32 * n + e * n * d  # final LayerNorm: input, mean and rstd, output
+        if mixed:
+            total += 2 * rows * d  # the head weight's bf16 cast
+        if tp == 1:
+            total += FP32 * n * (vocab_rows or model.vocab_size) + 8 * n + FP32  # log-softmax, targets, weight
+        else:
+            total += FP32 * n * rows + 8 * n + n  # softmax shard, local targets, ownership mask
+        if not first:
+            total += 2 * FP32  # the pipeline's loss times its finiteness factor: the product keeps both
+    return total
+
+
+def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b") -> int:
+    """Micro-batches whose activations a stage holds at once: all m with GPipe; with 1F1B the warm-up forwards
+    plus one, min(p - s, m) (hvdlm.parallel.schedules); 1 without stages (each backward frees its forward)."""
+    if pp == 1:
+        return 1
+    return microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
+
+
+def tp_bytes_per_step(
+    model: ModelConfig,
+    micro_batch: int,
+    tp: int,
+    microbatches: int = 1,
+    stage_layer_count: int | None = None,
+    first: bool = True,
+    last: bool = True,
+    recompute: str | None = None,
+    precision: str = "fp32",
+) -> int:
+    """Payload bytes the TP group's collectives count (Group.bytes_moved) on one rank in one optimizer step.
+
+    Per micro-batch, N = B T tokens, L_s blocks: forward, 2 L_s allreduces of the row-parallel outputs, N d
+    elements each (in the compute dtype: bf16 under autocast), the embedding's allreduce N d fp32 (first stage)
+    and the loss's 3 N fp32 (max, then the sums of exponentials with the target logits; last stage); backward,
+    the column-parallel inputs' gradients, 2 L_s N d, and the head's N d (last stage), in the LayerNorm outputs'
+    dtype: fp32, except on a later stage that receives a bf16 stream (see activation_bytes; torch's CPU
+    LayerNorm keeps its input's dtype under autocast). Full recompute runs each block's forward again in
+    backward, as far as its last saved tensor (torch's checkpoint stops early there): the attention output's
+    reduction again, L_s N d more, and the MLP's too only with dropout (whose mask is saved after it). Per step:
+    one fp32 for the clipping norm. For fp32 and L blocks on one stage, 4 ((4 L + 2) N d + 3 N + 1):
+    bench/tp_bytes.py.
+    """
+    _check_tp(model, tp)
+    if tp == 1:
+        return 0
+    recompute = recompute or model.recompute
+    layers = model.n_layer if stage_layer_count is None else stage_layer_count
+    n, d, e = micro_batch * model.seq_len, model.d_model, COMPUTE_BYTES[precision]
+    _, stream_in, stream = _stream_bytes(model, first, precision)
+    reductions = 2 * layers  # the row-parallel outputs
+    if recompute == "full":  # recomputed: the attention's, and the MLP's when its dropout mask is saved after it
+        reductions += layers * (2 if model.dropout > 0 else 1)
+    per_micro = reductions * n * d * e
+    if layers:  # the LayerNorm outputs' gradients (their dtype is their input's: the stream's)
+        per_micro += n * d * (stream_in + (2 * layers - 1) * stream)
+    if first:
+        per_micro += FP32 * n * d
+    if last:
+        per_micro += (stream if layers else stream_in) * n * d + FP32 * 3 * n
+    return microbatches * per_micro + FP32
+
+
+def pp_bytes_per_step(
+    model: ModelConfig, micro_batch: int, pp: int, stage: int, microbatches: int, precision: str = "fp32"
+) -> tuple[int, int]:
+    """(p2p, group) bytes a pipeline stage counts in one step: p2p is StageLink.bytes_sent, the activations it sends
+    to the next stage and the gradients to the previous one, m x B T d each, in the wire dtype (bf16 when training
+    in bf16, else fp32); group is the pipeline group's bytes_moved, p2p plus the loss broadcast from the last stage
+    and the clipping norm's allreduce (4 bytes each). (0, 0) without stages."""
+    if pp == 1:
+        return 0, 0
+    message = micro_batch * model.seq_len * model.d_model * WIRE_BYTES[precision]
+    directions = (stage < pp - 1) + (stage > 0)
+    p2p = directions * microbatches * message
+    return p2p, p2p + 2 * FP32
+
+
+def tp_analytic_bytes(n_layer: int, batch: int, seq_len: int, d_model: int, tp: int) -> int:
+    """bench/tp_bytes.py's figure: one micro-batch, fp32, every layer on one stage, no recomputation:
+    4 x ((4 L + 2) B T d + 3 B T + 1) bytes for p > 1, 0 for p = 1."""
+    cfg = ModelConfig(n_layer=n_layer, n_head=tp, d_model=d_model, seq_len=seq_len)
+    return tp_bytes_per_step(cfg, batch, tp, recompute="none") if tp > 1 else 0
