@@ -19,7 +19,8 @@ import tomli_w
 
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
-from hvdlm.plan.layouts import Cluster, Layout
+from hvdlm.plan.layout import Layout
+from hvdlm.plan.layouts import Cluster
 
 
 def layout_keys(layout: Layout, cluster: Cluster, precision: str) -> dict[str, Any]:

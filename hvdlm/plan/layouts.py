@@ -17,24 +17,11 @@ from hvdlm.parallel.split import stage_layers
 from hvdlm.plan import memory as mem
 from hvdlm.plan import timing
 from hvdlm.plan.gpus import Gpu
+from hvdlm.plan.layout import Layout
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO_BUILT = (0, 1)  # the stages hvdlm's trainer has; ZeRO-2 is a what-if (--zero 2), never ranked or written
 MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch sizes the ranked form tries
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
-    zero: int
-    recompute: str
-    micro_batch: int  # sequences per micro-batch (train.batch_size)
-    microbatches: int  # micro-batches per step per replica (parallel.microbatches, or train.accumulation_steps)
-
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -140,13 +127,7 @@ def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
     m, g, L = job.model, cluster.gpu, layout
     need = mem.memory(
         m,
-        tp=L.tp,
-        pp=L.pp,
-        dp=L.dp,
-        zero=L.zero,
-        recompute=L.recompute,
-        micro_batch=L.micro_batch,
-        microbatches=L.microbatches,
+        L,
         accounting=job.accounting,
         optimizer=job.optimizer,
         schedule=job.schedule,
@@ -162,15 +143,9 @@ def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
     pp_link = inter if L.tp * L.dp >= per_node else intra
     t = timing.step_time(
         m,
+        L,
         global_batch=job.global_batch,
         gpus=cluster.gpus,
-        tp=L.tp,
-        pp=L.pp,
-        dp=L.dp,
-        zero=L.zero,
-        recompute=L.recompute,
-        micro_batch=L.micro_batch,
-        microbatches=L.microbatches,
         stage_layers=max(stage_layers(m.n_layer, L.pp)),
         imbalance=max(stage_layers(m.n_layer, L.pp)) * L.pp / m.n_layer,
         grad_bytes=grad_bytes,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
 from hvdlm.parallel.split import stage_layers
+from hvdlm.plan.layout import Layout
 from hvdlm.training.memory_account import MB, state_mb
 
 GB = 1e9
@@ -108,20 +109,16 @@ def in_flight(stage: int, pp: int, microbatches: int, schedule: str = "1f1b") ->
 
 def memory(
     m: ModelConfig,
+    layout: Layout,
     *,
-    tp: int,
-    pp: int,
-    dp: int,
-    zero: int,
-    recompute: str,
-    micro_batch: int,
-    microbatches: int,
     accounting: str = "hvdlm",
     optimizer: str = "adamw",
     schedule: str = "1f1b",
     pp_layers: str | list[int] = "",
 ) -> Memory:
     """Memory per GPU of the fullest stage (the first holds the most micro-batches, the last the logits)."""
+    tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
+    micro_batch, microbatches = layout.micro_batch, layout.microbatches
     counts = stage_layers(m.n_layer, pp, pp_layers)
     params = stage_parameters(m, tp, pp, pp_layers)
     s, b, h = m.seq_len, micro_batch, m.d_model

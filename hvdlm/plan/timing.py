@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
+from hvdlm.plan.layout import Layout
 
 # The share of the data-parallel allreduce that cannot hide behind the backward pass even when the backward is
 # long enough. Horovod starts allreducing a gradient as soon as it is ready, but fuses tensors in cycles and the
@@ -83,16 +84,10 @@ def tp_allreduces(recompute: str) -> int:
 
 def step_time(
     m: ModelConfig,
+    layout: Layout,
     *,
     global_batch: int,
     gpus: int,
-    tp: int,
-    pp: int,
-    dp: int,
-    zero: int,
-    recompute: str,
-    micro_batch: int,
-    microbatches: int,
     stage_layers: int,
     imbalance: float = 1.0,
     grad_bytes: float,
@@ -104,6 +99,8 @@ def step_time(
     """One optimizer step's time on one GPU of the fullest stage (`stage_layers` layers, `grad_bytes` of
     gradients to average over dp; `imbalance`: its layers over the average stage's, as it sets the pipeline's
     pace)."""
+    tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
+    micro_batch, microbatches = layout.micro_batch, layout.microbatches
     compute = step_flops(m, global_batch, recompute) / gpus / flops_per_s * imbalance
     activation = m.seq_len * micro_batch * m.d_model * 2  # one 16-bit activation of a micro-batch
     per_allreduce = ring_allreduce_s(activation, tp, tp_bytes_per_s)
