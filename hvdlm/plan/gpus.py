@@ -20,12 +20,12 @@ from hvdlm.errors import InputError
 # Achievable fraction of peak for the matmul-dominated work of a GPT training step, per GPU generation (not per
 # table row: the A100 40 GB and 80 GB share it, as do H100 and H200). Ampere's is calibrated on one published run,
 # the 7.5B row of Narayanan et al. 2021, Table 1 (32 heads, h 4096, 36 layers, t 4, 128 A100s, batch 512,
-# 142 TFLOP/s per GPU with recomputation counted; micro-batches of 1 sequence): 0.568 makes the planner predict
+# 142 TFLOP/s per GPU with recomputation counted; micro-batches of 1 sequence): 0.578 makes the planner predict
 # that row exactly, and the other nine rows are predictions, each within 20 % (tests/test_plan.py). Hopper's is
 # not calibrated on a run of its own: Megatron-Core reports ~390 TFLOP/s per H100 for GPT-3 175B (t 4, p 8),
 # 39 % of peak against Table 1's 45.5 % on A100s (Hopper's matmuls got faster than its memory and links), so
 # Ampere's fraction scaled by 39 / 45.5. Override either with --efficiency (e.g. from a measured run's MFU).
-EFFICIENCY = {"ampere": 0.568, "hopper": 0.49}
+EFFICIENCY = {"ampere": 0.578, "hopper": 0.50}
 CUSTOM_EFFICIENCY = EFFICIENCY["hopper"]  # a GPU described only by flags: the lower of the two
 
 

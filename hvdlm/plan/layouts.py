@@ -75,6 +75,8 @@ class Estimate:
             "step_time_s": round(t.total, 6),
             "step_time_parts_s": {k: round(getattr(t, k), 6) for k in ("compute", "tp", "bubble", "pp", "dp")},
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "tp_bytes_per_step": int(self.tp_bytes),
+            "pipeline_bytes_per_step": int(self.pipeline_bytes),
             "tflops_per_gpu": round(self.tflops_per_gpu, 2),
             "mfu": round(self.mfu, 4),
             "fits": self.fits,
@@ -167,10 +169,13 @@ def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
         mfu=model_flops / t.total / cluster.gpus / (g.peak_tflops * 1e12),
         fits=need.total <= g.memory_gb * mem.GB,
         pipeline_bytes=2 * L.microbatches * activation if L.pp > 1 else 0.0,
-        tp_bytes=timing.tp_allreduces(L.recompute)
+        tp_bytes=timing.tp_bytes_per_token(m.d_model, L.recompute)
+        * m.seq_len
+        * L.micro_batch
         * max(stage_layers(m.n_layer, L.pp))
         * L.microbatches
-        * (2 * (L.tp - 1) / L.tp * activation),
+        if L.tp > 1
+        else 0.0,
     )
 
 

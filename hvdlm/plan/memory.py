@@ -59,15 +59,26 @@ class Memory:
         return self.model_states + self.activations + self.buffers
 
 
+# hvdlm.parallel.layers.VOCAB_MULTIPLE (that module imports torch): each TP rank's share of the token table is
+# padded to a multiple of it (GPT-2's 50257 rows become 50304 on one rank).
+VOCAB_MULTIPLE = 64
+
+
+def vocab_rows(vocab_size: int, tp: int) -> int:
+    """Rows of the token table on one TP rank, padding included."""
+    return -(-vocab_size // (tp * VOCAB_MULTIPLE)) * VOCAB_MULTIPLE
+
+
 def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_layers: str | list[int] = "") -> list[int]:
     """Parameters one TP rank of each pipeline stage holds, as hvdlm shards them: per block the q/k/v, output and
     MLP matrices (12 d^2) and the q/k/v and first MLP biases (7 d) split over tp, the output biases and
-    LayerNorms (2 d + 4 d) replicated; the token table split by vocabulary rows (padded to a multiple of tp) on
-    the first stage, and its tied copy on the last; the position table on the first stage; the final LayerNorm on
-    the last. With tp = pp = 1 this is hvdlm.model.size.parameter_count."""
+    LayerNorms (2 d + 4 d) replicated; the token table split by vocabulary rows (each rank's share padded to a
+    multiple of 64) on the first stage, and its tied copy on the last; the position table on the first stage; the
+    final LayerNorm on the last. With tp = pp = 1 this is hvdlm.model.size.parameter_count of the padded
+    vocabulary."""
     d = m.d_model
     per_block = 12 * d * d // tp + ((7 * d // tp + 6 * d) if m.bias else 2 * d)
-    vocab_shard = -(-m.vocab_size // tp) * d
+    vocab_shard = vocab_rows(m.vocab_size, tp) * d
     counts = stage_layers(m.n_layer, pp, pp_layers)
     params = [layers * per_block for layers in counts]
     params[0] += vocab_shard + m.seq_len * d
@@ -99,14 +110,6 @@ def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int, recompute:
     return s * b * h * (10 + 24 / tp + attention_core)
 
 
-def in_flight(stage: int, pp: int, microbatches: int, schedule: str = "1f1b") -> int:
-    """Micro-batches whose activations a stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0
-    holds p); GPipe runs every forward first (m); without stages each backward frees its forward's (1)."""
-    if pp == 1:
-        return 1
-    return microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
-
-
 def memory(
     m: ModelConfig,
     layout: Layout,
@@ -126,11 +129,14 @@ def memory(
     working = layer_activation_bytes(m, b, tp, "none") if recompute == "full" else 0.0
     # The last stage's logits for one micro-batch: 16-bit from the head, an fp32 copy for the cross-entropy
     # (6 bytes per logit; each TP rank holds its vocabulary shard).
-    logits = 6 * s * b * (-(-m.vocab_size // tp))
+    logits = 6 * s * b * vocab_rows(m.vocab_size, tp)
     best = None
     for stage, layers in enumerate(counts):
         weights, grads, state = state_bytes(params[stage], accounting, zero, dp, optimizer)
-        held = layers * layer_activation_bytes(m, b, tp, recompute) * in_flight(stage, pp, microbatches, schedule)
+        # Micro-batches the stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0 holds p), GPipe
+        # runs every forward first (m), and without stages each backward frees its forward's (1).
+        flight = 1 if pp == 1 else microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
+        held = layers * layer_activation_bytes(m, b, tp, recompute) * flight
         acts = held + working + (logits if stage == pp - 1 else 0)
         # Pipeline stages receive and send one activation (s b h, 16-bit) per direction.
         buffers = RUNTIME_BYTES + (4 * s * b * h if pp > 1 else 0)

@@ -76,10 +76,14 @@ def dp_exposed_s(grad_bytes: float, dp: int, bytes_per_s: float, backward_s: flo
     return max(allreduce - backward_s, EXPOSED_TAIL * allreduce)
 
 
-def tp_allreduces(recompute: str) -> int:
-    """Allreduces of s b h activations per layer per micro-batch: two in forward (after attention, after the MLP),
-    two in backward (their mirrors), two more in the recomputed forward of full recomputation."""
-    return 6 if recompute == "full" else 4
+def tp_bytes_per_token(d_model: int, recompute: str) -> int:
+    """Bytes per layer and token that hvdlm's TP allreduces carry in one forward and backward (each rank's
+    payload; the ring moves 2 (t - 1) / t of it). Forward: the two row-parallel outputs (attention, MLP), 16-bit
+    under autocast. Backward: their mirrors, the gradients of the column-parallel inputs, in the dtype of the
+    LayerNorm outputs, fp32 (hvdlm's residual stream stays fp32). Full recomputation runs a block's forward again
+    only as far as its last saved tensor (torch's checkpoint stops early), so only the attention output's
+    reduction repeats. (The hvdlm-exact count, embedding and loss included, is hvdlm.plan.counts'.)"""
+    return d_model * (2 * 2 + 2 * 4 + (2 if recompute == "full" else 0))
 
 
 def step_time(
@@ -103,8 +107,8 @@ def step_time(
     micro_batch, microbatches = layout.micro_batch, layout.microbatches
     compute = step_flops(m, global_batch, recompute) / gpus / flops_per_s * imbalance
     activation = m.seq_len * micro_batch * m.d_model * 2  # one 16-bit activation of a micro-batch
-    per_allreduce = ring_allreduce_s(activation, tp, tp_bytes_per_s)
-    tp_time = tp_allreduces(recompute) * stage_layers * microbatches * per_allreduce
+    tp_payload = tp_bytes_per_token(m.d_model, recompute) * m.seq_len * micro_batch * stage_layers * microbatches
+    tp_time = ring_allreduce_s(tp_payload, tp, tp_bytes_per_s)
     # 1F1B and GPipe alike: p - 1 micro-batch slots of fill and drain on top of the m slots of work, so the
     # bubble is (p - 1) / m of the work, i.e. (p - 1) / (m + p - 1) of the pipeline's time (Narayanan et al.
     # 2021, section 2.2.1).
