@@ -208,6 +208,16 @@ def test_write_job_gives_a_job_file_load_config_accepts(job75, tmp_path):
     assert job75.read_text() == before
 
 
+def test_pinned_choices_and_the_mixed_accounting(job75):
+    out = plan_json(job75, *CLUSTER, "--recompute", "full", "--micro-batch", 2, "--accounting", "mixed")
+    assert {(e["layout"]["recompute"], e["layout"]["micro_batch"]) for e in out["layouts"]} == {("full", 2)}
+    assert out["accounting"] == "mixed"
+    one_layout = plan_json(job75, *CLUSTER, "--tp", 8, "--zero", 0, "--accounting", "mixed")["memory_gb"]
+    own = plan_json(job75, *CLUSTER, "--tp", 8, "--zero", 0)["memory_gb"]
+    assert one_layout["weights"] == pytest.approx(own["weights"] / 2, rel=1e-3)  # 2 bytes against 4
+    assert one_layout["optimizer"] == pytest.approx(own["optimizer"] * 12 / 8, rel=1e-3)
+
+
 def test_write_job_never_overwrites_the_job_file(job75):
     before = job75.read_text()
     code, out, err = plan(job75, *CLUSTER, "--write-job", job75)
