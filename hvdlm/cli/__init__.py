@@ -16,6 +16,7 @@ from hvdlm.cli.config import config
 from hvdlm.cli.data import data
 from hvdlm.cli.export import export
 from hvdlm.cli.jobprep import doctor, hostfile, sbatch
+from hvdlm.cli.plan import plan
 from hvdlm.cli.run import launch, train
 from hvdlm.cli.watch import generate, plot, runs
 from hvdlm.errors import InputError
@@ -58,5 +59,5 @@ def main() -> None:
     """Train GPT-style language models with Horovod and MPI, and prepare the jobs that do it."""
 
 
-for command in (train, launch, hostfile, sbatch, config, doctor, data, checkpoint, export, plot, generate, runs):
+for command in (train, launch, hostfile, sbatch, config, plan, doctor, data, checkpoint, export, plot, generate, runs):
     main.add_command(command)

@@ -1,0 +1,256 @@
+"""Layouts: one layout's estimate, and every layout of a cluster ranked by predicted tokens/s, with the reasons
+the others were dropped.
+
+A layout is tp x pp x dp GPUs in hvdlm's order (hvdlm.parallel.topology: TP ranks adjacent, then data parallel,
+then stages), a ZeRO stage, a recomputation choice, the micro-batch size and the micro-batches per step. So a TP
+group must fit in a node (it talks in every layer, over NVLink), a DP group spans nodes once tp x dp exceeds a
+node, and stage boundaries cross nodes once tp x dp fills one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvdlm.config import ModelConfig
+from hvdlm.errors import InputError
+from hvdlm.parallel.split import stage_layers
+from hvdlm.plan import memory as mem
+from hvdlm.plan import timing
+from hvdlm.plan.gpus import Gpu
+from hvdlm.plan.layout import Layout
+
+RECOMPUTE = ("none", "selective", "full")
+ZERO_BUILT = (0, 1)  # the stages hvdlm's trainer has; ZeRO-2 is a what-if (--zero 2), never ranked or written
+MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch sizes the ranked form tries
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu: Gpu
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the planner needs of a job file, besides the layout."""
+
+    model: ModelConfig
+    global_batch: int  # sequences per optimizer step, all replicas
+    optimizer: str = "adamw"
+    schedule: str = "1f1b"
+    accounting: str = "hvdlm"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    memory: mem.Memory
+    time: timing.StepTime
+    tokens_per_s: float
+    tflops_per_gpu: float  # recomputation counted, as Narayanan et al. 2021 Table 1
+    mfu: float  # model FLOPs only (no recomputation) over peak
+    fits: bool
+    pipeline_bytes: float  # bytes a stage sends per step (forward activations and backward gradients)
+    tp_bytes: float  # bytes a TP rank sends per step in its allreduces
+
+    def as_dict(self) -> dict:
+        t, m = self.time, self.memory
+        gb = mem.GB
+        return {
+            "layout": self.layout.as_dict(),
+            "memory_gb_per_gpu": round(m.total / gb, 3),
+            "memory_gb": {
+                "weights": round(m.weights / gb, 3),
+                "gradients": round(m.gradients / gb, 3),
+                "optimizer": round(m.optimizer / gb, 3),
+                "activations": round(m.activations / gb, 3),
+                "buffers": round(m.buffers / gb, 3),
+                "stage": m.stage,
+            },
+            "step_time_s": round(t.total, 6),
+            "step_time_parts_s": {k: round(getattr(t, k), 6) for k in ("compute", "tp", "bubble", "pp", "dp")},
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "tp_bytes_per_step": int(self.tp_bytes),
+            "pipeline_bytes_per_step": int(self.pipeline_bytes),
+            "tflops_per_gpu": round(self.tflops_per_gpu, 2),
+            "mfu": round(self.mfu, 4),
+            "fits": self.fits,
+        }
+
+
+# The kinds of reasons a layout is dropped for, as the ranked form groups them.
+MEMORY, ACROSS_NODES, BUBBLE, SPLIT = "does not fit", "tp across nodes", "micro-batches < stages", "does not split"
+
+
+def shape_problem(job: Job, cluster: Cluster, tp: int, pp: int) -> tuple[str, str] | None:
+    """What is wrong with tp and pp on any cluster of these nodes: (its kind, the reason with the fix), or None."""
+    m = job.model
+    if m.n_head % tp:
+        fits = [k for k in range(1, cluster.gpus_per_node + 1) if m.n_head % k == 0 and cluster.gpus_per_node % k == 0]
+        return SPLIT, f"tp {tp} does not divide the {m.n_head} attention heads: use a tp among {fits}"
+    if tp > cluster.gpus_per_node or cluster.gpus_per_node % tp:
+        return ACROSS_NODES, (
+            f"tp {tp} would put a TP group across nodes of {cluster.gpus_per_node} GPUs (it talks in every layer): "
+            "use a tp that divides the GPUs per node"
+        )
+    if pp > m.n_layer:
+        return SPLIT, f"pp {pp} is more stages than the {m.n_layer} layers: use pp <= {m.n_layer}"
+    return None
+
+
+def problem(job: Job, cluster: Cluster, layout: Layout) -> tuple[str, str] | None:
+    """Why a layout cannot run at all (the memory aside): (its kind, the reason with the fix); None if it can."""
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    shape = shape_problem(job, cluster, tp, pp)
+    if shape:
+        return shape
+    if tp * pp * dp != cluster.gpus:
+        return SPLIT, f"tp {tp} x pp {pp} x dp {dp} is not the cluster's {cluster.gpus} GPUs"
+    if layout.micro_batch * layout.microbatches * dp != job.global_batch:
+        return SPLIT, (
+            f"micro-batch {layout.micro_batch} x {layout.microbatches} micro-batches x dp {dp} is not the global "
+            f"batch {job.global_batch}"
+        )
+    if pp > 1 and layout.microbatches < pp:
+        return BUBBLE, (
+            f"{layout.microbatches} micro-batches per step < {pp} stages, so some stage would always wait: use "
+            f"smaller micro-batches, a larger global batch, or fewer stages"
+        )
+    return None
+
+
+def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
+    """Memory and step time of one layout (which `problem` accepts)."""
+    m, g, L = job.model, cluster.gpu, layout
+    need = mem.memory(
+        m,
+        L,
+        accounting=job.accounting,
+        optimizer=job.optimizer,
+        schedule=job.schedule,
+    )
+    params = max(mem.stage_parameters(m, L.tp, L.pp))
+    # The gradients that are averaged: hvdlm reduces fp32 (bf16 too: README, "GPU path"), the mixed accounting
+    # 16-bit gradients.
+    grad_bytes = params * (2 if job.accounting == "mixed" else 4)
+    per_node = cluster.gpus_per_node
+    intra, inter = g.intra_bytes_per_s, g.inter_bytes_per_s
+    # A DP group's ranks are tp apart, a stage's neighbour tp x dp apart: on another node once that reaches one.
+    dp_link = inter if L.tp * L.dp > per_node else intra
+    pp_link = inter if L.tp * L.dp >= per_node else intra
+    t = timing.step_time(
+        m,
+        L,
+        global_batch=job.global_batch,
+        gpus=cluster.gpus,
+        stage_layers=max(stage_layers(m.n_layer, L.pp)),
+        imbalance=max(stage_layers(m.n_layer, L.pp)) * L.pp / m.n_layer,
+        grad_bytes=grad_bytes,
+        flops_per_s=g.peak_tflops * 1e12 * g.efficiency,
+        tp_bytes_per_s=intra,
+        pp_bytes_per_s=pp_link,
+        dp_bytes_per_s=dp_link,
+    )
+    tokens = job.global_batch * m.seq_len
+    flops = timing.step_flops(m, job.global_batch, L.recompute)
+    model_flops = timing.step_flops(m, job.global_batch, "none")
+    activation = m.seq_len * L.micro_batch * m.d_model * 2
+    return Estimate(
+        layout=L,
+        memory=need,
+        time=t,
+        tokens_per_s=tokens / t.total,
+        tflops_per_gpu=flops / t.total / cluster.gpus / 1e12,
+        mfu=model_flops / t.total / cluster.gpus / (g.peak_tflops * 1e12),
+        fits=need.total <= g.memory_gb * mem.GB,
+        pipeline_bytes=2 * L.microbatches * activation if L.pp > 1 else 0.0,
+        tp_bytes=timing.tp_bytes_per_token(m.d_model, L.recompute)
+        * m.seq_len
+        * L.micro_batch
+        * max(stage_layers(m.n_layer, L.pp))
+        * L.microbatches
+        if L.tp > 1
+        else 0.0,
+    )
+
+
+def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str, micro_batch: int) -> Estimate:
+    """The estimate of the layout the user named; what cannot run is an InputError naming the fix."""
+    if tp < 1 or pp < 1 or micro_batch < 1:
+        raise InputError(f"tp, pp and the micro-batch must be at least 1, got {tp}, {pp} and {micro_batch}.")
+    shape = shape_problem(job, cluster, tp, pp)  # wrong on any number of nodes: said first
+    if shape:
+        raise InputError(
+            f"this layout cannot run: {shape[1]}. Or leave out --tp and --pp to rank the layouts that can."
+        )
+    if cluster.gpus % (tp * pp):
+        raise InputError(
+            f"tp {tp} x pp {pp} = {tp * pp} GPUs per replica does not divide the cluster's {cluster.gpus} GPUs "
+            f"({cluster.nodes} nodes x {cluster.gpus_per_node}). Choose tp and pp whose product divides "
+            f"{cluster.gpus}, or another number of nodes."
+        )
+    dp = cluster.gpus // (tp * pp)
+    if job.global_batch % (dp * micro_batch):
+        raise InputError(
+            f"the global batch of {job.global_batch} sequences does not split into micro-batches of {micro_batch} "
+            f"over {dp} replicas (dp = {cluster.gpus} GPUs / (tp {tp} x pp {pp})). Pass --global-batch a multiple "
+            f"of {dp * micro_batch}, or another --micro-batch."
+        )
+    layout = Layout(tp, pp, dp, zero, recompute, micro_batch, job.global_batch // (dp * micro_batch))
+    why = problem(job, cluster, layout)
+    if why:
+        raise InputError(f"this layout cannot run: {why[1]}. Or leave out --tp and --pp to rank the layouts that can.")
+    return estimate(job, cluster, layout)
+
+
+def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Layout]:
+    """Every layout of the cluster for the global batch: tp among the divisors of the GPUs (those that split the
+    heads), pp up to the layers, each ZeRO stage hvdlm builds, each recomputation, micro-batches
+    of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch."""
+    gpus, heads, layers = cluster.gpus, job.model.n_head, job.model.n_layer
+    out = []
+    for tp in (k for k in range(1, gpus + 1) if gpus % k == 0 and heads % k == 0):
+        # Uneven splits too (hvdlm spreads the remainder): the fullest stage sets the pace.
+        for pp in (k for k in range(1, min(layers, gpus // tp) + 1) if (gpus // tp) % k == 0):
+            dp = gpus // (tp * pp)
+            for b in [fixed["micro_batch"]] if fixed.get("micro_batch") else MICRO_BATCHES:
+                if job.global_batch % (dp * b):
+                    continue
+                for zero in [fixed["zero"]] if fixed.get("zero") is not None else ZERO_BUILT:
+                    for rc in [fixed["recompute"]] if fixed.get("recompute") else RECOMPUTE:
+                        out.append(Layout(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
+    return out
+
+
+@dataclass(frozen=True)
+class Dropped:
+    layout: Layout
+    kind: str  # MEMORY, ACROSS_NODES, BUBBLE or SPLIT
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"layout": self.layout.as_dict(), "kind": self.kind, "reason": self.reason}
+
+
+def rank(job: Job, cluster: Cluster, fixed: dict) -> tuple[list[Estimate], list[Dropped]]:
+    """(the layouts that fit, best first by predicted tokens/s; the dropped ones with their reasons)."""
+    fitting, dropped = [], []
+    for layout in candidates(job, cluster, fixed):
+        why = problem(job, cluster, layout)
+        if why:
+            dropped.append(Dropped(layout, *why))
+            continue
+        e = estimate(job, cluster, layout)
+        if e.fits:
+            fitting.append(e)
+        else:
+            need, have = e.memory.total / mem.GB, cluster.gpu.memory_gb
+            dropped.append(Dropped(layout, MEMORY, f"needs {need:.1f} GB per GPU, the GPU has {have:g} GB"))
+    # Ties (equal predictions) go to the layout that needs less memory.
+    fitting.sort(key=lambda e: (-e.tokens_per_s, e.memory.total))
+    return fitting, dropped

@@ -1,0 +1,147 @@
+"""Memory per GPU: model states (weights, gradients, optimizer state) by accounting and ZeRO stage, activations by
+recomputation and pipeline schedule, and an allowance for buffers. Bytes throughout; GB = 10^9 bytes.
+
+Two accountings of the model states, per parameter the rank holds:
+
+- "hvdlm", what hvdlm's trainer holds (hvdlm.training.memory_account.state_mb): fp32 weights and fp32 gradients
+  (bf16 is autocast, the weights stay fp32) and AdamW's two fp32 moments, 4 + 4 + 8 bytes (SGD with momentum:
+  4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2 (not built in hvdlm) the
+  gradients too.
+- "mixed", the mixed-precision Adam of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp16 weights and
+  gradients, and K = 12 bytes of optimizer state (fp32 master weights, momentum, variance): 2 + 2 + 12. Stage 1
+  divides the 12 by dp, stage 2 the gradients' 2 as well. Its Figure 1 (7.5B parameters, 64 GPUs) gives
+  120 / 31.4 / 16.6 GB for baseline / stage 1 / stage 2, which tests/test_plan.py checks.
+
+Activations, per transformer layer and micro-batch, in 16-bit (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", section 4): s b h (34 + 5 a s / h) bytes without parallelism. With
+tensor parallelism but no sequence parallelism (hvdlm's TP replicates the LayerNorms, dropouts and residual
+stream on every TP rank) s b h (10 + 24 / t + 5 a s / (h t)); selective recomputation drops the attention core's
+5 a s / (h t) term; full recomputation keeps only each layer's input, 2 s b h, plus one layer's working set while
+it is recomputed. The paper's 34 counts dropout masks, which hvdlm's default dropout of 0 does not keep, and
+hvdlm's autocast keeps the residual stream in fp32, which the 16-bit figure does not count: the published
+formula is used as it stands (hvdlm-exact counts are bench/plan_check.py's business).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvdlm.config import ModelConfig
+from hvdlm.parallel.split import stage_layers
+from hvdlm.plan.layout import Layout
+from hvdlm.training.memory_account import MB, state_mb
+
+GB = 1e9
+ACCOUNTINGS = ("hvdlm", "mixed")
+MIXED_OPTIMIZER_BYTES = 12  # K of the ZeRO paper: fp32 master weights, momentum and variance
+# Not counted by the formulas: the CUDA context, cuBLAS workspaces and NCCL's buffers (~1 GB on A100 / H100 in
+# practice), and Horovod's tensor-fusion buffer (128 MB, hvdlm's default). Added to every GPU's figure.
+RUNTIME_BYTES = 1.0 * GB + 128 * MB
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU on the fullest pipeline stage."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+    stage: int  # the fullest stage
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.buffers
+
+
+# hvdlm.parallel.layers.VOCAB_MULTIPLE (that module imports torch): each TP rank's share of the token table is
+# padded to a multiple of it (GPT-2's 50257 rows become 50304 on one rank).
+VOCAB_MULTIPLE = 64
+
+
+def vocab_rows(vocab_size: int, tp: int) -> int:
+    """Rows of the token table on one TP rank, padding included."""
+    return -(-vocab_size // (tp * VOCAB_MULTIPLE)) * VOCAB_MULTIPLE
+
+
+def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_layers: str | list[int] = "") -> list[int]:
+    """Parameters one TP rank of each pipeline stage holds, as hvdlm shards them: per block the q/k/v, output and
+    MLP matrices (12 d^2) and the q/k/v and first MLP biases (7 d) split over tp, the output biases and
+    LayerNorms (2 d + 4 d) replicated; the token table split by vocabulary rows (each rank's share padded to a
+    multiple of 64) on the first stage, and its tied copy on the last; the position table on the first stage; the
+    final LayerNorm on the last. With tp = pp = 1 this is hvdlm.model.size.parameter_count of the padded
+    vocabulary."""
+    d = m.d_model
+    per_block = 12 * d * d // tp + ((7 * d // tp + 6 * d) if m.bias else 2 * d)
+    vocab_shard = vocab_rows(m.vocab_size, tp) * d
+    counts = stage_layers(m.n_layer, pp, pp_layers)
+    params = [layers * per_block for layers in counts]
+    params[0] += vocab_shard + m.seq_len * d
+    params[-1] += (2 * d if m.bias else d) + (vocab_shard if pp > 1 else 0)
+    return params
+
+
+def state_bytes(
+    params: int, accounting: str, zero: int, dp: int, optimizer: str = "adamw"
+) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) in bytes for `params` parameters held by one rank."""
+    if accounting == "mixed":
+        shard = params / dp
+        return 2 * params, 2 * (shard if zero >= 2 else params), MIXED_OPTIMIZER_BYTES * (shard if zero else params)
+    # hvdlm's own: state_mb is the trainer's account (ZeRO-1 slices padded to equal size); ZeRO-2 is not built,
+    # so its gradient slice is this planner's arithmetic alone.
+    mb = state_mb(params, optimizer, dp=dp, zero=min(zero, 1))
+    grads = mb["grads_mb"] * MB / (dp if zero >= 2 else 1)
+    return mb["params_mb"] * MB, grads, mb["optimizer_mb"] * MB
+
+
+def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int, recompute: str) -> float:
+    """Bytes one layer keeps for backward per micro-batch (Korthikanti et al. 2022, 16-bit, no sequence
+    parallelism)."""
+    s, b, h, a = m.seq_len, micro_batch, m.d_model, m.n_head
+    if recompute == "full":
+        return 2 * s * b * h  # the block's input only
+    attention_core = 0.0 if recompute == "selective" else 5 * a * s / (h * tp)
+    return s * b * h * (10 + 24 / tp + attention_core)
+
+
+def memory(
+    m: ModelConfig,
+    layout: Layout,
+    *,
+    accounting: str = "hvdlm",
+    optimizer: str = "adamw",
+    schedule: str = "1f1b",
+    pp_layers: str | list[int] = "",
+) -> Memory:
+    """Memory per GPU of the fullest stage (the first holds the most micro-batches, the last the logits)."""
+    tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
+    micro_batch, microbatches = layout.micro_batch, layout.microbatches
+    counts = stage_layers(m.n_layer, pp, pp_layers)
+    params = stage_parameters(m, tp, pp, pp_layers)
+    s, b, h = m.seq_len, micro_batch, m.d_model
+    # While one layer is recomputed (full) its whole working set exists again, for one micro-batch.
+    working = layer_activation_bytes(m, b, tp, "none") if recompute == "full" else 0.0
+    # The last stage's logits for one micro-batch: 16-bit from the head, an fp32 copy for the cross-entropy
+    # (6 bytes per logit; each TP rank holds its vocabulary shard).
+    logits = 6 * s * b * vocab_rows(m.vocab_size, tp)
+    best = None
+    for stage, layers in enumerate(counts):
+        weights, grads, state = state_bytes(params[stage], accounting, zero, dp, optimizer)
+        # Micro-batches the stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0 holds p), GPipe
+        # runs every forward first (m), and without stages each backward frees its forward's (1).
+        flight = 1 if pp == 1 else microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
+        held = layers * layer_activation_bytes(m, b, tp, recompute) * flight
+        acts = held + working + (logits if stage == pp - 1 else 0)
+        # Pipeline stages receive and send one activation (s b h, 16-bit) per direction.
+        buffers = RUNTIME_BYTES + (4 * s * b * h if pp > 1 else 0)
+        entry = Memory(weights, grads, state, acts, buffers, stage)
+        if best is None or entry.total > best.total:
+            best = entry
+    assert best is not None
+    return best

@@ -1,0 +1,121 @@
+"""Step time: FLOPs at a calibrated fraction of peak, tensor-parallel allreduces, the pipeline bubble and the
+pipeline's sends, and the data-parallel gradient allreduce. Seconds throughout.
+
+FLOPs of one training iteration of a GPT (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training
+on GPU Clusters Using Megatron-LM", section 5.1): with full recomputation
+
+    F = 96 B s l h^2 (1 + s / (6 h) + V / (16 l h))
+
+for global batch B, sequence s, l layers, hidden size h, vocabulary V. One forward pass of a layer is
+24 B s h^2 (the matmuls) + 4 B s^2 h (attention scores and their product with V); a training step runs it
+3 times (forward, and backward at twice the forward) plus once more with full recomputation (96 = 4 x 24), and
+the logits, 2 B s h V per pass, 3 times (6 B s h V = 96 B s l h^2 V / (16 l h)). Without recomputation the
+factor is 72; selective recomputation adds one forward of the attention core only. TFLOP/s per GPU counts the
+recomputation (as Table 1 of that paper does); MFU counts the model's FLOPs only (72), as PaLM defines it.
+
+Communication, ring allreduce of n bytes among k ranks: each rank sends and receives 2 (k - 1) / k x n bytes
+(Patarasuk & Yuan 2009), so it takes 2 (k - 1) / k x n / bandwidth of the slowest link in the ring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvdlm.config import ModelConfig
+from hvdlm.plan.layout import Layout
+
+# The share of the data-parallel allreduce that cannot hide behind the backward pass even when the backward is
+# long enough. Horovod starts allreducing a gradient as soon as it is ready, but fuses tensors in cycles and the
+# gradients of the first layers (and the tied embedding, complete only at the very end) are ready last. Chosen so
+# that Horovod's published ResNet-101 point (Sergeev & Del Balso 2018: ~90 % scaling efficiency on 512 P100s
+# over 25 Gbit/s) comes out (tests/test_plan.py): a calibration, not a derivation.
+EXPOSED_TAIL = 0.5
+
+
+def passes(recompute: str) -> tuple[int, int]:
+    """(forward passes of the layers' matmuls, of the attention core) per step: backward counts as two."""
+    return {"none": (3, 3), "selective": (3, 4), "full": (4, 4)}[recompute]
+
+
+def step_flops(m: ModelConfig, global_batch: int, recompute: str) -> float:
+    """FLOPs of one step over all GPUs (Narayanan et al. 2021, generalised to the recomputation choice)."""
+    B, s, layers, h, V = global_batch, m.seq_len, m.n_layer, m.d_model, m.vocab_size
+    dense, attention = passes(recompute)
+    return layers * (dense * 24 * B * s * h * h + attention * 4 * B * s * s * h) + 6 * B * s * h * V
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
+    """Time of a ring allreduce of `nbytes` among `ranks` over links of `bytes_per_s` each way."""
+    if ranks <= 1:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float  # matmul-dominated work, recomputation included
+    tp: float  # tensor-parallel allreduces (not overlapped: each one's result is needed at once)
+    bubble: float  # pipeline fill and drain
+    pp: float  # pipeline sends on the critical path
+    dp: float  # the part of the gradient allreduce that does not overlap backward
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp + self.bubble + self.pp + self.dp
+
+
+def dp_exposed_s(grad_bytes: float, dp: int, bytes_per_s: float, backward_s: float, zero: int = 0) -> float:
+    """The part of the data-parallel gradient exchange that the step waits for."""
+    allreduce = ring_allreduce_s(grad_bytes, dp, bytes_per_s)
+    if zero:
+        # hvdlm's ZeRO-1: one reduce-scatter after backward and an all-gather after the step, together the bytes
+        # of an allreduce, overlapping nothing (README, "Memory").
+        return allreduce
+    # Horovod allreduces the last micro-batch's gradients while its backward runs (earlier micro-batches only
+    # accumulate): at most that backward hides, and never more than 1 - EXPOSED_TAIL of the allreduce.
+    return max(allreduce - backward_s, EXPOSED_TAIL * allreduce)
+
+
+def tp_bytes_per_token(d_model: int, recompute: str) -> int:
+    """Bytes per layer and token that hvdlm's TP allreduces carry in one forward and backward (each rank's
+    payload; the ring moves 2 (t - 1) / t of it). Forward: the two row-parallel outputs (attention, MLP), 16-bit
+    under autocast. Backward: their mirrors, the gradients of the column-parallel inputs, in the dtype of the
+    LayerNorm outputs, fp32 (hvdlm's residual stream stays fp32). Full recomputation runs a block's forward again
+    only as far as its last saved tensor (torch's checkpoint stops early), so only the attention output's
+    reduction repeats. (The hvdlm-exact count, embedding and loss included, is hvdlm.plan.counts'.)"""
+    return d_model * (2 * 2 + 2 * 4 + (2 if recompute == "full" else 0))
+
+
+def step_time(
+    m: ModelConfig,
+    layout: Layout,
+    *,
+    global_batch: int,
+    gpus: int,
+    stage_layers: int,
+    imbalance: float = 1.0,
+    grad_bytes: float,
+    flops_per_s: float,
+    tp_bytes_per_s: float,
+    pp_bytes_per_s: float,
+    dp_bytes_per_s: float,
+) -> StepTime:
+    """One optimizer step's time on one GPU of the fullest stage (`stage_layers` layers, `grad_bytes` of
+    gradients to average over dp; `imbalance`: its layers over the average stage's, as it sets the pipeline's
+    pace)."""
+    tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
+    micro_batch, microbatches = layout.micro_batch, layout.microbatches
+    compute = step_flops(m, global_batch, recompute) / gpus / flops_per_s * imbalance
+    activation = m.seq_len * micro_batch * m.d_model * 2  # one 16-bit activation of a micro-batch
+    tp_payload = tp_bytes_per_token(m.d_model, recompute) * m.seq_len * micro_batch * stage_layers * microbatches
+    tp_time = ring_allreduce_s(tp_payload, tp, tp_bytes_per_s)
+    # 1F1B and GPipe alike: p - 1 micro-batch slots of fill and drain on top of the m slots of work, so the
+    # bubble is (p - 1) / m of the work, i.e. (p - 1) / (m + p - 1) of the pipeline's time (Narayanan et al.
+    # 2021, section 2.2.1).
+    bubble = (compute + tp_time) * (pp - 1) / microbatches
+    # Sends overlap compute in the steady state (non-blocking); the fill and drain wait for one per boundary.
+    sends = 2 * (pp - 1) * activation / pp_bytes_per_s if pp > 1 else 0.0
+    dense, _ = passes(recompute)
+    backward = compute / microbatches * (dense - 1) / dense  # the last micro-batch's backward, recomputation in it
+    exposed = dp_exposed_s(grad_bytes, dp, dp_bytes_per_s, backward, zero)
+    return StepTime(compute, tp_time, bubble, sends, exposed)
