@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
 from hvdlm.parallel.split import stage_layers
+from hvdlm.plan import counts
 from hvdlm.plan.layout import Layout
 from hvdlm.training.memory_account import MB, state_mb
 
@@ -59,31 +60,9 @@ class Memory:
         return self.model_states + self.activations + self.buffers
 
 
-# hvdlm.parallel.layers.VOCAB_MULTIPLE (that module imports torch): each TP rank's share of the token table is
-# padded to a multiple of it (GPT-2's 50257 rows become 50304 on one rank).
-VOCAB_MULTIPLE = 64
-
-
-def vocab_rows(vocab_size: int, tp: int) -> int:
-    """Rows of the token table on one TP rank, padding included."""
-    return -(-vocab_size // (tp * VOCAB_MULTIPLE)) * VOCAB_MULTIPLE
-
-
 def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_layers: str | list[int] = "") -> list[int]:
-    """Parameters one TP rank of each pipeline stage holds, as hvdlm shards them: per block the q/k/v, output and
-    MLP matrices (12 d^2) and the q/k/v and first MLP biases (7 d) split over tp, the output biases and
-    LayerNorms (2 d + 4 d) replicated; the token table split by vocabulary rows (each rank's share padded to a
-    multiple of 64) on the first stage, and its tied copy on the last; the position table on the first stage; the
-    final LayerNorm on the last. With tp = pp = 1 this is hvdlm.model.size.parameter_count of the padded
-    vocabulary."""
-    d = m.d_model
-    per_block = 12 * d * d // tp + ((7 * d // tp + 6 * d) if m.bias else 2 * d)
-    vocab_shard = vocab_rows(m.vocab_size, tp) * d
-    counts = stage_layers(m.n_layer, pp, pp_layers)
-    params = [layers * per_block for layers in counts]
-    params[0] += vocab_shard + m.seq_len * d
-    params[-1] += (2 * d if m.bias else d) + (vocab_shard if pp > 1 else 0)
-    return params
+    """Parameters one TP rank of each pipeline stage holds, exactly as hvdlm shards them (hvdlm.plan.counts)."""
+    return [counts.params_per_rank(m, tp, pp, stage, pp_layers=pp_layers) for stage in range(pp)]
 
 
 def state_bytes(
@@ -122,16 +101,16 @@ def memory(
     """Memory per GPU of the fullest stage (the first holds the most micro-batches, the last the logits)."""
     tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
     micro_batch, microbatches = layout.micro_batch, layout.microbatches
-    counts = stage_layers(m.n_layer, pp, pp_layers)
+    per_stage = stage_layers(m.n_layer, pp, pp_layers)
     params = stage_parameters(m, tp, pp, pp_layers)
     s, b, h = m.seq_len, micro_batch, m.d_model
     # While one layer is recomputed (full) its whole working set exists again, for one micro-batch.
     working = layer_activation_bytes(m, b, tp, "none") if recompute == "full" else 0.0
     # The last stage's logits for one micro-batch: 16-bit from the head, an fp32 copy for the cross-entropy
     # (6 bytes per logit; each TP rank holds its vocabulary shard).
-    logits = 6 * s * b * vocab_rows(m.vocab_size, tp)
+    logits = 6 * s * b * counts.vocab_rows_per_rank(m.vocab_size, tp)
     best = None
-    for stage, layers in enumerate(counts):
+    for stage, layers in enumerate(per_stage):
         weights, grads, state = state_bytes(params[stage], accounting, zero, dp, optimizer)
         # Micro-batches the stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0 holds p), GPipe
         # runs every forward first (m), and without stages each backward frees its forward's (1).
