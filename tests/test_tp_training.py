@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_losses_match, hvdlm_argv, mpirun, run_cli, run_process, sets, summary, train_argv
+from helpers import assert_losses_match, hvdlm_argv, metrics, mpirun, run_cli, run_process, sets, summary, train_argv
+
+from hvdlm.config import load_config
+from hvdlm.plan import counts
 
 pytestmark = pytest.mark.distributed
 
@@ -197,3 +200,13 @@ def test_a_vocabulary_that_tp_does_not_divide_trains_and_samples(job, tmp_path, 
     merge = run_cli("checkpoint", "merge", run_dir / "checkpoints" / "step-0000002.pt", "--out", out, timeout=120)
     assert merge.code == 0, merge.out
     assert torch.load(out, weights_only=True)["model"]["tok_emb.weight"].shape[0] == 257
+
+
+def test_the_planner_counts_the_tp_bytes_of_every_step(runs):
+    """hvdlm.plan.counts (what `hvdlm plan` and bench/plan_check.py build on) against the bytes the TP collectives
+    really moved, step by step."""
+    cfg = load_config(runs["tp2"] / "config.toml")
+    expected = counts.tp_bytes_per_step(cfg.model, cfg.train.batch_size, 2, precision=cfg.train.precision)
+    rows = [r for r in metrics(runs["tp2"]) if "loss" in r]
+    assert len(rows) == STEPS and {r["tp_bytes_per_step"] for r in rows} == {expected}
+    assert {r["pp_bytes_per_step"] for r in rows} == {0}
