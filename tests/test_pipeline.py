@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_losses_match, checks_on_ranks, losses, mpirun, run_cli, sets, summary, train_argv
+from helpers import assert_losses_match, checks_on_ranks, losses, metrics, mpirun, run_cli, sets, summary, train_argv
 from survive import Job, comparable, last_step, wait_for_step
 
 from hvdlm.checkpoint.describe import describe_checkpoint
@@ -34,6 +34,7 @@ from hvdlm.parallel.topology import (
     pp_group_ranks,
     tp_group_ranks,
 )
+from hvdlm.plan import counts
 
 STEPS = 12
 COMMON = (
@@ -86,6 +87,15 @@ def ckpt(run_dir: Path, step: int, name: str = "") -> Path:
 @pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero"])
 def test_loss_at_every_step_matches_one_rank(runs, layout):
     assert_losses_match(runs["one"], runs[layout], STEPS, layout)
+
+
+@pytest.mark.distributed
+def test_the_planner_counts_the_pipeline_bytes_of_every_step(runs):
+    """hvdlm.plan.counts against the bytes stage 0 (rank 0, which logs) really sent and received, step by step."""
+    cfg = load_config(runs["pp2"] / "config.toml")
+    _, group = counts.pp_bytes_per_step(cfg.model, cfg.train.batch_size, 2, 0, 4, cfg.train.precision)
+    rows = [r for r in metrics(runs["pp2"]) if "loss" in r]
+    assert len(rows) == STEPS and {r["pp_bytes_per_step"] for r in rows} == {group} and group > 0
 
 
 @pytest.mark.distributed
