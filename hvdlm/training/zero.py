@@ -1,4 +1,4 @@
-"""ZeRO-1 (Rajbhandari et al. 2020): the optimizer state sharded over the data-parallel group.
+"""ZeRO-1 (Rajbhandari et al. 2020): the optimizer state sharded over the data-parallel group (ZeRO-2: see below).
 
 Every parameter this rank holds (its TP shard, or its pipeline stage's layers: nothing here assumes the whole
 model) lives in one flat fp32 buffer, decay parameters first, padded to a multiple of the DP size d; the gradients
@@ -19,7 +19,15 @@ all-gather). A checkpoint holds each DP rank's slice in a file of its own (`slic
 never on one rank), which readers assemble to a plain optimizer's state_dict (hvdlm.checkpoint.slices), so a
 checkpoint resumes at any DP size and with ZeRO on or off.
 
-ZeRO-2 (gradients sharded too) is not built; see README, "Memory".
+The layout is general enough for ZeRO-2 (hvdlm.training.zero2, a subclass): the flat buffer is a sequence of
+buckets, each padded to a multiple of d, and a rank's shard is its part of every bucket, concatenated:
+
+    bucket b   [ params ...... | pad ]  = d parts of S_b elements; rank r owns part r of every bucket
+    shard      [ part r of bucket 0 | part r of bucket 1 | ... ]   S = sum of S_b
+
+ZeRO-1 is the case of one bucket (the picture above); ZeRO-2 reduce-scatters its buckets during backward and keeps
+no whole gradient buffer. The update, the all-gather (one, of the shard, put back bucket by bucket), the norm and
+the checkpoint slices are the same code for both.
 """
 
 from __future__ import annotations
@@ -46,57 +54,78 @@ class ZeroOptimizer:
         self.params = [p for g in groups for p in g["params"]]  # the flat order: decay, then no-decay
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("ZeRO keeps fp32 weights: the model's parameters must be fp32 (autocast does the rest)")
-        sizes = [sum(p.numel() for p in g["params"]) for g in groups]
-        n, d = sum(sizes), topo.dp
-        self.shard_numel = -(-n // d)  # S, the slice of each DP rank
+        d = topo.dp
+        # The flat layout: buckets of parameters, each padded to a multiple of d (ZeRO-1: one bucket).
+        self.bucket_params = self._buckets(model, cfg)  # each bucket's parameters (their indices), in flat order
+        self.param_offsets = [0] * len(self.params)  # where each parameter starts in the flat buffer
+        self.bucket_starts: list[int] = []
+        self.parts: list[tuple[int, int, int]] = []  # this rank's part of each bucket: (flat start, shard start, S_b)
+        offset = held = 0
+        for ids in self.bucket_params:
+            start = offset
+            self.bucket_starts.append(start)
+            for i in ids:
+                self.param_offsets[i] = offset
+                offset += self.params[i].numel()
+            part = -(-(offset - start) // d)  # S_b
+            self.parts.append((start + topo.dp_rank * part, held, part))
+            offset, held = start + d * part, held + part
+        self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
         device = self.params[0].device
-        self.flat_params = torch.zeros(self.shard_numel * d, device=device)
-        self.flat_grads = torch.zeros_like(self.flat_params)
-        offset = 0
-        for p in self.params:  # the model's tensors become views of the flat buffers (values kept)
-            k = p.numel()
-            self.flat_params[offset : offset + k].copy_(p.detach().reshape(-1))
-            p.data = self.flat_params[offset : offset + k].view_as(p)
-            p.grad = self.flat_grads[offset : offset + k].view_as(p)
-            offset += k
-        lo = topo.dp_rank * self.shard_numel
-        self.slice = slice(lo, lo + self.shard_numel)  # this rank's range of the flat buffers
-        # This rank's averaged gradient slice (the reduce-scatter's output is copied here: the pieces' .grad).
-        self.grad_slice = self.flat_grads[self.slice] if d == 1 else torch.zeros(self.shard_numel, device=device)
-        # The pieces: this slice cut at the group boundary (and before the padding), one optimizer tensor each.
+        self.flat_params = torch.zeros(offset, device=device)
+        for p, start in zip(self.params, self.param_offsets):  # the model's tensors become views (values kept)
+            self.flat_params[start : start + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat_params[start : start + p.numel()].view_as(p)
+        # This rank's averaged gradient slice (the pieces' .grad), filled by the reduce-scatter.
+        self.grad_slice = self._gradient_buffers()
+        # The pieces: this shard cut at bucket and group boundaries (and before padding), one optimizer tensor each.
         pieces: list[list[torch.Tensor]] = []
-        self.piece_ranges: list[tuple[int, int]] = []  # in flat coordinates, one per piece
-        start = 0
-        for size in sizes:
-            a, b = max(lo, start), min(lo + self.shard_numel, start + size)
-            piece = [] if a >= b else [self.flat_params[a:b]]
-            for t in piece:
-                t.grad = self.grad_slice[a - lo : b - lo]
-                self.piece_ranges.append((a, b))
-            pieces.append(piece)
-            start += size
+        self.piece_ranges: list[tuple[int, int, int]] = []  # (flat start, flat end, shard start), one per piece
+        for group in groups:
+            ids = {id(p) for p in group["params"]}
+            ranges = self._ranges_of(lambda p: id(p) in ids)
+            pieces.append([self.flat_params[a:b] for a, b, _ in ranges])
+            for t, (a, b, s) in zip(pieces[-1], ranges):
+                t.grad = self.grad_slice[s : s + b - a]
+            self.piece_ranges += ranges
         self.pieces = [t for ts in pieces for t in ts]
         self.inner = optimizer_over(
             [{**g, "params": ts} for g, ts in zip(groups, pieces)], cfg, fused=None if device.type == "cpu" else True
         )
-        # For the global norm, the ranges of this slice (as ranges rather than a mask of S numbers) that hold
-        # TP-sharded parameters (their squares are summed over the TP group; the replicated ones count once), and
-        # the last pipeline stage's copy of the tied embedding (left out: the first stage counts it).
+        # For the global norm, the ranges of this shard that hold TP-sharded parameters (their squares are summed
+        # over the TP group; the replicated ones count once), and the last pipeline stage's copy of the tied
+        # embedding (left out: the first stage counts it).
         self._sharded_ranges = self._ranges_of(lambda p: hasattr(p, "tp_shard") and not _tied_copy(p))
         self._copy_ranges = self._ranges_of(_tied_copy)
         self._groups_of_params = [g["params"] for g in groups]
 
-    def _ranges_of(self, chosen) -> list[tuple[int, int]]:
-        """The ranges of this rank's slice (slice coordinates) holding the parameters `chosen` picks, contiguous
-        ones joined."""
-        lo, ranges, offset = self.slice.start, [], 0
-        for p in self.params:
-            a, b = max(offset, lo) - lo, min(offset + p.numel(), lo + self.shard_numel) - lo
-            if chosen(p) and a < b:
-                if ranges and ranges[-1][1] == a:
-                    a = ranges.pop()[0]
-                ranges.append((a, b))
-            offset += p.numel()
+    def _buckets(self, model: torch.nn.Module, cfg: TrainConfig) -> list[list[int]]:
+        """ZeRO-1: every parameter in one bucket, reduce-scattered at once after backward."""
+        return [list(range(len(self.params)))]
+
+    def _gradient_buffers(self) -> torch.Tensor:
+        """ZeRO-1: a flat gradient buffer of the whole model (each `p.grad` a view, so backward accumulates in
+        place), and the rank's slice of the average apart from it (the buffer itself when d = 1)."""
+        self.flat_grads = torch.zeros_like(self.flat_params)
+        for p, start in zip(self.params, self.param_offsets):
+            p.grad = self.flat_grads[start : start + p.numel()].view_as(p)
+        start, _, part = self.parts[0]
+        return self.flat_grads[start : start + part] if self.topo.dp == 1 else self.flat_params.new_zeros(part)
+
+    def _ranges_of(self, chosen) -> list[tuple[int, int, int]]:
+        """(flat start, flat end, shard start) of this rank's elements that hold the parameters `chosen` picks,
+        contiguous ones joined."""
+        ranges: list[tuple[int, int, int]] = []
+        flat_order = [i for ids in self.bucket_params for i in ids]
+        for lo, shard_lo, part in self.parts:
+            for p, start in ((self.params[i], self.param_offsets[i]) for i in flat_order):
+                a, b = max(start, lo), min(start + p.numel(), lo + part)
+                if not (chosen(p) and a < b):
+                    continue
+                s = shard_lo + a - lo
+                if ranges and ranges[-1][1] == a and ranges[-1][2] + a - ranges[-1][0] == s:
+                    a, _, s = ranges.pop()
+                ranges.append((a, b, s))
         return ranges
 
     # -- the DistributedOptimizer interface the trainer uses ---------------------------------------------------
@@ -137,8 +166,8 @@ class ZeroOptimizer:
         pipeline stages; replicated tensors (LayerNorms, the position table) and the tied weight count once."""
         square = self.grad_slice.square()
 
-        def over(ranges: list[tuple[int, int]]) -> torch.Tensor:
-            return sum((square[a:b].sum() for a, b in ranges), square.new_zeros(()))
+        def over(ranges: list[tuple[int, int, int]]) -> torch.Tensor:
+            return sum((square[s : s + b - a].sum() for a, b, s in ranges), square.new_zeros(()))
 
         sharded, copy = over(self._sharded_ranges), over(self._copy_ranges)
         squares = torch.stack([sharded, square.sum() - sharded - copy])  # (sharded, replicated) sums of this slice
@@ -155,11 +184,14 @@ class ZeroOptimizer:
     def step(self) -> None:
         """Update this rank's slice of the weights, then gather every slice to every replica."""
         self.inner.step()
-        if self.topo.dp > 1:
-            # Horovod: all-gather over the DP process set, concatenated along dim 0 in DP-rank order.
-            self.flat_params.copy_(
-                hvd.allgather(self.flat_params[self.slice], name="zero.params", process_set=self._dp_set)
-            )
+        d = self.topo.dp
+        if d > 1:
+            mine = torch.cat([self.flat_params[lo : lo + part] for lo, _, part in self.parts])
+            # Horovod: all-gather over the DP process set, concatenated along dim 0 in DP-rank order: row r is
+            # rank r's shard, whose columns are its parts of the buckets.
+            every = hvd.allgather(mine, name="zero.params", process_set=self._dp_set).view(d, self.shard_numel)
+            for start, (_, s, part) in zip(self.bucket_starts, self.parts):
+                self.flat_params[start : start + d * part].view(d, part).copy_(every[:, s : s + part])
 
     @property
     def _dp_set(self):
@@ -172,12 +204,11 @@ class ZeroOptimizer:
         (hvdlm.checkpoint.slices.assemble). Not collective: each DP rank writes its own."""
         first = self.inner.state.get(self.pieces[0]) if self.pieces else None
         keys = sorted(k for k, v in (first or {}).items() if torch.is_tensor(v) and v.dim() == 1)
-        lo = self.slice.start
         state = {}
         for key in keys:
             mine = torch.zeros(self.shard_numel)  # the padding, and any group boundary, stays zero
-            for t, (a, b) in zip(self.pieces, self.piece_ranges):
-                mine[a - lo : b - lo] = self.inner.state[t][key].detach().cpu()
+            for t, (a, b, s) in zip(self.pieces, self.piece_ranges):
+                mine[s : s + b - a] = self.inner.state[t][key].detach().cpu()
             state[key] = mine
         groups, start = [], 0
         for group, params in zip(self.inner.param_groups, self._groups_of_params):
@@ -188,7 +219,8 @@ class ZeroOptimizer:
             "numels": numels,
             "shapes": [list(p.shape) for p in self.params],
             "shard_numel": self.shard_numel,
-            "padding": self.shard_numel * self.topo.dp - sum(numels),
+            "padding": self.flat_params.numel() - sum(numels),
+            "buckets": [[ids, self.topo.dp * part] for ids, (_, _, part) in zip(self.bucket_params, self.parts)],
             "dp_rank": self.topo.dp_rank,
             "dp_size": self.topo.dp,
         }
@@ -211,14 +243,12 @@ class ZeroOptimizer:
         some = next(iter(entries.values()))
         keys = [k for k, v in some.items() if torch.is_tensor(v) and v.dim() > 0]
         flat = {key: torch.zeros_like(self.flat_params) for key in keys}
-        offset = 0
-        for i, p in enumerate(self.params):
+        for i, (p, start) in enumerate(zip(self.params, self.param_offsets)):
             for key in keys:
                 if i in entries:
-                    flat[key][offset : offset + p.numel()] = entries[i][key].reshape(-1)
-            offset += p.numel()
+                    flat[key][start : start + p.numel()] = entries[i][key].reshape(-1)
         local_state = {}
-        for j, (a, b) in enumerate(self.piece_ranges):
+        for j, (a, b, _) in enumerate(self.piece_ranges):
             local_state[j] = {**own_copies(some, keys), **{key: flat[key][a:b].clone() for key in keys}}
         groups, j = [], 0
         for saved, ours in zip(full["param_groups"], self.inner.param_groups):
@@ -267,7 +297,8 @@ def zero_note(cfg: TrainConfig) -> str | None:
     """What the log says about a ZeRO setting that saves nothing."""
     if cfg.zero and cfg.optimizer == "sgd" and cfg.momentum == 0:
         return (
-            "note: train.zero = 1 with SGD without momentum: the optimizer keeps no state, so there is nothing to "
-            "shard; the weights are still updated in slices and all-gathered (no memory saved, more traffic)."
+            f"note: train.zero = {cfg.zero} with SGD without momentum: the optimizer keeps no state, so there is "
+            "nothing to shard; the weights are still updated in slices and all-gathered (no optimizer memory saved, "
+            "more traffic)."
         )
     return None
