@@ -79,6 +79,7 @@ def main() -> int:
         ("zero2", 2, False),
         ("bf16", 0, True),
         ("zero_bf16", 1, True),
+        ("zero2_bf16", 2, True),
     )
     for name, zero, bf16 in runs:
         torch.manual_seed(100 + world.Get_rank())  # different weights per rank: the initial broadcast must fix that
@@ -94,7 +95,8 @@ def main() -> int:
     # bf16 autocast: fp32 gradients reduced in fp32. The fp32 runs differ in the last bits of the weights (the
     # clipping norm is summed in another order), which can flip the rounding of a weight to bf16 (8 bits of
     # mantissa): bf16's own tolerance then, far below its 4e-3 resolution.
-    bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(results["bf16"], results["zero_bf16"])]
+    bf16 = [results[name] for name in ("zero_bf16", "zero2_bf16")]
+    bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for got in bf16 for a, b in zip(results["bf16"], got)]
     report("bf16_autocast_loss_at_every_step", max(bf16_errors) <= 1e-4, bf16_errors)
 
     p_ref = m_ref.state_dict()
@@ -142,6 +144,8 @@ def main() -> int:
     x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(7))
     loss = models["zero2"](x, torch.roll(x, -1, 1))[1]
     (loss * (float("nan") if world.Get_rank() == 3 else 1.0)).backward()
+    # The overlap: backward itself reduced every bucket (their .grads are gone before synchronize is called).
+    reduced_in_backward = all(p.grad is None for p in z2.params)
     norms = []
     for opt in (zo, z2):
         opt.synchronize()
@@ -151,6 +155,7 @@ def main() -> int:
     clean = z2.clip_grad_norm(1.0).item() == 0.0 and all(p.grad is None for p in z2.params)
     seen = not any(torch.isfinite(n).item() for n in norms) and clean
     report("a_non_finite_gradient_on_one_rank_is_seen_by_all", seen, [n.item() for n in norms])
+    report("zero2_reduces_the_buckets_during_backward", reduced_in_backward, len(z2.bucket_params))
 
     hvd.allgather_object(None, name="done")  # Horovod: nobody shuts down while others still communicate
     return 0
