@@ -51,7 +51,7 @@ class ZeroOptimizer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology):
         self.topo = topo
         groups = param_groups(model, cfg.weight_decay)
-        self.params = [p for g in groups for p in g["params"]]  # the flat order: decay, then no-decay
+        self.params = [p for g in groups for p in g["params"]]  # the optimizer's order: decay, then no-decay
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("ZeRO keeps fp32 weights: the model's parameters must be fp32 (autocast does the rest)")
         d = topo.dp
