@@ -19,6 +19,7 @@ from survive import Job, ckpt_steps, comparable, losses_by_step, rows, run, wait
 
 from hvdlm.checkpoint.describe import describe_checkpoint
 from hvdlm.checkpoint.reshard import load_full_state
+from hvdlm.checkpoint.slices import assemble
 
 pytestmark = pytest.mark.distributed
 
@@ -201,6 +202,38 @@ def test_a_zero_checkpoint_resumes_with_zero_off(runs, job, tmp_path, cache_dir,
     ref, got = final_state(runs[RUN[stage]]), final_state(run_dir)
     for name, t in ref["model"].items():
         assert (got["model"][name] - t).abs().max().item() <= TOL, name
+
+
+def _slices(parts: list[list[float]], buckets: list | None) -> list[dict]:
+    layout = {"numels": [3, 2, 4], "shapes": [[3], [2], [4]], "shard_numel": len(parts[0]), "dp_size": 2}
+    if buckets is not None:
+        layout["buckets"] = buckets
+    return [
+        {
+            "state": {"exp_avg": torch.tensor(part)},
+            "scalars": {"step": torch.tensor(3.0)},
+            "param_groups": [{"params": [0, 1, 2]}],
+            "layout": {**layout, "dp_rank": d, "padding": 1},
+        }
+        for d, part in enumerate(parts)
+    ]
+
+
+@pytest.mark.parametrize(
+    "parts,buckets",
+    [
+        # ZeRO-1 files written before buckets: one bucket, parameters in index order, padded 9 -> 10.
+        ([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]], None),
+        # ZeRO-2: bucket 0 = parameter 2 (4, no padding), bucket 1 = parameters 1, 0 (5, padded to 6); each rank's
+        # slice is its half of bucket 0, then its half of bucket 1.
+        ([[6, 7, 4, 5, 1], [8, 9, 2, 3, 0]], [[[2], 4], [[1, 0], 6]]),
+    ],
+)
+def test_slices_assemble_bucket_by_bucket_and_old_files_as_one_bucket(parts, buckets):
+    state = assemble(_slices(parts, buckets))["state"]
+    assert list(state) == [0, 1, 2]
+    assert [state[i]["exp_avg"].tolist() for i in range(3)] == [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert all(state[i]["step"].item() == 3.0 for i in range(3))
 
 
 test_tp2_x_dp2_zero_matches_replicated = checks_on_ranks(
