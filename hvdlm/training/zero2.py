@@ -187,9 +187,11 @@ class Zero2Optimizer(ZeroOptimizer):
         rank: the DP replicas run the same model."""
         self._active = False
         for b, ids in enumerate(self.bucket_params):
-            if any(self.params[i].grad is not None for i in ids):
-                self._ready[b].update(i for i in ids if self.params[i].grad is not None)  # deferred: counted now
-                self._count(sum(_nbytes(self.params[i].grad) for i in ids if i not in self._ready[b]))
+            present = [i for i in ids if self.params[i].grad is not None]
+            if present:
+                # Deferred gradients (no hook saw them) are counted now, their whole life being this step.
+                self._count(sum(_nbytes(self.params[i].grad) for i in present if i not in self._ready[b]))
+                self._ready[b].update(present)
                 self._launch(b)
         self._drain()
 
