@@ -1,6 +1,6 @@
-"""Memory benchmark: the per-rank memory account and tokens/s of replicated data parallelism, ZeRO-1, full
-recomputation and both, DP=2, the same model in one run; then the largest model (by n_layer at d_model 1024) that
-fits a per-rank memory budget, replicated against ZeRO-1 + full recomputation.
+"""Memory benchmark: the per-rank memory account and tokens/s of replicated data parallelism, ZeRO-1, ZeRO-2,
+full recomputation and ZeRO with it, DP=2, the same model in one run; then the largest model (by n_layer at d_model
+1024) that fits a per-rank memory budget, replicated against ZeRO-1 or ZeRO-2 + full recomputation.
 
     python bench/memory.py                  # the figures for bench/RESULTS.md
     python bench/memory.py --steps 6        # quicker
@@ -33,6 +33,10 @@ SETTINGS = {  # name: --set overrides
     "zero1": ["train.zero=1"],
     "full recompute": ["model.recompute=full"],
     "zero1 + full recompute": ["train.zero=1", "model.recompute=full"],
+    # ZeRO-2 with 2 MB buckets: the default 25 MB would put this 12 MB model in one bucket (no overlap, and the whole
+    # gradient in flight at once); 2 MB is about the ratio of the default to a 100M-parameter model.
+    "zero2": ["train.zero=2", "train.zero_bucket_mb=2"],
+    "zero2 + full recompute": ["train.zero=2", "train.zero_bucket_mb=2", "model.recompute=full"],
 }
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.d_model=256", "model.seq_len=128", "train.batch_size=8"]
 KEYS = ("params_mb", "grads_mb", "optimizer_mb", "activations_mb")
@@ -87,7 +91,9 @@ def largest_models(budget_gb: float, dp: int, micro_batch: int, seq_len: int = 1
     from hvdlm.training.memory_account import state_mb
 
     out = {}
-    for name, zero, recompute in (("replicated", 0, "none"), ("zero1 + full recompute", 1, "full")):
+    # ZeRO-2's buckets in flight (a few train.zero_bucket_mb) are left out: tens of MB against a budget of GBs.
+    settings = (("replicated", 0, "none"), ("zero1 + full recompute", 1, "full"), ("zero2 + full recompute", 2, "full"))
+    for name, zero, recompute in settings:
         per_layer, rest = activation_mb_per_layer(d_model, seq_len, recompute)
         best = 0
         for n_layer in range(1, 1025):

@@ -120,7 +120,8 @@ class TrainConfig:
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
-    zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1, hvdlm.training.zero); 0: replicated
+    zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1); 2: gradients too (ZeRO-2); 0: replicated
+    zero_bucket_mb: float = 25.0  # ZeRO-2: gradient bucket size, reduce-scattered during backward as each fills
     watchdog_s: float = -1.0  # a rank with no progress this long ends the job (exit 124); 0: off; -1: 300 GPU, 900 CPU
     watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
     commit_interval: int = 10  # launch --elastic: steps between in-memory commits (a lost worker costs those since)
@@ -359,6 +360,7 @@ POSITIVE = (
     "train.commit_interval",
     "launch.np",
     "train.accumulation_steps",
+    "train.zero_bucket_mb",
     "slurm.nodes",
 )
 NON_NEGATIVE = (
@@ -520,22 +522,21 @@ def _check_pipeline(config: JobConfig) -> None:
 
 def _check_zero(t: TrainConfig) -> None:
     """train.zero: the stages built, and what sharding the optimizer state cannot go with."""
-    if t.zero not in (0, 1):
-        why = (
-            "ZeRO-2 (sharded gradients) is not built: see README, 'Memory'"
-            if t.zero == 2
-            else "the stages are 0 (replicated) and 1 (optimizer state sharded over the data-parallel group)"
+    if t.zero not in (0, 1, 2):
+        raise InputError(
+            f"'train.zero' must be 0, 1 or 2, got {t.zero}: the stages are 0 (replicated), 1 (optimizer state "
+            "sharded over the data-parallel group) and 2 (gradients sharded too; ZeRO-3, sharded weights, is not "
+            "built). Set train.zero = 0, 1 or 2."
         )
-        raise InputError(f"'train.zero' must be 0 or 1, got {t.zero}: {why}. Set train.zero = 1 or 0.")
     if t.zero and t.local_sgd_interval:
         raise InputError(
-            "train.zero = 1 with local SGD (train.local_sgd_interval > 0) is not possible: each local-SGD replica "
-            "steps alone and so needs its whole optimizer state. Set train.zero = 0, or local_sgd_interval = 0."
+            f"train.zero = {t.zero} with local SGD (train.local_sgd_interval > 0) is not possible: each local-SGD "
+            "replica steps alone and so needs its whole optimizer state. Set train.zero = 0, or local_sgd_interval = 0."
         )
     if t.zero and t.precision == "fp16":
         raise InputError(
-            'train.zero = 1 with precision = "fp16" is not supported: each rank\'s gradient scaler would look for '
-            "overflows in its own slice of the gradients only, and the replicas would skip different steps. Use "
+            f'train.zero = {t.zero} with precision = "fp16" is not supported: each rank\'s gradient scaler would look '
+            "for overflows in its own slice of the gradients only, and the replicas would skip different steps. Use "
             'precision = "bf16" (no scaler needed) or train.zero = 0.'
         )
 

@@ -72,15 +72,21 @@ def test_the_account_of_a_model_and_its_arithmetic_agree():
     assert account["optimizer_mb"] == pytest.approx(predicted["optimizer_mb"] + step_counts, rel=1e-12)
     assert account["activations_mb"] == 3.0
     assert state_mb(101, "adamw", dp=2, zero=1)["optimizer_mb"] == 8 * 51 / MB  # padded to equal slices
+    assert state_mb(101, "adamw", dp=2, zero=1)["grads_mb"] == 4 * 101 / MB
+    assert state_mb(101, "adamw", dp=2, zero=2)["grads_mb"] == 4 * 51 / MB  # ZeRO-2: the slice
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.zero=3"], "'train.zero' must be 0 or 1, got 3"),
-        (["train.zero=2"], "ZeRO-2 (sharded gradients) is not built"),
+        (["train.zero=3"], "'train.zero' must be 0, 1 or 2, got 3"),
+        (["train.zero=3"], "ZeRO-3, sharded weights, is not built"),
+        (["train.zero=-1"], "'train.zero' must be 0, 1 or 2, got -1"),
         (["train.zero=1", "train.local_sgd_interval=4"], "each local-SGD replica steps alone"),
+        (["train.zero=2", "train.local_sgd_interval=4"], "train.zero = 2 with local SGD"),
         (["train.zero=1", "train.precision=fp16"], "own slice of the gradients only"),
+        (["train.zero=2", "train.precision=fp16"], "own slice of the gradients only"),
+        (["train.zero=2", "train.zero_bucket_mb=0"], "'train.zero_bucket_mb' must be positive"),
         (["model.recompute=some"], "'model.recompute' must be one of none, selective, full, got 'some'"),
     ],
 )
@@ -88,6 +94,12 @@ def test_bad_settings_are_refused(overrides, message):
     with pytest.raises(InputError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_zero_2_and_its_bucket_size_are_accepted():
+    t = load_config(None, ["train.zero=2", "train.zero_bucket_mb=0.5"]).train
+    assert (t.zero, t.zero_bucket_mb) == (2, 0.5)
+    assert load_config(None, []).train.zero_bucket_mb == 25.0
 
 
 def test_zero_with_sgd_without_momentum_is_allowed_and_noted():
@@ -98,4 +110,4 @@ def test_zero_with_sgd_without_momentum_is_allowed_and_noted():
 
 def test_a_bad_setting_on_the_command_line_exits_2_without_a_traceback(tiny_job):
     r = run_cli("config", tiny_job, "--set", "train.zero=3", timeout=60)
-    assert r.code == 2 and "'train.zero' must be 0 or 1" in r.out and "Traceback" not in r.out, r.out
+    assert r.code == 2 and "'train.zero' must be 0, 1 or 2" in r.out and "Traceback" not in r.out, r.out

@@ -53,11 +53,20 @@ LAYOUTS = {  # name: (ranks, overrides); the global batch is 16 sequences in eve
     "pp2xdp2": (4, ("parallel.pp=2", "parallel.microbatches=4", "train.batch_size=2")),
     "pp2xtp2": (4, (*PP2, "parallel.tp=2", "parallel.pp_layers=1,3")),
     "pp4_gpipe": (4, ("parallel.pp=4", "parallel.microbatches=4", "train.batch_size=4", "parallel.schedule=gpipe")),
-    # The memory levers on stages: ZeRO-1 over each stage's DP pair (the tied gradient summed before the
-    # reduce-scatter, the norm over stages), every block recomputed.
+    # The memory levers on stages: ZeRO-2 over each stage's DP pair (gradients reduce-scattered bucket by bucket
+    # during every micro-batch's backward, under full recomputation; the tied weight's bucket deferred until its
+    # copies' gradients are summed; the norm over stages). ZeRO-1's own part (one reduce-scatter after backward)
+    # is tests/test_zero.py's; the rest of the sharded optimizer is shared.
     "pp2xdp2_zero": (
         4,
-        ("parallel.pp=2", "parallel.microbatches=4", "train.batch_size=2", "train.zero=1", "model.recompute=full"),
+        (
+            "parallel.pp=2",
+            "parallel.microbatches=4",
+            "train.batch_size=2",
+            "train.zero=2",
+            "train.zero_bucket_mb=0.02",
+            "model.recompute=full",
+        ),
     ),
 }
 

@@ -1,9 +1,10 @@
-"""ZeRO-1 (train.zero = 1) against replicated data parallelism, with real ranks under mpirun.
+"""ZeRO-1 and ZeRO-2 (train.zero = 1, 2) against replicated data parallelism, with real ranks under mpirun.
 
-One replicated DP=2 run and one ZeRO-1 DP=2 run of the same job (fp32, an odd parameter count so the flat buffer is
-padded, 2 micro-batches, clipping that bites, an EMA) must agree at every step; a ZeRO run killed with SIGKILL
-resumes bit-identically; checkpoints move between ZeRO and replicated runs and between DP sizes. TP=2 x DP=2 is
-checked step by step inside one 4-rank program (tests/zero_checks.py).
+One replicated DP=2 run, one ZeRO-1 and one ZeRO-2 DP=2 run of the same job (fp32, an odd parameter count so the
+flat buffer is padded, 2 micro-batches, clipping that bites, an EMA; ZeRO-2 with buckets small enough for several)
+must agree at every step; a ZeRO run killed with SIGKILL resumes bit-identically; checkpoints move between ZeRO and
+replicated runs and between DP sizes. TP=2 x DP=2 is checked step by step inside one 4-rank program
+(tests/zero_checks.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from survive import Job, ckpt_steps, comparable, losses_by_step, rows, run, wait
 
 from hvdlm.checkpoint.describe import describe_checkpoint
 from hvdlm.checkpoint.reshard import load_full_state
+from hvdlm.checkpoint.slices import assemble
 
 pytestmark = pytest.mark.distributed
 
@@ -41,6 +43,10 @@ COMMON = (
     "train.tensorboard=false",
 )
 TOL = 1e-6
+# ZeRO-2's bucket size: 5,242 fp32 elements, so the 35,805 parameters fall into a dozen buckets, each padded.
+BUCKET = "train.zero_bucket_mb=0.02"
+RUN = {1: "zero", 2: "zero2"}  # the fixture's run of each ZeRO stage
+STAGES = pytest.mark.parametrize("stage", [1, 2])
 
 
 def train(np: int, job: Path, run_dir: Path, cache: Path, *extra: str, flags: tuple[str, ...] = ()) -> Path:
@@ -55,6 +61,7 @@ def runs(job, tmp_path_factory, cache_dir) -> dict[str, Path]:
     return {
         "replicated": train(2, job, base / "replicated", cache_dir),
         "zero": train(2, job, base / "zero", cache_dir, "train.zero=1"),
+        "zero2": train(2, job, base / "zero2", cache_dir, "train.zero=2", BUCKET),
     }
 
 
@@ -70,14 +77,16 @@ def assert_losses_close(got: Path, ref: Path, steps: range) -> None:
         assert abs(a[s] - b[s]) <= TOL * abs(b[s]), f"step {s}: {a[s]} vs {b[s]}"
 
 
-def test_zero_losses_match_replicated_at_every_step(runs):
-    assert_losses_close(runs["zero"], runs["replicated"], range(1, STEPS + 1))
-    first, last = (losses_by_step(runs["zero"])[s] for s in (1, STEPS))
+@STAGES
+def test_zero_losses_match_replicated_at_every_step(runs, stage):
+    assert_losses_close(runs[RUN[stage]], runs["replicated"], range(1, STEPS + 1))
+    first, last = (losses_by_step(runs[RUN[stage]])[s] for s in (1, STEPS))
     assert last < first - 0.3  # it learned, so a wrong update would have shown
 
 
-def test_zero_final_weights_ema_and_optimizer_state_match_replicated(runs):
-    ref, got = final_state(runs["replicated"]), final_state(runs["zero"])
+@STAGES
+def test_zero_final_weights_ema_and_optimizer_state_match_replicated(runs, stage):
+    ref, got = final_state(runs["replicated"]), final_state(runs[RUN[stage]])
     for section in ("model", "ema"):
         for name, t in ref[section].items():
             assert (got[section][name] - t).abs().max().item() <= TOL, (section, name)
@@ -89,10 +98,12 @@ def test_zero_final_weights_ema_and_optimizer_state_match_replicated(runs):
             assert (got["optimizer"]["state"][i][key] - t).abs().max().item() <= TOL, (i, key)
 
 
-def test_zero_checkpoints_hold_one_slice_per_dp_rank(runs):
+@STAGES
+def test_zero_checkpoints_hold_one_slice_per_dp_rank(runs, stage):
     """No rank holds the whole optimizer state at a save: the shard file has none, and each DP rank's own file its
-    half of the padded flat buffer, with the layout that puts the halves back together."""
-    folder = runs["zero"] / "checkpoints"
+    half of the padded flat buffer (ZeRO-1: one bucket; ZeRO-2: its half of every bucket), with the layout that puts
+    the halves back together."""
+    folder = runs[RUN[stage]] / "checkpoints"
     names = sorted(p.name for p in folder.glob(f"step-{STEPS:07d}*"))
     slices = [f"step-{STEPS:07d}.zero{d}-of-2.pt" for d in (0, 1)]
     assert names == [f"step-{STEPS:07d}.pt", *slices]
@@ -104,7 +115,15 @@ def test_zero_checkpoints_hold_one_slice_per_dp_rank(runs):
         part = torch.load(folder / name, weights_only=True)
         layout = part["layout"]
         assert (layout["dp_rank"], layout["dp_size"], layout["numels"]) == (d, 2, numels)
-        assert layout["shard_numel"] == (sum(numels) + 1) // 2 and layout["padding"] == 1  # the odd count is padded
+        buckets = layout["buckets"]
+        padded = sum(size for _, size in buckets)
+        assert sorted(i for ids, _ in buckets for i in ids) == list(range(len(numels)))
+        assert all(size % 2 == 0 and size >= sum(numels[i] for i in ids) for ids, size in buckets)
+        assert layout["shard_numel"] == padded // 2 and layout["padding"] == padded - sum(numels)
+        if stage == 1:
+            assert len(buckets) == 1 and layout["padding"] == 1  # the odd count is padded
+        else:
+            assert len(buckets) >= 6, buckets
         assert sorted(part["state"]) == ["exp_avg", "exp_avg_sq"]
         assert all(t.shape == (layout["shard_numel"],) for t in part["state"].values())
     # `hvdlm checkpoint inspect` lists the slice files and reads the assembled state.
@@ -115,17 +134,30 @@ def test_zero_checkpoints_hold_one_slice_per_dp_rank(runs):
     assert len(list(folder.glob("step-*.zero*-of-2.pt"))) == 2 * len(list(folder.glob("step-???????.pt")))
 
 
-def test_zero_replicas_stay_bit_identical(runs):
-    s = summary(runs["zero"])
+@STAGES
+def test_zero_replicas_stay_bit_identical(runs, stage):
+    s = summary(runs[RUN[stage]])
     assert s["replicas_identical"] and s["dp"] == 2 and len(set(s["replica_checksums"])) == 1
 
 
-def test_zero_halves_the_optimizer_state_per_rank(runs):
-    ref, got = (next(r for r in rows(runs[name]) if "loss" in r) for name in ("replicated", "zero"))
+def first_row(run_dir: Path) -> dict:
+    return next(r for r in rows(run_dir) if "loss" in r)
+
+
+@STAGES
+def test_zero_halves_the_optimizer_state_per_rank(runs, stage):
+    ref, got = first_row(runs["replicated"]), first_row(runs[RUN[stage]])
     for key in ("params_mb", "grads_mb", "optimizer_mb", "activations_mb"):
         assert ref[key] > 0 and got[key] > 0, key
     assert got["optimizer_mb"] <= 0.55 * ref["optimizer_mb"], (got["optimizer_mb"], ref["optimizer_mb"])
     assert got["params_mb"] == ref["params_mb"] and got["activations_mb"] == ref["activations_mb"]
+
+
+def test_zero2_holds_less_gradient_memory_than_zero1_and_replicated(runs):
+    """ZeRO-1 keeps the whole gradient and its averaged slice; ZeRO-2 the slice and a few buckets in flight (here
+    the embedding, a quarter of this small model, complete only at the end of backward, bounds the saving)."""
+    ref, one, two = (first_row(runs[name])["grads_mb"] for name in ("replicated", "zero", "zero2"))
+    assert two < ref < one, (ref, one, two)
 
 
 def test_zero_killed_with_sigkill_resumes_bit_identical(runs, job, tmp_path, cache_dir):
@@ -150,23 +182,58 @@ def resume_from(run_dir: Path, step: int, dest: Path) -> Path:
     return dest
 
 
-def test_a_replicated_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_dir):
-    """ZeRO switched on and DP 2 -> 1 (the global batch kept: 8 sequences on one replica), full recomputation on
-    too: the optimizer state is cut into other slices exactly, so the run goes on as the replicated one did."""
-    run_dir = resume_from(runs["replicated"], 4, tmp_path / "run")
-    extra = ("train.zero=1", "train.batch_size=8", "model.recompute=full")
+@pytest.mark.parametrize("source,stage", [("replicated", 1), ("zero2", 2)])
+def test_a_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_dir, source, stage):
+    """A replicated checkpoint with ZeRO-1 switched on, a ZeRO-2 one (buckets) with ZeRO-2 again, DP 2 -> 1 (the
+    global batch kept: 8 sequences on one replica), full recomputation on too (ZeRO-2's hooks under
+    torch.utils.checkpoint): the optimizer state is cut into other slices exactly, so the run goes on as before."""
+    run_dir = resume_from(runs[source], 4, tmp_path / "run")
+    extra = (f"train.zero={stage}", BUCKET, "train.batch_size=8", "model.recompute=full")
     train(1, job, run_dir, cache_dir, *extra, flags=("--resume", "auto"))
-    assert_losses_close(run_dir, runs["replicated"], range(5, STEPS + 1))
+    assert_losses_close(run_dir, runs[source], range(5, STEPS + 1))
 
 
-def test_a_zero_checkpoint_resumes_with_zero_off(runs, job, tmp_path, cache_dir):
-    run_dir = resume_from(runs["zero"], 4, tmp_path / "run")
+@STAGES
+def test_a_zero_checkpoint_resumes_with_zero_off(runs, job, tmp_path, cache_dir, stage):
+    run_dir = resume_from(runs[RUN[stage]], 4, tmp_path / "run")
     assert len(list((run_dir / "checkpoints").glob("*.zero*-of-2.pt"))) == 2
     train(2, job, run_dir, cache_dir, "train.zero=0", flags=("--resume", "auto"))
-    assert_losses_close(run_dir, runs["zero"], range(5, STEPS + 1))
-    ref, got = final_state(runs["zero"]), final_state(run_dir)
+    assert_losses_close(run_dir, runs[RUN[stage]], range(5, STEPS + 1))
+    ref, got = final_state(runs[RUN[stage]]), final_state(run_dir)
     for name, t in ref["model"].items():
         assert (got["model"][name] - t).abs().max().item() <= TOL, name
+
+
+def _slices(parts: list[list[float]], buckets: list | None) -> list[dict]:
+    layout = {"numels": [3, 2, 4], "shapes": [[3], [2], [4]], "shard_numel": len(parts[0]), "dp_size": 2}
+    if buckets is not None:
+        layout["buckets"] = buckets
+    return [
+        {
+            "state": {"exp_avg": torch.tensor(part)},
+            "scalars": {"step": torch.tensor(3.0)},
+            "param_groups": [{"params": [0, 1, 2]}],
+            "layout": {**layout, "dp_rank": d, "padding": 1},
+        }
+        for d, part in enumerate(parts)
+    ]
+
+
+@pytest.mark.parametrize(
+    "parts,buckets",
+    [
+        # ZeRO-1 files written before buckets: one bucket, parameters in index order, padded 9 -> 10.
+        ([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]], None),
+        # ZeRO-2: bucket 0 = parameter 2 (4, no padding), bucket 1 = parameters 1, 0 (5, padded to 6); each rank's
+        # slice is its half of bucket 0, then its half of bucket 1.
+        ([[6, 7, 4, 5, 1], [8, 9, 2, 3, 0]], [[[2], 4], [[1, 0], 6]]),
+    ],
+)
+def test_slices_assemble_bucket_by_bucket_and_old_files_as_one_bucket(parts, buckets):
+    state = assemble(_slices(parts, buckets))["state"]
+    assert list(state) == [0, 1, 2]
+    assert [state[i]["exp_avg"].tolist() for i in range(3)] == [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert all(state[i]["step"].item() == 3.0 for i in range(3))
 
 
 test_tp2_x_dp2_zero_matches_replicated = checks_on_ranks(
@@ -180,5 +247,6 @@ test_tp2_x_dp2_zero_matches_replicated = checks_on_ranks(
         "optimizer_state_per_rank_halved",
         "checkpoint_state_is_the_plain_one",
         "a_non_finite_gradient_on_one_rank_is_seen_by_all",
+        "zero2_reduces_the_buckets_during_backward",
     ],
 )

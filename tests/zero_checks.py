@@ -1,9 +1,10 @@
-"""Run under `mpirun -np 4`: ZeRO-1 on a tp 2 x dp 2 grid against Horovod's DistributedOptimizer, step by step.
+"""Run under `mpirun -np 4`: ZeRO-1 and ZeRO-2 on a tp 2 x dp 2 grid against Horovod's DistributedOptimizer, step
+by step.
 
-Two copies of the same model (one TP shard per rank), one driven by the replicated optimizer and one by the
-ZeroOptimizer, as the trainer drives them (2 micro-batches accumulated, synchronize, clip, step), on batches that
-differ between the replicas. Rank 0 prints one JSON line per check: {"check", "ok", "detail"} (see
-tests/test_zero.py, which starts this).
+Copies of the same model (one TP shard per rank), one driven by the replicated optimizer, one by the ZeroOptimizer
+and one by the Zero2Optimizer (buckets of a few thousand bytes: several per shard), as the trainer drives them (2
+micro-batches accumulated, synchronize, clip, step), on batches that differ between the replicas. Rank 0 prints
+one JSON line per check: {"check", "ok", "detail"} (see tests/test_zero.py, which starts this).
 """
 
 from __future__ import annotations
@@ -75,36 +76,49 @@ def main() -> int:
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, bias=False)
     tcfg = TrainConfig(lr=3e-3, weight_decay=0.1, accumulation_steps=MICRO, grad_clip=0.5)
     models, results, optimizers = {}, {}, {}
-    for name, zero, bf16 in (("replicated", 0, False), ("zero", 1, False), ("bf16", 0, True), ("zero_bf16", 1, True)):
+    tcfg = dataclasses.replace(tcfg, zero_bucket_mb=0.005)  # ZeRO-2: 1,310 fp32 elements a bucket
+    runs = (
+        ("replicated", 0, False),
+        ("zero", 1, False),
+        ("zero2", 2, False),
+        ("bf16", 0, True),
+        ("zero_bf16", 1, True),
+        ("zero2_bf16", 2, True),
+    )
+    for name, zero, bf16 in runs:
         torch.manual_seed(100 + world.Get_rank())  # different weights per rank: the initial broadcast must fix that
         models[name] = GPT(cfg, topo.tp_group)
         optimizers[name] = distributed_optimizer(models[name], dataclasses.replace(tcfg, zero=zero), topo)
         results[name] = train(models[name], optimizers[name], topo, cfg, name, bf16)
     (ref, zero), (m_ref, m_zero) = (results["replicated"], results["zero"]), (models["replicated"], models["zero"])
 
-    errors = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(ref, zero)]
-    norm_errors = [abs(a[1] - b[1]) / abs(a[1]) for a, b in zip(ref, zero)]
+    errors = [abs(a[0] - b[0]) / abs(a[0]) for got in (zero, results["zero2"]) for a, b in zip(ref, got)]
+    norm_errors = [abs(a[1] - b[1]) / abs(a[1]) for got in (zero, results["zero2"]) for a, b in zip(ref, got)]
     report("loss_and_norm_at_every_step", max(errors + norm_errors) <= TOL, {"loss": errors, "norm": norm_errors})
 
     # bf16 autocast: fp32 gradients reduced in fp32. The fp32 runs differ in the last bits of the weights (the
     # clipping norm is summed in another order), which can flip the rounding of a weight to bf16 (8 bits of
     # mantissa): bf16's own tolerance then, far below its 4e-3 resolution.
-    bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(results["bf16"], results["zero_bf16"])]
+    bf16 = [results[name] for name in ("zero_bf16", "zero2_bf16")]
+    bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for got in bf16 for a, b in zip(results["bf16"], got)]
     report("bf16_autocast_loss_at_every_step", max(bf16_errors) <= 1e-4, bf16_errors)
 
-    p_ref, p_zero = m_ref.state_dict(), m_zero.state_dict()
-    worst = max((p_ref[n] - p_zero[n]).abs().max().item() for n in p_ref)
+    p_ref = m_ref.state_dict()
+    got = [m.state_dict() for m in (m_zero, models["zero2"])]
+    worst = max((p_ref[n] - g[n]).abs().max().item() for g in got for n in p_ref)
     report("final_parameters", worst <= TOL, worst)
 
-    digests = world.allgather(digest(m_zero))
     dp_peers = [r for r in range(4) if r % 2 == topo.tp_rank]
-    identical = len({digests[r] for r in dp_peers}) == 1 and digests[0] != digests[1]
+    identical = True
+    for m in (m_zero, models["zero2"]):
+        digests = world.allgather(digest(m))
+        identical = identical and len({digests[r] for r in dp_peers}) == 1 and digests[0] != digests[1]
     report("replicas_bit_identical", identical, digests)
 
     cpu = torch.device("cpu")
-    mem = {name: memory_account(models[name], optimizers[name], 0, cpu) for name in ("replicated", "zero")}
-    ratio = mem["zero"]["optimizer_mb"] / mem["replicated"]["optimizer_mb"]
-    report("optimizer_state_per_rank_halved", ratio <= 0.55, {"ratio": ratio, **{n: m for n, m in mem.items()}})
+    mem = {name: memory_account(models[name], optimizers[name], 0, cpu) for name in ("replicated", "zero", "zero2")}
+    ratios = [mem[name]["optimizer_mb"] / mem["replicated"]["optimizer_mb"] for name in ("zero", "zero2")]
+    report("optimizer_state_per_rank_halved", max(ratios) <= 0.55, {"ratios": ratios, **{n: m for n, m in mem.items()}})
 
     # The slices assemble (as a checkpoint's slice files do) to the replicated optimizer's state_dict (same layout
     # and parameter order), and loading that into a new ZeRO optimizer (as a resume does) gives back the same slices.
@@ -124,14 +138,28 @@ def main() -> int:
     )
     report("checkpoint_state_is_the_plain_one", same_layout and moments <= TOL and round_trip, moments)
 
-    # A non-finite gradient on one rank makes the global norm non-finite on every rank: all replicas skip.
-    zo = optimizers["zero"]
+    # A non-finite gradient on one rank makes the global norm non-finite on every rank: all replicas skip. ZeRO-2:
+    # through a real backward (its hooks reduce the buckets), and the next zero_grad starts clean.
+    zo, z2 = optimizers["zero"], optimizers["zero2"]
     zo.zero_grad()
     if world.Get_rank() == 3:
         zo.flat_grads[0] = float("nan")
-    zo.synchronize()
-    norm = zo.clip_grad_norm(1.0)
-    report("a_non_finite_gradient_on_one_rank_is_seen_by_all", not torch.isfinite(norm).item(), norm.item())
+    z2.zero_grad()
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(7))
+    loss = models["zero2"](x, torch.roll(x, -1, 1))[1]
+    (loss * (float("nan") if world.Get_rank() == 3 else 1.0)).backward()
+    # The overlap: backward itself reduced every bucket (their .grads are gone before synchronize is called).
+    reduced_in_backward = all(p.grad is None for p in z2.params)
+    norms = []
+    for opt in (zo, z2):
+        opt.synchronize()
+        norms.append(opt.clip_grad_norm(1.0))
+    z2.zero_grad()
+    z2.synchronize()
+    clean = z2.clip_grad_norm(1.0).item() == 0.0 and all(p.grad is None for p in z2.params)
+    seen = not any(torch.isfinite(n).item() for n in norms) and clean
+    report("a_non_finite_gradient_on_one_rank_is_seen_by_all", seen, [n.item() for n in norms])
+    report("zero2_reduces_the_buckets_during_backward", reduced_in_backward, len(z2.bucket_params))
 
     hvd.allgather_object(None, name="done")  # Horovod: nobody shuts down while others still communicate
     return 0

@@ -12,7 +12,7 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
     data        the sampler's position (the same on every rank)
     rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
     progress    what the loop needs from before a restart (first and last validation loss, skipped steps in a row)
-    zero_slices with ZeRO-1, in place of optimizer: {"size": Z, "files": [the DP ranks' slice files]}
+    zero_slices with ZeRO (1 or 2), in place of optimizer: {"size": Z, "files": [the DP ranks' slice files]}
                 (hvdlm.checkpoint.slices; load_checkpoint assembles them into optimizer)
 
 Every value is a tensor, a number, a string or a container of them, so `torch.load(weights_only=True)` reads it:

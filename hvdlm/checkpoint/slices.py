@@ -1,4 +1,4 @@
-"""ZeRO-1 checkpoints: each DP rank's slice of the optimizer state in a file of its own, and the whole state put
+"""ZeRO checkpoints: each DP rank's slice of the optimizer state in a file of its own, and the whole state put
 back together from the slices.
 
 A ZeRO run (hvdlm.training.zero) never holds the whole optimizer state on one rank, so neither does its save: beside
@@ -9,11 +9,20 @@ each (stage, TP rank) shard file, every DP rank d of Z writes `step-0000100[.ppS
     scalars       the per-parameter entries that are not sliced (AdamW's step count: the same for every parameter)
     param_groups  the groups' settings (lr, betas, ...) and their parameter indices
     layout        {"numels", "shapes" (the shard's parameters in flat order: optimizer index order),
-                   "shard_numel" (S), "padding", "dp_rank", "dp_size"}
+                   "shard_numel" (S), "padding", "dp_rank", "dp_size",
+                   "buckets" ([its parameters' indices, padded size] of each bucket, in flat order; absent in
+                   older files: one bucket of every parameter in index order)}
     step          the save's step
 
 and the shard file records `zero_slices` {"size": Z, "files": [names]} in place of its `optimizer`.
-`assemble` concatenates the slices in DP-rank order and cuts the flat buffer back into one entry per parameter:
+The flat buffer is cut into buckets of parameters, each padded to a multiple of Z (ZeRO-1: one bucket, the
+parameters in index order; ZeRO-2: many, in the order backward completes them, see hvdlm.training.zero2); a rank's
+slice is its part of every bucket, concatenated:
+
+    bucket b   [ params ...... | pad ]  = Z parts of S_b elements; slice of rank d = [part d of bucket 0 | ... ]
+
+`assemble` puts each bucket back together from the slices' parts in DP-rank order and cuts the flat buffer back
+into one entry per parameter:
 exactly the state a plain optimizer's state_dict holds, so everything that reads a checkpoint (merging, resuming at
 any DP size or without ZeRO) sees the layout it always did. Torch only (no Horovod): read on login nodes too.
 """
@@ -50,10 +59,26 @@ def assemble(slices: list[dict[str, Any]], source: str = "") -> dict[str, Any]:
     state: dict[int, dict] = {}
     if keys:
         zeros = torch.zeros(layout["shard_numel"])
-        flat = {key: torch.cat([s["state"].get(key, zeros) for s in slices]) for key in keys}
+        numels, shapes = layout["numels"], layout["shapes"]
+        buckets = layout.get("buckets") or [[list(range(len(numels))), layout["shard_numel"] * size]]
+        flat = {key: _whole([s["state"].get(key, zeros) for s in slices], buckets) for key in keys}
         offset = 0
-        for i, (k, shape) in enumerate(zip(layout["numels"], layout["shapes"])):
-            entry = {key: flat[key][offset : offset + k].view(shape).clone() for key in keys}
-            state[i] = {**own_copies(scalars), **entry}
-            offset += k
+        for ids, padded in buckets:
+            start = offset
+            for i in ids:
+                entry = {key: flat[key][offset : offset + numels[i]].view(shapes[i]).clone() for key in keys}
+                state[i] = {**own_copies(scalars), **entry}
+                offset += numels[i]
+            offset = start + padded  # past the bucket's padding
+        state = dict(sorted(state.items()))
     return {"state": state, "param_groups": slices[0]["param_groups"]}
+
+
+def _whole(parts: list[torch.Tensor], buckets: list[list[int]]) -> torch.Tensor:
+    """The flat buffer (padding included) from the DP ranks' slices: each bucket is its parts in DP-rank order."""
+    pieces, at = [], 0
+    for _, padded in buckets:
+        part = padded // len(parts)
+        pieces += [t[at : at + part] for t in parts]
+        at += part
+    return torch.cat(pieces)

@@ -17,13 +17,14 @@ GB = 1024**3
 def check_model_fits(cfg: JobConfig, device: torch.device, ranks_on_node: int, dp: int = 1) -> None:
     """Refuse a model whose weights, gradients and optimizer state alone exceed this rank's memory: the GPU's
     free memory, or on a CPU this machine's available memory shared by its ranks. Activations come on top.
-    With train.zero = 1 the optimizer's moments are split over the dp replicas."""
+    With train.zero = 1 the optimizer's moments are split over the dp replicas, with 2 the gradients too."""
     t = cfg.train
     params = parameter_count(cfg.model)
     per_param = state_bytes_per_parameter(t.optimizer, t.ema_decay > 0)
     if t.zero:
         moments = state_bytes_per_parameter(t.optimizer, False) - 8  # beyond the weight and its gradient
-        per_param -= moments * (1 - 1 / dp)
+        sharded = moments + (4 if t.zero >= 2 else 0)  # ZeRO-2: the fp32 gradient too (its buckets in flight aside)
+        per_param -= sharded * (1 - 1 / dp)
     need = params * per_param / (cfg.parallel.tp * cfg.parallel.pp)
     have, what = _available_bytes(device, ranks_on_node)
     if have is not None and need > have:
@@ -32,8 +33,8 @@ def check_model_fits(cfg: JobConfig, device: torch.device, ranks_on_node: int, d
             f"weights, gradients and {t.optimizer} state in fp32 (split over parallel.tp = {cfg.parallel.tp} and "
             f"pp = {cfg.parallel.pp}), before activations, but {socket.gethostname()} has {have / GB:,.1f} GB {what}. "
             "Use a smaller model ([model] n_layer, d_model), more tensor or pipeline parallelism (parallel.tp, "
-            "parallel.pp), the optimizer state sharded over the data-parallel replicas (train.zero = 1), or a device "
-            "with more memory."
+            "parallel.pp), the optimizer state sharded over the data-parallel replicas (train.zero = 1; 2 shards the "
+            "gradients too), or a device with more memory."
         )
 
 

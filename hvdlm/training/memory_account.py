@@ -19,11 +19,13 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4}  # fp32 moments per parameter: Ad
 
 
 def state_mb(params: int, optimizer: str, dp: int = 1, zero: int = 0, momentum: bool = True) -> dict[str, float]:
-    """MB per rank for `params` fp32 parameters held by the rank (its TP shard or stage): weights and gradients
-    whole, the optimizer state split over the dp replicas with ZeRO-1 (padded to equal slices)."""
+    """MB per rank for `params` fp32 parameters held by the rank (its TP shard or stage): weights whole, the
+    optimizer state split over the dp replicas with ZeRO-1 (padded to equal slices), the gradients too with ZeRO-2
+    (its slice; the buckets in flight during backward, a few train.zero_bucket_mb, come on top)."""
     per_param = OPTIMIZER_STATE_BYTES[optimizer] if (optimizer == "adamw" or momentum) else 0
     held = -(-params // dp) if zero else params
-    return {"params_mb": 4 * params / MB, "grads_mb": 4 * params / MB, "optimizer_mb": per_param * held / MB}
+    grads = held if zero >= 2 else params
+    return {"params_mb": 4 * params / MB, "grads_mb": 4 * grads / MB, "optimizer_mb": per_param * held / MB}
 
 
 class ActivationMeter:
@@ -72,7 +74,7 @@ def memory_account(model, optimizer, activation_bytes: int, device) -> dict[str,
 
     params = list(model.parameters())  # a tied weight once
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    grads += getattr(optimizer, "buffer_bytes", 0)  # ZeRO: the reduce-scatter's slice
+    grads += getattr(optimizer, "buffer_bytes", 0)  # ZeRO: the reduce-scatter's slice (ZeRO-2: and its buckets)
     tensors = [t for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t)]
     state = sum(t.numel() * t.element_size() for t in tensors)
     account = {

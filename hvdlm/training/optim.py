@@ -115,6 +115,10 @@ def distributed_optimizer(
 
     optimizer = make_optimizer(model, cfg)
     broadcast_initial_state(model, optimizer, topology)
+    if cfg.zero == 2:
+        from hvdlm.training.zero2 import Zero2Optimizer
+
+        return Zero2Optimizer(model, cfg, topology)  # gradients sharded too, reduced bucket by bucket in backward
     if cfg.zero:
         from hvdlm.training.zero import ZeroOptimizer
 

@@ -221,8 +221,8 @@ class Trainer:
         synchronous = not t.local_sgd_interval
         # The tied weight's two copies (first and last stage) get one gradient, their sum. Horovod's allreduce ran
         # during backward and synchronize writes its average over .grad, so the sum comes after it; ZeRO averages
-        # in synchronize (a reduce-scatter of the flat buffer), so there the local gradients are summed before it
-        # (sum and average commute).
+        # in synchronize (a reduce-scatter of the flat buffer; ZeRO-2 holds the tied weight's bucket back for it), so
+        # there the local gradients are summed before it (sum and average commute).
         tied_first = self.pipeline is not None and isinstance(self.optimizer, ZeroOptimizer)
         if tied_first:
             self.pipeline.sum_tied_gradients()

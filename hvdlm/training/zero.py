@@ -1,4 +1,4 @@
-"""ZeRO-1 (Rajbhandari et al. 2020): the optimizer state sharded over the data-parallel group.
+"""ZeRO-1 (Rajbhandari et al. 2020): the optimizer state sharded over the data-parallel group (ZeRO-2: see below).
 
 Every parameter this rank holds (its TP shard, or its pipeline stage's layers: nothing here assumes the whole
 model) lives in one flat fp32 buffer, decay parameters first, padded to a multiple of the DP size d; the gradients
@@ -19,7 +19,15 @@ all-gather). A checkpoint holds each DP rank's slice in a file of its own (`slic
 never on one rank), which readers assemble to a plain optimizer's state_dict (hvdlm.checkpoint.slices), so a
 checkpoint resumes at any DP size and with ZeRO on or off.
 
-ZeRO-2 (gradients sharded too) is not built; see README, "Memory".
+The layout is general enough for ZeRO-2 (hvdlm.training.zero2, a subclass): the flat buffer is a sequence of
+buckets, each padded to a multiple of d, and a rank's shard is its part of every bucket, concatenated:
+
+    bucket b   [ params ...... | pad ]  = d parts of S_b elements; rank r owns part r of every bucket
+    shard      [ part r of bucket 0 | part r of bucket 1 | ... ]   S = sum of S_b
+
+ZeRO-1 is the case of one bucket (the picture above); ZeRO-2 reduce-scatters its buckets during backward and keeps
+no whole gradient buffer. The update, the all-gather (one, of the shard, put back bucket by bucket), the norm and
+the checkpoint slices are the same code for both.
 """
 
 from __future__ import annotations
@@ -37,12 +45,18 @@ from hvdlm.parallel.collectives import allreduce
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.optim import optimizer_over, param_groups
 
-# Elements of each rank's slice per collective. Horovod's reduce-scatter and all-gather return new tensors, so one
-# call over the whole buffer would hold a second copy of all the gradients (and of all the weights) for a moment:
-# with d = 2 that transient (measured, bench/memory_budget.py) outweighed the optimizer state ZeRO-1 saves. In chunks
-# the transient is d x CHUNK elements (16 MiB per rank's part), and each call is still large enough to run at the
-# link's bandwidth.
+# Elements of each rank's part per collective, and at most per optimizer tensor. Horovod's reduce-scatter and
+# all-gather return new tensors, so one call over the whole buffer would hold a second copy of all the gradients (and
+# of all the weights) for a moment, and torch's AdamW on CPU updates tensor by tensor with temporaries of each
+# tensor's size: measured (bench/memory_budget.py), whole-shard calls and tensors outweighed the optimizer state
+# ZeRO-1 saves at d = 2. In chunks the transients are d x CHUNK elements (16 MiB a rank's part), and each call is
+# still large enough to run at the link's bandwidth.
 CHUNK = 1 << 22
+
+
+def chunks(n: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering n elements, CHUNK wide (the last one shorter)."""
+    return [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
 
 
 class ZeroOptimizer:
@@ -51,64 +65,86 @@ class ZeroOptimizer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology):
         self.topo = topo
         groups = param_groups(model, cfg.weight_decay)
-        self.params = [p for g in groups for p in g["params"]]  # the flat order: decay, then no-decay
+        self.params = [p for g in groups for p in g["params"]]  # the optimizer's order: decay, then no-decay
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("ZeRO keeps fp32 weights: the model's parameters must be fp32 (autocast does the rest)")
-        sizes = [sum(p.numel() for p in g["params"]) for g in groups]
-        n, d = sum(sizes), topo.dp
-        self.shard_numel = -(-n // d)  # S, the slice of each DP rank
+        d = topo.dp
+        # The flat layout: buckets of parameters, each padded to a multiple of d (ZeRO-1: one bucket).
+        self.bucket_params = self._buckets(model, cfg)  # each bucket's parameters (their indices), in flat order
+        self.param_offsets = [0] * len(self.params)  # where each parameter starts in the flat buffer
+        self.bucket_starts: list[int] = []
+        self.parts: list[tuple[int, int, int]] = []  # this rank's part of each bucket: (flat start, shard start, S_b)
+        offset = held = 0
+        for ids in self.bucket_params:
+            start = offset
+            self.bucket_starts.append(start)
+            for i in ids:
+                self.param_offsets[i] = offset
+                offset += self.params[i].numel()
+            part = -(-(offset - start) // d)  # S_b
+            self.parts.append((start + topo.dp_rank * part, held, part))
+            offset, held = start + d * part, held + part
+        self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
         device = self.params[0].device
-        self.flat_params = torch.zeros(self.shard_numel * d, device=device)
-        self.flat_grads = torch.zeros_like(self.flat_params)
-        offset = 0
-        for p in self.params:  # the model's tensors become views of the flat buffers (values kept)
-            k = p.numel()
-            self.flat_params[offset : offset + k].copy_(p.detach().reshape(-1))
-            p.data = self.flat_params[offset : offset + k].view_as(p)
-            p.grad = self.flat_grads[offset : offset + k].view_as(p)
-            offset += k
-        lo = topo.dp_rank * self.shard_numel
-        self.slice = slice(lo, lo + self.shard_numel)  # this rank's range of the flat buffers
-        # This rank's averaged gradient slice (the reduce-scatter's output is copied here: the pieces' .grad).
-        self.grad_slice = self.flat_grads[self.slice] if d == 1 else torch.zeros(self.shard_numel, device=device)
-        # The pieces: this slice cut at the group boundary (and before the padding), one optimizer tensor each.
+        self.flat_params = torch.zeros(offset, device=device)
+        for p, start in zip(self.params, self.param_offsets):  # the model's tensors become views (values kept)
+            self.flat_params[start : start + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat_params[start : start + p.numel()].view_as(p)
+        # This rank's averaged gradient slice (the pieces' .grad), filled by the reduce-scatter.
+        self.grad_slice = self._gradient_buffers()
+        # The pieces: this shard cut at bucket and group boundaries (and before padding), one optimizer tensor each.
         pieces: list[list[torch.Tensor]] = []
-        self.piece_ranges: list[tuple[int, int]] = []  # in flat coordinates, one per piece
-        start = 0
-        for size in sizes:
-            a, b = max(lo, start), min(lo + self.shard_numel, start + size)
-            # At most CHUNK elements a piece: torch's AdamW on CPU updates tensor by tensor with temporaries of each
-            # tensor's size, which for a whole slice were two extra copies of it at the peak (measured).
-            cuts = [(c, min(c + CHUNK, b)) for c in range(a, b, CHUNK)]
-            piece = [self.flat_params[c:e] for c, e in cuts]
-            for t, (c, e) in zip(piece, cuts):
-                t.grad = self.grad_slice[c - lo : e - lo]
-                self.piece_ranges.append((c, e))
-            pieces.append(piece)
-            start += size
+        self.piece_ranges: list[tuple[int, int, int]] = []  # (flat start, flat end, shard start), one per piece
+        for group in groups:
+            ids = {id(p) for p in group["params"]}
+            ranges = [
+                (a + lo, a + hi, s + lo)
+                for a, b, s in self._ranges_of(lambda p: id(p) in ids)
+                for lo, hi in chunks(b - a)
+            ]
+            pieces.append([self.flat_params[a:b] for a, b, _ in ranges])
+            for t, (a, b, s) in zip(pieces[-1], ranges):
+                t.grad = self.grad_slice[s : s + b - a]
+            self.piece_ranges += ranges
         self.pieces = [t for ts in pieces for t in ts]
         self.inner = optimizer_over(
             [{**g, "params": ts} for g, ts in zip(groups, pieces)], cfg, fused=None if device.type == "cpu" else True
         )
-        # For the global norm, the ranges of this slice (as ranges rather than a mask of S numbers) that hold
-        # TP-sharded parameters (their squares are summed over the TP group; the replicated ones count once), and
-        # the last pipeline stage's copy of the tied embedding (left out: the first stage counts it).
+        # For the global norm, the ranges of this shard that hold TP-sharded parameters (their squares are summed
+        # over the TP group; the replicated ones count once), and the last pipeline stage's copy of the tied
+        # embedding (left out: the first stage counts it).
         self._sharded_ranges = self._ranges_of(lambda p: hasattr(p, "tp_shard") and not _tied_copy(p))
         self._copy_ranges = self._ranges_of(_tied_copy)
         self._groups_of_params = [g["params"] for g in groups]
-        self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat slices, made at the first step
+        self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat shards, made at the first step
 
-    def _ranges_of(self, chosen) -> list[tuple[int, int]]:
-        """The ranges of this rank's slice (slice coordinates) holding the parameters `chosen` picks, contiguous
-        ones joined."""
-        lo, ranges, offset = self.slice.start, [], 0
-        for p in self.params:
-            a, b = max(offset, lo) - lo, min(offset + p.numel(), lo + self.shard_numel) - lo
-            if chosen(p) and a < b:
-                if ranges and ranges[-1][1] == a:
-                    a = ranges.pop()[0]
-                ranges.append((a, b))
-            offset += p.numel()
+    def _buckets(self, model: torch.nn.Module, cfg: TrainConfig) -> list[list[int]]:
+        """ZeRO-1: every parameter in one bucket, reduce-scattered at once after backward."""
+        return [list(range(len(self.params)))]
+
+    def _gradient_buffers(self) -> torch.Tensor:
+        """ZeRO-1: a flat gradient buffer of the whole model (each `p.grad` a view, so backward accumulates in
+        place), and the rank's slice of the average apart from it (the buffer itself when d = 1)."""
+        self.flat_grads = torch.zeros_like(self.flat_params)
+        for p, start in zip(self.params, self.param_offsets):
+            p.grad = self.flat_grads[start : start + p.numel()].view_as(p)
+        start, _, part = self.parts[0]
+        return self.flat_grads[start : start + part] if self.topo.dp == 1 else self.flat_params.new_zeros(part)
+
+    def _ranges_of(self, chosen) -> list[tuple[int, int, int]]:
+        """(flat start, flat end, shard start) of this rank's elements that hold the parameters `chosen` picks,
+        contiguous ones joined."""
+        ranges: list[tuple[int, int, int]] = []
+        flat_order = [i for ids in self.bucket_params for i in ids]
+        for lo, shard_lo, part in self.parts:
+            for p, start in ((self.params[i], self.param_offsets[i]) for i in flat_order):
+                a, b = max(start, lo), min(start + p.numel(), lo + part)
+                if not (chosen(p) and a < b):
+                    continue
+                s = shard_lo + a - lo
+                if ranges and ranges[-1][1] == a and ranges[-1][2] + a - ranges[-1][0] == s:
+                    a, _, s = ranges.pop()
+                ranges.append((a, b, s))
         return ranges
 
     # -- the DistributedOptimizer interface the trainer uses ---------------------------------------------------
@@ -134,14 +170,19 @@ class ZeroOptimizer:
         leaves fp32 gradients, and Horovod 0.28.1 has no bf16 anyway)."""
         if self.topo.dp == 1:
             return
-        # Horovod: reduce-scatter over the DP process set, chunk by chunk (see CHUNK). Horovod splits dim 0 into d
-        # equal rows: row r of a chunk is columns [lo, hi) of rank r's slice, so rank r gets its own columns back.
-        grads = self.flat_grads.view(self.topo.dp, self.shard_numel)
-        for i, (lo, hi) in enumerate(self._chunks()):
-            mine = hvd.reducescatter(
-                grads[:, lo:hi].contiguous(), op=hvd.Average, name=f"zero.grads.{i}", process_set=self._dp_set
-            )
-            self.grad_slice[lo:hi].copy_(mine[0])
+        d = self.topo.dp
+        for start, (_, s, part) in zip(self.bucket_starts, self.parts):
+            grads = self.flat_grads[start : start + d * part].view(d, part)
+            for lo, hi in chunks(part):
+                # Horovod: reduce-scatter over the DP process set, in chunks (see CHUNK). It splits dim 0 into d
+                # equal rows; row r holds columns [lo, hi) of rank r's part, so each rank gets its own columns.
+                mine = hvd.reducescatter(
+                    grads[:, lo:hi].contiguous(),
+                    op=hvd.Average,
+                    name=f"zero.grads.{start}.{lo}",
+                    process_set=self._dp_set,
+                )
+                self.grad_slice[s + lo : s + hi].copy_(mine[0])
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -154,12 +195,12 @@ class ZeroOptimizer:
         pipeline stages; replicated tensors (LayerNorms, the position table) and the tied weight count once."""
         g = self.grad_slice
 
-        def over(ranges: list[tuple[int, int]]) -> torch.Tensor:
-            # Dot products: a sum of squares without a temporary the size of the slice (the step's peak if made).
-            return sum((torch.dot(g[a:b], g[a:b]) for a, b in ranges), g.new_zeros(()))
+        def over(ranges: list[tuple[int, int, int]]) -> torch.Tensor:
+            # Dot products: sums of squares without a temporary the size of the slice (the step's peak if made).
+            return sum((torch.dot(g[s : s + b - a], g[s : s + b - a]) for a, b, s in ranges), g.new_zeros(()))
 
         sharded, copy = over(self._sharded_ranges), over(self._copy_ranges)
-        everything = over([(0, g.numel())])
+        everything = over([(0, g.numel(), 0)])
         squares = torch.stack([sharded, everything - sharded - copy])  # (sharded, replicated) sums of this slice
         if self.topo.dp > 1:
             # Horovod: 8 bytes over the DP process set.
@@ -179,16 +220,17 @@ class ZeroOptimizer:
             # than at a save, when everything else is held too.
             for key in self._state_keys():
                 self._flat_state(key)
-        if self.topo.dp > 1:
-            # Horovod: all-gather over the DP process set, chunk by chunk (see CHUNK); rows in DP-rank order.
-            params = self.flat_params.view(self.topo.dp, self.shard_numel)
-            for i, (lo, hi) in enumerate(self._chunks()):
-                mine = params[self.topo.dp_rank, lo:hi].unsqueeze(0)
-                params[:, lo:hi].copy_(hvd.allgather(mine, name=f"zero.params.{i}", process_set=self._dp_set))
-
-    def _chunks(self) -> list[tuple[int, int]]:
-        """Column ranges [lo, hi) of the slices, CHUNK wide."""
-        return [(lo, min(lo + CHUNK, self.shard_numel)) for lo in range(0, self.shard_numel, CHUNK)]
+        d, r = self.topo.dp, self.topo.dp_rank
+        if d == 1:
+            return
+        for start, (_, _, part) in zip(self.bucket_starts, self.parts):
+            params = self.flat_params[start : start + d * part].view(d, part)  # row r: rank r's part of the bucket
+            for lo, hi in chunks(part):
+                # Horovod: all-gather over the DP process set, in chunks (see CHUNK); rows in DP-rank order.
+                every = hvd.allgather(
+                    params[r : r + 1, lo:hi], name=f"zero.params.{start}.{lo}", process_set=self._dp_set
+                )
+                params[:, lo:hi].copy_(every)
 
     @property
     def _dp_set(self):
@@ -210,7 +252,8 @@ class ZeroOptimizer:
             "numels": numels,
             "shapes": [list(p.shape) for p in self.params],
             "shard_numel": self.shard_numel,
-            "padding": self.shard_numel * self.topo.dp - sum(numels),
+            "padding": self.flat_params.numel() - sum(numels),
+            "buckets": [[ids, self.topo.dp * part] for ids, (_, _, part) in zip(self.bucket_params, self.parts)],
             "dp_rank": self.topo.dp_rank,
             "dp_size": self.topo.dp,
         }
@@ -223,20 +266,19 @@ class ZeroOptimizer:
         return sorted(k for k, v in (first or {}).items() if torch.is_tensor(v) and v.dim() == 1)
 
     def _flat_state(self, key: str) -> torch.Tensor:
-        """This rank's slice of one state tensor (exp_avg, ...) as one tensor of S elements, the padding and any
+        """This rank's shard of one state tensor (exp_avg, ...) as one tensor of S elements, the padding and any
         group boundary zero. The pieces' state tensors become views of it the first time (and again after a
-        load), so that saves write it without a copy: a save that concatenated the pieces held two more
-        copies of the slice (AdamW's two moments), the peak of a whole run's memory (bench/memory_budget.py)."""
-        lo = self.slice.start
+        load), so that saves write it without a copy: a save that concatenated the pieces held two more copies of
+        the shard (AdamW's two moments), the peak of a whole run's memory (bench/memory_budget.py)."""
         flat = self._flat.get(key)
         states = [self.inner.state[t] for t in self.pieces]
-        ranges = [(a - lo, b - lo) for a, b in self.piece_ranges]
+        ranges = [(s, s + b - a) for a, b, s in self.piece_ranges]
         if flat is None or any(st[key].data_ptr() != flat[a:b].data_ptr() for st, (a, b) in zip(states, ranges)):
             flat = self._flat[key] = torch.zeros(self.shard_numel, device=self.flat_params.device)
             for st, (a, b) in zip(states, ranges):
                 flat[a:b] = st[key]
                 st[key] = flat[a:b]  # the piece's own tensor is freed here
-            _return_freed_memory()  # so the copy costs one slice for a moment, not one per key for good
+            _return_freed_memory()  # so the copy costs one shard for a moment, not one per key for good
         return flat
 
     def full_state_dict(self) -> dict[str, Any]:
@@ -255,14 +297,12 @@ class ZeroOptimizer:
         some = next(iter(entries.values()))
         keys = [k for k, v in some.items() if torch.is_tensor(v) and v.dim() > 0]
         flat = {key: torch.zeros_like(self.flat_params) for key in keys}
-        offset = 0
-        for i, p in enumerate(self.params):
+        for i, (p, start) in enumerate(zip(self.params, self.param_offsets)):
             for key in keys:
                 if i in entries:
-                    flat[key][offset : offset + p.numel()] = entries[i][key].reshape(-1)
-            offset += p.numel()
+                    flat[key][start : start + p.numel()] = entries[i][key].reshape(-1)
         local_state = {}
-        for j, (a, b) in enumerate(self.piece_ranges):
+        for j, (a, b, _) in enumerate(self.piece_ranges):
             local_state[j] = {**own_copies(some, keys), **{key: flat[key][a:b].clone() for key in keys}}
         groups, j = [], 0
         for saved, ours in zip(full["param_groups"], self.inner.param_groups):
@@ -290,10 +330,10 @@ class _FullView:
 
 
 def _return_freed_memory() -> None:
-    """Give the memory freed by the parameters' old storage back to the system. glibc keeps freed blocks of the
-    heap resident for reuse, and blocks of parameter size are rarely reused: measured, a rank's peak resident memory
-    kept a whole extra copy of the weights (bench/memory_budget.py). malloc_trim releases free pages anywhere in
-    the heap. Other C libraries (musl, macOS) have no such call and are left as they are."""
+    """Give memory freed on the heap back to the system. glibc keeps freed blocks resident for reuse, and blocks
+    of a parameter's size are rarely reused: measured, a rank's peak resident memory kept the replaced state
+    tensors (bench/memory_budget.py). malloc_trim releases free pages anywhere in the heap; other C libraries
+    (musl, macOS) have no such call and are left as they are."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):
@@ -322,7 +362,8 @@ def zero_note(cfg: TrainConfig) -> str | None:
     """What the log says about a ZeRO setting that saves nothing."""
     if cfg.zero and cfg.optimizer == "sgd" and cfg.momentum == 0:
         return (
-            "note: train.zero = 1 with SGD without momentum: the optimizer keeps no state, so there is nothing to "
-            "shard; the weights are still updated in slices and all-gathered (no memory saved, more traffic)."
+            f"note: train.zero = {cfg.zero} with SGD without momentum: the optimizer keeps no state, so there is "
+            "nothing to shard; the weights are still updated in slices and all-gathered (no optimizer memory saved, "
+            "more traffic)."
         )
     return None
