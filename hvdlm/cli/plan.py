@@ -59,7 +59,7 @@ def _default_global_batch(cfg: JobConfig, gpu_count: int) -> int:
     "--tp", type=int, default=None, help="Tensor-parallel size; with --tp or --pp one layout, else all ranked."
 )
 @click.option("--pp", type=int, default=None, help="Pipeline stages.")
-@click.option("--zero", type=click.IntRange(0, 2), default=None, help="ZeRO stage (2 is a what-if: hvdlm builds 0, 1).")
+@click.option("--zero", type=click.IntRange(0, 2), default=None, help="ZeRO stage: 0, 1 or 2.")
 @click.option("--recompute", type=click.Choice(choices(ModelConfig, "recompute")), default=None, help="Recomputation.")
 @click.option("--micro-batch", type=int, default=None, help="Sequences per micro-batch (train.batch_size).")
 @click.option("--global-batch", type=int, default=None, help="Sequences per optimizer step (default: from the job).")

@@ -65,16 +65,26 @@ def params_per_rank(
     `vocab_rows`: the vocabulary used in place of model.vocab_size (the dataset's, as size.parameter_count).
     With tp = pp = 1 this is size.parameter_count(model, padded vocabulary).
     """
-    counts = stage_layers(model.n_layer, pp, pp_layers)
+    return params_per_stage(model, tp, pp, vocab_rows, pp_layers)[stage]
+
+
+def params_per_stage(
+    model: ModelConfig, tp: int = 1, pp: int = 1, vocab_rows: int | None = None, pp_layers: str = ""
+) -> list[int]:
+    """`params_per_rank` of every stage at once (the planner asks for all of them, for many layouts)."""
     d = model.d_model
     table = vocab_rows_per_rank(vocab_rows or model.vocab_size, tp) * d
-    n = counts[stage] * block_params_per_rank(model, tp)
-    first, last = stage == 0, stage == pp - 1
-    if first:
-        n += table + model.seq_len * d
-    if last:
-        n += (2 * d if model.bias else d) + (0 if first else table)
-    return n
+    block = block_params_per_rank(model, tp)
+    out = []
+    for stage, layers in enumerate(stage_layers(model.n_layer, pp, pp_layers)):
+        n = layers * block
+        first, last = stage == 0, stage == pp - 1
+        if first:
+            n += table + model.seq_len * d
+        if last:
+            n += (2 * d if model.bias else d) + (0 if first else table)
+        out.append(n)
+    return out
 
 
 def _stream_bytes(model: ModelConfig, first: bool, precision: str) -> tuple[int, int, int]:

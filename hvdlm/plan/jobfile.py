@@ -18,7 +18,6 @@ else:  # pragma: no cover - Python 3.10
 import tomli_w
 
 from hvdlm.config import load_config
-from hvdlm.errors import InputError
 from hvdlm.plan.layout import Layout
 from hvdlm.plan.layouts import Cluster
 
@@ -27,11 +26,6 @@ def layout_keys(layout: Layout, cluster: Cluster, precision: str) -> dict[str, A
     """The job keys that carry a layout. Without stages hvdlm's micro-batches are train.accumulation_steps; with
     stages they are parallel.microbatches and accumulation stays 1 (hvdlm.config refuses anything else)."""
     L = layout
-    if L.zero not in (0, 1):
-        raise InputError(
-            f"zero {L.zero} is a what-if: hvdlm's trainer builds ZeRO stages 0 and 1 only (README, 'Memory'), so no "
-            "job file can ask for it. Plan with --zero 0 or 1 to write one."
-        )
     staged = L.pp > 1
     return {
         "parallel.tp": L.tp,

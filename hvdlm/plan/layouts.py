@@ -20,7 +20,7 @@ from hvdlm.plan.gpus import Gpu
 from hvdlm.plan.layout import Layout
 
 RECOMPUTE = ("none", "selective", "full")
-ZERO_BUILT = (0, 1)  # the stages hvdlm's trainer has; ZeRO-2 is a what-if (--zero 2), never ranked or written
+ZERO_BUILT = (0, 1, 2)  # the ZeRO stages hvdlm's trainer has (train.zero)
 MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch sizes the ranked form tries
 
 

@@ -5,8 +5,8 @@ Two accountings of the model states, per parameter the rank holds:
 
 - "hvdlm", what hvdlm's trainer holds (hvdlm.training.memory_account.state_mb): fp32 weights and fp32 gradients
   (bf16 is autocast, the weights stay fp32) and AdamW's two fp32 moments, 4 + 4 + 8 bytes (SGD with momentum:
-  4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2 (not built in hvdlm) the
-  gradients too.
+  4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2 the gradients
+  too.
 - "mixed", the mixed-precision Adam of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp16 weights and
   gradients, and K = 12 bytes of optimizer state (fp32 master weights, momentum, variance): 2 + 2 + 12. Stage 1
   divides the 12 by dp, stage 2 the gradients' 2 as well. Its Figure 1 (7.5B parameters, 64 GPUs) gives
@@ -62,7 +62,7 @@ class Memory:
 
 def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_layers: str | list[int] = "") -> list[int]:
     """Parameters one TP rank of each pipeline stage holds, exactly as hvdlm shards them (hvdlm.plan.counts)."""
-    return [counts.params_per_rank(m, tp, pp, stage, pp_layers=pp_layers) for stage in range(pp)]
+    return counts.params_per_stage(m, tp, pp, pp_layers=pp_layers)
 
 
 def state_bytes(
@@ -72,11 +72,9 @@ def state_bytes(
     if accounting == "mixed":
         shard = params / dp
         return 2 * params, 2 * (shard if zero >= 2 else params), MIXED_OPTIMIZER_BYTES * (shard if zero else params)
-    # hvdlm's own: state_mb is the trainer's account (ZeRO-1 slices padded to equal size); ZeRO-2 is not built,
-    # so its gradient slice is this planner's arithmetic alone.
-    mb = state_mb(params, optimizer, dp=dp, zero=min(zero, 1))
-    grads = mb["grads_mb"] * MB / (dp if zero >= 2 else 1)
-    return mb["params_mb"] * MB, grads, mb["optimizer_mb"] * MB
+    # hvdlm's own: state_mb is the trainer's account (slices padded to equal size).
+    mb = state_mb(params, optimizer, dp=dp, zero=zero)
+    return mb["params_mb"] * MB, mb["grads_mb"] * MB, mb["optimizer_mb"] * MB
 
 
 def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int, recompute: str) -> float:

@@ -64,13 +64,22 @@ class StepTime:
         return self.compute + self.tp + self.bubble + self.pp + self.dp
 
 
-def dp_exposed_s(grad_bytes: float, dp: int, bytes_per_s: float, backward_s: float, zero: int = 0) -> float:
-    """The part of the data-parallel gradient exchange that the step waits for."""
+def dp_exposed_s(
+    grad_bytes: float, dp: int, bytes_per_s: float, backward_s: float, zero: int = 0, microbatches: int = 1
+) -> float:
+    """The part of the data-parallel gradient exchange that the step waits for (`backward_s`: one micro-batch's
+    backward)."""
     allreduce = ring_allreduce_s(grad_bytes, dp, bytes_per_s)
-    if zero:
+    if zero == 1:
         # hvdlm's ZeRO-1: one reduce-scatter after backward and an all-gather after the step, together the bytes
         # of an allreduce, overlapping nothing (README, "Memory").
         return allreduce
+    if zero == 2:
+        # ZeRO-2: each half of an allreduce apart. The reduce-scatter runs bucket by bucket during every
+        # micro-batch's backward (k times a step), hidden as Horovod's allreduce is; the all-gather of the updated
+        # weights comes after the step, exposed.
+        half = allreduce / 2
+        return microbatches * max(half - backward_s, EXPOSED_TAIL * half) + half
     # Horovod allreduces the last micro-batch's gradients while its backward runs (earlier micro-batches only
     # accumulate): at most that backward hides, and never more than 1 - EXPOSED_TAIL of the allreduce.
     return max(allreduce - backward_s, EXPOSED_TAIL * allreduce)
@@ -117,5 +126,5 @@ def step_time(
     sends = 2 * (pp - 1) * activation / pp_bytes_per_s if pp > 1 else 0.0
     dense, _ = passes(recompute)
     backward = compute / microbatches * (dense - 1) / dense  # the last micro-batch's backward, recomputation in it
-    exposed = dp_exposed_s(grad_bytes, dp, dp_bytes_per_s, backward, zero)
+    exposed = dp_exposed_s(grad_bytes, dp, dp_bytes_per_s, backward, zero, microbatches)
     return StepTime(compute, tp_time, bubble, sends, exposed)
