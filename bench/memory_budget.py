@@ -1,4 +1,4 @@
-"""The largest model that really trains in a per-rank memory budget: replicated against ZeRO-1 + full recomputation.
+"""The largest model that really trains in a per-rank memory budget: replicated against ZeRO + full recomputation.
 
     python bench/memory_budget.py                     # 3 GiB per rank, d_model 1024, the figures for RESULTS.md
     python bench/memory_budget.py --budget-gb 2       # another budget
@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 SETTINGS = {  # name: --set overrides
     "replicated": [],
     "zero1 + full recompute": ["train.zero=1", "model.recompute=full"],
+    "zero2 + full recompute": ["train.zero=2", "model.recompute=full"],
 }
 ACCOUNT = ("params_mb", "grads_mb", "optimizer_mb", "activations_mb")
 
