@@ -243,7 +243,9 @@ def _logged_steps(metrics: Path) -> list[int]:
     return [row["step"] for row in rows if "loss" in row]
 
 
-@pytest.mark.parametrize("launcher", PREEMPT_LAUNCHERS)
+# The real trainer under srun and mpirun; horovodrun's part (its ranks' 75 reported as 1, which the script counts as
+# preempted) is the batch script's, checked with the stand-in above at a fraction of the suite's time.
+@pytest.mark.parametrize("launcher", ("srun", "mpirun"))
 def test_preempted_training_resumes_after_requeue(cluster, cache_dir, tmp_path, launcher):
     """The real trainer: USR1 mid-run, a checkpoint, exit 75, requeue, `--resume auto`, steps 1..max_steps once."""
     job, run_dir, script = tmp_path / "tiny.toml", tmp_path / "run", tmp_path / "tiny.sbatch"
