@@ -18,7 +18,7 @@ PYVERSIONS=${PYVERSIONS:-3.10 3.11 3.12 3.13}
 PIP=${PIP:-python3 -m pip}
 HOROVOD_VERSION=0.28.1
 # Horovod's build (setup.sh builds without isolation) and hvdlm's imports on the paths the check runs.
-BUILD_REQS=(setuptools wheel packaging psutil pyyaml cloudpickle)
+BUILD_REQS=(setuptools wheel packaging psutil pyyaml cloudpickle cffi pycparser)
 RUN_REQS=(click tqdm tokenizers safetensors tomli-w "tomli>=2.0")
 # Published as source only (pure Python): pip builds it offline with the carried setuptools.
 SDIST_REQS=(python-hostlist)

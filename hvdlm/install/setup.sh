@@ -88,6 +88,19 @@ ensure_venv() {
     say "creating the virtual environment $VENV"
     "$PYTHON" -m venv "${flags[@]}" "$VENV" || die "could not create $VENV with $PYTHON -m venv." \
         "On Debian/Ubuntu: apt-get install python3-venv."
+    if [ ${#flags[@]} -gt 0 ]; then
+        # When $PYTHON is itself a virtual environment (a GPU image's /opt/torch/.venv), --system-site-packages
+        # reaches only its base interpreter's packages, not the torch installed in it: name its own site-packages
+        # in a .pth file of the new environment.
+        local parent site
+        parent=$("$PYTHON" -c 'import sys, sysconfig
+if sys.prefix != sys.base_prefix:
+    print("\n".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))))')
+        if [ -n "$parent" ]; then
+            site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+            printf '%s\n' "$parent" >"$site/hvdlm-environment.pth"
+        fi
+    fi
 }
 
 ensure_torch() {
@@ -225,8 +238,8 @@ build_horovod_wheel() {
     done
 
     # Horovod's own build needs these importable (we build without isolation so it sees our torch).
-    vpip_install -q setuptools wheel packaging psutil pyyaml cloudpickle ||
-        die "pip could not install Horovod's build requirements (setuptools wheel packaging psutil pyyaml cloudpickle)."
+    vpip_install -q setuptools wheel packaging psutil pyyaml cloudpickle cffi ||
+        die "pip could not install Horovod's build requirements (setuptools wheel packaging psutil pyyaml cloudpickle cffi)."
 
     local -a build_env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
         HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 "MAKEFLAGS=-j$(nproc)")
