@@ -22,7 +22,7 @@ from helpers import assert_imports_nothing_heavy, run_cli
 from hvdlm.cli import main
 from hvdlm.config import ModelConfig, load_config
 from hvdlm.model.size import parameter_count
-from hvdlm.plan import memory, timing
+from hvdlm.plan import counts, memory, timing
 from hvdlm.plan.gpus import gpu
 from hvdlm.plan.layouts import Cluster, Job, one
 from hvdlm.training.memory_account import MB, state_mb
@@ -125,9 +125,9 @@ def test_hvdlm_accounting_is_the_trainers_memory_account(params, dp, zero):
 
 def test_stage_parameters_add_up_to_the_model():
     m = ModelConfig(n_layer=6, n_head=4, d_model=64, seq_len=32, vocab_size=100)
-    assert memory.stage_parameters(m, tp=1, pp=1) == [parameter_count(m, vocab_rows=128)]  # 100 rows padded to 128
+    assert counts.params_per_stage(m, tp=1, pp=1) == [parameter_count(m, vocab_rows=128)]  # 100 rows padded to 128
     # Two stages hold the model plus the last stage's copy of the tied token table.
-    assert sum(memory.stage_parameters(m, tp=1, pp=2)) == parameter_count(m, vocab_rows=128) + 128 * 64
+    assert sum(counts.params_per_stage(m, tp=1, pp=2)) == parameter_count(m, vocab_rows=128) + 128 * 64
 
 
 def test_horovod_resnet101_scaling_shape():

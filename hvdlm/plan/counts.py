@@ -54,7 +54,12 @@ def block_params_per_rank(model: ModelConfig, tp: int) -> int:
 
 
 def params_per_rank(
-    model: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0, vocab_rows: int | None = None, pp_layers: str = ""
+    model: ModelConfig,
+    tp: int = 1,
+    pp: int = 1,
+    stage: int = 0,
+    vocab_rows: int | None = None,
+    pp_layers: str | list[int] = "",
 ) -> int:
     """Parameters held by a rank on pipeline stage `stage` of `pp` with TP size `tp`: exact.
 
@@ -69,7 +74,7 @@ def params_per_rank(
 
 
 def params_per_stage(
-    model: ModelConfig, tp: int = 1, pp: int = 1, vocab_rows: int | None = None, pp_layers: str = ""
+    model: ModelConfig, tp: int = 1, pp: int = 1, vocab_rows: int | None = None, pp_layers: str | list[int] = ""
 ) -> list[int]:
     """`params_per_rank` of every stage at once (the planner asks for all of them, for many layouts)."""
     d = model.d_model

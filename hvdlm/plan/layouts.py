@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from hvdlm.config import ModelConfig
 from hvdlm.errors import InputError
 from hvdlm.parallel.split import stage_layers
+from hvdlm.plan import counts, timing
 from hvdlm.plan import memory as mem
-from hvdlm.plan import timing
 from hvdlm.plan.gpus import Gpu
 from hvdlm.plan.layout import Layout
 
@@ -134,7 +134,7 @@ def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
         optimizer=job.optimizer,
         schedule=job.schedule,
     )
-    params = max(mem.stage_parameters(m, L.tp, L.pp))
+    params = max(counts.params_per_stage(m, L.tp, L.pp))
     # The gradients that are averaged: hvdlm reduces fp32 (bf16 too: README, "GPU path"), the mixed accounting
     # 16-bit gradients.
     grad_bytes = params * (2 if job.accounting == "mixed" else 4)

@@ -60,11 +60,6 @@ class Memory:
         return self.model_states + self.activations + self.buffers
 
 
-def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_layers: str | list[int] = "") -> list[int]:
-    """Parameters one TP rank of each pipeline stage holds, exactly as hvdlm shards them (hvdlm.plan.counts)."""
-    return counts.params_per_stage(m, tp, pp, pp_layers=pp_layers)
-
-
 def state_bytes(
     params: int, accounting: str, zero: int, dp: int, optimizer: str = "adamw"
 ) -> tuple[float, float, float]:
@@ -100,7 +95,7 @@ def memory(
     tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
     micro_batch, microbatches = layout.micro_batch, layout.microbatches
     per_stage = stage_layers(m.n_layer, pp, pp_layers)
-    params = stage_parameters(m, tp, pp, pp_layers)
+    params = counts.params_per_stage(m, tp, pp, pp_layers=pp_layers)
     s, b, h = m.seq_len, micro_batch, m.d_model
     # While one layer is recomputed (full) its whole working set exists again, for one micro-batch.
     working = layer_activation_bytes(m, b, tp, "none") if recompute == "full" else 0.0
