@@ -604,12 +604,7 @@ def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1):
-        # Each block compiled in place (parameter names, and so checkpoints, unchanged). Per block, not the whole
-        # model: Horovod's gradient hooks fire as each block's backward ends, so the allreduce of the later blocks'
-        # gradients still overlaps the backward of the earlier ones (a whole-model graph would deliver every
-        # gradient at once, at the end).
-        for block in model.blocks:
-            block.compile()
+        model.compile_parts()
 
 
 def _compiled(model: GPT) -> str:
