@@ -111,6 +111,7 @@ def distributed_optimizer(
     """
     import horovod.torch as hvd
 
+    from hvdlm.training.elastic import enabled as elastic_enabled
     from hvdlm.training.precision import compression
 
     optimizer = make_optimizer(model, cfg)
@@ -124,6 +125,11 @@ def distributed_optimizer(
 
         return ZeroOptimizer(model, cfg, topology)  # its own slice of the state; reduce-scatter, then all-gather
     if cfg.local_sgd_interval:
+        return optimizer
+    if topology.dp == 1 and not elastic_enabled():
+        # One replica (tensor-parallel or pipeline ranks only): nothing to average. Horovod would still register a
+        # hook on every gradient (it looks at the job's size, not the process set's) and send each one through its
+        # background thread, whose cycles the step would then wait for.
         return optimizer
     # Horovod: gradients are averaged across the replicas of this shard (the DP process set) by allreduce,
     # overlapped with the backward pass. Without TP the set is the whole job. With accumulation, the gradients

@@ -218,7 +218,9 @@ class Trainer:
             loss = self.pipeline.forward_backward(self.train_batches, meter)
         else:
             loss = self._accumulate(k, meter)
-        synchronous = not t.local_sgd_interval
+        # Horovod's (and ZeRO's) optimizer averages the gradients over the DP group; with local SGD, or a single
+        # replica, the optimizer is torch's own.
+        synchronous = hasattr(self.optimizer, "synchronize")
         # The tied weight's two copies (first and last stage) get one gradient, their sum. Horovod's allreduce ran
         # during backward and synchronize writes its average over .grad, so the sum comes after it; ZeRO averages
         # in synchronize (a reduce-scatter of the flat buffer; ZeRO-2 holds the tied weight's bucket back for it), so

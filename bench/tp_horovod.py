@@ -1,0 +1,109 @@
+"""What Horovod's background thread costs a tensor-parallel step: TP=2 on 2 ranks (one thread each), the same
+forward, backward and AdamW step timed without Horovod, with Horovod initialised (its background thread cycling,
+as in every hvdlm rank), and with Horovod plus the trainer's per-step stop vote (an asynchronous allreduce).
+
+    python bench/tp_horovod.py              # 3 rounds of each, medians; --record appends them to RESULTS.md
+
+The TP collectives run on mpi4py in the main thread; Horovod's background thread coordinates with the other
+ranks over MPI every HOROVOD_CYCLE_TIME (5 ms, as `hvdlm launch` sets for CPU ranks), and a TP collective that
+meets one of those waits. bench/plan_check.py's probe measures its synchronisations with Horovod running for that
+reason. (A patch that kept the ranks' cycles in phase was tried and measured here: no gain, so not kept.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+MODES = ("no Horovod", "Horovod initialised", "Horovod + stop vote")
+STEPS, WARMUP = 30, 5
+
+
+def worker(mode: str) -> None:
+    import torch
+    from mpi4py import MPI
+
+    from hvdlm.config import ModelConfig
+    from hvdlm.model import GPT
+    from hvdlm.parallel.topology import Layout, make_tp_group
+
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    group = make_tp_group(Layout(world.Get_rank(), 2, 2), world)
+    vote = None
+    if mode != "no Horovod":
+        import horovod.torch as hvd
+
+        hvd.init(comm=world)
+        if mode == "Horovod + stop vote":
+            vote = torch.zeros(1, dtype=torch.int32)
+    cfg = ModelConfig(n_layer=4, n_head=4, d_model=128, seq_len=128, vocab_size=256)  # bench/plan_check.py's
+    torch.manual_seed(0)
+    model = GPT(cfg, group)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len + 1))
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    times = []
+    for i in range(WARMUP + STEPS):
+        world.Barrier()
+        start = time.perf_counter()
+        handle = hvd.allreduce_async_(vote, op=hvd.Max, name="vote") if vote is not None else None
+        model(x, y)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if handle is not None:
+            hvd.synchronize(handle)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+    slowest = world.allreduce(statistics.median(times), op=MPI.MAX)
+    if world.Get_rank() == 0:
+        print("RESULT " + json.dumps({"mode": mode, "ms": 1000 * slowest}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    from helpers import mpirun
+
+    results = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):  # interleaved, so a change in the machine's load touches every mode alike
+        for mode in MODES:
+            proc = mpirun(2, [sys.executable, str(Path(__file__).resolve()), "--worker", mode], timeout=300)
+            rows = [json.loads(line[7:]) for line in proc.out.splitlines() if line.startswith("RESULT ")]
+            if proc.code or not rows:
+                sys.exit(f"{mode}: the run failed\n{proc.out[-3000:]}")
+            results[mode].append(rows[0]["ms"])
+    lines = [
+        f"- model n_layer 4, d_model 128, seq_len 128, batch 4, TP=2 on 2 ranks, 1 thread "
+        f"each, median of {STEPS} steps (slower rank), {args.rounds} interleaved rounds; load average "
+        f"{os.getloadavg()[0]:.1f} at the end",
+        "",
+        "| mode | ms/step (median of rounds) | rounds |",
+        "|---|---|---|",
+    ]
+    for mode, values in results.items():
+        lines.append(f"| {mode} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    print("\n".join(lines))
+    if args.record:
+        import torch
+        from recording import record  # bench/ is on sys.path when this script runs
+
+        record("What Horovod's background thread costs a TP=2 step", lines, software=f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
