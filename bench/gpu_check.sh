@@ -8,8 +8,10 @@
 #   allreduce   a 1-rank Horovod NCCL allreduce (and broadcast, allgather) of CUDA tensors
 #   doctor      hvdlm doctor
 #   demo        jobs/demo.toml on the GPU with a checkpoint, then `--resume auto` continuing it
-#   hvdlm_gpt2  GPT-2-124M (jobs/gpt2-small.toml) in bf16 for ~50 steps: tokens/s and MFU from metrics.jsonl
-#   plain_gpt2  the same shape in bench/plain_gpt2.py (compile, fused AdamW, bf16), and the ratio hvdlm / plain
+#   hvdlm_gpt2  GPT-2-124M (jobs/gpt2-small.toml) in bf16 for ~50 steps: tokens/s and MFU from metrics.jsonl;
+#               5 steps profiled (train.profile_steps) into logs/hvdlm_gpt2_profile.txt
+#   plain_gpt2  the same shape in bench/plain_gpt2.py (compile, fused AdamW, bf16), and the ratio hvdlm / plain;
+#               its profile in logs/plain_gpt2_profile.txt, to compare line by line
 #   ddp         bench/ddp_baseline.py on one GPU (cuda + NCCL)
 #
 # Each phase runs under its own time limit (and the whole under GPU_CHECK_BUDGET_S), logs to $OUT/logs/PHASE.log,
@@ -45,17 +47,17 @@ if [ "$CPU_DRY" = 1 ]; then
     DEVICE=cpu
     GPT2_SETS=(model.n_layer=2 model.n_head=2 model.d_model=64 model.seq_len=64 model.vocab_size=512
         data.tokenizer=byte train.batch_size=4 train.accumulation_steps=1 train.max_steps=6 train.log_interval=2
-        train.warmup_steps=2 train.precision=bf16)
+        train.warmup_steps=2 train.precision=bf16 train.profile_steps=2)
     PLAIN_ARGS=(--device cpu --n-layer 2 --n-head 2 --d-model 64 --seq-len 64 --vocab 512 --real-vocab 256
-        --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile)
+        --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile --profile "$OUT/logs/plain_gpt2_profile.txt")
     DEMO_STEPS=(20 30)
 else
     DEVICE=cuda
     # GPT-2's shape and padded vocabulary; byte-level tokens (a 50257-token BPE takes minutes to train on the
     # corpus, and the speed depends on the shapes only). Micro-batch 16 x 1024 tokens, no accumulation.
     GPT2_SETS=(model.vocab_size=50304 data.tokenizer=byte train.batch_size=16 train.accumulation_steps=1
-        train.max_steps=60 train.log_interval=10 train.warmup_steps=10 train.precision=bf16)
-    PLAIN_ARGS=(--batch 16 --steps 50 --warmup 10 --dtype bf16)
+        train.max_steps=60 train.log_interval=10 train.warmup_steps=10 train.precision=bf16 train.profile_steps=5)
+    PLAIN_ARGS=(--batch 16 --steps 50 --warmup 10 --dtype bf16 --profile "$OUT/logs/plain_gpt2_profile.txt")
     DEMO_STEPS=(200 300)
 fi
 COMMON_SETS=(train.eval_interval=0 train.sample_tokens=0 train.tensorboard=false)
@@ -230,14 +232,16 @@ gpt2_hvdlm() {
     local -a args
     mapfile -t args < <(sets "${COMMON_SETS[@]}" "${GPT2_SETS[@]}")
     "$HVDLM" launch jobs/gpt2-small.toml --np 1 --run-dir "$run" "${args[@]}" || return 1
-    # The steady state: every logged interval but the first (compilation, warm-up).
+    # Where the step's time goes, beside the plain loop's (logs/plain_gpt2_profile.txt).
+    cp "$run/profile.txt" "$OUT/logs/hvdlm_gpt2_profile.txt" 2>/dev/null
+    # The steady state: every logged interval but the first two (compilation and warm-up; the profiled steps).
     "$PY" - "$run/metrics.jsonl" >"$WORK/hvdlm_gpt2.json" <<'PY'
 import json
 import statistics
 import sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"tokens_per_s"' in line]
-steady = rows[1:] or rows
+steady = rows[2:] or rows
 mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
 print(json.dumps({
     "impl": "hvdlm",

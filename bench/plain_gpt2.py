@@ -102,6 +102,23 @@ def peak_of(device: torch.device) -> float | None:
     return None
 
 
+def write_profile(path: str, one_step, device: torch.device, steps: int = 5) -> None:
+    """The operators (and on GPUs the kernels) of `steps` steps by their own time, as hvdlm's train.profile_steps
+    writes them, so that the two profiles of the GPU check compare line by line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(f"torch.profiler over {steps} step(s) of the plain loop, {device.type}; sorted by {sort}\n{table}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +139,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="", help="flat binary file of token ids to sample windows from")
     ap.add_argument("--tokens-dtype", default="uint16")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--profile", default="", help="after the timing, record 5 steps with torch.profiler into FILE")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -155,26 +173,34 @@ def main() -> None:
         return xy[:, :-1], xy[:, 1:]
 
     total = args.warmup + args.steps
-    x, y = batch()
+    batches = [batch()]  # the next micro-batch, prepared ahead
+
+    def one_step() -> torch.Tensor:
+        for _ in range(args.accumulation):
+            x, y = batches.pop()
+            with autocast:
+                loss = step_model(x, y) / args.accumulation
+            batches.append(batch())  # the next batch is prepared while the GPU runs this one's backward
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach() * args.accumulation
+
     losses = []
     for step in range(total):
         if step == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        for _ in range(args.accumulation):
-            with autocast:
-                loss = step_model(x, y) / args.accumulation
-            x, y = batch()  # the next batch is prepared while the GPU runs this one's backward
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = one_step()
         if step in (0, total - 1):
-            losses.append(loss.detach() * args.accumulation)  # read after the timing: no sync in the loop
+            losses.append(loss)  # read after the timing: no sync in the loop
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    if args.profile:  # after the timing, so the figures above are the profiler's free
+        write_profile(args.profile, one_step, device)
     tokens_per_s = B * T * args.accumulation * args.steps / elapsed
     flops_per_token = 6 * model.num_params() + 12 * args.n_layer * T * args.d_model  # as hvdlm (PaLM appendix B)
     peak = args.peak_tflops or peak_of(device)

@@ -116,6 +116,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest complete checkpoints kept in the run directory; 0 keeps all
     deterministic: bool = False  # torch's deterministic algorithms (GPU kernels; CPU fp32 is deterministic anyway)
     tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard (rank 0)
+    profile_steps: int = 0  # rank 0 records this many steps with torch.profiler: RUN_DIR/profile.txt
     peak_tflops: float = 0.0  # the device's peak for MFU, in TFLOP/s; 0: known GPUs by name, none on CPU
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
@@ -372,6 +373,7 @@ NON_NEGATIVE = (
     "train.seed",
     "train.checkpoint_interval",
     "train.sample_tokens",
+    "train.profile_steps",
     "train.threads",
     "launch.cycle_time_ms",
     "train.ema_decay",
@@ -568,6 +570,7 @@ _MAXIMA: dict[str, int] = {
     "train.max_skipped_steps": _STEPS,
     "train.eval_batches": 2**20,
     "train.sample_tokens": 2**20,
+    "train.profile_steps": _STEPS,
     "train.keep_checkpoints": 2**20,
     "train.threads": 4096,
     "train.seed": 2**63 - 1,  # torch.manual_seed takes a 64-bit integer

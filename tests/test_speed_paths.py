@@ -93,15 +93,25 @@ def eager_and_compiled(tmp_path_factory, job, cache_dir):
     for mode in ("off", "on"):
         run_dir = tmp_path_factory.mktemp(f"compile-{mode}") / "run"
         sets = ["--set", f"train.compile={mode}", "--set", "train.max_steps=10", "--set", "train.sample_tokens=0"]
+        if mode == "off":  # the eager run is also profiled (the profiler only observes)
+            sets += ["--set", "train.profile_steps=3"]
         r = run_cli("train", str(job), "--run-dir", str(run_dir), *sets, cache=cache_dir, timeout=600)
         assert r.code == 0, r.out[-3000:]
-        runs[mode] = (r.out, losses(run_dir))
+        runs[mode] = (r.out, losses(run_dir), run_dir)
     return runs
 
 
 def test_compiled_blocks_train_as_the_eager_model(eager_and_compiled):
-    (eager_out, eager), (compiled_out, compiled) = eager_and_compiled["off"], eager_and_compiled["on"]
+    (eager_out, eager, _), (compiled_out, compiled, _) = eager_and_compiled["off"], eager_and_compiled["on"]
     assert "(compiled)" in compiled_out and "(compiled)" not in eager_out
     assert len(eager) == len(compiled) == 10
     # Inductor fuses and reorders float operations, so the losses agree to rounding, not bit for bit.
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_train_profile_steps_writes_the_operators_of_the_recorded_steps(eager_and_compiled):
+    profile = (eager_and_compiled["off"][2] / "profile.txt").read_text()
+    # log_interval 1: steps 2, 3 and 4 are recorded (the first one, with its warm-up, is not).
+    assert profile.startswith("torch.profiler over 3 step(s) from step 2, rank 0, cpu;")
+    assert "aten::mm" in profile or "aten::addmm" in profile  # the model's matmuls, recorded
+    assert not (eager_and_compiled["on"][2] / "profile.txt").exists()  # off by default

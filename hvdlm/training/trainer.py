@@ -56,6 +56,7 @@ from hvdlm.training.optim import clip_gradients, distributed_optimizer, lr_at
 from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
+from hvdlm.training.profiling import StepProfiler
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
 from hvdlm.training.watchdog import Watchdog, start_watchdog
 from hvdlm.training.zero import ZeroOptimizer, zero_note
@@ -86,8 +87,14 @@ def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | Non
         if elastic.enabled():  # under horovodrun --min-np/--max-np: the steps under hvd.elastic.run
             elastic.run_steps(trainer, watchdog, run_step)
         else:
-            for step in range(trainer.first_step, cfg.train.max_steps):
-                run_step(trainer, watchdog, step)
+            t = cfg.train
+            profiler = StepProfiler(
+                t.profile_steps, t.log_interval, trainer.first_step, trainer.run_dir, trainer.device, hvd.rank()
+            )
+            for step in range(trainer.first_step, t.max_steps):
+                with profiler.around(step):
+                    run_step(trainer, watchdog, step)
+            profiler.finish()  # the run ended before the last recorded step
     finally:
         trainer.logger.close()
     watchdog.beat("finish", cfg.train.max_steps)
