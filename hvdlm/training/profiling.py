@@ -1,10 +1,12 @@
 """train.profile_steps: rank 0 records that many whole steps with torch.profiler and writes RUN_DIR/profile.txt, the
 operators (and on GPUs the kernels) by their own time, so that a slow step can be taken apart without editing
-code. The recording starts after the first log interval: compilation and warm-up are over by then."""
+code. The recording starts after the run's first log interval (a resumed run's too): compilation and warm-up are
+over by then."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ class StepProfiler:
 
     def __init__(self, steps: int, log_interval: int, first_step: int, run_dir: Path, device: torch.device, rank: int):
         self.steps, self.run_dir, self.device = steps, run_dir, device
-        self.start = max(first_step, log_interval)
+        self.start = first_step + log_interval  # the loop's step index (its log numbers the step start + 1)
         self.enabled = steps > 0 and rank == 0
         self._profile: torch.profiler.profile | None = None
         self._recorded = 0
@@ -51,4 +53,7 @@ class StepProfiler:
             f"torch.profiler over {self._recorded} step(s) from step {self.start + 1}, rank 0, {self.device.type}; "
             f"sorted by {sort}; totals are for all {self._recorded} step(s)\n"
         )
-        (self.run_dir / "profile.txt").write_text(header + table + "\n")
+        try:
+            (self.run_dir / "profile.txt").write_text(header + table + "\n")
+        except OSError as e:  # a full or read-only disk costs the profile, not the run
+            print(f"warning: the profile was not written ({e})", file=sys.stderr, flush=True)
