@@ -27,7 +27,7 @@ class StepProfiler:
 
     @contextlib.contextmanager
     def around(self, step: int):
-        if self.enabled and self._profile is None and self._recorded == 0 and step >= self.start:
+        if self.enabled and step == self.start:  # the loop's steps are consecutive from first_step <= start
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
