@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: on one machine with one NVIDIA H100/H200 (torch + CUDA, mpi4py, nvcc, cmake; no Horovod, no
-# network), in under 8 minutes, from files carried with the tree (bench/gpu_carry.sh fills bench/gpu-carry/):
+# network), in under 9 minutes, from files carried with the tree (bench/gpu_carry.sh fills bench/gpu-carry/):
 #
 #   facts       GPU, driver, CUDA, NCCL, cmake, gcc, MPI, Python, torch
 #   setup       Horovod's NCCL build through hvdlm/install/setup.sh itself, offline (HVDLM_OFFLINE=1)
@@ -13,6 +13,8 @@
 #   plain_gpt2  the same shape in bench/plain_gpt2.py (compile, fused AdamW, bf16), and the ratio hvdlm / plain;
 #               its profile in logs/plain_gpt2_profile.txt, to compare line by line
 #   ddp         bench/ddp_baseline.py on one GPU (cuda + NCCL)
+#   split       where the gap between the two lies: the plain loop with hvdlm's model (compiled as its trainer
+#               does, and compiled whole), and the plain loop with the trainer's one host read a step
 #
 # Each phase runs under its own time limit (and the whole under GPU_CHECK_BUDGET_S), logs to $OUT/logs/PHASE.log,
 # and the script goes on past failures: $OUT/summary.md records every phase's result and figures.
@@ -30,7 +32,7 @@ cd "$ROOT" || exit 1
 OUT=${OUT:-$ROOT/runs/gpu-check}
 CARRY=${GPU_CARRY:-$ROOT/bench/gpu-carry}
 VENV=${HVDLM_VENV:-$ROOT/.venv}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-460}  # under 8 minutes with room for start-up
+BUDGET_S=${GPU_CHECK_BUDGET_S:-530}  # under 9 minutes, inside one device call's 10
 CPU_DRY=0
 [ "${1:-}" = --cpu-dry ] && CPU_DRY=1
 mkdir -p "$OUT/logs"
@@ -51,6 +53,8 @@ if [ "$CPU_DRY" = 1 ]; then
     PLAIN_ARGS=(--device cpu --n-layer 2 --n-head 2 --d-model 64 --seq-len 64 --vocab 512 --real-vocab 256
         --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile --profile "$OUT/logs/plain_gpt2_profile.txt")
     DEMO_STEPS=(20 30)
+    SPLIT_ARGS=(--device cpu --n-layer 2 --n-head 2 --d-model 64 --seq-len 64 --vocab 512 --real-vocab 256
+        --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile)
 else
     DEVICE=cuda
     # GPT-2's shape and padded vocabulary; byte-level tokens (a 50257-token BPE takes minutes to train on the
@@ -59,6 +63,7 @@ else
         train.max_steps=60 train.log_interval=10 train.warmup_steps=10 train.precision=bf16 train.profile_steps=5)
     PLAIN_ARGS=(--batch 16 --steps 50 --warmup 10 --dtype bf16 --profile "$OUT/logs/plain_gpt2_profile.txt")
     DEMO_STEPS=(200 300)
+    SPLIT_ARGS=(--batch 16 --steps 30 --warmup 10 --dtype bf16)
 fi
 COMMON_SETS=(train.eval_interval=0 train.sample_tokens=0 train.tensorboard=false)
 
@@ -259,6 +264,16 @@ gpt2_plain() {
     "$PY" bench/plain_gpt2.py "${PLAIN_ARGS[@]}" | tee "$WORK/plain_gpt2.json"
 }
 
+# The plain loop, changed one way at a time towards hvdlm: its model (compiled by parts, as hvdlm's trainer does,
+# then whole), and a host read of loss and gradient norm each step (hvdlm's skip check).
+split_check() {
+    local variant
+    for variant in "--model hvdlm --compile-parts" "--model hvdlm" "--sync-each-step"; do
+        # shellcheck disable=SC2086  # the variant's words are separate arguments
+        "$PY" bench/plain_gpt2.py "${SPLIT_ARGS[@]}" $variant | tail -n 1 | tee -a "$WORK/split.jsonl" || return 1
+    done
+}
+
 ddp_check() {
     local -a args
     mapfile -t args < <(sets "${COMMON_SETS[@]}" train.max_steps=30)
@@ -294,6 +309,7 @@ phase hvdlm_gpt2 150 gpt2_hvdlm
 phase plain_gpt2 150 gpt2_plain
 phase demo 120 demo_check
 phase ddp 60 ddp_check
+phase split 150 split_check
 
 # ---------------------------------------------------------------------------------------------------------
 {
@@ -303,7 +319,7 @@ phase ddp 60 ddp_check
     echo '```'
     cat "$OUT/logs/facts.log" 2>/dev/null
     echo '```'
-    "$PY" - "$WORK/hvdlm_gpt2.json" "$WORK/plain_gpt2.json" <<'PY'
+    "$PY" - "$WORK/hvdlm_gpt2.json" "$WORK/plain_gpt2.json" "$WORK/split.jsonl" <<'PY'
 import json
 import sys
 
@@ -319,6 +335,13 @@ for row in (h, p):
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
         print(f"- {row['impl']}: {row['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
               f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}")
+try:
+    split = [json.loads(line) for line in open(sys.argv[3]) if line.startswith("{")]
+except OSError:
+    split = []
+for row in split:  # the same loop, one change at a time towards hvdlm (fewer steps: 30 timed)
+    ratio = f", {row['tokens_per_s'] / p['tokens_per_s']:.3f} of plain" if p else ""
+    print(f"- {row['impl']}: {row['tokens_per_s']:,.0f} tokens/s{ratio}")
 if h and p:
     print(f"- ratio hvdlm / plain: {h['tokens_per_s'] / p['tokens_per_s']:.3f} (target >= 0.95; >= 450K tokens/s)")
 else:

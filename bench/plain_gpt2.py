@@ -83,10 +83,6 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))  # (B, T, V)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def num_params(self) -> int:
-        """Parameters in matmuls: all but the position table (nanoGPT's non-embedding count; wte is the head)."""
-        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-
 
 # Peak dense bf16 TFLOP/s (datasheets, no sparsity), for MFU; --peak-tflops overrides.
 PEAKS = {"H100 NVL": 835.0, "H100 PCIe": 756.5, "H100": 989.4, "H200 NVL": 835.0, "H200": 989.4, "A100": 312.0}
@@ -100,6 +96,27 @@ def peak_of(device: torch.device) -> float | None:
         if key.lower() in name.lower():
             return value
     return None
+
+
+def make_model(args) -> nn.Module:
+    if args.model == "plain":
+        return GPT(args.vocab, args.seq_len, args.n_layer, args.n_head, args.d_model)
+    from hvdlm.config import ModelConfig
+    from hvdlm.model.gpt import GPT as HvdlmGPT
+
+    shape = ModelConfig(args.n_layer, args.n_head, args.d_model, args.seq_len, args.vocab)
+    return HvdlmGPT(shape)
+
+
+def variant_name(args) -> str:
+    name = "plain"
+    if args.model == "hvdlm":
+        name += " (hvdlm's model, compile_parts)" if args.compile_parts else " (hvdlm's model)"
+    return name + (" + a host read each step" if args.sync_each_step else "")
+
+
+def loss_of(out) -> torch.Tensor:
+    return out[1] if isinstance(out, tuple) else out  # hvdlm's model returns (logits, loss)
 
 
 def write_profile(path: str, one_step, device: torch.device, steps: int = 5) -> None:
@@ -140,6 +157,11 @@ def main() -> None:
     ap.add_argument("--tokens-dtype", default="uint16")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--profile", default="", help="after the timing, record 5 steps with torch.profiler into FILE")
+    # What splits hvdlm's gap to this loop: its model in this loop, compiled as its trainer does, and this loop with
+    # the trainer's one host read a step (the skip check of a non-finite loss or gradient norm).
+    ap.add_argument("--model", choices=("plain", "hvdlm"), default="plain", help="hvdlm: hvdlm.model.gpt.GPT")
+    ap.add_argument("--compile-parts", action="store_true", help="hvdlm's model: compile_parts() as its trainer")
+    ap.add_argument("--sync-each-step", action="store_true", help="read loss and norm on the host each step")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -147,13 +169,15 @@ def main() -> None:
     # TF32 for what stays in fp32 (nanoGPT, llm.c): no effect on the bf16 matmuls.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = GPT(args.vocab, args.seq_len, args.n_layer, args.n_head, args.d_model).to(device)
+    model = make_model(args).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda"  # one kernel for the whole update (CPU: the default foreach path)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-    step_model = torch.compile(model) if args.compile else model
+    if args.compile and args.compile_parts:
+        model.compile_parts()  # each block, and the head with the loss (hvdlm's trainer on GPUs)
+    step_model = torch.compile(model) if args.compile and not args.compile_parts else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     B, T, real_vocab = args.batch, args.seq_len, min(args.real_vocab, args.vocab)
@@ -179,10 +203,12 @@ def main() -> None:
         for _ in range(args.accumulation):
             x, y = batches.pop()
             with autocast:
-                loss = step_model(x, y) / args.accumulation
+                loss = loss_of(step_model(x, y)) / args.accumulation
             batches.append(batch())  # the next batch is prepared while the GPU runs this one's backward
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.sync_each_step:  # as hvdlm.training.trainer._non_finite: one wait for the device
+            torch.stack([torch.isfinite(loss), torch.isfinite(norm)]).tolist()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach() * args.accumulation
@@ -202,12 +228,14 @@ def main() -> None:
     if args.profile:  # after the timing, so the figures above are the profiler's free
         write_profile(args.profile, one_step, device)
     tokens_per_s = B * T * args.accumulation * args.steps / elapsed
-    flops_per_token = 6 * model.num_params() + 12 * args.n_layer * T * args.d_model  # as hvdlm (PaLM appendix B)
+    # Parameters in matmuls: all but the position table (nanoGPT's non-embedding count; the tied head counts once).
+    matmul_params = sum(p.numel() for p in model.parameters()) - args.seq_len * args.d_model
+    flops_per_token = 6 * matmul_params + 12 * args.n_layer * T * args.d_model  # as hvdlm (PaLM appendix B)
     peak = args.peak_tflops or peak_of(device)
     row = {
-        "impl": "plain",
+        "impl": variant_name(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "params_M": round(model.num_params() / 1e6, 2),
+        "params_M": round(matmul_params / 1e6, 2),
         "tokens_per_s": round(tokens_per_s, 1),
         "ms_per_step": round(1000 * elapsed / args.steps, 2),
         "mfu": round(tokens_per_s * flops_per_token / (peak * 1e12), 4) if peak else None,
