@@ -16,8 +16,10 @@
 #   split       where the gap between the two lies: the plain loop with hvdlm's model (compiled as its trainer
 #               does, and compiled whole), and the plain loop with the trainer's one host read a step
 #
-# Each phase runs under its own time limit (and the whole under GPU_CHECK_BUDGET_S), logs to $OUT/logs/PHASE.log,
-# and the script goes on past failures: $OUT/summary.md records every phase's result and figures.
+# Each phase runs under its own time limit (and the whole under GPU_CHECK_BUDGET_S), logs to logs/PHASE.log,
+# and the script goes on past failures: $OUT/summary.md records every phase's result and figures, and
+# $OUT/logs.tar.gz holds the logs and both profiles (the device tool brings back 8 files at most; the runs' own
+# files stay in a work folder beside $OUT). GPU_CHECK_PHASES="setup hvdlm_gpt2 ..." runs those phases only.
 #
 #   OUT=/tmp/out bash bench/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/out bash bench/gpu_check.sh --cpu-dry  # the same logic on a CPU with tiny shapes, no build
@@ -37,7 +39,7 @@ CPU_DRY=0
 [ "${1:-}" = --cpu-dry ] && CPU_DRY=1
 mkdir -p "$OUT/logs"
 SUMMARY=$OUT/summary.md
-WORK=$OUT/work
+WORK=${GPU_CHECK_WORK:-$OUT.work}
 mkdir -p "$WORK"
 export HVDLM_CACHE=${HVDLM_CACHE:-$WORK/cache}  # corpora prepared on first use, apart from the user's cache
 export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -76,6 +78,10 @@ sets() { local s; for s in "$@"; do printf -- '--set\n%s\n' "$s"; done; }
 phase() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${GPU_CHECK_PHASES:-}" ] && [[ " $GPU_CHECK_PHASES " != *" $name "* ]]; then
+        note "| $name | SKIPPED | 0 s | not in GPU_CHECK_PHASES |"
+        return 0
+    fi
     local left=$((BUDGET_S - ($(date +%s) - START)))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 10 ]; then
@@ -300,7 +306,7 @@ PY=$VENV/bin/python
 HVDLM=$VENV/bin/hvdlm
 export PATH=$VENV/bin:$PATH
 phase check_build 60 horovodrun --check-build
-if [ "$CPU_DRY" = 0 ] && ! grep -Eq '\[X\] NCCL' "$OUT/logs/check_build.log"; then
+if [ "$CPU_DRY" = 0 ] && [ -f "$OUT/logs/check_build.log" ] && ! grep -Eq '\[X\] NCCL' "$OUT/logs/check_build.log"; then
     note "| check_build | FAIL | - | NCCL is not among Horovod's tensor operations |"
 fi
 phase allreduce 60 allreduce_check
@@ -351,5 +357,6 @@ PY
     echo "Unproven with one GPU: data parallelism across GPUs (NCCL refuses two ranks on one GPU), CUDA-aware MPI"
     echo "and the TP/DP collectives between GPUs."
 } >>"$SUMMARY"
-say "total $(($(date +%s) - START)) s; summary: $SUMMARY"
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
+say "total $(($(date +%s) - START)) s; summary: $SUMMARY; logs and profiles: $OUT/logs.tar.gz"
 cat "$SUMMARY"

@@ -120,6 +120,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # the device's peak for MFU, in TFLOP/s; 0: known GPUs by name, none on CPU
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
+    fused_optimizer: Switch = "auto"  # one kernel updates every parameter, a skip decided on the device; auto: GPUs
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
     zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1); 2: gradients too (ZeRO-2); 0: replicated
     zero_bucket_mb: float = 25.0  # ZeRO-2: gradient bucket size, reduce-scattered during backward as each fills

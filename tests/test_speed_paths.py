@@ -71,6 +71,29 @@ def test_fused_adamw_follows_the_plain_one():
         assert losses[0] == pytest.approx(losses[1], rel=1e-5), step
 
 
+def test_fused_adamw_skips_a_flagged_step_on_the_device_and_takes_the_others_exactly():
+    """What hvdlm.training.verdict relies on: found_inf = 1 leaves weights, moments and step count as they were;
+    found_inf = 0 is the plain fused step, bit for bit."""
+    torch.manual_seed(0)
+    flagged, plain = GPT(ODD), GPT(ODD)
+    plain.load_state_dict(flagged.state_dict())
+    cfg = TrainConfig()
+    opt_flagged, opt_plain = make_optimizer(flagged, cfg, fused=True), make_optimizer(plain, cfg, fused=True)
+    for step, found_inf in enumerate((0.0, 1.0, 0.0)):
+        x, y = _batch(300, step)
+        for model, optimizer in ((flagged, opt_flagged), (plain, opt_plain)):
+            model(x, y)[1].backward()
+        opt_flagged.found_inf = torch.tensor(found_inf)
+        opt_flagged.step()
+        if not found_inf:
+            opt_plain.step()
+        for optimizer in (opt_flagged, opt_plain):
+            optimizer.zero_grad()
+        for a, b in zip(flagged.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(opt_flagged.state[a], opt_plain.state[b], rtol=0, atol=0)
+
+
 def test_the_foreach_ema_is_the_per_tensor_lerp():
     torch.manual_seed(0)
     model = GPT(ODD)
@@ -93,6 +116,8 @@ def eager_and_compiled(tmp_path_factory, job, cache_dir):
     for mode in ("off", "on"):
         run_dir = tmp_path_factory.mktemp(f"compile-{mode}") / "run"
         sets = ["--set", f"train.compile={mode}", "--set", "train.max_steps=10", "--set", "train.sample_tokens=0"]
+        if mode == "on":  # and fused AdamW, which skips on the device: the GPU's defaults
+            sets += ["--set", "train.fused_optimizer=on"]
         if mode == "off":  # the eager run is also profiled (the profiler only observes)
             sets += ["--set", "train.profile_steps=3"]
         r = run_cli("train", str(job), "--run-dir", str(run_dir), *sets, cache=cache_dir, timeout=600)
@@ -101,12 +126,29 @@ def eager_and_compiled(tmp_path_factory, job, cache_dir):
     return runs
 
 
-def test_compiled_blocks_train_as_the_eager_model(eager_and_compiled):
+def test_the_compiled_model_trains_as_the_eager_model(eager_and_compiled):
+    """One rank compiles the whole model (hvdlm.training.trainer._speed_up), with GPU defaults here on the CPU."""
     (eager_out, eager, _), (compiled_out, compiled, _) = eager_and_compiled["off"], eager_and_compiled["on"]
     assert "(compiled)" in compiled_out and "(compiled)" not in eager_out
     assert len(eager) == len(compiled) == 10
-    # Inductor fuses and reorders float operations, so the losses agree to rounding, not bit for bit.
+    # Inductor fuses and reorders float operations, and the fused AdamW rounds apart from the foreach one, so the
+    # losses agree to rounding, not bit for bit.
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_compiled_parts_compute_the_eager_loss_and_gradients():
+    """Data-parallel ranks compile by parts (each block, and the head with the loss), so that Horovod's hooks
+    fire as each block's backward ends."""
+    torch.manual_seed(0)
+    eager, parts = GPT(ODD), GPT(ODD)
+    parts.load_state_dict(eager.state_dict())
+    parts.compile_parts()
+    x, y = _batch(300)
+    for model in (eager, parts):
+        model(x, y)[1].backward()
+    torch.testing.assert_close(parts(x, y)[1], eager(x, y)[1], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), parts.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_train_profile_steps_writes_the_operators_of_the_recorded_steps(eager_and_compiled):

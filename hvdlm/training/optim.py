@@ -23,14 +23,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW or SGD. `fused` (one kernel updating every parameter, as nanoGPT and llm.c do) defaults to on for
-    GPU parameters. On CPUs the fused kernel rounds differently from the per-tensor one, enough to move a
-    data-parallel run past 1e-5 of the single-rank reference (tests/test_tp_training.py), for no measured gain."""
+    """AdamW or SGD. `fused` (one kernel updating every parameter, as nanoGPT and llm.c do) follows
+    train.fused_optimizer, whose auto is on for GPU parameters. On CPUs the fused kernel rounds differently from
+    the per-tensor one, enough to move a data-parallel run past 1e-5 of the single-rank reference
+    (tests/test_tp_training.py), for no measured gain."""
     return optimizer_over(param_groups(model, cfg.weight_decay), cfg, fused)
 
 
 def optimizer_over(groups: list[dict], cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
     """make_optimizer's AdamW or SGD over given parameter groups (ZeRO's are slices of flat buffers)."""
+    if fused is None:
+        fused = {"on": True, "off": False}.get(cfg.fused_optimizer)
     if fused is None:
         devices = {p.device.type for g in groups for p in g["params"]}
         fused = True if devices == {"cuda"} else None  # None: torch's default
