@@ -3,6 +3,7 @@ forward, backward and AdamW step timed without Horovod, with Horovod initialised
 as in every hvdlm rank), and with Horovod plus the trainer's per-step stop vote (an asynchronous allreduce).
 
     python bench/tp_horovod.py              # 3 rounds of each, medians; --record appends them to RESULTS.md
+    python bench/tp_horovod.py --cycles 5,50  # the stop vote's mode under each HOROVOD_CYCLE_TIME (ms)
 
 The TP collectives run on mpi4py in the main thread; Horovod's background thread coordinates with the other
 ranks over MPI every HOROVOD_CYCLE_TIME (5 ms, as `hvdlm launch` sets for CPU ranks), and a TP collective that
@@ -28,7 +29,9 @@ MODES = ("no Horovod", "Horovod initialised", "Horovod + stop vote")
 STEPS, WARMUP = 30, 5
 
 
-def worker(mode: str) -> None:
+def worker(mode: str, cycle_ms: float | None = None) -> None:
+    if cycle_ms is not None:  # read by hvd.init; `hvdlm launch` (and tests/helpers.mpirun) set 5 for CPU ranks
+        os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
     import torch
     from mpi4py import MPI
 
@@ -73,20 +76,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    p.add_argument("--cycles", default="", help="comma-separated HOROVOD_CYCLE_TIME values (ms) for the vote mode")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--cycle", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.cycle)
     from helpers import mpirun
 
-    results = {mode: [] for mode in MODES}
+    # (label, worker mode, cycle time or None for the launcher's)
+    runs = [(mode, mode, None) for mode in MODES]
+    if args.cycles:
+        cycles = [float(c) for c in args.cycles.split(",")]
+        runs = [(MODES[0], MODES[0], None)] + [(f"{MODES[2]}, cycle {c:g} ms", MODES[2], c) for c in cycles]
+    results = {label: [] for label, _, _ in runs}
     for _ in range(args.rounds):  # interleaved, so a change in the machine's load touches every mode alike
-        for mode in MODES:
-            proc = mpirun(2, [sys.executable, str(Path(__file__).resolve()), "--worker", mode], timeout=300)
+        for label, mode, cycle in runs:
+            extra = ["--cycle", str(cycle)] if cycle is not None else []
+            proc = mpirun(2, [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *extra], timeout=300)
             rows = [json.loads(line[7:]) for line in proc.out.splitlines() if line.startswith("RESULT ")]
             if proc.code or not rows:
-                sys.exit(f"{mode}: the run failed\n{proc.out[-3000:]}")
-            results[mode].append(rows[0]["ms"])
+                sys.exit(f"{label}: the run failed\n{proc.out[-3000:]}")
+            results[label].append(rows[0]["ms"])
     lines = [
         f"- model n_layer 4, d_model 128, seq_len 128, batch 4, TP=2 on 2 ranks, 1 thread "
         f"each, median of {STEPS} steps (slower rank), {args.rounds} interleaved rounds; load average "

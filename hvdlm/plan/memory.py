@@ -102,18 +102,24 @@ def memory(
     # The last stage's logits for one micro-batch: 16-bit from the head, an fp32 copy for the cross-entropy
     # (6 bytes per logit; each TP rank holds its vocabulary shard).
     logits = 6 * s * b * counts.vocab_rows_per_rank(m.vocab_size, tp)
-    best = None
+    per_layer = layer_activation_bytes(m, b, tp, recompute)
+    # Pipeline stages receive and send one activation (s b h, 16-bit) per direction.
+    buffers = RUNTIME_BYTES + (4 * s * b * h if pp > 1 else 0)
+    # Most stages hold equal parameter counts: their states are counted once (the planner weighs thousands of
+    # layouts of up to 128 stages in under half a second).
+    states: dict[int, tuple[float, float, float]] = {}
+    best, best_total = None, -1.0
     for stage, layers in enumerate(per_stage):
-        weights, grads, state = state_bytes(params[stage], accounting, zero, dp, optimizer)
+        if params[stage] not in states:
+            states[params[stage]] = state_bytes(params[stage], accounting, zero, dp, optimizer)
+        weights, grads, state = states[params[stage]]
         # Micro-batches the stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0 holds p), GPipe
         # runs every forward first (m), and without stages each backward frees its forward's (1).
         flight = 1 if pp == 1 else microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
-        held = layers * layer_activation_bytes(m, b, tp, recompute) * flight
-        acts = held + working + (logits if stage == pp - 1 else 0)
-        # Pipeline stages receive and send one activation (s b h, 16-bit) per direction.
-        buffers = RUNTIME_BYTES + (4 * s * b * h if pp > 1 else 0)
-        entry = Memory(weights, grads, state, acts, buffers, stage)
-        if best is None or entry.total > best.total:
-            best = entry
+        acts = layers * per_layer * flight + working + (logits if stage == pp - 1 else 0)
+        total = weights + grads + state + acts + buffers
+        if total > best_total:
+            best, best_total = (weights, grads, state, acts, stage), total
     assert best is not None
-    return best
+    weights, grads, state, acts, stage = best
+    return Memory(weights, grads, state, acts, buffers, stage)

@@ -127,7 +127,7 @@ class StepOutcome:
     loss: torch.Tensor  # this rank's mean over its micro-batches
     grad_norm: torch.Tensor
     verdict: Verdict  # whether the step was skipped (a non-finite loss or gradient norm), read when first asked
-    counted: bool = False  # the verdict is in progress["skipped_in_a_row"] (Trainer.count)
+    counted: bool = False  # the verdict is in progress["skipped_in_a_row"] (Trainer._count)
 
     @property
     def problem(self) -> str | None:
@@ -216,10 +216,10 @@ class Trainer:
         if self.skips_on_device:
             self.pending = outcome
         else:
-            self.count(outcome)
+            self._count(outcome)
         return outcome
 
-    def count(self, outcome: StepOutcome) -> None:
+    def _count(self, outcome: StepOutcome) -> None:
         """A step's verdict, counted once: skips in a row, a row for a skipped step, and the stop vote once
         train.max_skipped_steps are skipped in a row."""
         if outcome.counted:
@@ -244,7 +244,7 @@ class Trainer:
         previous = self.pending
         if previous is None:
             return
-        self.count(previous)
+        self._count(previous)
         if self.vote.local == Stop.NON_FINITE:
             self.vote.result()  # this step's vote, in flight on every rank
             raise self._too_many_skipped(previous.done)
@@ -334,7 +334,7 @@ class Trainer:
             # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch. Every rank joins,
             # whatever its own step did (local SGD and fp16 replicas may differ on skipping).
             mean_loss = hvd.allreduce(outcome.loss, op=hvd.Average, name="train_loss").item()
-            self.count(outcome)  # read now: the loss above waited for the step anyway
+            self._count(outcome)  # read now: the loss above waited for the step anyway
             if outcome.problem is None:  # a skipped step has its own row
                 self._log_row(outcome, mean_loss)
             self.logger.advance(0, mean_loss)
@@ -403,7 +403,7 @@ class Trainer:
         if reason == Stop.WRITE_FAILED:
             self.raise_write_failure()
         if self.pending is not None and (reason != Stop.NO or self.stop_requested or self.checkpoints.due(done)):
-            self.count(self.pending)  # a checkpoint holds the count of skipped steps, and a stop reports it
+            self._count(self.pending)  # a checkpoint holds the count of skipped steps, and a stop reports it
         # Synchronous fp32/bf16 replicas judge by one averaged gradient, so they count skips alike and stop at
         # once. Local SGD replicas judge their own steps, and with fp16 the scaler's overflows are not counted
         # but a rank's own non-finite loss is: those stop one step after the first rank asks.
