@@ -207,7 +207,7 @@ def main() -> None:
             batches.append(batch())  # the next batch is prepared while the GPU runs this one's backward
             loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if args.sync_each_step:  # as hvdlm.training.trainer._non_finite: one wait for the device
+        if args.sync_each_step:  # a skip decided on the host (hvdlm.training.verdict): one wait for the device
             torch.stack([torch.isfinite(loss), torch.isfinite(norm)]).tolist()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

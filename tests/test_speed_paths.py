@@ -109,8 +109,7 @@ def test_the_foreach_ema_is_the_per_tensor_lerp():
 
 @pytest.fixture(scope="module")
 def eager_and_compiled(tmp_path_factory, job, cache_dir):
-    """The tiny job for 10 steps, eager and compiled (every block, and the head with the loss; torch.compile on the
-    CPU)."""
+    """The tiny job for 10 steps on one rank, eager and compiled (the whole model; torch.compile on the CPU)."""
 
     runs = {}
     for mode in ("off", "on"):
