@@ -17,14 +17,16 @@ payload bytes of the step's TP and pipeline collectives (tp_bytes_per_step, pp_b
   each fp32 layout's time is its rank's FLOPs per step (the pipeline: m + p - 1 slots of the
   slowest stage, the bubble) at that rate, scaled by how fast the layout's ranks compute at the time against the
   calibration run's rank, plus its messages: each a synchronisation between computing ranks, their payload at a
-  4 MB allreduce's rate (the TP collectives, the pipeline messages), and on 2 ranks its Horovod allreduces (the
-  logged loss every step; with DP the gradients, 4 bytes a parameter), each as long as one measured between
-  computing ranks (Horovod's background cycles). These are probed just before each layout runs, on this machine
-  as it is loaded then: four 256 x 256 matmuls a loop on the layout's ranks, alone, then with an MPI allreduce of
-  256 KB (a TP collective's size here) after each, beyond its payload time, and with a Horovod one; a 4 MB
-  allreduce. Horovod is initialised in the probe, as in every hvdlm rank: its background thread's coordination
-  every HOROVOD_CYCLE_TIME delays the main thread's MPI calls (bench/tp_horovod.py: TP=2 steps 40-48 ms without
-  Horovod, 52-69 ms with it).
+  4 MB allreduce's rate (the TP collectives, the pipeline messages), and on 2 ranks the logged loss every step
+  (hvdlm.parallel.jobwide: one more synchronisation with TP or pipeline stages, which send it over MPI; a Horovod
+  allreduce without) and with DP the gradients (a Horovod allreduce, and 4 bytes a parameter); a Horovod allreduce
+  as long as one measured between computing ranks (Horovod's background cycles). These are probed just before
+  each layout runs, on this machine as it is loaded then: four 256 x 256 matmuls a loop on the layout's ranks,
+  alone, then with an MPI allreduce of 256 KB (a TP collective's size here) after each, beyond its payload time,
+  and with a Horovod one; a 4 MB allreduce. Horovod is initialised in the probe, as in every hvdlm rank, and at
+  the cycle the layout's ranks run it with (topology.IDLE_CYCLE_MS for one replica): its background thread's
+  coordination every HOROVOD_CYCLE_TIME delays the main thread's MPI calls (bench/tp_horovod.py: TP=2 steps 40-48
+  ms without Horovod, 52-69 ms with it at 5 ms).
   The fp32 layouts run in --repeats rounds (2), and each keeps its fastest round with that round's probe: on a
   machine shared with other jobs the load only ever adds time.
   FLOPs per token: 6 x the rank's matmul parameters + 12 L_s T d / p (attention, as hvdlm.training.flops counts
@@ -54,6 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from hvdlm.config import ModelConfig, load_config  # noqa: E402
 from hvdlm.parallel.split import stage_layers  # noqa: E402
+from hvdlm.parallel.topology import IDLE_CYCLE_MS  # noqa: E402
 from hvdlm.plan import counts  # noqa: E402
 
 MB = 1024**2
@@ -75,7 +78,7 @@ class Machine:
         return payload / self.bytes_per_s + messages * self.latency_s
 
 
-def probe_worker() -> None:
+def probe_worker(cycle_ms: float) -> None:
     """On 1 or 2 MPI ranks: seconds per iteration of a matmul loop (four 256 x 256, one thread) alone, and with a
     256 KB allreduce after each iteration (2 ranks: the excess beyond its payload time is what one synchronisation
     costs between computing ranks); the time of a 4 MB allreduce. Medians of 9 rounds, about 3 s in all (the load
@@ -122,6 +125,8 @@ def probe_worker() -> None:
         # rank, and a synchronisation of the main thread that meets one waits for it.
         import horovod.torch as hvd
 
+        if cycle_ms:
+            os.environ["HOROVOD_CYCLE_TIME"] = f"{cycle_ms:g}"  # as init_topology sets it for one replica
         hvd.init(comm=comm)
     loop(True, 20)  # warm-up
     rounds = [(loop(False), loop(True), allreduce_big()) for _ in range(9)]
@@ -133,10 +138,12 @@ def probe_worker() -> None:
         print("PROBE " + json.dumps({**found, "large_s": large}))
 
 
-def probe_machine(ranks: int) -> Machine:
+def probe_machine(ranks: int, cycle_ms: float = 0.0) -> Machine:
+    """The probe on `ranks` ranks, Horovod's cycle at `cycle_ms` (0: as the launch sets it)."""
     from helpers import mpirun
 
-    proc = mpirun(ranks, [sys.executable, str(Path(__file__).resolve()), "--probe-worker"], timeout=300)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--probe-worker", f"{cycle_ms:g}"]
+    proc = mpirun(ranks, argv, timeout=300)
     rows = [json.loads(line[6:]) for line in proc.out.splitlines() if line.startswith("PROBE ")]
     if proc.code or not rows:
         sys.exit(f"the machine probe failed\n{proc.out[-3000:]}")
@@ -214,6 +221,14 @@ class Layout:
     def setting(self, key: str, default: str) -> str:
         found = [s.split("=", 1)[1] for s in self.sets if s.split("=", 1)[0] == key]
         return found[-1] if found else default
+
+    @property
+    def horovod_cycle_ms(self) -> float:
+        """Horovod's cycle in this layout's ranks: IDLE_CYCLE_MS with one replica of several ranks and no ZeRO
+        (init_topology), else 0 (as the launch sets it)."""
+        model_parallel = int(self.setting("parallel.tp", "1")) * int(self.setting("parallel.pp", "1"))
+        alone = model_parallel > 1 and self.ranks == model_parallel and self.setting("train.zero", "0") == "0"
+        return IDLE_CYCLE_MS if alone else 0.0
 
 
 LAYOUTS = [
@@ -306,10 +321,12 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> d
     messages += 2 * m if pp > 1 else 0  # a stage's exchanges: one a micro-batch each way (rank 0: forward only)
     # A ring allreduce sends 2 (p - 1) / p of the payload a rank, as the measured 4 MB allreduce did (p = 2).
     comm_s = machine.seconds(tp_bytes + p2p, messages)
-    # Horovod, over all ranks: the logged loss every step (the stop vote rides along, asynchronous); with DP the
-    # fused gradients too (their payload at the 4 MB rate). One rank pays neither: the calibration holds its cost.
+    # Over all ranks, the logged loss every step (the stop vote rides along, asynchronous): over MPI with TP or
+    # pipeline stages, else through Horovod (hvdlm.parallel.jobwide). With DP the fused gradients, through Horovod
+    # (their payload at the 4 MB rate). One rank pays none: the calibration holds its cost.
     if layout.ranks > 1:
-        comm_s += machine.horovod_s * (2 if dp > 1 else 1) + (4 * params / machine.bytes_per_s if dp > 1 else 0)
+        comm_s += machine.latency_s if tp > 1 or pp > 1 else machine.horovod_s
+        comm_s += machine.horovod_s + 4 * params / machine.bytes_per_s if dp > 1 else 0.0
     return {
         "params": params,
         "activation_bytes": activations * counts.in_flight(pp, 0, m, schedule),
@@ -327,11 +344,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="rounds over the fp32 layouts; each keeps its fastest")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    p.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--probe-worker", type=float, default=None, help=argparse.SUPPRESS)  # Horovod's cycle, ms
     p.add_argument("--tp-grid-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.probe_worker:
-        return probe_worker()
+    if args.probe_worker is not None:
+        return probe_worker(args.probe_worker)
     if args.tp_grid_worker:
         return tp_grid_worker()
     shape = QUICK_MODEL if args.quick else MODEL
@@ -343,7 +360,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # rounds over the layouts, so a spell of load touches them alike
             for layout in LAYOUTS if repeat == 0 else [x for x in LAYOUTS if x.timed]:
-                machine = probe_machine(layout.ranks)
+                machine = probe_machine(layout.ranks, layout.horovod_cycle_ms)
                 cfg, measured = run(layout, shape, args.batch, steps if layout.timed else 3, Path(tmp))
                 rounds[layout.name].append((layout, cfg, measured, predict(layout, cfg, args.batch, machine), machine))
                 print(f"{layout.name}: measured {json.dumps(measured)}", flush=True)

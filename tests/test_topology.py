@@ -13,16 +13,27 @@ from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.parallel.layers import Sharding, merge, shard
 from hvdlm.parallel.topology import (
+    IDLE_CYCLE_MS,
     Group,
     Layout,
     all_dp_groups,
     check_layout,
     dp_group_ranks,
     dp_rank_of,
+    horovod_cycle_ms,
     tp_group_ranks,
     tp_rank_of,
 )
 from hvdlm.training.optim import make_optimizer
+
+
+def test_horovod_idles_at_a_long_cycle_only_where_one_replica_sends_it_nothing():
+    idle = f"{IDLE_CYCLE_MS:g}"
+    assert horovod_cycle_ms("5", dp=1, quiet_alone=True) == idle  # hvdlm launch's CPU cycle, lengthened
+    assert horovod_cycle_ms(None, dp=1, quiet_alone=True) == idle  # Horovod's own default, too
+    assert horovod_cycle_ms("500", dp=1, quiet_alone=True) == "500"  # a longer one is kept
+    assert horovod_cycle_ms("5", dp=2, quiet_alone=True) is None  # replicas average gradients through Horovod
+    assert horovod_cycle_ms("5", dp=1, quiet_alone=False) is None  # GPU tensors, ZeRO or local SGD use it
 
 
 @pytest.mark.parametrize("world,tp", [(1, 1), (2, 1), (2, 2), (4, 2), (8, 2), (8, 4), (12, 3)])

@@ -30,5 +30,6 @@ test_tp2_x_dp2_grid_on_four_ranks = checks_on_ranks(
         "tp_allreduce_stays_in_the_replica",
         "broadcast_within_each_dp_group_from_its_root",
         "distributed_optimizer_averages_over_the_dp_group",
+        "jobwide_collectives_over_mpi",
     ],
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 
 import horovod.torch as hvd
@@ -38,7 +39,7 @@ def report(name: str, ok: bool, detail) -> None:
 
 
 def main() -> int:
-    topo = init_topology(2)
+    topo = init_topology(2, quiet_alone=True)  # dp = 2: Horovod's cycle stays
     assert world.Get_size() == 4, "run with 4 ranks"
 
     # Coordinates: TP ranks adjacent, DP groups {0, 2} and {1, 3}.
@@ -85,6 +86,23 @@ def main() -> int:
     opt.synchronize()
     grads = {p.grad.flatten()[0].item() for p in model.parameters()}
     report("distributed_optimizer_averages_over_the_dp_group", grads == {1.0 if rank % 2 == 0 else 2.0}, sorted(grads))
+
+    # The job-wide collectives (agreements, the stop vote, the logged means) over MPI, on every rank of the grid;
+    # Horovod's cycle left as the launch set it, since the DP groups average their gradients through it.
+    from hvdlm.parallel import jobwide
+
+    vote = torch.tensor([rank * 10], dtype=torch.int32)
+    pending = jobwide.PendingMax(vote, "vote")
+    found = {
+        "over_mpi": jobwide._world is not None,
+        "gathered": jobwide.allgather_object(f"r{rank}", "gather"),
+        "broadcast": jobwide.broadcast_object({"from": rank}, 2, "bcast"),
+        "mean": jobwide.mean(torch.tensor(float(rank)), "mean"),
+        "vote": pending.wait(),
+        "cycle": os.environ.get("HOROVOD_CYCLE_TIME"),
+    }
+    want = {"over_mpi": True, "gathered": ["r0", "r1", "r2", "r3"], "broadcast": {"from": 2}, "mean": 1.5}
+    report("jobwide_collectives_over_mpi", found == {**want, "vote": 30, "cycle": "5"}, found)
 
     hvd.allgather_object(None, name="done")  # Horovod: nobody shuts down while others still communicate
     return 0

@@ -21,6 +21,7 @@ from hvdlm.checkpoint.reshard import load_optimizer, merge_tp, shard_state
 from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints, slice_name
 from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
+from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, dp_group_ranks
@@ -56,8 +57,8 @@ class CheckpointManager:
     def save(self, step: int, run: RunState) -> None:
         """The checkpoint at `step`, written by the first replica's TP ranks; called by every rank."""
         topo = self.topo
-        # Horovod: every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
-        rngs = hvd.allgather_object(rng_state(self.device), name=f"rng.{step}")
+        # Every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
+        rngs = jobwide.allgather_object(rng_state(self.device), f"rng.{step}")
         path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
         sliced = isinstance(run.optimizer, ZeroOptimizer)
         # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks

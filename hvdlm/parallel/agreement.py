@@ -8,7 +8,8 @@ on any rank (a missing file on one node, a checkpoint that does not fit) is made
 - `rank0_decides(decide, name)`: rank 0 alone looks (at the run directory, say) and decides; every rank hears
   the decision, or every rank raises rank 0's error.
 
-Both are collectives: every rank of the job must call them in the same order, with the same `name`.
+Both are collectives (hvdlm.parallel.jobwide): every rank of the job must call them in the same order, with the
+same `name`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from hvdlm.errors import InputError
+from hvdlm.parallel import jobwide
 
 T = TypeVar("T")
 
 
 def raise_if_any(error: str | None, name: str) -> None:
     """Every rank raises the first rank's error, or none does."""
-    import horovod.torch as hvd
-
-    # Horovod: gathering every rank's outcome is also the barrier that keeps the ranks in step.
-    errors = [e for e in hvd.allgather_object(error, name=name) if e]
+    # Gathering every rank's outcome is also the barrier that keeps the ranks in step.
+    errors = [e for e in jobwide.allgather_object(error, name) if e]
     if errors:
         raise InputError(errors[0])
 
@@ -53,8 +53,8 @@ def rank0_decides(decide: Callable[[], T], name: str) -> T:
             answer["value"] = decide()
         except InputError as e:
             answer["error"] = str(e)
-    # Horovod: the broadcast doubles as the barrier that keeps other ranks from racing ahead of rank 0's look.
-    answer = hvd.broadcast_object(answer, root_rank=0, name=name)
+    # The broadcast doubles as the barrier that keeps other ranks from racing ahead of rank 0's look.
+    answer = jobwide.broadcast_object(answer, 0, name)
     if "error" in answer:
         raise InputError(answer["error"])
     return answer["value"]

@@ -206,16 +206,38 @@ def make_tp_group(layout: Layout, comm: Any) -> Group:
     return Group(size=layout.tp, rank=layout.tp_rank, comm=tp_comm)
 
 
-def init_topology(tp: int, pp: int = 1) -> Topology:
+# Horovod's cycle (HOROVOD_CYCLE_TIME, ms) in a job that sends it nothing in a step: see init_topology.
+IDLE_CYCLE_MS = 100.0
+
+
+def horovod_cycle_ms(current: str | None, dp: int, quiet_alone: bool) -> str | None:
+    """HOROVOD_CYCLE_TIME for a layout of `dp` replicas, given its value now: at least IDLE_CYCLE_MS when one
+    replica sends Horovod nothing in a step (`quiet_alone`); None leaves it as it is."""
+    if dp > 1 or not quiet_alone:
+        return None
+    return f"{max(float(current or 0), IDLE_CYCLE_MS):g}"
+
+
+def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
     """Initialise Horovod for a pp x dp x tp grid and build this rank's groups. Call once, on every rank.
 
     tp = pp = 1 initialises Horovod exactly as plain data parallelism does (`hvd.init()`), so any launcher works,
-    Gloo included. tp > 1 or pp > 1 needs MPI: the TP and pipeline groups are mpi4py communicators.
+    Gloo included. tp > 1 or pp > 1 needs MPI: the TP and pipeline groups are mpi4py communicators, and the job's
+    own collectives (hvdlm.parallel.jobwide) go over MPI too.
+
+    `quiet_alone`: the run sends Horovod nothing per step when it has one replica (CPU tensors, no ZeRO or local
+    SGD, whose DP-group traffic goes through Horovod even over one rank). Such a layout then slows Horovod's cycle
+    to IDLE_CYCLE_MS: its background thread coordinates the ranks over MPI every cycle, busy or not, and on CPU
+    ranks that delays the main thread's TP and pipeline collectives (bench/tp_horovod.py: a TP=2 step 44-54 ms
+    with an idle Horovod at a 1000 ms cycle, 52-72 ms at the 5 ms that hvdlm launch sets for CPU ranks).
     """
     import horovod.torch as hvd
 
+    from hvdlm.parallel import jobwide
+
     if tp == 1 and pp == 1:
         # Horovod: one replica per rank; the DP group is the whole job, i.e. Horovod's global process set.
+        jobwide.use_communicator(None)
         hvd.init()
         layout = Layout(hvd.rank(), hvd.size(), 1)
         # No mpi4py communicator: without TP all traffic is Horovod's, and any launcher (Gloo too) must work.
@@ -227,6 +249,9 @@ def init_topology(tp: int, pp: int = 1) -> Topology:
 
     world = MPI.COMM_WORLD
     layout = Layout(world.Get_rank(), world.Get_size(), tp, pp)
+    if cycle := horovod_cycle_ms(os.environ.get("HOROVOD_CYCLE_TIME"), layout.dp, quiet_alone):
+        os.environ["HOROVOD_CYCLE_TIME"] = cycle  # read by hvd.init
+    jobwide.use_communicator(world.Dup())  # its own: no message of it can meet one of the groups'
     # Horovod: every rank declares every DP group as a process set (Horovod requires the same list everywhere).
     # A DP group spanning the whole job (tp = pp = 1) is Horovod's global set already; here none does.
     # The TP groups become process sets too, for the CUDA fallback of the TP collectives (NCCL via Horovod);

@@ -72,9 +72,9 @@ class Preempted(Exception):
 class StopVote:
     """Each step every rank contributes its reason to stop (0: none); all learn the largest one.
 
-    The vote is a Horovod allreduce (max) of one number, started before the step's forward pass and read after
-    the optimizer step, so it travels with the step's gradient traffic and adds no wait of its own. Every rank
-    reads the same result at the same step, so all of them stop after the same step.
+    The vote is an allreduce (max) of one number over the job (hvdlm.parallel.jobwide), started before the step's
+    forward pass and read after the optimizer step, so it travels with the step's own traffic and adds no wait of
+    its own. Every rank reads the same result at the same step, so all of them stop after the same step.
     """
 
     def __init__(self, world_size: int):
@@ -84,7 +84,7 @@ class StopVote:
         self.world_size = world_size
         self.local = Stop.NO
         self._buffer = torch.zeros(1, dtype=torch.int32)
-        self._handle = None
+        self._pending = None
 
     @property
     def signal_name(self) -> str | None:
@@ -95,16 +95,14 @@ class StopVote:
         reason = max(self.local, Stop.PREEMPTED if _received else Stop.NO)
         self._buffer.fill_(int(reason))
         if self.world_size > 1:
-            import horovod.torch as hvd
+            from hvdlm.parallel.jobwide import PendingMax
 
-            # Horovod: in flight while the step computes; the max over all ranks (of every TP and DP group).
-            self._handle = hvd.allreduce_async_(self._buffer, op=hvd.Max, name="hvdlm.stop_vote")
+            # In flight while the step computes; the max over all ranks (of every TP, DP and pipeline group).
+            self._pending = PendingMax(self._buffer, "hvdlm.stop_vote")
 
     def result(self) -> Stop:
         """The largest reason any rank sent with this step."""
-        if self._handle is not None:
-            import horovod.torch as hvd
-
-            hvd.synchronize(self._handle)
-            self._handle = None
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
         return Stop(int(self._buffer.item()))

@@ -40,6 +40,7 @@ from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.model.stage import GPTStage
+from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, all_dp_groups, init_topology
@@ -331,9 +332,9 @@ class Trainer:
         """At the log interval: the global batch's loss, a metrics row and a log line; the progress bar always."""
         done = outcome.done
         if done % self.t.log_interval == 0 or done == self.t.max_steps:
-            # Horovod: the logged loss is the mean over ranks, i.e. the loss of the global batch. Every rank joins,
-            # whatever its own step did (local SGD and fp16 replicas may differ on skipping).
-            mean_loss = hvd.allreduce(outcome.loss, op=hvd.Average, name="train_loss").item()
+            # The logged loss is the mean over ranks, i.e. the loss of the global batch. Every rank joins, whatever
+            # its own step did (local SGD and fp16 replicas may differ on skipping).
+            mean_loss = jobwide.mean(outcome.loss, "train_loss")
             self._count(outcome)  # read now: the loss above waited for the step anyway
             if outcome.problem is None:  # a skipped step has its own row
                 self._log_row(outcome, mean_loss)
@@ -379,9 +380,9 @@ class Trainer:
         """The validation loss (with the EMA weights when there is an EMA), logged and kept in progress."""
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             if self.pipeline:
-                # Horovod: the replicas' losses averaged, as _validation_loss does.
+                # The replicas' losses averaged, as _validation_loss does.
                 val_replica = self.pipeline.validation_loss(self.val_batches, self.t.eval_batches)
-                val = hvd.allreduce(val_replica, op=hvd.Average, name="val_loss").item()
+                val = jobwide.mean(val_replica, "val_loss")
             else:
                 val = _validation_loss(self.model, self.val_batches, self.t.eval_batches, self.device, self.precision)
         ppl = math.exp(min(val, 700))  # exp overflows a float past ~709
@@ -447,9 +448,9 @@ class Trainer:
         """Check the replicas agree, write the final checkpoint (unless resumed from it) and summary.json, and
         report on rank 0."""
         t, topo = self.t, self.topo
-        # Horovod: gather every rank's parameter digest (index = global rank). Data parallelism must leave the
-        # members of each DP group (the copies of one shard) bit-identical.
-        checksums = hvd.allgather_object(_param_checksum(self.model))
+        # Every rank's parameter digest (index = global rank). Data parallelism must leave the members of each DP
+        # group (the copies of one shard) bit-identical.
+        checksums = jobwide.allgather_object(_param_checksum(self.model), "checksums")
         world = len(checksums)
         identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
         if self.first_step < t.max_steps:
@@ -499,7 +500,7 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
     t = cfg.train
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
-    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
+    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp, quiet_alone=_sends_horovod_nothing_alone(t))
     device = _device(t)
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
     # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
@@ -528,6 +529,14 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         trainer.progress["first_val_loss"] = trainer.evaluate(0)
     trainer.throughput.restart()
     return trainer
+
+
+def _sends_horovod_nothing_alone(t: TrainConfig) -> bool:
+    """Whether one replica of this run sends Horovod nothing in a step: its ranks compute on the CPU (CUDA tensor
+    collectives may travel through Horovod), without ZeRO or local SGD (both talk over the DP group's process set,
+    even a set of one)."""
+    on_cpu = t.device == "cpu" or not torch.cuda.is_available()
+    return on_cpu and not t.zero and not t.local_sgd_interval
 
 
 def _device(t: TrainConfig) -> torch.device:
@@ -721,8 +730,8 @@ def _validation_loss(
         x, y = (b.to(device) for b in batches.eval_batch(i))
         with precision.autocast():
             total += model(x, y)[1].float()
-    # Horovod: every rank evaluated its own slice of the same validation batches; average them.
-    return hvd.allreduce(total / n_batches, op=hvd.Average, name="val_loss").item()
+    # Every rank evaluated its own slice of the same validation batches; average them.
+    return jobwide.mean(total / n_batches, "val_loss")
 
 
 def _param_checksum(model: GPT) -> str:

@@ -41,6 +41,7 @@ import torch
 
 from hvdlm.checkpoint.slices import assemble, own_copies
 from hvdlm.config import TrainConfig
+from hvdlm.parallel import jobwide
 from hvdlm.parallel.collectives import allreduce
 from hvdlm.parallel.topology import Topology, dp_group_ranks
 from hvdlm.training.optim import optimizer_over, param_groups
@@ -284,8 +285,9 @@ class ZeroOptimizer:
     def full_state_dict(self) -> dict[str, Any]:
         """The whole optimizer state in the form and parameter order of the plain optimizer's state_dict, as a
         checkpoint's slices assemble to (the tests' check of that layout). Collective over all ranks."""
-        # Horovod: every rank's slice (allgather_object takes no process set), then this DP group's, in DP-rank order.
-        every = hvd.allgather_object(self.slice_state_dict(), name="zero.state")
+        # Every rank's slice (a job-wide gather: Horovod's takes no process set), then this DP group's, in DP-rank
+        # order.
+        every = jobwide.allgather_object(self.slice_state_dict(), "zero.state")
         topo = self.topo
         return assemble([every[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)])
 
