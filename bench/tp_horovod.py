@@ -1,9 +1,10 @@
 """What Horovod's background thread costs a tensor-parallel step: TP=2 on 2 ranks (one thread each), the same
 forward, backward and AdamW step timed without Horovod, with Horovod initialised (its background thread cycling,
-as in every hvdlm rank), and with Horovod plus the trainer's per-step stop vote (an asynchronous allreduce).
+as in every hvdlm rank), with Horovod plus the trainer's per-step stop vote (an asynchronous allreduce) as it
+was, and as hvdlm runs such a job now: the vote over MPI (hvdlm.parallel.jobwide), Horovod idle at a 100 ms cycle.
 
     python bench/tp_horovod.py              # 3 rounds of each, medians; --record appends them to RESULTS.md
-    python bench/tp_horovod.py --cycles 5,50  # the stop vote's mode under each HOROVOD_CYCLE_TIME (ms)
+    python bench/tp_horovod.py --cycles 5,50  # the two vote modes under each HOROVOD_CYCLE_TIME (ms)
 
 The TP collectives run on mpi4py in the main thread; Horovod's background thread coordinates with the other
 ranks over MPI every HOROVOD_CYCLE_TIME (5 ms, as `hvdlm launch` sets for CPU ranks), and a TP collective that
@@ -25,11 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-MODES = ("no Horovod", "Horovod initialised", "Horovod + stop vote")
+HVDLM = "hvdlm now: vote over MPI, Horovod idle"
+MODES = ("no Horovod", "Horovod initialised", "Horovod + stop vote", HVDLM)
 STEPS, WARMUP = 30, 5
 
 
 def worker(mode: str, cycle_ms: float | None = None) -> None:
+    from hvdlm.parallel import jobwide
+    from hvdlm.parallel.topology import IDLE_CYCLE_MS, Layout, make_tp_group
+
+    if mode == HVDLM and cycle_ms is None:
+        cycle_ms = IDLE_CYCLE_MS  # as init_topology sets it for one replica
     if cycle_ms is not None:  # read by hvd.init; `hvdlm launch` (and tests/helpers.mpirun) set 5 for CPU ranks
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
     import torch
@@ -37,7 +44,6 @@ def worker(mode: str, cycle_ms: float | None = None) -> None:
 
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
-    from hvdlm.parallel.topology import Layout, make_tp_group
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
@@ -47,8 +53,10 @@ def worker(mode: str, cycle_ms: float | None = None) -> None:
         import horovod.torch as hvd
 
         hvd.init(comm=world)
-        if mode == "Horovod + stop vote":
+        if mode in ("Horovod + stop vote", HVDLM):
             vote = torch.zeros(1, dtype=torch.int32)
+        if mode == HVDLM:
+            jobwide.use_communicator(world.Dup())
     cfg = ModelConfig(n_layer=4, n_head=4, d_model=128, seq_len=128, vocab_size=256)  # bench/plan_check.py's
     torch.manual_seed(0)
     model = GPT(cfg, group)
@@ -59,12 +67,12 @@ def worker(mode: str, cycle_ms: float | None = None) -> None:
     for i in range(WARMUP + STEPS):
         world.Barrier()
         start = time.perf_counter()
-        handle = hvd.allreduce_async_(vote, op=hvd.Max, name="vote") if vote is not None else None
+        pending = jobwide.PendingMax(vote, "vote") if vote is not None else None
         model(x, y)[1].backward()
         optimizer.step()
         optimizer.zero_grad()
-        if handle is not None:
-            hvd.synchronize(handle)
+        if pending is not None:
+            pending.wait()
         if i >= WARMUP:
             times.append(time.perf_counter() - start)
     slowest = world.allreduce(statistics.median(times), op=MPI.MAX)
@@ -76,7 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
-    p.add_argument("--cycles", default="", help="comma-separated HOROVOD_CYCLE_TIME values (ms) for the vote mode")
+    p.add_argument("--cycles", default="", help="comma-separated HOROVOD_CYCLE_TIME values (ms) for the two vote modes")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--cycle", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -88,7 +96,9 @@ def main() -> None:
     runs = [(mode, mode, None) for mode in MODES]
     if args.cycles:
         cycles = [float(c) for c in args.cycles.split(",")]
-        runs = [(MODES[0], MODES[0], None)] + [(f"{MODES[2]}, cycle {c:g} ms", MODES[2], c) for c in cycles]
+        runs = [(MODES[0], MODES[0], None)] + [
+            (f"{mode}, cycle {c:g} ms", mode, c) for c in cycles for mode in MODES[2:]
+        ]
     results = {label: [] for label, _, _ in runs}
     for _ in range(args.rounds):  # interleaved, so a change in the machine's load touches every mode alike
         for label, mode, cycle in runs:
