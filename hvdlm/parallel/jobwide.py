@@ -6,9 +6,9 @@ launcher starts it, horovodrun with Gloo included.
 
 Why not Horovod always: a Horovod collective waits for the next cycle of Horovod's background thread
 (HOROVOD_CYCLE_TIME), and that thread coordinates the ranks over MPI every cycle, which delays the tensor-parallel
-collectives of the main thread (bench/tp_horovod.py: a TP=2 step 48 ms without Horovod, 64 ms with the stop vote
-through it). With these off Horovod, a job of one replica sends nothing through Horovod in a step, and its cycle
-can be long (topology.init_topology).
+collectives of the main thread (bench/tp_horovod.py: a TP=2 step 42 ms without Horovod, 62 ms with the stop vote
+through it at a 5 ms cycle). With these off Horovod, a job of one replica sends nothing through Horovod in a step,
+and its cycle can be long (topology.init_topology): 44 ms.
 
 Each function is a collective: every rank calls it, in the same order, with the same `name`.
 """

@@ -228,8 +228,8 @@ def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
     `quiet_alone`: the run sends Horovod nothing per step when it has one replica (CPU tensors, no ZeRO or local
     SGD, whose DP-group traffic goes through Horovod even over one rank). Such a layout then slows Horovod's cycle
     to IDLE_CYCLE_MS: its background thread coordinates the ranks over MPI every cycle, busy or not, and on CPU
-    ranks that delays the main thread's TP and pipeline collectives (bench/tp_horovod.py: a TP=2 step 44-54 ms
-    with an idle Horovod at a 1000 ms cycle, 52-72 ms at the 5 ms that hvdlm launch sets for CPU ranks).
+    ranks that delays the main thread's TP and pipeline collectives (bench/tp_horovod.py: a TP=2 step 65 ms with
+    Horovod idle at the 5 ms that hvdlm launch sets for CPU ranks, 44 ms at 100 ms, 43 ms without Horovod).
     """
     import horovod.torch as hvd
 
