@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from hvdlm.config import ModelConfig, load_config  # noqa: E402
 from hvdlm.parallel.split import stage_layers  # noqa: E402
-from hvdlm.parallel.topology import IDLE_CYCLE_MS  # noqa: E402
+from hvdlm.parallel.topology import horovod_cycle_ms  # noqa: E402
 from hvdlm.plan import counts  # noqa: E402
 
 MB = 1024**2
@@ -224,11 +224,13 @@ class Layout:
 
     @property
     def horovod_cycle_ms(self) -> float:
-        """Horovod's cycle in this layout's ranks: IDLE_CYCLE_MS with one replica of several ranks and no ZeRO
-        (init_topology), else 0 (as the launch sets it)."""
+        """Horovod's cycle in this layout's ranks, by init_topology's rule (CPU ranks, no local SGD here); 0: as the
+        launch sets it."""
         model_parallel = int(self.setting("parallel.tp", "1")) * int(self.setting("parallel.pp", "1"))
-        alone = model_parallel > 1 and self.ranks == model_parallel and self.setting("train.zero", "0") == "0"
-        return IDLE_CYCLE_MS if alone else 0.0
+        if model_parallel == 1:
+            return 0.0  # init_topology leaves plain data parallelism's cycle alone
+        quiet = self.setting("train.zero", "0") == "0"
+        return float(horovod_cycle_ms(None, self.ranks // model_parallel, quiet) or 0)
 
 
 LAYOUTS = [

@@ -66,20 +66,14 @@ class PendingMax:
             from mpi4py import MPI
 
             # Non-blocking: MPI moves it along inside the step's TP or pipeline collectives, or at the wait.
-            self._request = _world.Iallreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.MAX)
-            self._handle = None
+            self._finish = _world.Iallreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.MAX).Wait
         else:
             import horovod.torch as hvd
 
             # Horovod: in flight with the step's gradient traffic.
-            self._request = None
-            self._handle = hvd.allreduce_async_(buffer, op=hvd.Max, name=name)
+            handle = hvd.allreduce_async_(buffer, op=hvd.Max, name=name)
+            self._finish = lambda: hvd.synchronize(handle)
 
     def wait(self) -> int:
-        if self._request is not None:
-            self._request.Wait()
-        else:
-            import horovod.torch as hvd
-
-            hvd.synchronize(self._handle)
+        self._finish()
         return int(self._buffer.item())
