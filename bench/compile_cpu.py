@@ -11,22 +11,11 @@ reported apart.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-from demo_model import build, demo, rank0_batches  # bench/ is on sys.path when a script here runs
+from demo_model import alternating_rates, build, demo, rank0_batches, step  # bench/ is on sys.path here
 from recording import record
-
-
-def step(model, optimizer, batches) -> float:
-    x, y = batches.next_batch()
-    loss = model(x, y)[1]
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.item()
 
 
 def main() -> None:
@@ -47,15 +36,10 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(3):  # the first steps compile (and warm the allocator in both)
             step(model, optimizer, batches)
-        runs[name] = {"model": model, "optimizer": optimizer, "batches": batches, "rates": []}
+        runs[name] = {"model": model, "optimizer": optimizer, "batches": batches}
         runs[name]["warmup_s"] = time.perf_counter() - start
-    for _ in range(args.rounds):
-        for run in runs.values():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(run["model"], run["optimizer"], run["batches"])
-            run["rates"].append(tokens * args.steps / (time.perf_counter() - start))
-    eager = statistics.median(runs["eager"]["rates"])
+    rates = alternating_rates(runs, tokens, args.steps, args.rounds)
+    eager = rates["eager"]
     lines = [
         f"- model: jobs/demo.toml, one process, batch {t.batch_size} x {cfg.model.seq_len}, {args.threads} thread(s), "
         f"{args.rounds} alternating rounds of {args.steps} steps after 3 warm-up steps",
@@ -64,7 +48,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for name, run in runs.items():
-        rate = statistics.median(run["rates"])
+        rate = rates[name]
         lines.append(f"| {name} | {rate:,.0f} | {rate / eager:.2f}x | {run['warmup_s']:.1f} s |")
     print("\n".join(lines))
     if args.record:

@@ -7,7 +7,9 @@ bench/ is on sys.path when a script here runs; importing this puts the repositor
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +28,12 @@ JOB = REPO / "jobs" / "demo.toml"
 
 
 def demo(threads: int):
-    """The demo's configuration and dataset (prepared if it is not yet), with `threads` torch threads; the model's
-    vocabulary is the dataset's, as training sets it."""
+    """The demo's configuration (with AdamW) and dataset (prepared if it is not yet), with `threads` torch threads;
+    the model's vocabulary is the dataset's, as training sets it."""
     cfg = load_config(JOB)
+    # The figures in RESULTS.md before the demo moved to Muon were taken with AdamW; bench/optimizers.py compares
+    # the two.
+    cfg.train.optimizer = "adamw"
     torch.set_num_threads(threads)
     data = open_dataset(ensure_dataset(cfg.data))
     cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
@@ -50,3 +55,27 @@ def build(cfg: JobConfig, compiled: bool = False):
         for block in model.blocks:
             block.compile()
     return model, make_optimizer(model, cfg.train)
+
+
+def step(model, optimizer, batches) -> float:
+    """One training step as the trainer takes it on one rank: forward, backward, clipping, the update."""
+    x, y = batches.next_batch()
+    loss = model(x, y)[1]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def alternating_rates(runs: dict[str, dict], tokens_per_step: int, steps: int, rounds: int) -> dict[str, float]:
+    """Median tokens/s of each run ({"model", "optimizer", "batches"}) over `rounds` timed rounds of `steps`
+    steps, taken in turn, so that a machine that slows down mid-run slows every run alike."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(run["model"], run["optimizer"], run["batches"])
+            rates[name].append(tokens_per_step * steps / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}

@@ -74,6 +74,7 @@ def training_bench_arguments(doc: str) -> tuple[argparse.Namespace, list[str]]:
         "train.sample_tokens=0",
         f"train.threads={args.threads}",
         f"train.warmup_steps={args.steps // 4}",
+        "train.optimizer=adamw",  # as the figures before the demo moved to Muon (bench/optimizers.py compares them)
     ]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     return args, overrides

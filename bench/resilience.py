@@ -40,7 +40,7 @@ def save_times(repeats: int) -> tuple[float, float, int]:
     from hvdlm.model import GPT
     from hvdlm.training.optim import make_optimizer
 
-    cfg = load_config(REPO / "jobs" / "demo.toml")
+    cfg = load_config(REPO / "jobs" / "demo.toml", ["train.optimizer=adamw"])
     model = GPT(cfg.model)
     optimizer = make_optimizer(model, cfg.train)
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()

@@ -38,7 +38,7 @@ from hvdlm.errors import InputError, not_a_file
 # command line and the launch code read them with choices(); the field comments below say what each word means.
 Tokenizer = Literal["byte", "bpe"]
 Corpus = Literal["stdlib"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "sgd", "muon"]
 Precision = Literal["fp32", "bf16", "fp16"]
 GradCompression = Literal["none", "fp16"]
 Launcher = Literal["mpirun", "horovodrun", "srun"]
@@ -104,8 +104,9 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
     init_from: str = ""  # a run directory (its newest checkpoint), a checkpoint file, or a transformers GPT-2 directory
-    optimizer: Optimizer = "adamw"  # sgd is with momentum
+    optimizer: Optimizer = "adamw"  # sgd is with momentum; muon: Muon for the blocks' matrices, AdamW for the rest
     momentum: float = 0.9  # SGD momentum
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov) of the matrices' gradients
     scale_lr: bool = False  # multiply lr and min_lr by the number of replicas (dp), for a batch that grows with it
     accumulation_steps: int = 1  # micro-batches per optimizer step; gradients are allreduced on the last one only
     precision: Precision = "fp32"  # bf16: autocast, CPU and GPU; fp16: autocast and a gradient scaler, GPU
@@ -383,6 +384,7 @@ NON_NEGATIVE = (
     "train.keep_checkpoints",
     "train.peak_tflops",
     "train.momentum",
+    "train.muon_momentum",
     "train.watchdog_first_s",
     "launch.fusion_threshold_mb",
     "slurm.gpus_per_node",
@@ -391,7 +393,14 @@ NON_NEGATIVE = (
     "slurm.max_restarts",
 )
 # Decay rates and probabilities: in [0, 1).
-UNIT_INTERVAL = ("model.dropout", "train.beta1", "train.beta2", "train.ema_decay", "train.momentum")
+UNIT_INTERVAL = (
+    "model.dropout",
+    "train.beta1",
+    "train.beta2",
+    "train.ema_decay",
+    "train.momentum",
+    "train.muon_momentum",
+)
 # Upper bounds far above any real setting: fusion MB are turned into a byte count with int(), which a finite
 # 1e308 would overflow.
 FLOAT_MAXIMA = {"launch.fusion_threshold_mb": 1024.0 * 1024, "launch.cycle_time_ms": 3_600_000.0}
@@ -484,6 +493,7 @@ def _check_combinations(t: TrainConfig, p: ParallelConfig) -> None:
             "\"none\" or 'train.local_sgd_interval' to 0."
         )
     _check_zero(t)
+    _check_muon(t)
     if t.compile == "on" and p.tp > 1:
         raise InputError(
             'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
@@ -521,6 +531,22 @@ def _check_pipeline(config: JobConfig) -> None:
     for key, (bad, why) in refused.items():
         if bad:
             raise InputError(f"{key} with parallel.pp = {p.pp} is not supported: {why}. Or use parallel.pp = 1.")
+
+
+def _check_muon(t: TrainConfig) -> None:
+    """Muon orthogonalizes each whole matrix of the blocks: TP ranks gather theirs, ZeRO's flat slices cannot."""
+    if t.optimizer != "muon":
+        return
+    refused = {
+        "train.zero > 0": (t.zero > 0, "ZeRO's slices of flat buffers are not matrices. Use train.zero = 0"),
+        'train.fused_optimizer = "on"': (
+            t.fused_optimizer == "on",
+            'there is no fused Muon kernel. Use fused_optimizer = "auto" or "off"',
+        ),
+    }
+    for key, (bad, why) in refused.items():
+        if bad:
+            raise InputError(f'train.optimizer = "muon" with {key} is not supported: {why}, or another optimizer.')
 
 
 def _check_zero(t: TrainConfig) -> None:

@@ -21,5 +21,6 @@ def parameter_count(cfg: ModelConfig, vocab_rows: int | None = None) -> int:
 
 def state_bytes_per_parameter(optimizer: str, ema: bool) -> int:
     """fp32 bytes a parameter costs while training: weight and gradient (4 + 4), AdamW's two moments (8) or
-    SGD's momentum (4), and the EMA's copy (4)."""
-    return 8 + (8 if optimizer == "adamw" else 4) + (4 if ema else 0)
+    SGD's momentum (4), and the EMA's copy (4). Muon counts as AdamW: an upper bound (its matrices keep one
+    moment, the embeddings AdamW's two)."""
+    return 8 + (4 if optimizer == "sgd" else 8) + (4 if ema else 0)

@@ -213,6 +213,7 @@ def tp_bytes_per_step(
     last: bool = True,
     recompute: str | None = None,
     precision: str = "fp32",
+    optimizer: str = "adamw",
 ) -> int:
     """Payload bytes the TP group's collectives count (Group.bytes_moved) on one rank in one optimizer step.
 
@@ -225,7 +226,8 @@ def tp_bytes_per_step(
     backward, as far as its last saved tensor (torch's checkpoint stops early there): the attention output's
     reduction again, L_s N d more, and the MLP's too only with dropout (whose mask is saved after it). Per step:
     one fp32 for the clipping norm. For fp32 and L blocks on one stage, 4 ((4 L + 2) N d + 3 N + 1):
-    bench/tp_bytes.py.
+    bench/tp_bytes.py. Muon (hvdlm.training.muon) gathers each block matrix's fp32 update once a step: the rank's
+    slice of 12 d^2 per block.
     """
     _check_tp(model, tp)
     if tp == 1:
@@ -244,7 +246,8 @@ def tp_bytes_per_step(
         per_micro += FP32 * n * d
     if last:
         per_micro += (stream if layers else stream_in) * n * d + FP32 * 3 * n
-    return microbatches * per_micro + FP32
+    muon = FP32 * 12 * d * d // tp * layers if optimizer == "muon" else 0
+    return microbatches * per_micro + FP32 + muon
 
 
 def pp_bytes_per_step(

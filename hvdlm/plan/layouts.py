@@ -73,7 +73,9 @@ class Estimate:
                 "stage": m.stage,
             },
             "step_time_s": round(t.total, 6),
-            "step_time_parts_s": {k: round(getattr(t, k), 6) for k in ("compute", "tp", "bubble", "pp", "dp")},
+            "step_time_parts_s": {
+                k: round(getattr(t, k), 6) for k in ("compute", "tp", "bubble", "pp", "dp", "optimizer")
+            },
             "tokens_per_s": round(self.tokens_per_s, 1),
             "tp_bytes_per_step": int(self.tp_bytes),
             "pipeline_bytes_per_step": int(self.pipeline_bytes),
@@ -116,6 +118,8 @@ def problem(job: Job, cluster: Cluster, layout: Layout) -> tuple[str, str] | Non
             f"micro-batch {layout.micro_batch} x {layout.microbatches} micro-batches x dp {dp} is not the global "
             f"batch {job.global_batch}"
         )
+    if job.optimizer == "muon" and layout.zero:
+        return SPLIT, f"zero {layout.zero} cuts the matrices that Muon orthogonalizes whole into slices: use zero 0"
     if pp > 1 and layout.microbatches < pp:
         return BUBBLE, (
             f"{layout.microbatches} micro-batches per step < {pp} stages, so some stage would always wait: use "
@@ -155,6 +159,7 @@ def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
         tp_bytes_per_s=intra,
         pp_bytes_per_s=pp_link,
         dp_bytes_per_s=dp_link,
+        optimizer=job.optimizer,
     )
     tokens = job.global_batch * m.seq_len
     flops = timing.step_flops(m, job.global_batch, L.recompute)

@@ -83,7 +83,8 @@ def one_text(job: Job, cluster: Cluster, params: int, e: Estimate, tokens: float
         f"{m.gradients / GB:.1f}, optimizer {m.optimizer / GB:.1f}, activations {m.activations / GB:.1f}, buffers "
         f"{m.buffers / GB:.1f} = {m.total / GB:.1f} GB of {gb:g}: {verdict}",
         f"step time {t.total:.3f} s: compute {t.compute:.3f}, TP allreduces {t.tp:.3f}, pipeline bubble "
-        f"{t.bubble:.3f}, pipeline sends {t.pp:.3f}, DP allreduce not overlapped {t.dp:.3f}",
+        f"{t.bubble:.3f}, pipeline sends {t.pp:.3f}, DP allreduce not overlapped {t.dp:.3f}"
+        + (f", Muon's orthogonalization {t.optimizer:.3f}" if t.optimizer else ""),
         f"throughput: {e.tokens_per_s:,.0f} tokens/s, {e.tflops_per_gpu:.1f} TFLOP/s per GPU (recomputation "
         f"counted), MFU {e.mfu:.1%}",
     ]

@@ -44,6 +44,13 @@ def step_flops(m: ModelConfig, global_batch: int, recompute: str) -> float:
     return layers * (dense * 24 * B * s * h * h + attention * 4 * B * s * s * h) + 6 * B * s * h * V
 
 
+def muon_flops_per_layer(d_model: int, ns_steps: int = 5) -> float:
+    """FLOPs of Muon's orthogonalization of one block's matrices (hvdlm.training.muon), which every rank runs whole:
+    a step on an m x n matrix (m <= n) is two m x n by n x m products and one m x m square, 4 m^2 n + 2 m^3. The
+    block's q, k, v (d x 3d), output (d x d) and MLP (d x 4d, twice) sum to 56 d^3 a step."""
+    return ns_steps * 56 * d_model**3
+
+
 def ring_allreduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
     """Time of a ring allreduce of `nbytes` among `ranks` over links of `bytes_per_s` each way."""
     if ranks <= 1:
@@ -58,10 +65,11 @@ class StepTime:
     bubble: float  # pipeline fill and drain
     pp: float  # pipeline sends on the critical path
     dp: float  # the part of the gradient allreduce that does not overlap backward
+    optimizer: float = 0.0  # Muon: the orthogonalization, and with TP the gathers of the matrices
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.bubble + self.pp + self.dp
+        return self.compute + self.tp + self.bubble + self.pp + self.dp + self.optimizer
 
 
 def dp_exposed_s(
@@ -108,6 +116,7 @@ def step_time(
     tp_bytes_per_s: float,
     pp_bytes_per_s: float,
     dp_bytes_per_s: float,
+    optimizer: str = "adamw",
 ) -> StepTime:
     """One optimizer step's time on one GPU of the fullest stage (`stage_layers` layers, `grad_bytes` of
     gradients to average over dp; `imbalance`: its layers over the average stage's, as it sets the pipeline's
@@ -127,4 +136,9 @@ def step_time(
     dense, _ = passes(recompute)
     backward = compute / microbatches * (dense - 1) / dense  # the last micro-batch's backward, recomputation in it
     exposed = dp_exposed_s(grad_bytes, dp, dp_bytes_per_s, backward, zero, microbatches)
-    return StepTime(compute, tp_time, bubble, sends, exposed)
+    orthogonalize = 0.0
+    if optimizer == "muon":  # every rank orthogonalizes its stage's whole matrices, TP ranks after an allgather
+        gathered = 4 * 12 * m.d_model**2 * stage_layers  # fp32, the allgather's half of an allreduce's traffic
+        orthogonalize = muon_flops_per_layer(m.d_model) * stage_layers / flops_per_s
+        orthogonalize += ring_allreduce_s(gathered, tp, tp_bytes_per_s) / 2
+    return StepTime(compute, tp_time, bubble, sends, exposed, orthogonalize)

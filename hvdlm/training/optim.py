@@ -1,6 +1,7 @@
-"""Optimizer and learning-rate schedule: AdamW or SGD over decay / no-decay groups, warmup then cosine decay; the
-Horovod DistributedOptimizer over the data-parallel process set, the initial broadcast within each DP group, and
-gradient clipping by the norm of the whole (possibly sharded) model."""
+"""Optimizer and learning-rate schedule: AdamW or SGD over decay / no-decay groups (or Muon with AdamW,
+hvdlm.training.muon), warmup then cosine decay; the Horovod DistributedOptimizer over the data-parallel process
+set, the initial broadcast within each DP group, and gradient clipping by the norm of the whole (possibly sharded)
+model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from hvdlm.config import TrainConfig
 from hvdlm.parallel.collectives import allreduce
 from hvdlm.parallel.topology import Group, Topology
+from hvdlm.training.muon import Muon, muon_groups
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -23,10 +25,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW or SGD. `fused` (one kernel updating every parameter, as nanoGPT and llm.c do) follows
-    train.fused_optimizer, whose auto is on for GPU parameters. On CPUs the fused kernel rounds differently from
-    the per-tensor one, enough to move a data-parallel run past 1e-5 of the single-rank reference
-    (tests/test_tp_training.py), for no measured gain."""
+    """AdamW, SGD, or Muon with AdamW (hvdlm.training.muon, never fused). `fused` (one kernel updating every
+    parameter, as nanoGPT and llm.c do) follows train.fused_optimizer, whose auto is on for GPU parameters. On
+    CPUs the fused kernel rounds differently from the per-tensor one, enough to move a data-parallel run past
+    1e-5 of the single-rank reference (tests/test_tp_training.py), for no measured gain."""
+    if cfg.optimizer == "muon":
+        groups = muon_groups(model, cfg.weight_decay)
+        return Muon(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
     return optimizer_over(param_groups(model, cfg.weight_decay), cfg, fused)
 
 
