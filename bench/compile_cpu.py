@@ -10,35 +10,29 @@ reported apart.
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import demo_model as dm  # bench/ is on sys.path when a script here runs
 import torch
-from demo_model import alternating_rates, build, demo, rank0_batches, step  # bench/ is on sys.path here
 from recording import record
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
-    args = parser.parse_args()
+    args = dm.rounds_arguments(__doc__)
 
-    cfg, data = demo(args.threads)
+    cfg, data = dm.demo(args.threads)
     t = cfg.train
     tokens = t.batch_size * cfg.model.seq_len
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
-        model, optimizer = build(cfg, compiled)
-        batches = rank0_batches(cfg, data)
+        model, optimizer = dm.build(cfg, compiled)
+        batches = dm.rank0_batches(cfg, data)
         start = time.perf_counter()
         for _ in range(3):  # the first steps compile (and warm the allocator in both)
-            step(model, optimizer, batches)
+            dm.step(model, optimizer, batches)
         runs[name] = {"model": model, "optimizer": optimizer, "batches": batches}
         runs[name]["warmup_s"] = time.perf_counter() - start
-    rates = alternating_rates(runs, tokens, args.steps, args.rounds)
+    rates = dm.alternating_rates(runs, tokens, args.steps, args.rounds)
     eager = rates["eager"]
     lines = [
         f"- model: jobs/demo.toml, one process, batch {t.batch_size} x {cfg.model.seq_len}, {args.threads} thread(s), "

@@ -7,6 +7,7 @@ bench/ is on sys.path when a script here runs; importing this puts the repositor
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -79,3 +80,13 @@ def alternating_rates(runs: dict[str, dict], tokens_per_step: int, steps: int, r
                 step(run["model"], run["optimizer"], run["batches"])
             rates[name].append(tokens_per_step * steps / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def rounds_arguments(doc: str) -> argparse.Namespace:
+    """The options of the benchmarks that time the demo step in alternating rounds (compile_cpu, optimizers)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    return parser.parse_args()

@@ -10,35 +10,29 @@ optimizer learns per step is measured by training the demo (bench/RESULTS.md, "M
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import demo_model as dm  # bench/ is on sys.path when a script here runs
 import torch
-from demo_model import alternating_rates, build, demo, rank0_batches, step  # bench/ is on sys.path here
 from recording import record
 
 from hvdlm.training.muon import is_hidden_matrix, orthogonalize
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
-    args = parser.parse_args()
+    args = dm.rounds_arguments(__doc__)
 
-    cfg, data = demo(args.threads)
+    cfg, data = dm.demo(args.threads)
     tokens = cfg.train.batch_size * cfg.model.seq_len
     runs = {}
     for name in ("adamw", "muon"):
         cfg.train.optimizer = name
-        model, optimizer = build(cfg)
-        batches = rank0_batches(cfg, data)
+        model, optimizer = dm.build(cfg)
+        batches = dm.rank0_batches(cfg, data)
         for _ in range(3):
-            step(model, optimizer, batches)
+            dm.step(model, optimizer, batches)
         runs[name] = {"model": model, "optimizer": optimizer, "batches": batches}
-    rates = alternating_rates(runs, tokens, args.steps, args.rounds)
+    rates = dm.alternating_rates(runs, tokens, args.steps, args.rounds)
     hidden = [p for n, p in runs["muon"]["model"].named_parameters() if is_hidden_matrix(n, p)]
     start = time.perf_counter()
     for _ in range(args.steps):
