@@ -50,7 +50,16 @@ def broadcast_object(obj: Any, root: int, name: str) -> Any:
 def mean(x: torch.Tensor, name: str) -> float:
     """The mean over all ranks of a one-element tensor (a loss), read on the host."""
     if _world is not None:
-        return _world.allreduce(float(x.item())) / _world.Get_size()
+        import numpy as np
+        from mpi4py import MPI
+
+        # A buffer Allreduce, not mpi4py's allreduce of Python objects: that one duplicates the communicator on its
+        # first call (its private context, MPI_Comm_dup, a collective of every rank, run holding the GIL). Called
+        # at the first step's log, it deadlocked a pipeline rank against its peers still waiting for Horovod in
+        # their own step (py-spy stacks of a hung PP=2 x DP=2 ZeRO-2 run, about 1 in 40 runs).
+        total = np.array([float(x.item())])
+        _world.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        return float(total[0]) / _world.Get_size()
     import horovod.torch as hvd
 
     return hvd.allreduce(x, op=hvd.Average, name=name).item()
