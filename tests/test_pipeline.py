@@ -40,8 +40,9 @@ STEPS = 12
 COMMON = (
     "model.n_layer=4",
     f"train.max_steps={STEPS}",
-    # A run takes about 15 s. One 4-rank run hung once in CI (before its first step) without a trace; within the
-    # tests' 300 s the watchdog ends such a run with every rank's stack in the failure's output.
+    # A run takes about 15 s. A 4-rank run once hung in CI before its first step (mpi4py duplicating the
+    # communicator, see hvdlm.parallel.jobwide.mean); should a hang come back, the watchdog ends it within the
+    # tests' 300 s with every rank's stack in the failure's output.
     "train.watchdog_s=100",
     "train.watchdog_first_s=150",
     "train.checkpoint_interval=4",
