@@ -56,7 +56,7 @@ def mean(x: torch.Tensor, name: str) -> float:
         # A buffer Allreduce, not mpi4py's allreduce of Python objects: that one duplicates the communicator on its
         # first call (its private context, MPI_Comm_dup, a collective of every rank, run holding the GIL). Called
         # at the first step's log, it deadlocked a pipeline rank against its peers still waiting for Horovod in
-        # their own step (py-spy stacks of a hung PP=2 x DP=2 ZeRO-2 run, about 1 in 40 runs).
+        # their own step (py-spy stacks of a hung PP=2 x DP=2 ZeRO-2 run; 3 hangs in about 100 runs).
         total = np.array([float(x.item())])
         _world.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
         return float(total[0]) / _world.Get_size()

@@ -38,24 +38,19 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.startswith("blocks.")
 
 
-def muon_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Three groups: the hidden matrices (Muon, decayed), the other matrices (AdamW, decayed: embeddings and the
-    tied head) and the vectors (AdamW, not decayed: biases, LayerNorm gains)."""
-    hidden, matrices, vectors = [], [], []
-    for name, p in model.named_parameters():  # a tied weight once
-        if p.requires_grad:
-            if is_hidden_matrix(name, p):
-                if hasattr(p, "tp_shard"):
-                    # Read by the step (a group cannot travel in the param groups: checkpoints save those).
-                    p.muon_tp_group = model.tp_group
-                hidden.append(p)
-            else:
-                (matrices if p.dim() >= 2 else vectors).append(p)
-    return [
-        {"params": hidden, "weight_decay": weight_decay, "muon": True},
-        {"params": matrices, "weight_decay": weight_decay, "muon": False},
-        {"params": vectors, "weight_decay": 0.0, "muon": False},
-    ]
+def muon_groups(model: torch.nn.Module, groups: list[dict]) -> list[dict]:
+    """The blocks' matrices taken out of `groups` (optim.param_groups' decay / no-decay split) into a first group
+    that Muon steps, with the decay of the group they came from; AdamW steps what stays (embeddings, the tied head,
+    biases, LayerNorm gains)."""
+    hidden = [p for name, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(name, p)]
+    for p in hidden:
+        if hasattr(p, "tp_shard"):
+            # Read by the step (a group cannot travel in the param groups: checkpoints save those).
+            p.muon_tp_group = model.tp_group
+    ids = {id(p) for p in hidden}
+    decay = next(g["weight_decay"] for g in groups if any(id(p) in ids for p in g["params"]))
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids], "muon": False} for g in groups]
+    return [{"params": hidden, "weight_decay": decay, "muon": True}, *rest]
 
 
 def orthogonalize_shard(m: torch.Tensor, spec: Sharding, group: Group, steps: int = 5) -> torch.Tensor:

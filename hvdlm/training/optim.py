@@ -29,10 +29,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None 
     parameter, as nanoGPT and llm.c do) follows train.fused_optimizer, whose auto is on for GPU parameters. On
     CPUs the fused kernel rounds differently from the per-tensor one, enough to move a data-parallel run past
     1e-5 of the single-rank reference (tests/test_tp_training.py), for no measured gain."""
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "muon":
-        groups = muon_groups(model, cfg.weight_decay)
-        return Muon(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
-    return optimizer_over(param_groups(model, cfg.weight_decay), cfg, fused)
+        return Muon(muon_groups(model, groups), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
+    return optimizer_over(groups, cfg, fused)
 
 
 def optimizer_over(groups: list[dict], cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
