@@ -156,3 +156,11 @@ def test_train_profile_steps_writes_the_operators_of_the_recorded_steps(eager_an
     assert profile.startswith("torch.profiler over 3 step(s) from step 2, rank 0, cpu;")
     assert "aten::mm" in profile or "aten::addmm" in profile  # the model's matmuls, recorded
     assert not (eager_and_compiled["on"][2] / "profile.txt").exists()  # off by default
+
+
+def test_a_one_process_run_waits_for_no_horovod_collective(eager_and_compiled):
+    """The logged loss of one process is its own (hvdlm.parallel.jobwide): no Horovod allreduce, which would wait
+    for the next cycle of Horovod's background thread every step."""
+    profile = (eager_and_compiled["off"][2] / "profile.txt").read_text()
+    assert "aten::mm" in profile  # the recorded steps' operators
+    assert "Horovod" not in profile, profile

@@ -2,7 +2,10 @@
 
 They travel over the job's MPI communicator when the layout has one (tp > 1 or pp > 1, whose groups are mpi4py
 communicators), and through Horovod otherwise: plain data parallelism builds no communicator, so that any
-launcher starts it, horovodrun with Gloo included.
+launcher starts it, horovodrun with Gloo included. A job of one process has nothing to exchange and sends nothing:
+a Horovod collective, even over one rank, waits for the next cycle of Horovod's background thread, and the logged
+loss did so every step (2.7 of a 30 ms step in bench/plan_check.py's one-rank run, which it also locked to whole
+5 ms cycles).
 
 Why not Horovod always: a Horovod collective waits for the next cycle of Horovod's background thread
 (HOROVOD_CYCLE_TIME), and that thread coordinates the ranks over MPI every cycle, which delays the tensor-parallel
@@ -29,10 +32,21 @@ def use_communicator(comm: Any) -> None:
     _world = comm
 
 
+def _alone() -> bool:
+    """Whether this is a job of one process. Asked at each call: an elastic job's size changes at its resets."""
+    if _world is not None:
+        return False  # tensor-parallel or pipeline ranks: two at least
+    import horovod.torch as hvd
+
+    return hvd.size() == 1
+
+
 def allgather_object(obj: Any, name: str) -> list[Any]:
     """Every rank's `obj` (picklable), by global rank."""
     if _world is not None:
         return _world.allgather(obj)
+    if _alone():
+        return [obj]
     import horovod.torch as hvd
 
     return hvd.allgather_object(obj, name=name)
@@ -42,6 +56,8 @@ def broadcast_object(obj: Any, root: int, name: str) -> Any:
     """Global rank `root`'s `obj` on every rank."""
     if _world is not None:
         return _world.bcast(obj, root=root)
+    if _alone():
+        return obj
     import horovod.torch as hvd
 
     return hvd.broadcast_object(obj, root_rank=root, name=name)
@@ -60,6 +76,8 @@ def mean(x: torch.Tensor, name: str) -> float:
         total = np.array([float(x.item())])
         _world.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
         return float(total[0]) / _world.Get_size()
+    if _alone():
+        return float(x.item())
     import horovod.torch as hvd
 
     return hvd.allreduce(x, op=hvd.Average, name=name).item()
