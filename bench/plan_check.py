@@ -13,20 +13,24 @@ payload bytes of the step's TP and pipeline collectives (tp_bytes_per_step, pp_b
 - parameters: params_per_rank, exact;
 - activation bytes: activation_bytes x in_flight (the 1F1B warm-up), within 10 % (exact so far);
 - TP and pipeline bytes: tp_bytes_per_step, pp_bytes_per_step (group), exact;
-- step time, within 25 %: the CPU's achieved FLOP/s is calibrated from the first layout (one rank, fp32), then
-  each fp32 layout's time is its rank's FLOPs per step (the pipeline: m + p - 1 slots of the
-  slowest stage, the bubble) at that rate, scaled by how fast the layout's ranks compute at the time against the
-  calibration run's rank, plus its messages: each a synchronisation between computing ranks, their payload at a
-  4 MB allreduce's rate (the TP collectives, the pipeline messages), and on 2 ranks the logged loss every step
-  (hvdlm.parallel.jobwide: one more synchronisation with TP or pipeline stages, which send it over MPI; a Horovod
-  allreduce without) and with DP the gradients (a Horovod allreduce, and 4 bytes a parameter); a Horovod allreduce
-  as long as one measured between computing ranks (Horovod's background cycles). These are probed just before
-  each layout runs, on this machine as it is loaded then: four 256 x 256 matmuls a loop on the layout's ranks,
-  alone, then with an MPI allreduce of 256 KB (a TP collective's size here) after each, beyond its payload time,
-  and with a Horovod one; a 4 MB allreduce. Horovod is initialised in the probe, as in every hvdlm rank, and at
-  the cycle the layout's ranks run it with (topology.IDLE_CYCLE_MS for one replica): its background thread's
-  coordination every HOROVOD_CYCLE_TIME delays the main thread's MPI calls (bench/tp_horovod.py: TP=2 steps 40-48
-  ms without Horovod, 52-69 ms with it at 5 ms).
+- step time, within 25 %: calibrated from the first layout (one rank, fp32), whose steps 2-6 torch.profiler takes
+  apart (train.profile_steps). Its FLOP operators (matmuls, attention, GELU: the work tensor parallelism divides)
+  give the CPU's achieved FLOP/s; its optimizer step and the rest (LayerNorms, residual sums, the loss, Python
+  between operators: work that TP ranks repeat) are times of their own. Each fp32 layout's time is then its
+  rank's FLOPs per step (the pipeline: m + p - 1 slots of the slowest stage, the bubble) at that rate, plus the
+  rest for each slot and the optimizer step, both scaled by the stage's share of the layers, all scaled by how
+  fast the layout's ranks compute at the time against the calibration run's rank, plus its messages: each a
+  synchronisation between computing ranks, their payload at a 4 MB allreduce's rate (the TP collectives, the
+  pipeline messages), and the logged loss every step (hvdlm.parallel.jobwide: one more synchronisation with TP
+  or pipeline stages, which send it over MPI; a Horovod allreduce with DP alone) and with DP the gradients (a
+  Horovod allreduce, or with ZeRO a reduce-scatter, the clipping norm and an all-gather, and 4 bytes a parameter;
+  ZeRO's optimizer steps 1 / d of the elements); a Horovod collective as long as one measured between computing
+  ranks (Horovod's background cycles). These are probed just before each layout runs, on this machine as it is
+  loaded then: four 256 x 256 matmuls a loop on the layout's ranks, alone, then with an MPI allreduce of 256 KB
+  (a TP collective's size here) after each, beyond its payload time, and with a Horovod one; a 4 MB allreduce. Horovod
+  is initialised in the probe, as in every hvdlm rank, and at the cycle the layout's ranks run it with
+  (topology.IDLE_CYCLE_MS for one replica): its background thread's coordination every HOROVOD_CYCLE_TIME delays the
+  main thread's MPI calls (bench/tp_horovod.py: TP=2 steps 40-48 ms without Horovod, 52-69 ms with it at 5 ms).
   The fp32 layouts run in --repeats rounds (2), and each keeps its fastest round with that round's probe: on a
   machine shared with other jobs the load only ever adds time.
   FLOPs per token: 6 x the rank's matmul parameters + 12 L_s T d / p (attention, as hvdlm.training.flops counts
@@ -60,6 +64,7 @@ from hvdlm.parallel.topology import horovod_cycle_ms  # noqa: E402
 from hvdlm.plan import counts  # noqa: E402
 
 MB = 1024**2
+PROFILE_STEPS = 5  # of the calibration run, taken apart with torch.profiler
 MESSAGE_FLOATS = 1 << 16  # the probe's synchronisation: 256 KB, a TP collective's size here (B x T x d floats)
 ACTIVATION_TOLERANCE, TIME_TOLERANCE = 0.10, 0.25
 
@@ -250,16 +255,19 @@ LAYOUTS = [
 ]
 
 
-def run(layout: Layout, shape: dict, batch: int, steps: int, tmp: Path) -> tuple[ModelConfig, dict]:
-    """Train the layout; the resolved model config and rank 0's measurements."""
+def run(layout: Layout, shape: dict, batch: int, steps: int, tmp: Path, profile: int = 0) -> tuple[ModelConfig, dict]:
+    """Train the layout; the resolved model config and rank 0's measurements. `profile` > 0: that many steps after
+    the second are recorded with torch.profiler (train.profile_steps) and taken apart (`profiled_parts`); the step
+    time is then the median of the steps after them (the one after them also writes the profile)."""
     from helpers import TINY_JOB, mpirun, sets, train_argv
 
     job = tmp / "job.toml"
     job.write_text(TINY_JOB)
     common = [f"model.{k}={v}" for k, v in shape.items()]
-    common += [f"train.batch_size={batch}", f"train.max_steps={steps}", "train.warmup_steps=1"]
-    common += ["train.eval_interval=0", "train.sample_tokens=0", "train.log_interval=1", "train.tensorboard=false"]
-    common += ["train.threads=1", "train.checkpoint_interval=0"]
+    common += [f"train.batch_size={batch}", f"train.max_steps={steps + profile + bool(profile)}"]
+    common += ["train.warmup_steps=1", "train.eval_interval=0", "train.sample_tokens=0", "train.log_interval=1"]
+    common += ["train.tensorboard=false", "train.threads=1", "train.checkpoint_interval=0"]
+    common += [f"train.profile_steps={profile}"]
     run_dir = tmp / layout.name.replace(" ", "_").replace(",", "").replace("=", "")
     for attempt in (1, 2):  # once more if the run failed (on a shared machine, another job's cleanup may hit it)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -278,9 +286,53 @@ def run(layout: Layout, shape: dict, batch: int, steps: int, tmp: Path) -> tuple
         "activation_bytes": round(last["activations_mb"] * MB),
         "tp_bytes": last.get("tp_bytes_per_step"),
         "pp_bytes": last.get("pp_bytes_per_step"),
-        "ms_per_step": statistics.median(r["ms_per_step"] for r in rows[2:]),
+        "ms_per_step": statistics.median(r["ms_per_step"] for r in rows[2 + profile + bool(profile) :]),
     }
+    if profile:
+        measured |= profiled_parts(run_dir / "profile.txt")
     return cfg, measured
+
+
+# The operators whose work a layout divides as it divides the FLOPs (tensor parallelism splits the matmuls, the
+# attention heads and the MLP's hidden units, GELU included); the rest of a step it does not (LayerNorms, residual
+# sums, the loss, the optimizer's per-tensor work, Python between operators), and tensor-parallel ranks repeat it.
+FLOP_OPERATORS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::gelu",
+    "aten::gelu_backward",
+}
+OPTIMIZER_ROW = "Optimizer.step#"
+TIME_UNITS = {"s": 1e3, "ms": 1.0, "us": 1e-3}
+
+
+def profiled_parts(path: Path) -> dict:
+    """From a train.profile_steps table (hvdlm.training.profiling): the milliseconds a step of the FLOP operators
+    (their own time) and of the optimizer's step (with what it calls)."""
+    import re
+
+    text = path.read_text()
+    steps = int(re.search(r"over (\d+) step", text).group(1))
+
+    def ms(cell: str) -> float:
+        number, unit = re.fullmatch(r"([\d.]+)(s|ms|us)", cell).groups()
+        return float(number) * TIME_UNITS[unit]
+
+    flop_ms = optimizer_ms = 0.0
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())  # name, self %, self, total %, total, average, calls
+        if len(cells) != 7 or not cells[2][-1:] == "s":
+            continue
+        if cells[0] in FLOP_OPERATORS:
+            flop_ms += ms(cells[2])
+        elif cells[0].startswith(OPTIMIZER_ROW):
+            optimizer_ms += ms(cells[4])
+    if not flop_ms or not optimizer_ms:
+        sys.exit(f"{path}: no matmuls or no optimizer step in the profile")
+    return {"flop_ms": flop_ms / steps, "optimizer_ms": optimizer_ms / steps}
 
 
 def flops_per_token(cfg: ModelConfig, tp: int, layers: int, last: bool, recompute: str) -> float:
@@ -324,17 +376,26 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> d
     # A ring allreduce sends 2 (p - 1) / p of the payload a rank, as the measured 4 MB allreduce did (p = 2).
     comm_s = machine.seconds(tp_bytes + p2p, messages)
     # Over all ranks, the logged loss every step (the stop vote rides along, asynchronous): over MPI with TP or
-    # pipeline stages, else through Horovod (hvdlm.parallel.jobwide). With DP the fused gradients, through Horovod
-    # (their payload at the 4 MB rate). One rank pays none: the calibration holds its cost.
+    # pipeline stages, else through Horovod (hvdlm.parallel.jobwide). One rank sends nothing. With DP the
+    # gradients, through Horovod, each collective waiting for its cycle: one fused allreduce, or ZeRO's
+    # reduce-scatter, the clipping norm and the all-gather of the updated slices (hvdlm.training.zero); their
+    # payload (an allreduce's, either way) at the 4 MB rate.
+    zero = dp > 1 and layout.setting("train.zero", "0") != "0"
     if layout.ranks > 1:
         comm_s += machine.latency_s if tp > 1 or pp > 1 else machine.horovod_s
-        comm_s += machine.horovod_s + 4 * params / machine.bytes_per_s if dp > 1 else 0.0
+    if dp > 1:
+        clipped = float(layout.setting("train.grad_clip", "1")) > 0
+        comm_s += ((2 + clipped) if zero else 1) * machine.horovod_s + 4 * params / machine.bytes_per_s
     return {
         "params": params,
         "activation_bytes": activations * counts.in_flight(pp, 0, m, schedule),
         "tp_bytes": tp_bytes,
         "pp_bytes": pp_bytes,
         "flops": per_micro * slots,
+        "slots": slots,
+        "layer_share": max(split) / cfg.n_layer,  # of the step's work outside the FLOP operators (see run)
+        # ZeRO's optimizer steps one flat slice, 1 / d of the elements (an upper bound: no per-tensor overhead)
+        "optimizer_share": 1 / dp if zero else 1.0,
         "comm_s": comm_s,
     }
 
@@ -363,14 +424,19 @@ def main() -> None:
         for repeat in range(args.repeats):  # rounds over the layouts, so a spell of load touches them alike
             for layout in LAYOUTS if repeat == 0 else [x for x in LAYOUTS if x.timed]:
                 machine = probe_machine(layout.ranks, layout.horovod_cycle_ms)
-                cfg, measured = run(layout, shape, args.batch, steps if layout.timed else 3, Path(tmp))
+                profile = PROFILE_STEPS if layout is LAYOUTS[0] else 0  # the calibration run is taken apart
+                cfg, measured = run(layout, shape, args.batch, steps if layout.timed else 3, Path(tmp), profile)
                 rounds[layout.name].append((layout, cfg, measured, predict(layout, cfg, args.batch, machine), machine))
                 print(f"{layout.name}: measured {json.dumps(measured)}", flush=True)
     # Each layout's least disturbed round (the fastest, with the probe taken just before it): on a shared machine
     # the other jobs only ever add time.
     results = [min(found, key=lambda r: r[2]["ms_per_step"]) for found in rounds.values()]
     _, _, calib_measured, calib_predicted, calib_machine = results[0]
-    flop_rate = calib_predicted["flops"] / (calib_measured["ms_per_step"] / 1000 - calib_predicted["comm_s"])
+    # The calibration, one rank: its FLOP operators' time gives the achieved FLOP rate; its optimizer step, and the
+    # rest of its step, a micro-batch's work outside the FLOP operators.
+    flop_rate = calib_predicted["flops"] / (calib_measured["flop_ms"] / 1000)
+    optimizer_s = calib_measured["optimizer_ms"] / 1000
+    other_s = calib_measured["ms_per_step"] / 1000 - calib_measured["flop_ms"] / 1000 - optimizer_s
 
     lines, failures = [], [f"TP=2 grid: {w}" for w in grid["wrong"]]
     lines.append(
@@ -390,7 +456,8 @@ def main() -> None:
             time_cell = f"(calibration) / {meas['ms_per_step']:.1f}"
         elif layout.timed:
             speed = calib_machine.compute_s / machine.compute_s  # this layout's ranks now, against the calibration's
-            ms = 1000 * (pred["flops"] / (flop_rate * speed) + pred["comm_s"])
+            outside = (other_s * pred["slots"] + optimizer_s * pred["optimizer_share"]) * pred["layer_share"]
+            ms = 1000 * ((pred["flops"] / flop_rate + outside) / speed + pred["comm_s"])
             time_error = ms / meas["ms_per_step"] - 1
             checks["step time"] = abs(time_error) <= TIME_TOLERANCE
             time_cell = f"{ms:.1f} / {meas['ms_per_step']:.1f} ({time_error:+.0%})"
@@ -415,7 +482,9 @@ def main() -> None:
             if found[0][0].timed
         )
         + ")",
-        f"- calibrated from the 1-rank run: {flop_rate / 1e9:.2f} GFLOP/s achieved; probed before each layout "
+        f"- calibrated from the 1-rank run ({PROFILE_STEPS} steps profiled): {flop_rate / 1e9:.2f} GFLOP/s achieved "
+        f"in the FLOP operators ({calib_measured['flop_ms']:.1f} ms a step), the optimizer's step "
+        f"{1e3 * optimizer_s:.1f} ms, the rest {1e3 * other_s:.1f} ms; probed before each layout "
         "(four 256 x 256 matmuls on a rank; a 256 KB MPI and a Horovod synchronisation between computing ranks, "
         "Horovod running; a 4 MB allreduce): "
         + "; ".join(
