@@ -115,7 +115,10 @@ def test_the_planner_counts_the_pipeline_bytes_of_every_step(runs):
 
 @pytest.mark.distributed
 def test_1f1b_and_gpipe_give_the_same_losses(runs):
-    assert losses(runs["pp2"]) == losses(runs["pp4_gpipe"])  # fp32 on CPU: the same sums in the same order
+    # The same micro-batches through the same layers: equal to rounding, 10x closer than to one rank. Not bit for
+    # bit: the clipping norm adds 2 stages' partial sums against 4, and on an Intel Xeon that moved the loss of step
+    # 7 by one unit in the last place.
+    assert losses(runs["pp2"]) == pytest.approx(losses(runs["pp4_gpipe"]), rel=1e-6, abs=0)
 
 
 @pytest.mark.distributed

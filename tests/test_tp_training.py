@@ -71,13 +71,24 @@ def test_loss_at_every_step_matches_one_rank(runs, layout):
     assert_losses_match(runs["one"], runs[layout], STEPS, layout)
 
 
+def without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    """t, less the key bias (the middle third of qkv.bias). Its gradient is zero in exact arithmetic (softmax ignores
+    a shift shared by all of a query's scores), so AdamW steps it on rounding noise, which differs with each
+    layout's order of sums: on an Intel Xeon, TP=2 ended 1.2e-5 from one rank there and within 5e-6 elsewhere."""
+    if not name.endswith("attn.qkv.bias"):
+        return t
+    q, _, v = t.chunk(3)
+    return torch.cat([q, v])
+
+
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2xdp2"])
 def test_merged_final_parameters_match_one_rank(runs, layout, tmp_path):
     ref, got = merged_params(runs["one"], tmp_path), merged_params(runs[layout], tmp_path)
     assert ref.keys() == got.keys()
     for name in ref:
         assert ref[name].shape == got[name].shape, name
-        assert (ref[name] - got[name]).abs().max().item() <= 1e-5, name
+        diff = without_key_bias(name, ref[name] - got[name])
+        assert diff.abs().max().item() <= 1e-5, name
 
 
 def test_replicas_in_a_dp_group_stay_bit_identical(runs):
