@@ -33,9 +33,8 @@ def use_communicator(comm: Any) -> None:
 
 
 def _alone() -> bool:
-    """Whether this is a job of one process. Asked at each call: an elastic job's size changes at its resets."""
-    if _world is not None:
-        return False  # tensor-parallel or pipeline ranks: two at least
+    """On the Horovod path (no communicator: tp = pp = 1), whether the job is one process. Asked at each call: an
+    elastic job's size changes at its resets."""
     import horovod.torch as hvd
 
     return hvd.size() == 1
