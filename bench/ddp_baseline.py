@@ -24,7 +24,8 @@ from hvdlm.data import open_dataset
 from hvdlm.data.corpus import ensure_dataset, model_vocab_size
 from hvdlm.data.sampler import WindowSampler
 from hvdlm.model import GPT
-from hvdlm.training.optim import lr_at, make_optimizer
+from hvdlm.optim.schedule import lr_at
+from hvdlm.optim.torch_optimizers import make_optimizer
 
 
 def main() -> None:

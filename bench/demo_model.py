@@ -23,7 +23,7 @@ from hvdlm.data import open_dataset  # noqa: E402
 from hvdlm.data.corpus import ensure_dataset, model_vocab_size  # noqa: E402
 from hvdlm.data.sampler import WindowSampler  # noqa: E402
 from hvdlm.model import GPT  # noqa: E402
-from hvdlm.training.optim import make_optimizer  # noqa: E402
+from hvdlm.optim.torch_optimizers import make_optimizer  # noqa: E402
 
 JOB = REPO / "jobs" / "demo.toml"
 

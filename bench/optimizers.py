@@ -16,7 +16,7 @@ import demo_model as dm  # bench/ is on sys.path when a script here runs
 import torch
 from recording import record
 
-from hvdlm.training.muon import is_hidden_matrix, orthogonalize
+from hvdlm.optim.muon import is_hidden_matrix, orthogonalize
 
 
 def main() -> None:

@@ -376,7 +376,7 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> d
     # Over all ranks, the logged loss every step (the stop vote rides along, asynchronous): over MPI with TP or
     # pipeline stages, else through Horovod (hvdlm.parallel.jobwide). One rank sends nothing. With DP the
     # gradients, through Horovod, each collective waiting for its cycle: one fused allreduce, or ZeRO's
-    # reduce-scatter, the clipping norm and the all-gather of the updated slices (hvdlm.training.zero); their
+    # reduce-scatter, the clipping norm and the all-gather of the updated slices (hvdlm.optim.zero); their
     # payload (an allreduce's, either way) at the 4 MB rate.
     zero = dp > 1 and layout.setting("train.zero", "0") != "0"
     if layout.ranks > 1:

@@ -38,7 +38,7 @@ def save_times(repeats: int) -> tuple[float, float, int]:
     from hvdlm.checkpoint.store import checkpoint_path
     from hvdlm.config import load_config
     from hvdlm.model import GPT
-    from hvdlm.training.optim import make_optimizer
+    from hvdlm.optim.torch_optimizers import make_optimizer
 
     cfg = load_config(REPO / "jobs" / "demo.toml", ["train.optimizer=adamw"])
     model = GPT(cfg.model)

@@ -43,8 +43,8 @@ def worker(args) -> None:
 
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
+    from hvdlm.optim.clipping import clip_grad_norm
     from hvdlm.parallel.topology import Layout, make_tp_group
-    from hvdlm.training.optim import clip_grad_norm
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD

@@ -14,8 +14,10 @@ from helpers import run_cli
 from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
+from hvdlm.optim.replicated import Replicated
+from hvdlm.optim.zero import zero_note
+from hvdlm.parallel.topology import Topology
 from hvdlm.training.memory_account import MB, ActivationMeter, memory_account, state_mb
-from hvdlm.training.zero import zero_note
 
 CFG = dict(n_layer=4, n_head=2, d_model=32, seq_len=32, vocab_size=256, dropout=0.1)
 
@@ -65,7 +67,8 @@ def test_the_account_of_a_model_and_its_arithmetic_agree():
     model(torch.zeros(1, 32, dtype=torch.long), torch.zeros(1, 32, dtype=torch.long))[1].backward()
     optimizer.step()
     n = sum(p.numel() for p in model.parameters())
-    account = memory_account(model, optimizer, 3 * MB, torch.device("cpu"))
+    held = Replicated(optimizer, model, Topology.single(), synchronous=False)
+    account = memory_account(model, held, 3 * MB, torch.device("cpu"))
     predicted = state_mb(n, "adamw")
     step_counts = 4 * len(list(model.parameters())) / MB  # AdamW keeps its step as a 4-byte tensor per parameter
     assert account["params_mb"] == predicted["params_mb"] and account["grads_mb"] == predicted["grads_mb"]

@@ -1,4 +1,4 @@
-"""train.optimizer = "muon" (hvdlm.training.muon): Muon for the blocks' matrices, AdamW for the rest.
+"""train.optimizer = "muon" (hvdlm.optim.muon): Muon for the blocks' matrices, AdamW for the rest.
 
 In one process: the orthogonalization, the AdamW half against torch.optim.AdamW, the size of a Muon step. Under
 mpirun: 2 data-parallel ranks (Horovod averaging the gradients), 2 pipeline stages and 2 tensor-parallel ranks
@@ -19,10 +19,10 @@ from test_plan import CLUSTER, plan, plan_json
 from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
+from hvdlm.optim.muon import is_hidden_matrix, orthogonalize
+from hvdlm.optim.torch_optimizers import make_optimizer
 from hvdlm.plan import counts
 from hvdlm.plan.gpus import gpu
-from hvdlm.training.muon import is_hidden_matrix, orthogonalize
-from hvdlm.training.optim import make_optimizer
 
 # --- in one process ------------------------------------------------------------------------------------------
 

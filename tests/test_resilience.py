@@ -23,8 +23,8 @@ from hvdlm.checkpoint.store import (
 )
 from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
+from hvdlm.optim.schedule import lr_at
 from hvdlm.training.ema import WeightEMA
-from hvdlm.training.optim import lr_at
 from hvdlm.training.precision import Precision
 
 

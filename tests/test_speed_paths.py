@@ -12,8 +12,8 @@ from hvdlm.checkpoint.format import training_state
 from hvdlm.checkpoint.reshard import load_model, merge_states
 from hvdlm.config import ModelConfig, TrainConfig
 from hvdlm.model import GPT
+from hvdlm.optim.torch_optimizers import make_optimizer, param_groups
 from hvdlm.training.ema import WeightEMA
-from hvdlm.training.optim import make_optimizer, param_groups
 
 ODD = ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, vocab_size=300)  # 300 -> 320 rows
 

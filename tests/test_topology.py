@@ -11,6 +11,7 @@ from hvdlm.checkpoint.reshard import load_model, load_optimizer, merge_states
 from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
+from hvdlm.optim.torch_optimizers import make_optimizer
 from hvdlm.parallel.layers import Sharding, merge, shard
 from hvdlm.parallel.topology import (
     IDLE_CYCLE_MS,
@@ -24,7 +25,6 @@ from hvdlm.parallel.topology import (
     tp_group_ranks,
     tp_rank_of,
 )
-from hvdlm.training.optim import make_optimizer
 
 
 def test_horovod_idles_at_a_long_cycle_only_where_one_replica_sends_it_nothing():

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
+from hvdlm.optim.clipping import clip_grad_norm
 from hvdlm.parallel import collectives
 from hvdlm.parallel.layers import (
     VOCAB_MULTIPLE,
@@ -28,7 +29,6 @@ from hvdlm.parallel.layers import (
     vocab_parallel_cross_entropy,
 )
 from hvdlm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
-from hvdlm.training.optim import clip_grad_norm
 
 TOL = 1e-5
 

@@ -14,11 +14,13 @@ import horovod.torch as hvd
 import torch
 from mpi4py import MPI
 
-from hvdlm.config import ModelConfig, TrainConfig
+from hvdlm.config import JobConfig, ModelConfig, TrainConfig
 from hvdlm.model import GPT
+from hvdlm.optim.build import build as build_optimizer
+from hvdlm.optim.replicated import broadcast_initial_state
+from hvdlm.optim.torch_optimizers import make_optimizer
 from hvdlm.parallel import collectives
 from hvdlm.parallel.topology import init_topology
-from hvdlm.training.optim import broadcast_initial_state, distributed_optimizer, make_optimizer
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
@@ -81,9 +83,9 @@ def main() -> int:
     # Horovod: the DistributedOptimizer averages over the DP process set only: (0 + 2) / 2 and (1 + 3) / 2.
     torch.manual_seed(7)
     model = GPT(cfg, topo.tp_group)
-    opt = distributed_optimizer(model, TrainConfig(), topo)
+    opt = build_optimizer(model, JobConfig(), topo)
     sum(p.sum() * float(rank) for p in model.parameters()).backward()  # every gradient entry = the rank
-    opt.synchronize()
+    opt.reduce_gradients()
     grads = {p.grad.flatten()[0].item() for p in model.parameters()}
     report("distributed_optimizer_averages_over_the_dp_group", grads == {1.0 if rank % 2 == 0 else 2.0}, sorted(grads))
 

@@ -2,8 +2,9 @@
 by step.
 
 Copies of the same model (one TP shard per rank), one driven by the replicated optimizer, one by the ZeroOptimizer
-and one by the Zero2Optimizer (buckets of a few thousand bytes: several per shard), as the trainer drives them (2
-micro-batches accumulated, synchronize, clip, step), on batches that differ between the replicas. Rank 0 prints
+and one by the Zero2Optimizer (buckets of a few thousand bytes: several per shard), as the trainer drives them
+through the optimizer interface (2 micro-batches accumulated, reduce_gradients, clip_gradients, step), on batches
+that differ between the replicas. Rank 0 prints
 one JSON line per check: {"check", "ok", "detail"} (see tests/test_zero.py, which starts this).
 """
 
@@ -18,16 +19,17 @@ import horovod.torch as hvd
 import torch
 from mpi4py import MPI
 
-from hvdlm.config import ModelConfig, TrainConfig
+from hvdlm.config import JobConfig, ModelConfig, TrainConfig
 from hvdlm.model import GPT
+from hvdlm.optim import zero as zero_module
+from hvdlm.optim.build import build as build_optimizer
+from hvdlm.optim.zero import ZeroOptimizer
 from hvdlm.parallel.topology import init_topology
-from hvdlm.training import zero as zero_module
 from hvdlm.training.memory_account import memory_account
-from hvdlm.training.optim import clip_gradients, distributed_optimizer
-from hvdlm.training.zero import ZeroOptimizer
 
 world = MPI.COMM_WORLD
 STEPS, MICRO, TOL = 4, 2, 1e-6
+NO_SCALING = torch.amp.GradScaler("cuda", enabled=False)  # fp32 and bf16: the trainer's scaler, disabled
 
 
 def report(name: str, ok: bool, detail) -> None:
@@ -58,10 +60,9 @@ def train(model, optimizer, topo, cfg: ModelConfig, tag: str, bf16: bool = False
                 micro_loss = model(x, torch.roll(x, -1, 1))[1]
             (micro_loss / MICRO).backward()
             loss += micro_loss.detach() / MICRO
-        optimizer.synchronize()
-        norm = clip_gradients(optimizer, model, 0.5, topo.tp_group)
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        optimizer.reduce_gradients()
+        norm = optimizer.clip_gradients(0.5, NO_SCALING)
+        optimizer.step(NO_SCALING)
         mean = hvd.allreduce(loss, op=hvd.Average, name=f"loss.{tag}.{step}", process_set=topo.dp_process_set)
         out.append((mean.item(), norm.item()))
     return out
@@ -88,7 +89,8 @@ def main() -> int:
     for name, zero, bf16 in runs:
         torch.manual_seed(100 + world.Get_rank())  # different weights per rank: the initial broadcast must fix that
         models[name] = GPT(cfg, topo.tp_group)
-        optimizers[name] = distributed_optimizer(models[name], dataclasses.replace(tcfg, zero=zero), topo)
+        job = JobConfig(model=cfg, train=dataclasses.replace(tcfg, zero=zero))
+        optimizers[name] = build_optimizer(models[name], job, topo)
         results[name] = train(models[name], optimizers[name], topo, cfg, name, bf16)
     (ref, zero), (m_ref, m_zero) = (results["replicated"], results["zero"]), (models["replicated"], models["zero"])
 
@@ -123,7 +125,7 @@ def main() -> int:
     # The slices assemble (as a checkpoint's slice files do) to the replicated optimizer's state_dict (same layout
     # and parameter order), and loading that into a new ZeRO optimizer (as a resume does) gives back the same slices.
     full = optimizers["zero"].full_state_dict()
-    plain = optimizers["replicated"].state_dict()
+    plain = optimizers["replicated"].checkpoint_view().state_dict()
     same_layout = full["state"].keys() == plain["state"].keys()
     moments = max(
         (full["state"][i][k].float() - plain["state"][i][k].float()).abs().max().item()
@@ -152,11 +154,11 @@ def main() -> int:
     reduced_in_backward = all(p.grad is None for p in z2.params)
     norms = []
     for opt in (zo, z2):
-        opt.synchronize()
-        norms.append(opt.clip_grad_norm(1.0))
+        opt.reduce_gradients()
+        norms.append(opt.clip_gradients(1.0, NO_SCALING))
     z2.zero_grad()
-    z2.synchronize()
-    clean = z2.clip_grad_norm(1.0).item() == 0.0 and all(p.grad is None for p in z2.params)
+    z2.reduce_gradients()
+    clean = z2.clip_gradients(1.0, NO_SCALING).item() == 0.0 and all(p.grad is None for p in z2.params)
     seen = not any(torch.isfinite(n).item() for n in norms) and clean
     report("a_non_finite_gradient_on_one_rank_is_seen_by_all", seen, [n.item() for n in norms])
     report("zero2_reduces_the_buckets_during_backward", reduced_in_backward, len(z2.bucket_params))

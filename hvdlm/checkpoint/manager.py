@@ -25,15 +25,23 @@ from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, dp_group_ranks
-from hvdlm.training.resume import rng_state, set_rng_state
-from hvdlm.training.zero import ZeroOptimizer, checkpoint_view
+
+
+class CheckpointedOptimizer(Protocol):
+    """What a save asks of the optimizer (hvdlm.optim.interface.TrainingOptimizer has it)."""
+
+    def checkpoint_view(self) -> Any:
+        """The optimizer as the shard file saves and a resume loads it, like a plain torch optimizer."""
+
+    def checkpoint_slice(self) -> dict[str, Any] | None:
+        """This rank's slice of the state for a file of its own (ZeRO), or None: the shard file holds it."""
 
 
 class RunState(Protocol):
     """What a save holds beyond the config: the Trainer has these."""
 
     model: torch.nn.Module
-    optimizer: Any
+    optimizer: CheckpointedOptimizer
     ema: Any  # WeightEMA or None
     precision: Any  # Precision: the fp16 gradient scaler
     train_batches: Any  # WindowSampler: the data position
@@ -60,13 +68,13 @@ class CheckpointManager:
         # Every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
         rngs = jobwide.allgather_object(rng_state(self.device), f"rng.{step}")
         path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
-        sliced = isinstance(run.optimizer, ZeroOptimizer)
+        own_slice = run.optimizer.checkpoint_slice()
         # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks
         # together, and each takes back the files of this save it did write (whole, yet useless without the rest).
         written: list[Path] = []
         try:
             with together(f"saved.{step}"):
-                self._write_own_files(step, run, path, sliced, rngs, written)
+                self._write_own_files(step, run, path, own_slice, rngs, written)
         except InputError:
             for p in written:
                 p.unlink(missing_ok=True)
@@ -75,19 +83,20 @@ class CheckpointManager:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
 
     def _write_own_files(
-        self, step: int, run: RunState, path: Path, sliced: bool, rngs: list, written: list[Path]
+        self, step: int, run: RunState, path: Path, own_slice: dict | None, rngs: list, written: list[Path]
     ) -> None:
         """This rank's part of the save at `step`: its ZeRO slice, and its shard if it is its DP group's first."""
         topo = self.topo
+        sliced = own_slice is not None
         if sliced:
             # ZeRO: each DP rank writes its own slice of the optimizer state; no rank holds the whole. The shard's
             # writer writes its slice first, so a shard file on disk always has a slice file naming their count.
-            state = {"step": step, **run.optimizer.slice_state_dict()}
+            state = {"step": step, **own_slice}
             self._write(path.with_name(slice_name(path.name, topo.dp_rank, topo.dp)), state, written)
         if topo.dp_rank == 0:
             state = training_state(
                 run.model,
-                checkpoint_view(run.optimizer),
+                run.optimizer.checkpoint_view(),
                 step,
                 self.cfg.to_dict(),
                 topo.tp_rank,
@@ -129,7 +138,7 @@ class CheckpointManager:
         """Put a save's optimizer, EMA, scaler, data position and RNG back into `run` (whose model is loaded);
         returns its step."""
         topo = self.topo
-        load_optimizer(checkpoint_view(run.optimizer), run.model, state, topo.tp_rank, topo.tp)
+        load_optimizer(run.optimizer.checkpoint_view(), run.model, state, topo.tp_rank, topo.tp)
         if run.ema is not None and "ema" in state:
             run.ema.load_state_dict(shard_state(run.model, state["ema"], topo.tp_rank, topo.tp))
         # (a save without an EMA: it starts from the weights, which is what WeightEMA() did)
@@ -148,3 +157,18 @@ class CheckpointManager:
                 )
         run.progress.update(state.get("progress") or {})
         return state["step"]
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's random generators (dropout's streams), as a save keeps them."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put a saved rng_state back, so the resumed run draws what the uninterrupted one would have."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,7 +1,7 @@
 """ZeRO checkpoints: each DP rank's slice of the optimizer state in a file of its own, and the whole state put
 back together from the slices.
 
-A ZeRO run (hvdlm.training.zero) never holds the whole optimizer state on one rank, so neither does its save: beside
+A ZeRO run (hvdlm.optim.zero) never holds the whole optimizer state on one rank, so neither does its save: beside
 each (stage, TP rank) shard file, every DP rank d of Z writes `step-0000100[.ppS-of-P][.tpR-of-T].zeroD-of-Z.pt`
 (hvdlm.checkpoint.store.slice_name) holding
 
@@ -16,7 +16,7 @@ each (stage, TP rank) shard file, every DP rank d of Z writes `step-0000100[.ppS
 
 and the shard file records `zero_slices` {"size": Z, "files": [names]} in place of its `optimizer`.
 The flat buffer is cut into buckets of parameters, each padded to a multiple of Z (ZeRO-1: one bucket, the
-parameters in index order; ZeRO-2: many, in the order backward completes them, see hvdlm.training.zero2); a rank's
+parameters in index order; ZeRO-2: many, in the order backward completes them, see hvdlm.optim.zero2); a rank's
 slice is its part of every bucket, concatenated:
 
     bucket b   [ params ...... | pad ]  = Z parts of S_b elements; slice of rank d = [part d of bucket 0 | ... ]

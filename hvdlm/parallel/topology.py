@@ -196,6 +196,11 @@ class Topology:
         """Global rank of this DP group's DP-rank-0 member, the source of the initial state."""
         return self.layout.dp_ranks[0]
 
+    @classmethod
+    def single(cls) -> Topology:
+        """One process alone (no Horovod, no MPI): every group of one, nothing ever sent."""
+        return cls(Layout(0, 1, 1), Group.single(), Group.single(), dp_process_set=None)
+
 
 def make_tp_group(layout: Layout, comm: Any) -> Group:
     """The TP group of `layout.rank`, split from `comm` (COMM_WORLD); a group of one needs no communicator."""
@@ -216,6 +221,11 @@ def horovod_cycle_ms(current: str | None, dp: int, quiet_alone: bool) -> str | N
     if dp > 1 or not quiet_alone:
         return None
     return f"{max(float(current or 0), IDLE_CYCLE_MS):g}"
+
+
+def elastic_job() -> bool:
+    """This rank runs under horovodrun's elastic mode (it sets HOROVOD_ELASTIC for its workers)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:

@@ -182,3 +182,11 @@ def pick_device(
         torch.cuda.set_device(choice.index)
         return torch.device("cuda", choice.index)
     return torch.device("cpu")
+
+
+def to_device(batch: tuple, device) -> tuple:
+    """A host batch (inputs, targets) on the device: through pinned memory on GPUs, so the copy is asynchronous and
+    the host goes on preparing the next micro-batch while the device computes; on the CPU as it is."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(batch)

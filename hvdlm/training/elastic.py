@@ -19,15 +19,9 @@ running workers, inside their steps, would not answer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from hvdlm.errors import InputError
-
-
-def enabled() -> bool:
-    """This rank runs under horovodrun's elastic mode (it sets HOROVOD_ELASTIC for its workers)."""
-    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def refuse_unsupported(cfg) -> None:
@@ -56,30 +50,21 @@ def run_steps(trainer, watchdog, run_step: Callable) -> None:
     """The steps from trainer.first_step to the end under hvd.elastic.run."""
     import horovod.torch as hvd
 
-    from hvdlm.data.sampler import WindowSampler
     from hvdlm.parallel.topology import init_topology
     from hvdlm.training.metrics import RunLogger
-    from hvdlm.training.preemption import StopVote
 
     t = trainer.t
     refuse_unsupported(trainer.cfg)
     # Horovod: what a commit saves and a reset restores and broadcasts from rank 0.
     state = hvd.elastic.TorchState(
         model=trainer.model,
-        optimizer=trainer.optimizer,
+        optimizer=trainer.optimizer.checkpoint_view(),  # what a checkpoint holds of it: the torch optimizer
         step=trainer.first_step,
         data=trainer.train_batches.state_dict(),
     )
 
     def on_reset() -> None:
-        trainer.topo = topo = init_topology(1)  # Horovod is initialised again by now: the workers left
-        trainer.checkpoints.topo = topo
-        seq_len, data = trainer.cfg.model.seq_len, trainer.data
-        trainer.train_batches = WindowSampler(data.train, seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed)
-        trainer.val_batches = WindowSampler(data.val, seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed)
-        trainer.vote = StopVote(hvd.size())
-        trainer.throughput.tokens_per_step = t.batch_size * t.accumulation_steps * seq_len * topo.dp
-        trainer.throughput.restart()
+        trainer.resize(init_topology(1))  # Horovod is initialised again by now: the workers left
         trainer.logger.close()
         # Rank 0 (perhaps another process than before) cuts metrics.jsonl back to the commit and logs on.
         trainer.logger = RunLogger(trainer.run_dir, t.max_steps, hvd.rank() == 0, t.tensorboard, state.step)

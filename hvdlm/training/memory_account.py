@@ -71,18 +71,18 @@ class ActivationMeter:
 
 def memory_account(model, optimizer, activation_bytes: int, device) -> dict[str, Any]:
     """MB per rank held by the model's weights and gradients, the optimizer's state (this rank's slice under
-    ZeRO) and the activations saved for backward; with a GPU, the allocator's peak."""
+    ZeRO) and the activations saved for backward; with a GPU, the allocator's peak. `optimizer`: an
+    hvdlm.optim TrainingOptimizer, which reports its own state and reduction buffers."""
     import torch
 
     params = list(model.parameters())  # a tied weight once
+    held = optimizer.memory_bytes()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    grads += getattr(optimizer, "buffer_bytes", 0)  # ZeRO: the reduce-scatter's slice (ZeRO-2: and its buckets)
-    tensors = [t for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t)]
-    state = sum(t.numel() * t.element_size() for t in tensors)
+    grads += held["gradient_buffers"]  # ZeRO: the reduce-scatter's slice (ZeRO-2: and its buckets)
     account = {
         "params_mb": sum(p.numel() * p.element_size() for p in params) / MB,
         "grads_mb": grads / MB,
-        "optimizer_mb": state / MB,
+        "optimizer_mb": held["state"] / MB,
         "activations_mb": activation_bytes / MB,
     }
     if device.type == "cuda":

@@ -18,6 +18,7 @@ from hvdlm.parallel.collectives import allreduce, broadcast_
 from hvdlm.parallel.p2p import StageLink
 from hvdlm.parallel.schedules import StageWork, forward_only, run_schedule
 from hvdlm.parallel.topology import Topology
+from hvdlm.training.device import to_device
 from hvdlm.training.memory_account import ActivationMeter
 from hvdlm.training.precision import Precision
 
@@ -40,7 +41,7 @@ class PipelineRunner:
         """One step's micro-batches through the schedule, gradients accumulated in .grad; returns the replica's
         mean loss over them, on every stage. `meter` counts the saved activations of the micro-batches in flight."""
         m = self.microbatches
-        data = [_to_device(b, self.device) for b in (batches.next_batch() for _ in range(m))]  # every stage reads
+        data = [to_device(batches.next_batch(), self.device) for _ in range(m)]  # every stage reads
         loss = torch.zeros((), device=self.device)
 
         def forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
@@ -71,7 +72,7 @@ class PipelineRunner:
     def validation_loss(self, batches: WindowSampler, n_batches: int) -> torch.Tensor:
         """The mean loss over n_batches evaluation batches of this replica, on every stage."""
         self.model.eval()
-        data = [_to_device(b, self.device) for b in (batches.eval_batch(i) for i in range(n_batches))]
+        data = [to_device(batches.eval_batch(i), self.device) for i in range(n_batches)]
         total = torch.zeros((), device=self.device)
 
         def forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
@@ -90,7 +91,3 @@ class PipelineRunner:
     def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
         """The last stage's value on every stage of the pipeline."""
         return broadcast_(value.float().reshape(1).contiguous(), self.topo.pp_group, root=self.topo.pp - 1)[0]
-
-
-def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
-    return tuple(b.to(device, non_blocking=True) for b in batch)

@@ -1,4 +1,5 @@
-"""Mixed precision: the autocast context of the forward pass, the fp16 gradient scaler, Horovod's compression.
+"""Mixed precision: the autocast context of the forward pass and the fp16 gradient scaler (Horovod's fp16 gradient
+compression: hvdlm.optim.replicated).
 
 - fp32: nothing changes.
 - bf16: autocast to bfloat16 (CPU and GPU). bf16 has fp32's exponent range, so gradients need no scaling.
@@ -54,10 +55,3 @@ def check_precision(cfg: TrainConfig, device: torch.device) -> None:
             "buffers are slower than fp32 ones (no native half arithmetic), so it would cost time, not save it. "
             'Set grad_compression = "none" on CPU ranks.'
         )
-
-
-def compression(cfg: TrainConfig):
-    """Horovod's wire format for gradients: fp16 halves the bytes of every allreduce (values are cast back)."""
-    import horovod.torch as hvd
-
-    return hvd.Compression.fp16 if cfg.grad_compression == "fp16" else hvd.Compression.none

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hvdlm.checkpoint.reshard import load_full_state, merge_states
 from hvdlm.checkpoint.store import (
     newest_loadable,
@@ -104,16 +102,3 @@ def check_compatible(state: dict[str, Any], cfg_train: TrainConfig, source: str)
             f'"{cfg_train.optimizer}": its optimizer state does not carry over. Resume with optimizer = '
             f'"{theirs}", or start a new run from its weights with --init-from.'
         )
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

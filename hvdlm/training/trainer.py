@@ -40,20 +40,22 @@ from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.model.stage import GPTStage
+from hvdlm.optim.build import build as build_optimizer
+from hvdlm.optim.interface import TrainingOptimizer
+from hvdlm.optim.schedule import lr_at
+from hvdlm.optim.zero import zero_note
 from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
-from hvdlm.parallel.topology import Topology, all_dp_groups, init_topology
+from hvdlm.parallel.topology import Topology, all_dp_groups, elastic_job, init_topology
 from hvdlm.training import elastic
-from hvdlm.training.device import pick_device
+from hvdlm.training.device import pick_device, to_device
 from hvdlm.training.ema import WeightEMA
 from hvdlm.training.flops import flops_per_token, memory_mb, mfu, peak_tflops
-from hvdlm.training.local_sgd import average_replicas
 from hvdlm.training.memory import check_model_fits
 from hvdlm.training.memory_account import ActivationMeter, memory_account
 from hvdlm.training.memory_account import describe as describe_memory
 from hvdlm.training.metrics import RunLogger
-from hvdlm.training.optim import clip_gradients, distributed_optimizer, lr_at
 from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
@@ -61,7 +63,6 @@ from hvdlm.training.profiling import StepProfiler
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
 from hvdlm.training.verdict import Verdict, decides_on_device, non_finite_flags
 from hvdlm.training.watchdog import Watchdog, start_watchdog
-from hvdlm.training.zero import ZeroOptimizer, zero_note
 from hvdlm.units import format_count
 
 
@@ -86,7 +87,7 @@ def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | Non
         trainer.logger.close()
         return trainer.run_dir
     try:
-        if elastic.enabled():  # under horovodrun --min-np/--max-np: the steps under hvd.elastic.run
+        if elastic_job():  # under horovodrun --min-np/--max-np: the steps under hvd.elastic.run
             elastic.run_steps(trainer, watchdog, run_step)
         else:
             t = cfg.train
@@ -165,7 +166,7 @@ class Trainer:
     train_batches: WindowSampler
     val_batches: WindowSampler
     model: GPT
-    optimizer: torch.optim.Optimizer
+    optimizer: TrainingOptimizer  # hvdlm.optim: asked through its interface, never by its kind
     ema: WeightEMA | None
     run_dir: Path
     checkpoints: CheckpointManager
@@ -186,6 +187,15 @@ class Trainer:
     def __post_init__(self) -> None:
         self.vote = StopVote(hvd.size())
 
+    def resize(self, topo: Topology) -> None:
+        """Go on with another number of replicas (an elastic reset): what depends on it is made as setup makes it
+        (the samplers keep the global order and position, hvdlm.data.sampler)."""
+        self.topo = self.checkpoints.topo = topo
+        self.train_batches, self.val_batches = _samplers(self.cfg, self.data, topo)
+        self.vote = StopVote(hvd.size())
+        self.throughput.tokens_per_step = _tokens_per_step(self.cfg, topo)
+        self.throughput.restart()
+
     @property
     def t(self) -> TrainConfig:
         return self.cfg.train
@@ -199,8 +209,7 @@ class Trainer:
             self.vote.local = Stop.WRITE_FAILED
         self.vote.start()
         lr = lr_at(step, t, self.topo.dp)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.set_lr(lr)
         meter = ActivationMeter(self.model) if self.memory is None else None
         groups = {"tp_bytes_per_step": self.topo.tp_group, "pp_bytes_per_step": self.topo.pp_group}
         before = {key: g.bytes_moved for key, g in groups.items()}
@@ -210,8 +219,7 @@ class Trainer:
             self.memory = memory_account(self.model, self.optimizer, meter.peak_bytes, self.device)
             self.logger.info(describe_memory(self.memory))
         done = step + 1
-        if t.local_sgd_interval and (done % t.local_sgd_interval == 0 or done == t.max_steps):
-            average_replicas(self.model, self.optimizer, self.topo, self.ema)
+        self.optimizer.after_step(done, self.ema)  # local SGD: the replicas average every few steps
         self.throughput.steps += 1
         outcome = StepOutcome(done, lr, loss, grad_norm, verdict)
         if self.skips_on_device:
@@ -257,46 +265,29 @@ class Trainer:
         A step whose loss or gradient norm is not finite is skipped: no update, no EMA update.
         """
         t, scaler = self.t, self.precision.scaler
-        k = t.accumulation_steps
-        self.optimizer.zero_grad()  # Horovod: its zero_grad takes no arguments; torch sets grads to None
+        self.optimizer.zero_grad()
         self.model.train()
         if self.pipeline:  # the step's parallel.microbatches through this stage (1F1B or GPipe)
             loss = self.pipeline.forward_backward(self.train_batches, meter)
         else:
-            loss = self._accumulate(k, meter)
-        # Horovod's (and ZeRO's) optimizer averages the gradients over the DP group; with local SGD, or a single
-        # replica, the optimizer is torch's own.
-        synchronous = hasattr(self.optimizer, "synchronize")
-        # The tied weight's two copies (first and last stage) get one gradient, their sum. Horovod's allreduce ran
-        # during backward and synchronize writes its average over .grad, so the sum comes after it; ZeRO averages
-        # in synchronize (a reduce-scatter of the flat buffer; ZeRO-2 holds the tied weight's bucket back for it), so
-        # there the local gradients are summed before it (sum and average commute).
-        tied_first = self.pipeline is not None and isinstance(self.optimizer, ZeroOptimizer)
-        if tied_first:
-            self.pipeline.sum_tied_gradients()
-        if synchronous:
-            # Horovod: finish the gradient allreduce before unscaling and clipping, so the norm is that of the
-            # averaged gradient, then step without a second synchronisation.
-            self.optimizer.synchronize()
-        if self.pipeline is not None and not tied_first:
-            self.pipeline.sum_tied_gradients()
-        scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(
-            self.optimizer, self.model, t.grad_clip or float("inf"), self.topo.tp_group, self.topo.pp_group
-        )
+            loss = self._accumulate(t.accumulation_steps, meter)
+        # The gradients averaged over the DP group; with stages, the tied weight's two copies (first and last
+        # stage) get one gradient, their sum, which the optimizer takes where it commutes with its reduction.
+        self.optimizer.reduce_gradients(self.pipeline.sum_tied_gradients if self.pipeline else None)
+        grad_norm = self.optimizer.clip_gradients(t.grad_clip or float("inf"), scaler)
         # Every replica sees the same averaged gradient, so all of them skip together (the TP ranks of one replica
         # share loss and norm). With fp16 the scaler itself skips overflowing steps.
         flags = non_finite_flags(loss, grad_norm, scaler.is_enabled())
+        found_inf = None
         if self.skips_on_device:
             self._count_previous_step()
-            self.optimizer.found_inf = flags.any().float()  # fused AdamW: no update where it is 1
+            found_inf = flags.any().float()  # the optimizer leaves everything as it was where it is 1
         verdict = Verdict(flags)
         # The host's decision is the step's one wait for the device: it must be taken before the update, the same
         # on every replica, and counted exactly (train.max_skipped_steps).
         if self.skips_on_device or verdict.problem is None:
             scale = scaler.get_scale() if scaler.is_enabled() else None
-            with self.optimizer.skip_synchronize() if synchronous else contextlib.nullcontext():
-                scaler.step(self.optimizer)
+            self.optimizer.step(scaler, found_inf)
             scaler.update()
             overflowed = scale is not None and scaler.get_scale() < scale  # the scaler skipped the step
             if self.ema and not overflowed:
@@ -308,7 +299,7 @@ class Trainer:
         the first micro-batch's forward saves for backward."""
         loss = torch.zeros((), device=self.device)
         for i in range(k):  # Horovod: backward_passes_per_step = k, so only the last backward allreduces
-            x, y = (_to_device(b, self.device) for b in self.train_batches.next_batch())
+            x, y = to_device(self.train_batches.next_batch(), self.device)
             counted = meter if meter is not None and i == 0 else contextlib.nullcontext()
             with self.precision.autocast(), counted:
                 micro_loss = self.model(x, y)[1]
@@ -562,35 +553,51 @@ def _assemble(
     model = model.to(device)
     _speed_up(model, t, topo, device)
     shape, p = cfg.model, cfg.parallel
+    train_batches, val_batches = _samplers(cfg, data, topo)
     trainer = Trainer(
         cfg=cfg,
         topo=topo,
         model=model,
         # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
-        optimizer=distributed_optimizer(model, t, topo, backward_passes=t.accumulation_steps * p.microbatches),
+        optimizer=build_optimizer(model, cfg, topo),
         ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
         device=device,
         precision=precision,
         data=data,
-        # All TP ranks of a replica see the same samples.
-        train_batches=WindowSampler(data.train, shape.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
-        val_batches=WindowSampler(data.val, shape.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
+        train_batches=train_batches,
+        val_batches=val_batches,
         run_dir=start.run_dir,
         checkpoints=CheckpointManager(start.run_dir, cfg, topo, device),
         first_step=0,
         progress={},
         throughput=Throughput(
-            tokens_per_step=t.batch_size * t.accumulation_steps * p.microbatches * shape.seq_len * topo.dp,
+            tokens_per_step=_tokens_per_step(cfg, topo),
             flops_per_token=flops_per_token(model.num_params(), shape.n_layer, shape.seq_len, shape.d_model),
             peak_tflops=peak_tflops(device, t.precision, t.peak_tflops),
         ),
     )
     trainer.skips_on_device = decides_on_device(
-        trainer.optimizer, t, precision.scaler.is_enabled(), trainer.ema, elastic.enabled()
+        trainer.optimizer, precision.scaler.is_enabled(), trainer.ema, elastic_job()
     )
     if topo.pp > 1:
         trainer.pipeline = PipelineRunner(model, topo, precision, t.batch_size, p.microbatches, p.schedule)
     return trainer, init_note
+
+
+def _samplers(cfg: JobConfig, data: Dataset, topo: Topology) -> tuple[WindowSampler, WindowSampler]:
+    """This replica's training and validation batches; all TP ranks (and stages) of a replica see the same."""
+    t, seq_len = cfg.train, cfg.model.seq_len
+    return (
+        WindowSampler(data.train, seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
+        WindowSampler(data.val, seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
+    )
+
+
+def _tokens_per_step(cfg: JobConfig, topo: Topology) -> int:
+    """Tokens in one global batch: batch_size x micro-batches (accumulated, or a pipeline's) x seq_len x
+    replicas."""
+    t = cfg.train
+    return t.batch_size * t.accumulation_steps * cfg.parallel.microbatches * cfg.model.seq_len * topo.dp
 
 
 def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str | None]:
@@ -712,14 +719,6 @@ def _load_dataset(cfg: JobConfig) -> Dataset:
 # -- helpers without state -------------------------------------------------------------------------------------
 
 
-def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on the device: through pinned memory on GPUs, so the copy is asynchronous and the host goes on
-    preparing the next micro-batch while the device computes."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch
-
-
 @torch.no_grad()
 def _validation_loss(
     model: GPT, batches: WindowSampler, n_batches: int, device: torch.device, precision: Precision
@@ -727,7 +726,7 @@ def _validation_loss(
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(n_batches):
-        x, y = (b.to(device) for b in batches.eval_batch(i))
+        x, y = to_device(batches.eval_batch(i), device)
         with precision.autocast():
             total += model(x, y)[1].float()
     # Every rank evaluated its own slice of the same validation batches; average them.

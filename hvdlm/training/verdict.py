@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hvdlm.config import TrainConfig
+from hvdlm.optim.interface import TrainingOptimizer
 
 
 def non_finite_flags(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> torch.Tensor:
@@ -20,15 +20,14 @@ def non_finite_flags(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) 
     return torch.stack([~torch.isfinite(loss), ~(torch.isfinite(grad_norm) | scaled)])
 
 
-def decides_on_device(optimizer: torch.optim.Optimizer, t: TrainConfig, scaled: bool, ema, elastic: bool) -> bool:
-    """Whether the optimizer can skip a step by itself, so that the host need not wait for the verdict.
+def decides_on_device(optimizer: TrainingOptimizer, scaled: bool, ema, elastic: bool) -> bool:
+    """Whether the optimizer skips a step by itself, so that the host need not wait for the verdict.
 
-    Fused AdamW only: fused SGD leaves its momentum buffer uninitialised after a skipped first step (torch 2.13).
-    Not with fp16 (the scaler's own skip comes first), an EMA (its update would need the verdict), local SGD (each
-    replica judges its own steps) or elastic jobs (their in-memory commits carry the count of skipped steps).
+    Where the optimizer can (its skips_on_device: fused AdamW), and not with fp16 (the scaler's own skip comes
+    first), an EMA (its update would need the verdict) or elastic jobs (their in-memory commits carry the count of
+    skipped steps).
     """
-    fused_adamw = isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
-    return fused_adamw and not scaled and ema is None and not t.local_sgd_interval and not elastic
+    return optimizer.skips_on_device and not scaled and ema is None and not elastic
 
 
 class Verdict:

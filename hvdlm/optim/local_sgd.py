@@ -8,18 +8,33 @@ synchronous training, since the average of the replicas' updates is the update o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from hvdlm.config import TrainConfig
+from hvdlm.optim.replicated import Replicated
 from hvdlm.parallel.topology import Topology
-from hvdlm.training.ema import WeightEMA
+
+
+class LocalSGD(Replicated):
+    """The replicated optimizer, plain (no gradient allreduce), whose replicas average every `interval` steps and
+    after the last one. Each replica judges its own steps, so none skips on the device."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, topo: Topology, cfg: TrainConfig):
+        super().__init__(optimizer, model, topo, synchronous=False)
+        self.skips_on_device = False  # each replica judges its own steps, on the host
+        self.interval, self.max_steps = cfg.local_sgd_interval, cfg.max_steps
+
+    def after_step(self, done: int, ema: Any = None) -> None:
+        if done % self.interval == 0 or done == self.max_steps:
+            average_replicas(self.torch_optimizer, self.topo, ema)
 
 
 @torch.no_grad()
-def average_replicas(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, ema: WeightEMA | None = None
-) -> None:
-    """Average weights, optimizer moments and the weights' moving average over the DP group (the replicas of
-    this rank's shard)."""
+def average_replicas(optimizer: torch.optim.Optimizer, topology: Topology, ema: Any = None) -> None:
+    """Average weights, optimizer moments and the weights' moving average (hvdlm.training.ema, its `shadow`) over
+    the DP group (the replicas of this rank's shard)."""
     import horovod.torch as hvd
 
     if topology.dp == 1:

@@ -1,6 +1,6 @@
 """ZeRO-2 (Rajbhandari et al. 2020): the gradients sharded over the data-parallel group too, reduced during backward.
 
-ZeRO-1 (hvdlm.training.zero) keeps a whole flat gradient buffer and reduce-scatters it after backward. Here the
+ZeRO-1 (hvdlm.optim.zero) keeps a whole flat gradient buffer and reduce-scatters it after backward. Here the
 parameters are cut into buckets of about train.zero_bucket_mb (consecutive in the flat order, each padded to a
 multiple of the DP size d), and no whole gradient buffer exists:
 
@@ -26,8 +26,9 @@ the price of never holding the whole gradient (DeepSpeed's ZeRO-2 does the same)
 of averages differ only in rounding.
 
 Pipeline stages: the tied embedding/head weight's two copies must have their gradients summed over the embedding
-group before averaging, which the trainer does after backward (hvdlm.training.pipeline.sum_tied_gradients). Their
-buckets are deferred: no hook, a whole `.grad` as usual, reduce-scattered in `synchronize`.
+group before averaging, which reduce_gradients does first (the trainer passes it the pipeline's
+sum_tied_gradients). Their buckets are deferred: no hook, a whole `.grad` as usual, reduce-scattered in
+reduce_gradients.
 
 Clipping, the update, the all-gather of the weights and the checkpoint slices are ZeRO-1's (one all-gather of the
 shard, put back bucket by bucket).
@@ -36,14 +37,15 @@ shard, put back bucket by bucket).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import horovod.torch as hvd
 import torch
 
 from hvdlm.config import TrainConfig
 from hvdlm.model.stage import tied_parameters
+from hvdlm.optim.zero import ZeroOptimizer
 from hvdlm.parallel.topology import Topology
-from hvdlm.training.zero import ZeroOptimizer
 
 MB = 1024**2
 # Reduce-scatters in flight during backward: two keep the network busy while the next bucket fills; more would only
@@ -94,7 +96,7 @@ class Zero2Optimizer(ZeroOptimizer):
 
     @property
     def buffer_bytes(self) -> int:
-        """Gradient memory (the memory account adds it; after a step no `.grad` is left for it to see): the rank's
+        """Gradient memory (after a step no `.grad` is left for the memory account to see): the rank's
         slice, and the most held at once by the `.grad`s of buckets not yet launched and the buffers in flight,
         as counted so far (the first step's backward when the account is taken)."""
         return self.grad_slice.numel() * self.grad_slice.element_size() + self._peak
@@ -167,7 +169,7 @@ class Zero2Optimizer(ZeroOptimizer):
         _, at, n = self.parts[b]
         self.grad_slice[at : at + n].add_(part)  # micro-batches' averages add up, as ZeRO-1's summed gradients
 
-    # -- the DistributedOptimizer interface the trainer uses ---------------------------------------------------
+    # -- the optimizer interface (hvdlm.optim.interface) ---------------------------------------------------------
 
     def zero_grad(self) -> None:
         """Start a step: nothing pending, no `.grad`, a zero slice; the hooks reduce from now on."""
@@ -181,11 +183,13 @@ class Zero2Optimizer(ZeroOptimizer):
         self.grad_slice.zero_()
         self._active = True
 
-    def synchronize(self) -> None:
-        """Reduce what backward left: the deferred buckets (the tied weight, summed over its copies by now) and any
-        bucket a parameter of which got no gradient; then wait for every reduction. The same buckets on every
+    def reduce_gradients(self, sum_tied: Callable[[], None] | None = None) -> None:
+        """Reduce what backward left: the deferred buckets (the tied weight, summed over its copies first) and
+        any bucket a parameter of which got no gradient; then wait for every reduction. The same buckets on every
         rank: the DP replicas run the same model."""
         self._active = False
+        if sum_tied is not None:
+            sum_tied()
         for b, ids in enumerate(self.bucket_params):
             present = [i for i in ids if self.params[i].grad is not None]
             if present:

@@ -89,11 +89,11 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         momentum: float = 0.95,
-        ns_steps: int = 5,
-        muon: bool = False,
     ):
+        # Per group: "muon" (muon_groups marks the blocks' matrices; the rest steps with AdamW), and the
+        # Newton-Schulz iterations (five, the published setting).
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, muon=muon
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=5, muon=False
         )
         super().__init__(params, defaults)
 

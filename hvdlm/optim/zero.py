@@ -13,13 +13,13 @@ rank's AdamW (or SGD) updates its slice of the weights with its slice of the mom
 slice to every replica. Each element is computed by one rank and copied to the others, so the replicas stay
 bit-identical. The moments per rank fall from 8 to 8 / d bytes per parameter (SGD: 4 to 4 / d).
 
-The trainer drives it like Horovod's DistributedOptimizer: zero_grad, backward (k micro-batches accumulate),
-synchronize (the reduce-scatter), clip_grad_norm (the norm summed over DP slices and TP shards), step (update and
-all-gather). A checkpoint holds each DP rank's slice in a file of its own (`slice_state_dict`; the whole state is
-never on one rank), which readers assemble to a plain optimizer's state_dict (hvdlm.checkpoint.slices), so a
-checkpoint resumes at any DP size and with ZeRO on or off.
+The trainer drives it through the optimizer interface (hvdlm.optim.interface): zero_grad, backward (k
+micro-batches accumulate), reduce_gradients (the reduce-scatter), clip_gradients (the norm summed over DP slices
+and TP shards), step (update and all-gather). A checkpoint holds each DP rank's slice in a file of its own
+(`checkpoint_slice`; the whole state is never on one rank), which readers assemble to a plain optimizer's state_dict
+(hvdlm.checkpoint.slices), so a checkpoint resumes at any DP size and with ZeRO on or off.
 
-The layout is general enough for ZeRO-2 (hvdlm.training.zero2, a subclass): the flat buffer is a sequence of
+The layout is general enough for ZeRO-2 (hvdlm.optim.zero2, a subclass): the flat buffer is a sequence of
 buckets, each padded to a multiple of d, and a rank's shard is its part of every bucket, concatenated:
 
     bucket b   [ params ...... | pad ]  = d parts of S_b elements; rank r owns part r of every bucket
@@ -32,8 +32,8 @@ the checkpoint slices are the same code for both.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import horovod.torch as hvd
@@ -41,10 +41,12 @@ import torch
 
 from hvdlm.checkpoint.slices import assemble, own_copies
 from hvdlm.config import TrainConfig
+from hvdlm.optim.interface import TrainingOptimizer
+from hvdlm.optim.replicated import state_bytes
+from hvdlm.optim.torch_optimizers import optimizer_over, param_groups
 from hvdlm.parallel import jobwide
 from hvdlm.parallel.collectives import allreduce
 from hvdlm.parallel.topology import Topology, dp_group_ranks
-from hvdlm.training.optim import optimizer_over, param_groups
 
 # Elements of each rank's part per collective, and at most per optimizer tensor. Horovod's reduce-scatter and
 # all-gather return new tensors, so one call over the whole buffer would hold a second copy of all the gradients (and
@@ -60,7 +62,7 @@ def chunks(n: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(TrainingOptimizer):
     """This rank's slice of the optimizer over the flat buffers of the parameters it holds (see the module)."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology):
@@ -148,27 +150,29 @@ class ZeroOptimizer:
                 ranges.append((a, b, s))
         return ranges
 
-    # -- the DistributedOptimizer interface the trainer uses ---------------------------------------------------
+    # -- the optimizer interface (hvdlm.optim.interface) ---------------------------------------------------------
 
     @property
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups  # the trainer sets each group's lr here
 
     @property
-    def state(self) -> dict:
-        return self.inner.state  # this rank's slice of the moments (the memory account reads it)
-
-    @property
     def buffer_bytes(self) -> int:
-        """Gradient memory beyond the model's .grad views: the averaged slice (the memory account adds it)."""
+        """Gradient memory beyond the model's .grad views: the averaged slice."""
         return 0 if self.topo.dp == 1 else self.grad_slice.numel() * self.grad_slice.element_size()
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"state": state_bytes(self.inner), "gradient_buffers": self.buffer_bytes}  # the moments: this slice
 
     def zero_grad(self) -> None:
         self.flat_grads.zero_()  # the grads stay views of the buffer: backward accumulates into it
 
-    def synchronize(self) -> None:
+    def reduce_gradients(self, sum_tied: Callable[[], None] | None = None) -> None:
         """Average the gradients over the DP group; this rank keeps its slice (fp32 buffers: bf16 autocast
-        leaves fp32 gradients, and Horovod 0.28.1 has no bf16 anyway)."""
+        leaves fp32 gradients, and Horovod 0.28.1 has no bf16 anyway). The tied weight's copies are summed first:
+        the reduce-scatter reads the local gradients, and sum and average commute."""
+        if sum_tied is not None:
+            sum_tied()
         if self.topo.dp == 1:
             return
         d = self.topo.dp
@@ -185,15 +189,12 @@ class ZeroOptimizer:
                 )
                 self.grad_slice[s + lo : s + hi].copy_(mine[0])
 
-    @contextlib.contextmanager
-    def skip_synchronize(self):
-        yield  # synchronize is explicit here: nothing to skip
-
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+    def clip_gradients(self, max_norm: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
         """Clip to the global norm of the averaged gradient: squares summed over this rank's slice, then over the
         DP group (the slices partition the buffer), for TP-sharded elements over the TP group too, and over the
         pipeline stages; replicated tensors (LayerNorms, the position table) and the tied weight count once."""
+        scaler.unscale_(self.inner)  # fp16: the slice's pieces are the inner optimizer's parameters
         g = self.grad_slice
 
         def over(ranges: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -213,9 +214,10 @@ class ZeroOptimizer:
         return total
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update this rank's slice of the weights, then gather every slice to every replica."""
-        self.inner.step()
+    def step(self, scaler: torch.amp.GradScaler, found_inf: torch.Tensor | None = None) -> None:
+        """Update this rank's slice of the weights, then gather every slice to every replica (after an fp16
+        overflow the scaler leaves the slice as it was, and the gather copies it unchanged)."""
+        scaler.step(self.inner)
         if not self._flat:
             # The first step made the state: make it flat now, while the step's own temporaries are gone, rather
             # than at a save, when everything else is held too.
@@ -238,6 +240,12 @@ class ZeroOptimizer:
         return self.topo.dp_process_set
 
     # -- checkpoints: each rank saves its slice (hvdlm.checkpoint.slices); loading takes the whole state -------
+
+    def checkpoint_view(self) -> _FullView:
+        return _FullView(self)
+
+    def checkpoint_slice(self) -> dict[str, Any]:
+        return self.slice_state_dict()
 
     def slice_state_dict(self) -> dict[str, Any]:
         """This rank's slice of every state tensor over the flat buffer, and what puts the slices back together
@@ -350,14 +358,6 @@ def _tied_copy(p: torch.nn.Parameter) -> bool:
 def _settings(group: dict) -> dict:
     """A parameter group's settings (lr, betas, weight_decay, ...) without its parameters."""
     return {k: v for k, v in group.items() if k != "params"}
-
-
-def checkpoint_view(optimizer):
-    """The optimizer as a checkpoint saves and restores it: itself, or for ZeRO a view that saves no state (the
-    slice files hold it) and loads a whole state by slicing."""
-    if not isinstance(optimizer, ZeroOptimizer):
-        return optimizer
-    return _FullView(optimizer)
 
 
 def zero_note(cfg: TrainConfig) -> str | None:
