@@ -119,14 +119,22 @@ def meta_problem(meta) -> str | None:
         return f"format_version is {meta['format_version']!r}, not a number"
     if meta["dtype"] not in DTYPES:
         return f"dtype is {meta['dtype']!r}, not one of {', '.join(DTYPES)}"
-    tokenizer = meta["tokenizer"]
+    return _tokenizer_problem(meta["tokenizer"]) or _splits_problem(meta["splits"])
+
+
+def _tokenizer_problem(tokenizer) -> str | None:
+    """What is wrong with meta.json's tokenizer entry."""
     if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("type"), str):
         return "the tokenizer entry has no type"
     if not isinstance(tokenizer.get("vocab_size"), int):
         return "the tokenizer entry has no vocab_size"
     if not _WRITTEN.fullmatch(str(tokenizer.get("file", "tokenizer.json"))):
         return f"the tokenizer entry names file {tokenizer['file']!r}, not tokenizer.json"
-    splits = meta["splits"]
+    return None
+
+
+def _splits_problem(splits) -> str | None:
+    """What is wrong with meta.json's splits: each with its counts and a list of shard entries."""
     for split in SPLITS:
         entry = splits.get(split) if isinstance(splits, dict) else None
         if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
@@ -134,13 +142,20 @@ def meta_problem(meta) -> str | None:
         if not all(isinstance(entry.get(k), int) for k in ("documents", "tokens")):
             return f"splits.{split} lacks its document or token count"
         for shard in entry["shards"]:
-            if not isinstance(shard, dict) or not isinstance(shard.get("tokens"), int) or shard["tokens"] <= 0:
-                return f"a shard entry of splits.{split} has no positive token count"
-            for key in ("file", "docs"):
-                # Plain names only: a shard is a file of this directory, never a path elsewhere.
-                name = shard.get(key)
-                if not isinstance(name, str) or not _WRITTEN.fullmatch(name):
-                    return f"a shard entry of splits.{split} names {key} {name!r}, not a shard file"
+            if problem := _shard_problem(shard):
+                return f"a shard entry of splits.{split} {problem}"
+    return None
+
+
+def _shard_problem(shard) -> str | None:
+    """What is wrong with one shard entry (said after "a shard entry of splits.S")."""
+    if not isinstance(shard, dict) or not isinstance(shard.get("tokens"), int) or shard["tokens"] <= 0:
+        return "has no positive token count"
+    for key in ("file", "docs"):
+        # Plain names only: a shard is a file of this directory, never a path elsewhere.
+        name = shard.get(key)
+        if not isinstance(name, str) or not _WRITTEN.fullmatch(name):
+            return f"names {key} {name!r}, not a shard file"
     return None
 
 

@@ -98,20 +98,7 @@ class SbatchSpec:
 
     def check(self) -> None:
         """Refuse anything that would put text into the script that the user did not mean as a command."""
-        check_name("--job-name", self.job_name, HOSTNAME)  # also a directory name: runs/NAME-<job id>
-        check_text("job file", self.job_file)
-        check_text("python", self.python)
-        if self.run_dir:
-            check_text("--run-dir", self.run_dir)
-        if self.venv:
-            check_text("slurm.venv", self.venv)
-        if self.script:
-            check_text("-o", self.script)
-        for what, value in (("--partition", self.partition), ("--account", self.account)):
-            if value:
-                check_name(what, value)
-        for module in self.modules:
-            check_name("module", module)
+        self._check_words()
         check_time(self.time)
         if self.nodes <= 0:
             raise InputError(f"--nodes must be positive, got {self.nodes}.")
@@ -129,6 +116,20 @@ class SbatchSpec:
             check_override(item)
         if "\n" in self.command or "\r" in self.command:  # it goes into a comment line of the header
             raise InputError("the command line holds a line break; pass each value on one line.")
+
+    def _check_words(self) -> None:
+        """The names and paths the script will hold: names plain, paths free of shell syntax."""
+        check_name("--job-name", self.job_name, HOSTNAME)  # also a directory name: runs/NAME-<job id>
+        check_text("job file", self.job_file)
+        check_text("python", self.python)
+        for what, value in (("--run-dir", self.run_dir), ("slurm.venv", self.venv), ("-o", self.script)):
+            if value:
+                check_text(what, value)
+        for what, value in (("--partition", self.partition), ("--account", self.account)):
+            if value:
+                check_name(what, value)
+        for module in self.modules:
+            check_name("module", module)
 
     def sbatch_directives(self) -> list[str]:
         """#SBATCH options, sorted by name; the job file's extra ones may add but not repeat."""
