@@ -1,3 +1,11 @@
-"""Checkpoints: the file format (format), the files of a run directory (store), merging and cutting TP shards
-(reshard), ZeRO-1's optimizer-state slice files (slices), and the policy of a training run: when to save, what to
-keep, where to start (manager)."""
+"""Checkpoints: their files, their store in a run directory, and how a save is cut and put together.
+
+- format: what one rank's file holds, written atomically and read as data only;
+- store: the checkpoints of a run directory (names, the newest complete one, pruning);
+- reshard: merging TP shards into one state and cutting it to any TP size;
+- stages: pipeline stages' states joined into one and cut apart again;
+- slices: ZeRO's optimizer-state slice files and their assembly;
+- manager: the checkpoint policy of a training run (when to save, what each save holds, how it is put back);
+- describe: `hvdlm checkpoint inspect`, read from the files without building a model;
+- hf: models in and out of Hugging Face transformers, and weights as safetensors.
+"""

@@ -2,6 +2,16 @@
 
 Job-preparation commands (everything but `train`) never import torch or horovod, so they answer instantly on a
 login node; `train` imports them inside the command.
+
+- run: `hvdlm train` and `hvdlm launch`;
+- jobprep: `hvdlm hostfile`, `hvdlm sbatch` and `hvdlm doctor`;
+- plan: `hvdlm plan`;
+- config: `hvdlm config`;
+- data: `hvdlm data ...`;
+- checkpoint: `hvdlm checkpoint ...`;
+- export: `hvdlm export`;
+- watch: `hvdlm plot`, `hvdlm generate` and `hvdlm runs`;
+- options: options and checks that several commands share.
 """
 
 from __future__ import annotations

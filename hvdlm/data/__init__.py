@@ -7,6 +7,15 @@
 
 The names below load on first use (PEP 562): importing `hvdlm.data` (as the CLI does) must not pull in numpy,
 because the job-preparation commands answer on login nodes without it.
+
+- sources: where documents come from (the built-in corpus, text, directories, JSON Lines, gzip);
+- tokenizer: byte-level and BPE tokenizers;
+- prepare: `hvdlm data prepare`, sources to shards and meta.json;
+- shards: the on-disk token shards;
+- meta: meta.json, what makes a directory a dataset;
+- dataset: reading a prepared dataset;
+- corpus: the dataset a job trains on, a built-in one prepared on first use;
+- sampler: which windows each data-parallel rank trains on, and where in the data the run is.
 """
 
 from __future__ import annotations

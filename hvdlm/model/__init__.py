@@ -2,6 +2,11 @@
 
 `GPT` is imported on first use (PEP 562): `hvdlm.model.size` is arithmetic that the planner (`hvdlm plan`) reads on
 login nodes, and importing this package must not load torch for it.
+
+- gpt: the decoder;
+- stage: one pipeline stage of it;
+- recompute: activation recomputation;
+- size: its parameter count from the configuration alone (no torch).
 """
 
 __all__ = ["GPT"]

@@ -1,4 +1,4 @@
-"""Optimizers behind one interface (interface): what the trainer holds, asks and checkpoints.
+"""Optimizers behind one interface: what the trainer holds, asks and checkpoints.
 
 - interface: TrainingOptimizer, the methods every kind implements;
 - build: the kind a config asks for;
@@ -6,8 +6,10 @@
   initial broadcast;
 - zero, zero2: ZeRO-1 (optimizer state sharded over the DP group) and ZeRO-2 (gradients too);
 - local_sgd: replicas that step alone and average every few steps;
-- torch_optimizers: the torch update rules (AdamW, SGD) over decay / no-decay groups; muon: Muon with AdamW;
-- clipping: the global gradient norm over TP shards and pipeline stages; schedule: the learning rate.
+- torch_optimizers: the torch update rules (AdamW, SGD) over decay / no-decay groups;
+- muon: Muon for the blocks' matrices, with AdamW for the rest;
+- clipping: the global gradient norm over TP shards and pipeline stages;
+- schedule: the learning rate's warmup and decay.
 
 Nothing is imported here: the modules load torch and Horovod.
 """

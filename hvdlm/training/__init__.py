@@ -1,6 +1,19 @@
-"""One rank's training: the Trainer and its phases (trainer), where a run starts (resume), the optimizer and LR
-schedule (optim), precision, the EMA of the weights (ema), local SGD, the stop vote on preemption (preemption),
-the run's log (metrics), FLOPs / MFU (flops), ZeRO-1's sharded optimizer (zero) and the per-rank memory
-account (memory_account).
+"""One rank's training: the Trainer and its phases, and what a step needs beyond the model and the optimizer.
 
-Nothing is imported here: `hvdlm.training.preemption` is read by the CLI, which must not load torch."""
+Nothing is imported here: `hvdlm.training.preemption` is read by the CLI, which must not load torch.
+
+- trainer: the Trainer, its set-up and its phases;
+- resume: where a run starts;
+- device: which device a rank trains on, and batches onto it;
+- precision: autocast and the fp16 gradient scaler;
+- pipeline: a pipeline stage's part of each step;
+- verdict: whether a step is skipped;
+- ema: the moving average of the weights;
+- memory, memory_account: whether the model fits, and what a rank holds;
+- flops: FLOPs and MFU;
+- metrics: the run's log (metrics.jsonl, TensorBoard, the progress bar);
+- profiling: torch.profiler over chosen steps;
+- preemption: the stop vote on a signal;
+- watchdog: ending a job that makes no progress;
+- elastic: Horovod elastic's steps and resets.
+"""

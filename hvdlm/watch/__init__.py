@@ -1,2 +1,6 @@
-"""Looking at runs from a plain process, no launcher: loss and throughput charts (plot) and text sampled from a
-checkpoint (generate)."""
+"""Looking at runs from a plain process, no launcher.
+
+- runs: `hvdlm runs`, the run directories and their state;
+- plot: `hvdlm plot`, loss and throughput charts;
+- generate: `hvdlm generate`, text sampled from a checkpoint.
+"""
