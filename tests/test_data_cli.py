@@ -214,3 +214,33 @@ def test_training_on_a_prepared_bpe_dataset(hvdlm, tiny_job, tmp_path):
         "train.max_steps=1",
     )
     assert padded.code == 0 and "vocab_size = 448" in (tmp_path / "run3" / "config.toml").read_text(), padded.out
+
+
+def test_bpe_training_on_a_line_without_spaces_cuts_it_and_finishes(hvdlm, tmp_path):
+    """A 5 MB run of one character is one GPT-2 pre-token, on which BPE training took minutes (a 200 KB one 15 s):
+    the trained tokenizer cuts pre-tokens at MAX_PRETOKEN_BYTES, training takes seconds, and text round-trips."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "long.txt").write_text("x" * (5 << 20) + "\n")
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}: the cat sat on the mat, and then it ran away.\n")
+    r = hvdlm(
+        "data", "prepare", corpus, "--out", tmp_path / "ds", "--tokenizer", "bpe", "--vocab-size", "300", timeout=120
+    )
+    assert r.code == 0, r.out
+    from hvdlm.data.tokenizer import MAX_PRETOKEN_BYTES
+
+    tokenizer = open_dataset(tmp_path / "ds").tokenizer
+    pieces = tokenizer._tok.pre_tokenizer.pre_tokenize_str("y" * 1000 + " the cat")
+    assert max(len(piece) for piece, _ in pieces) == MAX_PRETOKEN_BYTES
+    text = "z" * 700 + " Document 3: the cat sat.\n\nünïcode ✓"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_reading_training_text_reports_its_progress():
+    from hvdlm.data.prepare import _reporting_progress
+
+    said: list[str] = []
+    texts = ["a" * 2000, "b" * 3000]
+    assert list(_reporting_progress(iter(texts), said.append, every_s=0.0)) == texts
+    assert said == ["  ... 2,000 characters of training text read", "  ... 5,000 characters of training text read"]

@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +55,7 @@ from hvdlm.errors import InputError
 from hvdlm.fsutil import fsync_directory
 from hvdlm.units import format_count
 
+PROGRESS_EVERY_S = 5.0  # a phase that runs longer says how far it is this often
 _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
 
 
@@ -317,7 +320,19 @@ def _make_tokenizer(files: list[InputFile], options: PrepareOptions, log):
         for _, d in read_documents(files, options.text_field, options.strict, skipped)
         if not is_validation(d.name, options.val_fraction)
     )
-    return train_bpe(texts, options.vocab_size)
+    return train_bpe(_reporting_progress(texts, log), options.vocab_size, show_progress=sys.stderr.isatty())
+
+
+def _reporting_progress(texts: Iterable[str], log, every_s: float = PROGRESS_EVERY_S) -> Iterator[str]:
+    """The texts, passed on as they are, with a log line every `every_s` seconds of how much has been read (the
+    trainer counts as it reads; a large corpus takes minutes)."""
+    read, last = 0, time.monotonic()
+    for text in texts:
+        read += len(text)
+        if time.monotonic() - last >= every_s:
+            log(f"  ... {format_count(read)} characters of training text read")
+            last = time.monotonic()
+        yield text
 
 
 def _check_split(result: _Tokenized, input_files: int) -> dict[str, str]:

@@ -120,6 +120,14 @@ class PretrainedTokenizer(BpeTokenizer):
 Tokenizer = ByteTokenizer | BpeTokenizer | PretrainedTokenizer
 
 
+# The longest pre-token BPE training and encoding see, in bytes (ByteLevel maps each byte to one character, so the
+# split counts bytes). GPT-2's rule makes a run of letters, digits or punctuation one pre-token, and training merges
+# within each distinct pre-token at a cost that grows faster than its length: one 200 KB line without spaces took
+# 15 s, a 5 MB one minutes. Natural words are far shorter, so only such runs are cut (as production tokenizer
+# pipelines cap their pre-tokens), and their pieces repeat, so they are counted once.
+MAX_PRETOKEN_BYTES = 128
+
+
 def check_bpe_vocab(vocab_size: int) -> None:
     if not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
         raise InputError(
@@ -129,21 +137,30 @@ def check_bpe_vocab(vocab_size: int) -> None:
         )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> BpeTokenizer:
-    """Learn merges on the texts until the vocabulary (bytes + end-of-document + merges) has vocab_size tokens."""
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, length: int | None = None, show_progress: bool = False
+) -> BpeTokenizer:
+    """Learn merges on the texts until the vocabulary (bytes + end-of-document + merges) has vocab_size tokens.
+    `show_progress`: the trainer's own progress bars (counting, merging) on standard error."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HfTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     check_bpe_vocab(vocab_size)
     tok = HfTokenizer(models.BPE())
-    # add_prefix_space=False: the text is encoded as it is, so decoding gives back exactly the input.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # add_prefix_space=False: the text is encoded as it is, so decoding gives back exactly the input. Then every
+    # pre-token is cut into pieces of at most MAX_PRETOKEN_BYTES (see there); a merge never crosses a cut.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(Regex(f".{{1,{MAX_PRETOKEN_BYTES}}}"), behavior="isolated"),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even those the corpus lacks
-        show_progress=False,
+        show_progress=show_progress,
     )
     tok.train_from_iterator(texts, trainer, length=length)
     return BpeTokenizer(tok)
