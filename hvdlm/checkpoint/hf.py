@@ -32,6 +32,7 @@ import torch
 
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write, fsync_directory
+from hvdlm.runfiles import CHECKPOINT_DIR
 
 # hvdlm name -> transformers GPT2LMHeadModel name; {i} is a block's index.
 GPT2_NAMES = {
@@ -240,7 +241,7 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
     out = Path(out)
     check_export_target(out)  # before anything is read: a wrong -o answers at once
     source = Path(source)
-    run_dir = source if (source / "checkpoints").is_dir() else None
+    run_dir = source if (source / CHECKPOINT_DIR).is_dir() else None
     path, state = load_run_checkpoint(run_dir or source, None if run_dir else source)
     cfg = model_config(state, path)
     weights = state["model"]
