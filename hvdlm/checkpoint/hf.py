@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write, fsync_directory
 from hvdlm.runfiles import CHECKPOINT_DIR
@@ -235,8 +236,6 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
     transformers GPT-2 directory OUT; returns what was written, for the summary line. A damaged newer checkpoint
     of a run directory is reported on stderr and passed over, as `hvdlm generate` does."""
     from safetensors.torch import save_file
-
-    from hvdlm.watch.generate import load_run_checkpoint, model_config, run_tokenizer
 
     out = Path(out)
     check_export_target(out)  # before anything is read: a wrong -o answers at once

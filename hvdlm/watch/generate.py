@@ -1,18 +1,18 @@
 """`hvdlm generate`: sample text from a run's checkpoint, in one plain process (no launcher, no MPI, no Horovod).
 
-A checkpoint of any TP size is merged into one unsharded state (hvdlm.checkpoint.load_full_state) and loaded into
-the plain model (TP size 1, whose layers never communicate). The model is rebuilt from the configuration the
-checkpoint records, and the text is encoded with the tokenizer of the dataset that configuration names, so the
+A checkpoint of any TP size is merged into one unsharded state (hvdlm.checkpoint.run.load_run_checkpoint) and
+loaded into the plain model (TP size 1, whose layers never communicate). The model is rebuilt from the configuration
+the checkpoint records, and the text is encoded with the tokenizer of the dataset that configuration names, so the
 token ids mean what they meant in training. The same seed gives the same text (on the same device).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
 from hvdlm.errors import InputError
 
 
@@ -91,24 +91,6 @@ def generate(
     )
 
 
-def model_config(state: dict[str, Any], path: Path):
-    """The ModelConfig the checkpoint records, for sampling (no dropout)."""
-    from hvdlm.config import ModelConfig
-
-    config = state.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise InputError(
-            f"checkpoint '{path}' records no model configuration ('config' -> 'model'), so its model cannot be "
-            "rebuilt. Use a checkpoint written by `hvdlm train`."
-        )
-    try:
-        cfg = ModelConfig(**config["model"])
-    except TypeError as e:
-        raise InputError(f"checkpoint '{path}' has a model configuration this hvdlm does not know ({e}).") from None
-    cfg.dropout = 0.0  # sampling: no dropout, whatever training used
-    return cfg
-
-
 def _plain_model(cfg, state: dict[str, Any], path: Path, ema: bool):
     """The plain model (TP size 1) with the checkpoint's weights, or its EMA weights."""
     from hvdlm.checkpoint.reshard import load_model
@@ -126,47 +108,3 @@ def _plain_model(cfg, state: dict[str, Any], path: Path, ema: bool):
         state = {**state, "model": state["ema"]}
     load_model(model, state, str(path), 0, 1)
     return model
-
-
-def load_run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
-    """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
-    passed over, as `--resume auto` does), as one unsharded state."""
-    from hvdlm.checkpoint.reshard import load_full_state, merge_states
-    from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, shard_paths
-
-    # The EMA weights, when the run kept them, are merged like the model's.
-    if checkpoint is not None:
-        path = resolve_checkpoint(checkpoint)
-        return shard_paths(path)[0], load_full_state(path)
-    found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
-    if found is None:
-        resolve_checkpoint(run_dir)  # raises: there is no complete checkpoint, and its error says where it looked
-    return found[0].paths[0], merge_states(found[1])
-
-
-def run_tokenizer(config: dict[str, Any], path: Path):
-    """The tokenizer of the dataset the checkpoint's configuration names."""
-    from hvdlm.config import DataConfig
-    from hvdlm.data.corpus import dataset_dir
-    from hvdlm.data.meta import META_FILE, prepare_advice
-    from hvdlm.data.tokenizer import ByteTokenizer, load_tokenizer
-
-    try:
-        data = DataConfig(**config.get("data", {}))
-    except TypeError as e:
-        raise InputError(f"checkpoint '{path}' has a data configuration this hvdlm does not know ({e}).") from None
-    directory = dataset_dir(data)
-    if not (directory / META_FILE).exists():
-        if not data.dataset and data.tokenizer == "byte":
-            return ByteTokenizer()  # the built-in corpus in bytes: nothing to load, the cache may be elsewhere
-        how = (
-            prepare_advice(directory)
-            if data.dataset
-            else "Run with the HVDLM_CACHE the training used (the built-in corpus is prepared in that cache), or "
-            "train once on this machine to prepare it"
-        )
-        raise InputError(
-            f"the run's dataset '{directory}' is not there, and its tokenizer with it, so the prompt cannot be "
-            f"encoded as the run's tokens. {how}."
-        )
-    return load_tokenizer(directory)
