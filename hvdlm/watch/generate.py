@@ -26,33 +26,44 @@ class Generation:
     weights: str  # "model" or "ema"
 
 
-def check_options(prompt: str, max_tokens: int, temperature: float, top_k: int) -> None:
-    """Refuse sampling options that cannot work, before any checkpoint is read."""
+@dataclass(frozen=True)
+class Sampling:
+    """How the continuation is sampled (`hvdlm generate`'s options of the same names)."""
+
+    max_tokens: int = 200  # tokens to generate
+    temperature: float = 0.8  # divides the logits: > 0; near 0, the most likely token almost always
+    top_k: int = 40  # sample from the k most likely tokens (1: greedy)
+    seed: int = 0  # the same seed gives the same text (on the same device)
+
+
+def check_options(prompt: str, sampling: Sampling) -> None:
+    """Refuse a prompt or sampling options that cannot work, before any checkpoint is read."""
     if not prompt:
         raise InputError("the prompt is empty: pass the text to continue, e.g. --prompt 'def main('.")
-    if max_tokens < 1:
-        raise InputError(f"--max-tokens {max_tokens}: generate at least 1 token, e.g. --max-tokens 200.")
-    if not temperature > 0:  # also refuses NaN
+    if sampling.max_tokens < 1:
+        raise InputError(f"--max-tokens {sampling.max_tokens}: generate at least 1 token, e.g. --max-tokens 200.")
+    if not sampling.temperature > 0:  # also refuses NaN
         raise InputError(
-            f"--temperature {temperature}: it must be > 0 (it divides the logits). Use e.g. 0.8; values near 0 "
-            "pick the most likely token almost always."
+            f"--temperature {sampling.temperature}: it must be > 0 (it divides the logits). Use e.g. 0.8; values "
+            "near 0 pick the most likely token almost always."
         )
-    if top_k < 1:
-        raise InputError(f"--top-k {top_k}: sample from at least 1 token, e.g. --top-k 40 (--top-k 1 is greedy).")
+    if sampling.top_k < 1:
+        raise InputError(
+            f"--top-k {sampling.top_k}: sample from at least 1 token, e.g. --top-k 40 (--top-k 1 is greedy)."
+        )
 
 
 def generate(
     run_dir: str | Path,
     prompt: str,
-    max_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int = 40,
-    seed: int = 0,
+    sampling: Sampling | None = None,
     checkpoint: str | Path | None = None,
     ema: bool = False,
 ) -> Generation:
-    """Continue PROMPT with max_tokens tokens sampled from RUN_DIR's newest complete checkpoint (or CHECKPOINT)."""
-    check_options(prompt, max_tokens, temperature, top_k)
+    """Continue PROMPT with tokens sampled (`sampling`, default: Sampling()) from RUN_DIR's newest complete
+    checkpoint, or from CHECKPOINT."""
+    sampling = sampling or Sampling()
+    check_options(prompt, sampling)
     run_dir = Path(run_dir)
     if checkpoint is None and not run_dir.is_dir():
         what = "is a file, not a directory" if run_dir.exists() else "does not exist"
@@ -78,9 +89,11 @@ def generate(
     if not ids:  # cannot happen for byte-level tokenizers and a non-empty prompt, but the model needs a token
         raise InputError("the prompt encodes to no tokens; pass a longer --prompt.")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
     # model.generate feeds back at most seq_len tokens: a longer prompt is cropped to its last seq_len tokens.
-    out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    out = model.generate(
+        idx, sampling.max_tokens, temperature=sampling.temperature, top_k=sampling.top_k, generator=generator
+    )
     return Generation(
         text=tokenizer.decode(out[0].tolist()),
         checkpoint=path,
