@@ -13,6 +13,8 @@ Packages and modules, from the top down (each imports only from those below it; 
 - plan: the planner;
 - config: the job file's typed dataclasses;
 - parallel: the rank grid, collectives, tensor-parallel layers, pipeline schedules;
+- runfiles: what a run directory holds and the exit codes, for everything that reads a run from outside;
+- devices: which device a rank trains on (pure; torch-free);
 - cache: where prepared built-in corpora are kept;
 - errors, fsutil, units: the bad-input error, the one atomic write, counts and sizes as people read them.
 """

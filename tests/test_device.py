@@ -1,9 +1,10 @@
-"""Which device each rank takes (hvdlm.training.device.choose_device): pure, so every node shape is tested on CPU."""
+"""Which device each rank takes (hvdlm.devices.choose_device): pure, so every node shape is tested on CPU."""
 
 import pytest
 
+from hvdlm.devices import CUBLAS_DETERMINISTIC, choose_device
 from hvdlm.errors import InputError
-from hvdlm.training.device import CUBLAS_DETERMINISTIC, choose_device, pick_device
+from hvdlm.training.device import pick_device
 
 
 def names(local_size: int, visible: int, views=None) -> list[str]:

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from hvdlm.checkpoint.hf import LAYER_NORM_EPS  # noqa: E402
 from hvdlm.checkpoint.reshard import load_full_state, load_model  # noqa: E402
+from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer  # noqa: E402
 from hvdlm.model import GPT  # noqa: E402
 from hvdlm.parallel.topology import Group  # noqa: E402
-from hvdlm.watch.generate import load_run_checkpoint, model_config, run_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

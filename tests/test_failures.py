@@ -29,7 +29,7 @@ from hvdlm.errors import InputError
 from hvdlm.launch.elastic import discovery_script
 from hvdlm.launch.hosts import Host
 from hvdlm.launch.restarts import RESTARTS_FILE, Layout, failure_cause, shrunk
-from hvdlm.training.watchdog import WATCHDOG_EXIT_CODE
+from hvdlm.runfiles import WATCHDOG_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 

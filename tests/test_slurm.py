@@ -114,7 +114,7 @@ def test_submit_reports_sbatchs_refusal(cluster, tmp_path):
 
 
 # Preemption and requeue: the batch script hands Slurm's USR1 on to the ranks and requeues the job when they exit
-# with hvdlm.training.preemption.REQUEUE_EXIT_CODE. `scancel --batch` signals the batch shell only, as
+# with hvdlm.runfiles.REQUEUE_EXIT_CODE. `scancel --batch` signals the batch shell only, as
 # --signal=B:USR1@120 does before the time limit.
 PREEMPT_LAUNCHERS = ("srun", "mpirun", "horovodrun")
 STAND_IN = '''"""Stand-in for `python -m hvdlm train JOB --run-dir D --resume auto` (found first on PYTHONPATH):

@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write, fsync_directory
+from hvdlm.runfiles import CHECKPOINT_DIR
 
 # hvdlm name -> transformers GPT2LMHeadModel name; {i} is a block's index.
 GPT2_NAMES = {
@@ -235,12 +237,10 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
     of a run directory is reported on stderr and passed over, as `hvdlm generate` does."""
     from safetensors.torch import save_file
 
-    from hvdlm.watch.generate import load_run_checkpoint, model_config, run_tokenizer
-
     out = Path(out)
     check_export_target(out)  # before anything is read: a wrong -o answers at once
     source = Path(source)
-    run_dir = source if (source / "checkpoints").is_dir() else None
+    run_dir = source if (source / CHECKPOINT_DIR).is_dir() else None
     path, state = load_run_checkpoint(run_dir or source, None if run_dir else source)
     cfg = model_config(state, path)
     weights = state["model"]

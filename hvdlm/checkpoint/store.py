@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdlm.errors import InputError
+from hvdlm.runfiles import CHECKPOINT_DIR
 
 _SHARD_NAME = re.compile(
     r"^(?P<stem>.+?)(?:\.pp(?P<pp_rank>\d+)-of-(?P<pp>\d+))?(?:\.tp(?P<rank>\d+)-of-(?P<size>\d+))?\.pt$"
@@ -35,7 +36,7 @@ _SLICE_NAME = re.compile(r"^(?P<shard>.+)\.zero(?P<rank>\d+)-of-(?P<size>\d+)\.p
 def checkpoint_path(run_dir: Path, step: int, tp_rank: int = 0, tp: int = 1, pp_rank: int = 0, pp: int = 1) -> Path:
     """The file of TP rank `tp_rank` (of `tp`) of stage `pp_rank` (of `pp`) at `step`; one unsharded file when
     tp = pp = 1."""
-    return Path(run_dir) / "checkpoints" / shard_name(f"step-{step:07d}", tp_rank, tp, pp_rank, pp)
+    return Path(run_dir) / CHECKPOINT_DIR / shard_name(f"step-{step:07d}", tp_rank, tp, pp_rank, pp)
 
 
 def shard_name(stem: str, tp_rank: int, tp: int, pp_rank: int, pp: int) -> str:
@@ -93,7 +94,7 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
 
 def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
     """Every save in RUN_DIR/checkpoints, newest first, with the names of its missing shard and slice files."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINT_DIR
     found: dict[tuple[int, tuple[int, int]], set[int]] = {}
     sliced: dict[tuple[int, tuple[int, int]], set[int]] = {}  # the save's slice counts Z (one, unless damaged)
     for p in folder.glob("step-*.pt"):
@@ -146,7 +147,7 @@ def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, l
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
     path = Path(path)
-    if path.is_dir() and path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+    if path.is_dir() and path.name == CHECKPOINT_DIR and not (path / CHECKPOINT_DIR).is_dir():
         path = path.parent  # RUN_DIR/checkpoints named instead of RUN_DIR
     if path.is_dir():
         saved = find_checkpoints(path)
@@ -218,7 +219,7 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     resume from an earlier step by choice, or a damaged newest file that was passed over) would otherwise outrank
     them in the next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
     """
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINT_DIR
     newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.files if p.exists()]
     if not newer:
         return None
@@ -234,5 +235,5 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
 
     hvdlm.fsutil.atomic_writer names them `.NAME.tmp-PID` (temporary_path), here `.step-*.pt.tmp-PID`.
     """
-    for p in (Path(run_dir) / "checkpoints").glob(".step-*.pt.tmp-*"):
+    for p in (Path(run_dir) / CHECKPOINT_DIR).glob(".step-*.pt.tmp-*"):
         p.unlink(missing_ok=True)

@@ -30,9 +30,8 @@ from hvdlm.cli.plan import plan
 from hvdlm.cli.run import launch, train
 from hvdlm.cli.watch import generate, plot, runs
 from hvdlm.errors import InputError
-from hvdlm.training.preemption import Preempted
+from hvdlm.runfiles import INTERRUPTED_EXIT_CODE, StoppedAtCheckpoint
 
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 
@@ -55,7 +54,7 @@ class _Group(click.Group):
             if _is_rank0():
                 click.echo(f"Error: {e}", err=True)
             ctx.exit(InputError.exit_code)
-        except Preempted as e:  # the checkpoint is written; the batch script requeues on exit code 75
+        except StoppedAtCheckpoint as e:  # the checkpoint is written; the batch script requeues on exit code 75
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             if _is_rank0():

@@ -24,7 +24,7 @@ from hvdlm.cli.options import (
 )
 from hvdlm.config import LaunchConfig, choices, default_run_dir, load_config
 from hvdlm.errors import InputError
-from hvdlm.training.preemption import REQUEUE_EXIT_CODE
+from hvdlm.runfiles import REQUEUE_EXIT_CODE
 
 
 @click.command()

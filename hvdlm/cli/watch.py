@@ -53,9 +53,11 @@ def generate(
     ema: bool,
 ) -> None:
     """Print PROMPT continued by a model trained in RUN_DIR (its newest complete checkpoint, any TP size)."""
+    from hvdlm.watch.generate import Sampling
     from hvdlm.watch.generate import generate as run_generation
 
-    result = run_generation(run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint, ema)
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    result = run_generation(run_dir, prompt, sampling, checkpoint, ema)
     if result.prompt_tokens > result.context:
         click.echo(
             f"note: the prompt is {result.prompt_tokens} tokens, longer than the model's context of {result.context}; "

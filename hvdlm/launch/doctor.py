@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from hvdlm.config import LaunchConfig
+from hvdlm.devices import choose_device
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import root_env
-from hvdlm.training.device import choose_device
 
 # Each probe prints one JSON object on its last line of output.
 _HOROVOD_PROBE = """
@@ -351,7 +351,7 @@ def ranks_per_node(env: Mapping[str, str]) -> tuple[int, str]:
 
 
 def ranks_per_gpu_check(ranks: int, visible: int, source: str) -> Check:
-    """One GPU per rank, as the ranks will choose them (training/device.choose_device, without the node's
+    """One GPU per rank, as the ranks will choose them (hvdlm.devices.choose_device, without the node's
     exchange of GPU identities: ranks narrowed to their own GPU each see one, which this process cannot see)."""
     name = "ranks per node"
     try:

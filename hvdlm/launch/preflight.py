@@ -16,7 +16,7 @@ from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig
 from hvdlm.data.meta import META_FILE, SPLITS, load_meta
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import local_gpus
-from hvdlm.training.metrics import refuse_to_overwrite
+from hvdlm.runfiles import CONFIG_FILE, refuse_to_overwrite
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +43,7 @@ def _check_same_shape(run_dir: Path, cfg: JobConfig) -> None:
     """A resumed run must have the model its checkpoints hold: the run's config.toml says which (it is rewritten
     by every attempt, so it is that of the attempt that wrote the newest checkpoints)."""
     try:
-        theirs = tomllib.loads((run_dir / "config.toml").read_text()).get("model", {})
+        theirs = tomllib.loads((run_dir / CONFIG_FILE).read_text()).get("model", {})
     except (OSError, ValueError):  # no run yet (a first start with --resume auto), or not ours: the ranks decide
         return
     ours = cfg.model.__dict__

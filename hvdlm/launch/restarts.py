@@ -25,8 +25,7 @@ from pathlib import Path
 
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.errors import InputError
-from hvdlm.training.preemption import REQUEUE_EXIT_CODE
-from hvdlm.training.watchdog import WATCHDOG_EXIT_CODE
+from hvdlm.runfiles import REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE
 
 RESTARTS_FILE = "restarts.jsonl"
 ACCUMULATION = "train.accumulation_steps"  # a step's micro-batches; with pipeline stages, parallel.microbatches

@@ -31,7 +31,7 @@ from hvdlm.launch.commands import (
     rank_env,
 )
 from hvdlm.launch.shell import HOSTNAME, ShellVar, check_name, check_text, join
-from hvdlm.training.preemption import REQUEUE_EXIT_CODE
+from hvdlm.runfiles import REQUEUE_EXIT_CODE
 
 # Slurm's --time forms (sbatch(1)): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds; ASCII digits ([0-9], not \d, which takes any script's digits).

@@ -1,7 +1,7 @@
 """Preemption: SIGUSR1 or SIGTERM asks the run to stop; the ranks agree on a step, checkpoint it and exit with
-REQUEUE_EXIT_CODE, which the batch script that `hvdlm sbatch` writes turns into `scontrol requeue`. SIGINT
-(Ctrl-C) and SIGHUP (a closed terminal) stop a rank the same way but exit 128 + the signal's number (130 for
-Ctrl-C), as a shell expects of an interrupted command; a second SIGINT ends the rank at once.
+REQUEUE_EXIT_CODE (hvdlm.runfiles), which the batch script that `hvdlm sbatch` writes turns into `scontrol
+requeue`. SIGINT (Ctrl-C) and SIGHUP (a closed terminal) stop a rank the same way but exit 128 + the signal's
+number (130 for Ctrl-C), as a shell expects of an interrupted command; a second SIGINT ends the rank at once.
 
 Slurm sends SIGUSR1 before the time limit when the script asks for it (`#SBATCH --signal=B:USR1@120`; the
 script hands it on to the ranks), and SIGTERM at the limit or on `scancel`. A signal may reach some ranks and
@@ -13,10 +13,7 @@ from __future__ import annotations
 import signal
 from enum import IntEnum
 
-# EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". The requeued job resumes
-# with `--resume auto`.
-REQUEUE_EXIT_CODE = 75  # job preparation (hvdlm sbatch) imports this module: it must not import torch at the top
-
+from hvdlm.runfiles import REQUEUE_EXIT_CODE, StoppedAtCheckpoint
 
 # Signals that ask for a checkpoint and a requeue; the others that stop a rank end it as interrupted.
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -61,12 +58,12 @@ class Stop(IntEnum):
     WRITE_FAILED = 3  # rank 0 could not write the run's metrics (a full disk): exit 2, naming the file
 
 
-class Preempted(Exception):
-    """Raised after the checkpoint of the agreed stop step is on disk; the CLI exits with `exit_code`."""
+class Preempted(StoppedAtCheckpoint):
+    """Raised after the checkpoint of the agreed stop step is on disk; the CLI exits with `exit_code`, that of the
+    signal this rank received (stop_exit_code)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.exit_code = stop_exit_code()
+        super().__init__(stop_exit_code())
 
 
 class StopVote:

@@ -36,11 +36,9 @@ import threading
 import time
 from pathlib import Path
 
-# The exit code of a rank ended by the watchdog; `hvdlm launch --max-restarts` counts it as a failure. 124 is what
-# timeout(1) exits with when its command ran out of time.
-WATCHDOG_EXIT_CODE = 124
+from hvdlm.runfiles import HEARTBEAT_DIR, WATCHDOG_EXIT_CODE
+
 WATCHDOG_BACKSTOP_S = 30.0
-HEARTBEAT_DIR = "heartbeats"
 # train.watchdog_s = -1: by device. A GPU step of a large model takes seconds, a CPU step can take a minute.
 DEFAULT_WATCHDOG_S = {"cuda": 300.0, "cpu": 900.0}
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")

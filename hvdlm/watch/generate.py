@@ -1,18 +1,18 @@
 """`hvdlm generate`: sample text from a run's checkpoint, in one plain process (no launcher, no MPI, no Horovod).
 
-A checkpoint of any TP size is merged into one unsharded state (hvdlm.checkpoint.load_full_state) and loaded into
-the plain model (TP size 1, whose layers never communicate). The model is rebuilt from the configuration the
-checkpoint records, and the text is encoded with the tokenizer of the dataset that configuration names, so the
+A checkpoint of any TP size is merged into one unsharded state (hvdlm.checkpoint.run.load_run_checkpoint) and
+loaded into the plain model (TP size 1, whose layers never communicate). The model is rebuilt from the configuration
+the checkpoint records, and the text is encoded with the tokenizer of the dataset that configuration names, so the
 token ids mean what they meant in training. The same seed gives the same text (on the same device).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
 from hvdlm.errors import InputError
 
 
@@ -26,33 +26,44 @@ class Generation:
     weights: str  # "model" or "ema"
 
 
-def check_options(prompt: str, max_tokens: int, temperature: float, top_k: int) -> None:
-    """Refuse sampling options that cannot work, before any checkpoint is read."""
+@dataclass(frozen=True)
+class Sampling:
+    """How the continuation is sampled (`hvdlm generate`'s options of the same names)."""
+
+    max_tokens: int = 200  # tokens to generate
+    temperature: float = 0.8  # divides the logits: > 0; near 0, the most likely token almost always
+    top_k: int = 40  # sample from the k most likely tokens (1: greedy)
+    seed: int = 0  # the same seed gives the same text (on the same device)
+
+
+def check_options(prompt: str, sampling: Sampling) -> None:
+    """Refuse a prompt or sampling options that cannot work, before any checkpoint is read."""
     if not prompt:
         raise InputError("the prompt is empty: pass the text to continue, e.g. --prompt 'def main('.")
-    if max_tokens < 1:
-        raise InputError(f"--max-tokens {max_tokens}: generate at least 1 token, e.g. --max-tokens 200.")
-    if not temperature > 0:  # also refuses NaN
+    if sampling.max_tokens < 1:
+        raise InputError(f"--max-tokens {sampling.max_tokens}: generate at least 1 token, e.g. --max-tokens 200.")
+    if not sampling.temperature > 0:  # also refuses NaN
         raise InputError(
-            f"--temperature {temperature}: it must be > 0 (it divides the logits). Use e.g. 0.8; values near 0 "
-            "pick the most likely token almost always."
+            f"--temperature {sampling.temperature}: it must be > 0 (it divides the logits). Use e.g. 0.8; values "
+            "near 0 pick the most likely token almost always."
         )
-    if top_k < 1:
-        raise InputError(f"--top-k {top_k}: sample from at least 1 token, e.g. --top-k 40 (--top-k 1 is greedy).")
+    if sampling.top_k < 1:
+        raise InputError(
+            f"--top-k {sampling.top_k}: sample from at least 1 token, e.g. --top-k 40 (--top-k 1 is greedy)."
+        )
 
 
 def generate(
     run_dir: str | Path,
     prompt: str,
-    max_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int = 40,
-    seed: int = 0,
+    sampling: Sampling | None = None,
     checkpoint: str | Path | None = None,
     ema: bool = False,
 ) -> Generation:
-    """Continue PROMPT with max_tokens tokens sampled from RUN_DIR's newest complete checkpoint (or CHECKPOINT)."""
-    check_options(prompt, max_tokens, temperature, top_k)
+    """Continue PROMPT with tokens sampled (`sampling`, default: Sampling()) from RUN_DIR's newest complete
+    checkpoint, or from CHECKPOINT."""
+    sampling = sampling or Sampling()
+    check_options(prompt, sampling)
     run_dir = Path(run_dir)
     if checkpoint is None and not run_dir.is_dir():
         what = "is a file, not a directory" if run_dir.exists() else "does not exist"
@@ -78,9 +89,11 @@ def generate(
     if not ids:  # cannot happen for byte-level tokenizers and a non-empty prompt, but the model needs a token
         raise InputError("the prompt encodes to no tokens; pass a longer --prompt.")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
     # model.generate feeds back at most seq_len tokens: a longer prompt is cropped to its last seq_len tokens.
-    out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    out = model.generate(
+        idx, sampling.max_tokens, temperature=sampling.temperature, top_k=sampling.top_k, generator=generator
+    )
     return Generation(
         text=tokenizer.decode(out[0].tolist()),
         checkpoint=path,
@@ -89,24 +102,6 @@ def generate(
         context=cfg.seq_len,
         weights="ema" if ema else "model",
     )
-
-
-def model_config(state: dict[str, Any], path: Path):
-    """The ModelConfig the checkpoint records, for sampling (no dropout)."""
-    from hvdlm.config import ModelConfig
-
-    config = state.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise InputError(
-            f"checkpoint '{path}' records no model configuration ('config' -> 'model'), so its model cannot be "
-            "rebuilt. Use a checkpoint written by `hvdlm train`."
-        )
-    try:
-        cfg = ModelConfig(**config["model"])
-    except TypeError as e:
-        raise InputError(f"checkpoint '{path}' has a model configuration this hvdlm does not know ({e}).") from None
-    cfg.dropout = 0.0  # sampling: no dropout, whatever training used
-    return cfg
 
 
 def _plain_model(cfg, state: dict[str, Any], path: Path, ema: bool):
@@ -126,47 +121,3 @@ def _plain_model(cfg, state: dict[str, Any], path: Path, ema: bool):
         state = {**state, "model": state["ema"]}
     load_model(model, state, str(path), 0, 1)
     return model
-
-
-def load_run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> tuple[Path, dict[str, Any]]:
-    """The named checkpoint, or RUN_DIR's newest one that reads (a damaged newer one is reported on stderr and
-    passed over, as `--resume auto` does), as one unsharded state."""
-    from hvdlm.checkpoint.reshard import load_full_state, merge_states
-    from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, shard_paths
-
-    # The EMA weights, when the run kept them, are merged like the model's.
-    if checkpoint is not None:
-        path = resolve_checkpoint(checkpoint)
-        return shard_paths(path)[0], load_full_state(path)
-    found = newest_loadable(run_dir, warn=lambda message: print(message, file=sys.stderr, flush=True))
-    if found is None:
-        resolve_checkpoint(run_dir)  # raises: there is no complete checkpoint, and its error says where it looked
-    return found[0].paths[0], merge_states(found[1])
-
-
-def run_tokenizer(config: dict[str, Any], path: Path):
-    """The tokenizer of the dataset the checkpoint's configuration names."""
-    from hvdlm.config import DataConfig
-    from hvdlm.data.corpus import dataset_dir
-    from hvdlm.data.meta import META_FILE, prepare_advice
-    from hvdlm.data.tokenizer import ByteTokenizer, load_tokenizer
-
-    try:
-        data = DataConfig(**config.get("data", {}))
-    except TypeError as e:
-        raise InputError(f"checkpoint '{path}' has a data configuration this hvdlm does not know ({e}).") from None
-    directory = dataset_dir(data)
-    if not (directory / META_FILE).exists():
-        if not data.dataset and data.tokenizer == "byte":
-            return ByteTokenizer()  # the built-in corpus in bytes: nothing to load, the cache may be elsewhere
-        how = (
-            prepare_advice(directory)
-            if data.dataset
-            else "Run with the HVDLM_CACHE the training used (the built-in corpus is prepared in that cache), or "
-            "train once on this machine to prepare it"
-        )
-        raise InputError(
-            f"the run's dataset '{directory}' is not there, and its tokenizer with it, so the prompt cannot be "
-            f"encoded as the run's tokens. {how}."
-        )
-    return load_tokenizer(directory)

@@ -21,7 +21,7 @@ from typing import Any
 
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write
-from hvdlm.training.metrics import METRICS_FILE
+from hvdlm.runfiles import METRICS_FILE
 
 CHARTS = ("loss.png", "loss_tokens.png", "throughput.png")
 

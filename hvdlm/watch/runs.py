@@ -29,10 +29,10 @@ else:  # pragma: no cover - Python 3.10
 
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.errors import InputError
-from hvdlm.training.metrics import METRICS_FILE
+from hvdlm.runfiles import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from hvdlm.units import format_count
 
-_RUN_FILES = ("config.toml", METRICS_FILE)  # either makes a directory a run directory
+_RUN_FILES = (CONFIG_FILE, METRICS_FILE)  # either makes a directory a run directory
 _TAIL_BLOCK = 64 << 10  # metrics.jsonl is read backwards in blocks of this size, until both last rows are found
 
 
@@ -115,7 +115,7 @@ def _state(info: RunInfo, summary_steps: int | None, active_seconds: float, now:
 
 
 def _max_steps(path: Path) -> tuple[int | None, str | None]:
-    config = path / "config.toml"
+    config = path / CONFIG_FILE
     if not config.is_file():
         return None, "no config.toml"
     try:
@@ -127,7 +127,7 @@ def _max_steps(path: Path) -> tuple[int | None, str | None]:
 
 def _summary_steps(path: Path) -> int | None:
     try:
-        steps = json.loads((path / "summary.json").read_text()).get("steps")
+        steps = json.loads((path / SUMMARY_FILE).read_text()).get("steps")
     except (OSError, ValueError, AttributeError):  # missing, torn, or not an object
         return None
     return steps if isinstance(steps, int) else None
@@ -193,8 +193,8 @@ def _newest_checkpoint(path: Path):
 
 def _last_change(path: Path) -> float | None:
     """When the run last wrote: its metrics, its config, or a checkpoint (also a save in progress)."""
-    candidates = [path / name for name in (*_RUN_FILES, "summary.json")]
-    checkpoints = path / "checkpoints"
+    candidates = [path / name for name in (*_RUN_FILES, SUMMARY_FILE)]
+    checkpoints = path / CHECKPOINT_DIR
     if checkpoints.is_dir():
         candidates += list(checkpoints.glob("*step-*"))
     times = []
