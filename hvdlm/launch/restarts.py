@@ -3,7 +3,7 @@ most N times, with fewer data-parallel replicas when fewer ranks are left (a hos
 
 What counts as a failure: any exit but success (0), bad input (2: the same input fails the same way again) and a
 stop asked for by a signal (preemption and Ctrl-C, handled as without restarts: a checkpoint and a clear exit).
-The watchdog's exit (hvdlm.training.watchdog.WATCHDOG_EXIT_CODE) and a rank killed by a signal are failures.
+The watchdog's exit (hvdlm.runfiles.WATCHDOG_EXIT_CODE) and a rank killed by a signal are failures.
 Every restart is a line of RUN_DIR/restarts.jsonl: when, why (the cause and exit code), from which checkpoint
 step, on how many ranks.
 

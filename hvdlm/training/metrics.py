@@ -18,13 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdlm.fsutil import atomic_write
-from hvdlm.runfiles import (
-    METRICS_FILE,
-    TENSORBOARD_DIR,
-    # Not used here: hvdlm.training.resume imports it from this module, and is being rewritten elsewhere (issue 28).
-    # Drop it once resume.py imports it from hvdlm.runfiles, where it is defined.
-    refuse_to_overwrite,  # noqa: F401
-)
+from hvdlm.runfiles import METRICS_FILE, TENSORBOARD_DIR
 
 
 class RunLogger:

@@ -23,7 +23,7 @@ from hvdlm.config import TrainConfig
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write
 from hvdlm.parallel.agreement import rank0_decides, together
-from hvdlm.training.metrics import refuse_to_overwrite
+from hvdlm.runfiles import CONFIG_FILE, refuse_to_overwrite
 
 
 @dataclass
@@ -72,7 +72,7 @@ def prepare_run_dir(start: Start, config_toml: str, resume_step: int | None) -> 
             refuse_to_overwrite(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
-            atomic_write(path / "config.toml", config_toml)
+            atomic_write(path / CONFIG_FILE, config_toml)
         except OSError as e:
             raise InputError(
                 f"cannot write the run directory '{path}': {e.strerror or e}. Pass a --run-dir where you can write "

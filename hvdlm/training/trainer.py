@@ -48,6 +48,7 @@ from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
 from hvdlm.parallel.topology import Topology, all_dp_groups, elastic_job, init_topology
+from hvdlm.runfiles import SUMMARY_FILE
 from hvdlm.training import elastic
 from hvdlm.training.device import pick_device, to_device
 from hvdlm.training.ema import WeightEMA
@@ -472,7 +473,7 @@ class Trainer:
             "checkpoint": str(paths[0]),
             "checkpoint_shards": [str(p) for p in paths],
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if not identical:
             print(f"WARNING: the replicas diverged: parameter checksums by rank {checksums}", flush=True)
         if first_val is not None and final_val is not None:
