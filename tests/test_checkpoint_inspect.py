@@ -1,13 +1,15 @@
-"""`hvdlm checkpoint inspect CKPT`: step, shapes, layout, sizes and contents of a real run's checkpoints, unsharded
-and cut into TP shards as a tp = 2 job saves them. One tiny run is trained once per module."""
+"""`hvdlm checkpoint inspect CKPT`: step, shapes, layout, sizes and contents of a real run's checkpoints, unsharded,
+cut into TP shards as a tp = 2 job saves them, and written by two pipeline stages. One tiny run is trained once per
+module, and a pp = 2 run on two real ranks."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import train_once
+from helpers import mpirun, sets, train_argv, train_once
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,48 @@ def not_checkpoints(tmp_path) -> Path:
 def test_bad_input_is_one_clear_error(hvdlm, not_checkpoints, target, message):
     r = hvdlm("checkpoint", "inspect", str(not_checkpoints / target))
     assert r.code == 2 and message in r.out and "Traceback" not in r.out, r.out
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory, job, cache_dir) -> Path:
+    """The same model trained on two pipeline stages (two MPI ranks), checkpoints at steps 4 and 8."""
+    run_dir = tmp_path_factory.mktemp("pp2") / "run"
+    overrides = sets("parallel.pp=2", "parallel.microbatches=2", "train.checkpoint_interval=4")
+    settings = sets("train.sample_tokens=0", "train.tensorboard=false", "train.ema_decay=0.9")
+    r = mpirun(2, train_argv(job, run_dir, *overrides, *settings), cache_dir)
+    assert r.code == 0, r.out[-3000:]
+    return run_dir
+
+
+def test_a_pipeline_checkpoint_is_described_whole_and_per_stage(hvdlm, trained, pp2):
+    whole, staged = _inspect(hvdlm, trained), _inspect(hvdlm, pp2)
+    assert staged["layout"]["pp"] == 2 and staged["parameters"] == whole["parameters"]
+    # The whole model's tensors and optimizer state, as the same model without stages has them.
+    assert staged["holds"]["model"]["tensors"] == whole["holds"]["model"]["tensors"]
+    for key in ("parameters_with_state", "state", "groups"):
+        assert staged["holds"]["optimizer"][key] == whole["holds"]["optimizer"][key], key
+    stages = staged["stages"]
+    assert [s["stage"] for s in stages] == [0, 1] and [s["layers"] for s in stages] == [1, 1]
+    # The last stage's copy of the tied weight is a tensor of its own, and has optimizer state of its own.
+    assert sum(s["tensors"] for s in stages) == whole["holds"]["model"]["tensors"]
+    assert sum(s["optimizer_parameters"] for s in stages) == whole["holds"]["optimizer"]["parameters_with_state"] + 1
+    text = hvdlm("checkpoint", "inspect", str(pp2)).out
+    assert f"weights     {whole['holds']['model']['tensors']} tensors" in text and "stage 1" in text, text
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_said_in_whole_sentences(hvdlm, trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    newest = run_dir / "checkpoints" / "step-0000008.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # cut off, as by a full disk or an interrupted copy
+    r = hvdlm("checkpoint", "inspect", str(run_dir))
+    assert r.code == 0 and "Traceback" not in r.out, r.out
+    lines = {line.split()[0]: line for line in r.out.splitlines()}
+    assert lines["step"].split()[1] == "4", r.out
+    skipped = lines["skipped"]
+    assert "step 8" in skipped and "step-0000008.pt" in skipped, skipped
+    # Every sentence torch's message gave ends where torch ended it: nothing cut off in the middle.
+    assert skipped.rstrip().endswith("Copy it again, or name another step's checkpoint."), skipped
+    assert "(RuntimeError: " in skipped and ") . " not in skipped
+    assert _inspect(hvdlm, run_dir)["skipped"] == [skipped.split(None, 1)[1].strip()]

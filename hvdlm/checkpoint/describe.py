@@ -12,16 +12,17 @@ from typing import Any
 import torch
 
 from hvdlm.checkpoint.format import load_checkpoint
-from hvdlm.checkpoint.store import resolve_checkpoint, shard_paths
+from hvdlm.checkpoint.stages import join_stages
+from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, run_directory, shard_paths
 from hvdlm.units import format_count
 
 _SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias", "dropout")
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint PATH names (a file, any shard, or a run directory: its newest) as a JSON-ready dict."""
-    paths = shard_paths(resolve_checkpoint(path))
-    states = [load_checkpoint(p, mmap=True) for p in paths]  # a ZeRO save's slices assembled (and mapped)
+    """The checkpoint PATH names (a file, any shard, or a run directory: its newest that reads, as a resume would
+    take it) as a JSON-ready dict; "skipped" says which newer ones of a run directory were passed over, and why."""
+    paths, states, skipped = _read_checkpoint(Path(path))
     slices = [q for p in paths for q in sorted(p.parent.glob(f"{p.name.removesuffix('.pt')}.zero*-of-*.pt"))]
     files = paths + slices
     first = states[0]
@@ -41,7 +42,53 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "parameters": _parameter_count(states),
         "bytes": {"files": sum(p.stat().st_size for p in files), **_tensor_bytes(states)},
         "holds": _holdings(states, train),
+        **({"stages": _stage_counts(states)} if _stages(first) > 1 else {}),
+        **({"skipped": skipped} if skipped else {}),
     }
+
+
+def _read_checkpoint(path: Path) -> tuple[list[Path], list[dict], list[str]]:
+    """The shard files, their memory-mapped states (a ZeRO save's slices assembled) and, for a run directory, what
+    was passed over on the way to its newest checkpoint that reads."""
+    run_dir = run_directory(path)
+    if run_dir is None:
+        paths = shard_paths(path)
+        return paths, [load_checkpoint(p, mmap=True) for p in paths], []
+    skipped: list[str] = []
+    found = newest_loadable(
+        run_dir, warn=lambda message: skipped.append(message.removeprefix("WARNING: skipping ")), mmap=True
+    )
+    if found is None:
+        resolve_checkpoint(run_dir)  # raises: there is no complete checkpoint, and its error says where it looked
+    saved, states = found
+    return list(saved.paths), states, skipped
+
+
+def _whole_model(states: list[dict]) -> dict:
+    """The first TP rank's state of the whole model: with pipeline stages, the stages' files joined
+    (hvdlm.checkpoint.stages), so that counts cover every layer and the tied weight's optimizer state once."""
+    stages = _stages(states[0])
+    if stages == 1:
+        return states[0]
+    per_stage = len(states) // stages
+    return join_stages([states[k * per_stage] for k in range(stages)])
+
+
+def _stage_counts(states: list[dict]) -> list[dict[str, Any]]:
+    """Per pipeline stage: its layers, its weight tensors, and the parameters its optimizer state covers."""
+    per_stage = len(states) // _stages(states[0])
+    out = []
+    for k, state in enumerate(states[::per_stage]):
+        optimizer = state.get("optimizer")
+        out.append(
+            {
+                "stage": k,
+                "layers": (state.get("pp") or {}).get("layers", [None] * (k + 1))[k],
+                "tensors": len(state["model"]),
+                "optimizer_parameters": len(optimizer.get("state", {})) if isinstance(optimizer, dict) else None,
+            }
+        )
+    return out
 
 
 def _stages(state: dict) -> int:
@@ -92,8 +139,8 @@ def _nbytes(value: Any) -> int:
 
 
 def _holdings(states: list[dict], train: dict) -> dict[str, Any]:
-    """What the checkpoint can restore beyond the weights; None for what it lacks."""
-    first = states[0]
+    """What the checkpoint can restore beyond the weights, for the whole model; None for what it lacks."""
+    first = _whole_model(states)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in first["model"].values()})
     optimizer = first.get("optimizer")
     rng = first.get("rng")
@@ -142,7 +189,9 @@ def render(info: dict[str, Any]) -> str:
         *((("file", f"{Path(f['path']).name}  {f['bytes']:,} bytes")) for f in files),
         ("bytes", ", ".join(f"{k} {format_count(v)}" for k, v in sizes.items())),
         *_holding_lines(info["holds"]),
+        *_stage_lines(info.get("stages", [])),
     ]
+    lines = [("skipped", why) for why in info.get("skipped", [])] + lines
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
 
@@ -173,6 +222,14 @@ def _holding_lines(holds: dict[str, Any]) -> list[tuple[str, str]]:
     rng_text = f"{rng['replicas']} data-parallel rank(s) ({', '.join(rng['devices'])})" if rng else "none"
     lines.append(("rng", rng_text))
     lines.append(("progress", _record(holds["progress"])))
+    return lines
+
+
+def _stage_lines(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    lines = []
+    for s in stages:
+        state = f", optimizer state for {s['optimizer_parameters']}" if s["optimizer_parameters"] is not None else ""
+        lines.append((f"stage {s['stage']}", f"{s['layers']} layer(s): {s['tensors']} weight tensors{state}"))
     return lines
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,28 @@ def _read(path: Path, mmap: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises many kinds on damaged or foreign bytes
         size = path.stat().st_size if path.is_file() else 0
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = whole_sentences(str(e))
         if "weights_only" in reason:  # torch's advice to load with weights_only=False, which hvdlm never does
             reason = "it is not a torch file of tensors and plain values only"
         raise InputError(
             f"cannot read checkpoint '{path}' ({size:,} bytes): it is truncated, damaged or not a checkpoint "
             f"({type(e).__name__}: {reason}). Copy it again, or name another step's checkpoint."
         ) from None
+
+
+def whole_sentences(text: str, limit: int = 200) -> str:
+    """The leading sentences of a message's first line, as many as fit in `limit` characters and never cut inside
+    one (torch's messages run on with advice of their own); a first sentence longer than that ends at a word, with
+    "...". The last full stop is left to the sentence that quotes it."""
+    sentences = re.split(r"(?<=\.)\s+", (text.strip().splitlines() or [""])[0])
+    kept = sentences[0]
+    for sentence in sentences[1:]:
+        if len(kept) + 1 + len(sentence) > limit:
+            break
+        kept += " " + sentence
+    if len(kept) > limit:
+        kept = kept[:limit].rsplit(" ", 1)[0] + " ..."
+    return kept.removesuffix(".")
 
 
 def _check_structure(state: Any, path: Path) -> None:

@@ -116,9 +116,11 @@ def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
     return saves
 
 
-def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
-    """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states; None if there is no
-    complete checkpoint at all.
+def newest_loadable(
+    run_dir: str | Path, warn=print, mmap: bool = False
+) -> tuple[SavedCheckpoint, list[dict[str, Any]]] | None:
+    """The newest checkpoint of RUN_DIR whose every shard reads, with the shards' states (`mmap`: memory-mapped, for
+    readers that only describe them); None if there is no complete checkpoint at all.
 
     A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before;
     complete checkpoints none of which reads are an InputError (nothing is changed).
@@ -131,7 +133,7 @@ def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, l
             warn(f"WARNING: skipping checkpoint step {saved.step}: incomplete, {', '.join(missing)} missing.")
             continue
         try:
-            return saved, [load_checkpoint(p) for p in saved.paths]
+            return saved, [load_checkpoint(p, mmap=mmap) for p in saved.paths]
         except InputError as e:
             damaged += 1
             warn(f"WARNING: skipping checkpoint step {saved.step}: {e}")
@@ -144,12 +146,19 @@ def newest_loadable(run_dir: str | Path, warn=print) -> tuple[SavedCheckpoint, l
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
+def run_directory(path: str | Path) -> Path | None:
+    """The run directory `path` names (RUN_DIR, or RUN_DIR/checkpoints), or None: it names a file."""
     path = Path(path)
     if path.is_dir() and path.name == CHECKPOINT_DIR and not (path / CHECKPOINT_DIR).is_dir():
-        path = path.parent  # RUN_DIR/checkpoints named instead of RUN_DIR
-    if path.is_dir():
+        return path.parent  # RUN_DIR/checkpoints named instead of RUN_DIR
+    return path if path.is_dir() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
+    run_dir = run_directory(path)
+    if run_dir is not None:
+        path = run_dir
         saved = find_checkpoints(path)
         if not saved:
             raise InputError(
