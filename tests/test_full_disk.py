@@ -1,5 +1,5 @@
-"""A full disk (ENOSPC) and a read-only one under `hvdlm data prepare` and `hvdlm plot`: one line naming the path
-and the cause, exit 2, no traceback, nothing half-written, and what was there before intact.
+"""A full disk (ENOSPC) and a read-only one under `hvdlm data prepare`, `hvdlm plot` and `hvdlm export`: one line
+naming the path and the cause, exit 2, no traceback, nothing half-written, and what was there before intact.
 
 The disks are real: small tmpfs file systems mounted in the test's temporary directory (as root), never the
 system's own. Without permission to mount, the tests skip and say why.
@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import train_once
 
 PNGS = ["loss.png", "loss_tokens.png", "throughput.png"]
 
@@ -132,3 +133,24 @@ def test_plot_into_a_read_only_directory(hvdlm, tmpfs, tmp_path):
     r = hvdlm("plot", str(run), "-o", str(disk / "charts"))
     _one_error_line(r, f"'{disk / 'charts'}'", "Read-only file system")
     assert list(disk.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def small_run(job, cache_dir, tmp_path_factory) -> Path:
+    """A 2-step run with its final checkpoint (about 140 KB of weights)."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    settings = ("train.max_steps=2", "train.sample_tokens=0", "train.tensorboard=false", "train.eval_interval=0")
+    return train_once(job, run_dir, *settings, cache=cache_dir).run_dir
+
+
+def test_export_onto_a_full_disk_leaves_nothing(hvdlm, tmpfs, small_run):
+    disk = tmpfs("export", "64k")  # safetensors' weights file does not fit
+    r = hvdlm("export", str(small_run), "-o", str(disk / "hf"))
+    _one_error_line(r, str(disk / "hf"), "No space left on device", "Nothing was written")
+    assert list(disk.iterdir()) == []
+
+
+def test_export_onto_a_read_only_disk(hvdlm, tmpfs, small_run):
+    disk = tmpfs("export-ro", read_only=True)
+    r = hvdlm("export", str(small_run), "-o", str(disk / "hf"))
+    _one_error_line(r, str(disk / "hf"), "Read-only file system")

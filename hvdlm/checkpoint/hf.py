@@ -21,8 +21,10 @@ embedding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -259,7 +261,8 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
     tensors = to_gpt2(weights, cfg.n_layer, cfg.vocab_size)
 
     def write(staging: Path) -> None:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers asks for "pt"
+        with _os_errors_of_safetensors():
+            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers asks for "pt"
         for name, text in files.items():
             (staging / name).write_text(text)
 
@@ -309,6 +312,22 @@ def _publish_directory(out: Path, write) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_directory(out.parent)
+
+
+@contextlib.contextmanager
+def _os_errors_of_safetensors():
+    """safetensors reports a failed write (a full disk, a read-only one) as its own SafetensorError, naming the OS
+    error inside its text ("... No space left on device (os error 28)"): raise it as that OSError, which every
+    writer here handles."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
 
 
 def _dumps(obj: dict) -> str:
