@@ -211,3 +211,30 @@ def test_merge_to_safetensors_holds_the_unsharded_weights(runs, hvdlm, tmp_path)
 
 def test_export_answers_help_without_importing_torch():
     assert_imports_nothing_heavy(["export", "--help"])
+
+
+def test_the_advice_for_data_of_another_tokenizer_works_as_written(runs, exported, hvdlm, job, tmp_path):
+    """Starting from a byte-level export on BPE data is refused with a command to prepare the data with the
+    export's tokenizer; that command, run as written, prepares data the export's model then trains on."""
+    import re
+    import shlex
+
+    import tomllib
+
+    export = exported["byte-tp1"]
+    bpe_data = tomllib.loads((runs["bpe-tp2"] / "config.toml").read_text())["data"]["dataset"]
+    settings = ["--set", "model.seq_len=64", "--set", "model.vocab_size=300", "--set", "train.max_steps=2"]
+    settings += ["--set", "train.sample_tokens=0"]  # the export's shape (its vocabulary padded to 300)
+    refused = hvdlm("train", str(job), "--run-dir", str(tmp_path / "a"), "--init-from", str(export),
+                    "--set", f"data.dataset={bpe_data}", *settings)  # fmt: skip
+    assert refused.code == 2 and "tokenized with another tokenizer" in refused.out, refused.out
+    advice = re.search(r"`(hvdlm data prepare [^`]+)`", refused.out).group(1)
+    argv = shlex.split(advice.replace("SOURCES", shlex.join([str(REPO / "hvdlm"), "--glob", "**/*.py"])))
+    argv = [str(tmp_path / "data") if word == "DATASET" else word for word in argv]
+    prepared = hvdlm(*argv[1:])
+    assert prepared.code == 0, prepared.out
+    trained = hvdlm("train", str(job), "--run-dir", str(tmp_path / "b"), "--init-from", str(export),
+                    "--set", f"data.dataset={tmp_path / 'data'}", *settings)  # fmt: skip
+    assert trained.code == 0 and f"initialised from the transformers GPT-2 model in {export}" in trained.out, (
+        trained.out
+    )

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
+from hvdlm.data.tokenizer import byte_tokenizer_json
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write, fsync_directory
 from hvdlm.runfiles import CHECKPOINT_DIR
@@ -203,34 +204,6 @@ def tokenizer_files(tokenizer, seq_len: int) -> dict[str, str]:
         split_special_tokens=True,
     )
     return {TOKENIZER_FILE: tokenizer.to_json(), TOKENIZER_CONFIG_FILE: _dumps(settings)}
-
-
-def byte_tokenizer_json() -> str:
-    """hvdlm's byte tokens (id = the byte's value, 0..255) as a `tokenizers` BPE without merges: GPT-2's byte-level
-    pre-tokenizer writes each byte as a character of its 256-letter alphabet, and the vocabulary maps that letter
-    back to the byte. No special tokens: hvdlm's byte tokens have none ("<|endoftext|>" is 13 bytes of text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {char: byte for byte, char in enumerate(_byte_alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    # No regex split (no merges to keep inside words) and no prefix space: the text is taken byte by byte as it is.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok.to_str()
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2's bytes_to_unicode (openai/gpt-2 encoder.py), as a list indexed by the byte: printable bytes stand for
-    themselves, the others for the characters from U+0100 on, in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(256 + extra))
-            extra += 1
-    return alphabet
 
 
 def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[str, Any]:

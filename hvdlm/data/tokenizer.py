@@ -188,14 +188,45 @@ def _read_tokenizer_json(path: Path, fix: str):
         raise InputError(f"cannot load the tokenizer {path}: {e}. {fix}") from None
 
 
-def load_pretrained_tokenizer(directory: str | Path) -> PretrainedTokenizer:
+def byte_tokenizer_json() -> str:
+    """hvdlm's byte tokens (id = the byte's value, 0..255) as a `tokenizers` BPE without merges: GPT-2's byte-level
+    pre-tokenizer writes each byte as a character of its 256-letter alphabet, and the vocabulary maps that letter
+    back to the byte. No special tokens: hvdlm's byte tokens have none ("<|endoftext|>" is 13 bytes of text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in enumerate(_byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # No regex split (no merges to keep inside words) and no prefix space: the text is taken byte by byte as it is.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str()
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's bytes_to_unicode (openai/gpt-2 encoder.py), as a list indexed by the byte: printable bytes stand for
+    themselves, the others for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
+
+
+def load_pretrained_tokenizer(directory: str | Path) -> PretrainedTokenizer | ByteTokenizer:
     """The tokenizer of a transformers directory (`save_pretrained`): tokenizer.json, with tokenizer_config.json's
-    eos_token (else "<|endoftext|>") as the end-of-document token."""
+    eos_token (else "<|endoftext|>") as the end-of-document token; hvdlm's byte tokens where it is their form
+    (byte_tokenizer_json: a byte-level export of an hvdlm run), which separate documents without such a token."""
     directory = Path(directory)
     fix = f"Name a directory holding a {BPE_FILE} (as transformers' save_pretrained writes it)."
     if not (directory / BPE_FILE).is_file():
         raise InputError(f"'{directory}' holds no {BPE_FILE}, so hvdlm cannot read its tokenizer. {fix}")
     hf = _read_tokenizer_json(directory / BPE_FILE, fix)
+    if hf.get_vocab(with_added_tokens=True) == {char: byte for byte, char in enumerate(_byte_alphabet())}:
+        return ByteTokenizer()  # 256 tokens, each a byte, nothing else: the same ids as hvdlm's byte tokenizer
     eot = _eos_token(directory) or EOT
     if hf.token_to_id(eot) is None:
         raise InputError(
