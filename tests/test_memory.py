@@ -14,7 +14,8 @@ from helpers import run_cli
 from hvdlm.config import ModelConfig, TrainConfig, load_config
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
-from hvdlm.training.memory_account import MB, ActivationMeter, memory_account, state_mb
+from hvdlm.plan.memory import MB, state_mb
+from hvdlm.training.memory_account import ActivationMeter, memory_account
 from hvdlm.training.zero import zero_note
 
 CFG = dict(n_layer=4, n_head=2, d_model=32, seq_len=32, vocab_size=256, dropout=0.1)

@@ -14,20 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-MB = 1024**2
-# fp32 moments per parameter: AdamW's two, SGD's momentum. Muon keeps one for the blocks' matrices and AdamW's two
-# for the rest (embeddings, head, vectors): counted as two throughout, an upper bound.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "muon": 8}
-
-
-def state_mb(params: int, optimizer: str, dp: int = 1, zero: int = 0, momentum: bool = True) -> dict[str, float]:
-    """MB per rank for `params` fp32 parameters held by the rank (its TP shard or stage): weights whole, the
-    optimizer state split over the dp replicas with ZeRO-1 (padded to equal slices), the gradients too with ZeRO-2
-    (its slice; the buckets in flight during backward, a few train.zero_bucket_mb, come on top)."""
-    per_param = OPTIMIZER_STATE_BYTES[optimizer] if (optimizer != "sgd" or momentum) else 0
-    held = -(-params // dp) if zero else params
-    grads = held if zero >= 2 else params
-    return {"params_mb": 4 * params / MB, "grads_mb": 4 * grads / MB, "optimizer_mb": per_param * held / MB}
+from hvdlm.plan.memory import MB
 
 
 class ActivationMeter:
