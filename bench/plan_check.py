@@ -170,12 +170,12 @@ def tp_grid_worker() -> None:
     from mpi4py import MPI
 
     from hvdlm.model import GPT
-    from hvdlm.parallel.topology import Layout, make_tp_group
+    from hvdlm.parallel.topology import GridPosition, make_tp_group
     from hvdlm.training.memory_account import ActivationMeter
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
-    group = make_tp_group(Layout(world.Get_rank(), 2, 2), world)
+    group = make_tp_group(GridPosition(world.Get_rank(), 2, 2), world)
     settings = list(itertools.product(["none", "selective", "full"], ["fp32", "bf16"], [0.0, 0.1], [True, False]))
     wrong = []
     for (recompute, precision, dropout, bias), vocab in itertools.product(settings, [256, 300]):
