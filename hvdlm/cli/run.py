@@ -146,7 +146,7 @@ def launch(
         write_discovery_script(Path(run_dir), script)
     sys.stdout.flush()
     if max_restarts:
-        from hvdlm.launch.restarts import ACCUMULATION, Layout, RestartPolicy
+        from hvdlm.launch.restarts import ACCUMULATION, AttemptSize, RestartPolicy
 
         p = cfg.parallel
         # With pipeline stages a step's micro-batches are parallel.microbatches (accumulation_steps stays 1).
@@ -154,7 +154,7 @@ def launch(
             ("parallel.microbatches", p.microbatches) if p.pp > 1 else (ACCUMULATION, cfg.train.accumulation_steps)
         )
         policy = RestartPolicy(max_restarts, min_np or np_ or la.np, p.tp * p.pp, key)
-        first = Layout(np_ or la.np, steps)
+        first = AttemptSize(np_ or la.np, steps)
         sys.exit(_run_restarting(plan, plan_for, first, policy, launcher, (job, run_dir, hostfile)))
     sys.exit(_run(plan, launcher, job, run_dir))
 
@@ -180,15 +180,15 @@ def _check_restarts(max_restarts: int, min_np: int | None, np: int) -> None:
 def _run_restarting(plan, plan_for, first, policy, launcher: str, where: tuple[str, str, str | None]) -> int:
     """--max-restarts: attempts until one does not fail (hvdlm.launch.restarts). A restart resumes from the newest
     checkpoint, on the hosts a hostfile lists by then, with the global batch kept."""
-    from hvdlm.launch.restarts import Layout, run_with_restarts
+    from hvdlm.launch.restarts import AttemptSize, run_with_restarts
     from hvdlm.launch.supervise import run_supervised
 
     job, run_dir, hostfile = where
 
-    def attempt(layout: Layout, again: bool) -> tuple[int, int | None]:
+    def attempt(size: AttemptSize, again: bool) -> tuple[int, int | None]:
         now = plan
         if again:
-            now = plan_for(layout.np, "auto", (f"{policy.key}={layout.accumulation}",))
+            now = plan_for(size.np, "auto", (f"{policy.key}={size.accumulation}",))
             click.echo(now.display())
             sys.stdout.flush()
         return run_supervised(now.argv, {**os.environ, **now.env}, launcher)
