@@ -2,7 +2,7 @@
 days of a layout, or every layout of the cluster ranked, before anything is submitted.
 
 Pure arithmetic, standard library only, so it answers at once on a login node: hvdlm.plan.gpus (the GPU table),
-.layout (the tp x pp x dp grid and the choices of one layout), .memory (model states by accounting and ZeRO
+.candidate (the tp x pp x dp grid and the choices of one layout), .memory (model states by accounting and ZeRO
 stage, activations by recomputation and pipeline schedule), .timing (FLOPs, TP and DP communication, the pipeline
 bubble), .layouts (one layout's estimate; every layout ranked, with the reasons for the dropped ones), .report
 (text and JSON) and .jobfile (the job file with a chosen layout). Formulas and sources: README, "Planning a job".

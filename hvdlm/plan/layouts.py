@@ -16,8 +16,8 @@ from hvdlm.errors import InputError
 from hvdlm.parallel.split import stage_layers
 from hvdlm.plan import counts, timing
 from hvdlm.plan import memory as mem
+from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.gpus import Gpu
-from hvdlm.plan.layout import Layout
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO_BUILT = (0, 1, 2)  # the ZeRO stages hvdlm's trainer has (train.zero)
@@ -48,7 +48,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Estimate:
-    layout: Layout
+    layout: Candidate
     memory: mem.Memory
     time: timing.StepTime
     tokens_per_s: float
@@ -105,7 +105,7 @@ def shape_problem(job: Job, cluster: Cluster, tp: int, pp: int) -> tuple[str, st
     return None
 
 
-def problem(job: Job, cluster: Cluster, layout: Layout) -> tuple[str, str] | None:
+def problem(job: Job, cluster: Cluster, layout: Candidate) -> tuple[str, str] | None:
     """Why a layout cannot run at all (the memory aside): (its kind, the reason with the fix); None if it can."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     shape = shape_problem(job, cluster, tp, pp)
@@ -128,7 +128,7 @@ def problem(job: Job, cluster: Cluster, layout: Layout) -> tuple[str, str] | Non
     return None
 
 
-def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
+def estimate(job: Job, cluster: Cluster, layout: Candidate) -> Estimate:
     """Memory and step time of one layout (which `problem` accepts)."""
     m, g, L = job.model, cluster.gpu, layout
     need = mem.memory(
@@ -206,14 +206,14 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
             f"over {dp} replicas (dp = {cluster.gpus} GPUs / (tp {tp} x pp {pp})). Pass --global-batch a multiple "
             f"of {dp * micro_batch}, or another --micro-batch."
         )
-    layout = Layout(tp, pp, dp, zero, recompute, micro_batch, job.global_batch // (dp * micro_batch))
+    layout = Candidate(tp, pp, dp, zero, recompute, micro_batch, job.global_batch // (dp * micro_batch))
     why = problem(job, cluster, layout)
     if why:
         raise InputError(f"this layout cannot run: {why[1]}. Or leave out --tp and --pp to rank the layouts that can.")
     return estimate(job, cluster, layout)
 
 
-def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Layout]:
+def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Candidate]:
     """Every layout of the cluster for the global batch: tp among the divisors of the GPUs (those that split the
     heads), pp up to the layers, each ZeRO stage hvdlm builds, each recomputation, micro-batches
     of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch."""
@@ -228,13 +228,13 @@ def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Layout]:
                     continue
                 for zero in [fixed["zero"]] if fixed.get("zero") is not None else ZERO_BUILT:
                     for rc in [fixed["recompute"]] if fixed.get("recompute") else RECOMPUTE:
-                        out.append(Layout(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
+                        out.append(Candidate(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
     return out
 
 
 @dataclass(frozen=True)
 class Dropped:
-    layout: Layout
+    layout: Candidate
     kind: str  # MEMORY, ACROSS_NODES, BUBBLE or SPLIT
     reason: str
 

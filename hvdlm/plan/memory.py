@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from hvdlm.config import ModelConfig
 from hvdlm.parallel.split import stage_layers
 from hvdlm.plan import counts
-from hvdlm.plan.layout import Layout
+from hvdlm.plan.candidate import Candidate
 
 MB = 1024**2
 GB = 1e9
@@ -98,7 +98,7 @@ def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int, recompute:
 
 def memory(
     m: ModelConfig,
-    layout: Layout,
+    layout: Candidate,
     *,
     accounting: str = "hvdlm",
     optimizer: str = "adamw",

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
-from hvdlm.plan.layout import Layout
+from hvdlm.plan.candidate import Candidate
 
 # The share of the data-parallel allreduce that cannot hide behind the backward pass even when the backward is
 # long enough. Horovod starts allreducing a gradient as soon as it is ready, but fuses tensors in cycles and the
@@ -105,7 +105,7 @@ def tp_bytes_per_token(d_model: int, recompute: str) -> int:
 
 def step_time(
     m: ModelConfig,
-    layout: Layout,
+    layout: Candidate,
     *,
     global_batch: int,
     gpus: int,

@@ -1,5 +1,6 @@
-"""One layout: the tp x pp x dp grid of GPUs and the choices that shape a step (ZeRO stage, recomputation,
-micro-batches). The memory and timing models read it; `layouts` enumerates and ranks them."""
+"""A candidate: one layout the planner scores, i.e. the tp x pp x dp grid of GPUs and the choices that shape a step
+(ZeRO stage, recomputation, micro-batches). The memory and timing models read it; `layouts` enumerates and ranks
+the candidates. Its answers (text and JSON) call it a layout, the word users know."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
     tp: int
     pp: int
     dp: int
