@@ -17,5 +17,14 @@ class Candidate:
     micro_batch: int  # sequences per micro-batch (train.batch_size)
     microbatches: int  # micro-batches per step per replica (parallel.microbatches, or train.accumulation_steps)
 
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all replicas."""
+        return self.micro_batch * self.microbatches * self.dp
+
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
