@@ -9,10 +9,10 @@ Part 1 trains with the real `hvdlm train` under mpirun (2 ranks, one thread each
 tokens/s from metrics.jsonl (tokens/s: the median of the rows after the first two steps).
 `--settings replicated zero1 --repeats 3` interleaves an A/B comparison.
 
-Part 2 is computed, not trained: weights, gradients and optimizer state from hvdlm.training.memory_account's
-state_mb (fp32, AdamW), plus activations measured with its ActivationMeter on this CPU for 1 and 2 layers of the
-d_model 1024 model (one sequence of seq_len tokens; the meter counts what a forward pass saves for backward) and
-extrapolated linearly in n_layer and the micro-batch.
+Part 2 is computed, not trained: weights, gradients and optimizer state from hvdlm.plan.memory's state_mb
+(fp32, AdamW), plus activations measured with hvdlm.training.memory_account's ActivationMeter on this CPU for 1
+and 2 layers of the d_model 1024 model (one sequence of seq_len tokens; the meter counts what a forward pass saves
+for backward) and extrapolated linearly in n_layer and the micro-batch.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def activation_mb_per_layer(d_model: int, seq_len: int, recompute: str) -> tuple
 
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
-    from hvdlm.training.memory_account import MB, ActivationMeter
+    from hvdlm.plan.memory import MB
+    from hvdlm.training.memory_account import ActivationMeter
 
     measured = []
     for n_layer in (1, 2):
@@ -88,7 +89,7 @@ def activation_mb_per_layer(d_model: int, seq_len: int, recompute: str) -> tuple
 def largest_models(budget_gb: float, dp: int, micro_batch: int, seq_len: int = 1024, d_model: int = 1024) -> dict:
     from hvdlm.config import ModelConfig
     from hvdlm.model.size import parameter_count
-    from hvdlm.training.memory_account import state_mb
+    from hvdlm.plan.memory import state_mb
 
     out = {}
     # ZeRO-2's buckets in flight (a few train.zero_bucket_mb) are left out: tens of MB against a budget of GBs.

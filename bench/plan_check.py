@@ -170,12 +170,12 @@ def tp_grid_worker() -> None:
     from mpi4py import MPI
 
     from hvdlm.model import GPT
-    from hvdlm.parallel.topology import Layout, make_tp_group
+    from hvdlm.parallel.topology import GridPosition, make_tp_group
     from hvdlm.training.memory_account import ActivationMeter
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
-    group = make_tp_group(Layout(world.Get_rank(), 2, 2), world)
+    group = make_tp_group(GridPosition(world.Get_rank(), 2, 2), world)
     settings = list(itertools.product(["none", "selective", "full"], ["fp32", "bf16"], [0.0, 0.1], [True, False]))
     wrong = []
     for (recompute, precision, dropout, bias), vocab in itertools.product(settings, [256, 300]):
@@ -193,8 +193,8 @@ def tp_grid_worker() -> None:
         loss.backward()
         moved = group.bytes_moved - before + 4
         predicted = (
-            counts.activation_bytes(cfg, 3, 2, precision=precision),
-            counts.tp_bytes_per_step(cfg, 3, 2, precision=precision),
+            counts.activation_bytes(counts.Shape(cfg, 3, 2, precision=precision)),
+            counts.tp_bytes_per_step(counts.Shape(cfg, 3, 2, precision=precision)),
         )
         if predicted != (meter.peak_bytes, moved):
             setting = f"{recompute} {precision} dropout {dropout} bias {bias} vocab {vocab}"
@@ -357,8 +357,9 @@ def predict(layout: Layout, cfg: ModelConfig, batch: int, machine: Machine) -> d
     split = stage_layers(cfg.n_layer, pp)
     first, last = True, pp == 1
     params = counts.params_per_rank(cfg, tp, pp, 0)
-    activations = counts.activation_bytes(cfg, batch, tp, split[0], first, last, precision=precision)
-    tp_bytes = counts.tp_bytes_per_step(cfg, batch, tp, m, split[0], first, last, precision=precision)
+    shape = counts.Shape(cfg, batch, tp, split[0], first, last, precision=precision)
+    activations = counts.activation_bytes(shape)
+    tp_bytes = counts.tp_bytes_per_step(shape, m)
     p2p, pp_bytes = counts.pp_bytes_per_step(cfg, batch, pp, 0, m, precision)
     tokens = batch * cfg.seq_len
     # The slowest stage sets the pipeline's pace: (m + p - 1) slots of one micro-batch's forward and backward.

@@ -44,11 +44,11 @@ def worker(args) -> None:
     from hvdlm.config import ModelConfig
     from hvdlm.model import GPT
     from hvdlm.optim.clipping import clip_grad_norm
-    from hvdlm.parallel.topology import Layout, make_tp_group
+    from hvdlm.parallel.topology import GridPosition, make_tp_group
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
-    group = make_tp_group(Layout(world.Get_rank(), world.Get_size(), world.Get_size()), world)
+    group = make_tp_group(GridPosition(world.Get_rank(), world.Get_size(), world.Get_size()), world)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
     torch.manual_seed(0)
     model = GPT(cfg, group)

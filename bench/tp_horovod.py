@@ -33,7 +33,7 @@ STEPS, WARMUP = 30, 5
 
 def worker(mode: str, cycle_ms: float | None = None) -> None:
     from hvdlm.parallel import jobwide
-    from hvdlm.parallel.topology import IDLE_CYCLE_MS, Layout, make_tp_group
+    from hvdlm.parallel.topology import IDLE_CYCLE_MS, GridPosition, make_tp_group
 
     if mode == HVDLM and cycle_ms is None:
         cycle_ms = IDLE_CYCLE_MS  # as init_topology sets it for one replica
@@ -47,7 +47,7 @@ def worker(mode: str, cycle_ms: float | None = None) -> None:
 
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
-    group = make_tp_group(Layout(world.Get_rank(), 2, 2), world)
+    group = make_tp_group(GridPosition(world.Get_rank(), 2, 2), world)
     vote = None
     if mode != "no Horovod":
         import horovod.torch as hvd

@@ -19,10 +19,10 @@ from mpi4py import MPI
 
 from hvdlm.config import ModelConfig
 from hvdlm.model import GPT
-from hvdlm.parallel.topology import Group, Layout, make_tp_group
+from hvdlm.parallel.topology import GridPosition, Group, make_tp_group
 
 world = MPI.COMM_WORLD
-G: Group = make_tp_group(Layout(world.Get_rank(), world.Get_size(), world.Get_size()), world)
+G: Group = make_tp_group(GridPosition(world.Get_rank(), world.Get_size(), world.Get_size()), world)
 P, R = G.size, G.rank
 CHECKS: dict[str, Callable] = {}
 

@@ -28,7 +28,7 @@ from hvdlm.data.sampler import WindowSampler
 from hvdlm.errors import InputError
 from hvdlm.launch.elastic import discovery_script
 from hvdlm.launch.hosts import Host
-from hvdlm.launch.restarts import RESTARTS_FILE, Layout, failure_cause, shrunk
+from hvdlm.launch.restarts import RESTARTS_FILE, AttemptSize, failure_cause, shrunk
 from hvdlm.runfiles import WATCHDOG_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
@@ -277,20 +277,19 @@ def worker_host(pid: int) -> str:
 
 def test_the_layout_of_a_restart_on_fewer_slots():
     note = "1 replica(s) instead of 2: the global batch is kept, with train.accumulation_steps 1 -> 2"
-    assert shrunk(Layout(2, 1), 1, min_np=1, replica=1) == Layout(1, 2, note)
-    assert shrunk(Layout(2, 1), 2, min_np=1, replica=1) == Layout(2, 1) and shrunk(Layout(2, 1), None, 1, 1) == Layout(
-        2, 1
-    )
-    assert shrunk(Layout(8, 1), 5, min_np=2, replica=2) == Layout(
-        4, 2, shrunk(Layout(8, 1), 5, 2, 2).note
+    assert shrunk(AttemptSize(2, 1), 1, min_np=1, replica=1) == AttemptSize(1, 2, note)
+    assert shrunk(AttemptSize(2, 1), 2, min_np=1, replica=1) == AttemptSize(2, 1)
+    assert shrunk(AttemptSize(2, 1), None, 1, 1) == AttemptSize(2, 1)
+    assert shrunk(AttemptSize(8, 1), 5, min_np=2, replica=2) == AttemptSize(
+        4, 2, shrunk(AttemptSize(8, 1), 5, 2, 2).note
     )  # whole TP groups
     # With pipeline stages a replica is tp x pp ranks, and the micro-batches are parallel.microbatches.
-    staged = shrunk(Layout(8, 4), 6, min_np=4, replica=4, key="parallel.microbatches")
+    staged = shrunk(AttemptSize(8, 4), 6, min_np=4, replica=4, key="parallel.microbatches")
     assert (staged.np, staged.accumulation) == (4, 8) and "parallel.microbatches 4 -> 8" in staged.note
-    odd = shrunk(Layout(4, 1), 3, min_np=1, replica=1)
+    odd = shrunk(AttemptSize(4, 1), 3, min_np=1, replica=1)
     assert (odd.np, odd.accumulation) == (3, 1) and "the global batch changes from 4 to 3" in odd.note
     with pytest.raises(InputError, match="fewer than --min-np 2"):
-        shrunk(Layout(4, 1), 1, min_np=2, replica=1)
+        shrunk(AttemptSize(4, 1), 1, min_np=2, replica=1)
     assert [failure_cause(code) for code in (0, 2, 75)] == [None, None, None]
     assert "watchdog" in failure_cause(WATCHDOG_EXIT_CODE) and "SIGKILL" in failure_cause(137)
     assert failure_cause(1) == "a rank failed (the launcher exited 1)"

@@ -17,7 +17,8 @@ from hvdlm.model import GPT
 from hvdlm.optim.replicated import Replicated
 from hvdlm.optim.zero import zero_note
 from hvdlm.parallel.topology import Topology
-from hvdlm.training.memory_account import MB, ActivationMeter, memory_account, state_mb
+from hvdlm.plan.memory import MB, state_mb
+from hvdlm.training.memory_account import ActivationMeter, memory_account
 
 CFG = dict(n_layer=4, n_head=2, d_model=32, seq_len=32, vocab_size=256, dropout=0.1)
 

@@ -152,8 +152,8 @@ def test_every_layout_equals_one_rank_with_its_batch(muon_runs, layout):
 @pytest.mark.distributed
 def test_the_planner_counts_the_tp_ranks_gathers_of_the_matrices(muon_runs):
     cfg = load_config(muon_runs["tp2"] / "config.toml")
-    expected = counts.tp_bytes_per_step(cfg.model, cfg.train.batch_size, 2, optimizer="muon")
-    adamw = counts.tp_bytes_per_step(cfg.model, cfg.train.batch_size, 2)
+    expected = counts.tp_bytes_per_step(counts.Shape(cfg.model, cfg.train.batch_size, 2), optimizer="muon")
+    adamw = counts.tp_bytes_per_step(counts.Shape(cfg.model, cfg.train.batch_size, 2))
     got = {r["tp_bytes_per_step"] for r in rows(muon_runs["tp2"]) if "loss" in r}
     assert got == {expected} and expected > adamw
 

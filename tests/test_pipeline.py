@@ -25,7 +25,7 @@ from hvdlm.config import load_config
 from hvdlm.errors import InputError
 from hvdlm.parallel.split import even_split, stage_layers
 from hvdlm.parallel.topology import (
-    Layout,
+    GridPosition,
     all_dp_groups,
     check_layout,
     dp_group_ranks,
@@ -260,16 +260,18 @@ def test_launch_and_sbatch_refuse_layouts_a_pipeline_cannot_use(tmp_path):
 def test_the_3d_grid_tiles_the_world(pp, dp, tp):
     world = pp * dp * tp
     for r in range(world):
-        lay = Layout(r, world, tp, pp)
+        lay = GridPosition(r, world, tp, pp)
         assert global_rank(lay.pp_rank, lay.dp_rank, lay.tp_rank, dp, tp) == r
         assert lay.tp_ranks == tp_group_ranks(r, tp) and lay.tp_ranks == list(range(r - r % tp, r - r % tp + tp))
         # The rank's DP group holds its stage and shard in every replica; its pipeline every stage of its column.
-        assert [Layout(q, world, tp, pp).dp_rank for q in lay.dp_ranks] == list(range(dp))
-        assert {(Layout(q, world, tp, pp).pp_rank, Layout(q, world, tp, pp).tp_rank) for q in lay.dp_ranks} == {
-            (lay.pp_rank, lay.tp_rank)
+        assert [GridPosition(q, world, tp, pp).dp_rank for q in lay.dp_ranks] == list(range(dp))
+        assert {
+            (GridPosition(q, world, tp, pp).pp_rank, GridPosition(q, world, tp, pp).tp_rank) for q in lay.dp_ranks
+        } == {(lay.pp_rank, lay.tp_rank)}
+        assert [GridPosition(q, world, tp, pp).pp_rank for q in pp_group_ranks(r, world, tp, pp)] == list(range(pp))
+        column = {
+            (GridPosition(q, world, tp, pp).dp_rank, GridPosition(q, world, tp, pp).tp_rank) for q in lay.pp_ranks
         }
-        assert [Layout(q, world, tp, pp).pp_rank for q in pp_group_ranks(r, world, tp, pp)] == list(range(pp))
-        column = {(Layout(q, world, tp, pp).dp_rank, Layout(q, world, tp, pp).tp_rank) for q in lay.pp_ranks}
         assert column == {(lay.dp_rank, lay.tp_rank)}
         assert embedding_group_ranks(r, world, tp, pp) == [lay.pp_ranks[0], lay.pp_ranks[-1]]
     groups = all_dp_groups(world, tp, pp)
@@ -279,7 +281,7 @@ def test_the_3d_grid_tiles_the_world(pp, dp, tp):
 def test_megatron_order_for_pp2_dp2_tp2():
     assert all_dp_groups(8, 2, 2) == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert [pp_group_ranks(r, 8, 2, 2) for r in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    assert dp_group_ranks(5, 8, 2, 2) == [5, 7] and Layout(6, 8, 2, 2).pp_rank == 1
+    assert dp_group_ranks(5, 8, 2, 2) == [5, 7] and GridPosition(6, 8, 2, 2).pp_rank == 1
     with pytest.raises(InputError, match=r"2 x 2 = 4 does not divide the number of ranks \(6\)"):
         check_layout(6, 2, 2)
 

@@ -25,7 +25,7 @@ from hvdlm.model.size import parameter_count
 from hvdlm.plan import counts, memory, timing
 from hvdlm.plan.gpus import gpu
 from hvdlm.plan.layouts import Cluster, Job, one
-from hvdlm.training.memory_account import MB, state_mb
+from hvdlm.plan.memory import MB, state_mb
 
 # Table 1: (parameters in billions, heads, hidden, layers, t, p, GPUs, global batch, TFLOP/s per GPU).
 TABLE_1 = [

@@ -88,7 +88,7 @@ def test_activation_bytes_match_the_meter(recompute, precision, dropout, bias):
     for i, shape in enumerate(SHAPES[:2]):
         cfg = ModelConfig(**dict(shape, dropout=dropout, bias=bias, recompute=recompute))
         batch = 2 + i
-        predicted = counts.activation_bytes(cfg, batch, precision=precision)
+        predicted = counts.activation_bytes(counts.Shape(cfg, batch, precision=precision))
         assert predicted == measured(cfg, batch, precision), (shape, predicted)
 
 
@@ -97,9 +97,8 @@ def test_activation_bytes_of_pipeline_stages(recompute, precision, dropout, bias
     cfg = ModelConfig(**dict(SHAPES[1], n_layer=4, dropout=dropout, bias=bias, recompute=recompute))
     split = stage_layers(cfg.n_layer, 3)
     for stage in range(3):
-        predicted = counts.activation_bytes(
-            cfg, 2, 1, split[stage], first=stage == 0, last=stage == 2, precision=precision
-        )
+        shape = counts.Shape(cfg, 2, 1, split[stage], first=stage == 0, last=stage == 2, precision=precision)
+        predicted = counts.activation_bytes(shape)
         assert predicted == measured(cfg, 2, precision, split, stage), (stage, predicted)
 
 
@@ -114,16 +113,16 @@ def test_tp_bytes_follow_the_benchmark_formula():
         assert counts.tp_analytic_bytes(layers, batch, seq, d, 2) == formula
         assert counts.tp_analytic_bytes(layers, batch, seq, d, 1) == 0
     cfg = ModelConfig(n_layer=4, n_head=4, d_model=64, seq_len=32)
-    one = counts.tp_bytes_per_step(cfg, 2, 2)
-    assert counts.tp_bytes_per_step(cfg, 2, 2, microbatches=3) == 3 * (one - 4) + 4
+    one = counts.tp_bytes_per_step(counts.Shape(cfg, 2, 2))
+    assert counts.tp_bytes_per_step(counts.Shape(cfg, 2, 2), microbatches=3) == 3 * (one - 4) + 4
     # Two stages: the blocks' collectives split between them, the embedding's on the first, the loss's on the last.
-    halves = [counts.tp_bytes_per_step(cfg, 2, 2, 1, 2, first=s == 0, last=s == 1) for s in (0, 1)]
+    halves = [counts.tp_bytes_per_step(counts.Shape(cfg, 2, 2, 2, first=s == 0, last=s == 1)) for s in (0, 1)]
     assert sum(halves) == one + 4
     # Full recompute: the attention output's reduction again (the recomputation stops before the MLP's, unless a
     # dropout mask is saved after it).
-    assert counts.tp_bytes_per_step(cfg, 2, 2, recompute="full") - one == 4 * (2 * 32) * 64 * 4
+    assert counts.tp_bytes_per_step(counts.Shape(cfg, 2, 2, recompute="full")) - one == 4 * (2 * 32) * 64 * 4
     dropout = ModelConfig(n_layer=4, n_head=4, d_model=64, seq_len=32, dropout=0.1)  # its mask comes after the MLP's
-    assert counts.tp_bytes_per_step(dropout, 2, 2, recompute="full") - one == 2 * 4 * (2 * 32) * 64 * 4
+    assert counts.tp_bytes_per_step(counts.Shape(dropout, 2, 2, recompute="full")) - one == 2 * 4 * (2 * 32) * 64 * 4
 
 
 def test_pp_bytes():

@@ -15,8 +15,8 @@ from hvdlm.optim.torch_optimizers import make_optimizer
 from hvdlm.parallel.layers import Sharding, merge, shard
 from hvdlm.parallel.topology import (
     IDLE_CYCLE_MS,
+    GridPosition,
     Group,
-    Layout,
     all_dp_groups,
     check_layout,
     dp_group_ranks,
@@ -54,7 +54,7 @@ def test_groups_tile_the_world(world, tp):
 def test_the_example_of_the_docstring():
     assert [tp_group_ranks(r, 2) for r in range(4)] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert all_dp_groups(4, 2) == [[0, 2], [1, 3]]
-    layout = Layout(rank=3, world=4, tp=2)
+    layout = GridPosition(rank=3, world=4, tp=2)
     assert (layout.tp_rank, layout.dp_rank, layout.dp, layout.dp_ranks) == (1, 1, 2, [1, 3])
 
 

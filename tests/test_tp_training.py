@@ -217,7 +217,7 @@ def test_the_planner_counts_the_tp_bytes_of_every_step(runs):
     """hvdlm.plan.counts (what `hvdlm plan` and bench/plan_check.py build on) against the bytes the TP collectives
     really moved, step by step."""
     cfg = load_config(runs["tp2"] / "config.toml")
-    expected = counts.tp_bytes_per_step(cfg.model, cfg.train.batch_size, 2, precision=cfg.train.precision)
+    expected = counts.tp_bytes_per_step(counts.Shape(cfg.model, cfg.train.batch_size, 2, precision=cfg.train.precision))
     rows = [r for r in metrics(runs["tp2"]) if "loss" in r]
     assert len(rows) == STEPS and {r["tp_bytes_per_step"] for r in rows} == {expected}
     assert {r["pp_bytes_per_step"] for r in rows} == {0}

@@ -77,3 +77,25 @@ def elastic_argv(argv: list[str], script: Path, min_np: int, max_np: int) -> lis
             i += 1
         i += 1
     return out
+
+
+def refuse_unsupported(cfg) -> None:
+    """What elastic cannot carry: layouts that need process sets, and state that is not in its commits."""
+    p, t = cfg.parallel, cfg.train
+    if p.tp > 1 or p.pp > 1:
+        raise InputError(
+            f"--elastic runs data-parallel jobs only, and this one has parallel.tp = {p.tp}, parallel.pp = {p.pp}: "
+            "Horovod's process sets, which tensor and pipeline parallelism need, do not work under elastic (horovod "
+            "issues #3501, #4021). Use --max-restarts N (restarts from checkpoints, on fewer replicas) instead."
+        )
+    unsupported = [
+        ("train.ema_decay", t.ema_decay, "its state is not in elastic's commits"),
+        ("train.local_sgd_interval", t.local_sgd_interval, "its state is not in elastic's commits"),
+        ("train.zero", t.zero, "its optimizer slices are cut for one number of replicas"),
+    ]
+    for key, value, why in unsupported:
+        if value:
+            raise InputError(
+                f"--elastic does not support {key} ({why}). Set it to 0, or use --max-restarts N, which restarts "
+                "from checkpoints that hold the whole state."
+            )

@@ -32,7 +32,7 @@ ACCUMULATION = "train.accumulation_steps"  # a step's micro-batches; with pipeli
 
 
 @dataclass(frozen=True)
-class Layout:
+class AttemptSize:
     """One attempt's ranks and micro-batches per step; `note` says what a shrink changed ("" for none)."""
 
     np: int
@@ -53,11 +53,11 @@ def failure_cause(code: int) -> str | None:
     return f"a rank failed (the launcher exited {code})"
 
 
-def shrunk(launched: Layout, slots: int | None, min_np: int, replica: int, key: str = ACCUMULATION) -> Layout:
-    """The layout of the next attempt when `slots` ranks can run (None: as many as before). `replica`: the ranks of
+def shrunk(launched: AttemptSize, slots: int | None, min_np: int, replica: int, key: str = ACCUMULATION) -> AttemptSize:
+    """The size of the next attempt when `slots` ranks can run (None: as many as before). `replica`: the ranks of
     one model replica (parallel.tp x parallel.pp); `key`: the setting that counts a step's micro-batches."""
     if slots is None or slots >= launched.np:
-        return Layout(launched.np, launched.accumulation)
+        return AttemptSize(launched.np, launched.accumulation)
     np = slots // replica * replica  # whole replicas only: the tensor- and pipeline-parallel layout is kept
     if np < max(min_np, replica):
         raise InputError(
@@ -80,7 +80,7 @@ def shrunk(launched: Layout, slots: int | None, min_np: int, replica: int, key: 
             f"micro-batches), so the global batch changes from {replicas_x_steps} to "
             f"{dp * accumulation} x train.batch_size sequences (the learning rate schedule is unchanged)"
         )
-    return Layout(np, accumulation, note)
+    return AttemptSize(np, accumulation, note)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -98,8 +98,8 @@ class RestartPolicy:
 
 
 def run_with_restarts(
-    attempt: Callable[[Layout, bool], tuple[int, int | None]],
-    first: Layout,
+    attempt: Callable[[AttemptSize, bool], tuple[int, int | None]],
+    first: AttemptSize,
     run_dir: Path,
     policy: RestartPolicy,
     slots: Callable[[], int | None],
@@ -107,11 +107,11 @@ def run_with_restarts(
 ) -> tuple[int, int | None]:
     """Run attempts until one does not fail or the restarts are spent; returns the last (exit code, stop signal).
 
-    `attempt(layout, resume)` runs the launcher once; `slots()` says how many ranks can run now (None: unknown,
+    `attempt(size, resume)` runs the launcher once; `slots()` says how many ranks can run now (None: unknown,
     as many as before)."""
-    layout, restarts = first, 0
+    size, restarts = first, 0
     while True:
-        code, signum = attempt(layout, restarts > 0)
+        code, signum = attempt(size, restarts > 0)
         cause = failure_cause(code)
         if signum is not None or cause is None:
             return code, signum
@@ -123,7 +123,7 @@ def run_with_restarts(
             )
             return code, None
         restarts += 1
-        layout = shrunk(first, slots(), policy.min_np, policy.replica, policy.key)
+        size = shrunk(first, slots(), policy.min_np, policy.replica, policy.key)
         step = newest_step(run_dir)
         record = {
             "restart": restarts,
@@ -131,13 +131,13 @@ def run_with_restarts(
             "cause": cause,
             "exit_code": code,
             "from_step": step,
-            "np": layout.np,
-            policy.key.split(".")[1]: layout.accumulation,
+            "np": size.np,
+            policy.key.split(".")[1]: size.accumulation,
         }
         _append(run_dir / RESTARTS_FILE, record)
         say(
             f"hvdlm launch: {cause}; restart {restarts} of {policy.max_restarts} from the checkpoint of step {step} "
-            f"on {layout.np} rank(s)" + (f" ({layout.note})" if layout.note else "")
+            f"on {size.np} rank(s)" + (f" ({size.note})" if size.note else "")
         )
 
 

@@ -100,7 +100,7 @@ def all_dp_groups(world: int, tp: int, pp: int = 1) -> list[list[int]]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class GridPosition:
     """One rank's coordinates in the grid; pure data, no communicators."""
 
     rank: int
@@ -174,7 +174,7 @@ class Group:
 class Topology:
     """The layout plus the groups; passed explicitly to everything that communicates (no global state)."""
 
-    layout: Layout
+    layout: GridPosition
     tp_group: Group
     dp_group: Group
     dp_process_set: Any  # Horovod: the process set the DistributedOptimizer averages over
@@ -199,10 +199,10 @@ class Topology:
     @classmethod
     def single(cls) -> Topology:
         """One process alone (no Horovod, no MPI): every group of one, nothing ever sent."""
-        return cls(Layout(0, 1, 1), Group.single(), Group.single(), dp_process_set=None)
+        return cls(GridPosition(0, 1, 1), Group.single(), Group.single(), dp_process_set=None)
 
 
-def make_tp_group(layout: Layout, comm: Any) -> Group:
+def make_tp_group(layout: GridPosition, comm: Any) -> Group:
     """The TP group of `layout.rank`, split from `comm` (COMM_WORLD); a group of one needs no communicator."""
     if layout.tp == 1:
         return Group.single()
@@ -249,7 +249,7 @@ def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
         # Horovod: one replica per rank; the DP group is the whole job, i.e. Horovod's global process set.
         jobwide.use_communicator(None)
         hvd.init()
-        layout = Layout(hvd.rank(), hvd.size(), 1)
+        layout = GridPosition(hvd.rank(), hvd.size(), 1)
         # No mpi4py communicator: without TP all traffic is Horovod's, and any launcher (Gloo too) must work.
         dp_group = Group(size=hvd.size(), rank=hvd.rank(), process_set=hvd.global_process_set)
         return Topology(layout, Group.single(), dp_group, hvd.global_process_set)
@@ -258,7 +258,7 @@ def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    layout = Layout(world.Get_rank(), world.Get_size(), tp, pp)
+    layout = GridPosition(world.Get_rank(), world.Get_size(), tp, pp)
     if cycle := horovod_cycle_ms(os.environ.get("HOROVOD_CYCLE_TIME"), layout.dp, quiet_alone):
         os.environ["HOROVOD_CYCLE_TIME"] = cycle  # read by hvd.init
     jobwide.use_communicator(world.Dup())  # its own: no message of it can meet one of the groups'

@@ -20,6 +20,8 @@ L_s the blocks on the rank's stage, V the vocabulary and V_p a rank's rows of th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hvdlm.config import ModelConfig
 from hvdlm.parallel.split import stage_layers
 
@@ -27,6 +29,29 @@ VOCAB_MULTIPLE = 64  # hvdlm.parallel.layers.VOCAB_MULTIPLE: a rank's vocabulary
 FP32 = 4
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # element size of the autocast matmuls' inputs and outputs
 WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 4}  # the pipeline's wire dtype (hvdlm.training.pipeline): bf16 or fp32
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One rank's share of one micro-batch, as activation_bytes and tp_bytes_per_step read it: the model and the
+    micro-batch, where the rank sits in the layout (its TP size, its stage's blocks, whether that stage holds the
+    embeddings and the head), and the choices that change what is saved and sent."""
+
+    model: ModelConfig
+    micro_batch: int  # B, sequences (train.batch_size)
+    tp: int = 1
+    layers: int | None = None  # L_s, the blocks on the rank's stage; None: model.n_layer (one stage)
+    first: bool = True  # the stage holds the embeddings (always with one stage)
+    last: bool = True  # the stage holds the head and the loss (always with one stage)
+    recompute: str | None = None  # None: model.recompute
+    precision: str = "fp32"  # the autocast dtype: "fp32", "bf16" or "fp16"
+
+    def __post_init__(self) -> None:
+        # The model's defaults, filled in once (a frozen dataclass is set through object.__setattr__).
+        if self.layers is None:
+            object.__setattr__(self, "layers", self.model.n_layer)
+        if not self.recompute:
+            object.__setattr__(self, "recompute", self.model.recompute)
 
 
 def vocab_rows_per_rank(vocab_size: int, tp: int) -> int:
@@ -116,21 +141,30 @@ def _attention_bytes(model: ModelConfig, batch: int, tp: int, recompute: str, e:
     return 3 * FP32 * n * s + 3 * FP32 * batch * a * t * t + n * s * e
 
 
-def activation_bytes(
-    model: ModelConfig,
-    micro_batch: int,
-    tp: int = 1,
-    stage_layer_count: int | None = None,
-    first: bool = True,
-    last: bool = True,
-    recompute: str | None = None,
-    precision: str = "fp32",
-    vocab_rows: int | None = None,
-) -> int:
-    """Bytes one micro-batch's forward saves for backward on one rank, as ActivationMeter counts them (each
-    storage once, parameters excluded); torch's CPU kernels (the fused attention without dropout, the math one
-    with it). `recompute` defaults to model.recompute; `stage_layer_count` to model.n_layer; first / last: the
-    rank's stage holds the embeddings / the head and loss (both with pp = 1); precision "fp32" or "bf16".
+def _blocks_bytes(shape: Shape, e: int, branch: int, stream_in: int, stream: int) -> int:
+    """activation_bytes' part for the stage's blocks (see there): element sizes e (compute), branch (the residual
+    branch's), stream_in and stream (the block inputs')."""
+    model, tp, layers = shape.model, shape.tp, shape.layers
+    b, d = shape.micro_batch, model.d_model
+    n, s = b * model.seq_len, d // tp
+    # The block inputs (and so the LayerNorm inputs): the stage's input, then the stream after each residual add.
+    block_inputs = n * d * (stream_in + (layers - 1) * stream) if layers else 0
+    if shape.recompute == "full" or not layers:
+        return block_inputs
+    per_block = 4 * FP32 * n  # the LayerNorms' mean and rstd
+    per_block += 2 * e * n * d + 8 * e * n * s  # LayerNorm outputs (as the matmuls take them), fc and GELU out
+    per_block += _attention_bytes(model, b, tp, shape.recompute, e)
+    if model.dropout > 0:
+        per_block += 2 * branch * n * d  # the residual dropouts' masks
+    if shape.precision != "fp32":
+        per_block += 2 * 12 * d * d // tp  # the bf16 casts of the four weight matrices
+    return block_inputs + layers * n * d * stream + layers * per_block  # with ln_1's and ln_2's inputs
+
+
+def activation_bytes(shape: Shape, vocab_rows: int | None = None) -> int:
+    """Bytes one micro-batch's forward saves for backward on one rank of `shape`, as ActivationMeter counts them
+    (each storage once, parameters excluded); torch's CPU kernels (the fused attention without dropout, the math
+    one with it). `vocab_rows`: the vocabulary used in place of model.vocab_size (as params_per_rank).
 
     With N = B T, s = d / p, e the compute element size (4 fp32, 2 bf16) and r the residual branch's (4, or 2
     with bf16 and no biases: a row-parallel bias is added in fp32 after the reduction), per block:
@@ -151,38 +185,24 @@ def activation_bytes(
     4 bytes (tp = 1; tp > 1: the softmax shard 4 N V_p, local targets 8 N, ownership mask N); under a pipeline
     (a last stage that is not also first) 8 bytes more: the loss times its finiteness factor keeps both.
     """
+    model, tp, precision = shape.model, shape.tp, shape.precision
+    first, last = shape.first, shape.last
     _check_tp(model, tp)
     if precision not in COMPUTE_BYTES:
         raise ValueError(f"precision {precision!r}: expected one of {sorted(COMPUTE_BYTES)}")
-    recompute = recompute or model.recompute
-    layers = model.n_layer if stage_layer_count is None else stage_layer_count
     mixed = precision != "fp32"
     e = COMPUTE_BYTES[precision]
-    b, t, d = micro_batch, model.seq_len, model.d_model
-    n, s = b * t, d // tp
+    b, t, d = shape.micro_batch, model.seq_len, model.d_model
+    n = b * t
     branch, stream_in, stream = _stream_bytes(model, first, precision)
-    total = 0
-    # The block inputs (and so the LayerNorm inputs): the stage's input, then the stream after each residual add.
-    block_inputs = n * d * (stream_in + (layers - 1) * stream) if layers else 0
-    if recompute == "full":
-        total += block_inputs
-    elif layers:
-        total += block_inputs + layers * n * d * stream  # ln_1's and ln_2's inputs
-        per_block = 4 * FP32 * n  # the LayerNorms' mean and rstd
-        per_block += 2 * e * n * d + 8 * e * n * s  # LayerNorm outputs (as the matmuls take them), fc and GELU out
-        per_block += _attention_bytes(model, b, tp, recompute, e)
-        if model.dropout > 0:
-            per_block += 2 * branch * n * d  # the residual dropouts' masks
-        if mixed:
-            per_block += 2 * 12 * d * d // tp  # the bf16 casts of the four weight matrices
-        total += layers * per_block
+    total = _blocks_bytes(shape, e, branch, stream_in, stream)
     rows = vocab_rows_per_rank(vocab_rows or model.vocab_size, tp)
     if first:
         total += 8 * n + 8 * t + (n if tp > 1 else 0)  # token ids (tp > 1: shifted and masked, and the mask), positions
         if model.dropout > 0:
             total += FP32 * n * d  # the embedding dropout's mask
     if last:
-        final_in = stream if layers else stream_in
+        final_in = stream if shape.layers else stream_in
         total += final_in * n * d + 2 * FP32 * n + e * n * d  # final LayerNorm: input, mean and rstd, output
         if mixed:
             total += 2 * rows * d  # the head weight's bf16 cast
@@ -203,19 +223,9 @@ def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b") ->
     return microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
 
 
-def tp_bytes_per_step(
-    model: ModelConfig,
-    micro_batch: int,
-    tp: int,
-    microbatches: int = 1,
-    stage_layer_count: int | None = None,
-    first: bool = True,
-    last: bool = True,
-    recompute: str | None = None,
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-) -> int:
-    """Payload bytes the TP group's collectives count (Group.bytes_moved) on one rank in one optimizer step.
+def tp_bytes_per_step(shape: Shape, microbatches: int = 1, optimizer: str = "adamw") -> int:
+    """Payload bytes the TP group's collectives count (Group.bytes_moved) on one rank of `shape` in one optimizer
+    step of `microbatches` micro-batches.
 
     Per micro-batch, N = B T tokens, L_s blocks: forward, 2 L_s allreduces of the row-parallel outputs, N d
     elements each (in the compute dtype: bf16 under autocast), the embedding's allreduce N d fp32 (first stage)
@@ -229,22 +239,21 @@ def tp_bytes_per_step(
     bench/tp_bytes.py. Muon (hvdlm.training.muon) gathers each block matrix's fp32 update once a step: the rank's
     slice of 12 d^2 per block.
     """
+    model, tp, layers = shape.model, shape.tp, shape.layers
     _check_tp(model, tp)
     if tp == 1:
         return 0
-    recompute = recompute or model.recompute
-    layers = model.n_layer if stage_layer_count is None else stage_layer_count
-    n, d, e = micro_batch * model.seq_len, model.d_model, COMPUTE_BYTES[precision]
-    _, stream_in, stream = _stream_bytes(model, first, precision)
+    n, d, e = shape.micro_batch * model.seq_len, model.d_model, COMPUTE_BYTES[shape.precision]
+    _, stream_in, stream = _stream_bytes(model, shape.first, shape.precision)
     reductions = 2 * layers  # the row-parallel outputs
-    if recompute == "full":  # recomputed: the attention's, and the MLP's when its dropout mask is saved after it
+    if shape.recompute == "full":  # recomputed: the attention's, and the MLP's when its dropout mask is saved after it
         reductions += layers * (2 if model.dropout > 0 else 1)
     per_micro = reductions * n * d * e
     if layers:  # the LayerNorm outputs' gradients (their dtype is their input's: the stream's)
         per_micro += n * d * (stream_in + (2 * layers - 1) * stream)
-    if first:
+    if shape.first:
         per_micro += FP32 * n * d
-    if last:
+    if shape.last:
         per_micro += (stream if layers else stream_in) * n * d + FP32 * 3 * n
     muon = FP32 * 12 * d * d // tp * layers if optimizer == "muon" else 0
     return microbatches * per_micro + FP32 + muon
@@ -269,4 +278,4 @@ def tp_analytic_bytes(n_layer: int, batch: int, seq_len: int, d_model: int, tp: 
     """bench/tp_bytes.py's figure: one micro-batch, fp32, every layer on one stage, no recomputation:
     4 x ((4 L + 2) B T d + 3 B T + 1) bytes for p > 1, 0 for p = 1."""
     cfg = ModelConfig(n_layer=n_layer, n_head=tp, d_model=d_model, seq_len=seq_len)
-    return tp_bytes_per_step(cfg, batch, tp, recompute="none") if tp > 1 else 0
+    return tp_bytes_per_step(Shape(cfg, batch, tp, recompute="none")) if tp > 1 else 0

@@ -18,11 +18,11 @@ else:  # pragma: no cover - Python 3.10
 import tomli_w
 
 from hvdlm.config import load_config
-from hvdlm.plan.layout import Layout
+from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.layouts import Cluster
 
 
-def layout_keys(layout: Layout, cluster: Cluster, precision: str) -> dict[str, Any]:
+def layout_keys(layout: Candidate, cluster: Cluster, precision: str) -> dict[str, Any]:
     """The job keys that carry a layout. Without stages hvdlm's micro-batches are train.accumulation_steps; with
     stages they are parallel.microbatches and accumulation stays 1 (hvdlm.config refuses anything else)."""
     L = layout
@@ -43,7 +43,7 @@ def layout_keys(layout: Layout, cluster: Cluster, precision: str) -> dict[str, A
     }
 
 
-def planned_precision(layout: Layout, precision: str) -> str:
+def planned_precision(layout: Candidate, precision: str) -> str:
     """The plan's peaks and activation sizes are 16-bit: bf16, or the job's fp16 where hvdlm allows it (not with
     tp > 1, pp > 1 or ZeRO, whose per-rank gradient scalers would disagree)."""
     if precision == "fp16" and layout.tp == layout.pp == 1 and not layout.zero:

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
 from hvdlm.errors import InputError
-from hvdlm.parallel.split import stage_layers
 from hvdlm.plan import counts, timing
 from hvdlm.plan import memory as mem
+from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.gpus import Gpu
-from hvdlm.plan.layout import Layout
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO_BUILT = (0, 1, 2)  # the ZeRO stages hvdlm's trainer has (train.zero)
@@ -48,7 +47,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Estimate:
-    layout: Layout
+    layout: Candidate
     memory: mem.Memory
     time: timing.StepTime
     tokens_per_s: float
@@ -105,7 +104,7 @@ def shape_problem(job: Job, cluster: Cluster, tp: int, pp: int) -> tuple[str, st
     return None
 
 
-def problem(job: Job, cluster: Cluster, layout: Layout) -> tuple[str, str] | None:
+def problem(job: Job, cluster: Cluster, layout: Candidate) -> tuple[str, str] | None:
     """Why a layout cannot run at all (the memory aside): (its kind, the reason with the fix); None if it can."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     shape = shape_problem(job, cluster, tp, pp)
@@ -128,39 +127,26 @@ def problem(job: Job, cluster: Cluster, layout: Layout) -> tuple[str, str] | Non
     return None
 
 
-def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
-    """Memory and step time of one layout (which `problem` accepts)."""
+def speeds(cluster: Cluster, layout: Candidate) -> timing.Speeds:
+    """A GPU's rates in this layout: a DP group's ranks are tp apart, a stage's neighbour tp x dp apart, so each
+    crosses nodes once that distance reaches a node (a TP group never does: `problem` refuses it)."""
+    g, per_node = cluster.gpu, cluster.gpus_per_node
+    intra, inter = g.intra_bytes_per_s, g.inter_bytes_per_s
+    dp_link = inter if layout.tp * layout.dp > per_node else intra
+    pp_link = inter if layout.tp * layout.dp >= per_node else intra
+    return timing.Speeds(g.peak_tflops * 1e12 * g.efficiency, intra, pp_link, dp_link)
+
+
+def estimate(job: Job, cluster: Cluster, layout: Candidate) -> Estimate:
+    """Memory and step time of one layout (which `problem` accepts: its GPUs are the cluster's, its global batch
+    the job's)."""
     m, g, L = job.model, cluster.gpu, layout
-    need = mem.memory(
-        m,
-        L,
-        accounting=job.accounting,
-        optimizer=job.optimizer,
-        schedule=job.schedule,
-    )
+    need = mem.memory(m, L, accounting=job.accounting, optimizer=job.optimizer, schedule=job.schedule)
     params = max(counts.params_per_stage(m, L.tp, L.pp))
     # The gradients that are averaged: hvdlm reduces fp32 (bf16 too: README, "GPU path"), the mixed accounting
     # 16-bit gradients.
     grad_bytes = params * (2 if job.accounting == "mixed" else 4)
-    per_node = cluster.gpus_per_node
-    intra, inter = g.intra_bytes_per_s, g.inter_bytes_per_s
-    # A DP group's ranks are tp apart, a stage's neighbour tp x dp apart: on another node once that reaches one.
-    dp_link = inter if L.tp * L.dp > per_node else intra
-    pp_link = inter if L.tp * L.dp >= per_node else intra
-    t = timing.step_time(
-        m,
-        L,
-        global_batch=job.global_batch,
-        gpus=cluster.gpus,
-        stage_layers=max(stage_layers(m.n_layer, L.pp)),
-        imbalance=max(stage_layers(m.n_layer, L.pp)) * L.pp / m.n_layer,
-        grad_bytes=grad_bytes,
-        flops_per_s=g.peak_tflops * 1e12 * g.efficiency,
-        tp_bytes_per_s=intra,
-        pp_bytes_per_s=pp_link,
-        dp_bytes_per_s=dp_link,
-        optimizer=job.optimizer,
-    )
+    t = timing.step_time(m, L, speeds(cluster, L), grad_bytes, job.optimizer)
     tokens = job.global_batch * m.seq_len
     flops = timing.step_flops(m, job.global_batch, L.recompute)
     model_flops = timing.step_flops(m, job.global_batch, "none")
@@ -174,13 +160,7 @@ def estimate(job: Job, cluster: Cluster, layout: Layout) -> Estimate:
         mfu=model_flops / t.total / cluster.gpus / (g.peak_tflops * 1e12),
         fits=need.total <= g.memory_gb * mem.GB,
         pipeline_bytes=2 * L.microbatches * activation if L.pp > 1 else 0.0,
-        tp_bytes=timing.tp_bytes_per_token(m.d_model, L.recompute)
-        * m.seq_len
-        * L.micro_batch
-        * max(stage_layers(m.n_layer, L.pp))
-        * L.microbatches
-        if L.tp > 1
-        else 0.0,
+        tp_bytes=timing.tp_payload(m, L),
     )
 
 
@@ -206,14 +186,14 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
             f"over {dp} replicas (dp = {cluster.gpus} GPUs / (tp {tp} x pp {pp})). Pass --global-batch a multiple "
             f"of {dp * micro_batch}, or another --micro-batch."
         )
-    layout = Layout(tp, pp, dp, zero, recompute, micro_batch, job.global_batch // (dp * micro_batch))
+    layout = Candidate(tp, pp, dp, zero, recompute, micro_batch, job.global_batch // (dp * micro_batch))
     why = problem(job, cluster, layout)
     if why:
         raise InputError(f"this layout cannot run: {why[1]}. Or leave out --tp and --pp to rank the layouts that can.")
     return estimate(job, cluster, layout)
 
 
-def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Layout]:
+def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Candidate]:
     """Every layout of the cluster for the global batch: tp among the divisors of the GPUs (those that split the
     heads), pp up to the layers, each ZeRO stage hvdlm builds, each recomputation, micro-batches
     of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch."""
@@ -228,13 +208,13 @@ def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Layout]:
                     continue
                 for zero in [fixed["zero"]] if fixed.get("zero") is not None else ZERO_BUILT:
                     for rc in [fixed["recompute"]] if fixed.get("recompute") else RECOMPUTE:
-                        out.append(Layout(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
+                        out.append(Candidate(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
     return out
 
 
 @dataclass(frozen=True)
 class Dropped:
-    layout: Layout
+    layout: Candidate
     kind: str  # MEMORY, ACROSS_NODES, BUBBLE or SPLIT
     reason: str
 

@@ -3,10 +3,10 @@ recomputation and pipeline schedule, and an allowance for buffers. Bytes through
 
 Two accountings of the model states, per parameter the rank holds:
 
-- "hvdlm", what hvdlm's trainer holds (hvdlm.training.memory_account.state_mb): fp32 weights and fp32 gradients
-  (bf16 is autocast, the weights stay fp32) and AdamW's two fp32 moments, 4 + 4 + 8 bytes (SGD with momentum:
-  4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2 the gradients
-  too.
+- "hvdlm", what hvdlm's trainer holds (`state_mb`; hvdlm.training.memory_account measures it on the live
+  tensors): fp32 weights and fp32 gradients (bf16 is autocast, the weights stay fp32) and AdamW's two fp32 moments,
+  4 + 4 + 8 bytes (SGD with momentum: 4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2
+  the gradients too.
 - "mixed", the mixed-precision Adam of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp16 weights and
   gradients, and K = 12 bytes of optimizer state (fp32 master weights, momentum, variance): 2 + 2 + 12. Stage 1
   divides the 12 by dp, stage 2 the gradients' 2 as well. Its Figure 1 (7.5B parameters, 64 GPUs) gives
@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from hvdlm.config import ModelConfig
 from hvdlm.parallel.split import stage_layers
 from hvdlm.plan import counts
-from hvdlm.plan.layout import Layout
-from hvdlm.training.memory_account import MB, state_mb
+from hvdlm.plan.candidate import Candidate
 
+MB = 1024**2
 GB = 1e9
+# fp32 moments per parameter: AdamW's two, SGD's momentum. Muon keeps one for the blocks' matrices and AdamW's two
+# for the rest (embeddings, head, vectors): counted as two throughout, an upper bound.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "muon": 8}
 ACCOUNTINGS = ("hvdlm", "mixed")
 MIXED_OPTIMIZER_BYTES = 12  # K of the ZeRO paper: fp32 master weights, momentum and variance
 # Not counted by the formulas: the CUDA context, cuBLAS workspaces and NCCL's buffers (~1 GB on A100 / H100 in
@@ -60,6 +63,17 @@ class Memory:
         return self.model_states + self.activations + self.buffers
 
 
+def state_mb(params: int, optimizer: str, dp: int = 1, zero: int = 0, momentum: bool = True) -> dict[str, float]:
+    """MB per rank for `params` fp32 parameters held by the rank (its TP shard or stage): weights whole, the
+    optimizer state split over the dp replicas with ZeRO-1 (padded to equal slices), the gradients too with ZeRO-2
+    (its slice; the buckets in flight during backward, a few train.zero_bucket_mb, come on top). The trainer's
+    account (hvdlm.training.memory_account) measures the same from the live tensors."""
+    per_param = OPTIMIZER_STATE_BYTES[optimizer] if (optimizer != "sgd" or momentum) else 0
+    held = -(-params // dp) if zero else params
+    grads = held if zero >= 2 else params
+    return {"params_mb": 4 * params / MB, "grads_mb": 4 * grads / MB, "optimizer_mb": per_param * held / MB}
+
+
 def state_bytes(
     params: int, accounting: str, zero: int, dp: int, optimizer: str = "adamw"
 ) -> tuple[float, float, float]:
@@ -84,7 +98,7 @@ def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int, recompute:
 
 def memory(
     m: ModelConfig,
-    layout: Layout,
+    layout: Candidate,
     *,
     accounting: str = "hvdlm",
     optimizer: str = "adamw",

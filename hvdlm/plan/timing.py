@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
-from hvdlm.plan.layout import Layout
+from hvdlm.parallel.split import stage_layers
+from hvdlm.plan.candidate import Candidate
 
 # The share of the data-parallel allreduce that cannot hide behind the backward pass even when the backward is
 # long enough. Horovod starts allreducing a gradient as soon as it is ready, but fuses tensors in cycles and the
@@ -56,6 +57,16 @@ def ring_allreduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
     if ranks <= 1:
         return 0.0
     return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """What one GPU of a layout computes and sends per second, each link as the layout places its group."""
+
+    flops_per_s: float  # achievable: peak x efficiency
+    tp_bytes_per_s: float  # to its TP group (inside a node)
+    pp_bytes_per_s: float  # to the neighbouring stages
+    dp_bytes_per_s: float  # around its DP group's ring
 
 
 @dataclass(frozen=True)
@@ -103,42 +114,42 @@ def tp_bytes_per_token(d_model: int, recompute: str) -> int:
     return d_model * (2 * 2 + 2 * 4 + (2 if recompute == "full" else 0))
 
 
+def fullest_stage(m: ModelConfig, layout: Candidate) -> int:
+    """The blocks on the fullest pipeline stage (hvdlm's even split, the remainder spread): it sets the pace."""
+    return max(stage_layers(m.n_layer, layout.pp))
+
+
+def tp_payload(m: ModelConfig, layout: Candidate) -> int:
+    """Bytes a rank of the fullest stage puts into its TP allreduces in one step (0 without TP)."""
+    per_micro = tp_bytes_per_token(m.d_model, layout.recompute) * m.seq_len * layout.micro_batch
+    return per_micro * fullest_stage(m, layout) * layout.microbatches if layout.tp > 1 else 0
+
+
 def step_time(
-    m: ModelConfig,
-    layout: Layout,
-    *,
-    global_batch: int,
-    gpus: int,
-    stage_layers: int,
-    imbalance: float = 1.0,
-    grad_bytes: float,
-    flops_per_s: float,
-    tp_bytes_per_s: float,
-    pp_bytes_per_s: float,
-    dp_bytes_per_s: float,
-    optimizer: str = "adamw",
+    m: ModelConfig, layout: Candidate, speeds: Speeds, grad_bytes: float, optimizer: str = "adamw"
 ) -> StepTime:
-    """One optimizer step's time on one GPU of the fullest stage (`stage_layers` layers, `grad_bytes` of
-    gradients to average over dp; `imbalance`: its layers over the average stage's, as it sets the pipeline's
-    pace)."""
+    """One optimizer step's time on one GPU of the fullest stage, `grad_bytes` of gradients to average over dp. The
+    layout's GPUs and global batch are its own (tp x pp x dp; micro-batch x micro-batches x dp), and the fullest
+    stage's layers over the average stage's (the imbalance) set the pipeline's pace."""
     tp, pp, dp, zero, recompute = layout.tp, layout.pp, layout.dp, layout.zero, layout.recompute
     micro_batch, microbatches = layout.micro_batch, layout.microbatches
-    compute = step_flops(m, global_batch, recompute) / gpus / flops_per_s * imbalance
+    layers = fullest_stage(m, layout)
+    imbalance = layers * pp / m.n_layer
+    compute = step_flops(m, layout.global_batch, recompute) / layout.gpus / speeds.flops_per_s * imbalance
     activation = m.seq_len * micro_batch * m.d_model * 2  # one 16-bit activation of a micro-batch
-    tp_payload = tp_bytes_per_token(m.d_model, recompute) * m.seq_len * micro_batch * stage_layers * microbatches
-    tp_time = ring_allreduce_s(tp_payload, tp, tp_bytes_per_s)
+    tp_time = ring_allreduce_s(tp_payload(m, layout), tp, speeds.tp_bytes_per_s)
     # 1F1B and GPipe alike: p - 1 micro-batch slots of fill and drain on top of the m slots of work, so the
     # bubble is (p - 1) / m of the work, i.e. (p - 1) / (m + p - 1) of the pipeline's time (Narayanan et al.
     # 2021, section 2.2.1).
     bubble = (compute + tp_time) * (pp - 1) / microbatches
     # Sends overlap compute in the steady state (non-blocking); the fill and drain wait for one per boundary.
-    sends = 2 * (pp - 1) * activation / pp_bytes_per_s if pp > 1 else 0.0
+    sends = 2 * (pp - 1) * activation / speeds.pp_bytes_per_s if pp > 1 else 0.0
     dense, _ = passes(recompute)
     backward = compute / microbatches * (dense - 1) / dense  # the last micro-batch's backward, recomputation in it
-    exposed = dp_exposed_s(grad_bytes, dp, dp_bytes_per_s, backward, zero, microbatches)
+    exposed = dp_exposed_s(grad_bytes, dp, speeds.dp_bytes_per_s, backward, zero, microbatches)
     orthogonalize = 0.0
     if optimizer == "muon":  # every rank orthogonalizes its stage's whole matrices, TP ranks after an allgather
-        gathered = 4 * 12 * m.d_model**2 * stage_layers  # fp32, the allgather's half of an allreduce's traffic
-        orthogonalize = muon_flops_per_layer(m.d_model) * stage_layers / flops_per_s
-        orthogonalize += ring_allreduce_s(gathered, tp, tp_bytes_per_s) / 2
+        gathered = 4 * 12 * m.d_model**2 * layers  # fp32, the allgather's half of an allreduce's traffic
+        orthogonalize = muon_flops_per_layer(m.d_model) * layers / speeds.flops_per_s
+        orthogonalize += ring_allreduce_s(gathered, tp, speeds.tp_bytes_per_s) / 2
     return StepTime(compute, tp_time, bubble, sends, exposed, orthogonalize)

@@ -3,10 +3,11 @@
 - `ActivationMeter` counts the bytes autograd saves for backward during a forward pass
   (torch.autograd.graph.saved_tensors_hooks, on any device): each saved storage once, the parameters not at all;
   its peak is the most held at once, over the micro-batches whose backward has not run yet.
-- `memory_account` reads the live tensors (after the first step, when the optimizer state exists) and, on GPUs,
-  torch.cuda.max_memory_allocated; the trainer logs it at the first step and in every metrics.jsonl row.
-- `state_mb` is the same account of weights, gradients and optimizer state from sizes alone: arithmetic, no
-  torch, for the planner.
+- `memory_account` reads the live tensors (after the first step, when the optimizer state exists; the optimizer
+  reports its own state and buffers) and, on GPUs, torch.cuda.max_memory_allocated; the trainer logs it at the
+  first step and in every metrics.jsonl row.
+
+The same account from sizes alone, for the planner, is hvdlm.plan.memory.state_mb.
 """
 
 from __future__ import annotations
@@ -14,20 +15,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-MB = 1024**2
-# fp32 moments per parameter: AdamW's two, SGD's momentum. Muon keeps one for the blocks' matrices and AdamW's two
-# for the rest (embeddings, head, vectors): counted as two throughout, an upper bound.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "muon": 8}
-
-
-def state_mb(params: int, optimizer: str, dp: int = 1, zero: int = 0, momentum: bool = True) -> dict[str, float]:
-    """MB per rank for `params` fp32 parameters held by the rank (its TP shard or stage): weights whole, the
-    optimizer state split over the dp replicas with ZeRO-1 (padded to equal slices), the gradients too with ZeRO-2
-    (its slice; the buckets in flight during backward, a few train.zero_bucket_mb, come on top)."""
-    per_param = OPTIMIZER_STATE_BYTES[optimizer] if (optimizer != "sgd" or momentum) else 0
-    held = -(-params // dp) if zero else params
-    grads = held if zero >= 2 else params
-    return {"params_mb": 4 * params / MB, "grads_mb": 4 * grads / MB, "optimizer_mb": per_param * held / MB}
+from hvdlm.plan.memory import MB
 
 
 class ActivationMeter:

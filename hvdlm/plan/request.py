@@ -1,0 +1,193 @@
+"""One `hvdlm plan` question and its answer: the checks of the command line, the cluster and the job it names, one
+layout's estimate or every layout ranked, and what to print and write. hvdlm.cli.plan only parses and prints.
+
+Arithmetic and file reading only (the job file), no torch: it answers at once on a login node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvdlm.config import JobConfig, load_config
+from hvdlm.errors import InputError
+from hvdlm.model.size import parameter_count
+from hvdlm.plan import gpus, jobfile, layouts, report
+
+FP32_NOTE = (
+    "note: the job trains in fp32 (train.precision); this plan is for bf16 autocast, the GPU path (--write-job sets "
+    'train.precision = "bf16").'
+)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The command line's question, one field per option (None: from the job file, or the GPU kind's table)."""
+
+    job: str  # the job file
+    gpu_name: str  # a kind of hvdlm.plan.gpus.GPUS, or any name with the four figures below
+    nodes: int | None = None  # slurm.nodes
+    gpus_per_node: int | None = None  # slurm.gpus_per_node
+    gpu_memory_gb: float | None = None
+    peak_tflops: float | None = None
+    intra_node_gbps: float | None = None
+    inter_node_gbps: float | None = None
+    efficiency: float | None = None
+    tp: int | None = None  # with tp or pp: that one layout; else every layout, ranked
+    pp: int | None = None
+    zero: int | None = None
+    recompute: str | None = None
+    micro_batch: int | None = None
+    global_batch: int | None = None  # default: the job's, on this cluster
+    tokens: float | None = None  # the answer says how many days they take
+    accounting: str = "hvdlm"
+    top: int = 10  # ranked text: rows shown
+    as_json: bool = False
+    write_job: str | None = None  # the job file with the (best) layout goes here; '-': standard output
+
+    @property
+    def one_layout(self) -> bool:
+        return self.tp is not None or self.pp is not None
+
+
+@dataclass(frozen=True)
+class PlanAnswer:
+    """What the command prints and writes, in this order: the job file, standard output, the notes."""
+
+    stdout: str  # the JSON object or the text; "" when the job file goes to standard output
+    job_text: str | None  # the job file with the (best) layout, for request.write_job; None: nothing to write
+    notes: list[str]  # lines for standard error
+
+
+def answer(request: PlanRequest) -> PlanAnswer:
+    """The plan for the request: one layout's figures, or every layout ranked with the reasons for the dropped."""
+    _check_write_job(request)
+    cfg = load_config(request.job)
+    cluster = _cluster(request, cfg)
+    job = _planned_job(request, cfg, cluster)
+    params = parameter_count(cfg.model)
+    head = report.summary(job, cluster, params, request.tokens)
+    if request.one_layout:
+        best = _one(request, cfg, job, cluster)
+        text = report.one_text(job, cluster, params, best, request.tokens)
+        answer_json = report.as_json(head, best, request.tokens)
+    else:
+        fitting, dropped = _ranked(request, job, cluster)
+        best = fitting[0]
+        text = report.ranked_text(job, cluster, params, fitting, dropped, request.tokens, request.top)
+        answer_json = report.as_json(head, best, request.tokens, fitting, dropped)
+    job_text = None
+    if request.write_job:
+        job_text = jobfile.job_text(request.job, jobfile.layout_keys(best.layout, cluster, cfg.train.precision))
+    if request.as_json:
+        stdout = json.dumps(answer_json, indent=1) + "\n"
+    else:
+        stdout = "" if request.write_job == "-" else text
+    notes = []
+    if request.write_job and request.write_job != "-":
+        notes.append(f"wrote {request.write_job}: the job with layout {report.layout_words(best)}")
+    if cfg.train.precision == "fp32":
+        notes.append(FP32_NOTE)
+    return PlanAnswer(stdout, job_text, notes)
+
+
+def _check_write_job(request: PlanRequest) -> None:
+    """--write-job never overwrites the job file, and never shares standard output with --json."""
+    write_job, job = request.write_job, request.job
+    if write_job and write_job != "-" and Path(write_job).exists() and Path(job).exists():
+        if os.path.samefile(write_job, job):
+            raise InputError(
+                f"--write-job '{write_job}' is the job file itself; the plan never overwrites its input. Name "
+                "another file, e.g. --write-job planned.toml."
+            )
+    if write_job == "-" and request.as_json:
+        raise InputError("--write-job - and --json would both print to stdout: write the job to a file instead.")
+
+
+def _positive(what: str, value: int | float | None) -> None:
+    if value is not None and not value > 0:
+        raise InputError(f"{what} must be a positive number, got {value}.")
+
+
+def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
+    """The nodes and GPUs of the request, the job's [slurm] filling in what it leaves out; the numbers checked."""
+    r = request
+    nodes = r.nodes if r.nodes is not None else cfg.slurm.nodes
+    per_node = r.gpus_per_node if r.gpus_per_node is not None else cfg.slurm.gpus_per_node
+    for what, value in [
+        ("--nodes", nodes),
+        ("--gpus-per-node", per_node),
+        ("--tp", r.tp),
+        ("--pp", r.pp),
+        ("--micro-batch", r.micro_batch),
+        ("--global-batch", r.global_batch),
+        ("--tokens", r.tokens),
+        ("--top", r.top),
+    ]:
+        _positive(what, value)
+    if not per_node:
+        raise InputError("the job has no GPUs per node (slurm.gpus_per_node = 0). Pass --gpus-per-node.")
+    gpu = gpus.gpu(
+        r.gpu_name,
+        memory_gb=r.gpu_memory_gb,
+        peak_tflops=r.peak_tflops,
+        intra_node_gbps=r.intra_node_gbps,
+        inter_node_gbps=r.inter_node_gbps,
+        efficiency=r.efficiency,
+    )
+    return layouts.Cluster(nodes, per_node, gpu)
+
+
+def _planned_job(request: PlanRequest, cfg: JobConfig, cluster: layouts.Cluster) -> layouts.Job:
+    return layouts.Job(
+        model=cfg.model,
+        global_batch=request.global_batch or _default_global_batch(cfg, cluster.gpus),
+        optimizer=cfg.train.optimizer,
+        schedule=cfg.parallel.schedule,
+        accounting=request.accounting,
+    )
+
+
+def _default_global_batch(cfg: JobConfig, gpu_count: int) -> int:
+    """The job's batch per replica (batch_size x its micro-batches) times the replicas its own tp and pp give on
+    this cluster."""
+    p, t = cfg.parallel, cfg.train
+    per_replica = t.batch_size * (p.microbatches if p.pp > 1 else t.accumulation_steps)
+    if gpu_count % (p.tp * p.pp):
+        raise InputError(
+            f"the job's parallel.tp {p.tp} x parallel.pp {p.pp} does not divide the cluster's {gpu_count} GPUs, so "
+            "its global batch on this cluster is undefined. Pass --global-batch (sequences per optimizer step)."
+        )
+    return per_replica * gpu_count // (p.tp * p.pp)
+
+
+def _one(request: PlanRequest, cfg: JobConfig, job: layouts.Job, cluster: layouts.Cluster) -> layouts.Estimate:
+    """The layout of --tp / --pp, the job file giving whatever the command line leaves out."""
+    r = request
+    return layouts.one(
+        job,
+        cluster,
+        tp=r.tp or cfg.parallel.tp,
+        pp=r.pp or cfg.parallel.pp,
+        zero=r.zero if r.zero is not None else cfg.train.zero,
+        recompute=r.recompute or cfg.model.recompute,
+        micro_batch=r.micro_batch or cfg.train.batch_size,
+    )
+
+
+def _ranked(
+    request: PlanRequest, job: layouts.Job, cluster: layouts.Cluster
+) -> tuple[list[layouts.Estimate], list[layouts.Dropped]]:
+    """Every layout of the cluster (those the command line pins fixed), ranked; none fitting is an InputError."""
+    fixed = {"zero": request.zero, "recompute": request.recompute, "micro_batch": request.micro_batch}
+    fitting, dropped = layouts.rank(job, cluster, fixed)
+    if not fitting:
+        kinds = sorted({d.kind for d in dropped}) or ["no layout splits the global batch"]
+        raise InputError(
+            f"no layout of {cluster.gpus} {cluster.gpu.name} GPUs runs this job (dropped: {', '.join(kinds)}). Use "
+            "more nodes or GPUs with more memory, another --global-batch, or pass --tp/--pp to see one layout's "
+            "figures."
+        )
+    return fitting, dropped
