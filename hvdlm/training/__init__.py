@@ -15,5 +15,6 @@ Nothing is imported here: `hvdlm.training.preemption` is read by the CLI, which 
 - profiling: torch.profiler over chosen steps;
 - preemption: the stop vote on a signal;
 - watchdog: ending a job that makes no progress;
+- outcome: how the run ended, in status.json (rank 0's, and the watchdog's);
 - elastic: Horovod elastic's steps and resets.
 """

@@ -7,8 +7,9 @@ position. When a worker dies the others' collectives fail (HorovodInternalError)
 commit, rebuilds its ring from the workers left (the failed host is blacklisted by horovodrun), and calls
 `on_reset` below, which rebuilds what depends on the number of workers: the topology, the samplers (the same
 global order, the same position: hvdlm.data.sampler), the stop vote, rank 0's log (which cuts metrics.jsonl back
-to the commit, so every step is logged once). Then rank 0's state is broadcast and the steps go on. The global
-batch is batch_size x workers: it shrinks with the workers (accumulation is not raised here).
+to the commit, so every step is logged once) and status.json (naming the process that is rank 0 now). Then rank
+0's state is broadcast and the steps go on. The global batch is batch_size x workers: it shrinks with the workers
+(accumulation is not raised here).
 
 Limits (refused by the launcher or below): tensor parallelism (Horovod process sets under elastic are unsupported,
 horovod issues #3501, #4021), the EMA and local SGD (their state is not in the commit). Horovod can deadlock when
@@ -47,6 +48,7 @@ def run_steps(trainer, watchdog, run_step: Callable) -> None:
         # Rank 0 (perhaps another process than before) cuts metrics.jsonl back to the commit and logs on.
         trainer.logger = RunLogger(trainer.run_dir, t.max_steps, hvd.rank() == 0, t.tensorboard, state.step)
         watchdog.attach(trainer.run_dir, hvd.rank(), hvd.size(), state.step)
+        trainer.status.start(trainer.run_dir, hvd.rank() == 0, state.step)  # rank 0 may be another process now
         trainer.logger.info(f"elastic: {hvd.size()} worker(s) now; going on from the commit of step {state.step}")
 
     state.register_reset_callbacks([on_reset])

@@ -49,6 +49,11 @@ def stop_exit_code() -> int:
     return 128 + int(_received)
 
 
+def received_signal() -> str | None:
+    """The name of the stop signal this process received (SIGTERM, ...), None if none (another rank got one)."""
+    return signal.Signals(_received).name if _received else None
+
+
 class Stop(IntEnum):
     """Why the ranks stop early; the vote keeps the largest, so the more serious reason wins."""
 
@@ -85,7 +90,7 @@ class StopVote:
 
     @property
     def signal_name(self) -> str | None:
-        return signal.Signals(_received).name if _received else None
+        return received_signal()
 
     def start(self) -> None:
         """Send this rank's reason for the coming step."""

@@ -57,6 +57,7 @@ from hvdlm.training.memory import check_model_fits
 from hvdlm.training.memory_account import ActivationMeter, memory_account
 from hvdlm.training.memory_account import describe as describe_memory
 from hvdlm.training.metrics import RunLogger
+from hvdlm.training.outcome import RunStatus
 from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
@@ -68,16 +69,27 @@ from hvdlm.units import format_count
 
 
 def train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None = None) -> Path:
-    """Train to cfg.train.max_steps; returns the run directory. `resume`: "auto" or a checkpoint to continue."""
+    """Train to cfg.train.max_steps; returns the run directory. `resume`: "auto" or a checkpoint to continue.
+
+    However the run ends, rank 0 says how in RUN_DIR/status.json (once setup has prepared the directory: bad input
+    found before leaves nothing behind)."""
     watchdog = start_watchdog(cfg.train)  # before setup: hvd.init reads the stall inspector's settings
+    status = RunStatus()
     try:
-        return _train(cfg, job_name, run_dir, resume, watchdog)
+        path = _train(cfg, job_name, run_dir, resume, watchdog, status)
+    except BaseException as error:
+        status.end(error, watchdog.steps_done())
+        raise
     finally:
         watchdog.stop()
+    status.end(None, cfg.train.max_steps)
+    return path
 
 
-def _train(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None, watchdog: Watchdog) -> Path:
-    trainer = setup(cfg, job_name, run_dir, resume)
+def _train(
+    cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None, watchdog: Watchdog, status: RunStatus
+) -> Path:
+    trainer = setup(cfg, job_name, run_dir, resume, status)
     watchdog.attach(trainer.run_dir, hvd.rank(), hvd.size(), trainer.first_step)
     if resume is not None and trainer.first_step == cfg.train.max_steps:
         trainer.logger.info(
@@ -184,6 +196,7 @@ class Trainer:
     skips_on_device: bool = False
     pending: StepOutcome | None = None
     step_bytes: dict = field(default_factory=dict)  # payload bytes of the last step's TP and pipeline collectives
+    status: RunStatus = field(default_factory=RunStatus)  # rank 0's status.json (hvdlm.training.outcome)
 
     def __post_init__(self) -> None:
         self.vote = StopVote(hvd.size())
@@ -487,8 +500,11 @@ class Trainer:
 # -- setup -----------------------------------------------------------------------------------------------------
 
 
-def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None) -> Trainer:
-    """Build one rank's run. Bad input (on any rank) is every rank's error, found before anything is written."""
+def setup(
+    cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None, status: RunStatus | None = None
+) -> Trainer:
+    """Build one rank's run. Bad input (on any rank) is every rank's error, found before anything is written.
+    `status` records the run from the moment its directory is prepared."""
     t = cfg.train
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
@@ -511,6 +527,8 @@ def setup(cfg: JobConfig, job_name: str, run_dir: str | None, resume: str | None
         trainer.first_step = _restore(trainer, start)
     resume_step = trainer.first_step if resume is not None else None  # 0: resumed, but nothing to resume yet
     prepare_run_dir(start, cfg.to_toml(), resume_step)
+    trainer.status = status or RunStatus()
+    trainer.status.start(start.run_dir, hvd.rank() == 0, trainer.first_step)
     trainer.logger = RunLogger(
         start.run_dir, t.max_steps, enabled=hvd.rank() == 0, tensorboard=t.tensorboard, resume_step=resume_step
     )

@@ -16,6 +16,9 @@ until the time limit, with no first error to read. How it works:
   it); a fresh one at an earlier step is a rank that runs but is stuck elsewhere. The run directory is on a file
   system all nodes share (as checkpoints assume), and a file per rank needs no communication that could itself
   hang.
+- Before it ends the process, the firing rank writes how the run ended into RUN_DIR/status.json (exit code 124,
+  the step and phase, the newest checkpoint: hvdlm.training.outcome), which `hvdlm runs` reads; the heartbeats
+  also tell it whether a run on another node still runs (each holds how often it is written).
 - A backstop for a main thread that holds the GIL inside C code (the watchdog thread could then not run):
   faulthandler.dump_traceback_later, re-armed by the thread at every tick, dumps every stack and exits (code 1,
   faulthandler's) WATCHDOG_BACKSTOP_S after the allowance.
@@ -36,7 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-from hvdlm.runfiles import HEARTBEAT_DIR, WATCHDOG_EXIT_CODE
+from hvdlm.runfiles import FAILED, HEARTBEAT_DIR, WATCHDOG_EXIT_CODE, process_start, steps_done
+from hvdlm.training.outcome import record_end
 
 WATCHDOG_BACKSTOP_S = 30.0
 # train.watchdog_s = -1: by device. A GPU step of a large model takes seconds, a CPU step can take a minute.
@@ -84,6 +88,7 @@ class Watchdog:
         # Heartbeats every tick for short limits (tests), every limit / 20 for long ones: a thousand ranks writing
         # a file each second would load a parallel file system's metadata server for nothing.
         self.heartbeat_every = max(self.tick, limit_s / 20)
+        self._process_start = process_start(os.getpid())  # with the pid in a heartbeat: tells a reused pid apart
         if limit_s > 0:
             self._thread = threading.Thread(target=self._watch, name="hvdlm-watchdog", daemon=True)
             self._thread.start()
@@ -103,6 +108,10 @@ class Watchdog:
             self.heartbeats = Path(run_dir) / HEARTBEAT_DIR
             self.heartbeats.mkdir(parents=True, exist_ok=True)
             self._write_heartbeat(*self._beat[:2])  # at once: a short run may end before the thread's first tick
+
+    def steps_done(self) -> int | None:
+        """The steps complete at the last beat (None: still setting up)."""
+        return steps_done(*self._beat[:2])
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -134,7 +143,9 @@ class Watchdog:
         if self.heartbeats is None:
             return False
         beat = {"rank": self.rank, "step": step, "phase": phase, "time": time.time(), "pid": os.getpid()}
-        beat["host"] = socket.gethostname()
+        # Who wrote it and how often: `hvdlm runs` asks a process on its own host whether it still runs, and
+        # judges the others by the heartbeat's age.
+        beat.update(host=socket.gethostname(), process_start=self._process_start, every=self.heartbeat_every)
         path = self.heartbeats / f"rank-{self.rank}.json"
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -164,6 +175,11 @@ class Watchdog:
             sys.stderr.flush()
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
+            if self.heartbeats is not None:  # the run directory is known: say how the run ended (after the report,
+                # which matters more should the file system be what hangs; the backstop ends a stuck write)
+                said = " ".join(line.removeprefix("hvdlm watchdog: ") for line in (lines[0], lines[-2]))
+                cause = f"the watchdog: {said}"  # what happened, and which rank stalled
+                record_end(self.heartbeats.parent, FAILED, steps_done(phase, step), WATCHDOG_EXIT_CODE, cause)
         finally:
             os._exit(WATCHDOG_EXIT_CODE)
 
