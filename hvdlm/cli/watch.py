@@ -78,13 +78,16 @@ def generate(
     type=click.FloatRange(min=0, min_open=True),
     default=10,
     show_default=True,
-    help="A run that wrote a file within this many minutes counts as running.",
+    help="Where nothing else tells (no status.json or heartbeat to check), a run that wrote a file within this many "
+    "minutes counts as running.",
 )
 def runs(root: str, as_json: bool, active_minutes: float) -> None:
     """List the runs under ROOT (default: runs/) with their state, progress, losses and newest checkpoint.
 
-    States: finished (summary.json covers train.max_steps), running (wrote within --active-minutes), preempted
-    (stopped at its newest checkpoint: `--resume auto` continues it), failed (anything else).
+    States: finished (summary.json covers train.max_steps), running (its process runs; its heartbeats are fresh),
+    preempted (stopped at a checkpoint of the step where it stopped: `--resume auto` loses nothing), failed (bad
+    input, the watchdog, an exception, killed, or stopped behind its newest checkpoint: the line under the table
+    says how, with the exit code). How a run ended is in its status.json.
     """
     from hvdlm.watch.runs import list_runs, render_json, render_table
 

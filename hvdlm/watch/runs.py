@@ -6,16 +6,25 @@ from its end, checkpoints found by their names (hvdlm.checkpoint.store, which im
 A run's state, from its files (the first rule that applies):
 
     finished   summary.json is there and covers train.max_steps (a run resumed with more steps is not finished)
-    running    a file of the run (metrics.jsonl, config.toml, a checkpoint) changed in the last --active-minutes
-    preempted  stopped at a checkpoint: the newest complete one is at or after the last logged step (a preemption,
-               Ctrl-C or a time limit); `hvdlm train ... --resume auto` continues it losing nothing
-    failed     anything else: no checkpoint, or steps logged after the newest one (it died between saves)
+    ended      status.json (hvdlm.runfiles) says how the run ended, with its exit code, cause and step:
+                 preempted  it stopped at a checkpoint (a preemption signal, Ctrl-C) and that checkpoint, at the
+                            step where it stopped, is the newest: `hvdlm train ... --resume auto` loses nothing
+                 failed     it failed (bad input, the watchdog, an exception), or stopped behind its newest checkpoint
+    running    its process runs: rank 0's process named in status.json (or a rank's in its heartbeat) when it is on
+               this host; otherwise a heartbeat fresher than a few of its intervals (heartbeats/: the watchdog's);
+               only when neither is there (a run from before status.json, the watchdog off, another host), a file
+               of the run changed in the last --active-minutes
+    failed     it is gone without saying how it ended (status.json still says running: killed by SIGKILL, out of
+               memory, its node lost)
+    preempted  a run without status.json whose newest complete checkpoint is at or after the step it stopped at
+               (the last logged step, or its heartbeats' step where that is later); failed otherwise
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +38,28 @@ else:  # pragma: no cover - Python 3.10
 
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.errors import InputError
-from hvdlm.runfiles import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from hvdlm.runfiles import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FAILED,
+    FINISHED,
+    HEARTBEAT_DIR,
+    METRICS_FILE,
+    PREEMPTED,
+    RUNNING,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    process_start,
+    read_status,
+    steps_done,
+)
 from hvdlm.units import format_count
 
 _RUN_FILES = (CONFIG_FILE, METRICS_FILE)  # either makes a directory a run directory
 _TAIL_BLOCK = 64 << 10  # metrics.jsonl is read backwards in blocks of this size, until both last rows are found
+# A heartbeat is stale (its process is gone or stopped) after this many of its intervals, plus a margin for clocks
+# that differ between nodes and for a shared file system's delays in showing a new file.
+_STALE_BEATS, _STALE_MARGIN_S = 3, 30.0
 
 
 @dataclass
@@ -52,6 +78,11 @@ class RunInfo:
     checkpoint_step: int | None
     updated: float | None  # when a file of the run last changed (seconds since the epoch)
     note: str | None = None  # something unreadable, e.g. a damaged config.toml
+    exit_code: int | None = None  # how it ended (status.json); None while it runs, or where nothing says
+    cause: str | None = None  # why it ended so (status.json), or why it counts as failed
+    stopped_step: int | None = None  # the steps complete where it stopped (can be past `step`, the last logged)
+    host: str | None = None  # where rank 0 runs or ran (status.json)
+    pid: int | None = None  # rank 0's process there
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -84,7 +115,6 @@ def run_info(path: Path, active_seconds: float, now: float) -> RunInfo:
     max_steps, note = _max_steps(path)
     last, train, val = _last_rows(path / METRICS_FILE)
     saved = _newest_checkpoint(path)
-    updated = _last_change(path)
     info = RunInfo(
         name=path.resolve().name,
         path=str(path),
@@ -96,22 +126,103 @@ def run_info(path: Path, active_seconds: float, now: float) -> RunInfo:
         tokens_per_s=_number(train, "tokens_per_s"),
         checkpoint=str(saved.paths[0]) if saved else None,
         checkpoint_step=saved.step if saved else None,
-        updated=updated,
+        updated=_last_change(path),
         note=note,
     )
-    info.state = _state(info, _summary_steps(path), active_seconds, now)
+    info.state = _state(info, path, active_seconds, now)
     return info
 
 
-def _state(info: RunInfo, summary_steps: int | None, active_seconds: float, now: float) -> str:
+def _state(info: RunInfo, path: Path, active_seconds: float, now: float) -> str:
     """The rules of the module docstring, in order."""
+    record = read_status(path)
+    if record is not None:
+        info.host, info.pid = _text(record, "host"), _integer(record, "pid")
+    summary_steps = _summary_steps(path)
     if summary_steps is not None and (info.max_steps is None or summary_steps >= info.max_steps):
-        return "finished"
-    if info.updated is not None and now - info.updated <= active_seconds:
-        return "running"
-    if info.checkpoint_step is not None and info.checkpoint_step >= (info.step or 0):
-        return "preempted"
-    return "failed"
+        return FINISHED
+    if record is not None and record["state"] != RUNNING:
+        return _ended(info, record)
+    beats = _heartbeats(path, record)
+    if _alive(record, beats, info.updated, active_seconds, now):
+        return RUNNING
+    return _gone(info, record, beats)
+
+
+def _ended(info: RunInfo, record: dict) -> str:
+    """The state of a run whose status.json says how it ended."""
+    stopped = info.stopped_step = _integer(record, "step")
+    info.exit_code, info.cause = _integer(record, "exit_code"), _text(record, "cause")
+    if record["state"] == FAILED:
+        return FAILED
+    if record["state"] == FINISHED and stopped is not None and info.max_steps is not None and stopped >= info.max_steps:
+        return FINISHED  # (its summary.json is gone)
+    # Stopped at a checkpoint (finished: a run whose train.max_steps has grown since): resumable without a loss
+    # only while that checkpoint is still the newest.
+    if stopped is not None and info.checkpoint_step is not None and info.checkpoint_step >= stopped:
+        return PREEMPTED
+    behind = "no checkpoint is left" if info.checkpoint_step is None else "its newest checkpoint is behind it"
+    info.cause = f"{info.cause or record['state']}; but {behind}"
+    return FAILED
+
+
+def _alive(record: dict | None, beats: list[dict], updated: float | None, active_seconds: float, now: float) -> bool:
+    """Whether the run's processes still run: asked of the system where they are on this host, judged by their
+    heartbeats' age where they are elsewhere, by the files' age where nothing else tells."""
+    here = socket.gethostname()
+    local = [r for r in ([record] if record else []) + beats if r.get("host") == here and _integer(r, "pid")]
+    if local:
+        return any(_process_runs(r["pid"], r.get("process_start")) for r in local)
+    if beats:
+        return any(now - b["time"] <= _STALE_BEATS * (_number(b, "every") or 0) + _STALE_MARGIN_S for b in beats)
+    return updated is not None and now - updated <= active_seconds
+
+
+def _process_runs(pid: int, started: int | None) -> bool:
+    """Whether process `pid` runs, and is the one that started at `started` (not a reuse of its pid)."""
+    now_started = process_start(pid)
+    if now_started is not None and started is not None:
+        return now_started == started
+    if Path("/proc/self/stat").exists():  # /proc is there, and has no live process of this pid
+        return now_started is not None
+    try:  # no /proc (not Linux): whether a process of that pid exists at all
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _gone(info: RunInfo, record: dict | None, beats: list[dict]) -> str:
+    """The state of a run that no longer runs and did not say how it ended."""
+    beaten = [steps_done(b.get("phase", ""), _integer(b, "step")) for b in beats]
+    info.stopped_step = max((s for s in [info.step, *beaten] if s is not None), default=None)
+    if record is not None:  # it recorded its start, and ended before it could record its end
+        where = f" (pid {info.pid} on {info.host})" if info.pid else ""
+        info.cause = (
+            f"its process{where} is gone without saying how it ended: killed (SIGKILL, out of memory) or its node "
+            "was lost"
+        )
+        return FAILED
+    if info.checkpoint_step is not None and info.checkpoint_step >= (info.stopped_step or 0):
+        return PREEMPTED
+    return FAILED
+
+
+def _heartbeats(path: Path, record: dict | None) -> list[dict]:
+    """The ranks' heartbeats (hvdlm.training.watchdog) of the attempt status.json names (beats older than its
+    start, less a margin for clocks, are an earlier attempt's)."""
+    since = record["time"] - _STALE_MARGIN_S if record and isinstance(record.get("time"), (int, float)) else 0
+    beats = []
+    for p in (path / HEARTBEAT_DIR).glob("rank-*.json"):
+        try:
+            beat = json.loads(p.read_text())
+        except (OSError, ValueError):  # being replaced, or torn
+            continue
+        if isinstance(beat, dict) and isinstance(beat.get("time"), (int, float)) and beat["time"] >= since:
+            beats.append(beat)
+    return beats
 
 
 def _max_steps(path: Path) -> tuple[int | None, str | None]:
@@ -178,6 +289,16 @@ def _parse(line: bytes) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def _integer(row: dict, key: str) -> int | None:
+    value = row.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    return value if isinstance(value, str) else None
+
+
 def _number(row: dict | None, key: str) -> Any:
     value = (row or {}).get(key)
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -193,7 +314,7 @@ def _newest_checkpoint(path: Path):
 
 def _last_change(path: Path) -> float | None:
     """When the run last wrote: its metrics, its config, or a checkpoint (also a save in progress)."""
-    candidates = [path / name for name in (*_RUN_FILES, SUMMARY_FILE)]
+    candidates = [path / name for name in (*_RUN_FILES, SUMMARY_FILE, STATUS_FILE)]
     checkpoints = path / CHECKPOINT_DIR
     if checkpoints.is_dir():
         candidates += list(checkpoints.glob("*step-*"))
@@ -222,7 +343,23 @@ def render_table(runs: list[RunInfo], now: float | None = None) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines += [f"{r.name}: {r.note}" for r in runs if r.note]
+    lines += [_failure(r) for r in runs if r.state == FAILED]
     return "\n".join(lines)
+
+
+def _failure(r: RunInfo) -> str:
+    """One line under the table for a failed run: where and how it ended, and what a resume would redo."""
+    where = "" if r.stopped_step is None else f" at step {r.stopped_step}"
+    code = "" if r.exit_code is None else f" (exit {r.exit_code})"
+    cause = "" if r.cause is None else f": {' '.join(r.cause.split())}"
+    if r.checkpoint_step is None:
+        resume = "no checkpoint, so --resume auto starts over"
+    elif r.stopped_step is not None and r.stopped_step > r.checkpoint_step:
+        lost = r.stopped_step - r.checkpoint_step
+        resume = f"--resume auto goes back to its checkpoint of step {r.checkpoint_step} ({lost} step(s) redone)"
+    else:
+        resume = f"--resume auto continues from its checkpoint of step {r.checkpoint_step}"
+    return f"{r.name}: failed{where}{code}{cause}; {resume}"
 
 
 def _cells(r: RunInfo, now: float) -> tuple[str, ...]:
