@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import pytest
 import torch
@@ -244,3 +245,37 @@ def test_reading_training_text_reports_its_progress():
     texts = ["a" * 2000, "b" * 3000]
     assert list(_reporting_progress(iter(texts), said.append, every_s=0.0)) == texts
     assert said == ["  ... 2,000 characters of training text read", "  ... 5,000 characters of training text read"]
+
+
+PARAGRAPH = "A paragraph of a book, {i}: it runs on for a while,\nover two lines.\n"
+
+
+@pytest.mark.parametrize(
+    "text, cut_at",
+    [
+        ("\n\n".join(PARAGRAPH.format(i=i) * (1 + i % 3) for i in range(120)), "at a blank line"),
+        ("".join(f"a log line without blank lines between them, number {i}\n" for i in range(400)), "at a line end"),
+        ("".join(f"word{i} " for i in range(2000)), "at a fixed length"),  # no line end anywhere
+    ],
+    ids=["paragraphs", "lines", "one-line"],
+)
+def test_one_text_file_is_a_corpus_cut_into_documents(hvdlm, tmp_path, text, cut_at):
+    """A corpus of one text file (a book, a log) is cut into documents, as the train / validation split needs, at
+    blank lines, else at line ends, else at fixed lengths, and the report says so. The documents are the file's
+    text in order, the cut blank lines and line ends (white space) left out between them."""
+    (tmp_path / "book.txt").write_text(text)
+    out = tmp_path / "ds"
+    r = hvdlm("data", "prepare", str(tmp_path / "book.txt"), "--out", str(out))
+    assert r.code == 0, r.out
+    m = re.search(r"cut +the corpus is one text file: book.txt was cut into (\d+) documents \(([^)]*)\)", r.out)
+    assert m and int(m[1]) >= 2 and cut_at in m[2], r.out
+    ds = open_dataset(out)
+    assert len(list(ds.train.documents())) >= 1 and len(list(ds.val.documents())) >= 1
+    docs = sorted(texts_of(out), key=text.index)
+    assert len(docs) == int(m[1])
+    at = 0
+    for doc in docs:
+        start = text.index(doc, at)
+        assert not text[at:start].strip(), f"text between documents left out: {text[at:start]!r}"
+        at = start + len(doc)
+    assert not text[at:].strip()

@@ -61,7 +61,8 @@ def prepare(
 
     SOURCES are text files, directories (searched with --glob), JSON Lines files (.jsonl / .ndjson, one document
     per record), any of them gzip-compressed (.gz), or 'stdlib' for the running Python's standard-library
-    sources (the default). Running it again on unchanged inputs does nothing.
+    sources (the default). A single text file is cut into documents (at blank lines where it can), as the
+    train / validation split is by document. Running it again on unchanged inputs does nothing.
     """
     _refuse_ignored_vocab_size(tokenizer, vocab_size)
     from hvdlm.data.prepare import PrepareOptions

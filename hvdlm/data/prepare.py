@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +36,9 @@ from hvdlm.data.meta import (
 )
 from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, token_dtype
 from hvdlm.data.sources import (
+    END,
     LENIENT_REASONS,
+    MIN_PART_CHARS,
     InputFile,
     SkipReport,
     fingerprint_inputs,
@@ -116,6 +119,7 @@ class PrepareReport:
     bpe_seconds: float = 0.0
     vocab_size: int = 0  # the tokenizer's
     requested_vocab: int = 0  # --vocab-size (BPE): a small corpus runs out of merges before it
+    cut: str | None = None  # how a corpus of one text file was cut into documents
 
     def warnings(self) -> list[str]:
         if self.vocab_size < self.requested_vocab:
@@ -137,6 +141,7 @@ class PrepareReport:
         lines = [
             f"prepared {self.path} in {self.seconds:.1f} s",
             f"  documents  {docs:,} (train {self.documents['train']:,}, val {self.documents['val']:,})",
+            *([f"  cut        {self.cut}"] if self.cut else []),
             f"  skipped    {skipped}",
             f"  bytes      {self.bytes:,} ({format_count(self.bytes)}B, {format_count(self.bytes / secs)}B/s)",
             f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), "
@@ -347,13 +352,26 @@ def _check_split(result: _Tokenized, input_files: int) -> dict[str, str]:
         )
     if docs == 1:
         raise InputError(
-            "the sources hold a single document, and the train / validation split is by document. Pass at least "
-            "two documents (for example, split the text into several files)."
+            "the sources hold a single document, and the train / validation split is by document (a corpus of one "
+            f"text file is cut into documents when it holds at least {2 * MIN_PART_CHARS} characters). Pass more "
+            "text, or at least two documents."
         )
     if result.writers["val"].documents and result.writers["train"].documents:
         return {}
     # A small corpus can hash every document into one split: move the one nearest the threshold across.
     return {result.lowest: "val"} if not result.writers["val"].documents else {result.highest: "train"}
+
+
+def _describe_cut(files: list[InputFile], cuts: Counter) -> str | None:
+    """What was done to a corpus of one text file, for the report (None: nothing; every file is a document)."""
+    parts = sum(cuts.values())
+    if parts < 2:
+        return None
+    places = ", ".join(f"{n} at {where}" for where, n in cuts.items() if where != END)
+    return (
+        f"the corpus is one text file: {files[0].name} was cut into {parts} documents ({places}), as the train / "
+        "validation split is by document"
+    )
 
 
 def _write_meta(staging: Path, tokenizer, result: _Tokenized, inputs: _Inputs, options: PrepareOptions) -> dict:
@@ -372,6 +390,7 @@ def _write_meta(staging: Path, tokenizer, result: _Tokenized, inputs: _Inputs, o
         "skipped": dict(result.skipped.counts),
         "sources": list(inputs.sources) or ["stdlib"],
         "input_files": len(inputs.files),
+        "cut": _describe_cut(inputs.files, result.cuts),
         "options": options.shaping(),
         "content_hash": "sha256:" + result.content_hash,
         "inputs_fingerprint": inputs.fingerprint,
@@ -395,6 +414,7 @@ class _Tokenized:
     content_hash: str
     lowest: str  # the document name with the lowest split hash (the first to move into validation)
     highest: str
+    cuts: Counter = field(default_factory=Counter)  # a single text file cut into documents: its parts by where they end
 
 
 def _tokenize(
@@ -404,7 +424,7 @@ def _tokenize(
 
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(staging, split, dtype, options.shard_tokens) for split in SPLITS}
-    skipped, content = SkipReport(), hashlib.sha256()
+    skipped, content, cuts = SkipReport(), hashlib.sha256(), Counter()
     n_bytes, lowest, highest = 0, (1 << 64, ""), (-1, "")
     batch: list[tuple[str, str]] = []  # (split, text)
     batch_chars = 0
@@ -422,6 +442,8 @@ def _tokenize(
             if current is not None:
                 bar.update(os.path.getsize(current.path))
             current = f
+        if doc.cut_at:
+            cuts[doc.cut_at] += 1
         h = _split_hash(doc.name)
         lowest, highest = min(lowest, (h, doc.name)), max(highest, (h, doc.name))
         split = force.get(doc.name) or ("val" if h < options.val_fraction * 1_000_000 else "train")
@@ -435,7 +457,7 @@ def _tokenize(
     flush()
     bar.update(bar.total - bar.n)
     bar.close()
-    return _Tokenized(writers, skipped, n_bytes, content.hexdigest(), lowest[1], highest[1])
+    return _Tokenized(writers, skipped, n_bytes, content.hexdigest(), lowest[1], highest[1], cuts)
 
 
 def _publish(staging: Path, out: Path, fingerprint: str) -> None:
@@ -483,4 +505,5 @@ def _report_from_meta(path: Path, meta: dict, up_to_date: bool = True) -> Prepar
         dtype=meta["dtype"],
         vocab_size=tokenizer["vocab_size"],
         requested_vocab=requested if isinstance(requested, int) else 0,
+        cut=meta.get("cut") if isinstance(meta.get("cut"), str) else None,
     )

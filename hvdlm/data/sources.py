@@ -1,7 +1,9 @@
 """Where documents come from: the embedded standard-library corpus, text files, directories, JSON Lines, gzip.
 
 A source argument is resolved up front into a list of input files (a missing path is an error before anything is
-read or written). Reading then yields one document per text file or per JSON Lines record. Input that cannot be
+read or written). Reading then yields one document per text file or per JSON Lines record, except that a corpus of
+one text file (a book, a dump) is cut into documents (`cut_text`): the train / validation split is by document,
+and one document cannot be split. Input that cannot be
 used (not UTF-8, binary, a broken gzip stream, a JSON Lines record without the text field) is skipped and counted
 in a `SkipReport`, or, in strict mode, stops the run with an `InputError` that names the file; reading itself
 never aborts half-way with a traceback.
@@ -41,6 +43,7 @@ class InputFile:
 class Document:
     name: str
     text: str
+    cut_at: str = ""  # a part of a text file cut into documents: where this part ends (CUT_PLACES; "" otherwise)
 
 
 @dataclass
@@ -73,6 +76,43 @@ BAD_JSON = "JSON Lines records that are not JSON objects"
 NO_FIELD = "JSON Lines records without the text field"
 EMPTY = "empty documents"
 LENIENT_REASONS = (EMPTY,)  # skipped even in strict mode: an empty file holds no data to lose
+
+
+# A corpus of one text file is cut into documents of about PART_CHARS characters, or into at least PARTS of them
+# for a smaller file, none shorter than MIN_PART_CHARS (shorter text is one document): enough of them that hashing
+# their names puts about val_fraction of the text into validation, few enough that the separators the tokenizer
+# puts between documents are a vanishing share of the tokens.
+PART_CHARS, PARTS, MIN_PART_CHARS = 64 << 10, 20, 256
+# Where a part ends, best first: at a blank line (between paragraphs) within the next part's length, else at a
+# line end, else at its length (a text without line ends); the cut blank line or line end itself is dropped (the
+# tokenizer's separator stands in its place). "the end": the file's last part.
+BLANK_LINE, LINE_END, FIXED, END = "a blank line", "a line end", "a fixed length", "the end"
+CUT_PLACES = (BLANK_LINE, LINE_END, FIXED, END)
+_BLANK_LINES = re.compile(r"\n(?:[ \t\r]*\n)+")
+
+
+def part_length(chars: int) -> int:
+    """The length a text of `chars` characters is cut into parts of."""
+    return max(MIN_PART_CHARS, min(PART_CHARS, chars // PARTS))
+
+
+def cut_text(text: str) -> Iterator[tuple[str, str]]:
+    """A text cut into parts of about part_length characters (at most twice that), each with where it ends (a
+    CUT_PLACES word); a text under twice the length is one part. Parts of nothing but white space are left out."""
+    size, start = part_length(len(text)), 0
+    while start < len(text):
+        if len(text) - start < 2 * size:
+            end, resume, where = len(text), len(text), END
+        elif blank := _BLANK_LINES.search(text, start + size, start + 2 * size):
+            end, resume, where = blank.start(), blank.end(), BLANK_LINE
+        elif (line_end := text.find("\n", start + size, start + 2 * size)) >= 0:
+            end, resume, where = line_end, line_end + 1, LINE_END
+        else:
+            end = resume = start + size
+            where = FIXED
+        if text[start:end].strip():
+            yield text[start:end], where
+        start = resume
 
 
 def stdlib_root() -> Path:
@@ -194,7 +234,8 @@ def fingerprint_inputs(files: list[InputFile]) -> list[str]:
 def read_documents(
     files: list[InputFile], text_field: str, strict: bool, skipped: SkipReport
 ) -> Iterator[tuple[InputFile, Document]]:
-    """Every usable document of the inputs, in order; the unusable ones are counted in `skipped`."""
+    """Every usable document of the inputs, in order; the unusable ones are counted in `skipped`. A single text
+    file (the whole corpus) is cut into documents named FILE#N (`cut_text`)."""
 
     def skip(reason: str, name: str) -> None:
         if strict and reason not in LENIENT_REASONS:
@@ -211,10 +252,12 @@ def read_documents(
         text = _read_text(f, skip)
         if text is None:
             continue
-        if text.strip():
-            yield f, Document(f.name, text)
-        else:
+        if not text.strip():
             skip(EMPTY, f.name)
+        elif len(files) == 1:  # the whole corpus: documents are what the train / validation split divides
+            yield from ((f, Document(f"{f.name}#{i}", part, where)) for i, (part, where) in enumerate(cut_text(text)))
+        else:
+            yield f, Document(f.name, text)
 
 
 def _jsonl_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
