@@ -24,7 +24,7 @@ from hvdlm.config import ModelConfig, load_config
 from hvdlm.model.size import parameter_count
 from hvdlm.plan import counts, memory, timing
 from hvdlm.plan.gpus import gpu
-from hvdlm.plan.layouts import Cluster, Job, one
+from hvdlm.plan.layouts import Cluster, Job, candidates, one
 from hvdlm.plan.memory import MB, state_mb
 
 # Table 1: (parameters in billions, heads, hidden, layers, t, p, GPUs, global batch, TFLOP/s per GPU).
@@ -271,11 +271,61 @@ def test_plan_imports_nothing_heavy(job75):
     assert_imports_nothing_heavy(["plan", str(job75), *map(str, CLUSTER)])
 
 
-def test_plan_answers_at_once(tmp_path):
-    """The 1T model on 3072 GPUs, every layout ranked: well under half a second of CPU."""
+@pytest.mark.parametrize(
+    "nodes, per_node, batch",
+    [
+        (384, 8, ("--global-batch", 3072)),  # Table 1's 1T row
+        # The largest clusters the command accepts (2^20 GPUs, launch.np's bound), the job's own global batch:
+        (2**17, 8, ()),
+        (2**10, 2**10, ()),  # the most GPUs per node (slurm.gpus_per_node's bound)
+        (2**20, 1, ()),  # the most nodes (slurm.nodes' bound)
+    ],
+)
+def test_plan_answers_at_once(tmp_path, nodes, per_node, batch):
+    """The 1T model, every layout ranked: well under half a second of CPU, on any cluster the command accepts."""
     job = tmp_path / "1t.toml"
     job.write_text(job_toml(160, 25600, 128))
     start = time.process_time()
-    out = plan_json(job, "--nodes", 384, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--global-batch", 3072)
+    out = plan_json(job, "--nodes", nodes, "--gpus-per-node", per_node, "--gpu", "a100-80gb", *batch)
     assert time.process_time() - start < 0.5
-    assert out["fits"] and out["layout"]["tp"] <= 8
+    assert out["fits"] and out["layout"]["tp"] <= per_node and out["gpus"] == nodes * per_node
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 29: every exit is clean (the planner's part)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cluster, message",
+    [
+        (("--nodes", 10**9, "--gpus-per-node", 4), "--nodes 1,000,000,000 is more than the 1,048,576"),
+        (("--nodes", 2, "--gpus-per-node", 1025), "--gpus-per-node 1,025 is more than the 1,024"),
+        (("--nodes", 300_000, "--gpus-per-node", 4), "1,200,000 GPUs is more than the 1,048,576"),
+    ],
+)
+def test_a_cluster_larger_than_a_job_may_have_is_refused_at_once(job75, cluster, message):
+    """The job file's own bounds (hvdlm.config: slurm.nodes, slurm.gpus_per_node, launch.np), which the plan's job
+    carries: far above any real cluster, so the number is a typo. Refused before any arithmetic."""
+    start = time.process_time()
+    code, out, err = plan(job75, *cluster, "--gpu", "a100-80gb")
+    assert time.process_time() - start < 0.5
+    assert code == 2 and message in out + err and "typo" in out + err, out + err
+    assert len([line for line in (out + err).splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_the_ranked_search_takes_no_longer_on_a_larger_cluster():
+    """The layouts are enumerated over divisors bounded by the model (heads, layers), never by counting up to the
+    cluster's GPUs: a cluster of 2^40 GPUs (far past what the command accepts) is searched as fast as a small one."""
+    m = ModelConfig(n_layer=128, n_head=160, d_model=25600, seq_len=2048, vocab_size=51200)
+    start = time.process_time()
+    found = candidates(Job(m, 3 * 2**40), Cluster(2**37, 8, gpu("a100-80gb")), {})
+    assert time.process_time() - start < 0.1
+    assert {c.tp for c in found} == {1, 2, 4, 8, 16, 32} and max(c.pp for c in found) == 128
+
+
+def test_a_job_without_gpus_per_node_names_the_key_and_the_flag(job75):
+    code, out, err = plan(job75, "--nodes", 2, "--gpu", "h100", "--global-batch", 64)
+    assert code == 2 and "slurm.gpus_per_node is 0 in the job; pass --gpus-per-node." in out + err, out + err
+    code, out, err = plan(job75, "--nodes", 0, "--gpus-per-node", 8, "--gpu", "h100", "--global-batch", 64)
+    assert code == 2 and "--nodes must be a positive number, got 0." in out + err, out + err

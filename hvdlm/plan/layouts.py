@@ -9,6 +9,7 @@ node, and stage boundaries cross nodes once tp x dp fills one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
@@ -193,15 +194,22 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
     return estimate(job, cluster, layout)
 
 
+def divisors(n: int, at_most: int) -> list[int]:
+    """The divisors of n up to `at_most`, ascending: trial division up to `at_most` only, so a bound from the model
+    (its heads, its layers), never the cluster's GPU count, sets the work."""
+    return [k for k in range(1, min(n, at_most) + 1) if n % k == 0]
+
+
 def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Candidate]:
-    """Every layout of the cluster for the global batch: tp among the divisors of the GPUs (those that split the
-    heads), pp up to the layers, each ZeRO stage hvdlm builds, each recomputation, micro-batches
-    of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch."""
+    """Every layout of the cluster for the global batch: tp among the divisors of the GPUs that split the heads
+    (those of gcd(GPUs, heads)), pp among the divisors of the rest up to the layers, each ZeRO stage hvdlm builds,
+    each recomputation, micro-batches of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch. The
+    work is bounded by the model (heads x layers), whatever the cluster's size."""
     gpus, heads, layers = cluster.gpus, job.model.n_head, job.model.n_layer
     out = []
-    for tp in (k for k in range(1, gpus + 1) if gpus % k == 0 and heads % k == 0):
+    for tp in divisors(math.gcd(gpus, heads), heads):
         # Uneven splits too (hvdlm spreads the remainder): the fullest stage sets the pace.
-        for pp in (k for k in range(1, min(layers, gpus // tp) + 1) if (gpus // tp) % k == 0):
+        for pp in divisors(gpus // tp, layers):
             dp = gpus // (tp * pp)
             for b in [fixed["micro_batch"]] if fixed.get("micro_batch") else MICRO_BATCHES:
                 if job.global_batch % (dp * b):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdlm.config import JobConfig, load_config
+from hvdlm.config import JobConfig, load_config, maximum
 from hvdlm.errors import InputError
 from hvdlm.model.size import parameter_count
 from hvdlm.plan import gpus, jobfile, layouts, report
@@ -20,6 +20,9 @@ FP32_NOTE = (
     "note: the job trains in fp32 (train.precision); this plan is for bf16 autocast, the GPU path (--write-job sets "
     'train.precision = "bf16").'
 )
+
+# What the cluster's flags count, for their errors.
+SIZE_WORDS = {"--nodes": "nodes", "--gpus-per-node": "GPUs per node"}
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,16 @@ def _positive(what: str, value: int | float | None) -> None:
 def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
     """The nodes and GPUs of the request, the job's [slurm] filling in what it leaves out; the numbers checked."""
     r = request
-    nodes = r.nodes if r.nodes is not None else cfg.slurm.nodes
-    per_node = r.gpus_per_node if r.gpus_per_node is not None else cfg.slurm.gpus_per_node
+    nodes = _cluster_size("--nodes", r.nodes, "slurm.nodes", cfg.slurm.nodes)
+    per_node = _cluster_size("--gpus-per-node", r.gpus_per_node, "slurm.gpus_per_node", cfg.slurm.gpus_per_node)
+    most = maximum("launch.np")
+    if nodes * per_node > most:
+        raise InputError(
+            f"{nodes:,} nodes x {per_node:,} GPUs = {nodes * per_node:,} GPUs is more than the {most:,} ranks a job "
+            "may have (launch.np, one rank per GPU; far above any real cluster). Check --nodes and --gpus-per-node "
+            "for a typo."
+        )
     for what, value in [
-        ("--nodes", nodes),
-        ("--gpus-per-node", per_node),
         ("--tp", r.tp),
         ("--pp", r.pp),
         ("--micro-batch", r.micro_batch),
@@ -127,8 +135,6 @@ def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
         ("--top", r.top),
     ]:
         _positive(what, value)
-    if not per_node:
-        raise InputError("the job has no GPUs per node (slurm.gpus_per_node = 0). Pass --gpus-per-node.")
     gpu = gpus.gpu(
         r.gpu_name,
         memory_gb=r.gpu_memory_gb,
@@ -138,6 +144,25 @@ def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
         efficiency=r.efficiency,
     )
     return layouts.Cluster(nodes, per_node, gpu)
+
+
+def _cluster_size(flag: str, given: int | None, key: str, in_job: int) -> int:
+    """The flag's number, else the job's key: at least 1, and at most the job file's own bound on the key (the
+    plan's job carries the key, so what the plan takes a job file may hold; the bound is far above any real
+    cluster, so a larger number is a typo, which the planner would otherwise answer with absurd figures)."""
+    if given is None:
+        if in_job < 1:  # the job's [slurm] allows 0 (CPU-only nodes); a plan needs GPUs
+            raise InputError(f"{key} is {in_job} in the job; pass {flag}.")
+        return in_job
+    most = maximum(key)
+    if given < 1:
+        raise InputError(f"{flag} must be a positive number, got {given}.")
+    if given > most:
+        raise InputError(
+            f"{flag} {given:,} is more than the {most:,} {SIZE_WORDS[flag]} a job may have (hvdlm's bound on {key}, "
+            "far above any real cluster). Check the number for a typo."
+        )
+    return given
 
 
 def _planned_job(request: PlanRequest, cfg: JobConfig, cluster: layouts.Cluster) -> layouts.Job:
