@@ -329,3 +329,18 @@ def test_a_job_without_gpus_per_node_names_the_key_and_the_flag(job75):
     assert code == 2 and "slurm.gpus_per_node is 0 in the job; pass --gpus-per-node." in out + err, out + err
     code, out, err = plan(job75, "--nodes", 0, "--gpus-per-node", 8, "--gpu", "h100", "--global-batch", 64)
     assert code == 2 and "--nodes must be a positive number, got 0." in out + err, out + err
+
+
+def test_write_job_refuses_a_layout_that_does_not_fit(job75, tmp_path):
+    """7.5B parameters whole on every GPU (tp 1, zero 0): 16 bytes each, 120 GB of model states on an 80 GB GPU. The
+    one-layout form reports it as DOES NOT FIT; --write-job writes nothing (an existing file stays), exit 2."""
+    code, text, _ = plan(job75, *CLUSTER, "--tp", 1, "--zero", 0)
+    assert code == 0 and "DOES NOT FIT" in text
+    out_file = tmp_path / "planned.toml"
+    out_file.write_text("# the user's\n")
+    for target in (out_file, "-"):
+        code, out, err = plan(job75, *CLUSTER, "--tp", 1, "--zero", 0, "--write-job", target)
+        assert code == 2 and "does not fit: it needs" in out + err and "writes nothing" in out + err, out + err
+        assert "Leave out --tp and --pp" in out + err and "[parallel]" not in out
+        assert len([line for line in (out + err).splitlines() if line.startswith("Error:")]) == 1
+    assert out_file.read_text() == "# the user's\n"

@@ -50,7 +50,7 @@ from hvdlm.plan.request import PlanRequest, answer
     "--write-job",
     type=click.Path(dir_okay=False, allow_dash=True),
     default=None,
-    help="Write JOB with the (best) layout here.",
+    help="Write JOB with the (best) layout here ('-': stdout); a layout that does not fit in memory is refused.",
 )
 def plan(job: str, **options) -> None:
     """Predict memory per GPU, step time, tokens/s, MFU and days for JOB on a cluster: for the layout given by --tp

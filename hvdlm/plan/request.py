@@ -15,6 +15,7 @@ from hvdlm.config import JobConfig, load_config, maximum
 from hvdlm.errors import InputError
 from hvdlm.model.size import parameter_count
 from hvdlm.plan import gpus, jobfile, layouts, report
+from hvdlm.plan.memory import GB
 
 FP32_NOTE = (
     "note: the job trains in fp32 (train.precision); this plan is for bf16 autocast, the GPU path (--write-job sets "
@@ -83,6 +84,7 @@ def answer(request: PlanRequest) -> PlanAnswer:
         answer_json = report.as_json(head, best, request.tokens, fitting, dropped)
     job_text = None
     if request.write_job:
+        _check_fits(best, cluster)
         job_text = jobfile.job_text(request.job, jobfile.layout_keys(best.layout, cluster, cfg.train.precision))
     if request.as_json:
         stdout = json.dumps(answer_json, indent=1) + "\n"
@@ -107,6 +109,18 @@ def _check_write_job(request: PlanRequest) -> None:
             )
     if write_job == "-" and request.as_json:
         raise InputError("--write-job - and --json would both print to stdout: write the job to a file instead.")
+
+
+def _check_fits(best: layouts.Estimate, cluster: layouts.Cluster) -> None:
+    """--write-job writes only a layout that fits: a job that runs out of memory on its first step is no plan (only
+    the one-layout form can name one that does not fit; the ranked form's best always fits)."""
+    if not best.fits:
+        raise InputError(
+            f"the layout {report.layout_words(best)} does not fit: it needs {best.memory.total / GB:.1f} GB per GPU, "
+            f"the {cluster.gpu.name} has {cluster.gpu.memory_gb:g} GB, so --write-job writes nothing. Leave out --tp "
+            "and --pp to rank the layouts that fit (the best is written), or add stages (--pp), ZeRO (--zero), "
+            "recomputation (--recompute) or a smaller --micro-batch."
+        )
 
 
 def _positive(what: str, value: int | float | None) -> None:
