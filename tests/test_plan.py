@@ -344,3 +344,18 @@ def test_write_job_refuses_a_layout_that_does_not_fit(job75, tmp_path):
         assert "Leave out --tp and --pp" in out + err and "[parallel]" not in out
         assert len([line for line in (out + err).splitlines() if line.startswith("Error:")]) == 1
     assert out_file.read_text() == "# the user's\n"
+
+
+def test_set_overrides_the_job_for_the_plan_and_for_the_written_job(job75, tmp_path):
+    base = plan_json(job75, *CLUSTER, "--tp", 4)
+    deeper = plan_json(job75, *CLUSTER, "--tp", 4, "--set", "model.n_layer=48")
+    assert deeper["parameters"] > base["parameters"] and deeper["step_time_s"] > base["step_time_s"]
+    out_file = tmp_path / "planned.toml"
+    code, out, err = plan(
+        job75, *CLUSTER, "--set", "model.n_layer=48", "--set", "train.lr=1e-4", "--write-job", out_file
+    )
+    assert code == 0, out + err
+    cfg = load_config(out_file)
+    assert (cfg.model.n_layer, cfg.train.lr, cfg.train.warmup_steps) == (48, 1e-4, 100)
+    code, out, err = plan(job75, *CLUSTER, "--set", "model.n_layr=48")
+    assert code == 2 and "n_layr" in out + err and "n_layer" in out + err, out + err

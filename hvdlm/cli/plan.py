@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from hvdlm.cli.options import job_argument
+from hvdlm.cli.options import job_argument, set_option
 from hvdlm.config import ModelConfig, choices
 from hvdlm.launch.hostfile import write_output
 from hvdlm.plan import gpus
@@ -19,6 +19,7 @@ from hvdlm.plan.request import PlanRequest, answer
 
 @click.command(name="plan")
 @job_argument
+@set_option
 @click.option("--nodes", type=int, default=None, help="Nodes (default: slurm.nodes).")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default: slurm.gpus_per_node).")
 @click.option(

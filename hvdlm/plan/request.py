@@ -50,6 +50,7 @@ class PlanRequest:
     top: int = 10  # ranked text: rows shown
     as_json: bool = False
     write_job: str | None = None  # the job file with the (best) layout goes here; '-': standard output
+    overrides: tuple[str, ...] = ()  # --set section.key=value, applied to the job file (and to the job written)
 
     @property
     def one_layout(self) -> bool:
@@ -68,7 +69,7 @@ class PlanAnswer:
 def answer(request: PlanRequest) -> PlanAnswer:
     """The plan for the request: one layout's figures, or every layout ranked with the reasons for the dropped."""
     _check_write_job(request)
-    cfg = load_config(request.job)
+    cfg = load_config(request.job, request.overrides)
     cluster = _cluster(request, cfg)
     job = _planned_job(request, cfg, cluster)
     params = parameter_count(cfg.model)
@@ -85,7 +86,8 @@ def answer(request: PlanRequest) -> PlanAnswer:
     job_text = None
     if request.write_job:
         _check_fits(best, cluster)
-        job_text = jobfile.job_text(request.job, jobfile.layout_keys(best.layout, cluster, cfg.train.precision))
+        keys = jobfile.layout_keys(best.layout, cluster, cfg.train.precision)
+        job_text = jobfile.job_text(request.job, request.overrides, keys)
     if request.as_json:
         stdout = json.dumps(answer_json, indent=1) + "\n"
     else:
