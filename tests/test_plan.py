@@ -359,3 +359,19 @@ def test_set_overrides_the_job_for_the_plan_and_for_the_written_job(job75, tmp_p
     assert (cfg.model.n_layer, cfg.train.lr, cfg.train.warmup_steps) == (48, 1e-4, 100)
     code, out, err = plan(job75, *CLUSTER, "--set", "model.n_layr=48")
     assert code == 2 and "n_layr" in out + err and "n_layer" in out + err, out + err
+
+
+def test_days_come_from_train_max_steps_without_tokens(job75):
+    steps = ("--set", "train.max_steps=100000")
+    out = plan_json(job75, *CLUSTER, "--tp", 4, *steps)
+    assert out["tokens_from"] == "train.max_steps" and out["tokens"] == 100_000 * 512 * 2048
+    assert out["days"] == pytest.approx(100_000 * out["step_time_s"] / 86400, rel=1e-3)
+    code, text, _ = plan(job75, *CLUSTER, "--tp", 4, *steps)
+    assert code == 0 and f"100,000 steps (train.max_steps) = 1.049e+11 tokens: {out['days']:.2f} days" in text, text
+    ranked = plan_json(job75, *CLUSTER, *steps)
+    assert all(e["days"] == pytest.approx(100_000 * e["step_time_s"] / 86400, rel=1e-3) for e in ranked["layouts"])
+    code, text, _ = plan(job75, *CLUSTER, *steps)
+    assert code == 0 and "days: for 100,000 steps (train.max_steps) = 1.049e+11 tokens" in text, text
+    assert next(line for line in text.splitlines() if line.startswith("  #")).endswith("   days"), text
+    given = plan_json(job75, *CLUSTER, "--tp", 4, *steps, "--tokens", 3e11)
+    assert given["tokens_from"] == "--tokens" and given["tokens"] == 3e11

@@ -38,7 +38,12 @@ from hvdlm.plan.request import PlanRequest, answer
 @click.option("--recompute", type=click.Choice(choices(ModelConfig, "recompute")), default=None, help="Recomputation.")
 @click.option("--micro-batch", type=int, default=None, help="Sequences per micro-batch (train.batch_size).")
 @click.option("--global-batch", type=int, default=None, help="Sequences per optimizer step (default: from the job).")
-@click.option("--tokens", type=float, default=None, help="Tokens to train on: the answer says how many days.")
+@click.option(
+    "--tokens",
+    type=float,
+    default=None,
+    help="Tokens to train on: the answer says how many days (default: train.max_steps steps).",
+)
 @click.option(
     "--accounting",
     type=click.Choice(ACCOUNTINGS),

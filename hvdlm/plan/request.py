@@ -73,16 +73,17 @@ def answer(request: PlanRequest) -> PlanAnswer:
     cluster = _cluster(request, cfg)
     job = _planned_job(request, cfg, cluster)
     params = parameter_count(cfg.model)
-    head = report.summary(job, cluster, params, request.tokens)
+    horizon = _horizon(request, cfg, job)
+    head = report.summary(job, cluster, params, horizon)
     if request.one_layout:
         best = _one(request, cfg, job, cluster)
-        text = report.one_text(job, cluster, params, best, request.tokens)
-        answer_json = report.as_json(head, best, request.tokens)
+        text = report.one_text(job, cluster, params, best, horizon)
+        answer_json = report.as_json(head, best, horizon)
     else:
         fitting, dropped = _ranked(request, job, cluster)
         best = fitting[0]
-        text = report.ranked_text(job, cluster, params, fitting, dropped, request.tokens, request.top)
-        answer_json = report.as_json(head, best, request.tokens, fitting, dropped)
+        text = report.ranked_text(job, cluster, params, fitting, dropped, horizon, request.top)
+        answer_json = report.as_json(head, best, horizon, fitting, dropped)
     job_text = None
     if request.write_job:
         _check_fits(best, cluster)
@@ -189,6 +190,14 @@ def _planned_job(request: PlanRequest, cfg: JobConfig, cluster: layouts.Cluster)
         schedule=cfg.parallel.schedule,
         accounting=request.accounting,
     )
+
+
+def _horizon(request: PlanRequest, cfg: JobConfig, job: layouts.Job) -> report.Horizon:
+    """The tokens the days are counted for: --tokens, else the job's train.max_steps steps of the global batch."""
+    if request.tokens:
+        return report.Horizon(request.tokens)
+    steps = cfg.train.max_steps
+    return report.Horizon(steps * job.global_batch * cfg.model.seq_len, steps)
 
 
 def _default_global_batch(cfg: JobConfig, gpu_count: int) -> int:
