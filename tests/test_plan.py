@@ -375,3 +375,38 @@ def test_days_come_from_train_max_steps_without_tokens(job75):
     assert next(line for line in text.splitlines() if line.startswith("  #")).endswith("   days"), text
     given = plan_json(job75, *CLUSTER, "--tp", 4, *steps, "--tokens", 3e11)
     assert given["tokens_from"] == "--tokens" and given["tokens"] == 3e11
+
+
+def test_tp_and_pp_without_micro_batch_take_the_best_micro_batch(tmp_path):
+    """Table 1's 145.6B row at tp 8 x pp 8 on 1536 A100s, a job of batch_size 16: its 96 sequences per replica
+    are 6 micro-batches of 16, fewer than the 8 stages. Without --micro-batch the plan takes the fastest micro-batch
+    that fits and says so; the job's batch_size stays where it runs and fits; --micro-batch 16 is still refused."""
+    job = tmp_path / "145b.toml"
+    job.write_text(job_toml(96, 12288, 80).replace("batch_size = 1\n", "batch_size = 16\n"))
+    args = (
+        job,
+        "--nodes",
+        192,
+        "--gpus-per-node",
+        8,
+        "--gpu",
+        "a100-80gb",
+        "--global-batch",
+        2304,
+        "--tp",
+        8,
+        "--pp",
+        8,
+    )
+    args += ("--recompute", "full")
+    code, out, err = plan(*args, "--json")
+    assert code == 0, out + err
+    chosen = json.loads(out)
+    each = [plan_json(*args, "--micro-batch", b) for b in (1, 2, 4, 8)]
+    assert chosen["fits"] and chosen["tokens_per_s"] == max(e["tokens_per_s"] for e in each if e["fits"])
+    b = chosen["layout"]["micro_batch"]
+    assert f"train.batch_size = 16 cannot run in this layout: the figures are for micro-batch {b}" in err, err
+    code, out, err = plan(*args, "--micro-batch", 16)
+    assert code == 2 and "6 micro-batches per step < 8 stages" in out + err, out + err
+    own = plan_json(*args, "--set", "train.batch_size=4")  # 24 micro-batches of 4: it runs and fits, so it stays
+    assert own["layout"]["micro_batch"] == 4 and own["fits"] and own["tokens_per_s"] < chosen["tokens_per_s"]

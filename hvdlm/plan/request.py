@@ -6,8 +6,11 @@ Arithmetic and file reading only (the job file), no torch: it answers at once on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +78,9 @@ def answer(request: PlanRequest) -> PlanAnswer:
     params = parameter_count(cfg.model)
     horizon = _horizon(request, cfg, job)
     head = report.summary(job, cluster, params, horizon)
+    note = None
     if request.one_layout:
-        best = _one(request, cfg, job, cluster)
+        best, note = _one(request, cfg, job, cluster)
         text = report.one_text(job, cluster, params, best, horizon)
         answer_json = report.as_json(head, best, horizon)
     else:
@@ -93,7 +97,7 @@ def answer(request: PlanRequest) -> PlanAnswer:
         stdout = json.dumps(answer_json, indent=1) + "\n"
     else:
         stdout = "" if request.write_job == "-" else text
-    notes = []
+    notes = [note] if note else []
     if request.write_job and request.write_job != "-":
         notes.append(f"wrote {request.write_job}: the job with layout {report.layout_words(best)}")
     if cfg.train.precision == "fp32":
@@ -213,17 +217,56 @@ def _default_global_batch(cfg: JobConfig, gpu_count: int) -> int:
     return per_replica * gpu_count // (p.tp * p.pp)
 
 
-def _one(request: PlanRequest, cfg: JobConfig, job: layouts.Job, cluster: layouts.Cluster) -> layouts.Estimate:
-    """The layout of --tp / --pp, the job file giving whatever the command line leaves out."""
+def _one(
+    request: PlanRequest, cfg: JobConfig, job: layouts.Job, cluster: layouts.Cluster
+) -> tuple[layouts.Estimate, str | None]:
+    """The layout of --tp / --pp, the job file giving whatever the command line leaves out, but the micro-batch
+    chosen where the job's does not serve (see _micro_batch); and a note that says so, or None."""
     r = request
-    return layouts.one(
+    pick = functools.partial(
+        layouts.one,
         job,
         cluster,
-        tp=r.tp or cfg.parallel.tp,
-        pp=r.pp or cfg.parallel.pp,
-        zero=r.zero if r.zero is not None else cfg.train.zero,
-        recompute=r.recompute or cfg.model.recompute,
-        micro_batch=r.micro_batch or cfg.train.batch_size,
+        r.tp or cfg.parallel.tp,
+        r.pp or cfg.parallel.pp,
+        r.zero if r.zero is not None else cfg.train.zero,
+        r.recompute or cfg.model.recompute,
+    )
+    if r.micro_batch:
+        return pick(r.micro_batch), None
+    return _micro_batch(pick, cfg.train.batch_size)
+
+
+def _micro_batch(pick: Callable[[int], layouts.Estimate], own: int) -> tuple[layouts.Estimate, str | None]:
+    """The layout with the job's micro-batch (train.batch_size) where it runs and fits. Else, as the ranked form
+    would choose among its micro-batches: the fastest that fits; none fitting, the job's own (its figures say
+    DOES NOT FIT) or the one that needs the least memory; none running, the job's reason. A stage count is
+    chosen for the model, and the job's batch size, set for another layout, should not refuse it."""
+    try:
+        mine, why = pick(own), None
+    except InputError as error:
+        mine, why = None, error
+    if mine is not None and mine.fits:
+        return mine, None
+    others = []
+    for b in layouts.MICRO_BATCHES:
+        if b != own:
+            with contextlib.suppress(InputError):
+                others.append(pick(b))
+    fitting = [e for e in others if e.fits]
+    if fitting:
+        best = min(fitting, key=lambda e: (-e.tokens_per_s, e.memory.total))
+    elif mine is not None:
+        return mine, None
+    elif others:
+        best = min(others, key=lambda e: e.memory.total)
+    else:
+        raise why
+    problem = "does not fit" if mine is not None else "cannot run in this layout"
+    chosen = "the fastest that fits" if best.fits else "the one that needs the least memory"
+    return best, (
+        f"note: --micro-batch not given and train.batch_size = {own} {problem}: the figures are for micro-batch "
+        f"{best.layout.micro_batch}, {chosen} (--micro-batch N for another)."
     )
 
 
