@@ -410,3 +410,16 @@ def test_tp_and_pp_without_micro_batch_take_the_best_micro_batch(tmp_path):
     assert code == 2 and "6 micro-batches per step < 8 stages" in out + err, out + err
     own = plan_json(*args, "--set", "train.batch_size=4")  # 24 micro-batches of 4: it runs and fits, so it stays
     assert own["layout"]["micro_batch"] == 4 and own["fits"] and own["tokens_per_s"] < chosen["tokens_per_s"]
+
+
+def test_the_ranked_form_lists_each_layout_once(job75):
+    """ZeRO shards over the data-parallel replicas: with dp = 1 there is nothing to shard, and zero 1 and 2 are
+    zero 0 (the same figures), so only zero 0 is listed there, as fitting or dropped."""
+    out = plan_json(job75, *CLUSTER)
+    rows = out["layouts"] + out["dropped"]
+    single = [r["layout"] for r in rows if r["layout"]["dp"] == 1]
+    assert single and {L["zero"] for L in single} == {0}
+    figures = [(e["memory_gb_per_gpu"], e["step_time_s"], e["layout"]["tp"], e["layout"]["pp"]) for e in out["layouts"]]
+    assert len(figures) == len(set(figures))
+    code, text, _ = plan(job75, *CLUSTER, "--zero", 2)  # pinned: asked for, so shown
+    assert code == 0

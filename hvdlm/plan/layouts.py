@@ -214,10 +214,18 @@ def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Candidate]:
             for b in [fixed["micro_batch"]] if fixed.get("micro_batch") else MICRO_BATCHES:
                 if job.global_batch % (dp * b):
                     continue
-                for zero in [fixed["zero"]] if fixed.get("zero") is not None else ZERO_BUILT:
+                for zero in _zeros(fixed, dp):
                     for rc in [fixed["recompute"]] if fixed.get("recompute") else RECOMPUTE:
                         out.append(Candidate(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
     return out
+
+
+def _zeros(fixed: dict, dp: int) -> tuple[int, ...]:
+    """The ZeRO stages to try: the pinned one, else each hvdlm builds; with dp = 1 only 0, as ZeRO shards over
+    the replicas, so zero 1 and 2 of one replica are zero 0 again (the same figures, a duplicate row)."""
+    if fixed.get("zero") is not None:
+        return (fixed["zero"],)
+    return ZERO_BUILT if dp > 1 else (0,)
 
 
 @dataclass(frozen=True)
