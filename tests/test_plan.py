@@ -423,3 +423,13 @@ def test_the_ranked_form_lists_each_layout_once(job75):
     assert len(figures) == len(set(figures))
     code, text, _ = plan(job75, *CLUSTER, "--zero", 2)  # pinned: asked for, so shown
     assert code == 0
+
+
+def test_one_node_and_the_global_batch_read_as_words(job75):
+    code, text, _ = plan(job75, "--nodes", 1, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--global-batch", 1024)
+    assert code == 0 and "cluster: 1 node x 8 a100-80gb" in text and "global batch 1,024 sequences" in text, text
+    one = ("--nodes", 1, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--global-batch", 8, "--tp", 8)
+    code, text, _ = plan(job75, *one, "--micro-batch", 8)
+    assert code == 0 and "micro-batch 8 x 1 micro-batch\n" in text, text
+    code, out, err = plan(job75, *one, "--pp", 3)
+    assert code == 2 and "(1 node x 8)" in out + err, out + err

@@ -18,6 +18,7 @@ from hvdlm.plan import counts, timing
 from hvdlm.plan import memory as mem
 from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.gpus import Gpu
+from hvdlm.units import counted
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO_BUILT = (0, 1, 2)  # the ZeRO stages hvdlm's trainer has (train.zero)
@@ -122,8 +123,8 @@ def problem(job: Job, cluster: Cluster, layout: Candidate) -> tuple[str, str] | 
         return SPLIT, f"zero {layout.zero} cuts the matrices that Muon orthogonalizes whole into slices: use zero 0"
     if pp > 1 and layout.microbatches < pp:
         return BUBBLE, (
-            f"{layout.microbatches} micro-batches per step < {pp} stages, so some stage would always wait: use "
-            f"smaller micro-batches, a larger global batch, or fewer stages"
+            f"{counted(layout.microbatches, 'micro-batch', 'micro-batches')} per step < {pp} stages, so some stage "
+            "would always wait: use smaller micro-batches, a larger global batch, or fewer stages"
         )
     return None
 
@@ -177,7 +178,7 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
     if cluster.gpus % (tp * pp):
         raise InputError(
             f"tp {tp} x pp {pp} = {tp * pp} GPUs per replica does not divide the cluster's {cluster.gpus} GPUs "
-            f"({cluster.nodes} nodes x {cluster.gpus_per_node}). Choose tp and pp whose product divides "
+            f"({counted(cluster.nodes, 'node')} x {cluster.gpus_per_node}). Choose tp and pp whose product divides "
             f"{cluster.gpus}, or another number of nodes."
         )
     dp = cluster.gpus // (tp * pp)

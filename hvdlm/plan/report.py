@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from hvdlm.plan.layouts import Cluster, Dropped, Estimate, Job
 from hvdlm.plan.memory import GB
+from hvdlm.units import counted
 
 ACCOUNTING_TEXT = {
     "hvdlm": "hvdlm's own: fp32 weights and gradients (bf16 autocast), AdamW's fp32 moments, 4 + 4 + 8 bytes per "
@@ -75,11 +76,11 @@ def days(e: Estimate, horizon: Horizon) -> float:
 def _header(job: Job, cluster: Cluster, params: int) -> list[str]:
     g, m = cluster.gpu, job.model
     return [
-        f"cluster: {cluster.nodes} nodes x {cluster.gpus_per_node} {g.name} = {cluster.gpus} GPUs "
+        f"cluster: {counted(cluster.nodes, 'node')} x {cluster.gpus_per_node} {g.name} = {cluster.gpus:,} GPUs "
         f"({g.peak_tflops:g} TFLOP/s bf16 peak, {g.efficiency:.1%} of it achievable, {g.memory_gb:g} GB, "
         f"{g.intra_node_gbps:g} Gbit/s in a node, {g.inter_node_gbps:g} Gbit/s per GPU between nodes)",
         f"model: {params / 1e9:.2f}B parameters ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, "
-        f"seq_len {m.seq_len}, vocabulary {m.vocab_size}); global batch {job.global_batch} sequences "
+        f"seq_len {m.seq_len}, vocabulary {m.vocab_size}); global batch {job.global_batch:,} sequences "
         f"({job.global_batch * m.seq_len:,} tokens per step)",
         f"memory accounting: {ACCOUNTING_TEXT[job.accounting]}",
     ]
@@ -89,7 +90,7 @@ def layout_words(e: Estimate) -> str:
     L = e.layout
     return (
         f"tp {L.tp} x pp {L.pp} x dp {L.dp}, zero {L.zero}, recompute {L.recompute}, micro-batch {L.micro_batch} "
-        f"x {L.microbatches} micro-batches"
+        f"x {counted(L.microbatches, 'micro-batch', 'micro-batches')}"
     )
 
 
@@ -117,7 +118,8 @@ def ranked_text(
 ) -> str:
     lines = _header(job, cluster, params)
     lines.append(f"days: for {horizon.words()}")
-    lines.append(f"{len(fitting)} layouts fit, best first (predicted tokens/s); --json lists them all:")
+    fit = "fits" if len(fitting) == 1 else "fit"
+    lines.append(f"{counted(len(fitting), 'layout')} {fit}, best first (predicted tokens/s); --json lists them all:")
     lines.append(
         f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'zero':>4} {'recompute':>9} {'mb':>3} {'micro':>6} "
         f"{'GB/GPU':>7} {'step s':>8} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'days':>6}"
@@ -134,7 +136,7 @@ def ranked_text(
         lines.append(f"    ... and {len(fitting) - top} more (--top N shows more)")
     if dropped:
         kinds = Counter(d.kind for d in dropped)
-        lines.append(f"{len(dropped)} layouts dropped:")
+        lines.append(f"{counted(len(dropped), 'layout')} dropped:")
         for kind, count in kinds.most_common():
             example = next(d for d in dropped if d.kind == kind)
             L = example.layout
