@@ -610,6 +610,12 @@ _MAXIMA: dict[str, int] = {
 }
 
 
+def maximum(name: str) -> int:
+    """The bound on the integer key `name` ("section.key"): for a command that writes the key into a job (hvdlm plan
+    --write-job), so what it accepts is what the job file may hold."""
+    return _MAXIMA[name]
+
+
 def _check_maxima(config: JobConfig) -> None:
     for name, limit in _MAXIMA.items():
         section, key = name.split(".")

@@ -19,3 +19,9 @@ def format_count(n: float) -> str:
         if abs(float(text)) < 1000 or suffix == _SCALES[-1][1]:  # 999,960 is "1.0M", not "1000K"
             return text + suffix
     raise AssertionError("unreachable")
+
+
+def counted(n: int, word: str, plural: str = "") -> str:
+    """ "1 node", "2 nodes", "1,024 nodes": a count and its noun, for sentences (`plural`: where an s is not it,
+    e.g. "micro-batches")."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"

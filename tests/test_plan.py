@@ -24,7 +24,7 @@ from hvdlm.config import ModelConfig, load_config
 from hvdlm.model.size import parameter_count
 from hvdlm.plan import counts, memory, timing
 from hvdlm.plan.gpus import gpu
-from hvdlm.plan.layouts import Cluster, Job, one
+from hvdlm.plan.layouts import Cluster, Job, candidates, one
 from hvdlm.plan.memory import MB, state_mb
 
 # Table 1: (parameters in billions, heads, hidden, layers, t, p, GPUs, global batch, TFLOP/s per GPU).
@@ -271,11 +271,165 @@ def test_plan_imports_nothing_heavy(job75):
     assert_imports_nothing_heavy(["plan", str(job75), *map(str, CLUSTER)])
 
 
-def test_plan_answers_at_once(tmp_path):
-    """The 1T model on 3072 GPUs, every layout ranked: well under half a second of CPU."""
+@pytest.mark.parametrize(
+    "nodes, per_node, batch",
+    [
+        (384, 8, ("--global-batch", 3072)),  # Table 1's 1T row
+        # The largest clusters the command accepts (2^20 GPUs, launch.np's bound), the job's own global batch:
+        (2**17, 8, ()),
+        (2**10, 2**10, ()),  # the most GPUs per node (slurm.gpus_per_node's bound)
+        (2**20, 1, ()),  # the most nodes (slurm.nodes' bound)
+    ],
+)
+def test_plan_answers_at_once(tmp_path, nodes, per_node, batch):
+    """The 1T model, every layout ranked: well under half a second of CPU, on any cluster the command accepts."""
     job = tmp_path / "1t.toml"
     job.write_text(job_toml(160, 25600, 128))
     start = time.process_time()
-    out = plan_json(job, "--nodes", 384, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--global-batch", 3072)
+    out = plan_json(job, "--nodes", nodes, "--gpus-per-node", per_node, "--gpu", "a100-80gb", *batch)
     assert time.process_time() - start < 0.5
-    assert out["fits"] and out["layout"]["tp"] <= 8
+    assert out["fits"] and out["layout"]["tp"] <= per_node and out["gpus"] == nodes * per_node
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 29: every exit is clean (the planner's part)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cluster, message",
+    [
+        (("--nodes", 10**9, "--gpus-per-node", 4), "--nodes 1,000,000,000 is more than the 1,048,576"),
+        (("--nodes", 2, "--gpus-per-node", 1025), "--gpus-per-node 1,025 is more than the 1,024"),
+        (("--nodes", 300_000, "--gpus-per-node", 4), "1,200,000 GPUs is more than the 1,048,576"),
+    ],
+)
+def test_a_cluster_larger_than_a_job_may_have_is_refused_at_once(job75, cluster, message):
+    """The job file's own bounds (hvdlm.config: slurm.nodes, slurm.gpus_per_node, launch.np), which the plan's job
+    carries: far above any real cluster, so the number is a typo. Refused before any arithmetic."""
+    start = time.process_time()
+    code, out, err = plan(job75, *cluster, "--gpu", "a100-80gb")
+    assert time.process_time() - start < 0.5
+    assert code == 2 and message in out + err and "typo" in out + err, out + err
+    assert len([line for line in (out + err).splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_the_ranked_search_takes_no_longer_on_a_larger_cluster():
+    """The layouts are enumerated over divisors bounded by the model (heads, layers), never by counting up to the
+    cluster's GPUs: a cluster of 2^40 GPUs (far past what the command accepts) is searched as fast as a small one."""
+    m = ModelConfig(n_layer=128, n_head=160, d_model=25600, seq_len=2048, vocab_size=51200)
+    start = time.process_time()
+    found = candidates(Job(m, 3 * 2**40), Cluster(2**37, 8, gpu("a100-80gb")), {})
+    assert time.process_time() - start < 0.1
+    assert {c.tp for c in found} == {1, 2, 4, 8, 16, 32} and max(c.pp for c in found) == 128
+
+
+def test_a_job_without_gpus_per_node_names_the_key_and_the_flag(job75):
+    code, out, err = plan(job75, "--nodes", 2, "--gpu", "h100", "--global-batch", 64)
+    assert code == 2 and "slurm.gpus_per_node is 0 in the job; pass --gpus-per-node." in out + err, out + err
+    code, out, err = plan(job75, "--nodes", 0, "--gpus-per-node", 8, "--gpu", "h100", "--global-batch", 64)
+    assert code == 2 and "--nodes must be a positive number, got 0." in out + err, out + err
+
+
+def test_write_job_refuses_a_layout_that_does_not_fit(job75, tmp_path):
+    """7.5B parameters whole on every GPU (tp 1, zero 0): 16 bytes each, 120 GB of model states on an 80 GB GPU. The
+    one-layout form reports it as DOES NOT FIT; --write-job writes nothing (an existing file stays), exit 2."""
+    code, text, _ = plan(job75, *CLUSTER, "--tp", 1, "--zero", 0)
+    assert code == 0 and "DOES NOT FIT" in text
+    out_file = tmp_path / "planned.toml"
+    out_file.write_text("# the user's\n")
+    for target in (out_file, "-"):
+        code, out, err = plan(job75, *CLUSTER, "--tp", 1, "--zero", 0, "--write-job", target)
+        assert code == 2 and "does not fit: it needs" in out + err and "writes nothing" in out + err, out + err
+        assert "Leave out --tp and --pp" in out + err and "[parallel]" not in out
+        assert len([line for line in (out + err).splitlines() if line.startswith("Error:")]) == 1
+    assert out_file.read_text() == "# the user's\n"
+
+
+def test_set_overrides_the_job_for_the_plan_and_for_the_written_job(job75, tmp_path):
+    base = plan_json(job75, *CLUSTER, "--tp", 4)
+    deeper = plan_json(job75, *CLUSTER, "--tp", 4, "--set", "model.n_layer=48")
+    assert deeper["parameters"] > base["parameters"] and deeper["step_time_s"] > base["step_time_s"]
+    out_file = tmp_path / "planned.toml"
+    code, out, err = plan(
+        job75, *CLUSTER, "--set", "model.n_layer=48", "--set", "train.lr=1e-4", "--write-job", out_file
+    )
+    assert code == 0, out + err
+    cfg = load_config(out_file)
+    assert (cfg.model.n_layer, cfg.train.lr, cfg.train.warmup_steps) == (48, 1e-4, 100)
+    code, out, err = plan(job75, *CLUSTER, "--set", "model.n_layr=48")
+    assert code == 2 and "n_layr" in out + err and "n_layer" in out + err, out + err
+
+
+def test_days_come_from_train_max_steps_without_tokens(job75):
+    steps = ("--set", "train.max_steps=100000")
+    out = plan_json(job75, *CLUSTER, "--tp", 4, *steps)
+    assert out["tokens_from"] == "train.max_steps" and out["tokens"] == 100_000 * 512 * 2048
+    assert out["days"] == pytest.approx(100_000 * out["step_time_s"] / 86400, rel=1e-3)
+    code, text, _ = plan(job75, *CLUSTER, "--tp", 4, *steps)
+    assert code == 0 and f"100,000 steps (train.max_steps) = 1.049e+11 tokens: {out['days']:.2f} days" in text, text
+    ranked = plan_json(job75, *CLUSTER, *steps)
+    assert all(e["days"] == pytest.approx(100_000 * e["step_time_s"] / 86400, rel=1e-3) for e in ranked["layouts"])
+    code, text, _ = plan(job75, *CLUSTER, *steps)
+    assert code == 0 and "days: for 100,000 steps (train.max_steps) = 1.049e+11 tokens" in text, text
+    assert next(line for line in text.splitlines() if line.startswith("  #")).endswith("   days"), text
+    given = plan_json(job75, *CLUSTER, "--tp", 4, *steps, "--tokens", 3e11)
+    assert given["tokens_from"] == "--tokens" and given["tokens"] == 3e11
+
+
+def test_tp_and_pp_without_micro_batch_take_the_best_micro_batch(tmp_path):
+    """Table 1's 145.6B row at tp 8 x pp 8 on 1536 A100s, a job of batch_size 16: its 96 sequences per replica
+    are 6 micro-batches of 16, fewer than the 8 stages. Without --micro-batch the plan takes the fastest micro-batch
+    that fits and says so; the job's batch_size stays where it runs and fits; --micro-batch 16 is still refused."""
+    job = tmp_path / "145b.toml"
+    job.write_text(job_toml(96, 12288, 80).replace("batch_size = 1\n", "batch_size = 16\n"))
+    args = (
+        job,
+        "--nodes",
+        192,
+        "--gpus-per-node",
+        8,
+        "--gpu",
+        "a100-80gb",
+        "--global-batch",
+        2304,
+        "--tp",
+        8,
+        "--pp",
+        8,
+    )
+    args += ("--recompute", "full")
+    code, out, err = plan(*args, "--json")
+    assert code == 0, out + err
+    chosen = json.loads(out)
+    each = [plan_json(*args, "--micro-batch", b) for b in (1, 2, 4, 8)]
+    assert chosen["fits"] and chosen["tokens_per_s"] == max(e["tokens_per_s"] for e in each if e["fits"])
+    b = chosen["layout"]["micro_batch"]
+    assert f"train.batch_size = 16 cannot run in this layout: the figures are for micro-batch {b}" in err, err
+    code, out, err = plan(*args, "--micro-batch", 16)
+    assert code == 2 and "6 micro-batches per step < 8 stages" in out + err, out + err
+    own = plan_json(*args, "--set", "train.batch_size=4")  # 24 micro-batches of 4: it runs and fits, so it stays
+    assert own["layout"]["micro_batch"] == 4 and own["fits"] and own["tokens_per_s"] < chosen["tokens_per_s"]
+
+
+def test_the_ranked_form_lists_each_layout_once(job75):
+    """ZeRO shards over the data-parallel replicas: with dp = 1 there is nothing to shard, and zero 1 and 2 are
+    zero 0 (the same figures), so only zero 0 is listed there, as fitting or dropped."""
+    out = plan_json(job75, *CLUSTER)
+    rows = out["layouts"] + out["dropped"]
+    single = [r["layout"] for r in rows if r["layout"]["dp"] == 1]
+    assert single and {L["zero"] for L in single} == {0}
+    figures = [(e["memory_gb_per_gpu"], e["step_time_s"], e["layout"]["tp"], e["layout"]["pp"]) for e in out["layouts"]]
+    assert len(figures) == len(set(figures))
+    code, text, _ = plan(job75, *CLUSTER, "--zero", 2)  # pinned: asked for, so shown
+    assert code == 0
+
+
+def test_one_node_and_the_global_batch_read_as_words(job75):
+    code, text, _ = plan(job75, "--nodes", 1, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--global-batch", 1024)
+    assert code == 0 and "cluster: 1 node x 8 a100-80gb" in text and "global batch 1,024 sequences" in text, text
+    one = ("--nodes", 1, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--global-batch", 8, "--tp", 8)
+    code, text, _ = plan(job75, *one, "--micro-batch", 8)
+    assert code == 0 and "micro-batch 8 x 1 micro-batch\n" in text, text
+    code, out, err = plan(job75, *one, "--pp", 3)
+    assert code == 2 and "(1 node x 8)" in out + err, out + err

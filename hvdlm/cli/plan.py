@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from hvdlm.cli.options import job_argument
+from hvdlm.cli.options import job_argument, set_option
 from hvdlm.config import ModelConfig, choices
 from hvdlm.launch.hostfile import write_output
 from hvdlm.plan import gpus
@@ -19,6 +19,7 @@ from hvdlm.plan.request import PlanRequest, answer
 
 @click.command(name="plan")
 @job_argument
+@set_option
 @click.option("--nodes", type=int, default=None, help="Nodes (default: slurm.nodes).")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default: slurm.gpus_per_node).")
 @click.option(
@@ -37,7 +38,12 @@ from hvdlm.plan.request import PlanRequest, answer
 @click.option("--recompute", type=click.Choice(choices(ModelConfig, "recompute")), default=None, help="Recomputation.")
 @click.option("--micro-batch", type=int, default=None, help="Sequences per micro-batch (train.batch_size).")
 @click.option("--global-batch", type=int, default=None, help="Sequences per optimizer step (default: from the job).")
-@click.option("--tokens", type=float, default=None, help="Tokens to train on: the answer says how many days.")
+@click.option(
+    "--tokens",
+    type=float,
+    default=None,
+    help="Tokens to train on: the answer says how many days (default: train.max_steps steps).",
+)
 @click.option(
     "--accounting",
     type=click.Choice(ACCOUNTINGS),
@@ -50,7 +56,7 @@ from hvdlm.plan.request import PlanRequest, answer
     "--write-job",
     type=click.Path(dir_okay=False, allow_dash=True),
     default=None,
-    help="Write JOB with the (best) layout here.",
+    help="Write JOB with the (best) layout here ('-': stdout); a layout that does not fit in memory is refused.",
 )
 def plan(job: str, **options) -> None:
     """Predict memory per GPU, step time, tokens/s, MFU and days for JOB on a cluster: for the layout given by --tp

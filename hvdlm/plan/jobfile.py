@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -17,7 +18,7 @@ else:  # pragma: no cover - Python 3.10
 
 import tomli_w
 
-from hvdlm.config import load_config
+from hvdlm.config import load_config, parse_override
 from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.layouts import Cluster
 
@@ -51,12 +52,13 @@ def planned_precision(layout: Candidate, precision: str) -> str:
     return "bf16"
 
 
-def job_text(job: str, keys: dict[str, Any]) -> str:
-    """The user's job file as TOML with `keys` set, validated as `hvdlm train` would."""
-    load_config(job, [f"{k}={json.dumps(v)}" for k, v in keys.items()])  # the same checks as every command
+def job_text(job: str, overrides: Sequence[str], keys: dict[str, Any]) -> str:
+    """The user's job file as TOML with the --set `overrides` and then `keys` set, validated as `hvdlm train` would."""
+    load_config(job, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in keys.items())])  # every command's checks
     with open(job, "rb") as f:  # load_config has read it: it exists and is TOML
         raw = tomllib.load(f)
-    for dotted, value in keys.items():
-        section, name = dotted.split(".")
+    # In load_config's order: the overrides (parsed as every --set is), then the layout's keys, which win.
+    settings = [parse_override(item) for item in overrides] + [(*k.split("."), v) for k, v in keys.items()]
+    for section, name, value in settings:
         raw.setdefault(section, {})[name] = value
     return tomli_w.dumps(raw)

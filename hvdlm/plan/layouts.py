@@ -9,6 +9,7 @@ node, and stage boundaries cross nodes once tp x dp fills one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
@@ -17,6 +18,7 @@ from hvdlm.plan import counts, timing
 from hvdlm.plan import memory as mem
 from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.gpus import Gpu
+from hvdlm.units import counted
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO_BUILT = (0, 1, 2)  # the ZeRO stages hvdlm's trainer has (train.zero)
@@ -121,8 +123,8 @@ def problem(job: Job, cluster: Cluster, layout: Candidate) -> tuple[str, str] | 
         return SPLIT, f"zero {layout.zero} cuts the matrices that Muon orthogonalizes whole into slices: use zero 0"
     if pp > 1 and layout.microbatches < pp:
         return BUBBLE, (
-            f"{layout.microbatches} micro-batches per step < {pp} stages, so some stage would always wait: use "
-            f"smaller micro-batches, a larger global batch, or fewer stages"
+            f"{counted(layout.microbatches, 'micro-batch', 'micro-batches')} per step < {pp} stages, so some stage "
+            "would always wait: use smaller micro-batches, a larger global batch, or fewer stages"
         )
     return None
 
@@ -176,7 +178,7 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
     if cluster.gpus % (tp * pp):
         raise InputError(
             f"tp {tp} x pp {pp} = {tp * pp} GPUs per replica does not divide the cluster's {cluster.gpus} GPUs "
-            f"({cluster.nodes} nodes x {cluster.gpus_per_node}). Choose tp and pp whose product divides "
+            f"({counted(cluster.nodes, 'node')} x {cluster.gpus_per_node}). Choose tp and pp whose product divides "
             f"{cluster.gpus}, or another number of nodes."
         )
     dp = cluster.gpus // (tp * pp)
@@ -193,23 +195,38 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
     return estimate(job, cluster, layout)
 
 
+def divisors(n: int, at_most: int) -> list[int]:
+    """The divisors of n up to `at_most`, ascending: trial division up to `at_most` only, so a bound from the model
+    (its heads, its layers), never the cluster's GPU count, sets the work."""
+    return [k for k in range(1, min(n, at_most) + 1) if n % k == 0]
+
+
 def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Candidate]:
-    """Every layout of the cluster for the global batch: tp among the divisors of the GPUs (those that split the
-    heads), pp up to the layers, each ZeRO stage hvdlm builds, each recomputation, micro-batches
-    of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch."""
+    """Every layout of the cluster for the global batch: tp among the divisors of the GPUs that split the heads
+    (those of gcd(GPUs, heads)), pp among the divisors of the rest up to the layers, each ZeRO stage hvdlm builds,
+    each recomputation, micro-batches of 1-8 sequences; `fixed` pins any of zero, recompute, micro_batch. The
+    work is bounded by the model (heads x layers), whatever the cluster's size."""
     gpus, heads, layers = cluster.gpus, job.model.n_head, job.model.n_layer
     out = []
-    for tp in (k for k in range(1, gpus + 1) if gpus % k == 0 and heads % k == 0):
+    for tp in divisors(math.gcd(gpus, heads), heads):
         # Uneven splits too (hvdlm spreads the remainder): the fullest stage sets the pace.
-        for pp in (k for k in range(1, min(layers, gpus // tp) + 1) if (gpus // tp) % k == 0):
+        for pp in divisors(gpus // tp, layers):
             dp = gpus // (tp * pp)
             for b in [fixed["micro_batch"]] if fixed.get("micro_batch") else MICRO_BATCHES:
                 if job.global_batch % (dp * b):
                     continue
-                for zero in [fixed["zero"]] if fixed.get("zero") is not None else ZERO_BUILT:
+                for zero in _zeros(fixed, dp):
                     for rc in [fixed["recompute"]] if fixed.get("recompute") else RECOMPUTE:
                         out.append(Candidate(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
     return out
+
+
+def _zeros(fixed: dict, dp: int) -> tuple[int, ...]:
+    """The ZeRO stages to try: the pinned one, else each hvdlm builds; with dp = 1 only 0, as ZeRO shards over
+    the replicas, so zero 1 and 2 of one replica are zero 0 again (the same figures, a duplicate row)."""
+    if fixed.get("zero") is not None:
+        return (fixed["zero"],)
+    return ZERO_BUILT if dp > 1 else (0,)
 
 
 @dataclass(frozen=True)

@@ -6,20 +6,27 @@ Arithmetic and file reading only (the job file), no torch: it answers at once on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdlm.config import JobConfig, load_config
+from hvdlm.config import JobConfig, load_config, maximum
 from hvdlm.errors import InputError
 from hvdlm.model.size import parameter_count
 from hvdlm.plan import gpus, jobfile, layouts, report
+from hvdlm.plan.memory import GB
 
 FP32_NOTE = (
     "note: the job trains in fp32 (train.precision); this plan is for bf16 autocast, the GPU path (--write-job sets "
     'train.precision = "bf16").'
 )
+
+# What the cluster's flags count, for their errors.
+SIZE_WORDS = {"--nodes": "nodes", "--gpus-per-node": "GPUs per node"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class PlanRequest:
     top: int = 10  # ranked text: rows shown
     as_json: bool = False
     write_job: str | None = None  # the job file with the (best) layout goes here; '-': standard output
+    overrides: tuple[str, ...] = ()  # --set section.key=value, applied to the job file (and to the job written)
 
     @property
     def one_layout(self) -> bool:
@@ -64,28 +72,32 @@ class PlanAnswer:
 def answer(request: PlanRequest) -> PlanAnswer:
     """The plan for the request: one layout's figures, or every layout ranked with the reasons for the dropped."""
     _check_write_job(request)
-    cfg = load_config(request.job)
+    cfg = load_config(request.job, request.overrides)
     cluster = _cluster(request, cfg)
     job = _planned_job(request, cfg, cluster)
     params = parameter_count(cfg.model)
-    head = report.summary(job, cluster, params, request.tokens)
+    horizon = _horizon(request, cfg, job)
+    head = report.summary(job, cluster, params, horizon)
+    note = None
     if request.one_layout:
-        best = _one(request, cfg, job, cluster)
-        text = report.one_text(job, cluster, params, best, request.tokens)
-        answer_json = report.as_json(head, best, request.tokens)
+        best, note = _one(request, cfg, job, cluster)
+        text = report.one_text(job, cluster, params, best, horizon)
+        answer_json = report.as_json(head, best, horizon)
     else:
         fitting, dropped = _ranked(request, job, cluster)
         best = fitting[0]
-        text = report.ranked_text(job, cluster, params, fitting, dropped, request.tokens, request.top)
-        answer_json = report.as_json(head, best, request.tokens, fitting, dropped)
+        text = report.ranked_text(job, cluster, params, fitting, dropped, horizon, request.top)
+        answer_json = report.as_json(head, best, horizon, fitting, dropped)
     job_text = None
     if request.write_job:
-        job_text = jobfile.job_text(request.job, jobfile.layout_keys(best.layout, cluster, cfg.train.precision))
+        _check_fits(best, cluster)
+        keys = jobfile.layout_keys(best.layout, cluster, cfg.train.precision)
+        job_text = jobfile.job_text(request.job, request.overrides, keys)
     if request.as_json:
         stdout = json.dumps(answer_json, indent=1) + "\n"
     else:
         stdout = "" if request.write_job == "-" else text
-    notes = []
+    notes = [note] if note else []
     if request.write_job and request.write_job != "-":
         notes.append(f"wrote {request.write_job}: the job with layout {report.layout_words(best)}")
     if cfg.train.precision == "fp32":
@@ -106,6 +118,18 @@ def _check_write_job(request: PlanRequest) -> None:
         raise InputError("--write-job - and --json would both print to stdout: write the job to a file instead.")
 
 
+def _check_fits(best: layouts.Estimate, cluster: layouts.Cluster) -> None:
+    """--write-job writes only a layout that fits: a job that runs out of memory on its first step is no plan (only
+    the one-layout form can name one that does not fit; the ranked form's best always fits)."""
+    if not best.fits:
+        raise InputError(
+            f"the layout {report.layout_words(best)} does not fit: it needs {best.memory.total / GB:.1f} GB per GPU, "
+            f"the {cluster.gpu.name} has {cluster.gpu.memory_gb:g} GB, so --write-job writes nothing. Leave out --tp "
+            "and --pp to rank the layouts that fit (the best is written), or add stages (--pp), ZeRO (--zero), "
+            "recomputation (--recompute) or a smaller --micro-batch."
+        )
+
+
 def _positive(what: str, value: int | float | None) -> None:
     if value is not None and not value > 0:
         raise InputError(f"{what} must be a positive number, got {value}.")
@@ -114,11 +138,16 @@ def _positive(what: str, value: int | float | None) -> None:
 def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
     """The nodes and GPUs of the request, the job's [slurm] filling in what it leaves out; the numbers checked."""
     r = request
-    nodes = r.nodes if r.nodes is not None else cfg.slurm.nodes
-    per_node = r.gpus_per_node if r.gpus_per_node is not None else cfg.slurm.gpus_per_node
+    nodes = _cluster_size("--nodes", r.nodes, "slurm.nodes", cfg.slurm.nodes)
+    per_node = _cluster_size("--gpus-per-node", r.gpus_per_node, "slurm.gpus_per_node", cfg.slurm.gpus_per_node)
+    most = maximum("launch.np")
+    if nodes * per_node > most:
+        raise InputError(
+            f"{nodes:,} nodes x {per_node:,} GPUs = {nodes * per_node:,} GPUs is more than the {most:,} ranks a job "
+            "may have (launch.np, one rank per GPU; far above any real cluster). Check --nodes and --gpus-per-node "
+            "for a typo."
+        )
     for what, value in [
-        ("--nodes", nodes),
-        ("--gpus-per-node", per_node),
         ("--tp", r.tp),
         ("--pp", r.pp),
         ("--micro-batch", r.micro_batch),
@@ -127,8 +156,6 @@ def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
         ("--top", r.top),
     ]:
         _positive(what, value)
-    if not per_node:
-        raise InputError("the job has no GPUs per node (slurm.gpus_per_node = 0). Pass --gpus-per-node.")
     gpu = gpus.gpu(
         r.gpu_name,
         memory_gb=r.gpu_memory_gb,
@@ -140,6 +167,25 @@ def _cluster(request: PlanRequest, cfg: JobConfig) -> layouts.Cluster:
     return layouts.Cluster(nodes, per_node, gpu)
 
 
+def _cluster_size(flag: str, given: int | None, key: str, in_job: int) -> int:
+    """The flag's number, else the job's key: at least 1, and at most the job file's own bound on the key (the
+    plan's job carries the key, so what the plan takes a job file may hold; the bound is far above any real
+    cluster, so a larger number is a typo, which the planner would otherwise answer with absurd figures)."""
+    if given is None:
+        if in_job < 1:  # the job's [slurm] allows 0 (CPU-only nodes); a plan needs GPUs
+            raise InputError(f"{key} is {in_job} in the job; pass {flag}.")
+        return in_job
+    most = maximum(key)
+    if given < 1:
+        raise InputError(f"{flag} must be a positive number, got {given}.")
+    if given > most:
+        raise InputError(
+            f"{flag} {given:,} is more than the {most:,} {SIZE_WORDS[flag]} a job may have (hvdlm's bound on {key}, "
+            "far above any real cluster). Check the number for a typo."
+        )
+    return given
+
+
 def _planned_job(request: PlanRequest, cfg: JobConfig, cluster: layouts.Cluster) -> layouts.Job:
     return layouts.Job(
         model=cfg.model,
@@ -148,6 +194,14 @@ def _planned_job(request: PlanRequest, cfg: JobConfig, cluster: layouts.Cluster)
         schedule=cfg.parallel.schedule,
         accounting=request.accounting,
     )
+
+
+def _horizon(request: PlanRequest, cfg: JobConfig, job: layouts.Job) -> report.Horizon:
+    """The tokens the days are counted for: --tokens, else the job's train.max_steps steps of the global batch."""
+    if request.tokens:
+        return report.Horizon(request.tokens)
+    steps = cfg.train.max_steps
+    return report.Horizon(steps * job.global_batch * cfg.model.seq_len, steps)
 
 
 def _default_global_batch(cfg: JobConfig, gpu_count: int) -> int:
@@ -163,17 +217,56 @@ def _default_global_batch(cfg: JobConfig, gpu_count: int) -> int:
     return per_replica * gpu_count // (p.tp * p.pp)
 
 
-def _one(request: PlanRequest, cfg: JobConfig, job: layouts.Job, cluster: layouts.Cluster) -> layouts.Estimate:
-    """The layout of --tp / --pp, the job file giving whatever the command line leaves out."""
+def _one(
+    request: PlanRequest, cfg: JobConfig, job: layouts.Job, cluster: layouts.Cluster
+) -> tuple[layouts.Estimate, str | None]:
+    """The layout of --tp / --pp, the job file giving whatever the command line leaves out, but the micro-batch
+    chosen where the job's does not serve (see _micro_batch); and a note that says so, or None."""
     r = request
-    return layouts.one(
+    pick = functools.partial(
+        layouts.one,
         job,
         cluster,
-        tp=r.tp or cfg.parallel.tp,
-        pp=r.pp or cfg.parallel.pp,
-        zero=r.zero if r.zero is not None else cfg.train.zero,
-        recompute=r.recompute or cfg.model.recompute,
-        micro_batch=r.micro_batch or cfg.train.batch_size,
+        r.tp or cfg.parallel.tp,
+        r.pp or cfg.parallel.pp,
+        r.zero if r.zero is not None else cfg.train.zero,
+        r.recompute or cfg.model.recompute,
+    )
+    if r.micro_batch:
+        return pick(r.micro_batch), None
+    return _micro_batch(pick, cfg.train.batch_size)
+
+
+def _micro_batch(pick: Callable[[int], layouts.Estimate], own: int) -> tuple[layouts.Estimate, str | None]:
+    """The layout with the job's micro-batch (train.batch_size) where it runs and fits. Else, as the ranked form
+    would choose among its micro-batches: the fastest that fits; none fitting, the job's own (its figures say
+    DOES NOT FIT) or the one that needs the least memory; none running, the job's reason. A stage count is
+    chosen for the model, and the job's batch size, set for another layout, should not refuse it."""
+    try:
+        mine, why = pick(own), None
+    except InputError as error:
+        mine, why = None, error
+    if mine is not None and mine.fits:
+        return mine, None
+    others = []
+    for b in layouts.MICRO_BATCHES:
+        if b != own:
+            with contextlib.suppress(InputError):
+                others.append(pick(b))
+    fitting = [e for e in others if e.fits]
+    if fitting:
+        best = min(fitting, key=lambda e: (-e.tokens_per_s, e.memory.total))
+    elif mine is not None:
+        return mine, None
+    elif others:
+        best = min(others, key=lambda e: e.memory.total)
+    else:
+        raise why
+    problem = "does not fit" if mine is not None else "cannot run in this layout"
+    chosen = "the fastest that fits" if best.fits else "the one that needs the least memory"
+    return best, (
+        f"note: --micro-batch not given and train.batch_size = {own} {problem}: the figures are for micro-batch "
+        f"{best.layout.micro_batch}, {chosen} (--micro-batch N for another)."
     )
 
 
