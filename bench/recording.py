@@ -1,9 +1,9 @@
 """Recording a benchmark's results, always with the command, the date and the machine:
 
 - the section with its tables, appended to the dated log, bench/log/RESULTS.md;
-- its headline figures, one JSON object a line, appended to bench/results.jsonl: what, figure, target, machine,
-  date, command. The documentation's Benchmarks page shows the newest line of each `what` (docs/hooks.py), so a
-  figure keeps the same `what` from one run to the next.
+- its headline figures, one JSON object a line, appended to bench/results.jsonl: what, figure, target, machine
+  (cores and CPU), date, command, and the software versions. The documentation's Benchmarks page shows the newest
+  line of each `what` (docs/hooks.py), so a figure keeps the same `what` from one run to the next.
 """
 
 from __future__ import annotations
@@ -42,10 +42,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cores() -> str:
+    """This machine's cores and CPU, e.g. "2 cores (AMD EPYC 7B13)"."""
+    return f"{os.cpu_count()} cores ({cpu_model()})"
+
+
 def machine(software: str = "") -> str:
     """This machine in one line: cores, CPU, OS, Python and any `software` versions the figures depend on."""
-    system = f"{platform.system()} {platform.machine()}; Python {platform.python_version()}"
-    line = f"{os.cpu_count()} cores ({cpu_model()}), {system}"
+    line = f"{cores()}, {platform.system()} {platform.machine()}; Python {platform.python_version()}"
     return f"{line}, {software}" if software else line
 
 
@@ -64,11 +68,13 @@ def record(
 ) -> None:
     """Append a section to the log (the title and today's date, the command, the machine, then `lines`), and each
     of `figures` to the results file."""
-    today, command, where = date.today().isoformat(), command_line(), machine(software)
-    block = [f"\n## {title}, {today}", f"- command: `{command}`", f"- machine: {where}", *lines]
+    today, command = date.today().isoformat(), command_line()
+    block = [f"\n## {title}, {today}", f"- command: `{command}`", f"- machine: {machine(software)}", *lines]
     with open(log, "a") as f:
         f.write("\n".join(block) + "\n")
+    versions = f"{platform.system()} {platform.machine()}; Python {platform.python_version()}"
     with open(results, "a") as f:
         for figure in figures:
-            row = {"what": figure.what, "figure": figure.figure, "target": figure.target}
-            f.write(json.dumps({**row, "machine": where, "date": today, "command": command}) + "\n")
+            row = {"what": figure.what, "figure": figure.figure, "target": figure.target, "machine": cores()}
+            row |= {"date": today, "command": command, "software": f"{versions}, {software}" if software else versions}
+            f.write(json.dumps(row) + "\n")
