@@ -7,7 +7,7 @@ For BPE the tokenizer's training time is reported on its own too.
     python bench/data_prepare.py [--repeats 3] [--vocab-size 4096] [--record]
 
 Targets: byte-level >= 50 MB/s; BPE training on the standard library < 60 s.
---record appends the figures to bench/RESULTS.md with the command, date and machine.
+--record appends the figures to bench/log/RESULTS.md with the command, date and machine.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recording import record  # bench/ is on sys.path when a script here runs
+from recording import Figure, record  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs per tokenizer; the best one counts")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     args = parser.parse_args()
 
     configs = {
@@ -94,6 +94,14 @@ def main() -> None:
                 "- every run, in order: " + every,
                 f"- byte-level prepare: **{best['byte']['mb_per_s']:.1f} MB/s** (target >= 50)",
                 f"- BPE training: **{bpe_train:.1f} s** (target < 60 s)",
+            ],
+            figures=[
+                Figure("Data preparation, byte-level", f"{best['byte']['mb_per_s']:.1f} MB/s", ">= 50 MB/s"),
+                Figure(
+                    f"Data preparation, BPE training ({args.vocab_size}, {best['byte']['bytes'] / 1e6:.1f} MB corpus)",
+                    f"{bpe_train:.1f} s",
+                    "< 60 s",
+                ),
             ],
         )
 

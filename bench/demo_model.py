@@ -32,8 +32,8 @@ def demo(threads: int):
     """The demo's configuration (with AdamW) and dataset (prepared if it is not yet), with `threads` torch threads;
     the model's vocabulary is the dataset's, as training sets it."""
     cfg = load_config(JOB)
-    # The figures in RESULTS.md before the demo moved to Muon were taken with AdamW; bench/optimizers.py compares
-    # the two.
+    # The figures in bench/log/RESULTS.md before the demo moved to Muon were taken with AdamW; bench/optimizers.py
+    # compares the two.
     cfg.train.optimizer = "adamw"
     torch.set_num_threads(threads)
     data = open_dataset(ensure_dataset(cfg.data))
@@ -88,5 +88,5 @@ def rounds_arguments(doc: str) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     return parser.parse_args()

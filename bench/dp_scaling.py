@@ -6,7 +6,7 @@ Every configuration trains the same model on the same per-rank batch with the sa
 
     python bench/dp_scaling.py [--steps 60] [--repeats 2] [--threads 1] [--record]
 
---record appends the figures to bench/RESULTS.md with the command, date and machine.
+--record appends the figures to bench/log/RESULTS.md with the command, date and machine.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from recording import record  # bench/ is on sys.path when a script here runs
+from recording import Figure, record  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "demo.toml"
@@ -65,7 +65,7 @@ def training_bench_arguments(doc: str) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--log-interval", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best one counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same everywhere")
-    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     args = parser.parse_args()
     overrides = [
         f"train.max_steps={args.steps}",
@@ -127,6 +127,16 @@ def main() -> None:
                 f"- hvdlm / DDP: **{versus_ddp:.3f}** (target >= 1.00)",
             ],
             software=f"torch {torch.__version__}, Horovod 0.28.1",
+            figures=[
+                Figure(
+                    "Data parallelism: weak-scaling efficiency, 1 -> 2 ranks (demo model)",
+                    f"{efficiency:.3f}",
+                    ">= 0.90",
+                ),
+                Figure(
+                    "Data parallelism: hvdlm / PyTorch DDP (gloo) tokens/s, 2 ranks", f"{versus_ddp:.3f}", ">= 1.00"
+                ),
+            ],
         )
 
 

@@ -6,7 +6,7 @@
 
     python bench/failures.py [--rounds 3] [--steps 200] [--record]
 
---record appends the figures to bench/RESULTS.md with the command, date and machine.
+--record appends the figures to bench/log/RESULTS.md with the command, date and machine.
 """
 
 from __future__ import annotations

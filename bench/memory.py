@@ -2,7 +2,7 @@
 full recomputation and ZeRO with it, DP=2, the same model in one run; then the largest model (by n_layer at d_model
 1024) that fits a per-rank memory budget, replicated against ZeRO-1 or ZeRO-2 + full recomputation.
 
-    python bench/memory.py                  # the figures for bench/RESULTS.md
+    python bench/memory.py                  # the figures for bench/log/RESULTS.md
     python bench/memory.py --steps 6        # quicker
 
 Part 1 trains with the real `hvdlm train` under mpirun (2 ranks, one thread each) and reads the memory account and

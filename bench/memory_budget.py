@@ -1,6 +1,6 @@
 """The largest model that really trains in a per-rank memory budget: replicated against ZeRO + full recomputation.
 
-    python bench/memory_budget.py                     # 3 GiB per rank, d_model 1024, the figures for RESULTS.md
+    python bench/memory_budget.py                     # 3 GiB per rank, d_model 1024: the figures of bench/log/
     python bench/memory_budget.py --budget-gb 2       # another budget
 
 For each setting, two real runs (`hvdlm train` under mpirun, DP=2, one thread per rank, a few steps) at small

@@ -3,7 +3,7 @@
 One process with the demo's per-rank batch and 1 thread (what each of `make demo`'s 2 ranks gets on 2 cores), the
 trainer's step with each optimizer as make_optimizer builds it, in alternating timed rounds. Then the Newton-Schulz
 iterations alone over the model's hidden matrices, which every data-parallel rank runs in full. What each
-optimizer learns per step is measured by training the demo (bench/RESULTS.md, "Muon").
+optimizer learns per step is measured by training the demo (bench/log/RESULTS.md, "Muon").
 
     python bench/optimizers.py [--steps 40] [--rounds 3] [--threads 1] [--record]
 """
@@ -14,7 +14,7 @@ import time
 
 import demo_model as dm  # bench/ is on sys.path when a script here runs
 import torch
-from recording import record
+from recording import Figure, record
 
 from hvdlm.optim.muon import is_hidden_matrix, orthogonalize
 
@@ -54,7 +54,12 @@ def main() -> None:
     )
     print("\n".join(lines))
     if args.record:
-        record("AdamW against Muon on the CPU (demo model)", lines, software=f"torch {torch.__version__}")
+        muon = Figure(
+            "Muon against AdamW, tokens/s a step on the CPU (demo model)", f"{rates['muon'] / rates['adamw']:.2f}x"
+        )
+        record(
+            "AdamW against Muon on the CPU (demo model)", lines, software=f"torch {torch.__version__}", figures=[muon]
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pipeline benchmark: the bubble, saved activations of 1F1B against GPipe, PP=2 against 1 rank and against
 torch.distributed.pipelining, and the bytes sent between stages (one thread per rank).
 
-    python bench/pipeline.py             # d_model 512, n_layer 8: the figures for bench/RESULTS.md (--record)
+    python bench/pipeline.py             # d_model 512, n_layer 8: the figures for bench/log/RESULTS.md (--record)
     python bench/pipeline.py --quick     # a small model, to see that it runs
 
 It starts itself under mpirun twice (the `--worker` runs): on 1 rank, the whole GPT accumulating m micro-batches
@@ -257,7 +257,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a small model (d_model 128, n_layer 4)")
     p.add_argument("--no-torch-pipelining", action="store_true", help="leave torch.distributed.pipelining out")
-    p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    p.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:

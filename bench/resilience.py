@@ -7,7 +7,7 @@ atomic checkpoint save against a plain torch.save of the same state:
 
     python bench/resilience.py [--steps 60] [--repeats 2] [--threads 1] [--record]
 
---record appends the figures to bench/RESULTS.md with the command, date and machine.
+--record appends the figures to bench/log/RESULTS.md with the command, date and machine.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Tensor-parallel benchmark: bytes the TP collectives move per step, against the analytic minimum, and the step
 throughput of TP=2 on 2 ranks against TP=1 on 1 rank (one thread per rank).
 
-    python bench/tp_bytes.py                        # d_model 1024, the figures for bench/RESULTS.md
+    python bench/tp_bytes.py                        # d_model 1024, the figures for bench/log/RESULTS.md
     python bench/tp_bytes.py --d-model 256 --steps 3  # a quick check that counted == analytic
 
 It starts itself under mpirun once per layout (the `--worker` runs). A worker trains the GPT on random tokens
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    p.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -152,7 +152,7 @@ def main() -> None:
     exact = all(r["bytes_per_step"] == r["analytic_bytes"] for r in (one, two))
     print(f"speed-up TP=2 / TP=1: {speedup:.2f}x (target >= 1.5x); counted bytes == analytic: {exact}")
     if args.record:
-        from recording import record  # bench/ is on sys.path when this script runs
+        from recording import Figure, record  # bench/ is on sys.path when this script runs
 
         record(
             "Tensor parallelism: bytes moved and TP=2 against TP=1",
@@ -171,6 +171,13 @@ def main() -> None:
                 f"- speed-up TP=2 / TP=1: **{speedup:.2f}x** (target >= 1.5x); counted bytes == analytic: {exact}",
             ],
             software=f"torch {one['torch']}, Horovod 0.28.1, Open MPI",
+            figures=[
+                Figure(
+                    f"Tensor parallelism: TP=2 on 2 ranks against 1 rank (d_model {args.d_model})",
+                    f"{speedup:.2f}x",
+                    ">= 1.5x",
+                )
+            ],
         )
     sys.exit(0 if exact else 1)
 

@@ -3,7 +3,7 @@ forward, backward and AdamW step timed without Horovod, with Horovod initialised
 as in every hvdlm rank), with Horovod plus the trainer's per-step stop vote (an asynchronous allreduce) as it
 was, and as hvdlm runs such a job now: the vote over MPI (hvdlm.parallel.jobwide), Horovod idle at a 100 ms cycle.
 
-    python bench/tp_horovod.py              # 3 rounds of each, medians; --record appends them to RESULTS.md
+    python bench/tp_horovod.py              # 3 rounds of each, medians; --record appends them to bench/log/RESULTS.md
     python bench/tp_horovod.py --cycles 5,50  # the two vote modes under each HOROVOD_CYCLE_TIME (ms)
 
 The TP collectives run on mpi4py in the main thread; Horovod's background thread coordinates with the other
@@ -83,7 +83,7 @@ def worker(mode: str, cycle_ms: float | None = None) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    p.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     p.add_argument("--cycles", default="", help="comma-separated HOROVOD_CYCLE_TIME values (ms) for the two vote modes")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--cycle", type=float, help=argparse.SUPPRESS)

@@ -2,7 +2,7 @@
 days of a layout, or every layout of the cluster ranked, before anything is submitted.
 
 The command parses, asks hvdlm.plan.request for the answer and prints it; the planner (hvdlm.plan) is pure
-arithmetic, so it answers at once on a login node. Formulas and sources: README, "Planning a job".
+arithmetic, so it answers at once on a login node. Formulas and sources: docs/guides/planner.md.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from hvdlm.plan.request import PlanRequest, answer
 def plan(job: str, **options) -> None:
     """Predict memory per GPU, step time, tokens/s, MFU and days for JOB on a cluster: for the layout given by --tp
     / --pp (the rest from the flags or the job file), or for every layout, ranked by tokens/s, with the reasons
-    the others were dropped. The formulas and their sources: README, "Planning a job"."""
+    the others were dropped. The formulas and their sources: docs/guides/planner.md (hvdlm's documentation)."""
     request = PlanRequest(job=job, **options)
     planned = answer(request)
     if planned.job_text is not None:

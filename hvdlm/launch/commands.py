@@ -291,7 +291,7 @@ def rank_env(
     # Each rank runs its compute threads plus Horovod's background thread, so CPU ranks share cores. Open MPI
     # busy-polls inside blocking calls unless told to yield, and Horovod's 1 ms default cycle makes that thread
     # negotiate (and spin) a thousand times a second; both steal the core from the math. Measured on 2 cores:
-    # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/RESULTS.md). GPU ranks do their math on
+    # about 270 -> 195 ms per step of the demo model with 2 ranks (bench/log/RESULTS.md). GPU ranks do their math on
     # the GPU and get cores of their own (4 per rank in batch jobs): there, busy-polling answers MPI messages
     # (Horovod's negotiation, mpi4py's tensor-parallel collectives) sooner, and yielding would only add latency.
     if device == CPU:

@@ -15,7 +15,7 @@ matrix's size), orthogonalizes it as TP = 1 would, and keeps its own slice. ZeRO
 
 One class rather than torch.optim.Muon beside torch.optim.AdamW: Horovod's DistributedOptimizer wraps a single
 optimizer, and checkpoints save one. torch.optim.Muon also iterates in bfloat16, which on these CPUs runs 13x
-slower than fp32 (bench/RESULTS.md); here the iteration runs in bfloat16 on GPUs only.
+slower than fp32 (bench/log/RESULTS.md); here the iteration runs in bfloat16 on GPUs only.
 """
 
 from __future__ import annotations

@@ -12,5 +12,5 @@ Pure arithmetic, standard library only (no torch, no numpy), and nothing from hv
 - jobfile: the job file with a chosen layout;
 - request: one `hvdlm plan` command line's question and its answer (the command only parses and prints).
 
-Formulas and sources: README, "Planning a job".
+Formulas and sources: docs/guides/planner.md.
 """

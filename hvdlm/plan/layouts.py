@@ -145,7 +145,7 @@ def estimate(job: Job, cluster: Cluster, layout: Candidate) -> Estimate:
     m, g, L = job.model, cluster.gpu, layout
     need = mem.memory(m, L, accounting=job.accounting, optimizer=job.optimizer, schedule=job.schedule)
     params = max(counts.params_per_stage(m, L.tp, L.pp))
-    # The gradients that are averaged: hvdlm reduces fp32 (bf16 too: README, "GPU path"), the mixed accounting
+    # The gradients that are averaged: hvdlm reduces fp32 (bf16 too: docs/guides/gpus.md), the mixed accounting
     # 16-bit gradients.
     grad_bytes = params * (2 if job.accounting == "mixed" else 4)
     t = timing.step_time(m, L, speeds(cluster, L), grad_bytes, job.optimizer)

@@ -91,7 +91,7 @@ def dp_exposed_s(
     allreduce = ring_allreduce_s(grad_bytes, dp, bytes_per_s)
     if zero == 1:
         # hvdlm's ZeRO-1: one reduce-scatter after backward and an all-gather after the step, together the bytes
-        # of an allreduce, overlapping nothing (README, "Memory").
+        # of an allreduce, overlapping nothing (docs/guides/memory.md).
         return allreduce
     if zero == 2:
         # ZeRO-2: each half of an allreduce apart. The reduce-scatter runs bucket by bucket during every

@@ -703,7 +703,7 @@ def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) 
     if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1):
         if topo.dp == topo.tp == topo.pp == 1:
             # One rank: no gradient allreduce to overlap with backward, so the whole model is one graph, which
-            # fuses across the blocks' seams (2 % of GPT-2's step on an H200, bench/RESULTS.md).
+            # fuses across the blocks' seams (2 % of GPT-2's step on an H200, bench/log/RESULTS.md).
             model.compile()
         else:
             model.compile_parts()
