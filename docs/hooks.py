@@ -283,7 +283,7 @@ def exit_codes() -> str:
         ),
     ]
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and node.targets[0].id.endswith("_EXIT_CODE"):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "").endswith("_EXIT_CODE"):
             name = node.targets[0].id
             why = " ".join(filter(None, [comment_above(lines, node.lineno), trailing.get(node.lineno, "")]))
             rows.append((str(ast.literal_eval(node.value)), f"`{name}`", why))
