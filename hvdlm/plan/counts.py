@@ -236,7 +236,7 @@ def tp_bytes_per_step(shape: Shape, microbatches: int = 1, optimizer: str = "ada
     backward, as far as its last saved tensor (torch's checkpoint stops early there): the attention output's
     reduction again, L_s N d more, and the MLP's too only with dropout (whose mask is saved after it). Per step:
     one fp32 for the clipping norm. For fp32 and L blocks on one stage, 4 ((4 L + 2) N d + 3 N + 1):
-    bench/tp_bytes.py. Muon (hvdlm.training.muon) gathers each block matrix's fp32 update once a step: the rank's
+    bench/tp_bytes.py. Muon (hvdlm.optim.muon) gathers each block matrix's fp32 update once a step: the rank's
     slice of 12 d^2 per block.
     """
     model, tp, layers = shape.model, shape.tp, shape.layers

@@ -46,7 +46,7 @@ def step_flops(m: ModelConfig, global_batch: int, recompute: str) -> float:
 
 
 def muon_flops_per_layer(d_model: int, ns_steps: int = 5) -> float:
-    """FLOPs of Muon's orthogonalization of one block's matrices (hvdlm.training.muon), which every rank runs whole:
+    """FLOPs of Muon's orthogonalization of one block's matrices (hvdlm.optim.muon), which every rank runs whole:
     a step on an m x n matrix (m <= n) is two m x n by n x m products and one m x m square, 4 m^2 n + 2 m^3. The
     block's q, k, v (d x 3d), output (d x d) and MLP (d x 4d, twice) sum to 56 d^3 a step."""
     return ns_steps * 56 * d_model**3
