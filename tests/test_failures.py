@@ -251,6 +251,49 @@ def test_elastic_drops_a_killed_worker_and_finishes_on_the_others(job, cache_dir
     assert metrics(run.run_dir)[-1]["tokens"] == consumed * 32  # seq_len 32
 
 
+def test_elastic_on_this_machine_alone_needs_no_nic(job, cache_dir, tmp_path):
+    """Without --nic, horovodrun's elastic driver compares two hosts' interfaces, and waits ten minutes for a second
+    host with no worker started: on this machine alone hvdlm gives it the loopback interface."""
+    run = Launched(job, tmp_path / "run", cache_dir, "--elastic", "--min-np", "1", *sets("train.max_steps=3"))
+    assert run.finish(timeout=90) == 0, run.out[-4000:]
+    assert "--network-interface lo" in run.out
+    assert logged_steps(run.run_dir) == [1, 2, 3]
+
+
+def test_a_signal_before_any_elastic_worker_started_ends_the_launch(job, cache_dir, tmp_path):
+    """horovodrun waits for slots with no worker started (the hostfile lost one as the job started): SIGTERM has
+    no rank to ask for a checkpoint, so it ends the launcher, and `hvdlm launch` says how to continue."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    run = Launched(job, tmp_path / "run", cache_dir, "--elastic", "--min-np", "1", "--hostfile", hostfile)
+    script = run.run_dir / "discover_hosts.sh"
+    deadline = time.monotonic() + 60
+    while not script.exists() and time.monotonic() < deadline:  # written just before horovodrun starts
+        time.sleep(0.01)
+    hostfile.write_text("localhost slots=1\n")  # before horovodrun's first look: it waits for 2 slots
+    time.sleep(5)
+    if workers_of(run.run_dir):
+        run.end()
+        raise AssertionError(f"workers started:\n{run.out[-4000:]}")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=30) == 128 + signal.SIGTERM, run.out[-4000:]
+    assert "SIGTERM: no rank runs on this machine, none can write a checkpoint: ending the launcher" in run.out
+    assert "stopped by SIGTERM; continue with: hvdlm launch" in run.out and "Traceback" not in run.out, run.out
+
+
+def workers_of(run_dir: Path) -> list[int]:
+    """The pids of the `hvdlm train` processes of the run in `run_dir`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and argv[1:4] == [b"-m", b"hvdlm", b"train"] and str(run_dir).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def test_the_sampler_takes_every_sample_once_across_a_resize():
     """What the elastic workers do with their samplers: 3 ranks to a commit, steps lost after it, then 2 ranks
     from the commit's state: the samples of the kept steps are one epoch, each sample once."""
@@ -306,6 +349,7 @@ def test_the_layout_of_a_restart_on_fewer_slots():
         (["--elastic", "--set", "train.optimizer=adamw", "--set", "train.zero=1"], "does not support train.zero"),
         (["--elastic", "--launcher", "mpirun"], "--elastic runs horovodrun"),
         (["--elastic", "--np", "3", "--min-np", "4", "--max-np", "4"], "--min-np <= --np <= --max-np"),
+        (["--elastic", "--hosts", "node1:2"], "--elastic on the one host node1 needs the network interface"),
     ],
 )
 def test_restart_and_elastic_options_refuse_what_cannot_work(args, says):

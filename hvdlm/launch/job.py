@@ -7,6 +7,7 @@ Job preparation: no torch, horovod, mpi4py or numpy here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -23,6 +24,7 @@ from hvdlm.launch.elastic import (
     check_elastic,
     discovery_script,
     elastic_argv,
+    elastic_nic,
     refuse_unsupported,
     write_discovery_script,
 )
@@ -92,6 +94,8 @@ def prepare_launch(cfg: JobConfig, args: LaunchArgs) -> PreparedLaunch:
     launcher = args.launcher or ("horovodrun" if args.elastic else la.launcher)
     min_np = _check_failure_handling(cfg, args, launcher)
     hosts = _host_list(args.hosts or la.hosts or None, args.hostfile, launcher)
+    if args.elastic:  # horovodrun's elastic driver cannot find the interface of a job on one host by itself
+        args = dataclasses.replace(args, nic=elastic_nic(hosts, args.nic or la.nic))
     run_dir = args.run_dir or str(default_run_dir(Path(args.job).stem))
     check_before_launch(cfg, Path(run_dir), args.resume, local_only=hosts is None and launcher != "srun")
     # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
@@ -209,7 +213,8 @@ def _explain_stop(code: int, signum: int | None, prepared: PreparedLaunch, say: 
     if signum is None:
         return code
     name = signal.Signals(signum).name
-    if code in (0, REQUEUE_EXIT_CODE) or (prepared.launcher == "horovodrun" and code == 1):  # Gloo reports 75 as 1
+    # The ranks' checkpoint and exit, or the launcher ended by the signal itself (no rank had started).
+    if code in (0, REQUEUE_EXIT_CODE, -signum) or (prepared.launcher == "horovodrun" and code == 1):  # Gloo: 75 is 1
         job, run_dir = shlex.quote(prepared.args.job), shlex.quote(prepared.run_dir)
         say(f"hvdlm launch: stopped by {name}; continue with: hvdlm launch {job} --run-dir {run_dir} --resume auto")
     else:

@@ -4,7 +4,8 @@ outlives its launcher.
 The launcher (mpirun, horovodrun, srun) runs in a session of its own, so a Ctrl-C at the terminal reaches
 `hvdlm launch` alone and not every process at once (mpirun would kill the ranks before they could save). The
 first SIGINT, SIGTERM or SIGHUP is handed on as SIGUSR1, what Slurm's preemption sends: the ranks agree on a step,
-write its checkpoint and exit. A second one ends the launcher's whole process group at once (SIGKILL). If `hvdlm
+write its checkpoint and exit. Where no rank has started yet, there is nothing to save: the launcher gets the
+signal itself and ends. A second one ends the launcher's whole process group at once (SIGKILL). If `hvdlm
 launch` itself is killed outright, the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG), on which mpirun,
 horovodrun and srun end their ranks.
 
@@ -33,16 +34,17 @@ def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> tuple
 
     def on_signal(signum, frame) -> None:
         received.append(signum)
-        if len(received) == 1:
-            print(
-                f"\nhvdlm launch: {signal.Signals(signum).name}: asking the ranks to write a checkpoint and stop "
-                "(press Ctrl-C again to end them at once)",
-                file=sys.stderr,
-                flush=True,
-            )
-            ask_ranks_to_stop(proc.pid, launcher)
-        else:
+        if len(received) > 1:
             _signal_group(proc.pid, signal.SIGKILL)
+            return
+        name = signal.Signals(signum).name
+        targets = [proc.pid] if launcher == "srun" else rank_pids(proc.pid)
+        if targets:
+            _say(f"{name}: asking the ranks to write a checkpoint and stop (press Ctrl-C again to end them at once)")
+            _send(targets, signal.SIGUSR1)
+        else:  # none started yet (horovodrun waiting for hosts, say): nothing to save, and nothing else would stop
+            _say(f"{name}: no rank runs on this machine, none can write a checkpoint: ending the launcher")
+            _send([proc.pid], signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in HANDED_ON}
     try:
@@ -55,12 +57,14 @@ def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> tuple
     return code, received[0] if received else None
 
 
-def ask_ranks_to_stop(launcher_pid: int, launcher: str) -> None:
-    """SIGUSR1 to srun, which forwards it, or to this machine's ranks below mpirun or horovodrun."""
-    targets = [launcher_pid] if launcher == "srun" else rank_pids(launcher_pid)
-    for pid in targets:
+def _say(line: str) -> None:
+    print(f"\nhvdlm launch: {line}", file=sys.stderr, flush=True)
+
+
+def _send(pids: list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, sig)
         except ProcessLookupError:  # already gone
             pass
 
