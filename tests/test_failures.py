@@ -29,7 +29,7 @@ from hvdlm.errors import InputError
 from hvdlm.launch.elastic import discovery_script
 from hvdlm.launch.hosts import Host
 from hvdlm.launch.restarts import RESTARTS_FILE, AttemptSize, failure_cause, shrunk
-from hvdlm.runfiles import WATCHDOG_EXIT_CODE
+from hvdlm.runfiles import WATCHDOG_EXIT_CODE, WORKERS_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 
@@ -279,6 +279,38 @@ def test_a_signal_before_any_elastic_worker_started_ends_the_launch(job, cache_d
     assert run.finish(timeout=30) == 128 + signal.SIGTERM, run.out[-4000:]
     assert "SIGTERM: no rank runs on this machine, none can write a checkpoint: ending the launcher" in run.out
     assert "stopped by SIGTERM; continue with: hvdlm launch" in run.out and "Traceback" not in run.out, run.out
+
+
+def test_elastic_on_one_host_says_a_worker_death_ends_it_and_ends_in_one_line(job, cache_dir, tmp_path):
+    """horovodrun blacklists the whole host of a failed worker and stops when no host is left: with one host a
+    killed worker ends the job. `hvdlm launch` says so before it starts, and ends with its own line and exit code
+    instead of horovodrun's traceback."""
+    args = ("--elastic", "--min-np", "1", *sets("train.max_steps=100000"))
+    run = Launched(job, tmp_path / "run", cache_dir, *args)
+    run.wait_for_step(2)
+    os.kill(max(workers_of(run.run_dir)), signal.SIGKILL)
+    code, out = run.finish(timeout=60), run.out
+    assert code == WORKERS_LOST_EXIT_CODE, out[-4000:]
+    note = out.index("hvdlm launch: --elastic with one host (localhost): horovodrun drops the whole host of a failed")
+    assert note < out.index("horovodrun -np 2"), out[:2000]  # said before it starts
+    assert "Traceback" not in out and "RuntimeError" not in out, out[-4000:]
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("hvdlm launch: the elastic job has no worker left: a rank died of SIGKILL"), out[-4000:]
+    assert f"continue with: hvdlm launch {job} --run-dir {run.run_dir} --resume auto" in last, last
+
+
+def test_a_signal_to_an_elastic_launch_checkpoints_and_ends_cleanly(job, cache_dir, tmp_path):
+    run = Launched(job, tmp_path / "run", cache_dir, "--elastic", *sets("train.max_steps=100000"))
+    run.wait_for_step(3)
+    run.proc.send_signal(signal.SIGTERM)
+    code, out = run.finish(timeout=60), run.out
+    assert code == 128 + signal.SIGTERM, out[-4000:]
+    m = re.search(r"preempted at step (\d+) \(SIGUSR1\): checkpoint written", out)
+    assert m and (run.run_dir / "checkpoints" / f"step-{int(m[1]):07d}.pt").exists(), out[-4000:]
+    assert "Traceback" not in out and "RuntimeError" not in out, out[-4000:]
+    assert out.rstrip().endswith(
+        f"stopped by SIGTERM; continue with: hvdlm launch {job} --run-dir {run.run_dir} --resume auto"
+    )
 
 
 def workers_of(run_dir: Path) -> list[int]:

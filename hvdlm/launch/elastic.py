@@ -8,6 +8,9 @@ What of horovodrun's elastic driver decides what hvdlm checks before it starts:
   second host to come up (for ten minutes, with no worker started) when there is one: a job whose hosts are all
   this machine gets the loopback interface, and one on a single other host is refused (elastic_nic). The
   interface is chosen once, at the start: a host added to the hostfile later must be reachable on it.
+- It blacklists the whole host of a failed worker and ends the job when every host is blacklisted: on one host
+  the death of any worker ends the job, which `hvdlm launch` says before it starts (single_host_note), and after
+  it with hvdlm.runfiles.WORKERS_LOST_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import is_this_machine
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores
+from hvdlm.runfiles import WORKERS_LOST_EXIT_CODE
 
 DISCOVERY_SCRIPT = "discover_hosts.sh"
 # horovodrun's options that name fixed hosts: the discovery script replaces them.
@@ -77,6 +81,21 @@ def loopback_interface() -> str:
         except OSError:
             continue
     return "lo"
+
+
+def single_host_note(hosts: list[Host] | None) -> list[str]:
+    """What an elastic job on one host cannot do, said before it starts (for standard error)."""
+    names = {h.name for h in hosts or [Host(LOCALHOST, 1)]}
+    if len(names) > 1:
+        return []
+    name = names.pop()
+    # horovodrun tells hosts apart by name, so this machine under two names is two hosts to it.
+    twice = " (this machine under two names: --hosts localhost:A,127.0.0.1:B)" if is_this_machine(name) else ""
+    return [
+        f"hvdlm launch: --elastic with one host ({name}): horovodrun drops the whole host of a failed worker, so the "
+        f"death of any worker ends this job (exit {WORKERS_LOST_EXIT_CODE}). To survive one, give two or more hosts"
+        f"{twice}, or use --max-restarts N, which starts the job again from its newest checkpoint."
+    ]
 
 
 def discovery_script(hosts: list[Host] | None, hostfile: str | None) -> str:

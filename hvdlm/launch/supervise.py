@@ -12,24 +12,51 @@ horovodrun and srun end their ranks.
 Whom SIGUSR1 goes to, as in the batch scripts of `hvdlm sbatch`: srun forwards it to every task on every node;
 mpirun would turn a TERM into killing the job, and horovodrun dies on USR1, so for those two it goes straight to
 this machine's ranks (the ranks of other nodes stop at the same step: the ranks agree on it).
+
+horovodrun ends a job whose worker exited non-zero by raising a Python exception, so its every such end, a stop
+signal's checkpoint and exit included, prints a traceback and exits 1. Its standard error is copied through
+`hvdlm launch`, which drops that last traceback and keeps the worker's exit code instead (what mpirun exits with),
+for hvdlm.launch.job to say in one line what happened.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO, NamedTuple
 
 HANDED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# horovodrun's ends when a worker failed (horovod/runner/gloo_run.py, mpi_run.py), each naming an exit code.
+_TRACEBACK = b"Traceback (most recent call last):\n"
+_WORKER_LINE = re.compile(rb"\[\d+\]<std(out|err)>:")  # what horovodrun puts before its workers' lines
+_WORKER_FAILED = re.compile(
+    r"^RuntimeError: (?:Horovod detected that one or more processes exited with non-zero status[^\n]*\n"
+    r"Process name: [^\n]*\nExit code: |mpirun failed with exit code )(-?\d+)$",
+    re.M,
+)
 
 
-def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> tuple[int, int | None]:
-    """Run the launcher to its end; returns (its exit code, the first stop signal `hvdlm launch` got, or None)."""
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+class Ended(NamedTuple):
+    """How the launcher ended."""
+
+    code: int  # its exit code; horovodrun's is that of the first worker that failed, when it names one
+    signum: int | None  # the first stop signal `hvdlm launch` got
+    worker_failed: bool = False  # horovodrun ended the job because a worker failed (its traceback held back)
+
+
+def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> Ended:
+    """Run the launcher to its end."""
+    sys.stderr.flush()
+    pipe = subprocess.PIPE if launcher == "horovodrun" else None
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_end_with_parent, stderr=pipe)
+    errors = HorovodrunErrors(proc.stderr) if proc.stderr else None
     received: list[int] = []
 
     def on_signal(signum, frame) -> None:
@@ -54,7 +81,44 @@ def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> tuple
             signal.signal(sig, handler)
     if received:
         _signal_group(proc.pid, signal.SIGKILL)  # nothing of the job may outlive the launcher
-    return code, received[0] if received else None
+    worker = errors.end() if errors else None
+    signum = received[0] if received else None
+    return Ended(code, signum) if worker is None or code != 1 else Ended(worker, signum, worker_failed=True)
+
+
+class HorovodrunErrors:
+    """horovodrun's standard error, copied to ours line by line as it comes, but for the traceback it ends with
+    when a worker failed: that is held back, dropped, and the worker's exit code kept (`worker_code`). Any other
+    traceback of its own is shown whole."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.worker_code: int | None = None
+        self._thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def end(self, timeout: float = 10) -> int | None:
+        """The failed worker's exit code, once horovodrun's output has ended (None: no worker failed)."""
+        self._thread.join(timeout)
+        return self.worker_code
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        out, held = sys.stderr.buffer, []
+        for line in iter(stream.readline, b""):
+            if held and _WORKER_LINE.match(line):  # a worker speaks after it: not horovodrun's end
+                out.write(b"".join(held))
+                held = []
+            if held or line == _TRACEBACK:
+                held.append(line)
+                continue
+            out.write(line)
+            out.flush()
+        found = _WORKER_FAILED.search(b"".join(held).decode(errors="replace"))
+        if found:
+            code = int(found[1])
+            self.worker_code = 128 - code if code < 0 else code  # -N: killed by signal N, as a shell says 128 + N
+        else:
+            out.write(b"".join(held))
+        out.flush()
 
 
 def _say(line: str) -> None:
