@@ -305,7 +305,7 @@ def test_a_signal_to_an_elastic_launch_checkpoints_and_ends_cleanly(job, cache_d
     run.proc.send_signal(signal.SIGTERM)
     code, out = run.finish(timeout=60), run.out
     assert code == 128 + signal.SIGTERM, out[-4000:]
-    m = re.search(r"preempted at step (\d+) \(SIGUSR1\): checkpoint written", out)
+    m = re.search(r"preempted at step (\d+) \(SIGTERM\): checkpoint written", out)
     assert m and (run.run_dir / "checkpoints" / f"step-{int(m[1]):07d}.pt").exists(), out[-4000:]
     assert "Traceback" not in out and "RuntimeError" not in out, out[-4000:]
     assert out.rstrip().endswith(

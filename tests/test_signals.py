@@ -117,7 +117,9 @@ def test_a_signal_to_launch_ends_every_rank_after_a_checkpoint(tiny_job, tmp_pat
     run = training("launch", tiny_job, run_dir, cache_dir, "--np", "2", *layout, steps=3)
     run.proc.send_signal(sig)
     assert run.finish() == 128 + sig, run.out[-3000:]
-    assert_checkpointed_where_it_stopped(run, run_dir, "at step {step} (SIGUSR1)")
+    # The ranks get the signal itself: Ctrl-C is an interruption, TERM a preemption.
+    how = "interrupted" if sig == signal.SIGINT else "preempted"
+    assert_checkpointed_where_it_stopped(run, run_dir, f"{how} at step {{step}} ({signal.Signals(sig).name})")
     assert f"hvdlm launch: {signal.Signals(sig).name}" in run.out
     assert ranks_still_running(run_dir) == []
     assert "Traceback" not in run.out
