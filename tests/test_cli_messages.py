@@ -21,3 +21,11 @@ def test_hostfile_and_sbatch_say_which_file_they_wrote(hvdlm, tmp_path):
     assert f"wrote {script}: the batch script; submit it with: sbatch {script}\n" in r.out, r.out
     r = hvdlm("hostfile", "--from", "hosts", "a:2", "-o", "-")  # a stream shows its own text
     assert r.out == "a slots=2\n", r.out
+
+
+def test_export_of_a_run_directory_that_is_not_there(hvdlm, tmp_path):
+    missing = tmp_path / "runs" / "nonexist"
+    for out in ([], ["-o", str(tmp_path / "out")]):  # before a missing -o, too
+        r = hvdlm("export", str(missing), *out)
+        assert r.code == 2 and f"run directory '{missing}' does not exist" in r.out, r.out
+        assert "Traceback" not in r.out and not (tmp_path / "out").exists()
