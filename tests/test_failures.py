@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -311,6 +312,49 @@ def test_a_signal_to_an_elastic_launch_checkpoints_and_ends_cleanly(job, cache_d
     assert out.rstrip().endswith(
         f"stopped by SIGTERM; continue with: hvdlm launch {job} --run-dir {run.run_dir} --resume auto"
     )
+
+
+# A stand-in for horovodrun's output: a worker's progress bar (a carriage return, no newline), then its end.
+FAKE_HOROVODRUN = """
+import sys, time
+sys.stderr.write("[0]<stderr>:train 1/9\\r"); sys.stderr.flush()
+time.sleep(float(sys.argv[1]))
+print("Traceback (most recent call last):\\n  File 'horovodrun', line 8", file=sys.stderr)
+print("RUNTIME_ERROR", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    "error,code,shown",
+    [
+        (
+            "RuntimeError: Horovod detected that one or more processes exited with non-zero status, thus causing the "
+            "job to be terminated. The first process to do so was:\\nProcess name: localhost[1]\\nExit code: -9",
+            137,
+            False,
+        ),
+        ("RuntimeError: mpirun failed with exit code 124", 124, False),
+        ("RuntimeError: could not connect to some hosts via ssh", 1, True),
+    ],
+)
+def test_horovodruns_traceback_at_a_failed_worker_becomes_its_exit_code(tmp_path, error, code, shown):
+    """What run_supervised makes of horovodrun's standard error: a progress bar's update passes at once; the
+    traceback of a failed worker is dropped and that worker's exit code kept; any other traceback is shown."""
+    script = tmp_path / "horovodrun.py"
+    script.write_text(FAKE_HOROVODRUN.replace("RUNTIME_ERROR", error))
+    supervise = (
+        "import sys; from hvdlm.launch.supervise import run_supervised; "
+        f"end = run_supervised([sys.executable, {str(script)!r}, '3'], dict(__import__('os').environ), 'horovodrun'); "
+        "print(end.code, end.worker_failed)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", supervise], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    assert proc.stderr.read(len(b"[0]<stderr>:train 1/9\r")) == b"[0]<stderr>:train 1/9\r"
+    assert time.monotonic() - started < 2.5, "the progress bar waited for the launcher's end"
+    out, err = proc.communicate(timeout=30)
+    assert out.decode().split() == [str(code), str(not shown)], (out, err)
+    assert (b"Traceback" in err) == shown and (error.split("\\n")[0].encode() in err) == shown, err
 
 
 def workers_of(run_dir: Path) -> list[int]:

@@ -37,6 +37,7 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # horovodrun's ends when a worker failed (horovod/runner/gloo_run.py, mpi_run.py), each naming an exit code.
 _TRACEBACK = b"Traceback (most recent call last):\n"
 _WORKER_LINE = re.compile(rb"\[\d+\]<std(out|err)>:")  # what horovodrun puts before its workers' lines
+_PIECES = re.compile(rb"(?<=[\r\n])")  # after each line's end, or a progress bar's carriage return
 _WORKER_FAILED = re.compile(
     r"^RuntimeError: (?:Horovod detected that one or more processes exited with non-zero status[^\n]*\n"
     r"Process name: [^\n]*\nExit code: |mpirun failed with exit code )(-?\d+)$",
@@ -88,13 +89,14 @@ def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> Ended
 
 
 class HorovodrunErrors:
-    """horovodrun's standard error, copied to ours line by line as it comes, but for the traceback it ends with
-    when a worker failed: that is held back, dropped, and the worker's exit code kept (`worker_code`). Any other
-    traceback of its own is shown whole."""
+    """horovodrun's standard error, copied to ours as it comes (a line, or a progress bar's update ending in a
+    carriage return, at a time), but for the traceback it ends with when a worker failed: that is held back,
+    dropped, and the worker's exit code kept (`worker_code`). Any other traceback of its own is shown whole."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.worker_code: int | None = None
-        self._thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self._held: list[bytes] = []
+        self._thread = threading.Thread(target=self._copy, args=(stream.fileno(),), daemon=True)
         self._thread.start()
 
     def end(self, timeout: float = 10) -> int | None:
@@ -102,24 +104,38 @@ class HorovodrunErrors:
         self._thread.join(timeout)
         return self.worker_code
 
-    def _copy(self, stream: IO[bytes]) -> None:
-        out, held = sys.stderr.buffer, []
-        for line in iter(stream.readline, b""):
-            if held and _WORKER_LINE.match(line):  # a worker speaks after it: not horovodrun's end
-                out.write(b"".join(held))
-                held = []
-            if held or line == _TRACEBACK:
-                held.append(line)
-                continue
-            out.write(line)
-            out.flush()
-        found = _WORKER_FAILED.search(b"".join(held).decode(errors="replace"))
+    def _copy(self, fd: int) -> None:
+        pending = b""
+        while chunk := os.read(fd, 65536):
+            *pieces, pending = _PIECES.split(pending + chunk)
+            for piece in pieces:
+                self._take(piece)
+        self._take(pending)
+        found = _WORKER_FAILED.search(b"".join(self._held).decode(errors="replace"))
         if found:
             code = int(found[1])
             self.worker_code = 128 - code if code < 0 else code  # -N: killed by signal N, as a shell says 128 + N
         else:
-            out.write(b"".join(held))
-        out.flush()
+            _write(b"".join(self._held))
+
+    def _take(self, piece: bytes) -> None:
+        if self._held and _WORKER_LINE.match(piece):  # a worker speaks after it: not horovodrun's end
+            _write(b"".join(self._held))
+            self._held = []
+        if self._held or piece == _TRACEBACK:
+            self._held.append(piece)
+        else:
+            _write(piece)
+
+
+def _write(data: bytes) -> None:
+    err = sys.stderr
+    if hasattr(err, "buffer"):
+        err.buffer.write(data)
+        err.buffer.flush()
+    else:  # a text stream in place of the real one (an embedding program's)
+        err.write(data.decode(errors="replace"))
+        err.flush()
 
 
 def _say(line: str) -> None:
