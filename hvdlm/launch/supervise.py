@@ -5,14 +5,16 @@ The launcher (mpirun, horovodrun, srun) runs in a session of its own, so a Ctrl-
 `hvdlm launch` alone and not every process at once (mpirun would kill the ranks before they could save). The
 first SIGINT, SIGTERM or SIGHUP is handed on to the ranks: they agree on a step, write its checkpoint and exit,
 saying why (hvdlm.training.preemption: "interrupted" after Ctrl-C or a closed terminal, "preempted" after TERM).
-Where no rank has started yet, there is nothing to save: the launcher gets the signal itself and ends. A second
-one ends the launcher's whole process group at once (SIGKILL). If `hvdlm launch` itself is killed outright, the
+A second one ends the launcher's whole process group at once (SIGKILL). If `hvdlm launch` itself is killed outright, the
 kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG), on which mpirun, horovodrun and srun end their ranks.
 
 How it reaches the ranks, as in the batch scripts of `hvdlm sbatch`: mpirun would turn a TERM into killing the
 job, and horovodrun dies on USR1, so under those two the signal goes straight to this machine's ranks (the ranks
-of other nodes stop at the same step: the ranks agree on it). srun gets SIGUSR1, what Slurm's preemption sends,
-and forwards it to every task on every node (its own INT only reports the tasks' state).
+of other nodes stop at the same step: the ranks agree on it). Where none runs on this machine (all on other
+nodes, or none started yet), mpirun gets SIGUSR1, which Open MPI's forwards to every rank, and horovodrun the
+signal itself, on which it ends without a checkpoint (it forwards nothing; waiting for hosts, it has no worker).
+srun gets SIGUSR1, what Slurm's preemption sends, and forwards it to every task on every node (its own INT only
+reports the tasks' state).
 
 horovodrun ends a job whose worker exited non-zero by raising a Python exception, so its every such end, a stop
 signal's checkpoint and exit included, prints a traceback and exits 1. Its standard error is copied through
@@ -71,7 +73,10 @@ def run_supervised(argv: list[str], env: dict[str, str], launcher: str) -> Ended
         if targets:
             _say(f"{name}: asking the ranks to write a checkpoint and stop (press Ctrl-C again to end them at once)")
             _send(targets, signal.SIGUSR1 if launcher == "srun" else signum)
-        else:  # none started yet (horovodrun waiting for hosts, say): nothing to save, and nothing else would stop
+        elif launcher == "mpirun":  # every rank on other nodes: Open MPI's mpirun forwards USR1 to each
+            _say(f"{name}: asking the ranks, through mpirun, to write a checkpoint and stop (Ctrl-C again: at once)")
+            _send([proc.pid], signal.SIGUSR1)
+        else:  # horovodrun waiting for hosts, or with workers elsewhere only: nothing else would stop
             _say(f"{name}: no rank runs on this machine, none can write a checkpoint: ending the launcher")
             _send([proc.pid], signum)
 
