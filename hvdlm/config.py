@@ -268,8 +268,23 @@ def _parse_value(text: str) -> Any:
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}  # type: ignore[misc]
 
 
+# Other names of a choice: spelled unlike it, they are what a person means by it ("gpu" is nearest "cpu" letter by
+# letter).
+_SAME_MEANING = {
+    "gpu": "cuda",
+    "gpus": "cuda",
+    "nvidia": "cuda",
+    "float32": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+}
+
+
 def _closest(word: str, options: typing.Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    options = list(options)
+    meant = _SAME_MEANING.get(str(word).lower())
+    match = [meant] if meant in options else difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" Did you mean '{match[0]}'?" if match else ""
 
 

@@ -14,7 +14,7 @@ outside (hvdlm.watch, hvdlm.checkpoint), what starts one (hvdlm.launch, the CLI)
 
 The exit codes a launcher, a batch script and `hvdlm launch --max-restarts` act on: 0 done, 2 bad input
 (hvdlm.errors.InputError.exit_code), REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE, and 128 + the signal of a rank stopped
-by an interrupt (INTERRUPTED_EXIT_CODE for Ctrl-C).
+by an interrupt (INTERRUPTED_EXIT_CODE for Ctrl-C); `hvdlm launch --elastic` adds WORKERS_LOST_EXIT_CODE.
 
 status.json is how `hvdlm runs` tells a live run from a dead one and a clean stop from a failure without guessing
 from file times. Rank 0 writes it (atomically) as the run starts, with state RUNNING and the process that runs
@@ -44,6 +44,10 @@ REQUEUE_EXIT_CODE = 75
 # is what timeout(1) exits with when its command ran out of time.
 WATCHDOG_EXIT_CODE = 124
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports of a command stopped by Ctrl-C
+# EX_UNAVAILABLE from sysexits.h. `hvdlm launch --elastic` ends with it when horovodrun has no worker left: it
+# blacklists the whole host of a failed worker and stops when every host is blacklisted (on one host, at the first
+# worker's death). The run's newest checkpoint is intact; `--resume auto` continues it.
+WORKERS_LOST_EXIT_CODE = 69
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"

@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from hvdlm.errors import InputError
 from hvdlm.launch.elastic import discovery_script
 from hvdlm.launch.hosts import Host
 from hvdlm.launch.restarts import RESTARTS_FILE, AttemptSize, failure_cause, shrunk
-from hvdlm.runfiles import WATCHDOG_EXIT_CODE
+from hvdlm.runfiles import WATCHDOG_EXIT_CODE, WORKERS_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 
@@ -251,6 +252,124 @@ def test_elastic_drops_a_killed_worker_and_finishes_on_the_others(job, cache_dir
     assert metrics(run.run_dir)[-1]["tokens"] == consumed * 32  # seq_len 32
 
 
+def test_elastic_on_this_machine_alone_needs_no_nic(job, cache_dir, tmp_path):
+    """Without --nic, horovodrun's elastic driver compares two hosts' interfaces, and waits ten minutes for a second
+    host with no worker started: on this machine alone hvdlm gives it the loopback interface."""
+    run = Launched(job, tmp_path / "run", cache_dir, "--elastic", "--min-np", "1", *sets("train.max_steps=3"))
+    assert run.finish(timeout=90) == 0, run.out[-4000:]
+    assert "--network-interface lo" in run.out
+    assert logged_steps(run.run_dir) == [1, 2, 3]
+
+
+def test_a_signal_before_any_elastic_worker_started_ends_the_launch(job, cache_dir, tmp_path):
+    """horovodrun waits for slots with no worker started (the hostfile lost one as the job started): SIGTERM has
+    no rank to ask for a checkpoint, so it ends the launcher, and `hvdlm launch` says how to continue."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    run = Launched(job, tmp_path / "run", cache_dir, "--elastic", "--min-np", "1", "--hostfile", hostfile)
+    script = run.run_dir / "discover_hosts.sh"
+    deadline = time.monotonic() + 60
+    while not script.exists() and time.monotonic() < deadline:  # written just before horovodrun starts
+        time.sleep(0.01)
+    hostfile.write_text("localhost slots=1\n")  # before horovodrun's first look: it waits for 2 slots
+    time.sleep(5)
+    if workers_of(run.run_dir):
+        run.end()
+        raise AssertionError(f"workers started:\n{run.out[-4000:]}")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=30) == 128 + signal.SIGTERM, run.out[-4000:]
+    assert "SIGTERM: no rank runs on this machine, none can write a checkpoint: ending the launcher" in run.out
+    assert "stopped by SIGTERM; continue with: hvdlm launch" in run.out and "Traceback" not in run.out, run.out
+
+
+def test_elastic_on_one_host_says_a_worker_death_ends_it_and_ends_in_one_line(job, cache_dir, tmp_path):
+    """horovodrun blacklists the whole host of a failed worker and stops when no host is left: with one host a
+    killed worker ends the job. `hvdlm launch` says so before it starts, and ends with its own line and exit code
+    instead of horovodrun's traceback."""
+    args = ("--elastic", "--min-np", "1", *sets("train.max_steps=100000"))
+    run = Launched(job, tmp_path / "run", cache_dir, *args)
+    run.wait_for_step(2)
+    os.kill(max(workers_of(run.run_dir)), signal.SIGKILL)
+    code, out = run.finish(timeout=60), run.out
+    assert code == WORKERS_LOST_EXIT_CODE, out[-4000:]
+    note = out.index("hvdlm launch: --elastic with one host (localhost): horovodrun drops the whole host of a failed")
+    assert note < out.index("horovodrun -np 2"), out[:2000]  # said before it starts
+    assert "Traceback" not in out and "RuntimeError" not in out, out[-4000:]
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("hvdlm launch: the elastic job has no worker left: a rank died of SIGKILL"), out[-4000:]
+    assert f"continue with: hvdlm launch {job} --run-dir {run.run_dir} --resume auto" in last, last
+
+
+def test_a_signal_to_an_elastic_launch_checkpoints_and_ends_cleanly(job, cache_dir, tmp_path):
+    run = Launched(job, tmp_path / "run", cache_dir, "--elastic", *sets("train.max_steps=100000"))
+    run.wait_for_step(3)
+    run.proc.send_signal(signal.SIGTERM)
+    code, out = run.finish(timeout=60), run.out
+    assert code == 128 + signal.SIGTERM, out[-4000:]
+    m = re.search(r"preempted at step (\d+) \(SIGTERM\): checkpoint written", out)
+    assert m and (run.run_dir / "checkpoints" / f"step-{int(m[1]):07d}.pt").exists(), out[-4000:]
+    assert "Traceback" not in out and "RuntimeError" not in out, out[-4000:]
+    assert out.rstrip().endswith(
+        f"stopped by SIGTERM; continue with: hvdlm launch {job} --run-dir {run.run_dir} --resume auto"
+    )
+
+
+# A stand-in for horovodrun's output: a worker's progress bar (a carriage return, no newline), then its end.
+FAKE_HOROVODRUN = """
+import sys, time
+sys.stderr.write("[0]<stderr>:train 1/9\\r"); sys.stderr.flush()
+time.sleep(float(sys.argv[1]))
+print("Traceback (most recent call last):\\n  File 'horovodrun', line 8", file=sys.stderr)
+print("RUNTIME_ERROR", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    "error,code,shown",
+    [
+        (
+            "RuntimeError: Horovod detected that one or more processes exited with non-zero status, thus causing the "
+            "job to be terminated. The first process to do so was:\\nProcess name: localhost[1]\\nExit code: -9",
+            137,
+            False,
+        ),
+        ("RuntimeError: mpirun failed with exit code 124", 124, False),
+        ("RuntimeError: could not connect to some hosts via ssh", 1, True),
+    ],
+)
+def test_horovodruns_traceback_at_a_failed_worker_becomes_its_exit_code(tmp_path, error, code, shown):
+    """What run_supervised makes of horovodrun's standard error: a progress bar's update passes at once; the
+    traceback of a failed worker is dropped and that worker's exit code kept; any other traceback is shown."""
+    script = tmp_path / "horovodrun.py"
+    script.write_text(FAKE_HOROVODRUN.replace("RUNTIME_ERROR", error))
+    supervise = (
+        "import sys; from hvdlm.launch.supervise import run_supervised; "
+        f"end = run_supervised([sys.executable, {str(script)!r}, '3'], dict(__import__('os').environ), 'horovodrun'); "
+        "print(end.code, end.worker_failed)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", supervise], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    assert proc.stderr.read(len(b"[0]<stderr>:train 1/9\r")) == b"[0]<stderr>:train 1/9\r"
+    assert time.monotonic() - started < 2.5, "the progress bar waited for the launcher's end"
+    out, err = proc.communicate(timeout=30)
+    assert out.decode().split() == [str(code), str(not shown)], (out, err)
+    assert (b"Traceback" in err) == shown and (error.split("\\n")[0].encode() in err) == shown, err
+
+
+def workers_of(run_dir: Path) -> list[int]:
+    """The pids of the `hvdlm train` processes of the run in `run_dir`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and argv[1:4] == [b"-m", b"hvdlm", b"train"] and str(run_dir).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def test_the_sampler_takes_every_sample_once_across_a_resize():
     """What the elastic workers do with their samplers: 3 ranks to a commit, steps lost after it, then 2 ranks
     from the commit's state: the samples of the kept steps are one epoch, each sample once."""
@@ -306,6 +425,7 @@ def test_the_layout_of_a_restart_on_fewer_slots():
         (["--elastic", "--set", "train.optimizer=adamw", "--set", "train.zero=1"], "does not support train.zero"),
         (["--elastic", "--launcher", "mpirun"], "--elastic runs horovodrun"),
         (["--elastic", "--np", "3", "--min-np", "4", "--max-np", "4"], "--min-np <= --np <= --max-np"),
+        (["--elastic", "--hosts", "node1:2"], "--elastic on the one host node1 needs the network interface"),
     ],
 )
 def test_restart_and_elastic_options_refuse_what_cannot_work(args, says):

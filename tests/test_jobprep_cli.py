@@ -23,7 +23,7 @@ def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):
     assert r.out == "node001:2\nnode002:2\nnode003:1\n"
     out = tmp_path / "hosts"
     r = hvdlm("hostfile", "--from", "hosts", "a:2,b:4", "-o", str(out))
-    assert r.code == 0 and r.out == ""
+    assert r.code == 0 and r.out == f"wrote {out}: 2 host(s) with 6 slot(s), openmpi format\n"
     assert out.read_text() == "a slots=2\nb slots=4\n"
     # A hostfile in, another format out.
     r = hvdlm("hostfile", "--from", "file", str(out), "--format", "horovod")

@@ -4,6 +4,7 @@ seconds later: exit 2, one paragraph, no launcher started."""
 from __future__ import annotations
 
 import pytest
+from helpers import assert_imports_nothing_heavy
 
 from hvdlm.launch.commands import local_gpus
 
@@ -60,3 +61,26 @@ def test_resuming_a_run_of_another_model_shape(hvdlm, tiny_job, tmp_path):
     (run_dir / "config.toml").write_text("[model]\nn_layer = 3\nd_model = 32\n")
     r = hvdlm("launch", str(tiny_job), "--dry-run", "--run-dir", str(run_dir), "--resume", "auto")
     _refused(r, "trains another model than this job: n_layer is 3 there, 2 here")
+
+
+def test_init_from_weights_that_are_not_there(hvdlm, tiny_job, tmp_path):
+    """--init-from is read by every rank under mpirun; the launcher checks the names first (not the contents)."""
+    launch = ("launch", str(tiny_job), "--dry-run", "--run-dir", str(tmp_path / "new"))
+    r = hvdlm(*launch, "--init-from", str(tmp_path / "nowhere"))
+    _refused(r, f"--init-from '{tmp_path / 'nowhere'}' (train.init_from) does not exist. Name an hvdlm run directory")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    r = hvdlm(*launch, "--init-from", str(run))
+    _refused(r, f"'{run}' holds no complete checkpoint")
+    (run / "checkpoints" / "step-0000004.tp0-of-2.pt").write_bytes(b"")  # its other shard is missing
+    r = hvdlm(*launch, "--init-from", str(run / "checkpoints" / "step-0000004.pt"))
+    _refused(r, "is incomplete: 1 of its 2 shards are")
+    r = hvdlm(*launch, "--resume", str(run / "checkpoints" / "step-0000004.tp0-of-2.pt"))  # the same for --resume
+    _refused(r, "is incomplete: 1 of its 2 shards are")
+    (run / "checkpoints" / "step-0000004.pt").write_bytes(b"")
+    (run / "config.toml").write_text("[model]\nn_layer = 3\n")
+    r = hvdlm(*launch, "--init-from", str(run))
+    _refused(r, f"--init-from '{run}' holds another model than this job: n_layer is 3 there, 2 here")
+    (run / "config.toml").write_text("[model]\nn_layer = 2\n")
+    assert hvdlm(*launch, "--init-from", str(run)).code == 0
+    assert_imports_nothing_heavy([*launch, "--init-from", str(run)])

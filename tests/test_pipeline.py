@@ -207,6 +207,29 @@ def test_a_pp2_checkpoint_continues_at_pp1_x_tp2(runs, job, tmp_path, cache_dir)
 
 
 @pytest.mark.distributed
+def test_resuming_a_pp2_run_without_its_stages_keeps_its_global_batch_or_is_refused(job, tmp_path, cache_dir):
+    """Resumed on the same 2 ranks without parallel.pp and microbatches, the 2 stages' ranks would become 2
+    replicas of 1 micro-batch: 8 sequences per step instead of 16. Refused, with the settings that keep it."""
+    run_dir, cheap = tmp_path / "run", ("model.n_layer=2", "train.eval_interval=0", "train.sample_tokens=0")
+    launch = ("launch", job, "--np", "2", "--run-dir", run_dir)
+    first = run_cli(*launch, *sets(*cheap, *PP2, "train.max_steps=2"), cache=cache_dir)
+    assert first.code == 0, first.out[-3000:]
+    resumed = run_cli(*launch, "--resume", "auto", *sets(*cheap, "train.max_steps=4"), cache=cache_dir)
+    assert resumed.code == 2, resumed.out[-3000:]
+    for said in (
+        "written by 2 pipeline stage(s) (parallel.pp = 2, parallel.microbatches = 4) taking 16 sequences per step",
+        "would take 8: the global batch would change",
+        "--set parallel.pp=2 --set parallel.microbatches=4), or keep it here with --set train.accumulation_steps=2",
+    ):
+        assert said in resumed.out, resumed.out[-3000:]
+    kept = run_cli(
+        *launch, "--resume", "auto", *sets(*cheap, "train.max_steps=4", "train.accumulation_steps=2"), cache=cache_dir
+    )
+    assert kept.code == 0, kept.out[-3000:]
+    assert [row["tokens"] for row in metrics(run_dir) if "loss" in row] == [16 * 32 * s for s in (1, 2, 3, 4)]
+
+
+@pytest.mark.distributed
 def test_init_from_ema_and_bf16_on_stages(runs, job, tmp_path, cache_dir):
     """--init-from a 1-rank run into 2 stages (a 3,1 split), with an EMA of the weights and bf16 autocast."""
     run_dir = tmp_path / "ft"

@@ -318,6 +318,8 @@ def test_init_from_a_run_directory_starts_at_step_0_from_its_weights(reference, 
 
 
 def test_launch_passes_resume_and_init_from_to_every_rank(tmp_path, job):
+    (tmp_path / "other").mkdir()  # the launcher checks that --init-from is there (a transformers directory here)
+    (tmp_path / "other" / "config.json").write_text("{}")
     r = run_cli(
         *("launch", job, "--np", "2", "--dry-run", "--run-dir", tmp_path / "r"),
         *("--resume", "auto", "--init-from", tmp_path / "other"),

@@ -10,11 +10,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_env, hvdlm_argv
+from helpers import REPO, cli_env, hvdlm_argv, mpirun_argv
 
 from hvdlm.checkpoint.store import find_checkpoints
 
@@ -117,7 +118,44 @@ def test_a_signal_to_launch_ends_every_rank_after_a_checkpoint(tiny_job, tmp_pat
     run = training("launch", tiny_job, run_dir, cache_dir, "--np", "2", *layout, steps=3)
     run.proc.send_signal(sig)
     assert run.finish() == 128 + sig, run.out[-3000:]
-    assert_checkpointed_where_it_stopped(run, run_dir, "at step {step} (SIGUSR1)")
+    # The ranks get the signal itself: Ctrl-C is an interruption, TERM a preemption.
+    how = "interrupted" if sig == signal.SIGINT else "preempted"
+    assert_checkpointed_where_it_stopped(run, run_dir, f"{how} at step {{step}} ({signal.Signals(sig).name})")
     assert f"hvdlm launch: {signal.Signals(sig).name}" in run.out
     assert ranks_still_running(run_dir) == []
     assert "Traceback" not in run.out
+
+
+# A rank `hvdlm launch` does not see (it looks for `hvdlm train` processes below the launcher, on this machine): it
+# says when it runs, and stops on USR1 as a preempted rank does.
+UNSEEN_RANK = """
+import os, pathlib, signal, sys, time
+def stop(signum, frame):
+    print("rank got", signal.Signals(signum).name, flush=True)
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, stop)
+pathlib.Path(sys.argv[1], os.environ["OMPI_COMM_WORLD_RANK"]).touch()
+time.sleep(120)
+"""
+
+
+@pytest.mark.distributed
+def test_a_signal_reaches_ranks_on_other_nodes_through_mpirun(tmp_path):
+    """Ranks that `hvdlm launch` cannot signal itself (on other nodes) are asked through mpirun, which forwards
+    SIGUSR1 to every rank."""
+    script = tmp_path / "rank.py"
+    script.write_text(UNSEEN_RANK)
+    argv, env = mpirun_argv(2, [sys.executable, str(script), str(tmp_path)])
+    supervise = (
+        "import os; from hvdlm.launch.supervise import run_supervised; "
+        f"end = run_supervised({argv!r}, dict(os.environ), 'mpirun'); print('ended', end.code, end.signum)"
+    )
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    proc = subprocess.Popen([sys.executable, "-c", supervise], cwd=REPO, env=env, **output)
+    deadline = time.monotonic() + 60
+    while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert "SIGTERM: asking the ranks, through mpirun, to write a checkpoint and stop" in out, out
+    assert out.count("rank got SIGUSR1") == 2 and "ended 75 15" in out, out

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
+from hvdlm.checkpoint.store import refuse_missing_run
 from hvdlm.data.tokenizer import byte_tokenizer_json
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write, fsync_directory
@@ -214,6 +215,7 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
 
     out = Path(out)
     check_export_target(out)  # before anything is read: a wrong -o answers at once
+    refuse_missing_run(source)
     source = Path(source)
     run_dir = source if (source / CHECKPOINT_DIR).is_dir() else None
     path, state = load_run_checkpoint(run_dir or source, None if run_dir else source)

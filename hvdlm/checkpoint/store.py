@@ -154,6 +154,16 @@ def run_directory(path: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def refuse_missing_run(path: str | Path) -> None:
+    """A run directory named on the command line that is not there, said as such (a name ending in .pt is a
+    checkpoint's, which shard_paths looks for, its shards included)."""
+    if not Path(path).exists() and Path(path).suffix != ".pt":
+        raise InputError(
+            f"run directory '{path}' does not exist. Name a run directory (its newest checkpoint is used) or a "
+            "checkpoint file (RUN_DIR/checkpoints/step-N.pt)."
+        )
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint named by a run directory (its newest complete checkpoint) or by a file (or any shard)."""
     run_dir = run_directory(path)

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import click
 
+from hvdlm.checkpoint.store import refuse_missing_run
+
+
+def _there(ctx: click.Context, param: click.Parameter, source: str) -> str:
+    # Checked as click reads it, before a missing -o: what is wrong with the source comes first.
+    refuse_missing_run(source)
+    return source
+
 
 @click.command()
-@click.argument("source", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
+@click.argument("source", metavar="RUN_DIR|CHECKPOINT", type=click.Path(), callback=_there)
 @click.option(
     "-o", "--out", required=True, type=click.Path(), help="A new (or empty) directory to write the export into."
 )

@@ -60,9 +60,11 @@ def hostfile(
     """
     if tasks_per_node and source != "slurm":
         raise InputError("--tasks-per-node belongs to --from slurm.")
-    text = render_hostfile(hosts_from(source, spec, slots=slots, tasks_per_node=tasks_per_node), fmt)
+    hosts = hosts_from(source, spec, slots=slots, tasks_per_node=tasks_per_node)
+    text = render_hostfile(hosts, fmt)
     if output:
         write_output(output, text)  # everything is checked before the file is touched
+        _wrote(output, f"{len(hosts)} host(s) with {sum(h.slots for h in hosts)} slot(s), {fmt} format")
     else:
         click.echo(text, nl=False)
 
@@ -118,12 +120,20 @@ def sbatch(job: str, overrides: tuple[str, ...], output: str | None, submit: boo
     script = batch.render(spec)
     if output:
         write_output(output, script)
+        hint = "" if submit else f"; submit it with: sbatch {shlex.quote(output)}"
+        _wrote(output, f"the batch script{hint}")
     for note in filter(None, notes):
         click.echo(note, err=True)
     if submit:
         click.echo(f"submitted batch job {batch.submit(script, script_file)}")
     elif not output:
         click.echo(script, nl=False)
+
+
+def _wrote(output: str, what: str) -> None:
+    """Say on standard error (standard output may carry the job id of --submit) which file -o wrote, and what."""
+    if output_is_file(output):  # not '-' or a stream, which show their text themselves
+        click.echo(f"wrote {output}: {what}", err=True)
 
 
 @click.command()

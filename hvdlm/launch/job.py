@@ -7,6 +7,7 @@ Job preparation: no torch, horovod, mpi4py or numpy here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -23,14 +24,16 @@ from hvdlm.launch.elastic import (
     check_elastic,
     discovery_script,
     elastic_argv,
+    elastic_nic,
     refuse_unsupported,
+    single_host_note,
     write_discovery_script,
 )
 from hvdlm.launch.hosts import Host, parse_hosts, read_hostfile
 from hvdlm.launch.preflight import check_before_launch
-from hvdlm.launch.restarts import ACCUMULATION, AttemptSize, RestartPolicy, run_with_restarts
-from hvdlm.launch.supervise import run_supervised
-from hvdlm.runfiles import REQUEUE_EXIT_CODE
+from hvdlm.launch.restarts import ACCUMULATION, AttemptSize, RestartPolicy, failure_cause, run_with_restarts
+from hvdlm.launch.supervise import Ended, run_supervised
+from hvdlm.runfiles import REQUEUE_EXIT_CODE, WORKERS_LOST_EXIT_CODE
 
 Say = Callable[[str], None]  # one line for the user (standard output or standard error)
 
@@ -92,6 +95,8 @@ def prepare_launch(cfg: JobConfig, args: LaunchArgs) -> PreparedLaunch:
     launcher = args.launcher or ("horovodrun" if args.elastic else la.launcher)
     min_np = _check_failure_handling(cfg, args, launcher)
     hosts = _host_list(args.hosts or la.hosts or None, args.hostfile, launcher)
+    if args.elastic:  # horovodrun's elastic driver cannot find the interface of a job on one host by itself
+        args = dataclasses.replace(args, nic=elastic_nic(hosts, args.nic or la.nic))
     run_dir = args.run_dir or str(default_run_dir(Path(args.job).stem))
     check_before_launch(cfg, Path(run_dir), args.resume, local_only=hosts is None and launcher != "srun")
     # Ranks' output is piped through the launcher, so rank 0 cannot see that a person watches: tell it.
@@ -112,8 +117,7 @@ def start_launch(prepared: PreparedLaunch, show: Say, say: Say) -> int:
     if prepared.args.max_restarts:
         return _run_restarting(prepared, show, say)
     plan = prepared.plan
-    code, signum = run_supervised(plan.argv, {**os.environ, **plan.env}, prepared.launcher)
-    return _explain_stop(code, signum, prepared, say)
+    return _explain_end(run_supervised(plan.argv, {**os.environ, **plan.env}, prepared.launcher), prepared, say)
 
 
 def _check_failure_handling(cfg: JobConfig, args: LaunchArgs, launcher: str) -> int | None:
@@ -146,6 +150,7 @@ def _make_elastic(prepared: PreparedLaunch) -> None:
     max_np = prepared.args.max_np or prepared.np
     prepared.plan.argv = elastic_argv(prepared.plan.argv, script, prepared.min_np, max_np)
     prepared.script = discovery_script(prepared.hosts, prepared.args.hostfile)
+    prepared.plan.notes += single_host_note(prepared.hosts)
 
 
 def _run_restarting(prepared: PreparedLaunch, show: Say, say: Say) -> int:
@@ -163,14 +168,14 @@ def _run_restarting(prepared: PreparedLaunch, show: Say, say: Say) -> int:
             now = prepared.plan_for(size.np, "auto", (f"{policy.key}={size.accumulation}",))
             show(now.display())
             sys.stdout.flush()
-        return run_supervised(now.argv, {**os.environ, **now.env}, launcher)
+        return run_supervised(now.argv, {**os.environ, **now.env}, launcher)[:2]
 
     def slots() -> int | None:  # a hostfile is read again at each restart: a host gone means fewer ranks
         return sum(h.slots for h in _host_list(None, args.hostfile, launcher)) if args.hostfile else None
 
     first = AttemptSize(prepared.np, steps)
     code, signum = run_with_restarts(attempt, first, Path(prepared.run_dir), policy, slots, say)
-    return _explain_stop(code, signum, prepared, say)
+    return _explain_end(Ended(code, signum), prepared, say)
 
 
 def _launch_options(cfg: JobConfig, args: LaunchArgs) -> LaunchOptions:
@@ -204,14 +209,27 @@ def _rank_program(job: str, run_dir: str, overrides: tuple[str, ...], resume: st
     return program
 
 
-def _explain_stop(code: int, signum: int | None, prepared: PreparedLaunch, say: Say) -> int:
-    """The exit code; after a stop signal, say how to continue and exit 128 + signal."""
-    if signum is None:
-        return code
-    name = signal.Signals(signum).name
-    if code in (0, REQUEUE_EXIT_CODE) or (prepared.launcher == "horovodrun" and code == 1):  # Gloo reports 75 as 1
-        job, run_dir = shlex.quote(prepared.args.job), shlex.quote(prepared.run_dir)
-        say(f"hvdlm launch: stopped by {name}; continue with: hvdlm launch {job} --run-dir {run_dir} --resume auto")
-    else:
-        say(f"hvdlm launch: stopped by {name}; the launcher exited {code}")
-    return 128 + signum
+def _explain_end(end: Ended, prepared: PreparedLaunch, say: Say) -> int:
+    """The exit code of `hvdlm launch`, and in a line what happened: after a stop signal, how to continue (exit
+    128 + signal); after horovodrun ended a job with a failed worker (its traceback held back), why."""
+    job, run_dir = shlex.quote(prepared.args.job), shlex.quote(prepared.run_dir)
+    resume = f"continue with: hvdlm launch {job} --run-dir {run_dir} --resume auto"
+    code, signum = end.code, end.signum
+    if signum is not None:
+        name = signal.Signals(signum).name
+        # The ranks' checkpoint and exit, or the launcher ended by the signal itself (no rank had started).
+        if code in (0, REQUEUE_EXIT_CODE, 128 + signum, -signum):
+            say(f"hvdlm launch: stopped by {name}; {resume}")
+        else:
+            say(f"hvdlm launch: stopped by {name}; the launcher exited {code}")
+        return 128 + signum
+    cause = failure_cause(code) if end.worker_failed else None
+    if cause and prepared.args.elastic:
+        say(
+            f"hvdlm launch: the elastic job has no worker left: {cause}, and horovodrun drops the whole host of a "
+            f"failed worker. Its checkpoints are kept; {resume}"
+        )
+        return WORKERS_LOST_EXIT_CODE
+    if cause:
+        say(f"hvdlm launch: {cause}; horovodrun ended the job")
+    return code

@@ -19,7 +19,7 @@ from hvdlm.checkpoint.store import (
     set_aside_newer,
     shard_paths,
 )
-from hvdlm.config import TrainConfig
+from hvdlm.config import JobConfig, TrainConfig
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write
 from hvdlm.parallel.agreement import rank0_decides, together
@@ -102,3 +102,40 @@ def check_compatible(state: dict[str, Any], cfg_train: TrainConfig, source: str)
             f'"{cfg_train.optimizer}": its optimizer state does not carry over. Resume with optimizer = '
             f'"{theirs}", or start a new run from its weights with --init-from.'
         )
+
+
+def check_same_global_batch(state: dict[str, Any], cfg: JobConfig, dp: int, source: str) -> None:
+    """A checkpoint continued on another number of pipeline stages keeps its global batch (sequences per step:
+    batch_size x replicas x micro-batches). Resumed without the run's pipeline settings, the stages' ranks become
+    replicas and the micro-batches one, which changes it silently (often halves it). A changed train.batch_size
+    says the change is meant; --max-restarts keeps the stages and says itself how the batch changes."""
+    config = state.get("config") or {}
+    theirs_p, theirs_t = config.get("parallel", {}), config.get("train", {})
+    pp, t, p = theirs_p.get("pp", 1), cfg.train, cfg.parallel
+    replicas = _replicas(state)
+    if pp == p.pp or replicas is None or theirs_t.get("batch_size") != t.batch_size:
+        return
+    micro = theirs_t.get("accumulation_steps", 1) * theirs_p.get("microbatches", 1)
+    theirs, ours = t.batch_size * replicas * micro, t.batch_size * dp * t.accumulation_steps * p.microbatches
+    if theirs == ours:
+        return
+    key = "parallel.microbatches" if p.pp > 1 else "train.accumulation_steps"
+    keep = (
+        f", or keep it here with --set {key}={theirs // (t.batch_size * dp)}"
+        if theirs % (t.batch_size * dp) == 0
+        else ""
+    )
+    raise InputError(
+        f"checkpoint '{source}' was written by {pp} pipeline stage(s) (parallel.pp = {pp}, parallel.microbatches = "
+        f"{theirs_p.get('microbatches', 1)}) taking {theirs} sequences per step, and this job, with parallel.pp = "
+        f"{p.pp} on {dp} replica(s), would take {ours}: the global batch would change. Resume with the run's "
+        f"settings (--set parallel.pp={pp} --set parallel.microbatches={theirs_p.get('microbatches', 1)}){keep}; "
+        "to change the global batch on purpose, change train.batch_size."
+    )
+
+
+def _replicas(state: dict[str, Any]) -> int | None:
+    """The data-parallel replicas of the run that wrote `state`: its RNG states, one per replica (per stage)."""
+    by_stage = (state.get("pp") or {}).get("rng_by_stage")
+    rngs = by_stage[0] if by_stage else state.get("rng")
+    return len(rngs) if isinstance(rngs, list) and rngs else None

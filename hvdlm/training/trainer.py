@@ -62,7 +62,7 @@ from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.profiling import StepProfiler
-from hvdlm.training.resume import Start, agree_on_start, check_compatible, prepare_run_dir
+from hvdlm.training.resume import Start, agree_on_start, check_compatible, check_same_global_batch, prepare_run_dir
 from hvdlm.training.verdict import Verdict, decides_on_device, non_finite_flags
 from hvdlm.training.watchdog import Watchdog, start_watchdog
 from hvdlm.units import format_count
@@ -631,6 +631,8 @@ def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str
         model = GPTStage(cfg.model, counts, topo.pp_rank, topo.tp_group)
     note = None
     with together("model_loaded"):
+        if start.state is not None:  # before a stage's cut, which keeps only its own RNG states
+            check_same_global_batch(start.state, cfg, topo.dp, start.source)
         if start.state is not None and topo.pp > 1:
             start.state = stage_state(start.state, model, topo.pp_rank, topo.pp)  # this stage's part, for restore
         if start.state is not None:
