@@ -15,7 +15,7 @@ import torch
 from hvdlm.checkpoint.format import load_checkpoint
 from hvdlm.checkpoint.stages import join_stages, stage_of
 from hvdlm.checkpoint.store import shard_paths
-from hvdlm.config import MODEL_SHAPE_KEYS
+from hvdlm.config import MODEL_SHAPE_KEYS, model_shape
 from hvdlm.errors import InputError
 from hvdlm.parallel.layers import Sharding, full_shape, merge, shard
 
@@ -102,10 +102,12 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
             problems.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
     their_cfg = full_state.get("config", {}).get("model", {})
     our_cfg = model.cfg.__dict__ if hasattr(model, "cfg") else {}
-    # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads.
-    for key in MODEL_SHAPE_KEYS:
-        if key in their_cfg and key in our_cfg and their_cfg[key] != our_cfg[key]:
-            problems.append(f"{key} is {their_cfg[key]} there, {our_cfg[key]} here")
+    # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads, and
+    # a llama of GPT-2's tensor shapes computes another function. Compared resolved (0 key/value heads = n_head),
+    # a checkpoint written before a key existed taking its default (gpt2, a tied head).
+    if their_cfg and our_cfg:
+        theirs, ours = model_shape(their_cfg), model_shape(our_cfg)
+        problems += [f"{k} is {theirs[k]} there, {ours[k]} here" for k in MODEL_SHAPE_KEYS if theirs[k] != ours[k]]
     if problems:
         theirs, ours = _shape_summary(their_cfg), _shape_summary(our_cfg)
         raise InputError(
@@ -125,8 +127,13 @@ def shard_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: 
 
 
 def _shape_summary(model_cfg: dict) -> str:
-    keys = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias")
-    return ", ".join(f"{k}={model_cfg[k]}" for k in keys if k in model_cfg) or "unknown"
+    if not model_cfg:
+        return "unknown"
+    shape = {**model_shape(model_cfg), "vocab_size": model_cfg.get("vocab_size")}
+    keys = ["n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias"]
+    if shape["arch"] != "gpt2":  # GPT-2's are the keys above; the others' shapes have more
+        keys = ["arch", *keys, "n_kv_head", "d_ff", "tie_embeddings"]
+    return ", ".join(f"{k}={shape[k]}" for k in keys if shape[k] is not None)
 
 
 def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int) -> None:
