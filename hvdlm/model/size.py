@@ -6,17 +6,39 @@ from __future__ import annotations
 from hvdlm.config import ModelConfig
 
 
-def parameter_count(cfg: ModelConfig, vocab_rows: int | None = None) -> int:
-    """Parameters of the whole model (every TP shard together), position table and tied head included.
+def block_parameters(cfg: ModelConfig) -> int:
+    """One block's parameters (every TP shard together).
 
-    `vocab_rows`: rows of the token table (the vocabulary with its padding); default cfg.vocab_size.
-    Per block: attention q, k, v and output (4 d^2), the MLP's two 4d-wide matrices (8 d^2); with biases, 13 d of
-    biases and LayerNorm shifts (3d + d + 4d + d, and 2 x d), plus the two LayerNorm gains (2 d).
+    Attention: q and the output projection d x d each, k and v d x K D each (K key/value heads of D = d / H: d x d
+    without grouped-query attention). MLP: 2 (GELU) or 3 (SwiGLU) matrices of d x d_ff. With biases: q, k, v and
+    the output's (2d + 2 K D), the MLP's (d_ff per column-parallel matrix, d for the row-parallel one). Two norms,
+    with a gain of d each, and with biases a LayerNorm's shift of d (RMSNorm has none).
     """
-    d, layers = cfg.d_model, cfg.n_layer
-    per_block = 12 * d * d + (13 * d if cfg.bias else 2 * d)
-    final_norm = 2 * d if cfg.bias else d
-    return (vocab_rows or cfg.vocab_size) * d + cfg.seq_len * d + layers * per_block + final_norm
+    d, f, traits = cfg.d_model, cfg.ffn_width, cfg.traits
+    kv = cfg.kv_heads * (d // cfg.n_head)
+    matrices = 2 * d * d + 2 * d * kv + traits.mlp_matrices * d * f
+    biases = (2 * d + 2 * kv) + (traits.mlp_matrices - 1) * f + d if cfg.bias else 0
+    return matrices + biases + 2 * norm_parameters(cfg)
+
+
+def norm_parameters(cfg: ModelConfig) -> int:
+    """One norm's: the gain, and a LayerNorm's shift where biases are on."""
+    return 2 * cfg.d_model if cfg.bias and cfg.traits.norm_shift else cfg.d_model
+
+
+def parameter_count(cfg: ModelConfig, vocab_rows: int | None = None) -> int:
+    """Parameters of the whole model (every TP shard together): the blocks, the final norm, the token table, the
+    position table where the arch has one (gpt2), and the output head where it is not tied to the token table.
+
+    `vocab_rows`: rows of the token table (the vocabulary with its padding); default cfg.vocab_size. An untied
+    head is padded alike. GPT-2 (d_ff 4d, biases): 12 d^2 + 13 d per block. Meta's Llama 3 8B (d 4096, 32 layers,
+    32 heads, 8 key/value heads, d_ff 14336, vocabulary 128256, untied): 8,030,261,248.
+    """
+    d = cfg.d_model
+    table = (vocab_rows or cfg.vocab_size) * d
+    positions = cfg.seq_len * d if cfg.traits.learned_positions else 0
+    head = 0 if cfg.tie_embeddings else table
+    return table + positions + head + cfg.n_layer * block_parameters(cfg) + norm_parameters(cfg)
 
 
 def state_bytes_per_parameter(optimizer: str, ema: bool) -> int:
