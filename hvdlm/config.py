@@ -120,18 +120,39 @@ class ModelConfig:
 
 
 # The keys that shape a model's tensors (or cut them differently: n_head, n_kv_head) or change what they compute
-# (arch): weights load only where they agree. vocab_size is not among them: a larger vocabulary is padding, and
-# checkpoints are checked tensor by tensor. Compare them through model_shape (n_kv_head and d_ff resolved).
-MODEL_SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "seq_len", "bias", "tie_embeddings")
+# (arch, rope_theta, norm_eps): weights load only where they agree. vocab_size is not among them: a larger
+# vocabulary is padding, and checkpoints are checked tensor by tensor. Compare them through model_shape (n_kv_head
+# and d_ff resolved; seq_len shapes only a position table, rope_theta only RoPE).
+MODEL_SHAPE_KEYS = (
+    "arch",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "d_ff",
+    "seq_len",
+    "bias",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+)
 
 
 def model_shape(model: dict[str, Any]) -> dict[str, Any]:
     """The MODEL_SHAPE_KEYS of a recorded [model] table (a checkpoint's, a run's config.toml), resolved: keys it
     leaves out take their defaults (files written before a key existed are gpt2 with a tied head), n_kv_head and
-    d_ff their meaning (0 -> n_head, the arch's width)."""
+    d_ff their meaning (0 -> n_head, the arch's width); seq_len and rope_theta are None where they shape nothing
+    (seq_len without a position table: a llama trains at any length up to it; rope_theta without RoPE)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in model.items() if k in known})
-    return {**{k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}, "n_kv_head": cfg.kv_heads, "d_ff": cfg.ffn_width}
+    table = cfg.traits.learned_positions
+    return {
+        **{k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS},
+        "n_kv_head": cfg.kv_heads,
+        "d_ff": cfg.ffn_width,
+        "seq_len": cfg.seq_len if table else None,
+        "rope_theta": None if table else cfg.rope_theta,
+    }
 
 
 @dataclass
@@ -170,7 +191,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 writes only the final one
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
-    init_from: str = ""  # a run directory (its newest checkpoint), a checkpoint file, or a transformers GPT-2 directory
+    init_from: str = ""  # a run directory (its newest checkpoint), a checkpoint file, or a transformers model directory
     optimizer: Optimizer = "adamw"  # sgd is with momentum; muon: Muon for the blocks' matrices, AdamW for the rest
     momentum: float = 0.9  # SGD momentum
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov) of the matrices' gradients
