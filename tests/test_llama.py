@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_losses_match, mpirun, run_cli, sets, train_argv
+from helpers import assert_losses_match, metrics, mpirun, run_cli, sets, train_argv
 from survive import comparable
+
+from hvdlm.config import load_config
+from hvdlm.plan import counts
 
 pytestmark = pytest.mark.distributed
 
@@ -110,6 +113,15 @@ def test_the_untied_head_lives_on_the_last_stage_only(runs):
     assert "head.weight" not in first["model"] and "tok_emb.weight" in first["model"]
     assert "head.weight" in last["model"] and "tok_emb.weight" not in last["model"]
     assert "head.weight" in last["tp"]["param_names"][0] + last["tp"]["param_names"][-1]
+
+
+def test_the_planner_counts_the_tp_bytes_of_every_step(runs):
+    """hvdlm.plan.counts against the bytes the llama's TP collectives really moved: SwiGLU's gate and up share one
+    input copy (one gradient allreduce backward, as GPT-2's fc), RoPE and RMSNorm move nothing."""
+    cfg = load_config(runs["tp2"] / "config.toml")
+    expected = counts.tp_bytes_per_step(counts.Shape(cfg.model, cfg.train.batch_size, 2))
+    rows = [r for r in metrics(runs["tp2"]) if "loss" in r]
+    assert len(rows) == STEPS and {r["tp_bytes_per_step"] for r in rows} == {expected}
 
 
 def test_a_pipeline_run_resumed_from_a_checkpoint_is_bit_identical(runs, llama_job, tmp_path, cache_dir):

@@ -185,3 +185,58 @@ def test_the_keys_resolve_and_gpt2_jobs_read_as_before():
     old = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "vocab_size": 256, "bias": True}
     assert model_shape(old) == model_shape(ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=32).__dict__)
     assert model_shape(old)["d_ff"] == 128 and model_shape(old)["arch"] == "gpt2"
+
+
+# --- the planner's counts (torch-free arithmetic) against the built models ------------------------------------
+
+
+def held(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied weight once
+
+
+@pytest.mark.parametrize("cfg", [CFG, UNTIED, ModelConfig(**{**UNTIED.__dict__, "bias": True})], ids=str)
+def test_the_planner_counts_each_ranks_parameters(cfg):
+    from hvdlm.parallel.split import stage_layers
+    from hvdlm.plan import counts
+
+    assert counts.params_per_rank(cfg) == held(GPT(cfg))
+    for tp in (1, 2):
+        assert counts.params_per_rank(cfg, tp=tp) == held(GPT(cfg, Group(size=tp, rank=tp - 1))), tp
+    for pp in (2, 3):
+        split = stage_layers(3, pp)
+        deeper = ModelConfig(**{**cfg.__dict__, "n_layer": 3})
+        for stage in range(pp):
+            got = held(GPTStage(deeper, split, stage, Group(size=2, rank=0)))
+            assert counts.params_per_rank(deeper, 2, pp, stage) == got, (pp, stage)
+
+
+def test_flops_count_swiglus_three_matmuls_and_gqas_narrow_keys():
+    """Per token, without recomputation: 6 x the parameters that multiply (all but the token table, a lookup, and
+    the norms' gains), plus the attention's 12 L T d: the 6N + 12 L T d rule (PaLM) for the 8B shape."""
+    from hvdlm.plan import timing
+
+    cfg = ModelConfig(
+        arch="llama", n_layer=32, n_head=32, n_kv_head=8, d_model=4096, d_ff=14336, vocab_size=128256, seq_len=8192,
+        tie_embeddings=False,
+    )  # fmt: skip
+    tokens = 4 * cfg.seq_len
+    multiplying = parameter_count(cfg) - cfg.vocab_size * 4096 - (2 * 32 + 1) * 4096
+    expected = 6 * multiplying + 12 * 32 * cfg.seq_len * 4096
+    assert timing.step_flops(cfg, 4, "none") / tokens == expected
+    # Muon orthogonalizes GPT-2's q, k, v, output and MLP matrices in 56 d^3 per step (five steps).
+    assert timing.muon_flops_per_layer(ModelConfig(d_model=64, n_head=4)) == 5 * 56 * 64**3
+    assert timing.muon_flops_per_layer(cfg) < timing.muon_flops_per_layer(
+        ModelConfig(**{**cfg.__dict__, "n_kv_head": 0})
+    )
+
+
+def test_activation_memory_counts_gqa_and_swiglu():
+    """Korthikanti's split term, 24 s b h / t for GPT-2: k and v shrink with the key/value heads, SwiGLU keeps four
+    d_ff-wide tensors where GELU keeps two."""
+    from hvdlm.plan.memory import layer_activation_bytes
+
+    gpt2 = ModelConfig(n_layer=2, n_head=4, d_model=64, seq_len=32)
+    assert layer_activation_bytes(gpt2, 2, 2, "selective") == 32 * 2 * 64 * (10 + 24 / 2)
+    llama = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=32, d_ff=96)
+    split = 4 + 4 * 32 / 64 + 8 * 96 / 64  # q and output, k and v half as wide, four 96-wide MLP tensors
+    assert layer_activation_bytes(llama, 2, 2, "selective") == 32 * 2 * 64 * (10 + split / 2)

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
 from hvdlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from hvdlm.parallel.mappings import copy_to_tp
 from hvdlm.parallel.topology import Group
 
 # ------------------------------------------------------------------------------------------------------------
@@ -112,7 +113,8 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     """Llama's MLP (Shazeer 2020): down(silu(gate(x)) * up(x)). gate and up are column parallel, split alike, so
     each rank multiplies its own units; down is row parallel. Three matrices, each a matrix of its own (Muon
-    orthogonalizes them one by one, as transformers stores them)."""
+    orthogonalizes them one by one, as transformers stores them). gate and up read one copy of the input: its
+    gradient is summed over the TP group once in backward, as one fused column-parallel layer's would be."""
 
     def __init__(self, cfg: ModelConfig, group: Group):
         super().__init__()
@@ -122,7 +124,10 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C), summed over the TP group
+        x = copy_to_tp(x, self.gate.group)  # (B, T, C): forward the identity, backward one allreduce for both
+        gate = F.linear(x, self.gate.weight, self.gate.bias)  # (B, T, d_ff / p)
+        up = F.linear(x, self.up.weight, self.up.bias)  # (B, T, d_ff / p)
+        return self.dropout(self.down(F.silu(gate) * up))  # (B, T, C), summed over the TP group
 
 
 # The linear layers whose output is added to the residual stream: GPT-2's scaled init (gpt.initial_value).

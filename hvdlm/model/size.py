@@ -7,18 +7,31 @@ from hvdlm.config import ModelConfig
 
 
 def block_parameters(cfg: ModelConfig) -> int:
-    """One block's parameters (every TP shard together).
+    """One block's parameters (every TP shard together): its matrices, with biases the column-parallel layers' and
+    the row-parallel layers', and two norms."""
+    biases = column_biases(cfg) + row_biases(cfg) if cfg.bias else 0
+    return matrix_parameters(cfg) + biases + 2 * norm_parameters(cfg)
 
-    Attention: q and the output projection d x d each, k and v d x K D each (K key/value heads of D = d / H: d x d
-    without grouped-query attention). MLP: 2 (GELU) or 3 (SwiGLU) matrices of d x d_ff. With biases: q, k, v and
-    the output's (2d + 2 K D), the MLP's (d_ff per column-parallel matrix, d for the row-parallel one). Two norms,
-    with a gain of d each, and with biases a LayerNorm's shift of d (RMSNorm has none).
-    """
-    d, f, traits = cfg.d_model, cfg.ffn_width, cfg.traits
+
+def matrix_parameters(cfg: ModelConfig) -> int:
+    """One block's matrix entries, each a multiply-add per token: attention's q and output projection d x d each,
+    k and v d x K D each (K key/value heads of D = d / H; d x d without grouped-query attention), and the MLP's
+    2 (GELU) or 3 (SwiGLU) matrices of d x d_ff. GPT-2: 12 d^2."""
+    d = cfg.d_model
     kv = cfg.kv_heads * (d // cfg.n_head)
-    matrices = 2 * d * d + 2 * d * kv + traits.mlp_matrices * d * f
-    biases = (2 * d + 2 * kv) + (traits.mlp_matrices - 1) * f + d if cfg.bias else 0
-    return matrices + biases + 2 * norm_parameters(cfg)
+    return 2 * d * d + 2 * d * kv + cfg.traits.mlp_matrices * d * cfg.ffn_width
+
+
+def column_biases(cfg: ModelConfig) -> int:
+    """One block's biases of its column-parallel layers (split over TP ranks): q, k and v's d + 2 K D, and d_ff
+    per MLP matrix but the row-parallel one (GELU's fc; SwiGLU's gate and up)."""
+    d = cfg.d_model
+    return d + 2 * cfg.kv_heads * (d // cfg.n_head) + (cfg.traits.mlp_matrices - 1) * cfg.ffn_width
+
+
+def row_biases(cfg: ModelConfig) -> int:
+    """One block's biases of its row-parallel layers (replicated): the attention output's and the MLP's, d each."""
+    return 2 * cfg.d_model
 
 
 def norm_parameters(cfg: ModelConfig) -> int:
