@@ -260,3 +260,21 @@ def test_a_refused_model_starts_nothing(hf_dir, dataset, job, tmp_path, cache_di
     assert r.code == 2, r.out[-3000:]
     assert "rope_parameters is" in r.out and "only the default RoPE" in r.out and "Traceback" not in r.out
     assert not (tmp_path / "run").exists()
+
+
+def test_gpt2s_norm_eps_goes_out_and_comes_back(tmp_path):
+    """model.norm_eps is GPT-2's layer_norm_epsilon both ways (its default, 1e-5, as before)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hvdlm.checkpoint.hf import gpt2_config, hvdlm_shape, to_gpt2
+
+    cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, seq_len=8, vocab_size=300, norm_eps=1e-2)
+    torch.manual_seed(2)
+    ours = GPT(cfg).eval()
+    config = gpt2_config(cfg.__dict__, None)
+    theirs = GPT2LMHeadModel(GPT2Config(**config)).eval()
+    theirs.load_state_dict(to_gpt2(ours.state_dict(), 1, 300), strict=False)
+    x = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(x)[0] - theirs(x).logits).abs().max().item() < 1e-5
+    assert hvdlm_shape(config, tmp_path)["norm_eps"] == 1e-2

@@ -75,7 +75,7 @@ CONV1D = {
 TIED_HEAD = ("head.weight", "lm_head.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which hvdlm's model uses (and GPT-2's own value)
+LAYER_NORM_EPS = 1e-5  # model.norm_eps's default: torch.nn.LayerNorm's (and GPT-2's own value)
 EXACT_GELU = ("gelu", "gelu_python")  # transformers' names for F.gelu, the erf form (GPT-2's "gelu_new" is tanh)
 # What transformers assumes for a key a config.json leaves out (GPT2Config's defaults).
 GPT2_DEFAULTS = {
@@ -172,7 +172,7 @@ def gpt2_config(model: dict[str, Any], eot_id: int | None) -> dict[str, Any]:
         "n_inner": None,  # 4 n_embd, as in hvdlm's MLP
         "n_positions": model["seq_len"],
         "vocab_size": model["vocab_size"],
-        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "layer_norm_epsilon": model.get("norm_eps", LAYER_NORM_EPS),
         "tie_word_embeddings": True,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
@@ -414,8 +414,6 @@ def _gpt2_shape(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     ):
         if config[key] != GPT2_DEFAULTS[key]:
             differs.append(f"{key} is {config[key]}, hvdlm's GPT has {GPT2_DEFAULTS[key]}")
-    if config["layer_norm_epsilon"] != LAYER_NORM_EPS:
-        differs.append(f"layer_norm_epsilon is {config['layer_norm_epsilon']}, hvdlm's is {LAYER_NORM_EPS}")
     shape = {
         "arch": "gpt2",
         "n_layer": config["n_layer"],
@@ -424,6 +422,7 @@ def _gpt2_shape(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         "seq_len": config["n_positions"],
         "vocab_size": config["vocab_size"],
         "bias": True,  # GPT-2 has biases everywhere
+        "norm_eps": float(config["layer_norm_epsilon"]),
     }
     return shape, differs
 
