@@ -48,23 +48,111 @@ Switch = Literal["auto", "on", "off"]
 Device = Literal["auto", "cuda", "cpu"]
 Schedule = Literal["1f1b", "gpipe"]
 Recompute = Literal["none", "selective", "full"]
+Arch = Literal["gpt2", "llama"]
+
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """What an architecture's parts are, as numbers (the model builds its modules from them, hvdlm.model.parts; the
+    size and the planner count with them without torch)."""
+
+    bias: bool  # model.bias when the job leaves it out
+    learned_positions: bool  # a position table added to the token embeddings; otherwise RoPE on queries and keys
+    mlp_matrices: int  # 2: GELU's fc and proj; 3: SwiGLU's gate, up and down
+    norm_shift: bool  # the norms have a shift where biases are on (LayerNorm); RMSNorm has a gain only
+    ffn_factor: tuple[int, int]  # d_ff = 0: d_model x this fraction ...
+    ffn_multiple: int  # ... rounded up to a multiple of this
+
+    def default_d_ff(self, d_model: int) -> int:
+        num, den = self.ffn_factor
+        return -(-d_model * num // (den * self.ffn_multiple)) * self.ffn_multiple
+
+
+ARCH_TRAITS = {
+    # GPT-2 (Radford et al. 2019): learned positions, LayerNorm, a 4x GELU MLP, biases everywhere.
+    "gpt2": ArchTraits(
+        bias=True, learned_positions=True, mlp_matrices=2, norm_shift=True, ffn_factor=(4, 1), ffn_multiple=1
+    ),
+    # Llama (Touvron et al. 2023): RoPE, RMSNorm, SwiGLU with 2/3 of 4d (Shazeer 2020, to keep the parameter count
+    # of a 4d MLP) rounded up to a multiple of 256 (Meta's multiple_of), no biases.
+    "llama": ArchTraits(
+        bias=False, learned_positions=False, mlp_matrices=3, norm_shift=False, ffn_factor=(8, 3), ffn_multiple=256
+    ),
+}
 
 
 @dataclass
 class ModelConfig:
     n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads per block; must divide d_model
+    n_head: int = 4  # attention (query) heads per block; must divide d_model
     d_model: int = 128  # width of the residual stream
     seq_len: int = 128  # context length in tokens (the length of every training window)
     vocab_size: int = 256  # at least the dataset tokenizer's: the trainer raises it to that; a larger value pads
     dropout: float = 0.0  # on attention weights and residual branches; 0 keeps replicas' math deterministic
-    bias: bool = True  # biases in Linear layers and LayerNorms
+    bias: bool | None = None  # biases in Linear layers and LayerNorms; unset: the arch's (gpt2 true, llama false)
     recompute: Recompute = "none"  # activations recomputed in backward: selective (attention core) or full (blocks)
+    arch: Arch = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU (ARCH_TRAITS)
+    n_kv_head: int = 0  # key/value heads (grouped-query attention, llama); 0: n_head; must divide n_head
+    d_ff: int = 0  # MLP hidden width; 0: the arch's, 4 d_model (gpt2) or 8/3 d_model up to a multiple of 256 (llama)
+    tie_embeddings: bool = True  # the output head is the token embedding matrix (gpt2 always; llama either)
+    rope_theta: float = 10000.0  # llama: RoPE's base wavelength (Llama 2: 10000, Llama 3: 500000)
+    norm_eps: float = 1e-5  # added to the variance in LayerNorm / RMSNorm (GPT-2 and Llama 3: 1e-5)
+
+    def __post_init__(self) -> None:
+        # A per-arch default written into the config itself, so that config.toml, checkpoints and the shape checks
+        # hold the value the model was built with (TOML has no "unset" to write back).
+        if self.bias is None:
+            self.bias = self.traits.bias
+
+    @property
+    def traits(self) -> ArchTraits:
+        return ARCH_TRAITS.get(self.arch, ARCH_TRAITS["gpt2"])  # an unknown arch is refused by validate()
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head (multi-head attention) where it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        """The MLP's hidden width: d_ff, or the arch's default where it is 0."""
+        return self.d_ff or self.traits.default_d_ff(self.d_model)
 
 
-# The keys that shape a model's tensors (or cut them differently: n_head): weights load only where they agree.
-# vocab_size is not among them: a larger vocabulary is padding, and checkpoints are checked tensor by tensor.
-MODEL_SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "bias")
+# The keys that shape a model's tensors (or cut them differently: n_head, n_kv_head) or change what they compute
+# (arch, rope_theta, norm_eps): weights load only where they agree. vocab_size is not among them: a larger
+# vocabulary is padding, and checkpoints are checked tensor by tensor. Compare them through model_shape (n_kv_head
+# and d_ff resolved; seq_len shapes only a position table, rope_theta only RoPE).
+MODEL_SHAPE_KEYS = (
+    "arch",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "d_ff",
+    "seq_len",
+    "bias",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+)
+
+
+def model_shape(model: dict[str, Any]) -> dict[str, Any]:
+    """The MODEL_SHAPE_KEYS of a recorded [model] table (a checkpoint's, a run's config.toml), resolved: keys it
+    leaves out take their defaults (files written before a key existed are gpt2 with a tied head), n_kv_head and
+    d_ff their meaning (0 -> n_head, the arch's width); seq_len and rope_theta are None where they shape nothing
+    (seq_len without a position table: a llama trains at any length up to it; rope_theta without RoPE)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in model.items() if k in known})
+    table = cfg.traits.learned_positions
+    return {
+        **{k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS},
+        "n_kv_head": cfg.kv_heads,
+        "d_ff": cfg.ffn_width,
+        "seq_len": cfg.seq_len if table else None,
+        "rope_theta": None if table else cfg.rope_theta,
+    }
 
 
 @dataclass
@@ -103,7 +191,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 writes only the final one
     sample_tokens: int = 200  # length of the text sample generated at the end; 0 disables
     threads: int = 0  # torch threads per rank; 0 takes OMP_NUM_THREADS (set by `hvdlm launch`) or torch's default
-    init_from: str = ""  # a run directory (its newest checkpoint), a checkpoint file, or a transformers GPT-2 directory
+    init_from: str = ""  # a run directory (its newest checkpoint), a checkpoint file, or a transformers model directory
     optimizer: Optimizer = "adamw"  # sgd is with momentum; muon: Muon for the blocks' matrices, AdamW for the rest
     momentum: float = 0.9  # SGD momentum
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov) of the matrices' gradients
@@ -367,6 +455,8 @@ POSITIVE = (
     "model.d_model",
     "model.seq_len",
     "model.vocab_size",
+    "model.rope_theta",
+    "model.norm_eps",
     "parallel.tp",
     "parallel.pp",
     "parallel.microbatches",
@@ -382,6 +472,8 @@ POSITIVE = (
     "slurm.nodes",
 )
 NON_NEGATIVE = (
+    "model.n_kv_head",
+    "model.d_ff",
     "train.min_lr",
     "train.warmup_steps",
     "train.weight_decay",
@@ -480,12 +572,35 @@ def _check_model_and_data(config: JobConfig) -> None:
             f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}): each head gets d_model / n_head "
             f"dimensions. Pick an n_head among {[h for h in range(1, 65) if m.d_model % h == 0]}."
         )
+    _check_arch(m)
     if m.vocab_size < 256:
         raise InputError(f"'model.vocab_size' must be at least 256 for byte-level tokens, got {m.vocab_size}.")
     if d.tokenizer == "bpe" and not MIN_BPE_VOCAB <= d.vocab_size <= MAX_BPE_VOCAB:
         raise InputError(
             f"'data.vocab_size' must be between {MIN_BPE_VOCAB} (256 bytes, end-of-document, one merge) and "
             f"{MAX_BPE_VOCAB:,} for the BPE tokenizer, got {d.vocab_size:,}."
+        )
+
+
+def _check_arch(m: ModelConfig) -> None:
+    """Grouped-query attention, RoPE and an untied head: where they fit the head count and the arch."""
+    if m.n_head % m.kv_heads:
+        fits = [k for k in range(1, m.n_head + 1) if m.n_head % k == 0]
+        raise InputError(
+            f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}): each key/value head serves an "
+            f"equal group of query heads. Pick an n_kv_head among {fits} (0 means n_head)."
+        )
+    if m.arch == "gpt2" and (m.kv_heads != m.n_head or not m.tie_embeddings):
+        key = f"model.n_kv_head = {m.n_kv_head}" if m.kv_heads != m.n_head else "model.tie_embeddings = false"
+        raise InputError(
+            f'{key} with model.arch = "gpt2" is not GPT-2: it has one key/value head per query head and an output '
+            'head tied to the token embedding. Use model.arch = "llama" for grouped-query attention or an untied '
+            "head, or leave the key at its default."
+        )
+    if m.arch == "llama" and (m.d_model // m.n_head) % 2:
+        raise InputError(
+            f"model.d_model / model.n_head = {m.d_model // m.n_head} is odd: RoPE rotates each head's dimensions in "
+            "two halves, so a llama head needs an even width. Change d_model or n_head."
         )
 
 
@@ -594,6 +709,8 @@ _STEPS = 10**9  # a billion optimizer steps: about 30 years at one step per seco
 _MAXIMA: dict[str, int] = {
     "model.n_layer": 1024,
     "model.n_head": 1024,
+    "model.n_kv_head": 1024,
+    "model.d_ff": 2**20,
     "model.d_model": 65536,
     "model.seq_len": 2**20,  # a million-token context
     "model.vocab_size": 2**22,  # 16 x the largest real vocabularies; the BPE trainer itself stops at 2**20
@@ -658,16 +775,20 @@ def _validate_choices(config: JobConfig) -> None:
 
 
 def _validate_tp(m: ModelConfig, p: ParallelConfig) -> None:
-    """Each TP rank takes n_head / tp heads and a 1/tp slice of the hidden sizes; all must split evenly.
+    """Each TP rank takes n_head / tp query heads, n_kv_head / tp key/value heads and a 1/tp slice of the hidden
+    sizes; all must split evenly. Key/value heads are never replicated across TP ranks (as Megatron does where
+    tp > n_kv_head): a replicated head's gradient would need its own reduction, so tp must divide n_kv_head.
     (Whether tp divides the number of ranks is checked when the ranks start: see hvdlm.parallel.topology.)"""
+    ffn = "4 x model.d_model" if m.arch == "gpt2" and not m.d_ff else "model.d_ff"  # its default: the arch's width
     splits = (
         ("model.n_head", m.n_head, "attention heads"),
+        ("model.n_kv_head", m.kv_heads, "key/value heads (they are not replicated)"),
         ("model.d_model", m.d_model, "the attention width"),
-        ("4 x model.d_model", 4 * m.d_model, "the MLP hidden units"),
+        (ffn, m.ffn_width, "the MLP hidden units"),
     )
     for name, value, what in splits:
         if value % p.tp:
-            fits = [k for k in range(1, value + 1) if value % k == 0 and m.n_head % k == 0][:12]
+            fits = [k for k in range(1, value + 1) if value % k == 0 and m.kv_heads % k == 0][:12]
             raise InputError(
                 f"parallel.tp = {p.tp} does not divide {name} ({value}): every tensor-parallel rank takes an equal "
                 f"share of {what}. Pick a tp among {fits}, or change {name}."

@@ -4,7 +4,7 @@ A randomly initialised GPT2LMHeadModel (activation_function="gelu", every tensor
 zero and no LayerNorm gain one: a misplaced tensor shows) and a BPE tokenizer are saved by transformers; the data
 is prepared with `hvdlm data prepare --tokenizer DIR`. hvdlm's step-0 validation loss equals the one transformers
 computes on the same windows, at TP 1 and TP 2, and the fine-tuned run exports back into transformers. Models hvdlm
-does not compute (Llama, gelu_new), a missing weights file, a tokenizer larger than the model's vocabulary, data
+does not compute (Mistral, gelu_new), a missing weights file, a tokenizer larger than the model's vocabulary, data
 of another tokenizer and a job of another shape are refused with exit code 2 before anything is written.
 """
 
@@ -149,13 +149,13 @@ def _save_model(**changes):
     return edit
 
 
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
+MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_act": "silu"}
 
 
 @pytest.mark.parametrize(
     "name, edit, message",
     [
-        ("llama", _set_config(**LLAMA), "model_type is 'llama' (LlamaForCausalLM), not 'gpt2'"),
+        ("mistral", _set_config(**MISTRAL), "model_type is 'mistral' (MistralForCausalLM), not 'gpt2' or 'llama'"),
         ("gelu-new", _set_config(activation_function="gelu_new"), "activation_function is 'gelu_new'"),
         ("no-weights", lambda d: (d / "model.safetensors").unlink(), "but no weights (model.safetensors"),
         ("no-tokenizer", lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),

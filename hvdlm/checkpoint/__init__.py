@@ -8,5 +8,6 @@
 - manager: the checkpoint policy of a training run (when to save, what each save holds, how it is put back);
 - run: a run's newest intact checkpoint, its model config and tokenizer, as readers load them;
 - describe: `hvdlm checkpoint inspect`, read from the files without building a model;
-- hf: models in and out of Hugging Face transformers, and weights as safetensors.
+- hf: models in and out of Hugging Face transformers, and weights as safetensors;
+- hf_llama: the llama arch's names and config.json in transformers (LlamaForCausalLM).
 """

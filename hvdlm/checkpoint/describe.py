@@ -12,11 +12,13 @@ from typing import Any
 import torch
 
 from hvdlm.checkpoint.format import load_checkpoint
-from hvdlm.checkpoint.stages import join_stages
+from hvdlm.checkpoint.stages import head_is_tied, join_stages
 from hvdlm.checkpoint.store import newest_loadable, resolve_checkpoint, run_directory, shard_paths
 from hvdlm.units import format_count
 
 _SHAPE_KEYS = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias", "dropout")
+# More keys where the arch is not GPT-2 (whose shape the keys above say whole).
+_ARCH_KEYS = ("arch", "n_kv_head", "d_ff", "tie_embeddings", "rope_theta", "norm_eps")
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "checkpoint": str(paths[0]),
         "step": first["step"],
         "max_steps": train.get("max_steps"),
-        "model": {k: v for k, v in config.get("model", {}).items() if k in _SHAPE_KEYS},
+        "model": _model_keys(config.get("model", {})),
         "layout": {
             "tp": len(paths) // _stages(first),
             **({"pp": _stages(first)} if _stages(first) > 1 else {}),
@@ -45,6 +47,11 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         **({"stages": _stage_counts(states)} if _stages(first) > 1 else {}),
         **({"skipped": skipped} if skipped else {}),
     }
+
+
+def _model_keys(model: dict[str, Any]) -> dict[str, Any]:
+    keys = _SHAPE_KEYS + (_ARCH_KEYS if model.get("arch", "gpt2") != "gpt2" else ())
+    return {k: v for k, v in model.items() if k in keys}
 
 
 def _read_checkpoint(path: Path) -> tuple[list[Path], list[dict], list[str]]:
@@ -100,8 +107,10 @@ def _parameter_count(states: list[dict]) -> int:
     pipeline stages, summed over the stages (the last stage's copy of the tied head left out)."""
     stages = _stages(states[0])
     per_stage = len(states) // stages
+    tied = head_is_tied(states[0])
     return sum(
-        _stage_parameter_count(states[k * per_stage : (k + 1) * per_stage], skip_head=k > 0) for k in range(stages)
+        _stage_parameter_count(states[k * per_stage : (k + 1) * per_stage], skip_head=tied and k > 0)
+        for k in range(stages)
     )
 
 
@@ -111,7 +120,7 @@ def _stage_parameter_count(states: list[dict], skip_head: bool) -> int:
     sharding = tp.get("sharding", {})
     # The optimizer's parameter names leave out a tied weight (the head shares the token embedding).
     names = [n for group in tp.get("param_names") or [] for n in group] or [
-        n for n in first["model"] if n != "head.weight"
+        n for n in first["model"] if n != "head.weight" or not head_is_tied(first)
     ]
     total = 0
     for name in (n for n in names if not (skip_head and n == "head.weight")):

@@ -6,7 +6,8 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
     model       the rank's state_dict (its shards, plus the replicated tensors)
     optimizer   the rank's optimizer state_dict
     step, config
-    tp          {"rank", "size", "sharding": {name: [dim, full, chunks] or None}, "param_names": [[...], ...]}
+    tp          {"rank", "size", "sharding": {name: [dim, full, chunks] or None}, "param_names": [[...], ...]};
+                unequal blocks (q, k, v with grouped-query attention) add [..., multiple, parts] (Sharding.recorded)
     ema         the moving average of the weights, sharded like model (when enabled)
     scaler      the fp16 gradient scaler's state (when enabled)
     data        the sampler's position (the same on every rank)
@@ -149,10 +150,10 @@ def training_state(
     }
 
 
-def sharding_of(model: torch.nn.Module) -> dict[str, list[int] | None]:
+def sharding_of(model: torch.nn.Module) -> dict[str, list | None]:
     """How each state_dict entry is split, as plain lists (checkpoints load with weights_only)."""
-    out: dict[str, list[int] | None] = {}
+    out: dict[str, list | None] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         spec: Sharding | None = getattr(t, "tp_shard", None)
-        out[name] = None if spec is None else [spec.dim, spec.full, spec.chunks]
+        out[name] = None if spec is None else spec.recorded()
     return out

@@ -1,7 +1,9 @@
 """Models in and out of Hugging Face transformers, and weights as safetensors.
 
 hvdlm's GPT is exactly GPT-2 with the exact (erf) GELU: transformers' `GPT2LMHeadModel` with
-`activation_function="gelu"` computes the same logits from the same weights, so both directions are exact.
+`activation_function="gelu"` computes the same logits from the same weights, so both directions are exact. Its
+llama arch is exactly `LlamaForCausalLM` (hvdlm.checkpoint.hf_llama: its names and config.json); the files, the
+tokenizer and the directory written whole are the same for both, here.
 
 Export (`hvdlm export`): a checkpoint of any TP size, merged into one unsharded state (its vocabulary padding
 removed by hvdlm.checkpoint.reshard), becomes a directory that `AutoModelForCausalLM.from_pretrained` and
@@ -10,8 +12,9 @@ tokenizer_config.json. It is written into a temporary directory beside the targe
 never over a directory that holds files.
 
 Import (`--init-from DIR`, train.init_from): `load_init_state` gives the trainer hvdlm's unsharded state for an
-hvdlm run directory or checkpoint, or for a directory transformers wrote for a GPT-2 model (config.json, and
-model.safetensors or pytorch_model.bin read as data only); every TP rank then cuts its own shard from it.
+hvdlm run directory or checkpoint, or for a directory transformers wrote for a GPT-2 or Llama model (config.json,
+and model.safetensors, its shards with their index, or pytorch_model.bin read as data only); every TP rank (and
+pipeline stage) then cuts its own part from it.
 
 The weights map one to one (GPT2_NAMES). One layout differs: GPT-2 keeps its linear layers as Conv1D, whose
 weight is (in, out), where torch's Linear holds (out, in), so those four are transposed. q, k and v sit in the
@@ -32,8 +35,11 @@ from typing import Any
 
 import torch
 
+from hvdlm.checkpoint.hf_llama import from_llama, llama_config, llama_shape, to_llama
 from hvdlm.checkpoint.run import load_run_checkpoint, model_config, run_tokenizer
+from hvdlm.checkpoint.stages import head_is_tied
 from hvdlm.checkpoint.store import refuse_missing_run
+from hvdlm.config import ModelConfig
 from hvdlm.data.tokenizer import byte_tokenizer_json
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write, fsync_directory
@@ -70,7 +76,7 @@ CONV1D = {
 TIED_HEAD = ("head.weight", "lm_head.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which hvdlm's model uses (and GPT-2's own value)
+LAYER_NORM_EPS = 1e-5  # model.norm_eps's default: torch.nn.LayerNorm's (and GPT-2's own value)
 EXACT_GELU = ("gelu", "gelu_python")  # transformers' names for F.gelu, the erf form (GPT-2's "gelu_new" is tanh)
 # What transformers assumes for a key a config.json leaves out (GPT2Config's defaults).
 GPT2_DEFAULTS = {
@@ -167,7 +173,7 @@ def gpt2_config(model: dict[str, Any], eot_id: int | None) -> dict[str, Any]:
         "n_inner": None,  # 4 n_embd, as in hvdlm's MLP
         "n_positions": model["seq_len"],
         "vocab_size": model["vocab_size"],
-        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "layer_norm_epsilon": model.get("norm_eps", LAYER_NORM_EPS),
         "tie_word_embeddings": True,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
@@ -226,14 +232,14 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
             raise InputError(f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay = 0). Drop --ema.")
         weights = state["ema"]
     tokenizer = run_tokenizer(state["config"], path)
-    model = {**state["config"]["model"], "vocab_size": cfg.vocab_size}
-    config = gpt2_config(model, tokenizer.eot_id)
+    config, tensors = _for_transformers(
+        cfg, {**state["config"]["model"], "vocab_size": cfg.vocab_size}, weights, tokenizer.eot_id
+    )
     files = {
         CONFIG_FILE: _dumps(config),
         GENERATION_FILE: _dumps({"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}),
         **tokenizer_files(tokenizer, cfg.seq_len),
     }
-    tensors = to_gpt2(weights, cfg.n_layer, cfg.vocab_size)
 
     def write(staging: Path) -> None:
         with _os_errors_of_safetensors():
@@ -248,7 +254,17 @@ def export_hf(source: str | Path, out: str | Path, ema: bool = False) -> dict[st
         "weights": "ema" if ema else "model",
         "parameters": sum(t.numel() for t in tensors.values()),
         "tokenizer": tokenizer.kind,
+        "architecture": config["architectures"][0],
     }
+
+
+def _for_transformers(
+    cfg: ModelConfig, model: dict[str, Any], weights: dict[str, torch.Tensor], eot_id: int | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the tensors of the transformers model of cfg's arch."""
+    if cfg.arch == "llama":
+        return llama_config(cfg, eot_id), to_llama(weights, cfg)
+    return gpt2_config(model, eot_id), to_gpt2(weights, cfg.n_layer, cfg.vocab_size)
 
 
 def check_export_target(out: Path) -> None:
@@ -337,12 +353,16 @@ def load_init_state(path: str | Path, dataset: str | Path | None = None) -> dict
     directory = Path(path)
     config = _read_config(directory)
     model = hvdlm_shape(config, directory)
+    if model["arch"] == "llama":
+        weights, name = from_llama(read_weights(directory), ModelConfig(**model), str(directory)), "Llama"
+    else:
+        weights, name = from_gpt2(read_weights(directory), model["n_layer"], str(directory)), "GPT-2"
     state = {
-        "model": from_gpt2(read_weights(directory), model["n_layer"], str(directory)),
+        "model": weights,
         "step": 0,
         "config": {"model": model},
         "source": str(directory),
-        "origin": f"the transformers GPT-2 model in {directory}",
+        "origin": f"the transformers {name} model in {directory}",
     }
     if dataset is not None:
         check_tokenizer(directory, Path(dataset), model["vocab_size"])
@@ -356,46 +376,57 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise InputError(f"cannot read '{directory / CONFIG_FILE}': {e}. Save the model again.") from None
     if not isinstance(config, dict):
         raise InputError(f"'{directory / CONFIG_FILE}' is no model configuration (a JSON object). Save it again.")
-    return {**GPT2_DEFAULTS, **config}
+    return config
 
 
-def hvdlm_shape(config: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """hvdlm's [model] keys for a GPT-2 config.json; refuses, naming every difference, a model hvdlm does not
-    compute exactly."""
-    differs = []
-    kind = config.get("model_type")
-    if kind != "gpt2":
-        architectures = ", ".join(config.get("architectures") or []) or "no architectures named"
-        differs.append(f"model_type is {kind!r} ({architectures}), not 'gpt2'")
+def hvdlm_shape(raw: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """hvdlm's [model] keys for a GPT-2 or Llama config.json; refuses, naming every difference, a model hvdlm does
+    not compute exactly."""
+    kind = raw.get("model_type")
+    if kind == "llama":
+        shape, differs = llama_shape(raw)
+        what = "the Llama architecture (transformers' LlamaForCausalLM with the default RoPE)"
+    elif kind == "gpt2":
+        shape, differs = _gpt2_shape({**GPT2_DEFAULTS, **raw})
+        what = 'the GPT-2 architecture with the exact GELU (transformers\' GPT2LMHeadModel, activation_function "gelu")'
     else:
-        activation = config["activation_function"]
-        if activation not in EXACT_GELU:
-            differs.append(f"activation_function is {activation!r}, and hvdlm computes only the exact GELU ('gelu')")
-        if config["n_inner"] not in (None, 4 * config["n_embd"]):
-            differs.append(f"n_inner is {config['n_inner']}, and hvdlm's MLP is 4 n_embd = {4 * config['n_embd']} wide")
-        for key in (
-            "tie_word_embeddings",
-            "scale_attn_weights",
-            "scale_attn_by_inverse_layer_idx",
-            "add_cross_attention",
-        ):
-            if config[key] != GPT2_DEFAULTS[key]:
-                differs.append(f"{key} is {config[key]}, hvdlm's GPT has {GPT2_DEFAULTS[key]}")
-        if config["layer_norm_epsilon"] != LAYER_NORM_EPS:
-            differs.append(f"layer_norm_epsilon is {config['layer_norm_epsilon']}, hvdlm's is {LAYER_NORM_EPS}")
+        architectures = ", ".join(raw.get("architectures") or []) or "no architectures named"
+        shape, differs = {}, [f"model_type is {kind!r} ({architectures}), not 'gpt2' or 'llama'"]
+        what = "GPT-2 or Llama (transformers' GPT2LMHeadModel or LlamaForCausalLM)"
     if differs:
         raise InputError(
-            f"'{directory}' holds a model hvdlm cannot start from: {'; '.join(differs)}. hvdlm's GPT is the GPT-2 "
-            'architecture with the exact GELU (transformers\' GPT2LMHeadModel, activation_function "gelu").'
+            f"'{directory}' holds a model hvdlm cannot start from: {'; '.join(differs)}. hvdlm computes exactly {what}."
         )
-    return {
+    return shape
+
+
+def _gpt2_shape(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """hvdlm's [model] keys for a GPT-2 config.json (its defaults filled in), and what hvdlm cannot compute."""
+    differs = []
+    activation = config["activation_function"]
+    if activation not in EXACT_GELU:
+        differs.append(f"activation_function is {activation!r}, and hvdlm computes only the exact GELU ('gelu')")
+    if config["n_inner"] not in (None, 4 * config["n_embd"]):
+        differs.append(f"n_inner is {config['n_inner']}, and hvdlm's MLP is 4 n_embd = {4 * config['n_embd']} wide")
+    for key in (
+        "tie_word_embeddings",
+        "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx",
+        "add_cross_attention",
+    ):
+        if config[key] != GPT2_DEFAULTS[key]:
+            differs.append(f"{key} is {config[key]}, hvdlm's GPT has {GPT2_DEFAULTS[key]}")
+    shape = {
+        "arch": "gpt2",
         "n_layer": config["n_layer"],
         "n_head": config["n_head"],
         "d_model": config["n_embd"],
         "seq_len": config["n_positions"],
         "vocab_size": config["vocab_size"],
         "bias": True,  # GPT-2 has biases everywhere
+        "norm_eps": float(config["layer_norm_epsilon"]),
     }
+    return shape, differs
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -476,15 +507,16 @@ def write_safetensors(state: dict[str, Any], target: Path) -> int:
     file, atomically; returns the number of tensors. The step and the configuration go into its metadata."""
     from safetensors.torch import save
 
-    tensors = {name: t.contiguous() for name, t in state["model"].items() if name != TIED_HEAD[0]}
+    tied = head_is_tied(state)  # a tied head is the embedding's tensor, stored once (safetensors shares none)
+    tensors = {name: t.contiguous() for name, t in state["model"].items() if name != TIED_HEAD[0] or not tied}
     for name, t in (state.get("ema") or {}).items():
-        if name != TIED_HEAD[0]:
+        if name != TIED_HEAD[0] or not tied:
             tensors[f"ema.{name}"] = t.contiguous()
     metadata = {
         "format": "pt",
         "step": str(state.get("step")),
         "config": json.dumps(state.get("config", {})),
-        "tied": "head.weight is tok_emb.weight",
+        "tied": "head.weight is tok_emb.weight" if tied else "no: head.weight is its own",
     }
     atomic_write(target, save(tensors, metadata=metadata))
     return len(tensors)

@@ -15,7 +15,7 @@ import torch
 from hvdlm.checkpoint.format import load_checkpoint
 from hvdlm.checkpoint.stages import join_stages, stage_of
 from hvdlm.checkpoint.store import shard_paths
-from hvdlm.config import MODEL_SHAPE_KEYS
+from hvdlm.config import MODEL_SHAPE_KEYS, model_shape
 from hvdlm.errors import InputError
 from hvdlm.parallel.layers import Sharding, full_shape, merge, shard
 
@@ -88,31 +88,43 @@ def _padded(state: dict[str, Any]) -> bool:
 def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:
     """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree."""
     full = full_state["model"]
+    problems = _shape_problems(model, full_state)
+    if problems:
+        theirs = _shape_summary(full_state.get("config", {}).get("model", {}))
+        ours = _shape_summary(model.cfg.__dict__ if hasattr(model, "cfg") else {})
+        raise InputError(
+            f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems)}. "
+            f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
+        )
+    model.load_state_dict(shard_state(model, full, tp_rank, tp))
+
+
+def _shape_problems(model: torch.nn.Module, full_state: dict[str, Any]) -> list[str]:
+    """What differs between the checkpoint's model and `model`: the recorded shape keys first (they say why), then
+    the tensors, four differences in all unless more keys differ."""
+    full = full_state["model"]
     expected = model.state_dict(keep_vars=True)
-    problems = []
+    tensors = []
     missing = [n for n in expected if n not in full]
     unexpected = [n for n in full if n not in expected]
     if missing or unexpected:
-        problems.append(
+        tensors.append(
             f"{len(missing)} tensors missing (first: {missing[:3]}), "
             f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
         )
     for name, t in expected.items():
         if name in full and tuple(full[name].shape) != full_shape(t):
-            problems.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
+            tensors.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
     their_cfg = full_state.get("config", {}).get("model", {})
     our_cfg = model.cfg.__dict__ if hasattr(model, "cfg") else {}
-    # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads.
-    for key in MODEL_SHAPE_KEYS:
-        if key in their_cfg and key in our_cfg and their_cfg[key] != our_cfg[key]:
-            problems.append(f"{key} is {their_cfg[key]} there, {our_cfg[key]} here")
-    if problems:
-        theirs, ours = _shape_summary(their_cfg), _shape_summary(our_cfg)
-        raise InputError(
-            f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems[:4])}. "
-            f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
-        )
-    model.load_state_dict(shard_state(model, full, tp_rank, tp))
+    # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads, and
+    # a llama of GPT-2's tensor shapes computes another function. Compared resolved (0 key/value heads = n_head),
+    # a checkpoint written before a key existed taking its default (gpt2, a tied head).
+    keys = []
+    if their_cfg and our_cfg:
+        theirs, ours = model_shape(their_cfg), model_shape(our_cfg)
+        keys = [f"{k} is {theirs[k]} there, {ours[k]} here" for k in MODEL_SHAPE_KEYS if theirs[k] != ours[k]]
+    return keys + tensors[: max(0, 4 - len(keys))]
 
 
 def shard_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> dict:
@@ -125,8 +137,13 @@ def shard_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: 
 
 
 def _shape_summary(model_cfg: dict) -> str:
-    keys = ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias")
-    return ", ".join(f"{k}={model_cfg[k]}" for k in keys if k in model_cfg) or "unknown"
+    if not model_cfg:
+        return "unknown"
+    shape = {**model_shape(model_cfg), "vocab_size": model_cfg.get("vocab_size")}
+    keys = ["n_layer", "n_head", "d_model", "seq_len", "vocab_size", "bias"]
+    if shape["arch"] != "gpt2":  # GPT-2's are the keys above; the others' shapes have more
+        keys = ["arch", *keys, "n_kv_head", "d_ff", "tie_embeddings"]
+    return ", ".join(f"{k}={shape[k]}" for k in keys if shape[k] is not None)
 
 
 def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int) -> None:

@@ -2,11 +2,12 @@
 cut to one stage.
 
 Each stage's file holds the tensors of its layers under the whole GPT's names (hvdlm.model.stage), so joining is a
-union: model and EMA tensors by name, optimizer state re-indexed by name. The tied embedding/head weight is there
+union: model and EMA tensors by name, optimizer state re-indexed by name. A tied embedding/head weight is there
 twice, the first stage's `tok_emb.weight` and the last stage's copy `head.weight`: bit-identical, so the whole
 model's state keeps both names (as GPT.state_dict() does for its tied tensor), and the optimizer keeps the one
 state the GPT has, the embedding's. Cutting is the reverse, and gives the last stage's head copy the
-embedding's tensors and optimizer state. Both work on TP-unsharded states (hvdlm.checkpoint.reshard merges and
+embedding's tensors and optimizer state. An untied head (model.tie_embeddings = false) is a tensor like any other,
+on the last stage only. Both work on TP-unsharded states (hvdlm.checkpoint.reshard merges and
 cuts the TP shards), so any (pp, tp) layout loads into any other.
 """
 
@@ -19,6 +20,13 @@ import torch
 from hvdlm.errors import InputError
 
 EMBEDDING, HEAD = "tok_emb.weight", "head.weight"
+
+
+def head_is_tied(state: dict[str, Any]) -> bool:
+    """Whether a state's output head is its token embedding (its recorded model.tie_embeddings; checkpoints written
+    before the key existed are GPT-2's, tied)."""
+    model = (state.get("config") or {}).get("model") or {}
+    return bool(model.get("tie_embeddings", True))
 
 
 def stage_of(state: dict[str, Any]) -> tuple[int, int]:
@@ -64,14 +72,14 @@ def _union(tables: list[dict]) -> dict:
 def _join_optimizers(states: list[dict[str, Any]]) -> tuple[dict, list[list[str]]]:
     """The stages' optimizer states as one, indexed in the order of the joined parameter names; the last stage's
     head copy is left out (its state is the embedding's)."""
-    groups = len(states[0]["tp"]["param_names"])
+    groups, tied = len(states[0]["tp"]["param_names"]), head_is_tied(states[0])
     names: list[list[str]] = [[] for _ in range(groups)]
     entries: dict[str, dict] = {}
     for s in states:
         flat = [n for group in s["tp"]["param_names"] for n in group]
         for g, group in enumerate(s["tp"]["param_names"]):
             for name in group:
-                if name == HEAD and stage_of(s)[0] > 0:
+                if name == HEAD and tied and stage_of(s)[0] > 0:
                     continue  # the tied copy
                 names[g].append(name)
                 entry = s["optimizer"]["state"].get(flat.index(name))
@@ -90,7 +98,7 @@ def stage_state(full: dict[str, Any], model: torch.nn.Module, stage: int, stages
     """The part of a whole-model state (TP-unsharded) that stage `stage` of `stages` holds, in the same format,
     so that hvdlm.checkpoint.reshard's load_model and load_optimizer load it into the stage's model."""
     ours = set(model.state_dict())
-    tied_copy = HEAD in ours and EMBEDDING not in ours  # the last stage's head
+    tied_copy = HEAD in ours and EMBEDDING not in ours and model.cfg.tie_embeddings  # the last stage's head copy
 
     def source(name: str) -> str:
         return EMBEDDING if name == HEAD and tied_copy else name

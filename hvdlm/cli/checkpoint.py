@@ -58,7 +58,10 @@ def merge(ckpt: str, out: str | None, fmt: str) -> None:
         raise InputError(
             f"cannot write '{target}': {e.strerror or e}. Pass an --out in a writable directory."
         ) from None
-    n = sum(t.numel() for name, t in state["model"].items() if name != "head.weight")
+    from hvdlm.checkpoint.stages import head_is_tied
+
+    tied = head_is_tied(state)  # a tied head is the embedding's tensor, counted once
+    n = sum(t.numel() for name, t in state["model"].items() if name != "head.weight" or not tied)
     click.echo(f"merged {len(paths)} shard(s) of step {state.get('step')} ({n / 1e6:.2f}M parameters) into {target}")
 
 

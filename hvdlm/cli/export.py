@@ -25,7 +25,8 @@ def _there(ctx: click.Context, param: click.Parameter, source: str) -> str:
     type=click.Choice(["hf"]),
     default="hf",
     show_default=True,
-    help="hf: transformers' GPT2LMHeadModel with its tokenizer (config.json, model.safetensors, tokenizer.json).",
+    help="hf: transformers' GPT2LMHeadModel (arch gpt2) or LlamaForCausalLM (arch llama) with its tokenizer "
+    "(config.json, model.safetensors, tokenizer.json).",
 )
 def export(source: str, out: str, ema: bool, fmt: str) -> None:
     """Export the model of RUN_DIR (its newest checkpoint) or of CHECKPOINT (any TP size) for transformers.
@@ -39,5 +40,5 @@ def export(source: str, out: str, ema: bool, fmt: str) -> None:
     click.echo(
         f"exported {done['weights']} weights of step {done['step']} from {done['checkpoint']} "
         f"({done['parameters'] / 1e6:.2f}M parameters, {done['tokenizer']} tokenizer) to {out} "
-        f"(transformers GPT2LMHeadModel)"
+        f"(transformers {done['architecture']})"
     )

@@ -46,7 +46,8 @@ init_from_option = click.option(
     "--init-from",
     default=None,
     metavar="RUN_DIR|CHECKPOINT|HF_DIR",
-    help="Start from another run's weights (its newest checkpoint), or from a GPT-2 model saved by transformers "
+    help="Start from another run's weights (its newest checkpoint), or from a GPT-2 or Llama model saved by "
+    "transformers "
     "(data prepared with its tokenizer: hvdlm data prepare --tokenizer HF_DIR), with a new optimizer and data order.",
 )
 

@@ -1,10 +1,13 @@
-"""A GPT decoder, shaped after nanoGPT: token + position embeddings, pre-LayerNorm blocks of causal
-self-attention and a GELU MLP, a final LayerNorm, and an output head tied to the token embedding.
+"""A GPT decoder, shaped after nanoGPT: token embeddings (+ learned positions for gpt2), pre-norm blocks of causal
+self-attention and an MLP, a final norm, and an output head (tied to the token embedding, or its own for llama).
+
+The arch (model.arch) picks the norm, the positions and the MLP from hvdlm.model.parts; the rest is shared.
 
 Built from the tensor-parallel layers of layers.py: given a TP group of size p, each rank holds 1/p of the
 heads, MLP units and vocabulary; without one (p = 1) every layer is the plain one and no collective runs.
 
-Classes come in reading order. Shapes: B batch, T time (tokens), C channels (d_model), H heads, V vocabulary.
+Classes come in reading order. Shapes: B batch, T time (tokens), C channels (d_model), H query heads, K key/value
+heads, D = C / H a head's width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hvdlm.config import ModelConfig
+from hvdlm.model.parts import NORMS, PARTS, RESIDUAL_OUTPUTS, Rotary, rotary_of
 from hvdlm.model.recompute import recomputed
 from hvdlm.parallel.layers import (
     ColumnParallelLinear,
@@ -24,6 +28,7 @@ from hvdlm.parallel.layers import (
     full_shape,
     shard,
     vocab_parallel_cross_entropy,
+    vocab_parallel_head,
 )
 from hvdlm.parallel.mappings import gather_from_tp
 from hvdlm.parallel.topology import Group
@@ -33,72 +38,118 @@ def initial_value(module: nn.Module, module_name: str, name: str, shape: tuple[i
     """The full initial tensor of parameter `name` of `module` (GPT-2's init; see GPT._init_weights), drawn from
     torch's global generator. Pipeline stages (hvdlm.model.stage) draw through the same order with it."""
     full = torch.empty(shape)
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, NORMS):
         return full.fill_(1.0 if name == "weight" else 0.0)
     if name == "bias":
         return full.zero_()
-    std = 0.02 / math.sqrt(2 * n_layer) if module_name.endswith("proj") else 0.02
+    std = 0.02 / math.sqrt(2 * n_layer) if module_name.endswith(RESIDUAL_OUTPUTS) else 0.02
     return full.normal_(mean=0.0, std=std)
 
 
 class CausalSelfAttention(nn.Module):
-    """Heads are split across the TP group: rank i owns heads [i H/p, (i+1) H/p), their q, k, v columns (column
-    parallel) and the matching rows of the output projection (row parallel); attention itself is local."""
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share K key/value heads, H / K queries each
+    (K = H: multi-head attention, GPT-2's). Heads are split across the TP group: rank i owns query heads
+    [i H/p, (i+1) H/p) and key/value heads [i K/p, (i+1) K/p) (p divides K: the key/value heads are not
+    replicated), their q, k, v columns (column parallel) and the matching rows of the output projection (row
+    parallel); attention itself is local, and query head h reads key/value head h / (H/K) on every layout."""
 
-    def __init__(self, cfg: ModelConfig, group: Group):
+    def __init__(self, cfg: ModelConfig, group: Group, rotary: Rotary | None = None):
         super().__init__()
-        self.n_head = cfg.n_head // group.size  # heads on this rank
+        self.n_head = cfg.n_head // group.size  # query heads on this rank
+        self.n_kv_head = cfg.kv_heads // group.size  # key/value heads on this rank
         self.head_dim = cfg.d_model // cfg.n_head
         self.dropout = cfg.dropout
         self.recompute_core = cfg.recompute == "selective"
-        # q, k and v for all (local) heads in one matmul; chunks=3 gives every rank its own q, k and v columns
-        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, group, bias=cfg.bias, chunks=3)
+        self.rotary = rotary  # llama: RoPE on q and k; None: the positions came in with the embeddings
+        # q, k and v for all (local) heads in one matmul; the three blocks of columns are split on their own, so
+        # that every rank gets its q heads and its key/value heads.
+        q_width, kv_width = cfg.d_model, cfg.kv_heads * self.head_dim
+        widths = (q_width, kv_width, kv_width)
+        self.qkv = ColumnParallelLinear(cfg.d_model, sum(widths), group, bias=cfg.bias, chunks=widths)
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, group, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        width = self.n_head * self.head_dim  # C / p
-        q, k, v = self.qkv(x).split(width, dim=2)  # 3 x (B, T, C / p)
-        # (B, T, C / p) -> (B, H / p, T, C / H)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim  # C / p, K D / p
+        q, k, v = self.qkv(x).split((q_width, kv_width, kv_width), dim=2)  # (B, T, C / p), 2 x (B, T, K D / p)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H / p, T, D)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, K / p, T, D)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         # model.recompute = "selective": the core keeps only q, k, v for backward (hvdlm.model.recompute).
-        y = recomputed(self._core, q, k, v) if self.recompute_core else self._core(q, k, v)  # (B, H / p, T, C / H)
-        y = y.transpose(1, 2).contiguous().view(B, T, width)
+        y = recomputed(self._core, q, k, v) if self.recompute_core else self._core(q, k, v)  # (B, H / p, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, q_width)
         return self.resid_dropout(self.proj(y))  # (B, T, C), summed over the TP group
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # Fused kernel (flash / memory-efficient where available); is_causal masks the future.
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-
-
-class MLP(nn.Module):
-    """Column parallel then row parallel: the 4C hidden units are split, GELU acts on each rank's own units."""
-
-    def __init__(self, cfg: ModelConfig, group: Group):
-        super().__init__()
-        # 4x expansion, as in GPT-2
-        self.fc = ColumnParallelLinear(cfg.d_model, 4 * cfg.d_model, group, bias=cfg.bias)
-        self.proj = RowParallelLinear(4 * cfg.d_model, cfg.d_model, group, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        # Fused kernel (flash / memory-efficient where available); is_causal masks the future. enable_gqa lets
+        # query head h read key/value head h / (H/K) without copying k and v H/K times.
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=True,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x)). LayerNorms are replicated."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The norms are replicated; which norm
+    and which MLP is the arch's (hvdlm.model.parts)."""
 
-    def __init__(self, cfg: ModelConfig, group: Group):
+    def __init__(self, cfg: ModelConfig, group: Group, rotary: Rotary | None = None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, group)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = MLP(cfg, group)
+        parts = PARTS[cfg.arch]
+        self.ln_1 = parts.norm(cfg)
+        self.attn = CausalSelfAttention(cfg, group, rotary)
+        self.ln_2 = parts.norm(cfg)
+        self.mlp = parts.mlp(cfg, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+def check_tp_size(cfg: ModelConfig, tp: int) -> None:
+    if cfg.n_head % tp or cfg.kv_heads % tp or cfg.d_model % tp:
+        raise ValueError(
+            f"TP size {tp} must divide n_head ({cfg.n_head}), the key/value heads ({cfg.kv_heads}) and d_model "
+            f"({cfg.d_model})"
+        )
+
+
+def learned_positions(cfg: ModelConfig) -> nn.Embedding | None:
+    """GPT-2's position table (replicated on every TP rank); None for an arch with rotary positions."""
+    return nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.traits.learned_positions else None
+
+
+def embed(tok_emb: nn.Module, pos_emb: nn.Module | None, idx: torch.Tensor) -> torch.Tensor:
+    """idx (B, T) -> the token embeddings (B, T, C), plus the positions' where they are a table."""
+    x = tok_emb(idx)
+    if pos_emb is not None:
+        x = x + pos_emb(torch.arange(idx.size(1), device=idx.device))
+    return x
+
+
+def output_head(cfg: ModelConfig, g: Group, tok_emb: VocabParallelEmbedding | None) -> ColumnParallelLinear:
+    """The output head, column parallel over the vocabulary: each rank computes the logits of its vocabulary shard.
+
+    Tied (model.tie_embeddings; Press & Wolf, 2017): it reuses the token embedding matrix, both split by vocabulary
+    rows the same way, so each rank ties its own shard. With pipeline stages the last stage has no embedding
+    (tok_emb None): it holds a copy, marked `pipeline_tied_copy` (hvdlm.model.stage). Untied: a matrix of its own,
+    split and padded as the embedding is.
+    """
+    if not cfg.tie_embeddings:
+        return vocab_parallel_head(cfg.d_model, cfg.vocab_size, g)
+    if tok_emb is None:
+        head = vocab_parallel_head(cfg.d_model, cfg.vocab_size, g)
+        head.weight.pipeline_tied_copy = True  # counted once in the gradient norm (the first stage's)
+        return head
+    head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, g, bias=False)
+    head.weight = tok_emb.weight
+    return head
 
 
 class GPT(nn.Module):
@@ -114,18 +165,14 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tp_group = g = tp_group or Group.single()
-        if cfg.n_head % g.size or cfg.d_model % g.size:
-            raise ValueError(f"TP size {g.size} must divide n_head ({cfg.n_head}) and d_model ({cfg.d_model})")
+        check_tp_size(cfg, g.size)
         self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, g)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.pos_emb = learned_positions(cfg)  # gpt2's table; None where RoPE places the tokens (llama)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, g) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        # The head is column parallel over the vocabulary: each rank computes the logits of its vocabulary shard.
-        self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, g, bias=False)
-        # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding matrix. Both are split
-        # by vocabulary rows the same way, so each rank ties its own shard.
-        self.head.weight = self.tok_emb.weight
+        rotary = rotary_of(cfg)  # one RoPE table for every block
+        self.blocks = nn.ModuleList(Block(cfg, g, rotary) for _ in range(cfg.n_layer))
+        self.ln_f = PARTS[cfg.arch].norm(cfg)
+        self.head = output_head(cfg, g, self.tok_emb)
         self._init_weights()
 
     @torch.no_grad()
@@ -147,9 +194,14 @@ class GPT(nn.Module):
                 p.copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position table is left out by default, as in the 6N FLOPs-per-token rule."""
+        """Parameter count; by default without the tables that are only looked up (no matmul), as in the 6N
+        FLOPs-per-token rule: the position table, and the token table where the head is its own (tied, the token
+        table is the head's matmul and counts)."""
         n = sum(math.prod(full_shape(p)) for p in self.parameters())  # of the whole model, not this shard
-        return n - self.pos_emb.weight.numel() if non_embedding else n
+        if not non_embedding:
+            return n
+        lookups = [self.pos_emb] + ([] if self.cfg.tie_embeddings else [self.tok_emb])
+        return n - sum(math.prod(full_shape(m.weight)) for m in lookups if m is not None)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> logits and, when targets (B, T) are given, the mean cross-entropy.
@@ -160,8 +212,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len {self.cfg.seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.drop(embed(self.tok_emb, self.pos_emb, idx))  # (B, T, C)
         for block in self.blocks:
             # model.recompute = "full": only each block's input is kept for backward (hvdlm.model.recompute).
             x = recomputed(block, x) if self.cfg.recompute == "full" else block(x)

@@ -1,16 +1,17 @@
 """One pipeline stage of the GPT: a run of consecutive blocks, with the embeddings on the first stage and the
-final LayerNorm, output head and loss on the last (Megatron's pre_process / post_process).
+final norm, output head and loss on the last (Megatron's pre_process / post_process).
 
-    first stage    idx (B, T)  -> tok_emb + pos_emb -> blocks[a:b] -> x (B, T, C)
-    middle stage   x (B, T, C) -> blocks[b:c]                      -> x (B, T, C)
-    last stage     x (B, T, C) -> blocks[c:L] -> ln_f -> head      -> loss
+    first stage    idx (B, T)  -> tok_emb (+ pos_emb) -> blocks[a:b] -> x (B, T, C)
+    middle stage   x (B, T, C) -> blocks[b:c]                        -> x (B, T, C)
+    last stage     x (B, T, C) -> blocks[c:L] -> ln_f -> head        -> loss
 
 Parameter names are those of the whole GPT (`blocks.5.attn.qkv.weight` on whichever stage holds block 5), so the
 stages' state dicts put together are the GPT's, and checkpoints merge by union (hvdlm.checkpoint.reshard).
 
-The output head is tied to the token embedding, which lives on the first stage. The last stage holds its own
-copy (`head.weight`, marked `pipeline_tied_copy`), initialised to the same values; the trainer sums the two
-copies' gradients over the embedding group every step, so both take the same update and stay bit-identical.
+A tied output head (model.tie_embeddings) is the token embedding, which lives on the first stage. The last stage
+holds its own copy (`head.weight`, marked `pipeline_tied_copy`), initialised to the same values; the trainer sums
+the two copies' gradients over the embedding group every step, so both take the same update and stay
+bit-identical. An untied head (llama) lives on the last stage only, and nothing is exchanged.
 
 Initialisation is layout-independent: the stage draws every full tensor of the whole GPT in the GPT's order from
 torch's global generator (one tensor at a time) and keeps the ones it holds, so a stage built after
@@ -23,15 +24,10 @@ import torch
 import torch.nn as nn
 
 from hvdlm.config import ModelConfig
-from hvdlm.model.gpt import GPT, Block, initial_value
+from hvdlm.model.gpt import GPT, Block, check_tp_size, embed, initial_value, learned_positions, output_head
+from hvdlm.model.parts import PARTS, rotary_of
 from hvdlm.model.recompute import recomputed
-from hvdlm.parallel.layers import (
-    ColumnParallelLinear,
-    VocabParallelEmbedding,
-    full_shape,
-    shard,
-    vocab_parallel_cross_entropy,
-)
+from hvdlm.parallel.layers import VocabParallelEmbedding, full_shape, shard, vocab_parallel_cross_entropy
 from hvdlm.parallel.split import layer_range
 from hvdlm.parallel.topology import Group
 
@@ -45,21 +41,18 @@ class GPTStage(nn.Module):
         self.cfg, self.stage, self.counts = cfg, stage, counts
         self.is_first, self.is_last = stage == 0, stage == len(counts) - 1
         self.tp_group = g = tp_group or Group.single()
+        check_tp_size(cfg, g.size)
         if self.is_first:
             self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, g)
-            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+            self.pos_emb = learned_positions(cfg)
             self.drop = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by the global block index: the names match the whole GPT's.
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, g) for i in layer_range(counts, stage)})
+        rotary = rotary_of(cfg)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, g, rotary) for i in layer_range(counts, stage)})
         if self.is_last:
-            self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-            self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, g, bias=False)
-            if self.is_first:
-                self.head.weight = self.tok_emb.weight  # one stage: tied as in the GPT
-            else:
-                # The tied weight's copy: the embedding's shape (vocabulary rows padded alike) and sharding.
-                self.head.weight = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, g).weight
-                self.head.weight.pipeline_tied_copy = True  # counted once in the gradient norm (the first stage's)
+            self.ln_f = PARTS[cfg.arch].norm(cfg)
+            # One stage: tied as in the GPT; a last stage of several: the tied weight's copy, or an untied head.
+            self.head = output_head(cfg, g, self.tok_emb if self.is_first else None)
         torch.set_rng_state(rng)
         self._whole = self._init_weights()
 
@@ -71,7 +64,9 @@ class GPTStage(nn.Module):
             whole = GPT(self.cfg, self.tp_group)
         # The GPT's constructor draws once before its _init_weights: nn.Embedding's own init of the position
         # table (overwritten by _init_weights). Draw as much, so that the draws below are the GPT's.
-        torch.empty(self.cfg.seq_len, self.cfg.d_model).normal_()
+        if whole.pos_emb is not None:
+            torch.empty(self.cfg.seq_len, self.cfg.d_model).normal_()
+        tied = self.cfg.tie_embeddings
         own, g, seen = dict(self.named_parameters(remove_duplicate=False)), self.tp_group, set()
         for module_name, module in whole.named_modules():
             for name, p in module.named_parameters(recurse=False):
@@ -80,7 +75,7 @@ class GPTStage(nn.Module):
                 seen.add(id(p))
                 full = initial_value(module, module_name, name, full_shape(p), self.cfg.n_layer)
                 key = f"{module_name}.{name}"
-                for target in (key, "head.weight") if key == "tok_emb.weight" else (key,):
+                for target in (key, "head.weight") if key == "tok_emb.weight" and tied else (key,):
                     if target in own:
                         spec = getattr(own[target], "tp_shard", None)
                         own[target].copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
@@ -94,9 +89,7 @@ class GPTStage(nn.Module):
         """First stage: token ids (B, T); others: the residual stream (B, T, C). Returns the residual stream
         (B, T, C), or on the last stage the mean cross-entropy against targets (B, T)."""
         if self.is_first:
-            T = inp.size(1)
-            pos = torch.arange(T, device=inp.device)
-            x = self.drop(self.tok_emb(inp) + self.pos_emb(pos))  # (B, T, C)
+            x = self.drop(embed(self.tok_emb, self.pos_emb, inp))  # (B, T, C)
         else:
             x = inp
         for block in self.blocks.values():
@@ -109,6 +102,8 @@ class GPTStage(nn.Module):
 
 def tied_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The stage's copy of the tied embedding/head weight: the embedding on the first stage, the head on the last
-    (both on a one-stage model, where they are one tensor); none on middle stages."""
+    (both on a one-stage model, where they are one tensor); none on middle stages, and none with an untied head."""
+    if not model.cfg.tie_embeddings:
+        return []
     found = {id(p): p for name, p in model.named_parameters() if name in ("tok_emb.weight", "head.weight")}
     return list(found.values())

@@ -50,28 +50,47 @@ class Sharding:
     """A tensor split along `dim`; its full (unpadded) size there is `full`.
 
     `chunks` > 1 says the full tensor is `chunks` independent blocks along dim (q, k and v stacked in one
-    weight: chunks = 3), each split on its own, so that every rank gets its q, its k and its v.
+    weight: chunks = 3), each split on its own, so that every rank gets its q, its k and its v. The blocks are
+    equal unless `parts` gives their sizes (grouped-query attention: q is n_head heads wide, k and v n_kv_head).
     """
 
     dim: int
     full: int
     chunks: int = 1
     multiple: int = 1  # each rank's rows padded to a multiple of this (the vocabulary: 64, see VocabParallelEmbedding)
+    parts: tuple[int, ...] = ()  # the blocks' sizes along dim, where they differ; () for chunks equal blocks
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.parts))  # a checkpoint records them as a list
+
+    def blocks(self) -> list[int]:
+        """The full sizes of the independent blocks along dim."""
+        return list(self.parts) or [self.full // self.chunks] * self.chunks
+
+    def local_blocks(self, tp: int) -> list[int]:
+        """Each block's size on one rank, padded."""
+        return [math.ceil(b / (tp * self.multiple)) * self.multiple for b in self.blocks()]
 
     def local_size(self, tp: int) -> int:
-        per_chunk = self.full // self.chunks
-        return math.ceil(per_chunk / (tp * self.multiple)) * self.multiple * self.chunks
+        return sum(self.local_blocks(tp))
 
     def padded(self, tp: int) -> int:
         return self.local_size(tp) * tp
 
+    def recorded(self) -> list:
+        """As a checkpoint records it (plain lists, read back by Sharding(*recorded)): [dim, full, chunks], and
+        the multiple and the parts only where there are parts (so the records of equal blocks stay as they were)."""
+        head = [self.dim, self.full, self.chunks]
+        return [*head, self.multiple, list(self.parts)] if self.parts else head
+
 
 def shard(full: torch.Tensor, spec: Sharding, rank: int, tp: int) -> torch.Tensor:
     """Rank `rank`'s shard of the full tensor, padded with zeros where the size does not divide by tp."""
-    per_chunk_padded = spec.local_size(tp) // spec.chunks * tp
+    # Equal blocks are cut evenly, whatever the full tensor's own padding (a padded vocabulary table reshards).
+    blocks = full.split(spec.blocks(), dim=spec.dim) if spec.parts else full.chunk(spec.chunks, dim=spec.dim)
     pieces = []
-    for block in full.chunk(spec.chunks, dim=spec.dim):
-        pad = per_chunk_padded - block.size(spec.dim)
+    for block, local in zip(blocks, spec.local_blocks(tp)):
+        pad = local * tp - block.size(spec.dim)
         if pad:
             shape = list(block.shape)
             shape[spec.dim] = pad
@@ -82,11 +101,13 @@ def shard(full: torch.Tensor, spec: Sharding, rank: int, tp: int) -> torch.Tenso
 
 def merge(shards: list[torch.Tensor], spec: Sharding) -> torch.Tensor:
     """The full tensor from all ranks' shards (in rank order), padding removed. Inverse of `shard`."""
-    per_chunk = spec.full // spec.chunks
+    tp, size = len(shards), shards[0].size(spec.dim)
+    # Equal blocks split the shard evenly, whatever padding it has (records of the vocabulary carry no multiple).
+    local = spec.local_blocks(tp) if spec.parts else [size // spec.chunks] * spec.chunks
+    per_rank = [s.split(local, dim=spec.dim) for s in shards]
     blocks = []
-    for j in range(spec.chunks):
-        parts = [s.chunk(spec.chunks, dim=spec.dim)[j] for s in shards]
-        blocks.append(torch.cat(parts, dim=spec.dim).narrow(spec.dim, 0, per_chunk))
+    for j, full in enumerate(spec.blocks()):
+        blocks.append(torch.cat([pieces[j] for pieces in per_rank], dim=spec.dim).narrow(spec.dim, 0, full))
     return torch.cat(blocks, dim=spec.dim).contiguous()
 
 
@@ -112,7 +133,11 @@ def _sharded_parameter(shape: tuple[int, ...], spec: Sharding) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """Y = X A + b with A split by columns; see the module docstring. Weight shard: (out / p, in)."""
+    """Y = X A + b with A split by columns; see the module docstring. Weight shard: (out / p, in).
+
+    `chunks`: the columns are that many equal independent blocks, each split on its own (q, k, v: 3); or a tuple
+    of the blocks' widths where they differ (q, k, v with grouped-query attention).
+    """
 
     def __init__(
         self,
@@ -120,13 +145,17 @@ class ColumnParallelLinear(nn.Module):
         out_features: int,
         group: Group,
         bias: bool = True,
-        chunks: int = 1,
+        chunks: int | tuple[int, ...] = 1,
         gather_output: bool = False,
     ):
         super().__init__()
         self.group, self.gather_output = group, gather_output
         self.in_features, self.out_features = in_features, out_features
-        spec = Sharding(dim=0, full=out_features, chunks=chunks)
+        widths = (out_features // chunks,) * chunks if isinstance(chunks, int) else tuple(chunks)
+        if sum(widths) != out_features:
+            raise ValueError(f"blocks {widths} do not add up to {out_features} columns")
+        # Equal widths are recorded as a count, as they always were.
+        spec = Sharding(dim=0, full=out_features, chunks=len(widths), parts=widths if len(set(widths)) > 1 else ())
         self.out_local = spec.local_size(group.size)
         self.weight = _sharded_parameter((self.out_local, in_features), spec)
         self.bias = _sharded_parameter((self.out_local,), spec) if bias else None
@@ -183,6 +212,15 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (..., C)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # other ranks' tokens: this rank adds nothing
         return reduce_from_tp(out, self.group)
+
+
+def vocab_parallel_head(embedding_dim: int, num_embeddings: int, group: Group) -> ColumnParallelLinear:
+    """An output head of its own (an untied head, or a pipeline's copy of the tied one): a column-parallel linear
+    whose weight is split and padded by vocabulary rows exactly as VocabParallelEmbedding's table, so that its
+    logit shards line up with the tied head's (and vocab_parallel_cross_entropy's ranges)."""
+    head = ColumnParallelLinear(embedding_dim, num_embeddings, group, bias=False)
+    head.weight = VocabParallelEmbedding(num_embeddings, embedding_dim, group).weight
+    return head
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
+from hvdlm.model.size import column_biases, matrix_parameters, norm_parameters, row_biases
 from hvdlm.parallel.split import stage_layers
 
 VOCAB_MULTIPLE = 64  # hvdlm.parallel.layers.VOCAB_MULTIPLE: a rank's vocabulary rows are padded to a multiple of it
@@ -68,14 +69,14 @@ def _check_tp(model: ModelConfig, tp: int) -> None:
 def block_params_per_rank(model: ModelConfig, tp: int) -> int:
     """One transformer block's parameters on one TP rank.
 
-    The four matrices are split p ways: q, k, v (3 d x d), the attention output (d x d), the MLP's (4d x d and
-    d x 4d): 12 d^2 / p. The column-parallel biases are split too (3d / p and 4d / p); the row-parallel biases
-    (d, d) and both LayerNorms (gain d, shift d) are replicated, whole on every rank.
+    The matrices are split p ways (hvdlm.model.size.matrix_parameters; GPT-2: q, k, v 3 d x d, the attention
+    output d x d, the MLP's 4d x d and d x 4d, 12 d^2 / p; llama: k and v n_kv_head heads wide, three MLP matrices
+    of d x d_ff). The column-parallel biases are split too (GPT-2: 3d / p and 4d / p); the row-parallel biases
+    (d, d) and both norms (a gain d, a LayerNorm's shift d) are replicated, whole on every rank.
     """
     _check_tp(model, tp)
-    d = model.d_model
-    biases = 7 * d // tp + 4 * d if model.bias else 0
-    return 12 * d * d // tp + 2 * d + biases
+    biases = column_biases(model) // tp + row_biases(model) if model.bias else 0
+    return matrix_parameters(model) // tp + 2 * norm_parameters(model) + biases
 
 
 def params_per_rank(
@@ -89,9 +90,10 @@ def params_per_rank(
     """Parameters held by a rank on pipeline stage `stage` of `pp` with TP size `tp`: exact.
 
     Its stage's blocks (`block_params_per_rank` each, hvdlm.parallel.split.stage_layers for how many); on the first
-    stage the token table (V_p x d, its vocabulary shard with padding) and the position table (T x d, replicated);
-    on the last the final LayerNorm (d, + d with biases) and the output head, tied to the token table: the same
-    tensor when one stage holds both, its own copy (V_p x d) on the last stage otherwise (hvdlm.model.stage).
+    stage the token table (V_p x d, its vocabulary shard with padding) and the position table (T x d, replicated;
+    gpt2 only); on the last the final norm (d, + d with a LayerNorm's biases) and the output head: tied to the
+    token table, the same tensor when one stage holds both, its own copy (V_p x d) on the last stage otherwise
+    (hvdlm.model.stage); untied, a V_p x d matrix of its own.
     `vocab_rows`: the vocabulary used in place of model.vocab_size (the dataset's, as size.parameter_count).
     With tp = pp = 1 this is size.parameter_count(model, padded vocabulary).
     """
@@ -104,15 +106,17 @@ def params_per_stage(
     """`params_per_rank` of every stage at once (the planner asks for all of them, for many layouts)."""
     d = model.d_model
     table = vocab_rows_per_rank(vocab_rows or model.vocab_size, tp) * d
+    positions = model.seq_len * d if model.traits.learned_positions else 0
     block = block_params_per_rank(model, tp)
     out = []
     for stage, layers in enumerate(stage_layers(model.n_layer, pp, pp_layers)):
         n = layers * block
         first, last = stage == 0, stage == pp - 1
         if first:
-            n += table + model.seq_len * d
+            n += table + positions
         if last:
-            n += (2 * d if model.bias else d) + (0 if first else table)
+            head = 0 if first and model.tie_embeddings else table  # the tied head is the table itself
+            n += norm_parameters(model) + head
         out.append(n)
     return out
 
@@ -255,7 +259,7 @@ def tp_bytes_per_step(shape: Shape, microbatches: int = 1, optimizer: str = "ada
         per_micro += FP32 * n * d
     if shape.last:
         per_micro += (stream if layers else stream_in) * n * d + FP32 * 3 * n
-    muon = FP32 * 12 * d * d // tp * layers if optimizer == "muon" else 0
+    muon = FP32 * matrix_parameters(model) // tp * layers if optimizer == "muon" else 0
     return microbatches * per_micro + FP32 + muon
 
 

@@ -88,12 +88,17 @@ def state_bytes(
 
 def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int, recompute: str) -> float:
     """Bytes one layer keeps for backward per micro-batch (Korthikanti et al. 2022, 16-bit, no sequence
-    parallelism)."""
+    parallelism). The split term, 24 s b h / t for GPT-2, is 2 bytes per element of q and the output
+    projection's input (s b h each), k and v (s b K D each: narrower with grouped-query attention) and the MLP's
+    saved tensors, two d_ff wide for GELU (its input and output), four for SwiGLU (gate, its SiLU, up, their
+    product)."""
     s, b, h, a = m.seq_len, micro_batch, m.d_model, m.n_head
     if recompute == "full":
         return 2 * s * b * h  # the block's input only
+    kv = m.kv_heads * (h // a)
+    split = (4 * h + 4 * kv + 4 * (m.traits.mlp_matrices - 1) * m.ffn_width) / h  # 24 for GPT-2
     attention_core = 0.0 if recompute == "selective" else 5 * a * s / (h * tp)
-    return s * b * h * (10 + 24 / tp + attention_core)
+    return s * b * h * (10 + split / tp + attention_core)
 
 
 def memory(

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvdlm.config import ModelConfig
+from hvdlm.model.size import matrix_parameters
 from hvdlm.parallel.split import stage_layers
 from hvdlm.plan.candidate import Candidate
 
@@ -39,17 +40,26 @@ def passes(recompute: str) -> tuple[int, int]:
 
 
 def step_flops(m: ModelConfig, global_batch: int, recompute: str) -> float:
-    """FLOPs of one step over all GPUs (Narayanan et al. 2021, generalised to the recomputation choice)."""
+    """FLOPs of one step over all GPUs (Narayanan et al. 2021, generalised to the recomputation choice and to the
+    block's own matrices: 24 h^2 per token and layer is 2 x GPT-2's 12 h^2 matrix entries; a llama block has
+    q and the output d x d, k and v narrower under grouped-query attention, and SwiGLU's three d x d_ff). The
+    attention scores and their product with V are 4 s h per token and layer whatever the key/value heads: every
+    query head attends."""
     B, s, layers, h, V = global_batch, m.seq_len, m.n_layer, m.d_model, m.vocab_size
     dense, attention = passes(recompute)
-    return layers * (dense * 24 * B * s * h * h + attention * 4 * B * s * s * h) + 6 * B * s * h * V
+    matmuls = 2 * B * s * matrix_parameters(m)  # one forward pass of a block's matrices
+    return layers * (dense * matmuls + attention * 4 * B * s * s * h) + 6 * B * s * h * V
 
 
-def muon_flops_per_layer(d_model: int, ns_steps: int = 5) -> float:
+def muon_flops_per_layer(m: ModelConfig, ns_steps: int = 5) -> float:
     """FLOPs of Muon's orthogonalization of one block's matrices (hvdlm.optim.muon), which every rank runs whole:
-    a step on an m x n matrix (m <= n) is two m x n by n x m products and one m x m square, 4 m^2 n + 2 m^3. The
-    block's q, k, v (d x 3d), output (d x d) and MLP (d x 4d, twice) sum to 56 d^3 a step."""
-    return ns_steps * 56 * d_model**3
+    a step on an m x n matrix (m <= n) is two m x n by n x m products and one m x m square, 4 m^2 n + 2 m^3. GPT-2's
+    q, k, v (d x 3d), output (d x d) and MLP (d x 4d, twice) sum to 56 d^3 a step; a llama block's q, k, v are
+    d x (d + 2 K D), its MLP three d x d_ff."""
+    d, f = m.d_model, m.ffn_width
+    qkv = d + 2 * m.kv_heads * (d // m.n_head)
+    shapes = [(d, qkv), (d, d)] + [(min(d, f), max(d, f))] * m.traits.mlp_matrices
+    return ns_steps * sum(4 * a * a * b + 2 * a**3 for a, b in shapes)
 
 
 def ring_allreduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
@@ -149,7 +159,7 @@ def step_time(
     exposed = dp_exposed_s(grad_bytes, dp, speeds.dp_bytes_per_s, backward, zero, microbatches)
     orthogonalize = 0.0
     if optimizer == "muon":  # every rank orthogonalizes its stage's whole matrices, TP ranks after an allgather
-        gathered = 4 * 12 * m.d_model**2 * layers  # fp32, the allgather's half of an allreduce's traffic
-        orthogonalize = muon_flops_per_layer(m.d_model) * layers / speeds.flops_per_s
+        gathered = 4 * matrix_parameters(m) * layers  # fp32, the allgather's half of an allreduce's traffic
+        orthogonalize = muon_flops_per_layer(m) * layers / speeds.flops_per_s
         orthogonalize += ring_allreduce_s(gathered, tp, speeds.tp_bytes_per_s) / 2
     return StepTime(compute, tp_time, bubble, sends, exposed, orthogonalize)
