@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_losses_match, metrics, mpirun, run_cli, sets, train_argv
+from helpers import assert_losses_match, losses, metrics, mpirun, run_cli, sets, train_argv
 from survive import comparable
 
 from hvdlm.checkpoint.describe import describe_checkpoint
@@ -62,6 +62,8 @@ LAYOUTS = {  # name: (ranks, overrides); the global batch is 8 sequences in ever
     # whole (merged by its blocks) and cuts again; under selective recomputation of the GQA attention core.
     "one_muon": (1, ("train.optimizer=muon", "model.recompute=selective")),
     "tp2_muon": (2, ("train.optimizer=muon", "model.recompute=selective", "parallel.tp=2")),
+    # bf16 autocast (RoPE's tables and rotation stay fp32) with an EMA of the weights.
+    "one_bf16_ema": (1, ("train.precision=bf16", "train.ema_decay=0.9")),
 }
 REFERENCE = {"one_muon": "one_muon", "tp2_muon": "one_muon"}  # the one-rank run each layout equals; else "one"
 
@@ -96,6 +98,17 @@ def merged(run_dir: Path, tmp_path: Path, step: int = STEPS) -> dict[str, torch.
         assert proc.code == 0, proc.out
         ckpt = out
     return torch.load(ckpt, weights_only=True)["model"]
+
+
+def test_bf16_and_an_ema_compose_with_the_llama(runs):
+    """bf16 tracks fp32 without being it; the EMA is saved beside every weight, and is an average of them."""
+    bf16, fp32 = (torch.tensor(losses(runs[name])) for name in ("one_bf16_ema", "one"))
+    assert len(bf16) == len(fp32) == STEPS and torch.isfinite(bf16).all()
+    rel = ((bf16 - fp32).abs() / fp32.abs()).max().item()
+    assert 0 < rel < 0.05, rel
+    state = torch.load(runs["one_bf16_ema"] / "checkpoints" / f"step-{STEPS:07d}.pt", weights_only=True)
+    assert set(state["ema"]) == set(state["model"]) and "head.weight" in state["ema"]
+    assert any(not torch.equal(state["ema"][n], state["model"][n]) for n in state["model"]), "no average"
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if not name.startswith("one")])

@@ -240,3 +240,21 @@ def test_activation_memory_counts_gqa_and_swiglu():
     llama = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=32, d_ff=96)
     split = 4 + 4 * 32 / 64 + 8 * 96 / 64  # q and output, k and v half as wide, four 96-wide MLP tensors
     assert layer_activation_bytes(llama, 2, 2, "selective") == 32 * 2 * 64 * (10 + split / 2)
+
+
+def test_compiled_parts_compute_the_eager_loss_and_gradients():
+    """torch.compile of each llama block (RoPE, GQA, SwiGLU) and of the head with the loss, as data-parallel ranks
+    compile them (train.compile), computes the eager loss and gradients."""
+    torch.manual_seed(0)
+    eager, parts = GPT(UNTIED), GPT(UNTIED)
+    parts.load_state_dict(eager.state_dict())
+    parts.compile_parts()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, UNTIED.vocab_size, (2, UNTIED.seq_len), generator=g)
+    y = torch.randint(0, UNTIED.vocab_size, (2, UNTIED.seq_len), generator=g)
+    losses = [model(x, y)[1] for model in (eager, parts)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), parts.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
