@@ -4,9 +4,9 @@ A tiny llama (2 layers, d_model 64, 4 query heads on 2 key/value heads, RoPE, RM
 6 steps of the same global batch (8 sequences) in fp32, in the layouts 1 rank, TP=2 (each rank a query head pair
 and one key/value head), PP=2 (the untied head on the last stage only), DP=2 with ZeRO-1, and DP=2 with ZeRO-2
 under full recomputation: the same loss at every step within 1e-5 relative, and the same merged final
-parameters; Muon at TP=2 matches Muon on one rank. Then: the PP=2 run resumed from its step-3 checkpoint is
-bit-identical to itself uninterrupted, inspect and generate read it, and a llama checkpoint is refused as the
-start of a gpt2 job, naming the differences.
+parameters; Muon at TP=2 matches Muon on one rank; bf16 with an EMA tracks fp32. Then: the PP=2 run resumed
+from its step-3 checkpoint is bit-identical to itself uninterrupted and continues at TP=2 as one rank does,
+inspect and generate read it, and a llama checkpoint is refused as the start of a gpt2 job, naming the differences.
 """
 
 from __future__ import annotations
@@ -156,6 +156,19 @@ def test_a_pipeline_run_resumed_from_a_checkpoint_is_bit_identical(runs, llama_j
     assert comparable(run_dir) == comparable(runs["pp2"])
     again, first = merged(run_dir, tmp_path / "a"), merged(runs["pp2"], tmp_path / "b")
     assert all(torch.equal(again[name], first[name]) for name in first)
+
+
+def test_a_pipeline_checkpoint_continues_at_tp2(runs, llama_job, tmp_path, cache_dir):
+    """The stages joined and cut into TP shards (the unequal q, k, v blocks, the untied head): steps 4 to 6 at
+    TP=2 follow the one-rank run within 1e-5."""
+    run_dir = tmp_path / "tp2"
+    step3 = runs["pp2"] / "checkpoints" / "step-0000003.pp1-of-2.pt"
+    proc = _train(2, llama_job, run_dir, cache_dir, *LAYOUTS["tp2"][1], flags=("--resume", str(step3)))
+    assert proc.code == 0, proc.out[-4000:]
+    ref, got = losses(runs["one"])[3:], losses(run_dir)
+    assert len(got) == STEPS - 3
+    for step, (a, b) in enumerate(zip(ref, got), start=4):
+        assert abs(a - b) / abs(a) <= 1e-5, f"step {step}: 1 rank {a} vs resumed at tp 2 {b}"
 
 
 def test_inspect_and_generate_read_the_pipeline_checkpoint(runs, cache_dir):
