@@ -460,3 +460,11 @@ def test_the_planner_drops_a_tp_that_splits_the_query_heads_but_not_the_key_valu
     code, text, err = plan(llama_gqa2, "--nodes", 2, "--gpus-per-node", 8, "--gpu", "h100", "--tp", 4)
     assert code == 2 and "tp 4 does not divide the 2 key/value heads" in text + err
 
+
+def test_the_report_names_the_arch_and_key_value_heads_of_a_llama(llama_gqa2, job75):
+    code, text, _ = plan(llama_gqa2, "--nodes", 2, "--gpus-per-node", 8, "--gpu", "h100", "--tp", 2)
+    model = next(line for line in text.splitlines() if line.startswith("model:"))
+    assert code == 0 and "llama, 16 layers" in model and "16 heads (2 key/value heads)" in model, model
+    code, text, _ = plan(job75, *CLUSTER, "--tp", 4)
+    model = next(line for line in text.splitlines() if line.startswith("model:"))
+    assert code == 0 and "(36 layers, d_model 4096, 32 heads, seq_len 2048" in model, model  # GPT-2's: unchanged
