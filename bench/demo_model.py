@@ -82,11 +82,12 @@ def alternating_rates(runs: dict[str, dict], tokens_per_step: int, steps: int, r
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def rounds_arguments(doc: str) -> argparse.Namespace:
-    """The options of the benchmarks that time the demo step in alternating rounds (compile_cpu, optimizers)."""
+def rounds_arguments(doc: str, steps: int = 40, rounds: int = 3) -> argparse.Namespace:
+    """The options of the benchmarks that time the demo step in alternating rounds (compile_cpu, optimizers,
+    llama_cpu); `steps` and `rounds` are their defaults."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     return parser.parse_args()

@@ -12,6 +12,9 @@
 #               5 steps profiled (train.profile_steps) into logs/hvdlm_gpt2_profile.txt
 #   plain_gpt2  the same shape in bench/plain_gpt2.py (compile, fused AdamW, bf16), and the ratio hvdlm / plain;
 #               its profile in logs/plain_gpt2_profile.txt, to compare line by line
+#   llama       a ~125M Llama (d_model 768, 12 layers, 12 query heads on 4 key/value heads, SwiGLU 2048, vocabulary
+#               32000, untied head: 124,668,672 parameters) in bf16 with hvdlm, then bench/plain_gpt2.py --arch llama
+#               of the same shape in the same phase: tokens/s, MFU and the ratio hvdlm / plain (target >= 0.95)
 #   ddp         bench/ddp_baseline.py on one GPU (cuda + NCCL)
 #   split       (asked for in GPU_CHECK_PHASES) where a gap between the two lies: the plain loop with hvdlm's
 #               model (compiled as its trainer does, and compiled whole), and with the trainer's host read a step
@@ -54,6 +57,11 @@ if [ "$CPU_DRY" = 1 ]; then
         train.warmup_steps=2 train.precision=bf16 train.profile_steps=2)
     PLAIN_ARGS=(--device cpu --n-layer 2 --n-head 2 --d-model 64 --seq-len 64 --vocab 512 --real-vocab 256
         --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile --profile "$OUT/logs/plain_gpt2_profile.txt")
+    LLAMA_SETS=(model.arch=llama model.n_layer=2 model.n_head=4 model.n_kv_head=2 model.d_model=64 model.d_ff=0
+        model.tie_embeddings=false model.seq_len=64 model.vocab_size=512 data.tokenizer=byte train.batch_size=4
+        train.accumulation_steps=1 train.max_steps=6 train.log_interval=2 train.warmup_steps=2 train.precision=bf16)
+    PLAIN_LLAMA_ARGS=(--arch llama --device cpu --n-layer 2 --n-head 4 --n-kv-head 2 --d-model 64 --seq-len 64
+        --vocab 512 --real-vocab 256 --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile)
     DEMO_STEPS=(20 30)
     SPLIT_ARGS=(--device cpu --n-layer 2 --n-head 2 --d-model 64 --seq-len 64 --vocab 512 --real-vocab 256
         --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile)
@@ -64,6 +72,12 @@ else
     GPT2_SETS=(model.vocab_size=50304 data.tokenizer=byte train.batch_size=16 train.accumulation_steps=1
         train.max_steps=60 train.log_interval=10 train.warmup_steps=10 train.precision=bf16 train.profile_steps=5)
     PLAIN_ARGS=(--batch 16 --steps 50 --warmup 10 --dtype bf16 --profile "$OUT/logs/plain_gpt2_profile.txt")
+    # A ~125M Llama (Llama 3's proportions at GPT-2 small's width): the shapes of both runs alike, as for GPT-2.
+    LLAMA_SETS=(model.arch=llama model.n_kv_head=4 model.d_ff=2048 model.tie_embeddings=false model.vocab_size=32000
+        data.tokenizer=byte train.batch_size=16 train.accumulation_steps=1 train.max_steps=60 train.log_interval=10
+        train.warmup_steps=10 train.precision=bf16)
+    PLAIN_LLAMA_ARGS=(--arch llama --n-kv-head 4 --d-ff 2048 --vocab 32000 --real-vocab 32000 --batch 16 --steps 50
+        --warmup 10 --dtype bf16)
     DEMO_STEPS=(200 300)
     SPLIT_ARGS=(--batch 16 --steps 30 --warmup 10 --dtype bf16)
 fi
@@ -241,16 +255,10 @@ print(f"demo: steps {steps[0]}..{steps[-1]}, loss {losses[0]:.3f} -> {losses[-1]
 PY
 }
 
-gpt2_hvdlm() {
-    local run=$WORK/gpt2
-    rm -rf "$run"
-    local -a args
-    mapfile -t args < <(sets "${COMMON_SETS[@]}" "${GPT2_SETS[@]}")
-    "$HVDLM" launch jobs/gpt2-small.toml --np 1 --run-dir "$run" "${args[@]}" || return 1
-    # Where the step's time goes, beside the plain loop's (logs/plain_gpt2_profile.txt).
-    cp "$run/profile.txt" "$OUT/logs/hvdlm_gpt2_profile.txt" 2>/dev/null
-    # The steady state: every logged interval but the first two (compilation and warm-up; the profiled steps).
-    "$PY" - "$run/metrics.jsonl" >"$WORK/hvdlm_gpt2.json" <<'PY'
+# steady_figures METRICS IMPL: the steady state of a run as one JSON line: every logged interval but the first two
+# (compilation and warm-up; the profiled steps).
+steady_figures() {
+    "$PY" - "$1" "$2" <<'PY'
 import json
 import statistics
 import sys
@@ -259,7 +267,7 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if '"tokens_per_s"' in li
 steady = rows[2:] or rows
 mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
 print(json.dumps({
-    "impl": "hvdlm",
+    "impl": sys.argv[2],
     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
     "mfu": statistics.median(mfus) if mfus else None,
     "loss_first": rows[0]["loss"],
@@ -267,7 +275,31 @@ print(json.dumps({
     "rows": len(rows),
 }))
 PY
+}
+
+gpt2_hvdlm() {
+    local run=$WORK/gpt2
+    rm -rf "$run"
+    local -a args
+    mapfile -t args < <(sets "${COMMON_SETS[@]}" "${GPT2_SETS[@]}")
+    "$HVDLM" launch jobs/gpt2-small.toml --np 1 --run-dir "$run" "${args[@]}" || return 1
+    # Where the step's time goes, beside the plain loop's (logs/plain_gpt2_profile.txt).
+    cp "$run/profile.txt" "$OUT/logs/hvdlm_gpt2_profile.txt" 2>/dev/null
+    steady_figures "$run/metrics.jsonl" hvdlm >"$WORK/hvdlm_gpt2.json" || return 1
     cat "$WORK/hvdlm_gpt2.json"
+}
+
+# The llama arch against the plain loop's Llama of the same shape, one after the other in this phase (the same
+# machine, minutes apart: the ratio holds where absolute figures of two runs would not).
+llama_check() {
+    local run=$WORK/llama
+    rm -rf "$run"
+    local -a args
+    mapfile -t args < <(sets "${COMMON_SETS[@]}" "${LLAMA_SETS[@]}")
+    "$HVDLM" launch jobs/gpt2-small.toml --np 1 --run-dir "$run" "${args[@]}" || return 1
+    steady_figures "$run/metrics.jsonl" "hvdlm llama" >"$WORK/hvdlm_llama.json" || return 1
+    "$PY" bench/plain_gpt2.py "${PLAIN_LLAMA_ARGS[@]}" | tail -n 1 >"$WORK/plain_llama.json" || return 1
+    cat "$WORK/hvdlm_llama.json" "$WORK/plain_llama.json"
 }
 
 gpt2_plain() {
@@ -317,6 +349,7 @@ phase allreduce 60 allreduce_check
 phase doctor 60 "$HVDLM" doctor
 phase hvdlm_gpt2 150 gpt2_hvdlm
 phase plain_gpt2 150 gpt2_plain
+phase llama 200 llama_check
 phase demo 120 demo_check
 phase ddp 60 ddp_check
 phase split 150 split_check
@@ -329,7 +362,8 @@ phase split 150 split_check
     echo '```'
     cat "$OUT/logs/facts.log" 2>/dev/null
     echo '```'
-    "$PY" - "$WORK/hvdlm_gpt2.json" "$WORK/plain_gpt2.json" "$WORK/split.jsonl" <<'PY'
+    "$PY" - "$WORK/hvdlm_gpt2.json" "$WORK/plain_gpt2.json" "$WORK/split.jsonl" "$WORK/hvdlm_llama.json" \
+        "$WORK/plain_llama.json" <<'PY'
 import json
 import sys
 
@@ -340,7 +374,8 @@ def load(path):
         return None
 
 h, p = load(sys.argv[1]), load(sys.argv[2])
-for row in (h, p):
+hl, pl = load(sys.argv[4]), load(sys.argv[5])
+for row in (h, p, hl, pl):
     if row:
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
         print(f"- {row['impl']}: {row['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, "
@@ -356,6 +391,10 @@ if h and p:
     print(f"- ratio hvdlm / plain: {h['tokens_per_s'] / p['tokens_per_s']:.3f} (target >= 0.95; >= 450K tokens/s)")
 else:
     print("- ratio hvdlm / plain: n/a (a run failed; see its log)")
+if hl and pl:
+    print(f"- llama ratio hvdlm / plain: {hl['tokens_per_s'] / pl['tokens_per_s']:.3f} (target >= 0.95)")
+else:
+    print("- llama ratio hvdlm / plain: n/a (a run failed or was skipped; see logs/llama.log)")
 PY
     echo
     echo "Unproven with one GPU: data parallelism across GPUs (NCCL refuses two ranks on one GPU), CUDA-aware MPI"

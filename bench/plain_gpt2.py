@@ -1,4 +1,6 @@
-"""The plain reference for hvdlm's GPU step: GPT-2 (124M) trained by one single-file PyTorch loop, nanoGPT-style.
+"""The plain reference for hvdlm's GPU step: GPT-2 (124M) trained by one single-file PyTorch loop, nanoGPT-style;
+with --arch llama, a Llama of the same loop (RMSNorm, RoPE, SwiGLU, grouped-query attention, an untied head),
+torchtitan-style.
 
 What the best single-GPU GPT-2 trainers do (nanoGPT train.py / model.py, llm.c train_gpt2.py): torch.compile,
 fused AdamW, bf16 autocast, TF32 for what stays fp32, flash attention (scaled_dot_product_attention), the
@@ -8,6 +10,8 @@ vocabulary padded to a multiple of 64 (50257 -> 50304), weight tying, no host sy
     python bench/plain_gpt2.py --steps 50                     # GPT-2 small on the GPU, random tokens
     python bench/plain_gpt2.py --device cpu --n-layer 2 --d-model 64 --n-head 2 --seq-len 64 --batch 4 \\
         --vocab 512 --steps 4 --dtype fp32 --no-compile      # the logic, on a CPU, in seconds
+    python bench/plain_gpt2.py --arch llama --n-kv-head 4 --d-ff 2048 --vocab 32000 --real-vocab 32000 \\
+        --steps 50                                            # a ~125M Llama (d 768, 12 layers, 12 on 4 heads)
 
 Prints one JSON line: tokens_per_s, ms_per_step, mfu (when --peak-tflops or a known GPU gives a peak), loss.
 The tokens are random (uniform over the real vocabulary) unless --tokens names a flat binary file of token ids
@@ -84,6 +88,92 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm, computed in fp32 (as transformers' LlamaRMSNorm and hvdlm): a gain, no shift."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.float()).type_as(x)
+
+
+def rope(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) of rotary positions over the two halves of each head (transformers' rotate_half)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in fp32 (torchtitan and hvdlm rotate in fp32 under bf16 autocast too), back in x's dtype."""
+    h = x.float()
+    a, b = h.chunk(2, dim=-1)
+    return (h * cos + torch.cat([-b, a], dim=-1) * sin).type_as(x)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, d: int, n_head: int, n_kv_head: int):
+        super().__init__()
+        self.n_head, self.n_kv, self.hs = n_head, n_kv_head, d // n_head
+        self.qkv = nn.Linear(d, d + 2 * n_kv_head * self.hs, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([C, self.n_kv * self.hs, self.n_kv * self.hs], dim=2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv, self.hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        # Each key/value head serves n_head / n_kv query heads (flash attention reads them once).
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d: int, n_head: int, n_kv_head: int, d_ff: int):
+        super().__init__()
+        self.ln_1, self.attn = RMSNorm(d), LlamaAttention(d, n_head, n_kv_head)
+        self.ln_2 = RMSNorm(d)
+        self.gate, self.up = nn.Linear(d, d_ff, bias=False), nn.Linear(d, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        h = self.ln_2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))  # SwiGLU
+
+
+class Llama(nn.Module):
+    """The Llama decoder; no position table, the head untied from the token embedding (as Llama 3 8B)."""
+
+    def __init__(self, vocab: int, seq_len: int, n_layer: int, n_head: int, d: int, n_kv_head: int, d_ff: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(LlamaBlock(d, n_head, n_kv_head, d_ff) for _ in range(n_layer))
+        self.ln_f = RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.apply(GPT._init)
+        for name, p in self.named_parameters():  # the scaled init of the residual projections, as GPT-2's
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+        cos, sin = rope(seq_len, d // n_head, 10000.0, "cpu")
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        x, cos, sin = self.wte(idx), self.cos[:T], self.sin[:T]  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
 # Peak dense bf16 TFLOP/s (datasheets, no sparsity), for MFU; --peak-tflops overrides.
 PEAKS = {"H100 NVL": 835.0, "H100 PCIe": 756.5, "H100": 989.4, "H200 NVL": 835.0, "H200": 989.4, "A100": 312.0}
 
@@ -99,17 +189,26 @@ def peak_of(device: torch.device) -> float | None:
 
 
 def make_model(args) -> nn.Module:
+    shape = (args.vocab, args.seq_len, args.n_layer, args.n_head, args.d_model)
+    if args.model == "plain" and args.arch == "llama":
+        return Llama(*shape, args.n_kv_head or args.n_head, args.d_ff or ffn_width(args.d_model))
     if args.model == "plain":
-        return GPT(args.vocab, args.seq_len, args.n_layer, args.n_head, args.d_model)
+        return GPT(*shape)
     from hvdlm.config import ModelConfig
     from hvdlm.model.gpt import GPT as HvdlmGPT
 
-    shape = ModelConfig(args.n_layer, args.n_head, args.d_model, args.seq_len, args.vocab)
+    llama = {"n_kv_head": args.n_kv_head, "d_ff": args.d_ff, "tie_embeddings": False} if args.arch == "llama" else {}
+    shape = ModelConfig(args.n_layer, args.n_head, args.d_model, args.seq_len, args.vocab, arch=args.arch, **llama)
     return HvdlmGPT(shape)
 
 
+def ffn_width(d: int) -> int:
+    """SwiGLU's default width: 8/3 d rounded up to a multiple of 256 (Meta's multiple_of)."""
+    return -(-8 * d // (3 * 256)) * 256
+
+
 def variant_name(args) -> str:
-    name = "plain"
+    name = "plain" if args.arch == "gpt2" else "plain llama"
     if args.model == "hvdlm":
         name += " (hvdlm's model, compile_parts)" if args.compile_parts else " (hvdlm's model)"
     return name + (" + a host read each step" if args.sync_each_step else "")
@@ -151,6 +250,9 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=12)
     ap.add_argument("--n-head", type=int, default=12)
     ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
+    ap.add_argument("--n-kv-head", type=int, default=0, help="llama: key/value heads (0: --n-head)")
+    ap.add_argument("--d-ff", type=int, default=0, help="llama: SwiGLU width (0: 8/3 d_model up to 256)")
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--tokens", default="", help="flat binary file of token ids to sample windows from")
@@ -228,8 +330,10 @@ def main() -> None:
     if args.profile:  # after the timing, so the figures above are the profiler's free
         write_profile(args.profile, one_step, device)
     tokens_per_s = B * T * args.accumulation * args.steps / elapsed
-    # Parameters in matmuls: all but the position table (nanoGPT's non-embedding count; the tied head counts once).
-    matmul_params = sum(p.numel() for p in model.parameters()) - args.seq_len * args.d_model
+    # Parameters in matmuls: all but the tables only looked up (nanoGPT's non-embedding count, as hvdlm's
+    # num_params): GPT-2's position table (its tied head counts once); a Llama's token table (its head is apart).
+    lookup = args.vocab if args.arch == "llama" else args.seq_len
+    matmul_params = sum(p.numel() for p in model.parameters()) - lookup * args.d_model
     flops_per_token = 6 * matmul_params + 12 * args.n_layer * T * args.d_model  # as hvdlm (PaLM appendix B)
     peak = args.peak_tflops or peak_of(device)
     row = {

@@ -774,22 +774,30 @@ def _validate_choices(config: JobConfig) -> None:
                 )
 
 
+def tp_splits(m: ModelConfig) -> tuple[tuple[str, int, str], ...]:
+    """What each TP rank takes an equal share of: (the key, its value, what it counts), every one of which tp must
+    divide. The planner (hvdlm.plan.layouts) proposes only a tp that divides them all, so that it never names a
+    layout this validation refuses."""
+    ffn = "4 x model.d_model" if m.arch == "gpt2" and not m.d_ff else "model.d_ff"  # its default: the arch's width
+    return (
+        ("model.n_head", m.n_head, "attention heads"),
+        ("model.n_kv_head", m.kv_heads, "key/value heads"),
+        ("model.d_model", m.d_model, "attention dimensions"),
+        (ffn, m.ffn_width, "MLP hidden units"),
+    )
+
+
 def _validate_tp(m: ModelConfig, p: ParallelConfig) -> None:
     """Each TP rank takes n_head / tp query heads, n_kv_head / tp key/value heads and a 1/tp slice of the hidden
-    sizes; all must split evenly. Key/value heads are never replicated across TP ranks (as Megatron does where
-    tp > n_kv_head): a replicated head's gradient would need its own reduction, so tp must divide n_kv_head.
-    (Whether tp divides the number of ranks is checked when the ranks start: see hvdlm.parallel.topology.)"""
-    ffn = "4 x model.d_model" if m.arch == "gpt2" and not m.d_ff else "model.d_ff"  # its default: the arch's width
-    splits = (
-        ("model.n_head", m.n_head, "attention heads"),
-        ("model.n_kv_head", m.kv_heads, "key/value heads (they are not replicated)"),
-        ("model.d_model", m.d_model, "the attention width"),
-        (ffn, m.ffn_width, "the MLP hidden units"),
-    )
-    for name, value, what in splits:
+    sizes; all must split evenly (tp_splits). Key/value heads are never replicated across TP ranks (as Megatron
+    does where tp > n_kv_head): a replicated head's gradient would need its own reduction, so tp must divide
+    n_kv_head. (Whether tp divides the number of ranks is checked when the ranks start: see
+    hvdlm.parallel.topology.)"""
+    for name, value, what in tp_splits(m):
         if value % p.tp:
             fits = [k for k in range(1, value + 1) if value % k == 0 and m.kv_heads % k == 0][:12]
+            also = " (they are not replicated)" if name == "model.n_kv_head" else ""
             raise InputError(
                 f"parallel.tp = {p.tp} does not divide {name} ({value}): every tensor-parallel rank takes an equal "
-                f"share of {what}. Pick a tp among {fits}, or change {name}."
+                f"share of the {what}{also}. Pick a tp among {fits}, or change {name}."
             )

@@ -81,6 +81,24 @@ def test_init_from_weights_that_are_not_there(hvdlm, tiny_job, tmp_path):
     (run / "config.toml").write_text("[model]\nn_layer = 3\n")
     r = hvdlm(*launch, "--init-from", str(run))
     _refused(r, f"--init-from '{run}' holds another model than this job: n_layer is 3 there, 2 here")
-    (run / "config.toml").write_text("[model]\nn_layer = 2\n")
+    # The tiny job's model: keys a config.toml leaves out take their defaults, as the ranks read it.
+    (run / "config.toml").write_text("[model]\nn_layer = 2\nn_head = 2\nd_model = 32\nseq_len = 32\n")
     assert hvdlm(*launch, "--init-from", str(run)).code == 0
     assert_imports_nothing_heavy([*launch, "--init-from", str(run)])
+
+
+def test_resuming_a_llama_compares_the_model_as_the_ranks_resolve_it(hvdlm, tiny_job, tmp_path):
+    """n_kv_head = 0 means n_head, and a llama's seq_len shapes no tensor (RoPE has no position table): the run's
+    config.toml and the job are compared resolved (hvdlm.config.model_shape), as the ranks compare a checkpoint."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model = {"arch": '"llama"', "n_layer": 2, "n_head": 2, "d_model": 32, "bias": "false", "tie_embeddings": "true"}
+    table = "".join(f"{k} = {v}\n" for k, v in model.items())
+    resume = ("launch", str(tiny_job), "--dry-run", "--run-dir", str(run_dir), "--resume", "auto")
+    for theirs, ours in [("n_kv_head = 2\nseq_len = 32\n", "0"), ("n_kv_head = 0\nseq_len = 64\n", "2")]:
+        (run_dir / "config.toml").write_text(f"[model]\n{table}{theirs}")
+        r = hvdlm(*resume, "--set", "model.arch=llama", "--set", f"model.n_kv_head={ours}")
+        assert r.code == 0, r.out[-3000:]
+    (run_dir / "config.toml").write_text(f"[model]\n{table}n_kv_head = 1\nseq_len = 32\n")
+    r = hvdlm(*resume, "--set", "model.arch=llama")
+    _refused(r, "trains another model than this job: n_kv_head is 1 there, 2 here")

@@ -433,3 +433,38 @@ def test_one_node_and_the_global_batch_read_as_words(job75):
     assert code == 0 and "micro-batch 8 x 1 micro-batch\n" in text, text
     code, out, err = plan(job75, *one, "--pp", 3)
     assert code == 2 and "(1 node x 8)" in out + err, out + err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The llama arch: grouped-query attention in the layouts and the report
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_gqa2(tmp_path):
+    """A ~1B llama with 2 key/value heads: tp 4 and 8 split its 16 query heads but not its key/value heads."""
+    job = tmp_path / "llama-gqa2.toml"
+    model = job_toml(16, 2048, 16, vocab=32000).replace("[model]\n", '[model]\narch = "llama"\nn_kv_head = 2\n')
+    job.write_text(model)
+    return job
+
+
+def test_the_planner_drops_a_tp_that_splits_the_query_heads_but_not_the_key_value_heads(llama_gqa2):
+    """Config validation refuses tp = 4 for n_kv_head = 2 (key/value heads are never replicated): the planner
+    must not rank it, and says why it dropped it."""
+    out = plan_json(llama_gqa2, "--nodes", 2, "--gpus-per-node", 8, "--gpu", "h100", "--global-batch", 64)
+    assert out["layouts"] and {e["layout"]["tp"] for e in out["layouts"]} <= {1, 2}
+    for tp in (4, 8):
+        reasons = {d["reason"] for d in out["dropped"] if d["layout"]["tp"] == tp}
+        assert reasons == {f"tp {tp} does not divide the 2 key/value heads: use a tp among [1, 2]"}, reasons
+    code, text, err = plan(llama_gqa2, "--nodes", 2, "--gpus-per-node", 8, "--gpu", "h100", "--tp", 4)
+    assert code == 2 and "tp 4 does not divide the 2 key/value heads" in text + err
+
+
+def test_the_report_names_the_arch_and_key_value_heads_of_a_llama(llama_gqa2, job75):
+    code, text, _ = plan(llama_gqa2, "--nodes", 2, "--gpus-per-node", 8, "--gpu", "h100", "--tp", 2)
+    model = next(line for line in text.splitlines() if line.startswith("model:"))
+    assert code == 0 and "llama, 16 layers" in model and "16 heads (2 key/value heads)" in model, model
+    code, text, _ = plan(job75, *CLUSTER, "--tp", 4)
+    model = next(line for line in text.splitlines() if line.startswith("model:"))
+    assert code == 0 and "(36 layers, d_model 4096, 32 heads, seq_len 2048" in model, model  # GPT-2's: unchanged

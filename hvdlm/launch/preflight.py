@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hvdlm.checkpoint.store import find_checkpoints, resolve_checkpoint, run_directory, shard_paths
-from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig
+from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig, model_shape
 from hvdlm.data.meta import META_FILE, SPLITS, load_meta
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import local_gpus
@@ -58,12 +58,13 @@ def _check_same_shape(run_dir: Path, cfg: JobConfig) -> None:
 def _model_differences(run_dir: Path, cfg: JobConfig) -> list[str]:
     """How the model in the run's config.toml differs from the job's, one phrase per key of its shape."""
     try:
-        theirs = tomllib.loads((run_dir / CONFIG_FILE).read_text()).get("model", {})
-    except (OSError, ValueError):  # no run yet (a first start with --resume auto), or not ours: the ranks decide
+        # Resolved as the ranks resolve a checkpoint's (hvdlm.checkpoint.reshard): n_kv_head = 0 is n_head, d_ff = 0
+        # the arch's width, a llama's seq_len shapes nothing; keys a file leaves out take their defaults.
+        theirs = model_shape(tomllib.loads((run_dir / CONFIG_FILE).read_text()).get("model", {}))
+    except (OSError, ValueError, TypeError, AttributeError):  # no run yet, or not ours: the ranks decide
         return []
-    ours = cfg.model.__dict__
-    differ = [k for k in MODEL_SHAPE_KEYS if k in theirs and theirs[k] != ours[k]]
-    return [f"{k} is {theirs[k]} there, {ours[k]} here" for k in differ]
+    ours = model_shape(cfg.model.__dict__)
+    return [f"{k} is {theirs[k]} there, {ours[k]} here" for k in MODEL_SHAPE_KEYS if theirs[k] != ours[k]]
 
 
 def _check_init_from(cfg: JobConfig) -> None:

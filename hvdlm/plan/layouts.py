@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hvdlm.config import ModelConfig
+from hvdlm.config import ModelConfig, tp_splits
 from hvdlm.errors import InputError
 from hvdlm.plan import counts, timing
 from hvdlm.plan import memory as mem
@@ -93,9 +93,16 @@ MEMORY, ACROSS_NODES, BUBBLE, SPLIT = "does not fit", "tp across nodes", "micro-
 def shape_problem(job: Job, cluster: Cluster, tp: int, pp: int) -> tuple[str, str] | None:
     """What is wrong with tp and pp on any cluster of these nodes: (its kind, the reason with the fix), or None."""
     m = job.model
-    if m.n_head % tp:
-        fits = [k for k in range(1, cluster.gpus_per_node + 1) if m.n_head % k == 0 and cluster.gpus_per_node % k == 0]
-        return SPLIT, f"tp {tp} does not divide the {m.n_head} attention heads: use a tp among {fits}"
+    # The splits config validation checks (query heads, key/value heads, widths): a layout ranked here must start.
+    splits = tp_splits(m)
+    for _, value, what in splits:
+        if value % tp:
+            fits = [
+                k
+                for k in range(1, cluster.gpus_per_node + 1)
+                if cluster.gpus_per_node % k == 0 and all(v % k == 0 for _, v, _ in splits)
+            ]
+            return SPLIT, f"tp {tp} does not divide the {value} {what}: use a tp among {fits}"
     if tp > cluster.gpus_per_node or cluster.gpus_per_node % tp:
         return ACROSS_NODES, (
             f"tp {tp} would put a TP group across nodes of {cluster.gpus_per_node} GPUs (it talks in every layer): "

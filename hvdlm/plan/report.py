@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from hvdlm.config import ModelConfig
 from hvdlm.plan.layouts import Cluster, Dropped, Estimate, Job
 from hvdlm.plan.memory import GB
 from hvdlm.units import counted
@@ -79,11 +80,23 @@ def _header(job: Job, cluster: Cluster, params: int) -> list[str]:
         f"cluster: {counted(cluster.nodes, 'node')} x {cluster.gpus_per_node} {g.name} = {cluster.gpus:,} GPUs "
         f"({g.peak_tflops:g} TFLOP/s bf16 peak, {g.efficiency:.1%} of it achievable, {g.memory_gb:g} GB, "
         f"{g.intra_node_gbps:g} Gbit/s in a node, {g.inter_node_gbps:g} Gbit/s per GPU between nodes)",
-        f"model: {params / 1e9:.2f}B parameters ({m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, "
+        f"model: {params / 1e9:.2f}B parameters ({_arch_words(m)}{m.n_layer} layers, d_model {m.d_model}, "
+        f"{_heads_words(m)}, "
         f"seq_len {m.seq_len}, vocabulary {m.vocab_size}); global batch {job.global_batch:,} sequences "
         f"({job.global_batch * m.seq_len:,} tokens per step)",
         f"memory accounting: {ACCOUNTING_TEXT[job.accounting]}",
     ]
+
+
+def _arch_words(m: ModelConfig) -> str:
+    """A llama names its arch; GPT-2's line stays as it was before there was a choice (golden files hold it)."""
+    return "llama, " if m.arch == "llama" else ""
+
+
+def _heads_words(m: ModelConfig) -> str:
+    if m.arch == "gpt2":
+        return f"{m.n_head} heads"
+    return f"{m.n_head} heads ({counted(m.kv_heads, 'key/value head')})"
 
 
 def layout_words(e: Estimate) -> str:
