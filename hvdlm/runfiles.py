@@ -8,7 +8,8 @@ outside (hvdlm.watch, hvdlm.checkpoint), what starts one (hvdlm.launch, the CLI)
     metrics.jsonl    one JSON object per logged step; evaluation rows carry "val_loss" (METRICS_FILE)
     summary.json     written when the run finishes (SUMMARY_FILE)
     status.json      rank 0's account: while it runs, its process; when it ended, how (STATUS_FILE; below)
-    checkpoints/     the saves (CHECKPOINT_DIR; their names: hvdlm.checkpoint.store)
+    checkpoints/     the saves (CHECKPOINT_DIR; their names: hvdlm.checkpoint.store), each with its checksum
+                     manifest step-N.manifest.json (MANIFEST_SUFFIX; hvdlm.checkpoint.manifest)
     tensorboard/     TensorBoard's event files, with train.tensorboard (TENSORBOARD_DIR)
     heartbeats/      the watchdog's rank-N.json, one per rank (HEARTBEAT_DIR; hvdlm.training.watchdog)
 
@@ -53,6 +54,8 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+# A save's checksum manifest, `step-0000100.manifest.json` beside its files (hvdlm.checkpoint.manifest).
+MANIFEST_SUFFIX = ".manifest.json"
 TENSORBOARD_DIR = "tensorboard"
 HEARTBEAT_DIR = "heartbeats"
 STATUS_FILE = "status.json"

@@ -4,6 +4,8 @@
 - store: the checkpoints of a run directory (names, the newest complete one, pruning);
 - reshard: merging TP shards into one state and cutting it to any TP size;
 - stages: pipeline stages' states joined into one and cut apart again;
+- manifest: every file's sha256 in a manifest written last, and the files checked against it;
+- verify: `hvdlm checkpoint verify`, every save of a run (or one checkpoint) against its manifest;
 - slices: ZeRO's optimizer-state slice files and their assembly;
 - manager: the checkpoint policy of a training run (when to save, what each save holds, how it is put back);
 - run: a run's newest intact checkpoint, its model config and tokenizer, as readers load them;

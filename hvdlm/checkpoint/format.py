@@ -33,18 +33,23 @@ from typing import Any
 
 import torch
 
+from hvdlm.checkpoint.manifest import HashingWriter, check_files
 from hvdlm.checkpoint.slices import assemble
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_writer
 from hvdlm.parallel.layers import Sharding
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Write one rank's checkpoint file atomically (hvdlm.fsutil): a crash mid-save leaves the old one or none."""
+def save_checkpoint(path: Path, state: dict[str, Any], digests: dict[str, dict] | None = None) -> Path:
+    """Write one rank's checkpoint file atomically (hvdlm.fsutil): a crash mid-save leaves the old one or none.
+    With `digests`, the file's size and digest are recorded there under its name, for the save's manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_writer(path) as f:
-            torch.save(state, f)
+            hashing = HashingWriter(f)  # hashed as it streams out: the manifest costs no second read
+            torch.save(state, hashing)
+        if digests is not None:
+            digests[path.name] = hashing.entry()
     except RuntimeError as e:
         # torch's zip writer reports a failed write (a full disk, a quota) as a RuntimeError without the cause: ask
         # the file system, so that callers see the OSError a plain write would have raised.
@@ -62,10 +67,13 @@ def _write_error(path: Path) -> OSError:
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """One rank's file, checked; `mmap` maps the tensors instead of reading them (inspecting a large file).
+    """One rank's file, checked (against its save's checksum manifest when it has one); `mmap` maps the tensors
+    instead of reading them (inspecting a large file), unverified.
 
     A ZeRO shard's optimizer state comes back whole, assembled from its DP ranks' slice files (named in the file),
     so that every reader sees the layout of a plain optimizer's state."""
+    if not mmap:  # mmap: a description (inspect) that reads only what it shows; loads hash the files first
+        check_files([path])
     state = _read(path, mmap)
     _check_structure(state, path)
     sliced = state.pop("zero_slices", None)
@@ -77,6 +85,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
                 f"checkpoint '{path}' is incomplete: {len(missing)} of the {len(files)} files holding its optimizer "
                 f"state are missing ({', '.join(missing)}). Copy them from the same run directory."
             )
+        if not mmap:
+            check_files(files)
         state["optimizer"] = assemble([_read(p, mmap) for p in files], str(path))
     return state
 

@@ -4,7 +4,8 @@ a save is put back.
 Every rank calls `save` at the same step (it gathers every rank's RNG state and ends in a barrier); the first
 replica's ranks write one shard each, one per (pipeline stage, TP rank) (the whole model when tp = pp = 1), with
 ZeRO-1 every rank its slice of the optimizer state beside its shard (hvdlm.checkpoint.slices), and only once every
-file is on disk does rank 0 prune beyond `train.keep_checkpoints`, so the newest save is whole
+file is on disk does rank 0 write the save's checksum manifest (every file's digest, hashed as it was written:
+hvdlm.checkpoint.manifest) and then prune beyond `train.keep_checkpoints`, so the newest save is whole
 before an older one goes.
 """
 
@@ -17,6 +18,7 @@ import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint.format import save_checkpoint, training_state
+from hvdlm.checkpoint.manifest import manifest_path, write_manifest
 from hvdlm.checkpoint.reshard import load_optimizer, merge_tp, shard_state
 from hvdlm.checkpoint.store import checkpoint_path, find_checkpoints, prune_checkpoints, slice_name
 from hvdlm.config import JobConfig
@@ -65,25 +67,44 @@ class CheckpointManager:
     def save(self, step: int, run: RunState) -> None:
         """The checkpoint at `step`, written by the first replica's TP ranks; called by every rank."""
         topo = self.topo
+        path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
+        if hvd.rank() == 0:
+            # A manifest of an earlier save at this step (a resumed attempt) would not describe the files about to
+            # replace its own; it goes before any rank writes (the allgather below orders that).
+            manifest_path(path).unlink(missing_ok=True)
         # Every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
         rngs = jobwide.allgather_object(rng_state(self.device), f"rng.{step}")
-        path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
         own_slice = run.optimizer.checkpoint_slice()
         # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks
         # together, and each takes back the files of this save it did write (whole, yet useless without the rest).
-        written: list[Path] = []
+        written: dict[str, dict] = {}  # name -> size and digest, for the manifest
         try:
             with together(f"saved.{step}"):
                 self._write_own_files(step, run, path, own_slice, rngs, written)
         except InputError:
-            for p in written:
-                p.unlink(missing_ok=True)
+            for name in written:
+                (path.parent / name).unlink(missing_ok=True)
             raise
+        self._write_manifest(step, path, written)
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
 
+    def _write_manifest(self, step: int, path: Path, written: dict[str, dict]) -> None:
+        """Rank 0 writes the save's manifest, last: every rank's file digests, gathered once all are on disk."""
+        digests = jobwide.allgather_object(written, f"digests.{step}")
+        with together(f"manifest.{step}"):
+            if hvd.rank() == 0:
+                files = {name: entry for rank in digests for name, entry in rank.items()}
+                try:
+                    write_manifest(manifest_path(path), step, files)
+                except OSError as e:
+                    raise InputError(
+                        f"cannot write the checksum manifest of step {step} in '{path.parent}': {e.strerror or e}. "
+                        "Its files are whole and load unverified; free space there and continue with --resume auto."
+                    ) from None
+
     def _write_own_files(
-        self, step: int, run: RunState, path: Path, own_slice: dict | None, rngs: list, written: list[Path]
+        self, step: int, run: RunState, path: Path, own_slice: dict | None, rngs: list, written: dict[str, dict]
     ) -> None:
         """This rank's part of the save at `step`: its ZeRO slice, and its shard if it is its DP group's first."""
         topo = self.topo
@@ -121,10 +142,9 @@ class CheckpointManager:
         counts = stage_layers(self.cfg.model.n_layer, p.pp, p.pp_layers)
         return {"rank": self.topo.pp_rank, "size": self.topo.pp, "layers": counts}
 
-    def _write(self, path: Path, state: dict[str, Any], written: list[Path]) -> None:
+    def _write(self, path: Path, state: dict[str, Any], written: dict[str, dict]) -> None:
         try:
-            save_checkpoint(path, state)
-            written.append(path)
+            save_checkpoint(path, state, digests=written)
         except OSError as e:
             older = [saved.step for saved in find_checkpoints(self.run_dir) if saved.step < state["step"]]
             kept = f"the checkpoint of step {older[0]} is intact" if older else "no earlier checkpoint exists"

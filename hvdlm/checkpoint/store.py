@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdlm.errors import InputError
-from hvdlm.runfiles import CHECKPOINT_DIR
+from hvdlm.runfiles import CHECKPOINT_DIR, MANIFEST_SUFFIX
 
 _SHARD_NAME = re.compile(
     r"^(?P<stem>.+?)(?:\.pp(?P<pp_rank>\d+)-of-(?P<pp>\d+))?(?:\.tp(?P<rank>\d+)-of-(?P<size>\d+))?\.pt$"
@@ -79,8 +79,19 @@ class SavedCheckpoint:
 
     @property
     def files(self) -> tuple[Path, ...]:
-        """Every file of the save: what pruning deletes and setting aside moves."""
+        """Every checkpoint file of the save (what its manifest lists)."""
         return self.paths + self.slices
+
+    @property
+    def manifest(self) -> Path:
+        """The save's checksum manifest (hvdlm.checkpoint.manifest); absent for a save from before checksums."""
+        return self.paths[0].with_name(f"step-{self.step:07d}{MANIFEST_SUFFIX}")
+
+    @property
+    def all_files(self) -> tuple[Path, ...]:
+        """The files and the manifest: what pruning deletes and setting aside moves (the manifest last, so a save
+        interrupted while pruned never looks verified without its files)."""
+        return self.files + (self.manifest,)
 
 
 def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
@@ -90,6 +101,11 @@ def find_checkpoints(run_dir: str | Path) -> list[SavedCheckpoint]:
     skipped); whether the files read is for `load_checkpoint` to say.
     """
     return [saved for saved, missing in _scan(run_dir) if not missing]
+
+
+def every_save(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
+    """Every save in RUN_DIR/checkpoints, complete or not, newest first, with the names of its missing files."""
+    return _scan(run_dir)
 
 
 def _scan(run_dir: str | Path) -> list[tuple[SavedCheckpoint, list[str]]]:
@@ -226,7 +242,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int, newest: int) -> list[int]:
         return []
     removed = [saved for saved in find_checkpoints(run_dir) if saved.step <= newest][keep:]
     for saved in removed:
-        for p in saved.files:
+        for p in saved.all_files:
             p.unlink(missing_ok=True)
     return [saved.step for saved in removed]
 
@@ -239,7 +255,7 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     them in the next `--resume auto` and in pruning. They are kept, not deleted: they may be someone's evidence.
     """
     folder = Path(run_dir) / CHECKPOINT_DIR
-    newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.files if p.exists()]
+    newer = [p for saved, _ in _scan(run_dir) if saved.step > step for p in saved.all_files if p.exists()]
     if not newer:
         return None
     aside = folder / f"set-aside-after-{step:07d}"

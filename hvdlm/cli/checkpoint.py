@@ -11,7 +11,7 @@ from hvdlm.errors import InputError
 
 @click.group()
 def checkpoint() -> None:
-    """Inspect and convert checkpoints."""
+    """Inspect, verify and convert checkpoints."""
 
 
 @checkpoint.command()
@@ -82,3 +82,43 @@ def inspect(ckpt: str, as_json: bool) -> None:
         raise InputError(f"'{ckpt}' does not exist. Name a checkpoint file (.pt) or a run directory.")
     info = describe_checkpoint(ckpt)
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@checkpoint.command()
+@click.argument("path", type=click.Path())
+def verify(path: str) -> None:
+    """Check checkpoint files against the checksums their save recorded (step-N.manifest.json): one line per
+    checkpoint, ok or which file is missing, truncated or differs. Exit code 0 when every checkpoint is good, 2
+    otherwise (a check to run before requeueing a job). Reads the files only; changes nothing.
+
+    PATH is a run directory (every checkpoint in it) or a checkpoint file or any of its shards (that checkpoint).
+    A checkpoint written before hvdlm recorded checksums has no manifest: it is checked for missing files only.
+    """
+    import time
+
+    from hvdlm.checkpoint.store import refuse_missing_run
+    from hvdlm.checkpoint.verify import verify_target
+
+    refuse_missing_run(path)
+    start = time.perf_counter()
+    results = verify_target(path)
+    if not results:
+        raise InputError(
+            f"'{path}' holds no checkpoint (looked in its checkpoints/ directory). Name a run directory "
+            "that has written one, or a checkpoint file."
+        )
+    for r in results:
+        if r.problems:
+            click.echo(f"{r.name}: FAILED: {'; '.join(r.problems)}")
+        else:
+            click.echo(
+                f"{r.name}: ok" + ("" if r.has_manifest else " (no manifest: every file there, not checksummed)")
+            )
+    seconds, size = time.perf_counter() - start, sum(r.size for r in results)
+    bad = sum(bool(r.problems) for r in results)
+    click.echo(
+        f"{len(results) - bad} of {len(results)} checkpoint(s) good; {size / 1e6:,.1f} MB read in {seconds:.2f} s "
+        f"({size / 1e6 / max(seconds, 1e-9):,.0f} MB/s)"
+    )
+    if bad:
+        raise click.exceptions.Exit(InputError.exit_code)
