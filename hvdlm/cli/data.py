@@ -37,11 +37,13 @@ def data() -> None:
     metavar="PATTERN",
     help="Files to take from directory sources, e.g. '**/*.md' (repeatable; default: every file but hidden ones).",
 )
-@click.option("--text-field", default="text", show_default=True, help="JSON Lines field that holds the text.")
+@click.option(
+    "--text-field", default="text", show_default=True, help="JSON Lines field (or Parquet column) that holds the text."
+)
 @click.option(
     "--strict",
     is_flag=True,
-    help="Reject unusable inputs (not UTF-8, binary, broken gzip, ...) instead of skipping and counting them.",
+    help="Reject unusable inputs (not UTF-8, binary, broken gzip or zstd, ...) instead of skipping and counting them.",
 )
 @click.option(
     "--shard-tokens", type=click.IntRange(min=1), default=None, help="Tokens per shard file [default: 2**27]."
@@ -60,8 +62,9 @@ def prepare(
     """Tokenize SOURCES into a dataset directory.
 
     SOURCES are text files, directories (searched with --glob), JSON Lines files (.jsonl / .ndjson, one document
-    per record), any of them gzip-compressed (.gz), or 'stdlib' for the running Python's standard-library
-    sources (the default). A single text file is cut into documents (at blank lines where it can), as the
+    per record), Parquet files (.parquet, one document per row of the --text-field column), text and JSON Lines
+    compressed with gzip (.gz) or zstd (.zst), or 'stdlib' for the running Python's standard-library sources (the
+    default). A single text file is cut into documents (at blank lines where it can), as the
     train / validation split is by document. Running it again on unchanged inputs does nothing.
     """
     _refuse_ignored_vocab_size(tokenizer, vocab_size)

@@ -8,7 +8,7 @@
 The names below load on first use (PEP 562): importing `hvdlm.data` (as the CLI does) must not pull in numpy,
 because the job-preparation commands answer on login nodes without it.
 
-- sources: where documents come from (the built-in corpus, text, directories, JSON Lines, gzip);
+- sources: where documents come from (the built-in corpus, text, directories, JSON Lines, Parquet, gzip, zstd);
 - tokenizer: byte-level and BPE tokenizers;
 - prepare: `hvdlm data prepare`, sources to shards and meta.json;
 - shards: the on-disk token shards;

@@ -68,7 +68,7 @@ class PrepareOptions:
     tokenizer: str = "byte"
     vocab_size: int = 4096  # BPE only: bytes + end-of-document + merges
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of their names)
-    text_field: str = "text"  # the field of a JSON Lines record that holds the document
+    text_field: str = "text"  # the field of a JSON Lines record (the column of a Parquet file) that holds the document
     strict: bool = False  # reject unusable inputs instead of skipping and counting them
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # a shard is closed once it holds this many tokens
 

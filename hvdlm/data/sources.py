@@ -1,17 +1,22 @@
-"""Where documents come from: the embedded standard-library corpus, text files, directories, JSON Lines, gzip.
+"""Where documents come from: the embedded standard-library corpus, text files, directories, JSON Lines, Parquet,
+gzip and zstd.
 
 A source argument is resolved up front into a list of input files (a missing path is an error before anything is
-read or written). Reading then yields one document per text file or per JSON Lines record, except that a corpus of
-one text file (a book, a dump) is cut into documents (`cut_text`): the train / validation split is by document,
-and one document cannot be split. Input that cannot be
-used (not UTF-8, binary, a broken gzip stream, a JSON Lines record without the text field) is skipped and counted
-in a `SkipReport`, or, in strict mode, stops the run with an `InputError` that names the file; reading itself
-never aborts half-way with a traceback.
+read or written); a file's suffix says how it is read. Reading then yields one document per text file, per JSON
+Lines record or per Parquet row, except that a corpus of one text file (a book, a dump) is cut into documents
+(`cut_text`): the train / validation split is by document, and one document cannot be split. Input that cannot be
+used (not UTF-8, binary, a broken gzip or zstd stream, a JSON Lines record without the text field, a Parquet file
+without a string column of that name) is skipped and counted in a `SkipReport`, or, in strict mode, stops the run
+with an `InputError` that names the file; reading itself never aborts half-way with a traceback.
+
+pyarrow and zstandard are imported inside their readers only: the CLI imports this module on login nodes, and
+pyarrow alone takes longer to import than the whole job-preparation command should.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
@@ -28,6 +33,13 @@ from hvdlm.errors import InputError
 
 STDLIB = "stdlib"  # the source argument that names the embedded corpus
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIX = ".parquet"  # as Hugging Face datasets name their files (train-00000-of-00004.parquet)
+# How documents lie in a file (InputFile.layout), and how it is compressed (InputFile.compression), by suffix.
+TEXT, JSONL, PARQUET = "text", "jsonl", "parquet"
+GZIP, ZSTD = "gzip", "zstd"
+_COMPRESSION_SUFFIXES = {".gz": GZIP, ".zst": ZSTD}
+_ZSTD_CHUNK = 1 << 20  # compressed bytes read at a time: what a zstd input holds in memory, with its lines
+_PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: pyarrow reads one row group's column, then hands out batches
 _PREPARE_TEMP = re.compile(r"\..+\.(tmp|old)-.+")  # prepare's temporary directories (see prepare.py)
 
 
@@ -35,8 +47,13 @@ _PREPARE_TEMP = re.compile(r"\..+\.(tmp|old)-.+")  # prepare's temporary directo
 class InputFile:
     path: Path
     name: str  # stable document name: relative to its source argument, so the split is the same on every machine
-    jsonl: bool  # one document per line, the text in a JSON field
-    gzip: bool  # gzip-compressed (by the .gz suffix)
+    layout: str  # TEXT (one document), JSONL (one per line, the text in a field), PARQUET (one per row, a column)
+    compression: str = ""  # GZIP (.gz), ZSTD (.zst) or "" (none); a Parquet file compresses its own pages
+
+    @property
+    def how(self) -> str:
+        """How the file is read, e.g. "jsonl+zstd": a file read another way holds other documents."""
+        return "+".join(filter(None, (self.layout, self.compression)))
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,11 @@ class SkipReport:
 NOT_UTF8 = "not UTF-8"
 BINARY = "binary (NUL bytes)"
 BAD_GZIP = "unreadable gzip"
+BAD_ZSTD = "unreadable zstd"
+BAD_PARQUET = "unreadable Parquet"
+NO_COLUMN = "Parquet files without the text column"
+NOT_STRINGS = "Parquet files whose text column is not strings"
+NULL_TEXT = "Parquet rows without text (null)"
 UNREADABLE = "unreadable file"
 BAD_JSON = "JSON Lines records that are not JSON objects"
 NO_FIELD = "JSON Lines records without the text field"
@@ -163,12 +185,12 @@ def resolve_sources(specs: list[str], globs: list[str] | None = None) -> list[In
         elif os.path.lexists(path):
             raise InputError(
                 f"source '{spec}' is not a regular file or a directory (a FIFO, device or socket, or a broken link). "
-                f"Pass text files, directories (with --glob patterns), JSON Lines files, or '{STDLIB}'."
+                f"Pass text files, directories (with --glob patterns), JSON Lines or Parquet files, or '{STDLIB}'."
             )
         else:
             raise InputError(
                 f"source '{spec}' does not exist. Pass text files, directories (with --glob patterns), JSON Lines "
-                f"files, or '{STDLIB}' for the standard-library corpus."
+                f"or Parquet files, or '{STDLIB}' for the standard-library corpus."
             )
     return files
 
@@ -212,18 +234,30 @@ def _glob(root: Path, patterns: list[str]) -> list[Path]:
 
 
 def _input_file(path: Path, name: str) -> InputFile:
-    compressed = path.name.endswith(".gz")
-    bare = path.name[:-3] if compressed else path.name
-    return InputFile(path=path, name=name, jsonl=bare.endswith(JSONL_SUFFIXES), gzip=compressed)
+    compression = _COMPRESSION_SUFFIXES.get(path.suffix, "")
+    bare = path.stem if compression else path.name
+    if not compression and bare.endswith(PARQUET_SUFFIX):
+        layout = PARQUET
+    else:
+        layout = JSONL if bare.endswith(JSONL_SUFFIXES) else TEXT
+    return InputFile(path=path, name=name, layout=layout, compression=compression)
+
+
+# Read as they were before Parquet and zstd were (text or JSON Lines, plain or gzip): their fingerprint lines stay
+# as they were, so datasets prepared from them stay up to date.
+_FIRST_WAYS = ("text", "jsonl", "text+gzip", "jsonl+gzip")
 
 
 def fingerprint_inputs(files: list[InputFile]) -> list[str]:
-    """One line per input (absolute path, size, modification time): changes when an input changes."""
+    """One line per input (absolute path, size, modification time, and how it is read where that is a newer way):
+    changes when an input changes. A .parquet or .zst file was binary text to earlier versions (skipped): naming
+    how it is read now prepares such a dataset again instead of calling it up to date."""
     lines = []
     for f in files:
+        way = "" if f.how in _FIRST_WAYS else f"|{f.how}"
         try:
             st = f.path.stat()
-            lines.append(f"{f.path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+            lines.append(f"{f.path.resolve()}|{st.st_size}|{st.st_mtime_ns}{way}")
         except OSError:  # gone since it was listed: reading will count it as unreadable
             lines.append(f"{f.path}|missing")
     if any(f.name.startswith(STDLIB + "/") for f in files):
@@ -246,8 +280,9 @@ def read_documents(
         skipped.add(reason, name)
 
     for f in files:
-        if f.jsonl:
-            yield from ((f, doc) for doc in _jsonl_documents(f, text_field, skip))
+        if f.layout != TEXT:
+            reader = _parquet_documents if f.layout == PARQUET else _jsonl_documents
+            yield from ((f, doc) for doc in reader(f, text_field, skip))
             continue
         text = _read_text(f, skip)
         if text is None:
@@ -264,32 +299,108 @@ def _jsonl_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
     """One document per record, streamed line by line: JSON Lines files can be far larger than memory."""
     lineno = 0
     try:
-        with (gzip.open if f.gzip else open)(f.path, "rb") as stream:
-            for lineno, raw in enumerate(stream, start=1):  # split on b"\n" only: JSON strings may hold U+2028
-                if not raw.strip():
-                    continue
-                name = f"{f.name}:{lineno}"
-                try:
-                    # utf-8-sig on the first line: editors on Windows start a file with a byte order mark.
-                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-                except UnicodeDecodeError:
-                    skip(NOT_UTF8, name)
-                    continue
-                except json.JSONDecodeError:
-                    skip(BAD_JSON, name)
-                    continue
-                if not isinstance(record, dict):
-                    skip(BAD_JSON, name)
-                elif not isinstance(record.get(text_field), str):
-                    skip(NO_FIELD, name)
-                elif not record[text_field].strip():
-                    skip(EMPTY, name)
-                else:
-                    yield Document(name, record[text_field])
+        with open(f.path, "rb") as raw_stream:
+            # Lines split on b"\n" only (a binary stream): JSON strings may hold U+2028.
+            stream = raw_stream
+            if f.compression == GZIP:
+                stream = gzip.open(raw_stream, "rb")
+            elif f.compression == ZSTD:
+                stream = _zstd_lines(raw_stream)
+            for lineno, raw in enumerate(stream, start=1):
+                if raw.strip():
+                    yield from _record_document(raw, lineno, f"{f.name}:{lineno}", text_field, skip)
     except (EOFError, zlib.error, gzip.BadGzipFile):  # cut short or not gzip: the records before it are kept
-        skip(BAD_GZIP, f"{f.name} (after line {lineno})")
+        skip(BAD_GZIP, f"{f.name} (after line {lineno})" if lineno else f.name)
+    except _ZstdError:  # likewise for zstd
+        skip(BAD_ZSTD, f"{f.name} (after line {lineno})" if lineno else f.name)
     except OSError:
         skip(UNREADABLE, f.name)
+
+
+def _record_document(raw: bytes, lineno: int, name: str, text_field: str, skip) -> Iterator[Document]:
+    """The document of one JSON Lines record (none if it is unusable, which is skipped)."""
+    try:
+        # utf-8-sig on the first line: editors on Windows start a file with a byte order mark.
+        record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+    except UnicodeDecodeError:
+        skip(NOT_UTF8, name)
+        return
+    except json.JSONDecodeError:
+        skip(BAD_JSON, name)
+        return
+    if not isinstance(record, dict):
+        skip(BAD_JSON, name)
+    elif not isinstance(record.get(text_field), str):
+        skip(NO_FIELD, name)
+    elif not record[text_field].strip():
+        skip(EMPTY, name)
+    else:
+        yield Document(name, record[text_field])
+
+
+class _ZstdError(Exception):
+    """A zstd stream that is not zstd, or is cut short (zstandard's own error is raised as this one, so that
+    catching it needs no import of zstandard)."""
+
+
+def _zstd_lines(stream) -> Iterator[bytes]:
+    """The decompressed lines of a zstd stream (each with its b"\n"), frame after frame, a chunk at a time.
+
+    zstandard's stream_reader would be shorter, but it ends a frame that is cut short without a word (the lines
+    before the cut come out and the rest is silently lost); a decompressobj says whether its frame ended (`eof`).
+    """
+    import zstandard  # here: a heavy import the CLI must not pay for text inputs
+
+    decoder, mid_frame, pending = zstandard.ZstdDecompressor().decompressobj(), False, b""
+    try:
+        while chunk := stream.read(_ZSTD_CHUNK):
+            while chunk:  # a file may hold several frames (pzstd, concatenated dumps): each needs a new decoder
+                pending += decoder.decompress(chunk)
+                mid_frame, chunk = not decoder.eof, decoder.unused_data if decoder.eof else b""
+                if decoder.eof:
+                    decoder = zstandard.ZstdDecompressor().decompressobj()
+            *lines, pending = pending.split(b"\n")
+            yield from (line + b"\n" for line in lines)
+    except zstandard.ZstdError as e:
+        raise _ZstdError(str(e)) from None
+    if mid_frame:
+        raise _ZstdError("the last frame is cut short")
+    if pending:
+        yield pending
+
+
+def _parquet_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
+    """One document per row of the text column, read a row group at a time and handed out in batches, so memory
+    holds one row group's column, not the file's; the rows before a damaged row group are kept."""
+    import pyarrow as pa  # here: a heavy import the CLI must not pay for other inputs
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        with pq.ParquetFile(f.path) as parquet:
+            column = parquet.schema_arrow.field(text_field) if text_field in parquet.schema_arrow.names else None
+            if column is None:
+                skip(NO_COLUMN, f"{f.name} (no column '{text_field}')")
+                return
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                skip(NOT_STRINGS, f"{f.name} ('{text_field}' is {column.type})")
+                return
+            for group in range(parquet.num_row_groups):  # one at a time: a batch may otherwise span row groups
+                for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
+                    for text in batch.column(0).to_pylist():
+                        row += 1
+                        yield from _row_document(text, f"{f.name}:{row}", skip)
+    except (pa.ArrowException, OSError):  # not Parquet, or damaged: the rows before the damage are kept
+        skip(BAD_PARQUET, f"{f.name} (after row {row})" if row else f.name)
+
+
+def _row_document(text: str | None, name: str, skip) -> Iterator[Document]:
+    if text is None:
+        skip(NULL_TEXT, name)
+    elif not text.strip():
+        skip(EMPTY, name)
+    else:
+        yield Document(name, text)
 
 
 def _read_text(f: InputFile, skip) -> str | None:
@@ -298,11 +409,17 @@ def _read_text(f: InputFile, skip) -> str | None:
     except OSError:
         skip(UNREADABLE, f.name)
         return None
-    if f.gzip:
+    if f.compression == GZIP:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error):  # not gzip, or cut short: BadGzipFile is an OSError
             skip(BAD_GZIP, f.name)
+            return None
+    elif f.compression == ZSTD:
+        try:
+            raw = b"".join(_zstd_lines(io.BytesIO(raw)))
+        except _ZstdError:
+            skip(BAD_ZSTD, f.name)
             return None
     if b"\x00" in raw:  # valid UTF-8 can hold NUL, but text never does: this is a binary file
         skip(BINARY, f.name)
@@ -315,5 +432,5 @@ def _read_text(f: InputFile, skip) -> str | None:
 
 
 def total_size(files: list[InputFile]) -> int:
-    """Bytes on disk of all inputs (compressed size for gzip): the progress bar's total."""
+    """Bytes on disk of all inputs (compressed size for gzip, zstd and Parquet): the progress bar's total."""
     return sum(os.path.getsize(f.path) for f in files if f.path.exists())
