@@ -134,7 +134,7 @@ def test_merged_final_parameters_match_one_rank(runs, layout):
 
 @pytest.mark.distributed
 def test_checkpoint_merge_joins_stages_and_tp_shards(runs, tmp_path):
-    files = sorted(p.name for p in (runs["pp2xtp2"] / "checkpoints").glob(f"step-{STEPS:07d}*"))
+    files = sorted(p.name for p in (runs["pp2xtp2"] / "checkpoints").glob(f"step-{STEPS:07d}*.pt"))
     assert files == [f"step-{STEPS:07d}.pp{s}-of-2.tp{t}-of-2.pt" for s in (0, 1) for t in (0, 1)]
     out = tmp_path / "merged.pt"
     proc = run_cli("checkpoint", "merge", ckpt(runs["pp2xtp2"], STEPS, ".pp1-of-2.tp0-of-2"), "--out", out, timeout=120)

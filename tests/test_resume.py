@@ -145,7 +145,7 @@ def test_tp2_killed_at_a_random_step_resumes_bit_identical(job, tmp_path, cache_
     2 micro-batches per step (the data position counts them) and an EMA (sharded too; validation uses it)."""
     extra = ("parallel.tp=2", "train.accumulation_steps=2", "train.ema_decay=0.9")
     ref = reference_run(2, job, tmp_path / "ref", cache_dir, *extra)
-    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (ref / "checkpoints").glob("*.pt")) == [
         f"step-{s:07d}.tp{r}-of-2.pt" for s in (STEPS - 2, STEPS) for r in (0, 1)
     ]
     kill_at = random.Random(SEED + 1).randint(3, STEPS - 15)

@@ -337,7 +337,9 @@ def test_a_run_the_watchdog_ended_is_failed_with_exit_124_not_preempted(job, cac
         assert info.state == "failed", (now, info)
         assert info.exit_code == WATCHDOG_EXIT_CODE, info
         assert info.cause.startswith("the watchdog: rank 0 ") and "the stalled rank(s): 1." in info.cause, info
-        assert info.step == info.checkpoint_step and info.stopped_step > info.checkpoint_step, info
+        # The stop lands a few steps after the heartbeat of step 24, past the checkpoint of step 20 (on a loaded
+        # machine it can land on a later checkpoint's step): it never falls behind the newest checkpoint.
+        assert info.step == info.checkpoint_step and info.stopped_step >= info.checkpoint_step >= 20, info
 
 
 def test_a_run_on_another_host_is_judged_by_its_heartbeats(tmp_path):

@@ -65,7 +65,7 @@ def test_a_full_disk_at_a_zero_checkpoint_keeps_the_earlier_one_whole(hvdlm, tin
     assert f"cannot write checkpoint '{run_dir}/checkpoints/step-0000008" in r.out, r.out[-3000:]
     assert "No space left on device" in r.out and "the checkpoint of step 4 is intact" in r.out
     assert [saved.step for saved in find_checkpoints(run_dir)] == [4]
-    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step-0000004*"))
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step-0000004*.pt"))
     assert names == ["step-0000004.pt", "step-0000004.zero0-of-2.pt", "step-0000004.zero1-of-2.pt"]
     state = load_full_state(run_dir / "checkpoints" / "step-0000004.pt")
     assert state["step"] == 4 and state["optimizer"]["state"], "the slices did not assemble to the whole state"

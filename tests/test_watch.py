@@ -343,8 +343,12 @@ def test_generate_passes_over_a_damaged_newest_checkpoint(cli, run, tmp_path):
 
 
 def _copy_run(run: Path, dest: Path) -> Path:
+    """A copy of the run to edit: its checkpoint manifests dropped, so an edited checkpoint reads as one written
+    before checksums (a manifest would refuse it, hvdlm.checkpoint.manifest)."""
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "plots", ignore_errors=True)
+    for manifest in (dest / "checkpoints").glob("*.manifest.json"):
+        manifest.unlink()
     return dest
 
 

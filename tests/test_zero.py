@@ -104,7 +104,7 @@ def test_zero_checkpoints_hold_one_slice_per_dp_rank(runs, stage):
     half of the padded flat buffer (ZeRO-1: one bucket; ZeRO-2: its half of every bucket), with the layout that puts
     the halves back together."""
     folder = runs[RUN[stage]] / "checkpoints"
-    names = sorted(p.name for p in folder.glob(f"step-{STEPS:07d}*"))
+    names = sorted(p.name for p in folder.glob(f"step-{STEPS:07d}*.pt"))
     slices = [f"step-{STEPS:07d}.zero{d}-of-2.pt" for d in (0, 1)]
     assert names == [f"step-{STEPS:07d}.pt", *slices]
     main = torch.load(folder / names[0], weights_only=True)
