@@ -1,6 +1,6 @@
 """hvdlm.plan.counts against the real thing, in one process: parameters held by a rank (whole models and pipeline
 stages), bytes saved for backward as the ActivationMeter counts them, over recompute / precision / dropout / bias
-and stage positions; the TP byte formula against bench/tp_bytes.py's; and the module stays torch-free.
+and stage positions, for both archs; the TP byte formula against bench/tp_bytes.py's; and the module stays torch-free.
 
 TP > 1 needs ranks: bench/plan_check.py checks those counts (parameters, activations, TP and pipeline bytes)
 against real runs under mpirun.
@@ -100,6 +100,30 @@ def test_activation_bytes_of_pipeline_stages(recompute, precision, dropout, bias
         shape = counts.Shape(cfg, 2, 1, split[stage], first=stage == 0, last=stage == 2, precision=precision)
         predicted = counts.activation_bytes(shape)
         assert predicted == measured(cfg, 2, precision, split, stage), (stage, predicted)
+
+
+LLAMA = dict(arch="llama", n_layer=4, n_head=4, n_kv_head=2, d_model=64, seq_len=32, vocab_size=96, d_ff=96)
+LLAMA_VARIANTS = [
+    {},  # grouped-query attention, an untied head, no biases
+    dict(n_kv_head=4, d_ff=160, seq_len=16),  # one key/value head per query head, another MLP width
+    dict(n_head=8, n_kv_head=1, d_model=128, bias=True, tie_embeddings=True),
+    dict(dropout=0.1),  # the math attention kernel and the dropout masks
+]
+
+
+@pytest.mark.parametrize(
+    ("recompute", "precision"), list(itertools.product(["none", "selective", "full"], ["fp32", "bf16"]))
+)
+def test_llama_activation_bytes_match_the_meter(recompute, precision):
+    """RMSNorm, RoPE, SwiGLU and grouped-query attention, counted exactly: the whole model and three stages."""
+    split = stage_layers(LLAMA["n_layer"], 3)
+    for variant in LLAMA_VARIANTS:
+        cfg = ModelConfig(**dict(LLAMA, **variant, recompute=recompute))
+        predicted = counts.activation_bytes(counts.Shape(cfg, 3, precision=precision))
+        assert predicted == measured(cfg, 3, precision), (variant, predicted)
+        for stage in range(3):
+            shape = counts.Shape(cfg, 2, 1, split[stage], first=stage == 0, last=stage == 2, precision=precision)
+            assert counts.activation_bytes(shape) == measured(cfg, 2, precision, split, stage), (variant, stage)
 
 
 def test_in_flight_micro_batches():

@@ -148,21 +148,60 @@ def _attention_bytes(model: ModelConfig, batch: int, tp: int, recompute: str, e:
 def _blocks_bytes(shape: Shape, e: int, branch: int, stream_in: int, stream: int) -> int:
     """activation_bytes' part for the stage's blocks (see there): element sizes e (compute), branch (the residual
     branch's), stream_in and stream (the block inputs')."""
-    model, tp, layers = shape.model, shape.tp, shape.layers
-    b, d = shape.micro_batch, model.d_model
-    n, s = b * model.seq_len, d // tp
-    # The block inputs (and so the LayerNorm inputs): the stage's input, then the stream after each residual add.
+    model, layers = shape.model, shape.layers
+    n, d = shape.micro_batch * model.seq_len, model.d_model
+    # The block inputs (and so the norms' inputs): the stage's input, then the stream after each residual add.
     block_inputs = n * d * (stream_in + (layers - 1) * stream) if layers else 0
     if shape.recompute == "full" or not layers:
         return block_inputs
-    per_block = 4 * FP32 * n  # the LayerNorms' mean and rstd
-    per_block += 2 * e * n * d + 8 * e * n * s  # LayerNorm outputs (as the matmuls take them), fc and GELU out
-    per_block += _attention_bytes(model, b, tp, shape.recompute, e)
+    per_block = BLOCK_BYTES[model.arch](shape, e)
     if model.dropout > 0:
         per_block += 2 * branch * n * d  # the residual dropouts' masks
+    return block_inputs + layers * n * d * stream + layers * per_block  # with the second norm's inputs
+
+
+def _gpt2_block_bytes(shape: Shape, e: int) -> int:
+    """One GPT-2 block's saved tensors beyond its inputs and the residual masks (see activation_bytes)."""
+    model, tp = shape.model, shape.tp
+    n, d = shape.micro_batch * model.seq_len, model.d_model
+    s = d // tp
+    per_block = 4 * FP32 * n  # the LayerNorms' mean and rstd
+    per_block += 2 * e * n * d + 8 * e * n * s  # LayerNorm outputs (as the matmuls take them), fc and GELU out
+    per_block += _attention_bytes(model, shape.micro_batch, tp, shape.recompute, e)
     if shape.precision != "fp32":
         per_block += 2 * 12 * d * d // tp  # the bf16 casts of the four weight matrices
-    return block_inputs + layers * n * d * stream + layers * per_block  # with ln_1's and ln_2's inputs
+    return per_block
+
+
+def _llama_block_bytes(shape: Shape, e: int) -> int:
+    """One Llama block's saved tensors beyond its inputs and the residual masks. With K D / p = k a rank's key/value
+    width and f = d_ff / p its MLP units:
+      RMSNorm     per norm its rstd 4 N, the normalized input in fp32 4 N d, its output as the matmul takes it e N d.
+      attention   fused kernel: the qkv output e N (s + 2 k) (v is a view of it), the rotated q and k e N (s + k),
+                  the output e N s and the logsumexp 4 B (H/p) T; selective: as fused, less the logsumexp; with
+                  dropout the math kernel's fp32 copies 12 N s + 12 B (H/p) T^2 and its output e N s, and nothing
+                  of the qkv output or the rotations.
+      SwiGLU      gate, up, silu(gate) and their product: 4 e N f.
+      bf16        the weights' casts 2 d (2 s + 2 k + 3 f) and the attention output's copy to (B, T, d/p) 2 N s.
+    """
+    model, tp, b, t = shape.model, shape.tp, shape.micro_batch, shape.model.seq_len
+    n, d = b * t, model.d_model
+    s, f = d // tp, model.ffn_width // tp
+    k = model.kv_heads * (d // model.n_head) // tp
+    per_block = 2 * (FP32 * n + FP32 * n * d + e * n * d)
+    if shape.recompute == "selective":
+        per_block += e * n * (s + 2 * k) + e * n * (s + k) + e * n * s
+    elif model.dropout == 0:
+        per_block += e * n * (s + 2 * k) + e * n * (s + k) + e * n * s + FP32 * b * (model.n_head // tp) * t
+    else:
+        per_block += 3 * FP32 * n * s + 3 * FP32 * b * (model.n_head // tp) * t * t + e * n * s
+    per_block += 4 * e * n * f
+    if shape.precision != "fp32":
+        per_block += 2 * d * (2 * s + 2 * k + 3 * f) + 2 * n * s
+    return per_block
+
+
+BLOCK_BYTES = {"gpt2": _gpt2_block_bytes, "llama": _llama_block_bytes}
 
 
 def activation_bytes(shape: Shape, vocab_rows: int | None = None) -> int:
@@ -183,11 +222,14 @@ def activation_bytes(shape: Shape, vocab_rows: int | None = None) -> int:
     The stream is fp32 from the embeddings; a later stage receives it in the wire dtype (bf16 when training in
     bf16), and it stays bf16 after the residual adds unless a bias (fp32, added after the row-parallel reduction)
     promotes it: its LayerNorm inputs and full recompute's block inputs are then 2 N d.
+    Llama's blocks differ (see _llama_block_bytes) and have no position ids; their stage keeps the RoPE tables
+    (cos and sin, 2 x 4 T D) unless the blocks are recomputed whole.
     First stage: the token ids 8 N (tp > 1: the masked ids 8 N and the outside-shard mask N), the positions 8 T,
     the embedding dropout's mask 4 N d. Last stage: final LayerNorm input 4 N d and statistics 8 N, its output
-    e N d, the head weight's bf16 cast 2 V_p d; the loss keeps fp32 log-probabilities 4 N V, the targets 8 N and
-    4 bytes (tp = 1; tp > 1: the softmax shard 4 N V_p, local targets 8 N, ownership mask N); under a pipeline
-    (a last stage that is not also first) 8 bytes more: the loss times its finiteness factor keeps both.
+    e N d (llama's final RMSNorm: input, rstd 4 N, normalized input 4 N d, output e N d), the head weight's bf16
+    cast 2 V_p d; the loss keeps fp32 log-probabilities 4 N V, the targets 8 N and 4 bytes (tp = 1; tp > 1: the
+    softmax shard 4 N V_p, local targets 8 N, ownership mask N); under a pipeline (a last stage that is not also
+    first) 8 bytes more: the loss times its finiteness factor keeps both.
     """
     model, tp, precision = shape.model, shape.tp, shape.precision
     first, last = shape.first, shape.last
@@ -201,13 +243,19 @@ def activation_bytes(shape: Shape, vocab_rows: int | None = None) -> int:
     branch, stream_in, stream = _stream_bytes(model, first, precision)
     total = _blocks_bytes(shape, e, branch, stream_in, stream)
     rows = vocab_rows_per_rank(vocab_rows or model.vocab_size, tp)
+    learned = model.traits.learned_positions
+    if shape.layers and not learned and shape.recompute != "full":
+        total += 2 * FP32 * t * (d // model.n_head)  # RoPE's cos and sin tables, shared by the blocks
     if first:
-        total += 8 * n + 8 * t + (n if tp > 1 else 0)  # token ids (tp > 1: shifted and masked, and the mask), positions
+        # The token ids (tp > 1: shifted and masked, and the mask) and the position ids (learned positions only).
+        total += 8 * n + (8 * t if learned else 0) + (n if tp > 1 else 0)
         if model.dropout > 0:
             total += FP32 * n * d  # the embedding dropout's mask
     if last:
         final_in = stream if shape.layers else stream_in
-        total += final_in * n * d + 2 * FP32 * n + e * n * d  # final LayerNorm: input, mean and rstd, output
+        # The final norm's input, what it keeps (LayerNorm: mean and rstd; RMSNorm: rstd, normalized input), output.
+        kept = 2 * FP32 * n if learned else FP32 * n + FP32 * n * d
+        total += final_in * n * d + kept + e * n * d
         if mixed:
             total += 2 * rows * d  # the head weight's bf16 cast
         if tp == 1:
