@@ -4,7 +4,8 @@ A tiny llama (2 layers, d_model 64, 4 query heads on 2 key/value heads, RoPE, RM
 6 steps of the same global batch (8 sequences) in fp32, in the layouts 1 rank, TP=2 (each rank a query head pair
 and one key/value head), PP=2 (the untied head on the last stage only), DP=2 with ZeRO-1, and DP=2 with ZeRO-2
 under full recomputation: the same loss at every step within 1e-5 relative, and the same merged final
-parameters; Muon at TP=2 matches Muon on one rank; bf16 with an EMA tracks fp32. Then: the PP=2 run resumed
+parameters; Muon at TP=2 matches Muon on one rank; local SGD averaging after every step at DP=2 matches
+synchronous SGD on one rank; bf16 with an EMA tracks fp32. Then: the PP=2 run resumed
 from its step-3 checkpoint is bit-identical to itself uninterrupted and continues at TP=2 as one rank does,
 inspect and generate read it, and a llama checkpoint is refused as the start of a gpt2 job, naming the differences.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_losses_match, losses, metrics, mpirun, run_cli, sets, train_argv
+from helpers import assert_losses_match, losses, metrics, mpirun, run_cli, sets, summary, train_argv
 from survive import comparable
 
 from hvdlm.checkpoint.describe import describe_checkpoint
@@ -27,6 +28,7 @@ from hvdlm.plan import counts
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
+SGD = ("train.optimizer=sgd", "train.grad_clip=0", "train.lr=0.3", "train.min_lr=0.01")
 LLAMA_JOB = """
 [model]
 arch = "llama"
@@ -64,8 +66,15 @@ LAYOUTS = {  # name: (ranks, overrides); the global batch is 8 sequences in ever
     "tp2_muon": (2, ("train.optimizer=muon", "model.recompute=selective", "parallel.tp=2")),
     # bf16 autocast (RoPE's tables and rotation stay fp32) with an EMA of the weights.
     "one_bf16_ema": (1, ("train.precision=bf16", "train.ema_decay=0.9")),
+    # Local SGD averaging the replicas after every step is synchronous SGD (plain SGD is linear in the gradient).
+    "one_sgd": (1, SGD),
+    "dp2_local_sgd": (2, (*SGD, "train.batch_size=4", "train.local_sgd_interval=1")),
 }
-REFERENCE = {"one_muon": "one_muon", "tp2_muon": "one_muon"}  # the one-rank run each layout equals; else "one"
+REFERENCE = {
+    "one_muon": "one_muon",
+    "tp2_muon": "one_muon",
+    "dp2_local_sgd": "one_sgd",
+}  # the one-rank run each layout equals; else "one"
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +123,12 @@ def test_bf16_and_an_ema_compose_with_the_llama(runs):
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if not name.startswith("one")])
 def test_loss_at_every_step_matches_one_rank(runs, layout):
     assert_losses_match(runs[REFERENCE.get(layout, "one")], runs[layout], STEPS, layout)
+
+
+def test_local_sgd_ends_with_identical_replicas(runs):
+    s = summary(runs["dp2_local_sgd"])
+    assert s["replicas_identical"] and len(set(s["replica_checksums"])) == 1, s
+    assert losses(runs["one_sgd"])[-1] < losses(runs["one_sgd"])[0]  # SGD moved the loss
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
