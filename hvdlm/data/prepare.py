@@ -151,6 +151,7 @@ class PrepareReport:
     vocab_size: int = 0  # the tokenizer's
     requested_vocab: int = 0  # --vocab-size (BPE): a small corpus runs out of merges before it
     cut: str | None = None  # how a corpus of one text file was cut into documents
+    spread: str = ""  # how the encoding was shared out (ranks, workers, units)
 
     def warnings(self) -> list[str]:
         if self.vocab_size < self.requested_vocab:
@@ -173,6 +174,7 @@ class PrepareReport:
             f"prepared {self.path} in {self.seconds:.1f} s",
             f"  documents  {docs:,} (train {self.documents['train']:,}, val {self.documents['val']:,})",
             *([f"  cut        {self.cut}"] if self.cut else []),
+            *([f"  spread     {self.spread}"] if self.spread else []),
             f"  skipped    {skipped}",
             f"  bytes      {self.bytes:,} ({format_count(self.bytes)}B, {format_count(self.bytes / secs)}B/s)",
             f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), "
@@ -402,6 +404,7 @@ def _build(inputs: _Inputs, work: Path, out: Path, options: PrepareOptions, run:
     world.barrier()
     report = world.on_root(lambda: _finish(inputs, work, out, jobs, tokenizer, options, run))
     report.seconds, report.bpe_seconds = time.perf_counter() - start, bpe_seconds
+    report.spread = f"{world.size} rank(s) x {run.spread.workers} worker(s), {len(units)} work unit(s)"
     return report
 
 

@@ -1,6 +1,6 @@
 """How far the encoding is: a bar on a terminal (tqdm, already the trainer's bar: units and input bytes done, MB/s,
-time left), else a plain log line every few seconds and one at the end (none for work done in less), which a batch job's log
-keeps readable."""
+time left), else a plain log line every few seconds and one at the end (none for work done in less), which a batch
+job's log keeps readable."""
 
 from __future__ import annotations
 
