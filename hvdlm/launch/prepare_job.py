@@ -11,6 +11,7 @@ script submitted again, picks them up.
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from hvdlm import __version__
@@ -39,7 +40,9 @@ def prepare_spec(cfg: JobConfig, job_file: str, cli: SlurmOverrides) -> SbatchSp
     if cli.gpus_per_node:
         raise InputError("--gpus-per-node with --prepare: preparation runs on CPU cores only. Leave it out.")
     tasks, cpus = _rank_layout(cfg, cli, nodes, 0)
-    venv = sl.venv if cli.venv is None else cli.venv
+    venv = cli.venv
+    if venv is None:  # as for training: the job file's, else the one running `hvdlm sbatch`
+        venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
     spec = SbatchSpec(
         job_name=cli.job_name or f"{default_job_name(job_file)}-prepare",
         job_file=str(Path(job_file).resolve()),
@@ -54,7 +57,7 @@ def prepare_spec(cfg: JobConfig, job_file: str, cli: SlurmOverrides) -> SbatchSp
         account=cli.account or sl.account,
         modules=list(sl.modules),
         venv=venv,
-        python="python",
+        python="python" if venv else sys.executable,
         setup=list(sl.setup),
         directives=list(sl.directives),
         command=cli.command,
