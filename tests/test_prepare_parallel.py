@@ -255,7 +255,8 @@ def test_sbatch_prepare_scripts(launcher):
 def test_sbatch_prepare_from_the_command_line(tmp_path):
     job = tmp_path / "web.toml"
     job.write_text('[data]\ndataset = "/shared/data/web"\n[slurm]\nnodes = 2\ncpus_per_task = 16\n')
-    args = ["sbatch", job, "--prepare", "/shared/corpus --tokenizer bpe", "--ntasks-per-node", "1", "--venv", "/shared/venv"]
+    args = ["sbatch", job, "--prepare", "/shared/corpus --tokenizer bpe", "--ntasks-per-node", "1"]
+    args += ["--venv", "/shared/venv"]
     r = run_cli(*args, timeout=60, split=True)
     assert r.code == 0, r.err
     assert_golden("sbatch-prepare-cli.sh", r.out.replace(str(tmp_path), "$TMP"))
