@@ -9,6 +9,8 @@ interpreter's start is not counted but starting the worker processes is; BPE tra
 as a user's run does, and the encoding's own rate (after the training) is shown beside the end-to-end one. The
 configurations are interleaved round by round, so a slow spell of the machine hits them all; the best of --repeats
 rounds counts. Work units are 1 MB (--unit-mb): a corpus of a few MB cut the default 64 MB way would be one unit.
+"CPU s" is the CPU time of the run's processes (workers and ranks included): where it stays the same and the wall
+time does not fall, the machine did not give the run more cores.
 
     python bench/prepare_parallel.py [--mb 4] [--repeats 2] [--vocab-size 4096] [--record]
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -80,14 +83,26 @@ def timed(source: Path, tokenizer: str, launch: str, args, tmp: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     if ranks > 1:
         program = ["mpirun", "-np", str(ranks), "--oversubscribe", "-x", "PYTHONPATH", *program]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(program, env=env, capture_output=True, text=True, timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's processes, workers and ranks included
     if proc.returncode != 0:
         raise SystemExit(f"{launch} {tokenizer} failed:\n{proc.stdout}\n{proc.stderr}")
     row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     subprocess.run(["rm", "-rf", str(out)], check=True)
+    row["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     row["mb_per_s"] = row["input_bytes"] / 1e6 / row["seconds"]
     row["encode_mb_per_s"] = row["input_bytes"] / 1e6 / max(row["seconds"] - row["bpe_seconds"], 1e-9)
     return row
+
+
+def show(repeat: int, key: tuple, r: dict) -> None:
+    tokenizer, fmt, launch = key
+    print(
+        f"  round {repeat + 1}: {tokenizer:<4} {fmt:<10} {launch:<13} {r['seconds']:6.2f} s {r['mb_per_s']:6.2f} MB/s "
+        f"(BPE training {r['bpe_seconds']:.1f} s, {r['cpu_s']:.1f} CPU s)",
+        flush=True,
+    )
 
 
 def table(best: dict) -> tuple[str, list[str]]:
@@ -107,7 +122,7 @@ def table(best: dict) -> tuple[str, list[str]]:
         base = best[(tokenizer, fmt, "1 worker")]
         lines.append(
             f"| {tokenizer} | {fmt} | {launch} | {r['mb_per_s']:.2f} | {r['mb_per_s'] / base['mb_per_s']:.2f} "
-            f"| {r['seconds']:.2f} | {r['bpe_seconds']:.1f} | {r['encode_mb_per_s']:.2f} |"
+            f"| {r['seconds']:.2f} | {r['bpe_seconds']:.1f} | {r['encode_mb_per_s']:.2f} | {r['cpu_s']:.1f} |"
         )
     return header, lines
 
@@ -136,11 +151,7 @@ def main() -> None:
                     for launch in LAUNCHES:
                         r = timed(source, tokenizer, launch, args, Path(tmp))
                         runs.setdefault((tokenizer, fmt, launch), []).append(r)
-                        print(
-                            f"  round {repeat + 1}: {tokenizer:<4} {fmt:<10} {launch:<13} {r['seconds']:6.2f} s "
-                            f"{r['mb_per_s']:6.2f} MB/s (BPE training {r['bpe_seconds']:.1f} s)",
-                            flush=True,
-                        )
+                        show(repeat, (tokenizer, fmt, launch), r)
     best = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
     header, lines = table(best)
     print(f"\nbest of {args.repeats}\n{header}\n" + "\n".join(lines))

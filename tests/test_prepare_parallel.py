@@ -86,16 +86,22 @@ def three_ways(request, corpus, tmp_path_factory) -> dict:
     return {"tokenizer": tokenizer, "out": out, "runs": runs}
 
 
-def test_the_inputs_are_cut_into_many_units(corpus):
+def test_the_inputs_are_cut_into_many_units(corpus, tmp_path):
     units = plan_units(resolve_sources([str(corpus)]), unit_bytes=4000)
     by_file = {}
     for unit in units:
-        by_file.setdefault(unit.piece.file.name, []).append(unit.piece)
+        for piece in unit.pieces:
+            by_file.setdefault(piece.file.name, []).append(piece)
     assert len(by_file["corpus/books.jsonl"]) > 5 and len(by_file["corpus/web.parquet"]) > 2
     assert len(by_file["corpus/code.jsonl.zst"]) == 1  # a zstd stream cannot be entered in the middle
     # The pieces of a file follow each other: each starts where the one before stopped.
     books = by_file["corpus/books.jsonl"]
     assert [p.start for p in books[1:]] == [p.stop for p in books[:-1]] and books[-1].stop == -1
+    # Small whole files share a unit: 40 files of 100 bytes are one unit, not 40.
+    for i in range(40):
+        (tmp_path / f"{i:02d}.txt").write_text(f"small file {i}".ljust(100, "."))
+    (unit,) = plan_units(resolve_sources([str(tmp_path)]), unit_bytes=4000)
+    assert len(unit.pieces) == 40 and unit.size == 4000
 
 
 def test_workers_and_ranks_write_the_same_bytes(three_ways, corpus):

@@ -220,6 +220,7 @@ def prepare(
         return _report_from_meta(out, existing)
     world.on_root(lambda: _check_replaceable(out, existing))
     work = world.on_root(lambda: _make_work_dir(out, fingerprint))
+    _check_shared(world, work)
     try:
         report = _build(_Inputs(files, sources, fingerprint), work, out, options, _Run(spread, progress, log))
     except OSError as e:  # reading the sources reports its own errors: this is writing (a full or read-only disk)
@@ -233,6 +234,19 @@ def prepare(
             shutil.rmtree(work, ignore_errors=True)
         raise
     return report
+
+
+def _check_shared(world: World, work: Path) -> None:
+    """Every rank must see the work directory rank 0 made: the ranks write their units into it."""
+    blind = [rank for rank, sees in enumerate(world.allgather(work.is_dir())) if not sees]
+    if blind:
+        if world.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        raise InputError(
+            f"rank(s) {', '.join(map(str, blind[:8]))} cannot see the directory '{work.parent}' that rank 0 writes "
+            "the dataset into: the ranks write their shares there. Pass --out a directory on a file system every "
+            "node sees (and the sources on one too)."
+        )
 
 
 def _output_path(out: Path) -> Path:
@@ -431,7 +445,14 @@ def _encode_share(jobs: list[UnitJob], tokenizer, run: _Run) -> None:
         (lambda m: None) if quiet else run.log,
         label="encode" if world.size == 1 else f"encode (rank 0 of {world.size})",
     )
-    _, error = encode_units(todo, tokenizer, run.spread.workers, progress)
+    try:
+        _, error = encode_units(todo, tokenizer, run.spread.workers, progress)
+    except OSError as e:  # a full disk: every rank must hear of it, or the others wait for this one forever
+        error = (
+            -1,
+            f"cannot write a work unit into '{e.filename or '?'}': {e.strerror or e}. Free space on that disk, "
+            "or pass --out a directory on another one.",
+        )
     progress.close(finished=error is None)
     errors = [e for e in world.allgather(error) if e is not None]
     if errors:

@@ -10,11 +10,14 @@ own MPI job, calls prepare without a world.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from hvdlm.errors import InputError
+
+_WAIT_POLL_S = 0.005  # how often a waiting rank looks whether the others have arrived
 
 
 @dataclass
@@ -24,14 +27,25 @@ class World:
     comm: Any = None  # mpi4py's COMM_WORLD when size > 1
 
     def bcast(self, value: Any) -> Any:
-        return value if self.comm is None else self.comm.bcast(value, root=0)
+        if self.comm is None:
+            return value
+        self.barrier()
+        return self.comm.bcast(value, root=0)
 
     def allgather(self, value: Any) -> list:
-        return [value] if self.comm is None else self.comm.allgather(value)
+        if self.comm is None:
+            return [value]
+        self.barrier()
+        return self.comm.allgather(value)
 
     def barrier(self) -> None:
-        if self.comm is not None:
-            self.comm.barrier()
+        """Wait for every rank, asleep: MPI's own blocking calls poll a core at full speed, and the ranks wait here
+        for long (while rank 0 trains the tokenizer or assembles the shards), on cores the others need."""
+        if self.comm is None:
+            return
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(_WAIT_POLL_S)
 
     def on_root(self, work: Callable[[], Any]) -> Any:
         """Run `work` on rank 0 and give every rank its result. What goes wrong there is raised on every rank, so

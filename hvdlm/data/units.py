@@ -5,7 +5,8 @@ The cut depends on the inputs only, never on how many workers or ranks there are
 its piece and the tokenizer only: so the dataset is the same bytes whichever process encoded which unit. A plain
 JSON Lines file is cut at line starts about every `unit_bytes` bytes (its lines are counted once, so a piece
 knows the number of its first line, which names its documents), a Parquet file into runs of row groups of about
-that size; text files and compressed streams (gzip, zstd: no seeking into them) are one unit each.
+that size; text files and compressed streams (gzip, zstd: no seeking into them) are read whole, and consecutive
+whole files share a unit up to that size.
 
 A unit writes, per split, its tokens with their separators (`uNNNNNN.SPLIT.bin`) and each document's token count
 (`uNNNNNN.SPLIT.len.npy`), a digest per document for the content hash (`uNNNNNN.digests`), and last its record
@@ -36,22 +37,20 @@ _ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this 
 @dataclass(frozen=True)
 class Unit:
     index: int
-    piece: Piece
+    pieces: tuple[Piece, ...]  # read in this order: a piece of a large file, or several small files whole
     size: int  # input bytes it covers (on disk): for progress, and to share units out evenly
 
-    def describe(self) -> dict:
-        """What the record names: a rerun reuses the unit only when the plan has the same piece here."""
-        return {
-            "file": str(self.piece.file.path),
-            "name": self.piece.file.name,
-            "start": self.piece.start,
-            "stop": self.piece.stop,
-            "first": self.piece.first,
-        }
+    def describe(self) -> list[dict]:
+        """What the record names: a rerun reuses the unit only when the plan has the same pieces here."""
+        return [
+            {"file": str(p.file.path), "name": p.file.name, "start": p.start, "stop": p.stop, "first": p.first}
+            for p in self.pieces
+        ]
 
 
 def plan_units(files: list[InputFile], unit_bytes: int) -> list[Unit]:
-    """The inputs cut into units, in document order (see the module docstring)."""
+    """The inputs cut into units, in document order (see the module docstring); consecutive small files share a
+    unit of up to unit_bytes (a directory of many small text files is not thousands of units)."""
     pieces: list[tuple[Piece, int]] = []
     for f in files:
         if f.layout == PARQUET:
@@ -60,7 +59,14 @@ def plan_units(files: list[InputFile], unit_bytes: int) -> list[Unit]:
             pieces += _jsonl_pieces(f, unit_bytes)
         else:
             pieces.append((Piece(f), _size(f.path)))
-    return [Unit(i, piece, size) for i, (piece, size) in enumerate(pieces)]
+    groups: list[tuple[list[Piece], int]] = []
+    for piece, size in pieces:
+        if groups and groups[-1][1] + size <= unit_bytes and piece.whole and groups[-1][0][-1].whole:
+            groups[-1][0].append(piece)
+            groups[-1] = (groups[-1][0], groups[-1][1] + size)
+        else:
+            groups.append(([piece], size))
+    return [Unit(i, tuple(group), size) for i, (group, size) in enumerate(groups)]
 
 
 def _size(path: Path) -> int:
@@ -171,7 +177,7 @@ def encode_unit(job: UnitJob, tokenizer) -> dict:
         batch.clear()
 
     try:
-        for doc in read_piece(job.unit.piece, job.text_field, job.strict, skipped, job.whole_corpus):
+        for doc in _documents(job, skipped):
             cuts.update([doc.cut_at] if doc.cut_at else [])
             h, split = split_of(doc.name, job.val_fraction, job.force)
             lowest, highest = min(lowest, [h, doc.name]), max(highest, [h, doc.name])
@@ -203,6 +209,11 @@ def encode_unit(job: UnitJob, tokenizer) -> dict:
     _finish_files(work, index, lengths, bytes(digests))
     _write_atomically(record_path(work, index), json.dumps(record).encode())
     return record
+
+
+def _documents(job: UnitJob, skipped: SkipReport):
+    for piece in job.unit.pieces:
+        yield from read_piece(piece, job.text_field, job.strict, skipped, job.whole_corpus)
 
 
 def _finish_files(work: Path, index: int, lengths: dict[str, list[int]], digests: bytes) -> None:
