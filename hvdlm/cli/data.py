@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -54,7 +53,7 @@ def data() -> None:
     type=int,
     default=None,
     help="Processes that encode at once, on this machine (under mpirun or srun: on each rank) [default: the cores "
-    "this process may use].",
+    "this process may use, shared among the ranks of a machine that are not bound to cores of their own].",
 )
 @click.option(
     "--unit-mb",
@@ -92,7 +91,7 @@ def prepare(
     _refuse_ignored_vocab_size(tokenizer, vocab_size)
     from hvdlm.data.prepare import PrepareOptions, Spread
     from hvdlm.data.prepare import prepare as run_prepare
-    from hvdlm.data.ranks import detect_world
+    from hvdlm.data.ranks import default_workers, detect_world
 
     # The shard size's default lives with the shard format (numpy), which this module must not import.
     sizing = {"shard_tokens": shard_tokens} if shard_tokens is not None else {}
@@ -105,7 +104,8 @@ def prepare(
         unit_bytes=max(1, int(unit_mb * 1e6)),
         **sizing,
     )
-    spread = Spread(workers=len(os.sched_getaffinity(0)) if workers is None else workers, world=detect_world())
+    world = detect_world()
+    spread = Spread(workers=default_workers(world) if workers is None else workers, world=world)
     report = run_prepare(
         list(sources), out, options, globs=list(globs), progress=sys.stderr.isatty(), log=click.echo, spread=spread
     )

@@ -60,7 +60,7 @@ from hvdlm.data.tokenizer import (
     load_pretrained_tokenizer,
     train_bpe,
 )
-from hvdlm.data.units import UnitJob, encode_unit, finished_record, plan_units
+from hvdlm.data.units import UnitJob, encode_unit, finished_record, plan_units, split_of
 from hvdlm.errors import InputError
 from hvdlm.fsutil import fsync_directory
 from hvdlm.units import format_count
@@ -188,11 +188,7 @@ class PrepareReport:
 
 def is_validation(name: str, val_fraction: float) -> bool:
     """Stable document-level split: the same document lands in the same split on every machine."""
-    return _split_hash(name) < val_fraction * 1_000_000
-
-
-def _split_hash(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") % 1_000_000
+    return split_of(name, val_fraction, {})[1] == "val"
 
 
 def prepare(

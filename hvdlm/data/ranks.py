@@ -25,6 +25,7 @@ class World:
     rank: int = 0
     size: int = 1
     comm: Any = None  # mpi4py's COMM_WORLD when size > 1
+    local_size: int = 1  # the ranks on this machine (this one included)
 
     def bcast(self, value: Any) -> Any:
         if self.comm is None:
@@ -98,7 +99,20 @@ def detect_world(env: dict[str, str] | None = None) -> World:
             "prepare the whole dataset alone. Under srun pass --mpi=pmix (or the plugin your MPI needs); under "
             "mpirun use the mpirun of the MPI that mpi4py was built with."
         )
-    return World(comm.Get_rank(), comm.Get_size(), comm) if comm.Get_size() > 1 else World()
+    if comm.Get_size() == 1:
+        return World()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    return World(comm.Get_rank(), comm.Get_size(), comm, local.Get_size())
+
+
+def default_workers(world: World) -> int:
+    """--workers when not given: the cores this process may use. Ranks bound to cores of their own (srun's
+    --cpus-per-task, mpirun's --bind-to core) use theirs; ranks that may each use every core of the machine share
+    them out, so that N ranks on a node do not start N times its cores."""
+    cores = len(os.sched_getaffinity(0))
+    if cores >= (os.cpu_count() or cores) and world.local_size > 1:
+        return max(1, cores // world.local_size)
+    return max(1, cores)
 
 
 def my_units(sizes: list[int], world: World) -> list[int]:
