@@ -116,6 +116,9 @@ class Spread:
 
     workers: int = 1
     world: World = field(default_factory=World)
+    # Each worker encodes on one thread (one core). Off: a lone worker lets the BPE encoder use its own threads,
+    # as `hvdlm train` does for the built-in corpus, where nothing else runs beside it.
+    one_thread: bool = True
 
     def check(self) -> None:
         if self.workers < 1:
@@ -125,7 +128,7 @@ class Spread:
             )
 
 
-ALONE = Spread()  # one process, no MPI: what `hvdlm train` uses for the built-in corpus
+ALONE = Spread(one_thread=False)  # one process, no MPI: what `hvdlm train` uses for the built-in corpus
 
 
 def _pretrained_files_hash(directory: Path) -> str:
@@ -442,7 +445,7 @@ def _encode_share(jobs: list[UnitJob], tokenizer, run: _Run) -> None:
         label="encode" if world.size == 1 else f"encode (rank 0 of {world.size})",
     )
     try:
-        _, error = encode_units(todo, tokenizer, run.spread.workers, progress)
+        _, error = encode_units(todo, tokenizer, run.spread.workers, progress, run.spread.one_thread)
     except OSError as e:  # a full disk: every rank must hear of it, or the others wait for this one forever
         error = (
             -1,

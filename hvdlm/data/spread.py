@@ -14,7 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from hvdlm.data.tokenizer import BpeTokenizer, ByteTokenizer, PretrainedTokenizer
 from hvdlm.data.units import UnitJob, encode_unit
@@ -68,14 +68,16 @@ def _encode_in_worker(job: UnitJob) -> tuple[int, dict | None, str | None]:
         return job.unit.index, None, str(e)
 
 
-def encode_units(jobs: list[UnitJob], tokenizer, workers: int, progress) -> tuple[dict[int, dict], tuple | None]:
+def encode_units(
+    jobs: list[UnitJob], tokenizer, workers: int, progress, single_threaded: bool = True
+) -> tuple[dict[int, dict], tuple | None]:
     """Encode the jobs; returns the records by unit index, and the first error in unit order as (index, message)
-    (None when there was none)."""
+    (None when there was none). `single_threaded` False lets a lone worker's encoder use its own threads."""
     records: dict[int, dict] = {}
     if not jobs:
         return records, None
     if workers == 1 or len(jobs) == 1:
-        with one_thread():
+        with one_thread() if single_threaded else nullcontext():
             for job in jobs:
                 try:
                     records[job.unit.index] = encode_unit(job, tokenizer)
