@@ -115,6 +115,7 @@ def table(best: dict) -> tuple[str, list[str]]:
         "seconds",
         "BPE training s",
         "encode MB/s",
+        "CPU s",
     )
     header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
     lines = []
