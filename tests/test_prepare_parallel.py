@@ -144,6 +144,9 @@ def test_a_killed_preparation_looks_unfinished_and_its_rerun_reuses_the_finished
     # A damaged unit (cut short, as a full disk leaves it) is encoded again, not trusted.
     damaged = done[0].with_name(done[0].name.replace(".json", ".train.bin"))
     damaged.write_bytes(damaged.read_bytes()[:-2])
+    stale = tmp_path / ".ds.tmp-work-0123456789abcdef"  # left by an interrupted preparation of other inputs
+    stale.mkdir()
+    (stale / "u000000.json").write_text("{}")
     rerun = run_process(argv, cli_env())
     assert rerun.code == 0, rerun.out
     assert "reusing the BPE tokenizer" in rerun.out

@@ -481,7 +481,17 @@ def _finish(inputs: _Inputs, work: Path, out: Path, jobs: list[UnitJob], tokeniz
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
+    _remove_stale_work(out)
     return _report_from_meta(out, meta, up_to_date=False)
+
+
+def _remove_stale_work(out: Path) -> None:
+    """The work directories of interrupted preparations of other inputs into this output: the dataset now there
+    replaced what they were for, and they can hold as much as the dataset."""
+    prefix = f".{out.name}.tmp-work-"
+    for stale in out.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _shared_tokenizer(files: list[InputFile], work: Path, options: PrepareOptions, run: _Run):
