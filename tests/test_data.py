@@ -11,6 +11,7 @@ import pytest
 
 import hvdlm.data.prepare as prepare_module
 from hvdlm.data import load_tokenizer, open_dataset
+from hvdlm.data.assemble import ShardSink
 from hvdlm.data.prepare import PrepareOptions, is_validation, prepare
 from hvdlm.data.shards import ShardWriter, token_dtype
 from hvdlm.data.sources import SkipReport, read_documents, resolve_sources, stdlib_files, stdlib_root
@@ -145,19 +146,25 @@ def test_a_failed_prepare_leaves_no_half_dataset_and_keeps_the_old_one(small_cor
     next(src.rglob("*.py")).write_text("changed = True\n")
 
     calls = 0
-    real_add = ShardWriter.add
+    real_add = ShardSink.add_unit
 
-    def crash_midway(self, tokens, separator):
+    def crash_midway(self, work, index):
         nonlocal calls
         calls += 1
-        if calls == 20:
+        if calls == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of the shards
-        real_add(self, tokens, separator)
+        real_add(self, work, index)
 
-    monkeypatch.setattr(ShardWriter, "add", crash_midway)
+    monkeypatch.setattr(ShardSink, "add_unit", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(src)], out, log=lambda m: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Beside it only the encoded units (for a rerun to reuse), in a hidden directory that is no dataset.
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left[1:] == ["ds", "src"] and left[0].startswith(".ds.tmp-work-"), left
+    assert not (tmp_path / left[0] / "meta.json").exists()
+    monkeypatch.undo()
+    assert not prepare([str(src)], out, log=lambda m: None).up_to_date
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "src"]
 
 

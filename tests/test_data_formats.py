@@ -192,9 +192,9 @@ def test_pyarrow_and_zstandard_are_imported_only_to_read_their_files(tmp_path):
     (tmp_path / "a.txt").write_text("one\n")
     (tmp_path / "b.txt").write_text("two\n")
     assert_imports_nothing_heavy(["data", "prepare", tmp_path, "--out", tmp_path / "ds"], modules=(*new, "torch"))
-    # Each reader imports its own library, and only that one.
+    # Each reader imports its own library, and only that one (read in this process: one worker, no pool).
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "three"}\n'))
-    argv = ["hvdlm", "data", "prepare", str(tmp_path), "--out", str(tmp_path / "ds2")]
+    argv = ["hvdlm", "data", "prepare", str(tmp_path), "--out", str(tmp_path / "ds2"), "--workers", "1"]
     prepare = (
         f"from hvdlm.cli import main\nsys.argv = {argv!r}\ntry: main()\nexcept SystemExit as e: assert not e.code\n"
     )

@@ -113,6 +113,39 @@ def test_submit_reports_sbatchs_refusal(cluster, tmp_path):
     assert "#SBATCH --partition=nosuch" in script.read_text()
 
 
+def test_sbatch_prepare_script_prepares_on_two_ranks(cluster, tmp_path):
+    """`hvdlm sbatch JOB --prepare ARGS --submit`: srun starts 2 ranks that prepare the job's data.dataset, the same
+    bytes as one process on this machine."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = [json.dumps({"text": f"record {i}: " + "words of a document " * (5 + i % 20)}) for i in range(300)]
+    (corpus / "a.jsonl").write_text("\n".join(records) + "\n")
+    (corpus / "b.txt").write_text("a text file of its own\n" * 30)
+    job = tmp_path / "prep.toml"
+    job.write_text(f'[data]\ndataset = "{tmp_path / "ds"}"\n')
+    proc = run_cli(
+        *("sbatch", job, "--prepare", f"{corpus} --unit-mb 0.005", "--nodes", "1", "--ntasks-per-node", "2"),
+        *("--cpus-per-task", "1", "--time", "00:05:00", "-o", tmp_path / "prep.sbatch", "--submit"),
+        env=cluster.env,
+        cwd=tmp_path,
+        timeout=60,
+        split=True,
+    )
+    assert proc.code == 0, proc.out + proc.err
+    job_id = re.fullmatch(r"submitted batch job (\d+)\n", proc.out).group(1)
+    state = cluster.wait(job_id, timeout=300)
+    output = tmp_path / f"prep-prepare-{job_id}.out"
+    log = output.read_text() if output.exists() else "(no job output)"
+    assert state == "COMPLETED", f"{state}\n{log}\n{cluster.logs()}"
+    assert "spread     2 rank(s) x 1 worker(s)" in log, log
+    local = run_cli("data", "prepare", corpus, "--out", tmp_path / "local", "--workers", "1", timeout=120)
+    assert local.code == 0, local.out
+    files = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "local").iterdir()) and "meta.json" in files
+    for name in files:
+        assert (tmp_path / "ds" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
 # Preemption and requeue: the batch script hands Slurm's USR1 on to the ranks and requeues the job when they exit
 # with hvdlm.runfiles.REQUEUE_EXIT_CODE. `scancel --batch` signals the batch shell only, as
 # --signal=B:USR1@120 does before the time limit.

@@ -48,6 +48,21 @@ def data() -> None:
 @click.option(
     "--shard-tokens", type=click.IntRange(min=1), default=None, help="Tokens per shard file [default: 2**27]."
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Processes that encode at once, on this machine (under mpirun or srun: on each rank) [default: the cores "
+    "this process may use, shared among the ranks of a machine that are not bound to cores of their own].",
+)
+@click.option(
+    "--unit-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=64.0,
+    show_default=True,
+    help="Input per work unit, in MB: JSON Lines and Parquet files larger than this are cut into several units "
+    "that workers encode apart. It changes how the work is shared, never the dataset written.",
+)
 def prepare(
     sources: tuple[str, ...],
     out: str,
@@ -58,6 +73,8 @@ def prepare(
     text_field: str,
     strict: bool,
     shard_tokens: int | None,
+    workers: int | None,
+    unit_mb: float,
 ) -> None:
     """Tokenize SOURCES into a dataset directory.
 
@@ -65,11 +82,16 @@ def prepare(
     per record), Parquet files (.parquet, one document per row of the --text-field column), text and JSON Lines
     compressed with gzip (.gz) or zstd (.zst), or 'stdlib' for the running Python's standard-library sources (the
     default). A single text file is cut into documents (at blank lines where it can), as the
-    train / validation split is by document. Running it again on unchanged inputs does nothing.
+    train / validation split is by document. Running it again on unchanged inputs does nothing; running it again
+    after an interruption reuses the work units it finished.
+
+    Under mpirun or srun every rank encodes its share of the work units and rank 0 writes the dataset: the same
+    bytes whatever the number of workers or ranks.
     """
     _refuse_ignored_vocab_size(tokenizer, vocab_size)
-    from hvdlm.data.prepare import PrepareOptions
+    from hvdlm.data.prepare import PrepareOptions, Spread
     from hvdlm.data.prepare import prepare as run_prepare
+    from hvdlm.data.ranks import default_workers, detect_world
 
     # The shard size's default lives with the shard format (numpy), which this module must not import.
     sizing = {"shard_tokens": shard_tokens} if shard_tokens is not None else {}
@@ -79,10 +101,16 @@ def prepare(
         val_fraction=val_fraction,
         text_field=text_field,
         strict=strict,
+        unit_bytes=max(1, int(unit_mb * 1e6)),
         **sizing,
     )
-    report = run_prepare(list(sources), out, options, globs=list(globs), progress=sys.stderr.isatty(), log=click.echo)
-    click.echo(report.summary())
+    world = detect_world()
+    spread = Spread(workers=default_workers(world) if workers is None else workers, world=world)
+    report = run_prepare(
+        list(sources), out, options, globs=list(globs), progress=sys.stderr.isatty(), log=click.echo, spread=spread
+    )
+    if spread.world.rank == 0:
+        click.echo(report.summary())
 
 
 def _refuse_ignored_vocab_size(tokenizer: str, vocab_size: int) -> None:

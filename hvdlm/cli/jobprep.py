@@ -98,8 +98,19 @@ def hostfile(
 @set_option
 @output_option("Write the script here (- for stdout).")
 @click.option("--submit", is_flag=True, help="Submit it with sbatch and print the job id.")
-def sbatch(job: str, overrides: tuple[str, ...], output: str | None, submit: bool, **values: Any) -> None:
-    """Render a Slurm batch script that trains JOB; print it, write it (-o) or submit it (--submit)."""
+@click.option(
+    "--prepare",
+    "prepare_args",
+    default=None,
+    metavar="ARGS",
+    help="Instead of training: a script that prepares a dataset over the allocation, running `hvdlm data prepare "
+    "ARGS` on every rank (ARGS as one quoted string; --out defaults to the job's data.dataset).",
+)
+def sbatch(
+    job: str, overrides: tuple[str, ...], output: str | None, submit: bool, prepare_args: str | None, **values: Any
+) -> None:
+    """Render a Slurm batch script that trains JOB (or, with --prepare, prepares its dataset); print it, write it
+    (-o) or submit it (--submit)."""
     from hvdlm.launch import sbatch as batch
 
     # A file written by rename can be named in the header and submitted by path; a stream (-, a FIFO) cannot.
@@ -113,11 +124,22 @@ def sbatch(job: str, overrides: tuple[str, ...], output: str | None, submit: boo
     # values: the [slurm] options above, by name (None where not given).
     command = shlex.join(["hvdlm", "sbatch", *sys.argv[2:]])
     cli = batch.SlurmOverrides(**values, sets=list(overrides), command=command, script=script_file or "")
-    spec = batch.spec_from_config(cfg, job, cli)
+    if prepare_args is not None:
+        from hvdlm.launch.prepare_job import prepare_spec
+
+        spec = prepare_spec(cfg, job, cli)
+    else:
+        spec = batch.spec_from_config(cfg, job, cli)
     batch.check_setup(spec.setup)  # before anything is written or submitted
     explicit_venv = spec.venv and (cli.venv is not None or cfg.slurm.venv)  # the running one needs no check
-    notes = [batch.check_venv(spec.venv) if explicit_venv else "", batch.rank_note(cfg, spec)]
-    script = batch.render(spec)
+    notes = [batch.check_venv(spec.venv) if explicit_venv else ""]
+    if prepare_args is not None:
+        from hvdlm.launch.prepare_job import render_prepare
+
+        script = render_prepare(spec, _prepare_argv(prepare_args, cfg.data.dataset))
+    else:
+        notes.append(batch.rank_note(cfg, spec))
+        script = batch.render(spec)
     if output:
         write_output(output, script)
         hint = "" if submit else f"; submit it with: sbatch {shlex.quote(output)}"
@@ -128,6 +150,33 @@ def sbatch(job: str, overrides: tuple[str, ...], output: str | None, submit: boo
         click.echo(f"submitted batch job {batch.submit(script, script_file)}")
     elif not output:
         click.echo(script, nl=False)
+
+
+def _prepare_argv(text: str, dataset: str) -> list[str]:
+    """--prepare's ARGS as `hvdlm data prepare` arguments, checked by that command's own parser (on the login
+    node, not hours later in the job); --out from the job's data.dataset when ARGS name none."""
+    from hvdlm.cli.data import prepare
+
+    try:
+        argv = shlex.split(text)
+    except ValueError as e:
+        raise InputError(f"--prepare '{text}' is not a valid argument list ({e}). Quote it as one string.") from None
+    if not any(a in ("--out", "-o") or a.startswith(("--out=", "-o")) for a in argv):
+        if not dataset:
+            raise InputError(
+                "--prepare names no --out, and the job file sets no data.dataset to prepare. Add --out DIR to the "
+                "arguments, or set data.dataset in the job file."
+            )
+        argv += ["--out", dataset]
+    try:
+        ctx = prepare.make_context("hvdlm data prepare", list(argv))
+    except click.UsageError as e:
+        raise InputError(
+            f"--prepare: `hvdlm data prepare` would refuse these arguments: {e.format_message()}"
+        ) from None
+    if ctx.params.get("workers") is not None and ctx.params["workers"] < 1:
+        raise InputError(f"--prepare: --workers must be 1 or more, got {ctx.params['workers']}.")
+    return argv
 
 
 def _wrote(output: str, what: str) -> None:

@@ -11,6 +11,11 @@ because the job-preparation commands answer on login nodes without it.
 - sources: where documents come from (the built-in corpus, text, directories, JSON Lines, Parquet, gzip, zstd);
 - tokenizer: byte-level and BPE tokenizers;
 - prepare: `hvdlm data prepare`, sources to shards and meta.json;
+- units: the inputs cut into work units, and a unit encoded into its files (resumable);
+- spread: units encoded over worker processes (`--workers`);
+- ranks: the MPI world of a preparation under mpirun or srun;
+- assemble: the finished units put together in order into shards and counts;
+- progress: the bar on a terminal, plain log lines elsewhere;
 - shards: the on-disk token shards;
 - meta: meta.json, what makes a directory a dataset;
 - dataset: reading a prepared dataset;

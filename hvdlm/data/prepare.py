@@ -19,12 +19,13 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from hvdlm import __version__
 from hvdlm.config import DataConfig, choices
+from hvdlm.data.assemble import Merged, assemble_shards, content_hash, merge_records
 from hvdlm.data.meta import (
     FORMAT_VERSION,
     SPLITS,
@@ -34,32 +35,41 @@ from hvdlm.data.meta import (
     meta_problem,
     read_meta,
 )
-from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, token_dtype
+from hvdlm.data.progress import Progress
+from hvdlm.data.ranks import World, my_units
+from hvdlm.data.shards import DEFAULT_SHARD_TOKENS, token_dtype
 from hvdlm.data.sources import (
     END,
     LENIENT_REASONS,
     MIN_PART_CHARS,
     InputFile,
+    Piece,
     SkipReport,
     fingerprint_inputs,
-    read_documents,
+    read_piece,
     resolve_sources,
     total_size,
 )
+from hvdlm.data.spread import encode_units, one_thread, tokenizer_from_recipe, tokenizer_recipe
 from hvdlm.data.tokenizer import (
     BPE_FILE,
     HF_TOKENIZER_CONFIG,
+    BpeTokenizer,
     ByteTokenizer,
     check_bpe_vocab,
     load_pretrained_tokenizer,
     train_bpe,
 )
+from hvdlm.data.units import UnitJob, encode_unit, finished_record, plan_units, split_of
 from hvdlm.errors import InputError
 from hvdlm.fsutil import fsync_directory
 from hvdlm.units import format_count
 
 PROGRESS_EVERY_S = 5.0  # a phase that runs longer says how far it is this often
-_ENCODE_BATCH_CHARS = 4 << 20  # documents are encoded in batches of about this much text (one call per batch)
+# BPE learns from at most about this much of the corpus (bytes on disk; see _bpe_sample): training is serial and
+# its time grows with the text, while a sample of a few hundred megabytes already gives the frequent merges.
+BPE_SAMPLE_BYTES = 512 << 20
+DEFAULT_UNIT_BYTES = 64_000_000  # a JSON Lines or Parquet file is cut into work units of about this much input
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class PrepareOptions:
     text_field: str = "text"  # the field of a JSON Lines record (the column of a Parquet file) that holds the document
     strict: bool = False  # reject unusable inputs instead of skipping and counting them
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # a shard is closed once it holds this many tokens
+    unit_bytes: int = DEFAULT_UNIT_BYTES  # input per work unit (how the work is cut, not what comes out)
 
     def check(self) -> None:
         words = choices(DataConfig, "tokenizer")
@@ -85,16 +96,39 @@ class PrepareOptions:
             raise InputError(f"the validation fraction must be between 0 and 1, got {self.val_fraction}.")
         if self.shard_tokens <= 0:
             raise InputError(f"the shard size must be positive, got {self.shard_tokens} tokens.")
+        if self.unit_bytes <= 0:
+            raise InputError(f"the work unit size must be positive, got {self.unit_bytes} bytes.")
 
     def shaping(self) -> dict:
         """The options that change the output (strict does not: it only decides whether to stop)."""
-        shape = {k: v for k, v in asdict(self).items() if k != "strict"}
+        shape = {k: v for k, v in asdict(self).items() if k not in ("strict", "unit_bytes")}
         if self.tokenizer != "bpe":
             shape.pop("vocab_size")
         if self.tokenizer not in choices(DataConfig, "tokenizer"):
             # A pretrained tokenizer is its files: a changed one prepares the data again, a moved one does not.
             shape["tokenizer"] = _pretrained_files_hash(Path(self.tokenizer))
         return shape
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Where the encoding runs: `workers` processes on each rank of `world` (one rank: this process alone)."""
+
+    workers: int = 1
+    world: World = field(default_factory=World)
+    # Each worker encodes on one thread (one core). Off: a lone worker lets the BPE encoder use its own threads,
+    # as `hvdlm train` does for the built-in corpus, where nothing else runs beside it.
+    one_thread: bool = True
+
+    def check(self) -> None:
+        if self.workers < 1:
+            raise InputError(
+                f"--workers must be 1 or more (the processes that encode at once), got {self.workers}. Leave it out "
+                "for one per core."
+            )
+
+
+ALONE = Spread(one_thread=False)  # one process, no MPI: what `hvdlm train` uses for the built-in corpus
 
 
 def _pretrained_files_hash(directory: Path) -> str:
@@ -120,6 +154,7 @@ class PrepareReport:
     vocab_size: int = 0  # the tokenizer's
     requested_vocab: int = 0  # --vocab-size (BPE): a small corpus runs out of merges before it
     cut: str | None = None  # how a corpus of one text file was cut into documents
+    spread: str = ""  # how the encoding was shared out (ranks, workers, units)
 
     def warnings(self) -> list[str]:
         if self.vocab_size < self.requested_vocab:
@@ -142,6 +177,7 @@ class PrepareReport:
             f"prepared {self.path} in {self.seconds:.1f} s",
             f"  documents  {docs:,} (train {self.documents['train']:,}, val {self.documents['val']:,})",
             *([f"  cut        {self.cut}"] if self.cut else []),
+            *([f"  spread     {self.spread}"] if self.spread else []),
             f"  skipped    {skipped}",
             f"  bytes      {self.bytes:,} ({format_count(self.bytes)}B, {format_count(self.bytes / secs)}B/s)",
             f"  tokens     {tokens:,} (train {self.tokens['train']:,}, val {self.tokens['val']:,}), "
@@ -155,11 +191,7 @@ class PrepareReport:
 
 def is_validation(name: str, val_fraction: float) -> bool:
     """Stable document-level split: the same document lands in the same split on every machine."""
-    return _split_hash(name) < val_fraction * 1_000_000
-
-
-def _split_hash(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") % 1_000_000
+    return split_of(name, val_fraction, {})[1] == "val"
 
 
 def prepare(
@@ -169,33 +201,72 @@ def prepare(
     globs: list[str] | None = None,
     progress: bool = False,
     log=print,
+    spread: Spread = ALONE,
 ) -> PrepareReport:
-    """Prepare a dataset directory from the sources (default: the standard-library corpus)."""
+    """Prepare a dataset directory from the sources (default: the standard-library corpus), encoding its units on
+    `spread.workers` processes of each of `spread.world`'s ranks (every rank calls prepare with the same arguments)."""
     options.check()
-    out = Path(out)
+    spread.check()
+    world = spread.world
+    out = _output_path(Path(out))
+    # A directory source may contain the output (or its temporary siblings): never read a dataset as text.
+    files = [f for f in resolve_sources(sources, globs) if not _inside(f.path, out.parent, out.name)]
+    fingerprint = fingerprint_of(files, options)
+    _check_same_inputs(world, fingerprint, len(files))
+    existing = read_meta(out)
+    done = world.on_root(lambda: _up_to_date(out, existing, fingerprint, options))
+    if done:
+        return _report_from_meta(out, existing)
+    world.on_root(lambda: _check_replaceable(out, existing))
+    work = world.on_root(lambda: _make_work_dir(out, fingerprint))
+    _check_shared(world, work)
+    try:
+        report = _build(_Inputs(files, sources, fingerprint), work, out, options, _Run(spread, progress, log))
+    except OSError as e:  # reading the sources reports its own errors: this is writing (a full or read-only disk)
+        if world.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        if _intact_copy(out, read_meta(out), fingerprint):  # a concurrent preparer of the same inputs finished first
+            return _report_from_meta(out, read_meta(out))
+        raise InputError(_write_error(out, e, existing)) from None
+    except InputError:  # bad input: nothing is kept (an interrupted run keeps its units, for a rerun to reuse)
+        if world.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _check_shared(world: World, work: Path) -> None:
+    """Every rank must see the work directory rank 0 made: the ranks write their units into it."""
+    blind = [rank for rank, sees in enumerate(world.allgather(work.is_dir())) if not sees]
+    if blind:
+        if world.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        raise InputError(
+            f"rank(s) {', '.join(map(str, blind[:8]))} cannot see the directory '{work.parent}' that rank 0 writes "
+            "the dataset into: the ranks write their shares there. Pass --out a directory on a file system every "
+            "node sees (and the sources on one too)."
+        )
+
+
+def _output_path(out: Path) -> Path:
     if out.name in ("", ".", ".."):  # "." or "a/..": the temporary directory goes beside the real name
         out = out.resolve()
     if not out.name:
         raise InputError(f"--out '{out}' is the root directory. Pass a path for a new dataset directory.")
-    # A directory source may contain the output (or its temporary siblings): never read a dataset as text.
-    files = [f for f in resolve_sources(sources, globs) if not _inside(f.path, out.parent, out.name)]
-    fingerprint = fingerprint_of(files, options)
-    existing = read_meta(out)
-    if _up_to_date(out, existing, fingerprint, options):
-        return _report_from_meta(out, existing)
-    _check_replaceable(out, existing)
-    staging = _make_staging(out)
-    try:
-        report = _build(_Inputs(files, sources, fingerprint), staging, options, progress, log)
-        _publish(staging, out, fingerprint)
-    except OSError as e:  # reading the sources reports its own errors: this is writing (a full or read-only disk)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(_write_error(out, e, existing)) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    report.path = out
-    return report
+    return out
+
+
+def _check_same_inputs(world: World, fingerprint: str, files: int) -> None:
+    """The ranks of an MPI preparation must see the same input files (paths, sizes, times) and options."""
+    seen = world.allgather(fingerprint)
+    differ = [rank for rank, theirs in enumerate(seen) if theirs != seen[0]]
+    if differ:
+        shown = ", ".join(map(str, differ[:8])) + (" ..." if len(differ) > 8 else "")
+        raise InputError(
+            f"the ranks of this preparation see different inputs: rank(s) {shown} list other files (or sizes, "
+            f"modification times or options) than rank 0, which lists {files} input file(s). Put the sources on a "
+            "file system every node sees, give every rank the same arguments, and run it again."
+        )
 
 
 def _inside(path: Path, parent: Path, name: str) -> bool:
@@ -287,6 +358,18 @@ def _make_staging(out: Path) -> Path:
         ) from None
 
 
+def _make_work_dir(out: Path, fingerprint: str) -> Path:
+    """The directory beside the output where the units are encoded: named by the inputs' fingerprint, so a rerun
+    of an interrupted preparation of the same inputs finds the units it finished (and no other run's)."""
+    work = out.parent / f".{out.name}.tmp-work-{fingerprint[:16]}"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        _make_staging(out)  # says why the directory cannot be made
+        raise
+    return work
+
+
 @dataclass
 class _Inputs:
     files: list[InputFile]  # the documents' files, resolved
@@ -294,38 +377,177 @@ class _Inputs:
     fingerprint: str  # of the files and the options (fingerprint_of): an unchanged one needs no new prepare
 
 
-def _build(inputs: _Inputs, staging: Path, options: PrepareOptions, progress: bool, log) -> PrepareReport:
-    """The dataset in `staging`: the tokenizer, the token shards of both splits, meta.json (last)."""
+@dataclass
+class _Run:
+    spread: Spread
+    progress: bool  # a bar on a terminal, else log lines
+    log: Any
+
+    def say(self, message: str) -> None:
+        """A log line from rank 0 (the ranks do the same work in step: one of them speaks)."""
+        if self.spread.world.rank == 0:
+            self.log(message)
+
+
+def _build(inputs: _Inputs, work: Path, out: Path, options: PrepareOptions, run: _Run) -> PrepareReport:
+    """The tokenizer (trained once), the units encoded over the workers and ranks, then on rank 0 the dataset
+    assembled from them and published."""
     start = time.perf_counter()
-    tokenizer = _make_tokenizer(inputs.files, options, log)
+    world = run.spread.world
+    tokenizer = _shared_tokenizer(inputs.files, work, options, run)
     bpe_seconds = time.perf_counter() - start if options.tokenizer == "bpe" else 0.0
-    result = _tokenize(inputs.files, tokenizer, staging, options, progress, force={})
-    force = _check_split(result, len(inputs.files))
-    if force:
-        for split in SPLITS:
-            for path in staging.glob(f"{split}-*"):
-                path.unlink()
-        result = _tokenize(inputs.files, tokenizer, staging, options, progress, force=force)
-    meta = _write_meta(staging, tokenizer, result, inputs, options)
-    report = _report_from_meta(staging, meta, up_to_date=False)
+    units = world.on_root(lambda: plan_units(inputs.files, options.unit_bytes))
+    tokenizer_id = _tokenizer_id(tokenizer)
+    jobs = [
+        UnitJob(
+            unit,
+            str(work),
+            options.text_field,
+            options.strict,
+            options.val_fraction,
+            len(inputs.files) == 1,
+            tokenizer_id,
+            token_dtype(tokenizer.vocab_size).name,
+            {},
+        )
+        for unit in units
+    ]
+    mine = my_units([u.size for u in units], world)
+    _encode_share([jobs[i] for i in mine], tokenizer, run)
+    world.barrier()
+    report = world.on_root(lambda: _finish(inputs, work, out, jobs, tokenizer, options, run))
     report.seconds, report.bpe_seconds = time.perf_counter() - start, bpe_seconds
+    report.spread = f"{world.size} rank(s) x {run.spread.workers} worker(s), {len(units)} work unit(s)"
     return report
 
 
-def _make_tokenizer(files: list[InputFile], options: PrepareOptions, log):
-    """The byte tokenizer, a pretrained one, or a BPE tokenizer trained here on the training split's documents."""
+def _tokenizer_id(tokenizer) -> str:
+    """Names the tokenizer in the units' records: units encoded with another one are not reused."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    return "sha256:" + hashlib.sha256(tokenizer.to_json().encode()).hexdigest()
+
+
+def _encode_share(jobs: list[UnitJob], tokenizer, run: _Run) -> None:
+    """Encode this rank's units that no earlier run finished; bad input anywhere stops every rank."""
+    world = run.spread.world
+    todo = [job for job in jobs if finished_record(job) is None]
+    reused = world.allgather(len(jobs) - len(todo))
+    if sum(reused):
+        run.say(f"resuming: {sum(reused)} unit(s) encoded by an interrupted preparation are reused")
+    quiet = world.rank != 0
+    size = sum(job.unit.size for job in todo)
+    progress = Progress(
+        size,
+        len(todo),
+        run.progress and not quiet,
+        (lambda m: None) if quiet else run.log,
+        label="encode" if world.size == 1 else f"encode (rank 0 of {world.size})",
+    )
+    try:
+        _, error = encode_units(todo, tokenizer, run.spread.workers, progress, run.spread.one_thread)
+    except OSError as e:  # a full disk: every rank must hear of it, or the others wait for this one forever
+        error = (
+            -1,
+            f"cannot write a work unit into '{e.filename or '?'}': {e.strerror or e}. Free space on that disk, "
+            "or pass --out a directory on another one.",
+        )
+    progress.close(finished=error is None)
+    errors = [e for e in world.allgather(error) if e is not None]
+    if errors:
+        raise InputError(min(errors)[1])
+
+
+def _finish(inputs: _Inputs, work: Path, out: Path, jobs: list[UnitJob], tokenizer, options, run: _Run):
+    """Rank 0: merge the units' records, mend an empty split, assemble the shards and meta.json, publish."""
+    records = [finished_record(job) for job in jobs]
+    if any(r is None for r in records):  # removed under us: a concurrent preparer published and cleaned up
+        raise FileNotFoundError(errno.ENOENT, "a unit of the preparation disappeared", str(work))
+    merged = merge_records(records)
+    moved = _check_split(merged, len(inputs.files))
+    if moved:  # a small corpus hashed every document into one split: that unit again, with one document moved
+        index, force = moved
+        with one_thread():
+            records[index] = encode_unit(replace(jobs[index], force=force), tokenizer)
+        merged = merge_records(records)
+    staging = _make_staging(out)
+    try:
+        dtype = token_dtype(tokenizer.vocab_size)
+        shards = assemble_shards(work, len(jobs), staging, dtype, options.shard_tokens, len(tokenizer.separator))
+        done = _Assembled(merged, shards, content_hash(work, len(jobs)))
+        meta = _write_meta(staging, tokenizer, done, inputs, options)
+        _publish(staging, out, inputs.fingerprint)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    _remove_stale_work(out)
+    return _report_from_meta(out, meta, up_to_date=False)
+
+
+def _remove_stale_work(out: Path) -> None:
+    """The work directories of interrupted preparations of other inputs into this output: the dataset now there
+    replaced what they were for, and they can hold as much as the dataset."""
+    prefix = f".{out.name}.tmp-work-"
+    for stale in out.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _shared_tokenizer(files: list[InputFile], work: Path, options: PrepareOptions, run: _Run):
+    """The byte or pretrained tokenizer (every rank makes its own), or the BPE one: trained once, on rank 0, and
+    handed to the other ranks; kept in the work directory, so a rerun of an interrupted preparation reuses it."""
     if options.tokenizer == "byte":
         return ByteTokenizer()
     if options.tokenizer != "bpe":
         return load_pretrained_tokenizer(options.tokenizer)
+    recipe = run.spread.world.on_root(lambda: tokenizer_recipe(_trained_bpe(files, work, options, run.log)))
+    return tokenizer_from_recipe(recipe)
+
+
+def _trained_bpe(files: list[InputFile], work: Path, options: PrepareOptions, log):
+    saved = work / BPE_FILE
+    if saved.is_file():
+        from tokenizers import Tokenizer
+
+        log("reusing the BPE tokenizer trained by an interrupted preparation of these inputs")
+        return BpeTokenizer(Tokenizer.from_file(str(saved)))
+    tokenizer = _make_tokenizer(files, options, log)
+    temp = work / f"{BPE_FILE}.part-{os.getpid()}"
+    temp.write_text(tokenizer.to_json())
+    os.replace(temp, saved)
+    return tokenizer
+
+
+def _make_tokenizer(files: list[InputFile], options: PrepareOptions, log):
+    """A BPE tokenizer trained here on a deterministic sample of the training split's documents."""
     log(f"training a {options.vocab_size:,}-token BPE tokenizer on the training documents ...")
+    texts = _reporting_progress(_bpe_sample(files, options), log)
+    return train_bpe(texts, options.vocab_size, show_progress=sys.stderr.isatty())
+
+
+def _bpe_sample(files: list[InputFile], options: PrepareOptions) -> Iterator[str]:
+    """The training documents BPE learns from: all of them for a corpus up to BPE_SAMPLE_BYTES, else from every
+    file its share of that much (by its size), read from its start: a sample of the whole corpus, the same on
+    every machine, that costs a bounded time however large the corpus is."""
+    total = total_size(files)
     skipped = SkipReport()
-    texts = (
-        d.text
-        for _, d in read_documents(files, options.text_field, options.strict, skipped)
-        if not is_validation(d.name, options.val_fraction)
-    )
-    return train_bpe(_reporting_progress(texts, log), options.vocab_size, show_progress=sys.stderr.isatty())
+    for f in files:
+        budget = BPE_SAMPLE_BYTES * _file_size(f) / total if total > BPE_SAMPLE_BYTES else float("inf")
+        taken = 0
+        for doc in read_piece(Piece(f), options.text_field, options.strict, skipped, whole_corpus=len(files) == 1):
+            if taken >= budget:
+                break
+            if not is_validation(doc.name, options.val_fraction):
+                taken += len(doc.text)
+                yield doc.text
+
+
+def _file_size(f: InputFile) -> int:
+    try:
+        return f.path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _reporting_progress(texts: Iterable[str], log, every_s: float = PROGRESS_EVERY_S) -> Iterator[str]:
@@ -340,12 +562,12 @@ def _reporting_progress(texts: Iterable[str], log, every_s: float = PROGRESS_EVE
         yield text
 
 
-def _check_split(result: _Tokenized, input_files: int) -> dict[str, str]:
-    """Refuse sources with fewer than two documents. Returns the documents to tokenize again into the other
-    split ({}: none) when one split came out empty."""
-    docs = sum(w.documents for w in result.writers.values())
+def _check_split(merged: Merged, input_files: int) -> tuple[int, dict[str, str]] | None:
+    """Refuse sources with fewer than two documents. Returns the unit to encode again and the document it must
+    move into the other split (None: none) when one split came out empty."""
+    docs = sum(merged.documents.values())
     if docs == 0:
-        what = f" Skipped: {result.skipped.describe()}." if result.skipped.total else ""
+        what = f" Skipped: {merged.skipped.describe()}." if merged.skipped.total else ""
         raise InputError(
             f"the sources hold no usable documents ({input_files} input files).{what} Check the paths, the --glob "
             "patterns and --text-field, or pass other sources."
@@ -356,10 +578,12 @@ def _check_split(result: _Tokenized, input_files: int) -> dict[str, str]:
             f"text file is cut into documents when it holds at least {2 * MIN_PART_CHARS} characters). Pass more "
             "text, or at least two documents."
         )
-    if result.writers["val"].documents and result.writers["train"].documents:
-        return {}
+    if merged.documents["val"] and merged.documents["train"]:
+        return None
     # A small corpus can hash every document into one split: move the one nearest the threshold across.
-    return {result.lowest: "val"} if not result.writers["val"].documents else {result.highest: "train"}
+    if not merged.documents["val"]:
+        return merged.lowest_unit, {merged.lowest[1]: "val"}
+    return merged.highest_unit, {merged.highest[1]: "train"}
 
 
 def _describe_cut(files: list[InputFile], cuts: Counter) -> str | None:
@@ -374,27 +598,34 @@ def _describe_cut(files: list[InputFile], cuts: Counter) -> str | None:
     )
 
 
-def _write_meta(staging: Path, tokenizer, result: _Tokenized, inputs: _Inputs, options: PrepareOptions) -> dict:
-    """Close the shards, save the tokenizer and write meta.json, which makes `staging` a complete dataset."""
-    shards = {split: w.close() for split, w in result.writers.items()}
+@dataclass
+class _Assembled:
+    merged: Merged  # the units' counts
+    shards: dict[str, list[dict]]  # meta.json's shard entries by split
+    content_hash: str
+
+
+def _write_meta(staging: Path, tokenizer, done: _Assembled, inputs: _Inputs, options: PrepareOptions) -> dict:
+    """Save the tokenizer and write meta.json, which makes `staging` a complete dataset. Nothing in it depends on
+    when or how (workers, ranks) it was prepared: the same inputs give the same bytes."""
+    merged = done.merged
     tokenizer.save(staging)
     meta = {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer.describe(),
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "splits": {
-            split: {"documents": w.documents, "tokens": w.tokens, "shards": shards[split]}
-            for split, w in result.writers.items()
+            split: {"documents": merged.documents[split], "tokens": merged.tokens[split], "shards": done.shards[split]}
+            for split in SPLITS
         },
-        "bytes": result.bytes,
-        "skipped": dict(result.skipped.counts),
+        "bytes": merged.bytes,
+        "skipped": dict(merged.skipped.counts),
         "sources": list(inputs.sources) or ["stdlib"],
         "input_files": len(inputs.files),
-        "cut": _describe_cut(inputs.files, result.cuts),
+        "cut": _describe_cut(inputs.files, merged.cuts),
         "options": options.shaping(),
-        "content_hash": "sha256:" + result.content_hash,
+        "content_hash": "sha256:" + done.content_hash,
         "inputs_fingerprint": inputs.fingerprint,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hvdlm_version": __version__,
     }
     # mkdtemp made the directory private; a dataset is for every user and rank that may read it.
@@ -404,60 +635,6 @@ def _write_meta(staging: Path, tokenizer, result: _Tokenized, inputs: _Inputs, o
     # meta.json last: a directory with a meta.json is a complete dataset.
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-@dataclass
-class _Tokenized:
-    writers: dict[str, ShardWriter]
-    skipped: SkipReport
-    bytes: int
-    content_hash: str
-    lowest: str  # the document name with the lowest split hash (the first to move into validation)
-    highest: str
-    cuts: Counter = field(default_factory=Counter)  # a single text file cut into documents: its parts by where they end
-
-
-def _tokenize(
-    files: list[InputFile], tokenizer, staging: Path, options: PrepareOptions, progress: bool, force: dict[str, str]
-) -> _Tokenized:
-    from tqdm import tqdm
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: ShardWriter(staging, split, dtype, options.shard_tokens) for split in SPLITS}
-    skipped, content, cuts = SkipReport(), hashlib.sha256(), Counter()
-    n_bytes, lowest, highest = 0, (1 << 64, ""), (-1, "")
-    batch: list[tuple[str, str]] = []  # (split, text)
-    batch_chars = 0
-
-    def flush() -> None:
-        nonlocal batch, batch_chars
-        for (split, _), ids in zip(batch, tokenizer.encode_many([text for _, text in batch])):
-            writers[split].add(ids, tokenizer.separator)
-        batch, batch_chars = [], 0
-
-    bar = tqdm(total=total_size(files), unit="B", unit_scale=True, desc="tokenize", disable=not progress, ncols=100)
-    current = None
-    for f, doc in read_documents(files, options.text_field, options.strict, skipped):
-        if f is not current:
-            if current is not None:
-                bar.update(os.path.getsize(current.path))
-            current = f
-        if doc.cut_at:
-            cuts[doc.cut_at] += 1
-        h = _split_hash(doc.name)
-        lowest, highest = min(lowest, (h, doc.name)), max(highest, (h, doc.name))
-        split = force.get(doc.name) or ("val" if h < options.val_fraction * 1_000_000 else "train")
-        data = doc.text.encode("utf-8")
-        content.update(doc.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-        n_bytes += len(data)
-        batch.append((split, doc.text))
-        batch_chars += len(doc.text)
-        if batch_chars >= _ENCODE_BATCH_CHARS:
-            flush()
-    flush()
-    bar.update(bar.total - bar.n)
-    bar.close()
-    return _Tokenized(writers, skipped, n_bytes, content.hexdigest(), lowest[1], highest[1], cuts)
 
 
 def _publish(staging: Path, out: Path, fingerprint: str) -> None:

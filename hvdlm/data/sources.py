@@ -265,11 +265,38 @@ def fingerprint_inputs(files: list[InputFile]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A part of one input file that is read on its own (a unit of parallel preparation): lines of a plain JSON
+    Lines file from byte `start` to `stop`, or row groups `start` to `stop` of a Parquet file; other files are
+    read whole (stop -1). `first` is the number of its first line or row, so that its documents are named as a
+    reading of the whole file names them; only the first piece of a file reports what is wrong with the whole
+    file (a missing column), so a file is counted once."""
+
+    file: InputFile
+    start: int = 0
+    stop: int = -1  # -1: to the end of the file
+    first: int = 1
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == -1
+
+
 def read_documents(
     files: list[InputFile], text_field: str, strict: bool, skipped: SkipReport
 ) -> Iterator[tuple[InputFile, Document]]:
     """Every usable document of the inputs, in order; the unusable ones are counted in `skipped`. A single text
     file (the whole corpus) is cut into documents named FILE#N (`cut_text`)."""
+    for f in files:
+        yield from ((f, doc) for doc in read_piece(Piece(f), text_field, strict, skipped, whole_corpus=len(files) == 1))
+
+
+def read_piece(
+    piece: Piece, text_field: str, strict: bool, skipped: SkipReport, whole_corpus: bool
+) -> Iterator[Document]:
+    """The usable documents of one piece of an input file, in order (see read_documents). `whole_corpus`: the
+    file is the only input, so a text file is cut into documents."""
 
     def skip(reason: str, name: str) -> None:
         if strict and reason not in LENIENT_REASONS:
@@ -279,25 +306,28 @@ def read_documents(
             )
         skipped.add(reason, name)
 
-    for f in files:
-        if f.layout != TEXT:
-            reader = _parquet_documents if f.layout == PARQUET else _jsonl_documents
-            yield from ((f, doc) for doc in reader(f, text_field, skip))
-            continue
-        text = _read_text(f, skip)
-        if text is None:
-            continue
-        if not text.strip():
-            skip(EMPTY, f.name)
-        elif len(files) == 1:  # the whole corpus: documents are what the train / validation split divides
-            yield from ((f, Document(f"{f.name}#{i}", part, where)) for i, (part, where) in enumerate(cut_text(text)))
-        else:
-            yield f, Document(f.name, text)
+    f = piece.file
+    if f.layout == PARQUET:
+        yield from _parquet_documents(piece, text_field, skip)
+        return
+    if f.layout == JSONL:
+        yield from _jsonl_documents(piece, text_field, skip)
+        return
+    text = _read_text(f, skip)
+    if text is None:
+        return
+    if not text.strip():
+        skip(EMPTY, f.name)
+    elif whole_corpus:  # the whole corpus: documents are what the train / validation split divides
+        yield from (Document(f"{f.name}#{i}", part, where) for i, (part, where) in enumerate(cut_text(text)))
+    else:
+        yield Document(f.name, text)
 
 
-def _jsonl_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
-    """One document per record, streamed line by line: JSON Lines files can be far larger than memory."""
-    lineno = 0
+def _jsonl_documents(piece: Piece, text_field: str, skip) -> Iterator[Document]:
+    """One document per record, streamed line by line: JSON Lines files can be far larger than memory. A piece of
+    a plain file holds the lines that start at byte `start` up to (not including) byte `stop`."""
+    f, lineno, at = piece.file, piece.first - 1, piece.start
     try:
         with open(f.path, "rb") as raw_stream:
             # Lines split on b"\n" only (a binary stream): JSON strings may hold U+2028.
@@ -306,7 +336,12 @@ def _jsonl_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
                 stream = gzip.open(raw_stream, "rb")
             elif f.compression == ZSTD:
                 stream = _zstd_lines(raw_stream)
-            for lineno, raw in enumerate(stream, start=1):
+            else:
+                raw_stream.seek(piece.start)
+            for raw in stream:
+                if piece.stop >= 0 and at >= piece.stop:
+                    break
+                lineno, at = lineno + 1, at + len(raw)
                 if raw.strip():
                     yield from _record_document(raw, lineno, f"{f.name}:{lineno}", text_field, skip)
     except (EOFError, zlib.error, gzip.BadGzipFile):  # cut short or not gzip: the records before it are kept
@@ -369,23 +404,23 @@ def _zstd_lines(stream) -> Iterator[bytes]:
         yield pending
 
 
-def _parquet_documents(f: InputFile, text_field: str, skip) -> Iterator[Document]:
+def _parquet_documents(piece: Piece, text_field: str, skip) -> Iterator[Document]:
     """One document per row of the text column, read a row group at a time and handed out in batches, so memory
     holds one row group's column, not the file's; the rows before a damaged row group are kept."""
     import pyarrow as pa  # here: a heavy import the CLI must not pay for other inputs
     import pyarrow.parquet as pq
 
-    row = 0
+    f, row = piece.file, piece.first - 1
     try:
         with pq.ParquetFile(f.path) as parquet:
             column = parquet.schema_arrow.field(text_field) if text_field in parquet.schema_arrow.names else None
-            if column is None:
-                skip(NO_COLUMN, f"{f.name} (no column '{text_field}')")
+            if column is None or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                if piece.start == 0:  # the file's first piece speaks for the file
+                    why = f"no column '{text_field}'" if column is None else f"'{text_field}' is {column.type}"
+                    skip(NO_COLUMN if column is None else NOT_STRINGS, f"{f.name} ({why})")
                 return
-            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-                skip(NOT_STRINGS, f"{f.name} ('{text_field}' is {column.type})")
-                return
-            for group in range(parquet.num_row_groups):  # one at a time: a batch may otherwise span row groups
+            stop = parquet.num_row_groups if piece.stop < 0 else piece.stop
+            for group in range(piece.start, stop):  # one at a time: a batch may otherwise span row groups
                 for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
                     for text in batch.column(0).to_pylist():
                         row += 1

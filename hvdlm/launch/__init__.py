@@ -5,6 +5,7 @@
 - hosts, hostfile: hosts with slots, rank placement, and hostfiles in each launcher's format;
 - commands, shell: launcher command lines as argv lists, and shell safety for what hvdlm writes;
 - sbatch: Slurm batch scripts;
+- prepare_job: `hvdlm sbatch --prepare`, a batch script that prepares a dataset over the allocation;
 - preflight: what `hvdlm launch` checks before it starts anything;
 - supervise: running the launcher to its end, stop signals passed on (a checkpoint, not a lost run);
 - restarts: `--max-restarts`, starting again from the newest checkpoint;
