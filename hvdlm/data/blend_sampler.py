@@ -27,7 +27,7 @@ import torch
 from hvdlm.config import DataConfig
 from hvdlm.data.blend import PERIOD, BlendPart, blend_parts
 from hvdlm.data.dataset import Dataset, TokenSplit, open_dataset
-from hvdlm.data.sampler import WindowSampler
+from hvdlm.data.sampler import WindowSampler, split_windows
 from hvdlm.errors import InputError
 from hvdlm.units import format_count
 
@@ -88,24 +88,42 @@ class BlendSampler:
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The datasets and window ids of this rank's next batch; every rank advances past the whole global batch."""
-        start = self._consumed + self.dp_rank * self.batch_size
-        owner, index = self.locate(np.arange(start, start + self.batch_size))
-        ids = np.empty_like(index)
-        for d in np.unique(owner):
-            rows = owner == d
-            ids[rows] = self.sources[d].samples_at(index[rows])
-        self._consumed += self.batch_size * self.dp_size
-        return owner, ids
+        owner, ids, order = self._next_ids()
+        in_batch = np.empty((2, len(ids)), dtype=np.int64)
+        in_batch[:, order] = owner, ids
+        return in_batch[0], in_batch[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs x and next-token targets y of this rank's next batch, both (B, T) int64."""
-        owner, ids = self.take()
-        x = torch.empty((len(ids), self.seq_len), dtype=torch.int64)
-        y = torch.empty_like(x)
-        for d in np.unique(owner):
-            rows = torch.from_numpy(np.flatnonzero(owner == d))
-            x[rows], y[rows] = self.sources[d].windows(ids[owner == d])
-        return x, y
+        owner, ids, order = self._next_ids()
+        by_dataset = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)  # (B, T + 1), rows grouped by dataset
+        for d, rows in self._segments(owner):
+            self.sources[d].window_array(ids[rows], out=by_dataset[rows])
+        w = np.empty_like(by_dataset)
+        w[order] = by_dataset
+        return split_windows(w)
+
+    def _next_ids(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's next batch grouped by dataset (a stable sort of the rows): the datasets, the window ids, and
+        each row's place in the batch. Each dataset's rows are one slice, so each costs a few whole-array steps."""
+        start = self._consumed + self.dp_rank * self.batch_size
+        owner, index = self.locate(np.arange(start, start + self.batch_size))
+        order = np.argsort(owner, kind="stable")
+        owner, index = owner[order], index[order]
+        ids = np.empty_like(index)
+        for d, rows in self._segments(owner):
+            ids[rows] = self.sources[d].samples_at(index[rows])
+        self._consumed += self.batch_size * self.dp_size
+        return owner, ids, order
+
+    def _segments(self, grouped: np.ndarray):
+        """(dataset, slice of its rows) of the datasets present in `grouped` (dataset indices, sorted)."""
+        ends = np.cumsum(np.bincount(grouped, minlength=len(self.sources))).tolist()
+        start = 0
+        for d, end in enumerate(ends):
+            if end > start:
+                yield d, slice(start, end)
+            start = end
 
     def describe(self) -> str:
         """The blend, for the run's log."""

@@ -85,7 +85,10 @@ class WindowSampler:
         return self._consumed
 
     def samples_at(self, positions: np.ndarray) -> np.ndarray:
-        """Sample ids at global-order positions (which may run past the end of an epoch into the next)."""
+        """Sample ids at ascending global-order positions (which may run past the end of an epoch into the next)."""
+        first, last = positions[0] // self.samples_per_epoch, positions[-1] // self.samples_per_epoch
+        if first == last:  # the common case, in one epoch (positions ascend)
+            return self._order(int(first))[positions - first * self.samples_per_epoch]
         epochs, within = np.divmod(positions, self.samples_per_epoch)
         out = np.empty(len(positions), dtype=np.int64)
         for e in np.unique(epochs):
@@ -105,14 +108,20 @@ class WindowSampler:
         return self.windows(self.take())
 
     def windows(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_windows(self.window_array(ids))
+
+    def window_array(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The windows of `ids`, (len(ids), T + 1) int64, written into `out` when given."""
+        w = np.empty((len(ids), self.seq_len + 1), dtype=np.int64) if out is None else out
+        if len(self.shards) == 1:
+            w[:] = self.shards[0][(ids * self.seq_len)[:, None] + self._span]
+            return w
         shard = np.searchsorted(self._first, ids, side="right") - 1
         starts = (ids - self._first[shard]) * self.seq_len
-        w = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         for s in np.unique(shard):
             rows = shard == s
             w[rows] = self.shards[s][starts[rows, None] + self._span]
-        w = torch.from_numpy(w)  # (B, T + 1)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return w
 
     # --- evaluation ---------------------------------------------------------------------------------------
 
@@ -152,3 +161,9 @@ class WindowSampler:
         self._orders.clear()
         self._eval_order = None
         self._consumed = int(state["epoch"]) * self.samples_per_epoch + int(state["position"])
+
+
+def split_windows(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, (B, T) each, of windows (B, T + 1)."""
+    w = torch.from_numpy(w)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
