@@ -18,8 +18,10 @@ import torch
 from helpers import REPO, run_cli, sets, train_argv
 from survive import comparable, rows, run
 
-from hvdlm.data.blend import PERIOD
+from hvdlm.config import load_config
+from hvdlm.data.blend import PERIOD, check_blend
 from hvdlm.data.prepare import PrepareOptions, prepare
+from hvdlm.errors import InputError
 
 pytestmark = pytest.mark.distributed
 
@@ -42,7 +44,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     prepare([str(REPO / "hvdlm")], root / "code", PrepareOptions(), globs=["**/*.py"], **quiet)
     bpe = PrepareOptions(tokenizer="bpe", vocab_size=300)
     prepare([str(REPO / "hvdlm" / "data")], root / "bpe", bpe, globs=["*.py"], **quiet)
-    return {name: root / name for name in ("web", "code", "bpe")}
+    prepare([str(REPO / "hvdlm" / "launch")], root / "bpe-other", bpe, globs=["*.py"], **quiet)
+    same = PrepareOptions(tokenizer=str(root / "bpe"))  # the first one's tokenizer.json, as the guide says
+    prepare([str(REPO / "hvdlm" / "launch")], root / "bpe-same", same, globs=["*.py"], **quiet)
+    return {name: root / name for name in ("web", "code", "bpe", "bpe-other", "bpe-same")}
 
 
 def blend(data: dict[str, Path]) -> str:
@@ -112,6 +117,19 @@ def test_a_resume_on_other_ranks_takes_exactly_the_next_sequences(reference, dat
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_datasets_share_a_tokenizer_by_its_content_not_its_name(data):
+    """A BPE dataset prepared with --tokenizer naming the first one's directory blends with it; one of the same
+    size trained on other text does not, though meta.json describes both alike."""
+    parts = check_blend(load_config(None, [f"data.blend={data['bpe']}:1,{data['bpe-same']}:1"]).data, 32)
+    assert [p.name for p in parts] == ["bpe", "bpe-same"]
+    other = load_config(None, [f"data.blend={data['bpe']}:1,{data['bpe-other']}:1"]).data
+    with pytest.raises(InputError, match="have tokenizers of the same size whose tokenizer.json differ"):
+        check_blend(other, 32)
+    short = load_config(None, [blend(data)]).data
+    with pytest.raises(InputError, match=r"entry 1 \('web'\): the train split of .* has no shard of 1,000,001"):
+        check_blend(short, 1_000_000)
 
 
 def refusals(data: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list[str], str]]:

@@ -103,7 +103,7 @@ def _check_windows(path: Path, meta: dict, seq_len: int, where: str) -> None:
         longest = max((shard["tokens"] for shard in meta["splits"][split]["shards"]), default=0)
         if longest < window:
             raise InputError(
-                f"{where}: the {split} split of '{path}' has no shard of {window} tokens (model.seq_len + 1; the "
+                f"{where}: the {split} split of '{path}' has no shard of {window:,} tokens (model.seq_len + 1; the "
                 f"longest has {longest:,}), so it holds no window. Use a shorter model.seq_len, or more data."
             )
 
@@ -123,15 +123,21 @@ def _tokenizer_identity(path: Path, meta: dict) -> tuple:
 
 
 def _mixed_tokenizers(first: BlendPart, first_meta: dict, other: BlendPart, other_meta: dict) -> str:
-    def described(part: BlendPart, meta: dict) -> str:
-        tok = meta["tokenizer"]
+    ours, theirs = first_meta["tokenizer"], other_meta["tokenizer"]
+
+    def described(part: BlendPart, tok: dict) -> str:
         return f"'{part.name}' ({part.path}) is in {tok['type']} tokens (vocabulary {tok['vocab_size']:,})"
 
-    same = "byte" if first_meta["tokenizer"]["type"] == "byte" else shlex.quote(str(first.path))
+    if (ours["vocab_size"], ours.get("eot_id")) == (theirs["vocab_size"], theirs.get("eot_id")):
+        how = (
+            f"'{first.name}' ({first.path}) and '{other.name}' ({other.path}) have tokenizers of the same size "
+            "whose tokenizer.json differ (a BPE trained on other text)"
+        )
+    else:
+        how = f"{described(first, ours)}, {described(other, theirs)}"
+    same = "byte" if ours["type"] == "byte" else shlex.quote(str(first.path))
     return (
-        f"data.blend mixes tokenizers: {described(first, first_meta)}, {described(other, other_meta)}"
-        f"{' of another tokenizer' if first_meta['tokenizer'] == other_meta['tokenizer'] else ''}. A model reads "
-        "one vocabulary, so every dataset of a blend must be prepared with the same tokenizer: prepare "
-        f"'{other.name}' again with the first dataset's, `hvdlm data prepare SOURCES... --tokenizer {same} --out "
-        f"{shlex.quote(str(other.path))}`."
+        f"data.blend mixes tokenizers: {how}. A model reads one vocabulary, so every dataset of a blend must be "
+        f"prepared with the same tokenizer: prepare '{other.name}' again with the first dataset's, `hvdlm data "
+        f"prepare SOURCES... --tokenizer {same} --out {shlex.quote(str(other.path))}`."
     )

@@ -1,4 +1,5 @@
-"""The dataset a job trains on: a directory from `hvdlm data prepare`, or a built-in corpus prepared on first use.
+"""The dataset a job trains on: a directory from `hvdlm data prepare`, a blend of them (hvdlm.data.blend), or a
+built-in corpus prepared on first use.
 
 The built-in corpus (`stdlib`: the running interpreter's standard-library sources, so every machine has real text
 and the demo and tests need no download) is prepared into the cache (hvdlm/cache.py), in a directory named by
