@@ -57,6 +57,9 @@ WEIGHTS = [
     [0.97, 0.01, 0.01, 0.01],
     [3, 1e-3],
     *[list(np.random.default_rng(k).uniform(0.01, 1, size=k % 4 + 2)) for k in range(6)],
+    # Many datasets, one dominant: equal small shares must not bunch up and squeeze the large one.
+    [30.0] + [0.1] * 29,
+    list(np.random.default_rng(7).pareto(1.0, size=24) + 0.01),
 ]
 
 
@@ -88,12 +91,15 @@ def test_shares_add_up_and_stay_within_one_sequence_of_the_weights():
 
 
 def test_the_schedule_is_deterministic_and_puts_each_dataset_in_its_own_order():
-    owner, nth = schedule([3, 1])
-    assert owner.tolist() == [0, 1, 0, 0] or owner.tolist() == [0, 0, 1, 0]
-    # Due times 1/6, 1/2, 5/6 for dataset 0 and 1/2 for dataset 1: the tie at 1/2 goes to dataset 0.
+    owner, nth = schedule((3, 1))
+    # Lags 3 x (i + 1) - 4 c_0 and 1 x (i + 1) - 4 c_1: (3, 1) -> 0; (2, 2), a tie -> 0; (1, 3) -> 1; (4, 0) -> 0.
     assert owner.tolist() == [0, 0, 1, 0] and nth.tolist() == [0, 1, 0, 2]
-    a, b = schedule(apportion([0.5, 0.3, 0.2], PERIOD)), schedule(apportion([0.5, 0.3, 0.2], PERIOD))
+    shares = tuple(apportion([0.5, 0.3, 0.2], PERIOD))
+    a = schedule(shares)
+    schedule.cache_clear()
+    b = schedule(shares)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert np.bincount(a[0]).tolist() == list(shares)  # a period ends with every dataset at its share
 
 
 def test_each_dataset_is_read_in_its_own_global_order_without_skips_or_repeats():

@@ -1,12 +1,15 @@
 """The training order of a blend of datasets, exact across resume and world size, and a blend's validation sets.
 
 The blend's global order interleaves its datasets by a fixed schedule, the same on every rank and needing no
-random numbers: within each PERIOD (hvdlm.data.blend) sequences, dataset d with share q_d of them has its k-th
-sequence due at time (k + 1/2) / q_d (k = 0 .. q_d - 1, times in [0, 1)), and the schedule is every dataset's due
-times in order (ties to the earlier dataset). Each dataset's sequences are thus spread evenly, as far apart as its
-share allows, so over any window of n consecutive sequences a dataset's count stays within about 2 of n x its
-share (tests/test_blend_sampler.py checks every window of 1,000). This is stride scheduling (and Sainte-Lague's
-divisors); Megatron-LM's blended dataset builds a similar order greedily, by the sample that lags its target most.
+random numbers. Within each PERIOD (hvdlm.data.blend) sequences, where dataset d has a share of q_d, slot i goes to
+the dataset that lags its target the most: the largest q_d x (i + 1) - PERIOD x c_d, where c_d counts d's slots
+before i (ties to the earlier dataset), in integers, so exactly alike on every machine. Megatron-LM's blended
+dataset orders its samples by the same kind of rule (build_blending_indices, in floating point). Each dataset's
+count stays within about one sequence of its target (at most 1.12 in 40 random blends of up to 40 datasets), so
+over any window of 1,000 consecutive sequences it is within 2 of 1,000 x its share, however many datasets there are
+(tests/test_blend_sampler.py checks every window). Each period ends with every dataset exactly at its share, so the
+schedule repeats: a dataset is taken only while it lags, so none ever gets a whole sequence ahead, and at a period's
+end the lags are whole sequences adding up to 0.
 
 Global sequence i is sequence p * q_d + r of dataset d, where p = i // PERIOD, d = pattern[i % PERIOD] and r counts
 d's earlier slots in the pattern; that index goes through the dataset's own global order (a seeded permutation per
@@ -18,6 +21,7 @@ any number of ranks continues with exactly the next sequences.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,16 +36,25 @@ from hvdlm.errors import InputError
 from hvdlm.units import format_count
 
 
-def schedule(shares: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=8)
+def schedule(shares: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """One period of the blend: the dataset of each of its sum(shares) slots, and how many slots of that dataset
-    come before it in the period."""
-    owner = np.concatenate([np.full(q, d, dtype=np.int64) for d, q in enumerate(shares)])
-    nth = np.concatenate([np.arange(q, dtype=np.int64) for q in shares])
-    # Due times (2k + 1) / (2 q): distinct fractions with denominators below 2**17 differ by far more than float64's
-    # rounding, and equal ones round alike, so the order (ties by dataset) is exact and the same on every machine.
-    due = (2 * nth + 1) / (2.0 * np.asarray(shares, dtype=np.float64)[owner])
-    order = np.lexsort((owner, due))
-    return owner[order], nth[order]
+    come before it in the period. (A loop over the slots, about 0.1 s for 65,536: once per run.)"""
+    weights = np.asarray(shares, dtype=np.int64)
+    period = int(weights.sum())
+    owner = np.empty(period, dtype=np.int64)
+    lag = np.zeros(len(shares), dtype=np.int64)  # q_d x i - period x c_d: how far each dataset is behind, x period
+    for i in range(period):
+        lag += weights
+        d = int(lag.argmax())  # the first of equal lags
+        owner[i] = d
+        lag[d] -= period
+    nth = np.empty(period, dtype=np.int64)
+    for d in range(len(shares)):
+        slots = np.flatnonzero(owner == d)
+        nth[slots] = np.arange(len(slots))
+    owner.flags.writeable = nth.flags.writeable = False  # shared by every sampler of the same shares
+    return owner, nth
 
 
 class BlendSampler:
@@ -63,7 +76,7 @@ class BlendSampler:
         self.seq_len = seq_len
         self.shares = np.array([p.share for p in parts], dtype=np.int64)
         self.period = int(self.shares.sum())
-        self.owner, self.nth = schedule(self.shares.tolist())
+        self.owner, self.nth = schedule(tuple(self.shares.tolist()))
         # Each dataset's own global order; the first keeps the order it has alone, so a blend of one dataset trains
         # exactly as data.dataset does.
         self.sources = [
