@@ -27,7 +27,7 @@ from demo_model import build, demo, step  # bench/ is on sys.path when a script 
 from recording import Figure, record
 
 from hvdlm.data.blend import PERIOD, BlendPart, apportion
-from hvdlm.data.blend_sampler import BlendSampler
+from hvdlm.data.blend_sampler import BlendSampler, schedule
 from hvdlm.data.sampler import WindowSampler
 
 BLENDS = {"2-way blend": [0.7, 0.3], "4-way blend": [0.4, 0.3, 0.2, 0.1]}
@@ -84,8 +84,9 @@ def main() -> None:
 
     cfg, data = demo(args.threads)
     seed, demo_batch, demo_seq = cfg.train.seed, cfg.train.batch_size, cfg.model.seq_len
+    shares = tuple(apportion(BLENDS["4-way blend"], PERIOD))
     start = time.perf_counter()
-    BlendSampler([data.train] * 4, samplers(data.train, 32, 1, seed)["4-way blend"].parts, 32, 1, 0, 1, seed)
+    schedule(shares)  # what a sampler builds once (a run's samplers share it)
     setup_ms = 1000 * (time.perf_counter() - start)
 
     tiny_us = sampler_us(samplers(data.train, TINY["seq_len"], TINY_BATCH, seed), args.calls, args.rounds)
