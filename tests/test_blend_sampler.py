@@ -186,3 +186,9 @@ def test_parts_are_named_after_their_directories_and_share_by_weight():
     assert sets.overall({"web": 2.0, "src": 4.0}) == 2.5
     assert sets.by_name({"web": 2.0, "src": 4.0}) == {"val_loss/web": 2.0, "val_loss/src": 4.0}
     assert ValidationSets({"": None}, {"": 1.0}).by_name({"": 3.0}) == {}
+
+
+def test_a_dataset_without_a_window_is_named():
+    splits = [token_split(0), TokenSplit((np.arange(5, dtype=np.int64),), ())]
+    with pytest.raises(InputError, match="data.blend's dataset 'd1' .*the train split .5 tokens in 1 shards"):
+        BlendSampler(splits, parts([0.5, 0.5]), SEQ, 2, 0, 1, 0)

@@ -57,6 +57,15 @@ def schedule(shares: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return owner, nth
 
 
+def part_sampler(part: BlendPart, split: TokenSplit, *args, **kwargs) -> WindowSampler:
+    """The WindowSampler of one dataset of a blend (WindowSampler's arguments after the split); its errors (a split
+    with no window) name the dataset."""
+    try:
+        return WindowSampler(split, *args, **kwargs)
+    except InputError as e:
+        raise InputError(f"data.blend's dataset '{part.name}' ({part.path}): {e}") from None
+
+
 class BlendSampler:
     """The training batches of a blend: the interface of WindowSampler (take, next_batch, state_dict, ...)."""
 
@@ -80,7 +89,7 @@ class BlendSampler:
         # Each dataset's own global order; the first keeps the order it has alone, so a blend of one dataset trains
         # exactly as data.dataset does.
         self.sources = [
-            WindowSampler(split, seq_len, batch_size, 0, 1, seed, stream=(d,) if d else ())
+            part_sampler(parts[d], split, seq_len, batch_size, 0, 1, seed, stream=(d,) if d else ())
             for d, split in enumerate(splits)
         ]
         self._consumed = 0  # sequences of the blend's global order taken so far, by all ranks together
@@ -237,7 +246,7 @@ def make_samplers(
     splits = [d.train for d in data.datasets]
     train = BlendSampler(splits, data.parts, seq_len, batch_size, dp_rank, dp_size, seed)
     val = {
-        part.name: WindowSampler(d.val, seq_len, batch_size, dp_rank, dp_size, seed)
+        part.name: part_sampler(part, d.val, seq_len, batch_size, dp_rank, dp_size, seed)
         for part, d in zip(data.parts, data.datasets)
     }
     return train, ValidationSets(val, {part.name: part.fraction for part in data.parts})
