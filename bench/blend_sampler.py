@@ -19,6 +19,7 @@ the figures to bench/log/RESULTS.md and bench/results.jsonl with the command, da
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -116,6 +117,8 @@ def report(args, tiny_us: dict, demo_us: dict, tiny_step: tuple, demo_step: tupl
             f"- {what} (batch {batch}, step {step_time:.2f} ms, spread {spread:.2f} ms = "
             f"{100 * spread / step_time:.1f} %): one dataset {base:.1f} us per batch; " + "; ".join(cells)
         )
+    load = os.getloadavg()[0]
+    lines.append(f"- load average at the end: {load:.1f} on {os.cpu_count()} cores (other work shared the machine)")
     lines.append(f"- building a 4-way blend's schedule ({PERIOD:,} slots): {setup_ms:.1f} ms, once per run")
     verdict = "met" if worst < min(0.01, tiny_step[1] / tiny_step[0]) else "NOT met"
     lines.append(f"- the blend's extra cost, worst of the tiny model's: **{100 * worst:.2f} %** of a step ({verdict})")
@@ -124,7 +127,7 @@ def report(args, tiny_us: dict, demo_us: dict, tiny_step: tuple, demo_step: tupl
         record(
             "Blend sampler against the single-dataset sampler",
             [
-                f"- {args.calls} next_batch calls per round (demo batch: a quarter), median of {args.rounds} rounds, "
+                f"- {args.calls} next_batch calls per round (demo batch: a quarter), fastest of {args.rounds} rounds, "
                 f"{args.threads} thread(s), {args.steps} timed steps per model",
                 *lines,
             ],
