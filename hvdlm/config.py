@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 import typing
@@ -165,12 +166,30 @@ class ParallelConfig:
 
 
 @dataclass
+class BlendSource:
+    """One dataset of a blend: a `[[data.blend]]` table of the job file (docs/guides/data.md, Blends)."""
+
+    dataset: str  # a directory written by `hvdlm data prepare`
+    weight: float  # its share of the training sequences: weight / the sum of the blend's weights
+    name: str = ""  # the label of its validation loss (val_loss/NAME); empty: the dataset directory's name
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.dataset).resolve().name
+
+
+@dataclass
 class DataConfig:
     dataset: str = ""  # a directory written by `hvdlm data prepare`; empty: the built-in corpus below
     corpus: Corpus = "stdlib"  # built-in corpus, prepared in the cache on first use: the interpreter's stdlib sources
     tokenizer: Tokenizer = "byte"  # built-in corpus: byte (256 tokens) or bpe (trained on the corpus)
     vocab_size: int = 4096  # built-in corpus with tokenizer "bpe": bytes + end-of-document + merges
     val_fraction: float = 0.05  # built-in corpus: share of documents held out for validation
+    blend: list[BlendSource] = field(default_factory=list)  # [[data.blend]] tables: datasets mixed by weight
+
+    def __post_init__(self) -> None:
+        # A recorded config (config.toml, a checkpoint's) holds the blend's tables as plain dicts.
+        self.blend = [b if isinstance(b, BlendSource) else BlendSource(**b) for b in self.blend]
 
 
 @dataclass
@@ -424,6 +443,8 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
     # A Literal's words are checked by validate(), which names them; here it is only their type (str).
     allowed = tuple(type(typing.get_args(k)[0]) if typing.get_origin(k) is Literal else k for k in allowed)
     for kind in allowed:
+        if typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+            return _tables(name, value, typing.get_args(kind)[0], source)  # [[data.blend]]
         if typing.get_origin(kind) is list:
             if isinstance(value, str):  # --set slurm.modules=openmpi,cuda
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -441,6 +462,52 @@ def _check_type(name: str, value: Any, expected: Any, source: str) -> Any:
         f"a list of {typing.get_args(k)[0].__name__}s" if typing.get_origin(k) is list else k.__name__ for k in allowed
     )
     raise InputError(f"'{name}' in {source} must be {wanted}, got {value!r} ({type(value).__name__}).")
+
+
+def _tables(name: str, value: Any, cls: type, source: str) -> list:
+    """An array of tables (`[[data.blend]]`, or --set's TOML `[{dataset = "a", weight = 0.7}, ...]`, or its
+    shorthand `PATH:WEIGHT,...`) as a list of `cls`, each key checked as a section's keys are."""
+    if isinstance(value, str):
+        value = _blend_shorthand(name, value, source)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise InputError(
+            f"'{name}' in {source} must be tables ([[{name}]] in a job file), got {value!r}. On the command line: "
+            f"--set {name}=data/web:0.7,data/code:0.3"
+        )
+    hints = typing.get_type_hints(cls)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    tables = []
+    for i, table in enumerate(value, start=1):
+        where = f"{name} entry {i}"
+        for key in table:
+            if key not in hints:
+                raise InputError(
+                    f"unknown key '{key}' in {where} in {source}.{_closest(key, hints)} Keys of [[{name}]]: "
+                    f"{', '.join(hints)}."
+                )
+        missing = [key for key in required if key not in table]
+        if missing:
+            raise InputError(f"{where} in {source} lacks {' and '.join(missing)}: each [[{name}]] names both.")
+        tables.append(cls(**{k: _check_type(f"{where}: {k}", v, hints[k], source) for k, v in table.items()}))
+    return tables
+
+
+def _blend_shorthand(name: str, text: str, source: str) -> list[dict[str, Any]]:
+    """`[NAME=]PATH:WEIGHT,...` (--set data.blend=data/web:0.7,code=data/code:0.3): the weight after the path's
+    last colon, an optional name before its first "="."""
+    entries = []
+    for item in (part.strip() for part in text.split(",")):
+        label, eq, rest = item.partition("=")
+        path, colon, weight = (rest if eq else item).rpartition(":")
+        value = _parse_value(weight.strip())
+        if not colon or not path.strip() or isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
+            raise InputError(
+                f"'{name}' in {source}: '{item}' is not PATH:WEIGHT. Write the blend as "
+                f"{name}=data/web:0.7,data/code:0.3 (optionally NAME=PATH:WEIGHT), or as TOML tables: "
+                f"'{name}=[{{dataset=\"data/web\", weight=0.7}}, ...]'."
+            )
+        entries.append({"dataset": path.strip(), "weight": value, **({"name": label.strip()} if eq else {})})
+    return entries
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -525,6 +592,7 @@ def validate(config: JobConfig) -> None:
     _check_ranges(config)
     _check_maxima(config)
     _check_model_and_data(config)
+    _check_blend(config.data)
     _validate_tp(config.model, config.parallel)
     _check_combinations(config.train, config.parallel)
     _check_pipeline(config)
@@ -579,6 +647,42 @@ def _check_model_and_data(config: JobConfig) -> None:
         raise InputError(
             f"'data.vocab_size' must be between {MIN_BPE_VOCAB} (256 bytes, end-of-document, one merge) and "
             f"{MAX_BPE_VOCAB:,} for the BPE tokenizer, got {d.vocab_size:,}."
+        )
+
+
+# A blend's names label metrics (val_loss/NAME) and TensorBoard tags: letters, digits, "_", "." and "-".
+_BLEND_NAME = re.compile(r"[\w.-]+")
+
+
+def _check_blend(d: DataConfig) -> None:
+    """[[data.blend]]: one way to name the data, positive finite weights, a dataset each, distinct names."""
+    if not d.blend:
+        return
+    if d.dataset:
+        raise InputError(
+            f'data.dataset = "{d.dataset}" and [[data.blend]] both name the training data. Keep one: list the '
+            "dataset in the blend (with its weight), or remove the blend to train on data.dataset alone."
+        )
+    for i, part in enumerate(d.blend, start=1):
+        if not part.dataset:
+            raise InputError(f"data.blend entry {i} has an empty dataset: name a directory from `hvdlm data prepare`.")
+        if not (math.isfinite(part.weight) and part.weight > 0):
+            raise InputError(
+                f"data.blend entry {i} ({part.dataset}) has weight {part.weight}: a weight must be a positive, finite "
+                "number (the dataset's share of the sequences is its weight / the sum of the weights). To leave a "
+                "dataset out, remove its entry."
+            )
+        if not _BLEND_NAME.fullmatch(part.label):
+            raise InputError(
+                f"data.blend entry {i} ({part.dataset}) is named '{part.label}', which cannot label val_loss/NAME: "
+                'give it a name = "..." of letters, digits, "_", "." and "-".'
+            )
+    labels = [part.label for part in d.blend]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise InputError(
+            f"data.blend names {', '.join(twice)} more than once (a dataset is named after its directory unless it "
+            'has a name): give each entry a distinct name = "...", the label of its val_loss/NAME.'
         )
 
 

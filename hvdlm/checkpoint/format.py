@@ -10,7 +10,7 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
                 unequal blocks (q, k, v with grouped-query attention) add [..., multiple, parts] (Sharding.recorded)
     ema         the moving average of the weights, sharded like model (when enabled)
     scaler      the fp16 gradient scaler's state (when enabled)
-    data        the sampler's position (the same on every rank)
+    data        the sampler's position (the same on every rank; a blend's names its datasets and shares)
     rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
     progress    what the loop needs from before a restart (first and last validation loss, skipped steps in a row)
     zero_slices with ZeRO (1 or 2), in place of optimizer: {"size": Z, "files": [the DP ranks' slice files]}

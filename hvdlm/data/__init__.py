@@ -4,6 +4,7 @@
     from hvdlm.data import open_dataset          # read one: .train / .val splits, .tokenizer, .meta
     from hvdlm.data import load_tokenizer        # just its tokenizer: encode / decode
     from hvdlm.data.sampler import WindowSampler # the trainer's batches (imports torch)
+    from hvdlm.data.blend_sampler import BlendSampler  # a blend's batches
 
 The names below load on first use (PEP 562): importing `hvdlm.data` (as the CLI does) must not pull in numpy,
 because the job-preparation commands answer on login nodes without it.
@@ -20,7 +21,9 @@ because the job-preparation commands answer on login nodes without it.
 - meta: meta.json, what makes a directory a dataset;
 - dataset: reading a prepared dataset;
 - corpus: the dataset a job trains on, a built-in one prepared on first use;
-- sampler: which windows each data-parallel rank trains on, and where in the data the run is.
+- sampler: which windows each data-parallel rank trains on, and where in the data the run is;
+- blend: a blend of datasets ([[data.blend]]): its parts, their shares, the checks before a run starts;
+- blend_sampler: a blend's training order (a fixed interleaving), exact position, and validation sets.
 """
 
 from __future__ import annotations

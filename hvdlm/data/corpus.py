@@ -1,4 +1,5 @@
-"""The dataset a job trains on: a directory from `hvdlm data prepare`, or a built-in corpus prepared on first use.
+"""The dataset a job trains on: a directory from `hvdlm data prepare`, a blend of them (hvdlm.data.blend), or a
+built-in corpus prepared on first use.
 
 The built-in corpus (`stdlib`: the running interpreter's standard-library sources, so every machine has real text
 and the demo and tests need no download) is prepared into the cache (hvdlm/cache.py), in a directory named by
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from hvdlm.cache import cache_root
 from hvdlm.config import DataConfig
+from hvdlm.data.blend import check_blend
 from hvdlm.data.meta import META_FILE, is_dataset_dir, load_meta, prepare_advice
 from hvdlm.data.prepare import PrepareOptions, fingerprint_of, prepare
 from hvdlm.data.sources import resolve_sources
@@ -28,12 +30,19 @@ def builtin_dataset_dir(cfg: DataConfig) -> Path:
 
 
 def dataset_dir(cfg: DataConfig) -> Path:
-    """Where the job's dataset is (or will be, for a built-in corpus not yet prepared)."""
+    """Where the job's dataset is (or will be, for a built-in corpus not yet prepared); for a blend, its first
+    dataset, whose tokenizer every dataset of the blend shares."""
+    if cfg.blend:
+        return Path(cfg.blend[0].dataset)
     return Path(cfg.dataset) if cfg.dataset else builtin_dataset_dir(cfg)
 
 
 def ensure_dataset(cfg: DataConfig, log=print) -> Path:
-    """The job's dataset directory, prepared first when it is the built-in corpus and not yet in the cache."""
+    """The job's dataset directory, prepared first when it is the built-in corpus and not yet in the cache; a
+    blend's datasets are checked (prepared, one tokenizer), and its first one's directory returned."""
+    if cfg.blend:
+        check_blend(cfg)
+        return dataset_dir(cfg)
     if cfg.dataset:
         path = Path(cfg.dataset)
         if not (path / META_FILE).exists():

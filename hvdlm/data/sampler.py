@@ -27,7 +27,18 @@ _EVAL_STREAM = 0x5EED_E7A1
 
 
 class WindowSampler:
-    def __init__(self, split: TokenSplit, seq_len: int, batch_size: int, dp_rank: int, dp_size: int, seed: int):
+    def __init__(
+        self,
+        split: TokenSplit,
+        seq_len: int,
+        batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        stream: tuple[int, ...] = (),
+    ):
+        """`stream`: words added to the seed of each epoch's permutation, so that the datasets of a blend
+        (hvdlm.data.blend_sampler) each have an order of their own."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
         # Plain ndarray views of the memory maps: indexing a np.memmap object costs more than the read itself.
@@ -52,6 +63,7 @@ class WindowSampler:
                 "data, a shorter model.seq_len, a larger --shard-tokens (if the shards are small), or for the "
                 "validation split a larger --val-fraction."
             )
+        self.stream = stream
         self._consumed = 0  # samples of the global order taken so far, by all ranks together
         self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation of its samples
         self._eval_order: np.ndarray | None = None
@@ -62,11 +74,21 @@ class WindowSampler:
         if epoch not in self._orders:
             if len(self._orders) >= 2:  # positions only move forward: keep the two newest epochs' orders
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch)
+            self._orders[epoch] = np.random.default_rng([self.seed, *self.stream, epoch]).permutation(
+                self.samples_per_epoch
+            )
         return self._orders[epoch]
 
-    def _samples_at(self, positions: np.ndarray) -> np.ndarray:
-        """Sample ids at global-order positions (which may run past the end of an epoch into the next)."""
+    @property
+    def consumed(self) -> int:
+        """Samples of the global order taken so far, by all ranks together."""
+        return self._consumed
+
+    def samples_at(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at ascending global-order positions (which may run past the end of an epoch into the next)."""
+        first, last = positions[0] // self.samples_per_epoch, positions[-1] // self.samples_per_epoch
+        if first == last:  # the common case, in one epoch (positions ascend)
+            return self._order(int(first))[positions - first * self.samples_per_epoch]
         epochs, within = np.divmod(positions, self.samples_per_epoch)
         out = np.empty(len(positions), dtype=np.int64)
         for e in np.unique(epochs):
@@ -77,7 +99,7 @@ class WindowSampler:
     def take(self) -> np.ndarray:
         """Sample ids of this rank's next batch; every rank advances past the whole global batch."""
         start = self._consumed + self.dp_rank * self.batch_size
-        ids = self._samples_at(np.arange(start, start + self.batch_size))
+        ids = self.samples_at(np.arange(start, start + self.batch_size))
         self._consumed += self.batch_size * self.dp_size
         return ids
 
@@ -86,14 +108,20 @@ class WindowSampler:
         return self.windows(self.take())
 
     def windows(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_windows(self.window_array(ids))
+
+    def window_array(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The windows of `ids`, (len(ids), T + 1) int64, written into `out` when given."""
+        w = np.empty((len(ids), self.seq_len + 1), dtype=np.int64) if out is None else out
+        if len(self.shards) == 1:
+            w[:] = self.shards[0][(ids * self.seq_len)[:, None] + self._span]
+            return w
         shard = np.searchsorted(self._first, ids, side="right") - 1
         starts = (ids - self._first[shard]) * self.seq_len
-        w = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         for s in np.unique(shard):
             rows = shard == s
             w[rows] = self.shards[s][starts[rows, None] + self._span]
-        w = torch.from_numpy(w)  # (B, T + 1)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return w
 
     # --- evaluation ---------------------------------------------------------------------------------------
 
@@ -117,6 +145,12 @@ class WindowSampler:
         return {"epoch": epoch, "position": position, "seed": self.seed, "samples_per_epoch": self.samples_per_epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "blend" in state:
+            raise InputError(
+                f"the checkpoint's data position is in a blend of datasets ({', '.join(state['blend'])}), and this "
+                "job trains on one dataset: resume with the run's [[data.blend]], or start a new run from its "
+                "weights with --init-from."
+            )
         if state.get("samples_per_epoch", self.samples_per_epoch) != self.samples_per_epoch:
             raise InputError(
                 f"the checkpoint's data position is for {state['samples_per_epoch']:,} samples per epoch, but this "
@@ -127,3 +161,9 @@ class WindowSampler:
         self._orders.clear()
         self._eval_order = None
         self._consumed = int(state["epoch"]) * self.samples_per_epoch + int(state["position"])
+
+
+def split_windows(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, (B, T) each, of windows (B, T + 1)."""
+    w = torch.from_numpy(w)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()

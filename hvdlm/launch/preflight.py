@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hvdlm.checkpoint.store import find_checkpoints, resolve_checkpoint, run_directory, shard_paths
 from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig, model_shape
+from hvdlm.data.blend import check_blend
 from hvdlm.data.meta import META_FILE, SPLITS, load_meta
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import local_gpus
@@ -92,7 +93,10 @@ def _check_init_from(cfg: JobConfig) -> None:
 
 def _check_dataset(cfg: JobConfig) -> None:
     """A named dataset must be prepared, whole, and hold a window of seq_len + 1 tokens in each split (the
-    built-in corpus is prepared by the ranks on first use)."""
+    built-in corpus is prepared by the ranks on first use). A blend's datasets too, and they share a tokenizer."""
+    if cfg.data.blend:
+        check_blend(cfg.data, cfg.model.seq_len)
+        return
     if not cfg.data.dataset:
         return
     path = Path(cfg.data.dataset)

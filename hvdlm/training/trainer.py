@@ -34,6 +34,7 @@ from hvdlm.checkpoint.reshard import load_model
 from hvdlm.checkpoint.stages import stage_state
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
+from hvdlm.data.blend_sampler import Blend, BlendSampler, ValidationSets, describe_data, make_samplers, open_blend
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
 from hvdlm.data.meta import tokenizer_setting_note
 from hvdlm.data.sampler import WindowSampler
@@ -175,9 +176,9 @@ class Trainer:
     topo: Topology
     device: torch.device
     precision: Precision
-    data: Dataset
-    train_batches: WindowSampler
-    val_batches: WindowSampler
+    data: Dataset | Blend
+    train_batches: WindowSampler | BlendSampler
+    val_batches: ValidationSets  # by dataset: one, or each of a blend's
     model: GPT
     optimizer: TrainingOptimizer  # hvdlm.optim: asked through its interface, never by its kind
     ema: WeightEMA | None
@@ -328,8 +329,7 @@ class Trainer:
     def tokens_trained(self) -> int:
         """Tokens of the training data used so far: the data position, exact also after a restart or an elastic
         resize on another number of replicas."""
-        data = self.train_batches.state_dict()
-        return (data["epoch"] * data["samples_per_epoch"] + data["position"]) * self.cfg.model.seq_len
+        return self.train_batches.consumed * self.cfg.model.seq_len
 
     # -- log ---------------------------------------------------------------------------------------------------
 
@@ -382,22 +382,30 @@ class Trainer:
             self.throughput.restart()  # evaluation is not training throughput
 
     def evaluate(self, step: int) -> float:
-        """The validation loss (with the EMA weights when there is an EMA), logged and kept in progress."""
+        """The validation loss (with the EMA weights when there is an EMA), logged and kept in progress; for a blend
+        each dataset's too (val_loss/NAME), and overall their mean weighted by the blend's shares."""
+        sets = self.val_batches
         with self.ema.applied() if self.ema else contextlib.nullcontext():
-            if self.pipeline:
-                # The replicas' losses averaged, as _validation_loss does.
-                val_replica = self.pipeline.validation_loss(self.val_batches, self.t.eval_batches)
-                val = jobwide.mean(val_replica, "val_loss")
-            else:
-                val = _validation_loss(self.model, self.val_batches, self.t.eval_batches, self.device, self.precision)
+            losses = {name: self._loss_on(batches) for name, batches in sets.samplers.items()}
+        val, by_name = sets.overall(losses), sets.by_name(losses)
         ppl = math.exp(min(val, 700))  # exp overflows a float past ~709
         self.logger.info(
-            f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}" + (" (EMA weights)" if self.ema else "")
+            f"step {step:>6} | val loss {val:.4f} | val ppl {ppl:.2f}"
+            + "".join(f" | {key.removeprefix('val_loss/')} {loss:.4f}" for key, loss in by_name.items())
+            + (" (EMA weights)" if self.ema else "")
         )
         tokens = self.tokens_trained()
-        self.logger.record({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
+        self.logger.record({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl, **by_name})
         self.progress["final_val_loss"] = val
         return val
+
+    def _loss_on(self, batches: WindowSampler) -> float:
+        """The validation loss on one dataset's evaluation batches, the mean over the replicas."""
+        if self.pipeline:
+            # The replicas' losses averaged, as _validation_loss does.
+            val_replica = self.pipeline.validation_loss(batches, self.t.eval_batches)
+            return jobwide.mean(val_replica, "val_loss")
+        return _validation_loss(self.model, batches, self.t.eval_batches, self.device, self.precision)
 
     # -- stop_or_checkpoint ------------------------------------------------------------------------------------
 
@@ -603,13 +611,12 @@ def _assemble(
     return trainer, init_note
 
 
-def _samplers(cfg: JobConfig, data: Dataset, topo: Topology) -> tuple[WindowSampler, WindowSampler]:
+def _samplers(
+    cfg: JobConfig, data: Dataset | Blend, topo: Topology
+) -> tuple[WindowSampler | BlendSampler, ValidationSets]:
     """This replica's training and validation batches; all TP ranks (and stages) of a replica see the same."""
-    t, seq_len = cfg.train, cfg.model.seq_len
-    return (
-        WindowSampler(data.train, seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
-        WindowSampler(data.val, seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed),
-    )
+    t = cfg.train
+    return make_samplers(data, cfg.model.seq_len, t.batch_size, topo.dp_rank, topo.dp, t.seed)
 
 
 def _tokens_per_step(cfg: JobConfig, topo: Topology) -> int:
@@ -669,9 +676,7 @@ def _banner(trainer: Trainer, start: Start) -> None:
         f"{trainer.device.type} in {t.precision}{_compiled(trainer.model)}, "
         f"{format_count(trainer.model.num_params())} parameters, "
         f"{trainer.throughput.tokens_per_step} tokens per step ({micro} micro-batch(es)), {mode} "
-        f"{t.optimizer}, data {format_count(len(data.train))} train / {format_count(len(data.val))} val "
-        f"{data.tokenizer.kind} tokens ({trainer.train_batches.samples_per_epoch:,} windows per epoch) from "
-        f"{data.path}"
+        f"{t.optimizer}, {describe_data(data, trainer.train_batches)}"
     )
     log.info(f"run directory: {trainer.run_dir}")
     if note := tokenizer_setting_note(trainer.cfg.data, data.meta):
@@ -727,14 +732,14 @@ def _node_exchange_comm():
     return MPI.COMM_WORLD
 
 
-def _load_dataset(cfg: JobConfig) -> Dataset:
+def _load_dataset(cfg: JobConfig) -> Dataset | Blend:
     """One rank per node prepares the built-in corpus on first use (atomically, so nodes sharing a file system
     cannot collide); every rank waits for all of them, then memory-maps the dataset."""
     # The agreement is the barrier too, and tells every rank about a failure on any node.
     with together("data_ready"):
         if hvd.local_rank() == 0:
             ensure_dataset(cfg.data, log=print if hvd.rank() == 0 else (lambda message: None))
-    return open_dataset(dataset_dir(cfg.data))
+    return open_blend(cfg.data) if cfg.data.blend else open_dataset(dataset_dir(cfg.data))
 
 
 # -- helpers without state -------------------------------------------------------------------------------------
