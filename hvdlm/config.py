@@ -217,9 +217,9 @@ class TrainConfig:
     watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
     commit_interval: int = 10  # launch --elastic: steps between in-memory commits (a lost worker costs those since)
     spike_rollback: bool = False  # a loss spike rolls the run back to the checkpoint before it and skips its data
-    spike_sigma: float = 5.0  # a spike: the loss above its running mean by this many running standard deviations
-    spike_steps: int = 3  # ... for this many steps in a row (one high batch is noise; a spike persists)
-    spike_window: int = 100  # span in steps of the running mean and variance (EMAs); judged after this many steps
+    spike_sigma: float = 5.0  # a step is high when its loss is this many noise std devs above the running mean
+    spike_steps: int = 3  # a spike: this many high steps in a row (one high batch is noise; a spike persists)
+    spike_window: int = 100  # span in steps of the loss's running mean and noise (EMAs); judged after this many steps
     spike_max_rollbacks: int = 3  # rollbacks in a row (a spike back before the last one was passed); then exit 65
 
 

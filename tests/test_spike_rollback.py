@@ -16,6 +16,9 @@ import pytest
 import torch
 from helpers import Result, cli_env, metrics, mpirun_argv, run_cli, run_process, sets, train_argv
 
+from hvdlm.config import load_config
+from hvdlm.errors import InputError
+from hvdlm.launch.elastic import refuse_unsupported
 from hvdlm.launch.restarts import failure_cause
 from hvdlm.runfiles import SPIKE_EXIT_CODE
 from hvdlm.training.spike import REL_STD_FLOOR, SpikeDetector
@@ -96,6 +99,12 @@ def test_nothing_is_judged_before_a_window_of_steps():
 def test_a_recurring_spike_is_not_restarted_by_launch():
     assert failure_cause(SPIKE_EXIT_CODE) is None
     assert failure_cause(1) is not None
+
+
+def test_elastic_refuses_spike_rollback():
+    cfg = load_config(None, ["train.spike_rollback=true", "train.checkpoint_interval=10"])
+    with pytest.raises(InputError, match="does not support train.spike_rollback"):
+        refuse_unsupported(cfg)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
