@@ -167,13 +167,15 @@ def _log_rollback(trainer, step: int, record: dict[str, Any], max_rollbacks: int
 
 def _recurred_message(spike: dict, t: TrainConfig, in_a_row: int) -> str:
     losses = ", ".join(f"{x:.4f}" for x in spike["losses"])
+    what = f"the loss spiked from step {spike['start']} ({losses}, against a running mean of {spike['mean']:.4f})"
+    if in_a_row:
+        what = f"{what.replace('spiked', 'spiked again', 1)} after {in_a_row} rollback(s) in a row"
     return (
-        f"the loss spiked again from step {spike['start']} ({losses}, against a running mean of "
-        f"{spike.get('mean', float('nan')):.4f}) after {in_a_row} rollback(s) in a row (train.spike_max_rollbacks = "
-        f"{t.spike_max_rollbacks}), so the run stops (exit {SPIKE_EXIT_CODE}). A spike that comes back on other data "
-        "follows the run, not the data: lower train.lr, raise train.warmup_steps or set train.grad_clip, then "
-        "continue with --resume auto (the checkpoints from before the spike are intact). If the rise is expected "
-        "(a new data mix), raise train.spike_sigma or turn train.spike_rollback off."
+        f"{what} (train.spike_max_rollbacks = {t.spike_max_rollbacks}), so the run stops (exit {SPIKE_EXIT_CODE}). "
+        "A spike that comes back on other data follows the run, not the data: lower train.lr, raise "
+        "train.warmup_steps or set train.grad_clip, then continue with --resume auto (the checkpoints from before "
+        "the spike are intact). If the rise is expected (a new data mix), raise train.spike_sigma or turn "
+        "train.spike_rollback off."
     )
 
 
