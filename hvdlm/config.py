@@ -235,6 +235,11 @@ class TrainConfig:
     watchdog_s: float = -1.0  # a rank with no progress this long ends the job (exit 124); 0: off; -1: 300 GPU, 900 CPU
     watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
     commit_interval: int = 10  # launch --elastic: steps between in-memory commits (a lost worker costs those since)
+    spike_rollback: bool = False  # a loss spike rolls the run back to the checkpoint before it and skips its data
+    spike_sigma: float = 5.0  # a step is high when its loss is this many noise std devs above the running mean
+    spike_steps: int = 3  # a spike: this many high steps in a row (one high batch is noise; a spike persists)
+    spike_window: int = 100  # span in steps of the loss's running mean and noise (EMAs); judged after this many steps
+    spike_max_rollbacks: int = 3  # rollbacks in a row (a spike back before the last one was passed); then exit 65
 
 
 @dataclass
@@ -533,6 +538,9 @@ POSITIVE = (
     "train.log_interval",
     "train.eval_batches",
     "train.commit_interval",
+    "train.spike_sigma",
+    "train.spike_steps",
+    "train.spike_window",
     "launch.np",
     "train.accumulation_steps",
     "train.zero_bucket_mb",
@@ -560,6 +568,7 @@ NON_NEGATIVE = (
     "train.momentum",
     "train.muon_momentum",
     "train.watchdog_first_s",
+    "train.spike_max_rollbacks",
     "launch.fusion_threshold_mb",
     "slurm.gpus_per_node",
     "slurm.ntasks_per_node",
@@ -728,6 +737,7 @@ def _check_combinations(t: TrainConfig, p: ParallelConfig) -> None:
         )
     _check_zero(t)
     _check_muon(t)
+    _check_spike_rollback(t)
     if t.compile == "on" and p.tp > 1:
         raise InputError(
             'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
@@ -765,6 +775,23 @@ def _check_pipeline(config: JobConfig) -> None:
     for key, (bad, why) in refused.items():
         if bad:
             raise InputError(f"{key} with parallel.pp = {p.pp} is not supported: {why}. Or use parallel.pp = 1.")
+
+
+def _check_spike_rollback(t: TrainConfig) -> None:
+    """train.spike_rollback goes back to a checkpoint from before the spike: there must be one to go back to."""
+    if not t.spike_rollback:
+        return
+    if not t.checkpoint_interval:
+        raise InputError(
+            "train.spike_rollback = true needs periodic checkpoints to roll back to, and train.checkpoint_interval is "
+            "0 (only the final one is written). Set train.checkpoint_interval (e.g. 100), or spike_rollback = false."
+        )
+    if t.keep_checkpoints == 1:
+        raise InputError(
+            "train.spike_rollback = true with train.keep_checkpoints = 1 keeps only the newest checkpoint, which may "
+            "be one written during the spike, with nothing older to roll back to. Set keep_checkpoints to 2 or more "
+            "(0 keeps all), or spike_rollback = false."
+        )
 
 
 def _check_muon(t: TrainConfig) -> None:
@@ -831,6 +858,9 @@ _MAXIMA: dict[str, int] = {
     "train.local_sgd_interval": _STEPS,
     "train.commit_interval": _STEPS,
     "train.max_skipped_steps": _STEPS,
+    "train.spike_steps": _STEPS,
+    "train.spike_window": _STEPS,
+    "train.spike_max_rollbacks": 2**20,
     "train.eval_batches": 2**20,
     "train.sample_tokens": 2**20,
     "train.profile_steps": _STEPS,

@@ -14,8 +14,9 @@ outside (hvdlm.watch, hvdlm.checkpoint), what starts one (hvdlm.launch, the CLI)
     heartbeats/      the watchdog's rank-N.json, one per rank (HEARTBEAT_DIR; hvdlm.training.watchdog)
 
 The exit codes a launcher, a batch script and `hvdlm launch --max-restarts` act on: 0 done, 2 bad input
-(hvdlm.errors.InputError.exit_code), REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE, and 128 + the signal of a rank stopped
-by an interrupt (INTERRUPTED_EXIT_CODE for Ctrl-C); `hvdlm launch --elastic` adds WORKERS_LOST_EXIT_CODE.
+(hvdlm.errors.InputError.exit_code), REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE, SPIKE_EXIT_CODE (SpikeRecurred), and
+128 + the signal of a rank stopped by an interrupt (INTERRUPTED_EXIT_CODE for Ctrl-C); `hvdlm launch --elastic`
+adds WORKERS_LOST_EXIT_CODE.
 
 status.json is how `hvdlm runs` tells a live run from a dead one and a clean stop from a failure without guessing
 from file times. Rank 0 writes it (atomically) as the run starts, with state RUNNING and the process that runs
@@ -49,6 +50,11 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports of a command s
 # blacklists the whole host of a failed worker and stops when every host is blacklisted (on one host, at the first
 # worker's death). The run's newest checkpoint is intact; `--resume auto` continues it.
 WORKERS_LOST_EXIT_CODE = 69
+# EX_DATAERR from sysexits.h. With train.spike_rollback, a loss spike that came back after
+# train.spike_max_rollbacks rollbacks in a row (or one with no checkpoint from before it to go back to) stops the
+# run: going on, or restarting, would spike again. Neither `hvdlm launch --max-restarts` nor slurm.max_restarts
+# restarts it; the checkpoints from before the spike are intact.
+SPIKE_EXIT_CODE = 65
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -74,6 +80,13 @@ class StoppedAtCheckpoint(Exception):
     def __init__(self, exit_code: int = REQUEUE_EXIT_CODE) -> None:
         super().__init__()
         self.exit_code = exit_code
+
+
+class SpikeRecurred(InputError):
+    """A loss spike that train.spike_rollback may no longer roll back: every rank stops, and the CLI prints the
+    message as it prints bad input (one paragraph, no traceback) but exits with SPIKE_EXIT_CODE."""
+
+    exit_code = SPIKE_EXIT_CODE
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:

@@ -53,7 +53,7 @@ class _Group(click.Group):
         except InputError as e:
             if _is_rank0():
                 click.echo(f"Error: {e}", err=True)
-            ctx.exit(InputError.exit_code)
+            ctx.exit(e.exit_code)  # 2; a subclass may have its own (hvdlm.runfiles.SpikeRecurred)
         except StoppedAtCheckpoint as e:  # the checkpoint is written; the batch script requeues on exit code 75
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:

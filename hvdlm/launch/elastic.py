@@ -152,10 +152,11 @@ def refuse_unsupported(cfg) -> None:
         ("train.ema_decay", t.ema_decay, "its state is not in elastic's commits"),
         ("train.local_sgd_interval", t.local_sgd_interval, "its state is not in elastic's commits"),
         ("train.zero", t.zero, "its optimizer slices are cut for one number of replicas"),
+        ("train.spike_rollback", t.spike_rollback, "a rollback reloads a checkpoint, which elastic's commits miss"),
     ]
     for key, value, why in unsupported:
         if value:
             raise InputError(
-                f"--elastic does not support {key} ({why}). Set it to 0, or use --max-restarts N, which restarts "
-                "from checkpoints that hold the whole state."
+                f"--elastic does not support {key} ({why}). Turn it off (0, false), or use --max-restarts N, which "
+                "restarts from checkpoints that hold the whole state."
             )

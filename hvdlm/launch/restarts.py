@@ -1,8 +1,9 @@
 """`hvdlm launch --max-restarts N`: after a failure, start the job again from its newest complete checkpoint, at
 most N times, with fewer data-parallel replicas when fewer ranks are left (a host gone from the hostfile).
 
-What counts as a failure: any exit but success (0), bad input (2: the same input fails the same way again) and a
-stop asked for by a signal (preemption and Ctrl-C, handled as without restarts: a checkpoint and a clear exit).
+What counts as a failure: any exit but success (0), bad input (2: the same input fails the same way again), a loss
+spike that kept coming back (hvdlm.runfiles.SPIKE_EXIT_CODE: it would again) and a stop asked for by a signal
+(preemption and Ctrl-C, handled as without restarts: a checkpoint and a clear exit).
 The watchdog's exit (hvdlm.runfiles.WATCHDOG_EXIT_CODE) and a rank killed by a signal are failures.
 Every restart is a line of RUN_DIR/restarts.jsonl: when, why (the cause and exit code), from which checkpoint
 step, on how many ranks.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.errors import InputError
-from hvdlm.runfiles import REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE
+from hvdlm.runfiles import REQUEUE_EXIT_CODE, SPIKE_EXIT_CODE, WATCHDOG_EXIT_CODE
 
 RESTARTS_FILE = "restarts.jsonl"
 ACCUMULATION = "train.accumulation_steps"  # a step's micro-batches; with pipeline stages, parallel.microbatches
@@ -41,8 +42,9 @@ class AttemptSize:
 
 
 def failure_cause(code: int) -> str | None:
-    """Why an attempt that exited `code` failed; None when it did not (success, bad input, preemption)."""
-    if code in (0, 2, REQUEUE_EXIT_CODE):
+    """Why an attempt that exited `code` failed; None when it did not (success, bad input, preemption) or when a
+    restart would fail alike (a loss spike that kept coming back)."""
+    if code in (0, 2, REQUEUE_EXIT_CODE, SPIKE_EXIT_CODE):
         return None
     if code == WATCHDOG_EXIT_CODE:
         return "the watchdog ended a rank that made no progress (its report is above)"

@@ -31,7 +31,7 @@ from hvdlm.launch.commands import (
     rank_env,
 )
 from hvdlm.launch.shell import HOSTNAME, ShellVar, check_name, check_text, join
-from hvdlm.runfiles import REQUEUE_EXIT_CODE
+from hvdlm.runfiles import REQUEUE_EXIT_CODE, SPIKE_EXIT_CODE
 
 # Slurm's --time forms (sbatch(1)): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds; ASCII digits ([0-9], not \d, which takes any script's digits).
@@ -487,17 +487,20 @@ _RESTART_RECORD = '{"restart": %d, "time": "%s", "cause": "exit status %s", "exi
 
 def _failure_lines(max_restarts: int, run_dir: str) -> list[str]:
     """slurm.max_restarts: requeue a failed run (a rank died, the watchdog ended it), which resumes from its
-    newest checkpoint; not after success or bad input (exit 2). SLURM_RESTART_COUNT counts every requeue of the
+    newest checkpoint; not after success, bad input (exit 2) or a loss spike that kept coming back
+    (SPIKE_EXIT_CODE: it would again). SLURM_RESTART_COUNT counts every requeue of the
     job, preemptions too."""
     if not max_restarts:
         return []
     run_dir_word = run_dir.rendered() if isinstance(run_dir, ShellVar) else shlex.quote(run_dir)
     count = "${SLURM_RESTART_COUNT:-0}"
     return [
-        f"# slurm.max_restarts = {max_restarts}: a failed run (not bad input, exit 2) is requeued and resumes from "
-        "its newest",
-        "# checkpoint, while the job's requeues (SLURM_RESTART_COUNT, preemptions included) are fewer.",
-        f'if [ "$status" != 0 ] && [ "$status" != 2 ] && [ "{count}" -lt {max_restarts} ]; then',
+        f"# slurm.max_restarts = {max_restarts}: a failed run (not bad input, exit 2, nor a recurring loss spike, "
+        f"exit {SPIKE_EXIT_CODE})",
+        "# is requeued and resumes from its newest checkpoint, while the job's requeues (SLURM_RESTART_COUNT,",
+        "# preemptions included) are fewer.",
+        f'if [ "$status" != 0 ] && [ "$status" != 2 ] && [ "$status" != {SPIKE_EXIT_CODE} ] && '
+        f'[ "{count}" -lt {max_restarts} ]; then',
         f'    echo "hvdlm: the run failed (exit status $status): requeueing job ${{SLURM_JOB_ID}} (restart $(({count} '
         f'+ 1)) of {max_restarts}), which resumes from its newest checkpoint"',
         f'    printf {shlex.quote(_RESTART_RECORD)} "$(({count} + 1))" "$(date +%Y-%m-%dT%H:%M:%S%z)" '

@@ -8,6 +8,8 @@ Nothing is imported here: `hvdlm.training.preemption` is read by the CLI, which 
 - precision: autocast and the fp16 gradient scaler;
 - pipeline: a pipeline stage's part of each step;
 - verdict: whether a step is skipped;
+- spike: the loss-spike rule (train.spike_rollback) and its test hook;
+- rollback: going back to the checkpoint before a loss spike, past its data;
 - ema: the moving average of the weights;
 - memory, memory_account: whether the model fits, and what a rank holds;
 - flops: FLOPs and MFU;

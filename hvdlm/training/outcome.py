@@ -42,7 +42,7 @@ def how_it_ended(error: BaseException | None) -> tuple[str, int, str | None]:
         cause = f"{state} ({received_signal() or 'a signal to another rank'}); the checkpoint of its step is written"
         return state, error.exit_code, cause
     if isinstance(error, InputError):
-        return FAILED, InputError.exit_code, str(error)
+        return FAILED, error.exit_code, str(error)
     if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: ended at once, without a checkpoint
         return INTERRUPTED, INTERRUPTED_EXIT_CODE, "interrupted at once (a second Ctrl-C), without a checkpoint"
     if isinstance(error, SystemExit):

@@ -59,8 +59,11 @@ class Stop(IntEnum):
 
     NO = 0
     PREEMPTED = 1  # SIGUSR1 / SIGTERM: checkpoint, exit REQUEUE_EXIT_CODE
-    NON_FINITE = 2  # too many non-finite steps in a row: exit 2 with advice
-    WRITE_FAILED = 3  # rank 0 could not write the run's metrics (a full disk): exit 2, naming the file
+    # A loss spike (hvdlm.training.rollback): back to a checkpoint from before it. Above PREEMPTED, so that a run
+    # preempted mid-spike rolls back first and checkpoints the healthy state (the signal still stops it after).
+    SPIKE = 2
+    NON_FINITE = 3  # too many non-finite steps in a row: exit 2 with advice
+    WRITE_FAILED = 4  # rank 0 could not write the run's metrics (a full disk): exit 2, naming the file
 
 
 class Preempted(StoppedAtCheckpoint):

@@ -64,6 +64,8 @@ from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.profiling import StepProfiler
 from hvdlm.training.resume import Start, agree_on_start, check_compatible, check_same_global_batch, prepare_run_dir
+from hvdlm.training.rollback import SpikeGuard, spike_guard
+from hvdlm.training.spike import injected_lr_factor
 from hvdlm.training.verdict import Verdict, decides_on_device, non_finite_flags
 from hvdlm.training.watchdog import Watchdog, start_watchdog
 from hvdlm.units import format_count
@@ -108,9 +110,10 @@ def _train(
             profiler = StepProfiler(
                 t.profile_steps, t.log_interval, trainer.first_step, trainer.run_dir, trainer.device, hvd.rank()
             )
-            for step in range(trainer.first_step, t.max_steps):
+            step = trainer.first_step
+            while step < t.max_steps:  # a spike rollback (train.spike_rollback) takes the step back
                 with profiler.around(step):
-                    run_step(trainer, watchdog, step)
+                    step = run_step(trainer, watchdog, step)
             profiler.finish()  # the run ended before the last recorded step
     finally:
         trainer.logger.close()
@@ -122,16 +125,19 @@ def _train(
     return trainer.run_dir
 
 
-def run_step(trainer: Trainer, watchdog: Watchdog, step: int) -> None:
-    """One step's phases, each announced to the watchdog."""
+def run_step(trainer: Trainer, watchdog: Watchdog, step: int) -> int:
+    """One step's phases, each announced to the watchdog; the step to go on from (after a spike rollback, the
+    checkpoint's)."""
     watchdog.beat("train_step", step + 1)
     outcome = trainer.train_step(step)
     watchdog.beat("log", step + 1)
     trainer.log(outcome)
+    if trainer.spikes:
+        trainer.spikes.observe(trainer, outcome.done, outcome.loss, outcome.mean_loss)
     watchdog.beat("evaluate", step + 1)
     trainer.evaluate_if_due(outcome.done)
     watchdog.beat("stop_or_checkpoint", step + 1)
-    trainer.stop_or_checkpoint(outcome.done)
+    return trainer.stop_or_checkpoint(outcome.done)
 
 
 @dataclass
@@ -144,6 +150,7 @@ class StepOutcome:
     grad_norm: torch.Tensor
     verdict: Verdict  # whether the step was skipped (a non-finite loss or gradient norm), read when first asked
     counted: bool = False  # the verdict is in progress["skipped_in_a_row"] (Trainer._count)
+    mean_loss: float | None = None  # the global batch's loss, where a log row read it
 
     @property
     def problem(self) -> str | None:
@@ -198,6 +205,7 @@ class Trainer:
     pending: StepOutcome | None = None
     step_bytes: dict = field(default_factory=dict)  # payload bytes of the last step's TP and pipeline collectives
     status: RunStatus = field(default_factory=RunStatus)  # rank 0's status.json (hvdlm.training.outcome)
+    spikes: SpikeGuard | None = None  # train.spike_rollback: the loss-spike detector and rollback
 
     def __post_init__(self) -> None:
         self.vote = StopVote(hvd.size())
@@ -223,7 +231,7 @@ class Trainer:
         if self.logger.failure:
             self.vote.local = Stop.WRITE_FAILED
         self.vote.start()
-        lr = lr_at(step, t, self.topo.dp)
+        lr = lr_at(step, t, self.topo.dp) * injected_lr_factor(step + 1)  # (a test's spike, hvdlm.training.spike)
         self.optimizer.set_lr(lr)
         meter = ActivationMeter(self.model) if self.memory is None else None
         groups = {"tp_bytes_per_step": self.topo.tp_group, "pp_bytes_per_step": self.topo.pp_group}
@@ -339,7 +347,7 @@ class Trainer:
         if done % self.t.log_interval == 0 or done == self.t.max_steps:
             # The logged loss is the mean over ranks, i.e. the loss of the global batch. Every rank joins, whatever
             # its own step did (local SGD and fp16 replicas may differ on skipping).
-            mean_loss = jobwide.mean(outcome.loss, "train_loss")
+            mean_loss = outcome.mean_loss = jobwide.mean(outcome.loss, "train_loss")
             self._count(outcome)  # read now: the loss above waited for the step anyway
             if outcome.problem is None:  # a skipped step has its own row
                 self._log_row(outcome, mean_loss)
@@ -409,9 +417,10 @@ class Trainer:
 
     # -- stop_or_checkpoint ------------------------------------------------------------------------------------
 
-    def stop_or_checkpoint(self, done: int) -> None:
+    def stop_or_checkpoint(self, done: int) -> int:
         """Read the stop vote (the same on every rank, so every rank takes the same branch), then stop with an
-        error (too many skipped steps), stop with a checkpoint (preemption), or save on the interval."""
+        error (too many skipped steps), roll back (a loss spike), stop with a checkpoint (preemption), or save on
+        the interval; returns the step to go on from."""
         t = self.t
         reason = self.vote.result()
         if reason == Stop.WRITE_FAILED:
@@ -424,6 +433,8 @@ class Trainer:
         counted_alike = not t.local_sgd_interval and not self.precision.scaler.is_enabled()
         if reason == Stop.NON_FINITE or (self.vote.local == Stop.NON_FINITE and counted_alike):
             raise self._too_many_skipped(done)
+        if reason == Stop.SPIKE:  # before any save: the weights are the spike's
+            return self.spikes.roll_back(self, done)
         self.stop_requested = self.stop_requested or reason == Stop.PREEMPTED
         # Local SGD replicas agree only where they average, so a preempted one runs on to that point.
         at_sync_point = not t.local_sgd_interval or done % t.local_sgd_interval == 0
@@ -438,6 +449,7 @@ class Trainer:
             raise Preempted()
         if self.checkpoints.due(done):
             self.checkpoints.save(done, self)
+        return done
 
     def _too_many_skipped(self, done: int) -> InputError:
         return InputError(
@@ -533,6 +545,7 @@ def setup(
     # The rest of the checkpoint: a data position for other data, say, is refused before anything is written.
     with together("state_loaded"):
         trainer.first_step = _restore(trainer, start)
+    trainer.spikes = spike_guard(t, trainer.progress)  # with a checkpoint's detector state
     resume_step = trainer.first_step if resume is not None else None  # 0: resumed, but nothing to resume yet
     prepare_run_dir(start, cfg.to_toml(), resume_step)
     trainer.status = status or RunStatus()

@@ -53,9 +53,10 @@ if [ "$status" = 75 ]; then
     echo "hvdlm: scontrol requeue failed: submit this script again to resume from the checkpoint" >&2
     exit 75
 fi
-# slurm.max_restarts = 2: a failed run (not bad input, exit 2) is requeued and resumes from its newest
-# checkpoint, while the job's requeues (SLURM_RESTART_COUNT, preemptions included) are fewer.
-if [ "$status" != 0 ] && [ "$status" != 2 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt 2 ]; then
+# slurm.max_restarts = 2: a failed run (not bad input, exit 2, nor a recurring loss spike, exit 65)
+# is requeued and resumes from its newest checkpoint, while the job's requeues (SLURM_RESTART_COUNT,
+# preemptions included) are fewer.
+if [ "$status" != 0 ] && [ "$status" != 2 ] && [ "$status" != 65 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt 2 ]; then
     echo "hvdlm: the run failed (exit status $status): requeueing job ${SLURM_JOB_ID} (restart $((${SLURM_RESTART_COUNT:-0} + 1)) of 2), which resumes from its newest checkpoint"
     printf '{"restart": %d, "time": "%s", "cause": "exit status %s", "exit_code": %s, "slurm_job": "%s"}\n' "$((${SLURM_RESTART_COUNT:-0} + 1))" "$(date +%Y-%m-%dT%H:%M:%S%z)" "$status" "$status" "${SLURM_JOB_ID}" >> /shared/runs/demo/restarts.jsonl || true
     scontrol requeue "${SLURM_JOB_ID}" && exit 0
