@@ -270,7 +270,7 @@ def spec_from_config(cfg: JobConfig, job_file: str, overrides: SlurmOverrides) -
     check_tp_layout(
         cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks, pp=cfg.parallel.pp
     )
-    check_gpus_per_node(cfg.train.device, tasks, gpus)
+    check_gpus_per_node(cfg.train.device, tasks, gpus, share=cfg.train.share_gpu)
     venv = cli.venv
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")
