@@ -11,7 +11,8 @@ line of figures, and exits 1 when a check failed (0 when all passed, or the phas
   does to this model in these steps), plus 8 bf16 units of rounding (8 x 2^-9) for the first steps, where that
   distance is near 0 (tests/tp_bf16_checks.py's rule); a wrong sum or a lost message moves a loss by far more.
   TP and PP bytes per step as hvdlm.plan.counts counts them, which CPU runs match exactly (bench/plan_check.py),
-  and the path the CUDA collectives took: CUDA-aware MPI, or staged through host memory.
+  and the path the CUDA collectives took: CUDA-aware MPI, or staged through host memory (where MPI says it is
+  CUDA-aware, TP=2 runs once more with the host path forced, HVDLM_MPI_CUDA_AWARE=0: both paths checked).
 - multigpu: with 2 or more GPUs (else skipped, saying so): DP=2 over NCCL against one GPU at the same global batch
   (one rank accumulating two micro-batches: the same kernels' shapes), fp32 within 1e-5 and bf16 within its noise;
   TP=2 and PP=2 (fp32, 1e-5) against one GPU; ZeRO-1 and ZeRO-2 against DP=2 (fp32, 1e-6), the tolerances the CPU
@@ -221,7 +222,7 @@ class Phase:
     checks: list[Check] = field(default_factory=list)
     figures: dict = field(default_factory=dict)
 
-    def launch(self, name: str, np: int, sets: list[str]) -> Run:
+    def launch(self, name: str, np: int, sets: list[str], env: dict | None = None) -> Run:
         """`hvdlm launch` of np ranks on this machine; the run's rows and its output's tail. A finished run of the
         same name, ranks and settings in the work folder (another phase's: share's and multigpu's one-rank runs)
         is taken as it is: device time is the scarce thing."""
@@ -232,14 +233,15 @@ class Phase:
         argv = [sys.executable, "-m", "hvdlm", "launch", str(job), "--np", str(np), "--run-dir", str(run_dir)]
         argv += [a for s in every for a in ("--set", s)]
         metrics = run_dir / "metrics.jsonl"
-        key = json.dumps({"argv": argv[1:], "env": self.env})
+        env = {**self.env, **(env or {})}
+        key = json.dumps({"argv": argv[1:], "env": env})
         if record.exists() and record.read_text() == key and metrics.exists():
             print(f"  {name}: taken from an earlier phase's run in {self.work}", flush=True)
             return Run(name, 0, _rows(metrics))
         record.unlink(missing_ok=True)
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.time()
-        proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **self.env}, capture_output=True, text=True)
+        proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
         (self.work / f"{name}.log").write_text(proc.stdout + proc.stderr)
         rows = _rows(metrics) if metrics.exists() else []
         if proc.returncode == 0:
@@ -338,8 +340,12 @@ def share(phase: Phase, steps: int) -> None:
     phase.figures.update(bf16_tolerance=tolerance, path=collective_path(phase.device, phase.env))
     phase.figures["gpus"] = gpu_count() if phase.device == "cuda" else 0
     print(f"  collectives: {phase.figures['path']}", flush=True)
+    forced = {}
+    if phase.figures["path"].startswith("cuda-mpi"):  # the library reads device memory: its host path too, forced
+        layouts["tp2_host"] = layouts["tp2"]
+        forced["tp2_host"] = {"HVDLM_MPI_CUDA_AWARE": "0"}
     for name, (np, sets, tp, pp) in layouts.items():
-        run = phase.launch(name, np, [*base, *sets, "train.precision=bf16", "train.share_gpu=true"])
+        run = phase.launch(name, np, [*base, *sets, "train.precision=bf16", "train.share_gpu=true"], forced.get(name))
         if not phase.ran(run):
             continue
         phase.checks.append(compare_losses(f"{name} losses vs one rank (bf16)", one.losses, run.losses, tolerance))

@@ -198,7 +198,7 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov) of the matrices' gradients
     scale_lr: bool = False  # multiply lr and min_lr by the number of replicas (dp), for a batch that grows with it
     accumulation_steps: int = 1  # micro-batches per optimizer step; gradients are allreduced on the last one only
-    precision: Precision = "fp32"  # bf16: autocast, CPU and GPU; fp16: autocast and a gradient scaler, GPU; fp8: Hopper
+    precision: Precision = "fp32"  # bf16: autocast, CPU and GPU; fp16: + gradient scaler, GPU; fp8: Hopper + torchao
     grad_compression: GradCompression = "none"  # fp16: Horovod sends gradients as fp16 (GPU tensors only)
     ema_decay: float = 0.0  # exponential moving average of the weights, used for evaluation; 0 disables
     local_sgd_interval: int = 0  # >0: local SGD, replicas step alone and average weights every this many steps
@@ -209,7 +209,7 @@ class TrainConfig:
     profile_steps: int = 0  # rank 0 records this many steps with torch.profiler: RUN_DIR/profile.txt
     peak_tflops: float = 0.0  # the device's peak for MFU, in TFLOP/s; 0: known GPUs by name, none on CPU
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
-    share_gpu: bool = False  # let ranks share a GPU: layouts without NCCL only (dp = 1: TP / PP, no ZeRO); checks
+    share_gpu: bool = False  # ranks may share a GPU (checks, workstations): dp = 1 (TP / PP), no ZeRO, no NCCL used
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     fused_optimizer: Switch = "auto"  # one kernel updates every parameter, a skip decided on the device; auto: GPUs
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
