@@ -107,6 +107,18 @@ def test_launch_lets_shared_ranks_onto_one_gpu_and_refuses_replicas():
         check_gpus_per_node("cuda", 2, 1)
 
 
+def test_sbatch_puts_shared_ranks_on_fewer_gpus_and_refuses_replicas(tmp_path):
+    from hvdlm.launch.sbatch import SlurmOverrides, spec_from_config
+
+    job = tmp_path / "job.toml"
+    job.write_text('[train]\nshare_gpu = true\ndevice = "cuda"\n[parallel]\ntp = 2\n[model]\nn_head = 2\n')
+    cfg = load_config(job)
+    one_node = SlurmOverrides(nodes=1, gpus_per_node=1, ntasks_per_node=2, venv="")
+    assert spec_from_config(cfg, str(job), one_node).ntasks_per_node == 2  # 2 tasks, 1 GPU: one TP pair on it
+    with pytest.raises(InputError, match="2 data-parallel replicas"):
+        spec_from_config(cfg, str(job), SlurmOverrides(nodes=2, gpus_per_node=1, ntasks_per_node=2, venv=""))
+
+
 def test_ranks_refuse_replicas_with_sharing_exit_2_before_writing(job, tmp_path, cache_dir):
     """Started by mpirun directly (no `hvdlm launch` to check first): the ranks find dp = 2 and refuse."""
     run = tmp_path / "run"
