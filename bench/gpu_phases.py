@@ -481,6 +481,9 @@ def steady(run: Run) -> dict:
         "memory_mb": max(r["memory_mb"] for r in rows),
         "loss_last": rows[-1]["loss"],
         "steps": rows[-1]["step"],
+        # hvdlm's own account of the memory (weights, gradients, optimizer state, saved activations): what the peak
+        # holds beyond them is the allocator's and the compiled graphs' (where a gap to the plain loop would lie)
+        "account_mb": {k: rows[-1].get(k) for k in ("params_mb", "grads_mb", "optimizer_mb", "activations_mb")},
     }
 
 

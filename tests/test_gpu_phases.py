@@ -185,5 +185,6 @@ def test_large_reports_hvdlm_against_the_plain_loop_and_fp8_its_refusal(dry_run)
     large = phase_json(work, "large")
     assert large["hvdlm"]["tokens_per_s"] > 0 and large["plain"]["tokens_per_s"] > 0
     assert large["hvdlm"]["steps"] == 6
+    assert large["hvdlm"]["account_mb"]["params_mb"] > 0  # hvdlm's memory account beside its peak
     fp8 = phase_json(work, "fp8")
     assert "CPUs have no FP8" in fp8["skipped"]
