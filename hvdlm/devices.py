@@ -1,6 +1,6 @@
-"""Which device each node-local rank takes: one GPU per rank, never two ranks on one GPU; the CPU where none is
-visible. Pure: numbers and device identities in, a `DeviceChoice` out, so that every node shape is tested without
-a GPU.
+"""Which device each node-local rank takes: one GPU per rank, never two ranks on one GPU (unless the job says
+train.share_gpu and needs no NCCL communicator); the CPU where none is visible. Pure: numbers and device identities
+in, a `DeviceChoice` out, so that every node shape is tested without a GPU.
 
 Why a module of its own, directly in hvdlm/: the rank's program (hvdlm.training.device.pick_device asks
 torch and the node's other ranks for the inputs, then applies the choice) and `hvdlm doctor` on a login node
@@ -13,6 +13,13 @@ one device, ordinal 0, a different physical GPU for each), and `cuda:local_rank`
 ordinal"; or two ranks really would share a GPU (`make demo`'s 2 ranks on a 1-GPU workstation), which NCCL
 refuses ("Duplicate GPU detected") and which would in any case halve each rank's memory. Counts alone cannot tell
 these apart; the physical identities (UUIDs) of the devices each rank sees can, so the node's ranks exchange them.
+
+Sharing on purpose (train.share_gpu): NCCL is what refuses two ranks on one GPU, and only Horovod's GPU collectives
+build NCCL communicators. A layout with one replica (dp = 1: tensor or pipeline parallelism only) sends its own
+collectives over MPI (mpi4py) and steps torch's optimizer, so its ranks can share a GPU: a check of TP or PP on a
+one-GPU machine, or a small workstation. `check_share_gpu` refuses the layouts that would need NCCL.
+
+FP8 (train.precision = "fp8"): `fp8_refusal` says why a device cannot train in it (torch-free, like the rest).
 """
 
 from __future__ import annotations
@@ -50,15 +57,18 @@ def choose_device(
     *,
     views: Sequence[Sequence[str]] | None = None,
     gpus_required: bool = False,
+    share: bool = False,
 ) -> DeviceChoice:
     """The device of node-local rank `local_rank` of `local_size`, which sees `visible` CUDA devices.
 
     `views`, when known: for every local rank (in local-rank order), the identities (UUIDs) of the devices it sees,
     in ordinal order. With them, ranks narrowed to their own GPUs are told apart from ranks that would share one;
     without them, fewer visible GPUs than ranks is taken as sharing. `gpus_required`: no visible GPU is an error
-    (a GPU job on a CPU-only machine) instead of the CPU.
+    (a GPU job on a CPU-only machine) instead of the CPU. `share` (train.share_gpu): ranks that cannot have a GPU
+    each share them instead (see assign_gpus).
 
-    Raises InputError when two ranks would share a GPU, or a GPU is required and none is visible.
+    Raises InputError when two ranks would share a GPU (and `share` is off), or a GPU is required and none is
+    visible.
     """
     if not 0 <= local_rank < local_size:
         raise ValueError(f"local rank {local_rank} is not in [0, {local_size})")
@@ -71,15 +81,42 @@ def choose_device(
                 "nodes (in Slurm: slurm.gpus_per_node > 0), install a CUDA build of torch, or run on CPUs."
             )
         return DeviceChoice("cpu", None, deterministic, env)
+    index = assign_gpus(local_size, visible, views, share)[local_rank]
+    return DeviceChoice("cuda", index, deterministic, env)
+
+
+def assign_gpus(
+    local_size: int, visible: int, views: Sequence[Sequence[str]] | None = None, share: bool = False
+) -> list[int]:
+    """The CUDA ordinal of every local rank of a node (see choose_device for `views`).
+
+    One GPU each wherever the node has enough (share or not). Otherwise, with `share`, the ranks take the GPUs in
+    turn: local rank r takes ordinal r mod (the GPUs r sees), so 2 ranks on a 1-GPU host both take cuda:0 and
+    4 ranks on 2 GPUs take 0, 1, 0, 1; ranks narrowed to one GPU each keep theirs (ordinal 0). Without `share`,
+    two ranks on one GPU are refused.
+    """
     if views is not None:
         if len(views) != local_size:
             raise ValueError(f"{len(views)} device views for {local_size} local ranks")
-        index = _one_gpu_each(views)[local_rank]
-    elif visible >= local_size:
-        index = local_rank  # every rank sees the node's GPUs: one each, by local rank
-    else:
+        try:
+            return _one_gpu_each(views)
+        except _Sharing as sharing:
+            if not share:
+                raise _sharing_error(local_size, sharing.gpus) from None
+            return [r % len(view) for r, view in enumerate(views)]
+    if visible >= local_size:
+        return list(range(local_size))  # every rank sees the node's GPUs: one each, by local rank
+    if not share:
         raise _sharing_error(local_size, visible)
-    return DeviceChoice("cuda", index, deterministic, env)
+    return [r % visible for r in range(local_size)]
+
+
+class _Sharing(Exception):
+    """No GPU of its own for every rank: `gpus` distinct GPUs for more ranks."""
+
+    def __init__(self, gpus: int):
+        super().__init__(gpus)
+        self.gpus = gpus
 
 
 def _one_gpu_each(views: Sequence[Sequence[str]]) -> list[int]:
@@ -112,8 +149,7 @@ def _one_gpu_each(views: Sequence[Sequence[str]]) -> list[int]:
                 "between ranks?). Give every rank a GPU (srun --gpus-per-task=1 or --gpu-bind) or none."
             )
         if not place(rank, set()):
-            distinct = len({d for v in views for d in v})
-            raise _sharing_error(len(views), distinct)
+            raise _Sharing(len({d for v in views for d in v}))
     index = {rank: views[rank].index(dev) for dev, rank in owner.items()}
     return [index[rank] for rank in range(len(views))]
 
@@ -123,5 +159,71 @@ def _sharing_error(local_size: int, gpus: int) -> InputError:
         f"{local_size} ranks run on {socket.gethostname()} but they can reach only {gpus} GPU(s), so two ranks would "
         "share a GPU, which NCCL refuses (one rank per GPU is how hvdlm runs). Start at most "
         f"{gpus} rank(s) per node (--np, or slurm.ntasks_per_node / slurm.gpus_per_node), give each rank its own GPU "
-        "(srun --gpu-bind / CUDA_VISIBLE_DEVICES), or train on CPUs by hiding the GPUs (CUDA_VISIBLE_DEVICES=)."
+        "(srun --gpu-bind / CUDA_VISIBLE_DEVICES), or train on CPUs by hiding the GPUs (CUDA_VISIBLE_DEVICES=). "
+        "A layout with one replica (tensor or pipeline parallelism only, no ZeRO) may share a GPU on purpose: "
+        "train.share_gpu = true."
     )
+
+
+def check_share_gpu(dp: int | None, zero: int = 0, local_sgd_interval: int = 0) -> None:
+    """train.share_gpu = true: refuse what would need an NCCL communicator between ranks that may share a GPU.
+
+    `dp`: the job's replicas (world / (tp x pp)); None where the world size is not known yet (the job file alone).
+    Everything else such a layout sends goes over MPI: the TP and pipeline collectives (hvdlm.parallel), the job's
+    own agreements (jobwide), and with one replica the optimizer is torch's, wrapped by no Horovod.
+    """
+    needs = []
+    if dp is not None and dp > 1:
+        needs.append(
+            (
+                f"{dp} data-parallel replicas (world size / (parallel.tp x parallel.pp) = {dp}), whose gradients "
+                "Horovod averages over NCCL on GPUs",
+                "start parallel.tp x parallel.pp ranks (one replica)",
+            )
+        )
+    if zero:
+        needs.append((f"train.zero = {zero}, whose reduce-scatter and all-gather go through Horovod", "train.zero = 0"))
+    if local_sgd_interval:
+        needs.append(
+            (
+                "local SGD (train.local_sgd_interval > 0), which averages weights through Horovod",
+                "local_sgd_interval = 0",
+            )
+        )
+    if not needs:
+        return
+    what = "; ".join(n for n, _ in needs)
+    fixes = ", ".join(f for _, f in needs)
+    raise InputError(
+        f"train.share_gpu = true lets ranks share a GPU only where no NCCL communicator is needed (NCCL refuses two "
+        f"ranks on one GPU), but this job has {what}. Use {fixes}; or give each rank its own GPU and set "
+        "train.share_gpu = false (on CPU ranks the switch does nothing: leave it off)."
+    )
+
+
+# FP8 matmuls need the tensor cores of compute capability 8.9 (Ada) or 9.0 (Hopper) and later; hvdlm asks for
+# Hopper (H100 / H200), the GPUs it is measured on.
+FP8_CAPABILITY = (9, 0)
+
+
+def fp8_refusal(kind: str, capability: tuple[int, int] | None, has_torchao: bool) -> str | None:
+    """Why train.precision = "fp8" cannot run on this device (None: it can). `kind`: "cuda" or "cpu";
+    `capability`: the GPU's compute capability; `has_torchao`: torchao (its float8 training) imports."""
+    if kind != "cuda":
+        return (
+            'train.precision = "fp8" needs an NVIDIA Hopper GPU (H100 / H200, compute capability 9.0): CPUs have no '
+            'FP8 matmuls. Use precision = "bf16" on CPUs.'
+        )
+    if capability is None or tuple(capability) < FP8_CAPABILITY:
+        cap = ".".join(map(str, capability)) if capability else "unknown"
+        return (
+            f'train.precision = "fp8" needs an NVIDIA Hopper GPU or later (compute capability >= 9.0); this GPU\'s is '
+            f'{cap}, without FP8 tensor cores that hvdlm uses. Use precision = "bf16".'
+        )
+    if not has_torchao:
+        return (
+            'train.precision = "fp8" trains the linear layers through torchao\'s float8 training, and torchao does not '
+            "import here. Install it (pip install torchao; on an offline machine, carry its wheel: "
+            'bench/gpu_carry.sh), or use precision = "bf16".'
+        )
+    return None

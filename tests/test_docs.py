@@ -164,7 +164,7 @@ CODE = re.compile(r"```[^\n]*\n(.*?)```|`([^`\n]+)`", re.S)
 # A path into the repository's fixed folders (the top level is fixed: see docs/architecture.md).
 REPO_PATH = re.compile(r"(?<![\w./-])((?:jobs|hostfiles|bench|hvdlm|tests|docs)/[\w./*-]*)")
 # Paths the pages name as what a command writes, not as files of the repository.
-WRITTEN_BY_COMMANDS = ("bench/gpu-carry",)
+WRITTEN_BY_COMMANDS = ("bench/gpu-carry", "bench/gpu_wheels")  # filled by gpu_carry.sh, wheel_cache.py keep
 
 
 def named_paths(text: str) -> set[str]:

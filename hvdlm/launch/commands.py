@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdlm.config import JobConfig, LaunchConfig, SlurmConfig, check_choice, choices
+from hvdlm.devices import check_share_gpu
 from hvdlm.errors import InputError
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
 from hvdlm.launch.shell import ENV_VAR, NAME, ShellVar, check_name, check_text, join
@@ -208,14 +209,15 @@ def check_local_gpus(train_device: str, ranks_here: int, gpus_here: int, only_he
     )
 
 
-def check_gpus_per_node(train_device: str, tasks_per_node: int, gpus_per_node: int) -> None:
-    """Batch jobs: GPU nodes hold one rank per GPU (NCCL refuses two ranks on one GPU); a GPU job needs GPUs."""
+def check_gpus_per_node(train_device: str, tasks_per_node: int, gpus_per_node: int, share: bool = False) -> None:
+    """Batch jobs: GPU nodes hold one rank per GPU (NCCL refuses two ranks on one GPU; `share`: train.share_gpu
+    lets them share); a GPU job needs GPUs."""
     if train_device == "cuda" and gpus_per_node == 0:
         raise InputError(
             'train.device = "cuda" asks for GPUs, but the job asks Slurm for none (slurm.gpus_per_node = 0). '
             'Give --gpus-per-node N, or train on CPUs with --set train.device=cpu (or "auto").'
         )
-    if train_device != CPU and 0 < gpus_per_node < tasks_per_node:
+    if train_device != CPU and 0 < gpus_per_node < tasks_per_node and not share:
         raise InputError(
             f"--ntasks-per-node {tasks_per_node} is more than the {gpus_per_node} GPU(s) per node: hvdlm runs one "
             f"rank per GPU, and two ranks cannot share one (NCCL refuses it). Use --ntasks-per-node {gpus_per_node} "
@@ -488,6 +490,7 @@ class LaunchRequest:
     tp: int = 1  # parallel.tp: the rank layout must hold whole tensor-parallel groups
     pp: int = 1  # parallel.pp: ... and whole pipelines
     train_device: str = CPU  # the job's train.device ("auto" | "cuda" | "cpu"); CPU ranks when left out
+    share_gpu: bool = False  # train.share_gpu: ranks may share a GPU (one replica, no NCCL), checked here
 
     @classmethod
     def from_config(cls, cfg: JobConfig, launcher: str, np: int, program: list[str], **keys: Any) -> LaunchRequest:
@@ -500,6 +503,7 @@ class LaunchRequest:
             tp=cfg.parallel.tp,
             pp=cfg.parallel.pp,
             train_device=cfg.train.device,
+            share_gpu=cfg.train.share_gpu,
             **keys,
         )
 
@@ -556,6 +560,9 @@ def _check_devices(request: LaunchRequest, opts: LaunchOptions, per_host: list[i
     device, launcher = request.train_device, request.launcher
     gpus_here = (local_gpus() if gpus is None else gpus) if device != CPU else 0
     kind = rank_device(device, launcher, gpus_here, opts.slurm.gpus_per_node)
+    if request.share_gpu:  # the job's ranks may share this machine's GPUs: only their layout is checked
+        check_share_gpu(request.np // (request.tp * request.pp))
+        return kind
     if launcher != "srun":  # srun's ranks run on the allocation's nodes, whose GPUs Slurm hands out
         placed = list(zip(request.hosts or [Host(LOCALHOST, 0)], per_host))
         here = sum(count for host, count in placed if is_this_machine(host.name))

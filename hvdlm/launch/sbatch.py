@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hvdlm import __version__
 from hvdlm.config import JobConfig, SlurmConfig, check_choice, choices, parse_override
+from hvdlm.devices import check_share_gpu
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import (
     CPU,
@@ -270,7 +271,9 @@ def spec_from_config(cfg: JobConfig, job_file: str, overrides: SlurmOverrides) -
     check_tp_layout(
         cfg.parallel.tp, nodes * tasks, launcher, cfg.launch.controller, ranks_per_node=tasks, pp=cfg.parallel.pp
     )
-    check_gpus_per_node(cfg.train.device, tasks, gpus)
+    check_gpus_per_node(cfg.train.device, tasks, gpus, share=cfg.train.share_gpu)
+    if cfg.train.share_gpu:  # ranks sharing GPUs: one replica only (no NCCL)
+        check_share_gpu(nodes * tasks // (cfg.parallel.tp * cfg.parallel.pp))
     venv = cli.venv
     if venv is None:
         venv = sl.venv or (sys.prefix if sys.prefix != sys.base_prefix else "")

@@ -8,11 +8,14 @@
 
 A group of one returns at once (allreduce and allgather return the input tensor itself, no copy).
 
-`_route` is the one place that decides how a tensor travels:
+`route_for` is the one place that decides how a tensor travels:
 - CPU tensors: mpi4py on the group's communicator, handed numpy views of the tensors' memory (no copies);
 - CUDA tensors: the same when `MPI.Query_cuda_support()` says the MPI library is CUDA-aware (mpi4py reads
   `__cuda_array_interface__`), otherwise a Horovod collective over the group's process set (NCCL), or, on a
-  group without one (the pipeline's groups carry a few numbers per step), mpi4py on a host copy.
+  group without one, mpi4py on a host copy ("staged through host memory"): the pipeline's groups, which carry
+  a few numbers per step, and every group of a job whose ranks share a GPU (train.share_gpu: NCCL refuses two
+  ranks on one GPU, so their TP groups get no process set). HVDLM_MPI_CUDA_AWARE=0 or 1 overrides the MPI
+  library's answer (a library that claims CUDA support its transport lacks, or a check of the host path).
 
 16-bit floats: numpy has no bfloat16, mpi4py hands a bf16 buffer to MPI as MPI.BYTE (which MPI cannot sum), Open
 MPI has no sum for fp16 either, and Horovod 0.28.1's torch ops have no bfloat16 (horovod issue #4047). So
@@ -29,6 +32,7 @@ what the layers send without tracing.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -39,6 +43,9 @@ CPU_MPI, CUDA_MPI, CUDA_HOROVOD, CUDA_HOST = "cpu-mpi", "cuda-mpi", "cuda-horovo
 
 @functools.cache
 def _mpi_is_cuda_aware() -> bool:
+    override = os.environ.get("HVDLM_MPI_CUDA_AWARE", "")
+    if override in ("0", "1"):
+        return override == "1"
     from mpi4py import MPI
 
     try:
@@ -47,14 +54,17 @@ def _mpi_is_cuda_aware() -> bool:
         return False
 
 
-def _route(x: torch.Tensor, group: Group) -> str:
-    if not x.is_cuda:
+def route_for(is_cuda: bool, cuda_aware_mpi: bool, has_process_set: bool) -> str:
+    """How a tensor travels (see the module docstring): CPU_MPI, CUDA_MPI, CUDA_HOROVOD or CUDA_HOST."""
+    if not is_cuda:
         return CPU_MPI
-    if _mpi_is_cuda_aware():
+    if cuda_aware_mpi:
         return CUDA_MPI
-    if group.process_set is None:
-        return CUDA_HOST
-    return CUDA_HOROVOD
+    return CUDA_HOROVOD if has_process_set else CUDA_HOST
+
+
+def _route(x: torch.Tensor, group: Group) -> str:
+    return route_for(x.is_cuda, x.is_cuda and _mpi_is_cuda_aware(), group.process_set is not None)
 
 
 def _reduce_dtype(x: torch.Tensor, route: str) -> torch.dtype | None:
@@ -115,6 +125,8 @@ def allgather(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
     if group.size == 1:
         return x
     x = x.contiguous()
+    if _route(x, group) == CUDA_HOST:
+        return allgather(x.cpu(), group, dim).to(x.device)
     group.bytes_moved += x.numel() * x.element_size()
     words = _as_words(x)  # 16-bit floats travel as their bits: nothing is summed
     if _route(x, group) == CUDA_HOROVOD:
@@ -146,6 +158,8 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor
         return x
     if x.size(dim) % group.size:
         raise ValueError(f"size {x.size(dim)} along dim {dim} does not divide among {group.size} ranks")
+    if _route(x, group) == CUDA_HOST:
+        return reduce_scatter(x.cpu(), group, dim).to(x.device)
     # MPI's Reduce_scatter_block wants each rank's block contiguous: free along dim 0, a copy otherwise.
     blocks = x.contiguous() if dim % x.dim() == 0 else torch.stack(x.chunk(group.size, dim=dim)).contiguous()
     group.bytes_moved += blocks.numel() * blocks.element_size()

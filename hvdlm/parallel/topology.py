@@ -228,7 +228,7 @@ def elastic_job() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
-def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
+def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False, share_gpu: bool = False) -> Topology:
     """Initialise Horovod for a pp x dp x tp grid and build this rank's groups. Call once, on every rank.
 
     tp = pp = 1 initialises Horovod exactly as plain data parallelism does (`hvd.init()`), so any launcher works,
@@ -240,6 +240,10 @@ def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
     to IDLE_CYCLE_MS: its background thread coordinates the ranks over MPI every cycle, busy or not, and on CPU
     ranks that delays the main thread's TP and pipeline collectives (bench/tp_horovod.py: a TP=2 step 65 ms with
     Horovod idle at the 5 ms that hvdlm launch sets for CPU ranks, 44 ms at 100 ms, 43 ms without Horovod).
+
+    `share_gpu` (train.share_gpu: ranks may share a GPU): the TP group gets no Horovod process set, so its CUDA
+    collectives never build an NCCL communicator (which refuses two ranks on one GPU); they go over MPI, through
+    host memory where MPI is not CUDA-aware (hvdlm.parallel.collectives).
     """
     import horovod.torch as hvd
 
@@ -277,7 +281,7 @@ def init_topology(tp: int, pp: int = 1, quiet_alone: bool = False) -> Topology:
     tp_set = tp_sets[layout.rank // tp] if tp_sets else hvd.global_process_set
 
     tp_group = make_tp_group(layout, world)
-    tp_group.process_set = tp_set
+    tp_group.process_set = None if share_gpu else tp_set
     dp_comm = world.Split(color=layout.rank // (tp * layout.dp) * tp + layout.tp_rank, key=layout.dp_rank)
     dp_group = Group(size=layout.dp, rank=layout.dp_rank, comm=dp_comm, process_set=dp_set)
     topo = Topology(layout, tp_group, dp_group, dp_set)

@@ -28,8 +28,9 @@ from hvdlm.parallel.split import stage_layers
 
 VOCAB_MULTIPLE = 64  # hvdlm.parallel.layers.VOCAB_MULTIPLE: a rank's vocabulary rows are padded to a multiple of it
 FP32 = 4
-COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # element size of the autocast matmuls' inputs and outputs
-WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 4}  # the pipeline's wire dtype (hvdlm.training.pipeline): bf16 or fp32
+# fp8 (torchao's float8 training) casts to fp8 inside each matmul only: what is saved and sent is bf16, as in bf16.
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # element size of the autocast matmuls' inputs and outputs
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 4, "fp8": 2}  # the pipeline's wire dtype (hvdlm.training.pipeline)
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,15 @@ def pick_device(
     comm=None,
     gpus_required: bool = False,
     use_gpus: bool = True,
+    share: bool = False,
 ):
     """Choose this rank's device (see `choose_device`), make it current, and return it as a torch.device.
 
     `comm`: an mpi4py communicator spanning the job (e.g. MPI.COMM_WORLD). Collective over it when given: the
     ranks of each node exchange the identities of the GPUs they see, which tells ranks narrowed to their own GPU
     from ranks that would share one. Without it, fewer GPUs than ranks on a node is refused. `use_gpus` False:
-    the CPU, whatever is visible (train.device = "cpu").
+    the CPU, whatever is visible (train.device = "cpu"). `share` (train.share_gpu): ranks without a GPU of their
+    own share one (hvdlm.devices.assign_gpus) instead of being refused.
     """
     import torch
 
@@ -62,7 +64,9 @@ def pick_device(
             local_rank, local_size = node.Get_rank(), node.Get_size()
         finally:
             node.Free()
-    choice = choose_device(local_rank, local_size, len(uuids), deterministic, views=views, gpus_required=gpus_required)
+    choice = choose_device(
+        local_rank, local_size, len(uuids), deterministic, views=views, gpus_required=gpus_required, share=share
+    )
     if choice.deterministic:
         torch.use_deterministic_algorithms(True)
     if choice.kind == "cuda":

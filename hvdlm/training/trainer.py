@@ -38,6 +38,7 @@ from hvdlm.data.blend_sampler import Blend, BlendSampler, ValidationSets, descri
 from hvdlm.data.corpus import dataset_dir, ensure_dataset, model_vocab_size
 from hvdlm.data.meta import tokenizer_setting_note
 from hvdlm.data.sampler import WindowSampler
+from hvdlm.devices import check_share_gpu
 from hvdlm.errors import InputError
 from hvdlm.model import GPT
 from hvdlm.model.stage import GPTStage
@@ -528,8 +529,10 @@ def setup(
     t = cfg.train
     # Horovod: one process per device; rank / size span the whole job, local_rank the node. init_topology calls
     # hvd.init, with the DP groups as process sets when tp > 1.
-    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp, quiet_alone=_sends_horovod_nothing_alone(t))
-    device = _device(t)
+    topo = init_topology(
+        cfg.parallel.tp, cfg.parallel.pp, quiet_alone=_sends_horovod_nothing_alone(t), share_gpu=t.share_gpu
+    )
+    device = _device(t, topo.dp)
     precision = Precision(t, device)  # refuses fp16 without a GPU before anything is written
     # Weights, gradients and optimizer state, before anything is allocated (with the configured vocabulary: a
     # dataset's larger one only adds to what is refused here).
@@ -567,12 +570,16 @@ def _sends_horovod_nothing_alone(t: TrainConfig) -> bool:
     collectives may travel through Horovod), without ZeRO or local SGD (both talk over the DP group's process set,
     even a set of one)."""
     on_cpu = t.device == "cpu" or not torch.cuda.is_available()
-    return on_cpu and not t.zero and not t.local_sgd_interval
+    # Ranks sharing a GPU send their CUDA collectives over MPI too (no process set: init_topology).
+    return (on_cpu or t.share_gpu) and not t.zero and not t.local_sgd_interval
 
 
-def _device(t: TrainConfig) -> torch.device:
-    """This rank's device, as train.device asks; two ranks that would share a GPU are refused on every rank."""
+def _device(t: TrainConfig, dp: int) -> torch.device:
+    """This rank's device, as train.device asks; two ranks that would share a GPU are refused on every rank, unless
+    train.share_gpu allows it for a layout without NCCL (checked here, where the replicas are known)."""
     with together("device"):
+        if t.share_gpu:
+            check_share_gpu(dp, t.zero, t.local_sgd_interval)
         return pick_device(
             hvd.local_rank(),
             hvd.local_size(),
@@ -580,6 +587,7 @@ def _device(t: TrainConfig) -> torch.device:
             comm=_node_exchange_comm() if t.device != "cpu" else None,
             gpus_required=t.device == "cuda",
             use_gpus=t.device != "cpu",
+            share=t.share_gpu,
         )
 
 
@@ -590,7 +598,7 @@ def _assemble(
     and where --init-from weights came from (for the log)."""
     t, device = cfg.train, precision.device
     model, init_note = _build_model(cfg, topo, start)
-    model = model.to(device)
+    model = precision.convert(model.to(device))  # fp8: torchao's float8 linear layers
     _speed_up(model, t, topo, device)
     shape, p = cfg.model, cfg.parallel
     train_batches, val_batches = _samplers(cfg, data, topo)
