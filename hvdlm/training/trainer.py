@@ -111,6 +111,10 @@ def _train(
                 with profiler.around(step):
                     run_step(trainer, watchdog, step)
             profiler.finish()  # the run ended before the last recorded step
+        trainer.checkpoints.drain()  # the end of the run waits for a save still being written
+    except BaseException:
+        trainer.checkpoints.abandon()  # an error exit: the save in flight is not put in place, the previous stays
+        raise
     finally:
         trainer.logger.close()
     watchdog.beat("finish", cfg.train.max_steps)
@@ -419,6 +423,7 @@ class Trainer:
         self.stop_requested = self.stop_requested or reason == Stop.PREEMPTED
         # Local SGD replicas agree only where they average, so a preempted one runs on to that point.
         at_sync_point = not t.local_sgd_interval or done % t.local_sgd_interval == 0
+        self.checkpoints.poll(done)  # a save written in the background: in place once every rank has written it
         if self.stop_requested and at_sync_point and done != t.max_steps:
             self.checkpoints.save(done, self)
             signal_name = self.vote.signal_name
@@ -429,7 +434,7 @@ class Trainer:
             )
             raise Preempted()
         if self.checkpoints.due(done):
-            self.checkpoints.save(done, self)
+            self.checkpoints.save(done, self, background=True)
 
     def _too_many_skipped(self, done: int) -> InputError:
         return InputError(
