@@ -75,13 +75,13 @@ def classify(rows: list[dict], interval: int, written: dict[int, float]) -> dict
     by_step = {r["step"]: r for r in rows}
     saves = [s for s in by_step if s % interval == 0 and s < max(by_step)]
     kinds: dict[str, list[float]] = {"save": [], "flight": [], "plain": []}
-    busy = set()
+    busy = {k + 1 for k in saves}
     for k in saves:
         kinds["save"].append(by_step[k + 1]["ms_per_step"])
-        busy.add(k + 1)
         step = k + 2
-        # A step ran while the write was in flight when it began (the row before it) before the file's last byte.
-        while step in by_step and by_step[step - 1]["time"] < written.get(k, 0):
+        # A step ran while the write was in flight when it began (the row before it) before the file's last byte;
+        # the next save's step (which may wait for this write) counts as a save's.
+        while step in by_step and step - 1 not in saves and by_step[step - 1]["time"] < written.get(k, 0):
             kinds["flight"].append(by_step[step]["ms_per_step"])
             busy.add(step)
             step += 1

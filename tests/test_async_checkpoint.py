@@ -22,7 +22,7 @@ from helpers import run_cli, sets, summary, train_argv
 from survive import Job, alive, comparable, last_step, run, wait_for_step
 from test_training_full_disk import launch_onto_a_full_disk, small_disk  # noqa: F401 - small_disk: a fixture
 
-from hvdlm.checkpoint.async_writer import DELAY_VARIABLE, fits_in_host_memory, host_copy
+from hvdlm.checkpoint.async_writer import DELAY_VARIABLE, HostBuffers, fits_in_host_memory, host_copy
 from hvdlm.checkpoint.reshard import load_full_state
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.checkpoint.verify import verify_target
@@ -183,11 +183,17 @@ def test_the_host_copy_is_independent_of_the_live_tensors_and_keeps_shared_stora
     weight = torch.randn(4, 3)
     state = {"model": {"wte": weight, "head": weight.detach()}, "step": 3, "rng": [torch.get_rng_state()]}
     before = weight.clone()
-    copied = host_copy(state)
+    buffers = HostBuffers()
+    copied, tensors = host_copy(state, buffers)
     weight.add_(1.0)  # the next step changes the live tensors
     assert torch.equal(copied["model"]["wte"], before)
     assert copied["model"]["wte"].untyped_storage().data_ptr() == copied["model"]["head"].untyped_storage().data_ptr()
     assert copied["step"] == 3 and torch.equal(copied["rng"][0], state["rng"][0])
+    assert len(tensors) == 2  # the weight once, the RNG state
+    # The next save copies into the same memory once the first is written.
+    buffers.give_back(tensors)
+    again, _ = host_copy(state, buffers)
+    assert again["model"]["wte"].data_ptr() == tensors[0].data_ptr() and torch.equal(again["model"]["wte"], weight)
 
 
 def test_auto_takes_a_host_copy_that_fits_and_refuses_one_that_does_not():

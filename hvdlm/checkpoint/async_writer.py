@@ -3,9 +3,9 @@ step and written by a thread of their own while training goes on, put in place o
 
 What hvdlm.checkpoint.manager does with a background save, in order:
 
-1. copy (`host_copy`, on the training thread, at the agreed step): every tensor the rank's files hold is cloned
-   into host memory (into pinned memory, on the GPU's stream, for tensors on a GPU), so the next step may change
-   the live ones; the rest of the state (numbers, strings) cannot change;
+1. copy (`host_copy`, on the training thread, at the agreed step): every tensor the rank's files hold is copied
+   into host memory (`HostBuffers`, kept from one save to the next; pinned, copied on the GPU's stream, for
+   tensors on a GPU), so the next step may change the live ones; the rest (numbers, strings) cannot change;
 2. write (`BackgroundWrite`, a daemon thread): each file streams to its temporary name beside the target
    (hvdlm.fsutil.atomic_writer with publish=False: `.step-N.pt.tmp-PID`), hashed for the manifest as it goes,
    and fsynced. Nothing is renamed: no reader sees a file of this save, and a crash or SIGKILL leaves the previous
@@ -42,30 +42,51 @@ _HOST_SHARE = 0.5
 RUNNING, DONE = "running", "done"  # a write's state in the ranks' poll; anything else is its failure, said
 
 
-def host_copy(tree: Any) -> Any:
-    """`tree` (dicts, lists and tuples of tensors and plain values) with every tensor copied into host memory;
-    tensors that shared storage (tied weights) share their copy. Waits for GPU copies to land."""
+class HostBuffers:
+    """Host tensors kept from one background save for the next, which has the same shapes: a fresh allocation
+    costs its page faults (5 times the copy itself for a 228 MB state on this project's CPU machine,
+    bench/async_checkpoint.py), and pinned memory for GPUs costs more still. They hold the state's size in host
+    memory for the rest of the run, which is what train.async_checkpoint = "auto" checks for."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """A host tensor of `like`'s shape and type (pinned when `like` is on a GPU), free to be overwritten."""
+        pinned = like.device.type != "cpu"
+        free = self._free.get((tuple(like.shape), like.dtype, pinned))
+        if free:
+            return free.pop()
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=pinned)
+
+    def give_back(self, tensors: list[torch.Tensor]) -> None:
+        """Tensors a finished write no longer reads, for the next save."""
+        for t in tensors:
+            self._free.setdefault((tuple(t.shape), t.dtype, t.is_pinned()), []).append(t)
+
+
+def host_copy(tree: Any, buffers: HostBuffers) -> tuple[Any, list[torch.Tensor]]:
+    """`tree` (dicts, lists and tuples of tensors and plain values) with every tensor copied into host memory from
+    `buffers`, and the copies (to give back once written); tensors that shared storage (tied weights) share their
+    copy. Waits for GPU copies to land."""
     copies: dict[tuple, torch.Tensor] = {}
-    copied = _copy(tree, copies)
+    copied = _copy(tree, copies, buffers)
     if any(t.is_pinned() for t in copies.values()):
         torch.cuda.synchronize()  # the non-blocking copies must land before the thread reads them
-    return copied
+    return copied, list(copies.values())
 
 
-def _copy(obj: Any, copies: dict[tuple, torch.Tensor]) -> Any:
+def _copy(obj: Any, copies: dict[tuple, torch.Tensor], buffers: HostBuffers) -> Any:
     if isinstance(obj, torch.Tensor):
         key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
         if key not in copies:
-            if obj.device.type == "cpu":
-                copies[key] = obj.detach().clone()
-            else:  # pinned: the copy from the GPU runs as a DMA, without the training thread's waiting on it
-                pinned = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-                copies[key] = pinned.copy_(obj.detach(), non_blocking=True)
+            # From a GPU into pinned memory the copy runs as a DMA, without the training thread's waiting on it.
+            copies[key] = buffers.take(obj).copy_(obj.detach(), non_blocking=obj.device.type != "cpu")
         return copies[key]
     if isinstance(obj, dict):
-        return {k: _copy(v, copies) for k, v in obj.items()}
+        return {k: _copy(v, copies, buffers) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_copy(v, copies) for v in obj)
+        return type(obj)(_copy(v, copies, buffers) for v in obj)
     return obj  # numbers, strings, None: nothing the training can change under the writer
 
 
@@ -115,8 +136,15 @@ class BackgroundWrite:
 
     `describe(path, error)` words a failed write (an OSError) as the message every rank will stop with."""
 
-    def __init__(self, step: int, files: list[tuple[Path, dict]], describe: Callable[[Path, OSError], str]):
+    def __init__(
+        self,
+        step: int,
+        files: list[tuple[Path, dict]],
+        describe: Callable[[Path, OSError], str],
+        buffers: list[torch.Tensor] = (),
+    ):
         self.step = step
+        self.buffers = list(buffers)  # the host copies' tensors, for the next save once this one has ended
         self.written: dict[str, dict] = {}  # name -> size and digest, for the manifest
         self.staged: list[Path] = []  # the targets whose temporaries are whole and fsynced
         self.error: str | None = None

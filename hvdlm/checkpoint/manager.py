@@ -22,7 +22,15 @@ from typing import Any, Protocol
 import horovod.torch as hvd
 import torch
 
-from hvdlm.checkpoint.async_writer import DONE, RUNNING, BackgroundWrite, fits_in_host_memory, host_copy, tensor_bytes
+from hvdlm.checkpoint.async_writer import (
+    DONE,
+    RUNNING,
+    BackgroundWrite,
+    HostBuffers,
+    fits_in_host_memory,
+    host_copy,
+    tensor_bytes,
+)
 from hvdlm.checkpoint.format import save_checkpoint, training_state
 from hvdlm.checkpoint.manifest import manifest_path, write_manifest
 from hvdlm.checkpoint.reshard import load_optimizer, merge_tp, shard_state
@@ -61,6 +69,7 @@ class CheckpointManager:
         self.run_dir, self.cfg, self.topo, self.device = run_dir, cfg, topo, device
         self.in_flight: BackgroundWrite | None = None  # the background save not yet put in place
         self._noted_sync = False  # "auto" said once why it writes synchronously
+        self._host_buffers = HostBuffers()  # the host copies' memory, reused by every background save
 
     def due(self, step: int) -> bool:
         """A periodic save falls on this step (the final one is the trainer's to ask for)."""
@@ -87,7 +96,8 @@ class CheckpointManager:
         rngs = jobwide.allgather_object(rng_state(self.device), f"rng.{step}")
         files = self._own_files(step, run, path, run.optimizer.checkpoint_slice(), rngs)
         if background and self._in_background(step, files):
-            self.in_flight = BackgroundWrite(step, host_copy(files), self._failure_message)
+            copied, buffers = host_copy(files, self._host_buffers)
+            self.in_flight = BackgroundWrite(step, copied, self._failure_message, buffers)
             return
         # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks
         # together, and each takes back the files of this save it did write (whole, yet useless without the rest).
@@ -153,7 +163,7 @@ class CheckpointManager:
         in place needs every rank's word, which an error exit cannot ask for: the previous save stays the newest."""
         if self.in_flight is not None:
             self.in_flight.discard()
-            self.in_flight = None
+            self.in_flight = None  # (its buffers go with the run)
 
     def _wait_for_previous(self, step: int) -> None:
         if self.in_flight is None:
@@ -175,6 +185,7 @@ class CheckpointManager:
         if failures:
             written.discard()
             raise InputError(failures[0])
+        self._host_buffers.give_back(written.buffers)  # every rank's thread has ended: nothing reads them now
         with together(f"published.{written.step}"):
             try:
                 written.publish()
