@@ -2,7 +2,7 @@
 against a step without one, at a state of at least 200 MB per rank; and `hvdlm checkpoint verify`'s speed.
 
 Real runs of `hvdlm train` (one rank, 1 thread, as each of `make demo`'s ranks) of a 19M-parameter GPT: fp32
-weights and AdamW's two moments are 228 MB per rank, the size of each checkpoint file. Every run takes the same
+weights and AdamW's two moments are 229 MB per rank, the size of each checkpoint file. Every run takes the same
 steps and saves at the same steps (every --interval), with train.async_checkpoint on and off, in alternating
 rounds so that a machine that slows down mid-run slows both alike. Each step's time comes from metrics.jsonl
 (log_interval = 1: ms_per_step, from the end of one step's log row to the next):
@@ -177,16 +177,16 @@ def report(found: dict, state_mb: float, verify: float, raw: float, args) -> Non
             software=f"torch {torch.__version__}",
             figures=[
                 Figure(
-                    "async checkpoint: a step with the write in flight against one without, 228 MB state per rank",
+                    "async checkpoint: a step with the write in flight against one without, 229 MB state per rank",
                     f"{flight_pct:+.0f} % ({flight:,.0f} against {med['on']:,.0f} ms)",
                     "at most +10 %",
                 ),
                 Figure(
-                    "sync checkpoint: the step holding the save against one without, 228 MB state per rank",
+                    "sync checkpoint: the step holding the save against one without, 229 MB state per rank",
                     f"+{sync_save - med['off']:,.0f} ms ({sync_save:,.0f} against {med['off']:,.0f} ms)",
                 ),
                 Figure(
-                    "async checkpoint: the step holding the host copy against one without, 228 MB state per rank",
+                    "async checkpoint: the step holding the host copy against one without, 229 MB state per rank",
                     f"+{async_copy - med['on']:,.0f} ms ({async_copy:,.0f} against {med['on']:,.0f} ms)",
                 ),
                 Figure("checkpoint verify speed", f"{verify:,.0f} MB/s of checkpoint", ">= 500 MB/s"),

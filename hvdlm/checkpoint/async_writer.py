@@ -44,7 +44,7 @@ RUNNING, DONE = "running", "done"  # a write's state in the ranks' poll; anythin
 
 class HostBuffers:
     """Host tensors kept from one background save for the next, which has the same shapes: a fresh allocation
-    costs its page faults (5 times the copy itself for a 228 MB state on this project's CPU machine,
+    costs its page faults (5 times the copy itself for a 229 MB state on this project's CPU machine,
     bench/async_checkpoint.py), and pinned memory for GPUs costs more still. They hold the state's size in host
     memory for the rest of the run, which is what train.async_checkpoint = "auto" checks for."""
 
