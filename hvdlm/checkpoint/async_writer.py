@@ -147,6 +147,7 @@ class BackgroundWrite:
         self.buffers = list(buffers)  # the host copies' tensors, for the next save once this one has ended
         self.written: dict[str, dict] = {}  # name -> size and digest, for the manifest
         self.staged: list[Path] = []  # the targets whose temporaries are whole and fsynced
+        self.published: list[Path] = []  # those renamed into place (`publish`)
         self.error: str | None = None
         self.started = time.perf_counter()
         self._files, self._describe = files, describe
@@ -181,12 +182,16 @@ class BackgroundWrite:
 
     def publish(self) -> None:
         """Rename this rank's written files into place (every rank's thread is done: the ranks agreed)."""
-        for path in self.staged:
-            publish(path)
+        while self.staged:
+            publish(self.staged[0])
+            self.published.append(self.staged.pop(0))
 
     def discard(self) -> None:
-        """Wait for the thread, then take back its temporaries: a save that will never be agreed leaves nothing."""
+        """Wait for the thread, then take back what it wrote (its temporaries, and any file a failed `publish` put
+        in place): a save that will never be complete leaves nothing."""
         self.wait()
         for path in self.staged:
             temporary_path(Path(os.path.realpath(path))).unlink(missing_ok=True)
-        self.staged = []
+        for path in self.published:
+            path.unlink(missing_ok=True)
+        self.staged, self.published = [], []
