@@ -223,6 +223,9 @@ class TrainConfig:
     local_sgd_interval: int = 0  # >0: local SGD, replicas step alone and average weights every this many steps
     max_skipped_steps: int = 5  # a non-finite loss or gradient norm skips the step; this many in a row stop the run
     keep_checkpoints: int = 3  # newest complete checkpoints kept in the run directory; 0 keeps all
+    async_checkpoint: Switch = (
+        "auto"  # periodic saves written by a thread while training goes on; auto: if RAM holds a copy
+    )
     deterministic: bool = False  # torch's deterministic algorithms (GPU kernels; CPU fp32 is deterministic anyway)
     tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard (rank 0)
     profile_steps: int = 0  # rank 0 records this many steps with torch.profiler: RUN_DIR/profile.txt

@@ -12,6 +12,7 @@ torch.save) guarantee:
 - on any failure (an OSError, an exception of the caller's writer, an interrupt) the temporary file is removed,
   the old file is intact, and the exception propagates.
 
+`atomic_writer(path, publish=False)` stops before the rename, and `publish(path)` does it later.
 `fsync_directory(path)` makes the renames of entries in a directory durable, and with files=True the files in
 it too (a dataset directory written in one piece, then renamed into place). Standard library only: the
 job-preparation commands use this on login nodes.
@@ -59,8 +60,11 @@ def _fsync(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary file to write; when the block ends without an exception it replaces `path` (see the module)."""
+def atomic_writer(path: str | Path, publish: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write; when the block ends without an exception it replaces `path` (see the module).
+
+    With publish=False the data ends fsynced in the temporary file, and `publish(path)` (by the same process) puts
+    it in place later: a write whose file may appear only once others agree (an asynchronous checkpoint)."""
     target = Path(os.path.realpath(path))  # through a link: the link's target is what gets replaced
     tmp = temporary_path(target)
     try:
@@ -68,11 +72,22 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if publish:
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half-written file behind
         raise
+    if publish:
+        fsync_directory(target.parent)
+
+
+def publish(path: str | Path) -> Path:
+    """Put in place the file an `atomic_writer(path, publish=False)` of this process left, atomically, and make the
+    rename durable; returns the file."""
+    target = Path(os.path.realpath(path))
+    os.replace(temporary_path(target), target)
     fsync_directory(target.parent)
+    return target
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

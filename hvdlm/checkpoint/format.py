@@ -40,12 +40,15 @@ from hvdlm.fsutil import atomic_writer
 from hvdlm.parallel.layers import Sharding
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], digests: dict[str, dict] | None = None) -> Path:
+def save_checkpoint(
+    path: Path, state: dict[str, Any], digests: dict[str, dict] | None = None, publish: bool = True
+) -> Path:
     """Write one rank's checkpoint file atomically (hvdlm.fsutil): a crash mid-save leaves the old one or none.
-    With `digests`, the file's size and digest are recorded there under its name, for the save's manifest."""
+    With `digests`, the file's size and digest are recorded there under its name, for the save's manifest. With
+    publish=False the file stays under its temporary name until hvdlm.fsutil.publish(path) (an async save)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_writer(path) as f:
+        with atomic_writer(path, publish) as f:
             hashing = HashingWriter(f)  # hashed as it streams out: the manifest costs no second read
             torch.save(state, hashing)
         if digests is not None:

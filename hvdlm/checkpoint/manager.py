@@ -7,6 +7,11 @@ ZeRO-1 every rank its slice of the optimizer state beside its shard (hvdlm.check
 file is on disk does rank 0 write the save's checksum manifest (every file's digest, hashed as it was written:
 hvdlm.checkpoint.manifest) and then prune beyond `train.keep_checkpoints`, so the newest save is whole
 before an older one goes.
+
+With train.async_checkpoint a periodic save copies the state to host memory and a thread writes it
+(hvdlm.checkpoint.async_writer); `poll`, at every step boundary while it is in flight, puts it in place once every
+rank has written. At most one save is in flight: the next save, preemption and the end of the run wait for it
+(`drain`); an error exit takes it back (`abandon`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from typing import Any, Protocol
 import horovod.torch as hvd
 import torch
 
+from hvdlm.checkpoint.async_writer import (
+    DONE,
+    RUNNING,
+    BackgroundWrite,
+    HostBuffers,
+    fits_in_host_memory,
+    host_copy,
+    tensor_bytes,
+)
 from hvdlm.checkpoint.format import save_checkpoint, training_state
 from hvdlm.checkpoint.manifest import manifest_path, write_manifest
 from hvdlm.checkpoint.reshard import load_optimizer, merge_tp, shard_state
@@ -26,7 +40,7 @@ from hvdlm.errors import InputError
 from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import stage_layers
-from hvdlm.parallel.topology import Topology, dp_group_ranks
+from hvdlm.parallel.topology import Topology, dp_group_ranks, elastic_job
 
 
 class CheckpointedOptimizer(Protocol):
@@ -53,6 +67,9 @@ class RunState(Protocol):
 class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: JobConfig, topo: Topology, device: torch.device):
         self.run_dir, self.cfg, self.topo, self.device = run_dir, cfg, topo, device
+        self.in_flight: BackgroundWrite | None = None  # the background save not yet put in place
+        self._noted_sync = False  # "auto" said once why it writes synchronously
+        self._host_buffers = HostBuffers()  # the host copies' memory, reused by every background save
 
     def due(self, step: int) -> bool:
         """A periodic save falls on this step (the final one is the trainer's to ask for)."""
@@ -64,8 +81,11 @@ class CheckpointManager:
         tp, pp = self.topo.tp, self.topo.pp
         return [checkpoint_path(self.run_dir, step, r % tp, tp, r // tp, pp) for r in range(pp * tp)]
 
-    def save(self, step: int, run: RunState) -> None:
-        """The checkpoint at `step`, written by the first replica's TP ranks; called by every rank."""
+    def save(self, step: int, run: RunState, background: bool = False) -> None:
+        """The checkpoint at `step`, written by the first replica's TP ranks; called by every rank. `background`:
+        written by a thread while training goes on when train.async_checkpoint allows (see `poll`); a save still
+        in flight is always put in place first (at most one is in flight: the next one waits for it)."""
+        self._wait_for_previous(step)
         topo = self.topo
         path = self.paths(step)[topo.pp_rank * topo.tp + topo.tp_rank]
         if hvd.rank() == 0:
@@ -74,20 +94,105 @@ class CheckpointManager:
             manifest_path(path).unlink(missing_ok=True)
         # Every rank's RNG state, by global rank; a shard keeps those of its DP group, in DP-rank order.
         rngs = jobwide.allgather_object(rng_state(self.device), f"rng.{step}")
-        own_slice = run.optimizer.checkpoint_slice()
+        files = self._own_files(step, run, path, run.optimizer.checkpoint_slice(), rngs)
+        if background and self._in_background(step, files):
+            copied, buffers = host_copy(files, self._host_buffers)
+            self.in_flight = BackgroundWrite(step, copied, self._failure_message, buffers)
+            return
         # Every rank hears whether every shard (and ZeRO slice) is on disk: a full disk on one writer stops all ranks
         # together, and each takes back the files of this save it did write (whole, yet useless without the rest).
         written: dict[str, dict] = {}  # name -> size and digest, for the manifest
         try:
             with together(f"saved.{step}"):
-                self._write_own_files(step, run, path, own_slice, rngs, written)
+                for file, state in files:
+                    self._write(file, state, written)
         except InputError:
             for name in written:
                 (path.parent / name).unlink(missing_ok=True)
             raise
-        self._write_manifest(step, path, written)
+        self._complete(step, written)
+
+    def _complete(self, step: int, written: dict[str, dict]) -> None:
+        """Every file of the save at `step` is on disk on every rank: the manifest, then pruning (rank 0)."""
+        self._write_manifest(step, self.paths(step)[0], written)
         if hvd.rank() == 0:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, newest=step)
+
+    # -- saves in the background (hvdlm.checkpoint.async_writer) ----------------------------------------------
+
+    def _in_background(self, step: int, files: list[tuple[Path, dict]]) -> bool:
+        """Whether this save goes to a thread: train.async_checkpoint, and with "auto" every rank's host copy
+        fits in its node's memory (every rank hears every rank's answer, so all decide alike)."""
+        setting = self.cfg.train.async_checkpoint
+        if setting == "off" or elastic_job():  # an elastic reset between steps would strand a save's agreement
+            return False
+        if setting == "on":
+            return True
+        need = tensor_bytes([state for _, state in files])
+        fits = all(jobwide.allgather_object(fits_in_host_memory(need, hvd.local_size()), f"async_fits.{step}"))
+        if not fits and not self._noted_sync and hvd.rank() == 0:
+            self._noted_sync = True
+            print(
+                f'note: train.async_checkpoint = "auto": saves are written synchronously, as a host copy of the '
+                f"state ({need / 2**20:,.0f} MiB per rank) does not fit in the memory available on every node",
+                flush=True,
+            )
+        return fits
+
+    def poll(self, step: int) -> None:
+        """At the boundary after `step` (every rank, the same step): put the save in flight in place once every
+        rank's write is done; a write that failed on any rank stops every rank. Nothing in flight: no collective."""
+        if self.in_flight is None:
+            return
+        states = jobwide.allgather_object(self.in_flight.state(), f"async_poll.{step}")
+        if RUNNING in states and set(states) <= {RUNNING, DONE}:
+            return  # still writing somewhere, and nothing failed: ask again after the next step
+        self._conclude(states)
+
+    def drain(self) -> float:
+        """Wait for the save in flight and put it in place (every rank calls it, at the same point: preemption,
+        the end of the run, the next save); returns the seconds this rank waited."""
+        if self.in_flight is None:
+            return 0.0
+        waited = self.in_flight.wait()
+        self._conclude(jobwide.allgather_object(self.in_flight.state(), f"async_drain.{self.in_flight.step}"))
+        return waited
+
+    def abandon(self) -> None:
+        """An error exit on this rank: wait for the write in flight to end, then take its files back. Putting them
+        in place needs every rank's word, which an error exit cannot ask for: the previous save stays the newest."""
+        if self.in_flight is not None:
+            self.in_flight.discard()
+            self.in_flight = None  # (its buffers go with the run)
+
+    def _wait_for_previous(self, step: int) -> None:
+        if self.in_flight is None:
+            return
+        previous = self.in_flight.step
+        waited = self.drain()
+        if waited > 0.01 and hvd.rank() == 0:
+            print(
+                f"checkpoint: the save of step {step} waited {waited:.2f} s for the write of step {previous} "
+                "(at most one save is in flight; a longer train.checkpoint_interval avoids the wait)",
+                flush=True,
+            )
+
+    def _conclude(self, states: list[str]) -> None:
+        """Every rank's write has ended (or one failed): every rank puts its files in place and rank 0 completes
+        the save, or every rank takes its files back and raises the first failure."""
+        written, self.in_flight = self.in_flight, None
+        failures = [s for s in states if s not in (RUNNING, DONE)]
+        if failures:
+            written.discard()
+            raise InputError(failures[0])
+        self._host_buffers.give_back(written.buffers)  # every rank's thread has ended: nothing reads them now
+        with together(f"published.{written.step}"):
+            try:
+                written.publish()
+            except OSError as e:
+                written.discard()
+                raise InputError(self._failure_message(self.paths(written.step)[0], e)) from None
+        self._complete(written.step, written.written)
 
     def _write_manifest(self, step: int, path: Path, written: dict[str, dict]) -> None:
         """Rank 0 writes the save's manifest, last: every rank's file digests, gathered once all are on disk."""
@@ -103,17 +208,19 @@ class CheckpointManager:
                         "Its files are whole and load unverified; free space there and continue with --resume auto."
                     ) from None
 
-    def _write_own_files(
-        self, step: int, run: RunState, path: Path, own_slice: dict | None, rngs: list, written: dict[str, dict]
-    ) -> None:
-        """This rank's part of the save at `step`: its ZeRO slice, and its shard if it is its DP group's first."""
+    def _own_files(
+        self, step: int, run: RunState, path: Path, own_slice: dict | None, rngs: list
+    ) -> list[tuple[Path, dict]]:
+        """This rank's part of the save at `step`, as (file, state) in writing order: its ZeRO slice, and its shard
+        if it is its DP group's first. The states hold the live tensors (a background save copies them)."""
         topo = self.topo
         sliced = own_slice is not None
+        files = []
         if sliced:
             # ZeRO: each DP rank writes its own slice of the optimizer state; no rank holds the whole. The shard's
             # writer writes its slice first, so a shard file on disk always has a slice file naming their count.
             state = {"step": step, **own_slice}
-            self._write(path.with_name(slice_name(path.name, topo.dp_rank, topo.dp)), state, written)
+            files.append((path.with_name(slice_name(path.name, topo.dp_rank, topo.dp)), state))
         if topo.dp_rank == 0:
             state = training_state(
                 run.model,
@@ -134,7 +241,8 @@ class CheckpointManager:
             )
             if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
                 state = merge_tp([state])
-            self._write(path, state, written)
+            files.append((path, state))
+        return files
 
     def _stage_record(self) -> dict[str, Any]:
         """Which stage a file holds: its index, the number of stages, and the layers per stage."""
@@ -146,13 +254,18 @@ class CheckpointManager:
         try:
             save_checkpoint(path, state, digests=written)
         except OSError as e:
-            older = [saved.step for saved in find_checkpoints(self.run_dir) if saved.step < state["step"]]
-            kept = f"the checkpoint of step {older[0]} is intact" if older else "no earlier checkpoint exists"
-            raise InputError(
-                f"cannot write checkpoint '{path}': {e.strerror or e}. Nothing half-written is left and {kept}. "
-                "Free space there (or fix its permissions), or resume in a run directory on another disk, "
-                "then continue with --resume auto."
-            ) from None
+            raise InputError(self._failure_message(path, e)) from None
+
+    def _failure_message(self, path: Path, e: OSError) -> str:
+        """What every rank stops with when checkpoint file `path` cannot be written."""
+        step = int(path.name.split(".")[0].removeprefix("step-"))
+        older = [saved.step for saved in find_checkpoints(self.run_dir) if saved.step < step]
+        kept = f"the checkpoint of step {older[0]} is intact" if older else "no earlier checkpoint exists"
+        return (
+            f"cannot write checkpoint '{path}': {e.strerror or e}. Nothing half-written is left and {kept}. "
+            "Free space there (or fix its permissions), or resume in a run directory on another disk, "
+            "then continue with --resume auto."
+        )
 
     def restore(self, state: dict[str, Any], run: RunState) -> int:
         """Put a save's optimizer, EMA, scaler, data position and RNG back into `run` (whose model is loaded);

@@ -81,8 +81,15 @@ def generate(
     help="Where nothing else tells (no status.json or heartbeat to check), a run that wrote a file within this many "
     "minutes counts as running.",
 )
-def runs(root: str, as_json: bool, active_minutes: float) -> None:
-    """List the runs under ROOT (default: runs/) with their state, progress, losses and newest checkpoint.
+@click.option(
+    "--verify",
+    "digests",
+    is_flag=True,
+    help="Check the VERIFIED column's checkpoints by their sha256 (reads every byte) instead of by their sizes.",
+)
+def runs(root: str, as_json: bool, active_minutes: float, digests: bool) -> None:
+    """List the runs under ROOT (default: runs/) with their state, progress, losses, newest checkpoint and newest
+    verified checkpoint (its manifest checks out: every file there with the size written; --verify: the sha256).
 
     States: finished (summary.json covers train.max_steps), running (its process runs; its heartbeats are fresh),
     preempted (stopped at a checkpoint of the step where it stopped: `--resume auto` loses nothing), failed (bad
@@ -91,7 +98,7 @@ def runs(root: str, as_json: bool, active_minutes: float) -> None:
     """
     from hvdlm.watch.runs import list_runs, render_json, render_table
 
-    found = list_runs(root, active_seconds=active_minutes * 60)
+    found = list_runs(root, active_seconds=active_minutes * 60, digests=digests)
     if as_json:
         click.echo(render_json(found))
     elif not found:

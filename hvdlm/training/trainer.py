@@ -116,6 +116,10 @@ def _train(
                 with profiler.around(step):
                     step = run_step(trainer, watchdog, step)
             profiler.finish()  # the run ended before the last recorded step
+        trainer.checkpoints.drain()  # the end of the run waits for a save still being written
+    except BaseException:
+        trainer.checkpoints.abandon()  # an error exit: the save in flight is not put in place, the previous stays
+        raise
     finally:
         trainer.logger.close()
     watchdog.beat("finish", cfg.train.max_steps)
@@ -435,10 +439,14 @@ class Trainer:
         if reason == Stop.NON_FINITE or (self.vote.local == Stop.NON_FINITE and counted_alike):
             raise self._too_many_skipped(done)
         if reason == Stop.SPIKE:  # before any save: the weights are the spike's
+            # A save still being written is put in place first, so that the rollback sees every save (and sets
+            # aside those from the spike).
+            self.checkpoints.drain()
             return self.spikes.roll_back(self, done)
         self.stop_requested = self.stop_requested or reason == Stop.PREEMPTED
         # Local SGD replicas agree only where they average, so a preempted one runs on to that point.
         at_sync_point = not t.local_sgd_interval or done % t.local_sgd_interval == 0
+        self.checkpoints.poll(done)  # a save written in the background: in place once every rank has written it
         if self.stop_requested and at_sync_point and done != t.max_steps:
             self.checkpoints.save(done, self)
             signal_name = self.vote.signal_name
@@ -449,7 +457,7 @@ class Trainer:
             )
             raise Preempted()
         if self.checkpoints.due(done):
-            self.checkpoints.save(done, self)
+            self.checkpoints.save(done, self, background=True)
         return done
 
     def _too_many_skipped(self, done: int) -> InputError:
