@@ -152,7 +152,7 @@ def test_horovod_resnet101_scaling_shape():
 # ------------------------------------------------------------------------------------------------------------
 
 KEYS = {"layout", "memory_gb_per_gpu", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "fits"}
-LAYOUT_KEYS = {"tp", "pp", "dp", "zero", "recompute", "micro_batch", "microbatches"}
+LAYOUT_KEYS = {"tp", "pp", "dp", "zero", "recompute", "micro_batch", "microbatches", "virtual_stages"}
 
 
 @pytest.fixture

@@ -219,11 +219,17 @@ def activation_bytes(shape: Shape, vocab_rows: int | None = None) -> int:
     return total
 
 
-def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b") -> int:
+def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b", virtual: int = 1) -> float:
     """Micro-batches whose activations a stage holds at once: all m with GPipe; with 1F1B the warm-up forwards
-    plus one, min(p - s, m) (hvdlm.parallel.schedules); 1 without stages (each backward frees its forward)."""
+    plus one, min(p - s, m) (hvdlm.parallel.schedules); 1 without stages (each backward frees its forward).
+    Interleaved (v > 1 chunks, hvdlm.parallel.interleaved): the warm-up's chunk passes plus one, each a v-th of
+    the stage's layers, so (min(2 (p - s - 1) + (v - 1) p, v m) + 1) / v stage micro-batches; stage 0 holds
+    (1 + (p - 2) / (v p)) times 1F1B's p."""
     if pp == 1:
         return 1
+    if virtual > 1:
+        warmup = microbatches * virtual if microbatches == pp else 2 * (pp - stage - 1) + (virtual - 1) * pp
+        return (min(warmup, microbatches * virtual) + 1) / virtual
     return microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
 
 

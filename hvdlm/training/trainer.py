@@ -48,6 +48,7 @@ from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
 from hvdlm.parallel.split import chunk_layers, layers_per_rank
 from hvdlm.parallel.topology import Topology, all_dp_groups, elastic_job, init_topology
+from hvdlm.plan.timing import bubble_fraction
 from hvdlm.runfiles import SUMMARY_FILE
 from hvdlm.training import elastic
 from hvdlm.training.device import pick_device, to_device
@@ -691,7 +692,7 @@ def _layout(trainer: Trainer) -> str:
         chunk_layers(trainer.cfg.model.n_layer, topo.pp, p.pp_layers, p.virtual_stages), topo.pp, p.virtual_stages
     )
     v = p.virtual_stages
-    bubble = (topo.pp - 1) / (v * p.microbatches + topo.pp - 1)
+    bubble = bubble_fraction(topo.pp, p.microbatches, v)
     schedule = f"interleaved 1f1b, {v} virtual stages" if v > 1 else p.schedule
     return (
         f"pp {topo.pp} x dp {topo.dp} x tp {topo.tp}; layers per stage {counts}, {p.microbatches} micro-batches, "
