@@ -99,6 +99,17 @@ def test_a_rank_holds_its_chunks_and_the_checkpoint_merges_to_one_ranks_weights(
 
 
 @pytest.mark.distributed
+def test_the_planner_counts_the_interleaved_messages_of_every_step(runs):
+    """Stage 0 (rank 0, which logs) sends both its chunks' activations and its second chunk's gradients: 3 x m
+    messages a step where 1F1B sends m (hvdlm.plan.counts against what the run really sent)."""
+    cfg = load_config(runs["pp2v2"] / "config.toml")
+    p2p, group = counts.pp_bytes_per_step(cfg.model, 4, 2, 0, 4, cfg.train.precision, virtual=2)
+    plain, _ = counts.pp_bytes_per_step(cfg.model, 4, 2, 0, 4, cfg.train.precision)
+    rows = [r for r in _metrics(runs["pp2v2"]) if "loss" in r]
+    assert len(rows) == STEPS and {r["pp_bytes_per_step"] for r in rows} == {group} and p2p == 3 * plain > 0
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "name,np,overrides",
     [
