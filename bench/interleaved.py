@@ -1,7 +1,7 @@
 """Virtual stages: hvdlm's interleaved 1F1B (v = 2) against its 1F1B on the same layout, and against
 torch.distributed.pipelining's ScheduleInterleaved1F1B over gloo on the same chunks, in one run.
 
-    python bench/interleaved.py [--rounds 3] [--steps 4] [--record]
+    python bench/interleaved.py [--rounds 12] [--steps 1] [--record]
     python bench/interleaved.py --quick          # a small model, to see that it runs
 
 It starts itself under `mpirun -np 2` (the `--worker` run): p = 2 stages, m = 4 micro-batches a step, the GPT of
@@ -255,6 +255,11 @@ def report(args, result: dict, load: str) -> tuple[list[str], dict]:
         f"(m + p - 1) / (m + (p - 1) / v) = {(M + P - 1) / (M + (P - 1) / V):.2f}x",
         f"- hvdlm interleaved takes **{vs_torch:.2f}x** torch's interleaved step time",
         f"- measured idle against the ideal bubble, worst stage: {100 * worst_gap:.1f} points (target <= 5)",
+        "- why the targets are tight here: 1.1x is 99 % of the ideal 1.11x, which takes messages as free, and "
+        f"interleaving sends {s0['interleaved']['bytes_per_step'] / s0['1f1b']['bytes_per_step']:.0f}x the bytes "
+        "(each send completes inside its exchange, hvdlm.parallel.p2p); on a machine whose 2 cores are shared by "
+        "many more runnable processes than cores, a rank is often descheduled while its neighbour waits for it, "
+        "which counts as idle on the neighbour and lengthens both schedules' steps by chance amounts",
     ]
     return lines, {"speedup": speedup, "vs_torch": vs_torch, "gap": worst_gap, "idle": (s0, s1)}
 
@@ -266,8 +271,8 @@ def main() -> None:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="a small model (d_model 64, 1 round of 1 step)")
     p.add_argument("--record", action="store_true", help="append the figures to bench/log/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

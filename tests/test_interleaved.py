@@ -182,11 +182,10 @@ def _turns(p: int, v: int, m: int) -> list[list[tuple[Tick, tuple | None, tuple 
     return out
 
 
-def _play(p: int, v: int, turns) -> None:
-    """Play the ranks' turns against each other as MPI would: on each (sender, receiver, tag) the n-th send meets
-    the n-th receive. Each received message must be the one its forward or backward needs (the output of the
-    model's previous chunk for this micro-batch, or the gradient of the next chunk's input), and every rank must
-    get through all its turns when each exchange waits for all of its messages (no eager sends)."""
+def _messages(p: int, turns) -> tuple[dict, dict, dict]:
+    """(sends, receives, meetings): on each (sender, receiver, tag) the n-th send meets the n-th receive, as MPI
+    matches them; sends carry the (model chunk, micro-batch) they come from, and meetings map each (rank, turn) to
+    the (rank, turn)s its exchange's messages meet."""
     sends, recvs = {}, {}
     for r, rank_turns in enumerate(turns):
         nxt, prv = (r + 1) % p, (r - 1) % p
@@ -199,6 +198,21 @@ def _play(p: int, v: int, turns) -> None:
                 recvs.setdefault((prv, r, ACT), []).append(t)
             if tick.recv_next:
                 recvs.setdefault((nxt, r, GRAD), []).append(t)
+    meets: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for channel, sent in sends.items():
+        src, dst, _ = channel
+        for (ts, _), tr in zip(sent, recvs.get(channel, [])):
+            meets.setdefault((src, ts), []).append((dst, tr))
+            meets.setdefault((dst, tr), []).append((src, ts))
+    return sends, recvs, meets
+
+
+def _play(p: int, v: int, turns) -> None:
+    """Play the ranks' turns against each other as MPI would. Each received message must be the one its forward
+    or backward needs (the output of the model's previous chunk for this micro-batch, or the gradient of the next
+    chunk's input), and every rank must get through all its turns when each exchange waits for all of its
+    messages (no eager sends)."""
+    sends, recvs, meets = _messages(p, turns)
     assert {k: len(x) for k, x in sends.items()} == {k: len(x) for k, x in recvs.items()}
     for r, rank_turns in enumerate(turns):
         queues, taken = {ACT: [], GRAD: []}, {ACT: 0, GRAD: 0}
@@ -212,12 +226,6 @@ def _play(p: int, v: int, turns) -> None:
                     queues[kind].append(sends[(peer, r, kind)][taken[kind]][1])
                     taken[kind] += 1
         assert queues == {ACT: [], GRAD: []}
-    meets: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for channel, sent in sends.items():
-        src, dst, _ = channel
-        for (ts, _), tr in zip(sent, recvs[channel]):
-            meets.setdefault((src, ts), []).append((dst, tr))
-            meets.setdefault((dst, tr), []).append((src, ts))
     at = [0] * p
     moved = True
     while moved:
@@ -226,6 +234,24 @@ def _play(p: int, v: int, turns) -> None:
             if at[r] < len(turns[r]) and all(at[q] >= tq for q, tq in meets.get((r, at[r]), [])):
                 at[r], moved = at[r] + 1, True
     assert at == [len(x) for x in turns], f"deadlock: ranks stuck at turns {at}"
+
+
+def _step_time(p: int, turns, forward: float = 1.0, backward: float = 2.0) -> float:
+    """The step's length when a chunk's forward takes `forward`, its backward `backward` and messages nothing,
+    every exchange ending when the last of its messages' two sides has arrived at its exchange."""
+    _, _, meets = _messages(p, turns)
+    arrive = [[0.0] * len(x) for x in turns]
+    done = [[0.0] * len(x) for x in turns]
+    changed = True
+    while changed:  # to the fixed point (the turns' dependencies have no cycle: _play shows it)
+        changed = False
+        for r, rank_turns in enumerate(turns):
+            for t, (_, f, b) in enumerate(rank_turns):
+                a = (done[r][t - 1] if t else 0.0) + (forward if f else 0.0) + (backward if b else 0.0)
+                d = max([a] + [arrive[q][tq] for q, tq in meets.get((r, t), [])])
+                changed |= (a, d) != (arrive[r][t], done[r][t])
+                arrive[r][t], done[r][t] = a, d
+    return max(rank_done[-1] for rank_done in done)
 
 
 @pytest.mark.parametrize("p", [2, 3, 4, 5])
@@ -274,6 +300,15 @@ def test_the_chunks_hold_the_whole_gpts_tensors():
     assert seen == set(whole)
 
 
+@pytest.mark.parametrize("p,v,m", [(2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 4, 16), (3, 3, 6)])
+def test_the_schedule_idles_exactly_the_interleaved_bubble(p, v, m):
+    """With free messages, a chunk's backward twice its forward, the schedule's own turns take v m + p - 1 chunk
+    slots of 3: the bubble is (p - 1) / (v m + p - 1), the planner's; 1F1B's would be v (m + p - 1) slots."""
+    total = _step_time(p, _turns(p, v, m))
+    assert total == 3 * (v * m + p - 1)
+    assert (total - 3 * v * m) / total == pytest.approx(timing.bubble_fraction(p, m, v))
+
+
 def test_the_planner_knows_the_interleaved_bubble_and_messages():
     assert timing.bubble_fraction(2, 4) == pytest.approx(1 / 5)
     assert timing.bubble_fraction(2, 4, 2) == pytest.approx(1 / 9)
@@ -287,3 +322,23 @@ def test_the_planner_knows_the_interleaved_bubble_and_messages():
     # Stage 0 holds its warm-up's chunk passes: (2 (p - 1) + (v - 1) p + 1) / v stage micro-batches.
     assert counts.in_flight(8, 0, 32, virtual=3) == pytest.approx((14 + 16 + 1) / 3)
     assert counts.in_flight(2, 0, 2, virtual=2) == pytest.approx(5 / 2)  # m = p: every forward first
+
+
+def test_hvdlm_plan_scores_the_jobs_virtual_stages(tmp_path):
+    """`hvdlm plan` on a job with virtual stages: the staged layout interleaves (its JSON says so), its bubble is a
+    third of 1F1B's at v = 3 and its pipeline bytes three times; a layout whose layers do not split stays at v = 1."""
+    from test_plan import job_toml, plan_json
+
+    def planned(virtual: int, tp: int, pp: int) -> dict:
+        job = tmp_path / f"v{virtual}.toml"
+        staged = f"\n[parallel]\npp = 4\nmicrobatches = 4\nvirtual_stages = {virtual}\n"
+        job.write_text(job_toml(32, 4096, 48, extra=staged))
+        args = ["--nodes", 4, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--tp", tp, "--pp", pp]
+        return plan_json(job, *args, "--global-batch", 64, "--micro-batch", 1, "--recompute", "full")
+
+    plain, inter = planned(1, 8, 4), planned(3, 8, 4)
+    assert (plain["layout"]["virtual_stages"], inter["layout"]["virtual_stages"]) == (1, 3)
+    bubble = (plain["step_time_parts_s"]["bubble"], inter["step_time_parts_s"]["bubble"])
+    assert bubble[1] == pytest.approx(bubble[0] / 3, rel=1e-3) and bubble[1] > 0
+    assert inter["pipeline_bytes_per_step"] == 3 * plain["pipeline_bytes_per_step"] > 0
+    assert planned(3, 1, 32)["layout"]["virtual_stages"] == 1  # 48 layers are not 32 x 3 chunks
