@@ -2,10 +2,11 @@
 
 Real ranks under mpirun: PP=2 with 2 virtual stages a rank (4 chunks of one layer; rank 0 holds layers 0 and 2,
 rank 1 layers 1 and 3) gives the loss of one rank accumulating the same 4 micro-batches at every step, within
-1e-5, and so does PP=2 x DP=2 with full recomputation; its checkpoints merge into the one rank's final weights and
-continue at PP=2 without interleaving and on one rank. In-process: every rank's turns of the schedule played
-against each other for many (p, v, m) (each message arrives where it is needed; no rank waits for ever); the
-layout-independent initialisation of the chunks; the refusals; the planner's bubble.
+1e-5, and so does PP=2 x DP=2 with ZeRO-2 and full recomputation; its checkpoints merge into the one rank's final
+weights and continue at PP=2 without interleaving and on one rank. In-process: every rank's turns of the schedule
+played against each other for many (p, v, m) (each message arrives where it is needed; no rank waits for ever)
+and timed (exactly the interleaved bubble); the layout-independent initialisation of the chunks; the refusals;
+the planner's bubble, messages and activations.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ V2 = ("parallel.pp=2", "parallel.microbatches=4", "parallel.virtual_stages=2")
 LAYOUTS = {  # name: (ranks, overrides); the global batch is 16 sequences in every layout
     "one": (1, ("train.batch_size=4", "train.accumulation_steps=4")),
     "pp2v2": (2, (*V2, "train.batch_size=4")),
-    "pp2v2xdp2": (4, (*V2, "train.batch_size=2", "model.recompute=full")),
+    # ZeRO-2 over each stage's DP pair: a bucket may hold both chunks' parameters, whose gradients complete in
+    # different turns; full recomputation.
+    "pp2v2xdp2": (4, (*V2, "train.batch_size=2", "model.recompute=full", "train.zero=2", "train.zero_bucket_mb=0.1")),
 }
 
 
