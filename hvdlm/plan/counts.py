@@ -224,7 +224,7 @@ def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b", vi
     plus one, min(p - s, m) (hvdlm.parallel.schedules); 1 without stages (each backward frees its forward).
     Interleaved (v > 1 chunks, hvdlm.parallel.interleaved): the warm-up's chunk passes plus one, each a v-th of
     the stage's layers, so (min(2 (p - s - 1) + (v - 1) p, v m) + 1) / v stage micro-batches; stage 0 holds
-    (1 + (p - 2) / (v p)) times 1F1B's p."""
+    (1 + (p - 1) / (v p)) times 1F1B's p."""
     if pp == 1:
         return 1
     if virtual > 1:
