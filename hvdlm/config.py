@@ -164,6 +164,7 @@ class ParallelConfig:
     pp_layers: str | list[int] = ""  # layers per stage, e.g. "3,5" or [3, 5]; empty: as even as possible
     microbatches: int = 1  # pp > 1: micro-batches of batch_size per step (the accumulation); >= pp keeps stages busy
     schedule: Schedule = "1f1b"  # pp > 1: 1f1b (one forward one backward, fewer saved activations) or gpipe
+    virtual_stages: int = 1  # pp > 1, 1f1b: chunks of layers per stage, interleaved (bubble / v, v x the sends)
 
 
 @dataclass
@@ -537,6 +538,7 @@ POSITIVE = (
     "parallel.tp",
     "parallel.pp",
     "parallel.microbatches",
+    "parallel.virtual_stages",
     "train.batch_size",
     "train.max_steps",
     "train.lr",
@@ -765,10 +767,11 @@ def _check_gpu_modes(t: TrainConfig, p: ParallelConfig) -> None:
 
 def _check_pipeline(config: JobConfig) -> None:
     """Pipeline stages: a split that works, and the settings a pipeline does not combine with (yet)."""
-    from hvdlm.parallel.split import stage_layers  # pure arithmetic, import-light
+    from hvdlm.parallel.split import check_virtual_stages, stage_layers  # pure arithmetic, import-light
 
     p, t = config.parallel, config.train
     stage_layers(config.model.n_layer, p.pp, p.pp_layers)
+    check_virtual_stages(config.model.n_layer, p.pp, p.virtual_stages, p.microbatches, p.pp_layers)
     if p.pp == 1:
         if p.microbatches != 1:
             raise InputError(
@@ -789,6 +792,10 @@ def _check_pipeline(config: JobConfig) -> None:
             'each stage\'s gradient scaler would skip on its own; use precision = "bf16"',
         ),
         'train.compile = "on"': (t.compile == "on", "the stages' sends and receives would break the compiled graph"),
+        'parallel.schedule = "gpipe" with virtual_stages > 1': (
+            p.schedule == "gpipe" and p.virtual_stages > 1,
+            'the interleaved schedule is a 1F1B one; use schedule = "1f1b", or virtual_stages = 1',
+        ),
     }
     for key, (bad, why) in refused.items():
         if bad:
@@ -866,6 +873,7 @@ _MAXIMA: dict[str, int] = {
     "parallel.tp": 1024,
     "parallel.pp": 1024,
     "parallel.microbatches": 2**20,
+    "parallel.virtual_stages": 1024,
     "train.batch_size": 2**20,
     "train.accumulation_steps": 2**20,
     "train.max_steps": _STEPS,

@@ -82,7 +82,7 @@ def test_table_1_of_narayanan_2021_within_20_percent(tmp_path, row):
     args = [job, "--nodes", nodes, "--gpus-per-node", 8, "--gpu", "a100-80gb", "--tp", t, "--pp", p]
     out = plan_json(*args, "--recompute", "full", "--global-batch", batch, "--micro-batch", 1, "--zero", 0)
     assert out["layout"] == {"tp": t, "pp": p, "dp": gpus // (t * p), "zero": 0, "recompute": "full",
-                             "micro_batch": 1, "microbatches": batch * t * p // gpus}  # fmt: skip
+                             "micro_batch": 1, "microbatches": batch * t * p // gpus, "virtual_stages": 1}  # fmt: skip
     assert out["fits"] and out["memory_gb_per_gpu"] <= 80, out
     predicted = out["tflops_per_gpu"]
     assert abs(predicted / published - 1) < 0.20, (predicted, published)
@@ -152,7 +152,7 @@ def test_horovod_resnet101_scaling_shape():
 # ------------------------------------------------------------------------------------------------------------
 
 KEYS = {"layout", "memory_gb_per_gpu", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "fits"}
-LAYOUT_KEYS = {"tp", "pp", "dp", "zero", "recompute", "micro_batch", "microbatches"}
+LAYOUT_KEYS = {"tp", "pp", "dp", "zero", "recompute", "micro_batch", "microbatches", "virtual_stages"}
 
 
 @pytest.fixture

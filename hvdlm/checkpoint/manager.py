@@ -39,7 +39,7 @@ from hvdlm.config import JobConfig
 from hvdlm.errors import InputError
 from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
-from hvdlm.parallel.split import stage_layers
+from hvdlm.parallel.split import chunk_layers, layer_range, layers_per_rank, rank_chunks
 from hvdlm.parallel.topology import Topology, dp_group_ranks, elastic_job
 
 
@@ -245,10 +245,15 @@ class CheckpointManager:
         return files
 
     def _stage_record(self) -> dict[str, Any]:
-        """Which stage a file holds: its index, the number of stages, and the layers per stage."""
-        p = self.cfg.parallel
-        counts = stage_layers(self.cfg.model.n_layer, p.pp, p.pp_layers)
-        return {"rank": self.topo.pp_rank, "size": self.topo.pp, "layers": counts}
+        """Which stage a file holds: its index, the number of stages, and the layers per stage; with virtual
+        stages also their number and the global indices of this stage's blocks."""
+        p, rank = self.cfg.parallel, self.topo.pp_rank
+        counts = chunk_layers(self.cfg.model.n_layer, p.pp, p.pp_layers, p.virtual_stages)
+        record = {"rank": rank, "size": self.topo.pp, "layers": layers_per_rank(counts, p.pp, p.virtual_stages)}
+        if p.virtual_stages > 1:
+            chunks = rank_chunks(p.pp, p.virtual_stages, rank)
+            record |= {"virtual_stages": p.virtual_stages, "blocks": [list(layer_range(counts, j)) for j in chunks]}
+        return record
 
     def _write(self, path: Path, state: dict[str, Any], written: dict[str, dict]) -> None:
         try:

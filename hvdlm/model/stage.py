@@ -16,6 +16,11 @@ bit-identical. An untied head (llama) lives on the last stage only, and nothing 
 Initialisation is layout-independent: the stage draws every full tensor of the whole GPT in the GPT's order from
 torch's global generator (one tensor at a time) and keeps the ones it holds, so a stage built after
 torch.manual_seed(s) holds exactly the tensors of the GPT built after torch.manual_seed(s).
+
+With virtual stages (parallel.virtual_stages = v, hvdlm.parallel.interleaved) the split has p x v chunks and
+stage r holds chunks r, r + p, ...: blocks of several non-adjacent runs, still under their global names (so
+checkpoints join and cut as any other), the embeddings with chunk 0 of stage 0 and the head with the last chunk of
+the last stage. `forward(inp, targets, chunk=c)` runs the stage's c-th chunk.
 """
 
 from __future__ import annotations
@@ -28,18 +33,24 @@ from hvdlm.model.gpt import GPT, Block, check_tp_size, embed, initial_value, lea
 from hvdlm.model.parts import PARTS, rotary_of
 from hvdlm.model.recompute import recomputed
 from hvdlm.parallel.layers import VocabParallelEmbedding, full_shape, shard, vocab_parallel_cross_entropy
-from hvdlm.parallel.split import layer_range
+from hvdlm.parallel.split import layer_range, rank_chunks
 from hvdlm.parallel.topology import Group
 
 
 class GPTStage(nn.Module):
-    """Stage `stage` of a GPT split into len(counts) stages, counts[s] blocks on stage s (hvdlm.parallel.split)."""
+    """Stage `stage` of a GPT split into len(counts) / virtual stages, counts[j] blocks in chunk j
+    (hvdlm.parallel.split), `virtual` chunks per stage."""
 
-    def __init__(self, cfg: ModelConfig, counts: list[int], stage: int, tp_group: Group | None = None):
+    def __init__(
+        self, cfg: ModelConfig, counts: list[int], stage: int, tp_group: Group | None = None, virtual: int = 1
+    ):
         super().__init__()
         rng = torch.get_rng_state()  # where the whole GPT's construction would start drawing
-        self.cfg, self.stage, self.counts = cfg, stage, counts
-        self.is_first, self.is_last = stage == 0, stage == len(counts) - 1
+        stages = len(counts) // virtual
+        self.cfg, self.stage, self.counts, self.virtual = cfg, stage, counts, virtual
+        self.is_first, self.is_last = stage == 0, stage == stages - 1
+        # The global block indices of each of the stage's chunks.
+        self.chunks = [list(layer_range(counts, j)) for j in rank_chunks(stages, virtual, stage)]
         self.tp_group = g = tp_group or Group.single()
         check_tp_size(cfg, g.size)
         if self.is_first:
@@ -48,7 +59,7 @@ class GPTStage(nn.Module):
             self.drop = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by the global block index: the names match the whole GPT's.
         rotary = rotary_of(cfg)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, g, rotary) for i in layer_range(counts, stage)})
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, g, rotary) for chunk in self.chunks for i in chunk})
         if self.is_last:
             self.ln_f = PARTS[cfg.arch].norm(cfg)
             # One stage: tied as in the GPT; a last stage of several: the tied weight's copy, or an untied head.
@@ -85,16 +96,17 @@ class GPTStage(nn.Module):
         """The whole GPT's parameter count (as GPT.num_params), for FLOPs and the banner."""
         return self._whole[1] if non_embedding else self._whole[0]
 
-    def forward(self, inp: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """First stage: token ids (B, T); others: the residual stream (B, T, C). Returns the residual stream
-        (B, T, C), or on the last stage the mean cross-entropy against targets (B, T)."""
-        if self.is_first:
+    def forward(self, inp: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        """First stage's first chunk: token ids (B, T); others: the residual stream (B, T, C). Returns the residual
+        stream (B, T, C), or from the last stage's last chunk the mean cross-entropy against targets (B, T)."""
+        if self.is_first and chunk == 0:
             x = self.drop(embed(self.tok_emb, self.pos_emb, inp))  # (B, T, C)
         else:
             x = inp
-        for block in self.blocks.values():
+        for i in self.chunks[chunk]:
+            block = self.blocks[str(i)]
             x = recomputed(block, x) if self.cfg.recompute == "full" else block(x)  # as in GPT.forward
-        if not self.is_last:
+        if not (self.is_last and chunk == self.virtual - 1):
             return x
         logits = self.head(self.ln_f(x))  # (B, T, V / p)
         return vocab_parallel_cross_entropy(logits, targets, self.tp_group, self.cfg.vocab_size)

@@ -22,6 +22,11 @@ Activations and gradients use different tags, so a gradient can never be taken f
 MPI keeps the order of messages between two ranks, which is the micro-batch order. `bytes_sent` counts the
 payload this rank sent (as the TP collectives count theirs) and `wait_seconds` the time spent waiting for
 receives (the pipeline's idle time, read by the bubble benchmark).
+
+With virtual stages (hvdlm.parallel.interleaved) the stages form a ring: the last rank's chunks send their
+outputs on to the first rank's next chunks, and the first rank sends those chunks' input gradients back to the last
+(`ring=True`). On 2 ranks the previous and the next neighbour are then the same rank; the tags keep its
+activations and gradients apart.
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ ACTIVATION, GRADIENT = 0, 1  # message tags
 class StageLink:
     """This stage's sends to and receives from its neighbours (none beyond the first and last stage)."""
 
-    def __init__(self, group: Group, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, group: Group, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, ring: bool = False
+    ):
         self.group, self.shape, self.dtype, self.device = group, tuple(shape), dtype, device
-        self.prev = group.rank - 1 if group.rank > 0 else None
-        self.next = group.rank + 1 if group.rank < group.size - 1 else None
+        rank, size = group.rank, group.size
+        self.prev = (rank - 1) % size if ring or rank > 0 else None
+        self.next = (rank + 1) % size if ring or rank < size - 1 else None
         # MPI reads device memory only if it is CUDA-aware; otherwise messages go through host copies.
         self.host = device.type == "cuda" and not _mpi_is_cuda_aware()
         self.bytes_sent = 0

@@ -5,6 +5,10 @@ A split is a list of layer counts, one per stage, summing to n_layer; stage s ho
 are spread as evenly as possible, and the layers that do not divide go to the stages with the least other work:
 the middle stages first, then the first (whose embedding lookup is cheap), the last stage last (its output head
 and loss, a d_model x vocabulary matmul, already make it the slowest stage; Megatron's advice is the same).
+
+With virtual stages (`parallel.virtual_stages` = v > 1, the interleaved schedule) the model is cut into p x v equal
+chunks, and pipeline rank r holds chunks r, r + p, ..., r + (v - 1) p: the split is then a list of p x v counts,
+one per chunk, in model order (`chunk_layers`), and `rank_chunks` names the chunks of one rank.
 """
 
 from __future__ import annotations
@@ -59,3 +63,63 @@ def layer_range(counts: list[int], stage: int) -> range:
     """The global indices of the blocks stage `stage` holds."""
     first = sum(counts[:stage])
     return range(first, first + counts[stage])
+
+
+def check_virtual_stages(
+    n_layer: int, pp: int, virtual: int, microbatches: int, pp_layers: str | list[int] = ""
+) -> None:
+    """What the interleaved schedule needs (Megatron's constraints): stages to interleave, p x v equal chunks, and
+    micro-batches in whole groups of p (the schedule runs each chunk on p micro-batches at a time)."""
+    if virtual == 1:
+        return
+    if virtual < 1:
+        raise InputError(f"parallel.virtual_stages = {virtual} must be 1 (no interleaving) or more.")
+    if pp == 1:
+        raise InputError(
+            f"parallel.virtual_stages = {virtual} interleaves the chunks of pipeline stages, and parallel.pp = 1 has "
+            "none: set parallel.pp > 1 (e.g. 2), or virtual_stages = 1."
+        )
+    if parse_split(pp_layers):
+        raise InputError(
+            f"parallel.pp_layers with parallel.virtual_stages = {virtual} is not supported: the interleaved schedule "
+            "cuts the model into pp x virtual_stages equal chunks. Leave pp_layers empty, or set virtual_stages = 1."
+        )
+    chunks = pp * virtual
+    if n_layer % chunks:
+        fits = [v for v in range(2, n_layer // pp + 1) if n_layer % (pp * v) == 0]
+        hint = f"virtual_stages among {fits}" if fits else "virtual_stages = 1"
+        raise InputError(
+            f"model.n_layer = {n_layer} does not divide into parallel.pp x parallel.virtual_stages = {pp} x "
+            f"{virtual} = {chunks} equal chunks of layers: the interleaved schedule gives every chunk the same "
+            f"number of layers. Use {hint}, or an n_layer that is a multiple of {chunks}."
+        )
+    if microbatches % pp:
+        raise InputError(
+            f"parallel.microbatches = {microbatches} is not a multiple of parallel.pp = {pp}: the interleaved "
+            f"schedule (parallel.virtual_stages = {virtual}) runs the micro-batches through each chunk in groups of "
+            f"pp. Use microbatches = {' or '.join(str(n) for n in _multiples_near(microbatches, pp))}."
+        )
+
+
+def _multiples_near(n: int, k: int) -> list[int]:
+    """The multiples of k next to n (below it where there is one above 0, and above it)."""
+    below = n // k * k
+    return [below, below + k] if below else [k]
+
+
+def chunk_layers(n_layer: int, pp: int, pp_layers: str | list[int] = "", virtual: int = 1) -> list[int]:
+    """The layer counts of the model's pp x virtual chunks, in model order (chunk j on pipeline rank j % pp);
+    with virtual = 1, the stages' (`stage_layers`)."""
+    if virtual == 1:
+        return stage_layers(n_layer, pp, pp_layers)
+    return [n_layer // (pp * virtual)] * (pp * virtual)
+
+
+def rank_chunks(pp: int, virtual: int, rank: int) -> list[int]:
+    """The chunks pipeline rank `rank` holds, in its order: rank, rank + pp, ..., rank + (virtual - 1) pp."""
+    return [rank + c * pp for c in range(virtual)]
+
+
+def layers_per_rank(counts: list[int], pp: int, virtual: int = 1) -> list[int]:
+    """The layers each pipeline rank holds, over all its chunks (`counts`: the chunks' layer counts)."""
+    return [sum(counts[j] for j in rank_chunks(pp, virtual, r)) for r in range(pp)]

@@ -16,6 +16,7 @@ class Candidate:
     recompute: str
     micro_batch: int  # sequences per micro-batch (train.batch_size)
     microbatches: int  # micro-batches per step per replica (parallel.microbatches, or train.accumulation_steps)
+    virtual_stages: int = 1  # chunks per pipeline stage (parallel.virtual_stages): the interleaved schedule
 
     @property
     def gpus(self) -> int:

@@ -268,11 +268,17 @@ def activation_bytes(shape: Shape, vocab_rows: int | None = None) -> int:
     return total
 
 
-def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b") -> int:
+def in_flight(pp: int, stage: int, microbatches: int, schedule: str = "1f1b", virtual: int = 1) -> float:
     """Micro-batches whose activations a stage holds at once: all m with GPipe; with 1F1B the warm-up forwards
-    plus one, min(p - s, m) (hvdlm.parallel.schedules); 1 without stages (each backward frees its forward)."""
+    plus one, min(p - s, m) (hvdlm.parallel.schedules); 1 without stages (each backward frees its forward).
+    Interleaved (v > 1 chunks, hvdlm.parallel.interleaved): the warm-up's chunk passes plus one, each a v-th of
+    the stage's layers, so (min(2 (p - s - 1) + (v - 1) p, v m) + 1) / v stage micro-batches; stage 0 holds
+    (1 + (p - 1) / (v p)) times 1F1B's p."""
     if pp == 1:
         return 1
+    if virtual > 1:
+        warmup = microbatches * virtual if microbatches == pp else 2 * (pp - stage - 1) + (virtual - 1) * pp
+        return (min(warmup, microbatches * virtual) + 1) / virtual
     return microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
 
 
@@ -313,16 +319,24 @@ def tp_bytes_per_step(shape: Shape, microbatches: int = 1, optimizer: str = "ada
 
 
 def pp_bytes_per_step(
-    model: ModelConfig, micro_batch: int, pp: int, stage: int, microbatches: int, precision: str = "fp32"
+    model: ModelConfig,
+    micro_batch: int,
+    pp: int,
+    stage: int,
+    microbatches: int,
+    precision: str = "fp32",
+    virtual: int = 1,
 ) -> tuple[int, int]:
     """(p2p, group) bytes a pipeline stage counts in one step: p2p is StageLink.bytes_sent, the activations it sends
     to the next stage and the gradients to the previous one, m x B T d each, in the wire dtype (bf16 when training
     in bf16, else fp32); group is the pipeline group's bytes_moved, p2p plus the loss broadcast from the last stage
-    and the clipping norm's allreduce (4 bytes each). (0, 0) without stages."""
+    and the clipping norm's allreduce (4 bytes each). (0, 0) without stages. With v virtual stages every chunk
+    sends both ways but the model's first (no gradient back) and last (nothing on): 2 v - [first] - [last]
+    messages per micro-batch, v times a middle stage's of 1F1B."""
     if pp == 1:
         return 0, 0
     message = micro_batch * model.seq_len * model.d_model * WIRE_BYTES[precision]
-    directions = (stage < pp - 1) + (stage > 0)
+    directions = 2 * virtual - (stage == pp - 1) - (stage == 0)
     p2p = directions * microbatches * message
     return p2p, p2p + 2 * FP32
 

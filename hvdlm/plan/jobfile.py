@@ -33,6 +33,7 @@ def layout_keys(layout: Candidate, cluster: Cluster, precision: str) -> dict[str
         "parallel.pp": L.pp,
         "parallel.pp_layers": "",  # the even split the plan assumed
         "parallel.microbatches": L.microbatches if staged else 1,
+        "parallel.virtual_stages": L.virtual_stages,
         "train.accumulation_steps": 1 if staged else L.microbatches,
         "train.batch_size": L.micro_batch,
         "train.zero": L.zero,

@@ -45,6 +45,7 @@ class Job:
     optimizer: str = "adamw"
     schedule: str = "1f1b"
     accounting: str = "hvdlm"
+    virtual_stages: int = 1  # the job's parallel.virtual_stages: staged layouts interleave where it splits
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def estimate(job: Job, cluster: Cluster, layout: Candidate) -> Estimate:
         tflops_per_gpu=flops / t.total / cluster.gpus / 1e12,
         mfu=model_flops / t.total / cluster.gpus / (g.peak_tflops * 1e12),
         fits=need.total <= g.memory_gb * mem.GB,
-        pipeline_bytes=2 * L.microbatches * activation if L.pp > 1 else 0.0,
+        pipeline_bytes=2 * L.microbatches * L.virtual_stages * activation if L.pp > 1 else 0.0,
         tp_bytes=timing.tp_payload(m, L),
     )
 
@@ -195,7 +196,8 @@ def one(job: Job, cluster: Cluster, tp: int, pp: int, zero: int, recompute: str,
             f"over {dp} replicas (dp = {cluster.gpus} GPUs / (tp {tp} x pp {pp})). Pass --global-batch a multiple "
             f"of {dp * micro_batch}, or another --micro-batch."
         )
-    layout = Candidate(tp, pp, dp, zero, recompute, micro_batch, job.global_batch // (dp * micro_batch))
+    m = job.global_batch // (dp * micro_batch)
+    layout = Candidate(tp, pp, dp, zero, recompute, micro_batch, m, virtual_stages(job, pp, m))
     why = problem(job, cluster, layout)
     if why:
         raise InputError(f"this layout cannot run: {why[1]}. Or leave out --tp and --pp to rank the layouts that can.")
@@ -224,8 +226,18 @@ def candidates(job: Job, cluster: Cluster, fixed: dict) -> list[Candidate]:
                     continue
                 for zero in _zeros(fixed, dp):
                     for rc in [fixed["recompute"]] if fixed.get("recompute") else RECOMPUTE:
-                        out.append(Candidate(tp, pp, dp, zero, rc, b, job.global_batch // (dp * b)))
+                        m = job.global_batch // (dp * b)
+                        out.append(Candidate(tp, pp, dp, zero, rc, b, m, virtual_stages(job, pp, m)))
     return out
+
+
+def virtual_stages(job: Job, pp: int, microbatches: int) -> int:
+    """The job's virtual stages where a layout can interleave them (stages, p x v equal chunks of layers, the
+    micro-batches a multiple of p: hvdlm.parallel.split.check_virtual_stages), else 1."""
+    v = job.virtual_stages
+    if v > 1 and pp > 1 and job.model.n_layer % (pp * v) == 0 and microbatches % pp == 0:
+        return v
+    return 1
 
 
 def _zeros(fixed: dict, dp: int) -> tuple[int, ...]:

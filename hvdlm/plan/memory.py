@@ -133,8 +133,9 @@ def memory(
             states[params[stage]] = state_bytes(params[stage], accounting, zero, dp, optimizer)
         weights, grads, state = states[params[stage]]
         # Micro-batches the stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0 holds p), GPipe
-        # runs every forward first (m), and without stages each backward frees its forward's (1).
-        flight = 1 if pp == 1 else microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
+        # runs every forward first (m), and without stages each backward frees its forward's (1); interleaved a
+        # little more than 1F1B (counts.in_flight).
+        flight = counts.in_flight(pp, stage, microbatches, schedule, layout.virtual_stages)
         acts = layers * per_layer * flight + working + (logits if stage == pp - 1 else 0)
         total = weights + grads + state + acts + buffers
         if total > best_total:

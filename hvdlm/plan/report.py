@@ -104,6 +104,7 @@ def layout_words(e: Estimate) -> str:
     return (
         f"tp {L.tp} x pp {L.pp} x dp {L.dp}, zero {L.zero}, recompute {L.recompute}, micro-batch {L.micro_batch} "
         f"x {counted(L.microbatches, 'micro-batch', 'micro-batches')}"
+        + (f", {L.virtual_stages} virtual stages (interleaved)" if L.virtual_stages > 1 else "")
     )
 
 

@@ -193,6 +193,7 @@ def _planned_job(request: PlanRequest, cfg: JobConfig, cluster: layouts.Cluster)
         optimizer=cfg.train.optimizer,
         schedule=cfg.parallel.schedule,
         accounting=request.accounting,
+        virtual_stages=cfg.parallel.virtual_stages,
     )
 
 

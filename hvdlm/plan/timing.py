@@ -124,6 +124,13 @@ def tp_bytes_per_token(d_model: int, recompute: str) -> int:
     return d_model * (2 * 2 + 2 * 4 + (2 if recompute == "full" else 0))
 
 
+def bubble_fraction(pp: int, microbatches: int, virtual: int = 1) -> float:
+    """The share of a pipeline step its stages idle: (p - 1) / (m + p - 1) for 1F1B and GPipe (Narayanan et al.
+    2021, section 2.2.1); with v virtual stages each fill and drain slot is a chunk's, a v-th of a stage's work:
+    (p - 1) / (v m + p - 1) (section 2.2.2)."""
+    return (pp - 1) / (virtual * microbatches + pp - 1)
+
+
 def fullest_stage(m: ModelConfig, layout: Candidate) -> int:
     """The blocks on the fullest pipeline stage (hvdlm's even split, the remainder spread): it sets the pace."""
     return max(stage_layers(m.n_layer, layout.pp))
@@ -150,10 +157,12 @@ def step_time(
     tp_time = ring_allreduce_s(tp_payload(m, layout), tp, speeds.tp_bytes_per_s)
     # 1F1B and GPipe alike: p - 1 micro-batch slots of fill and drain on top of the m slots of work, so the
     # bubble is (p - 1) / m of the work, i.e. (p - 1) / (m + p - 1) of the pipeline's time (Narayanan et al.
-    # 2021, section 2.2.1).
-    bubble = (compute + tp_time) * (pp - 1) / microbatches
-    # Sends overlap compute in the steady state (non-blocking); the fill and drain wait for one per boundary.
-    sends = 2 * (pp - 1) * activation / speeds.pp_bytes_per_s if pp > 1 else 0.0
+    # 2021, section 2.2.1). Interleaved, the slots are a chunk's: (p - 1) / (v m) of the work (bubble_fraction).
+    v = layout.virtual_stages
+    bubble = (compute + tp_time) * (pp - 1) / (v * microbatches)
+    # Sends overlap compute in the steady state (non-blocking); the fill and drain wait for one per boundary,
+    # and interleaved there are v times the boundaries (a chunk's output goes round the ring v times).
+    sends = 2 * (pp - 1) * v * activation / speeds.pp_bytes_per_s if pp > 1 else 0.0
     dense, _ = passes(recompute)
     backward = compute / microbatches * (dense - 1) / dense  # the last micro-batch's backward, recomputation in it
     exposed = dp_exposed_s(grad_bytes, dp, speeds.dp_bytes_per_s, backward, zero, microbatches)

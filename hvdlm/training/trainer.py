@@ -48,8 +48,9 @@ from hvdlm.optim.schedule import lr_at
 from hvdlm.optim.zero import zero_note
 from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import together
-from hvdlm.parallel.split import stage_layers
+from hvdlm.parallel.split import chunk_layers, layers_per_rank
 from hvdlm.parallel.topology import Topology, all_dp_groups, elastic_job, init_topology
+from hvdlm.plan.timing import bubble_fraction
 from hvdlm.runfiles import SUMMARY_FILE
 from hvdlm.training import elastic
 from hvdlm.training.device import pick_device, to_device
@@ -663,8 +664,9 @@ def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str
     if topo.pp == 1:
         model = GPT(cfg.model, topo.tp_group)
     else:  # this rank's stage: its layers of the split, layout-independent init as the GPT's
-        counts = stage_layers(cfg.model.n_layer, topo.pp, cfg.parallel.pp_layers)
-        model = GPTStage(cfg.model, counts, topo.pp_rank, topo.tp_group)
+        p = cfg.parallel  # with virtual stages, the split's chunks (hvdlm.parallel.interleaved)
+        counts = chunk_layers(cfg.model.n_layer, topo.pp, p.pp_layers, p.virtual_stages)
+        model = GPTStage(cfg.model, counts, topo.pp_rank, topo.tp_group, p.virtual_stages)
     note = None
     with together("model_loaded"):
         if start.state is not None:  # before a stage's cut, which keeps only its own RNG states
@@ -720,11 +722,15 @@ def _layout(trainer: Trainer) -> str:
     topo, p = trainer.topo, trainer.cfg.parallel
     if topo.pp == 1:
         return f"tp {topo.tp} x dp {topo.dp}"
-    counts = stage_layers(trainer.cfg.model.n_layer, topo.pp, p.pp_layers)
-    bubble = (topo.pp - 1) / (p.microbatches + topo.pp - 1)
+    counts = layers_per_rank(
+        chunk_layers(trainer.cfg.model.n_layer, topo.pp, p.pp_layers, p.virtual_stages), topo.pp, p.virtual_stages
+    )
+    v = p.virtual_stages
+    bubble = bubble_fraction(topo.pp, p.microbatches, v)
+    schedule = f"interleaved 1f1b, {v} virtual stages" if v > 1 else p.schedule
     return (
         f"pp {topo.pp} x dp {topo.dp} x tp {topo.tp}; layers per stage {counts}, {p.microbatches} micro-batches, "
-        f"{p.schedule}, bubble {bubble:.0%}"
+        f"{schedule}, bubble {bubble:.0%}"
     )
 
 
