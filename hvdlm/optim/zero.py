@@ -88,11 +88,9 @@ class ZeroOptimizer(TrainingOptimizer):
             self.parts.append((start + topo.dp_rank * part, held, part))
             offset, held = start + d * part, held + part
         self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
-        device = self.params[0].device
-        self.flat_params = torch.zeros(offset, device=device)
-        for p, start in zip(self.params, self.param_offsets):  # the model's tensors become views (values kept)
-            self.flat_params[start : start + p.numel()].copy_(p.detach().reshape(-1))
-            p.data = self.flat_params[start : start + p.numel()].view_as(p)
+        self.flat_numel, self.device = offset, self.params[0].device
+        device = self.device
+        self._place_weights()
         # This rank's averaged gradient slice (the pieces' .grad), filled by the reduce-scatter.
         self.grad_slice = self._gradient_buffers()
         # The pieces: this shard cut at bucket and group boundaries (and before padding), one optimizer tensor each.
@@ -105,7 +103,7 @@ class ZeroOptimizer(TrainingOptimizer):
                 for a, b, s in self._ranges_of(lambda p: id(p) in ids)
                 for lo, hi in chunks(b - a)
             ]
-            pieces.append([self.flat_params[a:b] for a, b, _ in ranges])
+            pieces.append([self._weights_piece(a, b, s) for a, b, s in ranges])
             for t, (a, b, s) in zip(pieces[-1], ranges):
                 t.grad = self.grad_slice[s : s + b - a]
             self.piece_ranges += ranges
@@ -121,6 +119,18 @@ class ZeroOptimizer(TrainingOptimizer):
         self._groups_of_params = [g["params"] for g in groups]
         self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat shards, made at the first step
 
+    def _place_weights(self) -> None:
+        """ZeRO-1/2: the whole flat buffer of the weights on every rank; the model's tensors become views of it
+        (values kept). ZeRO-3 keeps only the shard (hvdlm.optim.zero3)."""
+        self.flat_params = torch.zeros(self.flat_numel, device=self.device)
+        for p, start in zip(self.params, self.param_offsets):
+            self.flat_params[start : start + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat_params[start : start + p.numel()].view_as(p)
+
+    def _weights_piece(self, a: int, b: int, s: int) -> torch.Tensor:
+        """The weights of flat range [a, b) (shard offset s) as the inner optimizer updates them: a view."""
+        return self.flat_params[a:b]
+
     def _buckets(self, model: torch.nn.Module, cfg: TrainConfig) -> list[list[int]]:
         """ZeRO-1: every parameter in one bucket, reduce-scattered at once after backward."""
         return [list(range(len(self.params)))]
@@ -132,7 +142,7 @@ class ZeroOptimizer(TrainingOptimizer):
         for p, start in zip(self.params, self.param_offsets):
             p.grad = self.flat_grads[start : start + p.numel()].view_as(p)
         start, _, part = self.parts[0]
-        return self.flat_grads[start : start + part] if self.topo.dp == 1 else self.flat_params.new_zeros(part)
+        return self.flat_grads[start : start + part] if self.topo.dp == 1 else torch.zeros(part, device=self.device)
 
     def _ranges_of(self, chosen) -> list[tuple[int, int, int]]:
         """(flat start, flat end, shard start) of this rank's elements that hold the parameters `chosen` picks,
@@ -223,6 +233,10 @@ class ZeroOptimizer(TrainingOptimizer):
             # than at a save, when everything else is held too.
             for key in self._state_keys():
                 self._flat_state(key)
+        self._share_weights()
+
+    def _share_weights(self) -> None:
+        """Every replica gets the updated weights: an all-gather of the shards (ZeRO-3: none, see there)."""
         d, r = self.topo.dp, self.topo.dp_rank
         if d == 1:
             return
@@ -261,7 +275,7 @@ class ZeroOptimizer(TrainingOptimizer):
             "numels": numels,
             "shapes": [list(p.shape) for p in self.params],
             "shard_numel": self.shard_numel,
-            "padding": self.flat_params.numel() - sum(numels),
+            "padding": self.flat_numel - sum(numels),
             "buckets": [[ids, self.topo.dp * part] for ids, (_, _, part) in zip(self.bucket_params, self.parts)],
             "dp_rank": self.topo.dp_rank,
             "dp_size": self.topo.dp,
@@ -283,7 +297,7 @@ class ZeroOptimizer(TrainingOptimizer):
         states = [self.inner.state[t] for t in self.pieces]
         ranges = [(s, s + b - a) for a, b, s in self.piece_ranges]
         if flat is None or any(st[key].data_ptr() != flat[a:b].data_ptr() for st, (a, b) in zip(states, ranges)):
-            flat = self._flat[key] = torch.zeros(self.shard_numel, device=self.flat_params.device)
+            flat = self._flat[key] = torch.zeros(self.shard_numel, device=self.device)
             for st, (a, b) in zip(states, ranges):
                 flat[a:b] = st[key]
                 st[key] = flat[a:b]  # the piece's own tensor is freed here
@@ -306,7 +320,7 @@ class ZeroOptimizer(TrainingOptimizer):
             return
         some = next(iter(entries.values()))
         keys = [k for k, v in some.items() if torch.is_tensor(v) and v.dim() > 0]
-        flat = {key: torch.zeros_like(self.flat_params) for key in keys}
+        flat = {key: torch.zeros(self.flat_numel, device=self.device) for key in keys}
         for i, (p, start) in enumerate(zip(self.params, self.param_offsets)):
             for key in keys:
                 if i in entries:

@@ -305,7 +305,8 @@ class Trainer:
             scaler.update()
             overflowed = scale is not None and scaler.get_scale() < scale  # the scaler skipped the step
             if self.ema and not overflowed:
-                self.ema.update()
+                with self.optimizer.whole_model():  # ZeRO-3: the weights are a shard between passes
+                    self.ema.update()
         return loss, grad_norm, verdict
 
     def _accumulate(self, k: int, meter: ActivationMeter | None) -> torch.Tensor:
@@ -383,7 +384,8 @@ class Trainer:
 
     def evaluate(self, step: int) -> float:
         """The validation loss (with the EMA weights when there is an EMA), logged and kept in progress."""
-        with self.ema.applied() if self.ema else contextlib.nullcontext():
+        whole = self.optimizer.whole_model() if self.ema else contextlib.nullcontext()  # ZeRO-3, for the EMA's swap
+        with whole, self.ema.applied() if self.ema else contextlib.nullcontext():
             if self.pipeline:
                 # The replicas' losses averaged, as _validation_loss does.
                 val_replica = self.pipeline.validation_loss(self.val_batches, self.t.eval_batches)
@@ -420,7 +422,7 @@ class Trainer:
         # Local SGD replicas agree only where they average, so a preempted one runs on to that point.
         at_sync_point = not t.local_sgd_interval or done % t.local_sgd_interval == 0
         if self.stop_requested and at_sync_point and done != t.max_steps:
-            self.checkpoints.save(done, self)
+            self._save(done)
             signal_name = self.vote.signal_name
             how = "interrupted" if signal_name in ("SIGINT", "SIGHUP") else "preempted"
             self.logger.info(
@@ -429,7 +431,11 @@ class Trainer:
             )
             raise Preempted()
         if self.checkpoints.due(done):
-            self.checkpoints.save(done, self)
+            self._save(done)
+
+    def _save(self, step: int) -> None:
+        with self.optimizer.whole_model():  # ZeRO-3: the shard file holds the whole weights, gathered for it
+            self.checkpoints.save(step, self)
 
     def _too_many_skipped(self, done: int) -> InputError:
         return InputError(
@@ -455,17 +461,18 @@ class Trainer:
         t, topo = self.t, self.topo
         # Every rank's parameter digest (index = global rank). Data parallelism must leave the members of each DP
         # group (the copies of one shard) bit-identical.
-        checksums = jobwide.allgather_object(_param_checksum(self.model), "checksums")
-        world = len(checksums)
-        identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
-        if self.first_step < t.max_steps:
-            self.checkpoints.save(t.max_steps, self)
-        # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
-        sample = None
-        if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
-            print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
-        if t.sample_tokens and topo.dp_rank == 0 and topo.pp == 1:
-            sample = _sample(self.model, self.data.tokenizer, t, self.device)
+        with self.optimizer.whole_model():  # ZeRO-3: the weights whole for the digest, the save and the sample
+            checksums = jobwide.allgather_object(_param_checksum(self.model), "checksums")
+            world = len(checksums)
+            identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
+            if self.first_step < t.max_steps:
+                self.checkpoints.save(t.max_steps, self)
+            # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
+            sample = None
+            if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
+                print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
+            if t.sample_tokens and topo.dp_rank == 0 and topo.pp == 1:
+                sample = _sample(self.model, self.data.tokenizer, t, self.device)
         if hvd.rank() == 0:
             self._report(checksums, identical, sample)
 
@@ -524,7 +531,8 @@ def setup(
     trainer, init_note = _assemble(cfg, topo, precision, data, start)
     # The rest of the checkpoint: a data position for other data, say, is refused before anything is written.
     with together("state_loaded"):
-        trainer.first_step = _restore(trainer, start)
+        with trainer.optimizer.whole_model():
+            trainer.first_step = _restore(trainer, start)
     resume_step = trainer.first_step if resume is not None else None  # 0: resumed, but nothing to resume yet
     prepare_run_dir(start, cfg.to_toml(), resume_step)
     trainer.status = status or RunStatus()
@@ -573,13 +581,16 @@ def _assemble(
     _speed_up(model, t, topo, device)
     shape, p = cfg.model, cfg.parallel
     train_batches, val_batches = _samplers(cfg, data, topo)
+    optimizer = build_optimizer(model, cfg, topo)
+    with optimizer.whole_model():  # ZeRO-3: the EMA starts from the whole weights
+        ema = WeightEMA(model, t.ema_decay) if t.ema_decay else None
     trainer = Trainer(
         cfg=cfg,
         topo=topo,
         model=model,
         # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
-        optimizer=build_optimizer(model, cfg, topo),
-        ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
+        optimizer=optimizer,
+        ema=ema,
         device=device,
         precision=precision,
         data=data,
@@ -759,7 +770,8 @@ def _param_checksum(model: GPT) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # A copy: numpy's view of a tensor's own storage would pin it (ZeRO-3 resizes its weights' storage).
+        h.update(p.detach().cpu().clone().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
