@@ -18,10 +18,10 @@ from hvdlm.parallel.topology import Topology, elastic_job
 def build(model: torch.nn.Module, cfg: JobConfig, topology: Topology) -> TrainingOptimizer:
     """The run's optimizer, with every replica starting from its DP group's root state.
 
-    ZeRO-1/2/3 shard the state (ZeRO-2 the gradients too, ZeRO-3 the weights too) over the DP group; local SGD steps each replica on its own
-    gradients and averages the weights every train.local_sgd_interval steps; otherwise Horovod averages the
-    gradients of train.accumulation_steps x parallel.microbatches backward passes per step (every micro-batch of
-    a pipeline stage is one), or a single replica steps alone.
+    ZeRO-1/2/3 shard the state (ZeRO-2 the gradients too, ZeRO-3 the weights too) over the DP group; local SGD steps
+    each replica on its own gradients and averages the weights every train.local_sgd_interval steps; otherwise Horovod
+    averages the gradients of train.accumulation_steps x parallel.microbatches backward passes per step (every
+    micro-batch of a pipeline stage is one), or a single replica steps alone.
     """
     t = cfg.train
     optimizer = make_optimizer(model, t)

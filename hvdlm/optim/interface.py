@@ -8,10 +8,11 @@ A training step asks it, in this order:
     step(scaler, found_inf)            update the weights, or leave them (a non-finite step, an fp16 overflow)
     after_step(done, ema)              what follows an update (local SGD's periodic averaging)
 
-and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view` and `checkpoint_slice`
-(what a checkpoint saves and a resume loads), and `whole_model()` around whatever reads or writes the weights
-outside a forward pass (saves, the EMA, checksums, samples: ZeRO-3 holds only a shard of them between passes). The trainer, the memory account, the checkpoint manager and the
-step verdict ask these, never the optimizer's type: a new kind (a ZeRO stage, another update rule) is a class here.
+and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view` and `checkpoint_slice` (what a
+checkpoint saves and a resume loads), and `whole_model()` around whatever reads or writes the weights outside a forward
+pass (saves, the EMA, checksums, samples: ZeRO-3 holds only a shard of them between passes). The trainer, the memory
+account, the checkpoint manager and the step verdict ask these, never the optimizer's type: a new kind (a ZeRO stage,
+another update rule) is a class here.
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ from collections.abc import Callable, Iterator
 import horovod.torch as hvd
 import torch
 import torch.nn as nn
+from horovod.torch import mpi_ops
 
 from hvdlm.config import TrainConfig
-from hvdlm.optim.zero import chunks
 from hvdlm.optim.zero2 import Zero2Optimizer
 from hvdlm.parallel.topology import Topology
 
@@ -100,7 +100,7 @@ class Zero3Optimizer(Zero2Optimizer):
         self._pending: dict[int, list] = {}  # unit -> its buckets' all-gathers in flight (a prefetch)
         self._launched_of: dict[int, int] = {}  # unit -> its buckets launched for reduction in this backward
         self._whole = False
-        self._held_params = self._peak_params = 0  # bytes of gathered buffers and all-gathers in flight
+        self._held_params = self._peak_params = 0  # bytes of the buffers holding weights (gathered or in flight)
         for m, module in enumerate(self._modules):
             module.register_forward_pre_hook(lambda _mod, _args, m=m: self._before_forward(m))
             module.register_forward_hook(lambda _mod, _args, out, m=m: self._after_forward(m, out))
@@ -152,21 +152,22 @@ class Zero3Optimizer(Zero2Optimizer):
 
     @torch.no_grad()
     def _start(self, u: int) -> None:
-        """Start the all-gathers of unit u's buckets (Horovod, asynchronous, over the DP process set; in chunks,
-        so that no single message is larger than ZeRO-1's)."""
+        """Start the all-gathers of unit u's buckets (Horovod, asynchronous, over the DP process set) straight
+        into their buffers, which take their memory back here: no second copy of the weights is made."""
         if u in self._gathered or u in self._pending:
             return
-        d, handles = self.topo.dp, []
+        handles = []
         for b in self._unit_buckets[u]:
-            _, s, part = self.parts[b]
-            for lo, hi in chunks(part):
-                own = self.shard[s + lo : s + hi]
-                if d == 1:
-                    handles.append((b, lo, hi, own))
-                    continue
-                name = f"zero3.gather.{b}.{lo}"
-                handles.append((b, lo, hi, hvd.allgather_async(own, name=name, process_set=self._dp_set)))
-                self._count_params(d * (hi - lo) * own.element_size())
+            full, (_, s, part) = self._full[b], self.parts[b]
+            full.untyped_storage().resize_(full.numel() * full.element_size())
+            self._count_params(full.numel() * full.element_size())
+            own = self.shard[s : s + part]
+            if self.topo.dp == 1:
+                full.copy_(own)
+                continue
+            # Horovod: the all-gather writes its output, the parts in DP-rank order, into the tensor given (the
+            # public allgather_async allocates a new one); resized to its own shape, it keeps its storage.
+            handles.append((b, mpi_ops._allgather_async(own, full, f"zero3.gather.{b}", self._dp_set)))
         self._pending[u] = handles
 
     @torch.no_grad()
@@ -175,17 +176,10 @@ class Zero3Optimizer(Zero2Optimizer):
         if u in self._gathered:
             return
         self._start(u)
-        d = self.topo.dp
-        for b in self._unit_buckets[u]:
-            full = self._full[b]
-            full.untyped_storage().resize_(full.numel() * full.element_size())
-            self._count_params(full.numel() * full.element_size())
-        for b, lo, hi, handle in self._pending.pop(u):
-            part = self.parts[b][2]
-            rows = handle if d == 1 else hvd.synchronize(handle)  # Horovod: rows in DP-rank order
-            self._full[b].view(d, part)[:, lo:hi].copy_(rows.view(d, hi - lo))
-            if d > 1:
-                self._count_params(-rows.numel() * rows.element_size())
+        for b, handle in self._pending.pop(u):
+            out = hvd.synchronize(handle)
+            if out.data_ptr() != self._full[b].data_ptr():  # had Horovod allocated anew, copy
+                self._full[b].copy_(out.view(-1))
         self._gathered.add(u)
         self._launched_of[u] = 0
 

@@ -39,7 +39,9 @@ class ActivationMeter:
         def pack(t):
             storage = t.untyped_storage()
             address = storage.data_ptr()
-            if address and address not in self._skip and id(t) not in self._params:  # a tensor saved twice (or a view) counts once
+            if (
+                address and address not in self._skip and id(t) not in self._params
+            ):  # a tensor saved twice (or a view) counts once
                 saved[address] = max(saved.get(address, 0), storage.nbytes())
             return t
 
