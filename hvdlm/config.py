@@ -692,6 +692,12 @@ def _check_zero(t: TrainConfig) -> None:
             f"train.zero = {t.zero} with local SGD (train.local_sgd_interval > 0) is not possible: each local-SGD "
             "replica steps alone and so needs its whole optimizer state. Set train.zero = 0, or local_sgd_interval = 0."
         )
+    if t.zero == 3 and t.compile == "on":
+        raise InputError(
+            'train.zero = 3 with train.compile = "on" is not supported: ZeRO-3 gathers and releases each module\'s '
+            "weights in hooks around its forward, which torch.compile would trace into the compiled graph. Use "
+            'train.compile = "auto" (eager with ZeRO-3) or train.zero = 2.'
+        )
     if t.zero and t.precision == "fp16":
         raise InputError(
             f'train.zero = {t.zero} with precision = "fp16" is not supported: each rank\'s gradient scaler would look '

@@ -87,6 +87,7 @@ def test_the_account_of_a_model_and_its_arithmetic_agree():
         (["train.zero=-1"], "'train.zero' must be 0, 1, 2 or 3, got -1"),
         (["train.zero=3", "train.local_sgd_interval=4"], "train.zero = 3 with local SGD"),
         (["train.zero=3", "train.precision=fp16"], "own slice of the gradients only"),
+        (["train.zero=3", "train.compile=on"], 'train.zero = 3 with train.compile = "on" is not supported'),
         (["train.zero=1", "train.local_sgd_interval=4"], "each local-SGD replica steps alone"),
         (["train.zero=2", "train.local_sgd_interval=4"], "train.zero = 2 with local SGD"),
         (["train.zero=1", "train.precision=fp16"], "own slice of the gradients only"),

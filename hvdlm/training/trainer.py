@@ -713,7 +713,10 @@ def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) 
         # bf16 and fp16 autocast are unaffected. flops.peak_tflops reads this flag for MFU.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1):
+    # ZeRO-3's gathers are module hooks, which a compiled module would trace into its graph: eager (config
+    # refuses "on").
+    auto = t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1 and t.zero != 3
+    if t.compile == "on" or auto:
         if topo.dp == topo.tp == topo.pp == 1:
             # One rank: no gradient allreduce to overlap with backward, so the whole model is one graph, which
             # fuses across the blocks' seams (2 % of GPT-2's step on an H200, bench/log/RESULTS.md).
