@@ -2,18 +2,21 @@
 
 ZeRO-2 (hvdlm.optim.zero2) shards the optimizer state and the gradients; every rank still holds all the weights.
 Here a rank keeps only its shard of them between uses, in the same bucketed flat layout (its part of every bucket),
-and the buckets follow the model's modules: each block is one unit, and so is each other child of the model that
-holds parameters (the embeddings, the final norm, an untied head), its parameters one bucket or two (a pipeline's
-tied weight is deferred as in ZeRO-2):
+and the buckets follow the model's modules: each part of a block (a norm, the attention, the MLP) is one unit, and
+so is each other child of the model that holds parameters (the embeddings, the final norm, an untied head), its
+parameters one bucket or two (a pipeline's tied weight is deferred as in ZeRO-2). Parts rather than whole blocks:
+at the peak a rank holds the part computing and the next large one, prefetched, about one block in all (whole
+blocks: two).
 
     unit u   = a module;  bucket b of u  [ u's params | pad ] = d parts;  rank r keeps part r in its shard
     gathered : bucket b's full buffer (a tensor of d parts; the module's parameters are views of it)
     released : that buffer's storage resized to nothing, so the memory really goes; the views keep their shape
 
 A module's forward pre-hook gathers its units (an all-gather of the parts over the DP process set, Horovod's) and
-starts the next module's gather (the prefetch), so that it can run while this module computes; the forward hook
+starts the next modules' gathers up to the next large one (the prefetch: past a norm, which computes too little to
+hide anything), so that they run while this module computes; the forward hook
 releases them and puts an identity autograd function on the output, whose backward gathers the units again just
-before the module's backward and starts the gather of the module before it. Each bucket's gradients are
+before the module's backward and prefetches the modules before it likewise. Each bucket's gradients are
 reduce-scattered as ZeRO-2's (the post-accumulate hooks), and once a unit's buckets are launched its weights are
 released. Recomputation (torch.utils.checkpoint) runs the forward again inside backward: the hooks see that
 (autograd's current graph task), gather without releasing, and the backward that follows releases.
@@ -50,15 +53,21 @@ from hvdlm.parallel.topology import Topology
 
 
 def gather_units(model: nn.Module) -> list[nn.Module]:
-    """The modules gathered as one, in forward order: each block, and each other child holding parameters."""
+    """The modules gathered as one, in forward order: each part of a block (its norms, its attention, its MLP),
+    and each other child of the model holding parameters."""
     blocks = getattr(model, "blocks", None)
     units: list[nn.Module] = []
     for child in model.children():
         if child is blocks:
-            units += list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
-        elif next(child.parameters(), None) is not None:
+            for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
+                units += [part for part in block.children() if _holds_parameters(part)]
+        elif _holds_parameters(child):
             units.append(child)
     return units
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
 
 
 def in_backward() -> bool:
@@ -96,6 +105,10 @@ class Zero3Optimizer(Zero2Optimizer):
             self._unit_buckets.setdefault(u, []).append(b)
         # The units each module's forward reads: its own, and the one of a weight it shares (a tied head).
         self._uses = [sorted({owner[id(p)] for p in module.parameters()}) for module in self._modules]
+        # Bytes each module's forward gathers; a module under an eighth of the largest (a norm) computes too little
+        # to hide the next one's gather, so a prefetch reaches past it (see _prefetch).
+        self._bytes_of = [sum(self._unit_bytes(u) for u in uses) for uses in self._uses]
+        self._large = max(self._bytes_of) / 8
         self._gathered: set[int] = set()
         self._pending: dict[int, list] = {}  # unit -> its buckets' all-gathers in flight (a prefetch)
         self._launched_of: dict[int, int] = {}  # unit -> its buckets launched for reduction in this backward
@@ -145,6 +158,20 @@ class Zero3Optimizer(Zero2Optimizer):
         """Nothing: the updated shard is all a rank keeps; the next forward gathers."""
 
     # -- gathering and releasing ----------------------------------------------------------------------------------
+
+    def _unit_bytes(self, u: int) -> int:
+        return sum(self._full[b].numel() * self._full[b].element_size() for b in self._unit_buckets[u])
+
+    def _prefetch(self, m: int, step: int) -> None:
+        """Start the gathers of the modules after module m in the pass's order (step 1: forward, -1: backward), up
+        to the first large one: the attention's gather runs while the MLP before it computes, and the reverse."""
+        k = m + step
+        while 0 <= k < len(self._modules):
+            for u in self._uses[k]:
+                self._start(u)
+            if self._bytes_of[k] >= self._large:
+                return
+            k += step
 
     def _count_params(self, nbytes: int) -> None:
         self._held_params += nbytes
@@ -203,9 +230,8 @@ class Zero3Optimizer(Zero2Optimizer):
             return
         for u in self._uses[m]:
             self._gather(u)
-        if m + 1 < len(self._modules) and not in_backward():
-            for u in self._uses[m + 1]:
-                self._start(u)  # the prefetch: its bytes move while this module computes
+        if not in_backward():
+            self._prefetch(m, 1)  # its bytes move while this module computes
 
     def _after_forward(self, m: int, out):
         if self._whole or in_backward():
@@ -221,9 +247,7 @@ class Zero3Optimizer(Zero2Optimizer):
             return
         for u in self._uses[m]:
             self._gather(u)
-        if m > 0:
-            for u in self._uses[m - 1]:
-                self._start(u)
+        self._prefetch(m, -1)
 
     def _launch(self, b: int) -> None:
         """ZeRO-2's reduction of bucket b; the unit's weights go once all its buckets are launched."""

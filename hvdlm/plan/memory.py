@@ -7,7 +7,7 @@ Two accountings of the model states, per parameter the rank holds:
   tensors): fp32 weights and fp32 gradients (bf16 is autocast, the weights stay fp32) and AdamW's two fp32 moments,
   4 + 4 + 8 bytes (SGD with momentum: 4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2
   the gradients too; ZeRO-3 the weights too, plus what is gathered at once: the module being computed and the
-  next one, prefetched (hvdlm.optim.zero3), counted as two of the largest units (a block, or the token table).
+  next large one, prefetched (hvdlm.optim.zero3), counted as a block, or the token table where that is larger.
 - "mixed", the mixed-precision Adam of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp16 weights and
   gradients, and K = 12 bytes of optimizer state (fp32 master weights, momentum, variance): 2 + 2 + 12. Stage 1
   divides the 12 by dp, stage 2 the gradients' 2 as well. Its Figure 1 (7.5B parameters, 64 GPUs) gives
@@ -80,9 +80,10 @@ def state_mb(
 
 
 def gathered_params(m: ModelConfig, tp: int) -> int:
-    """ZeRO-3's parameters whole at once on a rank: the largest unit (a block, or the token table) and the next,
-    prefetched."""
-    return 2 * max(counts.block_params_per_rank(m, tp), counts.vocab_rows_per_rank(m.vocab_size, tp) * m.d_model)
+    """ZeRO-3's parameters whole at once on a rank: a block's attention and MLP (one computing, the other
+    prefetched), or the token table and the part next to it where the table is larger."""
+    block = counts.block_params_per_rank(m, tp)
+    return max(block, counts.vocab_rows_per_rank(m.vocab_size, tp) * m.d_model + block)
 
 
 def state_bytes(
