@@ -72,7 +72,7 @@ def largest(name: str, args, tmp: Path, job: Path) -> dict:
 
     def run(n: int) -> dict:
         if n not in runs:
-            runs[n] = trained(job, tmp / f"{name[:4]}-{n}", n, extra, args)
+            runs[n] = trained(job, tmp / f"{name.replace(' ', '').replace('+', '-')}-{n}", n, extra, args)
             print(name, json.dumps(runs[n]), flush=True)
         return runs[n]
 
