@@ -72,9 +72,9 @@ class TrainingOptimizer(abc.ABC):
         optionally "params", where the weights are not simply the model's tensors (ZeRO-3: the shard and the
         most gathered at once)."""
 
-    def whole_model(self, write_back: bool = False) -> contextlib.AbstractContextManager:
+    def whole_model(self) -> contextlib.AbstractContextManager:
         """Inside it the model's parameters hold the whole weights (collective over the DP group where they are
-        sharded); `write_back`: what the block wrote into them is kept. Nothing to do by default."""
+        sharded), and what the block leaves in them is kept. Nothing to do by default."""
         return contextlib.nullcontext()
 
     @abc.abstractmethod

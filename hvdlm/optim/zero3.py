@@ -272,23 +272,33 @@ class Zero3Optimizer(Zero2Optimizer):
         return {**super().memory_bytes(), "params": shard + self._peak_params}
 
     @contextlib.contextmanager
-    def whole_model(self, write_back: bool = False) -> Iterator[None]:
-        """Every unit gathered and the hooks off inside (collective over the DP group); `write_back`: this rank's
-        part of what the block left in the weights goes back into its shard."""
+    def whole_model(self) -> Iterator[None]:
+        """Every unit gathered and the hooks off inside (collective over the DP group). Meanwhile the shard (a copy
+        of this rank's part of the whole weights) and the gradient slice (spent between a step and the next
+        zero_grad, where this is used) give their memory back, so that a save's peak is no more than training's;
+        after, the shard is this rank's part of what the block left in the weights, the slice zero."""
         if self._whole:
             yield
             return
         self._settle()
         for u in self._unit_buckets:
             self._gather(u)
+        spare = [t.untyped_storage() for t in (self.shard, self.grad_slice)]
+        sizes = [storage.nbytes() for storage in spare]
+        for storage in spare:
+            storage.resize_(0)
+        self._count_params(-sizes[0])  # the weights held: the whole ones only, for the moment
         self._whole = True
         try:
             yield
         finally:
             self._whole = False
-            if write_back:
-                d, r = self.topo.dp, self.topo.dp_rank
-                for full, (_, s, part) in zip(self._full, self.parts):
-                    self.shard[s : s + part].copy_(full.view(d, part)[r])
+            for storage, nbytes in zip(spare, sizes):
+                storage.resize_(nbytes)
+            self._held_params += sizes[0]
+            d, r = self.topo.dp, self.topo.dp_rank
+            for full, (_, s, part) in zip(self._full, self.parts):
+                self.shard[s : s + part].copy_(full.view(d, part)[r])
+            self.grad_slice.zero_()
             for u in list(self._gathered):
                 self._release(u)

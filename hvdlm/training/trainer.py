@@ -531,7 +531,8 @@ def setup(
     trainer, init_note = _assemble(cfg, topo, precision, data, start)
     # The rest of the checkpoint: a data position for other data, say, is refused before anything is written.
     with together("state_loaded"):
-        with trainer.optimizer.whole_model():
+        # ZeRO-3: a resume's EMA and optimizer state are matched to the whole weights (a fresh start needs none).
+        with trainer.optimizer.whole_model() if start.state is not None else contextlib.nullcontext():
             trainer.first_step = _restore(trainer, start)
     resume_step = trainer.first_step if resume is not None else None  # 0: resumed, but nothing to resume yet
     prepare_run_dir(start, cfg.to_toml(), resume_step)
@@ -582,8 +583,10 @@ def _assemble(
     shape, p = cfg.model, cfg.parallel
     train_batches, val_batches = _samplers(cfg, data, topo)
     optimizer = build_optimizer(model, cfg, topo)
-    with optimizer.whole_model():  # ZeRO-3: the EMA starts from the whole weights
-        ema = WeightEMA(model, t.ema_decay) if t.ema_decay else None
+    ema = None
+    if t.ema_decay:
+        with optimizer.whole_model():  # ZeRO-3: the EMA starts from the whole weights
+            ema = WeightEMA(model, t.ema_decay)
     trainer = Trainer(
         cfg=cfg,
         topo=topo,
