@@ -65,6 +65,8 @@ def chunks(n: int) -> list[tuple[int, int]]:
 class ZeroOptimizer(TrainingOptimizer):
     """This rank's slice of the optimizer over the flat buffers of the parameters it holds (see the module)."""
 
+    pieces_cross_buckets = True  # an optimizer tensor may span buckets (ZeRO-3: no, each bucket's part is its own)
+
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology):
         self.topo = topo
         groups = param_groups(model, cfg.weight_decay)
@@ -100,7 +102,7 @@ class ZeroOptimizer(TrainingOptimizer):
             ids = {id(p) for p in group["params"]}
             ranges = [
                 (a + lo, a + hi, s + lo)
-                for a, b, s in self._ranges_of(lambda p: id(p) in ids)
+                for a, b, s in self._ranges_of(lambda p: id(p) in ids, self.pieces_cross_buckets)
                 for lo, hi in chunks(b - a)
             ]
             pieces.append([self._weights_piece(a, b, s) for a, b, s in ranges])
@@ -144,18 +146,20 @@ class ZeroOptimizer(TrainingOptimizer):
         start, _, part = self.parts[0]
         return self.flat_grads[start : start + part] if self.topo.dp == 1 else torch.zeros(part, device=self.device)
 
-    def _ranges_of(self, chosen) -> list[tuple[int, int, int]]:
+    def _ranges_of(self, chosen, across_buckets: bool = True) -> list[tuple[int, int, int]]:
         """(flat start, flat end, shard start) of this rank's elements that hold the parameters `chosen` picks,
-        contiguous ones joined."""
+        contiguous ones joined (within a bucket's part only, unless `across_buckets`)."""
         ranges: list[tuple[int, int, int]] = []
         flat_order = [i for ids in self.bucket_params for i in ids]
         for lo, shard_lo, part in self.parts:
+            first = len(ranges)
             for p, start in ((self.params[i], self.param_offsets[i]) for i in flat_order):
                 a, b = max(start, lo), min(start + p.numel(), lo + part)
                 if not (chosen(p) and a < b):
                     continue
                 s = shard_lo + a - lo
-                if ranges and ranges[-1][1] == a and ranges[-1][2] + a - ranges[-1][0] == s:
+                joins = across_buckets or len(ranges) > first
+                if joins and ranges and ranges[-1][1] == a and ranges[-1][2] + a - ranges[-1][0] == s:
                     a, _, s = ranges.pop()
                 ranges.append((a, b, s))
         return ranges
@@ -301,7 +305,7 @@ class ZeroOptimizer(TrainingOptimizer):
             for st, (a, b) in zip(states, ranges):
                 flat[a:b] = st[key]
                 st[key] = flat[a:b]  # the piece's own tensor is freed here
-            _return_freed_memory()  # so the copy costs one shard for a moment, not one per key for good
+            return_freed_memory()  # so the copy costs one shard for a moment, not one per key for good
         return flat
 
     def full_state_dict(self) -> dict[str, Any]:
@@ -353,7 +357,7 @@ class _FullView:
         self._zero.load_full_state_dict(state)
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give memory freed on the heap back to the system. glibc keeps freed blocks resident for reuse, and blocks
     of a parameter's size are rarely reused: measured, a rank's peak resident memory kept the replaced state
     tensors (bench/memory_budget.py). malloc_trim releases free pages anywhere in the heap; other C libraries

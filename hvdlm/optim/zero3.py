@@ -48,6 +48,7 @@ import torch.nn as nn
 from horovod.torch import mpi_ops
 
 from hvdlm.config import TrainConfig
+from hvdlm.optim.zero import return_freed_memory
 from hvdlm.optim.zero2 import Zero2Optimizer
 from hvdlm.parallel.topology import Topology
 
@@ -91,6 +92,8 @@ class _GatherForBackward(torch.autograd.Function):
 
 class Zero3Optimizer(Zero2Optimizer):
     """ZeRO-2 with the weights sharded too: gathered module by module for forward and backward (see the module)."""
+
+    pieces_cross_buckets = False
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, topo: Topology):
         self._modules = gather_units(model)
@@ -136,23 +139,28 @@ class Zero3Optimizer(Zero2Optimizer):
         return buckets
 
     def _place_weights(self) -> None:
-        """The shard of the weights, and for every bucket a buffer of its whole weights (the parameters become
-        views of it, values kept), released at once: this rank holds its shard only."""
+        """This rank's part of every bucket's weights (a tensor each: a save gives them back one by one), and for
+        every bucket a buffer of its whole weights (the parameters become views of it, values kept), released at
+        once: this rank holds its shard only."""
         d, r = self.topo.dp, self.topo.dp_rank
-        self.shard = torch.zeros(self.shard_numel, device=self.device)
+        self.own: list[torch.Tensor] = []  # bucket b's part of the shard
         self._full: list[torch.Tensor] = []
-        for ids, start, (_, s, part) in zip(self.bucket_params, self.bucket_starts, self.parts):
+        for ids, start, (_, _, part) in zip(self.bucket_params, self.bucket_starts, self.parts):
             full = torch.zeros(d * part, device=self.device)
             for i in ids:
                 p, at = self.params[i], self.param_offsets[i] - start
                 full[at : at + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = full[at : at + p.numel()].view_as(p)
-            self.shard[s : s + part].copy_(full[r * part : (r + 1) * part])
+            self.own.append(full[r * part : (r + 1) * part].clone())
             self._full.append(full)
             full.untyped_storage().resize_(0)
+        self._own_of = {s: b for b, (_, s, _) in enumerate(self.parts)}  # shard offset -> bucket
 
     def _weights_piece(self, a: int, b: int, s: int) -> torch.Tensor:
-        return self.shard[s : s + b - a]
+        """Pieces never cross a bucket: the piece at shard offset s lies in the part of the bucket starting at or
+        before s."""
+        start = max(at for at in self._own_of if at <= s)
+        return self.own[self._own_of[start]][s - start : s - start + b - a]
 
     def _share_weights(self) -> None:
         """Nothing: the updated shard is all a rank keeps; the next forward gathers."""
@@ -185,10 +193,10 @@ class Zero3Optimizer(Zero2Optimizer):
             return
         handles = []
         for b in self._unit_buckets[u]:
-            full, (_, s, part) = self._full[b], self.parts[b]
+            full = self._full[b]
             full.untyped_storage().resize_(full.numel() * full.element_size())
             self._count_params(full.numel() * full.element_size())
-            own = self.shard[s : s + part]
+            own = self.own[b]
             if self.topo.dp == 1:
                 full.copy_(own)
                 continue
@@ -218,6 +226,10 @@ class Zero3Optimizer(Zero2Optimizer):
             full.untyped_storage().resize_(0)
             self._count_params(-full.numel() * full.element_size())
         self._gathered.discard(u)
+        if self._unit_bytes(u) >= self._large:
+            # glibc keeps freed blocks of this size in its heap (its mmap threshold rises after the first free):
+            # measured, without this a rank's resident memory grew past ZeRO-2's (bench/memory_budget.py).
+            return_freed_memory()
 
     def _settle(self) -> None:
         """Wait for the prefetches no forward or backward took (every rank issued the same), and drop them."""
@@ -268,7 +280,7 @@ class Zero3Optimizer(Zero2Optimizer):
 
     def memory_bytes(self) -> dict[str, int]:
         """ZeRO-2's, and the weights: the shard and the most gathered at once (buffers and all-gathers in flight)."""
-        shard = self.shard.numel() * self.shard.element_size()
+        shard = sum(t.numel() * t.element_size() for t in self.own)
         return {**super().memory_bytes(), "params": shard + self._peak_params}
 
     @contextlib.contextmanager
@@ -281,24 +293,26 @@ class Zero3Optimizer(Zero2Optimizer):
             yield
             return
         self._settle()
+        # The gradient slice goes first (it feeds no gather); each part of the shard goes once its bucket is
+        # gathered (it is a copy of this rank's part of the whole): the whole weights come at no extra cost.
+        nbytes = self.grad_slice.untyped_storage().nbytes()
+        self.grad_slice.untyped_storage().resize_(0)
         for u in self._unit_buckets:
             self._gather(u)
-        spare = [t.untyped_storage() for t in (self.shard, self.grad_slice)]
-        sizes = [storage.nbytes() for storage in spare]
-        for storage in spare:
-            storage.resize_(0)
-        self._count_params(-sizes[0])  # the weights held: the whole ones only, for the moment
+            for b in self._unit_buckets[u]:
+                self.own[b].untyped_storage().resize_(0)
+                self._count_params(-self.own[b].numel() * self.own[b].element_size())
         self._whole = True
         try:
             yield
         finally:
             self._whole = False
-            for storage, nbytes in zip(spare, sizes):
-                storage.resize_(nbytes)
-            self._held_params += sizes[0]
             d, r = self.topo.dp, self.topo.dp_rank
-            for full, (_, s, part) in zip(self._full, self.parts):
-                self.shard[s : s + part].copy_(full.view(d, part)[r])
+            for own, full, (_, _, part) in zip(self.own, self._full, self.parts):
+                own.untyped_storage().resize_(own.numel() * own.element_size())
+                own.copy_(full.view(d, part)[r])
+                self._held_params += own.numel() * own.element_size()
+            self.grad_slice.untyped_storage().resize_(nbytes)
             self.grad_slice.zero_()
             for u in list(self._gathered):
                 self._release(u)
