@@ -307,12 +307,15 @@ class Zero3Optimizer(Zero2Optimizer):
             yield
         finally:
             self._whole = False
+            # Unit by unit, each part of the shard back before its whole weights go, and the gradient slice last:
+            # no moment holds the whole weights and the shard or the slice at once.
             d, r = self.topo.dp, self.topo.dp_rank
-            for own, full, (_, _, part) in zip(self.own, self._full, self.parts):
-                own.untyped_storage().resize_(own.numel() * own.element_size())
-                own.copy_(full.view(d, part)[r])
-                self._held_params += own.numel() * own.element_size()
+            for u in list(self._gathered):
+                for b in self._unit_buckets[u]:
+                    own, part = self.own[b], self.parts[b][2]
+                    own.untyped_storage().resize_(own.numel() * own.element_size())
+                    own.copy_(self._full[b].view(d, part)[r])
+                    self._held_params += own.numel() * own.element_size()
+                self._release(u)
             self.grad_slice.untyped_storage().resize_(nbytes)
             self.grad_slice.zero_()
-            for u in list(self._gathered):
-                self._release(u)
