@@ -2,13 +2,16 @@
 
     python bench/memory_budget.py                     # 3 GiB per rank, d_model 1024: the figures of bench/log/
     python bench/memory_budget.py --budget-gb 2       # another budget
+    python bench/memory_budget.py --settings "zero2 + full recompute" "zero3 + full recompute" --record
+                                                      # ZeRO-3 against ZeRO-2, recorded (bench/recording.py)
 
 For each setting, two real runs (`hvdlm train` under mpirun, DP=2, one thread per rank, a few steps) at small
 n_layer give each rank's peak resident memory (the kernel's high-water mark of the rank's process: weights,
 gradients, optimizer state, saved activations and everything else a real run holds: the interpreter, torch,
 Horovod's fusion buffer, MPI) as a + b x n_layer; from the n_layer that line predicts, more real runs step until
 n_layer trains under the budget and n_layer + 1 goes over it. The memory account of the first step
-(metrics.jsonl) is printed beside the peak, so the difference (what the account does not count) is in view.
+(metrics.jsonl) is printed beside the peak, so the difference (what the account does not count) is in view, and
+the median step time of each run (after its first step), so that settings compare at the same n_layer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ SETTINGS = {  # name: --set overrides
     "replicated": [],
     "zero1 + full recompute": ["train.zero=1", "model.recompute=full"],
     "zero2 + full recompute": ["train.zero=2", "model.recompute=full"],
+    "zero3 + full recompute": ["train.zero=3", "model.recompute=full"],
 }
 ACCOUNT = ("params_mb", "grads_mb", "optimizer_mb", "activations_mb")
 
@@ -53,8 +57,10 @@ def trained(job: Path, run_dir: Path, n_layer: int, extra: list[str], args) -> d
     assert proc.code == 0, proc.out[-3000:]
     peaks = [float(line.split()[-1]) for line in proc.out.splitlines() if line.startswith("peak_rss_mb")]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in rows if "loss" in r)
-    return {"n_layer": n_layer, "peak_rss_mb": max(peaks), "account_mb": {k: first[k] for k in ACCOUNT}}
+    steps = [r for r in rows if "loss" in r]
+    times = sorted(r["ms_per_step"] for r in steps[1:]) or [steps[0]["ms_per_step"]]
+    account = {k: steps[0][k] for k in ACCOUNT}
+    return {"n_layer": n_layer, "peak_rss_mb": max(peaks), "ms_per_step": times[len(times) // 2], "account_mb": account}
 
 
 def largest(name: str, args, tmp: Path, job: Path) -> dict:
@@ -66,7 +72,7 @@ def largest(name: str, args, tmp: Path, job: Path) -> dict:
 
     def run(n: int) -> dict:
         if n not in runs:
-            runs[n] = trained(job, tmp / f"{name[:4]}-{n}", n, extra, args)
+            runs[n] = trained(job, tmp / f"{name.replace(' ', '').replace('+', '-')}-{n}", n, extra, args)
             print(name, json.dumps(runs[n]), flush=True)
         return runs[n]
 
@@ -93,6 +99,42 @@ def largest(name: str, args, tmp: Path, job: Path) -> dict:
     }
 
 
+def record_results(results: dict, args) -> None:
+    """The largest n_layer of each setting, the weights' account and the step time at the probes' n_layer, and
+    ZeRO-3 against ZeRO-2 where both ran."""
+    from recording import Figure, record
+
+    lines = ["", "| setting | largest n_layer | per layer MB | params MB (largest probe) | ms/step by n_layer |"]
+    lines.append("|---|---|---|---|---|")
+    for name, r in results.items():
+        probe = next(x for x in r["runs"] if x["n_layer"] == max(args.probe_layers))
+        times = ", ".join(f"{x['n_layer']}: {x['ms_per_step']:.0f}" for x in r["runs"])
+        lines.append(
+            f"| {name} | {r['largest_n_layer']} | {r['per_layer_mb']} | {probe['account_mb']['params_mb']:.0f} "
+            f"| {times} |"
+        )
+    figures = [
+        Figure(
+            f"largest n_layer (d_model 1024) trained in {args.budget_gb:g} GiB a rank, DP=2, {name}",
+            str(r["largest_n_layer"]),
+        )
+        for name, r in results.items()
+    ]
+    two, three = results.get("zero2 + full recompute"), results.get("zero3 + full recompute")
+    if two and three:
+        same = {x["n_layer"]: x for x in two["runs"]}
+        both = [(x, same[x["n_layer"]]) for x in three["runs"] if x["n_layer"] in same]
+        n, (z3, z2) = max((x["n_layer"], (x, y)) for x, y in both)
+        ratio = z3["ms_per_step"] / z2["ms_per_step"]
+        layers = three["largest_n_layer"] / two["largest_n_layer"]
+        figures += [
+            Figure("ZeRO-3 layers in the budget over ZeRO-2's", f"{layers:.2f}x", ">= 1.6x"),
+            Figure(f"ZeRO-3 step time over ZeRO-2's (n_layer {n}, DP=2, this CPU)", f"{ratio:.2f}x", "<= 1.35x"),
+        ]
+        lines.append(f"\nZeRO-3 / ZeRO-2: {layers:.2f}x the layers, {ratio:.2f}x the step time at n_layer {n}.")
+    record("Largest model in a memory budget: ZeRO-3 against ZeRO-2", lines, figures=figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-gb", type=float, default=3.0, help="per rank")
@@ -101,6 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--probe-layers", type=int, nargs=2, default=[2, 6])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/log and results.jsonl")
     args = parser.parse_args()
     from helpers import TINY_JOB
 
@@ -111,6 +154,8 @@ def main() -> None:
         for name in args.settings:
             results[name] = largest(name, args, Path(tmp), job)
     print(json.dumps({"budget_gb": args.budget_gb, "seq_len": args.seq_len, "largest": results}))
+    if args.record:
+        record_results(results, args)
     if not all(r["confirmed"] for r in results.values()):
         sys.exit("the predicted largest model did not train under the budget, or the next one did too")
 

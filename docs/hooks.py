@@ -164,7 +164,7 @@ SPECIAL_RANGES: dict[str, tuple[str, list[list[str]], list[list[str]]]] = {
         [["train.watchdog_s=0"], ["train.watchdog_s=-1"], ["train.watchdog_s=30"]],
         [["train.watchdog_s=-2"], ["train.watchdog_s=-0.5"]],
     ),
-    "train.zero": ("0, 1 or 2", [["train.zero=0"], ["train.zero=2"]], [["train.zero=3"], ["train.zero=-1"]]),
+    "train.zero": ("0, 1, 2 or 3", [["train.zero=0"], ["train.zero=3"]], [["train.zero=4"], ["train.zero=-1"]]),
     "train.min_lr": (
         ">= 0, at most train.lr",
         [["train.min_lr=0", "train.lr=1e-3"], ["train.min_lr=1e-3", "train.lr=1e-3"]],

@@ -236,7 +236,7 @@ class TrainConfig:
     compile: Switch = "auto"  # torch.compile the model; auto: on GPUs (on CPUs the compile costs more than it saves)
     fused_optimizer: Switch = "auto"  # one kernel updates every parameter, a skip decided on the device; auto: GPUs
     sample_prompt: str = ""  # text the end-of-run sample continues; empty: a new document (the tokenizer's separator)
-    zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1); 2: gradients too (ZeRO-2); 0: replicated
+    zero: int = 0  # 1: optimizer state sharded over the DP group (ZeRO-1); 2: gradients too; 3: weights too; 0: none
     zero_bucket_mb: float = 25.0  # ZeRO-2: gradient bucket size, reduce-scattered during backward as each fills
     watchdog_s: float = -1.0  # a rank with no progress this long ends the job (exit 124); 0: off; -1: 300 GPU, 900 CPU
     watchdog_first_s: float = 1800.0  # the watchdog's allowance for setup and the first step (data, compilation)
@@ -837,16 +837,22 @@ def _check_muon(t: TrainConfig) -> None:
 
 def _check_zero(t: TrainConfig) -> None:
     """train.zero: the stages built, and what sharding the optimizer state cannot go with."""
-    if t.zero not in (0, 1, 2):
+    if t.zero not in (0, 1, 2, 3):
         raise InputError(
-            f"'train.zero' must be 0, 1 or 2, got {t.zero}: the stages are 0 (replicated), 1 (optimizer state "
-            "sharded over the data-parallel group) and 2 (gradients sharded too; ZeRO-3, sharded weights, is not "
-            "built). Set train.zero = 0, 1 or 2."
+            f"'train.zero' must be 0, 1, 2 or 3, got {t.zero}: the stages are 0 (replicated), 1 (optimizer state "
+            "sharded over the data-parallel group), 2 (gradients sharded too) and 3 (weights sharded too). Set "
+            "train.zero = 0, 1, 2 or 3."
         )
     if t.zero and t.local_sgd_interval:
         raise InputError(
             f"train.zero = {t.zero} with local SGD (train.local_sgd_interval > 0) is not possible: each local-SGD "
             "replica steps alone and so needs its whole optimizer state. Set train.zero = 0, or local_sgd_interval = 0."
+        )
+    if t.zero == 3 and t.compile == "on":
+        raise InputError(
+            'train.zero = 3 with train.compile = "on" is not supported: ZeRO-3 gathers and releases each module\'s '
+            "weights in hooks around its forward, which torch.compile would trace into the compiled graph. Use "
+            'train.compile = "auto" (eager with ZeRO-3) or train.zero = 2.'
         )
     if t.zero and t.precision == "fp16":
         raise InputError(

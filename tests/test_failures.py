@@ -423,6 +423,7 @@ def test_the_layout_of_a_restart_on_fewer_slots():
         (["--elastic", "--set", "parallel.tp=2"], "#3501"),
         (["--elastic", "--np", "4", "--set", "parallel.pp=2"], "#3501"),
         (["--elastic", "--set", "train.optimizer=adamw", "--set", "train.zero=1"], "does not support train.zero"),
+        (["--elastic", "--set", "train.optimizer=adamw", "--set", "train.zero=3"], "does not support train.zero"),
         (["--elastic", "--launcher", "mpirun"], "--elastic runs horovodrun"),
         (["--elastic", "--np", "3", "--min-np", "4", "--max-np", "4"], "--min-np <= --np <= --max-np"),
         (["--elastic", "--hosts", "node1:2"], "--elastic on the one host node1 needs the network interface"),

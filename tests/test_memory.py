@@ -83,9 +83,11 @@ def test_the_account_of_a_model_and_its_arithmetic_agree():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.zero=3"], "'train.zero' must be 0, 1 or 2, got 3"),
-        (["train.zero=3"], "ZeRO-3, sharded weights, is not built"),
-        (["train.zero=-1"], "'train.zero' must be 0, 1 or 2, got -1"),
+        (["train.zero=4"], "'train.zero' must be 0, 1, 2 or 3, got 4"),
+        (["train.zero=-1"], "'train.zero' must be 0, 1, 2 or 3, got -1"),
+        (["train.zero=3", "train.local_sgd_interval=4"], "train.zero = 3 with local SGD"),
+        (["train.zero=3", "train.precision=fp16"], "own slice of the gradients only"),
+        (["train.zero=3", "train.compile=on"], 'train.zero = 3 with train.compile = "on" is not supported'),
         (["train.zero=1", "train.local_sgd_interval=4"], "each local-SGD replica steps alone"),
         (["train.zero=2", "train.local_sgd_interval=4"], "train.zero = 2 with local SGD"),
         (["train.zero=1", "train.precision=fp16"], "own slice of the gradients only"),
@@ -113,5 +115,7 @@ def test_zero_with_sgd_without_momentum_is_allowed_and_noted():
 
 
 def test_a_bad_setting_on_the_command_line_exits_2_without_a_traceback(tiny_job):
-    r = run_cli("config", tiny_job, "--set", "train.zero=3", timeout=60)
-    assert r.code == 2 and "'train.zero' must be 0, 1 or 2" in r.out and "Traceback" not in r.out, r.out
+    r = run_cli("config", tiny_job, "--set", "train.zero=4", timeout=60)
+    assert r.code == 2 and "'train.zero' must be 0, 1, 2 or 3" in r.out and "Traceback" not in r.out, r.out
+    r = run_cli("config", tiny_job, "--set", "train.zero=3", "--set", "train.local_sgd_interval=4", timeout=60)
+    assert r.code == 2 and "train.zero = 3 with local SGD" in r.out and "Traceback" not in r.out, r.out

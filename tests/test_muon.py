@@ -176,6 +176,7 @@ def test_a_resumed_muon_run_is_bit_identical_to_the_uninterrupted_one(muon_runs)
     "overrides, expected",
     [
         (["train.zero=1"], 'train.optimizer = "muon" with train.zero > 0 is not supported'),
+        (["train.zero=3"], 'train.optimizer = "muon" with train.zero > 0 is not supported'),
         (["train.fused_optimizer=on"], "there is no fused Muon kernel"),
         (["train.muon_momentum=1.0"], r"'train.muon_momentum' must be in \[0, 1\)"),
     ],

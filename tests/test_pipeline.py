@@ -74,6 +74,9 @@ LAYOUTS = {  # name: (ranks, overrides); the global batch is 16 sequences in eve
             "model.recompute=full",
         ),
     ),
+    # ZeRO-3 on stages: each stage's blocks gathered over its DP pair for every micro-batch's forward and backward
+    # as the 1F1B schedule interleaves them; the tied weight's copies (first and last stage) in units of their own.
+    "pp2xdp2_zero3": (4, ("parallel.pp=2", "parallel.microbatches=4", "train.batch_size=2", "train.zero=3")),
 }
 
 
@@ -99,7 +102,7 @@ def ckpt(run_dir: Path, step: int, name: str = "") -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero", "pp2xdp2_zero3"])
 def test_loss_at_every_step_matches_one_rank(runs, layout):
     assert_losses_match(runs["one"], runs[layout], STEPS, layout)
 
@@ -122,7 +125,7 @@ def test_1f1b_and_gpipe_give_the_same_losses(runs):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2xdp2", "pp2xtp2", "pp4_gpipe", "pp2xdp2_zero", "pp2xdp2_zero3"])
 def test_merged_final_parameters_match_one_rank(runs, layout):
     ref = torch.load(ckpt(runs["one"], STEPS), weights_only=True)["model"]
     got = load_full_state(ckpt(runs[layout], STEPS))["model"]  # what `hvdlm checkpoint merge` writes
@@ -150,7 +153,7 @@ def test_checkpoint_merge_joins_stages_and_tp_shards(runs, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["pp2xdp2", "pp2xdp2_zero"])
+@pytest.mark.parametrize("layout", ["pp2xdp2", "pp2xdp2_zero", "pp2xdp2_zero3"])
 def test_dp_replicas_of_a_stage_stay_bit_identical(runs, layout):
     s = summary(runs[layout])
     assert (s["pp"], s["dp"], s["tp"], s["ranks"]) == (2, 2, 1, 4)
@@ -161,7 +164,8 @@ def test_dp_replicas_of_a_stage_stay_bit_identical(runs, layout):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "layout,stages,tp", [("pp2", 2, 1), ("pp2xtp2", 2, 2), ("pp4_gpipe", 4, 1), ("pp2xdp2_zero", 2, 1)]
+    "layout,stages,tp",
+    [("pp2", 2, 1), ("pp2xtp2", 2, 2), ("pp4_gpipe", 4, 1), ("pp2xdp2_zero", 2, 1), ("pp2xdp2_zero3", 2, 1)],
 )
 def test_the_tied_embedding_and_head_copies_stay_bit_identical(runs, layout, stages, tp):
     for t in range(tp):

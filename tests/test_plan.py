@@ -23,6 +23,7 @@ from hvdlm.cli import main
 from hvdlm.config import ModelConfig, load_config
 from hvdlm.model.size import parameter_count
 from hvdlm.plan import counts, memory, timing
+from hvdlm.plan.candidate import Candidate
 from hvdlm.plan.gpus import gpu
 from hvdlm.plan.layouts import Cluster, Job, candidates, one
 from hvdlm.plan.memory import MB, state_mb
@@ -183,7 +184,7 @@ def test_ranked_form_best_first_with_reasons(job75):
     kinds = {d["kind"] for d in out["dropped"]}
     assert {"does not fit", "tp across nodes", "micro-batches < stages"} <= kinds
     assert all(d["reason"] for d in out["dropped"])
-    assert {e["layout"]["zero"] for e in out["layouts"]} == {0, 1, 2}
+    assert {e["layout"]["zero"] for e in out["layouts"]} == {0, 1, 2, 3}
     code, text, _ = plan(job75, *CLUSTER, "--top", 3)
     assert code == 0 and "best first" in text and "does not fit:" in text and "tp across nodes:" in text
 
@@ -468,3 +469,20 @@ def test_the_report_names_the_arch_and_key_value_heads_of_a_llama(llama_gqa2, jo
     code, text, _ = plan(job75, *CLUSTER, "--tp", 4)
     model = next(line for line in text.splitlines() if line.startswith("model:"))
     assert code == 0 and "(36 layers, d_model 4096, 32 heads, seq_len 2048" in model, model  # GPT-2's: unchanged
+
+
+def test_zero3_counts_the_shard_and_what_is_gathered_and_its_three_half_exchanges():
+    """ZeRO-3's weights: the rank's slice and the modules gathered at once; its exchange per micro-batch: two
+    all-gathers and a reduce-scatter (three halves of an allreduce), hidden by the passes' compute down to the
+    exposed tail, with nothing after the step (ZeRO-2: one half hidden per micro-batch and the all-gather exposed)."""
+    assert state_mb(1000, "adamw", dp=2, zero=3, gathered=100)["params_mb"] == 4 * (500 + 100) / MB
+    assert state_mb(1000, "adamw", dp=2, zero=3)["grads_mb"] == state_mb(1000, "adamw", dp=2, zero=2)["grads_mb"]
+    m = ModelConfig(n_layer=48, n_head=16, d_model=1024, seq_len=256, vocab_size=256)
+    block = counts.block_params_per_rank(m, 1)
+    assert memory.gathered_params(m, 1) == 256 * 1024 + block  # the table (byte vocabulary) and the next part
+    one_s = timing.ring_allreduce_s(1e9, 2, 1e9)
+    assert timing.dp_exposed_s(1e9, 2, 1e9, 0.0, zero=3, microbatches=2) == pytest.approx(2 * 1.5 * one_s)
+    hidden = timing.dp_exposed_s(1e9, 2, 1e9, 100.0, zero=3, microbatches=2, forward_s=50.0)
+    assert hidden == pytest.approx(2 * 1.5 * one_s * timing.EXPOSED_TAIL)
+    two, three = (memory.memory(m, Candidate(1, 1, 8, z, "full", 1, 4)) for z in (2, 3))
+    assert three.weights < two.weights / 4 and three.gradients == two.gradients

@@ -1,8 +1,9 @@
-"""Run under `mpirun -np 4`: ZeRO-1 and ZeRO-2 on a tp 2 x dp 2 grid against Horovod's DistributedOptimizer, step
-by step.
+"""Run under `mpirun -np 4`: ZeRO-1, ZeRO-2 and ZeRO-3 on a tp 2 x dp 2 grid against Horovod's
+DistributedOptimizer, step by step.
 
-Copies of the same model (one TP shard per rank), one driven by the replicated optimizer, one by the ZeroOptimizer
-and one by the Zero2Optimizer (buckets of a few thousand bytes: several per shard), as the trainer drives them
+Copies of the same model (one TP shard per rank), one driven by the replicated optimizer, one by the ZeroOptimizer,
+one by the Zero2Optimizer (buckets of a few thousand bytes: several per shard) and one by the Zero3Optimizer (one
+bucket a module, gathered for each pass), as the trainer drives them
 through the optimizer interface (2 micro-batches accumulated, reduce_gradients, clip_gradients, step), on batches
 that differ between the replicas. Rank 0 prints
 one JSON line per check: {"check", "ok", "detail"} (see tests/test_zero.py, which starts this).
@@ -42,7 +43,7 @@ def report(name: str, ok: bool, detail) -> None:
 def digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for t in model.state_dict().values():
-        h.update(t.detach().contiguous().numpy().tobytes())
+        h.update(t.detach().clone().numpy().tobytes())  # a copy: numpy would pin ZeRO-3's resizable storage
     return h.hexdigest()[:12]
 
 
@@ -82,9 +83,11 @@ def main() -> int:
         ("replicated", 0, False),
         ("zero", 1, False),
         ("zero2", 2, False),
+        ("zero3", 3, False),
         ("bf16", 0, True),
         ("zero_bf16", 1, True),
         ("zero2_bf16", 2, True),
+        ("zero3_bf16", 3, True),
     )
     for name, zero, bf16 in runs:
         torch.manual_seed(100 + world.Get_rank())  # different weights per rank: the initial broadcast must fix that
@@ -94,19 +97,26 @@ def main() -> int:
         results[name] = train(models[name], optimizers[name], topo, cfg, name, bf16)
     (ref, zero), (m_ref, m_zero) = (results["replicated"], results["zero"]), (models["replicated"], models["zero"])
 
-    errors = [abs(a[0] - b[0]) / abs(a[0]) for got in (zero, results["zero2"]) for a, b in zip(ref, got)]
-    norm_errors = [abs(a[1] - b[1]) / abs(a[1]) for got in (zero, results["zero2"]) for a, b in zip(ref, got)]
+    sharded = (zero, results["zero2"], results["zero3"])
+    errors = [abs(a[0] - b[0]) / abs(a[0]) for got in sharded for a, b in zip(ref, got)]
+    norm_errors = [abs(a[1] - b[1]) / abs(a[1]) for got in sharded for a, b in zip(ref, got)]
     report("loss_and_norm_at_every_step", max(errors + norm_errors) <= TOL, {"loss": errors, "norm": norm_errors})
 
     # bf16 autocast: fp32 gradients reduced in fp32. The fp32 runs differ in the last bits of the weights (the
     # clipping norm is summed in another order), which can flip the rounding of a weight to bf16 (8 bits of
     # mantissa): bf16's own tolerance then, far below its 4e-3 resolution.
-    bf16 = [results[name] for name in ("zero_bf16", "zero2_bf16")]
+    bf16 = [results[name] for name in ("zero_bf16", "zero2_bf16", "zero3_bf16")]
     bf16_errors = [abs(a[0] - b[0]) / abs(a[0]) for got in bf16 for a, b in zip(results["bf16"], got)]
     report("bf16_autocast_loss_at_every_step", max(bf16_errors) <= 1e-4, bf16_errors)
 
+    # ZeRO-3 holds only a shard of its weights between passes: the buffers of every unit hold no memory.
+    z3 = optimizers["zero3"]
+    released = all(p.untyped_storage().nbytes() == 0 for p in models["zero3"].parameters())
+    report("zero3_holds_only_its_shard_between_passes", released and z3.shard_numel < 0.6 * z3.flat_numel, None)
     p_ref = m_ref.state_dict()
-    got = [m.state_dict() for m in (m_zero, models["zero2"])]
+    with z3.whole_model():  # collective: every rank gathers
+        got = [{n: t.clone() for n, t in m.state_dict().items()} for m in (m_zero, models["zero2"], models["zero3"])]
+        zero3_digest = world.allgather(digest(models["zero3"]))
     worst = max((p_ref[n] - g[n]).abs().max().item() for g in got for n in p_ref)
     report("final_parameters", worst <= TOL, worst)
 
@@ -115,6 +125,7 @@ def main() -> int:
     for m in (m_zero, models["zero2"]):
         digests = world.allgather(digest(m))
         identical = identical and len({digests[r] for r in dp_peers}) == 1 and digests[0] != digests[1]
+    identical = identical and len({zero3_digest[r] for r in dp_peers}) == 1
     report("replicas_bit_identical", identical, digests)
 
     cpu = torch.device("cpu")
@@ -152,8 +163,12 @@ def main() -> int:
     (loss * (float("nan") if world.Get_rank() == 3 else 1.0)).backward()
     # The overlap: backward itself reduced every bucket (their .grads are gone before synchronize is called).
     reduced_in_backward = all(p.grad is None for p in z2.params)
+    z3.zero_grad()
+    loss = models["zero3"](x, torch.roll(x, -1, 1))[1]
+    (loss * (float("nan") if world.Get_rank() == 3 else 1.0)).backward()
+    reduced_in_backward = reduced_in_backward and all(p.grad is None for p in z3.params)
     norms = []
-    for opt in (zo, z2):
+    for opt in (zo, z2, z3):
         opt.reduce_gradients()
         norms.append(opt.clip_gradients(1.0, NO_SCALING))
     z2.zero_grad()

@@ -34,7 +34,7 @@ from hvdlm.plan.request import PlanRequest, answer
     "--tp", type=int, default=None, help="Tensor-parallel size; with --tp or --pp one layout, else all ranked."
 )
 @click.option("--pp", type=int, default=None, help="Pipeline stages.")
-@click.option("--zero", type=click.IntRange(0, 2), default=None, help="ZeRO stage: 0, 1 or 2.")
+@click.option("--zero", type=click.IntRange(0, 3), default=None, help="ZeRO stage: 0, 1, 2 or 3.")
 @click.option("--recompute", type=click.Choice(choices(ModelConfig, "recompute")), default=None, help="Recomputation.")
 @click.option("--micro-batch", type=int, default=None, help="Sequences per micro-batch (train.batch_size).")
 @click.option("--global-batch", type=int, default=None, help="Sequences per optimizer step (default: from the job).")

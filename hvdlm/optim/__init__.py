@@ -4,7 +4,8 @@
 - build: the kind a config asks for;
 - replicated: the whole state on every replica (Horovod's DistributedOptimizer, or plain for one replica), and the
   initial broadcast;
-- zero, zero2: ZeRO-1 (optimizer state sharded over the DP group) and ZeRO-2 (gradients too);
+- zero, zero2, zero3: ZeRO-1 (optimizer state sharded over the DP group), ZeRO-2 (gradients too) and ZeRO-3 (weights
+  too, gathered module by module);
 - local_sgd: replicas that step alone and average every few steps;
 - torch_optimizers: the torch update rules (AdamW, SGD) over decay / no-decay groups;
 - muon: Muon for the blocks' matrices, with AdamW for the rest;

@@ -11,21 +11,24 @@ from hvdlm.optim.replicated import Replicated, broadcast_initial_state, horovod_
 from hvdlm.optim.torch_optimizers import make_optimizer
 from hvdlm.optim.zero import ZeroOptimizer
 from hvdlm.optim.zero2 import Zero2Optimizer
+from hvdlm.optim.zero3 import Zero3Optimizer
 from hvdlm.parallel.topology import Topology, elastic_job
 
 
 def build(model: torch.nn.Module, cfg: JobConfig, topology: Topology) -> TrainingOptimizer:
     """The run's optimizer, with every replica starting from its DP group's root state.
 
-    ZeRO-1/2 shard the state (and ZeRO-2 the gradients) over the DP group; local SGD steps each replica on its own
-    gradients and averages the weights every train.local_sgd_interval steps; otherwise Horovod averages the
-    gradients of train.accumulation_steps x parallel.microbatches backward passes per step (every micro-batch of
-    a pipeline stage is one), or a single replica steps alone.
+    ZeRO-1/2/3 shard the state (ZeRO-2 the gradients too, ZeRO-3 the weights too) over the DP group; local SGD steps
+    each replica on its own gradients and averages the weights every train.local_sgd_interval steps; otherwise Horovod
+    averages the gradients of train.accumulation_steps x parallel.microbatches backward passes per step (every
+    micro-batch of a pipeline stage is one), or a single replica steps alone.
     """
     t = cfg.train
     optimizer = make_optimizer(model, t)
     # Horovod: the weights (and a loaded state) of each DP group's root; a fresh optimizer has no state yet.
     broadcast_initial_state(model, optimizer, topology)
+    if t.zero == 3:
+        return Zero3Optimizer(model, t, topology)  # the weights sharded too, gathered module by module
     if t.zero == 2:
         return Zero2Optimizer(model, t, topology)  # gradients sharded too, reduced bucket by bucket in backward
     if t.zero:

@@ -8,14 +8,17 @@ A training step asks it, in this order:
     step(scaler, found_inf)            update the weights, or leave them (a non-finite step, an fp16 overflow)
     after_step(done, ema)              what follows an update (local SGD's periodic averaging)
 
-and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view` and `checkpoint_slice`
-(what a checkpoint saves and a resume loads). The trainer, the memory account, the checkpoint manager and the
-step verdict ask these, never the optimizer's type: a new kind (a ZeRO stage, another update rule) is a class here.
+and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view` and `checkpoint_slice` (what a
+checkpoint saves and a resume loads), and `whole_model()` around whatever reads or writes the weights outside a forward
+pass (saves, the EMA, checksums, samples: ZeRO-3 holds only a shard of them between passes). The trainer, the memory
+account, the checkpoint manager and the step verdict ask these, never the optimizer's type: a new kind (a ZeRO stage,
+another update rule) is a class here.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +68,14 @@ class TrainingOptimizer(abc.ABC):
     @abc.abstractmethod
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds beyond the model's weights and `.grad`s: "state" (moments, this rank's slice of
-        them under ZeRO) and "gradient_buffers" (reduction buffers; ZeRO-2: the most held during a backward)."""
+        them under ZeRO) and "gradient_buffers" (reduction buffers; ZeRO-2: the most held during a backward);
+        optionally "params", where the weights are not simply the model's tensors (ZeRO-3: the shard and the
+        most gathered at once)."""
+
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        """Inside it the model's parameters hold the whole weights (collective over the DP group where they are
+        sharded), and what the block leaves in them is kept. Nothing to do by default."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def checkpoint_view(self) -> Any:

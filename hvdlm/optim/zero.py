@@ -65,6 +65,8 @@ def chunks(n: int) -> list[tuple[int, int]]:
 class ZeroOptimizer(TrainingOptimizer):
     """This rank's slice of the optimizer over the flat buffers of the parameters it holds (see the module)."""
 
+    pieces_cross_buckets = True  # an optimizer tensor may span buckets (ZeRO-3: no, each bucket's part is its own)
+
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology):
         self.topo = topo
         groups = param_groups(model, cfg.weight_decay)
@@ -88,11 +90,9 @@ class ZeroOptimizer(TrainingOptimizer):
             self.parts.append((start + topo.dp_rank * part, held, part))
             offset, held = start + d * part, held + part
         self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
-        device = self.params[0].device
-        self.flat_params = torch.zeros(offset, device=device)
-        for p, start in zip(self.params, self.param_offsets):  # the model's tensors become views (values kept)
-            self.flat_params[start : start + p.numel()].copy_(p.detach().reshape(-1))
-            p.data = self.flat_params[start : start + p.numel()].view_as(p)
+        self.flat_numel, self.device = offset, self.params[0].device
+        device = self.device
+        self._place_weights()
         # This rank's averaged gradient slice (the pieces' .grad), filled by the reduce-scatter.
         self.grad_slice = self._gradient_buffers()
         # The pieces: this shard cut at bucket and group boundaries (and before padding), one optimizer tensor each.
@@ -102,10 +102,10 @@ class ZeroOptimizer(TrainingOptimizer):
             ids = {id(p) for p in group["params"]}
             ranges = [
                 (a + lo, a + hi, s + lo)
-                for a, b, s in self._ranges_of(lambda p: id(p) in ids)
+                for a, b, s in self._ranges_of(lambda p: id(p) in ids, self.pieces_cross_buckets)
                 for lo, hi in chunks(b - a)
             ]
-            pieces.append([self.flat_params[a:b] for a, b, _ in ranges])
+            pieces.append([self._weights_piece(a, b, s) for a, b, s in ranges])
             for t, (a, b, s) in zip(pieces[-1], ranges):
                 t.grad = self.grad_slice[s : s + b - a]
             self.piece_ranges += ranges
@@ -121,6 +121,18 @@ class ZeroOptimizer(TrainingOptimizer):
         self._groups_of_params = [g["params"] for g in groups]
         self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat shards, made at the first step
 
+    def _place_weights(self) -> None:
+        """ZeRO-1/2: the whole flat buffer of the weights on every rank; the model's tensors become views of it
+        (values kept). ZeRO-3 keeps only the shard (hvdlm.optim.zero3)."""
+        self.flat_params = torch.zeros(self.flat_numel, device=self.device)
+        for p, start in zip(self.params, self.param_offsets):
+            self.flat_params[start : start + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat_params[start : start + p.numel()].view_as(p)
+
+    def _weights_piece(self, a: int, b: int, s: int) -> torch.Tensor:
+        """The weights of flat range [a, b) (shard offset s) as the inner optimizer updates them: a view."""
+        return self.flat_params[a:b]
+
     def _buckets(self, model: torch.nn.Module, cfg: TrainConfig) -> list[list[int]]:
         """ZeRO-1: every parameter in one bucket, reduce-scattered at once after backward."""
         return [list(range(len(self.params)))]
@@ -132,20 +144,22 @@ class ZeroOptimizer(TrainingOptimizer):
         for p, start in zip(self.params, self.param_offsets):
             p.grad = self.flat_grads[start : start + p.numel()].view_as(p)
         start, _, part = self.parts[0]
-        return self.flat_grads[start : start + part] if self.topo.dp == 1 else self.flat_params.new_zeros(part)
+        return self.flat_grads[start : start + part] if self.topo.dp == 1 else torch.zeros(part, device=self.device)
 
-    def _ranges_of(self, chosen) -> list[tuple[int, int, int]]:
+    def _ranges_of(self, chosen, across_buckets: bool = True) -> list[tuple[int, int, int]]:
         """(flat start, flat end, shard start) of this rank's elements that hold the parameters `chosen` picks,
-        contiguous ones joined."""
+        contiguous ones joined (within a bucket's part only, unless `across_buckets`)."""
         ranges: list[tuple[int, int, int]] = []
         flat_order = [i for ids in self.bucket_params for i in ids]
         for lo, shard_lo, part in self.parts:
+            first = len(ranges)
             for p, start in ((self.params[i], self.param_offsets[i]) for i in flat_order):
                 a, b = max(start, lo), min(start + p.numel(), lo + part)
                 if not (chosen(p) and a < b):
                     continue
                 s = shard_lo + a - lo
-                if ranges and ranges[-1][1] == a and ranges[-1][2] + a - ranges[-1][0] == s:
+                joins = across_buckets or len(ranges) > first
+                if joins and ranges and ranges[-1][1] == a and ranges[-1][2] + a - ranges[-1][0] == s:
                     a, _, s = ranges.pop()
                 ranges.append((a, b, s))
         return ranges
@@ -223,6 +237,10 @@ class ZeroOptimizer(TrainingOptimizer):
             # than at a save, when everything else is held too.
             for key in self._state_keys():
                 self._flat_state(key)
+        self._share_weights()
+
+    def _share_weights(self) -> None:
+        """Every replica gets the updated weights: an all-gather of the shards (ZeRO-3: none, see there)."""
         d, r = self.topo.dp, self.topo.dp_rank
         if d == 1:
             return
@@ -261,7 +279,7 @@ class ZeroOptimizer(TrainingOptimizer):
             "numels": numels,
             "shapes": [list(p.shape) for p in self.params],
             "shard_numel": self.shard_numel,
-            "padding": self.flat_params.numel() - sum(numels),
+            "padding": self.flat_numel - sum(numels),
             "buckets": [[ids, self.topo.dp * part] for ids, (_, _, part) in zip(self.bucket_params, self.parts)],
             "dp_rank": self.topo.dp_rank,
             "dp_size": self.topo.dp,
@@ -283,11 +301,11 @@ class ZeroOptimizer(TrainingOptimizer):
         states = [self.inner.state[t] for t in self.pieces]
         ranges = [(s, s + b - a) for a, b, s in self.piece_ranges]
         if flat is None or any(st[key].data_ptr() != flat[a:b].data_ptr() for st, (a, b) in zip(states, ranges)):
-            flat = self._flat[key] = torch.zeros(self.shard_numel, device=self.flat_params.device)
+            flat = self._flat[key] = torch.zeros(self.shard_numel, device=self.device)
             for st, (a, b) in zip(states, ranges):
                 flat[a:b] = st[key]
                 st[key] = flat[a:b]  # the piece's own tensor is freed here
-            _return_freed_memory()  # so the copy costs one shard for a moment, not one per key for good
+            return_freed_memory()  # so the copy costs one shard for a moment, not one per key for good
         return flat
 
     def full_state_dict(self) -> dict[str, Any]:
@@ -306,7 +324,7 @@ class ZeroOptimizer(TrainingOptimizer):
             return
         some = next(iter(entries.values()))
         keys = [k for k, v in some.items() if torch.is_tensor(v) and v.dim() > 0]
-        flat = {key: torch.zeros_like(self.flat_params) for key in keys}
+        flat = {key: torch.zeros(self.flat_numel, device=self.device) for key in keys}
         for i, (p, start) in enumerate(zip(self.params, self.param_offsets)):
             for key in keys:
                 if i in entries:
@@ -339,7 +357,7 @@ class _FullView:
         self._zero.load_full_state_dict(state)
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give memory freed on the heap back to the system. glibc keeps freed blocks resident for reuse, and blocks
     of a parameter's size are rarely reused: measured, a rank's peak resident memory kept the replaced state
     tensors (bench/memory_budget.py). malloc_trim releases free pages anywhere in the heap; other C libraries

@@ -92,7 +92,7 @@ class Zero2Optimizer(ZeroOptimizer):
         """No whole gradient buffer: the `.grad`s are autograd's until their bucket is reduced; the slice."""
         for p in self.params:
             p.grad = None
-        return self.flat_params.new_zeros(self.shard_numel)
+        return torch.zeros(self.shard_numel, device=self.device)
 
     @property
     def buffer_bytes(self) -> int:
@@ -134,7 +134,7 @@ class Zero2Optimizer(ZeroOptimizer):
         if alone:
             buffer = grads[0].view(-1)  # a parameter alone in its bucket, no padding needed: its .grad as it is
         else:
-            buffer = self.flat_params.new_zeros(d * part)
+            buffer = torch.zeros(d * part, device=self.device)
             for i, g in zip(ids, grads):
                 if g is not None:  # a parameter this backward did not reach contributes zeros
                     at = self.param_offsets[i] - start

@@ -21,7 +21,7 @@ from hvdlm.plan.gpus import Gpu
 from hvdlm.units import counted
 
 RECOMPUTE = ("none", "selective", "full")
-ZERO_BUILT = (0, 1, 2)  # the ZeRO stages hvdlm's trainer has (train.zero)
+ZERO_BUILT = (0, 1, 2, 3)  # the ZeRO stages hvdlm's trainer has (train.zero)
 MICRO_BATCHES = (1, 2, 4, 8)  # micro-batch sizes the ranked form tries
 
 
@@ -242,7 +242,7 @@ def virtual_stages(job: Job, pp: int, microbatches: int) -> int:
 
 def _zeros(fixed: dict, dp: int) -> tuple[int, ...]:
     """The ZeRO stages to try: the pinned one, else each hvdlm builds; with dp = 1 only 0, as ZeRO shards over
-    the replicas, so zero 1 and 2 of one replica are zero 0 again (the same figures, a duplicate row)."""
+    the replicas, so zero 1, 2 and 3 of one replica are zero 0 again (the same figures, a duplicate row)."""
     if fixed.get("zero") is not None:
         return (fixed["zero"],)
     return ZERO_BUILT if dp > 1 else (0,)

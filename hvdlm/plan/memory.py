@@ -6,7 +6,8 @@ Two accountings of the model states, per parameter the rank holds:
 - "hvdlm", what hvdlm's trainer holds (`state_mb`; hvdlm.training.memory_account measures it on the live
   tensors): fp32 weights and fp32 gradients (bf16 is autocast, the weights stay fp32) and AdamW's two fp32 moments,
   4 + 4 + 8 bytes (SGD with momentum: 4 + 4 + 4). ZeRO-1 divides the optimizer state over the dp replicas; ZeRO-2
-  the gradients too.
+  the gradients too; ZeRO-3 the weights too, plus what is gathered at once: the module being computed and the
+  next large one, prefetched (hvdlm.optim.zero3), counted as a block, or the token table where that is larger.
 - "mixed", the mixed-precision Adam of the ZeRO paper (Rajbhandari et al. 2020, section 3.1): fp16 weights and
   gradients, and K = 12 bytes of optimizer state (fp32 master weights, momentum, variance): 2 + 2 + 12. Stage 1
   divides the 12 by dp, stage 2 the gradients' 2 as well. Its Figure 1 (7.5B parameters, 64 GPUs) gives
@@ -63,26 +64,39 @@ class Memory:
         return self.model_states + self.activations + self.buffers
 
 
-def state_mb(params: int, optimizer: str, dp: int = 1, zero: int = 0, momentum: bool = True) -> dict[str, float]:
+def state_mb(
+    params: int, optimizer: str, dp: int = 1, zero: int = 0, momentum: bool = True, gathered: int = 0
+) -> dict[str, float]:
     """MB per rank for `params` fp32 parameters held by the rank (its TP shard or stage): weights whole, the
     optimizer state split over the dp replicas with ZeRO-1 (padded to equal slices), the gradients too with ZeRO-2
-    (its slice; the buckets in flight during backward, a few train.zero_bucket_mb, come on top). The trainer's
-    account (hvdlm.training.memory_account) measures the same from the live tensors."""
+    (its slice; the buckets in flight during backward, a few train.zero_bucket_mb, come on top), the weights too
+    with ZeRO-3 (its slice and `gathered`, the parameters whole at once at the peak). The trainer's account
+    (hvdlm.training.memory_account) measures the same from the live tensors."""
     per_param = OPTIMIZER_STATE_BYTES[optimizer] if (optimizer != "sgd" or momentum) else 0
     held = -(-params // dp) if zero else params
     grads = held if zero >= 2 else params
-    return {"params_mb": 4 * params / MB, "grads_mb": 4 * grads / MB, "optimizer_mb": per_param * held / MB}
+    weights = held + min(gathered, params) if zero >= 3 else params
+    return {"params_mb": 4 * weights / MB, "grads_mb": 4 * grads / MB, "optimizer_mb": per_param * held / MB}
+
+
+def gathered_params(m: ModelConfig, tp: int) -> int:
+    """ZeRO-3's parameters whole at once on a rank: a block's attention and MLP (one computing, the other
+    prefetched), or the token table and the part next to it where the table is larger."""
+    block = counts.block_params_per_rank(m, tp)
+    return max(block, counts.vocab_rows_per_rank(m.vocab_size, tp) * m.d_model + block)
 
 
 def state_bytes(
-    params: int, accounting: str, zero: int, dp: int, optimizer: str = "adamw"
+    params: int, accounting: str, zero: int, dp: int, optimizer: str = "adamw", gathered: int = 0
 ) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer state) in bytes for `params` parameters held by one rank."""
+    """(weights, gradients, optimizer state) in bytes for `params` parameters held by one rank (ZeRO-3:
+    `gathered` of them whole at once besides the shard)."""
     if accounting == "mixed":
         shard = params / dp
-        return 2 * params, 2 * (shard if zero >= 2 else params), MIXED_OPTIMIZER_BYTES * (shard if zero else params)
+        weights = shard + min(gathered, params) if zero >= 3 else params
+        return 2 * weights, 2 * (shard if zero >= 2 else params), MIXED_OPTIMIZER_BYTES * (shard if zero else params)
     # hvdlm's own: state_mb is the trainer's account (slices padded to equal size).
-    mb = state_mb(params, optimizer, dp=dp, zero=zero)
+    mb = state_mb(params, optimizer, dp=dp, zero=zero, gathered=gathered)
     return mb["params_mb"] * MB, mb["grads_mb"] * MB, mb["optimizer_mb"] * MB
 
 
@@ -130,7 +144,8 @@ def memory(
     best, best_total = None, -1.0
     for stage, layers in enumerate(per_stage):
         if params[stage] not in states:
-            states[params[stage]] = state_bytes(params[stage], accounting, zero, dp, optimizer)
+            gathered = gathered_params(m, tp) if zero >= 3 else 0
+            states[params[stage]] = state_bytes(params[stage], accounting, zero, dp, optimizer, gathered)
         weights, grads, state = states[params[stage]]
         # Micro-batches the stage holds at once: 1F1B's warm-up leaves p - s on stage s (stage 0 holds p), GPipe
         # runs every forward first (m), and without stages each backward frees its forward's (1); interleaved a

@@ -94,11 +94,26 @@ class StepTime:
 
 
 def dp_exposed_s(
-    grad_bytes: float, dp: int, bytes_per_s: float, backward_s: float, zero: int = 0, microbatches: int = 1
+    grad_bytes: float,
+    dp: int,
+    bytes_per_s: float,
+    backward_s: float,
+    zero: int = 0,
+    microbatches: int = 1,
+    forward_s: float = 0.0,
 ) -> float:
-    """The part of the data-parallel gradient exchange that the step waits for (`backward_s`: one micro-batch's
-    backward)."""
+    """The part of the data-parallel gradient exchange that the step waits for (`backward_s`, `forward_s`: one
+    micro-batch's backward and forward)."""
     allreduce = ring_allreduce_s(grad_bytes, dp, bytes_per_s)
+    if zero == 3:
+        # ZeRO-3: per micro-batch an all-gather of the weights for the forward, another for the backward and the
+        # reduce-scatter of the gradients, each half an allreduce's bytes (three halves, 1.5x ZeRO-2's traffic
+        # without accumulation). Each module's gather is prefetched while the one before computes, and the
+        # reduce-scatter runs during backward: hidden by that pass's compute, never below EXPOSED_TAIL of it (the
+        # first module's gather of each pass, and the copies, wait). No all-gather after the step.
+        half = allreduce / 2
+        forward = max(half - forward_s, EXPOSED_TAIL * half)
+        return microbatches * (forward + max(2 * half - backward_s, EXPOSED_TAIL * 2 * half))
     if zero == 1:
         # hvdlm's ZeRO-1: one reduce-scatter after backward and an all-gather after the step, together the bytes
         # of an allreduce, overlapping nothing (docs/guides/memory.md).
@@ -165,7 +180,8 @@ def step_time(
     sends = 2 * (pp - 1) * v * activation / speeds.pp_bytes_per_s if pp > 1 else 0.0
     dense, _ = passes(recompute)
     backward = compute / microbatches * (dense - 1) / dense  # the last micro-batch's backward, recomputation in it
-    exposed = dp_exposed_s(grad_bytes, dp, speeds.dp_bytes_per_s, backward, zero, microbatches)
+    forward = compute / microbatches / dense
+    exposed = dp_exposed_s(grad_bytes, dp, speeds.dp_bytes_per_s, backward, zero, microbatches, forward)
     orthogonalize = 0.0
     if optimizer == "muon":  # every rank orthogonalizes its stage's whole matrices, TP ranks after an allgather
         gathered = 4 * matrix_parameters(m) * layers  # fp32, the allgather's half of an allreduce's traffic

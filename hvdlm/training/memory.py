@@ -17,15 +17,18 @@ GB = 1024**3
 def check_model_fits(cfg: JobConfig, device: torch.device, ranks_on_node: int, dp: int = 1) -> None:
     """Refuse a model whose weights, gradients and optimizer state alone exceed this rank's memory: the GPU's
     free memory, or on a CPU this machine's available memory shared by its ranks. Activations come on top.
-    With train.zero = 1 the optimizer's moments are split over the dp replicas, with 2 the gradients too."""
+    With train.zero = 1 the optimizer's moments are split over the dp replicas, with 2 the gradients too, with 3 the
+    weights too."""
     t = cfg.train
     params = parameter_count(cfg.model)
     per_param = state_bytes_per_parameter(t.optimizer, t.ema_decay > 0)
     if t.zero:
         moments = state_bytes_per_parameter(t.optimizer, False) - 8  # beyond the weight and its gradient
         sharded = moments + (4 if t.zero >= 2 else 0)  # ZeRO-2: the fp32 gradient too (its buckets in flight aside)
+        sharded += 4 if t.zero >= 3 else 0  # ZeRO-3: the fp32 weight too (the modules gathered aside)
         per_param -= sharded * (1 - 1 / dp)
-    need = params * per_param / (cfg.parallel.tp * cfg.parallel.pp)
+    # Every rank builds its whole shard of the model before ZeRO-3 cuts the weights: at least those fit.
+    need = params * max(per_param, 4) / (cfg.parallel.tp * cfg.parallel.pp)
     have, what = _available_bytes(device, ranks_on_node)
     if have is not None and need > have:
         raise InputError(

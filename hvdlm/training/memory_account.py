@@ -26,6 +26,7 @@ class ActivationMeter:
 
     def __init__(self, model):
         self._skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._params = {id(p) for p in model.parameters()}  # ZeRO-3's weights move storage between gathers
         self._held: dict[int, dict[int, int]] = {}  # micro-batch -> storage address -> bytes
         self.peak_bytes = 0
 
@@ -38,7 +39,9 @@ class ActivationMeter:
         def pack(t):
             storage = t.untyped_storage()
             address = storage.data_ptr()
-            if address and address not in self._skip:  # a tensor saved twice (or a view) counts once
+            if (
+                address and address not in self._skip and id(t) not in self._params
+            ):  # a tensor saved twice (or a view) counts once
                 saved[address] = max(saved.get(address, 0), storage.nbytes())
             return t
 
@@ -68,7 +71,8 @@ def memory_account(model, optimizer, activation_bytes: int, device) -> dict[str,
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     grads += held["gradient_buffers"]  # ZeRO: the reduce-scatter's slice (ZeRO-2: and its buckets)
     account = {
-        "params_mb": sum(p.numel() * p.element_size() for p in params) / MB,
+        # ZeRO-3: its shard and the most gathered at once, not the model's (whole-shaped) tensors.
+        "params_mb": held.get("params", sum(p.numel() * p.element_size() for p in params)) / MB,
         "grads_mb": grads / MB,
         "optimizer_mb": held["state"] / MB,
         "activations_mb": activation_bytes / MB,

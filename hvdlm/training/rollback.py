@@ -137,8 +137,9 @@ def _load(trainer, state: dict[str, Any], source: str) -> int:
     topo = trainer.topo
     if topo.pp > 1:
         state = stage_state(state, trainer.model, topo.pp_rank, topo.pp)
-    load_model(trainer.model, state, source, topo.tp_rank, topo.tp)
-    return trainer.checkpoints.restore(state, trainer)
+    with trainer.optimizer.whole_model():  # ZeRO-3: loaded into the whole weights, its shard cut from them after
+        load_model(trainer.model, state, source, topo.tp_rank, topo.tp)
+        return trainer.checkpoints.restore(state, trainer)
 
 
 def _consumed(data: dict[str, int]) -> int:

@@ -320,7 +320,8 @@ class Trainer:
             scaler.update()
             overflowed = scale is not None and scaler.get_scale() < scale  # the scaler skipped the step
             if self.ema and not overflowed:
-                self.ema.update()
+                with self.optimizer.whole_model():  # ZeRO-3: the weights are a shard between passes
+                    self.ema.update()
         return loss, grad_norm, verdict
 
     def _accumulate(self, k: int, meter: ActivationMeter | None) -> torch.Tensor:
@@ -399,7 +400,8 @@ class Trainer:
         """The validation loss (with the EMA weights when there is an EMA), logged and kept in progress; for a blend
         each dataset's too (val_loss/NAME), and overall their mean weighted by the blend's shares."""
         sets = self.val_batches
-        with self.ema.applied() if self.ema else contextlib.nullcontext():
+        whole = self.optimizer.whole_model() if self.ema else contextlib.nullcontext()  # ZeRO-3, for the EMA's swap
+        with whole, self.ema.applied() if self.ema else contextlib.nullcontext():
             losses = {name: self._loss_on(batches) for name, batches in sets.samplers.items()}
         val, by_name = sets.overall(losses), sets.by_name(losses)
         ppl = math.exp(min(val, 700))  # exp overflows a float past ~709
@@ -449,7 +451,7 @@ class Trainer:
         at_sync_point = not t.local_sgd_interval or done % t.local_sgd_interval == 0
         self.checkpoints.poll(done)  # a save written in the background: in place once every rank has written it
         if self.stop_requested and at_sync_point and done != t.max_steps:
-            self.checkpoints.save(done, self)
+            self._save(done)
             signal_name = self.vote.signal_name
             how = "interrupted" if signal_name in ("SIGINT", "SIGHUP") else "preempted"
             self.logger.info(
@@ -458,8 +460,14 @@ class Trainer:
             )
             raise Preempted()
         if self.checkpoints.due(done):
-            self.checkpoints.save(done, self, background=True)
+            self._save(done, background=True)
         return done
+
+    def _save(self, step: int, background: bool = False) -> None:
+        # ZeRO-3: the shard file holds the whole weights, gathered for it (an async save copies them to the host
+        # inside, then writes from the copy).
+        with self.optimizer.whole_model():
+            self.checkpoints.save(step, self, background=background)
 
     def _too_many_skipped(self, done: int) -> InputError:
         return InputError(
@@ -485,17 +493,18 @@ class Trainer:
         t, topo = self.t, self.topo
         # Every rank's parameter digest (index = global rank). Data parallelism must leave the members of each DP
         # group (the copies of one shard) bit-identical.
-        checksums = jobwide.allgather_object(_param_checksum(self.model), "checksums")
-        world = len(checksums)
-        identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
-        if self.first_step < t.max_steps:
-            self.checkpoints.save(t.max_steps, self)
-        # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
-        sample = None
-        if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
-            print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
-        if t.sample_tokens and topo.dp_rank == 0 and topo.pp == 1:
-            sample = _sample(self.model, self.data.tokenizer, t, self.device)
+        with self.optimizer.whole_model():  # ZeRO-3: the weights whole for the digest, the save and the sample
+            checksums = jobwide.allgather_object(_param_checksum(self.model), "checksums")
+            world = len(checksums)
+            identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
+            if self.first_step < t.max_steps:
+                self.checkpoints.save(t.max_steps, self)
+            # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
+            sample = None
+            if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
+                print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
+            if t.sample_tokens and topo.dp_rank == 0 and topo.pp == 1:
+                sample = _sample(self.model, self.data.tokenizer, t, self.device)
         if hvd.rank() == 0:
             self._report(checksums, identical, sample)
 
@@ -556,7 +565,9 @@ def setup(
     trainer, init_note = _assemble(cfg, topo, precision, data, start)
     # The rest of the checkpoint: a data position for other data, say, is refused before anything is written.
     with together("state_loaded"):
-        trainer.first_step = _restore(trainer, start)
+        # ZeRO-3: a resume's EMA and optimizer state are matched to the whole weights (a fresh start needs none).
+        with trainer.optimizer.whole_model() if start.state is not None else contextlib.nullcontext():
+            trainer.first_step = _restore(trainer, start)
     trainer.spikes = spike_guard(t, trainer.progress)  # with a checkpoint's detector state
     resume_step = trainer.first_step if resume is not None else None  # 0: resumed, but nothing to resume yet
     prepare_run_dir(start, cfg.to_toml(), resume_step)
@@ -611,13 +622,18 @@ def _assemble(
     _speed_up(model, t, topo, device)
     shape, p = cfg.model, cfg.parallel
     train_batches, val_batches = _samplers(cfg, data, topo)
+    optimizer = build_optimizer(model, cfg, topo)
+    ema = None
+    if t.ema_decay:
+        with optimizer.whole_model():  # ZeRO-3: the EMA starts from the whole weights
+            ema = WeightEMA(model, t.ema_decay)
     trainer = Trainer(
         cfg=cfg,
         topo=topo,
         model=model,
         # Horovod: replicas start from their DP group's root state; gradients are averaged over the DP group.
-        optimizer=build_optimizer(model, cfg, topo),
-        ema=WeightEMA(model, t.ema_decay) if t.ema_decay else None,
+        optimizer=optimizer,
+        ema=ema,
         device=device,
         precision=precision,
         data=data,
@@ -742,7 +758,10 @@ def _speed_up(model: GPT, t: TrainConfig, topo: Topology, device: torch.device) 
         # bf16 and fp16 autocast are unaffected. flops.peak_tflops reads this flag for MFU.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1):
+    # ZeRO-3's gathers are module hooks, which a compiled module would trace into its graph: eager (config
+    # refuses "on").
+    auto = t.compile == "auto" and device.type == "cuda" and topo.tp == 1 and topo.pp == 1 and t.zero != 3
+    if t.compile == "on" or auto:
         if topo.dp == topo.tp == topo.pp == 1:
             # One rank: no gradient allreduce to overlap with backward, so the whole model is one graph, which
             # fuses across the blocks' seams (2 % of GPT-2's step on an H200, bench/log/RESULTS.md).
@@ -799,7 +818,8 @@ def _param_checksum(model: GPT) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # A copy: numpy's view of a tensor's own storage would pin it (ZeRO-3 resizes its weights' storage).
+        h.update(p.detach().cpu().clone().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
