@@ -140,9 +140,10 @@ def spiked_run(job: Path, run_dir: Path, cache: Path, inject: str, *extra: str) 
 
 @pytest.fixture(scope="module")
 def once(job, tmp_path_factory, cache_dir):
-    """Two data-parallel ranks; the spike injected once."""
+    """Two data-parallel ranks with ZeRO-3 (the checkpoint is loaded into the whole weights and cut into shards
+    again); the spike injected once."""
     run_dir = tmp_path_factory.mktemp("spike-once") / "run"
-    r = spiked_run(job, run_dir, cache_dir, f"{INJECT_AT}:1000")
+    r = spiked_run(job, run_dir, cache_dir, f"{INJECT_AT}:1000", "train.zero=3")
     return r, run_dir
 
 
