@@ -248,13 +248,16 @@ def report(args, result: dict, load: str) -> tuple[list[str], dict]:
         )
     speedup = step["1f1b"] / step["interleaved"]
     vs_torch = step["interleaved"] / step["torch_interleaved"]
-    worst_gap = max(abs(s[n]["idle"] - ideal[n]) for s in (s0, s1) for n in ("1f1b", "interleaved"))
+    # The target is the interleaved schedule's; 1F1B's gap is shown beside it.
+    worst_gap = max(abs(s["interleaved"]["idle"] - ideal["interleaved"]) for s in (s0, s1))
+    gap_1f1b = max(abs(s["1f1b"]["idle"] - ideal["1f1b"]) for s in (s0, s1))
     lines += [
         "",
         f"- interleaved against 1F1B: **{speedup:.2f}x** faster a step (target >= 1.1x); the ideal is "
         f"(m + p - 1) / (m + (p - 1) / v) = {(M + P - 1) / (M + (P - 1) / V):.2f}x",
         f"- hvdlm interleaved takes **{vs_torch:.2f}x** torch's interleaved step time",
-        f"- measured idle against the ideal bubble, worst stage: {100 * worst_gap:.1f} points (target <= 5)",
+        f"- interleaved: measured idle against its ideal bubble, worst stage: {100 * worst_gap:.1f} points (target "
+        f"<= 5); 1F1B against its own: {100 * gap_1f1b:.1f} points",
         "- why the targets are tight here: 1.1x is 99 % of the ideal 1.11x, which takes messages as free, and "
         f"interleaving sends {s0['interleaved']['bytes_per_step'] / s0['1f1b']['bytes_per_step']:.0f}x the bytes "
         "(each send completes inside its exchange, hvdlm.parallel.p2p); on a machine whose 2 cores are shared by "
@@ -297,7 +300,7 @@ def main() -> None:
             Figure("interleaved 1F1B (v=2) step against 1F1B, p=2 m=4", f"{h['speedup']:.2f}x faster", ">= 1.1x"),
             Figure("interleaved 1F1B step against torch ScheduleInterleaved1F1B", f"{h['vs_torch']:.2f}x its time"),
             Figure(
-                "interleaved 1F1B idle against the ideal bubble (p-1)/(vm+p-1)",
+                "interleaved 1F1B idle against its ideal bubble (p-1)/(vm+p-1)",
                 f"{100 * h['gap']:.1f} points (worst stage)",
                 "<= 5 points",
             ),
