@@ -17,6 +17,8 @@ from pathlib import Path
 
 from helpers import REPO, Result, cli_env, mpirun, mpirun_argv, run_process
 
+from hvdlm.runfiles import MANIFEST_SUFFIX
+
 # Compared per metrics.jsonl row between a resumed and an uninterrupted run: everything but the clock.
 TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb", "max_allocated_mb"}
 
@@ -139,6 +141,19 @@ def wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 180) -> i
         assert job.proc.poll() is None, f"the job ended ({job.proc.returncode}) before step {step}:\n{job.out}"
         time.sleep(0.005)
     raise AssertionError(f"no step {step} in {timeout} s:\n{job.out}")
+
+
+def wait_for_checkpoint(job: Job, run_dir: Path, step: int, timeout: float = 180) -> None:
+    """Poll until the save of `step` is complete (its manifest is written last): an asynchronous save
+    (train.async_checkpoint) is put in place a step or more after its own."""
+    path = run_dir / "checkpoints" / f"step-{step:07d}{MANIFEST_SUFFIX}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        assert job.proc.poll() is None, f"the job ended ({job.proc.returncode}) before checkpoint {step}:\n{job.out}"
+        time.sleep(0.005)
+    raise AssertionError(f"no complete checkpoint of step {step} in {timeout} s:\n{job.out}")
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:

@@ -30,7 +30,7 @@ from hvdlm.errors import InputError
 from hvdlm.launch.elastic import discovery_script
 from hvdlm.launch.hosts import Host
 from hvdlm.launch.restarts import RESTARTS_FILE, AttemptSize, failure_cause, shrunk
-from hvdlm.runfiles import WATCHDOG_EXIT_CODE, WORKERS_LOST_EXIT_CODE
+from hvdlm.runfiles import MANIFEST_SUFFIX, WATCHDOG_EXIT_CODE, WORKERS_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 
@@ -67,6 +67,19 @@ class Launched:
             time.sleep(0.02)
         self.end()
         raise AssertionError(f"no step {step} within {timeout} s:\n{self.out[-3000:]}")
+
+    def wait_for_checkpoint(self, step: int, timeout: float = 120) -> None:
+        """Until the save of `step` is complete (its manifest is written last): an asynchronous save is put in place
+        a step or more after its own (train.async_checkpoint), and a rank killed before that restarts from the one
+        before."""
+        path = self.run_dir / "checkpoints" / f"step-{step:07d}{MANIFEST_SUFFIX}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if path.exists():
+                return
+            time.sleep(0.02)
+        self.end()
+        raise AssertionError(f"no complete checkpoint of step {step} within {timeout} s:\n{self.out[-3000:]}")
 
     def rank_pid(self, rank: int, other_than: int | None = None, at_step: int = 0, timeout: float = 120) -> int:
         """The pid in rank `rank`'s heartbeat (one that is not `other_than`: a new attempt's), once it reports
@@ -169,6 +182,7 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_identical(job, cache_dir
     run = Launched(job, tmp_path / "run", cache_dir, "--max-restarts", "1", "--set", "train.watchdog_s=30")
     step, rank_1 = random.randint(EVERY + 1, 2 * EVERY - 2), run.rank_pid(1)  # the pid first: the kill is then at once
     run.wait_for_step(step)
+    run.wait_for_checkpoint(EVERY)
     os.kill(rank_1, signal.SIGKILL)
     code = run.finish()
     assert code == 0, f"killed after step {step}:\n{run.out[-4000:]}"
@@ -203,6 +217,7 @@ def test_fewer_slots_at_a_restart_continue_with_fewer_replicas_and_the_same_batc
     run = Launched(job, tmp_path / "run", cache_dir, *args)
     step, rank_1 = random.randint(EVERY + 1, 2 * EVERY - 2), run.rank_pid(1)
     run.wait_for_step(step)
+    run.wait_for_checkpoint(EVERY)
     hostfile.write_text("localhost slots=1\n")
     os.kill(rank_1, signal.SIGKILL)
     assert run.finish() == 0, run.out[-4000:]

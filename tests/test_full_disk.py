@@ -70,7 +70,8 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def test_prepare_on_a_full_disk_keeps_the_old_dataset(hvdlm, tmpfs, tmp_path):
-    disk = tmpfs("disk", "64k")
+    # 128k: room for the small dataset (36k on tmpfs) while it is prepared: its work units beside its shards.
+    disk = tmpfs("disk", "128k")
     out = disk / "ds"
     r = hvdlm("data", "prepare", str(_text_folder(tmp_path / "small", 4, 2_000)), "--out", str(out))
     assert r.code == 0, r.out

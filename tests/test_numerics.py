@@ -143,7 +143,7 @@ def test_fp16_on_a_cpu_machine_is_refused(job, tmp_path, cache_dir, override):
 # --- bad names and non-finite steps ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, name", [("train.precision=fp8", "'fp8'"), ("train.optimizer=lamb", "'lamb'")])
+@pytest.mark.parametrize("override, name", [("train.precision=int4", "'int4'"), ("train.optimizer=lamb", "'lamb'")])
 def test_an_unknown_precision_or_optimizer_is_refused(job, tmp_path, cache_dir, override, name):
     r = run(0, train_argv(job, tmp_path / "run", *sets(override)), cache_dir)
     assert r.code == 2, r.out

@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import checks_on_ranks, run_cli, sets, summary, train_argv
-from survive import Job, ckpt_steps, comparable, losses_by_step, rows, run, wait_for_step
+from survive import (
+    Job,
+    ckpt_steps,
+    comparable,
+    last_step,
+    losses_by_step,
+    rows,
+    run,
+    wait_for_checkpoint,
+    wait_for_step,
+)
 
 from hvdlm.checkpoint.describe import describe_checkpoint
 from hvdlm.checkpoint.reshard import load_full_state
@@ -178,9 +188,10 @@ def test_zero_killed_with_sigkill_resumes_bit_identical(runs, job, tmp_path, cac
     j = Job(2, train_argv(job, run_dir, *sets(*COMMON, "train.zero=1")), cache_dir, tmp_path / "run.log")
     try:
         seen = wait_for_step(j, run_dir, 6)
+        wait_for_checkpoint(j, run_dir, 4)
     finally:
         j.kill()
-    assert seen < STEPS and 4 in ckpt_steps(run_dir), (seen, ckpt_steps(run_dir))
+    assert last_step(run_dir) < STEPS and 4 in ckpt_steps(run_dir), (seen, ckpt_steps(run_dir))
     train(2, job, run_dir, cache_dir, "train.zero=1", flags=("--resume", "auto"))
     assert comparable(run_dir) == comparable(runs["zero"])
     assert summary(run_dir)["replica_checksums"] == summary(runs["zero"])["replica_checksums"]

@@ -131,6 +131,16 @@ def _test_delay(step: int) -> float:
     return float(seconds) if at.strip() == str(step) else 0.0
 
 
+def _yield_cores_to_training() -> None:
+    """Lower this thread's scheduling priority (nice 10; Linux sets it per thread): where the ranks fill the cores,
+    the write (serialising, hashing, copying into the page cache) then takes the time training leaves idle instead
+    of slowing its steps. Elsewhere, or where it is not allowed, the thread runs as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
 class BackgroundWrite:
     """One rank's files of the save at `step` (host copies), written by a thread, not yet renamed into place.
 
@@ -155,6 +165,7 @@ class BackgroundWrite:
         self._thread.start()
 
     def _run(self) -> None:
+        _yield_cores_to_training()
         path = None
         try:
             for path, state in self._files:

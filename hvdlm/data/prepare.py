@@ -413,7 +413,7 @@ def _build(inputs: _Inputs, work: Path, out: Path, options: PrepareOptions, run:
         for unit in units
     ]
     mine = my_units([u.size for u in units], world)
-    _encode_share([jobs[i] for i in mine], tokenizer, run)
+    _encode_share([jobs[i] for i in mine], tokenizer, run, out)
     world.barrier()
     report = world.on_root(lambda: _finish(inputs, work, out, jobs, tokenizer, options, run))
     report.seconds, report.bpe_seconds = time.perf_counter() - start, bpe_seconds
@@ -428,8 +428,9 @@ def _tokenizer_id(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(tokenizer.to_json().encode()).hexdigest()
 
 
-def _encode_share(jobs: list[UnitJob], tokenizer, run: _Run) -> None:
-    """Encode this rank's units that no earlier run finished; bad input anywhere stops every rank."""
+def _encode_share(jobs: list[UnitJob], tokenizer, run: _Run, out: Path) -> None:
+    """Encode this rank's units that no earlier run finished; bad input or a failed write anywhere stops every
+    rank (a failed write said as for the dataset `out`: its units are then removed, the old dataset untouched)."""
     world = run.spread.world
     todo = [job for job in jobs if finished_record(job) is None]
     reused = world.allgather(len(jobs) - len(todo))
@@ -447,11 +448,7 @@ def _encode_share(jobs: list[UnitJob], tokenizer, run: _Run) -> None:
     try:
         _, error = encode_units(todo, tokenizer, run.spread.workers, progress, run.spread.one_thread)
     except OSError as e:  # a full disk: every rank must hear of it, or the others wait for this one forever
-        error = (
-            -1,
-            f"cannot write a work unit into '{e.filename or '?'}': {e.strerror or e}. Free space on that disk, "
-            "or pass --out a directory on another one.",
-        )
+        error = (-1, _write_error(out, e, read_meta(out)))
     progress.close(finished=error is None)
     errors = [e for e in world.allgather(error) if e is not None]
     if errors:
