@@ -270,7 +270,11 @@ def ended(job, cache_dir, tmp_path_factory) -> dict[str, tuple[Training, int]]:
     root = tmp_path_factory.mktemp("ended")
     bad = ("train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.max_skipped_steps=2")
     runs = {
-        "killed": Training(job, root / "killed", cache_dir, "train.checkpoint_interval=3"),
+        # Synchronous saves: the checkpoint of step 3 is in place before step 4 (an asynchronous one lands a few
+        # steps later, more on a loaded machine; tests/test_async_checkpoint.py kills runs during one).
+        "killed": Training(
+            job, root / "killed", cache_dir, "train.checkpoint_interval=3", "train.async_checkpoint=off"
+        ),
         "preempted": Training(job, root / "preempted", cache_dir, "train.checkpoint_interval=0"),
         "bad-input": Training(job, root / "bad-input", cache_dir, *bad),
     }
@@ -322,7 +326,9 @@ def test_a_run_the_watchdog_ended_is_failed_with_exit_124_not_preempted(job, cac
     job (124) and writes why. Its metrics end at the step of its newest checkpoint, as a preempted run's do, yet
     the run got further and failed: `runs` says failed, with the exit code, the cause and the step it reached."""
     every = "20"  # the heartbeats, which say when to stop rank 1, lag by up to half a second: a few steps
-    intervals = (f"train.checkpoint_interval={every}", f"train.log_interval={every}")
+    # Synchronous saves: each log row's step has its checkpoint in place (an asynchronous save needs every rank's
+    # word at a later step, which the stopped rank never gives: the metrics would run past the newest checkpoint).
+    intervals = (f"train.checkpoint_interval={every}", f"train.log_interval={every}", "train.async_checkpoint=off")
     run = Training(job, tmp_path / "run", cache_dir, "train.watchdog_s=3", *intervals, ranks=2)
     stopped = run.rank_pid(1, at_step=24)
     os.kill(stopped, signal.SIGSTOP)
