@@ -48,6 +48,8 @@ LAYOUTS = {  # name: (ranks, overrides); the global batch is 16 sequences in eve
     # ZeRO-2 over each stage's DP pair: a bucket may hold both chunks' parameters, whose gradients complete in
     # different turns; full recomputation.
     "pp2v2xdp2": (4, (*V2, "train.batch_size=2", "model.recompute=full", "train.zero=2", "train.zero_bucket_mb=0.1")),
+    # Each chunk's blocks cut into TP shards: a chunk's sends carry the activations every TP rank holds whole.
+    "pp2v2xtp2": (4, (*V2, "train.batch_size=4", "parallel.tp=2")),
 }
 
 
@@ -72,7 +74,7 @@ def ckpt(run_dir: Path, step: int, name: str = "") -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["pp2v2", "pp2v2xdp2"])
+@pytest.mark.parametrize("layout", ["pp2v2", "pp2v2xdp2", "pp2v2xtp2"])
 def test_loss_and_validation_loss_at_every_step_match_one_rank(runs, layout):
     assert_losses_match(runs["one"], runs[layout], STEPS, layout)
     val = [[r["val_loss"] for r in _metrics(runs[name]) if "val_loss" in r] for name in ("one", layout)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_losses_match, checks_on_ranks, losses, metrics, mpirun, run_cli, sets, summary, train_argv
-from survive import Job, comparable, last_step, wait_for_step
+from survive import Job, comparable, last_step, wait_for_checkpoint, wait_for_step
 
 from hvdlm.checkpoint.describe import describe_checkpoint
 from hvdlm.checkpoint.reshard import load_full_state
@@ -187,6 +187,7 @@ def test_pp2_killed_after_a_checkpoint_resumes_bit_identical(runs, job, tmp_path
     j = Job(2, train_argv(job, run_dir, *sets(*COMMON, *PP2)), cache_dir, tmp_path / "run.log")
     try:
         seen = wait_for_step(j, run_dir, 5)
+        wait_for_checkpoint(j, run_dir, 4)  # an asynchronous save lands a step or more after its own
     finally:
         j.kill()
     assert last_step(run_dir) < STEPS, "the run finished before the kill: nothing was tested"
