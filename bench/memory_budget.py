@@ -4,8 +4,9 @@
     python bench/memory_budget.py --budget-gb 2       # another budget
     python bench/memory_budget.py --settings "zero2 + full recompute" "zero3 + full recompute" --record
                                                       # ZeRO-3 against ZeRO-2, recorded (bench/recording.py)
+    python bench/memory_budget.py --dp 4 ...          # 4 ranks: ZeRO's shards are quarters
 
-For each setting, two real runs (`hvdlm train` under mpirun, DP=2, one thread per rank, a few steps) at small
+For each setting, two real runs (`hvdlm train` under mpirun, DP=2 or --dp, one thread per rank, a few steps) at small
 n_layer give each rank's peak resident memory (the kernel's high-water mark of the rank's process: weights,
 gradients, optimizer state, saved activations and everything else a real run holds: the interpreter, torch,
 Horovod's fusion buffer, MPI) as a + b x n_layer; from the n_layer that line predicts, more real runs step until
@@ -46,14 +47,14 @@ PEAK_OF_CHILD = (
 
 
 def trained(job: Path, run_dir: Path, n_layer: int, extra: list[str], args) -> dict:
-    """One real DP=2 run of `steps` steps; each rank's peak resident MB and the first step's account."""
+    """One real run of `steps` steps on args.dp ranks; each rank's peak resident MB and the first step's account."""
     from helpers import mpirun, sets, train_argv
 
     model = [f"model.n_layer={n_layer}", "model.n_head=16", "model.d_model=1024", f"model.seq_len={args.seq_len}"]
     common = [f"train.batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.eval_interval=0"]
     common += ["train.sample_tokens=0", "train.log_interval=1", "train.tensorboard=false", "train.threads=1"]
     program = [sys.executable, "-c", PEAK_OF_CHILD, *train_argv(job, run_dir, *sets(*model, *common, *extra))]
-    proc = mpirun(2, program, timeout=3600)
+    proc = mpirun(args.dp, program, timeout=3600)
     assert proc.code == 0, proc.out[-3000:]
     peaks = [float(line.split()[-1]) for line in proc.out.splitlines() if line.startswith("peak_rss_mb")]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +116,7 @@ def record_results(results: dict, args) -> None:
         )
     figures = [
         Figure(
-            f"largest n_layer (d_model 1024) trained in {args.budget_gb:g} GiB a rank, DP=2, {name}",
+            f"largest n_layer (d_model 1024) trained in {args.budget_gb:g} GiB a rank, DP={args.dp}, {name}",
             str(r["largest_n_layer"]),
         )
         for name, r in results.items()
@@ -128,8 +129,10 @@ def record_results(results: dict, args) -> None:
         ratio = z3["ms_per_step"] / z2["ms_per_step"]
         layers = three["largest_n_layer"] / two["largest_n_layer"]
         figures += [
-            Figure("ZeRO-3 layers in the budget over ZeRO-2's", f"{layers:.2f}x", ">= 1.6x"),
-            Figure(f"ZeRO-3 step time over ZeRO-2's (n_layer {n}, DP=2, this CPU)", f"{ratio:.2f}x", "<= 1.35x"),
+            Figure(f"ZeRO-3 layers in the budget over ZeRO-2's, DP={args.dp}", f"{layers:.2f}x", ">= 1.6x"),
+            Figure(
+                f"ZeRO-3 step time over ZeRO-2's (n_layer {n}, DP={args.dp}, this CPU)", f"{ratio:.2f}x", "<= 1.35x"
+            ),
         ]
         lines.append(f"\nZeRO-3 / ZeRO-2: {layers:.2f}x the layers, {ratio:.2f}x the step time at n_layer {n}.")
     record("Largest model in a memory budget: ZeRO-3 against ZeRO-2", lines, figures=figures)
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank and step")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dp", type=int, default=2, help="ranks (data-parallel); ZeRO shards over them")
     parser.add_argument("--probe-layers", type=int, nargs=2, default=[2, 6])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
     parser.add_argument("--record", action="store_true", help="append the figures to bench/log and results.jsonl")
@@ -153,7 +157,7 @@ def main() -> None:
         job.write_text(TINY_JOB)
         for name in args.settings:
             results[name] = largest(name, args, Path(tmp), job)
-    print(json.dumps({"budget_gb": args.budget_gb, "seq_len": args.seq_len, "largest": results}))
+    print(json.dumps({"budget_gb": args.budget_gb, "seq_len": args.seq_len, "dp": args.dp, "largest": results}))
     if args.record:
         record_results(results, args)
     if not all(r["confirmed"] for r in results.values()):

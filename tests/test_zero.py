@@ -292,6 +292,23 @@ def test_a_zero3_checkpoint_resumes_at_the_same_dp_size_and_on_one_rank_without_
     assert_losses_close(one, runs["zero3"], range(5, STEPS + 1))
 
 
+def test_a_zero3_save_gathers_nothing_each_rank_writes_its_part_of_the_weights(runs):
+    """The shard file holds no parameter: each DP rank's slice file holds its part of every bucket's weights (half
+    of them here), so no rank ever holds the whole weights to save them; loading puts them back whole."""
+    path = runs["zero3"] / "checkpoints" / f"step-{STEPS:07d}.pt"
+    shard = torch.load(path, weights_only=True)
+    slices = [torch.load(path.with_name(name), weights_only=True) for name in shard["zero_slices"]["files"]]
+    whole = final_state(runs["replicated"])["model"]
+    names = {name for s in slices for names in s["weights"]["names"] for name in names}
+    assert names == set(whole) and not names & set(shard["model"]), (sorted(names), sorted(shard["model"]))
+    held = [sum(t.numel() for t in s["weights"]["parts"]) for s in slices]
+    assert held[0] == held[1] == slices[0]["layout"]["shard_numel"]
+    assert sum(t.numel() for t in whole.values()) <= sum(held) < sum(t.numel() for t in whole.values()) * 1.01
+    loaded = load_full_state(path)["model"]
+    assert loaded.keys() == whole.keys()
+    assert all((loaded[name] - t).abs().max().item() <= TOL for name, t in whole.items())
+
+
 def test_a_zero3_checkpoint_merges_to_one_file_equal_to_replicated(runs, tmp_path):
     out = tmp_path / "merged.pt"
     proc = run_cli("checkpoint", "merge", runs["zero3"] / "checkpoints" / f"step-{STEPS:07d}.pt", "--out", out)

@@ -13,8 +13,9 @@ With tensor parallelism each TP rank writes its own shard, `step-0000100.tp1-of-
     data        the sampler's position (the same on every rank; a blend's names its datasets and shares)
     rng         the RNG states of the DP group's ranks holding this shard, by DP rank (dropout streams)
     progress    what the loop needs from before a restart (first and last validation loss, skipped steps in a row)
-    zero_slices with ZeRO (1 or 2), in place of optimizer: {"size": Z, "files": [the DP ranks' slice files]}
-                (hvdlm.checkpoint.slices; load_checkpoint assembles them into optimizer)
+    zero_slices with ZeRO (1, 2 or 3), in place of optimizer: {"size": Z, "files": [the DP ranks' slice files]}
+                (hvdlm.checkpoint.slices; load_checkpoint assembles them into optimizer, and with ZeRO-3 the
+                parameters of model, which the slices hold)
 
 Every value is a tensor, a number, a string or a container of them, so `torch.load(weights_only=True)` reads it:
 a checkpoint file is data and never runs code. `sharding` says how each tensor was cut (see
@@ -34,10 +35,10 @@ from typing import Any
 import torch
 
 from hvdlm.checkpoint.manifest import HashingWriter, check_files
-from hvdlm.checkpoint.slices import assemble
+from hvdlm.checkpoint.slices import assemble, assemble_weights
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_writer
-from hvdlm.parallel.layers import Sharding
+from hvdlm.parallel.layers import Sharding, merge
 
 
 def save_checkpoint(
@@ -90,8 +91,20 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
             )
         if not mmap:
             check_files(files)
-        state["optimizer"] = assemble([_read(p, mmap) for p in files], str(path))
+        slices = [_read(p, mmap) for p in files]
+        state["optimizer"] = assemble(slices, str(path))
+        if "weights" in slices[0]:  # ZeRO-3: the slices hold the weights too
+            state["model"].update(_unpadded(assemble_weights(slices), state))
     return state
+
+
+def _unpadded(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights as the file's other tensors are: a one-file save (tp = 1) holds the vocabulary's real rows, not the
+    rows the slices keep padded for fast kernels (the save cut the rest of its state likewise)."""
+    if state.get("tp", {}).get("size", 1) != 1:
+        return weights
+    specs = state.get("tp", {}).get("sharding", {})
+    return {name: merge([t], Sharding(*specs[name])) if specs.get(name) else t for name, t in weights.items()}
 
 
 def _read(path: Path, mmap: bool) -> Any:

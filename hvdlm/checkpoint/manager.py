@@ -3,7 +3,8 @@ a save is put back.
 
 Every rank calls `save` at the same step (it gathers every rank's RNG state and ends in a barrier); the first
 replica's ranks write one shard each, one per (pipeline stage, TP rank) (the whole model when tp = pp = 1), with
-ZeRO-1 every rank its slice of the optimizer state beside its shard (hvdlm.checkpoint.slices), and only once every
+ZeRO every rank its slice of the optimizer state beside its shard (with ZeRO-3 its slice of the weights too:
+hvdlm.checkpoint.slices), and only once every
 file is on disk does rank 0 write the save's checksum manifest (every file's digest, hashed as it was written:
 hvdlm.checkpoint.manifest) and then prune beyond `train.keep_checkpoints`, so the newest save is whole
 before an older one goes.
@@ -239,6 +240,9 @@ class CheckpointManager:
                 if sliced
                 else None,
             )
+            if sliced and "weights" in own_slice:  # ZeRO-3: the slices hold the weights, never gathered to save
+                held = {name for names in own_slice["weights"]["names"] for name in names}
+                state["model"] = {name: t for name, t in state["model"].items() if name not in held}
             if topo.tp == 1:  # one file: the real vocabulary, without the rows padded for fast kernels
                 state = merge_tp([state])
             files.append((path, state))

@@ -14,7 +14,11 @@ each (stage, TP rank) shard file, every DP rank d of Z writes `step-0000100[.ppS
                    older files: one bucket of every parameter in index order)}
     step          the save's step
 
-and the shard file records `zero_slices` {"size": Z, "files": [names]} in place of its `optimizer`.
+    weights       ZeRO-3 only: {"parts": [its part of each bucket's weights, in flat order], "names": [the
+                  state_dict names of each parameter, in optimizer index order (a tied weight has two)]}
+
+and the shard file records `zero_slices` {"size": Z, "files": [names]} in place of its `optimizer` (with ZeRO-3
+its `model` leaves out the parameters the slices hold: no rank ever gathers the whole weights to save them).
 The flat buffer is cut into buckets of parameters, each padded to a multiple of Z (ZeRO-1: one bucket, the
 parameters in index order; ZeRO-2: many, in the order backward completes them, see hvdlm.optim.zero2); a rank's
 slice is its part of every bucket, concatenated:
@@ -29,6 +33,7 @@ any DP size or without ZeRO) sees the layout it always did. Torch only (no Horov
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,19 +64,30 @@ def assemble(slices: list[dict[str, Any]], source: str = "") -> dict[str, Any]:
     state: dict[int, dict] = {}
     if keys:
         zeros = torch.zeros(layout["shard_numel"])
-        numels, shapes = layout["numels"], layout["shapes"]
-        buckets = layout.get("buckets") or [[list(range(len(numels))), layout["shard_numel"] * size]]
-        flat = {key: _whole([s["state"].get(key, zeros) for s in slices], buckets) for key in keys}
-        offset = 0
-        for ids, padded in buckets:
-            start = offset
-            for i in ids:
-                entry = {key: flat[key][offset : offset + numels[i]].view(shapes[i]).clone() for key in keys}
-                state[i] = {**own_copies(scalars), **entry}
-                offset += numels[i]
-            offset = start + padded  # past the bucket's padding
-        state = dict(sorted(state.items()))
+        per_key = {key: dict(_cut(layout, [s["state"].get(key, zeros) for s in slices])) for key in keys}
+        for i in sorted(per_key[keys[0]]):
+            state[i] = {**own_copies(scalars), **{key: per_key[key][i] for key in keys}}
     return {"state": state, "param_groups": slices[0]["param_groups"]}
+
+
+def assemble_weights(slices: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """ZeRO-3: the whole weights, by state_dict name, from every DP rank's parts (slices checked by `assemble`)."""
+    names = slices[0]["weights"]["names"]
+    parts = [torch.cat(s["weights"]["parts"]) for s in slices]
+    return {name: tensor for i, tensor in _cut(slices[0]["layout"], parts) for name in names[i]}
+
+
+def _cut(layout: dict[str, Any], parts: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each parameter's entry (its index and a tensor of its shape) of the flat buffer the DP ranks' slices make."""
+    numels, shapes = layout["numels"], layout["shapes"]
+    buckets = layout.get("buckets") or [[list(range(len(numels))), layout["shard_numel"] * layout["dp_size"]]]
+    flat, offset = _whole(parts, buckets), 0
+    for ids, padded in buckets:
+        start = offset
+        for i in ids:
+            yield i, flat[offset : offset + numels[i]].view(shapes[i]).clone()
+            offset += numels[i]
+        offset = start + padded  # past the bucket's padding
 
 
 def _whole(parts: list[torch.Tensor], buckets: list[list[int]]) -> torch.Tensor:

@@ -10,16 +10,17 @@ A training step asks it, in this order:
 
 and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view` and `checkpoint_slice` (what a
 checkpoint saves and a resume loads), and `whole_model()` around whatever reads or writes the weights outside a forward
-pass (saves, the EMA, checksums, samples: ZeRO-3 holds only a shard of them between passes). The trainer, the memory
-account, the checkpoint manager and the step verdict ask these, never the optimizer's type: a new kind (a ZeRO stage,
-another update rule) is a class here.
+pass (loads, the EMA, samples: ZeRO-3 holds only a shard of them between passes), `weights_for_save()` around a save
+and `state_tensors()` to read every weight (the replicas' checksum) without holding them all at once. The trainer,
+the memory account, the checkpoint manager and the step verdict ask these, never the optimizer's type: a new kind (a
+ZeRO stage, another update rule) is a class here.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -76,6 +77,18 @@ class TrainingOptimizer(abc.ABC):
         """Inside it the model's parameters hold the whole weights (collective over the DP group where they are
         sharded), and what the block leaves in them is kept. Nothing to do by default."""
         return contextlib.nullcontext()
+
+    def weights_for_save(self) -> contextlib.AbstractContextManager:
+        """What a checkpoint save needs of the weights around it: whole (`whole_model`), unless the optimizer's
+        slices hold them (ZeRO-3)."""
+        return self.whole_model()
+
+    def state_tensors(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's state_dict entries sorted by name, each whole while it is yielded (collective over the DP
+        group where weights are sharded: every rank goes through all of them). By default inside `whole_model`;
+        ZeRO-3 gathers one unit at a time, so that reading every weight never holds them all."""
+        with self.whole_model():
+            yield from sorted(model.state_dict().items())
 
     @abc.abstractmethod
     def checkpoint_view(self) -> Any:

@@ -29,12 +29,14 @@ main-thread progress once Horovod has negotiated it, one cycle later, HOROVOD_CY
 gathered parts into the module's buffer, and the first module's gather of every pass, are on the main thread and
 exposed; so is any gather the compute of one module is too short to hide (small models).
 
-Between the passes the model's parameters hold nothing. Whatever reads or writes them outside a forward pass (a
-checkpoint save, the EMA, the replica checksum, a sample) runs inside `whole_model()`, which gathers every unit and
-switches the hooks off. The optimizer updates only the shard (no all-gather after the step: the next forward
-gathers). The checkpoint format is ZeRO-2's: the whole weights in the shard file (gathered for the save), each DP
-rank's slice of the optimizer state in a file of its own, so a ZeRO-3 checkpoint resumes at any DP size and with
-any ZeRO stage, and merges and exports as any other.
+Between the passes the model's parameters hold nothing. Whatever reads or writes them all outside a forward pass
+(a load, the EMA, a sample) runs inside `whole_model()`, which gathers every unit and switches the hooks off; the
+replicas' checksum reads them a unit at a time (`state_tensors`). The optimizer updates only the shard (no
+all-gather after the step: the next forward gathers). A save gathers nothing: each DP rank's slice file holds its
+part of the weights beside its slice of the optimizer state, and the shard file the rest (hvdlm.checkpoint.slices).
+Gathering the whole weights for a save would make it the run's peak (whole weights and the optimizer slice: 6 bytes
+a parameter at DP=4 against training's 4). Loading assembles the slices into the layout every reader knows, so a
+ZeRO-3 checkpoint resumes at any DP size and with any ZeRO stage, and merges and exports as any other.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ class Zero3Optimizer(Zero2Optimizer):
         for m, module in enumerate(self._modules):
             for p in module.parameters():
                 owner.setdefault(id(p), m)
+        self._owner = owner
+        names: dict[int, list[str]] = {}  # parameter id -> its state_dict names (a tied weight has two)
+        for name, t in model.state_dict(keep_vars=True).items():
+            names.setdefault(id(t), []).append(name)
+        self._names = [names[id(p)] for p in self.params]
         self._unit_of_bucket = [owner[id(self.params[ids[0]])] for ids in self.bucket_params]
         self._unit_buckets: dict[int, list[int]] = {}
         for b, u in enumerate(self._unit_of_bucket):
@@ -282,6 +289,39 @@ class Zero3Optimizer(Zero2Optimizer):
         """ZeRO-2's, and the weights: the shard and the most gathered at once (buffers and all-gathers in flight)."""
         shard = sum(t.numel() * t.element_size() for t in self.own)
         return {**super().memory_bytes(), "params": shard + self._peak_params}
+
+    def checkpoint_slice(self) -> dict:
+        """ZeRO-2's slice, and this rank's part of every bucket's weights with the names they load as: a save
+        writes the shard as it is, and no rank gathers the whole weights for it (hvdlm.checkpoint.slices)."""
+        d, r = self.topo.dp, self.topo.dp_rank
+        # Inside whole_model the parts have given their memory back: read them from the whole weights.
+        parts = [
+            self._full[b].view(d, part)[r] if self._whole else own
+            for b, (own, (_, _, part)) in enumerate(zip(self.own, self.parts))
+        ]
+        return {**super().checkpoint_slice(), "weights": {"parts": parts, "names": self._names}}
+
+    def weights_for_save(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the slices hold the shard
+
+    def state_tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every state_dict entry sorted by name, whole while yielded: each parameter's unit is gathered for it and
+        released once the next entry needs another (an entry's unit is usually the one before's), so at most one
+        unit is whole at a time."""
+        self._settle()
+        gathered = None
+        try:
+            for name, t in sorted(model.state_dict(keep_vars=True).items()):
+                unit = self._owner.get(id(t))
+                if unit is not None and unit != gathered and not self._whole:
+                    if gathered is not None:
+                        self._release(gathered)
+                    self._gather(unit)
+                    gathered = unit
+                yield name, t.detach()
+        finally:
+            if gathered is not None:
+                self._release(gathered)
 
     @contextlib.contextmanager
     def whole_model(self) -> Iterator[None]:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -464,9 +465,7 @@ class Trainer:
         return done
 
     def _save(self, step: int, background: bool = False) -> None:
-        # ZeRO-3: the shard file holds the whole weights, gathered for it (an async save copies them to the host
-        # inside, then writes from the copy).
-        with self.optimizer.whole_model():
+        with self.optimizer.weights_for_save():  # ZeRO-3: its slices hold the shard; the rest, the whole weights
             self.checkpoints.save(step, self, background=background)
 
     def _too_many_skipped(self, done: int) -> InputError:
@@ -493,18 +492,19 @@ class Trainer:
         t, topo = self.t, self.topo
         # Every rank's parameter digest (index = global rank). Data parallelism must leave the members of each DP
         # group (the copies of one shard) bit-identical.
-        with self.optimizer.whole_model():  # ZeRO-3: the weights whole for the digest, the save and the sample
-            checksums = jobwide.allgather_object(_param_checksum(self.model), "checksums")
-            world = len(checksums)
-            identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
-            if self.first_step < t.max_steps:
-                self.checkpoints.save(t.max_steps, self)
-            # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
-            sample = None
-            if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
-                print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
-            if t.sample_tokens and topo.dp_rank == 0 and topo.pp == 1:
-                sample = _sample(self.model, self.data.tokenizer, t, self.device)
+        checksums = jobwide.allgather_object(_param_checksum(self.optimizer.state_tensors(self.model)), "checksums")
+        world = len(checksums)
+        identical = all(len({checksums[r] for r in g}) == 1 for g in all_dp_groups(world, topo.tp, topo.pp))
+        if self.first_step < t.max_steps:
+            self._save(t.max_steps)
+        # The first replica's TP ranks sample together (their layers talk), so they all generate; rank 0 prints.
+        sample = None
+        if t.sample_tokens and topo.pp > 1 and hvd.rank() == 0:  # generation runs on a whole model
+            print("note: no sample with pipeline stages; sample from the checkpoint with `hvdlm generate RUN_DIR`")
+        if t.sample_tokens and topo.pp == 1:
+            with self.optimizer.whole_model():  # ZeRO-3: collective over the DP group, which samples on one rank
+                if topo.dp_rank == 0:
+                    sample = _sample(self.model, self.data.tokenizer, t, self.device)
         if hvd.rank() == 0:
             self._report(checksums, identical, sample)
 
@@ -813,10 +813,11 @@ def _validation_loss(
     return jobwide.mean(total / n_batches, "val_loss")
 
 
-def _param_checksum(model: GPT) -> str:
-    """A digest of every parameter's bytes: equal digests mean bit-identical replicas."""
+def _param_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A digest of every parameter's bytes (the model's state_dict sorted by name, as the optimizer's
+    `state_tensors` gives it): equal digests mean bit-identical replicas."""
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in tensors:
         h.update(name.encode())
         # A copy: numpy's view of a tensor's own storage would pin it (ZeRO-3 resizes its weights' storage).
         h.update(p.detach().cpu().clone().view(torch.uint8).numpy().tobytes())
