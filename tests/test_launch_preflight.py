@@ -52,7 +52,7 @@ def test_a_seq_len_longer_than_the_data(hvdlm, tiny_job, tmp_path):
     assert prepared.code == 0, prepared.out
     sets = ["--set", f"data.dataset={tmp_path / 'data'}", "--set", "model.seq_len=4096"]
     r = hvdlm("launch", str(tiny_job), "--dry-run", *sets)
-    _refused(r, "has no shard of 4097 tokens (model.seq_len + 1")
+    _refused(r, "has no shard of 4,097 tokens (model.seq_len + 1")
 
 
 def test_resuming_a_run_of_another_model_shape(hvdlm, tiny_job, tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvdlm.config import DataConfig
-from hvdlm.data.meta import META_FILE, SPLITS, load_meta, prepare_advice
+from hvdlm.data.meta import META_FILE, check_windows, load_meta, prepare_advice
 from hvdlm.errors import InputError
 
 PERIOD = 1 << 16  # sequences in one repetition of the blend's schedule
@@ -73,7 +73,7 @@ def check_blend(data: DataConfig, seq_len: int | None = None) -> list[BlendPart]
             )
         metas.append(_dataset_meta(part.path, where))
         if seq_len is not None:
-            _check_windows(part.path, metas[-1], seq_len, where)
+            check_windows(part.path, metas[-1], seq_len, where)
     first = _tokenizer_identity(parts[0].path, metas[0])
     for part, meta in zip(parts[1:], metas[1:]):
         if _tokenizer_identity(part.path, meta) != first:
@@ -95,17 +95,6 @@ def _dataset_meta(path: Path, where: str) -> dict:
         return load_meta(path)
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
-
-
-def _check_windows(path: Path, meta: dict, seq_len: int, where: str) -> None:
-    window = seq_len + 1
-    for split in SPLITS:
-        longest = max((shard["tokens"] for shard in meta["splits"][split]["shards"]), default=0)
-        if longest < window:
-            raise InputError(
-                f"{where}: the {split} split of '{path}' has no shard of {window:,} tokens (model.seq_len + 1; the "
-                f"longest has {longest:,}), so it holds no window. Use a shorter model.seq_len, or more data."
-            )
 
 
 def _tokenizer_identity(path: Path, meta: dict) -> tuple:

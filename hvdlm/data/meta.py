@@ -194,3 +194,17 @@ def tokenizer_setting_note(data_cfg, meta: dict) -> str | None:
         f'and the run uses that tokenizer; data.tokenizer = "{data_cfg.tokenizer}" applies only to the built-in '
         "corpus (data.dataset empty). To train on other tokens, prepare the dataset again with that --tokenizer."
     )
+
+
+def check_windows(path: Path, meta: dict, seq_len: int, where: str = "") -> None:
+    """Each split of a prepared dataset must hold a window of seq_len + 1 tokens in one shard (windows never
+    cross shards); `where` names a blend's entry before the message."""
+    window = seq_len + 1
+    for split in SPLITS:
+        longest = max((shard["tokens"] for shard in meta["splits"][split]["shards"]), default=0)
+        if longest < window:
+            raise InputError(
+                f"{where + ': ' if where else ''}the {split} split of '{path}' has no shard of {window:,} tokens "
+                f"(model.seq_len + 1; the longest has {longest:,}), so it holds no window. Use a shorter "
+                "model.seq_len, or more data."
+            )

@@ -15,7 +15,7 @@ from pathlib import Path
 from hvdlm.checkpoint.store import find_checkpoints, resolve_checkpoint, run_directory, shard_paths
 from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig, model_shape
 from hvdlm.data.blend import check_blend
-from hvdlm.data.meta import META_FILE, SPLITS, load_meta
+from hvdlm.data.meta import META_FILE, check_windows, load_meta
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import local_gpus
 from hvdlm.runfiles import CHECKPOINT_DIR, CONFIG_FILE, refuse_to_overwrite
@@ -109,15 +109,7 @@ def _check_dataset(cfg: JobConfig) -> None:
             f"with `hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty for the built-in "
             "corpus."
         )
-    meta = load_meta(path)  # damaged, foreign or of another format version: its own advice
-    window = cfg.model.seq_len + 1
-    for split in SPLITS:
-        longest = max((shard["tokens"] for shard in meta["splits"][split]["shards"]), default=0)
-        if longest < window:
-            raise InputError(
-                f"the {split} split of '{path}' has no shard of {window} tokens (model.seq_len + 1; the longest has "
-                f"{longest:,}), so it holds no training window. Use a shorter model.seq_len, or more data."
-            )
+    check_windows(path, load_meta(path), cfg.model.seq_len)  # damaged, foreign or of another version: its advice
 
 
 def _check_precision(cfg: JobConfig, local_only: bool) -> None:
