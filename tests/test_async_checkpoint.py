@@ -26,6 +26,7 @@ from hvdlm.checkpoint.async_writer import DELAY_VARIABLE, HostBuffers, fits_in_h
 from hvdlm.checkpoint.reshard import load_full_state
 from hvdlm.checkpoint.store import find_checkpoints
 from hvdlm.checkpoint.verify import verify_target
+from hvdlm.training.spike import INJECT_LR_ENV
 from hvdlm.watch.runs import list_runs
 
 pytestmark = pytest.mark.distributed
@@ -121,6 +122,24 @@ def test_sigkill_during_an_async_write_keeps_the_previous_save_newest_and_resume
     assert "at step 4" in r.out, r.out[-3000:]
     assert_same_run(run_dir, sync_reference, "(resumed after a SIGKILL during the write of step 6) ")
     assert not list((run_dir / "checkpoints").glob(".*tmp*")), "the killed write's temporary file was not removed"
+
+
+def test_an_error_exit_during_an_async_write_takes_its_files_back(job, tmp_path, cache_dir, monkeypatch):
+    """The run stops on an error (step 5's learning rate times 1e30: non-finite steps past train.max_skipped_steps)
+    while the write of step 4 is held: every rank waits for its writer, then takes the unfinished save's files
+    back, so the save of step 2 stays the newest, whole and verified, and no temporary file is left."""
+    run_dir = tmp_path / "error"
+    monkeypatch.setenv(DELAY_VARIABLE, "4:3")
+    monkeypatch.setenv(INJECT_LR_ENV, "5:1e30")
+    bad = ("train.async_checkpoint=on", "train.grad_clip=0", "train.max_skipped_steps=1")
+    r = train(job, run_dir, cache_dir, *bad)
+    assert r.code == 2, r.out[-4000:]
+    assert "non-finite" in r.out and "Traceback" not in r.out, r.out[-3000:]
+    assert last_step(run_dir) < 8, "the run went past the save after the held one: the hold did not overlap"
+    assert not held_temporaries(run_dir, 4), "the abandoned save's temporary files are left"
+    assert not list((run_dir / "checkpoints").glob("*step-0000004*")), "a file of the abandoned save is left"
+    assert [saved.step for saved in find_checkpoints(run_dir)] == [2]
+    assert [v.problems for v in verify_target(run_dir)] == [[]]
 
 
 def kill_one_rank(j: Job, pids: dict[int, int], rank: int) -> None:
