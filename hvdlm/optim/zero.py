@@ -110,6 +110,7 @@ class ZeroOptimizer(TrainingOptimizer):
                 t.grad = self.grad_slice[s : s + b - a]
             self.piece_ranges += ranges
         self.pieces = [t for ts in pieces for t in ts]
+        self._piece_index = {id(t): j for j, t in enumerate(self.pieces)}
         self.inner = optimizer_over(
             [{**g, "params": ts} for g, ts in zip(groups, pieces)], cfg, fused=None if device.type == "cpu" else True
         )
@@ -120,6 +121,25 @@ class ZeroOptimizer(TrainingOptimizer):
         self._copy_ranges = self._ranges_of(_tied_copy)
         self._groups_of_params = [g["params"] for g in groups]
         self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat shards, made at the first step
+        self._preallocate_adamw_state()
+
+    def _preallocate_adamw_state(self) -> None:
+        """AdamW's moments as views of one flat shard each from the start, as torch's first step would make them
+        (zeros, a step count of 0 a piece): torch makes a tensor a piece, and making them flat after the first step
+        held both for a moment, one shard more than training ever holds (bench/memory_budget.py, DP=4: the peak
+        of a whole run). Other update rules (SGD's momentum starts as the first gradient) flatten after their
+        first step (`step`)."""
+        groups = self.inner.param_groups
+        if not isinstance(self.inner, torch.optim.AdamW) or any(g["amsgrad"] for g in groups):
+            return
+        self._flat = {key: torch.zeros(self.shard_numel, device=self.device) for key in ("exp_avg", "exp_avg_sq")}
+        for group in groups:
+            on_device = group["capturable"] or group["fused"]
+            for t in group["params"]:
+                a, b, s = self.piece_ranges[self._piece_index[id(t)]]
+                # torch's own step count: a device tensor for fused or capturable updates, else a CPU float
+                step = torch.zeros((), dtype=torch.float32, device=self.device) if on_device else torch.tensor(0.0)
+                self.inner.state[t] = {"step": step, **{k: f[s : s + b - a] for k, f in self._flat.items()}}
 
     def _place_weights(self) -> None:
         """ZeRO-1/2: the whole flat buffer of the weights on every rank; the model's tensors become views of it
@@ -329,9 +349,14 @@ class ZeroOptimizer(TrainingOptimizer):
             for key in keys:
                 if i in entries:
                     flat[key][start : start + p.numel()] = entries[i][key].reshape(-1)
+        # This rank's shard of each state tensor, one flat tensor a key, the pieces' state views of it (as
+        # `_flat_state` keeps them: a later save or step makes no copy).
+        self._flat = {key: torch.zeros(self.shard_numel, device=self.device) for key in keys}
         local_state = {}
-        for j, (a, b, _) in enumerate(self.piece_ranges):
-            local_state[j] = {**own_copies(some, keys), **{key: flat[key][a:b].clone() for key in keys}}
+        for j, (a, b, s) in enumerate(self.piece_ranges):
+            for key in keys:
+                self._flat[key][s : s + b - a] = flat[key][a:b]
+            local_state[j] = {**own_copies(some, keys), **{key: self._flat[key][s : s + b - a] for key in keys}}
         groups, j = [], 0
         for saved, ours in zip(full["param_groups"], self.inner.param_groups):
             n = len(ours["params"])
