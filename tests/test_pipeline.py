@@ -20,6 +20,7 @@ from helpers import assert_losses_match, checks_on_ranks, losses, metrics, mpiru
 from survive import Job, comparable, last_step, wait_for_checkpoint, wait_for_step
 
 from hvdlm.checkpoint.describe import describe_checkpoint
+from hvdlm.checkpoint.format import load_checkpoint
 from hvdlm.checkpoint.reshard import load_full_state
 from hvdlm.config import load_config
 from hvdlm.errors import InputError
@@ -170,11 +171,12 @@ def test_dp_replicas_of_a_stage_stay_bit_identical(runs, layout):
 def test_the_tied_embedding_and_head_copies_stay_bit_identical(runs, layout, stages, tp):
     for t in range(tp):
         shard = f".tp{t}-of-{tp}" if tp > 1 else ""
-        first = torch.load(ckpt(runs[layout], STEPS, f".pp0-of-{stages}{shard}"), weights_only=True)["model"]
-        last = torch.load(ckpt(runs[layout], STEPS, f".pp{stages - 1}-of-{stages}{shard}"), weights_only=True)
+        # (load_checkpoint: ZeRO-3's weights are in its DP ranks' slice files)
+        first = load_checkpoint(ckpt(runs[layout], STEPS, f".pp0-of-{stages}{shard}"))["model"]
+        last = load_checkpoint(ckpt(runs[layout], STEPS, f".pp{stages - 1}-of-{stages}{shard}"))
         assert "head.weight" not in first and "tok_emb.weight" not in last["model"]
         assert torch.equal(first["tok_emb.weight"], last["model"]["head.weight"])
-        initial = torch.load(ckpt(runs[layout], 4, f".pp0-of-{stages}{shard}"), weights_only=True)["model"]
+        initial = load_checkpoint(ckpt(runs[layout], 4, f".pp0-of-{stages}{shard}"))["model"]
         assert not torch.equal(first["tok_emb.weight"], initial["tok_emb.weight"])  # it trained
 
 

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import pty
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -147,6 +149,16 @@ def test_a_killed_preparation_looks_unfinished_and_its_rerun_reuses_the_finished
     stale = tmp_path / ".ds.tmp-work-0123456789abcdef"  # left by an interrupted preparation of other inputs
     stale.mkdir()
     (stale / "u000000.json").write_text("{}")
+    # Staging copies of the dataset: one of a process killed during its assembly (gone), one of a live preparer
+    # (this test's own pid) and one of another host, which a rerun cannot judge.
+    host, dead = socket.gethostname(), _a_finished_pid()
+    staged = {
+        name: tmp_path / f".ds.tmp-stage-{name}-abc123"
+        for name in (f"{host}-{dead}", f"{host}-{os.getpid()}", "elsewhere.example-123")
+    }
+    for path in staged.values():
+        path.mkdir()
+        (path / "shard.bin").write_bytes(b"0" * 64)
     rerun = run_process(argv, cli_env())
     assert rerun.code == 0, rerun.out
     assert "reusing the BPE tokenizer" in rerun.out
@@ -156,6 +168,10 @@ def test_a_killed_preparation_looks_unfinished_and_its_rerun_reuses_the_finished
     reference = run_process(prepare_argv(corpus, tmp_path / "reference", "bpe", "--workers", "2"), cli_env())
     assert reference.code == 0, reference.out
     assert digest(out) == digest(tmp_path / "reference")
+    assert not staged[f"{host}-{dead}"].exists(), "the killed assembly's staging copy was not removed"
+    assert staged[f"{host}-{os.getpid()}"].is_dir() and staged["elsewhere.example-123"].is_dir()
+    for path in staged.values():
+        shutil.rmtree(path, ignore_errors=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "reference"]
 
 
@@ -279,3 +295,10 @@ def test_sbatch_prepare_from_the_command_line(tmp_path):
     job.write_text("[slurm]\nnodes = 1\n")
     r = run_cli("sbatch", job, "--prepare", "/shared/corpus", timeout=60, split=True)
     assert r.code == 2 and "names no --out" in r.err, r.err
+
+
+def _a_finished_pid() -> int:
+    """The pid of a process that has ended (and been reaped): no process has it now, unless reused since."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -10,10 +10,12 @@ does nothing.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -345,10 +347,11 @@ def _write_error(out: Path, e: OSError, existing: dict | None) -> str:
 
 
 def _make_staging(out: Path) -> Path:
-    """The temporary directory beside the output that the dataset is written into."""
+    """The temporary directory beside the output that the dataset is written into, named by this host and process
+    (`_remove_dead_staging`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     except OSError as e:
         # Name the culprit: a file where a parent directory should be reads as "File exists" otherwise.
         blocker = next((p for p in out.parents if p.exists()), None)
@@ -356,6 +359,31 @@ def _make_staging(out: Path) -> Path:
         raise InputError(
             f"cannot create the dataset directory '{out}': {why}. Pass --out a path in a directory you can write to."
         ) from None
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-stage-{socket.gethostname()}-"
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """The staging directories of preparations into this output killed on this host while they assembled it (their
+    process is gone): as large as the dataset, and never to be published. Another host's, or a live process's (a
+    concurrent preparer), stay."""
+    prefix = _staging_prefix(out)
+    for staging in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = staging.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)) and staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _make_work_dir(out: Path, fingerprint: str) -> Path:
@@ -467,6 +495,7 @@ def _finish(inputs: _Inputs, work: Path, out: Path, jobs: list[UnitJob], tokeniz
         with one_thread():
             records[index] = encode_unit(replace(jobs[index], force=force), tokenizer)
         merged = merge_records(records)
+    _remove_dead_staging(out)  # a killed assembly's copy, before this one writes another
     staging = _make_staging(out)
     try:
         dtype = token_dtype(tokenizer.vocab_size)
