@@ -305,6 +305,7 @@ def test_a_zero3_save_gathers_nothing_each_rank_writes_its_part_of_the_weights(r
     assert held[0] == held[1] == slices[0]["layout"]["shard_numel"]
     weights = sum(slices[0]["layout"]["numels"])  # each parameter once (a tied weight has two names)
     assert weights <= sum(held) <= weights + len(slices[0]["layout"]["buckets"])  # each bucket padded to 2 parts
+    assert describe_checkpoint(path)["layout"]["zero_weights"] is True  # `hvdlm checkpoint inspect` says so
     loaded = load_full_state(path)["model"]
     assert loaded.keys() == whole.keys()
     assert all((loaded[name] - t).abs().max().item() <= TOL for name, t in whole.items())

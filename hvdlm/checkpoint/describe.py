@@ -39,6 +39,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
             "tp": len(paths) // _stages(first),
             **({"pp": _stages(first)} if _stages(first) > 1 else {}),
             **({"zero_slices": len(slices) // len(paths)} if slices else {}),
+            **({"zero_weights": True} if slices and train.get("zero") == 3 else {}),  # ZeRO-3: the slices hold them
             "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
         },
         "parameters": _parameter_count(states),
@@ -207,10 +208,10 @@ def render(info: dict[str, Any]) -> str:
 
 def _layout(layout: dict[str, Any]) -> str:
     text = f"tp {layout['tp']}" if layout.get("pp", 1) == 1 else f"pp {layout['pp']} x tp {layout['tp']}"
-    # ZeRO-1: each shard's optimizer state in one file per data-parallel rank (hvdlm.checkpoint.slices).
-    return text + (
-        f", optimizer state in {layout['zero_slices']} ZeRO slices per shard" if "zero_slices" in layout else ""
-    )
+    # ZeRO: each shard's optimizer state (ZeRO-3: and weights) in one file per data-parallel rank
+    # (hvdlm.checkpoint.slices).
+    held = "optimizer state and weights" if layout.get("zero_weights") else "optimizer state"
+    return text + (f", {held} in {layout['zero_slices']} ZeRO slices per shard" if "zero_slices" in layout else "")
 
 
 def _holding_lines(holds: dict[str, Any]) -> list[tuple[str, str]]:
