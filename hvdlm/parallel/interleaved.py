@@ -14,9 +14,11 @@ numbered k = 0 .. m v - 1 alike on every rank, in groups of p micro-batches per 
 (so m must be a multiple of p). Rank r runs 2 (p - r - 1) + (v - 1) p forwards of warm-up (all of them when
 m = p), then one forward and one backward per turn, then the remaining backwards, with one exchange of
 activations and gradients per turn (hvdlm.parallel.p2p, on a ring: the last rank sends its chunks' outputs on to
-the first). Which turns send and receive follows Megatron's; `Interleaving.ticks` writes them down and
-tests/test_interleaved.py plays every rank's turns against each other for many (p, v, m), checking that each
-message arrives where it is needed and that no rank waits for ever, whatever the MPI library's eager limit.
+the first); a turn's forward output starts on its way before the turn's backward, as Megatron's overlapped
+variant sends it, and the exchange completes it. Which turns send and receive follows Megatron's;
+`Interleaving.ticks` writes them down and tests/test_interleaved.py plays every rank's turns against each other
+for many (p, v, m), checking that each message arrives where it is needed and that no rank waits for ever,
+whatever the MPI library's eager limit.
 
 Messages between two ranks keep their order within a tag, and every rank runs the chunks in the same k order, so a
 rank keeps what it receives in two queues (activations, gradients) and takes from their fronts. Each chunk's
@@ -29,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -149,6 +151,10 @@ def run_interleaved(work: ChunkWork, link: StageLink, plan: Interleaving) -> Non
             inp = None if plan.first_virtual(c) else activations.popleft()
             out = _forward(work, c, i, inp)
             saved[c, i] = (inp, out)
+            if tick.send_next and tick.backward is not None:
+                # Sent now, not after this turn's backward: the next rank can start on it meanwhile (see p2p).
+                link.post_send_next(out)
+                tick = replace(tick, send_next=False)
         if tick.backward is not None:
             c, i = plan.chunk(tick.backward, forward=False), plan.microbatch(tick.backward)
             grad = None if plan.last_virtual(c) else gradients.popleft()
