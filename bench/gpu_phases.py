@@ -313,17 +313,22 @@ def expected_bytes(run_dir: Path, batch: int, microbatches: int, tp: int, pp: in
     }
 
 
-def share(phase: Phase, steps: int) -> None:
-    """TP=2, PP=2 (and PP=2 x TP=2 with 4 slots) with every rank on one GPU, against one rank (see the docstring)."""
-    shape = TINY if phase.tiny else SHARE_GPU
+def _small_runs(phase: Phase, steps: int) -> tuple[int, list[str]]:
+    """The micro-batch and the settings every run of the share and multigpu phases starts from."""
     batch = 4 if phase.tiny else 8
-    base = [
+    shape = TINY if phase.tiny else SHARE_GPU
+    return batch, [
         *shape,
         f"train.max_steps={steps}",
         "train.log_interval=1",
         "train.compile=off",
         f"train.batch_size={batch}",
     ]
+
+
+def share(phase: Phase, steps: int) -> None:
+    """TP=2, PP=2 (and PP=2 x TP=2 with 4 slots) with every rank on one GPU, against one rank (see the docstring)."""
+    batch, base = _small_runs(phase, steps)
     layouts = {  # name: (ranks, settings, tp, pp); the global batch is 2 micro-batches of `batch` in every one
         "tp2": (2, ["parallel.tp=2", "train.accumulation_steps=2"], 2, 1),
         "pp2": (2, ["parallel.pp=2", "parallel.microbatches=2"], 1, 2),
@@ -360,15 +365,7 @@ def share(phase: Phase, steps: int) -> None:
 
 def multigpu(phase: Phase, steps: int) -> None:
     """DP=2 over NCCL, TP=2, PP=2, ZeRO-1/2 on 2 GPUs against their references; allreduce bus bandwidth."""
-    shape = TINY if phase.tiny else SHARE_GPU
-    batch = 4 if phase.tiny else 8
-    base = [
-        *shape,
-        f"train.max_steps={steps}",
-        "train.log_interval=1",
-        "train.compile=off",
-        f"train.batch_size={batch}",
-    ]
+    batch, base = _small_runs(phase, steps)
     fp32, bf16 = "train.precision=fp32", "train.precision=bf16"
     plan = {  # name: (ranks, settings, reference, tolerance); None: a reference itself
         "one_fp32": (1, [fp32, "train.accumulation_steps=2"], None, 0.0),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvdlm.config import DataConfig
-from hvdlm.data.meta import META_FILE, check_windows, load_meta, prepare_advice
+from hvdlm.data.meta import check_windows, load_meta, missing_dataset, prepare_advice
 from hvdlm.errors import InputError
 
 PERIOD = 1 << 16  # sequences in one repetition of the blend's schedule
@@ -83,10 +83,8 @@ def check_blend(data: DataConfig, seq_len: int | None = None) -> list[BlendPart]
 
 def _dataset_meta(path: Path, where: str) -> dict:
     """The checked meta.json of a blend's dataset; a missing or damaged one is an error naming the entry."""
-    if not (path / META_FILE).is_file():
-        what = "does not exist"
-        if path.exists():
-            what = "has no meta.json" if path.is_dir() else "is a file, not a directory"
+    what = missing_dataset(path)
+    if what:
         raise InputError(
             f"{where}: dataset '{path}' {what}; a blend's datasets are directories written by `hvdlm data prepare`. "
             f"{prepare_advice(path)}, or fix the path in the blend."

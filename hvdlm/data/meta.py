@@ -208,3 +208,13 @@ def check_windows(path: Path, meta: dict, seq_len: int, where: str = "") -> None
                 f"(model.seq_len + 1; the longest has {longest:,}), so it holds no window. Use a shorter "
                 "model.seq_len, or more data."
             )
+
+
+def missing_dataset(path: Path) -> str | None:
+    """What stops `path` being a prepared dataset before its meta.json is read ("does not exist", "has no
+    meta.json", "is a file, not a directory"), or None: it has one."""
+    if (path / META_FILE).is_file():
+        return None
+    if not path.exists():
+        return "does not exist"
+    return "has no meta.json" if path.is_dir() else "is a file, not a directory"

@@ -15,7 +15,7 @@ from pathlib import Path
 from hvdlm.checkpoint.store import find_checkpoints, resolve_checkpoint, run_directory, shard_paths
 from hvdlm.config import MODEL_SHAPE_KEYS, JobConfig, model_shape
 from hvdlm.data.blend import check_blend
-from hvdlm.data.meta import META_FILE, check_windows, load_meta
+from hvdlm.data.meta import check_windows, load_meta, missing_dataset
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import local_gpus
 from hvdlm.runfiles import CHECKPOINT_DIR, CONFIG_FILE, refuse_to_overwrite
@@ -100,10 +100,8 @@ def _check_dataset(cfg: JobConfig) -> None:
     if not cfg.data.dataset:
         return
     path = Path(cfg.data.dataset)
-    if not (path / META_FILE).is_file():
-        what = "does not exist"
-        if path.exists():
-            what = "has no meta.json" if path.is_dir() else "is a file, not a directory"
+    what = missing_dataset(path)
+    if what:
         raise InputError(
             f"data.dataset '{path}' {what}: it must be a directory written by `hvdlm data prepare`. Prepare it "
             f"with `hvdlm data prepare SOURCES... --out {path}`, or leave data.dataset empty for the built-in "
