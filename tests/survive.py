@@ -17,7 +17,8 @@ from pathlib import Path
 
 from helpers import REPO, Result, cli_env, mpirun, mpirun_argv, run_process
 
-from hvdlm.runfiles import MANIFEST_SUFFIX
+from hvdlm.checkpoint.manifest import manifest_path
+from hvdlm.checkpoint.store import checkpoint_path
 
 # Compared per metrics.jsonl row between a resumed and an uninterrupted run: everything but the clock.
 TIMING_KEYS = {"time", "tokens_per_s", "ms_per_step", "mfu", "memory_mb", "max_allocated_mb"}
@@ -146,14 +147,18 @@ def wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 180) -> i
 def wait_for_checkpoint(job: Job, run_dir: Path, step: int, timeout: float = 180) -> None:
     """Poll until the save of `step` is complete (its manifest is written last): an asynchronous save
     (train.async_checkpoint) is put in place a step or more after its own."""
-    path = run_dir / "checkpoints" / f"step-{step:07d}{MANIFEST_SUFFIX}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists():
+        if saved(run_dir, step):
             return
         assert job.proc.poll() is None, f"the job ended ({job.proc.returncode}) before checkpoint {step}:\n{job.out}"
         time.sleep(0.005)
     raise AssertionError(f"no complete checkpoint of step {step} in {timeout} s:\n{job.out}")
+
+
+def saved(run_dir: Path, step: int) -> bool:
+    """Whether the save of `step` is complete: its manifest is written once every file is in place."""
+    return manifest_path(checkpoint_path(run_dir, step)).exists()
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, TINY_JOB, assert_imports_nothing_heavy, cli_env, hvdlm_argv, metrics, run_cli, sets, summary
+from survive import saved
 
 from hvdlm.data.dataset import TokenSplit
 from hvdlm.data.sampler import WindowSampler
@@ -30,7 +31,7 @@ from hvdlm.errors import InputError
 from hvdlm.launch.elastic import discovery_script
 from hvdlm.launch.hosts import Host
 from hvdlm.launch.restarts import RESTARTS_FILE, AttemptSize, failure_cause, shrunk
-from hvdlm.runfiles import MANIFEST_SUFFIX, WATCHDOG_EXIT_CODE, WORKERS_LOST_EXIT_CODE
+from hvdlm.runfiles import WATCHDOG_EXIT_CODE, WORKERS_LOST_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 
@@ -72,10 +73,9 @@ class Launched:
         """Until the save of `step` is complete (its manifest is written last): an asynchronous save is put in place
         a step or more after its own (train.async_checkpoint), and a rank killed before that restarts from the one
         before."""
-        path = self.run_dir / "checkpoints" / f"step-{step:07d}{MANIFEST_SUFFIX}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if path.exists():
+            if saved(self.run_dir, step):
                 return
             time.sleep(0.02)
         self.end()

@@ -381,8 +381,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)  # no signal: only whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: it exists
+        pass
     return True
 
 

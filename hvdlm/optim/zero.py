@@ -110,7 +110,6 @@ class ZeroOptimizer(TrainingOptimizer):
                 t.grad = self.grad_slice[s : s + b - a]
             self.piece_ranges += ranges
         self.pieces = [t for ts in pieces for t in ts]
-        self._piece_index = {id(t): j for j, t in enumerate(self.pieces)}
         self.inner = optimizer_over(
             [{**g, "params": ts} for g, ts in zip(groups, pieces)], cfg, fused=None if device.type == "cpu" else True
         )
@@ -133,13 +132,11 @@ class ZeroOptimizer(TrainingOptimizer):
         if not isinstance(self.inner, torch.optim.AdamW) or any(g["amsgrad"] for g in groups):
             return
         self._flat = {key: torch.zeros(self.shard_numel, device=self.device) for key in ("exp_avg", "exp_avg_sq")}
-        for group in groups:
-            on_device = group["capturable"] or group["fused"]
-            for t in group["params"]:
-                a, b, s = self.piece_ranges[self._piece_index[id(t)]]
-                # torch's own step count: a device tensor for fused or capturable updates, else a CPU float
-                step = torch.zeros((), dtype=torch.float32, device=self.device) if on_device else torch.tensor(0.0)
-                self.inner.state[t] = {"step": step, **{k: f[s : s + b - a] for k, f in self._flat.items()}}
+        on_device = any(g["capturable"] or g["fused"] for g in groups)  # one setting: make_optimizer's
+        for t, (a, b, s) in zip(self.pieces, self.piece_ranges):  # the inner groups' params, in this order
+            # torch's own step count: a device tensor for fused or capturable updates, else a CPU float
+            step = torch.zeros((), dtype=torch.float32, device=self.device) if on_device else torch.tensor(0.0)
+            self.inner.state[t] = {"step": step, **{k: f[s : s + b - a] for k, f in self._flat.items()}}
 
     def _place_weights(self) -> None:
         """ZeRO-1/2: the whole flat buffer of the weights on every rank; the model's tensors become views of it

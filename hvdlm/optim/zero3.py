@@ -293,13 +293,8 @@ class Zero3Optimizer(Zero2Optimizer):
     def checkpoint_slice(self) -> dict:
         """ZeRO-2's slice, and this rank's part of every bucket's weights with the names they load as: a save
         writes the shard as it is, and no rank gathers the whole weights for it (hvdlm.checkpoint.slices)."""
-        d, r = self.topo.dp, self.topo.dp_rank
-        # Inside whole_model the parts have given their memory back: read them from the whole weights.
-        parts = [
-            self._full[b].view(d, part)[r] if self._whole else own
-            for b, (own, (_, _, part)) in enumerate(zip(self.own, self.parts))
-        ]
-        return {**super().checkpoint_slice(), "weights": {"parts": parts, "names": self._names}}
+        # (never inside whole_model, where the parts have given their memory back: saves go by weights_for_save)
+        return {**super().checkpoint_slice(), "weights": {"parts": list(self.own), "names": self._names}}
 
     def weights_for_save(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the slices hold the shard
