@@ -159,10 +159,17 @@ def kill_one_rank(j: Job, pids: dict[int, int], rank: int) -> None:
 
 def test_a_full_disk_during_an_async_write_stops_every_rank_and_keeps_the_earlier_save(hvdlm, tiny_job, small_disk):  # noqa: F811
     # The tiny job's checkpoint takes about 460 KB: the background save of step 4 fits, that of step 8 does not.
+    # Training goes on while the writer fills the disk: with a metrics row every step, the log's write could meet
+    # the full disk before the checkpoint's (another message, seen once in CI); rows only at step 12 leave it the
+    # checkpoint's.
     run_dir = small_disk("700k") / "run"
-    r = launch_onto_a_full_disk(
-        hvdlm, tiny_job, run_dir, "train.max_steps=12", "train.checkpoint_interval=4", "train.async_checkpoint=on"
+    settings = (
+        "train.max_steps=12",
+        "train.checkpoint_interval=4",
+        "train.async_checkpoint=on",
+        "train.log_interval=12",
     )
+    r = launch_onto_a_full_disk(hvdlm, tiny_job, run_dir, *settings)
     assert f"cannot write checkpoint '{run_dir}/checkpoints/step-0000008.pt': No space left on device" in r.out
     assert "the checkpoint of step 4 is intact" in r.out, r.out[-3000:]
     assert [saved.step for saved in find_checkpoints(run_dir)] == [4]
