@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 
 
@@ -194,23 +191,9 @@ def torch_pipelining(args, stage, rank: int, p: int) -> dict:
 
 
 def launch(np: int, argv: list[str]) -> dict:
-    from hvdlm.launch.commands import root_env
+    from ranks import run_worker  # bench/ is on sys.path when this script runs
 
-    if not shutil.which("mpirun"):
-        sys.exit("mpirun is not on the PATH (run `make setup`, or load your MPI)")
-    env = {**os.environ, **root_env(), "OMP_NUM_THREADS": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
-    cmd = ["mpirun", "-np", str(np), "-bind-to", "none", "-mca", "btl_vader_single_copy_mechanism", "none"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, os.path.abspath(__file__), "--worker", *argv],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    found = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not found:
-        sys.exit(f"the {np}-rank run failed:\n{proc.stdout[-3000:]}")
-    return json.loads(found[-1])
+    return run_worker(__file__, np, argv, f"{np}-rank")
 
 
 def report(args, one: dict, two: dict) -> list[str]:

@@ -25,8 +25,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -86,20 +84,9 @@ def worker(args) -> None:
 
 
 def launch(np: int, argv: list[str]) -> dict:
-    from hvdlm.launch.commands import root_env
+    from ranks import run_worker  # bench/ is on sys.path when this script runs
 
-    mpirun = shutil.which("mpirun")
-    if not mpirun:
-        sys.exit("mpirun is not on the PATH (run `make setup`, or load your MPI)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
-    env.update(root_env())
-    cmd = [mpirun, "-np", str(np), "-bind-to", "none", "-mca", "btl_vader_single_copy_mechanism", "none"]
-    cmd += [sys.executable, os.path.abspath(__file__), "--worker", *argv]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rows = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not rows:
-        sys.exit(f"the TP={np} run failed:\n{proc.stdout[-3000:]}")
-    return json.loads(rows[-1])
+    return run_worker(__file__, np, argv, f"TP={np}")
 
 
 def main() -> None:

@@ -30,10 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 
 
@@ -215,23 +212,9 @@ def ByteCounter():  # noqa: N802  (a class made on first use: torch is imported 
 
 
 def launch(argv: list[str]) -> dict:
-    from hvdlm.launch.commands import root_env
+    from ranks import run_worker  # bench/ is on sys.path when this script runs
 
-    if not shutil.which("mpirun"):
-        sys.exit("mpirun is not on the PATH (run `make setup`, or load your MPI)")
-    env = {**os.environ, **root_env(), "OMP_NUM_THREADS": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
-    cmd = ["mpirun", "-np", "2", "-bind-to", "none", "-mca", "btl_vader_single_copy_mechanism", "none"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, os.path.abspath(__file__), "--worker", *argv],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    found = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not found:
-        sys.exit(f"the 2-rank run failed:\n{proc.stdout[-3000:]}")
-    return json.loads(found[-1])
+    return run_worker(__file__, 2, argv, "2-rank")
 
 
 def report(args, result: dict, load: str) -> tuple[list[str], dict]:

@@ -4,6 +4,7 @@
 - sources, hostlist: hosts and slots from an allocation (Slurm, PBS, LSF, strings, hostfiles) and Slurm's host lists;
 - hosts, hostfile: hosts with slots, rank placement, and hostfiles in each launcher's format;
 - commands, shell: launcher command lines as argv lists, and shell safety for what hvdlm writes;
+- shared_memory: whether ranks on this machine may read each other's memory (Open MPI's single copy);
 - sbatch: Slurm batch scripts;
 - prepare_job: `hvdlm sbatch --prepare`, a batch script that prepares a dataset over the allocation;
 - preflight: what `hvdlm launch` checks before it starts anything;

@@ -24,6 +24,7 @@ from hvdlm.config import JobConfig, LaunchConfig, SlurmConfig, check_choice, cho
 from hvdlm.devices import check_share_gpu
 from hvdlm.errors import InputError
 from hvdlm.launch.hosts import LOCALHOST, Host, local_cores, place_ranks
+from hvdlm.launch.shared_memory import single_copy_works
 from hvdlm.launch.shell import ENV_VAR, NAME, ShellVar, check_name, check_text, join
 
 # Variables every rank needs to see; Open MPI forwards only the ones named with -x (when they are set).
@@ -337,7 +338,8 @@ class CommandSpec:
     hostfile: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # what rank_env set
     present: Collection[str] = ()  # the caller's variable names (which Open MPI's -x may forward)
-    local: bool = False  # every rank on this machine (Open MPI's shared-memory copy mechanism is set)
+    # Every rank on this machine, which forbids Open MPI's single-copy shared memory (hvdlm.launch.shared_memory).
+    no_single_copy: bool = False
     device: str = CPU  # CPU or GPU ranks (rank_device)
     slurm_export: str | None = None  # the caller's SLURM_EXPORT_ENV (srun's --export when not given); None: unset
 
@@ -362,7 +364,7 @@ def build_command(spec: CommandSpec, opts: LaunchOptions) -> list[str]:
         argv += ["-f", hostfile] if hostfile else ["-hosts", _host_list(hosts)] if hosts else []
         return argv + _mpich_options(opts) + spec.program
     argv += ["--hostfile", hostfile] if hostfile else ["-H", _host_list(hosts)] if hosts else []
-    return argv + _openmpi_options(opts, spec.env, spec.present, spec.local, spec.device) + spec.program
+    return argv + _openmpi_options(opts, spec.env, spec.present, spec.no_single_copy, spec.device) + spec.program
 
 
 def _mpich_options(opts: LaunchOptions) -> list[str]:
@@ -404,7 +406,7 @@ def env_notes(launcher: str, opts: LaunchOptions) -> list[str]:
 
 
 def _openmpi_options(
-    opts: LaunchOptions, env: Mapping[str, str], present: Collection[str], local: bool, device: str = CPU
+    opts: LaunchOptions, env: Mapping[str, str], present: Collection[str], no_single_copy: bool, device: str = CPU
 ) -> list[str]:
     la = opts.launch
     # One rank per slot, no pinning: a rank's torch threads need the cores that OMP_NUM_THREADS promises.
@@ -426,8 +428,8 @@ def _openmpi_options(
     if la.nic:
         # MPI's data (btl) and Open MPI's own out-of-band channel (oob) on the chosen interface.
         argv += ["-mca", "btl_tcp_if_include", la.nic, "-mca", "oob_tcp_if_include", la.nic]
-    if local:
-        # Containers often forbid the cross-process memory copy (ptrace) that shared memory uses by default.
+    if no_single_copy:
+        # Open MPI would fail at the first large message instead of falling back to copying through a buffer.
         argv += ["-mca", "btl_vader_single_copy_mechanism", "none"]
     return argv
 
@@ -539,7 +541,7 @@ def plan_launch(request: LaunchRequest, options: LaunchOptions | None = None, gp
         hostfile=request.hostfile,
         env=env,
         present=os.environ.keys(),
-        local=local,
+        no_single_copy=local and not single_copy_works(),
         device=kind,
         slurm_export=os.environ.get("SLURM_EXPORT_ENV"),
     )

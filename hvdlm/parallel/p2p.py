@@ -18,7 +18,9 @@ Megatron's batched isend / irecv does:
   before the backward of the same turn, as Megatron's overlapped interleaving does): posted, it announces itself to
   the neighbour, which takes the data when it next waits in MPI. Open MPI's shared-memory transport reads it then
   straight from this rank's memory (single copy, CMA) without this rank's help; measured on this project's
-  machine, a 1 MB message posted before a 1 s sleep arrived within 4 ms.
+  machine, a 1 MB message posted before a 1 s sleep arrived within 4 ms. Where the single copy is off
+  (hvdlm.launch.shared_memory: `hvdlm launch` turns it off only where the machine forbids it), the message waits
+  for this rank's next MPI call, here the exchange: the early post then gains nothing, but costs nothing either.
 - 16-bit floats travel as their raw 16-bit words (int16 views; numpy has no bfloat16): bit for bit, half the
   bytes of fp32.
 
