@@ -15,6 +15,7 @@ from hvdlm.config import load_config
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import CommandSpec, LaunchOptions, LaunchRequest, build_command, check_tp_layout, plan_launch
 from hvdlm.launch.sbatch import SlurmOverrides, render, spec_from_config
+from hvdlm.launch.shared_memory import single_copy_works
 
 
 def test_hostfile_to_stdout_and_to_a_file(hvdlm, tmp_path):
@@ -399,6 +400,9 @@ def test_doctor_explains_this_environment(hvdlm):
     assert "[ok]   horovod build: Horovod 0.28.1: frameworks PyTorch; controllers MPI, GLOO" in r.out, r.out
     assert "[ok]   one MPI: Horovod and mpi4py both load" in r.out
     assert "MPI threads" in r.out and "launcher mpirun" in r.out and "GPUs" in r.out
+    # The same answer as the launcher's, which turns the single copy off where it is a warning here.
+    single_copy = "[ok]   shared memory: ranks on this machine may read each other's memory"
+    assert (single_copy in r.out) is single_copy_works(), r.out
     assert r.code == (1 if "[FAIL]" in r.out else 0)
 
 

@@ -57,3 +57,12 @@ def test_a_large_message_arrives_whole_with_the_launchers_transport(posted_send)
 def test_a_posted_send_arrives_while_its_sender_sleeps(posted_send):
     # Through the shared buffer it would arrive only when the sender waits again, after its 1.5 s sleep.
     assert posted_send["took"] < 0.75, posted_send
+
+
+def test_doctor_warns_where_the_single_copy_is_forbidden_and_says_how_to_allow_it():
+    from hvdlm.launch.doctor import report, shared_memory_check
+
+    text = report([shared_memory_check(False)])
+    assert "[warn] shared memory: ranks on this machine may not read each other's memory" in text
+    assert "fix: In a container: allow process_vm_readv" in text and "ptrace_scope=0" in text
+    assert report([shared_memory_check(True)]).startswith("[ok]   shared memory")

@@ -188,7 +188,8 @@ def _wrote(output: str, what: str) -> None:
 @click.command()
 @click.option("--python", "python", default=None, help="Check this interpreter's Horovod (default: the running one).")
 def doctor(python: str | None) -> None:
-    """Check Horovod's build, MPI, mpi4py, GPUs and NCCL, and the launchers, with a fix for each problem."""
+    """Check Horovod's build, MPI, mpi4py, GPUs and NCCL, the launchers and shared memory between ranks, with a fix
+    for each problem."""
     from hvdlm.launch.doctor import report, run_checks
 
     checks = run_checks(_interpreter(python) if python else sys.executable)

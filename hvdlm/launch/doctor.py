@@ -19,6 +19,7 @@ from hvdlm.config import LaunchConfig
 from hvdlm.devices import choose_device
 from hvdlm.errors import InputError
 from hvdlm.launch.commands import root_env
+from hvdlm.launch.shared_memory import single_copy_works
 
 # Each probe prints one JSON object on its last line of output.
 _HOROVOD_PROBE = """
@@ -120,6 +121,7 @@ def run_checks(python: str) -> list[Check]:
         *_gpu_checks(torch, torch_error, hvd),
         *_cuda_checks(python, torch, hvd),
         *_launcher_checks(python),
+        shared_memory_check(single_copy_works()),
     ]
 
 
@@ -377,6 +379,23 @@ def _launcher_checks(python: str) -> list[Check]:
         else:
             checks.append(Check(f"launcher {name}", "fail" if needed else "warn", "not found", fix))
     return checks
+
+
+def shared_memory_check(works: bool) -> Check:
+    """Whether ranks here may read each other's memory (hvdlm.launch.shared_memory): Open MPI's single copy."""
+    if works:
+        return Check(
+            "shared memory", "ok", "ranks on this machine may read each other's memory (Open MPI's single copy)"
+        )
+    return Check(
+        "shared memory",
+        "warn",
+        "ranks on this machine may not read each other's memory (cross-memory attach): `hvdlm launch` turns Open "
+        "MPI's single copy off, so a large message between them is copied twice and a posted send waits for its "
+        "sender's next MPI call",
+        "In a container: allow process_vm_readv (docker run --cap-add SYS_PTRACE); on a host: sysctl "
+        "kernel.yama.ptrace_scope=0. Training works without it, a little slower.",
+    )
 
 
 def report(checks: list[Check]) -> str:
