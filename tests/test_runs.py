@@ -323,11 +323,11 @@ def test_bad_input_during_the_run_is_failed_with_exit_2_and_its_message(ended):
 @pytest.mark.distributed
 def test_a_run_the_watchdog_ended_is_failed_with_exit_124_not_preempted(job, cache_dir, tmp_path):
     """Rank 1 stopped (SIGSTOP) a few steps after the checkpoint and log row of step 20: rank 0's watchdog ends the
-    job (124) and writes why. Its metrics end at the step of its newest checkpoint, as a preempted run's do, yet
-    the run got further and failed: `runs` says failed, with the exit code, the cause and the step it reached."""
+    job (124) and writes why. Its metrics end at (or one log row past) its newest checkpoint, yet the run got
+    further and failed: `runs` says failed, with the exit code, the cause and the step it reached."""
     every = "20"  # the heartbeats, which say when to stop rank 1, lag by up to half a second: a few steps
     # Synchronous saves: each log row's step has its checkpoint in place (an asynchronous save needs every rank's
-    # word at a later step, which the stopped rank never gives: the metrics would run past the newest checkpoint).
+    # word at a later step, which the stopped rank never gives: the metrics would run far past the newest checkpoint).
     intervals = (f"train.checkpoint_interval={every}", f"train.log_interval={every}", "train.async_checkpoint=off")
     run = Training(job, tmp_path / "run", cache_dir, "train.watchdog_s=3", *intervals, ranks=2)
     stopped = run.rank_pid(1, at_step=24)
@@ -343,9 +343,11 @@ def test_a_run_the_watchdog_ended_is_failed_with_exit_124_not_preempted(job, cac
         assert info.state == "failed", (now, info)
         assert info.exit_code == WATCHDOG_EXIT_CODE, info
         assert info.cause.startswith("the watchdog: rank 0 ") and "the stalled rank(s): 1." in info.cause, info
-        # The stop lands a few steps after the heartbeat of step 24, past the checkpoint of step 20 (on a loaded
-        # machine it can land on a later checkpoint's step): it never falls behind the newest checkpoint.
-        assert info.step == info.checkpoint_step and info.stopped_step >= info.checkpoint_step >= 20, info
+        # The stop lands some steps after the heartbeat of step 24 (how many depends on the machine's load), past
+        # the checkpoint of step 20. The metrics end at the newest checkpoint's step, or one log row later where
+        # the stop fell between a step's log row and its save (the row is written first; the save needs rank 1).
+        assert info.stopped_step >= info.step >= info.checkpoint_step >= 20, info
+        assert info.step - info.checkpoint_step in (0, int(every)), info
 
 
 def test_a_run_on_another_host_is_judged_by_its_heartbeats(tmp_path):
