@@ -103,9 +103,11 @@ def test_the_reference_keeps_the_two_newest_checkpoints_and_learns(reference):
 # --- SIGKILL at a random step -------------------------------------------------------------------------------
 
 
-def kill_and_resume(np: int, job: Path, run_dir: Path, cache: Path, kill_at: int, jobs: list, *extra: str):
-    """Start the run, SIGKILL all its processes once metrics.jsonl shows step kill_at, resume; returns the step
-    seen and the checkpoints there were at the kill."""
+def kill_and_resume(
+    np: int, job: Path, run_dir: Path, cache: Path, kill_at: int, jobs: list, *extra: str, says: str = ""
+):
+    """Start the run, SIGKILL all its processes once metrics.jsonl shows step kill_at, resume (its output saying
+    `says`); returns the step seen and the checkpoints there were at the kill."""
     j = Job(np, train_argv(job, run_dir, *sets(*COMMON, *extra)), cache, run_dir.parent / f"{run_dir.name}.log")
     jobs.append(j)
     seen = wait_for_step(j, run_dir, kill_at)
@@ -115,6 +117,7 @@ def kill_and_resume(np: int, job: Path, run_dir: Path, cache: Path, kill_at: int
     at_kill = ckpt_steps(run_dir) if (run_dir / "checkpoints").is_dir() else []
     r = resume(np, job, run_dir, cache, *extra)
     assert r.code == 0, r.out[-4000:]
+    assert not at_kill or says in r.out, r.out[-4000:]
     return seen, at_kill
 
 
@@ -141,15 +144,17 @@ def test_one_rank_killed_before_its_first_checkpoint_starts_fresh_and_matches(jo
 
 
 def test_tp2_killed_at_a_random_step_resumes_bit_identical(job, tmp_path, cache_dir, jobs):
-    """Tensor parallel, tp = 2 on 2 ranks: each rank writes its shard; both shards and the RNG come back. With
-    2 micro-batches per step (the data position counts them) and an EMA (sharded too; validation uses it)."""
+    """Tensor parallel, tp = 2 on 2 ranks: each rank writes its shard; both shards and the RNG come back, each rank
+    reading only its own shard file. With 2 micro-batches per step (the data position counts them) and an EMA
+    (sharded too; validation uses it)."""
     extra = ("parallel.tp=2", "train.accumulation_steps=2", "train.ema_decay=0.9")
     ref = reference_run(2, job, tmp_path / "ref", cache_dir, *extra)
     assert sorted(p.name for p in (ref / "checkpoints").glob("*.pt")) == [
         f"step-{s:07d}.tp{r}-of-2.pt" for s in (STEPS - 2, STEPS) for r in (0, 1)
     ]
     kill_at = random.Random(SEED + 1).randint(3, STEPS - 15)
-    seen, at_kill = kill_and_resume(2, job, tmp_path / "run", cache_dir, kill_at, jobs, *extra)
+    own = "(each rank read its own files)"
+    seen, at_kill = kill_and_resume(2, job, tmp_path / "run", cache_dir, kill_at, jobs, *extra, says=own)
     assert at_kill, "killed before the first checkpoint: the resume was not tested"
     assert_same_run(tmp_path / "run", ref, f"(HVDLM_TEST_SEED={SEED}: tp2 killed after step {seen}) ")
 

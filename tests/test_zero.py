@@ -62,9 +62,17 @@ STAGES = pytest.mark.parametrize("stage", [1, 2, 3])
 ZERO3 = ("train.zero=3", "model.recompute=full")
 
 
-def train(np: int, job: Path, run_dir: Path, cache: Path, *extra: str, flags: tuple[str, ...] = ()) -> Path:
+# How a resume read its checkpoint (the banner's words): at the layout that saved, each rank its own shard file and
+# ZeRO slice; at any other, every file, merged.
+OWN, MERGED = "(each rank read its own files)", "(merged from its 1 shard file(s))"
+
+
+def train(
+    np: int, job: Path, run_dir: Path, cache: Path, *extra: str, flags: tuple[str, ...] = (), says: str = ""
+) -> Path:
     proc = run(np, train_argv(job, run_dir, *flags, *sets(*COMMON, *extra)), cache)
     assert proc.code == 0, proc.out[-4000:]
+    assert says in proc.out, proc.out[-4000:]
     return run_dir
 
 
@@ -192,7 +200,7 @@ def test_zero_killed_with_sigkill_resumes_bit_identical(runs, job, tmp_path, cac
     finally:
         j.kill()
     assert last_step(run_dir) < STEPS and 4 in ckpt_steps(run_dir), (seen, ckpt_steps(run_dir))
-    train(2, job, run_dir, cache_dir, "train.zero=1", flags=("--resume", "auto"))
+    train(2, job, run_dir, cache_dir, "train.zero=1", flags=("--resume", "auto"), says=OWN)
     assert comparable(run_dir) == comparable(runs["zero"])
     assert summary(run_dir)["replica_checksums"] == summary(runs["zero"])["replica_checksums"]
 
@@ -206,14 +214,16 @@ def resume_from(run_dir: Path, step: int, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("source,stage", [("replicated", 1), ("zero2", 2)])
-def test_a_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_dir, source, stage):
+@pytest.mark.parametrize("source,stage,says", [("replicated", 1, OWN), ("zero2", 2, MERGED)])
+def test_a_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_dir, source, stage, says):
     """A replicated checkpoint with ZeRO-1 switched on, a ZeRO-2 one (buckets) with ZeRO-2 again, DP 2 -> 1 (the
     global batch kept: 8 sequences on one replica), full recomputation on too (ZeRO-2's hooks under
-    torch.utils.checkpoint): the optimizer state is cut into other slices exactly, so the run goes on as before."""
+    torch.utils.checkpoint): the optimizer state is cut into other slices exactly, so the run goes on as before.
+    The replicated save's one file is the rank's own (its whole state, whatever the DP size); the ZeRO save's two
+    slices are merged."""
     run_dir = resume_from(runs[source], 4, tmp_path / "run")
     extra = (f"train.zero={stage}", BUCKET, "train.batch_size=8", "model.recompute=full")
-    train(1, job, run_dir, cache_dir, *extra, flags=("--resume", "auto"))
+    train(1, job, run_dir, cache_dir, *extra, flags=("--resume", "auto"), says=says)
     assert_losses_close(run_dir, runs[source], range(5, STEPS + 1))
 
 
@@ -223,7 +233,7 @@ def test_a_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_d
 def test_a_zero_checkpoint_resumes_with_zero_off(runs, job, tmp_path, cache_dir, stage):
     run_dir = resume_from(runs[RUN[stage]], 4, tmp_path / "run")
     assert len(list((run_dir / "checkpoints").glob("*.zero*-of-2.pt"))) == 2
-    train(2, job, run_dir, cache_dir, "train.zero=0", flags=("--resume", "auto"))
+    train(2, job, run_dir, cache_dir, "train.zero=0", flags=("--resume", "auto"), says=MERGED)
     assert_losses_close(run_dir, runs[RUN[stage]], range(5, STEPS + 1))
     ref, got = final_state(runs[RUN[stage]]), final_state(run_dir)
     for name, t in ref["model"].items():
@@ -280,16 +290,27 @@ test_tp2_x_dp2_zero_matches_replicated = checks_on_ranks(
 
 
 def test_a_zero3_checkpoint_resumes_at_the_same_dp_size_and_on_one_rank_without_zero(runs, job, tmp_path, cache_dir):
-    """ZeRO-3's step-4 checkpoint continued by ZeRO-3 on the same 2 ranks (bit-identical to the run that went on),
-    and by one rank with ZeRO off (the global batch kept): its weights gathered whole and its optimizer slices
-    assembled, the runs go on as the first did."""
+    """ZeRO-3's step-4 checkpoint continued by ZeRO-3 on the same 2 ranks (bit-identical to the run that went on;
+    each rank reads its own slice, weights and moments, and no other's), and by one rank with ZeRO off (the global
+    batch kept): its weights gathered whole and its optimizer slices assembled, the runs go on as the first did."""
     same = resume_from(runs["zero3"], 4, tmp_path / "same")
-    train(2, job, same, cache_dir, *ZERO3, flags=("--resume", "auto"))
+    train(2, job, same, cache_dir, *ZERO3, flags=("--resume", "auto"), says=OWN)
     assert comparable(same) == comparable(runs["zero3"])
     assert summary(same)["replica_checksums"] == summary(runs["zero3"])["replica_checksums"]
     one = resume_from(runs["zero3"], 4, tmp_path / "one")
-    train(1, job, one, cache_dir, "train.zero=0", "train.batch_size=8", flags=("--resume", "auto"))
+    train(1, job, one, cache_dir, "train.zero=0", "train.batch_size=8", flags=("--resume", "auto"), says=MERGED)
     assert_losses_close(one, runs["zero3"], range(5, STEPS + 1))
+
+
+def test_a_zero2_checkpoint_resumes_at_the_same_dp_size_with_other_buckets_from_the_merged_state(
+    runs, job, tmp_path, cache_dir
+):
+    """Same ranks, same ZeRO stage, but another bucket size: the slices cut the flat buffer otherwise, so the ranks'
+    own slice files do not load as they are; every rank goes back to the merged state, and the run goes on as the
+    first did."""
+    run_dir = resume_from(runs["zero2"], 4, tmp_path / "run")
+    train(2, job, run_dir, cache_dir, "train.zero=2", "train.zero_bucket_mb=1", flags=("--resume", "auto"), says=MERGED)
+    assert_losses_close(run_dir, runs["zero2"], range(5, STEPS + 1))
 
 
 def test_a_zero3_save_gathers_nothing_each_rank_writes_its_part_of_the_weights(runs):

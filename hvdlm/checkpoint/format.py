@@ -70,32 +70,70 @@ def _write_error(path: Path) -> OSError:
     return OSError(errno.EIO, "the write failed", str(path))
 
 
-def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """One rank's file, checked (against its save's checksum manifest when it has one); `mmap` maps the tensors
-    instead of reading them (inspecting a large file), unverified.
+def load_checkpoint(path: Path, mmap: bool = False, verify: bool = True) -> dict[str, Any]:
+    """One rank's file, checked (against its save's checksum manifest when it has one; `verify=False`: checked
+    already, by `check_loadable`); `mmap` maps the tensors instead of reading them (inspecting a large file),
+    unverified.
 
     A ZeRO shard's optimizer state comes back whole, assembled from its DP ranks' slice files (named in the file),
     so that every reader sees the layout of a plain optimizer's state."""
-    if not mmap:  # mmap: a description (inspect) that reads only what it shows; loads hash the files first
+    verify = verify and not mmap  # mmap: a description (inspect) that reads only what it shows
+    if verify:
         check_files([path])
     state = _read(path, mmap)
     _check_structure(state, path)
     sliced = state.pop("zero_slices", None)
     if sliced is not None:
-        files = [path.parent / name for name in sliced["files"]]
-        missing = [p.name for p in files if not p.is_file()]
-        if missing:
-            raise InputError(
-                f"checkpoint '{path}' is incomplete: {len(missing)} of the {len(files)} files holding its optimizer "
-                f"state are missing ({', '.join(missing)}). Copy them from the same run directory."
-            )
-        if not mmap:
-            check_files(files)
-        slices = [_read(p, mmap) for p in files]
+        slices = [_read(p, mmap) for p in slice_files(path, sliced, verify)]
         state["optimizer"] = assemble(slices, str(path))
         if "weights" in slices[0]:  # ZeRO-3: the slices hold the weights too
             state["model"].update(_unpadded(assemble_weights(slices), state))
     return state
+
+
+def load_own_files(
+    path: Path, dp_rank: int, dp: int, verify: bool = True
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One shard file as it was written (its tensors this very shard's: a TP rank's padded slices, a ZeRO-3 file
+    without its parameters) and, where a ZeRO save has `dp` slices, the one of DP rank `dp_rank`: what a rank of
+    the layout that saved needs, and no other rank's files (hvdlm.training.resume)."""
+    if verify:
+        check_files([path])
+    state = _read(path, mmap=False)
+    _check_structure(state, path)
+    sliced = state.pop("zero_slices", None)
+    if sliced is None or sliced.get("size") != dp:
+        return state, None
+    own = slice_files(path, sliced, verify=False)[dp_rank]
+    if verify:
+        check_files([own])
+    return state, _read(own, mmap=False)
+
+
+def check_loadable(paths: list[Path]) -> None:
+    """Refuse, as `load_checkpoint` would, a save whose shard files (with their slice files) do not load, without
+    holding their tensors: each file checked against the save's manifest, then opened mapped."""
+    check_files(paths)
+    for path in paths:
+        state = _read(path, mmap=True)
+        _check_structure(state, path)
+        if state.get("zero_slices") is not None:
+            for p in slice_files(path, state["zero_slices"], verify=True):
+                _read(p, mmap=True)
+
+
+def slice_files(path: Path, sliced: dict[str, Any], verify: bool) -> list[Path]:
+    """The slice files a ZeRO shard file names, every one there (and checked against the manifest with `verify`)."""
+    files = [path.parent / name for name in sliced["files"]]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"checkpoint '{path}' is incomplete: {len(missing)} of the {len(files)} files holding its optimizer "
+            f"state are missing ({', '.join(missing)}). Copy them from the same run directory."
+        )
+    if verify:
+        check_files(files)
+    return files
 
 
 def _unpadded(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:

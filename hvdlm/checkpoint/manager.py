@@ -235,7 +235,7 @@ class CheckpointManager:
                 scaler=run.precision.state_dict(),
                 rng=[rngs[r] for r in dp_group_ranks(hvd.rank(), hvd.size(), topo.tp, topo.pp)],
                 progress=dict(run.progress),
-                pp=self._stage_record() if topo.pp > 1 else None,
+                pp=stage_record(self.cfg, topo.pp_rank) if topo.pp > 1 else None,
                 zero_slices={"size": topo.dp, "files": [slice_name(path.name, d, topo.dp) for d in range(topo.dp)]}
                 if sliced
                 else None,
@@ -247,17 +247,6 @@ class CheckpointManager:
                 state = merge_tp([state])
             files.append((path, state))
         return files
-
-    def _stage_record(self) -> dict[str, Any]:
-        """Which stage a file holds: its index, the number of stages, and the layers per stage; with virtual
-        stages also their number and the global indices of this stage's blocks."""
-        p, rank = self.cfg.parallel, self.topo.pp_rank
-        counts = chunk_layers(self.cfg.model.n_layer, p.pp, p.pp_layers, p.virtual_stages)
-        record = {"rank": rank, "size": self.topo.pp, "layers": layers_per_rank(counts, p.pp, p.virtual_stages)}
-        if p.virtual_stages > 1:
-            chunks = rank_chunks(p.pp, p.virtual_stages, rank)
-            record |= {"virtual_stages": p.virtual_stages, "blocks": [list(layer_range(counts, j)) for j in chunks]}
-        return record
 
     def _write(self, path: Path, state: dict[str, Any], written: dict[str, dict]) -> None:
         try:
@@ -276,13 +265,15 @@ class CheckpointManager:
             "then continue with --resume auto."
         )
 
-    def restore(self, state: dict[str, Any], run: RunState) -> int:
+    def restore(self, state: dict[str, Any], run: RunState, local: bool = False, sliced: bool = False) -> int:
         """Put a save's optimizer, EMA, scaler, data position and RNG back into `run` (whose model is loaded);
-        returns its step."""
+        returns its step. `local`: `state` is this TP rank's own file (its tensors loaded as they are); `sliced`:
+        the optimizer has taken its own slice file already (ZeRO at the layout that saved)."""
         topo = self.topo
-        load_optimizer(run.optimizer.checkpoint_view(), run.model, state, topo.tp_rank, topo.tp)
+        if not sliced:
+            load_optimizer(run.optimizer.checkpoint_view(), run.model, state, topo.tp_rank, topo.tp, local)
         if run.ema is not None and "ema" in state:
-            run.ema.load_state_dict(shard_state(run.model, state["ema"], topo.tp_rank, topo.tp))
+            run.ema.load_state_dict(shard_state(run.model, state["ema"], topo.tp_rank, topo.tp, local))
         # (a save without an EMA: it starts from the weights, which is what WeightEMA() did)
         run.precision.load_state_dict(state.get("scaler"))
         run.train_batches.load_state_dict(state["data"])
@@ -314,3 +305,15 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def stage_record(cfg: JobConfig, rank: int) -> dict[str, Any]:
+    """Which stage a file holds: its index, the number of stages, and the layers per stage; with virtual stages
+    also their number and the global indices of this stage's blocks."""
+    p = cfg.parallel
+    counts = chunk_layers(cfg.model.n_layer, p.pp, p.pp_layers, p.virtual_stages)
+    record = {"rank": rank, "size": p.pp, "layers": layers_per_rank(counts, p.pp, p.virtual_stages)}
+    if p.virtual_stages > 1:
+        chunks = rank_chunks(p.pp, p.virtual_stages, rank)
+        record |= {"virtual_stages": p.virtual_stages, "blocks": [list(layer_range(counts, j)) for j in chunks]}
+    return record

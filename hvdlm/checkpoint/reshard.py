@@ -20,9 +20,10 @@ from hvdlm.errors import InputError
 from hvdlm.parallel.layers import Sharding, full_shape, merge, shard
 
 
-def load_full_state(path: str | Path) -> dict[str, Any]:
-    """The checkpoint at `path` (any of the forms `shard_paths` accepts) as one unsharded state."""
-    return merge_states([load_checkpoint(p) for p in shard_paths(path)])
+def load_full_state(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint at `path` (any of the forms `shard_paths` accepts) as one unsharded state (`verify=False`:
+    its files were checked against their manifest already)."""
+    return merge_states([load_checkpoint(p, verify=verify) for p in shard_paths(path)])
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,10 +86,20 @@ def _padded(state: dict[str, Any]) -> bool:
     return any(spec and name in model and model[name].shape[spec[0]] != spec[1] for name, spec in specs.items())
 
 
-def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, tp_rank: int, tp: int) -> None:
-    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree."""
+def load_model(
+    model: torch.nn.Module,
+    full_state: dict[str, Any],
+    source: str,
+    tp_rank: int,
+    tp: int,
+    local: bool = False,
+    held: frozenset[str] = frozenset(),
+) -> None:
+    """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree. `local`:
+    the state is this TP rank's own shard file (padded slices, loaded as they are); `held`: the parameters that
+    state leaves to the optimizer's slice (ZeRO-3's own files), left as they are here."""
     full = full_state["model"]
-    problems = _shape_problems(model, full_state)
+    problems = _shape_problems(model, full_state, local, held)
     if problems:
         theirs = _shape_summary(full_state.get("config", {}).get("model", {}))
         ours = _shape_summary(model.cfg.__dict__ if hasattr(model, "cfg") else {})
@@ -96,16 +107,18 @@ def load_model(model: torch.nn.Module, full_state: dict[str, Any], source: str, 
             f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems)}. "
             f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
         )
-    model.load_state_dict(shard_state(model, full, tp_rank, tp))
+    model.load_state_dict(shard_state(model, full, tp_rank, tp, local, held), strict=not held)
 
 
-def _shape_problems(model: torch.nn.Module, full_state: dict[str, Any]) -> list[str]:
+def _shape_problems(
+    model: torch.nn.Module, full_state: dict[str, Any], local: bool = False, held: frozenset[str] = frozenset()
+) -> list[str]:
     """What differs between the checkpoint's model and `model`: the recorded shape keys first (they say why), then
     the tensors, four differences in all unless more keys differ."""
     full = full_state["model"]
     expected = model.state_dict(keep_vars=True)
     tensors = []
-    missing = [n for n in expected if n not in full]
+    missing = [n for n in expected if n not in full and n not in held]
     unexpected = [n for n in full if n not in expected]
     if missing or unexpected:
         tensors.append(
@@ -113,8 +126,9 @@ def _shape_problems(model: torch.nn.Module, full_state: dict[str, Any]) -> list[
             f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
         )
     for name, t in expected.items():
-        if name in full and tuple(full[name].shape) != full_shape(t):
-            tensors.append(f"'{name}' is {tuple(full[name].shape)} there, {full_shape(t)} here")
+        ours = tuple(t.shape) if local else full_shape(t)
+        if name in full and tuple(full[name].shape) != ours:
+            tensors.append(f"'{name}' is {tuple(full[name].shape)} there, {ours} here")
     their_cfg = full_state.get("config", {}).get("model", {})
     our_cfg = model.cfg.__dict__ if hasattr(model, "cfg") else {}
     # Some shapes do not show in any tensor: n_head cuts the same (3d, d) attention weights into other heads, and
@@ -127,13 +141,23 @@ def _shape_problems(model: torch.nn.Module, full_state: dict[str, Any]) -> list[
     return keys + tensors[: max(0, 4 - len(keys))]
 
 
-def shard_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> dict:
-    """This rank's slices of an unsharded state dict shaped like `model`'s (weights or their moving average)."""
-    local = {}
+def shard_state(
+    model: torch.nn.Module,
+    full: dict[str, torch.Tensor],
+    tp_rank: int,
+    tp: int,
+    local: bool = False,
+    held: frozenset[str] = frozenset(),
+) -> dict:
+    """This rank's slices of an unsharded state dict shaped like `model`'s (weights or their moving average);
+    `local`: `full` is this rank's own already, `held`: names it leaves out (see `load_model`)."""
+    mine = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        spec: Sharding | None = getattr(t, "tp_shard", None)
-        local[name] = shard(full[name], spec, tp_rank, tp) if spec is not None else full[name]
-    return local
+        if name in held:
+            continue
+        spec: Sharding | None = None if local else getattr(t, "tp_shard", None)
+        mine[name] = shard(full[name], spec, tp_rank, tp) if spec is not None else full[name]
+    return mine
 
 
 def _shape_summary(model_cfg: dict) -> str:
@@ -146,9 +170,12 @@ def _shape_summary(model_cfg: dict) -> str:
     return ", ".join(f"{k}={shape[k]}" for k in keys if shape[k] is not None)
 
 
-def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int) -> None:
+def load_optimizer(
+    optimizer, model: torch.nn.Module, full_state: dict[str, Any], tp_rank: int, tp: int, local: bool = False
+) -> None:
     """Load an unsharded optimizer state (see merge_states) into this rank's optimizer, cutting each moment like
-    its parameter. Parameters are matched by name, so the order of the optimizer's groups may differ."""
+    its parameter (`local`: a state of this TP rank's own file, loaded as it is). Parameters are matched by name,
+    so the order of the optimizer's groups may differ."""
     saved = full_state["optimizer"]
     names = {id(p): name for name, p in model.named_parameters()}
     ours = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
@@ -164,7 +191,7 @@ def load_optimizer(optimizer, model: torch.nn.Module, full_state: dict[str, Any]
     state = {}
     for i, entry in saved["state"].items():
         name = flat_theirs[i]
-        spec: Sharding | None = getattr(params[name], "tp_shard", None)
+        spec: Sharding | None = None if local else getattr(params[name], "tp_shard", None)
         state[index[name]] = {
             key: shard(v, spec, tp_rank, tp) if spec is not None and torch.is_tensor(v) and v.dim() > spec.dim else v
             for key, v in entry.items()

@@ -6,15 +6,16 @@ each shard file, one file per DP rank d of Z holding its slice of the optimizer 
 `step-0000100.pp1-of-2.tp0-of-2.zero1-of-2.pt`.
 
 A save is complete when every shard file is there, and every slice file of every shard (Z of them, as the slice
-files' names say) when any is; a save killed between shards leaves an incomplete set,
-which is passed over and never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable`,
-and only it imports torch (inside it): `hvdlm runs` lists checkpoints on a login node with the rest.
+files' names say) when any is; a save killed between shards leaves an incomplete set, which is passed over and
+never pruned. Nothing here builds a model or reads tensors beyond `newest_loadable` and `newest_intact`, and only
+they import torch (inside them): `hvdlm runs` lists checkpoints on a login node with the rest.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,15 +142,30 @@ def newest_loadable(
     A damaged, unreadable or incomplete newer one is reported through `warn` and passed over for the one before;
     complete checkpoints none of which reads are an InputError (nothing is changed).
     """
-    from hvdlm.checkpoint.format import load_checkpoint  # torch: only for the one function that reads tensors
+    from hvdlm.checkpoint.format import load_checkpoint  # torch: only for the functions that read tensors
 
+    return _newest(run_dir, warn, lambda saved: [load_checkpoint(p, mmap=mmap) for p in saved.paths])
+
+
+def newest_intact(run_dir: str | Path, warn=print) -> SavedCheckpoint | None:
+    """`newest_loadable`'s choice without holding any of its states: each file checked against the save's manifest
+    and opened mapped (a resume at the layout that saved then reads only its own files)."""
+    from hvdlm.checkpoint.format import check_loadable
+
+    found = _newest(run_dir, warn, lambda saved: check_loadable(list(saved.paths)))
+    return found[0] if found else None
+
+
+def _newest(run_dir: str | Path, warn, read: Callable[[SavedCheckpoint], Any]) -> tuple[SavedCheckpoint, Any] | None:
+    """The newest complete save that `read` takes without an InputError, with what it returned (see
+    `newest_loadable`)."""
     damaged = 0
     for saved, missing in _scan(run_dir):
         if missing:
             warn(f"WARNING: skipping checkpoint step {saved.step}: incomplete, {', '.join(missing)} missing.")
             continue
         try:
-            return saved, [load_checkpoint(p, mmap=mmap) for p in saved.paths]
+            return saved, read(saved)
         except InputError as e:
             damaged += 1
             warn(f"WARNING: skipping checkpoint step {saved.step}: {e}")

@@ -8,12 +8,12 @@ A training step asks it, in this order:
     step(scaler, found_inf)            update the weights, or leave them (a non-finite step, an fp16 overflow)
     after_step(done, ema)              what follows an update (local SGD's periodic averaging)
 
-and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view` and `checkpoint_slice` (what a
-checkpoint saves and a resume loads), and `whole_model()` around whatever reads or writes the weights outside a forward
-pass (loads, the EMA, samples: ZeRO-3 holds only a shard of them between passes), `weights_for_save()` around a save
-and `state_tensors()` to read every weight (the replicas' checksum) without holding them all at once. The trainer,
-the memory account, the checkpoint manager and the step verdict ask these, never the optimizer's type: a new kind (a
-ZeRO stage, another update rule) is a class here.
+and outside the step: `set_lr`, `memory_bytes` (the memory account), `checkpoint_view`, `checkpoint_slice` and
+`load_checkpoint_slice` (what a checkpoint saves and a resume loads), and `whole_model()` around whatever reads or
+writes the weights outside a forward pass (loads, the EMA, samples: ZeRO-3 holds only a shard of them between
+passes), `weights_for_save()` around a save and `state_tensors()` to read every weight (the replicas' checksum)
+without holding them all at once. The trainer, the memory account, the checkpoint manager and the step verdict ask
+these, never the optimizer's type: a new kind (a ZeRO stage, another update rule) is a class here.
 """
 
 from __future__ import annotations
@@ -98,3 +98,8 @@ class TrainingOptimizer(abc.ABC):
     def checkpoint_slice(self) -> dict[str, Any] | None:
         """This rank's slice of the state for a file of its own (ZeRO), or None: the shard file holds it whole."""
         return None
+
+    def load_checkpoint_slice(self, saved: dict[str, Any]) -> bool:
+        """Take a `checkpoint_slice` this rank wrote at this very layout, as it is; False (nothing loaded) where the
+        slice cuts the state otherwise, or this kind keeps no slices: the caller loads the merged state instead."""
+        return False

@@ -291,8 +291,13 @@ class ZeroOptimizer(TrainingOptimizer):
         for group, params in zip(self.inner.param_groups, self._groups_of_params):
             groups.append({**_settings(group), "params": list(range(start, start + len(params)))})
             start += len(params)
+        scalars = own_copies(first, list(state)) if first else {}
+        return {"state": state, "scalars": scalars, "param_groups": groups, "layout": self._layout()}
+
+    def _layout(self) -> dict[str, Any]:
+        """How this rank's slice cuts the flat buffer (hvdlm.checkpoint.slices)."""
         numels = [p.numel() for p in self.params]
-        layout = {
+        return {
             "numels": numels,
             "shapes": [list(p.shape) for p in self.params],
             "shard_numel": self.shard_numel,
@@ -301,8 +306,27 @@ class ZeroOptimizer(TrainingOptimizer):
             "dp_rank": self.topo.dp_rank,
             "dp_size": self.topo.dp,
         }
-        scalars = own_copies(first, list(state)) if first else {}
-        return {"state": state, "scalars": scalars, "param_groups": groups, "layout": layout}
+
+    def load_checkpoint_slice(self, saved: dict[str, Any]) -> bool:
+        """Take this rank's own slice file as it is, where the save cut the flat buffer as this optimizer does
+        (same DP rank and size, parameters and buckets); False, loading nothing, where it did not."""
+        if saved.get("layout") != self._layout():
+            return False
+        keys = sorted(saved["state"])
+        if not keys:  # saved before the first update, or a slice all padding: no moments to put back
+            return True
+        self._flat = {key: saved["state"][key].to(self.device) for key in keys}
+        scalars = saved["scalars"]
+        local_state = {
+            j: {**own_copies(scalars), **{key: self._flat[key][s : s + b - a] for key in keys}}
+            for j, (a, b, s) in enumerate(self.piece_ranges)
+        }
+        groups = [
+            {**_settings(theirs), "params": ours["params"]}
+            for theirs, ours in zip(saved["param_groups"], self.inner.state_dict()["param_groups"])
+        ]
+        self.inner.load_state_dict({"state": local_state, "param_groups": groups})
+        return True
 
     def _state_keys(self) -> list[str]:
         """The names of the optimizer's per-element state tensors (exp_avg, exp_avg_sq; momentum_buffer)."""

@@ -296,6 +296,18 @@ class Zero3Optimizer(Zero2Optimizer):
         # (never inside whole_model, where the parts have given their memory back: saves go by weights_for_save)
         return {**super().checkpoint_slice(), "weights": {"parts": list(self.own), "names": self._names}}
 
+    def load_checkpoint_slice(self, saved: dict) -> bool:
+        """ZeRO-2's, and this rank's part of every bucket's weights from the same file: the whole weights are
+        never put together to resume at the layout that saved (outside whole_model, like a save)."""
+        parts = (saved.get("weights") or {}).get("parts")
+        if parts is None or [t.shape for t in parts] != [t.shape for t in self.own]:
+            return False
+        if not super().load_checkpoint_slice(saved):
+            return False
+        for own, part in zip(self.own, parts):
+            own.copy_(part)
+        return True
+
     def weights_for_save(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the slices hold the shard
 

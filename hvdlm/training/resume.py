@@ -1,19 +1,26 @@
 """Where a run starts: fresh, from another run's weights (init_from), or where an earlier attempt stopped.
 
-Rank 0 looks at the run directory and decides; every rank hears the decision, then loads the checkpoint itself
-(merged to one unsharded state, so it loads at any TP size). The RNG states travel in the checkpoint per DP rank,
-so a resumed run draws the same dropout masks as one never interrupted.
+Rank 0 looks at the run directory and decides; every rank hears the decision, then loads the checkpoint itself:
+at the layout that saved it, only its own files (its shard file and its ZeRO slice: no rank ever holds more of
+the state than training does); at any other, merged to one unsharded state, which loads at any TP size, stage
+split and DP size. The RNG states travel in the checkpoint per DP rank, so a resumed run draws the same dropout
+masks as one never interrupted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvdlm.checkpoint.reshard import load_full_state, merge_states
+import torch
+
+from hvdlm.checkpoint.format import load_own_files
+from hvdlm.checkpoint.manager import stage_record
+from hvdlm.checkpoint.reshard import load_full_state
+from hvdlm.checkpoint.stages import stage_state
 from hvdlm.checkpoint.store import (
-    newest_loadable,
+    newest_intact,
     remove_stale_temporaries,
     resolve_checkpoint,
     set_aside_newer,
@@ -22,40 +29,87 @@ from hvdlm.checkpoint.store import (
 from hvdlm.config import JobConfig, TrainConfig
 from hvdlm.errors import InputError
 from hvdlm.fsutil import atomic_write
+from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import rank0_decides, together
+from hvdlm.parallel.topology import Topology
 from hvdlm.runfiles import CONFIG_FILE, refuse_to_overwrite
 
 
 @dataclass
 class Start:
     run_dir: Path
-    state: dict[str, Any] | None  # the unsharded checkpoint to continue from; None: step 0
+    state: dict[str, Any] | None  # the checkpoint to continue from (unsharded, or `own`); None: step 0
     source: str = ""  # where state came from, for messages
+    paths: list[Path] = field(default_factory=list)  # the save's shard files, stage-major
+    own: bool = False  # state is this rank's own shard file as written, at the layout that wrote it
+    own_slice: dict[str, Any] | None = None  # with `own` and ZeRO: this rank's slice file
+    verified: bool = False  # every file of the save passed its manifest check already
+
+    def held(self) -> frozenset[str]:
+        """The parameters this rank's own slice holds in place of its shard file (ZeRO-3)."""
+        weights = (self.own_slice or {}).get("weights") or {}
+        return frozenset(name for names in weights.get("names", []) for name in names)
 
 
-def agree_on_start(requested: str | None, default: Path, resume: str | None) -> Start:
-    """Rank 0 picks the run directory and, with `resume`, the checkpoint; every rank loads that checkpoint."""
-    loaded: list[dict[str, Any]] = []  # rank 0 keeps the states it read while looking, instead of reading twice
+def agree_on_start(requested: str | None, default: Path, resume: str | None, cfg: JobConfig, topo: Topology) -> Start:
+    """Rank 0 picks the run directory and, with `resume`, the checkpoint; every rank loads that checkpoint: only
+    its own files where the run's layout is the one that saved (every rank's answer agreeing), else merged."""
 
     def look() -> dict[str, Any]:
         path = Path(requested or default).resolve()
         if resume == "auto":
             # None: no checkpoint yet, a fresh start (the first start of a job that may be requeued).
-            found = newest_loadable(path, warn=lambda message: print(message, flush=True))
+            found = newest_intact(path, warn=lambda message: print(message, flush=True))
             if not found:
                 return {"path": str(path)}
-            loaded.append(merge_states(found[1]))
-            return {"path": str(path), "paths": [str(p) for p in found[0].paths]}
+            return {"path": str(path), "paths": [str(p) for p in found.paths], "verified": True}
         if resume:
             return {"path": str(path), "paths": [str(p) for p in shard_paths(resolve_checkpoint(resume))]}
         return {"path": str(path)}
 
     answer = rank0_decides(look, "start")
+    run_dir = Path(answer["path"])
     if "paths" not in answer:
-        return Start(Path(answer["path"]), None)
-    with together("resume_loaded"):  # e.g. a file system that this node sees differently
-        state = loaded[0] if loaded else load_full_state(answer["paths"][0])
-    return Start(Path(answer["path"]), state, source=answer["paths"][0])
+        return Start(run_dir, None)
+    paths, verified = [Path(p) for p in answer["paths"]], bool(answer.get("verified"))
+    with together("resume_own_files"):  # e.g. a file system that this node sees differently
+        own = own_start(run_dir, paths, verified, cfg, topo)
+    if all(jobwide.allgather_object(own is not None, "resume_own")):
+        return own
+    del own  # (its tensors, before the merged state's)
+    with together("resume_loaded"):
+        state = load_full_state(paths[0], verify=not verified)
+    return Start(run_dir, state, str(paths[0]), paths, verified=verified)
+
+
+def own_start(run_dir: Path, paths: list[Path], verified: bool, cfg: JobConfig, topo: Topology) -> Start | None:
+    """This rank's own shard file (and ZeRO slice file) where the save's layout is this run's: the same TP size,
+    stages split alike, ZeRO at the same stage on as many DP ranks, the EMA kept if this run keeps one. None
+    where any differs (the merged state reshards)."""
+    if len(paths) != topo.pp * topo.tp:
+        return None
+    path = paths[topo.pp_rank * topo.tp + topo.tp_rank]
+    state, own_slice = load_own_files(path, topo.dp_rank, topo.dp, verify=not verified)
+    theirs = state.get("config") or {}
+    zero = cfg.train.zero if own_slice is not None else 0
+    same = (
+        state.get("tp", {}).get("size", 1) == topo.tp
+        and (state.get("pp") or None) == (stage_record(cfg, topo.pp_rank) if topo.pp > 1 else None)
+        and theirs.get("train", {}).get("zero", 0) == zero
+        and (not cfg.train.ema_decay or "ema" in state)
+    )
+    if not same:
+        return None
+    return Start(run_dir, state, str(paths[0]), paths, own=True, own_slice=own_slice, verified=verified)
+
+
+def merged_start(start: Start, model: torch.nn.Module, topo: Topology) -> Start:
+    """The merged state of `start`'s save, cut to this rank's stage: where its own slice would not load after all
+    (another bucket size cuts the flat buffer otherwise)."""
+    state = load_full_state(start.paths[0], verify=not start.verified)
+    if topo.pp > 1:
+        state = stage_state(state, model, topo.pp_rank, topo.pp)
+    return Start(start.run_dir, state, start.source, start.paths, verified=start.verified)
 
 
 def prepare_run_dir(start: Start, config_toml: str, resume_step: int | None) -> Path:

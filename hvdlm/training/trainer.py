@@ -66,7 +66,14 @@ from hvdlm.training.pipeline import PipelineRunner
 from hvdlm.training.precision import Precision
 from hvdlm.training.preemption import Preempted, Stop, StopVote
 from hvdlm.training.profiling import StepProfiler
-from hvdlm.training.resume import Start, agree_on_start, check_compatible, check_same_global_batch, prepare_run_dir
+from hvdlm.training.resume import (
+    Start,
+    agree_on_start,
+    check_compatible,
+    check_same_global_batch,
+    merged_start,
+    prepare_run_dir,
+)
 from hvdlm.training.rollback import SpikeGuard, spike_guard
 from hvdlm.training.spike import injected_lr_factor
 from hvdlm.training.verdict import Verdict, decides_on_device, non_finite_flags
@@ -561,13 +568,11 @@ def setup(
     # The model's vocabulary is the dataset tokenizer's; resolved before config.toml is written, so it records it.
     cfg.model.vocab_size = model_vocab_size(cfg.model.vocab_size, data.vocab_size)
     # Checkpoints are read and checked before the run directory is touched: bad input leaves nothing behind.
-    start = agree_on_start(run_dir, default_run_dir(job_name), resume)
+    start = agree_on_start(run_dir, default_run_dir(job_name), resume, cfg, topo)
     trainer, init_note = _assemble(cfg, topo, precision, data, start)
     # The rest of the checkpoint: a data position for other data, say, is refused before anything is written.
     with together("state_loaded"):
-        # ZeRO-3: a resume's EMA and optimizer state are matched to the whole weights (a fresh start needs none).
-        with trainer.optimizer.whole_model() if start.state is not None else contextlib.nullcontext():
-            trainer.first_step = _restore(trainer, start)
+        trainer.first_step = _restore(trainer, start)
     trainer.spikes = spike_guard(t, trainer.progress)  # with a checkpoint's detector state
     resume_step = trainer.first_step if resume is not None else None  # 0: resumed, but nothing to resume yet
     prepare_run_dir(start, cfg.to_toml(), resume_step)
@@ -687,11 +692,12 @@ def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str
     with together("model_loaded"):
         if start.state is not None:  # before a stage's cut, which keeps only its own RNG states
             check_same_global_batch(start.state, cfg, topo.dp, start.source)
-        if start.state is not None and topo.pp > 1:
+        if start.state is not None and topo.pp > 1 and not start.own:
             start.state = stage_state(start.state, model, topo.pp_rank, topo.pp)  # this stage's part, for restore
         if start.state is not None:
             check_compatible(start.state, cfg.train, start.source)
-            load_model(model, start.state, start.source, topo.tp_rank, topo.tp)
+            local = start.own and topo.tp > 1  # (a one-file save holds the vocabulary's real rows: cut as merged)
+            load_model(model, start.state, start.source, topo.tp_rank, topo.tp, local, start.held())
         elif cfg.train.init_from:
             # An hvdlm run or checkpoint, or a transformers GPT-2 directory (whose tokenizer the data must share).
             state = load_init_state(cfg.train.init_from, dataset_dir(cfg.data))
@@ -708,10 +714,26 @@ def _restore(trainer: Trainer, start: Start) -> int:
     A fresh run seeds one dropout stream per replica, shared by its TP ranks, whose replicated activations must
     be dropped alike (replicas would otherwise all drop the same units of different samples).
     """
+    topo, optimizer = trainer.topo, trainer.optimizer
     if start.state is None:
-        torch.manual_seed(trainer.t.seed + 1 + trainer.topo.dp_rank)
+        torch.manual_seed(trainer.t.seed + 1 + topo.dp_rank)
         return 0
-    return trainer.checkpoints.restore(start.state, trainer)
+    own = start.own
+    if own:
+        # This rank's own files: the optimizer takes its slice as it is, unless another bucket size (say) cuts the
+        # flat buffer otherwise on some rank; then every rank goes back to the merged state.
+        sliced = start.own_slice is not None
+        taken = optimizer.load_checkpoint_slice(start.own_slice) if sliced else True
+        if all(jobwide.allgather_object(taken, "resume_slice")):
+            return trainer.checkpoints.restore(start.state, trainer, local=topo.tp > 1, sliced=sliced)
+        merged = merged_start(start, trainer.model, topo)
+        start.own = False  # (for the banner)
+        start = merged
+    # ZeRO-3: the merged state's EMA and optimizer state are matched to the whole weights.
+    with optimizer.whole_model():
+        if own:  # the weights too, which the own slice would have held (ZeRO-3)
+            load_model(trainer.model, start.state, start.source, topo.tp_rank, topo.tp)
+        return trainer.checkpoints.restore(start.state, trainer)
 
 
 def _banner(trainer: Trainer, start: Start) -> None:
@@ -729,7 +751,9 @@ def _banner(trainer: Trainer, start: Start) -> None:
     if note := tokenizer_setting_note(trainer.cfg.data, data.meta):
         log.info(note)
     if start.state is not None:
-        log.info(f"resumed from {start.source} at step {trainer.first_step}")
+        # (each rank of the layout that saved reads its own files; any other layout reads them all, merged)
+        how = "each rank read its own files" if start.own else f"merged from its {len(start.paths)} shard file(s)"
+        log.info(f"resumed from {start.source} at step {trainer.first_step} ({how})")
     if note := zero_note(t):
         log.info(note)
 
