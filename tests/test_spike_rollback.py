@@ -140,8 +140,8 @@ def spiked_run(job: Path, run_dir: Path, cache: Path, inject: str, *extra: str) 
 
 @pytest.fixture(scope="module")
 def once(job, tmp_path_factory, cache_dir):
-    """Two data-parallel ranks with ZeRO-3 (the checkpoint is loaded into the whole weights and cut into shards
-    again); the spike injected once."""
+    """Two data-parallel ranks with ZeRO-3 (each rank takes its own slice file back: its part of the weights and
+    of the moments); the spike injected once."""
     run_dir = tmp_path_factory.mktemp("spike-once") / "run"
     r = spiked_run(job, run_dir, cache_dir, f"{INJECT_AT}:1000", "train.zero=3")
     return r, run_dir
@@ -149,7 +149,7 @@ def once(job, tmp_path_factory, cache_dir):
 
 @pytest.fixture(scope="module")
 def recurring(job, tmp_path_factory, cache_dir):
-    """Two pipeline stages (the loss comes from the last stage; a rollback loads each stage's part); the spike
+    """Two pipeline stages (the loss comes from the last stage; a rollback loads each stage's own file); the spike
     injected at every attempt, two rollbacks allowed."""
     run_dir = tmp_path_factory.mktemp("spike-every") / "run"
     extra = ("parallel.pp=2", "parallel.microbatches=2", "train.spike_max_rollbacks=2")
@@ -172,7 +172,8 @@ def test_an_injected_spike_is_rolled_back_past_its_data_and_the_run_finishes(onc
     assert min(rb["losses"]) > rb["threshold"] > rb["mean"]
     assert rb["skipped_steps"] == [17, 24] and rb["skipped_samples"] == 8 * 8  # 8 steps x 2 ranks x batch 4
     assert rb["skipped_positions"][1] - rb["skipped_positions"][0] == rb["skipped_samples"]
-    assert "spike rollback 1 of at most 3 in a row: back to the checkpoint of step 16" in r.out
+    # (each rank read its own slice of the checkpoint: its part of the weights and moments, as a resume does)
+    assert "spike rollback 1 of at most 3 in a row: back to the checkpoint of step 16 (each rank read its own" in r.out
     # The checkpoint written with the wrecked weights (step 20) went aside; the steps after 16 were trained again.
     assert (Path(rb["set_aside"]) / "step-0000020.pt").is_file()
     rows = [row for row in metrics(run_dir) if "loss" in row]
@@ -193,6 +194,7 @@ def test_a_spike_that_recurs_stops_the_run_after_the_allowed_rollbacks(recurring
     assert "after 2 rollback(s) in a row (train.spike_max_rollbacks = 2), so the run stops (exit 65)" in r.out
     assert "Traceback" not in r.out
     assert [(rb["to_step"], rb["in_a_row"]) for rb in rollbacks(run_dir)] == [(16, 1), (16, 2)]
+    assert r.out.count("back to the checkpoint of step 16 (each rank read its own files)") == 2, r.out[-4000:]
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["exit_code"], status["checkpoint_step"]) == ("failed", SPIKE_EXIT_CODE, 16)
     # What --resume auto would take is from before the spike, and it verifies.

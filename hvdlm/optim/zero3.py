@@ -304,6 +304,9 @@ class Zero3Optimizer(Zero2Optimizer):
             return False
         if not super().load_checkpoint_slice(saved):
             return False
+        self._settle()  # (a running trainer's rollback: nothing gathered may outlive the shard it came from)
+        for u in list(self._gathered):
+            self._release(u)
         for own, part in zip(self.own, parts):
             own.copy_(part)
         return True

@@ -17,7 +17,7 @@ import torch
 
 from hvdlm.checkpoint.format import load_own_files
 from hvdlm.checkpoint.manager import stage_record
-from hvdlm.checkpoint.reshard import load_full_state
+from hvdlm.checkpoint.reshard import load_full_state, load_model
 from hvdlm.checkpoint.stages import stage_state
 from hvdlm.checkpoint.store import (
     newest_intact,
@@ -71,7 +71,12 @@ def agree_on_start(requested: str | None, default: Path, resume: str | None, cfg
     run_dir = Path(answer["path"])
     if "paths" not in answer:
         return Start(run_dir, None)
-    paths, verified = [Path(p) for p in answer["paths"]], bool(answer.get("verified"))
+    return load_save(run_dir, [Path(p) for p in answer["paths"]], bool(answer.get("verified")), cfg, topo)
+
+
+def load_save(run_dir: Path, paths: list[Path], verified: bool, cfg: JobConfig, topo: Topology) -> Start:
+    """Every rank: the save of these shard files, its own files where every rank's are of this layout, else the
+    merged state (uncut: a stage takes its part with hvdlm.checkpoint.stages.stage_state). Collective."""
     with together("resume_own_files"):  # e.g. a file system that this node sees differently
         own = own_start(run_dir, paths, verified, cfg, topo)
     if all(jobwide.allgather_object(own is not None, "resume_own")):
@@ -101,6 +106,31 @@ def own_start(run_dir: Path, paths: list[Path], verified: bool, cfg: JobConfig, 
     if not same:
         return None
     return Start(run_dir, state, str(paths[0]), paths, own=True, own_slice=own_slice, verified=verified)
+
+
+def restore_checkpoint(run: Any, start: Start, weights_loaded: bool) -> int:
+    """Put `start`'s save into a built trainer (`run`: its model, optimizer, topology and checkpoint manager);
+    returns its step. `weights_loaded`: the model holds the save's weights already (setup loads them before the
+    optimizer shards them); a stage's merged state is its own part already (stage_state). Collective.
+
+    Own files: the optimizer takes its slice as it is, unless another bucket size (say) cuts the flat buffer
+    otherwise on some rank; then every rank goes back to the merged state."""
+    topo, optimizer, model = run.topo, run.optimizer, run.model
+    if start.own:
+        sliced = start.own_slice is not None
+        taken = optimizer.load_checkpoint_slice(start.own_slice) if sliced else True
+        if all(jobwide.allgather_object(taken, "resume_slice")):
+            if not weights_loaded:  # (ZeRO-3: the parameters are the slice's, `held`, taken above)
+                load_model(model, start.state, start.source, topo.tp_rank, topo.tp, topo.tp > 1, start.held())
+            return run.checkpoints.restore(start.state, run, local=topo.tp > 1, sliced=sliced)
+        merged = merged_start(start, model, topo)
+        start.own = False  # (for the banner)
+        start, weights_loaded = merged, False  # ZeRO-3: the weights too, which the own slice would have held
+    # ZeRO-3: the merged state is loaded into the whole weights, and its shard cut from them after.
+    with optimizer.whole_model():
+        if not weights_loaded:
+            load_model(model, start.state, start.source, topo.tp_rank, topo.tp)
+        return run.checkpoints.restore(start.state, run)
 
 
 def merged_start(start: Start, model: torch.nn.Module, topo: Topology) -> Start:

@@ -27,19 +27,20 @@ one more in a row; after train.spike_max_rollbacks in a row, the next spike stop
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import horovod.torch as hvd
 
-from hvdlm.checkpoint.reshard import load_full_state, load_model, merge_states
 from hvdlm.checkpoint.stages import stage_state
-from hvdlm.checkpoint.store import newest_loadable, set_aside_newer
+from hvdlm.checkpoint.store import newest_intact, set_aside_newer
 from hvdlm.config import TrainConfig
 from hvdlm.parallel import jobwide
 from hvdlm.parallel.agreement import rank0_decides, together
 from hvdlm.runfiles import SPIKE_EXIT_CODE, SpikeRecurred
 from hvdlm.training.metrics import RunLogger
 from hvdlm.training.preemption import Stop
+from hvdlm.training.resume import Start, load_save, restore_checkpoint
 from hvdlm.training.spike import SpikeDetector, SpikeState
 
 PROGRESS_KEY = "spike"  # the detector's state in the run's progress (carried in checkpoints)
@@ -79,15 +80,15 @@ class SpikeGuard:
     def roll_back(self, trainer, done: int) -> int:
         """Every rank, after step `done`: back to the checkpoint from before the spike, the data position kept;
         returns the step to go on from. Raises SpikeRecurred when the run must stop instead."""
-        loaded: list[dict[str, Any]] = []
-        answer = rank0_decides(lambda: self._choose(trainer, done, loaded), f"spike_rollback.{done}")
+        answer = rank0_decides(lambda: self._choose(trainer, done), f"spike_rollback.{done}")
         if "stop" in answer:
             raise SpikeRecurred(answer["stop"])
         position = trainer.train_batches.state_dict()  # the data position now, past every batch since the checkpoint
         state_before = self.detector.state
+        paths = [Path(p) for p in answer["paths"]]
+        start = load_save(trainer.run_dir, paths, True, trainer.cfg, trainer.topo)
         with together(f"spike_loaded.{done}"):
-            state = loaded[0] if loaded else load_full_state(answer["paths"][0])
-            step = _load(trainer, state, answer["paths"][0])
+            step = _load(trainer, start)
         # Every step since the checkpoint took one global batch; earlier rollbacks' windows are counted by their own.
         skipped = (done - step) * trainer.throughput.tokens_per_step // trainer.cfg.model.seq_len
         trainer.train_batches.load_state_dict(position)
@@ -111,11 +112,12 @@ class SpikeGuard:
             "in_a_row": s.in_a_row,
             "set_aside": answer["aside"],
         }
-        _log_rollback(trainer, step, record, self.t.spike_max_rollbacks)
+        how = "each rank read its own files" if start.own else "merged"
+        _log_rollback(trainer, step, record, self.t.spike_max_rollbacks, how)
         return step
 
-    def _choose(self, trainer, done: int, loaded: list) -> dict[str, Any]:
-        """Rank 0: the checkpoint to go back to (its state kept in `loaded`), or why the run stops."""
+    def _choose(self, trainer, done: int) -> dict[str, Any]:
+        """Rank 0: the checkpoint to go back to (every file checked), or why the run stops."""
         s, t = self.detector.state, self.t
         spike = s.spike or {"start": done, "detected": done, "losses": []}  # (rank 0 votes only with a spike)
         trusted = spike["start"] - 2  # the newest step whose weights a healthy loss was seen from
@@ -123,23 +125,20 @@ class SpikeGuard:
         aside = set_aside_newer(trainer.run_dir, trusted) if trusted >= 0 else None
         if s.in_a_row >= t.spike_max_rollbacks:
             return {"stop": _recurred_message(spike, t, s.in_a_row)}
-        found = newest_loadable(trainer.run_dir, warn=lambda message: print(message, flush=True))
-        if found is None or found[0].step > trusted:
+        found = newest_intact(trainer.run_dir, warn=lambda message: print(message, flush=True))
+        if found is None or found.step > trusted:
             return {"stop": _no_checkpoint_message(spike, t, trusted)}
-        loaded.append(merge_states(found[1]))
-        paths = [str(p) for p in found[0].paths]
+        paths = [str(p) for p in found.paths]
         return {"paths": paths, "spike": spike, "aside": str(aside) if aside else None}
 
 
-def _load(trainer, state: dict[str, Any], source: str) -> int:
+def _load(trainer, start: Start) -> int:
     """A checkpoint's model, optimizer, EMA, scaler, progress, random streams and data position, into the running
-    trainer (as setup loads one to resume); its step."""
+    trainer (as setup loads one to resume: each rank its own files at the layout that saved); its step."""
     topo = trainer.topo
-    if topo.pp > 1:
-        state = stage_state(state, trainer.model, topo.pp_rank, topo.pp)
-    with trainer.optimizer.whole_model():  # ZeRO-3: loaded into the whole weights, its shard cut from them after
-        load_model(trainer.model, state, source, topo.tp_rank, topo.tp)
-        return trainer.checkpoints.restore(state, trainer)
+    if not start.own and topo.pp > 1:
+        start.state = stage_state(start.state, trainer.model, topo.pp_rank, topo.pp)
+    return restore_checkpoint(trainer, start, weights_loaded=False)
 
 
 def _consumed(data: dict[str, int]) -> int:
@@ -147,9 +146,9 @@ def _consumed(data: dict[str, int]) -> int:
     return data["epoch"] * data["samples_per_epoch"] + data["position"]
 
 
-def _log_rollback(trainer, step: int, record: dict[str, Any], max_rollbacks: int) -> None:
+def _log_rollback(trainer, step: int, record: dict[str, Any], max_rollbacks: int, how: str) -> None:
     """metrics.jsonl cut back to the checkpoint's step, as for a resume (the rows of the abandoned steps would
-    otherwise show twice), then the rollback's row; and the log line."""
+    otherwise show twice), then the rollback's row; and the log line (`how`: how the checkpoint was read)."""
     t = trainer.t
     trainer.logger.close()
     trainer.logger = RunLogger(trainer.run_dir, t.max_steps, hvd.rank() == 0, t.tensorboard, resume_step=step)
@@ -160,7 +159,7 @@ def _log_rollback(trainer, step: int, record: dict[str, Any], max_rollbacks: int
     )
     trainer.logger.info(
         f"step {record['from_step']:>6} | spike rollback {record['in_a_row']} of at most {max_rollbacks} in a row: "
-        f"back to the checkpoint of step {step}, skipping the data of steps {first}-{last} "
+        f"back to the checkpoint of step {step} ({how}), skipping the data of steps {first}-{last} "
         f"({record['skipped_samples']:,} samples, {record['skipped_tokens']:,} tokens){aside}"
     )
     trainer.throughput.restart()

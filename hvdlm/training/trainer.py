@@ -71,8 +71,8 @@ from hvdlm.training.resume import (
     agree_on_start,
     check_compatible,
     check_same_global_batch,
-    merged_start,
     prepare_run_dir,
+    restore_checkpoint,
 )
 from hvdlm.training.rollback import SpikeGuard, spike_guard
 from hvdlm.training.spike import injected_lr_factor
@@ -714,26 +714,10 @@ def _restore(trainer: Trainer, start: Start) -> int:
     A fresh run seeds one dropout stream per replica, shared by its TP ranks, whose replicated activations must
     be dropped alike (replicas would otherwise all drop the same units of different samples).
     """
-    topo, optimizer = trainer.topo, trainer.optimizer
     if start.state is None:
-        torch.manual_seed(trainer.t.seed + 1 + topo.dp_rank)
+        torch.manual_seed(trainer.t.seed + 1 + trainer.topo.dp_rank)
         return 0
-    own = start.own
-    if own:
-        # This rank's own files: the optimizer takes its slice as it is, unless another bucket size (say) cuts the
-        # flat buffer otherwise on some rank; then every rank goes back to the merged state.
-        sliced = start.own_slice is not None
-        taken = optimizer.load_checkpoint_slice(start.own_slice) if sliced else True
-        if all(jobwide.allgather_object(taken, "resume_slice")):
-            return trainer.checkpoints.restore(start.state, trainer, local=topo.tp > 1, sliced=sliced)
-        merged = merged_start(start, trainer.model, topo)
-        start.own = False  # (for the banner)
-        start = merged
-    # ZeRO-3: the merged state's EMA and optimizer state are matched to the whole weights.
-    with optimizer.whole_model():
-        if own:  # the weights too, which the own slice would have held (ZeRO-3)
-            load_model(trainer.model, start.state, start.source, topo.tp_rank, topo.tp)
-        return trainer.checkpoints.restore(start.state, trainer)
+    return restore_checkpoint(trainer, start, weights_loaded=True)
 
 
 def _banner(trainer: Trainer, start: Start) -> None:
