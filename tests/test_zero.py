@@ -214,13 +214,14 @@ def resume_from(run_dir: Path, step: int, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("source,stage,says", [("replicated", 1, OWN), ("zero2", 2, MERGED)])
+@pytest.mark.parametrize("source,stage,says", [("replicated", 1, OWN), ("zero2", 2, MERGED), ("zero3", 3, MERGED)])
 def test_a_checkpoint_resumes_with_zero_on_one_rank(runs, job, tmp_path, cache_dir, source, stage, says):
     """A replicated checkpoint with ZeRO-1 switched on, a ZeRO-2 one (buckets) with ZeRO-2 again, DP 2 -> 1 (the
     global batch kept: 8 sequences on one replica), full recomputation on too (ZeRO-2's hooks under
     torch.utils.checkpoint): the optimizer state is cut into other slices exactly, so the run goes on as before.
-    The replicated save's one file is the rank's own (its whole state, whatever the DP size); the ZeRO save's two
-    slices are merged."""
+    The replicated save's one file is the rank's own (its whole state, whatever the DP size); the ZeRO saves' two
+    slices are merged (ZeRO-3's into the whole model gathered after the optimizer placed it: it is never built
+    whole)."""
     run_dir = resume_from(runs[source], 4, tmp_path / "run")
     extra = (f"train.zero={stage}", BUCKET, "train.batch_size=8", "model.recompute=full")
     train(1, job, run_dir, cache_dir, *extra, flags=("--resume", "auto"), says=says)
@@ -341,3 +342,16 @@ def test_a_zero3_checkpoint_merges_to_one_file_equal_to_replicated(runs, tmp_pat
         assert (merged["model"][name] - t).abs().max().item() <= TOL, name
     for i, entry in ref["optimizer"]["state"].items():
         assert (merged["optimizer"]["state"][i]["exp_avg"] - entry["exp_avg"]).abs().max().item() <= TOL, i
+
+
+def test_init_from_loads_the_same_weights_into_a_zero3_run_as_into_a_replicated_one(runs, job, tmp_path, cache_dir):
+    """--init-from the replicated run's final checkpoint, into a ZeRO-3 run (whose model is never built whole: the
+    weights go into the model gathered once the optimizer has placed its shard) and into a replicated one: the two
+    runs train alike from their first step, from the loaded weights (not from a fresh initialisation)."""
+    source = ("--init-from", str(runs["replicated"] / "checkpoints" / f"step-{STEPS:07d}.pt"))
+    short = ("train.max_steps=3", "train.checkpoint_interval=0", "train.ema_decay=0")
+    three = train(2, job, tmp_path / "zero3", cache_dir, *ZERO3, *short, flags=source)
+    plain = train(2, job, tmp_path / "plain", cache_dir, *short, flags=source)
+    assert_losses_close(three, plain, range(1, 4))
+    # Loaded, not drawn: the first loss is the trained model's, far below the fresh one's of the same job.
+    assert losses_by_step(three)[1] < losses_by_step(runs["replicated"])[1] - 0.1

@@ -98,7 +98,18 @@ def load_model(
     """Load an unsharded state into this rank's shard of `model`, after checking that the shapes agree. `local`:
     the state is this TP rank's own shard file (padded slices, loaded as they are); `held`: the parameters that
     state leaves to the optimizer's slice (ZeRO-3's own files), left as they are here."""
-    full = full_state["model"]
+    check_model_shape(model, full_state, source, local, held)
+    model.load_state_dict(shard_state(model, full_state["model"], tp_rank, tp, local, held), strict=not held)
+
+
+def check_model_shape(
+    model: torch.nn.Module,
+    full_state: dict[str, Any],
+    source: str,
+    local: bool = False,
+    held: frozenset[str] = frozenset(),
+) -> None:
+    """Refuse a state whose model is of another shape than `model` (one InputError naming the differences)."""
     problems = _shape_problems(model, full_state, local, held)
     if problems:
         theirs = _shape_summary(full_state.get("config", {}).get("model", {}))
@@ -107,7 +118,6 @@ def load_model(
             f"checkpoint '{source}' holds a model of another shape: {'; '.join(problems)}. "
             f"Checkpoint model: {theirs}; this job's model: {ours}. Set the [model] keys to the checkpoint's."
         )
-    model.load_state_dict(shard_state(model, full, tp_rank, tp, local, held), strict=not held)
 
 
 def _shape_problems(

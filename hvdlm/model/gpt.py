@@ -13,6 +13,7 @@ heads, D = C / H a head's width, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,27 @@ def initial_value(module: nn.Module, module_name: str, name: str, shape: tuple[i
         return full.zero_()
     std = 0.02 / math.sqrt(2 * n_layer) if module_name.endswith(RESIDUAL_OUTPUTS) else 0.02
     return full.normal_(mean=0.0, std=std)
+
+
+def initial_values(cfg: ModelConfig, tp_group: Group) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter's initial value (this TP rank's shard of it) under its whole-GPT name, one at a time, drawn
+    from torch's global generator as a GPT built now would draw them (its position table's own init first, which
+    GPT._init_weights then overwrites). A tied head is the embedding: its value comes once, as `tok_emb.weight`.
+    Nothing but the one tensor is held, so a model too large for a rank can be initialised piece by piece
+    (ZeRO-3 keeps each rank's part only: hvdlm.optim.zero3)."""
+    with torch.device("meta"):  # the whole GPT's parameter order and shapes, without memory or random draws
+        whole = GPT(cfg, tp_group, init=False)
+    if whole.pos_emb is not None:  # nn.Embedding's own init in the GPT's constructor
+        torch.empty(cfg.seq_len, cfg.d_model).normal_()
+    g, seen = whole.tp_group, set()
+    for module_name, module in whole.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # the tied head weight is the embedding's
+                continue
+            seen.add(id(p))
+            full = initial_value(module, module_name, name, full_shape(p), cfg.n_layer)
+            spec = getattr(p, "tp_shard", None)
+            yield f"{module_name}.{name}", shard(full, spec, g.rank, g.size) if spec is not None else full
 
 
 class CausalSelfAttention(nn.Module):
@@ -161,7 +183,7 @@ class GPT(nn.Module):
     of the TP=1 model built after torch.manual_seed(s).
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group: Group | None = None):
+    def __init__(self, cfg: ModelConfig, tp_group: Group | None = None, init: bool = True):
         super().__init__()
         self.cfg = cfg
         self.tp_group = g = tp_group or Group.single()
@@ -173,7 +195,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, g, rotary) for _ in range(cfg.n_layer))
         self.ln_f = PARTS[cfg.arch].norm(cfg)
         self.head = output_head(cfg, g, self.tok_emb)
-        self._init_weights()
+        if init:  # (init=False: the tensors as allocated, for a caller that places `initial_values` itself)
+            self._init_weights()
+
+    def initial_values(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        """Each parameter with the value a GPT built now would give it (see `initial_values` of the module)."""
+        params = dict(self.named_parameters())
+        for name, value in initial_values(self.cfg, self.tp_group):
+            yield params[name], value
 
     @torch.no_grad()
     def _init_weights(self) -> None:

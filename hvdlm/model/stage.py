@@ -25,14 +25,16 @@ the last stage. `forward(inp, targets, chunk=c)` runs the stage's c-th chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
 from hvdlm.config import ModelConfig
-from hvdlm.model.gpt import GPT, Block, check_tp_size, embed, initial_value, learned_positions, output_head
+from hvdlm.model.gpt import GPT, Block, check_tp_size, embed, initial_values, learned_positions, output_head
 from hvdlm.model.parts import PARTS, rotary_of
 from hvdlm.model.recompute import recomputed
-from hvdlm.parallel.layers import VocabParallelEmbedding, full_shape, shard, vocab_parallel_cross_entropy
+from hvdlm.parallel.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from hvdlm.parallel.split import layer_range, rank_chunks
 from hvdlm.parallel.topology import Group
 
@@ -42,7 +44,13 @@ class GPTStage(nn.Module):
     (hvdlm.parallel.split), `virtual` chunks per stage."""
 
     def __init__(
-        self, cfg: ModelConfig, counts: list[int], stage: int, tp_group: Group | None = None, virtual: int = 1
+        self,
+        cfg: ModelConfig,
+        counts: list[int],
+        stage: int,
+        tp_group: Group | None = None,
+        virtual: int = 1,
+        init: bool = True,
     ):
         super().__init__()
         rng = torch.get_rng_state()  # where the whole GPT's construction would start drawing
@@ -65,32 +73,23 @@ class GPTStage(nn.Module):
             # One stage: tied as in the GPT; a last stage of several: the tied weight's copy, or an untied head.
             self.head = output_head(cfg, g, self.tok_emb if self.is_first else None)
         torch.set_rng_state(rng)
-        self._whole = self._init_weights()
+        with torch.device("meta"):  # the whole GPT's parameter counts, without memory or random draws
+            whole = GPT(cfg, g, init=False)
+        self._whole = whole.num_params(non_embedding=False), whole.num_params()
+        if init:  # (init=False: the tensors as allocated, for a caller that places `initial_values` itself)
+            with torch.no_grad():
+                for p, value in self.initial_values():
+                    p.copy_(value)
 
-    @torch.no_grad()
-    def _init_weights(self) -> tuple[int, int]:
-        """Draw the whole GPT's tensors in its order, keep this stage's; returns the whole GPT's parameter counts
-        (all, and without the position table)."""
-        with torch.device("meta"):  # the whole GPT's parameter order and shapes, without memory or random draws
-            whole = GPT(self.cfg, self.tp_group)
-        # The GPT's constructor draws once before its _init_weights: nn.Embedding's own init of the position
-        # table (overwritten by _init_weights). Draw as much, so that the draws below are the GPT's.
-        if whole.pos_emb is not None:
-            torch.empty(self.cfg.seq_len, self.cfg.d_model).normal_()
-        tied = self.cfg.tie_embeddings
-        own, g, seen = dict(self.named_parameters(remove_duplicate=False)), self.tp_group, set()
-        for module_name, module in whole.named_modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                full = initial_value(module, module_name, name, full_shape(p), self.cfg.n_layer)
-                key = f"{module_name}.{name}"
-                for target in (key, "head.weight") if key == "tok_emb.weight" and tied else (key,):
-                    if target in own:
-                        spec = getattr(own[target], "tp_shard", None)
-                        own[target].copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
-        return whole.num_params(non_embedding=False), whole.num_params()
+    def initial_values(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        """This stage's parameters with the values the whole GPT built now would give them: every full tensor is
+        drawn in the GPT's order (hvdlm.model.gpt.initial_values), the stage's kept; a last stage's tied head copy
+        gets the embedding's."""
+        own, tied = dict(self.named_parameters(remove_duplicate=False)), self.cfg.tie_embeddings
+        for key, value in initial_values(self.cfg, self.tp_group):
+            for target in (key, "head.weight") if key == "tok_emb.weight" and tied else (key,):
+                if target in own:
+                    yield own[target], value
 
     def num_params(self, non_embedding: bool = True) -> int:
         """The whole GPT's parameter count (as GPT.num_params), for FLOPs and the banner."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from hvdlm.config import JobConfig
@@ -15,8 +17,16 @@ from hvdlm.optim.zero3 import Zero3Optimizer
 from hvdlm.parallel.topology import Topology, elastic_job
 
 
-def build(model: torch.nn.Module, cfg: JobConfig, topology: Topology) -> TrainingOptimizer:
-    """The run's optimizer, with every replica starting from its DP group's root state.
+def build(
+    model: torch.nn.Module,
+    cfg: JobConfig,
+    topology: Topology,
+    initial: Iterable[tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
+    device: torch.device | None = None,
+) -> TrainingOptimizer:
+    """The run's optimizer, with every replica starting from its DP group's root state. ZeRO-3 only: `initial`, the
+    parameters' initial values where the model's tensors were never filled (each rank draws the same values, so
+    nothing is broadcast; see Zero3Optimizer), and the `device` of its shard.
 
     ZeRO-1/2/3 shard the state (ZeRO-2 the gradients too, ZeRO-3 the weights too) over the DP group; local SGD steps
     each replica on its own gradients and averages the weights every train.local_sgd_interval steps; otherwise Horovod
@@ -24,6 +34,8 @@ def build(model: torch.nn.Module, cfg: JobConfig, topology: Topology) -> Trainin
     micro-batch of a pipeline stage is one), or a single replica steps alone.
     """
     t = cfg.train
+    if t.zero == 3 and initial is not None:
+        return Zero3Optimizer(model, t, topology, initial, device)
     optimizer = make_optimizer(model, t)
     # Horovod: the weights (and a loaded state) of each DP group's root; a fresh optimizer has no state yet.
     broadcast_initial_state(model, optimizer, topology)

@@ -67,7 +67,9 @@ class ZeroOptimizer(TrainingOptimizer):
 
     pieces_cross_buckets = True  # an optimizer tensor may span buckets (ZeRO-3: no, each bucket's part is its own)
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology, device: torch.device | None = None):
+        """`device`: where the buffers go (by default the parameters'; ZeRO-3 with `initial` values: the model's
+        parameters are placeholders, never filled, wherever they were allocated)."""
         self.topo = topo
         groups = param_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]  # the optimizer's order: decay, then no-decay
@@ -90,7 +92,7 @@ class ZeroOptimizer(TrainingOptimizer):
             self.parts.append((start + topo.dp_rank * part, held, part))
             offset, held = start + d * part, held + part
         self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
-        self.flat_numel, self.device = offset, self.params[0].device
+        self.flat_numel, self.device = offset, device or self.params[0].device
         device = self.device
         self._place_weights()
         # This rank's averaged gradient slice (the pieces' .grad), filled by the reduce-scatter.

@@ -42,7 +42,7 @@ ZeRO-3 checkpoint resumes at any DP size and with any ZeRO stage, and merges and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import horovod.torch as hvd
 import torch
@@ -97,9 +97,21 @@ class Zero3Optimizer(Zero2Optimizer):
 
     pieces_cross_buckets = False
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, topo: Topology):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        topo: Topology,
+        initial: Iterable[tuple[nn.Parameter, torch.Tensor]] | None = None,
+        device: torch.device | None = None,
+    ):
+        """`initial`: each parameter's initial value, one at a time (hvdlm.model.gpt.initial_values), where the
+        model's parameters were allocated and never filled: each rank keeps its part of each and the whole model
+        is never held (`device`: where the shard goes). Without it, the model's values are sharded."""
         self._modules = gather_units(model)
-        super().__init__(model, cfg, topo)
+        self._initial = initial
+        super().__init__(model, cfg, topo, device)
+        self._initial = None  # (consumed)
         owner = {}  # parameter id -> the first module (in forward order) holding it: its unit
         for m, module in enumerate(self._modules):
             for p in module.parameters():
@@ -156,12 +168,29 @@ class Zero3Optimizer(Zero2Optimizer):
             full = torch.zeros(d * part, device=self.device)
             for i in ids:
                 p, at = self.params[i], self.param_offsets[i] - start
-                full[at : at + p.numel()].copy_(p.detach().reshape(-1))
+                if self._initial is None:
+                    full[at : at + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = full[at : at + p.numel()].view_as(p)
             self.own.append(full[r * part : (r + 1) * part].clone())
             self._full.append(full)
             full.untyped_storage().resize_(0)
         self._own_of = {s: b for b, (_, s, _) in enumerate(self.parts)}  # shard offset -> bucket
+        if self._initial is not None:
+            self._place_initial(self._initial)
+
+    @torch.no_grad()
+    def _place_initial(self, initial: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        """This rank's part of each parameter's initial value, as the values come (one whole tensor at a time)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        bucket_of = {i: b for b, ids in enumerate(self.bucket_params) for i in ids}
+        r = self.topo.dp_rank
+        for p, value in initial:
+            i = index[id(p)]
+            b = bucket_of[i]
+            at, n, part = self.param_offsets[i] - self.bucket_starts[b], p.numel(), self.parts[b][2]
+            lo, hi = max(at, r * part), min(at + n, (r + 1) * part)  # the parameter within this rank's part
+            if lo < hi:
+                self.own[b][lo - r * part : hi - r * part].copy_(value.reshape(-1)[lo - at : hi - at])
 
     def _weights_piece(self, a: int, b: int, s: int) -> torch.Tensor:
         """Pieces never cross a bucket: the piece at shard offset s lies in the part of the bucket starting at or

@@ -25,13 +25,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import horovod.torch as hvd
 import torch
 
 from hvdlm.checkpoint.hf import load_init_state
 from hvdlm.checkpoint.manager import CheckpointManager
-from hvdlm.checkpoint.reshard import load_model
+from hvdlm.checkpoint.reshard import check_model_shape, load_model
 from hvdlm.checkpoint.stages import stage_state
 from hvdlm.config import JobConfig, TrainConfig, default_run_dir
 from hvdlm.data import Dataset, open_dataset
@@ -622,12 +623,9 @@ def _assemble(
     """The model (loaded), its optimizer and EMA, the samplers and the checkpoint policy, held by one Trainer;
     and where --init-from weights came from (for the log)."""
     t, device = cfg.train, precision.device
-    model, init_note = _build_model(cfg, topo, start)
-    model = precision.convert(model.to(device))  # fp8: torchao's float8 linear layers
-    _speed_up(model, t, topo, device)
+    model, optimizer, init_note = _model_and_optimizer(cfg, topo, precision, start)
     shape, p = cfg.model, cfg.parallel
     train_batches, val_batches = _samplers(cfg, data, topo)
-    optimizer = build_optimizer(model, cfg, topo)
     ema = None
     if t.ema_decay:
         with optimizer.whole_model():  # ZeRO-3: the EMA starts from the whole weights
@@ -662,6 +660,40 @@ def _assemble(
     return trainer, init_note
 
 
+def _model_and_optimizer(
+    cfg: JobConfig, topo: Topology, precision: Precision, start: Start
+) -> tuple[GPT, TrainingOptimizer, str | None]:
+    """The model on its device (loaded: see `_build_model`) and its optimizer; where --init-from weights came from.
+
+    ZeRO-3 never holds the whole model: the model's tensors are allocated and never filled (untouched memory the
+    kernel does not back), and the optimizer keeps each rank's part of every initial value as the values are
+    drawn, one tensor at a time; weights to load into the whole model (a merged checkpoint, --init-from) go in
+    once the optimizer can gather it."""
+    t, device = cfg.train, precision.device
+    lazy = builds_lazily(t)
+    model, init_note, pending = _build_model(cfg, topo, start, lazy)
+    if lazy:  # the buffers only: the placeholders stay where they are (the shard goes to the device)
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(device))
+    else:
+        model = precision.convert(model.to(device))  # fp8: torchao's float8 linear layers
+    _speed_up(model, t, topo, device)
+    if lazy:
+        torch.manual_seed(t.seed)  # the draws of a model built now (as `_build_model` seeds its build)
+    initial = model.initial_values() if lazy else None
+    optimizer = build_optimizer(model, cfg, topo, initial, device if lazy else None)
+    if pending is not None:
+        with optimizer.whole_model():
+            load_model(model, pending, pending["source"], topo.tp_rank, topo.tp)
+    return model, optimizer, init_note
+
+
+def builds_lazily(t: TrainConfig) -> bool:
+    """ZeRO-3 (fp8 swaps the linear layers, reading their weights: built whole) initialises rank by rank."""
+    return t.zero == 3 and t.precision != "fp8"
+
+
 def _samplers(
     cfg: JobConfig, data: Dataset | Blend, topo: Topology
 ) -> tuple[WindowSampler | BlendSampler, ValidationSets]:
@@ -677,18 +709,21 @@ def _tokens_per_step(cfg: JobConfig, topo: Topology) -> int:
     return t.batch_size * t.accumulation_steps * cfg.parallel.microbatches * cfg.model.seq_len * topo.dp
 
 
-def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str | None]:
-    """The model (this rank's shard), with the weights of the checkpoint to continue or to start from; and with
-    --init-from, where its weights came from (for the log)."""
+def _build_model(
+    cfg: JobConfig, topo: Topology, start: Start, lazy: bool = False
+) -> tuple[GPT, str | None, dict[str, Any] | None]:
+    """The model (this rank's shard), with the weights of the checkpoint to continue or to start from; with
+    --init-from, where its weights came from (for the log). `lazy`: its tensors allocated but neither filled nor
+    loaded (ZeRO-3, see `_model_and_optimizer`), and the --init-from state returned to load later."""
     # Every rank seeds alike: a TP rank builds the full tensors and keeps its slice (layout-independent init).
     torch.manual_seed(cfg.train.seed)
     if topo.pp == 1:
-        model = GPT(cfg.model, topo.tp_group)
+        model = GPT(cfg.model, topo.tp_group, init=not lazy)
     else:  # this rank's stage: its layers of the split, layout-independent init as the GPT's
         p = cfg.parallel  # with virtual stages, the split's chunks (hvdlm.parallel.interleaved)
         counts = chunk_layers(cfg.model.n_layer, topo.pp, p.pp_layers, p.virtual_stages)
-        model = GPTStage(cfg.model, counts, topo.pp_rank, topo.tp_group, p.virtual_stages)
-    note = None
+        model = GPTStage(cfg.model, counts, topo.pp_rank, topo.tp_group, p.virtual_stages, init=not lazy)
+    note = pending = None
     with together("model_loaded"):
         if start.state is not None:  # before a stage's cut, which keeps only its own RNG states
             check_same_global_batch(start.state, cfg, topo.dp, start.source)
@@ -697,15 +732,22 @@ def _build_model(cfg: JobConfig, topo: Topology, start: Start) -> tuple[GPT, str
         if start.state is not None:
             check_compatible(start.state, cfg.train, start.source)
             local = start.own and topo.tp > 1  # (a one-file save holds the vocabulary's real rows: cut as merged)
-            load_model(model, start.state, start.source, topo.tp_rank, topo.tp, local, start.held())
+            if start.own or not lazy:
+                load_model(model, start.state, start.source, topo.tp_rank, topo.tp, local, start.held())
+            else:  # (restore_checkpoint loads it into the gathered model; refused here, before the optimizer)
+                check_model_shape(model, start.state, start.source)
         elif cfg.train.init_from:
             # An hvdlm run or checkpoint, or a transformers GPT-2 directory (whose tokenizer the data must share).
             state = load_init_state(cfg.train.init_from, dataset_dir(cfg.data))
             if topo.pp > 1:
                 state = stage_state(state, model, topo.pp_rank, topo.pp)
-            load_model(model, state, state["source"], topo.tp_rank, topo.tp)
+            if lazy:
+                check_model_shape(model, state, state["source"])
+                pending = state
+            else:
+                load_model(model, state, state["source"], topo.tp_rank, topo.tp)
             note = f"initialised from {state['origin']}; new optimizer and data order"
-    return model, note
+    return model, note, pending
 
 
 def _restore(trainer: Trainer, start: Start) -> int:
@@ -717,7 +759,8 @@ def _restore(trainer: Trainer, start: Start) -> int:
     if start.state is None:
         torch.manual_seed(trainer.t.seed + 1 + trainer.topo.dp_rank)
         return 0
-    return restore_checkpoint(trainer, start, weights_loaded=True)
+    # (lazily built, the model holds a merged state's weights only once restore_checkpoint gathers it)
+    return restore_checkpoint(trainer, start, weights_loaded=start.own or not builds_lazily(trainer.t))
 
 
 def _banner(trainer: Trainer, start: Start) -> None:
