@@ -57,15 +57,22 @@ def initial_values(cfg: ModelConfig, tp_group: Group) -> Iterator[tuple[str, tor
         whole = GPT(cfg, tp_group, init=False)
     if whole.pos_emb is not None:  # nn.Embedding's own init in the GPT's constructor
         torch.empty(cfg.seq_len, cfg.d_model).normal_()
-    g, seen = whole.tp_group, set()
-    for module_name, module in whole.named_modules():
+    for name, _, value in _drawn(whole):
+        yield name, value
+
+
+def _drawn(model: GPT) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+    """Each parameter of `model` (a tied one once) by name, with this TP rank's shard of its initial value: every
+    full tensor drawn in module order, the same for every TP size."""
+    g, seen = model.tp_group, set()
+    for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # the tied head weight is the embedding's
                 continue
             seen.add(id(p))
-            full = initial_value(module, module_name, name, full_shape(p), cfg.n_layer)
+            full = initial_value(module, module_name, name, full_shape(p), model.cfg.n_layer)
             spec = getattr(p, "tp_shard", None)
-            yield f"{module_name}.{name}", shard(full, spec, g.rank, g.size) if spec is not None else full
+            yield f"{module_name}.{name}", p, shard(full, spec, g.rank, g.size) if spec is not None else full
 
 
 class CausalSelfAttention(nn.Module):
@@ -212,15 +219,8 @@ class GPT(nn.Module):
         std 0.02 / sqrt(2 L) (GPT-2's scaled init, so the stream's variance does not grow with depth); biases 0;
         LayerNorm gains 1. The draws follow the module order, the same for every TP size.
         """
-        g, seen = self.tp_group, set()
-        for module_name, module in self.named_modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:  # the tied head weight is the embedding's
-                    continue
-                seen.add(id(p))
-                full = initial_value(module, module_name, name, full_shape(p), self.cfg.n_layer)
-                spec = getattr(p, "tp_shard", None)
-                p.copy_(shard(full, spec, g.rank, g.size) if spec is not None else full)
+        for _, p, value in _drawn(self):
+            p.copy_(value)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the tables that are only looked up (no matmul), as in the 6N
