@@ -23,10 +23,12 @@ def build(
     topology: Topology,
     initial: Iterable[tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
     device: torch.device | None = None,
+    adopt: dict | None = None,
 ) -> TrainingOptimizer:
     """The run's optimizer, with every replica starting from its DP group's root state. ZeRO-3 only: `initial`, the
     parameters' initial values where the model's tensors were never filled (each rank draws the same values, so
-    nothing is broadcast; see Zero3Optimizer), and the `device` of its shard.
+    nothing is broadcast; see Zero3Optimizer), and the `device` of its shard. ZeRO: `adopt`, this rank's own slice
+    file of the save to resume, whose tensors become the state where they fit (see ZeroOptimizer).
 
     ZeRO-1/2/3 shard the state (ZeRO-2 the gradients too, ZeRO-3 the weights too) over the DP group; local SGD steps
     each replica on its own gradients and averages the weights every train.local_sgd_interval steps; otherwise Horovod
@@ -35,16 +37,16 @@ def build(
     """
     t = cfg.train
     if t.zero == 3 and initial is not None:
-        return Zero3Optimizer(model, t, topology, initial, device)
+        return Zero3Optimizer(model, t, topology, initial, device, adopt)
     optimizer = make_optimizer(model, t)
     # Horovod: the weights (and a loaded state) of each DP group's root; a fresh optimizer has no state yet.
     broadcast_initial_state(model, optimizer, topology)
     if t.zero == 3:
-        return Zero3Optimizer(model, t, topology)  # the weights sharded too, gathered module by module
+        return Zero3Optimizer(model, t, topology, adopt=adopt)  # the weights sharded too, gathered module by module
     if t.zero == 2:
-        return Zero2Optimizer(model, t, topology)  # gradients sharded too, reduced bucket by bucket in backward
+        return Zero2Optimizer(model, t, topology, adopt=adopt)  # gradients sharded too, reduced in backward
     if t.zero:
-        return ZeroOptimizer(model, t, topology)  # its own slice of the state; reduce-scatter, then all-gather
+        return ZeroOptimizer(model, t, topology, adopt=adopt)  # its own slice of the state; reduce-scatter, all-gather
     if t.local_sgd_interval:
         return LocalSGD(optimizer, model, topology, t)
     if topology.dp == 1 and not elastic_job():

@@ -67,33 +67,29 @@ class ZeroOptimizer(TrainingOptimizer):
 
     pieces_cross_buckets = True  # an optimizer tensor may span buckets (ZeRO-3: no, each bucket's part is its own)
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        topo: Topology,
+        device: torch.device | None = None,
+        adopt: dict[str, Any] | None = None,
+    ):
         """`device`: where the buffers go (by default the parameters'; ZeRO-3 with `initial` values: the model's
-        parameters are placeholders, never filled, wherever they were allocated)."""
+        parameters are placeholders, never filled, wherever they were allocated). `adopt`: this rank's own slice
+        file of a save to resume (hvdlm.training.resume): where it cuts the flat buffer as this optimizer does,
+        its tensors become the state (ZeRO-3: the shard of the weights too), none allocated beside them."""
         self.topo = topo
         groups = param_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]  # the optimizer's order: decay, then no-decay
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("ZeRO keeps fp32 weights: the model's parameters must be fp32 (autocast does the rest)")
-        d = topo.dp
         # The flat layout: buckets of parameters, each padded to a multiple of d (ZeRO-1: one bucket).
         self.bucket_params = self._buckets(model, cfg)  # each bucket's parameters (their indices), in flat order
-        self.param_offsets = [0] * len(self.params)  # where each parameter starts in the flat buffer
-        self.bucket_starts: list[int] = []
-        self.parts: list[tuple[int, int, int]] = []  # this rank's part of each bucket: (flat start, shard start, S_b)
-        offset = held = 0
-        for ids in self.bucket_params:
-            start = offset
-            self.bucket_starts.append(start)
-            for i in ids:
-                self.param_offsets[i] = offset
-                offset += self.params[i].numel()
-            part = -(-(offset - start) // d)  # S_b
-            self.parts.append((start + topo.dp_rank * part, held, part))
-            offset, held = start + d * part, held + part
-        self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
-        self.flat_numel, self.device = offset, device or self.params[0].device
-        device = self.device
+        self._lay_out()
+        self.device = device = device or self.params[0].device
+        self._adopted = adopt if adopt is not None and adopt.get("layout") == self._layout() else None
+        self._adopted_id: int | None = None
         self._place_weights()
         # This rank's averaged gradient slice (the pieces' .grad), filled by the reduce-scatter.
         self.grad_slice = self._gradient_buffers()
@@ -122,7 +118,33 @@ class ZeroOptimizer(TrainingOptimizer):
         self._copy_ranges = self._ranges_of(_tied_copy)
         self._groups_of_params = [g["params"] for g in groups]
         self._flat: dict[str, torch.Tensor] = {}  # the state tensors' flat shards, made at the first step
-        self._preallocate_adamw_state()
+        if self._adopted is not None:
+            ZeroOptimizer.load_checkpoint_slice(self, self._adopted)  # (the subclasses' parts are not built yet)
+        else:
+            self._preallocate_adamw_state()
+        # The resume's own call with the same slice finds it taken; no reference is kept past it (a later load, a
+        # spike rollback, brings other tensors, and these would stay alive).
+        self._adopted_id, self._adopted = (id(self._adopted) if self._adopted is not None else None), None
+
+    def _lay_out(self) -> None:
+        """Where each parameter and bucket starts in the flat buffer, this rank's part of each bucket, and the
+        sizes of the shard and of the whole buffer."""
+        d, r = self.topo.dp, self.topo.dp_rank
+        self.param_offsets = [0] * len(self.params)  # where each parameter starts in the flat buffer
+        self.bucket_starts: list[int] = []
+        self.parts: list[tuple[int, int, int]] = []  # this rank's part of each bucket: (flat start, shard start, S_b)
+        offset = held = 0
+        for ids in self.bucket_params:
+            start = offset
+            self.bucket_starts.append(start)
+            for i in ids:
+                self.param_offsets[i] = offset
+                offset += self.params[i].numel()
+            part = -(-(offset - start) // d)  # S_b
+            self.parts.append((start + r * part, held, part))
+            offset, held = start + d * part, held + part
+        self.shard_numel = held  # S, the rank's shard: its parts of every bucket, concatenated
+        self.flat_numel = offset
 
     def _preallocate_adamw_state(self) -> None:
         """AdamW's moments as views of one flat shard each from the start, as torch's first step would make them
@@ -312,6 +334,8 @@ class ZeroOptimizer(TrainingOptimizer):
     def load_checkpoint_slice(self, saved: dict[str, Any]) -> bool:
         """Take this rank's own slice file as it is, where the save cut the flat buffer as this optimizer does
         (same DP rank and size, parameters and buckets); False, loading nothing, where it did not."""
+        if self._taken_at_construction(saved):
+            return True
         if saved.get("layout") != self._layout():
             return False
         keys = sorted(saved["state"])
@@ -328,6 +352,13 @@ class ZeroOptimizer(TrainingOptimizer):
             for theirs, ours in zip(saved["param_groups"], self.inner.state_dict()["param_groups"])
         ]
         self.inner.load_state_dict({"state": local_state, "param_groups": groups})
+        return True
+
+    def _taken_at_construction(self, saved: dict[str, Any]) -> bool:
+        """Whether `saved` is the slice this optimizer adopted when it was made (once: the resume's own call)."""
+        if self._adopted_id is None or id(saved) != self._adopted_id:
+            return False
+        self._adopted_id = None
         return True
 
     def _state_keys(self) -> list[str]:

@@ -56,10 +56,17 @@ MAX_IN_FLIGHT = 2
 class Zero2Optimizer(ZeroOptimizer):
     """ZeRO-1's sharded optimizer with the gradients sharded too, reduced bucket by bucket during backward."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, topo: Topology, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        topo: Topology,
+        device: torch.device | None = None,
+        adopt: dict | None = None,
+    ):
         self._bucket_bytes = cfg.zero_bucket_mb * MB
         self._deferred_ids = {id(p) for p in tied_parameters(model)} if topo.pp > 1 else set()
-        super().__init__(model, cfg, topo, device)
+        super().__init__(model, cfg, topo, device, adopt)
         self._bucket_of = {i: b for b, ids in enumerate(self.bucket_params) for i in ids}
         self._ready: list[set[int]] = [set() for _ in self.bucket_params]  # parameters whose gradient is complete
         self._in_flight: deque = deque()  # (bucket, Horovod handle, its buffer), oldest first

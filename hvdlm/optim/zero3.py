@@ -104,13 +104,15 @@ class Zero3Optimizer(Zero2Optimizer):
         topo: Topology,
         initial: Iterable[tuple[nn.Parameter, torch.Tensor]] | None = None,
         device: torch.device | None = None,
+        adopt: dict | None = None,
     ):
         """`initial`: each parameter's initial value, one at a time (hvdlm.model.gpt.initial_values), where the
         model's parameters were allocated and never filled: each rank keeps its part of each and the whole model
-        is never held (`device`: where the shard goes). Without it, the model's values are sharded."""
+        is never held (`device`: where the shard goes). Without it, the model's values are sharded. `adopt`: an
+        own slice file to resume (see ZeroOptimizer), whose parts of the weights become the shard as they are."""
         self._modules = gather_units(model)
         self._initial = initial
-        super().__init__(model, cfg, topo, device)
+        super().__init__(model, cfg, topo, device, adopt)
         self._initial = None  # (consumed)
         owner = {}  # parameter id -> the first module (in forward order) holding it: its unit
         for m, module in enumerate(self._modules):
@@ -162,21 +164,37 @@ class Zero3Optimizer(Zero2Optimizer):
         every bucket a buffer of its whole weights (the parameters become views of it, values kept), released at
         once: this rank holds its shard only."""
         d, r = self.topo.dp, self.topo.dp_rank
+        adopted = self._adopted_parts()
         self.own: list[torch.Tensor] = []  # bucket b's part of the shard
         self._full: list[torch.Tensor] = []
-        for ids, start, (_, _, part) in zip(self.bucket_params, self.bucket_starts, self.parts):
+        for b, (ids, start, (_, _, part)) in enumerate(zip(self.bucket_params, self.bucket_starts, self.parts)):
             full = torch.zeros(d * part, device=self.device)
             for i in ids:
                 p, at = self.params[i], self.param_offsets[i] - start
-                if self._initial is None:
+                if self._initial is None and adopted is None:
                     full[at : at + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = full[at : at + p.numel()].view_as(p)
-            self.own.append(full[r * part : (r + 1) * part].clone())
+            self.own.append(adopted[b] if adopted else full[r * part : (r + 1) * part].clone())
             self._full.append(full)
             full.untyped_storage().resize_(0)
         self._own_of = {s: b for b, (_, s, _) in enumerate(self.parts)}  # shard offset -> bucket
-        if self._initial is not None:
+        if self._initial is not None and adopted is None:
             self._place_initial(self._initial)
+
+    def _adopted_parts(self) -> list[torch.Tensor] | None:
+        """The adopted slice's parts of the weights, one a bucket, on this device; None without one (or where
+        they are not this layout's: nothing is adopted then)."""
+        parts = ((self._adopted or {}).get("weights") or {}).get("parts")
+        if parts is None or [t.numel() for t in parts] != [part for _, _, part in self.parts]:
+            self._adopted = None
+            return None
+        # Copies, each read tensor let go once copied (one bucket's more at a time): whole_model() gives a part's
+        # memory back by resizing its storage, which a tensor read from a file does not allow.
+        own = []
+        for b, t in enumerate(parts):
+            own.append(t.to(self.device, copy=True))
+            parts[b] = own[-1]
+        return own
 
     @torch.no_grad()
     def _place_initial(self, initial: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
@@ -328,6 +346,8 @@ class Zero3Optimizer(Zero2Optimizer):
     def load_checkpoint_slice(self, saved: dict) -> bool:
         """ZeRO-2's, and this rank's part of every bucket's weights from the same file: the whole weights are
         never put together to resume at the layout that saved (outside whole_model, like a save)."""
+        if self._taken_at_construction(saved):  # (its weights are the shard already)
+            return True
         parts = (saved.get("weights") or {}).get("parts")
         if parts is None or [t.shape for t in parts] != [t.shape for t in self.own]:
             return False

@@ -679,10 +679,16 @@ def _model_and_optimizer(
     else:
         model = precision.convert(model.to(device))  # fp8: torchao's float8 linear layers
     _speed_up(model, t, topo, device)
-    if lazy:
+    # A resume's own slice file becomes the optimizer's state (ZeRO-3: its shard of the weights too, so nothing is
+    # drawn: the values would be replaced).
+    adopt = start.own_slice if start.own else None
+    initial = None
+    if lazy and adopt is not None:
+        initial = ()  # (a slice that turns out not to fit: the merged state's weights replace the zeros)
+    elif lazy:
         torch.manual_seed(t.seed)  # the draws of a model built now (as `_build_model` seeds its build)
-    initial = model.initial_values() if lazy else None
-    optimizer = build_optimizer(model, cfg, topo, initial, device if lazy else None)
+        initial = model.initial_values()
+    optimizer = build_optimizer(model, cfg, topo, initial, device if lazy else None, adopt)
     if pending is not None:
         with optimizer.whole_model():
             load_model(model, pending, pending["source"], topo.tp_rank, topo.tp)
